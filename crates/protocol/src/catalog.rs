@@ -1,0 +1,185 @@
+//! The job catalog (`config/jobs.toml`): which kinds exist, where they queue, how they behave.
+//! Read by the gatekeeper (schemas, queue class, default priority) and the worker (attempts,
+//! timeouts, sequencing).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::Priority;
+
+/// One queue class: a durable priority queue `gatehouse.jobs.<name>`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueClass {
+    pub name: String,
+    /// Messages the queue holds before the broker refuses publishes (`reject-publish`),
+    /// which the gatekeeper turns into `503` + `Retry-After`.
+    pub max_length: u32,
+}
+
+/// One job kind.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KindSpec {
+    pub name: String,
+    /// The queue class it is published to.
+    pub queue: String,
+    /// JSON Schema of the payload, relative to the catalog file.
+    pub schema: PathBuf,
+    /// Priority when the client gives none.
+    pub priority: Priority,
+    /// Jobs of this kind must carry a `sequence` and apply in number order per key.
+    #[serde(default)]
+    pub sequenced: bool,
+    /// For sequenced kinds: the payload field that must equal the sequence key, so that the
+    /// order is kept per the thing the job changes (e.g. the ledger account).
+    #[serde(default)]
+    pub sequence_key_field: Option<String>,
+    /// Deliveries of one job before it is dead-lettered.
+    pub max_attempts: u32,
+    /// First retry delay; later retries double it.
+    pub retry_backoff_ms: u64,
+    /// Longest a handler may run.
+    pub timeout_ms: u64,
+    /// How long later numbers of a sequence wait for a missing one.
+    #[serde(default = "default_gap_timeout")]
+    pub gap_timeout_s: u64,
+    /// Exists only when the worker runs with `testing.enabled`.
+    #[serde(default)]
+    pub testing: bool,
+}
+
+fn default_gap_timeout() -> u64 {
+    3600
+}
+
+#[derive(Debug, Deserialize)]
+struct CatalogFile {
+    queue: Vec<QueueClass>,
+    kind: Vec<KindSpec>,
+}
+
+/// The whole catalog, with schema paths made absolute.
+#[derive(Debug, Clone)]
+pub struct Catalog {
+    queues: Vec<QueueClass>,
+    kinds: BTreeMap<String, KindSpec>,
+}
+
+/// A catalog that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("cannot read the job catalog {path}: {source}")]
+    Read { path: PathBuf, source: config::ConfigError },
+    #[error("job catalog: {0}")]
+    Invalid(String),
+}
+
+impl Catalog {
+    /// Loads `config/jobs.toml` (or another path).
+    ///
+    /// # Errors
+    /// When the file cannot be read or parsed, a kind names an unknown queue class, a name
+    /// repeats, or a sequenced kind lacks nothing it needs.
+    pub fn load(path: &Path) -> Result<Self, CatalogError> {
+        let file: CatalogFile = config::Config::builder()
+            .add_source(config::File::from(path))
+            .build()
+            .and_then(config::Config::try_deserialize)
+            .map_err(|source| CatalogError::Read { path: path.to_owned(), source })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::from_parts(file.queue, file.kind, base)
+    }
+
+    fn from_parts(
+        queues: Vec<QueueClass>,
+        kinds: Vec<KindSpec>,
+        base: &Path,
+    ) -> Result<Self, CatalogError> {
+        let mut map = BTreeMap::new();
+        for mut kind in kinds {
+            if !queues.iter().any(|q| q.name == kind.queue) {
+                return Err(CatalogError::Invalid(format!(
+                    "kind {} names unknown queue class {}",
+                    kind.name, kind.queue
+                )));
+            }
+            if kind.sequence_key_field.is_some() && !kind.sequenced {
+                return Err(CatalogError::Invalid(format!(
+                    "kind {} has sequence_key_field but is not sequenced",
+                    kind.name
+                )));
+            }
+            if kind.max_attempts == 0 {
+                return Err(CatalogError::Invalid(format!("kind {}: max_attempts is 0", kind.name)));
+            }
+            kind.schema = base.join(&kind.schema);
+            let name = kind.name.clone();
+            if map.insert(name.clone(), kind).is_some() {
+                return Err(CatalogError::Invalid(format!("kind {name} is listed twice")));
+            }
+        }
+        Ok(Self { queues, kinds: map })
+    }
+
+    /// The kind called `name`, if the catalog has it.
+    pub fn kind(&self, name: &str) -> Option<&KindSpec> {
+        self.kinds.get(name)
+    }
+
+    pub fn kinds(&self) -> impl Iterator<Item = &KindSpec> {
+        self.kinds.values()
+    }
+
+    pub fn queues(&self) -> &[QueueClass] {
+        &self.queues
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kind(name: &str, queue: &str) -> KindSpec {
+        KindSpec {
+            name: name.into(),
+            queue: queue.into(),
+            schema: "s.json".into(),
+            priority: Priority::new(5).unwrap(),
+            sequenced: false,
+            sequence_key_field: None,
+            max_attempts: 3,
+            retry_backoff_ms: 100,
+            timeout_ms: 1000,
+            gap_timeout_s: 60,
+            testing: false,
+        }
+    }
+
+    #[test]
+    fn unknown_queue_class_is_refused() {
+        let q = vec![QueueClass { name: "batch".into(), max_length: 10 }];
+        let err = Catalog::from_parts(q, vec![kind("a", "nope")], Path::new("/c")).unwrap_err();
+        assert!(err.to_string().contains("unknown queue class"));
+    }
+
+    #[test]
+    fn schema_paths_are_resolved_against_the_catalog() {
+        let q = vec![QueueClass { name: "batch".into(), max_length: 10 }];
+        let c = Catalog::from_parts(q, vec![kind("a", "batch")], Path::new("/c")).unwrap();
+        assert_eq!(c.kind("a").unwrap().schema, Path::new("/c/s.json"));
+    }
+
+    #[test]
+    fn shipped_catalog_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/jobs.toml");
+        let c = Catalog::load(&path).unwrap();
+        for k in ["vault.put", "vault.get", "vault.delete", "ledger.apply", "ledger.balance"] {
+            let spec = c.kind(k).unwrap_or_else(|| panic!("{k} missing"));
+            assert!(spec.schema.exists(), "{}", spec.schema.display());
+        }
+        assert!(c.kind("ledger.apply").unwrap().sequenced);
+    }
+}

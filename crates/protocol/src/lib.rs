@@ -1,0 +1,18 @@
+//! The words gatekeeper and worker share: what a client submits, what travels through the
+//! broker, what comes back, and the job catalog both sides read.
+//!
+//! Nothing here does network or storage I/O. Values that cross a trust boundary are parsed into
+//! types with private fields (`JobId`, `Priority`, `Sequence`), so code behind the gatekeeper
+//! cannot hold an unchecked one.
+
+pub mod catalog;
+pub mod envelope;
+pub mod ids;
+pub mod status;
+pub mod submit;
+
+pub use catalog::{Catalog, KindSpec};
+pub use envelope::{ControlRequest, JobEnvelope};
+pub use ids::JobId;
+pub use status::{JobState, JobStatus};
+pub use submit::{Priority, Sequence, SubmitRequest};

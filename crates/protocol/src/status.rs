@@ -1,0 +1,96 @@
+//! Job states and the status document that the worker replies and the API returns.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::JobId;
+
+/// Where a job is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Queued,
+    Running,
+    WaitingForSequence,
+    Retrying,
+    Succeeded,
+    Failed,
+    DeadLettered,
+    /// Only on the wire between worker and gatekeeper: no such job for this client.
+    NotFound,
+}
+
+impl JobState {
+    /// The wire name, as stored and as shown to clients.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Running => "running",
+            Self::WaitingForSequence => "waiting_for_sequence",
+            Self::Retrying => "retrying",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::DeadLettered => "dead_lettered",
+            Self::NotFound => "not_found",
+        }
+    }
+
+    /// Parses a stored state name.
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            Self::Queued,
+            Self::Running,
+            Self::WaitingForSequence,
+            Self::Retrying,
+            Self::Succeeded,
+            Self::Failed,
+            Self::DeadLettered,
+            Self::NotFound,
+        ]
+        .into_iter()
+        .find(|s2| s2.as_str() == s)
+    }
+
+    /// Succeeded, failed or dead-lettered: nothing more will happen.
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::DeadLettered)
+    }
+}
+
+/// The status of one job: the worker's reply body, and the API's answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobStatus {
+    pub id: JobId,
+    pub status: JobState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    /// Why the job failed (state `failed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The next sequence number the job's key waits for (state `waiting_for_sequence`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected: Option<u64>,
+    /// Why the job was dead-lettered (state `dead_lettered`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl JobStatus {
+    /// A status with only id and state set.
+    pub fn new(id: JobId, status: JobState) -> Self {
+        Self { id, status, result: None, error: None, expected: None, reason: None }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_names_round_trip() {
+        for s in ["queued", "running", "waiting_for_sequence", "succeeded", "failed"] {
+            assert_eq!(JobState::parse(s).unwrap().as_str(), s);
+        }
+        assert!(JobState::parse("bogus").is_none());
+    }
+}

@@ -1,0 +1,126 @@
+//! What a client submits (`POST /v1/jobs`), parsed into checked values.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// The submit body exactly as the client sent it.
+///
+/// The envelope is allowlisted: any other top-level field (`reply_to`, `correlation_id`,
+/// `user`, ...) is refused, because broker properties are set by the gatekeeper alone.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitRequest {
+    pub kind: String,
+    pub payload: Value,
+    #[serde(default)]
+    pub priority: Option<u8>,
+    #[serde(default)]
+    pub sequence: Option<RawSequence>,
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+}
+
+/// `sequence` as sent; turned into [`Sequence`] by [`Sequence::parse`].
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSequence {
+    pub key: String,
+    pub number: u64,
+}
+
+/// A message priority, 0..=9 (9 highest), as the job queues declare `x-max-priority = 9`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "u8", into = "u8")]
+pub struct Priority(u8);
+
+impl Priority {
+    pub const MAX: Priority = Priority(9);
+
+    /// # Errors
+    /// When `p` is above 9.
+    pub fn new(p: u8) -> Result<Self, &'static str> {
+        if p <= Self::MAX.0 { Ok(Self(p)) } else { Err("priority must be between 0 and 9") }
+    }
+
+    pub fn get(self) -> u8 {
+        self.0
+    }
+}
+
+impl TryFrom<u8> for Priority {
+    type Error = &'static str;
+    fn try_from(p: u8) -> Result<Self, Self::Error> {
+        Self::new(p)
+    }
+}
+
+impl From<Priority> for u8 {
+    fn from(p: Priority) -> u8 {
+        p.0
+    }
+}
+
+/// A position in a per-key sequence: numbers start at 1.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sequence {
+    key: String,
+    number: u64,
+}
+
+impl Sequence {
+    /// Longest sequence key accepted.
+    pub const MAX_KEY_LEN: usize = 128;
+
+    /// # Errors
+    /// When the key is empty, too long or not printable ASCII without spaces, or the number is 0.
+    pub fn parse(raw: RawSequence) -> Result<Self, &'static str> {
+        if raw.key.is_empty() || raw.key.len() > Self::MAX_KEY_LEN {
+            return Err("sequence key must be 1 to 128 characters");
+        }
+        if !raw.key.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err("sequence key must be printable ASCII without spaces");
+        }
+        if raw.number == 0 {
+            return Err("sequence numbers start at 1");
+        }
+        Ok(Self { key: raw.key, number: raw.number })
+    }
+
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    pub fn number(&self) -> u64 {
+        self.number
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_fields_are_allowlisted() {
+        let err = serde_json::from_str::<SubmitRequest>(
+            r#"{"kind":"vault.put","payload":{},"reply_to":"evil"}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("reply_to"), "{err}");
+    }
+
+    #[test]
+    fn sequence_rules() {
+        let raw = |key: &str, number| RawSequence { key: key.into(), number };
+        assert!(Sequence::parse(raw("acct-1", 1)).is_ok());
+        assert!(Sequence::parse(raw("acct-1", 0)).is_err());
+        assert!(Sequence::parse(raw("", 1)).is_err());
+        assert!(Sequence::parse(raw("a b", 1)).is_err());
+        assert!(Sequence::parse(raw(&"k".repeat(129), 1)).is_err());
+    }
+
+    #[test]
+    fn priority_bounds() {
+        assert_eq!(Priority::new(9).unwrap().get(), 9);
+        assert!(Priority::new(10).is_err());
+    }
+}

@@ -1,0 +1,65 @@
+//! Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
+
+use rusqlite::Connection;
+
+const MIGRATIONS: &[&str] = &[
+    // 1: jobs and their outcomes, sequences, parked jobs, vault, ledger.
+    r"
+    CREATE TABLE jobs (
+        id            TEXT PRIMARY KEY,
+        client        TEXT NOT NULL,
+        kind          TEXT NOT NULL,
+        state         TEXT NOT NULL,
+        result        TEXT,
+        error         TEXT,
+        seq_key       TEXT,
+        seq_number    INTEGER,
+        updated_at_ms INTEGER NOT NULL
+    );
+    -- A sequence number belongs to one job, ever.
+    CREATE UNIQUE INDEX jobs_sequence ON jobs(seq_key, seq_number) WHERE seq_key IS NOT NULL;
+
+    -- Next number each sequence key applies.
+    CREATE TABLE sequences (
+        key  TEXT PRIMARY KEY,
+        next INTEGER NOT NULL
+    );
+
+    -- Jobs that arrived before their predecessor: kept here (not in the broker) until the gap
+    -- closes, with what is needed to run and answer them then.
+    CREATE TABLE parked (
+        seq_key        TEXT NOT NULL,
+        seq_number     INTEGER NOT NULL,
+        job_id         TEXT NOT NULL REFERENCES jobs(id),
+        envelope       BLOB NOT NULL,
+        reply_to       TEXT,
+        correlation_id TEXT,
+        parked_at_ms   INTEGER NOT NULL,
+        PRIMARY KEY (seq_key, seq_number)
+    );
+
+    CREATE TABLE vault (
+        token         TEXT PRIMARY KEY,
+        owner         TEXT NOT NULL,
+        record        TEXT NOT NULL,
+        created_at_ms INTEGER NOT NULL
+    );
+
+    CREATE TABLE ledger (
+        account  TEXT PRIMARY KEY,
+        balance  INTEGER NOT NULL,
+        sequence INTEGER NOT NULL
+    );
+    ",
+];
+
+pub(crate) fn run(conn: &mut Connection) -> rusqlite::Result<()> {
+    let done: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(done) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", i + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}

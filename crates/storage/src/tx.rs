@@ -1,0 +1,381 @@
+//! Typed operations inside one storage transaction. All SQL lives here.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use gatehouse_protocol::{JobId, JobState};
+use ring::rand::{SecureRandom, SystemRandom};
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use serde_json::Value;
+
+use crate::StorageError;
+
+/// One open transaction. Dropped without [`Tx::commit`], it rolls back.
+pub struct Tx<'c> {
+    tx: Transaction<'c>,
+}
+
+/// A job as storage knows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredJob {
+    pub id: JobId,
+    pub client: String,
+    pub kind: String,
+    pub state: JobState,
+    pub result: Option<Value>,
+    pub error: Option<String>,
+    pub sequence: Option<(String, u64)>,
+}
+
+/// A job waiting for its predecessor in a sequence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Parked {
+    pub job_id: JobId,
+    pub seq_key: String,
+    pub seq_number: u64,
+    /// The message body as it arrived, to run the job when its turn comes.
+    pub envelope: Vec<u8>,
+    pub reply_to: Option<String>,
+    pub correlation_id: Option<String>,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+fn to_i64(n: u64) -> Result<i64, StorageError> {
+    i64::try_from(n).map_err(|_| StorageError::Corrupt(format!("number {n} out of range")))
+}
+
+fn parse_id(s: &str) -> Result<JobId, StorageError> {
+    JobId::parse(s).map_err(|_| StorageError::Corrupt(format!("bad job id {s:?}")))
+}
+
+fn parse_json(s: Option<String>) -> Result<Option<Value>, StorageError> {
+    s.map(|s| serde_json::from_str(&s).map_err(|e| StorageError::Corrupt(e.to_string())))
+        .transpose()
+}
+
+impl<'c> Tx<'c> {
+    pub(crate) fn begin(conn: &'c mut Connection) -> Result<Self, StorageError> {
+        Ok(Self { tx: conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)? })
+    }
+
+    pub(crate) fn commit(self) -> Result<(), StorageError> {
+        Ok(self.tx.commit()?)
+    }
+
+    // ---- jobs ------------------------------------------------------------------------------
+
+    /// The job with this id, whoever owns it.
+    pub fn job(&self, id: &JobId) -> Result<Option<StoredJob>, StorageError> {
+        let row = self
+            .tx
+            .query_row(
+                "SELECT client, kind, state, result, error, seq_key, seq_number
+                 FROM jobs WHERE id = ?1",
+                [id.as_str()],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, Option<String>>(3)?,
+                        r.get::<_, Option<String>>(4)?,
+                        r.get::<_, Option<String>>(5)?,
+                        r.get::<_, Option<i64>>(6)?,
+                    ))
+                },
+            )
+            .optional()?;
+        let Some((client, kind, state, result, error, key, number)) = row else {
+            return Ok(None);
+        };
+        let state = JobState::parse(&state)
+            .ok_or_else(|| StorageError::Corrupt(format!("unknown state {state:?}")))?;
+        Ok(Some(StoredJob {
+            id: id.clone(),
+            client,
+            kind,
+            state,
+            result: parse_json(result)?,
+            error,
+            sequence: key.zip(number.map(|n| n as u64)),
+        }))
+    }
+
+    /// Inserts the job or updates its state and outcome.
+    pub fn record_job(&self, job: &StoredJob) -> Result<(), StorageError> {
+        let (key, number) = match &job.sequence {
+            Some((k, n)) => (Some(k.as_str()), Some(to_i64(*n)?)),
+            None => (None, None),
+        };
+        let result = job.result.as_ref().map(Value::to_string);
+        self.tx.execute(
+            "INSERT INTO jobs (id, client, kind, state, result, error, seq_key, seq_number, updated_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+             ON CONFLICT(id) DO UPDATE SET state = excluded.state, result = excluded.result,
+                 error = excluded.error, updated_at_ms = excluded.updated_at_ms",
+            params![
+                job.id.as_str(),
+                job.client,
+                job.kind,
+                job.state.as_str(),
+                result,
+                job.error,
+                key,
+                number,
+                now_ms()
+            ],
+        )?;
+        Ok(())
+    }
+
+    // ---- sequences -------------------------------------------------------------------------
+
+    /// The next number `key` applies (1 for a key never seen).
+    pub fn next_expected(&self, key: &str) -> Result<u64, StorageError> {
+        let next: Option<i64> = self
+            .tx
+            .query_row("SELECT next FROM sequences WHERE key = ?1", [key], |r| r.get(0))
+            .optional()?;
+        Ok(next.map_or(1, |n| n as u64))
+    }
+
+    pub fn set_next_expected(&self, key: &str, next: u64) -> Result<(), StorageError> {
+        self.tx.execute(
+            "INSERT INTO sequences (key, next) VALUES (?1, ?2)
+             ON CONFLICT(key) DO UPDATE SET next = excluded.next",
+            params![key, to_i64(next)?],
+        )?;
+        Ok(())
+    }
+
+    /// The job that holds `number` in `key`'s sequence, applied or parked.
+    pub fn sequence_holder(&self, key: &str, number: u64) -> Result<Option<JobId>, StorageError> {
+        let id: Option<String> = self
+            .tx
+            .query_row(
+                "SELECT id FROM jobs WHERE seq_key = ?1 AND seq_number = ?2",
+                params![key, to_i64(number)?],
+                |r| r.get(0),
+            )
+            .optional()?;
+        id.as_deref().map(parse_id).transpose()
+    }
+
+    /// Keeps a job until its predecessor has applied. Its `jobs` row must exist.
+    pub fn park(&self, p: &Parked) -> Result<(), StorageError> {
+        self.tx.execute(
+            "INSERT INTO parked (seq_key, seq_number, job_id, envelope, reply_to, correlation_id, parked_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                p.seq_key,
+                to_i64(p.seq_number)?,
+                p.job_id.as_str(),
+                p.envelope,
+                p.reply_to,
+                p.correlation_id,
+                now_ms()
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Removes and returns the job parked at `number` of `key`, if any.
+    pub fn take_parked(&self, key: &str, number: u64) -> Result<Option<Parked>, StorageError> {
+        let n = to_i64(number)?;
+        let row = self
+            .tx
+            .query_row(
+                "SELECT job_id, envelope, reply_to, correlation_id FROM parked
+                 WHERE seq_key = ?1 AND seq_number = ?2",
+                params![key, n],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, Vec<u8>>(1)?,
+                        r.get::<_, Option<String>>(2)?,
+                        r.get::<_, Option<String>>(3)?,
+                    ))
+                },
+            )
+            .optional()?;
+        let Some((id, envelope, reply_to, correlation_id)) = row else { return Ok(None) };
+        self.tx.execute("DELETE FROM parked WHERE seq_key = ?1 AND seq_number = ?2", params![key, n])?;
+        Ok(Some(Parked {
+            job_id: parse_id(&id)?,
+            seq_key: key.to_owned(),
+            seq_number: number,
+            envelope,
+            reply_to,
+            correlation_id,
+        }))
+    }
+
+    // ---- vault -----------------------------------------------------------------------------
+
+    /// Stores `record` for `owner`; answers its token.
+    pub fn vault_put(&self, owner: &str, record: &Value) -> Result<String, StorageError> {
+        let mut raw = [0u8; 16];
+        SystemRandom::new()
+            .fill(&mut raw)
+            .map_err(|_| StorageError::Corrupt("no system randomness".into()))?;
+        let token = format!("tok_{}", JobId::from_bytes(raw));
+        self.tx.execute(
+            "INSERT INTO vault (token, owner, record, created_at_ms) VALUES (?1, ?2, ?3, ?4)",
+            params![token, owner, record.to_string(), now_ms()],
+        )?;
+        Ok(token)
+    }
+
+    /// The record behind `token`, if `owner` stored it.
+    pub fn vault_get(&self, owner: &str, token: &str) -> Result<Option<Value>, StorageError> {
+        let record: Option<String> = self
+            .tx
+            .query_row(
+                "SELECT record FROM vault WHERE token = ?1 AND owner = ?2",
+                params![token, owner],
+                |r| r.get(0),
+            )
+            .optional()?;
+        parse_json(record)
+    }
+
+    /// Erases the record behind `token` if `owner` stored it; whether there was one.
+    pub fn vault_delete(&self, owner: &str, token: &str) -> Result<bool, StorageError> {
+        let n = self
+            .tx
+            .execute("DELETE FROM vault WHERE token = ?1 AND owner = ?2", params![token, owner])?;
+        Ok(n > 0)
+    }
+
+    // ---- ledger ----------------------------------------------------------------------------
+
+    /// Adds `amount` to `account` and records `sequence` as its last applied number; answers
+    /// the new balance. Fails (permanently) on overflow rather than wrapping.
+    pub fn ledger_apply(
+        &self,
+        account: &str,
+        amount: i64,
+        sequence: u64,
+    ) -> Result<Option<i64>, StorageError> {
+        let (balance, _) = self.ledger_balance(account)?;
+        let Some(new_balance) = balance.checked_add(amount) else { return Ok(None) };
+        self.tx.execute(
+            "INSERT INTO ledger (account, balance, sequence) VALUES (?1, ?2, ?3)
+             ON CONFLICT(account) DO UPDATE SET balance = excluded.balance, sequence = excluded.sequence",
+            params![account, new_balance, to_i64(sequence)?],
+        )?;
+        Ok(Some(new_balance))
+    }
+
+    /// `(balance, last applied sequence number)`; `(0, 0)` for an account never touched.
+    pub fn ledger_balance(&self, account: &str) -> Result<(i64, u64), StorageError> {
+        let row: Option<(i64, i64)> = self
+            .tx
+            .query_row(
+                "SELECT balance, sequence FROM ledger WHERE account = ?1",
+                [account],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        Ok(row.map_or((0, 0), |(b, s)| (b, s as u64)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Store;
+
+    fn id(n: u8) -> JobId {
+        JobId::from_bytes([n; 16])
+    }
+
+    fn job(n: u8, state: JobState, seq: Option<(&str, u64)>) -> StoredJob {
+        StoredJob {
+            id: id(n),
+            client: "c".into(),
+            kind: "ledger.apply".into(),
+            state,
+            result: None,
+            error: None,
+            sequence: seq.map(|(k, n)| (k.to_owned(), n)),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_sequence_number_belongs_to_one_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_sqlite(&dir.path().join("db.sqlite")).unwrap();
+        store
+            .transact(|tx| tx.record_job(&job(1, JobState::Succeeded, Some(("k", 1)))))
+            .await
+            .unwrap();
+        let err = store
+            .transact(|tx| tx.record_job(&job(2, JobState::Succeeded, Some(("k", 1)))))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("UNIQUE"), "{err}");
+        let holder = store.transact(|tx| tx.sequence_holder("k", 1)).await.unwrap();
+        assert_eq!(holder, Some(id(1)));
+    }
+
+    #[tokio::test]
+    async fn failed_closure_rolls_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_sqlite(&dir.path().join("db.sqlite")).unwrap();
+        let r: Result<(), _> = store
+            .transact(|tx| {
+                tx.set_next_expected("k", 5)?;
+                Err(StorageError::Corrupt("boom".into()))
+            })
+            .await;
+        assert!(r.is_err());
+        assert_eq!(store.transact(|tx| tx.next_expected("k")).await.unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn vault_is_owner_only_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        let token = {
+            let store = Store::open_sqlite(&path).unwrap();
+            let rec = serde_json::json!({"name": "Ada"});
+            store.transact(move |tx| tx.vault_put("alice", &rec)).await.unwrap()
+        };
+        let store = Store::open_sqlite(&path).unwrap();
+        let t = token.clone();
+        let got = store.transact(move |tx| tx.vault_get("alice", &t)).await.unwrap();
+        assert_eq!(got, Some(serde_json::json!({"name": "Ada"})));
+        let t = token.clone();
+        assert_eq!(store.transact(move |tx| tx.vault_get("mallory", &t)).await.unwrap(), None);
+        let t = token.clone();
+        assert!(!store.transact(move |tx| tx.vault_delete("mallory", &t)).await.unwrap());
+        let t = token.clone();
+        assert!(store.transact(move |tx| tx.vault_delete("alice", &t)).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn parked_jobs_come_back_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_sqlite(&dir.path().join("db.sqlite")).unwrap();
+        store
+            .transact(|tx| {
+                tx.record_job(&job(3, JobState::WaitingForSequence, Some(("k", 2))))?;
+                tx.park(&Parked {
+                    job_id: id(3),
+                    seq_key: "k".into(),
+                    seq_number: 2,
+                    envelope: b"{}".to_vec(),
+                    reply_to: None,
+                    correlation_id: Some("c".into()),
+                })
+            })
+            .await
+            .unwrap();
+        let first = store.transact(|tx| tx.take_parked("k", 2)).await.unwrap();
+        assert_eq!(first.unwrap().job_id, id(3));
+        assert_eq!(store.transact(|tx| tx.take_parked("k", 2)).await.unwrap(), None);
+    }
+}
