@@ -5,6 +5,7 @@
 //! --> worker --> reply queue of the gatekeeper instance that asked.
 
 pub mod publisher;
+pub mod shutdown;
 pub mod topology;
 
 pub use lapin;
@@ -20,4 +21,21 @@ use lapin::{Connection, ConnectionProperties};
 pub async fn connect(url: &str, component: &str) -> Result<Connection, lapin::Error> {
     let props = ConnectionProperties::default().with_connection_name(component.into());
     Connection::connect(url, props).await
+}
+
+/// Where the broker is and how our names are prefixed (section `[broker]` of each component's
+/// settings).
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct BrokerSettings {
+    /// `amqp://user:password@host:port/vhost`; holds a password, so never logged.
+    pub url: gatehouse_protocol::settings::Secret,
+    /// Prefix of every exchange and queue name; empty in production, unique per test.
+    #[serde(default)]
+    pub prefix: String,
+}
+
+impl BrokerSettings {
+    pub fn topology(&self) -> Topology {
+        Topology::new(self.prefix.clone())
+    }
 }

@@ -8,6 +8,7 @@
 pub mod catalog;
 pub mod envelope;
 pub mod ids;
+pub mod settings;
 pub mod status;
 pub mod submit;
 

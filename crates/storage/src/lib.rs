@@ -73,7 +73,9 @@ impl Store {
             .name("gatehouse-storage".into())
             .spawn(move || {
                 while let Some(job) = rx.blocking_recv() {
-                    job(&mut conn);
+                    // A panicking closure drops its transaction (rolled back) and its answer
+                    // channel (the caller sees `Closed`); the thread serves the next one.
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut conn)));
                 }
             })
             .map_err(|e| StorageError::Corrupt(format!("cannot start storage thread: {e}")))?;
@@ -85,14 +87,15 @@ impl Store {
     ///
     /// # Errors
     /// What `f` returns, or a failure to begin or commit.
-    pub async fn transact<R, F>(&self, f: F) -> Result<R, StorageError>
+    pub async fn transact<R, E, F>(&self, f: F) -> Result<R, E>
     where
         R: Send + 'static,
-        F: FnOnce(&mut Tx<'_>) -> Result<R, StorageError> + Send + 'static,
+        E: From<StorageError> + Send + 'static,
+        F: FnOnce(&mut Tx<'_>) -> Result<R, E> + Send + 'static,
     {
         let (done, result) = oneshot::channel();
         let work: Work = Box::new(move |conn| {
-            let run = || {
+            let run = || -> Result<R, E> {
                 let mut tx = Tx::begin(conn)?;
                 let value = f(&mut tx)?;
                 tx.commit()?;

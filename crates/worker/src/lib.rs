@@ -1,1 +1,20 @@
-//! placeholder
+//! The trusted side. Consumes the job queues with bounded prefetch, and for each delivery
+//! decides in one storage transaction: duplicate? in sequence? then runs the handler, records
+//! the outcome, commits, replies to `reply_to`, and only then acks.
+//!
+//! ```text
+//! consumer ──> apply (dedupe, sequence) ──> handlers::{vault, ledger} ──> storage
+//!     │                                                                     │
+//!     └── ack after commit <── reply (reply_to, correlation_id) <───────────┘
+//! control ──> status queries from the gatekeeper, answered from storage (owner only)
+//! ```
+
+pub mod apply;
+pub mod consumer;
+pub mod handlers;
+pub mod reply;
+pub mod settings;
+pub mod startup;
+
+pub use settings::WorkerSettings;
+pub use startup::Worker;

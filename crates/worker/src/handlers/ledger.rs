@@ -1,0 +1,40 @@
+//! `ledger.apply` (sequenced by account) and `ledger.balance`.
+
+use gatehouse_protocol::JobEnvelope;
+use gatehouse_storage::{StorageError, Tx};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::Outcome;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Apply {
+    account: String,
+    amount: i64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Balance {
+    account: String,
+}
+
+/// Adds the amount. Runs only when [`crate::apply`] has decided this is the account's next
+/// sequence number.
+pub fn apply(tx: &Tx<'_>, env: &JobEnvelope, p: Apply) -> Result<Outcome, StorageError> {
+    let Some(seq) = &env.sequence else {
+        return Ok(Outcome::Permanent("ledger.apply needs a sequence".into()));
+    };
+    Ok(match tx.ledger_apply(&p.account, p.amount, seq.number())? {
+        Some(balance) => Outcome::Success(
+            json!({ "account": p.account, "balance": balance, "sequence": seq.number() }),
+        ),
+        None => Outcome::Permanent("the balance would overflow".into()),
+    })
+}
+
+pub fn balance(tx: &Tx<'_>, p: Balance) -> Result<Outcome, StorageError> {
+    let (balance, sequence) = tx.ledger_balance(&p.account)?;
+    Ok(Outcome::Success(json!({ "account": p.account, "balance": balance, "sequence": sequence })))
+}

@@ -1,0 +1,73 @@
+//! Worker settings (`config/worker.toml`, overridable as `WORKER__SECTION__KEY`).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use gatehouse_broker::BrokerSettings;
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct WorkerSettings {
+    pub broker: BrokerSettings,
+    pub consumer: ConsumerSettings,
+    pub storage: StorageSettings,
+    pub catalog: CatalogSettings,
+    #[serde(default)]
+    pub testing: TestingSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ConsumerSettings {
+    /// Unacked deliveries per queue. Small, so that a high-priority job that arrives behind
+    /// a backlog is next, not behind a large prefetched batch.
+    pub prefetch: u16,
+    /// How long in-flight jobs may take to finish after SIGTERM.
+    pub stopping_wait_time_ms: u64,
+}
+
+impl ConsumerSettings {
+    pub fn stopping_wait_time(&self) -> Duration {
+        Duration::from_millis(self.stopping_wait_time_ms)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct StorageSettings {
+    /// SQLite database file; created with its folder if missing.
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct CatalogSettings {
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct TestingSettings {
+    /// Enables the `test.*` kinds. Never in production.
+    #[serde(default)]
+    pub enabled: bool,
+}
+
+impl WorkerSettings {
+    /// Loads `path` with environment overrides.
+    ///
+    /// # Errors
+    /// When the file is missing or a key is missing or mistyped.
+    pub fn load(path: &Path) -> Result<Self, config::ConfigError> {
+        gatehouse_protocol::settings::load(path, "WORKER")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_settings_load() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/worker.toml");
+        let s = WorkerSettings::load(&path).unwrap();
+        assert!(s.consumer.prefetch >= 1);
+        assert!(!s.testing.enabled);
+    }
+}
