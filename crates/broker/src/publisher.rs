@@ -37,11 +37,37 @@ impl Publisher {
         Ok(Self { channel })
     }
 
-    /// Publishes persistent and `mandatory`, and waits for the broker's confirm.
+    /// Publishes persistent and `mandatory`, and waits for the broker's confirm: once this
+    /// returns `Ok`, the message is on disk in a queue.
     ///
     /// # Errors
     /// [`PublishError`] when the message is not durably on a queue.
-    pub async fn publish(
+    pub async fn publish_persistent(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), PublishError> {
+        self.publish(exchange, routing_key, body, properties.with_delivery_mode(2)).await
+    }
+
+    /// Publishes transient and `mandatory` (for queries that are cheap to repeat), and waits
+    /// for the broker's confirm that a queue took it.
+    ///
+    /// # Errors
+    /// [`PublishError`] when no queue took the message.
+    pub async fn publish_transient(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), PublishError> {
+        self.publish(exchange, routing_key, body, properties.with_delivery_mode(1)).await
+    }
+
+    async fn publish(
         &self,
         exchange: &str,
         routing_key: &str,
@@ -56,7 +82,7 @@ impl Publisher {
                 routing_key.into(),
                 opts,
                 body,
-                properties.with_delivery_mode(2),
+                properties,
             )
             .await?
             .await?;

@@ -1,1 +1,23 @@
-//! placeholder
+//! The public side: the only process clients can reach.
+//!
+//! ```text
+//! tls (mTLS accept, client identity) → routes (parse, policy, schema) → ids (job id)
+//!     → publish (confirmed) → broker ... worker → replies (by correlation_id) → response
+//! ```
+//!
+//! It holds no storage and no storage credentials: status queries travel to the worker over
+//! the broker like jobs do.
+
+pub mod ids;
+pub mod policy;
+pub mod problem;
+pub mod replies;
+pub mod routes;
+pub mod schemas;
+pub mod server;
+pub mod settings;
+pub mod startup;
+pub mod tls;
+
+pub use settings::GatekeeperSettings;
+pub use startup::Gatekeeper;

@@ -1,0 +1,298 @@
+//! `POST /v1/jobs` and `GET /v1/jobs/{id}`.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Extension, Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use gatehouse_broker::lapin::BasicProperties;
+use gatehouse_broker::topology::CONTROL_ROUTING_KEY;
+use gatehouse_broker::PublishError;
+use gatehouse_protocol::submit::RawSequence;
+use gatehouse_protocol::{ControlRequest, JobEnvelope, JobId, JobState, JobStatus, KindSpec, Priority, Sequence, SubmitRequest};
+use serde_json::{Value, json};
+
+use super::App;
+use crate::problem::{FieldError, Problem};
+use crate::replies::Waiter;
+use crate::tls::ClientIdentity;
+
+/// `POST /v1/jobs`: check, publish with confirm, and optionally wait for the outcome.
+pub async fn submit(
+    State(app): State<Arc<App>>,
+    Extension(client): Extension<ClientIdentity>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let wait = requested_wait(&headers).map(|w| w.min(app.max_wait));
+    match accept(&app, &client, &headers, body, wait).await {
+        Ok(res) => res,
+        Err(problem) => {
+            tracing::info!(client = %client.0, reason = problem.slug(), status = problem.status, "job rejected");
+            problem.into_response()
+        }
+    }
+}
+
+async fn accept(
+    app: &App,
+    client: &ClientIdentity,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    wait: Option<Duration>,
+) -> Result<Response, Problem> {
+    if !is_json(headers) {
+        return Err(Problem::unsupported_media_type());
+    }
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            Problem::body_too_large(app.max_body_bytes)
+        } else {
+            Problem::malformed_json(format!("cannot read the body: {e}"))
+        }
+    })?;
+    let req: SubmitRequest = serde_json::from_slice(&body).map_err(|e| {
+        if e.is_data() {
+            Problem::invalid_envelope(e.to_string())
+        } else {
+            Problem::malformed_json(e.to_string())
+        }
+    })?;
+
+    let spec = app.catalog.kind(&req.kind).ok_or_else(|| {
+        Problem::validation("Unknown job kind", "unknown-kind", vec![field("/kind", format!("no job kind named {:?}", req.kind))])
+    })?;
+    let policy = app
+        .policy
+        .client(&client.0)
+        .ok_or_else(|| Problem::forbidden("unknown-client", "this client identity has no policy"))?;
+    if !policy.allows_kind(&spec.name) {
+        return Err(Problem::forbidden("kind-not-allowed", format!("this client may not submit {}", spec.name)));
+    }
+    let priority = match req.priority {
+        None => spec.priority.min(policy.max_priority),
+        Some(p) => {
+            let p = Priority::new(p)
+                .map_err(|m| Problem::validation("Invalid priority", "invalid-priority", vec![field("/priority", m)]))?;
+            if p > policy.max_priority {
+                return Err(Problem::forbidden(
+                    "priority-above-ceiling",
+                    format!("this client's highest priority is {}", policy.max_priority.get()),
+                ));
+            }
+            p
+        }
+    };
+    let sequence = check_sequence(spec, req.sequence, &req.payload)?;
+    app.schemas
+        .validate(&spec.name, &req.payload)
+        .map_err(|errors| Problem::validation("Payload does not match the kind's schema", "schema-violation", errors))?;
+    if let Some(k) = &req.idempotency_key {
+        if k.is_empty() || k.len() > 256 {
+            return Err(Problem::validation(
+                "Invalid idempotency key",
+                "invalid-idempotency-key",
+                vec![field("/idempotency_key", "must be 1 to 256 characters")],
+            ));
+        }
+    }
+
+    let envelope = JobEnvelope {
+        id: app.ids.mint(&client.0, req.idempotency_key.as_deref()),
+        kind: spec.name.clone(),
+        client: client.0.clone(),
+        priority,
+        sequence,
+        payload: req.payload,
+        submitted_at_ms: now().as_millis() as u64,
+    };
+    let mut waiter = match wait {
+        Some(_) => Some(app.replies.register().map_err(|e| Problem::broker_unavailable(e.to_string()))?),
+        None => None,
+    };
+    let body = serde_json::to_vec(&envelope).map_err(|e| Problem::malformed_json(e.to_string()))?;
+    let mut props = BasicProperties::default()
+        .with_message_id(envelope.id.as_str().into())
+        .with_priority(priority.get())
+        .with_content_type("application/json".into())
+        .with_type(envelope.kind.as_str().into())
+        .with_timestamp(now().as_secs())
+        .with_app_id("gatehouse-gatekeeper".into());
+    if let Some(w) = &waiter {
+        props = props
+            .with_correlation_id(w.correlation_id().into())
+            .with_reply_to(app.replies.queue().into());
+    }
+    app.publisher
+        .publish_persistent(&app.topology.jobs_exchange(), &spec.queue, &body, props)
+        .await
+        .map_err(refused)?;
+    tracing::info!(job_id = %envelope.id, kind = %envelope.kind, client = %client.0, priority = priority.get(), "job accepted");
+
+    let mut last = JobStatus::new(envelope.id.clone(), JobState::Queued);
+    if let (Some(w), Some(wait)) = (waiter.as_mut(), wait) {
+        last = await_outcome(w, wait, last).await;
+        if last.status.is_final() {
+            return Ok((StatusCode::OK, Json(last)).into_response());
+        }
+    }
+    Ok(accepted(last))
+}
+
+/// Waits for answers until one is final or `wait` is over; returns the latest known status.
+async fn await_outcome(waiter: &mut Waiter, wait: Duration, mut last: JobStatus) -> JobStatus {
+    let deadline = tokio::time::Instant::now() + wait;
+    while let Some(status) = waiter.next_until(deadline).await {
+        let done = status.status.is_final();
+        last = status;
+        if done {
+            break;
+        }
+    }
+    last
+}
+
+/// `202 Accepted` with where to ask later.
+fn accepted(status: JobStatus) -> Response {
+    let url = format!("/v1/jobs/{}", status.id);
+    let mut body = json!({ "id": status.id, "status": status.status, "status_url": url });
+    if let Some(expected) = status.expected {
+        body["expected"] = json!(expected);
+    }
+    let mut res = (StatusCode::ACCEPTED, Json(body)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&url) {
+        res.headers_mut().insert(header::LOCATION, v);
+    }
+    res
+}
+
+/// `GET /v1/jobs/{id}`: asks the worker; someone else's id is 404.
+pub async fn status(
+    State(app): State<Arc<App>>,
+    Extension(client): Extension<ClientIdentity>,
+    Path(id): Path<String>,
+) -> Response {
+    let Some(id) = JobId::parse(&id).ok().filter(|id| app.ids.is_owned_by(id, &client.0)) else {
+        return Problem::not_found().into_response();
+    };
+    let mut waiter = match app.replies.register() {
+        Ok(w) => w,
+        Err(e) => return Problem::broker_unavailable(e.to_string()).into_response(),
+    };
+    let query = ControlRequest::Status { id: id.clone(), client: client.0.clone() };
+    let body = serde_json::to_vec(&query).unwrap_or_default();
+    let expiration = app.status_timeout.as_millis().to_string();
+    let props = BasicProperties::default()
+        .with_correlation_id(waiter.correlation_id().into())
+        .with_reply_to(app.replies.queue().into())
+        .with_content_type("application/json".into())
+        .with_expiration(expiration.as_str().into());
+    if let Err(e) =
+        app.publisher.publish_transient(&app.topology.jobs_exchange(), CONTROL_ROUTING_KEY, &body, props).await
+    {
+        return refused(e).into_response();
+    }
+    let deadline = tokio::time::Instant::now() + app.status_timeout;
+    match waiter.next_until(deadline).await {
+        // The id is this client's (checked above) but the worker has not seen it yet.
+        Some(s) if s.status == JobState::NotFound => Json(JobStatus::new(id, JobState::Queued)).into_response(),
+        Some(s) => Json(s).into_response(),
+        None => Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "worker-unavailable",
+            "Service unavailable",
+            "the worker did not answer the status query in time",
+        )
+        .retry_after(1)
+        .into_response(),
+    }
+}
+
+/// Sequence rules: required for sequenced kinds, refused for others, and for kinds with a
+/// `sequence_key_field` the key must equal that payload field.
+fn check_sequence(spec: &KindSpec, raw: Option<RawSequence>, payload: &Value) -> Result<Option<Sequence>, Problem> {
+    let invalid = |m: String| Problem::validation("Invalid sequence", "invalid-sequence", vec![field("/sequence", m)]);
+    match (spec.sequenced, raw) {
+        (false, None) => Ok(None),
+        (false, Some(_)) => Err(invalid(format!("{} is not sequenced; send no sequence", spec.name))),
+        (true, None) => Err(invalid(format!("{} is sequenced; send {{\"sequence\": {{\"key\", \"number\"}}}}", spec.name))),
+        (true, Some(raw)) => {
+            let seq = Sequence::parse(raw).map_err(|m| invalid(m.to_owned()))?;
+            if let Some(f) = &spec.sequence_key_field {
+                if payload.get(f).and_then(Value::as_str) != Some(seq.key()) {
+                    return Err(invalid(format!("the sequence key must equal payload.{f}")));
+                }
+            }
+            Ok(Some(seq))
+        }
+    }
+}
+
+/// A publish the broker did not take: never a 2xx.
+fn refused(e: PublishError) -> Problem {
+    tracing::warn!(error = %e, "publish refused");
+    match e {
+        PublishError::Nacked => Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "queue-full",
+            "Service unavailable",
+            "the job queue is full; try again later",
+        )
+        .retry_after(1),
+        PublishError::Returned(_) => Problem::broker_unavailable("the job queue is not available"),
+        PublishError::Broker(_) => Problem::broker_unavailable("the message broker is not available"),
+    }
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// `Prefer: wait=N` (RFC 7240), in seconds.
+fn requested_wait(headers: &HeaderMap) -> Option<Duration> {
+    headers.get_all("prefer").iter().filter_map(|v| v.to_str().ok()).find_map(|v| {
+        v.split([',', ';'])
+            .find_map(|pref| pref.trim().strip_prefix("wait="))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .map(Duration::from_secs)
+    })
+}
+
+fn field(path: &str, message: impl Into<String>) -> FieldError {
+    FieldError { path: path.into(), message: message.into() }
+}
+
+fn now() -> Duration {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefer_wait_is_parsed() {
+        let mut h = HeaderMap::new();
+        assert_eq!(requested_wait(&h), None);
+        h.insert("prefer", HeaderValue::from_static("respond-async, wait=5"));
+        assert_eq!(requested_wait(&h), Some(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn content_type_must_be_json() {
+        let mut h = HeaderMap::new();
+        assert!(!is_json(&h));
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json; charset=utf-8"));
+        assert!(is_json(&h));
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        assert!(!is_json(&h));
+    }
+}

@@ -1,0 +1,56 @@
+//! HTTP routes. Every handler answers either its result or a [`Problem`].
+
+pub mod health;
+pub mod jobs;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use gatehouse_broker::{Publisher, Topology};
+use gatehouse_protocol::Catalog;
+
+use crate::ids::IdMinter;
+use crate::policy::Policy;
+use crate::problem::Problem;
+use crate::replies::Replies;
+use crate::schemas::Schemas;
+
+/// Everything the handlers share.
+pub struct App {
+    pub catalog: Catalog,
+    pub schemas: Schemas,
+    pub policy: Policy,
+    pub ids: IdMinter,
+    pub publisher: Publisher,
+    pub topology: Topology,
+    pub replies: Arc<Replies>,
+    pub max_body_bytes: usize,
+    pub max_wait: Duration,
+    pub status_timeout: Duration,
+}
+
+/// The API router. The client identity is inserted per connection by [`crate::server`].
+pub fn router(app: Arc<App>) -> Router {
+    let limit = app.max_body_bytes;
+    Router::new()
+        .route("/v1/jobs", post(jobs::submit))
+        .route("/v1/jobs/{id}", get(jobs::status))
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .fallback(|| async {
+            Problem::new(axum::http::StatusCode::NOT_FOUND, "no-such-route", "Not found", "no such route")
+        })
+        .method_not_allowed_fallback(|| async {
+            Problem::new(
+                axum::http::StatusCode::METHOD_NOT_ALLOWED,
+                "method-not-allowed",
+                "Method not allowed",
+                "this route does not take that method",
+            )
+        })
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(app)
+}

@@ -1,0 +1,89 @@
+//! Payload validation: each kind's JSON Schema (draft 2020-12), compiled once at start-up.
+
+use std::collections::HashMap;
+
+use gatehouse_protocol::Catalog;
+use jsonschema::Validator;
+use serde_json::Value;
+
+use crate::problem::FieldError;
+
+/// Compiled validators by kind.
+pub struct Schemas {
+    by_kind: HashMap<String, Validator>,
+}
+
+/// A schema file that is missing, not JSON, or not a valid schema.
+#[derive(Debug, thiserror::Error)]
+#[error("schema of kind {kind} ({path}): {reason}")]
+pub struct SchemaError {
+    kind: String,
+    path: String,
+    reason: String,
+}
+
+/// Most validation errors reported for one request.
+const MAX_ERRORS: usize = 16;
+
+impl Schemas {
+    /// Reads and compiles the schema of every kind in the catalog.
+    ///
+    /// # Errors
+    /// When a schema cannot be read, parsed or compiled.
+    pub fn compile(catalog: &Catalog) -> Result<Self, SchemaError> {
+        let mut by_kind = HashMap::new();
+        for kind in catalog.kinds() {
+            let err = |reason: String| SchemaError {
+                kind: kind.name.clone(),
+                path: kind.schema.display().to_string(),
+                reason,
+            };
+            let text = std::fs::read_to_string(&kind.schema).map_err(|e| err(e.to_string()))?;
+            let schema: Value = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
+            let validator = jsonschema::draft202012::new(&schema).map_err(|e| err(e.to_string()))?;
+            by_kind.insert(kind.name.clone(), validator);
+        }
+        Ok(Self { by_kind })
+    }
+
+    /// Validates `payload` against `kind`'s schema; errors point into the request body
+    /// (`/payload/...`).
+    pub fn validate(&self, kind: &str, payload: &Value) -> Result<(), Vec<FieldError>> {
+        let Some(validator) = self.by_kind.get(kind) else {
+            return Err(vec![FieldError { path: "/kind".into(), message: "unknown kind".into() }]);
+        };
+        let errors: Vec<FieldError> = validator
+            .iter_errors(payload)
+            .take(MAX_ERRORS)
+            .map(|e| FieldError {
+                path: format!("/payload{}", e.instance_path()),
+                message: e.to_string(),
+            })
+            .collect();
+        if errors.is_empty() { Ok(()) } else { Err(errors) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use serde_json::json;
+
+    use super::*;
+
+    fn schemas() -> Schemas {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/jobs.toml");
+        Schemas::compile(&Catalog::load(&path).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn shipped_schemas_compile_and_name_the_field() {
+        let s = schemas();
+        assert!(s.validate("ledger.apply", &json!({"account": "a-1", "amount": 5})).is_ok());
+        let errs = s.validate("ledger.apply", &json!({"account": "a-1", "amount": "5"})).unwrap_err();
+        assert_eq!(errs[0].path, "/payload/amount");
+        let errs = s.validate("vault.put", &json!({"record": {}, "extra": 1})).unwrap_err();
+        assert!(errs[0].message.contains("extra"), "{errs:?}");
+    }
+}

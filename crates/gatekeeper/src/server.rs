@@ -1,0 +1,93 @@
+//! The mTLS accept loop: connection limit, handshake timeout, client identity per connection,
+//! HTTP/1.1 and HTTP/2, graceful drain on shutdown.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tower::ServiceExt;
+
+use crate::tls::client_identity;
+
+/// Limits the accept loop enforces.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub handshake_timeout: Duration,
+    pub max_connections: usize,
+    pub stopping_wait_time: Duration,
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves, then stops accepting and lets open
+/// requests finish within `stopping_wait_time`.
+pub async fn serve(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    router: Router,
+    limits: Limits,
+    shutdown: impl Future<Output = ()>,
+) {
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let graceful = GracefulShutdown::new();
+    let mut http = Builder::new(TokioExecutor::new());
+    http.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(10));
+    let http = Arc::new(http);
+    tokio::pin!(shutdown);
+
+    loop {
+        let (tcp, peer) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "connection refused: too many open connections");
+            drop(tcp);
+            continue;
+        };
+        let acceptor = acceptor.clone();
+        let router = router.clone();
+        let http = http.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => return tracing::info!(%peer, error = %e, "TLS handshake refused"),
+                Err(_) => return tracing::info!(%peer, "TLS handshake timed out"),
+            };
+            let identity = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(client_identity);
+            let Some(identity) = identity else {
+                return tracing::warn!(%peer, "client certificate has no usable identity");
+            };
+            let service = router.map_request(move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(identity.clone());
+                req
+            });
+            let conn = http.serve_connection(TokioIo::new(tls), TowerToHyperService::new(service));
+            if let Err(e) = watcher.watch(conn.into_owned()).await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+
+    tracing::info!("gatekeeper stopping: draining open connections");
+    if tokio::time::timeout(limits.stopping_wait_time, graceful.shutdown()).await.is_err() {
+        tracing::warn!("open connections did not finish in time");
+    }
+}
+

@@ -1,0 +1,91 @@
+//! Gatekeeper settings (`config/gatekeeper.toml`, overridable as `GATEKEEPER__SECTION__KEY`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use gatehouse_broker::BrokerSettings;
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct GatekeeperSettings {
+    pub server: ServerSettings,
+    pub tls: TlsSettings,
+    pub broker: BrokerSettings,
+    pub catalog: PathSetting,
+    pub policy: PathSetting,
+    pub ids: IdSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ServerSettings {
+    /// Address of the mTLS API; port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// A client that has not finished the TLS handshake by then is dropped.
+    pub handshake_timeout_ms: u64,
+    /// Largest request body accepted; larger ones get 413 before being read whole.
+    pub max_body_bytes: usize,
+    /// Open client connections at most; more are refused at accept.
+    pub max_connections: usize,
+    /// Ceiling of `Prefer: wait=N`.
+    pub max_wait_s: u64,
+    /// How long a status query waits for the worker before answering 503.
+    pub status_timeout_ms: u64,
+    /// After SIGTERM: how long in-flight requests may take.
+    pub stopping_wait_time_ms: u64,
+}
+
+impl ServerSettings {
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms)
+    }
+    pub fn status_timeout(&self) -> Duration {
+        Duration::from_millis(self.status_timeout_ms)
+    }
+    pub fn stopping_wait_time(&self) -> Duration {
+        Duration::from_millis(self.stopping_wait_time_ms)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct TlsSettings {
+    /// Server certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Server private key (PEM).
+    pub key: PathBuf,
+    /// CA that signs client certificates (PEM); clients without such a certificate are refused.
+    pub client_ca: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct PathSetting {
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct IdSettings {
+    /// File holding the secret that binds each job id to its owner (hex, 32 bytes or more).
+    pub secret_file: PathBuf,
+}
+
+impl GatekeeperSettings {
+    /// Loads `path` with environment overrides.
+    ///
+    /// # Errors
+    /// When the file is missing or a key is missing or mistyped.
+    pub fn load(path: &Path) -> Result<Self, config::ConfigError> {
+        gatehouse_protocol::settings::load(path, "GATEKEEPER")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_settings_load() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/gatekeeper.toml");
+        let s = GatekeeperSettings::load(&path).unwrap();
+        assert_eq!(s.server.listen.port(), 8443);
+    }
+}

@@ -1,0 +1,113 @@
+//! Build (load, bind, connect, declare), then run until told to stop.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use gatehouse_broker::lapin::Connection;
+use gatehouse_broker::Publisher;
+use gatehouse_protocol::Catalog;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use crate::ids::IdMinter;
+use crate::policy::Policy;
+use crate::replies::Replies;
+use crate::routes::{self, App};
+use crate::schemas::Schemas;
+use crate::server::{self, Limits};
+use crate::settings::GatekeeperSettings;
+
+/// Requests that may wait for the worker at once, across `Prefer: wait` and status queries.
+const MAX_PENDING_REPLIES: usize = 65_536;
+
+/// A gatekeeper that is bound, connected and declared, not yet serving.
+pub struct Gatekeeper {
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    app: Arc<App>,
+    limits: Limits,
+    connection: Connection,
+    reply_consumer: tokio::task::JoinHandle<()>,
+}
+
+impl Gatekeeper {
+    /// Loads catalog, schemas, policy, TLS material and the id secret; binds the listener;
+    /// connects to the broker, declares the topology and this instance's reply queue.
+    ///
+    /// # Errors
+    /// When any of those fails.
+    pub async fn build(settings: GatekeeperSettings) -> anyhow::Result<Self> {
+        let catalog = Catalog::load(&settings.catalog.path)?;
+        let schemas = Schemas::compile(&catalog)?;
+        let policy = Policy::load(&settings.policy.path)
+            .with_context(|| format!("loading policy {}", settings.policy.path.display()))?;
+        let ids = IdMinter::from_file(&settings.ids.secret_file)?;
+        let acceptor = TlsAcceptor::from(crate::tls::server_config(&settings.tls)?);
+        let listener = TcpListener::bind(settings.server.listen)
+            .await
+            .with_context(|| format!("binding {}", settings.server.listen))?;
+
+        let connection = gatehouse_broker::connect(settings.broker.url.expose(), "gatehouse-gatekeeper")
+            .await
+            .context("connecting to the broker")?;
+        let topology = settings.broker.topology();
+        let setup = connection.create_channel().await?;
+        topology.declare(&setup, catalog.queues()).await.context("declaring topology")?;
+        let instance = instance_id();
+        let reply_queue = topology.declare_reply_queue(&setup, &instance).await?;
+        let replies = Replies::new(reply_queue, MAX_PENDING_REPLIES);
+        let reply_consumer = replies.clone().consume(setup).await?;
+        let publisher = Publisher::open(&connection).await?;
+
+        let app = Arc::new(App {
+            catalog,
+            schemas,
+            policy,
+            ids,
+            publisher,
+            topology,
+            replies,
+            max_body_bytes: settings.server.max_body_bytes,
+            max_wait: std::time::Duration::from_secs(settings.server.max_wait_s),
+            status_timeout: settings.server.status_timeout(),
+        });
+        let limits = Limits {
+            handshake_timeout: settings.server.handshake_timeout(),
+            max_connections: settings.server.max_connections,
+            stopping_wait_time: settings.server.stopping_wait_time(),
+        };
+        Ok(Self { listener, acceptor, app, limits, connection, reply_consumer })
+    }
+
+    /// The bound address (useful with port 0).
+    ///
+    /// # Errors
+    /// When the socket has no local address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown` resolves, drains, and closes the broker connection.
+    ///
+    /// # Errors
+    /// Never at present; kept fallible for the callers' sake.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        tracing::info!(addr = %self.listener.local_addr()?, "gatekeeper listening");
+        let router = routes::router(self.app.clone());
+        server::serve(self.listener, self.acceptor, router, self.limits, shutdown).await;
+        self.reply_consumer.abort();
+        let _ = self.connection.close(200, "gatekeeper stopping".into()).await;
+        tracing::info!(late_replies = self.app.replies.late_count(), "gatekeeper stopped");
+        Ok(())
+    }
+}
+
+/// A random id for this process's reply queue.
+fn instance_id() -> String {
+    use ring::rand::{SecureRandom, SystemRandom};
+    let mut raw = [0u8; 16];
+    let _ = SystemRandom::new().fill(&mut raw);
+    gatehouse_protocol::JobId::from_bytes(raw).as_str()[..12].to_owned()
+}
