@@ -1,1 +1,224 @@
-//! placeholder
+//! The client end of the flow: an mTLS HTTP client for the gatekeeper API, used by the
+//! `gatehouse` CLI and the end-to-end tests.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), gatehouse_client::ClientError> {
+//! use gatehouse_client::{Client, Identity};
+//! let client = Client::new(
+//!     "https://127.0.0.1:8443",
+//!     "certs/dev/ca.pem".as_ref(),
+//!     Some(Identity { cert: "certs/dev/client.pem".into(), key: "certs/dev/client.key".into() }),
+//! )?;
+//! let mut conn = client.connect().await?;
+//! let res = conn.submit(&serde_json::json!({"kind": "ledger.balance", "payload": {"account": "a"}}), Some(5)).await?;
+//! println!("{} {}", res.status, res.text());
+//! # Ok(()) }
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::client::conn::http1::SendRequest;
+pub use hyper::Method;
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{ClientConfig, RootCertStore};
+use serde_json::Value;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+/// What went wrong talking to the gatekeeper.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("bad URL {0:?}: expected https://host:port")]
+    Url(String),
+    #[error("{path}: {reason}")]
+    File { path: String, reason: String },
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("cannot connect: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("HTTP: {0}")]
+    Http(#[from] hyper::Error),
+}
+
+/// A client certificate and its key (PEM files).
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// A gatekeeper's address and the TLS settings to reach it.
+#[derive(Clone)]
+pub struct Client {
+    addr: String,
+    host: String,
+    server_name: ServerName<'static>,
+    tls: TlsConnector,
+}
+
+/// An answer from the gatekeeper.
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub content_type: Option<String>,
+    pub retry_after: Option<String>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    /// The body as JSON (`Value::Null` if it is not JSON).
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+fn file_err(path: &Path, e: impl ToString) -> ClientError {
+    ClientError::File { path: path.display().to_string(), reason: e.to_string() }
+}
+
+/// Reads the certificates of a PEM file.
+///
+/// # Errors
+/// When the file cannot be read or holds no certificate.
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, ClientError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| file_err(path, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file_err(path, e))?;
+    if certs.is_empty() {
+        return Err(file_err(path, "no certificate in file"));
+    }
+    Ok(certs)
+}
+
+/// A rustls client configuration trusting `ca`, presenting `identity` if given.
+///
+/// # Errors
+/// When a file cannot be read or the key does not fit the certificate.
+pub fn tls_config(ca: &Path, identity: Option<&Identity>) -> Result<ClientConfig, ClientError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = RootCertStore::empty();
+    for cert in load_certs(ca)? {
+        roots.add(cert).map_err(|e| file_err(ca, e))?;
+    }
+    let builder = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
+    let mut config = match identity {
+        Some(id) => {
+            let key = PrivateKeyDer::from_pem_file(&id.key).map_err(|e| file_err(&id.key, e))?;
+            builder.with_client_auth_cert(load_certs(&id.cert)?, key)?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+impl Client {
+    /// A client for `url` (`https://host:port`) trusting `ca`, presenting `identity`.
+    ///
+    /// # Errors
+    /// When the URL or a file is bad.
+    pub fn new(url: &str, ca: &Path, identity: Option<Identity>) -> Result<Self, ClientError> {
+        Self::with_tls(url, tls_config(ca, identity.as_ref())?)
+    }
+
+    /// A client with a rustls configuration of the caller's (tests use this for bad cases).
+    ///
+    /// # Errors
+    /// When the URL is bad.
+    pub fn with_tls(url: &str, config: ClientConfig) -> Result<Self, ClientError> {
+        let bad = || ClientError::Url(url.to_owned());
+        let rest = url.strip_prefix("https://").ok_or_else(bad)?;
+        let addr = rest.trim_end_matches('/').to_owned();
+        let host = match addr.rsplit_once(':') {
+            Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']').to_owned(),
+            None => return Err(bad()),
+        };
+        let server_name = ServerName::try_from(host.clone()).map_err(|_| bad())?;
+        Ok(Self { addr, host, server_name, tls: TlsConnector::from(Arc::new(config)) })
+    }
+
+    /// Opens one keep-alive HTTP/1.1 connection over TLS.
+    ///
+    /// # Errors
+    /// When TCP, TLS or the HTTP handshake fails.
+    pub async fn connect(&self) -> Result<Connection, ClientError> {
+        let tcp = TcpStream::connect(&self.addr).await?;
+        tcp.set_nodelay(true)?;
+        let tls = self.tls.connect(self.server_name.clone(), tcp).await?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(Connection { sender, host: self.host.clone() })
+    }
+}
+
+/// One open connection; requests on it go one after another.
+pub struct Connection {
+    sender: SendRequest<Full<Bytes>>,
+    host: String,
+}
+
+impl Connection {
+    /// `POST /v1/jobs`, with `Prefer: wait=N` when `wait_s` is given.
+    ///
+    /// # Errors
+    /// When the request cannot be sent or the answer not read.
+    pub async fn submit(&mut self, job: &Value, wait_s: Option<u64>) -> Result<Response, ClientError> {
+        let wait = wait_s.map(|w| format!("wait={w}"));
+        let mut headers = vec![("content-type", "application/json")];
+        if let Some(w) = &wait {
+            headers.push(("prefer", w.as_str()));
+        }
+        self.request(Method::POST, "/v1/jobs", &headers, job.to_string().into_bytes()).await
+    }
+
+    /// `GET /v1/jobs/{id}`.
+    ///
+    /// # Errors
+    /// When the request cannot be sent or the answer not read.
+    pub async fn status(&mut self, id: &str) -> Result<Response, ClientError> {
+        self.request(Method::GET, &format!("/v1/jobs/{id}"), &[], Vec::new()).await
+    }
+
+    /// Any request, with raw headers and body.
+    ///
+    /// # Errors
+    /// When the request cannot be sent or the answer not read.
+    pub async fn request(
+        &mut self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> Result<Response, ClientError> {
+        let mut req = Request::builder().method(method).uri(path).header("host", &self.host);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| ClientError::Url(e.to_string()))?;
+        self.sender.ready().await?;
+        let res = self.sender.send_request(req).await?;
+        let header = |name| res.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let status = res.status().as_u16();
+        let content_type = header(hyper::header::CONTENT_TYPE);
+        let retry_after = header(hyper::header::RETRY_AFTER);
+        let body = res.into_body().collect().await?.to_bytes().to_vec();
+        Ok(Response { status, content_type, retry_after, body })
+    }
+}

@@ -1,0 +1,163 @@
+//! A private RabbitMQ node for development and tests, started from Debian's `rabbitmq-server`
+//! package when no broker answers: its own data directory, AMQP on 127.0.0.1:5672, the
+//! management UI on 127.0.0.1:15672 (guest / guest).
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+
+/// Erlang node name of the private broker.
+pub const NODE_NAME: &str = "gatehouse@localhost";
+/// Where the management UI of the private node listens.
+pub const MANAGEMENT_URL: &str = "http://127.0.0.1:15672";
+
+/// The private node, as far as this process is concerned.
+#[derive(Debug)]
+pub struct BrokerNode {
+    home: PathBuf,
+    /// Whether this process started it (and so should stop it).
+    pub started_here: bool,
+}
+
+/// `host:port` of an `amqp://` / `amqps://` URL.
+pub fn amqp_addr(url: &str) -> Option<SocketAddr> {
+    let (scheme, rest) = url.split_once("://")?;
+    let default_port = if scheme == "amqps" { 5671 } else { 5672 };
+    let authority = rest.split('/').next()?;
+    let hostport = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let with_port =
+        if hostport.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
+            hostport.to_owned()
+        } else {
+            format!("{hostport}:{default_port}")
+        };
+    with_port.to_socket_addrs().ok()?.next()
+}
+
+/// Whether something at `addr` speaks AMQP 0-9-1 (answers the protocol header).
+pub fn amqp_answers(addr: SocketAddr) -> bool {
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut first = [0u8; 1];
+    // Frame type 1 (method frame: Connection.Start) means a broker is there and booted.
+    s.write_all(b"AMQP\x00\x00\x09\x01").is_ok() && s.read_exact(&mut first).is_ok() && first[0] == 1
+}
+
+/// The `rabbitmq-server` script to run directly (Debian's `/usr/sbin` wrapper switches to the
+/// `rabbitmq` user and would ignore our environment).
+fn server_script() -> Option<PathBuf> {
+    let debian = PathBuf::from("/usr/lib/rabbitmq/bin/rabbitmq-server");
+    if debian.exists() {
+        return Some(debian);
+    }
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join("rabbitmq-server"))
+        .find(|p| p.exists())
+}
+
+/// Uses the broker at `url` if it answers; otherwise starts the private node under `home`
+/// (when `rabbitmq-server` is installed) and waits until it answers. Safe to call from
+/// several processes at once: a lock file makes them take turns.
+///
+/// # Errors
+/// When no broker answers and none can be started, or the node does not come up in 60 s.
+pub fn ensure(url: &str, home: &Path) -> anyhow::Result<BrokerNode> {
+    let addr = amqp_addr(url).with_context(|| "cannot read host and port of the broker URL")?;
+    let node = BrokerNode { home: home.to_owned(), started_here: false };
+    if amqp_answers(addr) {
+        return Ok(node);
+    }
+    fs::create_dir_all(home)?;
+    let lock = fs::File::create(home.join("start.lock"))?;
+    lock.lock()?;
+    if amqp_answers(addr) {
+        return Ok(node);
+    }
+    anyhow::ensure!(
+        addr.ip().is_loopback() && addr.port() == 5672,
+        "no broker answers at {addr}; start it, or point the settings at one"
+    );
+    let script = server_script().context(
+        "no broker answers at 127.0.0.1:5672 and rabbitmq-server is not installed \
+         (apt-get install rabbitmq-server)",
+    )?;
+    fs::write(home.join("enabled_plugins"), "[rabbitmq_management].\n")?;
+    let log = fs::File::create(home.join("node.log"))?;
+    let mut cmd = Command::new(script);
+    node.env(&mut cmd);
+    cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+    // Its own process group: Ctrl-C in the terminal reaches `gatehouse up`, which then stops
+    // the node in order, instead of killing it mid-write.
+    #[cfg(unix)]
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    cmd.spawn().context("starting rabbitmq-server")?;
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !amqp_answers(addr) {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the private RabbitMQ node did not start within 60 s; see {}",
+            home.join("node.log").display()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    Ok(BrokerNode { started_here: true, ..node })
+}
+
+impl BrokerNode {
+    fn env(&self, cmd: &mut Command) {
+        let h = &self.home;
+        cmd.env("HOME", h) // the Erlang cookie lives here
+            .env("RABBITMQ_NODENAME", NODE_NAME)
+            .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
+            .env("RABBITMQ_NODE_PORT", "5672")
+            .env("RABBITMQ_MNESIA_BASE", h.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", h.join("log"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", h.join("enabled_plugins"))
+            .env("RABBITMQ_PID_FILE", h.join("node.pid"))
+            .env("RABBITMQ_CONFIG_FILE", h.join("rabbitmq"))
+            .env("RABBITMQ_ADVANCED_CONFIG_FILE", h.join("advanced.config"));
+    }
+
+    /// `rabbitmqctl` aimed at the private node, e.g. `ctl(&["list_queues"])`.
+    pub fn ctl(&self, args: &[&str]) -> Command {
+        let ctl = Path::new("/usr/lib/rabbitmq/bin/rabbitmqctl");
+        let mut cmd = Command::new(if ctl.exists() { ctl } else { Path::new("rabbitmqctl") });
+        self.env(&mut cmd);
+        cmd.arg("-n").arg(NODE_NAME).args(args);
+        cmd
+    }
+
+    /// Stops the private node (waits until it is down).
+    ///
+    /// # Errors
+    /// When `rabbitmqctl` cannot be run or reports failure.
+    pub fn stop(&self) -> anyhow::Result<()> {
+        let status = self.ctl(&["stop"]).stdout(Stdio::null()).status().context("running rabbitmqctl")?;
+        anyhow::ensure!(status.success(), "rabbitmqctl stop failed ({status})");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn amqp_urls() {
+        let a = amqp_addr("amqp://guest:guest@127.0.0.1:5672/%2f").unwrap();
+        assert_eq!(a, "127.0.0.1:5672".parse().unwrap());
+        assert_eq!(amqp_addr("amqp://127.0.0.1").unwrap().port(), 5672);
+        assert_eq!(amqp_addr("amqps://u:p@127.0.0.1/vh").unwrap().port(), 5671);
+        assert!(amqp_addr("nonsense").is_none());
+    }
+}

@@ -1,0 +1,98 @@
+//! Development PKI: one CA, a server certificate for `localhost` / `127.0.0.1`, client
+//! certificates, and the gatekeeper's job-id secret. For local use and tests only.
+
+use std::fs;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::Path;
+
+use anyhow::Context as _;
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+
+/// Identity of the client certificate that `certs dev` writes (allowed everything by the
+/// shipped dev policy).
+pub const DEV_CLIENT: &str = "dev-client";
+
+/// Writes `ca.pem`, `ca.key`, `server.pem`, `server.key`, `client.pem`, `client.key` and
+/// `gatekeeper-ids.secret` into `dir`.
+///
+/// # Errors
+/// When a file cannot be written or a certificate cannot be made.
+pub fn write_dev(dir: &Path) -> anyhow::Result<()> {
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut ca = CertificateParams::new(Vec::new())?;
+    ca.distinguished_name.push(DnType::CommonName, "Gatehouse dev CA");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_key = KeyPair::generate()?;
+    let ca_cert = ca.self_signed(&ca_key)?;
+    write(dir, "ca.pem", &ca_cert.pem(), false)?;
+    write(dir, "ca.key", &ca_key.serialize_pem(), true)?;
+    let issuer = Issuer::new(ca, ca_key);
+
+    let mut server = CertificateParams::new(Vec::new())?;
+    server.distinguished_name.push(DnType::CommonName, "localhost");
+    server.subject_alt_names = vec![
+        SanType::DnsName("localhost".try_into()?),
+        SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+        SanType::IpAddress(IpAddr::V6(Ipv6Addr::LOCALHOST)),
+    ];
+    server.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    server.use_authority_key_identifier_extension = true;
+    let server_key = KeyPair::generate()?;
+    write(dir, "server.pem", &server.signed_by(&server_key, &issuer)?.pem(), false)?;
+    write(dir, "server.key", &server_key.serialize_pem(), true)?;
+
+    write_client_with(dir, "client", DEV_CLIENT, &issuer)?;
+
+    let mut secret = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
+        .map_err(|_| anyhow::anyhow!("no system randomness"))?;
+    let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+    write(dir, "gatekeeper-ids.secret", &(hex + "\n"), true)?;
+    Ok(())
+}
+
+/// Writes `NAME.pem` / `NAME.key`, a client certificate with identity `NAME`, signed by the CA
+/// in `dir`.
+///
+/// # Errors
+/// When the CA files are missing or a file cannot be written.
+pub fn write_client(dir: &Path, name: &str) -> anyhow::Result<()> {
+    let ca_pem = fs::read_to_string(dir.join("ca.pem")).context("reading ca.pem (run `gatehouse certs dev` first)")?;
+    let ca_key = KeyPair::from_pem(&fs::read_to_string(dir.join("ca.key")).context("reading ca.key")?)?;
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)?;
+    write_client_with(dir, name, name, &issuer)
+}
+
+fn write_client_with(dir: &Path, file: &str, identity: &str, issuer: &Issuer<'_, KeyPair>) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !identity.is_empty() && identity.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)),
+        "a client name is letters, digits, '-', '_' and '.'"
+    );
+    let mut params = CertificateParams::new(Vec::new())?;
+    params.distinguished_name.push(DnType::CommonName, identity);
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.use_authority_key_identifier_extension = true;
+    let key = KeyPair::generate()?;
+    write(dir, &format!("{file}.pem"), &params.signed_by(&key, issuer)?.pem(), false)?;
+    write(dir, &format!("{file}.key"), &key.serialize_pem(), true)?;
+    Ok(())
+}
+
+fn write(dir: &Path, name: &str, contents: &str, private: bool) -> anyhow::Result<()> {
+    let path = dir.join(name);
+    fs::write(&path, contents).with_context(|| format!("writing {}", path.display()))?;
+    #[cfg(unix)]
+    if private {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600))?;
+    }
+    #[cfg(not(unix))]
+    let _ = private;
+    Ok(())
+}

@@ -1,0 +1,120 @@
+//! `gatehouse submit` and `gatehouse status`: client commands over mTLS.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use gatehouse_client::{Client, Identity, Response};
+use serde_json::{Value, json};
+
+/// Where the gatekeeper is and which certificate to present.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Endpoint {
+    /// Gatekeeper URL.
+    #[arg(long, default_value = "https://127.0.0.1:8443", env = "GATEHOUSE_URL")]
+    pub url: String,
+    /// Client certificate (PEM).
+    #[arg(long, default_value = "certs/dev/client.pem")]
+    pub cert: PathBuf,
+    /// Client key (PEM).
+    #[arg(long, default_value = "certs/dev/client.key")]
+    pub key: PathBuf,
+    /// CA that signed the gatekeeper's certificate (PEM).
+    #[arg(long, default_value = "certs/dev/ca.pem")]
+    pub ca: PathBuf,
+}
+
+impl Endpoint {
+    fn client(&self) -> anyhow::Result<Client> {
+        let identity = Identity { cert: self.cert.clone(), key: self.key.clone() };
+        Ok(Client::new(&self.url, &self.ca, Some(identity))?)
+    }
+}
+
+/// A job to submit.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SubmitArgs {
+    /// Job kind, e.g. vault.put or ledger.apply.
+    pub kind: String,
+    /// Payload, as JSON.
+    #[arg(long)]
+    pub data: String,
+    /// Priority 0..9 (9 highest); default from the job catalog.
+    #[arg(long)]
+    pub priority: Option<u8>,
+    /// Sequence position, KEY:NUMBER (for sequenced kinds such as ledger.apply).
+    #[arg(long, value_name = "KEY:N")]
+    pub seq: Option<String>,
+    /// Idempotency key: the same key always maps to the same job.
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+    /// Wait up to S seconds for the outcome.
+    #[arg(long, value_name = "S")]
+    pub wait: Option<u64>,
+}
+
+/// Builds the request body of `submit`.
+///
+/// # Errors
+/// When `--data` is not JSON or `--seq` is not `KEY:N`.
+pub fn submit_body(args: &SubmitArgs) -> anyhow::Result<Value> {
+    let payload: Value = serde_json::from_str(&args.data).context("--data is not valid JSON")?;
+    let mut body = json!({ "kind": args.kind, "payload": payload });
+    if let Some(p) = args.priority {
+        body["priority"] = json!(p);
+    }
+    if let Some(seq) = &args.seq {
+        let (key, n) = seq.rsplit_once(':').context("--seq takes KEY:NUMBER")?;
+        let n: u64 = n.parse().context("--seq takes KEY:NUMBER")?;
+        body["sequence"] = json!({ "key": key, "number": n });
+    }
+    if let Some(k) = &args.idempotency_key {
+        body["idempotency_key"] = json!(k);
+    }
+    Ok(body)
+}
+
+/// `gatehouse submit`. Returns whether the gatekeeper accepted the job.
+///
+/// # Errors
+/// When the request cannot be built or sent.
+pub async fn submit(endpoint: &Endpoint, args: &SubmitArgs, as_json: bool) -> anyhow::Result<bool> {
+    let body = submit_body(args)?;
+    let mut conn = endpoint.client()?.connect().await?;
+    let res = conn.submit(&body, args.wait).await?;
+    Ok(print(&res, as_json))
+}
+
+/// `gatehouse status ID`. Returns whether the job was found.
+///
+/// # Errors
+/// When the request cannot be sent.
+pub async fn status(endpoint: &Endpoint, id: &str, as_json: bool) -> anyhow::Result<bool> {
+    let mut conn = endpoint.client()?.connect().await?;
+    let res = conn.status(id).await?;
+    Ok(print(&res, as_json))
+}
+
+/// Prints an answer; `--json` prints the body alone. Returns whether it was a success.
+fn print(res: &Response, as_json: bool) -> bool {
+    let ok = (200..300).contains(&res.status);
+    let body = res.json();
+    if as_json {
+        println!("{}", if body.is_null() { res.text() } else { body.to_string() });
+    } else if ok {
+        let state = body["status"].as_str().unwrap_or("?");
+        println!("{} {}  job {}", res.status, state, body["id"].as_str().unwrap_or("?"));
+        for key in ["result", "error", "expected", "reason"] {
+            if !body[key].is_null() {
+                println!("  {key}: {}", body[key]);
+            }
+        }
+    } else {
+        eprintln!("{} {}: {}", res.status, body["title"].as_str().unwrap_or(""), body["detail"].as_str().unwrap_or(&res.text()));
+        if let Some(errors) = body["errors"].as_array() {
+            for e in errors {
+                eprintln!("  {}: {}", e["path"].as_str().unwrap_or(""), e["message"].as_str().unwrap_or(""));
+            }
+        }
+    }
+    ok
+}

@@ -1,0 +1,4 @@
+//! The subcommands of `gatehouse`.
+
+pub mod jobs;
+pub mod up;
