@@ -1,0 +1,20 @@
+# Two images from one build: `gatekeeper` and `worker` (docker-compose.yml picks the target).
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+COPY . .
+RUN cargo build --release --locked --bin gatekeeper --bin worker
+
+FROM debian:bookworm-slim AS base
+RUN useradd --system --home /app gatehouse && mkdir -p /app/config /data && chown gatehouse /data
+WORKDIR /app
+COPY config /app/config
+USER gatehouse
+
+FROM base AS gatekeeper
+COPY --from=build /src/target/release/gatekeeper /usr/local/bin/gatekeeper
+EXPOSE 8443
+ENTRYPOINT ["gatekeeper", "config/gatekeeper.toml"]
+
+FROM base AS worker
+COPY --from=build /src/target/release/worker /usr/local/bin/worker
+ENTRYPOINT ["worker", "config/worker.toml"]

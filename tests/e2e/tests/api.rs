@@ -1,0 +1,167 @@
+//! The foundation, end to end through real mTLS, a real RabbitMQ and a real SQLite file.
+
+use std::time::Duration;
+
+use gatehouse_e2e::{OTHER_CLIENT, TestSystem, assert_problem, wait_final};
+use serde_json::json;
+
+#[tokio::test]
+async fn vault_put_then_get_returns_the_record() {
+    let sys = TestSystem::start().await;
+    let mut conn = sys.connect().await;
+    let record = json!({"name": "Ada Lovelace", "iban": "GB33BUKB20201555555555"});
+
+    let put = conn.submit(&json!({"kind": "vault.put", "payload": {"record": record}}), Some(10)).await.unwrap();
+    assert_eq!(put.status, 200, "{}", put.text());
+    let token = put.json()["result"]["token"].as_str().expect("token").to_owned();
+    assert!(token.starts_with("tok_"));
+
+    let get = conn.submit(&json!({"kind": "vault.get", "payload": {"token": token}}), Some(10)).await.unwrap();
+    assert_eq!(get.status, 200, "{}", get.text());
+    assert_eq!(get.json()["status"], "succeeded");
+    assert_eq!(get.json()["result"]["record"], record);
+    sys.stop().await;
+}
+
+#[tokio::test]
+async fn ledger_numbers_sent_2_1_3_apply_in_order() {
+    let sys = TestSystem::start().await;
+    let mut conn = sys.connect().await;
+    let amounts = [(2, 20), (1, 1), (3, 300)];
+    let mut ids = Vec::new();
+    for (number, amount) in amounts {
+        let job = json!({
+            "kind": "ledger.apply",
+            "payload": {"account": "acct-42", "amount": amount},
+            "sequence": {"key": "acct-42", "number": number},
+        });
+        let res = conn.submit(&job, None).await.unwrap();
+        assert_eq!(res.status, 202, "{}", res.text());
+        ids.push((number, res.json()["id"].as_str().unwrap().to_owned()));
+    }
+    // Balance after each number proves the order: 1, then 1+20, then 1+20+300.
+    let expected = [(1, 1), (2, 21), (3, 321)];
+    for (number, id) in &ids {
+        let status = wait_final(&mut conn, id, Duration::from_secs(10)).await;
+        assert_eq!(status["status"], "succeeded", "{status}");
+        let (_, balance) = expected.iter().find(|(n, _)| n == number).unwrap();
+        assert_eq!(status["result"]["sequence"], *number, "{status}");
+        assert_eq!(status["result"]["balance"], *balance, "{status}");
+    }
+    let balance = conn
+        .submit(&json!({"kind": "ledger.balance", "payload": {"account": "acct-42"}}), Some(10))
+        .await
+        .unwrap();
+    assert_eq!(balance.json()["result"], json!({"account": "acct-42", "balance": 321, "sequence": 3}));
+    sys.stop().await;
+}
+
+#[tokio::test]
+async fn a_gap_shows_waiting_for_sequence_with_the_expected_number() {
+    let sys = TestSystem::start().await;
+    let mut conn = sys.connect().await;
+    let job = |n: u64| {
+        json!({"kind": "ledger.apply", "payload": {"account": "gap", "amount": 1}, "sequence": {"key": "gap", "number": n}})
+    };
+    let res = conn.submit(&job(2), Some(1)).await.unwrap();
+    assert_eq!(res.status, 202, "{}", res.text());
+    let body = res.json();
+    assert_eq!(body["status"], "waiting_for_sequence", "{body}");
+    assert_eq!(body["expected"], 1);
+    let id = body["id"].as_str().unwrap().to_owned();
+    let status = conn.status(&id).await.unwrap().json();
+    assert_eq!((status["status"].clone(), status["expected"].clone()), (json!("waiting_for_sequence"), json!(1)));
+
+    assert_eq!(conn.submit(&job(1), Some(10)).await.unwrap().status, 200);
+    let status = wait_final(&mut conn, &id, Duration::from_secs(10)).await;
+    assert_eq!(status["result"]["balance"], 2, "{status}");
+    sys.stop().await;
+}
+
+#[tokio::test]
+async fn async_submit_answers_202_then_status_reaches_succeeded() {
+    let sys = TestSystem::start().await;
+    let mut conn = sys.connect().await;
+    let res = conn.submit(&json!({"kind": "vault.put", "payload": {"record": {"k": "v"}}}), None).await.unwrap();
+    assert_eq!(res.status, 202, "{}", res.text());
+    let body = res.json();
+    assert_eq!(body["status"], "queued");
+    let id = body["id"].as_str().unwrap();
+    assert_eq!(body["status_url"], format!("/v1/jobs/{id}"));
+
+    let status = wait_final(&mut conn, id, Duration::from_secs(10)).await;
+    assert_eq!(status["status"], "succeeded", "{status}");
+    assert!(status["result"]["token"].as_str().unwrap().starts_with("tok_"));
+    sys.stop().await;
+}
+
+#[tokio::test]
+async fn the_same_idempotency_key_is_the_same_job_applied_once() {
+    let sys = TestSystem::start().await;
+    let mut conn = sys.connect().await;
+    let job = json!({"kind": "vault.put", "payload": {"record": {"n": 1}}, "idempotency_key": "order-9913"});
+    let first = conn.submit(&job, Some(10)).await.unwrap().json();
+    let second = conn.submit(&job, Some(10)).await.unwrap().json();
+    assert_eq!(first["id"], second["id"]);
+    assert_eq!(first["status"], "succeeded");
+    // The second submit was answered from the stored outcome: the same token, not a new record.
+    assert_eq!(first["result"]["token"], second["result"]["token"]);
+    let rows: i64 = count_rows(&sys, "vault");
+    assert_eq!(rows, 1);
+    sys.stop().await;
+}
+
+#[tokio::test]
+async fn schema_violation_is_422_problem_json_naming_the_field() {
+    let sys = TestSystem::start().await;
+    let mut conn = sys.connect().await;
+    let job = json!({
+        "kind": "ledger.apply",
+        "payload": {"account": "acct-1", "amount": "a lot"},
+        "sequence": {"key": "acct-1", "number": 1},
+    });
+    let res = conn.submit(&job, None).await.unwrap();
+    let body = assert_problem(&res, 422, "schema-violation");
+    assert_eq!(body["errors"][0]["path"], "/payload/amount", "{body}");
+    assert!(body["errors"][0]["message"].as_str().unwrap().contains("integer"), "{body}");
+    sys.stop().await;
+}
+
+#[tokio::test]
+async fn another_clients_job_id_is_404() {
+    let sys = TestSystem::start().await;
+    let mut mine = sys.connect().await;
+    let res = mine.submit(&json!({"kind": "vault.put", "payload": {"record": {"s": "x"}}}), Some(10)).await.unwrap();
+    assert_eq!(res.status, 200, "{}", res.text());
+    let id = res.json()["id"].as_str().unwrap().to_owned();
+    assert_eq!(mine.status(&id).await.unwrap().status, 200);
+
+    let mut theirs = sys.client_as(OTHER_CLIENT).connect().await.unwrap();
+    assert_problem(&theirs.status(&id).await.unwrap(), 404, "not-found");
+    assert_problem(&theirs.status("not-an-id").await.unwrap(), 404, "not-found");
+    sys.stop().await;
+}
+
+#[tokio::test]
+async fn envelope_fields_set_by_the_gatekeeper_are_refused() {
+    let sys = TestSystem::start().await;
+    let mut conn = sys.connect().await;
+    let res = conn
+        .submit(&json!({"kind": "vault.put", "payload": {"record": {}}, "reply_to": "amq.rabbitmq.reply-to"}), None)
+        .await
+        .unwrap();
+    let body = assert_problem(&res, 400, "invalid-envelope");
+    assert!(body["detail"].as_str().unwrap().contains("reply_to"), "{body}");
+    sys.stop().await;
+}
+
+fn count_rows(sys: &TestSystem, table: &str) -> i64 {
+    let out = std::process::Command::new("sqlite3")
+        .arg(sys.database())
+        .arg(format!("SELECT count(*) FROM {table}"))
+        .output();
+    match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().parse().expect("count"),
+        _ => panic!("sqlite3 is needed to inspect the worker's database (apt-get install sqlite3)"),
+    }
+}
