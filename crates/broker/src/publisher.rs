@@ -1,8 +1,8 @@
 //! Publishing with publisher confirms: a job counts as accepted only when the broker has
 //! confirmed it, and a `mandatory` publish that the broker returns counts as refused.
 
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::Confirmation;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Connection};
 
 /// Why the broker did not take a message.
@@ -33,7 +33,9 @@ impl Publisher {
     /// When the channel cannot be opened.
     pub async fn open(conn: &Connection) -> Result<Self, lapin::Error> {
         let channel = conn.create_channel().await?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
         Ok(Self { channel })
     }
 
@@ -49,7 +51,13 @@ impl Publisher {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<(), PublishError> {
-        self.publish(exchange, routing_key, body, properties.with_delivery_mode(2)).await
+        self.publish(
+            exchange,
+            routing_key,
+            body,
+            properties.with_delivery_mode(2),
+        )
+        .await
     }
 
     /// Publishes transient and `mandatory` (for queries that are cheap to repeat), and waits
@@ -64,7 +72,13 @@ impl Publisher {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<(), PublishError> {
-        self.publish(exchange, routing_key, body, properties.with_delivery_mode(1)).await
+        self.publish(
+            exchange,
+            routing_key,
+            body,
+            properties.with_delivery_mode(1),
+        )
+        .await
     }
 
     async fn publish(
@@ -74,16 +88,13 @@ impl Publisher {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<(), PublishError> {
-        let opts = BasicPublishOptions { mandatory: true, ..Default::default() };
+        let opts = BasicPublishOptions {
+            mandatory: true,
+            ..Default::default()
+        };
         let confirm = self
             .channel
-            .basic_publish(
-                exchange.into(),
-                routing_key.into(),
-                opts,
-                body,
-                properties,
-            )
+            .basic_publish(exchange.into(), routing_key.into(), opts, body, properties)
             .await?
             .await?;
         match confirm {

@@ -12,9 +12,9 @@
 //! A `prefix` (empty in production) lets tests share one broker without sharing queues.
 
 use lapin::Channel;
+use lapin::ExchangeKind;
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::ExchangeKind;
 
 use gatehouse_protocol::catalog::QueueClass;
 
@@ -29,7 +29,9 @@ pub struct Topology {
 
 impl Topology {
     pub fn new(prefix: impl Into<String>) -> Self {
-        Self { prefix: prefix.into() }
+        Self {
+            prefix: prefix.into(),
+        }
     }
 
     pub fn jobs_exchange(&self) -> String {
@@ -62,7 +64,10 @@ impl Topology {
     /// # Errors
     /// When the broker refuses a declaration, e.g. a queue exists with other arguments.
     pub async fn declare(&self, ch: &Channel, classes: &[QueueClass]) -> Result<(), lapin::Error> {
-        let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
         ch.exchange_declare(
             self.jobs_exchange().as_str().into(),
             ExchangeKind::Direct,
@@ -78,28 +83,48 @@ impl Topology {
         )
         .await?;
 
-        let durable_q = QueueDeclareOptions { durable: true, ..Default::default() };
-        ch.queue_declare(self.dead_queue().as_str().into(), durable_q, FieldTable::default())
+        let durable_q = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        ch.queue_declare(
+            self.dead_queue().as_str().into(),
+            durable_q,
+            FieldTable::default(),
+        )
+        .await?;
+        self.bind(ch, &self.dead_queue(), &self.dead_exchange(), "")
             .await?;
-        self.bind(ch, &self.dead_queue(), &self.dead_exchange(), "").await?;
 
         for class in classes {
             let mut args = FieldTable::default();
             args.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(9));
             args.insert("x-max-length".into(), AMQPValue::LongUInt(class.max_length));
             args.insert("x-overflow".into(), long_string("reject-publish"));
-            args.insert("x-dead-letter-exchange".into(), long_string(&self.dead_exchange()));
+            args.insert(
+                "x-dead-letter-exchange".into(),
+                long_string(&self.dead_exchange()),
+            );
             let queue = self.job_queue(&class.name);
-            ch.queue_declare(queue.as_str().into(), durable_q, args).await?;
-            self.bind(ch, &queue, &self.jobs_exchange(), &class.name).await?;
+            ch.queue_declare(queue.as_str().into(), durable_q, args)
+                .await?;
+            self.bind(ch, &queue, &self.jobs_exchange(), &class.name)
+                .await?;
         }
 
         // Status queries are cheap to repeat, so the control queue drops what nobody read
         // within a minute instead of piling it up while the worker is down.
         let mut args = FieldTable::default();
         args.insert("x-message-ttl".into(), AMQPValue::LongUInt(60_000));
-        ch.queue_declare(self.control_queue().as_str().into(), durable_q, args).await?;
-        self.bind(ch, &self.control_queue(), &self.jobs_exchange(), CONTROL_ROUTING_KEY).await?;
+        ch.queue_declare(self.control_queue().as_str().into(), durable_q, args)
+            .await?;
+        self.bind(
+            ch,
+            &self.control_queue(),
+            &self.jobs_exchange(),
+            CONTROL_ROUTING_KEY,
+        )
+        .await?;
         Ok(())
     }
 
@@ -113,8 +138,13 @@ impl Topology {
         instance: &str,
     ) -> Result<String, lapin::Error> {
         let name = self.reply_queue(instance);
-        let opts = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
-        ch.queue_declare(name.as_str().into(), opts, FieldTable::default()).await?;
+        let opts = QueueDeclareOptions {
+            exclusive: true,
+            auto_delete: true,
+            ..Default::default()
+        };
+        ch.queue_declare(name.as_str().into(), opts, FieldTable::default())
+            .await?;
         Ok(name)
     }
 

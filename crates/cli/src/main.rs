@@ -4,12 +4,16 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use gatehouse_cli::certs;
 use gatehouse_cli::commands::jobs::{self, Endpoint, SubmitArgs};
 use gatehouse_cli::commands::up::{self, UpArgs};
-use gatehouse_cli::certs;
 
 #[derive(Parser)]
-#[command(name = "gatehouse", version, about = "Background jobs on sensitive data, behind a gatekeeper")]
+#[command(
+    name = "gatehouse",
+    version,
+    about = "Background jobs on sensitive data, behind a gatekeeper"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -68,7 +72,10 @@ async fn main() -> ExitCode {
         Cmd::Up(args) => up::up(&args).await.map(|()| true),
         Cmd::Certs(CertsCmd::Dev { out, force }) => {
             if out.join("ca.pem").exists() && !force {
-                println!("{} already has certificates (use --force to replace them)", out.display());
+                println!(
+                    "{} already has certificates (use --force to replace them)",
+                    out.display()
+                );
                 Ok(true)
             } else {
                 certs::write_dev(&out).map(|()| {
@@ -81,7 +88,11 @@ async fn main() -> ExitCode {
             println!("wrote {0}/{name}.pem and {0}/{name}.key", out.display());
             true
         }),
-        Cmd::Submit { job, endpoint, json } => jobs::submit(&endpoint, &job, json).await,
+        Cmd::Submit {
+            job,
+            endpoint,
+            json,
+        } => jobs::submit(&endpoint, &job, json).await,
         Cmd::Status { id, endpoint, json } => jobs::status(&endpoint, &id, json).await,
     };
     match result {

@@ -50,7 +50,10 @@ impl Policy {
             .try_deserialize()?;
         let mut clients = HashMap::new();
         for c in file.client {
-            let policy = ClientPolicy { kinds: c.kinds, max_priority: c.max_priority };
+            let policy = ClientPolicy {
+                kinds: c.kinds,
+                max_priority: c.max_priority,
+            };
             if clients.insert(c.identity.clone(), policy).is_some() {
                 return Err(config::ConfigError::Message(format!(
                     "policy lists client {} twice",
@@ -71,9 +74,13 @@ impl Policy {
 fn glob_match(pattern: &str, s: &str) -> bool {
     let mut parts = pattern.split('*');
     let first = parts.next().unwrap_or("");
-    let Some(mut rest) = s.strip_prefix(first) else { return false };
+    let Some(mut rest) = s.strip_prefix(first) else {
+        return false;
+    };
     let mut parts: Vec<&str> = parts.collect();
-    let Some(last) = parts.pop() else { return rest.is_empty() };
+    let Some(last) = parts.pop() else {
+        return rest.is_empty();
+    };
     for p in parts {
         match rest.find(p) {
             Some(i) => rest = &rest[i + p.len()..],
@@ -101,8 +108,9 @@ mod tests {
 
     #[test]
     fn shipped_policy_allows_dev_client_only() {
-        let p = Policy::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/policy.toml"))
-            .unwrap();
+        let p =
+            Policy::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/policy.toml"))
+                .unwrap();
         assert!(p.client("dev-client").unwrap().allows_kind("ledger.apply"));
         assert!(p.client("stranger").is_none());
     }

@@ -9,9 +9,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures_util::StreamExt;
+use gatehouse_broker::lapin::Channel;
 use gatehouse_broker::lapin::options::BasicConsumeOptions;
 use gatehouse_broker::lapin::types::FieldTable;
-use gatehouse_broker::lapin::Channel;
 use gatehouse_protocol::JobStatus;
 use ring::rand::{SecureRandom, SystemRandom};
 use tokio::sync::mpsc;
@@ -71,7 +71,11 @@ impl Replies {
             return Err(Full);
         }
         pending.insert(correlation_id.clone(), tx);
-        Ok(Waiter { replies: self.clone(), correlation_id, rx })
+        Ok(Waiter {
+            replies: self.clone(),
+            correlation_id,
+            rx,
+        })
     }
 
     /// Hands an answer to whoever waits for `correlation_id`.
@@ -94,7 +98,9 @@ impl Replies {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, mpsc::Sender<JobStatus>>> {
         // A panic while holding this lock cannot leave the map inconsistent.
-        self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Consumes the reply queue (auto-ack: replies are a courtesy, the record is in the
@@ -102,14 +108,31 @@ impl Replies {
     ///
     /// # Errors
     /// When consuming cannot start.
-    pub async fn consume(self: Arc<Self>, channel: Channel) -> Result<tokio::task::JoinHandle<()>, gatehouse_broker::lapin::Error> {
-        let opts = BasicConsumeOptions { no_ack: true, exclusive: true, ..Default::default() };
+    pub async fn consume(
+        self: Arc<Self>,
+        channel: Channel,
+    ) -> Result<tokio::task::JoinHandle<()>, gatehouse_broker::lapin::Error> {
+        let opts = BasicConsumeOptions {
+            no_ack: true,
+            exclusive: true,
+            ..Default::default()
+        };
         let mut consumer = channel
-            .basic_consume(self.queue.as_str().into(), "gatekeeper.replies".into(), opts, FieldTable::default())
+            .basic_consume(
+                self.queue.as_str().into(),
+                "gatekeeper.replies".into(),
+                opts,
+                FieldTable::default(),
+            )
             .await?;
         Ok(tokio::spawn(async move {
             while let Some(Ok(d)) = consumer.next().await {
-                let Some(cid) = d.properties.correlation_id().as_ref().map(ToString::to_string) else {
+                let Some(cid) = d
+                    .properties
+                    .correlation_id()
+                    .as_ref()
+                    .map(ToString::to_string)
+                else {
                     continue;
                 };
                 match serde_json::from_slice::<JobStatus>(&d.data) {
@@ -129,7 +152,10 @@ impl Waiter {
 
     /// The next answer, or `None` at the deadline.
     pub async fn next_until(&mut self, deadline: tokio::time::Instant) -> Option<JobStatus> {
-        tokio::time::timeout_at(deadline, self.rx.recv()).await.ok().flatten()
+        tokio::time::timeout_at(deadline, self.rx.recv())
+            .await
+            .ok()
+            .flatten()
     }
 }
 
@@ -154,7 +180,10 @@ mod tests {
         let cid = a.correlation_id().to_owned();
         drop(a);
         assert_eq!(r.pending_count(), 1);
-        r.complete(&cid, JobStatus::new(JobId::from_bytes([0; 16]), JobState::Succeeded));
+        r.complete(
+            &cid,
+            JobStatus::new(JobId::from_bytes([0; 16]), JobState::Succeeded),
+        );
         assert_eq!(r.late_count(), 1);
         assert!(r.register().is_ok());
     }

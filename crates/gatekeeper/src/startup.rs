@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use gatehouse_broker::lapin::Connection;
 use gatehouse_broker::Publisher;
+use gatehouse_broker::lapin::Connection;
 use gatehouse_protocol::Catalog;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
@@ -49,12 +49,16 @@ impl Gatekeeper {
             .await
             .with_context(|| format!("binding {}", settings.server.listen))?;
 
-        let connection = gatehouse_broker::connect(settings.broker.url.expose(), "gatehouse-gatekeeper")
-            .await
-            .context("connecting to the broker")?;
+        let connection =
+            gatehouse_broker::connect(settings.broker.url.expose(), "gatehouse-gatekeeper")
+                .await
+                .context("connecting to the broker")?;
         let topology = settings.broker.topology();
         let setup = connection.create_channel().await?;
-        topology.declare(&setup, catalog.queues()).await.context("declaring topology")?;
+        topology
+            .declare(&setup, catalog.queues())
+            .await
+            .context("declaring topology")?;
         let instance = instance_id();
         let reply_queue = topology.declare_reply_queue(&setup, &instance).await?;
         let replies = Replies::new(reply_queue, MAX_PENDING_REPLIES);
@@ -78,7 +82,14 @@ impl Gatekeeper {
             max_connections: settings.server.max_connections,
             stopping_wait_time: settings.server.stopping_wait_time(),
         };
-        Ok(Self { listener, acceptor, app, limits, connection, reply_consumer })
+        Ok(Self {
+            listener,
+            acceptor,
+            app,
+            limits,
+            connection,
+            reply_consumer,
+        })
     }
 
     /// The bound address (useful with port 0).
@@ -98,8 +109,14 @@ impl Gatekeeper {
         let router = routes::router(self.app.clone());
         server::serve(self.listener, self.acceptor, router, self.limits, shutdown).await;
         self.reply_consumer.abort();
-        let _ = self.connection.close(200, "gatekeeper stopping".into()).await;
-        tracing::info!(late_replies = self.app.replies.late_count(), "gatekeeper stopped");
+        let _ = self
+            .connection
+            .close(200, "gatekeeper stopping".into())
+            .await;
+        tracing::info!(
+            late_replies = self.app.replies.late_count(),
+            "gatekeeper stopped"
+        );
         Ok(())
     }
 }

@@ -21,7 +21,10 @@ pub enum TlsError {
 }
 
 fn file_err(path: &Path, reason: impl ToString) -> TlsError {
-    TlsError::File { path: path.display().to_string(), reason: reason.to_string() }
+    TlsError::File {
+        path: path.display().to_string(),
+        reason: reason.to_string(),
+    }
 }
 
 /// Reads every certificate in a PEM file.
@@ -88,5 +91,7 @@ pub fn client_identity(cert: &CertificateDer<'_>) -> Option<ClientIdentity> {
             _ => None,
         })
     };
-    cn.filter(|s| !s.is_empty()).or_else(san).map(ClientIdentity)
+    cn.filter(|s| !s.is_empty())
+        .or_else(san)
+        .map(ClientIdentity)
 }

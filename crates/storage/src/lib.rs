@@ -58,8 +58,9 @@ impl Store {
     /// When the file cannot be opened or a migration fails.
     pub fn open_sqlite(path: &Path) -> Result<Self, StorageError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| StorageError::Corrupt(format!("cannot create {}: {e}", dir.display())))?;
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StorageError::Corrupt(format!("cannot create {}: {e}", dir.display()))
+            })?;
         }
         let mut conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
@@ -75,7 +76,8 @@ impl Store {
                 while let Some(job) = rx.blocking_recv() {
                     // A panicking closure drops its transaction (rolled back) and its answer
                     // channel (the caller sees `Closed`); the thread serves the next one.
-                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut conn)));
+                    let _ =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut conn)));
                 }
             })
             .map_err(|e| StorageError::Corrupt(format!("cannot start storage thread: {e}")))?;
@@ -103,7 +105,10 @@ impl Store {
             };
             let _ = done.send(run());
         });
-        self.work.send(work).await.map_err(|_| StorageError::Closed)?;
+        self.work
+            .send(work)
+            .await
+            .map_err(|_| StorageError::Closed)?;
         result.await.map_err(|_| StorageError::Closed)?
     }
 }

@@ -39,7 +39,9 @@ pub struct Parked {
 }
 
 fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 fn to_i64(n: u64) -> Result<i64, StorageError> {
@@ -57,7 +59,9 @@ fn parse_json(s: Option<String>) -> Result<Option<Value>, StorageError> {
 
 impl<'c> Tx<'c> {
     pub(crate) fn begin(conn: &'c mut Connection) -> Result<Self, StorageError> {
-        Ok(Self { tx: conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)? })
+        Ok(Self {
+            tx: conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?,
+        })
     }
 
     pub(crate) fn commit(self) -> Result<(), StorageError> {
@@ -136,7 +140,9 @@ impl<'c> Tx<'c> {
     pub fn next_expected(&self, key: &str) -> Result<u64, StorageError> {
         let next: Option<i64> = self
             .tx
-            .query_row("SELECT next FROM sequences WHERE key = ?1", [key], |r| r.get(0))
+            .query_row("SELECT next FROM sequences WHERE key = ?1", [key], |r| {
+                r.get(0)
+            })
             .optional()?;
         Ok(next.map_or(1, |n| n as u64))
     }
@@ -200,8 +206,13 @@ impl<'c> Tx<'c> {
                 },
             )
             .optional()?;
-        let Some((id, envelope, reply_to, correlation_id)) = row else { return Ok(None) };
-        self.tx.execute("DELETE FROM parked WHERE seq_key = ?1 AND seq_number = ?2", params![key, n])?;
+        let Some((id, envelope, reply_to, correlation_id)) = row else {
+            return Ok(None);
+        };
+        self.tx.execute(
+            "DELETE FROM parked WHERE seq_key = ?1 AND seq_number = ?2",
+            params![key, n],
+        )?;
         Ok(Some(Parked {
             job_id: parse_id(&id)?,
             seq_key: key.to_owned(),
@@ -243,9 +254,10 @@ impl<'c> Tx<'c> {
 
     /// Erases the record behind `token` if `owner` stored it; whether there was one.
     pub fn vault_delete(&self, owner: &str, token: &str) -> Result<bool, StorageError> {
-        let n = self
-            .tx
-            .execute("DELETE FROM vault WHERE token = ?1 AND owner = ?2", params![token, owner])?;
+        let n = self.tx.execute(
+            "DELETE FROM vault WHERE token = ?1 AND owner = ?2",
+            params![token, owner],
+        )?;
         Ok(n > 0)
     }
 
@@ -260,7 +272,9 @@ impl<'c> Tx<'c> {
         sequence: u64,
     ) -> Result<Option<i64>, StorageError> {
         let (balance, _) = self.ledger_balance(account)?;
-        let Some(new_balance) = balance.checked_add(amount) else { return Ok(None) };
+        let Some(new_balance) = balance.checked_add(amount) else {
+            return Ok(None);
+        };
         self.tx.execute(
             "INSERT INTO ledger (account, balance, sequence) VALUES (?1, ?2, ?3)
              ON CONFLICT(account) DO UPDATE SET balance = excluded.balance, sequence = excluded.sequence",
@@ -317,7 +331,10 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.to_string().contains("UNIQUE"), "{err}");
-        let holder = store.transact(|tx| tx.sequence_holder("k", 1)).await.unwrap();
+        let holder = store
+            .transact(|tx| tx.sequence_holder("k", 1))
+            .await
+            .unwrap();
         assert_eq!(holder, Some(id(1)));
     }
 
@@ -342,18 +359,40 @@ mod tests {
         let token = {
             let store = Store::open_sqlite(&path).unwrap();
             let rec = serde_json::json!({"name": "Ada"});
-            store.transact(move |tx| tx.vault_put("alice", &rec)).await.unwrap()
+            store
+                .transact(move |tx| tx.vault_put("alice", &rec))
+                .await
+                .unwrap()
         };
         let store = Store::open_sqlite(&path).unwrap();
         let t = token.clone();
-        let got = store.transact(move |tx| tx.vault_get("alice", &t)).await.unwrap();
+        let got = store
+            .transact(move |tx| tx.vault_get("alice", &t))
+            .await
+            .unwrap();
         assert_eq!(got, Some(serde_json::json!({"name": "Ada"})));
         let t = token.clone();
-        assert_eq!(store.transact(move |tx| tx.vault_get("mallory", &t)).await.unwrap(), None);
+        assert_eq!(
+            store
+                .transact(move |tx| tx.vault_get("mallory", &t))
+                .await
+                .unwrap(),
+            None
+        );
         let t = token.clone();
-        assert!(!store.transact(move |tx| tx.vault_delete("mallory", &t)).await.unwrap());
+        assert!(
+            !store
+                .transact(move |tx| tx.vault_delete("mallory", &t))
+                .await
+                .unwrap()
+        );
         let t = token.clone();
-        assert!(store.transact(move |tx| tx.vault_delete("alice", &t)).await.unwrap());
+        assert!(
+            store
+                .transact(move |tx| tx.vault_delete("alice", &t))
+                .await
+                .unwrap()
+        );
     }
 
     #[tokio::test]
@@ -376,6 +415,9 @@ mod tests {
             .unwrap();
         let first = store.transact(|tx| tx.take_parked("k", 2)).await.unwrap();
         assert_eq!(first.unwrap().job_id, id(3));
-        assert_eq!(store.transact(|tx| tx.take_parked("k", 2)).await.unwrap(), None);
+        assert_eq!(
+            store.transact(|tx| tx.take_parked("k", 2)).await.unwrap(),
+            None
+        );
     }
 }

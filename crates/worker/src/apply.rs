@@ -43,7 +43,10 @@ pub fn apply(
     target: ReplyTarget,
 ) -> Result<Vec<Answer>, StorageError> {
     if let Some(stored) = tx.job(&env.id)? {
-        return Ok(vec![Answer { status: status_of(tx, stored)?, target }]);
+        return Ok(vec![Answer {
+            status: status_of(tx, stored)?,
+            target,
+        }]);
     }
     let sequenced = catalog.kind(&env.kind).is_some_and(|k| k.sequenced);
     let Some(seq) = env.sequence.clone().filter(|_| sequenced) else {
@@ -65,7 +68,13 @@ pub fn apply(
         return Ok(vec![Answer { status, target }]);
     }
     if number > expected {
-        let job = stored(&env, JobState::WaitingForSequence, None, None, Some((key.clone(), number)));
+        let job = stored(
+            &env,
+            JobState::WaitingForSequence,
+            None,
+            None,
+            Some((key.clone(), number)),
+        );
         tx.record_job(&job)?;
         tx.park(&Parked {
             job_id: env.id.clone(),
@@ -82,14 +91,20 @@ pub fn apply(
 
     // The expected number: run it, then every parked successor the gap was holding back.
     let outcome = handlers::run(tx, &env)?;
-    let mut answers = vec![Answer { status: record(tx, &env, outcome, Some((key.clone(), number)))?, target }];
+    let mut answers = vec![Answer {
+        status: record(tx, &env, outcome, Some((key.clone(), number)))?,
+        target,
+    }];
     let mut next = number + 1;
     while let Some(parked) = tx.take_parked(&key, next)? {
         let env: JobEnvelope = serde_json::from_slice(&parked.envelope)
             .map_err(|e| StorageError::Corrupt(format!("parked job {}: {e}", parked.job_id)))?;
         let outcome = handlers::run(tx, &env)?;
         let status = record(tx, &env, outcome, Some((key.clone(), next)))?;
-        let target = ReplyTarget { reply_to: parked.reply_to, correlation_id: parked.correlation_id };
+        let target = ReplyTarget {
+            reply_to: parked.reply_to,
+            correlation_id: parked.correlation_id,
+        };
         answers.push(Answer { status, target });
         next += 1;
     }
@@ -112,10 +127,8 @@ fn status_of(tx: &Tx<'_>, job: StoredJob) -> Result<JobStatus, StorageError> {
     let mut status = JobStatus::new(job.id, job.state);
     status.result = job.result;
     status.error = job.error;
-    if job.state == JobState::WaitingForSequence {
-        if let Some((key, _)) = &job.sequence {
-            status.expected = Some(tx.next_expected(key)?);
-        }
+    if let (JobState::WaitingForSequence, Some((key, _))) = (job.state, &job.sequence) {
+        status.expected = Some(tx.next_expected(key)?);
     }
     Ok(status)
 }
@@ -167,7 +180,8 @@ mod tests {
     use super::*;
 
     fn catalog() -> Catalog {
-        Catalog::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/jobs.toml")).unwrap()
+        Catalog::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/jobs.toml"))
+            .unwrap()
     }
 
     fn ledger_job(n: u8, number: u64, amount: i64) -> JobEnvelope {
@@ -176,7 +190,13 @@ mod tests {
             kind: "ledger.apply".into(),
             client: "c".into(),
             priority: Priority::new(3).unwrap(),
-            sequence: Some(Sequence::parse(RawSequence { key: "acct".into(), number }).unwrap()),
+            sequence: Some(
+                Sequence::parse(RawSequence {
+                    key: "acct".into(),
+                    number,
+                })
+                .unwrap(),
+            ),
             payload: json!({"account": "acct", "amount": amount}),
             submitted_at_ms: 0,
         }
@@ -208,14 +228,22 @@ mod tests {
 
         let a = deliver(&store, ledger_job(1, 1, 1)).await;
         assert_eq!(states(&a), [JobState::Succeeded; 3]);
-        let balances: Vec<_> =
-            a.iter().map(|a| a.status.result.as_ref().unwrap()["balance"].clone()).collect();
+        let balances: Vec<_> = a
+            .iter()
+            .map(|a| a.status.result.as_ref().unwrap()["balance"].clone())
+            .collect();
         assert_eq!(balances, [json!(1), json!(11), json!(111)]);
 
         // Redelivery of an applied job: same answer, no second effect.
         let again = deliver(&store, ledger_job(2, 2, 10)).await;
-        assert_eq!(again[0].status.result.as_ref().unwrap()["balance"], json!(11));
-        let (balance, seq) = store.transact(|tx| tx.ledger_balance("acct")).await.unwrap();
+        assert_eq!(
+            again[0].status.result.as_ref().unwrap()["balance"],
+            json!(11)
+        );
+        let (balance, seq) = store
+            .transact(|tx| tx.ledger_balance("acct"))
+            .await
+            .unwrap();
         assert_eq!((balance, seq), (111, 3));
     }
 
@@ -226,8 +254,17 @@ mod tests {
         deliver(&store, ledger_job(1, 1, 5)).await;
         let a = deliver(&store, ledger_job(9, 1, 500)).await;
         assert_eq!(states(&a), [JobState::Failed]);
-        assert!(a[0].status.error.as_ref().unwrap().starts_with("sequence_conflict"));
-        let (balance, _) = store.transact(|tx| tx.ledger_balance("acct")).await.unwrap();
+        assert!(
+            a[0].status
+                .error
+                .as_ref()
+                .unwrap()
+                .starts_with("sequence_conflict")
+        );
+        let (balance, _) = store
+            .transact(|tx| tx.ledger_balance("acct"))
+            .await
+            .unwrap();
         assert_eq!(balance, 5);
     }
 
@@ -238,9 +275,15 @@ mod tests {
         deliver(&store, ledger_job(1, 1, 5)).await;
         let id = JobId::from_bytes([1; 16]);
         let (i2, i3) = (id.clone(), id.clone());
-        let mine = store.transact(move |tx| status_for(tx, &i2, "c")).await.unwrap();
+        let mine = store
+            .transact(move |tx| status_for(tx, &i2, "c"))
+            .await
+            .unwrap();
         assert_eq!(mine.status, JobState::Succeeded);
-        let theirs = store.transact(move |tx| status_for(tx, &i3, "other")).await.unwrap();
+        let theirs = store
+            .transact(move |tx| status_for(tx, &i3, "other"))
+            .await
+            .unwrap();
         assert_eq!(theirs.status, JobState::NotFound);
     }
 }

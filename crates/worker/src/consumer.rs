@@ -9,9 +9,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use gatehouse_broker::lapin::Channel;
 use gatehouse_broker::lapin::message::Delivery;
 use gatehouse_broker::lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
-use gatehouse_broker::lapin::Channel;
 use gatehouse_protocol::{Catalog, ControlRequest, JobEnvelope};
 use gatehouse_storage::Store;
 use tracing::Instrument;
@@ -76,7 +76,10 @@ pub async fn handle_job(ctx: Arc<Context>, mut delivery: Delivery) {
 pub async fn handle_control(ctx: Arc<Context>, delivery: Delivery) {
     match serde_json::from_slice::<ControlRequest>(&delivery.data) {
         Ok(ControlRequest::Status { id, client }) => {
-            let answer = ctx.store.transact(move |tx| apply::status_for(tx, &id, &client)).await;
+            let answer = ctx
+                .store
+                .transact(move |tx| apply::status_for(tx, &id, &client))
+                .await;
             match answer {
                 Ok(status) => reply::send(&ctx.replies, &reply_target(&delivery), &status).await,
                 Err(e) => tracing::warn!(error = %e, "status query failed"),
@@ -91,7 +94,11 @@ pub async fn handle_control(ctx: Arc<Context>, delivery: Delivery) {
 fn reply_target(d: &Delivery) -> ReplyTarget {
     ReplyTarget {
         reply_to: d.properties.reply_to().as_ref().map(ToString::to_string),
-        correlation_id: d.properties.correlation_id().as_ref().map(ToString::to_string),
+        correlation_id: d
+            .properties
+            .correlation_id()
+            .as_ref()
+            .map(ToString::to_string),
     }
 }
 
@@ -109,7 +116,14 @@ pub async fn settle(delivery: &Delivery, how: Settle) {
     let acker = &delivery.acker;
     let r = match how {
         Settle::Ack => acker.ack(BasicAckOptions::default()).await,
-        Settle::Requeue => acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await,
+        Settle::Requeue => {
+            acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await
+        }
         Settle::DeadLetter => acker.reject(BasicRejectOptions { requeue: false }).await,
     };
     if let Err(e) = r {

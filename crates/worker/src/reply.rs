@@ -12,7 +12,9 @@ use crate::apply::ReplyTarget;
 
 /// Sends `status` to `target` if it names a reply queue.
 pub async fn send(channel: &Channel, target: &ReplyTarget, status: &JobStatus) {
-    let Some(reply_to) = &target.reply_to else { return };
+    let Some(reply_to) = &target.reply_to else {
+        return;
+    };
     let body = match serde_json::to_vec(status) {
         Ok(b) => b,
         Err(e) => return tracing::error!(error = %e, "cannot encode reply"),
@@ -24,7 +26,13 @@ pub async fn send(channel: &Channel, target: &ReplyTarget, status: &JobStatus) {
         props = props.with_correlation_id(c.as_str().into());
     }
     let sent = channel
-        .basic_publish("".into(), reply_to.as_str().into(), BasicPublishOptions::default(), &body, props)
+        .basic_publish(
+            "".into(),
+            reply_to.as_str().into(),
+            BasicPublishOptions::default(),
+            &body,
+            props,
+        )
         .await;
     if let Err(e) = sent {
         tracing::warn!(error = %e, job_id = %status.id, "reply not sent; the caller can query the status");

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use futures_util::StreamExt;
 use gatehouse_broker::lapin::message::Delivery;
-use gatehouse_broker::lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use gatehouse_broker::lapin::options::{
+    BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
 use gatehouse_broker::lapin::types::FieldTable;
 use gatehouse_broker::lapin::{Channel, Connection};
 use gatehouse_protocol::Catalog;
@@ -25,6 +27,7 @@ pub struct Worker {
 }
 
 /// Where a delivery came from.
+#[derive(Clone, Copy)]
 enum Source {
     Job,
     Control,
@@ -39,15 +42,29 @@ impl Worker {
         let catalog = Catalog::load(&settings.catalog.path)?;
         let store = Store::open_sqlite(&settings.storage.path)
             .with_context(|| format!("opening {}", settings.storage.path.display()))?;
-        let connection = gatehouse_broker::connect(settings.broker.url.expose(), "gatehouse-worker")
-            .await
-            .context("connecting to the broker")?;
+        let connection =
+            gatehouse_broker::connect(settings.broker.url.expose(), "gatehouse-worker")
+                .await
+                .context("connecting to the broker")?;
         let setup = connection.create_channel().await?;
-        settings.broker.topology().declare(&setup, catalog.queues()).await.context("declaring topology")?;
+        settings
+            .broker
+            .topology()
+            .declare(&setup, catalog.queues())
+            .await
+            .context("declaring topology")?;
         let _ = setup.close(200, "topology declared".into()).await;
         let replies = connection.create_channel().await?;
-        let ctx = Arc::new(Context { store, catalog: Arc::new(catalog), replies });
-        Ok(Self { settings, connection, ctx })
+        let ctx = Arc::new(Context {
+            store,
+            catalog: Arc::new(catalog),
+            replies,
+        });
+        Ok(Self {
+            settings,
+            connection,
+            ctx,
+        })
     }
 
     /// Consumes every job queue and the control queue until `shutdown` resolves, then stops
@@ -60,7 +77,8 @@ impl Worker {
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let topology = self.settings.broker.topology();
         let jobs = self.connection.create_channel().await?;
-        jobs.basic_qos(self.settings.consumer.prefetch, BasicQosOptions::default()).await?;
+        jobs.basic_qos(self.settings.consumer.prefetch, BasicQosOptions::default())
+            .await?;
         let control = self.connection.create_channel().await?;
         control.basic_qos(32, BasicQosOptions::default()).await?;
 
@@ -68,13 +86,30 @@ impl Worker {
         let mut tags = Vec::new();
         for class in self.ctx.catalog.queues() {
             let tag = format!("worker.{}", class.name);
-            start(&jobs, &topology.job_queue(&class.name), &tag, Source::Job, &tx).await?;
+            start(
+                &jobs,
+                &topology.job_queue(&class.name),
+                &tag,
+                Source::Job,
+                &tx,
+            )
+            .await?;
             tags.push((jobs.clone(), tag));
         }
-        start(&control, &topology.control_queue(), "worker.control", Source::Control, &tx).await?;
+        start(
+            &control,
+            &topology.control_queue(),
+            "worker.control",
+            Source::Control,
+            &tx,
+        )
+        .await?;
         tags.push((control.clone(), "worker.control".to_owned()));
         drop(tx);
-        tracing::info!(prefetch = self.settings.consumer.prefetch, "worker consuming");
+        tracing::info!(
+            prefetch = self.settings.consumer.prefetch,
+            "worker consuming"
+        );
 
         let mut in_flight = JoinSet::new();
         tokio::pin!(shutdown);
@@ -94,11 +129,19 @@ impl Worker {
 
         // Stop: no new deliveries; give back the ones received but not started.
         for (channel, tag) in &tags {
-            let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+            let _ = channel
+                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                .await;
         }
         rx.close();
         while let Ok((_, d)) = rx.try_recv() {
-            let _ = d.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+            let _ = d
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await;
         }
         let grace = self.settings.consumer.stopping_wait_time();
         let drained = tokio::time::timeout(grace, async {
@@ -106,7 +149,11 @@ impl Worker {
         })
         .await;
         if drained.is_err() {
-            tracing::warn!(?grace, left = in_flight.len(), "in-flight jobs did not finish in time; the broker will redeliver them");
+            tracing::warn!(
+                ?grace,
+                left = in_flight.len(),
+                "in-flight jobs did not finish in time; the broker will redeliver them"
+            );
             in_flight.abort_all();
         }
         let _ = self.connection.close(200, "worker stopping".into()).await;
@@ -127,7 +174,12 @@ async fn start(
     tx: &mpsc::Sender<(Source, Delivery)>,
 ) -> anyhow::Result<()> {
     let mut consumer = channel
-        .basic_consume(queue.into(), tag.into(), BasicConsumeOptions::default(), FieldTable::default())
+        .basic_consume(
+            queue.into(),
+            tag.into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
         .await
         .with_context(|| format!("consuming {queue}"))?;
     let tx = tx.clone();
@@ -136,8 +188,7 @@ async fn start(
         while let Some(next) = consumer.next().await {
             match next {
                 Ok(d) => {
-                    let s = match source { Source::Job => Source::Job, Source::Control => Source::Control };
-                    if tx.send((s, d)).await.is_err() {
+                    if tx.send((source, d)).await.is_err() {
                         return;
                     }
                 }

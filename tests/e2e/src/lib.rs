@@ -9,12 +9,16 @@ use std::time::{Duration, Instant};
 use gatehouse_broker::lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use gatehouse_broker::{BrokerSettings, Topology};
 use gatehouse_client::{Client, Connection, Identity, Response};
-use gatehouse_gatekeeper::settings::{GatekeeperSettings, IdSettings, PathSetting, ServerSettings, TlsSettings};
 use gatehouse_gatekeeper::Gatekeeper;
-use gatehouse_protocol::settings::Secret;
+use gatehouse_gatekeeper::settings::{
+    GatekeeperSettings, IdSettings, PathSetting, ServerSettings, TlsSettings,
+};
 use gatehouse_protocol::Catalog;
-use gatehouse_worker::settings::{CatalogSettings, ConsumerSettings, StorageSettings, TestingSettings, WorkerSettings};
+use gatehouse_protocol::settings::Secret;
 use gatehouse_worker::Worker;
+use gatehouse_worker::settings::{
+    CatalogSettings, ConsumerSettings, StorageSettings, TestingSettings, WorkerSettings,
+};
 use serde_json::Value;
 use tempfile::TempDir;
 use tokio::sync::oneshot;
@@ -60,17 +64,20 @@ fn random_hex(bytes: usize) -> String {
     raw.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn until(rx: oneshot::Receiver<()>) -> impl std::future::Future<Output = ()> {
-    async move {
-        let _ = rx.await;
-    }
+async fn until(rx: oneshot::Receiver<()>) {
+    let _ = rx.await;
 }
 
 impl TestSystem {
     /// Starts a worker and a gatekeeper against the test broker.
     pub async fn start() -> Self {
-        let _ = tracing_subscriber::fmt().with_env_filter("warn").with_test_writer().try_init();
-        let url = tokio::task::spawn_blocking(broker_url).await.expect("broker");
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("warn")
+            .with_test_writer()
+            .try_init();
+        let url = tokio::task::spawn_blocking(broker_url)
+            .await
+            .expect("broker");
         let certs = TempDir::new().expect("tempdir");
         let data = TempDir::new().expect("tempdir");
         gatehouse_cli::certs::write_dev(certs.path()).expect("dev certs");
@@ -85,14 +92,24 @@ impl TestSystem {
         )
         .expect("policy");
         let prefix = format!("t{}.", random_hex(4));
-        let broker = BrokerSettings { url: Secret::new(url), prefix: prefix.clone() };
+        let broker = BrokerSettings {
+            url: Secret::new(url),
+            prefix: prefix.clone(),
+        };
         let catalog = repo_root().join("config/jobs.toml");
 
         let worker = Worker::build(WorkerSettings {
             broker: broker.clone(),
-            consumer: ConsumerSettings { prefetch: 4, stopping_wait_time_ms: 5000 },
-            storage: StorageSettings { path: data.path().join("worker.sqlite") },
-            catalog: CatalogSettings { path: catalog.clone() },
+            consumer: ConsumerSettings {
+                prefetch: 4,
+                stopping_wait_time_ms: 5000,
+            },
+            storage: StorageSettings {
+                path: data.path().join("worker.sqlite"),
+            },
+            catalog: CatalogSettings {
+                path: catalog.clone(),
+            },
             testing: TestingSettings { enabled: false },
         })
         .await
@@ -115,7 +132,9 @@ impl TestSystem {
             broker,
             catalog: PathSetting { path: catalog },
             policy: PathSetting { path: policy },
-            ids: IdSettings { secret_file: certs.path().join("gatekeeper-ids.secret") },
+            ids: IdSettings {
+                secret_file: certs.path().join("gatekeeper-ids.secret"),
+            },
         })
         .await
         .expect("gatekeeper builds");
@@ -127,7 +146,14 @@ impl TestSystem {
             tokio::spawn(gatekeeper.run_until_stopped(until(rx_g))),
             tokio::spawn(worker.run_until_stopped(until(rx_w))),
         ];
-        Self { addr, certs, prefix, data, stops: vec![stop_g, stop_w], tasks }
+        Self {
+            addr,
+            certs,
+            prefix,
+            data,
+            stops: vec![stop_g, stop_w],
+            tasks,
+        }
     }
 
     pub fn url(&self) -> String {
@@ -137,7 +163,10 @@ impl TestSystem {
     /// A client presenting the certificate of `name` (`client` = dev-client).
     pub fn client_as(&self, name: &str) -> Client {
         let dir = self.certs.path();
-        let identity = Identity { cert: dir.join(format!("{name}.pem")), key: dir.join(format!("{name}.key")) };
+        let identity = Identity {
+            cert: dir.join(format!("{name}.pem")),
+            key: dir.join(format!("{name}.key")),
+        };
         Client::new(&self.url(), &dir.join("ca.pem"), Some(identity)).expect("client")
     }
 
@@ -157,24 +186,38 @@ impl TestSystem {
             let _ = s.send(());
         }
         for t in self.tasks.drain(..) {
-            t.await.expect("component task").expect("component stopped cleanly");
+            t.await
+                .expect("component task")
+                .expect("component stopped cleanly");
         }
         delete_topology(&self.prefix).await;
     }
 }
 
 async fn delete_topology(prefix: &str) {
-    let Ok(conn) = gatehouse_broker::connect(&broker_url(), "gatehouse-e2e-cleanup").await else { return };
-    let Ok(ch) = conn.create_channel().await else { return };
+    let Ok(conn) = gatehouse_broker::connect(&broker_url(), "gatehouse-e2e-cleanup").await else {
+        return;
+    };
+    let Ok(ch) = conn.create_channel().await else {
+        return;
+    };
     let t = Topology::new(prefix);
     let catalog = Catalog::load(&repo_root().join("config/jobs.toml")).expect("catalog");
-    let mut queues: Vec<String> = catalog.queues().iter().map(|q| t.job_queue(&q.name)).collect();
+    let mut queues: Vec<String> = catalog
+        .queues()
+        .iter()
+        .map(|q| t.job_queue(&q.name))
+        .collect();
     queues.extend([t.dead_queue(), t.control_queue()]);
     for q in queues {
-        let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
+        let _ = ch
+            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await;
     }
     for e in [t.jobs_exchange(), t.dead_exchange()] {
-        let _ = ch.exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default()).await;
+        let _ = ch
+            .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
+            .await;
     }
     let _ = conn.close(200, "done".into()).await;
 }
@@ -187,7 +230,9 @@ pub async fn wait_final(conn: &mut Connection, id: &str, timeout: Duration) -> V
         assert_eq!(res.status, 200, "status of {id}: {}", res.text());
         let body = res.json();
         let state = body["status"].as_str().unwrap_or_default().to_owned();
-        if ["succeeded", "failed", "dead_lettered"].contains(&state.as_str()) || Instant::now() > deadline {
+        if ["succeeded", "failed", "dead_lettered"].contains(&state.as_str())
+            || Instant::now() > deadline
+        {
             return body;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -197,10 +242,22 @@ pub async fn wait_final(conn: &mut Connection, id: &str, timeout: Duration) -> V
 /// Asserts `res` is an `application/problem+json` answer with `status` and reason `slug`.
 pub fn assert_problem(res: &Response, status: u16, slug: &str) -> Value {
     assert_eq!(res.status, status, "{}", res.text());
-    assert_eq!(res.content_type.as_deref(), Some("application/problem+json"), "{}", res.text());
+    assert_eq!(
+        res.content_type.as_deref(),
+        Some("application/problem+json"),
+        "{}",
+        res.text()
+    );
     let body = res.json();
-    assert_eq!(body["type"], format!("urn:gatehouse:problem:{slug}"), "{body}");
+    assert_eq!(
+        body["type"],
+        format!("urn:gatehouse:problem:{slug}"),
+        "{body}"
+    );
     assert_eq!(body["status"], status);
-    assert!(body["title"].is_string() && body["detail"].is_string(), "{body}");
+    assert!(
+        body["title"].is_string() && body["detail"].is_string(),
+        "{body}"
+    );
     body
 }

@@ -25,7 +25,10 @@ pub struct Endpoint {
 
 impl Endpoint {
     fn client(&self) -> anyhow::Result<Client> {
-        let identity = Identity { cert: self.cert.clone(), key: self.key.clone() };
+        let identity = Identity {
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+        };
         Ok(Client::new(&self.url, &self.ca, Some(identity))?)
     }
 }
@@ -99,20 +102,41 @@ fn print(res: &Response, as_json: bool) -> bool {
     let ok = (200..300).contains(&res.status);
     let body = res.json();
     if as_json {
-        println!("{}", if body.is_null() { res.text() } else { body.to_string() });
+        println!(
+            "{}",
+            if body.is_null() {
+                res.text()
+            } else {
+                body.to_string()
+            }
+        );
     } else if ok {
         let state = body["status"].as_str().unwrap_or("?");
-        println!("{} {}  job {}", res.status, state, body["id"].as_str().unwrap_or("?"));
+        println!(
+            "{} {}  job {}",
+            res.status,
+            state,
+            body["id"].as_str().unwrap_or("?")
+        );
         for key in ["result", "error", "expected", "reason"] {
             if !body[key].is_null() {
                 println!("  {key}: {}", body[key]);
             }
         }
     } else {
-        eprintln!("{} {}: {}", res.status, body["title"].as_str().unwrap_or(""), body["detail"].as_str().unwrap_or(&res.text()));
+        eprintln!(
+            "{} {}: {}",
+            res.status,
+            body["title"].as_str().unwrap_or(""),
+            body["detail"].as_str().unwrap_or(&res.text())
+        );
         if let Some(errors) = body["errors"].as_array() {
             for e in errors {
-                eprintln!("  {}: {}", e["path"].as_str().unwrap_or(""), e["message"].as_str().unwrap_or(""));
+                eprintln!(
+                    "  {}: {}",
+                    e["path"].as_str().unwrap_or(""),
+                    e["message"].as_str().unwrap_or("")
+                );
             }
         }
     }

@@ -9,11 +9,14 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use gatehouse_broker::PublishError;
 use gatehouse_broker::lapin::BasicProperties;
 use gatehouse_broker::topology::CONTROL_ROUTING_KEY;
-use gatehouse_broker::PublishError;
 use gatehouse_protocol::submit::RawSequence;
-use gatehouse_protocol::{ControlRequest, JobEnvelope, JobId, JobState, JobStatus, KindSpec, Priority, Sequence, SubmitRequest};
+use gatehouse_protocol::{
+    ControlRequest, JobEnvelope, JobId, JobState, JobStatus, KindSpec, Priority, Sequence,
+    SubmitRequest,
+};
 use serde_json::{Value, json};
 
 use super::App;
@@ -64,24 +67,38 @@ async fn accept(
     })?;
 
     let spec = app.catalog.kind(&req.kind).ok_or_else(|| {
-        Problem::validation("Unknown job kind", "unknown-kind", vec![field("/kind", format!("no job kind named {:?}", req.kind))])
+        Problem::validation(
+            "Unknown job kind",
+            "unknown-kind",
+            vec![field("/kind", format!("no job kind named {:?}", req.kind))],
+        )
     })?;
-    let policy = app
-        .policy
-        .client(&client.0)
-        .ok_or_else(|| Problem::forbidden("unknown-client", "this client identity has no policy"))?;
+    let policy = app.policy.client(&client.0).ok_or_else(|| {
+        Problem::forbidden("unknown-client", "this client identity has no policy")
+    })?;
     if !policy.allows_kind(&spec.name) {
-        return Err(Problem::forbidden("kind-not-allowed", format!("this client may not submit {}", spec.name)));
+        return Err(Problem::forbidden(
+            "kind-not-allowed",
+            format!("this client may not submit {}", spec.name),
+        ));
     }
     let priority = match req.priority {
         None => spec.priority.min(policy.max_priority),
         Some(p) => {
-            let p = Priority::new(p)
-                .map_err(|m| Problem::validation("Invalid priority", "invalid-priority", vec![field("/priority", m)]))?;
+            let p = Priority::new(p).map_err(|m| {
+                Problem::validation(
+                    "Invalid priority",
+                    "invalid-priority",
+                    vec![field("/priority", m)],
+                )
+            })?;
             if p > policy.max_priority {
                 return Err(Problem::forbidden(
                     "priority-above-ceiling",
-                    format!("this client's highest priority is {}", policy.max_priority.get()),
+                    format!(
+                        "this client's highest priority is {}",
+                        policy.max_priority.get()
+                    ),
                 ));
             }
             p
@@ -90,15 +107,21 @@ async fn accept(
     let sequence = check_sequence(spec, req.sequence, &req.payload)?;
     app.schemas
         .validate(&spec.name, &req.payload)
-        .map_err(|errors| Problem::validation("Payload does not match the kind's schema", "schema-violation", errors))?;
-    if let Some(k) = &req.idempotency_key {
-        if k.is_empty() || k.len() > 256 {
-            return Err(Problem::validation(
-                "Invalid idempotency key",
-                "invalid-idempotency-key",
-                vec![field("/idempotency_key", "must be 1 to 256 characters")],
-            ));
-        }
+        .map_err(|errors| {
+            Problem::validation(
+                "Payload does not match the kind's schema",
+                "schema-violation",
+                errors,
+            )
+        })?;
+    if let Some(k) = &req.idempotency_key
+        && (k.is_empty() || k.len() > 256)
+    {
+        return Err(Problem::validation(
+            "Invalid idempotency key",
+            "invalid-idempotency-key",
+            vec![field("/idempotency_key", "must be 1 to 256 characters")],
+        ));
     }
 
     let envelope = JobEnvelope {
@@ -111,7 +134,11 @@ async fn accept(
         submitted_at_ms: now().as_millis() as u64,
     };
     let mut waiter = match wait {
-        Some(_) => Some(app.replies.register().map_err(|e| Problem::broker_unavailable(e.to_string()))?),
+        Some(_) => Some(
+            app.replies
+                .register()
+                .map_err(|e| Problem::broker_unavailable(e.to_string()))?,
+        ),
         None => None,
     };
     let body = serde_json::to_vec(&envelope).map_err(|e| Problem::malformed_json(e.to_string()))?;
@@ -176,14 +203,20 @@ pub async fn status(
     Extension(client): Extension<ClientIdentity>,
     Path(id): Path<String>,
 ) -> Response {
-    let Some(id) = JobId::parse(&id).ok().filter(|id| app.ids.is_owned_by(id, &client.0)) else {
+    let Some(id) = JobId::parse(&id)
+        .ok()
+        .filter(|id| app.ids.is_owned_by(id, &client.0))
+    else {
         return Problem::not_found().into_response();
     };
     let mut waiter = match app.replies.register() {
         Ok(w) => w,
         Err(e) => return Problem::broker_unavailable(e.to_string()).into_response(),
     };
-    let query = ControlRequest::Status { id: id.clone(), client: client.0.clone() };
+    let query = ControlRequest::Status {
+        id: id.clone(),
+        client: client.0.clone(),
+    };
     let body = serde_json::to_vec(&query).unwrap_or_default();
     let expiration = app.status_timeout.as_millis().to_string();
     let props = BasicProperties::default()
@@ -191,15 +224,24 @@ pub async fn status(
         .with_reply_to(app.replies.queue().into())
         .with_content_type("application/json".into())
         .with_expiration(expiration.as_str().into());
-    if let Err(e) =
-        app.publisher.publish_transient(&app.topology.jobs_exchange(), CONTROL_ROUTING_KEY, &body, props).await
+    if let Err(e) = app
+        .publisher
+        .publish_transient(
+            &app.topology.jobs_exchange(),
+            CONTROL_ROUTING_KEY,
+            &body,
+            props,
+        )
+        .await
     {
         return refused(e).into_response();
     }
     let deadline = tokio::time::Instant::now() + app.status_timeout;
     match waiter.next_until(deadline).await {
         // The id is this client's (checked above) but the worker has not seen it yet.
-        Some(s) if s.status == JobState::NotFound => Json(JobStatus::new(id, JobState::Queued)).into_response(),
+        Some(s) if s.status == JobState::NotFound => {
+            Json(JobStatus::new(id, JobState::Queued)).into_response()
+        }
         Some(s) => Json(s).into_response(),
         None => Problem::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -214,18 +256,34 @@ pub async fn status(
 
 /// Sequence rules: required for sequenced kinds, refused for others, and for kinds with a
 /// `sequence_key_field` the key must equal that payload field.
-fn check_sequence(spec: &KindSpec, raw: Option<RawSequence>, payload: &Value) -> Result<Option<Sequence>, Problem> {
-    let invalid = |m: String| Problem::validation("Invalid sequence", "invalid-sequence", vec![field("/sequence", m)]);
+fn check_sequence(
+    spec: &KindSpec,
+    raw: Option<RawSequence>,
+    payload: &Value,
+) -> Result<Option<Sequence>, Problem> {
+    let invalid = |m: String| {
+        Problem::validation(
+            "Invalid sequence",
+            "invalid-sequence",
+            vec![field("/sequence", m)],
+        )
+    };
     match (spec.sequenced, raw) {
         (false, None) => Ok(None),
-        (false, Some(_)) => Err(invalid(format!("{} is not sequenced; send no sequence", spec.name))),
-        (true, None) => Err(invalid(format!("{} is sequenced; send {{\"sequence\": {{\"key\", \"number\"}}}}", spec.name))),
+        (false, Some(_)) => Err(invalid(format!(
+            "{} is not sequenced; send no sequence",
+            spec.name
+        ))),
+        (true, None) => Err(invalid(format!(
+            "{} is sequenced; send {{\"sequence\": {{\"key\", \"number\"}}}}",
+            spec.name
+        ))),
         (true, Some(raw)) => {
             let seq = Sequence::parse(raw).map_err(|m| invalid(m.to_owned()))?;
-            if let Some(f) = &spec.sequence_key_field {
-                if payload.get(f).and_then(Value::as_str) != Some(seq.key()) {
-                    return Err(invalid(format!("the sequence key must equal payload.{f}")));
-                }
+            if let Some(f) = &spec.sequence_key_field
+                && payload.get(f).and_then(Value::as_str) != Some(seq.key())
+            {
+                return Err(invalid(format!("the sequence key must equal payload.{f}")));
             }
             Ok(Some(seq))
         }
@@ -244,7 +302,9 @@ fn refused(e: PublishError) -> Problem {
         )
         .retry_after(1),
         PublishError::Returned(_) => Problem::broker_unavailable("the job queue is not available"),
-        PublishError::Broker(_) => Problem::broker_unavailable("the message broker is not available"),
+        PublishError::Broker(_) => {
+            Problem::broker_unavailable("the message broker is not available")
+        }
     }
 }
 
@@ -258,20 +318,29 @@ fn is_json(headers: &HeaderMap) -> bool {
 
 /// `Prefer: wait=N` (RFC 7240), in seconds.
 fn requested_wait(headers: &HeaderMap) -> Option<Duration> {
-    headers.get_all("prefer").iter().filter_map(|v| v.to_str().ok()).find_map(|v| {
-        v.split([',', ';'])
-            .find_map(|pref| pref.trim().strip_prefix("wait="))
-            .and_then(|n| n.trim().parse::<u64>().ok())
-            .map(Duration::from_secs)
-    })
+    headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|v| {
+            v.split([',', ';'])
+                .find_map(|pref| pref.trim().strip_prefix("wait="))
+                .and_then(|n| n.trim().parse::<u64>().ok())
+                .map(Duration::from_secs)
+        })
 }
 
 fn field(path: &str, message: impl Into<String>) -> FieldError {
-    FieldError { path: path.into(), message: message.into() }
+    FieldError {
+        path: path.into(),
+        message: message.into(),
+    }
 }
 
 fn now() -> Duration {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -290,7 +359,10 @@ mod tests {
     fn content_type_must_be_json() {
         let mut h = HeaderMap::new();
         assert!(!is_json(&h));
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json; charset=utf-8"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json; charset=utf-8"),
+        );
         assert!(is_json(&h));
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
         assert!(!is_json(&h));

@@ -36,5 +36,7 @@ pub fn apply(tx: &Tx<'_>, env: &JobEnvelope, p: Apply) -> Result<Outcome, Storag
 
 pub fn balance(tx: &Tx<'_>, p: Balance) -> Result<Outcome, StorageError> {
     let (balance, sequence) = tx.ledger_balance(&p.account)?;
-    Ok(Outcome::Success(json!({ "account": p.account, "balance": balance, "sequence": sequence })))
+    Ok(Outcome::Success(
+        json!({ "account": p.account, "balance": balance, "sequence": sequence }),
+    ))
 }
