@@ -21,6 +21,25 @@ use gatehouse_protocol::catalog::QueueClass;
 /// Routing key of the control queue on the jobs exchange.
 pub const CONTROL_ROUTING_KEY: &str = "control";
 
+/// Headers the worker sets on dead-lettered messages, and the replay marker.
+pub mod headers {
+    /// Why the message was dead-lettered (`max_attempts`, `undecodable`, `unknown_kind`,
+    /// `sequence_gap_timeout`, ...).
+    pub const REASON: &str = "x-gatehouse-reason";
+    /// How often the worker started the job.
+    pub const ATTEMPTS: &str = "x-gatehouse-attempts";
+    /// The last failure, if any.
+    pub const LAST_ERROR: &str = "x-gatehouse-last-error";
+    /// The job queue the message came from.
+    pub const ORIGINAL_QUEUE: &str = "x-gatehouse-original-queue";
+    /// The queue class (routing key on `gatehouse.jobs`) to replay it to.
+    pub const QUEUE_CLASS: &str = "x-gatehouse-queue-class";
+    /// Unix ms when it was dead-lettered.
+    pub const DEAD_AT: &str = "x-gatehouse-dead-at";
+    /// Set by `gatehouse dlq replay`: the worker resets the job's attempts and runs it afresh.
+    pub const REPLAY: &str = "x-gatehouse-replay";
+}
+
 /// The names of everything on the broker, under an optional prefix.
 #[derive(Debug, Clone, Default)]
 pub struct Topology {
@@ -52,6 +71,11 @@ impl Topology {
 
     pub fn control_queue(&self) -> String {
         format!("{}gatehouse.control", self.prefix)
+    }
+
+    /// The queue where a job of `class` waits `delay_ms` before it returns to its job queue.
+    pub fn retry_queue(&self, class: &str, delay_ms: u64) -> String {
+        format!("{}gatehouse.retry.{class}.{delay_ms}ms", self.prefix)
     }
 
     pub fn reply_queue(&self, instance: &str) -> String {
@@ -126,6 +150,37 @@ impl Topology {
         )
         .await?;
         Ok(())
+    }
+
+    /// Declares the retry queue of `class` for `delay_ms`: messages expire there after the
+    /// delay and dead-letter back to `gatehouse.jobs` with routing key `class`. The backoff is
+    /// held by the broker, not in worker memory. Idempotent.
+    ///
+    /// # Errors
+    /// When the broker refuses the declaration.
+    pub async fn declare_retry_queue(
+        &self,
+        ch: &Channel,
+        class: &str,
+        delay_ms: u64,
+    ) -> Result<String, lapin::Error> {
+        let name = self.retry_queue(class, delay_ms);
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-message-ttl".into(),
+            AMQPValue::LongLongInt(delay_ms as i64),
+        );
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            long_string(&self.jobs_exchange()),
+        );
+        args.insert("x-dead-letter-routing-key".into(), long_string(class));
+        let opts = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        ch.queue_declare(name.as_str().into(), opts, args).await?;
+        Ok(name)
     }
 
     /// Declares the exclusive, auto-deleted reply queue of one gatekeeper instance.

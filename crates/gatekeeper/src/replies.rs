@@ -22,6 +22,7 @@ const ANSWERS_PER_WAITER: usize = 4;
 
 /// The pending requests of this gatekeeper instance.
 pub struct Replies {
+    instance: String,
     queue: String,
     max_pending: usize,
     pending: Mutex<HashMap<String, mpsc::Sender<JobStatus>>>,
@@ -42,14 +43,21 @@ pub struct Waiter {
 }
 
 impl Replies {
-    pub fn new(queue: String, max_pending: usize) -> Arc<Self> {
+    /// `instance` names this process; `queue` is its reply queue.
+    pub fn new(instance: String, queue: String, max_pending: usize) -> Arc<Self> {
         Arc::new(Self {
+            instance,
             queue,
             max_pending,
             pending: Mutex::new(HashMap::new()),
             late: AtomicU64::new(0),
             rng: SystemRandom::new(),
         })
+    }
+
+    /// This gatekeeper process's id (part of the reply queue name).
+    pub fn instance(&self) -> &str {
+        &self.instance
     }
 
     /// The reply queue name, for `reply_to`.
@@ -173,7 +181,7 @@ mod tests {
 
     #[tokio::test]
     async fn bounded_and_cleaned_on_drop() {
-        let r = Replies::new("q".into(), 2);
+        let r = Replies::new("i".into(), "q".into(), 2);
         let a = r.register().unwrap();
         let _b = r.register().unwrap();
         assert!(r.register().is_err());
@@ -190,7 +198,7 @@ mod tests {
 
     #[tokio::test]
     async fn answers_reach_their_waiter() {
-        let r = Replies::new("q".into(), 8);
+        let r = Replies::new("i".into(), "q".into(), 8);
         let mut w = r.register().unwrap();
         let status = JobStatus::new(JobId::from_bytes([1; 16]), JobState::Succeeded);
         r.complete(w.correlation_id(), status.clone());

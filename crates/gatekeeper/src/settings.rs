@@ -31,6 +31,9 @@ pub struct ServerSettings {
     pub max_wait_s: u64,
     /// How long a status query waits for the worker before answering 503.
     pub status_timeout_ms: u64,
+    /// How long a publish may wait for the broker's confirm before answering 503 (e.g. while
+    /// the broker blocks publishers on a memory or disk alarm).
+    pub publish_timeout_ms: u64,
     /// After SIGTERM: how long in-flight requests may take.
     pub stopping_wait_time_ms: u64,
 }
@@ -41,6 +44,9 @@ impl ServerSettings {
     }
     pub fn status_timeout(&self) -> Duration {
         Duration::from_millis(self.status_timeout_ms)
+    }
+    pub fn publish_timeout(&self) -> Duration {
+        Duration::from_millis(self.publish_timeout_ms)
     }
     pub fn stopping_wait_time(&self) -> Duration {
         Duration::from_millis(self.stopping_wait_time_ms)

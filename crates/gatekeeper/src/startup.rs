@@ -5,13 +5,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use gatehouse_broker::Publisher;
-use gatehouse_broker::lapin::Connection;
 use gatehouse_protocol::Catalog;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use crate::ids::IdMinter;
+use crate::link::BrokerLink;
 use crate::policy::Policy;
 use crate::replies::Replies;
 use crate::routes::{self, App};
@@ -28,8 +27,7 @@ pub struct Gatekeeper {
     acceptor: TlsAcceptor,
     app: Arc<App>,
     limits: Limits,
-    connection: Connection,
-    reply_consumer: tokio::task::JoinHandle<()>,
+    supervisor: tokio::task::JoinHandle<()>,
 }
 
 impl Gatekeeper {
@@ -49,33 +47,32 @@ impl Gatekeeper {
             .await
             .with_context(|| format!("binding {}", settings.server.listen))?;
 
-        let connection =
-            gatehouse_broker::connect(settings.broker.url.expose(), "gatehouse-gatekeeper")
-                .await
-                .context("connecting to the broker")?;
         let topology = settings.broker.topology();
-        let setup = connection.create_channel().await?;
-        topology
-            .declare(&setup, catalog.queues())
-            .await
-            .context("declaring topology")?;
         let instance = instance_id();
-        let reply_queue = topology.declare_reply_queue(&setup, &instance).await?;
-        let replies = Replies::new(reply_queue, MAX_PENDING_REPLIES);
-        let reply_consumer = replies.clone().consume(setup).await?;
-        let publisher = Publisher::open(&connection).await?;
+        let replies = Replies::new(
+            instance.clone(),
+            topology.reply_queue(&instance),
+            MAX_PENDING_REPLIES,
+        );
+        let (link, supervisor) = BrokerLink::start(
+            settings.broker.clone(),
+            catalog.queues().to_vec(),
+            replies.clone(),
+        )
+        .await?;
 
         let app = Arc::new(App {
             catalog,
             schemas,
             policy,
             ids,
-            publisher,
+            link,
             topology,
             replies,
             max_body_bytes: settings.server.max_body_bytes,
             max_wait: std::time::Duration::from_secs(settings.server.max_wait_s),
             status_timeout: settings.server.status_timeout(),
+            publish_timeout: settings.server.publish_timeout(),
         });
         let limits = Limits {
             handshake_timeout: settings.server.handshake_timeout(),
@@ -87,8 +84,7 @@ impl Gatekeeper {
             acceptor,
             app,
             limits,
-            connection,
-            reply_consumer,
+            supervisor,
         })
     }
 
@@ -103,16 +99,13 @@ impl Gatekeeper {
     /// Serves until `shutdown` resolves, drains, and closes the broker connection.
     ///
     /// # Errors
-    /// Never at present; kept fallible for the callers' sake.
+    /// When the listener has no address.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         tracing::info!(addr = %self.listener.local_addr()?, "gatekeeper listening");
         let router = routes::router(self.app.clone());
         server::serve(self.listener, self.acceptor, router, self.limits, shutdown).await;
-        self.reply_consumer.abort();
-        let _ = self
-            .connection
-            .close(200, "gatekeeper stopping".into())
-            .await;
+        self.supervisor.abort();
+        self.app.link.close().await;
         tracing::info!(
             late_replies = self.app.replies.late_count(),
             "gatekeeper stopped"

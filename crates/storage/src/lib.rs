@@ -15,7 +15,7 @@ use std::thread;
 use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
 
-pub use tx::{Parked, StoredJob, Tx};
+pub use tx::{Attempts, Parked, StoredJob, Tx, now_ms};
 
 /// A storage failure.
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +26,9 @@ pub enum StorageError {
     Corrupt(String),
     #[error("the storage thread has stopped")]
     Closed,
+    /// The closure panicked; its transaction was rolled back.
+    #[error("panic while running the job: {0}")]
+    Panicked(String),
 }
 
 impl StorageError {
@@ -41,6 +44,15 @@ impl StorageError {
             _ => false,
         }
     }
+}
+
+/// The text of a panic payload.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
 }
 
 type Work = Box<dyn FnOnce(&mut Connection) + Send>;
@@ -103,7 +115,11 @@ impl Store {
                 tx.commit()?;
                 Ok(value)
             };
-            let _ = done.send(run());
+            // A panicking closure rolls its transaction back (dropped during unwinding); the
+            // caller gets `Panicked` and the thread serves the next closure.
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
+                .unwrap_or_else(|p| Err(StorageError::Panicked(panic_message(&*p)).into()));
+            let _ = done.send(result);
         });
         self.work
             .send(work)

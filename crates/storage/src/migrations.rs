@@ -51,6 +51,20 @@ const MIGRATIONS: &[&str] = &[
         sequence INTEGER NOT NULL
     );
     ",
+    // 2: attempts counted per job (a crash mid-handler counts; a delivery that was only
+    // prefetched does not), the dead-letter reason, and gap deadlines of parked jobs.
+    r"
+    CREATE TABLE attempts (
+        job_id        TEXT PRIMARY KEY,
+        client        TEXT NOT NULL,
+        count         INTEGER NOT NULL,
+        last_error    TEXT,
+        updated_at_ms INTEGER NOT NULL
+    );
+    ALTER TABLE jobs ADD COLUMN reason TEXT;
+    ALTER TABLE parked ADD COLUMN deadline_ms INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX parked_deadline ON parked(deadline_ms);
+    ",
 ];
 
 pub(crate) fn run(conn: &mut Connection) -> rusqlite::Result<()> {

@@ -23,6 +23,8 @@ pub struct StoredJob {
     pub state: JobState,
     pub result: Option<Value>,
     pub error: Option<String>,
+    /// Why it was dead-lettered.
+    pub reason: Option<String>,
     pub sequence: Option<(String, u64)>,
 }
 
@@ -36,9 +38,20 @@ pub struct Parked {
     pub envelope: Vec<u8>,
     pub reply_to: Option<String>,
     pub correlation_id: Option<String>,
+    /// Unix ms after which the job stops waiting and is dead-lettered.
+    pub deadline_ms: i64,
 }
 
-fn now_ms() -> i64 {
+/// How often a job was started, and how the last try failed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Attempts {
+    pub client: String,
+    pub count: u32,
+    pub last_error: Option<String>,
+}
+
+/// Unix time in milliseconds.
+pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
@@ -75,7 +88,7 @@ impl<'c> Tx<'c> {
         let row = self
             .tx
             .query_row(
-                "SELECT client, kind, state, result, error, seq_key, seq_number
+                "SELECT client, kind, state, result, error, seq_key, seq_number, reason
                  FROM jobs WHERE id = ?1",
                 [id.as_str()],
                 |r| {
@@ -87,11 +100,12 @@ impl<'c> Tx<'c> {
                         r.get::<_, Option<String>>(4)?,
                         r.get::<_, Option<String>>(5)?,
                         r.get::<_, Option<i64>>(6)?,
+                        r.get::<_, Option<String>>(7)?,
                     ))
                 },
             )
             .optional()?;
-        let Some((client, kind, state, result, error, key, number)) = row else {
+        let Some((client, kind, state, result, error, key, number, reason)) = row else {
             return Ok(None);
         };
         let state = JobState::parse(&state)
@@ -103,6 +117,7 @@ impl<'c> Tx<'c> {
             state,
             result: parse_json(result)?,
             error,
+            reason,
             sequence: key.zip(number.map(|n| n as u64)),
         }))
     }
@@ -115,10 +130,12 @@ impl<'c> Tx<'c> {
         };
         let result = job.result.as_ref().map(Value::to_string);
         self.tx.execute(
-            "INSERT INTO jobs (id, client, kind, state, result, error, seq_key, seq_number, updated_at_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+            "INSERT INTO jobs (id, client, kind, state, result, error, seq_key, seq_number, updated_at_ms, reason)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
              ON CONFLICT(id) DO UPDATE SET state = excluded.state, result = excluded.result,
-                 error = excluded.error, updated_at_ms = excluded.updated_at_ms",
+                 error = excluded.error, reason = excluded.reason,
+                 seq_key = excluded.seq_key, seq_number = excluded.seq_number,
+                 updated_at_ms = excluded.updated_at_ms",
             params![
                 job.id.as_str(),
                 job.client,
@@ -128,10 +145,63 @@ impl<'c> Tx<'c> {
                 job.error,
                 key,
                 number,
-                now_ms()
+                now_ms(),
+                job.reason
             ],
         )?;
         Ok(())
+    }
+
+    /// Forgets a dead-lettered job, so that a replay runs it afresh. Other jobs are kept.
+    pub fn forget_dead_lettered(&self, id: &JobId) -> Result<(), StorageError> {
+        self.tx.execute(
+            "DELETE FROM jobs WHERE id = ?1 AND state = 'dead_lettered'",
+            [id.as_str()],
+        )?;
+        self.tx
+            .execute("DELETE FROM attempts WHERE job_id = ?1", [id.as_str()])?;
+        Ok(())
+    }
+
+    // ---- attempts --------------------------------------------------------------------------
+
+    /// Counts one more start of `id`; answers the new count. Committed before the handler
+    /// runs, so that a crash while running still counts.
+    pub fn begin_attempt(&self, id: &JobId, client: &str) -> Result<u32, StorageError> {
+        let count: i64 = self.tx.query_row(
+            "INSERT INTO attempts (job_id, client, count, updated_at_ms) VALUES (?1, ?2, 1, ?3)
+             ON CONFLICT(job_id) DO UPDATE SET count = count + 1, updated_at_ms = excluded.updated_at_ms
+             RETURNING count",
+            params![id.as_str(), client, now_ms()],
+            |r| r.get(0),
+        )?;
+        Ok(u32::try_from(count).unwrap_or(u32::MAX))
+    }
+
+    /// Records why the latest attempt of `id` failed.
+    pub fn fail_attempt(&self, id: &JobId, error: &str) -> Result<(), StorageError> {
+        self.tx.execute(
+            "UPDATE attempts SET last_error = ?2, updated_at_ms = ?3 WHERE job_id = ?1",
+            params![id.as_str(), error, now_ms()],
+        )?;
+        Ok(())
+    }
+
+    pub fn attempts(&self, id: &JobId) -> Result<Option<Attempts>, StorageError> {
+        Ok(self
+            .tx
+            .query_row(
+                "SELECT client, count, last_error FROM attempts WHERE job_id = ?1",
+                [id.as_str()],
+                |r| {
+                    Ok(Attempts {
+                        client: r.get(0)?,
+                        count: u32::try_from(r.get::<_, i64>(1)?).unwrap_or(u32::MAX),
+                        last_error: r.get(2)?,
+                    })
+                },
+            )
+            .optional()?)
     }
 
     // ---- sequences -------------------------------------------------------------------------
@@ -172,8 +242,8 @@ impl<'c> Tx<'c> {
     /// Keeps a job until its predecessor has applied. Its `jobs` row must exist.
     pub fn park(&self, p: &Parked) -> Result<(), StorageError> {
         self.tx.execute(
-            "INSERT INTO parked (seq_key, seq_number, job_id, envelope, reply_to, correlation_id, parked_at_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            "INSERT INTO parked (seq_key, seq_number, job_id, envelope, reply_to, correlation_id, parked_at_ms, deadline_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             params![
                 p.seq_key,
                 to_i64(p.seq_number)?,
@@ -181,7 +251,8 @@ impl<'c> Tx<'c> {
                 p.envelope,
                 p.reply_to,
                 p.correlation_id,
-                now_ms()
+                now_ms(),
+                p.deadline_ms
             ],
         )?;
         Ok(())
@@ -193,7 +264,7 @@ impl<'c> Tx<'c> {
         let row = self
             .tx
             .query_row(
-                "SELECT job_id, envelope, reply_to, correlation_id FROM parked
+                "SELECT job_id, envelope, reply_to, correlation_id, deadline_ms FROM parked
                  WHERE seq_key = ?1 AND seq_number = ?2",
                 params![key, n],
                 |r| {
@@ -202,11 +273,12 @@ impl<'c> Tx<'c> {
                         r.get::<_, Vec<u8>>(1)?,
                         r.get::<_, Option<String>>(2)?,
                         r.get::<_, Option<String>>(3)?,
+                        r.get::<_, i64>(4)?,
                     ))
                 },
             )
             .optional()?;
-        let Some((id, envelope, reply_to, correlation_id)) = row else {
+        let Some((id, envelope, reply_to, correlation_id, deadline_ms)) = row else {
             return Ok(None);
         };
         self.tx.execute(
@@ -220,7 +292,46 @@ impl<'c> Tx<'c> {
             envelope,
             reply_to,
             correlation_id,
+            deadline_ms,
         }))
+    }
+
+    /// Parked jobs whose gap deadline passed before `now_ms`, oldest first, at most `limit`.
+    /// They stay parked until [`Tx::take_parked`]: the caller dead-letters first, then takes.
+    pub fn expired_parked(&self, now_ms: i64, limit: u32) -> Result<Vec<Parked>, StorageError> {
+        let mut stmt = self.tx.prepare(
+            "SELECT job_id, seq_key, seq_number, envelope, reply_to, correlation_id, deadline_ms
+             FROM parked WHERE deadline_ms < ?1 ORDER BY deadline_ms LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![now_ms, limit], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                Parked {
+                    job_id: JobId::from_bytes([0; 16]),
+                    seq_key: r.get(1)?,
+                    seq_number: r.get::<_, i64>(2)? as u64,
+                    envelope: r.get(3)?,
+                    reply_to: r.get(4)?,
+                    correlation_id: r.get(5)?,
+                    deadline_ms: r.get(6)?,
+                },
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, mut parked) = row?;
+            parked.job_id = parse_id(&id)?;
+            out.push(parked);
+        }
+        Ok(out)
+    }
+
+    /// How many jobs wait for a predecessor.
+    pub fn parked_count(&self) -> Result<u64, StorageError> {
+        let n: i64 = self
+            .tx
+            .query_row("SELECT count(*) FROM parked", [], |r| r.get(0))?;
+        Ok(n as u64)
     }
 
     // ---- vault -----------------------------------------------------------------------------
@@ -314,6 +425,7 @@ mod tests {
             state,
             result: None,
             error: None,
+            reason: None,
             sequence: seq.map(|(k, n)| (k.to_owned(), n)),
         }
     }
@@ -409,6 +521,7 @@ mod tests {
                     envelope: b"{}".to_vec(),
                     reply_to: None,
                     correlation_id: Some("c".into()),
+                    deadline_ms: 0,
                 })
             })
             .await
@@ -419,5 +532,48 @@ mod tests {
             store.transact(|tx| tx.take_parked("k", 2)).await.unwrap(),
             None
         );
+    }
+
+    #[tokio::test]
+    async fn attempts_count_up_and_remember_the_last_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_sqlite(&dir.path().join("db.sqlite")).unwrap();
+        let n = store
+            .transact(|tx| tx.begin_attempt(&id(4), "c"))
+            .await
+            .unwrap();
+        assert_eq!(n, 1);
+        store
+            .transact(|tx| tx.fail_attempt(&id(4), "boom"))
+            .await
+            .unwrap();
+        let n = store
+            .transact(|tx| tx.begin_attempt(&id(4), "c"))
+            .await
+            .unwrap();
+        assert_eq!(n, 2);
+        let a = store
+            .transact(|tx| tx.attempts(&id(4)))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((a.count, a.last_error.as_deref()), (2, Some("boom")));
+    }
+
+    #[tokio::test]
+    async fn a_panicking_transaction_rolls_back_and_the_store_lives_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_sqlite(&dir.path().join("db.sqlite")).unwrap();
+        let r: Result<(), StorageError> = store
+            .transact(|tx| {
+                tx.set_next_expected("k", 9)?;
+                panic!("handler bug")
+            })
+            .await;
+        assert!(
+            matches!(r, Err(StorageError::Panicked(ref m)) if m == "handler bug"),
+            "{r:?}"
+        );
+        assert_eq!(store.transact(|tx| tx.next_expected("k")).await.unwrap(), 1);
     }
 }

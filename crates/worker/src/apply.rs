@@ -1,18 +1,24 @@
-//! The decision for one delivery, taken inside one storage transaction:
+//! The decisions about one job, each taken inside one storage transaction.
 //!
-//! 1. **Dedupe.** A job id already stored is a redelivery, a client retry or a replay: no
-//!    second effect; the stored outcome is answered.
-//! 2. **Sequence.** For sequenced kinds exactly the key's next number runs. A later number is
-//!    parked in storage (committed before the delivery is acked) and runs, in order, as soon
-//!    as the gap closes. A number that another job already holds is a `sequence_conflict`.
-//!    A job that fails permanently still uses up its number, so one bad job cannot block
-//!    its key forever.
-//! 3. **Run** the handler and record the outcome.
+//! 1. [`prepare`] — **dedupe**: a job id already stored is a redelivery, a client retry or a
+//!    replay: no second effect, the stored outcome is answered. **Sequence**: for sequenced
+//!    kinds exactly the key's next number runs; a later number is parked in storage (committed
+//!    before the delivery is acked) until the gap closes; a number another job holds is a
+//!    `sequence_conflict`. Otherwise the attempt is **counted** (committed before the handler
+//!    runs, so that a crash while running counts and a delivery that was only prefetched
+//!    does not).
+//! 2. [`run_in_storage`] / [`record_outcome`] — run the handler (or record what an external
+//!    handler returned), record the outcome, and run parked successors the gap was holding.
+//! 3. [`record_dead`] — a job that is dead-lettered, once the dead-letter queue confirmed it.
 //!
-//! Priority cannot overtake a sequence: a priority-9 job for number 5 parks until 4 applied.
+//! Ordering rules: a job that fails permanently still uses up its sequence number (its outcome
+//! is decided, so it cannot block its key); a job that is dead-lettered does not (nothing was
+//! decided): its key waits until it is replayed, and later numbers dead-letter after the gap
+//! timeout. Priority cannot overtake a sequence: a priority-9 job for number 5 parks until 4
+//! applied.
 
-use gatehouse_protocol::{Catalog, JobEnvelope, JobId, JobState, JobStatus};
-use gatehouse_storage::{Parked, StorageError, StoredJob, Tx};
+use gatehouse_protocol::{Catalog, JobEnvelope, JobId, JobState, JobStatus, KindSpec};
+use gatehouse_storage::{Parked, StorageError, StoredJob, Tx, now_ms};
 
 use crate::handlers::{self, Outcome};
 
@@ -30,76 +36,149 @@ pub struct Answer {
     pub target: ReplyTarget,
 }
 
-/// Decides and applies one delivery; returns the answers to send after commit: the job's own,
-/// then those of parked successors that it released.
+/// What [`prepare`] decided.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    /// Decided without running anything (duplicate, parked, conflict).
+    Done(Vec<Answer>),
+    /// Run the handler; this is attempt number `attempt`.
+    Run { attempt: u32 },
+    /// Started `attempts` times without an outcome (crashes): dead-letter it.
+    Exhausted {
+        attempts: u32,
+        last_error: Option<String>,
+    },
+}
+
+/// Why a storage handler's transaction was rolled back.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// The handler asked to be tried again later.
+    #[error("{0}")]
+    Retry(String),
+}
+
+/// Dedupe, sequence and count one delivery.
 ///
 /// # Errors
 /// Only storage failures, which roll the whole decision back.
-pub fn apply(
+pub fn prepare(
+    tx: &Tx<'_>,
+    spec: &KindSpec,
+    env: &JobEnvelope,
+    raw: &[u8],
+    target: &ReplyTarget,
+    replay: bool,
+) -> Result<Step, StorageError> {
+    if replay {
+        tx.forget_dead_lettered(&env.id)?;
+    }
+    if let Some(stored) = tx.job(&env.id)? {
+        return Ok(Step::Done(vec![answer(status_of(tx, stored)?, target)]));
+    }
+    if spec.sequenced {
+        let Some(seq) = &env.sequence else {
+            let error = format!("{} needs a sequence", env.kind);
+            let status = record(tx, env, Outcome::Permanent(error), None)?;
+            return Ok(Step::Done(vec![answer(status, target)]));
+        };
+        let (key, number) = (seq.key(), seq.number());
+        let expected = tx.next_expected(key)?;
+        if number < expected || tx.sequence_holder(key, number)?.is_some() {
+            let error =
+                format!("sequence_conflict: number {number} of {key} belongs to another job");
+            let status = record(tx, env, Outcome::Permanent(error), None)?;
+            return Ok(Step::Done(vec![answer(status, target)]));
+        }
+        if number > expected {
+            let seq = Some((key.to_owned(), number));
+            tx.record_job(&stored(env, JobState::WaitingForSequence, None, None, seq))?;
+            tx.park(&Parked {
+                job_id: env.id.clone(),
+                seq_key: key.to_owned(),
+                seq_number: number,
+                envelope: raw.to_vec(),
+                reply_to: target.reply_to.clone(),
+                correlation_id: target.correlation_id.clone(),
+                deadline_ms: now_ms().saturating_add((spec.gap_timeout_s * 1000) as i64),
+            })?;
+            let mut status = JobStatus::new(env.id.clone(), JobState::WaitingForSequence);
+            status.expected = Some(expected);
+            return Ok(Step::Done(vec![answer(status, target)]));
+        }
+    }
+    let before = tx.attempts(&env.id)?;
+    if let Some(a) = before.filter(|a| a.count >= spec.max_attempts) {
+        return Ok(Step::Exhausted {
+            attempts: a.count,
+            last_error: a.last_error,
+        });
+    }
+    Ok(Step::Run {
+        attempt: tx.begin_attempt(&env.id, &env.client)?,
+    })
+}
+
+/// Runs a storage handler and records its outcome, then any parked successors it releases.
+///
+/// # Errors
+/// [`ApplyError::Retry`] when the handler asks to be retried (everything rolls back), or a
+/// storage failure.
+pub fn run_in_storage(
     tx: &Tx<'_>,
     catalog: &Catalog,
-    env: JobEnvelope,
-    raw: &[u8],
-    target: ReplyTarget,
+    env: &JobEnvelope,
+    target: &ReplyTarget,
+) -> Result<Vec<Answer>, ApplyError> {
+    // A duplicate delivery may have been decided since `prepare`.
+    if let Some(stored) = tx.job(&env.id)? {
+        return Ok(vec![answer(status_of(tx, stored)?, target)]);
+    }
+    match handlers::run(tx, env)? {
+        Outcome::Retryable(e) => Err(ApplyError::Retry(e)),
+        outcome => Ok(record_outcome(tx, catalog, env, outcome, target)?),
+    }
+}
+
+/// Records a decided outcome (success or permanent failure); for sequenced jobs, advances the
+/// sequence and runs the parked successors.
+///
+/// # Errors
+/// Only storage failures.
+pub fn record_outcome(
+    tx: &Tx<'_>,
+    catalog: &Catalog,
+    env: &JobEnvelope,
+    outcome: Outcome,
+    target: &ReplyTarget,
 ) -> Result<Vec<Answer>, StorageError> {
     if let Some(stored) = tx.job(&env.id)? {
-        return Ok(vec![Answer {
-            status: status_of(tx, stored)?,
-            target,
-        }]);
+        return Ok(vec![answer(status_of(tx, stored)?, target)]);
     }
-    let sequenced = catalog.kind(&env.kind).is_some_and(|k| k.sequenced);
-    let Some(seq) = env.sequence.clone().filter(|_| sequenced) else {
-        let outcome = if sequenced {
-            Outcome::Permanent(format!("{} needs a sequence", env.kind))
-        } else {
-            handlers::run(tx, &env)?
-        };
-        let status = record(tx, &env, outcome, None)?;
-        return Ok(vec![Answer { status, target }]);
+    let sequence = env
+        .sequence
+        .as_ref()
+        .filter(|_| catalog.kind(&env.kind).is_some_and(|k| k.sequenced))
+        .map(|s| (s.key().to_owned(), s.number()));
+    let Some((key, number)) = sequence else {
+        return Ok(vec![answer(record(tx, env, outcome, None)?, target)]);
     };
-
-    let (key, number) = (seq.key().to_owned(), seq.number());
-    let expected = tx.next_expected(&key)?;
-    let holder = tx.sequence_holder(&key, number)?;
-    if number < expected || holder.is_some() {
-        let error = format!("sequence_conflict: number {number} of {key} belongs to another job");
-        let status = record(tx, &env, Outcome::Permanent(error), None)?;
-        return Ok(vec![Answer { status, target }]);
-    }
-    if number > expected {
-        let job = stored(
-            &env,
-            JobState::WaitingForSequence,
-            None,
-            None,
-            Some((key.clone(), number)),
-        );
-        tx.record_job(&job)?;
-        tx.park(&Parked {
-            job_id: env.id.clone(),
-            seq_key: key,
-            seq_number: number,
-            envelope: raw.to_vec(),
-            reply_to: target.reply_to.clone(),
-            correlation_id: target.correlation_id.clone(),
-        })?;
-        let mut status = JobStatus::new(env.id, JobState::WaitingForSequence);
-        status.expected = Some(expected);
-        return Ok(vec![Answer { status, target }]);
-    }
-
-    // The expected number: run it, then every parked successor the gap was holding back.
-    let outcome = handlers::run(tx, &env)?;
-    let mut answers = vec![Answer {
-        status: record(tx, &env, outcome, Some((key.clone(), number)))?,
+    let mut answers = vec![answer(
+        record(tx, env, outcome, Some((key.clone(), number)))?,
         target,
-    }];
+    )];
     let mut next = number + 1;
     while let Some(parked) = tx.take_parked(&key, next)? {
         let env: JobEnvelope = serde_json::from_slice(&parked.envelope)
             .map_err(|e| StorageError::Corrupt(format!("parked job {}: {e}", parked.job_id)))?;
-        let outcome = handlers::run(tx, &env)?;
+        // Successors are storage handlers (sequenced kinds are); one that asks for a retry
+        // here is recorded as failed rather than holding its key.
+        let outcome = match handlers::run(tx, &env)? {
+            Outcome::Retryable(e) => Outcome::Permanent(e),
+            o => o,
+        };
         let status = record(tx, &env, outcome, Some((key.clone(), next)))?;
         let target = ReplyTarget {
             reply_to: parked.reply_to,
@@ -112,25 +191,77 @@ pub fn apply(
     Ok(answers)
 }
 
+/// Records that `env` was dead-lettered with `reason`.
+///
+/// # Errors
+/// Only storage failures.
+pub fn record_dead(
+    tx: &Tx<'_>,
+    env: &JobEnvelope,
+    reason: &str,
+    error: Option<String>,
+) -> Result<JobStatus, StorageError> {
+    let sequence = env
+        .sequence
+        .as_ref()
+        .map(|s| (s.key().to_owned(), s.number()));
+    let mut job = stored(env, JobState::DeadLettered, None, error, sequence);
+    job.reason = Some(reason.to_owned());
+    tx.record_job(&job)?;
+    Ok(status_from(job))
+}
+
 /// The status of `id` for `client`: not found when it does not exist *or* is someone else's.
 ///
 /// # Errors
 /// Only storage failures.
 pub fn status_for(tx: &Tx<'_>, id: &JobId, client: &str) -> Result<JobStatus, StorageError> {
-    match tx.job(id)? {
-        Some(job) if job.client == client => status_of(tx, job),
-        _ => Ok(JobStatus::new(id.clone(), JobState::NotFound)),
+    if let Some(job) = tx.job(id)? {
+        return if job.client == client {
+            status_of(tx, job)
+        } else {
+            Ok(JobStatus::new(id.clone(), JobState::NotFound))
+        };
     }
+    Ok(match tx.attempts(id)? {
+        Some(a) if a.client == client => {
+            // Started but not decided: failed before and waiting in a retry queue, or running.
+            let state = if a.last_error.is_some() {
+                JobState::Retrying
+            } else {
+                JobState::Running
+            };
+            let mut s = JobStatus::new(id.clone(), state);
+            s.error = a.last_error;
+            s
+        }
+        _ => JobStatus::new(id.clone(), JobState::NotFound),
+    })
 }
 
 fn status_of(tx: &Tx<'_>, job: StoredJob) -> Result<JobStatus, StorageError> {
+    let expected = match (job.state, &job.sequence) {
+        (JobState::WaitingForSequence, Some((key, _))) => Some(tx.next_expected(key)?),
+        _ => None,
+    };
+    let mut status = status_from(job);
+    status.expected = expected;
+    Ok(status)
+}
+
+fn status_from(job: StoredJob) -> JobStatus {
     let mut status = JobStatus::new(job.id, job.state);
     status.result = job.result;
     status.error = job.error;
-    if let (JobState::WaitingForSequence, Some((key, _))) = (job.state, &job.sequence) {
-        status.expected = Some(tx.next_expected(key)?);
+    status.reason = job.reason;
+    status
+}
+
+fn answer(status: JobStatus, target: &ReplyTarget) -> Answer {
+    Answer {
+        status,
+        target: target.clone(),
     }
-    Ok(status)
 }
 
 fn record(
@@ -141,13 +272,12 @@ fn record(
 ) -> Result<JobStatus, StorageError> {
     let job = match outcome {
         Outcome::Success(result) => stored(env, JobState::Succeeded, Some(result), None, sequence),
-        Outcome::Permanent(error) => stored(env, JobState::Failed, None, Some(error), sequence),
+        Outcome::Permanent(e) | Outcome::Retryable(e) => {
+            stored(env, JobState::Failed, None, Some(e), sequence)
+        }
     };
     tx.record_job(&job)?;
-    let mut status = JobStatus::new(job.id, job.state);
-    status.result = job.result;
-    status.error = job.error;
-    Ok(status)
+    Ok(status_from(job))
 }
 
 fn stored(
@@ -164,6 +294,7 @@ fn stored(
         state,
         result,
         error,
+        reason: None,
         sequence,
     }
 }
@@ -202,11 +333,20 @@ mod tests {
         }
     }
 
+    /// Delivers `env` as the consumer would for a storage kind, without a broker.
     async fn deliver(store: &Store, env: JobEnvelope) -> Vec<Answer> {
         let catalog = catalog();
         let raw = serde_json::to_vec(&env).unwrap();
         store
-            .transact(move |tx| apply(tx, &catalog, env, &raw, ReplyTarget::default()))
+            .transact(move |tx| -> Result<_, ApplyError> {
+                let spec = catalog.kind(&env.kind).unwrap().clone();
+                let target = ReplyTarget::default();
+                match prepare(tx, &spec, &env, &raw, &target, false)? {
+                    Step::Done(a) => Ok(a),
+                    Step::Run { .. } => run_in_storage(tx, &catalog, &env, &target),
+                    Step::Exhausted { .. } => panic!("exhausted"),
+                }
+            })
             .await
             .unwrap()
     }
@@ -266,6 +406,40 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(balance, 5);
+    }
+
+    #[tokio::test]
+    async fn attempts_are_counted_before_running_and_exhaust() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_sqlite(&dir.path().join("db")).unwrap();
+        let catalog = catalog();
+        let mut spec = catalog.kind("vault.put").unwrap().clone();
+        spec.max_attempts = 2;
+        let env = JobEnvelope {
+            kind: "vault.put".into(),
+            sequence: None,
+            ..ledger_job(7, 1, 0)
+        };
+        let step = |spec: KindSpec, env: JobEnvelope| {
+            store
+                .transact(move |tx| prepare(tx, &spec, &env, b"{}", &ReplyTarget::default(), false))
+        };
+        // Two starts that never finished (crashes), then the third delivery is exhausted.
+        assert_eq!(
+            step(spec.clone(), env.clone()).await.unwrap(),
+            Step::Run { attempt: 1 }
+        );
+        assert_eq!(
+            step(spec.clone(), env.clone()).await.unwrap(),
+            Step::Run { attempt: 2 }
+        );
+        assert_eq!(
+            step(spec.clone(), env.clone()).await.unwrap(),
+            Step::Exhausted {
+                attempts: 2,
+                last_error: None
+            }
+        );
     }
 
     #[tokio::test]

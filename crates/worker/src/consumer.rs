@@ -1,22 +1,32 @@
 //! The one owner of ack / nack decisions.
 //!
-//! | what happened                              | broker action                    |
-//! |--------------------------------------------|----------------------------------|
-//! | decided and committed (any outcome)        | reply, then `ack`                |
-//! | transient storage failure                  | `nack` + requeue after a pause   |
-//! | undecodable body, or non-transient failure | `reject` → DLX `gatehouse.dead`  |
+//! | what happened                                   | broker action                            |
+//! |-------------------------------------------------|------------------------------------------|
+//! | decided and committed (any outcome), or parked  | reply, then `ack`                        |
+//! | handler failed retryably, attempts left         | publish to a retry queue (confirmed), `ack` |
+//! | attempts exhausted; undecodable; unknown kind   | publish to `gatehouse.dead` with reason headers (confirmed), record, `ack` |
+//! | storage or broker trouble before a decision     | `nack` + requeue after a pause           |
+//!
+//! The original delivery is acked only after whatever replaces it (outcome, retry message,
+//! dead letter) is durable, so a crash anywhere means a redelivery, which the job id makes
+//! harmless.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use gatehouse_broker::lapin::Channel;
 use gatehouse_broker::lapin::message::Delivery;
-use gatehouse_broker::lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
-use gatehouse_protocol::{Catalog, ControlRequest, JobEnvelope};
-use gatehouse_storage::Store;
+use gatehouse_broker::lapin::options::{BasicAckOptions, BasicNackOptions};
+use gatehouse_broker::lapin::types::{AMQPValue, FieldTable, LongString};
+use gatehouse_broker::lapin::{BasicProperties, Channel};
+use gatehouse_broker::topology::headers;
+use gatehouse_broker::{Publisher, Topology};
+use gatehouse_protocol::{Catalog, ControlRequest, JobEnvelope, JobState, JobStatus, KindSpec};
+use gatehouse_storage::{StorageError, Store, now_ms, panic_message};
 use tracing::Instrument;
 
-use crate::apply::{self, ReplyTarget};
+use crate::apply::{self, Answer, ApplyError, ReplyTarget, Step};
+use crate::handlers::{self, Outcome};
 use crate::reply;
 
 /// What every delivery handler needs.
@@ -25,51 +35,316 @@ pub struct Context {
     pub catalog: Arc<Catalog>,
     /// Channel for replies (no confirms: see [`crate::reply`]).
     pub replies: Channel,
+    /// Confirm channel for retries and dead letters.
+    pub publisher: Publisher,
+    pub topology: Topology,
+    /// Whether the `test.*` kinds run.
+    pub testing: bool,
+    /// Retry queues declared on this connection.
+    pub retry_queues: Mutex<HashSet<String>>,
 }
 
-/// Pause before a delivery that hit a transient failure goes back to the queue, so that a
-/// sick database is not hammered.
-const TRANSIENT_PAUSE: Duration = Duration::from_millis(500);
+/// Pause before a delivery that hit trouble goes back to the queue, so that a sick database
+/// or broker is not hammered.
+const TROUBLE_PAUSE: Duration = Duration::from_millis(500);
+
+/// Longest retry delay, however many attempts came before.
+const MAX_RETRY_DELAY_MS: u64 = 5 * 60 * 1000;
 
 /// Handles one job delivery, start to ack.
 pub async fn handle_job(ctx: Arc<Context>, mut delivery: Delivery) {
     let data = std::mem::take(&mut delivery.data);
+    let class = delivery.routing_key.to_string();
     let env: JobEnvelope = match serde_json::from_slice(&data) {
         Ok(env) => env,
         Err(e) => {
-            tracing::warn!(error = %e, "undecodable job message: dead-lettering it");
-            return settle(&delivery, Settle::DeadLetter).await;
+            tracing::warn!(error = %e, "undecodable job message");
+            let dead = Dead {
+                reason: "undecodable",
+                error: Some(e.to_string()),
+                attempts: 0,
+            };
+            return dead_letter(&ctx, &delivery, &data, &class, None, dead).await;
         }
     };
     let span = tracing::info_span!("job", job_id = %env.id, kind = %env.kind, client = %env.client);
     async move {
+        let spec = ctx
+            .catalog
+            .kind(&env.kind)
+            .filter(|k| ctx.testing || !k.testing)
+            .cloned();
+        let Some(spec) = spec else {
+            let dead = Dead {
+                reason: "unknown_kind",
+                error: Some(format!("this worker does not run {}", env.kind)),
+                attempts: 0,
+            };
+            return dead_letter(&ctx, &delivery, &data, &class, Some(&env), dead).await;
+        };
         let target = reply_target(&delivery);
-        let catalog = ctx.catalog.clone();
-        let decided = ctx
-            .store
-            .transact(move |tx| apply::apply(tx, &catalog, env, &data, target))
-            .await;
-        match decided {
-            Ok(answers) => {
-                for a in &answers {
-                    tracing::info!(job_id = %a.status.id, status = a.status.status.as_str(), "job decided");
-                    reply::send(&ctx.replies, &a.target, &a.status).await;
+        let replay = has_header(&delivery, headers::REPLAY);
+        let step = {
+            let (spec, env, data, target) =
+                (spec.clone(), env.clone(), data.clone(), target.clone());
+            ctx.store
+                .transact(move |tx| apply::prepare(tx, &spec, &env, &data, &target, replay))
+                .await
+        };
+        match step {
+            Ok(Step::Done(answers)) => finish(&ctx, &delivery, &answers).await,
+            Ok(Step::Exhausted {
+                attempts,
+                last_error,
+            }) => {
+                let error =
+                    last_error.unwrap_or_else(|| "the worker stopped while running it".into());
+                let dead = Dead {
+                    reason: "max_attempts",
+                    error: Some(error),
+                    attempts,
+                };
+                dead_letter(&ctx, &delivery, &data, &class, Some(&env), dead).await;
+            }
+            Ok(Step::Run { attempt }) => match run(&ctx, &spec, &env, &target, attempt).await {
+                Ok(answers) => finish(&ctx, &delivery, &answers).await,
+                Err(error) => {
+                    failed(&ctx, &delivery, &data, &class, &spec, &env, attempt, error).await
                 }
-                settle(&delivery, Settle::Ack).await;
-            }
-            Err(e) if e.is_transient() => {
-                tracing::warn!(error = %e, "transient failure: requeueing");
-                tokio::time::sleep(TRANSIENT_PAUSE).await;
-                settle(&delivery, Settle::Requeue).await;
-            }
+            },
             Err(e) => {
-                tracing::error!(error = %e, "job cannot be decided: dead-lettering it");
-                settle(&delivery, Settle::DeadLetter).await;
+                tracing::warn!(error = %e, "could not decide the job; requeueing");
+                requeue_after_pause(&delivery).await;
             }
         }
     }
     .instrument(span)
     .await;
+}
+
+/// Runs the handler of attempt `attempt`; `Err` is a retryable failure's text.
+async fn run(
+    ctx: &Context,
+    spec: &KindSpec,
+    env: &JobEnvelope,
+    target: &ReplyTarget,
+    attempt: u32,
+) -> Result<Vec<Answer>, String> {
+    if !handlers::is_external(&env.kind) {
+        let (catalog, env, target) = (ctx.catalog.clone(), env.clone(), target.clone());
+        return match ctx
+            .store
+            .transact(move |tx| apply::run_in_storage(tx, &catalog, &env, &target))
+            .await
+        {
+            Ok(answers) => Ok(answers),
+            Err(ApplyError::Retry(e)) => Err(e),
+            Err(ApplyError::Storage(StorageError::Panicked(m))) => Err(format!("panic: {m}")),
+            Err(ApplyError::Storage(e)) => Err(format!("storage: {e}")),
+        };
+    }
+    let task = {
+        let env = env.clone();
+        tokio::spawn(async move { handlers::testing::run(&env, attempt).await })
+    };
+    let abort = task.abort_handle();
+    let outcome = match tokio::time::timeout(Duration::from_millis(spec.timeout_ms), task).await {
+        Err(_) => {
+            abort.abort();
+            return Err(format!("timed out after {} ms", spec.timeout_ms));
+        }
+        Ok(Err(join)) if join.is_panic() => {
+            return Err(format!("panic: {}", panic_message(&*join.into_panic())));
+        }
+        Ok(Err(join)) => return Err(format!("handler stopped: {join}")),
+        Ok(Ok(Outcome::Retryable(e))) => return Err(e),
+        Ok(Ok(outcome)) => outcome,
+    };
+    let (catalog, env, target) = (ctx.catalog.clone(), env.clone(), target.clone());
+    ctx.store
+        .transact(move |tx| apply::record_outcome(tx, &catalog, &env, outcome, &target))
+        .await
+        .map_err(|e| format!("storage: {e}"))
+}
+
+/// A retryable failure: retry with backoff, or dead-letter when attempts are used up.
+#[allow(clippy::too_many_arguments)]
+async fn failed(
+    ctx: &Context,
+    delivery: &Delivery,
+    data: &[u8],
+    class: &str,
+    spec: &KindSpec,
+    env: &JobEnvelope,
+    attempt: u32,
+    error: String,
+) {
+    tracing::warn!(attempt, max_attempts = spec.max_attempts, error = %error, "attempt failed");
+    let (id, e) = (env.id.clone(), error.clone());
+    if let Err(se) = ctx.store.transact(move |tx| tx.fail_attempt(&id, &e)).await {
+        tracing::warn!(error = %se, "could not record the failed attempt");
+    }
+    if attempt >= spec.max_attempts {
+        let dead = Dead {
+            reason: "max_attempts",
+            error: Some(error),
+            attempts: attempt,
+        };
+        return dead_letter(ctx, delivery, data, class, Some(env), dead).await;
+    }
+    let delay = spec
+        .retry_backoff_ms
+        .saturating_mul(1 << (attempt - 1).min(20))
+        .min(MAX_RETRY_DELAY_MS);
+    let retried = async {
+        let queue = retry_queue(ctx, class, delay).await?;
+        let props = without_replay(&delivery.properties);
+        ctx.publisher
+            .publish_persistent("", &queue, data, props)
+            .await?;
+        Ok::<_, gatehouse_broker::PublishError>(())
+    };
+    match retried.await {
+        Ok(()) => {
+            tracing::info!(delay_ms = delay, "retry scheduled");
+            let mut status = JobStatus::new(env.id.clone(), JobState::Retrying);
+            status.error = Some(error);
+            reply::send(&ctx.replies, &reply_target(delivery), &status).await;
+            settle(delivery, Settle::Ack).await;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not schedule the retry; requeueing");
+            requeue_after_pause(delivery).await;
+        }
+    }
+}
+
+async fn retry_queue(
+    ctx: &Context,
+    class: &str,
+    delay_ms: u64,
+) -> Result<String, gatehouse_broker::PublishError> {
+    let name = ctx.topology.retry_queue(class, delay_ms);
+    let known = ctx
+        .retry_queues
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .contains(&name);
+    if !known {
+        ctx.topology
+            .declare_retry_queue(ctx.publisher.channel(), class, delay_ms)
+            .await?;
+        ctx.retry_queues
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(name.clone());
+    }
+    Ok(name)
+}
+
+/// Why a message goes to the dead-letter queue.
+pub struct Dead {
+    pub reason: &'static str,
+    pub error: Option<String>,
+    pub attempts: u32,
+}
+
+/// Publishes the original message to `gatehouse.dead` with reason headers (confirmed), records
+/// the job as dead-lettered, answers, and only then acks.
+async fn dead_letter(
+    ctx: &Context,
+    delivery: &Delivery,
+    data: &[u8],
+    class: &str,
+    env: Option<&JobEnvelope>,
+    dead: Dead,
+) {
+    let props = dead_properties(
+        without_replay(&delivery.properties),
+        &ctx.topology,
+        class,
+        &dead,
+    );
+    if let Err(e) = ctx
+        .publisher
+        .publish_persistent(&ctx.topology.dead_exchange(), "", data, props)
+        .await
+    {
+        tracing::warn!(error = %e, "could not dead-letter; requeueing");
+        return requeue_after_pause(delivery).await;
+    }
+    tracing::warn!(
+        reason = dead.reason,
+        attempts = dead.attempts,
+        error = dead.error.as_deref().unwrap_or(""),
+        "dead-lettered"
+    );
+    if let Some(env) = env {
+        let (env, reason, error) = (env.clone(), dead.reason, dead.error);
+        match ctx
+            .store
+            .transact(move |tx| apply::record_dead(tx, &env, reason, error))
+            .await
+        {
+            Ok(status) => reply::send(&ctx.replies, &reply_target(delivery), &status).await,
+            Err(e) => tracing::warn!(error = %e, "could not record the dead letter"),
+        }
+    }
+    settle(delivery, Settle::Ack).await;
+}
+
+/// Properties of a dead letter: the original ones plus the reason headers.
+pub fn dead_properties(
+    props: BasicProperties,
+    topology: &Topology,
+    class: &str,
+    dead: &Dead,
+) -> BasicProperties {
+    let mut h = props.headers().clone().unwrap_or_default();
+    let s = |v: &str| AMQPValue::LongString(LongString::from(v));
+    h.insert(headers::REASON.into(), s(dead.reason));
+    h.insert(headers::ATTEMPTS.into(), AMQPValue::LongUInt(dead.attempts));
+    h.insert(
+        headers::LAST_ERROR.into(),
+        s(dead.error.as_deref().unwrap_or("")),
+    );
+    h.insert(
+        headers::ORIGINAL_QUEUE.into(),
+        s(&topology.job_queue(class)),
+    );
+    h.insert(headers::QUEUE_CLASS.into(), s(class));
+    h.insert(headers::DEAD_AT.into(), AMQPValue::LongLongInt(now_ms()));
+    props.with_headers(h)
+}
+
+/// The properties without the replay marker (a replay resets attempts once, not on every
+/// retry).
+fn without_replay(props: &BasicProperties) -> BasicProperties {
+    let Some(h) = props.headers() else {
+        return props.clone();
+    };
+    let mut kept = FieldTable::default();
+    for (k, v) in h.inner() {
+        if k.as_str() != headers::REPLAY {
+            kept.insert(k.clone(), v.clone());
+        }
+    }
+    props.clone().with_headers(kept)
+}
+
+fn has_header(d: &Delivery, name: &str) -> bool {
+    d.properties
+        .headers()
+        .as_ref()
+        .is_some_and(|h| h.contains_key(name))
+}
+
+async fn finish(ctx: &Context, delivery: &Delivery, answers: &[Answer]) {
+    for a in answers {
+        tracing::info!(job_id = %a.status.id, status = a.status.status.as_str(), "job decided");
+        reply::send(&ctx.replies, &a.target, &a.status).await;
+    }
+    settle(delivery, Settle::Ack).await;
 }
 
 /// Answers one status query from the gatekeeper.
@@ -102,12 +377,16 @@ fn reply_target(d: &Delivery) -> ReplyTarget {
     }
 }
 
-/// The three ways a delivery ends.
+async fn requeue_after_pause(delivery: &Delivery) {
+    tokio::time::sleep(TROUBLE_PAUSE).await;
+    settle(delivery, Settle::Requeue).await;
+}
+
+/// The ways a delivery ends.
 #[derive(Debug, Clone, Copy)]
 pub enum Settle {
     Ack,
     Requeue,
-    DeadLetter,
 }
 
 /// Settles a delivery. A failure here means the channel is gone, and with it the delivery:
@@ -124,7 +403,6 @@ pub async fn settle(delivery: &Delivery, how: Settle) {
                 })
                 .await
         }
-        Settle::DeadLetter => acker.reject(BasicRejectOptions { requeue: false }).await,
     };
     if let Err(e) = r {
         tracing::warn!(error = %e, ?how, "could not settle delivery; the broker will redeliver it");

@@ -11,6 +11,7 @@
 
 pub mod apply;
 pub mod consumer;
+pub mod gaps;
 pub mod handlers;
 pub mod reply;
 pub mod settings;

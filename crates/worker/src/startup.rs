@@ -1,10 +1,13 @@
-//! Build (connect, declare, open storage), then run until told to stop.
+//! Build (open storage, connect, declare), then run until told to stop, reconnecting with
+//! backoff whenever the broker connection is lost.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use futures_util::StreamExt;
+use gatehouse_broker::Publisher;
 use gatehouse_broker::lapin::message::Delivery;
 use gatehouse_broker::lapin::options::{
     BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
@@ -13,15 +16,26 @@ use gatehouse_broker::lapin::types::FieldTable;
 use gatehouse_broker::lapin::{Channel, Connection};
 use gatehouse_protocol::Catalog;
 use gatehouse_storage::Store;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::consumer::{self, Context};
+use crate::gaps;
 use crate::settings::WorkerSettings;
 
-/// A worker that is connected and has declared the topology, not yet consuming.
+/// Longest pause between reconnection attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(15);
+
+/// A worker with storage open and a first broker session established, not yet consuming.
 pub struct Worker {
     settings: WorkerSettings,
+    store: Store,
+    catalog: Arc<Catalog>,
+    session: Option<Session>,
+}
+
+/// One broker connection and what hangs off it.
+struct Session {
     connection: Connection,
     ctx: Arc<Context>,
 }
@@ -39,45 +53,117 @@ impl Worker {
     /// # Errors
     /// When any of those fails.
     pub async fn build(settings: WorkerSettings) -> anyhow::Result<Self> {
-        let catalog = Catalog::load(&settings.catalog.path)?;
+        let catalog = Arc::new(Catalog::load(&settings.catalog.path)?);
         let store = Store::open_sqlite(&settings.storage.path)
             .with_context(|| format!("opening {}", settings.storage.path.display()))?;
+        let session = Session::open(&settings, &store, &catalog).await?;
+        Ok(Self {
+            settings,
+            store,
+            catalog,
+            session: Some(session),
+        })
+    }
+
+    /// Consumes until `shutdown` resolves. When the broker connection is lost, reconnects with
+    /// backoff (redeclaring the topology) and goes on; unacked deliveries come again and the
+    /// job id makes them harmless. On shutdown: stops consuming, returns unstarted deliveries,
+    /// and lets in-flight jobs finish within `stopping_wait_time`.
+    ///
+    /// # Errors
+    /// Only when consuming cannot start on a fresh connection for a reason other than the
+    /// broker being unreachable.
+    pub async fn run_until_stopped(
+        mut self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let (stop_tx, stop) = watch::channel(false);
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+        let mut backoff = Duration::from_millis(250);
+        loop {
+            let session = match self.session.take() {
+                Some(s) => s,
+                None => match Session::open(&self.settings, &self.store, &self.catalog).await {
+                    Ok(s) => {
+                        tracing::info!("reconnected to the broker");
+                        backoff = Duration::from_millis(250);
+                        s
+                    }
+                    Err(e) => {
+                        tracing::warn!(
+                            error = format!("{e:#}"),
+                            ?backoff,
+                            "broker unavailable; retrying"
+                        );
+                        if wait_or_stop(backoff, stop.clone()).await {
+                            return Ok(());
+                        }
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                        continue;
+                    }
+                },
+            };
+            match session.consume(&self.settings, stop.clone()).await? {
+                Ended::Stopped => return Ok(()),
+                Ended::ConnectionLost => tracing::warn!("broker connection lost; reconnecting"),
+            }
+        }
+    }
+}
+
+/// Sleeps `d`; true if shutdown came first.
+async fn wait_or_stop(d: Duration, mut stop: watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(d) => false,
+        _ = stop.wait_for(|s| *s) => true,
+    }
+}
+
+enum Ended {
+    Stopped,
+    ConnectionLost,
+}
+
+impl Session {
+    async fn open(
+        settings: &WorkerSettings,
+        store: &Store,
+        catalog: &Arc<Catalog>,
+    ) -> anyhow::Result<Self> {
         let connection =
             gatehouse_broker::connect(settings.broker.url.expose(), "gatehouse-worker")
                 .await
                 .context("connecting to the broker")?;
+        let topology = settings.broker.topology();
         let setup = connection.create_channel().await?;
-        settings
-            .broker
-            .topology()
+        topology
             .declare(&setup, catalog.queues())
             .await
             .context("declaring topology")?;
         let _ = setup.close(200, "topology declared".into()).await;
-        let replies = connection.create_channel().await?;
         let ctx = Arc::new(Context {
-            store,
-            catalog: Arc::new(catalog),
-            replies,
+            store: store.clone(),
+            catalog: catalog.clone(),
+            replies: connection.create_channel().await?,
+            publisher: Publisher::open(&connection).await?,
+            topology,
+            testing: settings.testing.enabled,
+            retry_queues: Mutex::new(Default::default()),
         });
-        Ok(Self {
-            settings,
-            connection,
-            ctx,
-        })
+        Ok(Self { connection, ctx })
     }
 
-    /// Consumes every job queue and the control queue until `shutdown` resolves, then stops
-    /// consuming, returns unstarted deliveries to the broker, and lets in-flight jobs finish
-    /// within `stopping_wait_time`.
-    ///
-    /// # Errors
-    /// When consuming cannot start, or the broker connection is lost (the process should
-    /// then be restarted; every unacked delivery comes again).
-    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-        let topology = self.settings.broker.topology();
+    async fn consume(
+        self,
+        settings: &WorkerSettings,
+        mut stop: watch::Receiver<bool>,
+    ) -> anyhow::Result<Ended> {
+        let topology = &self.ctx.topology;
         let jobs = self.connection.create_channel().await?;
-        jobs.basic_qos(self.settings.consumer.prefetch, BasicQosOptions::default())
+        jobs.basic_qos(settings.consumer.prefetch, BasicQosOptions::default())
             .await?;
         let control = self.connection.create_channel().await?;
         control.basic_qos(32, BasicQosOptions::default()).await?;
@@ -106,28 +192,29 @@ impl Worker {
         .await?;
         tags.push((control.clone(), "worker.control".to_owned()));
         drop(tx);
-        tracing::info!(
-            prefetch = self.settings.consumer.prefetch,
-            "worker consuming"
-        );
+        tracing::info!(prefetch = settings.consumer.prefetch, "worker consuming");
 
+        let sweeper = {
+            let ctx = self.ctx.clone();
+            tokio::spawn(async move { gaps::sweep_forever(&ctx).await })
+        };
         let mut in_flight = JoinSet::new();
-        tokio::pin!(shutdown);
-        let lost = loop {
+        let ended = loop {
             tokio::select! {
-                () = &mut shutdown => break false,
+                _ = stop.wait_for(|s| *s) => break Ended::Stopped,
                 next = rx.recv() => match next {
                     Some((Source::Job, d)) => { in_flight.spawn(consumer::handle_job(self.ctx.clone(), d)); }
                     Some((Source::Control, d)) => { in_flight.spawn(consumer::handle_control(self.ctx.clone(), d)); }
-                    None => break true,
+                    None => break Ended::ConnectionLost,
                 },
                 Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
                     if let Err(e) = done { tracing::error!(error = %e, "delivery task failed"); }
                 }
             }
         };
+        sweeper.abort();
 
-        // Stop: no new deliveries; give back the ones received but not started.
+        // No new deliveries; give back the ones received but not started.
         for (channel, tag) in &tags {
             let _ = channel
                 .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
@@ -143,7 +230,7 @@ impl Worker {
                 })
                 .await;
         }
-        let grace = self.settings.consumer.stopping_wait_time();
+        let grace = settings.consumer.stopping_wait_time();
         let drained = tokio::time::timeout(grace, async {
             while in_flight.join_next().await.is_some() {}
         })
@@ -157,11 +244,10 @@ impl Worker {
             in_flight.abort_all();
         }
         let _ = self.connection.close(200, "worker stopping".into()).await;
-        if lost {
-            anyhow::bail!("the broker connection was lost");
+        if matches!(ended, Ended::Stopped) {
+            tracing::info!("worker stopped");
         }
-        tracing::info!("worker stopped");
-        Ok(())
+        Ok(ended)
     }
 }
 
@@ -193,7 +279,7 @@ async fn start(
                     }
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, queue, "consumer failed");
+                    tracing::warn!(error = %e, queue, "consumer stopped");
                     return;
                 }
             }

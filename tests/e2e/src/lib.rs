@@ -122,6 +122,7 @@ impl TestSystem {
                 max_connections: 256,
                 max_wait_s: 30,
                 status_timeout_ms: 5000,
+                publish_timeout_ms: 5000,
                 stopping_wait_time_ms: 5000,
             },
             tls: TlsSettings {

@@ -17,7 +17,7 @@ pub async fn healthz() -> Json<serde_json::Value> {
 
 /// The broker channel is open and the topology was declared (it is, once the app exists).
 pub async fn readyz(State(app): State<Arc<App>>) -> Response {
-    if app.publisher.is_open() {
+    if app.link.publisher().is_some() {
         Json(json!({"status": "ready"})).into_response()
     } else {
         Problem::broker_unavailable("not connected to the broker").into_response()

@@ -154,10 +154,7 @@ async fn accept(
             .with_correlation_id(w.correlation_id().into())
             .with_reply_to(app.replies.queue().into());
     }
-    app.publisher
-        .publish_persistent(&app.topology.jobs_exchange(), &spec.queue, &body, props)
-        .await
-        .map_err(refused)?;
+    publish(app, &spec.queue, &body, props, true).await?;
     tracing::info!(job_id = %envelope.id, kind = %envelope.kind, client = %client.0, priority = priority.get(), "job accepted");
 
     let mut last = JobStatus::new(envelope.id.clone(), JobState::Queued);
@@ -224,17 +221,8 @@ pub async fn status(
         .with_reply_to(app.replies.queue().into())
         .with_content_type("application/json".into())
         .with_expiration(expiration.as_str().into());
-    if let Err(e) = app
-        .publisher
-        .publish_transient(
-            &app.topology.jobs_exchange(),
-            CONTROL_ROUTING_KEY,
-            &body,
-            props,
-        )
-        .await
-    {
-        return refused(e).into_response();
+    if let Err(problem) = publish(&app, CONTROL_ROUTING_KEY, &body, props, false).await {
+        return problem.into_response();
     }
     let deadline = tokio::time::Instant::now() + app.status_timeout;
     match waiter.next_until(deadline).await {
@@ -286,6 +274,42 @@ fn check_sequence(
                 return Err(invalid(format!("the sequence key must equal payload.{f}")));
             }
             Ok(Some(seq))
+        }
+    }
+}
+
+/// Publishes to the jobs exchange and waits for the confirm, within `publish_timeout`.
+async fn publish(
+    app: &App,
+    routing_key: &str,
+    body: &[u8],
+    props: BasicProperties,
+    persistent: bool,
+) -> Result<(), Problem> {
+    let Some(publisher) = app.link.publisher() else {
+        return Err(Problem::broker_unavailable(
+            "the message broker is not available",
+        ));
+    };
+    let exchange = app.topology.jobs_exchange();
+    let confirmed = async {
+        if persistent {
+            publisher
+                .publish_persistent(&exchange, routing_key, body, props)
+                .await
+        } else {
+            publisher
+                .publish_transient(&exchange, routing_key, body, props)
+                .await
+        }
+    };
+    match tokio::time::timeout(app.publish_timeout, confirmed).await {
+        Ok(r) => r.map_err(refused),
+        Err(_) => {
+            tracing::warn!("publish not confirmed in time");
+            Err(Problem::broker_unavailable(
+                "the message broker did not confirm in time",
+            ))
         }
     }
 }

@@ -9,10 +9,11 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
-use gatehouse_broker::{Publisher, Topology};
+use gatehouse_broker::Topology;
 use gatehouse_protocol::Catalog;
 
 use crate::ids::IdMinter;
+use crate::link::BrokerLink;
 use crate::policy::Policy;
 use crate::problem::Problem;
 use crate::replies::Replies;
@@ -24,12 +25,13 @@ pub struct App {
     pub schemas: Schemas,
     pub policy: Policy,
     pub ids: IdMinter,
-    pub publisher: Publisher,
+    pub link: Arc<BrokerLink>,
     pub topology: Topology,
     pub replies: Arc<Replies>,
     pub max_body_bytes: usize,
     pub max_wait: Duration,
     pub status_timeout: Duration,
+    pub publish_timeout: Duration,
 }
 
 /// The API router. The client identity is inserted per connection by [`crate::server`].

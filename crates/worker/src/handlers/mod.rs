@@ -3,6 +3,7 @@
 //! outcome, and the consumer into ack / reply / requeue.
 
 pub mod ledger;
+pub mod testing;
 pub mod vault;
 
 use gatehouse_protocol::JobEnvelope;
@@ -17,6 +18,13 @@ pub enum Outcome {
     Success(Value),
     /// Will never succeed (bad input, not found, overflow); recorded as `failed`.
     Permanent(String),
+    /// May succeed later; retried with backoff until the kind's max attempts.
+    Retryable(String),
+}
+
+/// Whether `kind` runs outside the storage transaction (then its outcome is recorded after).
+pub fn is_external(kind: &str) -> bool {
+    kind.starts_with("test.")
 }
 
 /// Runs the handler of `env.kind`. Storage errors abort the transaction; the consumer decides

@@ -1,0 +1,82 @@
+//! The gap timeout: parked jobs whose predecessor has not arrived within the kind's
+//! `gap_timeout_s` are dead-lettered with reason `sequence_gap_timeout`. Deadlines live in
+//! storage (indexed), so memory stays flat however many jobs are parked, and a restarted worker
+//! keeps them.
+
+use std::time::Duration;
+
+use gatehouse_broker::lapin::BasicProperties;
+use gatehouse_protocol::JobEnvelope;
+use gatehouse_storage::now_ms;
+
+use crate::apply::{self, ReplyTarget};
+use crate::consumer::{Context, Dead, dead_properties};
+use crate::reply;
+
+/// How often storage is asked for expired deadlines.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// Most parked jobs dead-lettered per sweep.
+const SWEEP_BATCH: u32 = 100;
+
+/// Sweeps until the task is dropped.
+pub async fn sweep_forever(ctx: &Context) {
+    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    loop {
+        tick.tick().await;
+        if let Err(e) = sweep_once(ctx).await {
+            tracing::warn!(error = %e, "gap sweep failed; trying again");
+        }
+    }
+}
+
+async fn sweep_once(ctx: &Context) -> anyhow::Result<()> {
+    let expired = ctx
+        .store
+        .transact(|tx| tx.expired_parked(now_ms(), SWEEP_BATCH))
+        .await?;
+    for parked in expired {
+        let env: JobEnvelope = serde_json::from_slice(&parked.envelope)?;
+        let class = ctx
+            .catalog
+            .kind(&env.kind)
+            .map_or_else(|| "batch".to_owned(), |k| k.queue.clone());
+        let mut props = BasicProperties::default()
+            .with_message_id(env.id.as_str().into())
+            .with_priority(env.priority.get())
+            .with_content_type("application/json".into());
+        if let Some(r) = &parked.reply_to {
+            props = props.with_reply_to(r.as_str().into());
+        }
+        if let Some(c) = &parked.correlation_id {
+            props = props.with_correlation_id(c.as_str().into());
+        }
+        let error = format!(
+            "number {} of {} waited past the gap timeout for its predecessor",
+            parked.seq_number, parked.seq_key
+        );
+        let dead = Dead {
+            reason: "sequence_gap_timeout",
+            error: Some(error.clone()),
+            attempts: 0,
+        };
+        let props = dead_properties(props, &ctx.topology, &class, &dead);
+        ctx.publisher
+            .publish_persistent(&ctx.topology.dead_exchange(), "", &parked.envelope, props)
+            .await?;
+        let (key, number) = (parked.seq_key.clone(), parked.seq_number);
+        let status = ctx
+            .store
+            .transact(move |tx| {
+                tx.take_parked(&key, number)?;
+                apply::record_dead(tx, &env, "sequence_gap_timeout", Some(error))
+            })
+            .await?;
+        tracing::warn!(job_id = %status.id, "dead-lettered after the sequence gap timeout");
+        let target = ReplyTarget {
+            reply_to: parked.reply_to,
+            correlation_id: parked.correlation_id,
+        };
+        reply::send(&ctx.replies, &target, &status).await;
+    }
+    Ok(())
+}
