@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use gatehouse_cli::certs;
+use gatehouse_cli::commands::dlq::{self, BrokerArgs};
 use gatehouse_cli::commands::jobs::{self, Endpoint, SubmitArgs};
 use gatehouse_cli::commands::up::{self, UpArgs};
 
@@ -36,12 +37,50 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// The dead-letter queue (operators).
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCmd,
+        #[command(flatten)]
+        broker: BrokerArgs,
+    },
     /// Show the status (and result) of one of your jobs.
     Status {
         id: String,
         #[command(flatten)]
         endpoint: Endpoint,
         /// Print the response body as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCmd {
+    /// List dead letters: id, kind, reason, attempts, last error.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one dead letter with its body.
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send dead letters back to their job queue; the worker resets their attempts.
+    Replay {
+        /// The job id to replay.
+        #[arg(required_unless_present = "all")]
+        id: Option<String>,
+        /// Replay every dead letter.
+        #[arg(long, conflicts_with = "id")]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete every dead letter.
+    Purge {
         #[arg(long)]
         json: bool,
     },
@@ -94,6 +133,7 @@ async fn main() -> ExitCode {
             json,
         } => jobs::submit(&endpoint, &job, json).await,
         Cmd::Status { id, endpoint, json } => jobs::status(&endpoint, &id, json).await,
+        Cmd::Dlq { command, broker } => run_dlq(command, &broker).await,
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -101,6 +141,62 @@ async fn main() -> ExitCode {
         Err(e) => {
             eprintln!("gatehouse: {e:#}");
             ExitCode::from(2)
+        }
+    }
+}
+
+async fn run_dlq(command: DlqCmd, broker: &BrokerArgs) -> anyhow::Result<bool> {
+    match command {
+        DlqCmd::List { json } => {
+            let letters = dlq::list(broker).await?;
+            if json {
+                letters.iter().for_each(|l| println!("{l}"));
+            } else {
+                println!("{} dead letter(s)", letters.len());
+                for l in &letters {
+                    println!(
+                        "{}  {}  reason={}  attempts={}  {}",
+                        l["id"].as_str().unwrap_or("-"),
+                        l["kind"].as_str().unwrap_or("-"),
+                        l["reason"].as_str().unwrap_or("-"),
+                        l["attempts"],
+                        l["last_error"].as_str().unwrap_or(""),
+                    );
+                }
+            }
+            Ok(true)
+        }
+        DlqCmd::Show { id, json } => match dlq::show(broker, &id).await? {
+            Some(l) => {
+                if json {
+                    println!("{l}");
+                } else {
+                    println!("{}", serde_json::to_string_pretty(&l)?);
+                }
+                Ok(true)
+            }
+            None => {
+                eprintln!("no dead letter with id {id}");
+                Ok(false)
+            }
+        },
+        DlqCmd::Replay { id, all: _, json } => {
+            let replayed = dlq::replay(broker, id.as_deref()).await?;
+            if json {
+                println!("{}", serde_json::json!({ "replayed": replayed }));
+            } else {
+                println!("replayed {} dead letter(s)", replayed.len());
+            }
+            Ok(!replayed.is_empty())
+        }
+        DlqCmd::Purge { json } => {
+            let n = dlq::purge(broker).await?;
+            if json {
+                println!("{}", serde_json::json!({ "purged": n }));
+            } else {
+                println!("purged {n} dead letter(s)");
+            }
+            Ok(true)
         }
     }
 }

@@ -11,6 +11,7 @@
 pub mod ids;
 pub mod link;
 pub mod policy;
+pub mod process;
 pub mod problem;
 pub mod replies;
 pub mod routes;

@@ -1,39 +1,5 @@
-//! `gatekeeper [CONFIG]` — runs the public mTLS API (default config: `config/gatekeeper.toml`).
+//! `gatekeeper [CONFIG]` — see [`gatehouse_gatekeeper::process::main`].
 
-use std::path::PathBuf;
-use std::process::ExitCode;
-
-use gatehouse_gatekeeper::{Gatekeeper, GatekeeperSettings};
-
-#[tokio::main]
-async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,lapin=warn".into()),
-        )
-        .init();
-    let path = std::env::args_os()
-        .nth(1)
-        .map_or_else(|| PathBuf::from("config/gatekeeper.toml"), PathBuf::from);
-    let settings = match GatekeeperSettings::load(&path) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("gatekeeper: bad configuration in {}: {e}", path.display());
-            return ExitCode::from(64);
-        }
-    };
-    let run = async {
-        Gatekeeper::build(settings)
-            .await?
-            .run_until_stopped(gatehouse_broker::shutdown::signal())
-            .await
-    };
-    match run.await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "gatekeeper failed");
-            ExitCode::FAILURE
-        }
-    }
+fn main() -> std::process::ExitCode {
+    gatehouse_gatekeeper::process::main()
 }

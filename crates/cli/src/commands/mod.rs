@@ -1,4 +1,5 @@
 //! The subcommands of `gatehouse`.
 
+pub mod dlq;
 pub mod jobs;
 pub mod up;
