@@ -33,9 +33,7 @@ impl Publisher {
     /// When the channel cannot be opened.
     pub async fn open(conn: &Connection) -> Result<Self, lapin::Error> {
         let channel = conn.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
         Ok(Self { channel })
     }
 
@@ -51,13 +49,7 @@ impl Publisher {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<(), PublishError> {
-        self.publish(
-            exchange,
-            routing_key,
-            body,
-            properties.with_delivery_mode(2),
-        )
-        .await
+        self.publish(exchange, routing_key, body, properties.with_delivery_mode(2)).await
     }
 
     /// Publishes transient and `mandatory` (for queries that are cheap to repeat), and waits
@@ -72,13 +64,7 @@ impl Publisher {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<(), PublishError> {
-        self.publish(
-            exchange,
-            routing_key,
-            body,
-            properties.with_delivery_mode(1),
-        )
-        .await
+        self.publish(exchange, routing_key, body, properties.with_delivery_mode(1)).await
     }
 
     async fn publish(
@@ -88,10 +74,7 @@ impl Publisher {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<(), PublishError> {
-        let opts = BasicPublishOptions {
-            mandatory: true,
-            ..Default::default()
-        };
+        let opts = BasicPublishOptions { mandatory: true, ..Default::default() };
         let confirm = self
             .channel
             .basic_publish(exchange.into(), routing_key.into(), opts, body, properties)

@@ -48,9 +48,7 @@ pub struct Topology {
 
 impl Topology {
     pub fn new(prefix: impl Into<String>) -> Self {
-        Self {
-            prefix: prefix.into(),
-        }
+        Self { prefix: prefix.into() }
     }
 
     pub fn jobs_exchange(&self) -> String {
@@ -88,10 +86,7 @@ impl Topology {
     /// # Errors
     /// When the broker refuses a declaration, e.g. a queue exists with other arguments.
     pub async fn declare(&self, ch: &Channel, classes: &[QueueClass]) -> Result<(), lapin::Error> {
-        let durable = ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        };
+        let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
         ch.exchange_declare(
             self.jobs_exchange().as_str().into(),
             ExchangeKind::Direct,
@@ -107,48 +102,27 @@ impl Topology {
         )
         .await?;
 
-        let durable_q = QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        };
-        ch.queue_declare(
-            self.dead_queue().as_str().into(),
-            durable_q,
-            FieldTable::default(),
-        )
-        .await?;
-        self.bind(ch, &self.dead_queue(), &self.dead_exchange(), "")
-            .await?;
+        let durable_q = QueueDeclareOptions { durable: true, ..Default::default() };
+        ch.queue_declare(self.dead_queue().as_str().into(), durable_q, FieldTable::default()).await?;
+        self.bind(ch, &self.dead_queue(), &self.dead_exchange(), "").await?;
 
         for class in classes {
             let mut args = FieldTable::default();
             args.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(9));
             args.insert("x-max-length".into(), AMQPValue::LongUInt(class.max_length));
             args.insert("x-overflow".into(), long_string("reject-publish"));
-            args.insert(
-                "x-dead-letter-exchange".into(),
-                long_string(&self.dead_exchange()),
-            );
+            args.insert("x-dead-letter-exchange".into(), long_string(&self.dead_exchange()));
             let queue = self.job_queue(&class.name);
-            ch.queue_declare(queue.as_str().into(), durable_q, args)
-                .await?;
-            self.bind(ch, &queue, &self.jobs_exchange(), &class.name)
-                .await?;
+            ch.queue_declare(queue.as_str().into(), durable_q, args).await?;
+            self.bind(ch, &queue, &self.jobs_exchange(), &class.name).await?;
         }
 
         // Status queries are cheap to repeat, so the control queue drops what nobody read
         // within a minute instead of piling it up while the worker is down.
         let mut args = FieldTable::default();
         args.insert("x-message-ttl".into(), AMQPValue::LongUInt(60_000));
-        ch.queue_declare(self.control_queue().as_str().into(), durable_q, args)
-            .await?;
-        self.bind(
-            ch,
-            &self.control_queue(),
-            &self.jobs_exchange(),
-            CONTROL_ROUTING_KEY,
-        )
-        .await?;
+        ch.queue_declare(self.control_queue().as_str().into(), durable_q, args).await?;
+        self.bind(ch, &self.control_queue(), &self.jobs_exchange(), CONTROL_ROUTING_KEY).await?;
         Ok(())
     }
 
@@ -166,19 +140,10 @@ impl Topology {
     ) -> Result<String, lapin::Error> {
         let name = self.retry_queue(class, delay_ms);
         let mut args = FieldTable::default();
-        args.insert(
-            "x-message-ttl".into(),
-            AMQPValue::LongLongInt(delay_ms as i64),
-        );
-        args.insert(
-            "x-dead-letter-exchange".into(),
-            long_string(&self.jobs_exchange()),
-        );
+        args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(delay_ms as i64));
+        args.insert("x-dead-letter-exchange".into(), long_string(&self.jobs_exchange()));
         args.insert("x-dead-letter-routing-key".into(), long_string(class));
-        let opts = QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        };
+        let opts = QueueDeclareOptions { durable: true, ..Default::default() };
         ch.queue_declare(name.as_str().into(), opts, args).await?;
         Ok(name)
     }
@@ -187,29 +152,14 @@ impl Topology {
     ///
     /// # Errors
     /// When the broker refuses the declaration.
-    pub async fn declare_reply_queue(
-        &self,
-        ch: &Channel,
-        instance: &str,
-    ) -> Result<String, lapin::Error> {
+    pub async fn declare_reply_queue(&self, ch: &Channel, instance: &str) -> Result<String, lapin::Error> {
         let name = self.reply_queue(instance);
-        let opts = QueueDeclareOptions {
-            exclusive: true,
-            auto_delete: true,
-            ..Default::default()
-        };
-        ch.queue_declare(name.as_str().into(), opts, FieldTable::default())
-            .await?;
+        let opts = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
+        ch.queue_declare(name.as_str().into(), opts, FieldTable::default()).await?;
         Ok(name)
     }
 
-    async fn bind(
-        &self,
-        ch: &Channel,
-        queue: &str,
-        exchange: &str,
-        key: &str,
-    ) -> Result<(), lapin::Error> {
+    async fn bind(&self, ch: &Channel, queue: &str, exchange: &str, key: &str) -> Result<(), lapin::Error> {
         ch.queue_bind(
             queue.into(),
             exchange.into(),

@@ -30,10 +30,7 @@ pub fn amqp_addr(url: &str) -> Option<SocketAddr> {
     let default_port = if scheme == "amqps" { 5671 } else { 5672 };
     let authority = rest.split('/').next()?;
     let hostport = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    let with_port = if hostport
-        .rsplit_once(':')
-        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-    {
+    let with_port = if hostport.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
         hostport.to_owned()
     } else {
         format!("{hostport}:{default_port}")
@@ -49,9 +46,7 @@ pub fn amqp_answers(addr: SocketAddr) -> bool {
     let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
     let mut first = [0u8; 1];
     // Frame type 1 (method frame: Connection.Start) means a broker is there and booted.
-    s.write_all(b"AMQP\x00\x00\x09\x01").is_ok()
-        && s.read_exact(&mut first).is_ok()
-        && first[0] == 1
+    s.write_all(b"AMQP\x00\x00\x09\x01").is_ok() && s.read_exact(&mut first).is_ok() && first[0] == 1
 }
 
 /// The `rabbitmq-server` script to run directly (Debian's `/usr/sbin` wrapper switches to the
@@ -76,10 +71,7 @@ fn server_script() -> Option<PathBuf> {
 /// When no broker answers and none can be started, or the node does not come up in 60 s.
 pub fn ensure(url: &str, home: &Path) -> anyhow::Result<BrokerNode> {
     let addr = amqp_addr(url).with_context(|| "cannot read host and port of the broker URL")?;
-    let node = BrokerNode {
-        home: home.to_owned(),
-        started_here: false,
-    };
+    let node = BrokerNode { home: home.to_owned(), started_here: false };
     if amqp_answers(addr) {
         return Ok(node);
     }
@@ -101,9 +93,7 @@ pub fn ensure(url: &str, home: &Path) -> anyhow::Result<BrokerNode> {
     let log = fs::File::create(home.join("node.log"))?;
     let mut cmd = Command::new(script);
     node.env(&mut cmd);
-    cmd.stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
+    cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
     // Its own process group: Ctrl-C in the terminal reaches `gatehouse up`, which then stops
     // the node in order, instead of killing it mid-write.
     #[cfg(unix)]
@@ -119,13 +109,15 @@ pub fn ensure(url: &str, home: &Path) -> anyhow::Result<BrokerNode> {
         );
         std::thread::sleep(Duration::from_millis(250));
     }
-    Ok(BrokerNode {
-        started_here: true,
-        ..node
-    })
+    Ok(BrokerNode { started_here: true, ..node })
 }
 
 impl BrokerNode {
+    /// A handle on the private node whose data lives under `home` (running or not).
+    pub fn at(home: &Path) -> Self {
+        Self { home: home.to_owned(), started_here: false }
+    }
+
     fn env(&self, cmd: &mut Command) {
         let h = &self.home;
         cmd.env("HOME", h) // the Erlang cookie lives here
@@ -143,11 +135,7 @@ impl BrokerNode {
     /// `rabbitmqctl` aimed at the private node, e.g. `ctl(&["list_queues"])`.
     pub fn ctl(&self, args: &[&str]) -> Command {
         let ctl = Path::new("/usr/lib/rabbitmq/bin/rabbitmqctl");
-        let mut cmd = Command::new(if ctl.exists() {
-            ctl
-        } else {
-            Path::new("rabbitmqctl")
-        });
+        let mut cmd = Command::new(if ctl.exists() { ctl } else { Path::new("rabbitmqctl") });
         self.env(&mut cmd);
         cmd.arg("-n").arg(NODE_NAME).args(args);
         cmd
@@ -158,11 +146,7 @@ impl BrokerNode {
     /// # Errors
     /// When `rabbitmqctl` cannot be run or reports failure.
     pub fn stop(&self) -> anyhow::Result<()> {
-        let status = self
-            .ctl(&["stop"])
-            .stdout(Stdio::null())
-            .status()
-            .context("running rabbitmqctl")?;
+        let status = self.ctl(&["stop"]).stdout(Stdio::null()).status().context("running rabbitmqctl")?;
         anyhow::ensure!(status.success(), "rabbitmqctl stop failed ({status})");
         Ok(())
     }

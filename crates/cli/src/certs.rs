@@ -23,8 +23,7 @@ pub const DEV_CLIENT: &str = "dev-client";
 pub fn write_dev(dir: &Path) -> anyhow::Result<()> {
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut ca = CertificateParams::new(Vec::new())?;
-    ca.distinguished_name
-        .push(DnType::CommonName, "Gatehouse dev CA");
+    ca.distinguished_name.push(DnType::CommonName, "Gatehouse dev CA");
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let ca_key = KeyPair::generate()?;
@@ -34,9 +33,7 @@ pub fn write_dev(dir: &Path) -> anyhow::Result<()> {
     let issuer = Issuer::new(ca, ca_key);
 
     let mut server = CertificateParams::new(Vec::new())?;
-    server
-        .distinguished_name
-        .push(DnType::CommonName, "localhost");
+    server.distinguished_name.push(DnType::CommonName, "localhost");
     server.subject_alt_names = vec![
         SanType::DnsName("localhost".try_into()?),
         SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)),
@@ -46,12 +43,7 @@ pub fn write_dev(dir: &Path) -> anyhow::Result<()> {
     server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     server.use_authority_key_identifier_extension = true;
     let server_key = KeyPair::generate()?;
-    write(
-        dir,
-        "server.pem",
-        &server.signed_by(&server_key, &issuer)?.pem(),
-        false,
-    )?;
+    write(dir, "server.pem", &server.signed_by(&server_key, &issuer)?.pem(), false)?;
     write(dir, "server.key", &server_key.serialize_pem(), true)?;
 
     write_client_with(dir, "client", DEV_CLIENT, &issuer)?;
@@ -70,10 +62,9 @@ pub fn write_dev(dir: &Path) -> anyhow::Result<()> {
 /// # Errors
 /// When the CA files are missing or a file cannot be written.
 pub fn write_client(dir: &Path, name: &str) -> anyhow::Result<()> {
-    let ca_pem = fs::read_to_string(dir.join("ca.pem"))
-        .context("reading ca.pem (run `gatehouse certs dev` first)")?;
-    let ca_key =
-        KeyPair::from_pem(&fs::read_to_string(dir.join("ca.key")).context("reading ca.key")?)?;
+    let ca_pem =
+        fs::read_to_string(dir.join("ca.pem")).context("reading ca.pem (run `gatehouse certs dev` first)")?;
+    let ca_key = KeyPair::from_pem(&fs::read_to_string(dir.join("ca.key")).context("reading ca.key")?)?;
     let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)?;
     write_client_with(dir, name, name, &issuer)
 }
@@ -85,10 +76,7 @@ fn write_client_with(
     issuer: &Issuer<'_, KeyPair>,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(
-        !identity.is_empty()
-            && identity
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)),
+        !identity.is_empty() && identity.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)),
         "a client name is letters, digits, '-', '_' and '.'"
     );
     let mut params = CertificateParams::new(Vec::new())?;
@@ -97,12 +85,7 @@ fn write_client_with(
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     params.use_authority_key_identifier_extension = true;
     let key = KeyPair::generate()?;
-    write(
-        dir,
-        &format!("{file}.pem"),
-        &params.signed_by(&key, issuer)?.pem(),
-        false,
-    )?;
+    write(dir, &format!("{file}.pem"), &params.signed_by(&key, issuer)?.pem(), false)?;
     write(dir, &format!("{file}.key"), &key.serialize_pem(), true)?;
     Ok(())
 }

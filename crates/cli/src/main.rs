@@ -10,11 +10,7 @@ use gatehouse_cli::commands::jobs::{self, Endpoint, SubmitArgs};
 use gatehouse_cli::commands::up::{self, UpArgs};
 
 #[derive(Parser)]
-#[command(
-    name = "gatehouse",
-    version,
-    about = "Background jobs on sensitive data, behind a gatekeeper"
-)]
+#[command(name = "gatehouse", version, about = "Background jobs on sensitive data, behind a gatekeeper")]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -111,10 +107,7 @@ async fn main() -> ExitCode {
         Cmd::Up(args) => up::up(&args).await.map(|()| true),
         Cmd::Certs(CertsCmd::Dev { out, force }) => {
             if out.join("ca.pem").exists() && !force {
-                println!(
-                    "{} already has certificates (use --force to replace them)",
-                    out.display()
-                );
+                println!("{} already has certificates (use --force to replace them)", out.display());
                 Ok(true)
             } else {
                 certs::write_dev(&out).map(|()| {
@@ -127,11 +120,7 @@ async fn main() -> ExitCode {
             println!("wrote {0}/{name}.pem and {0}/{name}.key", out.display());
             true
         }),
-        Cmd::Submit {
-            job,
-            endpoint,
-            json,
-        } => jobs::submit(&endpoint, &job, json).await,
+        Cmd::Submit { job, endpoint, json } => jobs::submit(&endpoint, &job, json).await,
         Cmd::Status { id, endpoint, json } => jobs::status(&endpoint, &id, json).await,
         Cmd::Dlq { command, broker } => run_dlq(command, &broker).await,
     };

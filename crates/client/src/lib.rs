@@ -83,10 +83,7 @@ impl Response {
 }
 
 fn file_err(path: &Path, e: impl ToString) -> ClientError {
-    ClientError::File {
-        path: path.display().to_string(),
-        reason: e.to_string(),
-    }
+    ClientError::File { path: path.display().to_string(), reason: e.to_string() }
 }
 
 /// Reads the certificates of a PEM file.
@@ -150,12 +147,7 @@ impl Client {
             None => return Err(bad()),
         };
         let server_name = ServerName::try_from(host.clone()).map_err(|_| bad())?;
-        Ok(Self {
-            addr,
-            host,
-            server_name,
-            tls: TlsConnector::from(Arc::new(config)),
-        })
+        Ok(Self { addr, host, server_name, tls: TlsConnector::from(Arc::new(config)) })
     }
 
     /// Opens one keep-alive HTTP/1.1 connection over TLS.
@@ -170,10 +162,7 @@ impl Client {
         tokio::spawn(async move {
             let _ = conn.await;
         });
-        Ok(Connection {
-            sender,
-            host: self.host.clone(),
-        })
+        Ok(Connection { sender, host: self.host.clone() })
     }
 }
 
@@ -188,23 +177,13 @@ impl Connection {
     ///
     /// # Errors
     /// When the request cannot be sent or the answer not read.
-    pub async fn submit(
-        &mut self,
-        job: &Value,
-        wait_s: Option<u64>,
-    ) -> Result<Response, ClientError> {
+    pub async fn submit(&mut self, job: &Value, wait_s: Option<u64>) -> Result<Response, ClientError> {
         let wait = wait_s.map(|w| format!("wait={w}"));
         let mut headers = vec![("content-type", "application/json")];
         if let Some(w) = &wait {
             headers.push(("prefer", w.as_str()));
         }
-        self.request(
-            Method::POST,
-            "/v1/jobs",
-            &headers,
-            job.to_string().into_bytes(),
-        )
-        .await
+        self.request(Method::POST, "/v1/jobs", &headers, job.to_string().into_bytes()).await
     }
 
     /// `GET /v1/jobs/{id}`.
@@ -212,8 +191,7 @@ impl Connection {
     /// # Errors
     /// When the request cannot be sent or the answer not read.
     pub async fn status(&mut self, id: &str) -> Result<Response, ClientError> {
-        self.request(Method::GET, &format!("/v1/jobs/{id}"), &[], Vec::new())
-            .await
+        self.request(Method::GET, &format!("/v1/jobs/{id}"), &[], Vec::new()).await
     }
 
     /// Any request, with raw headers and body.
@@ -227,33 +205,18 @@ impl Connection {
         headers: &[(&str, &str)],
         body: Vec<u8>,
     ) -> Result<Response, ClientError> {
-        let mut req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", &self.host);
+        let mut req = Request::builder().method(method).uri(path).header("host", &self.host);
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
-        let req = req
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| ClientError::Url(e.to_string()))?;
+        let req = req.body(Full::new(Bytes::from(body))).map_err(|e| ClientError::Url(e.to_string()))?;
         self.sender.ready().await?;
         let res = self.sender.send_request(req).await?;
-        let header = |name| {
-            res.headers()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        };
+        let header = |name| res.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
         let status = res.status().as_u16();
         let content_type = header(hyper::header::CONTENT_TYPE);
         let retry_after = header(hyper::header::RETRY_AFTER);
         let body = res.into_body().collect().await?.to_bytes().to_vec();
-        Ok(Response {
-            status,
-            content_type,
-            retry_after,
-            body,
-        })
+        Ok(Response { status, content_type, retry_after, body })
     }
 }

@@ -34,18 +34,12 @@ impl IdMinter {
     /// # Errors
     /// When the file cannot be read, is not hex, or is shorter than 32 bytes.
     pub fn from_file(path: &Path) -> Result<Self, IdSecretError> {
-        let err = |reason: String| IdSecretError {
-            path: path.display().to_string(),
-            reason,
-        };
+        let err = |reason: String| IdSecretError { path: path.display().to_string(), reason };
         let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
         let hex = text.trim();
         let bytes: Option<Vec<u8>> = (0..hex.len())
             .step_by(2)
-            .map(|i| {
-                hex.get(i..i + 2)
-                    .and_then(|b| u8::from_str_radix(b, 16).ok())
-            })
+            .map(|i| hex.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok()))
             .collect();
         match bytes {
             Some(b) if b.len() >= 32 => Ok(Self::new(&b)),
@@ -54,10 +48,7 @@ impl IdMinter {
     }
 
     pub fn new(secret: &[u8]) -> Self {
-        Self {
-            key: hmac::Key::new(hmac::HMAC_SHA256, secret),
-            rng: SystemRandom::new(),
-        }
+        Self { key: hmac::Key::new(hmac::HMAC_SHA256, secret), rng: SystemRandom::new() }
     }
 
     /// A fresh id for `client`; with `idempotency_key`, the one id that key always maps to.
@@ -75,9 +66,7 @@ impl IdMinter {
                     let t = std::time::SystemTime::now()
                         .duration_since(std::time::UNIX_EPOCH)
                         .map_or(0, |d| d.as_nanos());
-                    nonce.copy_from_slice(
-                        &self.sign(&[b"time", &t.to_le_bytes()]).as_ref()[..NONCE],
-                    );
+                    nonce.copy_from_slice(&self.sign(&[b"time", &t.to_le_bytes()]).as_ref()[..NONCE]);
                 }
             }
         }
@@ -93,10 +82,8 @@ impl IdMinter {
         let raw = id.to_bytes();
         let expected = self.sign(&[b"owner", client.as_bytes(), &raw[..NONCE]]);
         // Constant-time comparison of the truncated tag.
-        let diff = raw[NONCE..]
-            .iter()
-            .zip(&expected.as_ref()[..16 - NONCE])
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        let diff =
+            raw[NONCE..].iter().zip(&expected.as_ref()[..16 - NONCE]).fold(0u8, |acc, (a, b)| acc | (a ^ b));
         diff == 0
     }
 

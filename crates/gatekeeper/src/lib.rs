@@ -11,8 +11,8 @@
 pub mod ids;
 pub mod link;
 pub mod policy;
-pub mod process;
 pub mod problem;
+pub mod process;
 pub mod replies;
 pub mod routes;
 pub mod schemas;

@@ -64,26 +64,17 @@ impl BrokerLink {
     }
 
     fn set(&self, p: Option<Publisher>) {
-        *self
-            .publisher
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = p;
+        *self.publisher.write().unwrap_or_else(std::sync::PoisonError::into_inner) = p;
     }
 
     async fn connect(&self) -> anyhow::Result<Session> {
-        let connection =
-            gatehouse_broker::connect(self.settings.url.expose(), "gatehouse-gatekeeper")
-                .await
-                .context("connecting to the broker")?;
+        let connection = gatehouse_broker::connect(self.settings.url.expose(), "gatehouse-gatekeeper")
+            .await
+            .context("connecting to the broker")?;
         let topology = self.settings.topology();
         let setup = connection.create_channel().await?;
-        topology
-            .declare(&setup, &self.queues)
-            .await
-            .context("declaring topology")?;
-        topology
-            .declare_reply_queue(&setup, self.replies.instance())
-            .await?;
+        topology.declare(&setup, &self.queues).await.context("declaring topology")?;
+        topology.declare_reply_queue(&setup, self.replies.instance()).await?;
         let reply_consumer = self.replies.clone().consume(setup).await?;
         self.set(Some(Publisher::open(&connection).await?));
         *self.connection.lock().await = Some(connection);
@@ -104,11 +95,7 @@ impl BrokerLink {
                 match self.connect().await {
                     Ok(s) => break s,
                     Err(e) => {
-                        tracing::warn!(
-                            error = format!("{e:#}"),
-                            ?backoff,
-                            "broker unavailable; retrying"
-                        );
+                        tracing::warn!(error = format!("{e:#}"), ?backoff, "broker unavailable; retrying");
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(MAX_BACKOFF);
                     }

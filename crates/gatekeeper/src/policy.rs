@@ -44,16 +44,11 @@ impl Policy {
     /// # Errors
     /// When the file cannot be read or parsed, or an identity repeats.
     pub fn load(path: &Path) -> Result<Self, config::ConfigError> {
-        let file: PolicyFile = config::Config::builder()
-            .add_source(config::File::from(path))
-            .build()?
-            .try_deserialize()?;
+        let file: PolicyFile =
+            config::Config::builder().add_source(config::File::from(path)).build()?.try_deserialize()?;
         let mut clients = HashMap::new();
         for c in file.client {
-            let policy = ClientPolicy {
-                kinds: c.kinds,
-                max_priority: c.max_priority,
-            };
+            let policy = ClientPolicy { kinds: c.kinds, max_priority: c.max_priority };
             if clients.insert(c.identity.clone(), policy).is_some() {
                 return Err(config::ConfigError::Message(format!(
                     "policy lists client {} twice",
@@ -109,8 +104,7 @@ mod tests {
     #[test]
     fn shipped_policy_allows_dev_client_only() {
         let p =
-            Policy::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/policy.toml"))
-                .unwrap();
+            Policy::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/policy.toml")).unwrap();
         assert!(p.client("dev-client").unwrap().allows_kind("ledger.apply"));
         assert!(p.client("stranger").is_none());
     }

@@ -30,12 +30,7 @@ pub struct Problem {
 
 impl Problem {
     /// A problem of reason `slug` (the last part of its `type`).
-    pub fn new(
-        status: StatusCode,
-        slug: &str,
-        title: &'static str,
-        detail: impl Into<String>,
-    ) -> Self {
+    pub fn new(status: StatusCode, slug: &str, title: &'static str, detail: impl Into<String>) -> Self {
         Self {
             type_uri: format!("urn:gatehouse:problem:{slug}"),
             title,
@@ -64,20 +59,10 @@ impl Problem {
     // The reasons, one constructor each, so that a `type` means one thing everywhere.
 
     pub fn malformed_json(detail: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::BAD_REQUEST,
-            "malformed-json",
-            "Request body is not valid JSON",
-            detail,
-        )
+        Self::new(StatusCode::BAD_REQUEST, "malformed-json", "Request body is not valid JSON", detail)
     }
     pub fn invalid_envelope(detail: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::BAD_REQUEST,
-            "invalid-envelope",
-            "Request envelope is not allowed",
-            detail,
-        )
+        Self::new(StatusCode::BAD_REQUEST, "invalid-envelope", "Request envelope is not allowed", detail)
     }
     pub fn unsupported_media_type() -> Self {
         Self::new(
@@ -96,37 +81,19 @@ impl Problem {
         )
     }
     pub fn validation(title: &'static str, slug: &str, errors: Vec<FieldError>) -> Self {
-        let detail = errors
-            .iter()
-            .map(|e| format!("{}: {}", e.path, e.message))
-            .collect::<Vec<_>>()
-            .join("; ");
+        let detail =
+            errors.iter().map(|e| format!("{}: {}", e.path, e.message)).collect::<Vec<_>>().join("; ");
         Self::new(StatusCode::UNPROCESSABLE_ENTITY, slug, title, detail).with_errors(errors)
     }
     pub fn forbidden(slug: &str, detail: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::FORBIDDEN,
-            slug,
-            "Not allowed for this client",
-            detail,
-        )
+        Self::new(StatusCode::FORBIDDEN, slug, "Not allowed for this client", detail)
     }
     pub fn not_found() -> Self {
-        Self::new(
-            StatusCode::NOT_FOUND,
-            "not-found",
-            "Not found",
-            "no such job for this client",
-        )
+        Self::new(StatusCode::NOT_FOUND, "not-found", "Not found", "no such job for this client")
     }
     pub fn broker_unavailable(detail: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "broker-unavailable",
-            "Service unavailable",
-            detail,
-        )
-        .retry_after(1)
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "broker-unavailable", "Service unavailable", detail)
+            .retry_after(1)
     }
 }
 
@@ -136,10 +103,7 @@ impl IntoResponse for Problem {
         let body = serde_json::to_vec(&self).unwrap_or_default();
         let mut res = (status, body).into_response();
         let headers = res.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/problem+json"),
-        );
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
         if let Some(s) = self.retry_after {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(s));
         }

@@ -14,9 +14,8 @@ pub fn main() -> ExitCode {
                 .unwrap_or_else(|_| "info,lapin=warn".into()),
         )
         .init();
-    let path = std::env::args_os()
-        .nth(1)
-        .map_or_else(|| PathBuf::from("config/gatekeeper.toml"), PathBuf::from);
+    let path =
+        std::env::args_os().nth(1).map_or_else(|| PathBuf::from("config/gatekeeper.toml"), PathBuf::from);
     let settings = match GatekeeperSettings::load(&path) {
         Ok(s) => s,
         Err(e) => {
@@ -32,10 +31,7 @@ pub fn main() -> ExitCode {
         }
     };
     let run = async {
-        Gatekeeper::build(settings)
-            .await?
-            .run_until_stopped(gatehouse_broker::shutdown::signal())
-            .await
+        Gatekeeper::build(settings).await?.run_until_stopped(gatehouse_broker::shutdown::signal()).await
     };
     match runtime.block_on(run) {
         Ok(()) => ExitCode::SUCCESS,

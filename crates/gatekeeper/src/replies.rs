@@ -79,11 +79,7 @@ impl Replies {
             return Err(Full);
         }
         pending.insert(correlation_id.clone(), tx);
-        Ok(Waiter {
-            replies: self.clone(),
-            correlation_id,
-            rx,
-        })
+        Ok(Waiter { replies: self.clone(), correlation_id, rx })
     }
 
     /// Hands an answer to whoever waits for `correlation_id`.
@@ -106,9 +102,7 @@ impl Replies {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, mpsc::Sender<JobStatus>>> {
         // A panic while holding this lock cannot leave the map inconsistent.
-        self.pending
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Consumes the reply queue (auto-ack: replies are a courtesy, the record is in the
@@ -120,11 +114,7 @@ impl Replies {
         self: Arc<Self>,
         channel: Channel,
     ) -> Result<tokio::task::JoinHandle<()>, gatehouse_broker::lapin::Error> {
-        let opts = BasicConsumeOptions {
-            no_ack: true,
-            exclusive: true,
-            ..Default::default()
-        };
+        let opts = BasicConsumeOptions { no_ack: true, exclusive: true, ..Default::default() };
         let mut consumer = channel
             .basic_consume(
                 self.queue.as_str().into(),
@@ -135,12 +125,7 @@ impl Replies {
             .await?;
         Ok(tokio::spawn(async move {
             while let Some(Ok(d)) = consumer.next().await {
-                let Some(cid) = d
-                    .properties
-                    .correlation_id()
-                    .as_ref()
-                    .map(ToString::to_string)
-                else {
+                let Some(cid) = d.properties.correlation_id().as_ref().map(ToString::to_string) else {
                     continue;
                 };
                 match serde_json::from_slice::<JobStatus>(&d.data) {
@@ -160,10 +145,7 @@ impl Waiter {
 
     /// The next answer, or `None` at the deadline.
     pub async fn next_until(&mut self, deadline: tokio::time::Instant) -> Option<JobStatus> {
-        tokio::time::timeout_at(deadline, self.rx.recv())
-            .await
-            .ok()
-            .flatten()
+        tokio::time::timeout_at(deadline, self.rx.recv()).await.ok().flatten()
     }
 }
 
@@ -188,10 +170,7 @@ mod tests {
         let cid = a.correlation_id().to_owned();
         drop(a);
         assert_eq!(r.pending_count(), 1);
-        r.complete(
-            &cid,
-            JobStatus::new(JobId::from_bytes([0; 16]), JobState::Succeeded),
-        );
+        r.complete(&cid, JobStatus::new(JobId::from_bytes([0; 16]), JobState::Succeeded));
         assert_eq!(r.late_count(), 1);
         assert!(r.register().is_ok());
     }

@@ -40,8 +40,7 @@ impl Schemas {
             };
             let text = std::fs::read_to_string(&kind.schema).map_err(|e| err(e.to_string()))?;
             let schema: Value = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
-            let validator =
-                jsonschema::draft202012::new(&schema).map_err(|e| err(e.to_string()))?;
+            let validator = jsonschema::draft202012::new(&schema).map_err(|e| err(e.to_string()))?;
             by_kind.insert(kind.name.clone(), validator);
         }
         Ok(Self { by_kind })
@@ -51,24 +50,14 @@ impl Schemas {
     /// (`/payload/...`).
     pub fn validate(&self, kind: &str, payload: &Value) -> Result<(), Vec<FieldError>> {
         let Some(validator) = self.by_kind.get(kind) else {
-            return Err(vec![FieldError {
-                path: "/kind".into(),
-                message: "unknown kind".into(),
-            }]);
+            return Err(vec![FieldError { path: "/kind".into(), message: "unknown kind".into() }]);
         };
         let errors: Vec<FieldError> = validator
             .iter_errors(payload)
             .take(MAX_ERRORS)
-            .map(|e| FieldError {
-                path: format!("/payload{}", e.instance_path()),
-                message: e.to_string(),
-            })
+            .map(|e| FieldError { path: format!("/payload{}", e.instance_path()), message: e.to_string() })
             .collect();
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(errors)
-        }
+        if errors.is_empty() { Ok(()) } else { Err(errors) }
     }
 }
 
@@ -88,17 +77,10 @@ mod tests {
     #[test]
     fn shipped_schemas_compile_and_name_the_field() {
         let s = schemas();
-        assert!(
-            s.validate("ledger.apply", &json!({"account": "a-1", "amount": 5}))
-                .is_ok()
-        );
-        let errs = s
-            .validate("ledger.apply", &json!({"account": "a-1", "amount": "5"}))
-            .unwrap_err();
+        assert!(s.validate("ledger.apply", &json!({"account": "a-1", "amount": 5})).is_ok());
+        let errs = s.validate("ledger.apply", &json!({"account": "a-1", "amount": "5"})).unwrap_err();
         assert_eq!(errs[0].path, "/payload/amount");
-        let errs = s
-            .validate("vault.put", &json!({"record": {}, "extra": 1}))
-            .unwrap_err();
+        let errs = s.validate("vault.put", &json!({"record": {}, "extra": 1})).unwrap_err();
         assert!(errs[0].message.contains("extra"), "{errs:?}");
     }
 }

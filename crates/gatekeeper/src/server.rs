@@ -37,9 +37,7 @@ pub async fn serve(
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
     let mut http = Builder::new(TokioExecutor::new());
-    http.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(10));
+    http.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(10));
     let http = Arc::new(http);
     tokio::pin!(shutdown);
 
@@ -67,26 +65,20 @@ pub async fn serve(
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             let _permit = permit;
-            let tls =
-                match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(e)) => return tracing::info!(%peer, error = %e, "TLS handshake refused"),
-                    Err(_) => return tracing::info!(%peer, "TLS handshake timed out"),
-                };
-            let identity = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .and_then(client_identity);
+            let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => return tracing::info!(%peer, error = %e, "TLS handshake refused"),
+                Err(_) => return tracing::info!(%peer, "TLS handshake timed out"),
+            };
+            let identity =
+                tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(client_identity);
             let Some(identity) = identity else {
                 return tracing::warn!(%peer, "client certificate has no usable identity");
             };
-            let service =
-                router.map_request(move |mut req: axum::http::Request<hyper::body::Incoming>| {
-                    req.extensions_mut().insert(identity.clone());
-                    req
-                });
+            let service = router.map_request(move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(identity.clone());
+                req
+            });
             let conn = http.serve_connection(TokioIo::new(tls), TowerToHyperService::new(service));
             if let Err(e) = watcher.watch(conn.into_owned()).await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
@@ -95,10 +87,7 @@ pub async fn serve(
     }
 
     tracing::info!("gatekeeper stopping: draining open connections");
-    if tokio::time::timeout(limits.stopping_wait_time, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(limits.stopping_wait_time, graceful.shutdown()).await.is_err() {
         tracing::warn!("open connections did not finish in time");
     }
 }

@@ -49,17 +49,9 @@ impl Gatekeeper {
 
         let topology = settings.broker.topology();
         let instance = instance_id();
-        let replies = Replies::new(
-            instance.clone(),
-            topology.reply_queue(&instance),
-            MAX_PENDING_REPLIES,
-        );
-        let (link, supervisor) = BrokerLink::start(
-            settings.broker.clone(),
-            catalog.queues().to_vec(),
-            replies.clone(),
-        )
-        .await?;
+        let replies = Replies::new(instance.clone(), topology.reply_queue(&instance), MAX_PENDING_REPLIES);
+        let (link, supervisor) =
+            BrokerLink::start(settings.broker.clone(), catalog.queues().to_vec(), replies.clone()).await?;
 
         let app = Arc::new(App {
             catalog,
@@ -79,13 +71,7 @@ impl Gatekeeper {
             max_connections: settings.server.max_connections,
             stopping_wait_time: settings.server.stopping_wait_time(),
         };
-        Ok(Self {
-            listener,
-            acceptor,
-            app,
-            limits,
-            supervisor,
-        })
+        Ok(Self { listener, acceptor, app, limits, supervisor })
     }
 
     /// The bound address (useful with port 0).
@@ -106,10 +92,7 @@ impl Gatekeeper {
         server::serve(self.listener, self.acceptor, router, self.limits, shutdown).await;
         self.supervisor.abort();
         self.app.link.close().await;
-        tracing::info!(
-            late_replies = self.app.replies.late_count(),
-            "gatekeeper stopped"
-        );
+        tracing::info!(late_replies = self.app.replies.late_count(), "gatekeeper stopped");
         Ok(())
     }
 }

@@ -21,10 +21,7 @@ pub enum TlsError {
 }
 
 fn file_err(path: &Path, reason: impl ToString) -> TlsError {
-    TlsError::File {
-        path: path.display().to_string(),
-        reason: reason.to_string(),
-    }
+    TlsError::File { path: path.display().to_string(), reason: reason.to_string() }
 }
 
 /// Reads every certificate in a PEM file.
@@ -76,12 +73,7 @@ pub struct ClientIdentity(pub String);
 pub fn client_identity(cert: &CertificateDer<'_>) -> Option<ClientIdentity> {
     use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
     let (_, cert) = X509Certificate::from_der(cert.as_ref()).ok()?;
-    let cn = cert
-        .subject()
-        .iter_common_name()
-        .next()
-        .and_then(|cn| cn.as_str().ok())
-        .map(str::to_owned);
+    let cn = cert.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok()).map(str::to_owned);
     let san = || {
         let san = cert.subject_alternative_name().ok()??;
         san.value.general_names.iter().find_map(|n| match n {
@@ -91,7 +83,5 @@ pub fn client_identity(cert: &CertificateDer<'_>) -> Option<ClientIdentity> {
             _ => None,
         })
     };
-    cn.filter(|s| !s.is_empty())
-        .or_else(san)
-        .map(ClientIdentity)
+    cn.filter(|s| !s.is_empty()).or_else(san).map(ClientIdentity)
 }

@@ -72,10 +72,7 @@ pub struct Catalog {
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
     #[error("cannot read the job catalog {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: config::ConfigError,
-    },
+    Read { path: PathBuf, source: config::ConfigError },
     #[error("job catalog: {0}")]
     Invalid(String),
 }
@@ -91,19 +88,12 @@ impl Catalog {
             .add_source(config::File::from(path))
             .build()
             .and_then(config::Config::try_deserialize)
-            .map_err(|source| CatalogError::Read {
-                path: path.to_owned(),
-                source,
-            })?;
+            .map_err(|source| CatalogError::Read { path: path.to_owned(), source })?;
         let base = path.parent().unwrap_or(Path::new("."));
         Self::from_parts(file.queue, file.kind, base)
     }
 
-    fn from_parts(
-        queues: Vec<QueueClass>,
-        kinds: Vec<KindSpec>,
-        base: &Path,
-    ) -> Result<Self, CatalogError> {
+    fn from_parts(queues: Vec<QueueClass>, kinds: Vec<KindSpec>, base: &Path) -> Result<Self, CatalogError> {
         let mut map = BTreeMap::new();
         for mut kind in kinds {
             if !queues.iter().any(|q| q.name == kind.queue) {
@@ -119,17 +109,12 @@ impl Catalog {
                 )));
             }
             if kind.max_attempts == 0 {
-                return Err(CatalogError::Invalid(format!(
-                    "kind {}: max_attempts is 0",
-                    kind.name
-                )));
+                return Err(CatalogError::Invalid(format!("kind {}: max_attempts is 0", kind.name)));
             }
             kind.schema = base.join(&kind.schema);
             let name = kind.name.clone();
             if map.insert(name.clone(), kind).is_some() {
-                return Err(CatalogError::Invalid(format!(
-                    "kind {name} is listed twice"
-                )));
+                return Err(CatalogError::Invalid(format!("kind {name} is listed twice")));
             }
         }
         Ok(Self { queues, kinds: map })
@@ -171,20 +156,14 @@ mod tests {
 
     #[test]
     fn unknown_queue_class_is_refused() {
-        let q = vec![QueueClass {
-            name: "batch".into(),
-            max_length: 10,
-        }];
+        let q = vec![QueueClass { name: "batch".into(), max_length: 10 }];
         let err = Catalog::from_parts(q, vec![kind("a", "nope")], Path::new("/c")).unwrap_err();
         assert!(err.to_string().contains("unknown queue class"));
     }
 
     #[test]
     fn schema_paths_are_resolved_against_the_catalog() {
-        let q = vec![QueueClass {
-            name: "batch".into(),
-            max_length: 10,
-        }];
+        let q = vec![QueueClass { name: "batch".into(), max_length: 10 }];
         let c = Catalog::from_parts(q, vec![kind("a", "batch")], Path::new("/c")).unwrap();
         assert_eq!(c.kind("a").unwrap().schema, Path::new("/c/s.json"));
     }
@@ -193,13 +172,7 @@ mod tests {
     fn shipped_catalog_loads() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/jobs.toml");
         let c = Catalog::load(&path).unwrap();
-        for k in [
-            "vault.put",
-            "vault.get",
-            "vault.delete",
-            "ledger.apply",
-            "ledger.balance",
-        ] {
+        for k in ["vault.put", "vault.get", "vault.delete", "ledger.apply", "ledger.balance"] {
             let spec = c.kind(k).unwrap_or_else(|| panic!("{k} missing"));
             assert!(spec.schema.exists(), "{}", spec.schema.display());
         }

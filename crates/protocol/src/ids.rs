@@ -35,14 +35,8 @@ impl JobId {
     /// # Errors
     /// When `s` is not exactly 32 lowercase hex digits.
     pub fn parse(s: &str) -> Result<Self, InvalidJobId> {
-        let ok = s.len() == Self::LEN
-            && s.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-        if ok {
-            Ok(Self(s.to_owned()))
-        } else {
-            Err(InvalidJobId)
-        }
+        let ok = s.len() == Self::LEN && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if ok { Ok(Self(s.to_owned())) } else { Err(InvalidJobId) }
     }
 
     /// The raw bytes.
@@ -92,9 +86,7 @@ mod tests {
 
     #[test]
     fn bytes_round_trip() {
-        let bytes = [
-            0u8, 1, 0x7f, 0x80, 0xff, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 0xab,
-        ];
+        let bytes = [0u8, 1, 0x7f, 0x80, 0xff, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 0xab];
         let id = JobId::from_bytes(bytes);
         assert_eq!(id.as_str().len(), 32);
         assert_eq!(JobId::parse(id.as_str()).unwrap().to_bytes(), bytes);

@@ -78,14 +78,7 @@ pub struct JobStatus {
 impl JobStatus {
     /// A status with only id and state set.
     pub fn new(id: JobId, status: JobState) -> Self {
-        Self {
-            id,
-            status,
-            result: None,
-            error: None,
-            expected: None,
-            reason: None,
-        }
+        Self { id, status, result: None, error: None, expected: None, reason: None }
     }
 }
 
@@ -95,13 +88,7 @@ mod tests {
 
     #[test]
     fn state_names_round_trip() {
-        for s in [
-            "queued",
-            "running",
-            "waiting_for_sequence",
-            "succeeded",
-            "failed",
-        ] {
+        for s in ["queued", "running", "waiting_for_sequence", "succeeded", "failed"] {
             assert_eq!(JobState::parse(s).unwrap().as_str(), s);
         }
         assert!(JobState::parse("bogus").is_none());

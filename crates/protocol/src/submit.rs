@@ -39,11 +39,7 @@ impl Priority {
     /// # Errors
     /// When `p` is above 9.
     pub fn new(p: u8) -> Result<Self, &'static str> {
-        if p <= Self::MAX.0 {
-            Ok(Self(p))
-        } else {
-            Err("priority must be between 0 and 9")
-        }
+        if p <= Self::MAX.0 { Ok(Self(p)) } else { Err("priority must be between 0 and 9") }
     }
 
     pub fn get(self) -> u8 {
@@ -87,10 +83,7 @@ impl Sequence {
         if raw.number == 0 {
             return Err("sequence numbers start at 1");
         }
-        Ok(Self {
-            key: raw.key,
-            number: raw.number,
-        })
+        Ok(Self { key: raw.key, number: raw.number })
     }
 
     pub fn key(&self) -> &str {
@@ -108,19 +101,15 @@ mod tests {
 
     #[test]
     fn envelope_fields_are_allowlisted() {
-        let err = serde_json::from_str::<SubmitRequest>(
-            r#"{"kind":"vault.put","payload":{},"reply_to":"evil"}"#,
-        )
-        .unwrap_err();
+        let err =
+            serde_json::from_str::<SubmitRequest>(r#"{"kind":"vault.put","payload":{},"reply_to":"evil"}"#)
+                .unwrap_err();
         assert!(err.to_string().contains("reply_to"), "{err}");
     }
 
     #[test]
     fn sequence_rules() {
-        let raw = |key: &str, number| RawSequence {
-            key: key.into(),
-            number,
-        };
+        let raw = |key: &str, number| RawSequence { key: key.into(), number };
         assert!(Sequence::parse(raw("acct-1", 1)).is_ok());
         assert!(Sequence::parse(raw("acct-1", 0)).is_err());
         assert!(Sequence::parse(raw("", 1)).is_err());

@@ -36,10 +36,9 @@ impl StorageError {
     pub fn is_transient(&self) -> bool {
         use rusqlite::ErrorCode as C;
         match self {
-            Self::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => matches!(
-                e.code,
-                C::DatabaseBusy | C::DatabaseLocked | C::SystemIoFailure | C::DiskFull
-            ),
+            Self::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => {
+                matches!(e.code, C::DatabaseBusy | C::DatabaseLocked | C::SystemIoFailure | C::DiskFull)
+            }
             Self::Closed => true,
             _ => false,
         }
@@ -70,9 +69,8 @@ impl Store {
     /// When the file cannot be opened or a migration fails.
     pub fn open_sqlite(path: &Path) -> Result<Self, StorageError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                StorageError::Corrupt(format!("cannot create {}: {e}", dir.display()))
-            })?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StorageError::Corrupt(format!("cannot create {}: {e}", dir.display())))?;
         }
         let mut conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
@@ -88,8 +86,7 @@ impl Store {
                 while let Some(job) = rx.blocking_recv() {
                     // A panicking closure drops its transaction (rolled back) and its answer
                     // channel (the caller sees `Closed`); the thread serves the next one.
-                    let _ =
-                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut conn)));
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut conn)));
                 }
             })
             .map_err(|e| StorageError::Corrupt(format!("cannot start storage thread: {e}")))?;
@@ -121,10 +118,7 @@ impl Store {
                 .unwrap_or_else(|p| Err(StorageError::Panicked(panic_message(&*p)).into()));
             let _ = done.send(result);
         });
-        self.work
-            .send(work)
-            .await
-            .map_err(|_| StorageError::Closed)?;
+        self.work.send(work).await.map_err(|_| StorageError::Closed)?;
         result.await.map_err(|_| StorageError::Closed)?
     }
 }

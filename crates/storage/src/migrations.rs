@@ -65,6 +65,11 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE parked ADD COLUMN deadline_ms INTEGER NOT NULL DEFAULT 0;
     CREATE INDEX parked_deadline ON parked(deadline_ms);
     ",
+    // 3: whether an attempt is under way: one still marked running when a delivery comes
+    // again was interrupted by the death of the worker process.
+    r"
+    ALTER TABLE attempts ADD COLUMN running INTEGER NOT NULL DEFAULT 0;
+    ",
 ];
 
 pub(crate) fn run(conn: &mut Connection) -> rusqlite::Result<()> {

@@ -48,13 +48,13 @@ pub struct Attempts {
     pub client: String,
     pub count: u32,
     pub last_error: Option<String>,
+    /// Started and neither finished nor failed: running now, or interrupted by a crash.
+    pub running: bool,
 }
 
 /// Unix time in milliseconds.
 pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 fn to_i64(n: u64) -> Result<i64, StorageError> {
@@ -66,15 +66,12 @@ fn parse_id(s: &str) -> Result<JobId, StorageError> {
 }
 
 fn parse_json(s: Option<String>) -> Result<Option<Value>, StorageError> {
-    s.map(|s| serde_json::from_str(&s).map_err(|e| StorageError::Corrupt(e.to_string())))
-        .transpose()
+    s.map(|s| serde_json::from_str(&s).map_err(|e| StorageError::Corrupt(e.to_string()))).transpose()
 }
 
 impl<'c> Tx<'c> {
     pub(crate) fn begin(conn: &'c mut Connection) -> Result<Self, StorageError> {
-        Ok(Self {
-            tx: conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?,
-        })
+        Ok(Self { tx: conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)? })
     }
 
     pub(crate) fn commit(self) -> Result<(), StorageError> {
@@ -154,34 +151,39 @@ impl<'c> Tx<'c> {
 
     /// Forgets a dead-lettered job, so that a replay runs it afresh. Other jobs are kept.
     pub fn forget_dead_lettered(&self, id: &JobId) -> Result<(), StorageError> {
-        self.tx.execute(
-            "DELETE FROM jobs WHERE id = ?1 AND state = 'dead_lettered'",
-            [id.as_str()],
-        )?;
-        self.tx
-            .execute("DELETE FROM attempts WHERE job_id = ?1", [id.as_str()])?;
+        self.tx.execute("DELETE FROM jobs WHERE id = ?1 AND state = 'dead_lettered'", [id.as_str()])?;
+        self.tx.execute("DELETE FROM attempts WHERE job_id = ?1", [id.as_str()])?;
         Ok(())
     }
 
     // ---- attempts --------------------------------------------------------------------------
 
-    /// Counts one more start of `id`; answers the new count. Committed before the handler
-    /// runs, so that a crash while running still counts.
-    pub fn begin_attempt(&self, id: &JobId, client: &str) -> Result<u32, StorageError> {
+    /// Counts one more start of `id` and marks it running; answers the new count and whether
+    /// the previous start was still marked running (the process died during it). Committed
+    /// before the handler runs, so that a crash while running still counts.
+    pub fn begin_attempt(&self, id: &JobId, client: &str) -> Result<(u32, bool), StorageError> {
+        let interrupted = self.attempts(id)?.is_some_and(|a| a.running);
         let count: i64 = self.tx.query_row(
-            "INSERT INTO attempts (job_id, client, count, updated_at_ms) VALUES (?1, ?2, 1, ?3)
-             ON CONFLICT(job_id) DO UPDATE SET count = count + 1, updated_at_ms = excluded.updated_at_ms
+            "INSERT INTO attempts (job_id, client, count, running, updated_at_ms) VALUES (?1, ?2, 1, 1, ?3)
+             ON CONFLICT(job_id) DO UPDATE SET count = count + 1, running = 1,
+                 updated_at_ms = excluded.updated_at_ms
              RETURNING count",
             params![id.as_str(), client, now_ms()],
             |r| r.get(0),
         )?;
-        Ok(u32::try_from(count).unwrap_or(u32::MAX))
+        Ok((u32::try_from(count).unwrap_or(u32::MAX), interrupted))
+    }
+
+    /// Forgets the attempts of a job whose outcome is now recorded.
+    pub fn clear_attempts(&self, id: &JobId) -> Result<(), StorageError> {
+        self.tx.execute("DELETE FROM attempts WHERE job_id = ?1", [id.as_str()])?;
+        Ok(())
     }
 
     /// Records why the latest attempt of `id` failed.
     pub fn fail_attempt(&self, id: &JobId, error: &str) -> Result<(), StorageError> {
         self.tx.execute(
-            "UPDATE attempts SET last_error = ?2, updated_at_ms = ?3 WHERE job_id = ?1",
+            "UPDATE attempts SET last_error = ?2, running = 0, updated_at_ms = ?3 WHERE job_id = ?1",
             params![id.as_str(), error, now_ms()],
         )?;
         Ok(())
@@ -191,13 +193,14 @@ impl<'c> Tx<'c> {
         Ok(self
             .tx
             .query_row(
-                "SELECT client, count, last_error FROM attempts WHERE job_id = ?1",
+                "SELECT client, count, last_error, running FROM attempts WHERE job_id = ?1",
                 [id.as_str()],
                 |r| {
                     Ok(Attempts {
                         client: r.get(0)?,
                         count: u32::try_from(r.get::<_, i64>(1)?).unwrap_or(u32::MAX),
                         last_error: r.get(2)?,
+                        running: r.get::<_, i64>(3)? != 0,
                     })
                 },
             )
@@ -208,12 +211,8 @@ impl<'c> Tx<'c> {
 
     /// The next number `key` applies (1 for a key never seen).
     pub fn next_expected(&self, key: &str) -> Result<u64, StorageError> {
-        let next: Option<i64> = self
-            .tx
-            .query_row("SELECT next FROM sequences WHERE key = ?1", [key], |r| {
-                r.get(0)
-            })
-            .optional()?;
+        let next: Option<i64> =
+            self.tx.query_row("SELECT next FROM sequences WHERE key = ?1", [key], |r| r.get(0)).optional()?;
         Ok(next.map_or(1, |n| n as u64))
     }
 
@@ -281,10 +280,7 @@ impl<'c> Tx<'c> {
         let Some((id, envelope, reply_to, correlation_id, deadline_ms)) = row else {
             return Ok(None);
         };
-        self.tx.execute(
-            "DELETE FROM parked WHERE seq_key = ?1 AND seq_number = ?2",
-            params![key, n],
-        )?;
+        self.tx.execute("DELETE FROM parked WHERE seq_key = ?1 AND seq_number = ?2", params![key, n])?;
         Ok(Some(Parked {
             job_id: parse_id(&id)?,
             seq_key: key.to_owned(),
@@ -328,9 +324,7 @@ impl<'c> Tx<'c> {
 
     /// How many jobs wait for a predecessor.
     pub fn parked_count(&self) -> Result<u64, StorageError> {
-        let n: i64 = self
-            .tx
-            .query_row("SELECT count(*) FROM parked", [], |r| r.get(0))?;
+        let n: i64 = self.tx.query_row("SELECT count(*) FROM parked", [], |r| r.get(0))?;
         Ok(n as u64)
     }
 
@@ -365,10 +359,8 @@ impl<'c> Tx<'c> {
 
     /// Erases the record behind `token` if `owner` stored it; whether there was one.
     pub fn vault_delete(&self, owner: &str, token: &str) -> Result<bool, StorageError> {
-        let n = self.tx.execute(
-            "DELETE FROM vault WHERE token = ?1 AND owner = ?2",
-            params![token, owner],
-        )?;
+        let n =
+            self.tx.execute("DELETE FROM vault WHERE token = ?1 AND owner = ?2", params![token, owner])?;
         Ok(n > 0)
     }
 
@@ -398,11 +390,9 @@ impl<'c> Tx<'c> {
     pub fn ledger_balance(&self, account: &str) -> Result<(i64, u64), StorageError> {
         let row: Option<(i64, i64)> = self
             .tx
-            .query_row(
-                "SELECT balance, sequence FROM ledger WHERE account = ?1",
-                [account],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
+            .query_row("SELECT balance, sequence FROM ledger WHERE account = ?1", [account], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
             .optional()?;
         Ok(row.map_or((0, 0), |(b, s)| (b, s as u64)))
     }
@@ -434,19 +424,13 @@ mod tests {
     async fn a_sequence_number_belongs_to_one_job() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open_sqlite(&dir.path().join("db.sqlite")).unwrap();
-        store
-            .transact(|tx| tx.record_job(&job(1, JobState::Succeeded, Some(("k", 1)))))
-            .await
-            .unwrap();
+        store.transact(|tx| tx.record_job(&job(1, JobState::Succeeded, Some(("k", 1))))).await.unwrap();
         let err = store
             .transact(|tx| tx.record_job(&job(2, JobState::Succeeded, Some(("k", 1)))))
             .await
             .unwrap_err();
         assert!(err.to_string().contains("UNIQUE"), "{err}");
-        let holder = store
-            .transact(|tx| tx.sequence_holder("k", 1))
-            .await
-            .unwrap();
+        let holder = store.transact(|tx| tx.sequence_holder("k", 1)).await.unwrap();
         assert_eq!(holder, Some(id(1)));
     }
 
@@ -471,40 +455,18 @@ mod tests {
         let token = {
             let store = Store::open_sqlite(&path).unwrap();
             let rec = serde_json::json!({"name": "Ada"});
-            store
-                .transact(move |tx| tx.vault_put("alice", &rec))
-                .await
-                .unwrap()
+            store.transact(move |tx| tx.vault_put("alice", &rec)).await.unwrap()
         };
         let store = Store::open_sqlite(&path).unwrap();
         let t = token.clone();
-        let got = store
-            .transact(move |tx| tx.vault_get("alice", &t))
-            .await
-            .unwrap();
+        let got = store.transact(move |tx| tx.vault_get("alice", &t)).await.unwrap();
         assert_eq!(got, Some(serde_json::json!({"name": "Ada"})));
         let t = token.clone();
-        assert_eq!(
-            store
-                .transact(move |tx| tx.vault_get("mallory", &t))
-                .await
-                .unwrap(),
-            None
-        );
+        assert_eq!(store.transact(move |tx| tx.vault_get("mallory", &t)).await.unwrap(), None);
         let t = token.clone();
-        assert!(
-            !store
-                .transact(move |tx| tx.vault_delete("mallory", &t))
-                .await
-                .unwrap()
-        );
+        assert!(!store.transact(move |tx| tx.vault_delete("mallory", &t)).await.unwrap());
         let t = token.clone();
-        assert!(
-            store
-                .transact(move |tx| tx.vault_delete("alice", &t))
-                .await
-                .unwrap()
-        );
+        assert!(store.transact(move |tx| tx.vault_delete("alice", &t)).await.unwrap());
     }
 
     #[tokio::test]
@@ -528,36 +490,23 @@ mod tests {
             .unwrap();
         let first = store.transact(|tx| tx.take_parked("k", 2)).await.unwrap();
         assert_eq!(first.unwrap().job_id, id(3));
-        assert_eq!(
-            store.transact(|tx| tx.take_parked("k", 2)).await.unwrap(),
-            None
-        );
+        assert_eq!(store.transact(|tx| tx.take_parked("k", 2)).await.unwrap(), None);
     }
 
     #[tokio::test]
     async fn attempts_count_up_and_remember_the_last_error() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open_sqlite(&dir.path().join("db.sqlite")).unwrap();
-        let n = store
-            .transact(|tx| tx.begin_attempt(&id(4), "c"))
-            .await
-            .unwrap();
-        assert_eq!(n, 1);
-        store
-            .transact(|tx| tx.fail_attempt(&id(4), "boom"))
-            .await
-            .unwrap();
-        let n = store
-            .transact(|tx| tx.begin_attempt(&id(4), "c"))
-            .await
-            .unwrap();
-        assert_eq!(n, 2);
-        let a = store
-            .transact(|tx| tx.attempts(&id(4)))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!((a.count, a.last_error.as_deref()), (2, Some("boom")));
+        let n = store.transact(|tx| tx.begin_attempt(&id(4), "c")).await.unwrap();
+        assert_eq!(n, (1, false));
+        store.transact(|tx| tx.fail_attempt(&id(4), "boom")).await.unwrap();
+        let n = store.transact(|tx| tx.begin_attempt(&id(4), "c")).await.unwrap();
+        assert_eq!(n, (2, false));
+        let a = store.transact(|tx| tx.attempts(&id(4))).await.unwrap().unwrap();
+        assert_eq!((a.count, a.last_error.as_deref(), a.running), (2, Some("boom"), true));
+        // Started again without finishing or failing: the previous start was interrupted.
+        let n = store.transact(|tx| tx.begin_attempt(&id(4), "c")).await.unwrap();
+        assert_eq!(n, (3, true));
     }
 
     #[tokio::test]
@@ -570,10 +519,7 @@ mod tests {
                 panic!("handler bug")
             })
             .await;
-        assert!(
-            matches!(r, Err(StorageError::Panicked(ref m)) if m == "handler bug"),
-            "{r:?}"
-        );
+        assert!(matches!(r, Err(StorageError::Panicked(ref m)) if m == "handler bug"), "{r:?}");
         assert_eq!(store.transact(|tx| tx.next_expected("k")).await.unwrap(), 1);
     }
 }

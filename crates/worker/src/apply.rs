@@ -4,9 +4,9 @@
 //!    replay: no second effect, the stored outcome is answered. **Sequence**: for sequenced
 //!    kinds exactly the key's next number runs; a later number is parked in storage (committed
 //!    before the delivery is acked) until the gap closes; a number another job holds is a
-//!    `sequence_conflict`. Otherwise the attempt is **counted** (committed before the handler
-//!    runs, so that a crash while running counts and a delivery that was only prefetched
-//!    does not).
+//!    `sequence_conflict`. Otherwise the job runs, and its attempt is **counted** first
+//!    ([`Tx::begin_attempt`], committed before the handler runs), so that a crash while running
+//!    counts and a delivery that was only prefetched does not.
 //! 2. [`run_in_storage`] / [`record_outcome`] — run the handler (or record what an external
 //!    handler returned), record the outcome, and run parked successors the gap was holding.
 //! 3. [`record_dead`] — a job that is dead-lettered, once the dead-letter queue confirmed it.
@@ -36,17 +36,24 @@ pub struct Answer {
     pub target: ReplyTarget,
 }
 
+/// A decision that needs no handler run.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decided {
+    /// Decided without running anything (duplicate, parked, conflict): the answers to send.
+    Done(Vec<Answer>),
+    /// Started `attempts` times without an outcome (crashes): dead-letter it.
+    Exhausted { attempts: u32, last_error: Option<String> },
+}
+
 /// What [`prepare`] decided.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Step {
-    /// Decided without running anything (duplicate, parked, conflict).
-    Done(Vec<Answer>),
-    /// Run the handler; this is attempt number `attempt`.
-    Run { attempt: u32 },
-    /// Started `attempts` times without an outcome (crashes): dead-letter it.
-    Exhausted {
-        attempts: u32,
-        last_error: Option<String>,
+    Decided(Decided),
+    /// Run the handler (after counting the attempt with [`begin`]). `suspect`: the previous
+    /// attempt was interrupted by the death of the worker process, maybe caused by this very
+    /// job, so it runs alone (see [`crate::consumer`]).
+    Run {
+        suspect: bool,
     },
 }
 
@@ -76,21 +83,20 @@ pub fn prepare(
         tx.forget_dead_lettered(&env.id)?;
     }
     if let Some(stored) = tx.job(&env.id)? {
-        return Ok(Step::Done(vec![answer(status_of(tx, stored)?, target)]));
+        return Ok(Step::Decided(Decided::Done(vec![answer(status_of(tx, stored)?, target)])));
     }
     if spec.sequenced {
         let Some(seq) = &env.sequence else {
             let error = format!("{} needs a sequence", env.kind);
             let status = record(tx, env, Outcome::Permanent(error), None)?;
-            return Ok(Step::Done(vec![answer(status, target)]));
+            return Ok(Step::Decided(Decided::Done(vec![answer(status, target)])));
         };
         let (key, number) = (seq.key(), seq.number());
         let expected = tx.next_expected(key)?;
         if number < expected || tx.sequence_holder(key, number)?.is_some() {
-            let error =
-                format!("sequence_conflict: number {number} of {key} belongs to another job");
+            let error = format!("sequence_conflict: number {number} of {key} belongs to another job");
             let status = record(tx, env, Outcome::Permanent(error), None)?;
-            return Ok(Step::Done(vec![answer(status, target)]));
+            return Ok(Step::Decided(Decided::Done(vec![answer(status, target)])));
         }
         if number > expected {
             let seq = Some((key.to_owned(), number));
@@ -106,19 +112,36 @@ pub fn prepare(
             })?;
             let mut status = JobStatus::new(env.id.clone(), JobState::WaitingForSequence);
             status.expected = Some(expected);
-            return Ok(Step::Done(vec![answer(status, target)]));
+            return Ok(Step::Decided(Decided::Done(vec![answer(status, target)])));
         }
     }
-    let before = tx.attempts(&env.id)?;
-    if let Some(a) = before.filter(|a| a.count >= spec.max_attempts) {
-        return Ok(Step::Exhausted {
-            attempts: a.count,
-            last_error: a.last_error,
-        });
+    match tx.attempts(&env.id)? {
+        Some(a) if a.count >= spec.max_attempts => {
+            Ok(Step::Decided(Decided::Exhausted { attempts: a.count, last_error: a.last_error }))
+        }
+        before => Ok(Step::Run { suspect: before.is_some_and(|a| a.running) }),
     }
-    Ok(Step::Run {
-        attempt: tx.begin_attempt(&env.id, &env.client)?,
-    })
+}
+
+/// Counts the start of an attempt, once the consumer holds its isolation lock. Answers the
+/// attempt number, or the step to take instead when another copy of the delivery got there
+/// first (it decided the job, or used up its attempts).
+///
+/// # Errors
+/// Only storage failures.
+pub fn begin(
+    tx: &Tx<'_>,
+    spec: &KindSpec,
+    env: &JobEnvelope,
+    target: &ReplyTarget,
+) -> Result<Result<u32, Decided>, StorageError> {
+    if let Some(stored) = tx.job(&env.id)? {
+        return Ok(Err(Decided::Done(vec![answer(status_of(tx, stored)?, target)])));
+    }
+    if let Some(a) = tx.attempts(&env.id)?.filter(|a| a.count >= spec.max_attempts) {
+        return Ok(Err(Decided::Exhausted { attempts: a.count, last_error: a.last_error }));
+    }
+    Ok(Ok(tx.begin_attempt(&env.id, &env.client)?.0))
 }
 
 /// Runs a storage handler and records its outcome, then any parked successors it releases.
@@ -165,10 +188,7 @@ pub fn record_outcome(
     let Some((key, number)) = sequence else {
         return Ok(vec![answer(record(tx, env, outcome, None)?, target)]);
     };
-    let mut answers = vec![answer(
-        record(tx, env, outcome, Some((key.clone(), number)))?,
-        target,
-    )];
+    let mut answers = vec![answer(record(tx, env, outcome, Some((key.clone(), number)))?, target)];
     let mut next = number + 1;
     while let Some(parked) = tx.take_parked(&key, next)? {
         let env: JobEnvelope = serde_json::from_slice(&parked.envelope)
@@ -180,10 +200,7 @@ pub fn record_outcome(
             o => o,
         };
         let status = record(tx, &env, outcome, Some((key.clone(), next)))?;
-        let target = ReplyTarget {
-            reply_to: parked.reply_to,
-            correlation_id: parked.correlation_id,
-        };
+        let target = ReplyTarget { reply_to: parked.reply_to, correlation_id: parked.correlation_id };
         answers.push(Answer { status, target });
         next += 1;
     }
@@ -201,13 +218,11 @@ pub fn record_dead(
     reason: &str,
     error: Option<String>,
 ) -> Result<JobStatus, StorageError> {
-    let sequence = env
-        .sequence
-        .as_ref()
-        .map(|s| (s.key().to_owned(), s.number()));
+    let sequence = env.sequence.as_ref().map(|s| (s.key().to_owned(), s.number()));
     let mut job = stored(env, JobState::DeadLettered, None, error, sequence);
     job.reason = Some(reason.to_owned());
     tx.record_job(&job)?;
+    tx.clear_attempts(&env.id)?;
     Ok(status_from(job))
 }
 
@@ -226,11 +241,7 @@ pub fn status_for(tx: &Tx<'_>, id: &JobId, client: &str) -> Result<JobStatus, St
     Ok(match tx.attempts(id)? {
         Some(a) if a.client == client => {
             // Started but not decided: failed before and waiting in a retry queue, or running.
-            let state = if a.last_error.is_some() {
-                JobState::Retrying
-            } else {
-                JobState::Running
-            };
+            let state = if a.last_error.is_some() { JobState::Retrying } else { JobState::Running };
             let mut s = JobStatus::new(id.clone(), state);
             s.error = a.last_error;
             s
@@ -258,10 +269,7 @@ fn status_from(job: StoredJob) -> JobStatus {
 }
 
 fn answer(status: JobStatus, target: &ReplyTarget) -> Answer {
-    Answer {
-        status,
-        target: target.clone(),
-    }
+    Answer { status, target: target.clone() }
 }
 
 fn record(
@@ -311,8 +319,7 @@ mod tests {
     use super::*;
 
     fn catalog() -> Catalog {
-        Catalog::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/jobs.toml"))
-            .unwrap()
+        Catalog::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/jobs.toml")).unwrap()
     }
 
     fn ledger_job(n: u8, number: u64, amount: i64) -> JobEnvelope {
@@ -321,13 +328,7 @@ mod tests {
             kind: "ledger.apply".into(),
             client: "c".into(),
             priority: Priority::new(3).unwrap(),
-            sequence: Some(
-                Sequence::parse(RawSequence {
-                    key: "acct".into(),
-                    number,
-                })
-                .unwrap(),
-            ),
+            sequence: Some(Sequence::parse(RawSequence { key: "acct".into(), number }).unwrap()),
             payload: json!({"account": "acct", "amount": amount}),
             submitted_at_ms: 0,
         }
@@ -342,9 +343,9 @@ mod tests {
                 let spec = catalog.kind(&env.kind).unwrap().clone();
                 let target = ReplyTarget::default();
                 match prepare(tx, &spec, &env, &raw, &target, false)? {
-                    Step::Done(a) => Ok(a),
+                    Step::Decided(Decided::Done(a)) => Ok(a),
                     Step::Run { .. } => run_in_storage(tx, &catalog, &env, &target),
-                    Step::Exhausted { .. } => panic!("exhausted"),
+                    Step::Decided(d) => panic!("unexpected {d:?}"),
                 }
             })
             .await
@@ -368,22 +369,14 @@ mod tests {
 
         let a = deliver(&store, ledger_job(1, 1, 1)).await;
         assert_eq!(states(&a), [JobState::Succeeded; 3]);
-        let balances: Vec<_> = a
-            .iter()
-            .map(|a| a.status.result.as_ref().unwrap()["balance"].clone())
-            .collect();
+        let balances: Vec<_> =
+            a.iter().map(|a| a.status.result.as_ref().unwrap()["balance"].clone()).collect();
         assert_eq!(balances, [json!(1), json!(11), json!(111)]);
 
         // Redelivery of an applied job: same answer, no second effect.
         let again = deliver(&store, ledger_job(2, 2, 10)).await;
-        assert_eq!(
-            again[0].status.result.as_ref().unwrap()["balance"],
-            json!(11)
-        );
-        let (balance, seq) = store
-            .transact(|tx| tx.ledger_balance("acct"))
-            .await
-            .unwrap();
+        assert_eq!(again[0].status.result.as_ref().unwrap()["balance"], json!(11));
+        let (balance, seq) = store.transact(|tx| tx.ledger_balance("acct")).await.unwrap();
         assert_eq!((balance, seq), (111, 3));
     }
 
@@ -394,17 +387,8 @@ mod tests {
         deliver(&store, ledger_job(1, 1, 5)).await;
         let a = deliver(&store, ledger_job(9, 1, 500)).await;
         assert_eq!(states(&a), [JobState::Failed]);
-        assert!(
-            a[0].status
-                .error
-                .as_ref()
-                .unwrap()
-                .starts_with("sequence_conflict")
-        );
-        let (balance, _) = store
-            .transact(|tx| tx.ledger_balance("acct"))
-            .await
-            .unwrap();
+        assert!(a[0].status.error.as_ref().unwrap().starts_with("sequence_conflict"));
+        let (balance, _) = store.transact(|tx| tx.ledger_balance("acct")).await.unwrap();
         assert_eq!(balance, 5);
     }
 
@@ -415,30 +399,19 @@ mod tests {
         let catalog = catalog();
         let mut spec = catalog.kind("vault.put").unwrap().clone();
         spec.max_attempts = 2;
-        let env = JobEnvelope {
-            kind: "vault.put".into(),
-            sequence: None,
-            ..ledger_job(7, 1, 0)
-        };
+        let env = JobEnvelope { kind: "vault.put".into(), sequence: None, ..ledger_job(7, 1, 0) };
         let step = |spec: KindSpec, env: JobEnvelope| {
-            store
-                .transact(move |tx| prepare(tx, &spec, &env, b"{}", &ReplyTarget::default(), false))
+            store.transact(move |tx| prepare(tx, &spec, &env, b"{}", &ReplyTarget::default(), false))
         };
         // Two starts that never finished (crashes), then the third delivery is exhausted.
+        let begin = |env: JobEnvelope| store.transact(move |tx| tx.begin_attempt(&env.id, &env.client));
+        assert_eq!(step(spec.clone(), env.clone()).await.unwrap(), Step::Run { suspect: false });
+        assert_eq!(begin(env.clone()).await.unwrap(), (1, false));
+        assert_eq!(step(spec.clone(), env.clone()).await.unwrap(), Step::Run { suspect: true });
+        assert_eq!(begin(env.clone()).await.unwrap(), (2, true));
         assert_eq!(
             step(spec.clone(), env.clone()).await.unwrap(),
-            Step::Run { attempt: 1 }
-        );
-        assert_eq!(
-            step(spec.clone(), env.clone()).await.unwrap(),
-            Step::Run { attempt: 2 }
-        );
-        assert_eq!(
-            step(spec.clone(), env.clone()).await.unwrap(),
-            Step::Exhausted {
-                attempts: 2,
-                last_error: None
-            }
+            Step::Decided(Decided::Exhausted { attempts: 2, last_error: None })
         );
     }
 
@@ -449,15 +422,9 @@ mod tests {
         deliver(&store, ledger_job(1, 1, 5)).await;
         let id = JobId::from_bytes([1; 16]);
         let (i2, i3) = (id.clone(), id.clone());
-        let mine = store
-            .transact(move |tx| status_for(tx, &i2, "c"))
-            .await
-            .unwrap();
+        let mine = store.transact(move |tx| status_for(tx, &i2, "c")).await.unwrap();
         assert_eq!(mine.status, JobState::Succeeded);
-        let theirs = store
-            .transact(move |tx| status_for(tx, &i3, "other"))
-            .await
-            .unwrap();
+        let theirs = store.transact(move |tx| status_for(tx, &i3, "other")).await.unwrap();
         assert_eq!(theirs.status, JobState::NotFound);
     }
 }

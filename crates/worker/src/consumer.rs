@@ -10,6 +10,12 @@
 //! The original delivery is acked only after whatever replaces it (outcome, retry message,
 //! dead letter) is durable, so a crash anywhere means a redelivery, which the job id makes
 //! harmless.
+//!
+//! **Crash isolation.** A job that crashes the worker process also interrupts the jobs running
+//! beside it, and each interrupted attempt counts. So a job whose previous attempt was
+//! interrupted (a *suspect*) runs alone: it waits for the running jobs, and others wait for
+//! it. The culprit then crashes alone and reaches its max attempts; a bystander is charged at
+//! most the one attempt it was running when the first crash hit.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -25,7 +31,7 @@ use gatehouse_protocol::{Catalog, ControlRequest, JobEnvelope, JobState, JobStat
 use gatehouse_storage::{StorageError, Store, now_ms, panic_message};
 use tracing::Instrument;
 
-use crate::apply::{self, Answer, ApplyError, ReplyTarget, Step};
+use crate::apply::{self, Answer, ApplyError, Decided, ReplyTarget, Step};
 use crate::handlers::{self, Outcome};
 use crate::reply;
 
@@ -42,6 +48,8 @@ pub struct Context {
     pub testing: bool,
     /// Retry queues declared on this connection.
     pub retry_queues: Mutex<HashSet<String>>,
+    /// Jobs run under the read side; suspects (see the module docs) under the write side.
+    pub isolation: Arc<tokio::sync::RwLock<()>>,
 }
 
 /// Pause before a delivery that hit trouble goes back to the queue, so that a sick database
@@ -59,67 +67,136 @@ pub async fn handle_job(ctx: Arc<Context>, mut delivery: Delivery) {
         Ok(env) => env,
         Err(e) => {
             tracing::warn!(error = %e, "undecodable job message");
-            let dead = Dead {
-                reason: "undecodable",
-                error: Some(e.to_string()),
-                attempts: 0,
-            };
+            let dead = Dead { reason: "undecodable", error: Some(e.to_string()), attempts: 0 };
             return dead_letter(&ctx, &delivery, &data, &class, None, dead).await;
         }
     };
     let span = tracing::info_span!("job", job_id = %env.id, kind = %env.kind, client = %env.client);
     async move {
-        let spec = ctx
-            .catalog
-            .kind(&env.kind)
-            .filter(|k| ctx.testing || !k.testing)
-            .cloned();
+        let spec = ctx.catalog.kind(&env.kind).filter(|k| ctx.testing || !k.testing).cloned();
         let Some(spec) = spec else {
-            let dead = Dead {
-                reason: "unknown_kind",
-                error: Some(format!("this worker does not run {}", env.kind)),
-                attempts: 0,
-            };
+            let error = Some(format!("this worker does not run {}", env.kind));
+            let dead = Dead { reason: "unknown_kind", error, attempts: 0 };
             return dead_letter(&ctx, &delivery, &data, &class, Some(&env), dead).await;
         };
-        let target = reply_target(&delivery);
-        let replay = has_header(&delivery, headers::REPLAY);
-        let step = {
-            let (spec, env, data, target) =
-                (spec.clone(), env.clone(), data.clone(), target.clone());
-            ctx.store
-                .transact(move |tx| apply::prepare(tx, &spec, &env, &data, &target, replay))
-                .await
+        let job = Job {
+            ctx: &ctx,
+            delivery: &delivery,
+            data: &data,
+            class: &class,
+            target: reply_target(&delivery),
+            spec,
+            env,
         };
-        match step {
-            Ok(Step::Done(answers)) => finish(&ctx, &delivery, &answers).await,
-            Ok(Step::Exhausted {
-                attempts,
-                last_error,
-            }) => {
-                let error =
-                    last_error.unwrap_or_else(|| "the worker stopped while running it".into());
-                let dead = Dead {
-                    reason: "max_attempts",
-                    error: Some(error),
-                    attempts,
-                };
-                dead_letter(&ctx, &delivery, &data, &class, Some(&env), dead).await;
-            }
-            Ok(Step::Run { attempt }) => match run(&ctx, &spec, &env, &target, attempt).await {
-                Ok(answers) => finish(&ctx, &delivery, &answers).await,
-                Err(error) => {
-                    failed(&ctx, &delivery, &data, &class, &spec, &env, attempt, error).await
-                }
-            },
-            Err(e) => {
-                tracing::warn!(error = %e, "could not decide the job; requeueing");
-                requeue_after_pause(&delivery).await;
-            }
-        }
+        job.handle(has_header(&delivery, headers::REPLAY)).await;
     }
     .instrument(span)
     .await;
+}
+
+/// One decodable job delivery and what handling it needs.
+struct Job<'a> {
+    ctx: &'a Context,
+    delivery: &'a Delivery,
+    data: &'a [u8],
+    class: &'a str,
+    target: ReplyTarget,
+    spec: KindSpec,
+    env: JobEnvelope,
+}
+
+impl Job<'_> {
+    async fn handle(&self, replay: bool) {
+        let prepared = {
+            let (spec, env, data, target) =
+                (self.spec.clone(), self.env.clone(), self.data.to_vec(), self.target.clone());
+            self.ctx.store.transact(move |tx| apply::prepare(tx, &spec, &env, &data, &target, replay)).await
+        };
+        match prepared {
+            Ok(Step::Decided(d)) => self.settle_decided(d).await,
+            Ok(Step::Run { suspect }) => self.run_isolated(suspect).await,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not decide the job; requeueing");
+                requeue_after_pause(self.delivery).await;
+            }
+        }
+    }
+
+    /// Counts the attempt and runs it, alone if it is a suspect. The isolation lock is taken
+    /// before the attempt is counted: a job that waits here while a suspect crashes the process
+    /// has not started and is not charged.
+    async fn run_isolated(&self, suspect: bool) {
+        let (_alone, _shared);
+        if suspect {
+            tracing::warn!("previous attempt was interrupted by a crash: running it alone");
+            _alone = self.ctx.isolation.write().await;
+        } else {
+            _shared = self.ctx.isolation.read().await;
+        }
+        let begun = {
+            let (spec, env, target) = (self.spec.clone(), self.env.clone(), self.target.clone());
+            self.ctx.store.transact(move |tx| apply::begin(tx, &spec, &env, &target)).await
+        };
+        let attempt = match begun {
+            Ok(Ok(attempt)) => attempt,
+            Ok(Err(decided)) => return self.settle_decided(decided).await,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not count the attempt; requeueing");
+                return requeue_after_pause(self.delivery).await;
+            }
+        };
+        let (ctx, spec, env) = (self.ctx, &self.spec, &self.env);
+        match run(ctx, spec, env, &self.target, attempt).await {
+            Ok(answers) => finish(ctx, self.delivery, &answers).await,
+            Err(error) => self.failed(attempt, error).await,
+        }
+    }
+
+    /// A retryable failure: retry with backoff, or dead-letter when attempts are used up.
+    async fn failed(&self, attempt: u32, error: String) {
+        let (ctx, delivery, data, class, spec, env) =
+            (self.ctx, self.delivery, self.data, self.class, &self.spec, &self.env);
+        tracing::warn!(attempt, max_attempts = spec.max_attempts, error = %error, "attempt failed");
+        let (id, e) = (env.id.clone(), error.clone());
+        if let Err(se) = ctx.store.transact(move |tx| tx.fail_attempt(&id, &e)).await {
+            tracing::warn!(error = %se, "could not record the failed attempt");
+        }
+        if attempt >= spec.max_attempts {
+            let dead = Dead { reason: "max_attempts", error: Some(error), attempts: attempt };
+            return dead_letter(ctx, delivery, data, class, Some(env), dead).await;
+        }
+        let delay = spec.retry_backoff_ms.saturating_mul(1 << (attempt - 1).min(20)).min(MAX_RETRY_DELAY_MS);
+        let retried = async {
+            let queue = retry_queue(ctx, class, delay).await?;
+            let props = without_replay(&delivery.properties);
+            ctx.publisher.publish_persistent("", &queue, data, props).await?;
+            Ok::<_, gatehouse_broker::PublishError>(())
+        };
+        match retried.await {
+            Ok(()) => {
+                tracing::info!(delay_ms = delay, "retry scheduled");
+                let mut status = JobStatus::new(env.id.clone(), JobState::Retrying);
+                status.error = Some(error);
+                reply::send(&ctx.replies, &reply_target(delivery), &status).await;
+                settle(delivery, Settle::Ack).await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not schedule the retry; requeueing");
+                requeue_after_pause(delivery).await;
+            }
+        }
+    }
+
+    async fn settle_decided(&self, decided: Decided) {
+        match decided {
+            Decided::Done(answers) => finish(self.ctx, self.delivery, &answers).await,
+            Decided::Exhausted { attempts, last_error } => {
+                let error = last_error.unwrap_or_else(|| "the worker stopped while running it".into());
+                let dead = Dead { reason: "max_attempts", error: Some(error), attempts };
+                dead_letter(self.ctx, self.delivery, self.data, self.class, Some(&self.env), dead).await;
+            }
+        }
+    }
 }
 
 /// Runs the handler of attempt `attempt`; `Err` is a retryable failure's text.
@@ -132,11 +209,7 @@ async fn run(
 ) -> Result<Vec<Answer>, String> {
     if !handlers::is_external(&env.kind) {
         let (catalog, env, target) = (ctx.catalog.clone(), env.clone(), target.clone());
-        return match ctx
-            .store
-            .transact(move |tx| apply::run_in_storage(tx, &catalog, &env, &target))
-            .await
-        {
+        return match ctx.store.transact(move |tx| apply::run_in_storage(tx, &catalog, &env, &target)).await {
             Ok(answers) => Ok(answers),
             Err(ApplyError::Retry(e)) => Err(e),
             Err(ApplyError::Storage(StorageError::Panicked(m))) => Err(format!("panic: {m}")),
@@ -167,77 +240,16 @@ async fn run(
         .map_err(|e| format!("storage: {e}"))
 }
 
-/// A retryable failure: retry with backoff, or dead-letter when attempts are used up.
-#[allow(clippy::too_many_arguments)]
-async fn failed(
-    ctx: &Context,
-    delivery: &Delivery,
-    data: &[u8],
-    class: &str,
-    spec: &KindSpec,
-    env: &JobEnvelope,
-    attempt: u32,
-    error: String,
-) {
-    tracing::warn!(attempt, max_attempts = spec.max_attempts, error = %error, "attempt failed");
-    let (id, e) = (env.id.clone(), error.clone());
-    if let Err(se) = ctx.store.transact(move |tx| tx.fail_attempt(&id, &e)).await {
-        tracing::warn!(error = %se, "could not record the failed attempt");
-    }
-    if attempt >= spec.max_attempts {
-        let dead = Dead {
-            reason: "max_attempts",
-            error: Some(error),
-            attempts: attempt,
-        };
-        return dead_letter(ctx, delivery, data, class, Some(env), dead).await;
-    }
-    let delay = spec
-        .retry_backoff_ms
-        .saturating_mul(1 << (attempt - 1).min(20))
-        .min(MAX_RETRY_DELAY_MS);
-    let retried = async {
-        let queue = retry_queue(ctx, class, delay).await?;
-        let props = without_replay(&delivery.properties);
-        ctx.publisher
-            .publish_persistent("", &queue, data, props)
-            .await?;
-        Ok::<_, gatehouse_broker::PublishError>(())
-    };
-    match retried.await {
-        Ok(()) => {
-            tracing::info!(delay_ms = delay, "retry scheduled");
-            let mut status = JobStatus::new(env.id.clone(), JobState::Retrying);
-            status.error = Some(error);
-            reply::send(&ctx.replies, &reply_target(delivery), &status).await;
-            settle(delivery, Settle::Ack).await;
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "could not schedule the retry; requeueing");
-            requeue_after_pause(delivery).await;
-        }
-    }
-}
-
 async fn retry_queue(
     ctx: &Context,
     class: &str,
     delay_ms: u64,
 ) -> Result<String, gatehouse_broker::PublishError> {
     let name = ctx.topology.retry_queue(class, delay_ms);
-    let known = ctx
-        .retry_queues
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .contains(&name);
+    let known = ctx.retry_queues.lock().unwrap_or_else(std::sync::PoisonError::into_inner).contains(&name);
     if !known {
-        ctx.topology
-            .declare_retry_queue(ctx.publisher.channel(), class, delay_ms)
-            .await?;
-        ctx.retry_queues
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(name.clone());
+        ctx.topology.declare_retry_queue(ctx.publisher.channel(), class, delay_ms).await?;
+        ctx.retry_queues.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(name.clone());
     }
     Ok(name)
 }
@@ -259,17 +271,8 @@ async fn dead_letter(
     env: Option<&JobEnvelope>,
     dead: Dead,
 ) {
-    let props = dead_properties(
-        without_replay(&delivery.properties),
-        &ctx.topology,
-        class,
-        &dead,
-    );
-    if let Err(e) = ctx
-        .publisher
-        .publish_persistent(&ctx.topology.dead_exchange(), "", data, props)
-        .await
-    {
+    let props = dead_properties(without_replay(&delivery.properties), &ctx.topology, class, &dead);
+    if let Err(e) = ctx.publisher.publish_persistent(&ctx.topology.dead_exchange(), "", data, props).await {
         tracing::warn!(error = %e, "could not dead-letter; requeueing");
         return requeue_after_pause(delivery).await;
     }
@@ -281,11 +284,7 @@ async fn dead_letter(
     );
     if let Some(env) = env {
         let (env, reason, error) = (env.clone(), dead.reason, dead.error);
-        match ctx
-            .store
-            .transact(move |tx| apply::record_dead(tx, &env, reason, error))
-            .await
-        {
+        match ctx.store.transact(move |tx| apply::record_dead(tx, &env, reason, error)).await {
             Ok(status) => reply::send(&ctx.replies, &reply_target(delivery), &status).await,
             Err(e) => tracing::warn!(error = %e, "could not record the dead letter"),
         }
@@ -304,14 +303,8 @@ pub fn dead_properties(
     let s = |v: &str| AMQPValue::LongString(LongString::from(v));
     h.insert(headers::REASON.into(), s(dead.reason));
     h.insert(headers::ATTEMPTS.into(), AMQPValue::LongUInt(dead.attempts));
-    h.insert(
-        headers::LAST_ERROR.into(),
-        s(dead.error.as_deref().unwrap_or("")),
-    );
-    h.insert(
-        headers::ORIGINAL_QUEUE.into(),
-        s(&topology.job_queue(class)),
-    );
+    h.insert(headers::LAST_ERROR.into(), s(dead.error.as_deref().unwrap_or("")));
+    h.insert(headers::ORIGINAL_QUEUE.into(), s(&topology.job_queue(class)));
     h.insert(headers::QUEUE_CLASS.into(), s(class));
     h.insert(headers::DEAD_AT.into(), AMQPValue::LongLongInt(now_ms()));
     props.with_headers(h)
@@ -333,10 +326,7 @@ fn without_replay(props: &BasicProperties) -> BasicProperties {
 }
 
 fn has_header(d: &Delivery, name: &str) -> bool {
-    d.properties
-        .headers()
-        .as_ref()
-        .is_some_and(|h| h.contains_key(name))
+    d.properties.headers().as_ref().is_some_and(|h| h.contains_key(name))
 }
 
 async fn finish(ctx: &Context, delivery: &Delivery, answers: &[Answer]) {
@@ -351,10 +341,7 @@ async fn finish(ctx: &Context, delivery: &Delivery, answers: &[Answer]) {
 pub async fn handle_control(ctx: Arc<Context>, delivery: Delivery) {
     match serde_json::from_slice::<ControlRequest>(&delivery.data) {
         Ok(ControlRequest::Status { id, client }) => {
-            let answer = ctx
-                .store
-                .transact(move |tx| apply::status_for(tx, &id, &client))
-                .await;
+            let answer = ctx.store.transact(move |tx| apply::status_for(tx, &id, &client)).await;
             match answer {
                 Ok(status) => reply::send(&ctx.replies, &reply_target(&delivery), &status).await,
                 Err(e) => tracing::warn!(error = %e, "status query failed"),
@@ -369,11 +356,7 @@ pub async fn handle_control(ctx: Arc<Context>, delivery: Delivery) {
 fn reply_target(d: &Delivery) -> ReplyTarget {
     ReplyTarget {
         reply_to: d.properties.reply_to().as_ref().map(ToString::to_string),
-        correlation_id: d
-            .properties
-            .correlation_id()
-            .as_ref()
-            .map(ToString::to_string),
+        correlation_id: d.properties.correlation_id().as_ref().map(ToString::to_string),
     }
 }
 
@@ -395,14 +378,7 @@ pub async fn settle(delivery: &Delivery, how: Settle) {
     let acker = &delivery.acker;
     let r = match how {
         Settle::Ack => acker.ack(BasicAckOptions::default()).await,
-        Settle::Requeue => {
-            acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
-                })
-                .await
-        }
+        Settle::Requeue => acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await,
     };
     if let Err(e) = r {
         tracing::warn!(error = %e, ?how, "could not settle delivery; the broker will redeliver it");

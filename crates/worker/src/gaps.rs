@@ -30,16 +30,10 @@ pub async fn sweep_forever(ctx: &Context) {
 }
 
 async fn sweep_once(ctx: &Context) -> anyhow::Result<()> {
-    let expired = ctx
-        .store
-        .transact(|tx| tx.expired_parked(now_ms(), SWEEP_BATCH))
-        .await?;
+    let expired = ctx.store.transact(|tx| tx.expired_parked(now_ms(), SWEEP_BATCH)).await?;
     for parked in expired {
         let env: JobEnvelope = serde_json::from_slice(&parked.envelope)?;
-        let class = ctx
-            .catalog
-            .kind(&env.kind)
-            .map_or_else(|| "batch".to_owned(), |k| k.queue.clone());
+        let class = ctx.catalog.kind(&env.kind).map_or_else(|| "batch".to_owned(), |k| k.queue.clone());
         let mut props = BasicProperties::default()
             .with_message_id(env.id.as_str().into())
             .with_priority(env.priority.get())
@@ -54,15 +48,9 @@ async fn sweep_once(ctx: &Context) -> anyhow::Result<()> {
             "number {} of {} waited past the gap timeout for its predecessor",
             parked.seq_number, parked.seq_key
         );
-        let dead = Dead {
-            reason: "sequence_gap_timeout",
-            error: Some(error.clone()),
-            attempts: 0,
-        };
+        let dead = Dead { reason: "sequence_gap_timeout", error: Some(error.clone()), attempts: 0 };
         let props = dead_properties(props, &ctx.topology, &class, &dead);
-        ctx.publisher
-            .publish_persistent(&ctx.topology.dead_exchange(), "", &parked.envelope, props)
-            .await?;
+        ctx.publisher.publish_persistent(&ctx.topology.dead_exchange(), "", &parked.envelope, props).await?;
         let (key, number) = (parked.seq_key.clone(), parked.seq_number);
         let status = ctx
             .store
@@ -72,10 +60,7 @@ async fn sweep_once(ctx: &Context) -> anyhow::Result<()> {
             })
             .await?;
         tracing::warn!(job_id = %status.id, "dead-lettered after the sequence gap timeout");
-        let target = ReplyTarget {
-            reply_to: parked.reply_to,
-            correlation_id: parked.correlation_id,
-        };
+        let target = ReplyTarget { reply_to: parked.reply_to, correlation_id: parked.correlation_id };
         reply::send(&ctx.replies, &target, &status).await;
     }
     Ok(())

@@ -14,9 +14,7 @@ pub fn main() -> ExitCode {
                 .unwrap_or_else(|_| "info,lapin=warn".into()),
         )
         .init();
-    let path = std::env::args_os()
-        .nth(1)
-        .map_or_else(|| PathBuf::from("config/worker.toml"), PathBuf::from);
+    let path = std::env::args_os().nth(1).map_or_else(|| PathBuf::from("config/worker.toml"), PathBuf::from);
     let settings = match WorkerSettings::load(&path) {
         Ok(s) => s,
         Err(e) => {
@@ -32,10 +30,7 @@ pub fn main() -> ExitCode {
         }
     };
     let run = async {
-        Worker::build(settings)
-            .await?
-            .run_until_stopped(gatehouse_broker::shutdown::signal())
-            .await
+        Worker::build(settings).await?.run_until_stopped(gatehouse_broker::shutdown::signal()).await
     };
     match runtime.block_on(run) {
         Ok(()) => ExitCode::SUCCESS,

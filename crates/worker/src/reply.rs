@@ -26,13 +26,7 @@ pub async fn send(channel: &Channel, target: &ReplyTarget, status: &JobStatus) {
         props = props.with_correlation_id(c.as_str().into());
     }
     let sent = channel
-        .basic_publish(
-            "".into(),
-            reply_to.as_str().into(),
-            BasicPublishOptions::default(),
-            &body,
-            props,
-        )
+        .basic_publish("".into(), reply_to.as_str().into(), BasicPublishOptions::default(), &body, props)
         .await;
     if let Err(e) = sent {
         tracing::warn!(error = %e, job_id = %status.id, "reply not sent; the caller can query the status");

@@ -31,6 +31,8 @@ pub struct Worker {
     settings: WorkerSettings,
     store: Store,
     catalog: Arc<Catalog>,
+    /// Shared by all sessions: a suspect job runs alone (see [`crate::consumer`]).
+    isolation: Arc<tokio::sync::RwLock<()>>,
     session: Option<Session>,
 }
 
@@ -56,13 +58,9 @@ impl Worker {
         let catalog = Arc::new(Catalog::load(&settings.catalog.path)?);
         let store = Store::open_sqlite(&settings.storage.path)
             .with_context(|| format!("opening {}", settings.storage.path.display()))?;
-        let session = Session::open(&settings, &store, &catalog).await?;
-        Ok(Self {
-            settings,
-            store,
-            catalog,
-            session: Some(session),
-        })
+        let isolation = Arc::new(tokio::sync::RwLock::new(()));
+        let session = Session::open(&settings, &store, &catalog, &isolation).await?;
+        Ok(Self { settings, store, catalog, isolation, session: Some(session) })
     }
 
     /// Consumes until `shutdown` resolves. When the broker connection is lost, reconnects with
@@ -86,25 +84,27 @@ impl Worker {
         loop {
             let session = match self.session.take() {
                 Some(s) => s,
-                None => match Session::open(&self.settings, &self.store, &self.catalog).await {
-                    Ok(s) => {
-                        tracing::info!("reconnected to the broker");
-                        backoff = Duration::from_millis(250);
-                        s
-                    }
-                    Err(e) => {
-                        tracing::warn!(
-                            error = format!("{e:#}"),
-                            ?backoff,
-                            "broker unavailable; retrying"
-                        );
-                        if wait_or_stop(backoff, stop.clone()).await {
-                            return Ok(());
+                None => {
+                    match Session::open(&self.settings, &self.store, &self.catalog, &self.isolation).await {
+                        Ok(s) => {
+                            tracing::info!("reconnected to the broker");
+                            backoff = Duration::from_millis(250);
+                            s
                         }
-                        backoff = (backoff * 2).min(MAX_BACKOFF);
-                        continue;
+                        Err(e) => {
+                            tracing::warn!(
+                                error = format!("{e:#}"),
+                                ?backoff,
+                                "broker unavailable; retrying"
+                            );
+                            if wait_or_stop(backoff, stop.clone()).await {
+                                return Ok(());
+                            }
+                            backoff = (backoff * 2).min(MAX_BACKOFF);
+                            continue;
+                        }
                     }
-                },
+                }
             };
             match session.consume(&self.settings, stop.clone()).await? {
                 Ended::Stopped => return Ok(()),
@@ -132,17 +132,14 @@ impl Session {
         settings: &WorkerSettings,
         store: &Store,
         catalog: &Arc<Catalog>,
+        isolation: &Arc<tokio::sync::RwLock<()>>,
     ) -> anyhow::Result<Self> {
-        let connection =
-            gatehouse_broker::connect(settings.broker.url.expose(), "gatehouse-worker")
-                .await
-                .context("connecting to the broker")?;
+        let connection = gatehouse_broker::connect(settings.broker.url.expose(), "gatehouse-worker")
+            .await
+            .context("connecting to the broker")?;
         let topology = settings.broker.topology();
         let setup = connection.create_channel().await?;
-        topology
-            .declare(&setup, catalog.queues())
-            .await
-            .context("declaring topology")?;
+        topology.declare(&setup, catalog.queues()).await.context("declaring topology")?;
         let _ = setup.close(200, "topology declared".into()).await;
         let ctx = Arc::new(Context {
             store: store.clone(),
@@ -152,6 +149,7 @@ impl Session {
             topology,
             testing: settings.testing.enabled,
             retry_queues: Mutex::new(Default::default()),
+            isolation: isolation.clone(),
         });
         Ok(Self { connection, ctx })
     }
@@ -163,8 +161,7 @@ impl Session {
     ) -> anyhow::Result<Ended> {
         let topology = &self.ctx.topology;
         let jobs = self.connection.create_channel().await?;
-        jobs.basic_qos(settings.consumer.prefetch, BasicQosOptions::default())
-            .await?;
+        jobs.basic_qos(settings.consumer.prefetch, BasicQosOptions::default()).await?;
         let control = self.connection.create_channel().await?;
         control.basic_qos(32, BasicQosOptions::default()).await?;
 
@@ -172,24 +169,10 @@ impl Session {
         let mut tags = Vec::new();
         for class in self.ctx.catalog.queues() {
             let tag = format!("worker.{}", class.name);
-            start(
-                &jobs,
-                &topology.job_queue(&class.name),
-                &tag,
-                Source::Job,
-                &tx,
-            )
-            .await?;
+            start(&jobs, &topology.job_queue(&class.name), &tag, Source::Job, &tx).await?;
             tags.push((jobs.clone(), tag));
         }
-        start(
-            &control,
-            &topology.control_queue(),
-            "worker.control",
-            Source::Control,
-            &tx,
-        )
-        .await?;
+        start(&control, &topology.control_queue(), "worker.control", Source::Control, &tx).await?;
         tags.push((control.clone(), "worker.control".to_owned()));
         drop(tx);
         tracing::info!(prefetch = settings.consumer.prefetch, "worker consuming");
@@ -216,25 +199,15 @@ impl Session {
 
         // No new deliveries; give back the ones received but not started.
         for (channel, tag) in &tags {
-            let _ = channel
-                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-                .await;
+            let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
         }
         rx.close();
         while let Ok((_, d)) = rx.try_recv() {
-            let _ = d
-                .acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
-                })
-                .await;
+            let _ = d.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
         }
         let grace = settings.consumer.stopping_wait_time();
-        let drained = tokio::time::timeout(grace, async {
-            while in_flight.join_next().await.is_some() {}
-        })
-        .await;
+        let drained =
+            tokio::time::timeout(grace, async { while in_flight.join_next().await.is_some() {} }).await;
         if drained.is_err() {
             tracing::warn!(
                 ?grace,
@@ -260,12 +233,7 @@ async fn start(
     tx: &mpsc::Sender<(Source, Delivery)>,
 ) -> anyhow::Result<()> {
     let mut consumer = channel
-        .basic_consume(
-            queue.into(),
-            tag.into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
+        .basic_consume(queue.into(), tag.into(), BasicConsumeOptions::default(), FieldTable::default())
         .await
         .with_context(|| format!("consuming {queue}"))?;
     let tx = tx.clone();

@@ -1,12 +1,17 @@
 //! Test harness: one real broker (started once if none answers), and per test a gatekeeper
-//! and a worker on port 0 with their own queue prefix, certificates, policy and SQLite file.
+//! (in-process, port 0) and a worker (in-process, or a real child process that fault tests
+//! kill), each test with its own queue prefix, certificates, policy and SQLite file.
+
+pub mod oracle;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use gatehouse_broker::lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+use gatehouse_broker::lapin::options::{ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
+use gatehouse_broker::lapin::types::FieldTable;
 use gatehouse_broker::{BrokerSettings, Topology};
 use gatehouse_client::{Client, Connection, Identity, Response};
 use gatehouse_gatekeeper::Gatekeeper;
@@ -36,8 +41,7 @@ pub fn broker_url() -> String {
     URL.get_or_init(|| {
         let url = std::env::var("GATEHOUSE_TEST_AMQP_URL")
             .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
-        let home = repo_root().join(".gatehouse/rabbitmq");
-        if let Err(e) = gatehouse_cli::broker_node::ensure(&url, &home) {
+        if let Err(e) = gatehouse_cli::broker_node::ensure(&url, &private_node_home()) {
             panic!("the end-to-end tests need RabbitMQ: {e:#}");
         }
         url
@@ -45,17 +49,70 @@ pub fn broker_url() -> String {
     .clone()
 }
 
+fn private_node_home() -> PathBuf {
+    repo_root().join(".gatehouse/rabbitmq")
+}
+
+/// Runs `rabbitmqctl ARGS` against the test broker: the private node if it is the one
+/// running, else the system node.
+pub fn broker_ctl(args: &[&str]) {
+    let home = private_node_home();
+    let node = gatehouse_cli::broker_node::BrokerNode::at(&home);
+    // The private node runs if the process in its pid file is alive.
+    let private = std::fs::read_to_string(home.join("node.pid"))
+        .is_ok_and(|pid| Path::new("/proc").join(pid.trim()).exists());
+    let status = if private {
+        node.ctl(args).stdout(Stdio::null()).status()
+    } else {
+        Command::new("rabbitmqctl").args(args).stdout(Stdio::null()).status()
+    };
+    assert!(status.is_ok_and(|s| s.success()), "rabbitmqctl {args:?} failed");
+}
+
 /// Another client certificate the test policy knows (allowed everything, like dev-client).
 pub const OTHER_CLIENT: &str = "other-client";
+
+/// How a test system is set up.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Run the worker as this binary (a real process that can be killed) instead of in-process.
+    pub worker_binary: Option<&'static str>,
+    /// Restart the worker process whenever it exits (like a service manager would).
+    pub supervise_worker: bool,
+    /// Enable the `test.*` kinds.
+    pub testing: bool,
+    /// Override every kind's sequence gap timeout.
+    pub gap_timeout_s: Option<u64>,
+    /// Override the worker's prefetch (default 4).
+    pub prefetch: Option<u16>,
+}
 
 /// A running gatekeeper + worker pair.
 pub struct TestSystem {
     pub addr: SocketAddr,
     pub certs: TempDir,
     pub prefix: String,
-    data: TempDir,
-    stops: Vec<oneshot::Sender<()>>,
-    tasks: Vec<JoinHandle<anyhow::Result<()>>>,
+    pub data: TempDir,
+    worker_settings: WorkerSettings,
+    worker: WorkerRun,
+    stop_gatekeeper: Option<oneshot::Sender<()>>,
+    gatekeeper: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+enum WorkerRun {
+    InProcess { stop: Option<oneshot::Sender<()>>, task: Option<JoinHandle<anyhow::Result<()>>> },
+    Process(Arc<WorkerProcess>),
+}
+
+/// A worker child process, optionally restarted when it exits.
+pub struct WorkerProcess {
+    binary: PathBuf,
+    config: PathBuf,
+    log: PathBuf,
+    child: Mutex<Option<Child>>,
+    /// How many times the process was started.
+    pub starts: std::sync::atomic::AtomicU32,
+    supervising: std::sync::atomic::AtomicBool,
 }
 
 fn random_hex(bytes: usize) -> String {
@@ -68,16 +125,40 @@ async fn until(rx: oneshot::Receiver<()>) {
     let _ = rx.await;
 }
 
+/// The catalog for a test: the shipped one, or a copy with other gap timeouts.
+fn catalog_for(options: &Options, dir: &Path) -> PathBuf {
+    let shipped = repo_root().join("config/jobs.toml");
+    let Some(gap) = options.gap_timeout_s else {
+        return shipped;
+    };
+    let schemas = repo_root().join("config/schemas");
+    let text = std::fs::read_to_string(&shipped).expect("catalog");
+    let mut out = String::new();
+    for line in text.lines() {
+        if line.starts_with("gap_timeout_s") {
+            continue;
+        }
+        out.push_str(&line.replace("schema = \"schemas/", &format!("schema = \"{}/", schemas.display())));
+        out.push('\n');
+        if line.starts_with("queue = ") && !line.contains('[') {
+            out.push_str(&format!("gap_timeout_s = {gap}\n"));
+        }
+    }
+    let path = dir.join("jobs.toml");
+    std::fs::write(&path, out).expect("catalog copy");
+    path
+}
+
 impl TestSystem {
-    /// Starts a worker and a gatekeeper against the test broker.
+    /// Starts a worker and a gatekeeper in-process against the test broker.
     pub async fn start() -> Self {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter("warn")
-            .with_test_writer()
-            .try_init();
-        let url = tokio::task::spawn_blocking(broker_url)
-            .await
-            .expect("broker");
+        Self::start_with(Options::default()).await
+    }
+
+    /// Starts a system as `options` say.
+    pub async fn start_with(options: Options) -> Self {
+        let _ = tracing_subscriber::fmt().with_env_filter("warn").with_test_writer().try_init();
+        let url = tokio::task::spawn_blocking(broker_url).await.expect("broker");
         let certs = TempDir::new().expect("tempdir");
         let data = TempDir::new().expect("tempdir");
         gatehouse_cli::certs::write_dev(certs.path()).expect("dev certs");
@@ -92,28 +173,45 @@ impl TestSystem {
         )
         .expect("policy");
         let prefix = format!("t{}.", random_hex(4));
-        let broker = BrokerSettings {
-            url: Secret::new(url),
-            prefix: prefix.clone(),
-        };
-        let catalog = repo_root().join("config/jobs.toml");
+        let broker = BrokerSettings { url: Secret::new(url), prefix: prefix.clone() };
+        let catalog = catalog_for(&options, data.path());
 
-        let worker = Worker::build(WorkerSettings {
+        let worker_settings = WorkerSettings {
             broker: broker.clone(),
             consumer: ConsumerSettings {
-                prefetch: 4,
+                prefetch: options.prefetch.unwrap_or(4),
                 stopping_wait_time_ms: 5000,
             },
-            storage: StorageSettings {
-                path: data.path().join("worker.sqlite"),
-            },
-            catalog: CatalogSettings {
-                path: catalog.clone(),
-            },
-            testing: TestingSettings { enabled: false },
-        })
-        .await
-        .expect("worker builds");
+            storage: StorageSettings { path: data.path().join("worker.sqlite") },
+            catalog: CatalogSettings { path: catalog.clone() },
+            testing: TestingSettings { enabled: options.testing },
+        };
+        let worker = match options.worker_binary {
+            None => {
+                let w = Worker::build(worker_settings.clone()).await.expect("worker builds");
+                let (stop, rx) = oneshot::channel();
+                let task = tokio::spawn(w.run_until_stopped(until(rx)));
+                WorkerRun::InProcess { stop: Some(stop), task: Some(task) }
+            }
+            Some(binary) => {
+                let config = data.path().join("worker.toml");
+                std::fs::write(&config, worker_toml(&worker_settings)).expect("worker config");
+                let p = Arc::new(WorkerProcess {
+                    binary: binary.into(),
+                    config,
+                    log: data.path().join("worker.log"),
+                    child: Mutex::new(None),
+                    starts: 0.into(),
+                    supervising: options.supervise_worker.into(),
+                });
+                p.start();
+                if options.supervise_worker {
+                    let p = p.clone();
+                    tokio::spawn(async move { p.supervise().await });
+                }
+                WorkerRun::Process(p)
+            }
+        };
         let gatekeeper = Gatekeeper::build(GatekeeperSettings {
             server: ServerSettings {
                 listen: "127.0.0.1:0".parse().expect("addr"),
@@ -133,27 +231,22 @@ impl TestSystem {
             broker,
             catalog: PathSetting { path: catalog },
             policy: PathSetting { path: policy },
-            ids: IdSettings {
-                secret_file: certs.path().join("gatekeeper-ids.secret"),
-            },
+            ids: IdSettings { secret_file: certs.path().join("gatekeeper-ids.secret") },
         })
         .await
         .expect("gatekeeper builds");
         let addr = gatekeeper.local_addr().expect("addr");
-
-        let (stop_w, rx_w) = oneshot::channel();
         let (stop_g, rx_g) = oneshot::channel();
-        let tasks = vec![
-            tokio::spawn(gatekeeper.run_until_stopped(until(rx_g))),
-            tokio::spawn(worker.run_until_stopped(until(rx_w))),
-        ];
+        let gatekeeper = tokio::spawn(gatekeeper.run_until_stopped(until(rx_g)));
         Self {
             addr,
             certs,
             prefix,
             data,
-            stops: vec![stop_g, stop_w],
-            tasks,
+            worker_settings,
+            worker,
+            stop_gatekeeper: Some(stop_g),
+            gatekeeper: Some(gatekeeper),
         }
     }
 
@@ -164,35 +257,145 @@ impl TestSystem {
     /// A client presenting the certificate of `name` (`client` = dev-client).
     pub fn client_as(&self, name: &str) -> Client {
         let dir = self.certs.path();
-        let identity = Identity {
-            cert: dir.join(format!("{name}.pem")),
-            key: dir.join(format!("{name}.key")),
-        };
+        let identity =
+            Identity { cert: dir.join(format!("{name}.pem")), key: dir.join(format!("{name}.key")) };
         Client::new(&self.url(), &dir.join("ca.pem"), Some(identity)).expect("client")
+    }
+
+    /// A client as dev-client.
+    pub fn client(&self) -> Client {
+        self.client_as("client")
     }
 
     /// A connection as dev-client.
     pub async fn connect(&self) -> Connection {
-        self.client_as("client").connect().await.expect("connect")
+        self.client().connect().await.expect("connect")
     }
 
     /// Where the worker's SQLite file is.
     pub fn database(&self) -> PathBuf {
-        self.data.path().join("worker.sqlite")
+        self.worker_settings.storage.path.clone()
+    }
+
+    pub fn topology(&self) -> Topology {
+        Topology::new(self.prefix.clone())
+    }
+
+    /// The worker process (panics for an in-process worker).
+    pub fn worker_process(&self) -> &Arc<WorkerProcess> {
+        match &self.worker {
+            WorkerRun::Process(p) => p,
+            WorkerRun::InProcess { .. } => panic!("this test system runs its worker in-process"),
+        }
+    }
+
+    /// Messages in `queue` now (by a passive declare).
+    pub async fn queue_depth(&self, queue: &str) -> u32 {
+        let conn = gatehouse_broker::connect(&broker_url(), "gatehouse-e2e-depth").await.expect("connect");
+        let ch = conn.create_channel().await.expect("channel");
+        let opts = QueueDeclareOptions { passive: true, ..Default::default() };
+        let n =
+            ch.queue_declare(queue.into(), opts, FieldTable::default()).await.expect("queue").message_count();
+        let _ = conn.close(200, "done".into()).await;
+        n
     }
 
     /// Stops both components and deletes this test's queues and exchanges.
     pub async fn stop(mut self) {
-        for s in self.stops.drain(..) {
+        if let Some(s) = self.stop_gatekeeper.take() {
             let _ = s.send(());
         }
-        for t in self.tasks.drain(..) {
-            t.await
-                .expect("component task")
-                .expect("component stopped cleanly");
+        if let Some(t) = self.gatekeeper.take() {
+            t.await.expect("gatekeeper task").expect("gatekeeper stopped cleanly");
+        }
+        match &mut self.worker {
+            WorkerRun::InProcess { stop, task } => {
+                if let Some(s) = stop.take() {
+                    let _ = s.send(());
+                }
+                if let Some(t) = task.take() {
+                    t.await.expect("worker task").expect("worker stopped cleanly");
+                }
+            }
+            WorkerRun::Process(p) => {
+                p.supervising.store(false, std::sync::atomic::Ordering::SeqCst);
+                p.terminate();
+            }
         }
         delete_topology(&self.prefix).await;
     }
+}
+
+impl WorkerProcess {
+    /// Starts the process (if it is not running).
+    pub fn start(&self) {
+        let mut child = self.child.lock().expect("lock");
+        if child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none()) {
+            return;
+        }
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log");
+        let spawned = Command::new(&self.binary)
+            .arg(&self.config)
+            .env("RUST_LOG", "info,lapin=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("worker process starts");
+        self.starts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        *child = Some(spawned);
+    }
+
+    /// SIGKILL, and wait for it to be gone.
+    pub fn kill(&self) {
+        if let Some(mut c) = self.child.lock().expect("lock").take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM; waits for the exit. Returns how it exited and how long that took.
+    pub fn terminate(&self) -> Option<(ExitStatus, Duration)> {
+        let mut c = self.child.lock().expect("lock").take()?;
+        let started = Instant::now();
+        let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+        let status = c.wait().ok()?;
+        Some((status, started.elapsed()))
+    }
+
+    /// Restarts the process whenever it exits, while supervising.
+    async fn supervise(self: Arc<Self>) {
+        while self.supervising.load(std::sync::atomic::Ordering::SeqCst) {
+            let exited = {
+                let mut child = self.child.lock().expect("lock");
+                child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_some())
+            };
+            if exited && self.supervising.load(std::sync::atomic::Ordering::SeqCst) {
+                self.start();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The process's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// The worker settings as a TOML file for the worker binary.
+fn worker_toml(s: &WorkerSettings) -> String {
+    format!(
+        "[broker]\nurl = \"{}\"\nprefix = \"{}\"\n\n[consumer]\nprefetch = {}\nstopping_wait_time_ms = {}\n\n\
+         [storage]\npath = \"{}\"\n\n[catalog]\npath = \"{}\"\n\n[testing]\nenabled = {}\n",
+        s.broker.url.expose(),
+        s.broker.prefix,
+        s.consumer.prefetch,
+        s.consumer.stopping_wait_time_ms,
+        s.storage.path.display(),
+        s.catalog.path.display(),
+        s.testing.enabled,
+    )
 }
 
 async fn delete_topology(prefix: &str) {
@@ -204,21 +407,18 @@ async fn delete_topology(prefix: &str) {
     };
     let t = Topology::new(prefix);
     let catalog = Catalog::load(&repo_root().join("config/jobs.toml")).expect("catalog");
-    let mut queues: Vec<String> = catalog
-        .queues()
-        .iter()
-        .map(|q| t.job_queue(&q.name))
-        .collect();
+    let mut queues: Vec<String> = catalog.queues().iter().map(|q| t.job_queue(&q.name)).collect();
     queues.extend([t.dead_queue(), t.control_queue()]);
+    for kind in catalog.kinds() {
+        for attempt in 0..kind.max_attempts {
+            queues.push(t.retry_queue(&kind.queue, kind.retry_backoff_ms << attempt));
+        }
+    }
     for q in queues {
-        let _ = ch
-            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-            .await;
+        let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
     }
     for e in [t.jobs_exchange(), t.dead_exchange()] {
-        let _ = ch
-            .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
-            .await;
+        let _ = ch.exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default()).await;
     }
     let _ = conn.close(200, "done".into()).await;
 }
@@ -231,9 +431,7 @@ pub async fn wait_final(conn: &mut Connection, id: &str, timeout: Duration) -> V
         assert_eq!(res.status, 200, "status of {id}: {}", res.text());
         let body = res.json();
         let state = body["status"].as_str().unwrap_or_default().to_owned();
-        if ["succeeded", "failed", "dead_lettered"].contains(&state.as_str())
-            || Instant::now() > deadline
-        {
+        if ["succeeded", "failed", "dead_lettered"].contains(&state.as_str()) || Instant::now() > deadline {
             return body;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -243,22 +441,21 @@ pub async fn wait_final(conn: &mut Connection, id: &str, timeout: Duration) -> V
 /// Asserts `res` is an `application/problem+json` answer with `status` and reason `slug`.
 pub fn assert_problem(res: &Response, status: u16, slug: &str) -> Value {
     assert_eq!(res.status, status, "{}", res.text());
-    assert_eq!(
-        res.content_type.as_deref(),
-        Some("application/problem+json"),
-        "{}",
-        res.text()
-    );
+    assert_eq!(res.content_type.as_deref(), Some("application/problem+json"), "{}", res.text());
     let body = res.json();
-    assert_eq!(
-        body["type"],
-        format!("urn:gatehouse:problem:{slug}"),
-        "{body}"
-    );
+    assert_eq!(body["type"], format!("urn:gatehouse:problem:{slug}"), "{body}");
     assert_eq!(body["status"], status);
-    assert!(
-        body["title"].is_string() && body["detail"].is_string(),
-        "{body}"
-    );
+    assert!(body["title"].is_string() && body["detail"].is_string(), "{body}");
     body
+}
+
+/// Prints a fault scenario's summary line and appends it to `target/gatehouse-faults.txt`
+/// (which `.ci/run` prints after the tests).
+pub fn report(line: &str) {
+    println!("{line}");
+    let path = repo_root().join("target/gatehouse-faults.txt");
+    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+        use std::io::Write;
+        let _ = writeln!(f, "{line}");
+    }
 }

@@ -11,27 +11,14 @@ async fn vault_put_then_get_returns_the_record() {
     let mut conn = sys.connect().await;
     let record = json!({"name": "Ada Lovelace", "iban": "GB33BUKB20201555555555"});
 
-    let put = conn
-        .submit(
-            &json!({"kind": "vault.put", "payload": {"record": record}}),
-            Some(10),
-        )
-        .await
-        .unwrap();
+    let put =
+        conn.submit(&json!({"kind": "vault.put", "payload": {"record": record}}), Some(10)).await.unwrap();
     assert_eq!(put.status, 200, "{}", put.text());
-    let token = put.json()["result"]["token"]
-        .as_str()
-        .expect("token")
-        .to_owned();
+    let token = put.json()["result"]["token"].as_str().expect("token").to_owned();
     assert!(token.starts_with("tok_"));
 
-    let get = conn
-        .submit(
-            &json!({"kind": "vault.get", "payload": {"token": token}}),
-            Some(10),
-        )
-        .await
-        .unwrap();
+    let get =
+        conn.submit(&json!({"kind": "vault.get", "payload": {"token": token}}), Some(10)).await.unwrap();
     assert_eq!(get.status, 200, "{}", get.text());
     assert_eq!(get.json()["status"], "succeeded");
     assert_eq!(get.json()["result"]["record"], record);
@@ -64,16 +51,10 @@ async fn ledger_numbers_sent_2_1_3_apply_in_order() {
         assert_eq!(status["result"]["balance"], *balance, "{status}");
     }
     let balance = conn
-        .submit(
-            &json!({"kind": "ledger.balance", "payload": {"account": "acct-42"}}),
-            Some(10),
-        )
+        .submit(&json!({"kind": "ledger.balance", "payload": {"account": "acct-42"}}), Some(10))
         .await
         .unwrap();
-    assert_eq!(
-        balance.json()["result"],
-        json!({"account": "acct-42", "balance": 321, "sequence": 3})
-    );
+    assert_eq!(balance.json()["result"], json!({"account": "acct-42", "balance": 321, "sequence": 3}));
     sys.stop().await;
 }
 
@@ -104,13 +85,8 @@ async fn a_gap_shows_waiting_for_sequence_with_the_expected_number() {
 async fn async_submit_answers_202_then_status_reaches_succeeded() {
     let sys = TestSystem::start().await;
     let mut conn = sys.connect().await;
-    let res = conn
-        .submit(
-            &json!({"kind": "vault.put", "payload": {"record": {"k": "v"}}}),
-            None,
-        )
-        .await
-        .unwrap();
+    let res =
+        conn.submit(&json!({"kind": "vault.put", "payload": {"record": {"k": "v"}}}), None).await.unwrap();
     assert_eq!(res.status, 202, "{}", res.text());
     let body = res.json();
     assert_eq!(body["status"], "queued");
@@ -119,12 +95,7 @@ async fn async_submit_answers_202_then_status_reaches_succeeded() {
 
     let status = wait_final(&mut conn, id, Duration::from_secs(10)).await;
     assert_eq!(status["status"], "succeeded", "{status}");
-    assert!(
-        status["result"]["token"]
-            .as_str()
-            .unwrap()
-            .starts_with("tok_")
-    );
+    assert!(status["result"]["token"].as_str().unwrap().starts_with("tok_"));
     sys.stop().await;
 }
 
@@ -139,7 +110,7 @@ async fn the_same_idempotency_key_is_the_same_job_applied_once() {
     assert_eq!(first["status"], "succeeded");
     // The second submit was answered from the stored outcome: the same token, not a new record.
     assert_eq!(first["result"]["token"], second["result"]["token"]);
-    let rows: i64 = count_rows(&sys, "vault");
+    let rows = gatehouse_e2e::oracle::count(&sys.database(), "vault");
     assert_eq!(rows, 1);
     sys.stop().await;
 }
@@ -156,13 +127,7 @@ async fn schema_violation_is_422_problem_json_naming_the_field() {
     let res = conn.submit(&job, None).await.unwrap();
     let body = assert_problem(&res, 422, "schema-violation");
     assert_eq!(body["errors"][0]["path"], "/payload/amount", "{body}");
-    assert!(
-        body["errors"][0]["message"]
-            .as_str()
-            .unwrap()
-            .contains("integer"),
-        "{body}"
-    );
+    assert!(body["errors"][0]["message"].as_str().unwrap().contains("integer"), "{body}");
     sys.stop().await;
 }
 
@@ -171,10 +136,7 @@ async fn another_clients_job_id_is_404() {
     let sys = TestSystem::start().await;
     let mut mine = sys.connect().await;
     let res = mine
-        .submit(
-            &json!({"kind": "vault.put", "payload": {"record": {"s": "x"}}}),
-            Some(10),
-        )
+        .submit(&json!({"kind": "vault.put", "payload": {"record": {"s": "x"}}}), Some(10))
         .await
         .unwrap();
     assert_eq!(res.status, 200, "{}", res.text());
@@ -192,27 +154,13 @@ async fn envelope_fields_set_by_the_gatekeeper_are_refused() {
     let sys = TestSystem::start().await;
     let mut conn = sys.connect().await;
     let res = conn
-        .submit(&json!({"kind": "vault.put", "payload": {"record": {}}, "reply_to": "amq.rabbitmq.reply-to"}), None)
+        .submit(
+            &json!({"kind": "vault.put", "payload": {"record": {}}, "reply_to": "amq.rabbitmq.reply-to"}),
+            None,
+        )
         .await
         .unwrap();
     let body = assert_problem(&res, 400, "invalid-envelope");
-    assert!(
-        body["detail"].as_str().unwrap().contains("reply_to"),
-        "{body}"
-    );
+    assert!(body["detail"].as_str().unwrap().contains("reply_to"), "{body}");
     sys.stop().await;
-}
-
-fn count_rows(sys: &TestSystem, table: &str) -> i64 {
-    let out = std::process::Command::new("sqlite3")
-        .arg(sys.database())
-        .arg(format!("SELECT count(*) FROM {table}"))
-        .output();
-    match out {
-        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout)
-            .trim()
-            .parse()
-            .expect("count"),
-        _ => panic!("sqlite3 is needed to inspect the worker's database (apt-get install sqlite3)"),
-    }
 }

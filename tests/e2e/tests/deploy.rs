@@ -28,11 +28,7 @@ fn networks_of(config: &str, service: &str) -> Vec<String> {
             continue;
         }
         if in_networks && indent == 6 {
-            let name = key
-                .trim_start_matches("- ")
-                .split(':')
-                .next()
-                .unwrap_or_default();
+            let name = key.trim_start_matches("- ").split(':').next().unwrap_or_default();
             found.push(name.trim().to_owned());
         }
     }
@@ -42,38 +38,18 @@ fn networks_of(config: &str, service: &str) -> Vec<String> {
 #[test]
 fn compose_file_is_valid_and_keeps_the_gatekeeper_off_storage() {
     let file = repo_root().join("docker-compose.yml");
-    let out = match Command::new("docker-compose")
-        .arg("-f")
-        .arg(&file)
-        .arg("config")
-        .output()
-    {
+    let out = match Command::new("docker-compose").arg("-f").arg(&file).arg("config").output() {
         Ok(out) => out,
         Err(_) => {
-            eprintln!(
-                "docker-compose is not installed (apt-get install docker-compose); not checked"
-            );
+            eprintln!("docker-compose is not installed (apt-get install docker-compose); not checked");
             return;
         }
     };
-    assert!(
-        out.status.success(),
-        "docker-compose config failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "docker-compose config failed: {}", String::from_utf8_lossy(&out.stderr));
     let config = String::from_utf8_lossy(&out.stdout);
     let gatekeeper = networks_of(&config, "gatekeeper");
     let worker = networks_of(&config, "worker");
-    assert!(
-        gatekeeper.contains(&"broker".to_owned()),
-        "gatekeeper networks: {gatekeeper:?}"
-    );
-    assert!(
-        !gatekeeper.contains(&"storage".to_owned()),
-        "gatekeeper is on the storage network"
-    );
-    assert!(
-        worker.contains(&"storage".to_owned()) && worker.contains(&"broker".to_owned()),
-        "{worker:?}"
-    );
+    assert!(gatekeeper.contains(&"broker".to_owned()), "gatekeeper networks: {gatekeeper:?}");
+    assert!(!gatekeeper.contains(&"storage".to_owned()), "gatekeeper is on the storage network");
+    assert!(worker.contains(&"storage".to_owned()) && worker.contains(&"broker".to_owned()), "{worker:?}");
 }

@@ -25,11 +25,7 @@ fn reachable(root: &str) -> HashSet<String> {
         .arg(repo_root().join("Cargo.toml"))
         .output()
         .expect("cargo metadata runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let meta: Value = serde_json::from_slice(&out.stdout).expect("metadata is JSON");
     let names: HashMap<&str, &str> = meta["packages"]
         .as_array()
@@ -37,17 +33,9 @@ fn reachable(root: &str) -> HashSet<String> {
         .iter()
         .map(|p| (p["id"].as_str().unwrap(), p["name"].as_str().unwrap()))
         .collect();
-    let nodes: HashMap<&str, &Value> = meta["resolve"]["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| (n["id"].as_str().unwrap(), n))
-        .collect();
-    let start = names
-        .iter()
-        .find(|(_, n)| **n == root)
-        .map(|(id, _)| *id)
-        .expect("root package");
+    let nodes: HashMap<&str, &Value> =
+        meta["resolve"]["nodes"].as_array().unwrap().iter().map(|n| (n["id"].as_str().unwrap(), n)).collect();
+    let start = names.iter().find(|(_, n)| **n == root).map(|(id, _)| *id).expect("root package");
     let mut seen = HashSet::new();
     let mut todo = vec![start];
     while let Some(id) = todo.pop() {
@@ -55,11 +43,8 @@ fn reachable(root: &str) -> HashSet<String> {
             continue;
         }
         for dep in nodes[id]["deps"].as_array().unwrap() {
-            let runtime = dep["dep_kinds"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|k| k["kind"].as_str() != Some("dev"));
+            let runtime =
+                dep["dep_kinds"].as_array().unwrap().iter().any(|k| k["kind"].as_str() != Some("dev"));
             if runtime {
                 todo.push(dep["pkg"].as_str().unwrap());
             }

@@ -13,20 +13,10 @@ async fn refused(client: Client) -> String {
     // handshake, so the refusal may surface at connect or at the first request.
     let outcome = match client.connect().await {
         Err(e) => Err(e),
-        Ok(mut conn) => {
-            conn.submit(
-                &json!({"kind": "vault.put", "payload": {"record": {}}}),
-                None,
-            )
-            .await
-        }
+        Ok(mut conn) => conn.submit(&json!({"kind": "vault.put", "payload": {"record": {}}}), None).await,
     };
     match outcome {
-        Ok(res) => panic!(
-            "the gatekeeper answered HTTP {}: {}",
-            res.status,
-            res.text()
-        ),
+        Ok(res) => panic!("the gatekeeper answered HTTP {}: {}", res.status, res.text()),
         Err(e) => chain(&e),
     }
 }
@@ -47,10 +37,7 @@ async fn no_client_certificate_is_refused_at_tls() {
     let sys = TestSystem::start().await;
     let config = tls_config(&sys.certs.path().join("ca.pem"), None).unwrap();
     let err = refused(Client::with_tls(&sys.url(), config).unwrap()).await;
-    assert!(
-        err.contains("CertificateRequired"),
-        "unexpected error: {err}"
-    );
+    assert!(err.contains("CertificateRequired"), "unexpected error: {err}");
     sys.stop().await;
 }
 
@@ -60,10 +47,8 @@ async fn a_certificate_from_another_ca_is_refused_at_tls() {
     let foreign = tempfile::tempdir().unwrap();
     gatehouse_cli::certs::write_dev(foreign.path()).unwrap();
     // Trusts the real server, but presents a client certificate of a foreign CA.
-    let identity = Identity {
-        cert: foreign.path().join("client.pem"),
-        key: foreign.path().join("client.key"),
-    };
+    let identity =
+        Identity { cert: foreign.path().join("client.pem"), key: foreign.path().join("client.key") };
     let config = tls_config(&sys.certs.path().join("ca.pem"), Some(&identity)).unwrap();
     let err = refused(Client::with_tls(&sys.url(), config).unwrap()).await;
     // The foreign CA has the same name as ours, so webpki checks the signature against our CA
@@ -81,10 +66,7 @@ async fn the_dev_client_certificate_is_accepted() {
     // The control case of the two above: the same path with the right certificate works.
     let sys = TestSystem::start().await;
     let mut conn = sys.connect().await;
-    let res = conn
-        .request(gatehouse_client::Method::GET, "/healthz", &[], Vec::new())
-        .await
-        .unwrap();
+    let res = conn.request(gatehouse_client::Method::GET, "/healthz", &[], Vec::new()).await.unwrap();
     assert_eq!(res.status, 200);
     sys.stop().await;
 }

@@ -4,12 +4,12 @@
 //! Reading uses `basic.get` without ack: every message read and not replayed goes back to the
 //! queue when the channel closes.
 
+use gatehouse_broker::lapin::message::BasicGetMessage;
 use gatehouse_broker::lapin::options::{BasicAckOptions, BasicGetOptions, QueuePurgeOptions};
 use gatehouse_broker::lapin::types::{AMQPValue, FieldTable, LongString};
 use gatehouse_broker::lapin::{BasicProperties, Channel};
 use gatehouse_broker::topology::headers;
 use gatehouse_broker::{Publisher, Topology};
-use gatehouse_broker::lapin::message::BasicGetMessage;
 use serde_json::{Value, json};
 
 /// Where the broker is.

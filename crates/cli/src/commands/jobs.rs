@@ -25,10 +25,7 @@ pub struct Endpoint {
 
 impl Endpoint {
     fn client(&self) -> anyhow::Result<Client> {
-        let identity = Identity {
-            cert: self.cert.clone(),
-            key: self.key.clone(),
-        };
+        let identity = Identity { cert: self.cert.clone(), key: self.key.clone() };
         Ok(Client::new(&self.url, &self.ca, Some(identity))?)
     }
 }
@@ -102,22 +99,10 @@ fn print(res: &Response, as_json: bool) -> bool {
     let ok = (200..300).contains(&res.status);
     let body = res.json();
     if as_json {
-        println!(
-            "{}",
-            if body.is_null() {
-                res.text()
-            } else {
-                body.to_string()
-            }
-        );
+        println!("{}", if body.is_null() { res.text() } else { body.to_string() });
     } else if ok {
         let state = body["status"].as_str().unwrap_or("?");
-        println!(
-            "{} {}  job {}",
-            res.status,
-            state,
-            body["id"].as_str().unwrap_or("?")
-        );
+        println!("{} {}  job {}", res.status, state, body["id"].as_str().unwrap_or("?"));
         for key in ["result", "error", "expected", "reason"] {
             if !body[key].is_null() {
                 println!("  {key}: {}", body[key]);
@@ -132,11 +117,7 @@ fn print(res: &Response, as_json: bool) -> bool {
         );
         if let Some(errors) = body["errors"].as_array() {
             for e in errors {
-                eprintln!(
-                    "  {}: {}",
-                    e["path"].as_str().unwrap_or(""),
-                    e["message"].as_str().unwrap_or("")
-                );
+                eprintln!("  {}: {}", e["path"].as_str().unwrap_or(""), e["message"].as_str().unwrap_or(""));
             }
         }
     }

@@ -34,10 +34,7 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<()> {
         Path::new("config/gatekeeper.toml").exists(),
         "run `gatehouse up` from the repository root (config/ not found here)"
     );
-    let bin_dir = std::env::current_exe()?
-        .parent()
-        .context("no binary folder")?
-        .to_owned();
+    let bin_dir = std::env::current_exe()?.parent().context("no binary folder")?.to_owned();
     for bin in ["gatekeeper", "worker"] {
         anyhow::ensure!(
             bin_dir.join(bin).exists(),
@@ -58,12 +55,7 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<()> {
     }
 
     let mut worker = spawn(&bin_dir, "worker", "config/worker.toml", &args.broker)?;
-    let mut gatekeeper = spawn(
-        &bin_dir,
-        "gatekeeper",
-        "config/gatekeeper.toml",
-        &args.broker,
-    )?;
+    let mut gatekeeper = spawn(&bin_dir, "gatekeeper", "config/gatekeeper.toml", &args.broker)?;
     let healthy = wait_healthy(&args.certs).await;
     if let Err(e) = &healthy {
         eprintln!("gatekeeper did not become healthy: {e:#}");
@@ -100,15 +92,8 @@ fn spawn(bin_dir: &Path, name: &str, config: &str, broker: &str) -> anyhow::Resu
 }
 
 async fn wait_healthy(certs: &Path) -> anyhow::Result<()> {
-    let identity = Identity {
-        cert: certs.join("client.pem"),
-        key: certs.join("client.key"),
-    };
-    let client = Client::new(
-        "https://127.0.0.1:8443",
-        &certs.join("ca.pem"),
-        Some(identity),
-    )?;
+    let identity = Identity { cert: certs.join("client.pem"), key: certs.join("client.key") };
+    let client = Client::new("https://127.0.0.1:8443", &certs.join("ca.pem"), Some(identity))?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let attempt = async {
@@ -126,16 +111,9 @@ async fn wait_healthy(certs: &Path) -> anyhow::Result<()> {
 
 async fn terminate(child: &mut Child) {
     if let Some(pid) = child.id() {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(pid.to_string())
-            .status()
-            .await;
+        let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status().await;
     }
-    if tokio::time::timeout(Duration::from_secs(15), child.wait())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(Duration::from_secs(15), child.wait()).await.is_err() {
         let _ = child.kill().await;
     }
 }

@@ -14,8 +14,7 @@ use gatehouse_broker::lapin::BasicProperties;
 use gatehouse_broker::topology::CONTROL_ROUTING_KEY;
 use gatehouse_protocol::submit::RawSequence;
 use gatehouse_protocol::{
-    ControlRequest, JobEnvelope, JobId, JobState, JobStatus, KindSpec, Priority, Sequence,
-    SubmitRequest,
+    ControlRequest, JobEnvelope, JobId, JobState, JobStatus, KindSpec, Priority, Sequence, SubmitRequest,
 };
 use serde_json::{Value, json};
 
@@ -73,9 +72,10 @@ async fn accept(
             vec![field("/kind", format!("no job kind named {:?}", req.kind))],
         )
     })?;
-    let policy = app.policy.client(&client.0).ok_or_else(|| {
-        Problem::forbidden("unknown-client", "this client identity has no policy")
-    })?;
+    let policy = app
+        .policy
+        .client(&client.0)
+        .ok_or_else(|| Problem::forbidden("unknown-client", "this client identity has no policy"))?;
     if !policy.allows_kind(&spec.name) {
         return Err(Problem::forbidden(
             "kind-not-allowed",
@@ -86,34 +86,21 @@ async fn accept(
         None => spec.priority.min(policy.max_priority),
         Some(p) => {
             let p = Priority::new(p).map_err(|m| {
-                Problem::validation(
-                    "Invalid priority",
-                    "invalid-priority",
-                    vec![field("/priority", m)],
-                )
+                Problem::validation("Invalid priority", "invalid-priority", vec![field("/priority", m)])
             })?;
             if p > policy.max_priority {
                 return Err(Problem::forbidden(
                     "priority-above-ceiling",
-                    format!(
-                        "this client's highest priority is {}",
-                        policy.max_priority.get()
-                    ),
+                    format!("this client's highest priority is {}", policy.max_priority.get()),
                 ));
             }
             p
         }
     };
     let sequence = check_sequence(spec, req.sequence, &req.payload)?;
-    app.schemas
-        .validate(&spec.name, &req.payload)
-        .map_err(|errors| {
-            Problem::validation(
-                "Payload does not match the kind's schema",
-                "schema-violation",
-                errors,
-            )
-        })?;
+    app.schemas.validate(&spec.name, &req.payload).map_err(|errors| {
+        Problem::validation("Payload does not match the kind's schema", "schema-violation", errors)
+    })?;
     if let Some(k) = &req.idempotency_key
         && (k.is_empty() || k.len() > 256)
     {
@@ -134,11 +121,7 @@ async fn accept(
         submitted_at_ms: now().as_millis() as u64,
     };
     let mut waiter = match wait {
-        Some(_) => Some(
-            app.replies
-                .register()
-                .map_err(|e| Problem::broker_unavailable(e.to_string()))?,
-        ),
+        Some(_) => Some(app.replies.register().map_err(|e| Problem::broker_unavailable(e.to_string()))?),
         None => None,
     };
     let body = serde_json::to_vec(&envelope).map_err(|e| Problem::malformed_json(e.to_string()))?;
@@ -150,9 +133,8 @@ async fn accept(
         .with_timestamp(now().as_secs())
         .with_app_id("gatehouse-gatekeeper".into());
     if let Some(w) = &waiter {
-        props = props
-            .with_correlation_id(w.correlation_id().into())
-            .with_reply_to(app.replies.queue().into());
+        props =
+            props.with_correlation_id(w.correlation_id().into()).with_reply_to(app.replies.queue().into());
     }
     publish(app, &spec.queue, &body, props, true).await?;
     tracing::info!(job_id = %envelope.id, kind = %envelope.kind, client = %client.0, priority = priority.get(), "job accepted");
@@ -200,20 +182,14 @@ pub async fn status(
     Extension(client): Extension<ClientIdentity>,
     Path(id): Path<String>,
 ) -> Response {
-    let Some(id) = JobId::parse(&id)
-        .ok()
-        .filter(|id| app.ids.is_owned_by(id, &client.0))
-    else {
+    let Some(id) = JobId::parse(&id).ok().filter(|id| app.ids.is_owned_by(id, &client.0)) else {
         return Problem::not_found().into_response();
     };
     let mut waiter = match app.replies.register() {
         Ok(w) => w,
         Err(e) => return Problem::broker_unavailable(e.to_string()).into_response(),
     };
-    let query = ControlRequest::Status {
-        id: id.clone(),
-        client: client.0.clone(),
-    };
+    let query = ControlRequest::Status { id: id.clone(), client: client.0.clone() };
     let body = serde_json::to_vec(&query).unwrap_or_default();
     let expiration = app.status_timeout.as_millis().to_string();
     let props = BasicProperties::default()
@@ -249,19 +225,11 @@ fn check_sequence(
     raw: Option<RawSequence>,
     payload: &Value,
 ) -> Result<Option<Sequence>, Problem> {
-    let invalid = |m: String| {
-        Problem::validation(
-            "Invalid sequence",
-            "invalid-sequence",
-            vec![field("/sequence", m)],
-        )
-    };
+    let invalid =
+        |m: String| Problem::validation("Invalid sequence", "invalid-sequence", vec![field("/sequence", m)]);
     match (spec.sequenced, raw) {
         (false, None) => Ok(None),
-        (false, Some(_)) => Err(invalid(format!(
-            "{} is not sequenced; send no sequence",
-            spec.name
-        ))),
+        (false, Some(_)) => Err(invalid(format!("{} is not sequenced; send no sequence", spec.name))),
         (true, None) => Err(invalid(format!(
             "{} is sequenced; send {{\"sequence\": {{\"key\", \"number\"}}}}",
             spec.name
@@ -287,29 +255,21 @@ async fn publish(
     persistent: bool,
 ) -> Result<(), Problem> {
     let Some(publisher) = app.link.publisher() else {
-        return Err(Problem::broker_unavailable(
-            "the message broker is not available",
-        ));
+        return Err(Problem::broker_unavailable("the message broker is not available"));
     };
     let exchange = app.topology.jobs_exchange();
     let confirmed = async {
         if persistent {
-            publisher
-                .publish_persistent(&exchange, routing_key, body, props)
-                .await
+            publisher.publish_persistent(&exchange, routing_key, body, props).await
         } else {
-            publisher
-                .publish_transient(&exchange, routing_key, body, props)
-                .await
+            publisher.publish_transient(&exchange, routing_key, body, props).await
         }
     };
     match tokio::time::timeout(app.publish_timeout, confirmed).await {
         Ok(r) => r.map_err(refused),
         Err(_) => {
             tracing::warn!("publish not confirmed in time");
-            Err(Problem::broker_unavailable(
-                "the message broker did not confirm in time",
-            ))
+            Err(Problem::broker_unavailable("the message broker did not confirm in time"))
         }
     }
 }
@@ -326,9 +286,7 @@ fn refused(e: PublishError) -> Problem {
         )
         .retry_after(1),
         PublishError::Returned(_) => Problem::broker_unavailable("the job queue is not available"),
-        PublishError::Broker(_) => {
-            Problem::broker_unavailable("the message broker is not available")
-        }
+        PublishError::Broker(_) => Problem::broker_unavailable("the message broker is not available"),
     }
 }
 
@@ -342,29 +300,20 @@ fn is_json(headers: &HeaderMap) -> bool {
 
 /// `Prefer: wait=N` (RFC 7240), in seconds.
 fn requested_wait(headers: &HeaderMap) -> Option<Duration> {
-    headers
-        .get_all("prefer")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .find_map(|v| {
-            v.split([',', ';'])
-                .find_map(|pref| pref.trim().strip_prefix("wait="))
-                .and_then(|n| n.trim().parse::<u64>().ok())
-                .map(Duration::from_secs)
-        })
+    headers.get_all("prefer").iter().filter_map(|v| v.to_str().ok()).find_map(|v| {
+        v.split([',', ';'])
+            .find_map(|pref| pref.trim().strip_prefix("wait="))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .map(Duration::from_secs)
+    })
 }
 
 fn field(path: &str, message: impl Into<String>) -> FieldError {
-    FieldError {
-        path: path.into(),
-        message: message.into(),
-    }
+    FieldError { path: path.into(), message: message.into() }
 }
 
 fn now() -> Duration {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -383,10 +332,7 @@ mod tests {
     fn content_type_must_be_json() {
         let mut h = HeaderMap::new();
         assert!(!is_json(&h));
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json; charset=utf-8"),
-        );
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json; charset=utf-8"));
         assert!(is_json(&h));
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
         assert!(!is_json(&h));

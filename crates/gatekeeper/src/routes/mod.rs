@@ -43,12 +43,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .fallback(|| async {
-            Problem::new(
-                axum::http::StatusCode::NOT_FOUND,
-                "no-such-route",
-                "Not found",
-                "no such route",
-            )
+            Problem::new(axum::http::StatusCode::NOT_FOUND, "no-such-route", "Not found", "no such route")
         })
         .method_not_allowed_fallback(|| async {
             Problem::new(

@@ -27,16 +27,14 @@ pub fn apply(tx: &Tx<'_>, env: &JobEnvelope, p: Apply) -> Result<Outcome, Storag
         return Ok(Outcome::Permanent("ledger.apply needs a sequence".into()));
     };
     Ok(match tx.ledger_apply(&p.account, p.amount, seq.number())? {
-        Some(balance) => Outcome::Success(
-            json!({ "account": p.account, "balance": balance, "sequence": seq.number() }),
-        ),
+        Some(balance) => {
+            Outcome::Success(json!({ "account": p.account, "balance": balance, "sequence": seq.number() }))
+        }
         None => Outcome::Permanent("the balance would overflow".into()),
     })
 }
 
 pub fn balance(tx: &Tx<'_>, p: Balance) -> Result<Outcome, StorageError> {
     let (balance, sequence) = tx.ledger_balance(&p.account)?;
-    Ok(Outcome::Success(
-        json!({ "account": p.account, "balance": balance, "sequence": sequence }),
-    ))
+    Ok(Outcome::Success(json!({ "account": p.account, "balance": balance, "sequence": sequence })))
 }

@@ -33,10 +33,9 @@ pub async fn run(env: &JobEnvelope, attempt: u32) -> Outcome {
             Err(e) => Outcome::Permanent(format!("invalid payload: {e}")),
         },
         "test.fail" => match Fail::deserialize(&env.payload) {
-            Ok(p) if attempt <= p.times => Outcome::Retryable(format!(
-                "failing on purpose: attempt {attempt} of {}",
-                p.times
-            )),
+            Ok(p) if attempt <= p.times => {
+                Outcome::Retryable(format!("failing on purpose: attempt {attempt} of {}", p.times))
+            }
             Ok(_) => Outcome::Success(json!({ "attempts": attempt })),
             Err(e) => Outcome::Permanent(format!("invalid payload: {e}")),
         },

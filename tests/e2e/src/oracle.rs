@@ -1,0 +1,64 @@
+//! Reading the worker's SQLite file directly: the ground truth a fault test compares with its
+//! model. Read-only, alongside the running worker (WAL allows it).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use rusqlite::{Connection, OpenFlags};
+use serde_json::Value;
+
+/// What storage says about one job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobRow {
+    pub state: String,
+    pub result: Option<Value>,
+    pub reason: Option<String>,
+}
+
+fn open(db: &Path) -> Connection {
+    let c = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY).expect("open worker db");
+    c.busy_timeout(std::time::Duration::from_secs(5)).expect("busy timeout");
+    c
+}
+
+/// Every job row, by id.
+pub fn jobs(db: &Path) -> HashMap<String, JobRow> {
+    let c = open(db);
+    let mut stmt = c.prepare("SELECT id, state, result, reason FROM jobs").expect("query");
+    stmt.query_map([], |r| {
+        let result: Option<String> = r.get(2)?;
+        Ok((
+            r.get::<_, String>(0)?,
+            JobRow {
+                state: r.get(1)?,
+                result: result.and_then(|s| serde_json::from_str(&s).ok()),
+                reason: r.get(3)?,
+            },
+        ))
+    })
+    .expect("rows")
+    .collect::<Result<_, _>>()
+    .expect("rows")
+}
+
+/// `account -> (balance, last sequence)`.
+pub fn ledger(db: &Path) -> HashMap<String, (i64, u64)> {
+    let c = open(db);
+    let mut stmt = c.prepare("SELECT account, balance, sequence FROM ledger").expect("query");
+    stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, (r.get::<_, i64>(1)?, r.get::<_, i64>(2)? as u64))))
+        .expect("rows")
+        .collect::<Result<_, _>>()
+        .expect("rows")
+}
+
+/// Rows in `table`.
+pub fn count(db: &Path, table: &str) -> i64 {
+    open(db).query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0)).expect("count")
+}
+
+/// Jobs recorded as succeeded.
+pub fn succeeded(db: &Path) -> i64 {
+    open(db)
+        .query_row("SELECT count(*) FROM jobs WHERE state = 'succeeded'", [], |r| r.get(0))
+        .expect("count")
+}

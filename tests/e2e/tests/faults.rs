@@ -1,0 +1,478 @@
+//! The fault suite: real processes, a real broker, real faults. Each scenario compares the end
+//! state in the worker's SQLite file with a model computed here, and reports one line:
+//! submitted / accepted / applied / lost / duplicated / order violations / dead-lettered /
+//! recovery seconds. Sizes are modest for CI; raise them with GATEHOUSE_FAULT_N (jobs) and
+//! GATEHOUSE_FAULT_KILLS.
+//!
+//! Scenarios share one broker, and one of them restarts it, so they run one at a time.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use gatehouse_cli::commands::dlq::{self, BrokerArgs};
+use gatehouse_e2e::{Options, TestSystem, broker_ctl, broker_url, oracle, report, wait_final};
+use serde_json::{Value, json};
+use tokio::sync::Mutex;
+
+static SERIAL: Mutex<()> = Mutex::const_new(());
+
+fn env_size(var: &str, default: usize) -> usize {
+    std::env::var(var).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// A small deterministic PRNG (xorshift64*), so that a failing run can be repeated.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            v.swap(i, self.below(i as u64 + 1) as usize);
+        }
+    }
+}
+
+/// One ledger job of the model.
+#[derive(Debug, Clone)]
+struct LedgerJob {
+    account: String,
+    number: u64,
+    amount: i64,
+}
+
+impl LedgerJob {
+    fn body(&self) -> Value {
+        json!({
+            "kind": "ledger.apply",
+            "payload": {"account": self.account, "amount": self.amount},
+            "sequence": {"key": self.account, "number": self.number},
+            "idempotency_key": format!("{}-{}", self.account, self.number),
+        })
+    }
+}
+
+/// Submits `jobs` over `clients` connections; each job until the gatekeeper accepts it (503s
+/// are retried, as a client should). Returns the job ids by index and the count of 503s.
+async fn submit_all(sys: &TestSystem, jobs: Vec<Value>, clients: usize) -> (HashMap<usize, String>, usize) {
+    submit_paced(sys, jobs, clients, Duration::ZERO).await
+}
+
+/// [`submit_all`], each client pausing `pace` between jobs (to spread load over a fault).
+async fn submit_paced(
+    sys: &TestSystem,
+    jobs: Vec<Value>,
+    clients: usize,
+    pace: Duration,
+) -> (HashMap<usize, String>, usize) {
+    let queue = Arc::new(std::sync::Mutex::new(jobs.into_iter().enumerate().collect::<VecDeque<_>>()));
+    let client = sys.client();
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (queue, client) = (queue.clone(), client.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut ids = HashMap::new();
+            let mut unavailable = 0;
+            let mut conn = None;
+            loop {
+                let Some((i, job)) = queue.lock().unwrap().pop_front() else {
+                    break;
+                };
+                let deadline = Instant::now() + Duration::from_secs(120);
+                loop {
+                    assert!(Instant::now() < deadline, "job {i} was never accepted");
+                    if conn.is_none() {
+                        conn = client.connect().await.ok();
+                    }
+                    let Some(c) = conn.as_mut() else {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    };
+                    match c.submit(&job, None).await {
+                        Ok(res) if res.status == 202 || res.status == 200 => {
+                            ids.insert(i, res.json()["id"].as_str().unwrap().to_owned());
+                            tokio::time::sleep(pace).await;
+                            break;
+                        }
+                        Ok(res) if res.status == 503 => {
+                            assert!(res.retry_after.is_some(), "503 without Retry-After");
+                            unavailable += 1;
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                        Ok(res) => panic!("job {i} refused: {} {}", res.status, res.text()),
+                        Err(_) => conn = None,
+                    }
+                }
+            }
+            (ids, unavailable)
+        }));
+    }
+    let mut all = HashMap::new();
+    let mut unavailable = 0;
+    for t in tasks {
+        let (ids, u) = t.await.unwrap();
+        all.extend(ids);
+        unavailable += u;
+    }
+    (all, unavailable)
+}
+
+/// Waits until `done(ledger)` holds or `timeout` passes.
+async fn wait_ledger(
+    sys: &TestSystem,
+    timeout: Duration,
+    done: impl Fn(&HashMap<String, (i64, u64)>) -> bool,
+) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if done(&oracle::ledger(&sys.database())) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+/// Compares storage with the model of ledger jobs: (applied, lost, duplicated, order violations).
+fn check_ledger(
+    sys: &TestSystem,
+    jobs: &[LedgerJob],
+    ids: &HashMap<usize, String>,
+) -> (usize, usize, usize, usize) {
+    let rows = oracle::jobs(&sys.database());
+    let ledger = oracle::ledger(&sys.database());
+    let mut prefix: HashMap<(String, u64), i64> = HashMap::new();
+    let mut by_account: HashMap<&str, Vec<&LedgerJob>> = HashMap::new();
+    for j in jobs {
+        by_account.entry(&j.account).or_default().push(j);
+    }
+    let mut duplicated = 0;
+    for (account, mut js) in by_account {
+        js.sort_by_key(|j| j.number);
+        let mut sum = 0;
+        for j in &js {
+            sum += j.amount;
+            prefix.insert((account.to_owned(), j.number), sum);
+        }
+        let expected = (sum, js.len() as u64);
+        if ledger.get(account).is_some_and(|got| *got != expected && got.1 == expected.1) {
+            duplicated += 1;
+        }
+    }
+    let (mut applied, mut lost, mut order) = (0, 0, 0);
+    for (i, j) in jobs.iter().enumerate() {
+        let Some(id) = ids.get(&i) else { continue };
+        match rows.get(id) {
+            Some(row) if row.state == "succeeded" => {
+                applied += 1;
+                let r = row.result.as_ref().unwrap();
+                let want = prefix[&(j.account.clone(), j.number)];
+                if r["sequence"] != j.number || r["balance"] != want {
+                    order += 1;
+                }
+            }
+            _ => lost += 1,
+        }
+    }
+    (applied, lost, duplicated, order)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_of_the_worker_loses_nothing_and_applies_once_in_order() {
+    let _serial = SERIAL.lock().await;
+    let n = env_size("GATEHOUSE_FAULT_N", 2000);
+    let kills = env_size("GATEHOUSE_FAULT_KILLS", 10);
+    let accounts = 20;
+    let sys = TestSystem::start_with(Options {
+        worker_binary: Some(env!("CARGO_BIN_EXE_e2e-worker")),
+        ..Options::default()
+    })
+    .await;
+
+    // The model: `accounts` sequences, numbers 1.., submitted in a shuffled order, plus 5 %
+    // deliberate duplicates (the same idempotency key sent again).
+    let seed = 0x5eed_1234_u64;
+    let mut rng = Rng(seed);
+    let jobs: Vec<LedgerJob> = (0..n)
+        .map(|i| LedgerJob {
+            account: format!("k9-{}", i % accounts),
+            number: (i / accounts) as u64 + 1,
+            amount: rng.below(1000) as i64 + 1,
+        })
+        .collect();
+    let mut order: Vec<usize> = (0..n).collect();
+    rng.shuffle(&mut order);
+    let dupes: Vec<usize> = order.iter().take(n / 20).copied().collect();
+    let mut bodies: Vec<Value> = order.iter().map(|&i| jobs[i].body()).collect();
+    bodies.extend(dupes.iter().map(|&i| jobs[i].body()));
+
+    // The killer: SIGKILL at random moments while work remains, restart at once (as a service
+    // manager would), and time each recovery: restart -> the next job applied.
+    let per_account = (n / accounts) as u64;
+    let all_applied = move |l: &HashMap<String, (i64, u64)>| {
+        l.len() == accounts && l.values().all(|(_, s)| *s == per_account)
+    };
+    let (worker, db) = (sys.worker_process().clone(), sys.database());
+    let killer = tokio::spawn(async move {
+        let mut rng = Rng(seed ^ 0xdead);
+        let mut recoveries = Vec::new();
+        for _ in 0..kills {
+            tokio::time::sleep(Duration::from_millis(20 + rng.below(100))).await;
+            if db.exists() && all_applied(&oracle::ledger(&db)) {
+                break;
+            }
+            let before = if db.exists() { oracle::succeeded(&db) } else { 0 };
+            worker.kill();
+            worker.start();
+            let restarted = Instant::now();
+            while oracle::succeeded(&db) == before && restarted.elapsed() < Duration::from_secs(30) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            recoveries.push(restarted.elapsed());
+        }
+        recoveries
+    });
+    let (ids, unavailable) = submit_all(&sys, bodies, 8).await;
+    let recoveries = killer.await.unwrap();
+    let drained = wait_ledger(&sys, Duration::from_secs(180), all_applied).await;
+    let recovery = recoveries.iter().max().copied().unwrap_or_default().as_secs_f64();
+    // Map the submission order back to model indexes (duplicates map to their original).
+    let mut model_ids = HashMap::new();
+    for (pos, &i) in order.iter().chain(dupes.iter()).enumerate() {
+        if let Some(id) = ids.get(&pos) {
+            let prev = model_ids.insert(i, id.clone());
+            assert!(prev.is_none_or(|p| p == *id), "an idempotency key mapped to two job ids");
+        }
+    }
+    let (applied, lost, duplicated, violations) = check_ledger(&sys, &jobs, &model_ids);
+    let dead = sys.queue_depth(&sys.topology().dead_queue()).await;
+    report(&format!(
+        "FAULT kill-9 worker (N={n}, K={} under load, prefetch=4, seed={seed:#x}): submitted={} accepted={} \
+         applied={applied} lost={lost} duplicated={duplicated} order_violations={violations} \
+         dead_lettered={dead} recovery_s(max kill->next apply)={recovery:.2} worker_starts={} 503s={unavailable}",
+        recoveries.len(),
+        order.len() + dupes.len(),
+        ids.len(),
+        sys.worker_process().starts.load(std::sync::atomic::Ordering::SeqCst),
+    ));
+    assert!(drained, "not everything was applied; worker log:\n{}", sys.worker_process().log());
+    assert_eq!((applied, lost, duplicated, violations, dead), (n, 0, 0, 0, 0));
+    assert!(recoveries.len() >= kills.min(10), "only {} kills happened under load", recoveries.len());
+    sys.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn broker_restart_and_dropped_connections_lose_nothing() {
+    let _serial = SERIAL.lock().await;
+    let n = env_size("GATEHOUSE_FAULT_N", 2000) / 4;
+    let sys = TestSystem::start().await;
+    let jobs: Vec<LedgerJob> =
+        (0..n).map(|i| LedgerJob { account: format!("br-{i}"), number: 1, amount: i as i64 + 1 }).collect();
+    let bodies: Vec<Value> = jobs.iter().map(LedgerJob::body).collect();
+
+    // Faults while the load runs: a broker restart, then every connection closed. Recovery is
+    // measured from `start_app` returning to the gatekeeper's first 202.
+    let probe_client = sys.client();
+    let faults = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::task::spawn_blocking(|| broker_ctl(&["stop_app"])).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        tokio::task::spawn_blocking(|| broker_ctl(&["start_app"])).await.unwrap();
+        let restarted = Instant::now();
+        let probe = json!({"kind": "ledger.balance", "payload": {"account": "br-0"}});
+        loop {
+            if let Ok(mut c) = probe_client.connect().await
+                && c.submit(&probe, None).await.is_ok_and(|r| r.status == 202)
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let recovery = restarted.elapsed();
+        tokio::task::spawn_blocking(|| broker_ctl(&["close_all_connections", "fault test"])).await.unwrap();
+        recovery
+    });
+    let (ids, unavailable) = submit_paced(&sys, bodies, 4, Duration::from_millis(15)).await;
+    let recovery = faults.await.unwrap().as_secs_f64();
+    let drained = wait_ledger(&sys, Duration::from_secs(120), |l| l.len() == n).await;
+    let (applied, lost, duplicated, violations) = check_ledger(&sys, &jobs, &ids);
+    let over_applied = oracle::ledger(&sys.database())
+        .iter()
+        .filter(|(a, (b, _))| jobs.iter().any(|j| &j.account == *a && j.amount != *b))
+        .count();
+    let dead = sys.queue_depth(&sys.topology().dead_queue()).await;
+    report(&format!(
+        "FAULT broker stop_app/start_app + close_all_connections (N={n}): submitted={n} accepted={} \
+         applied={applied} lost={lost} duplicated={} order_violations={violations} dead_lettered={dead} \
+         recovery_s={recovery:.2} 503s={unavailable}",
+        ids.len(),
+        duplicated + over_applied,
+    ));
+    assert!(drained, "not everything was applied");
+    assert!(unavailable > 0, "the gatekeeper never answered 503 while the broker was down");
+    assert_eq!((applied, lost, duplicated + over_applied, violations, dead), (n, 0, 0, 0, 0));
+    sys.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn poison_jobs_are_dead_lettered_after_exactly_max_attempts_while_others_flow() {
+    let _serial = SERIAL.lock().await;
+    let sys = TestSystem::start_with(Options {
+        worker_binary: Some(env!("CARGO_BIN_EXE_e2e-worker")),
+        supervise_worker: true,
+        testing: true,
+        ..Options::default()
+    })
+    .await;
+    let mut conn = sys.connect().await;
+    let mut submit = async |job: Value| {
+        let res = conn.submit(&job, None).await.unwrap();
+        assert_eq!(res.status, 202, "{}", res.text());
+        res.json()["id"].as_str().unwrap().to_owned()
+    };
+    // max_attempts is 3 for the test kinds.
+    let recovers = submit(json!({"kind": "test.fail", "payload": {"times": 2}})).await;
+    let fails = submit(json!({"kind": "test.fail", "payload": {"times": 5}})).await;
+    let panics = submit(json!({"kind": "test.panic", "payload": {}})).await;
+    let crashes = submit(json!({"kind": "test.crash", "payload": {}})).await;
+    let healthy: Vec<Value> =
+        (0..50).map(|i| json!({"kind": "vault.put", "payload": {"record": {"i": i}}})).collect();
+    let (healthy_ids, _) = submit_all(&sys, healthy, 2).await;
+
+    let mut conn = sys.connect().await;
+    let t = Duration::from_secs(60);
+    let ok = wait_final(&mut conn, &recovers, t).await;
+    assert_eq!(ok["status"], "succeeded", "{ok}");
+    assert_eq!(ok["result"]["attempts"], 3, "{ok}");
+    for (id, error) in [(&fails, "failing on purpose"), (&panics, "panic"), (&crashes, "worker stopped")] {
+        let s = wait_final(&mut conn, id, t).await;
+        assert_eq!(
+            (s["status"].as_str(), s["reason"].as_str()),
+            (Some("dead_lettered"), Some("max_attempts")),
+            "{s}"
+        );
+        assert!(s["error"].as_str().unwrap().contains(error), "{s}");
+    }
+    let mut healthy_ok = 0;
+    for id in healthy_ids.values() {
+        if wait_final(&mut conn, id, t).await["status"] == "succeeded" {
+            healthy_ok += 1;
+        }
+    }
+    let args = BrokerArgs { broker: broker_url(), prefix: sys.prefix.clone() };
+    let letters = dlq::list(&args).await.unwrap();
+    let attempts: HashMap<String, Value> =
+        letters.iter().map(|l| (l["id"].as_str().unwrap().to_owned(), l["attempts"].clone())).collect();
+    let starts = sys.worker_process().starts.load(std::sync::atomic::Ordering::SeqCst);
+    report(&format!(
+        "FAULT poison (max_attempts=3): test.fail{{2}}=succeeded after 3 attempts; dead_lettered={} \
+         (attempts fail={} panic={} crash={}); healthy applied={healthy_ok}/50; worker_starts={starts}",
+        letters.len(),
+        attempts.get(&fails).unwrap_or(&Value::Null),
+        attempts.get(&panics).unwrap_or(&Value::Null),
+        attempts.get(&crashes).unwrap_or(&Value::Null),
+    ));
+    assert_eq!(letters.len(), 3, "{letters:?}");
+    for id in [&fails, &panics, &crashes] {
+        assert_eq!(attempts[id.as_str()], 3, "{letters:?}");
+    }
+    assert_eq!(healthy_ok, 50);
+    // One start, then one restart per crash: three attempts crashed, the fourth delivery was
+    // dead-lettered without running.
+    assert_eq!(starts, 4);
+    sys.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_drains_in_flight_jobs_and_loses_nothing() {
+    let _serial = SERIAL.lock().await;
+    let sys = TestSystem::start_with(Options {
+        worker_binary: Some(env!("CARGO_BIN_EXE_e2e-worker")),
+        testing: true,
+        ..Options::default()
+    })
+    .await;
+    let n = env_size("GATEHOUSE_FAULT_N", 2000) / 10;
+    let jobs: Vec<LedgerJob> =
+        (0..n).map(|i| LedgerJob { account: format!("st-{i}"), number: 1, amount: 7 }).collect();
+    let mut bodies: Vec<Value> = Vec::new();
+    for j in &jobs {
+        bodies.push(j.body());
+        bodies.push(json!({"kind": "test.sleep", "payload": {"ms": 30}}));
+    }
+    let (ids, _) = submit_all(&sys, bodies, 4).await;
+    let (status, took) = sys.worker_process().terminate().expect("worker was running");
+    sys.worker_process().start();
+    let drained = wait_ledger(&sys, Duration::from_secs(120), |l| l.len() == n).await;
+    let mut conn = sys.connect().await;
+    let mut sleeps_ok = 0;
+    for (i, id) in &ids {
+        if i % 2 == 1 && wait_final(&mut conn, id, Duration::from_secs(60)).await["status"] == "succeeded" {
+            sleeps_ok += 1;
+        }
+    }
+    let ledger_ids: HashMap<usize, String> =
+        ids.iter().filter(|(i, _)| *i % 2 == 0).map(|(i, id)| (i / 2, id.clone())).collect();
+    let (applied, lost, duplicated, violations) = check_ledger(&sys, &jobs, &ledger_ids);
+    let over = oracle::ledger(&sys.database()).values().filter(|(b, _)| *b != 7).count();
+    report(&format!(
+        "FAULT SIGTERM under load (N={} incl. {n} test.sleep 30 ms): exit={status} in {:.2}s (limit 5s); \
+         applied={} lost={} duplicated={} order_violations={violations}",
+        2 * n,
+        took.as_secs_f64(),
+        applied + sleeps_ok,
+        lost + (n - sleeps_ok),
+        duplicated + over,
+    ));
+    assert!(drained);
+    assert!(status.success(), "the worker exited with {status}");
+    assert!(took < Duration::from_secs(6), "shutdown took {took:?}");
+    assert_eq!((applied, sleeps_ok, lost, duplicated + over, violations), (n, n, 0, 0, 0));
+    sys.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_lettered_job_replays_once() {
+    let _serial = SERIAL.lock().await;
+    let sys = TestSystem::start_with(Options { gap_timeout_s: Some(1), ..Options::default() }).await;
+    let mut conn = sys.connect().await;
+    let job = |n: u64, amount: i64| json!({"kind": "ledger.apply", "payload": {"account": "rp", "amount": amount}, "sequence": {"key": "rp", "number": n}});
+    // Number 2 waits for 1 longer than the gap timeout: dead-lettered.
+    let second = conn.submit(&job(2, 10), None).await.unwrap().json()["id"].as_str().unwrap().to_owned();
+    let s = wait_final(&mut conn, &second, Duration::from_secs(15)).await;
+    assert_eq!(
+        (s["status"].as_str(), s["reason"].as_str()),
+        (Some("dead_lettered"), Some("sequence_gap_timeout")),
+        "{s}"
+    );
+    // Number 1 arrives and applies; 2 stays dead (nothing applies out of order).
+    let first = conn.submit(&job(1, 1), Some(10)).await.unwrap().json();
+    assert_eq!(first["result"]["balance"], 1, "{first}");
+
+    let args = BrokerArgs { broker: broker_url(), prefix: sys.prefix.clone() };
+    let letters = dlq::list(&args).await.unwrap();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0]["reason"], "sequence_gap_timeout");
+    assert_eq!(dlq::replay(&args, Some(&second)).await.unwrap(), vec![second.clone()]);
+    let s = wait_final(&mut conn, &second, Duration::from_secs(15)).await;
+    assert_eq!(s["result"], json!({"account": "rp", "balance": 11, "sequence": 2}), "{s}");
+    // Nothing left to replay; the balance stays.
+    assert!(dlq::replay(&args, Some(&second)).await.unwrap().is_empty());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ledger = oracle::ledger(&sys.database());
+    report(&format!(
+        "FAULT DLQ replay: sequence_gap_timeout dead letter replayed once -> balance {} (want 11), dead letters left {}",
+        ledger["rp"].0,
+        dlq::list(&args).await.unwrap().len()
+    ));
+    assert_eq!(ledger["rp"], (11, 2));
+    sys.stop().await;
+}
