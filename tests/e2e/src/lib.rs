@@ -85,6 +85,8 @@ pub struct Options {
     pub gap_timeout_s: Option<u64>,
     /// Override the worker's prefetch (default 4).
     pub prefetch: Option<u16>,
+    /// Override every queue class's max length.
+    pub max_length: Option<u32>,
 }
 
 /// A running gatekeeper + worker pair.
@@ -128,19 +130,23 @@ async fn until(rx: oneshot::Receiver<()>) {
 /// The catalog for a test: the shipped one, or a copy with other gap timeouts.
 fn catalog_for(options: &Options, dir: &Path) -> PathBuf {
     let shipped = repo_root().join("config/jobs.toml");
-    let Some(gap) = options.gap_timeout_s else {
+    if options.gap_timeout_s.is_none() && options.max_length.is_none() {
         return shipped;
-    };
+    }
     let schemas = repo_root().join("config/schemas");
     let text = std::fs::read_to_string(&shipped).expect("catalog");
     let mut out = String::new();
     for line in text.lines() {
-        if line.starts_with("gap_timeout_s") {
+        if options.gap_timeout_s.is_some() && line.starts_with("gap_timeout_s") {
+            continue;
+        }
+        if let (Some(max), true) = (options.max_length, line.starts_with("max_length")) {
+            out.push_str(&format!("max_length = {max}\n"));
             continue;
         }
         out.push_str(&line.replace("schema = \"schemas/", &format!("schema = \"{}/", schemas.display())));
         out.push('\n');
-        if line.starts_with("queue = ") && !line.contains('[') {
+        if let (Some(gap), true) = (options.gap_timeout_s, line.starts_with("queue = ")) {
             out.push_str(&format!("gap_timeout_s = {gap}\n"));
         }
     }

@@ -476,3 +476,45 @@ async fn a_dead_lettered_job_replays_once() {
     assert_eq!(ledger["rp"], (11, 2));
     sys.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_queue_answers_503_and_loses_nothing_it_accepted() {
+    let _serial = SERIAL.lock().await;
+    let sys = TestSystem::start_with(Options {
+        worker_binary: Some(env!("CARGO_BIN_EXE_e2e-worker")),
+        max_length: Some(5),
+        ..Options::default()
+    })
+    .await;
+    // No worker: the interactive queue fills up at 5 and the broker refuses the rest.
+    sys.worker_process().kill();
+    let mut conn = sys.connect().await;
+    let (mut accepted, mut full) = (Vec::new(), 0);
+    for i in 0..8 {
+        let res =
+            conn.submit(&json!({"kind": "vault.put", "payload": {"record": {"i": i}}}), None).await.unwrap();
+        match res.status {
+            202 => accepted.push(res.json()["id"].as_str().unwrap().to_owned()),
+            503 => {
+                let body = gatehouse_e2e::assert_problem(&res, 503, "queue-full");
+                assert!(res.retry_after.is_some(), "{body}");
+                full += 1;
+            }
+            other => panic!("unexpected {other}: {}", res.text()),
+        }
+    }
+    sys.worker_process().start();
+    let mut applied = 0;
+    for id in &accepted {
+        if wait_final(&mut conn, id, Duration::from_secs(30)).await["status"] == "succeeded" {
+            applied += 1;
+        }
+    }
+    report(&format!(
+        "FAULT backpressure (max_length=5, worker down): submitted=8 accepted={} 503_queue_full={full} applied={applied} lost={}",
+        accepted.len(),
+        accepted.len() - applied
+    ));
+    assert_eq!((accepted.len(), full, applied), (5, 3, 5));
+    sys.stop().await;
+}
