@@ -13,6 +13,8 @@ use anyhow::Context as _;
 
 /// Erlang node name of the private broker.
 pub const NODE_NAME: &str = "gatehouse@localhost";
+/// File (under the node's home) with the pid of the node's `rabbitmq-server` process.
+pub const SERVER_PID: &str = "server.pid";
 /// Where the management UI of the private node listens.
 pub const MANAGEMENT_URL: &str = "http://127.0.0.1:15672";
 
@@ -98,7 +100,9 @@ pub fn ensure(url: &str, home: &Path) -> anyhow::Result<BrokerNode> {
     // the node in order, instead of killing it mid-write.
     #[cfg(unix)]
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-    cmd.spawn().context("starting rabbitmq-server")?;
+    let child = cmd.spawn().context("starting rabbitmq-server")?;
+    // Its wrapper script stops the node cleanly on SIGTERM: see [`BrokerNode::stop`].
+    fs::write(home.join(SERVER_PID), child.id().to_string())?;
 
     let deadline = Instant::now() + Duration::from_secs(60);
     while !amqp_answers(addr) {
@@ -141,13 +145,29 @@ impl BrokerNode {
         cmd
     }
 
-    /// Stops the private node (waits until it is down).
+    /// The pid of the private node's server process, if it runs.
+    pub fn running_pid(&self) -> Option<u32> {
+        let pid: u32 = fs::read_to_string(self.home.join(SERVER_PID)).ok()?.trim().parse().ok()?;
+        Path::new("/proc").join(pid.to_string()).exists().then_some(pid)
+    }
+
+    /// Stops the private node: SIGTERM to its `rabbitmq-server` process, which stops the
+    /// Erlang VM cleanly; waits until it is gone (SIGKILL after 30 s).
     ///
     /// # Errors
-    /// When `rabbitmqctl` cannot be run or reports failure.
+    /// When `kill` cannot be run.
     pub fn stop(&self) -> anyhow::Result<()> {
-        let status = self.ctl(&["stop"]).stdout(Stdio::null()).status().context("running rabbitmqctl")?;
-        anyhow::ensure!(status.success(), "rabbitmqctl stop failed ({status})");
+        let Some(pid) = self.running_pid() else { return Ok(()) };
+        let signal = |sig: &str| Command::new("kill").arg(sig).arg(pid.to_string()).status();
+        signal("-TERM").context("running kill")?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.running_pid().is_some() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if self.running_pid().is_some() {
+            signal("-KILL").context("running kill")?;
+        }
+        let _ = fs::remove_file(self.home.join(SERVER_PID));
         Ok(())
     }
 }

@@ -33,6 +33,7 @@ use tracing::Instrument;
 
 use crate::apply::{self, Answer, ApplyError, Decided, ReplyTarget, Step};
 use crate::handlers::{self, Outcome};
+use crate::job_locks::JobLocks;
 use crate::reply;
 
 /// What every delivery handler needs.
@@ -50,6 +51,8 @@ pub struct Context {
     pub retry_queues: Mutex<HashSet<String>>,
     /// Jobs run under the read side; suspects (see the module docs) under the write side.
     pub isolation: Arc<tokio::sync::RwLock<()>>,
+    /// One delivery of a job at a time.
+    pub job_locks: Arc<JobLocks>,
 }
 
 /// Pause before a delivery that hit trouble goes back to the queue, so that a sick database
@@ -73,6 +76,7 @@ pub async fn handle_job(ctx: Arc<Context>, mut delivery: Delivery) {
     };
     let span = tracing::info_span!("job", job_id = %env.id, kind = %env.kind, client = %env.client);
     async move {
+        let _one_at_a_time = ctx.job_locks.lock(&env.id).await;
         let spec = ctx.catalog.kind(&env.kind).filter(|k| ctx.testing || !k.testing).cloned();
         let Some(spec) = spec else {
             let error = Some(format!("this worker does not run {}", env.kind));

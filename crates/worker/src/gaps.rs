@@ -51,14 +51,20 @@ async fn sweep_once(ctx: &Context) -> anyhow::Result<()> {
         let dead = Dead { reason: "sequence_gap_timeout", error: Some(error.clone()), attempts: 0 };
         let props = dead_properties(props, &ctx.topology, &class, &dead);
         ctx.publisher.publish_persistent(&ctx.topology.dead_exchange(), "", &parked.envelope, props).await?;
-        let (key, number) = (parked.seq_key.clone(), parked.seq_number);
+        let (key, number, env_id) = (parked.seq_key.clone(), parked.seq_number, parked.job_id.clone());
         let status = ctx
             .store
-            .transact(move |tx| {
-                tx.take_parked(&key, number)?;
-                apply::record_dead(tx, &env, "sequence_gap_timeout", Some(error))
+            .transact(move |tx| match tx.take_parked(&key, number)? {
+                Some(_) => apply::record_dead(tx, &env, "sequence_gap_timeout", Some(error)).map(Some),
+                // Its predecessor arrived meanwhile and it applied: the dead letter just sent is
+                // stale, and a replay of it is answered from the stored outcome.
+                None => Ok(None),
             })
             .await?;
+        let Some(status) = status else {
+            tracing::warn!(job_id = %env_id, "applied while being dead-lettered; its dead letter is stale");
+            continue;
+        };
         tracing::warn!(job_id = %status.id, "dead-lettered after the sequence gap timeout");
         let target = ReplyTarget { reply_to: parked.reply_to, correlation_id: parked.correlation_id };
         reply::send(&ctx.replies, &target, &status).await;

@@ -13,6 +13,7 @@ pub mod apply;
 pub mod consumer;
 pub mod gaps;
 pub mod handlers;
+pub mod job_locks;
 pub mod process;
 pub mod reply;
 pub mod settings;

@@ -150,6 +150,7 @@ impl Session {
             testing: settings.testing.enabled,
             retry_queues: Mutex::new(Default::default()),
             isolation: isolation.clone(),
+            job_locks: Default::default(),
         });
         Ok(Self { connection, ctx })
     }

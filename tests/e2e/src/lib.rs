@@ -58,9 +58,7 @@ fn private_node_home() -> PathBuf {
 pub fn broker_ctl(args: &[&str]) {
     let home = private_node_home();
     let node = gatehouse_cli::broker_node::BrokerNode::at(&home);
-    // The private node runs if the process in its pid file is alive.
-    let private = std::fs::read_to_string(home.join("node.pid"))
-        .is_ok_and(|pid| Path::new("/proc").join(pid.trim()).exists());
+    let private = node.running_pid().is_some();
     let status = if private {
         node.ctl(args).stdout(Stdio::null()).status()
     } else {
