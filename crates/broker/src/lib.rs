@@ -6,6 +6,7 @@
 
 pub mod publisher;
 pub mod shutdown;
+pub mod signing;
 pub mod topology;
 
 pub use lapin;

@@ -5,8 +5,14 @@
 //!                 |                                            reject-publish, DLX gatehouse.dead
 //!                 +--control--> gatehouse.control               status queries for the worker
 //! gatehouse.dead (fanout) --> gatehouse.dead                      poison and undecodable messages
-//! gatehouse.reply.<instance>                                      one per gatekeeper process
+//! gatehouse.retry (direct) --<queue>--> gatehouse.retry.<class>.<delay>ms --TTL--> gatehouse.jobs
+//! gatehouse.replies (direct) --<queue>--> gatehouse.reply.<instance>   one per gatekeeper process
 //! ```
+//!
+//! The worker declares all of it ([`Topology::declare`]); the gatekeeper declares only its
+//! own reply queue, so its broker user needs no right to create or change anything else.
+//! Replies and retries go through their own exchanges rather than the default one, so that
+//! no user needs write access to `amq.default` (which reaches every queue).
 //!
 //! Job queues are classic queues: RabbitMQ 3.10 refuses `x-max-priority` on quorum queues.
 //! A `prefix` (empty in production) lets tests share one broker without sharing queues.
@@ -38,6 +44,10 @@ pub mod headers {
     pub const DEAD_AT: &str = "x-gatehouse-dead-at";
     /// Set by `gatehouse dlq replay`: the worker resets the job's attempts and runs it afresh.
     pub const REPLAY: &str = "x-gatehouse-replay";
+    /// Id of the key that signed the message.
+    pub const KEY_ID: &str = "x-gatehouse-key-id";
+    /// Ed25519 signature over the message body (hex).
+    pub const SIGNATURE: &str = "x-gatehouse-signature";
 }
 
 /// The names of everything on the broker, under an optional prefix.
@@ -65,6 +75,14 @@ impl Topology {
 
     pub fn dead_queue(&self) -> String {
         format!("{}gatehouse.dead", self.prefix)
+    }
+
+    pub fn replies_exchange(&self) -> String {
+        format!("{}gatehouse.replies", self.prefix)
+    }
+
+    pub fn retry_exchange(&self) -> String {
+        format!("{}gatehouse.retry", self.prefix)
     }
 
     pub fn control_queue(&self) -> String {
@@ -123,6 +141,12 @@ impl Topology {
         args.insert("x-message-ttl".into(), AMQPValue::LongUInt(60_000));
         ch.queue_declare(self.control_queue().as_str().into(), durable_q, args).await?;
         self.bind(ch, &self.control_queue(), &self.jobs_exchange(), CONTROL_ROUTING_KEY).await?;
+        // Last: a gatekeeper can bind its reply queue only once the replies exchange exists,
+        // so when its link comes up, every job queue is already there.
+        for direct in [self.retry_exchange(), self.replies_exchange()] {
+            ch.exchange_declare(direct.as_str().into(), ExchangeKind::Direct, durable, FieldTable::default())
+                .await?;
+        }
         Ok(())
     }
 
@@ -145,10 +169,12 @@ impl Topology {
         args.insert("x-dead-letter-routing-key".into(), long_string(class));
         let opts = QueueDeclareOptions { durable: true, ..Default::default() };
         ch.queue_declare(name.as_str().into(), opts, args).await?;
+        self.bind(ch, &name, &self.retry_exchange(), &name).await?;
         Ok(name)
     }
 
-    /// Declares the exclusive, auto-deleted reply queue of one gatekeeper instance.
+    /// Declares the exclusive, auto-deleted reply queue of one gatekeeper instance, bound to
+    /// the replies exchange under its own name.
     ///
     /// # Errors
     /// When the broker refuses the declaration.
@@ -156,6 +182,7 @@ impl Topology {
         let name = self.reply_queue(instance);
         let opts = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
         ch.queue_declare(name.as_str().into(), opts, FieldTable::default()).await?;
+        self.bind(ch, &name, &self.replies_exchange(), &name).await?;
         Ok(name)
     }
 

@@ -6,6 +6,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 
 use anyhow::Context as _;
+use gatehouse_protocol::{hex, keys};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType,
@@ -15,8 +16,9 @@ use rcgen::{
 /// shipped dev policy).
 pub const DEV_CLIENT: &str = "dev-client";
 
-/// Writes `ca.pem`, `ca.key`, `server.pem`, `server.key`, `client.pem`, `client.key` and
-/// `gatekeeper-ids.secret` into `dir`.
+/// Writes `ca.pem`, `ca.key`, `server.pem`, `server.key`, `client.pem`, `client.key`,
+/// `gatekeeper-ids.secret`, and the signing, sealing and data keys of gatekeeper and worker
+/// (see `gatehouse_protocol::keys`) into `dir`.
 ///
 /// # Errors
 /// When a file cannot be written or a certificate cannot be made.
@@ -51,8 +53,8 @@ pub fn write_dev(dir: &Path) -> anyhow::Result<()> {
     let mut secret = [0u8; 32];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
         .map_err(|_| anyhow::anyhow!("no system randomness"))?;
-    let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
-    write(dir, "gatekeeper-ids.secret", &(hex + "\n"), true)?;
+    write(dir, "gatekeeper-ids.secret", &(hex::encode(&secret) + "\n"), true)?;
+    keys::write_dev(dir)?;
     Ok(())
 }
 

@@ -9,6 +9,7 @@
 //! the broker like jobs do.
 
 pub mod ids;
+pub mod keys;
 pub mod link;
 pub mod policy;
 pub mod problem;

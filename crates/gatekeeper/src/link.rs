@@ -1,7 +1,8 @@
 //! The gatekeeper's link to the broker: one connection with a confirm channel for publishing
-//! and a consumer on this instance's reply queue. When the connection is lost, requests get
-//! `503` at once (no publisher), while a supervisor reconnects with backoff and redeclares the
-//! topology and the reply queue.
+//! and a consumer on this instance's reply queue. While the link is down, requests get `503`
+//! at once (no publisher), and a supervisor reconnects with backoff and redeclares the reply
+//! queue. The rest of the topology belongs to the worker: the gatekeeper's broker user may
+//! not create or change it.
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -9,49 +10,53 @@ use std::time::Duration;
 use anyhow::Context as _;
 use gatehouse_broker::lapin::Connection;
 use gatehouse_broker::{BrokerSettings, Publisher};
-use gatehouse_protocol::catalog::QueueClass;
 use tokio::task::JoinHandle;
 
+use crate::keys::GatekeeperKeys;
 use crate::replies::Replies;
 
 /// Longest pause between reconnection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// How often the supervisor checks that the publishing channel is still open (the broker
+/// closes a channel that publishes to a missing exchange, without closing the connection).
+const CHECK_EVERY: Duration = Duration::from_millis(500);
 
 /// The current broker link, if any.
 pub struct BrokerLink {
     settings: BrokerSettings,
-    queues: Vec<QueueClass>,
     replies: Arc<Replies>,
+    keys: Arc<GatekeeperKeys>,
     publisher: RwLock<Option<Publisher>>,
     connection: tokio::sync::Mutex<Option<Connection>>,
 }
 
-/// The reply consumer of one live connection: it ends when the connection dies.
-struct Session {
-    reply_consumer: JoinHandle<()>,
-}
-
 impl BrokerLink {
-    /// Connects once (failing if the broker cannot be reached now) and starts the supervisor
-    /// that keeps the link up from then on.
-    ///
-    /// # Errors
-    /// When the first connection or declaration fails.
+    /// Connects (or, if the broker is not there yet, keeps trying in the background) and
+    /// starts the supervisor that keeps the link up.
     pub async fn start(
         settings: BrokerSettings,
-        queues: Vec<QueueClass>,
         replies: Arc<Replies>,
-    ) -> anyhow::Result<(Arc<Self>, JoinHandle<()>)> {
+        keys: Arc<GatekeeperKeys>,
+    ) -> (Arc<Self>, JoinHandle<()>) {
         let link = Arc::new(Self {
             settings,
-            queues,
             replies,
+            keys,
             publisher: RwLock::new(None),
             connection: tokio::sync::Mutex::new(None),
         });
-        let first = link.connect().await?;
+        let first = match link.connect().await {
+            Ok(consumer) => Some(consumer),
+            Err(e) => {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "broker not available yet; answering 503 until it is"
+                );
+                None
+            }
+        };
         let supervisor = tokio::spawn(link.clone().supervise(first));
-        Ok((link, supervisor))
+        (link, supervisor)
     }
 
     /// The publisher, when connected.
@@ -67,33 +72,45 @@ impl BrokerLink {
         *self.publisher.write().unwrap_or_else(std::sync::PoisonError::into_inner) = p;
     }
 
-    async fn connect(&self) -> anyhow::Result<Session> {
+    /// Connects, declares and consumes the reply queue, opens the publisher. Answers the reply
+    /// consumer task, which ends when the connection dies.
+    async fn connect(&self) -> anyhow::Result<JoinHandle<()>> {
         let connection = gatehouse_broker::connect(self.settings.url.expose(), "gatehouse-gatekeeper")
             .await
             .context("connecting to the broker")?;
-        let topology = self.settings.topology();
         let setup = connection.create_channel().await?;
-        topology.declare(&setup, &self.queues).await.context("declaring topology")?;
-        topology.declare_reply_queue(&setup, self.replies.instance()).await?;
-        let reply_consumer = self.replies.clone().consume(setup).await?;
+        self.settings
+            .topology()
+            .declare_reply_queue(&setup, self.replies.instance())
+            .await
+            .context("declaring the reply queue (has the worker declared the topology?)")?;
+        let reply_consumer = self.replies.clone().consume(setup, self.keys.clone()).await?;
         self.set(Some(Publisher::open(&connection).await?));
         *self.connection.lock().await = Some(connection);
-        Ok(Session { reply_consumer })
+        Ok(reply_consumer)
     }
 
-    /// Waits for the session to die, then reconnects, forever (until aborted).
-    async fn supervise(self: Arc<Self>, mut session: Session) {
+    /// Keeps the link up until aborted.
+    async fn supervise(self: Arc<Self>, mut consumer: Option<JoinHandle<()>>) {
         loop {
-            let _ = (&mut session.reply_consumer).await;
-            self.set(None);
-            if let Some(c) = self.connection.lock().await.take() {
-                let _ = c.close(200, "reconnecting".into()).await;
+            if let Some(mut c) = consumer.take() {
+                let mut check = tokio::time::interval(CHECK_EVERY);
+                loop {
+                    tokio::select! {
+                        _ = &mut c => break,
+                        _ = check.tick() => if self.publisher().is_none() { c.abort(); break },
+                    }
+                }
+                self.set(None);
+                if let Some(conn) = self.connection.lock().await.take() {
+                    let _ = conn.close(200, "reconnecting".into()).await;
+                }
+                tracing::warn!("broker link lost; answering 503 until it is back");
             }
-            tracing::warn!("broker connection lost; answering 503 until it is back");
             let mut backoff = Duration::from_millis(250);
-            session = loop {
+            consumer = loop {
                 match self.connect().await {
-                    Ok(s) => break s,
+                    Ok(c) => break Some(c),
                     Err(e) => {
                         tracing::warn!(error = format!("{e:#}"), ?backoff, "broker unavailable; retrying");
                         tokio::time::sleep(backoff).await;
@@ -101,7 +118,7 @@ impl BrokerLink {
                     }
                 }
             };
-            tracing::info!("reconnected to the broker");
+            tracing::info!("connected to the broker");
         }
     }
 

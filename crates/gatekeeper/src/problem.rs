@@ -91,6 +91,10 @@ impl Problem {
     pub fn not_found() -> Self {
         Self::new(StatusCode::NOT_FOUND, "not-found", "Not found", "no such job for this client")
     }
+    /// Something on our side failed; the detail says what, never how.
+    pub fn internal(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "Internal error", detail)
+    }
     pub fn broker_unavailable(detail: impl Into<String>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "broker-unavailable", "Service unavailable", detail)
             .retry_after(1)

@@ -12,9 +12,12 @@ use futures_util::StreamExt;
 use gatehouse_broker::lapin::Channel;
 use gatehouse_broker::lapin::options::BasicConsumeOptions;
 use gatehouse_broker::lapin::types::FieldTable;
-use gatehouse_protocol::JobStatus;
+use gatehouse_broker::signing;
+use gatehouse_protocol::{JobStatus, SealedReply};
 use ring::rand::{SecureRandom, SystemRandom};
 use tokio::sync::mpsc;
+
+use crate::keys::GatekeeperKeys;
 
 /// Answers a waiter can hold before the worker's further replies are dropped; a job sends at
 /// most two (e.g. `waiting_for_sequence`, then its outcome).
@@ -27,6 +30,7 @@ pub struct Replies {
     max_pending: usize,
     pending: Mutex<HashMap<String, mpsc::Sender<JobStatus>>>,
     late: AtomicU64,
+    forged: AtomicU64,
     rng: SystemRandom,
 }
 
@@ -51,6 +55,7 @@ impl Replies {
             max_pending,
             pending: Mutex::new(HashMap::new()),
             late: AtomicU64::new(0),
+            forged: AtomicU64::new(0),
             rng: SystemRandom::new(),
         })
     }
@@ -95,6 +100,11 @@ impl Replies {
         self.late.load(Ordering::Relaxed)
     }
 
+    /// Replies dropped because they were not signed by the worker or did not open.
+    pub fn forged_count(&self) -> u64 {
+        self.forged.load(Ordering::Relaxed)
+    }
+
     /// Requests waiting now.
     pub fn pending_count(&self) -> usize {
         self.lock().len()
@@ -110,9 +120,13 @@ impl Replies {
     ///
     /// # Errors
     /// When consuming cannot start.
+    ///
+    /// A reply counts only if the worker signed it and it opens with the gatekeeper's key for
+    /// its correlation id; anything else is dropped and counted as forged.
     pub async fn consume(
         self: Arc<Self>,
         channel: Channel,
+        keys: Arc<GatekeeperKeys>,
     ) -> Result<tokio::task::JoinHandle<()>, gatehouse_broker::lapin::Error> {
         let opts = BasicConsumeOptions { no_ack: true, exclusive: true, ..Default::default() };
         let mut consumer = channel
@@ -128,9 +142,16 @@ impl Replies {
                 let Some(cid) = d.properties.correlation_id().as_ref().map(ToString::to_string) else {
                     continue;
                 };
-                match serde_json::from_slice::<JobStatus>(&d.data) {
-                    Ok(status) => self.complete(&cid, status),
-                    Err(e) => tracing::warn!(error = %e, "undecodable reply dropped"),
+                let opened = signing::verify(&d.properties, &d.data, &keys.worker)
+                    .ok()
+                    .and_then(|()| serde_json::from_slice::<SealedReply>(&d.data).ok())
+                    .and_then(|r| r.open(&keys.opening, &cid).ok());
+                match opened {
+                    Some(status) => self.complete(&cid, status),
+                    None => {
+                        self.forged.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!("unsigned or unopenable reply dropped");
+                    }
                 }
             }
             tracing::warn!("reply consumer stopped");

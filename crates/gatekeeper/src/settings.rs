@@ -15,6 +15,21 @@ pub struct GatekeeperSettings {
     pub catalog: PathSetting,
     pub policy: PathSetting,
     pub ids: IdSettings,
+    pub keys: KeySettings,
+}
+
+/// Key files (see `gatehouse_protocol::keys`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct KeySettings {
+    /// The gatekeeper's Ed25519 key; signs every job and query.
+    pub signing_key: PathBuf,
+    /// The gatekeeper's X25519 secret; opens the worker's sealed replies.
+    pub sealing_key: PathBuf,
+    /// Public keys of the worker(s); replies signed by none of them are dropped. Several
+    /// during a key rotation.
+    pub worker_signing_keys: Vec<PathBuf>,
+    /// The worker's X25519 public key; job payloads are sealed to it.
+    pub worker_sealing_key: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use crate::ids::IdMinter;
+use crate::keys::GatekeeperKeys;
 use crate::link::BrokerLink;
 use crate::policy::Policy;
 use crate::replies::Replies;
@@ -50,8 +51,9 @@ impl Gatekeeper {
         let topology = settings.broker.topology();
         let instance = instance_id();
         let replies = Replies::new(instance.clone(), topology.reply_queue(&instance), MAX_PENDING_REPLIES);
+        let keys = Arc::new(GatekeeperKeys::load(&settings.keys)?);
         let (link, supervisor) =
-            BrokerLink::start(settings.broker.clone(), catalog.queues().to_vec(), replies.clone()).await?;
+            BrokerLink::start(settings.broker.clone(), replies.clone(), keys.clone()).await;
 
         let app = Arc::new(App {
             catalog,
@@ -59,6 +61,7 @@ impl Gatekeeper {
             policy,
             ids,
             link,
+            keys,
             topology,
             replies,
             max_body_bytes: settings.server.max_body_bytes,

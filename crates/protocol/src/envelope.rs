@@ -1,11 +1,17 @@
-//! What travels through the broker from gatekeeper to worker.
+//! What travels through the broker, gatekeeper → worker and back.
+//!
+//! The payload of a job never travels in the clear: the gatekeeper seals it to the worker's
+//! X25519 key ([`SealedJob`]), and the worker seals every reply to the gatekeeper's key
+//! ([`SealedReply`]). Routing and ordering need only the plaintext metadata. Every message is
+//! also signed (see `gatehouse_broker::signing`).
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::{JobId, Priority, Sequence};
+use crate::crypto::{self, CryptoError, OpeningKey, Sealed};
+use crate::{JobId, JobStatus, Priority, Sequence};
 
-/// One accepted job, as the gatekeeper publishes it (the AMQP message body).
+/// One accepted job, with its payload in the clear: what the worker's handlers see.
 ///
 /// `client` is the identity the gatekeeper authenticated; the worker acts on it and on
 /// nothing the client claimed.
@@ -22,10 +28,145 @@ pub struct JobEnvelope {
     pub submitted_at_ms: u64,
 }
 
+/// A job as it travels: the payload sealed to the worker, bound to the job's id, kind and
+/// client (moving it to another job fails to open).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SealedJob {
+    pub id: JobId,
+    pub kind: String,
+    pub client: String,
+    pub priority: Priority,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sequence: Option<Sequence>,
+    pub payload: Sealed,
+    pub submitted_at_ms: u64,
+}
+
+fn job_aad(id: &JobId, kind: &str, client: &str) -> Vec<u8> {
+    [id.as_str(), kind, client].join("\0").into_bytes()
+}
+
+impl JobEnvelope {
+    /// Seals the payload to the worker's public key.
+    ///
+    /// # Errors
+    /// Without system randomness.
+    pub fn seal(&self, worker: &[u8; 32]) -> Result<SealedJob, CryptoError> {
+        let plain = serde_json::to_vec(&self.payload).map_err(|_| CryptoError::Malformed)?;
+        Ok(SealedJob {
+            id: self.id.clone(),
+            kind: self.kind.clone(),
+            client: self.client.clone(),
+            priority: self.priority,
+            sequence: self.sequence.clone(),
+            payload: crypto::seal(worker, &plain, &job_aad(&self.id, &self.kind, &self.client))?,
+            submitted_at_ms: self.submitted_at_ms,
+        })
+    }
+}
+
+impl SealedJob {
+    /// Opens the payload with the worker's key.
+    ///
+    /// # Errors
+    /// When the key is wrong or anything bound to the payload was altered.
+    pub fn open(self, key: &OpeningKey) -> Result<JobEnvelope, CryptoError> {
+        let plain = key.open(&self.payload, &job_aad(&self.id, &self.kind, &self.client))?;
+        let payload = serde_json::from_slice(&plain).map_err(|_| CryptoError::Malformed)?;
+        Ok(JobEnvelope {
+            id: self.id,
+            kind: self.kind,
+            client: self.client,
+            priority: self.priority,
+            sequence: self.sequence,
+            payload,
+            submitted_at_ms: self.submitted_at_ms,
+        })
+    }
+
+    /// The metadata, with a null payload: for records that must not hold the payload.
+    pub fn metadata(&self) -> JobEnvelope {
+        JobEnvelope {
+            id: self.id.clone(),
+            kind: self.kind.clone(),
+            client: self.client.clone(),
+            priority: self.priority,
+            sequence: self.sequence.clone(),
+            payload: Value::Null,
+            submitted_at_ms: self.submitted_at_ms,
+        }
+    }
+}
+
 /// A query from the gatekeeper to the worker over the control queue.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum ControlRequest {
     /// The status of `id`, answered only if `client` owns it.
-    Status { id: JobId, client: String },
+    Status { id: JobId, client: String, sent_at_ms: u64 },
+}
+
+/// A worker's answer, sealed to the gatekeeper and bound to the request's correlation id.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SealedReply {
+    pub status: Sealed,
+}
+
+impl SealedReply {
+    /// # Errors
+    /// Without system randomness.
+    pub fn seal(
+        status: &JobStatus,
+        gatekeeper: &[u8; 32],
+        correlation_id: &str,
+    ) -> Result<Self, CryptoError> {
+        let plain = serde_json::to_vec(status).map_err(|_| CryptoError::Malformed)?;
+        Ok(Self { status: crypto::seal(gatekeeper, &plain, correlation_id.as_bytes())? })
+    }
+
+    /// # Errors
+    /// When the key is wrong, the correlation id differs, or anything was altered.
+    pub fn open(&self, key: &OpeningKey, correlation_id: &str) -> Result<JobStatus, CryptoError> {
+        let plain = key.open(&self.status, correlation_id.as_bytes())?;
+        serde_json::from_slice(&plain).map_err(|_| CryptoError::Malformed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::JobState;
+
+    #[test]
+    fn a_sealed_job_travels_without_its_payload_and_opens_whole() {
+        let worker = OpeningKey::from_bytes(&OpeningKey::generate().unwrap()).unwrap();
+        let env = JobEnvelope {
+            id: JobId::from_bytes([1; 16]),
+            kind: "vault.put".into(),
+            client: "alice".into(),
+            priority: Priority::new(5).unwrap(),
+            sequence: None,
+            payload: json!({"record": {"card": "4111-MARKER"}}),
+            submitted_at_ms: 1,
+        };
+        let wire = serde_json::to_string(&env.seal(&worker.public_key()).unwrap()).unwrap();
+        assert!(!wire.contains("MARKER"), "{wire}");
+        let sealed: SealedJob = serde_json::from_str(&wire).unwrap();
+        assert_eq!(sealed.clone().open(&worker).unwrap().payload, env.payload);
+        // The payload cannot be moved to another client's job.
+        let mut moved = sealed;
+        moved.client = "mallory".into();
+        assert!(moved.open(&worker).is_err());
+    }
+
+    #[test]
+    fn replies_are_bound_to_their_correlation_id() {
+        let gk = OpeningKey::from_bytes(&OpeningKey::generate().unwrap()).unwrap();
+        let status = JobStatus::new(JobId::from_bytes([2; 16]), JobState::Succeeded);
+        let r = SealedReply::seal(&status, &gk.public_key(), "c1").unwrap();
+        assert_eq!(r.open(&gk, "c1").unwrap(), status);
+        assert!(r.open(&gk, "c2").is_err());
+    }
 }

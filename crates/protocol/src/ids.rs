@@ -22,12 +22,7 @@ impl JobId {
 
     /// Builds an id from its 16 raw bytes.
     pub fn from_bytes(bytes: [u8; 16]) -> Self {
-        let mut s = String::with_capacity(Self::LEN);
-        for b in bytes {
-            s.push(char::from_digit(u32::from(b >> 4), 16).unwrap_or('0'));
-            s.push(char::from_digit(u32::from(b & 0xf), 16).unwrap_or('0'));
-        }
-        Self(s)
+        Self(crate::hex::encode(&bytes))
     }
 
     /// Parses an id.
@@ -41,13 +36,7 @@ impl JobId {
 
     /// The raw bytes.
     pub fn to_bytes(&self) -> [u8; 16] {
-        let mut out = [0u8; 16];
-        for (i, chunk) in self.0.as_bytes().chunks(2).enumerate() {
-            let hi = (chunk[0] as char).to_digit(16).unwrap_or(0);
-            let lo = (chunk[1] as char).to_digit(16).unwrap_or(0);
-            out[i] = (hi * 16 + lo) as u8;
-        }
-        out
+        crate::hex::decode(&self.0).and_then(|b| b.try_into().ok()).unwrap_or([0; 16])
     }
 
     pub fn as_str(&self) -> &str {

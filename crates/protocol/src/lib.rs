@@ -6,14 +6,17 @@
 //! cannot hold an unchecked one.
 
 pub mod catalog;
+pub mod crypto;
 pub mod envelope;
+pub mod hex;
 pub mod ids;
+pub mod keys;
 pub mod settings;
 pub mod status;
 pub mod submit;
 
 pub use catalog::{Catalog, KindSpec};
-pub use envelope::{ControlRequest, JobEnvelope};
+pub use envelope::{ControlRequest, JobEnvelope, SealedJob, SealedReply};
 pub use ids::JobId;
 pub use status::{JobState, JobStatus};
 pub use submit::{Priority, Sequence, SubmitRequest};

@@ -1,6 +1,10 @@
 //! The worker's storage: the only place that holds job outcomes, vault records and ledgers.
 //! Nothing but the worker (and operator commands) depends on this crate.
 //!
+//! Vault records and job results are encrypted at rest (AES-256-GCM, key id stored with each
+//! value, see `gatehouse_protocol::crypto::Keyring`); [`Tx::rekey`] moves old values to the
+//! active key.
+//!
 //! SQLite is the embedded default: WAL journal, `synchronous = FULL` (an outcome that the
 //! worker acked is on disk), schema migrations by `user_version`. One thread owns the
 //! connection and runs each [`Store::transact`] closure in its own transaction, so every
@@ -12,6 +16,7 @@ mod tx;
 use std::path::Path;
 use std::thread;
 
+use gatehouse_protocol::crypto::Keyring;
 use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
 
@@ -26,6 +31,9 @@ pub enum StorageError {
     Corrupt(String),
     #[error("the storage thread has stopped")]
     Closed,
+    /// A value encrypted at rest could not be decrypted (unknown key id, altered data).
+    #[error("encrypted value: {0}")]
+    Crypto(String),
     /// The closure panicked; its transaction was rolled back.
     #[error("panic while running the job: {0}")]
     Panicked(String),
@@ -54,7 +62,7 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "unknown panic".into())
 }
 
-type Work = Box<dyn FnOnce(&mut Connection) + Send>;
+type Work = Box<dyn FnOnce(&mut Connection, &Keyring) + Send>;
 
 /// Handle to the storage thread. Cheap to clone.
 #[derive(Clone)]
@@ -67,7 +75,8 @@ impl Store {
     ///
     /// # Errors
     /// When the file cannot be opened or a migration fails.
-    pub fn open_sqlite(path: &Path) -> Result<Self, StorageError> {
+    /// Vault records and job results are encrypted with `keyring` (see [`Tx`]).
+    pub fn open_sqlite(path: &Path, keyring: Keyring) -> Result<Self, StorageError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
                 .map_err(|e| StorageError::Corrupt(format!("cannot create {}: {e}", dir.display())))?;
@@ -84,9 +93,7 @@ impl Store {
             .name("gatehouse-storage".into())
             .spawn(move || {
                 while let Some(job) = rx.blocking_recv() {
-                    // A panicking closure drops its transaction (rolled back) and its answer
-                    // channel (the caller sees `Closed`); the thread serves the next one.
-                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut conn)));
+                    job(&mut conn, &keyring);
                 }
             })
             .map_err(|e| StorageError::Corrupt(format!("cannot start storage thread: {e}")))?;
@@ -105,9 +112,9 @@ impl Store {
         F: FnOnce(&mut Tx<'_>) -> Result<R, E> + Send + 'static,
     {
         let (done, result) = oneshot::channel();
-        let work: Work = Box::new(move |conn| {
+        let work: Work = Box::new(move |conn, keyring| {
             let run = || -> Result<R, E> {
-                let mut tx = Tx::begin(conn)?;
+                let mut tx = Tx::begin(conn, keyring)?;
                 let value = f(&mut tx)?;
                 tx.commit()?;
                 Ok(value)

@@ -70,6 +70,12 @@ const MIGRATIONS: &[&str] = &[
     r"
     ALTER TABLE attempts ADD COLUMN running INTEGER NOT NULL DEFAULT 0;
     ",
+    // 4: the gatekeeper's signature of a parked job, kept so that its dead letter (after a gap
+    // timeout) can be replayed and verified like any other.
+    r"
+    ALTER TABLE parked ADD COLUMN key_id TEXT;
+    ALTER TABLE parked ADD COLUMN signature TEXT;
+    ",
 ];
 
 pub(crate) fn run(conn: &mut Connection) -> rusqlite::Result<()> {

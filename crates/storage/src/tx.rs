@@ -2,6 +2,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use gatehouse_protocol::crypto::Keyring;
 use gatehouse_protocol::{JobId, JobState};
 use ring::rand::{SecureRandom, SystemRandom};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
@@ -12,6 +13,7 @@ use crate::StorageError;
 /// One open transaction. Dropped without [`Tx::commit`], it rolls back.
 pub struct Tx<'c> {
     tx: Transaction<'c>,
+    keyring: &'c Keyring,
 }
 
 /// A job as storage knows it.
@@ -40,6 +42,8 @@ pub struct Parked {
     pub correlation_id: Option<String>,
     /// Unix ms after which the job stops waiting and is dead-lettered.
     pub deadline_ms: i64,
+    /// The gatekeeper's signature of `envelope`: (key id, signature hex).
+    pub signature: Option<(String, String)>,
 }
 
 /// How often a job was started, and how the last try failed.
@@ -61,6 +65,28 @@ fn to_i64(n: u64) -> Result<i64, StorageError> {
     i64::try_from(n).map_err(|_| StorageError::Corrupt(format!("number {n} out of range")))
 }
 
+const PARKED_COLUMNS: &str =
+    "job_id, seq_key, seq_number, envelope, reply_to, correlation_id, deadline_ms, key_id, signature";
+
+/// A `parked` row as (job id text, the rest); the id is parsed by the caller.
+fn parked_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, Parked)> {
+    let key_id: Option<String> = r.get(7)?;
+    let signature: Option<String> = r.get(8)?;
+    Ok((
+        r.get(0)?,
+        Parked {
+            job_id: JobId::from_bytes([0; 16]),
+            seq_key: r.get(1)?,
+            seq_number: r.get::<_, i64>(2)? as u64,
+            envelope: r.get(3)?,
+            reply_to: r.get(4)?,
+            correlation_id: r.get(5)?,
+            deadline_ms: r.get(6)?,
+            signature: key_id.zip(signature),
+        },
+    ))
+}
+
 fn parse_id(s: &str) -> Result<JobId, StorageError> {
     JobId::parse(s).map_err(|_| StorageError::Corrupt(format!("bad job id {s:?}")))
 }
@@ -70,8 +96,55 @@ fn parse_json(s: Option<String>) -> Result<Option<Value>, StorageError> {
 }
 
 impl<'c> Tx<'c> {
-    pub(crate) fn begin(conn: &'c mut Connection) -> Result<Self, StorageError> {
-        Ok(Self { tx: conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)? })
+    pub(crate) fn begin(conn: &'c mut Connection, keyring: &'c Keyring) -> Result<Self, StorageError> {
+        Ok(Self { tx: conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?, keyring })
+    }
+
+    /// `value` encrypted under the active data key, bound to `row` (so it cannot be moved).
+    fn seal(&self, value: &Value, row: &str) -> Result<String, StorageError> {
+        self.keyring
+            .encrypt(value.to_string().as_bytes(), row.as_bytes())
+            .map_err(|e| StorageError::Crypto(e.to_string()))
+    }
+
+    /// The value stored for `row`: decrypted, or as it is if it predates encryption.
+    fn unseal(&self, stored: Option<String>, row: &str) -> Result<Option<Value>, StorageError> {
+        let Some(stored) = stored else { return Ok(None) };
+        if !Keyring::is_encrypted(&stored) {
+            return parse_json(Some(stored));
+        }
+        let plain =
+            self.keyring.decrypt(&stored, row.as_bytes()).map_err(|e| StorageError::Crypto(e.to_string()))?;
+        serde_json::from_slice(&plain).map(Some).map_err(|e| StorageError::Corrupt(e.to_string()))
+    }
+
+    /// Re-encrypts every vault record and job result that is not under the active data key
+    /// (including plaintext from before encryption); answers how many it changed.
+    pub fn rekey(&self) -> Result<u64, StorageError> {
+        let active = self.keyring.active_id().to_owned();
+        let mut changed = 0;
+        for (table, key_col, value_col) in [("vault", "token", "record"), ("jobs", "id", "result")] {
+            let rows: Vec<(String, String)> = {
+                let mut stmt = self.tx.prepare(&format!(
+                    "SELECT {key_col}, {value_col} FROM {table} WHERE {value_col} IS NOT NULL"
+                ))?;
+                let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                rows.collect::<Result<_, _>>()?
+            };
+            for (row, stored) in rows {
+                if Keyring::key_of(&stored) == Some(active.as_str()) && Keyring::is_encrypted(&stored) {
+                    continue;
+                }
+                let Some(value) = self.unseal(Some(stored), &row)? else { continue };
+                let sealed = self.seal(&value, &row)?;
+                self.tx.execute(
+                    &format!("UPDATE {table} SET {value_col} = ?1 WHERE {key_col} = ?2"),
+                    params![sealed, row],
+                )?;
+                changed += 1;
+            }
+        }
+        Ok(changed)
     }
 
     pub(crate) fn commit(self) -> Result<(), StorageError> {
@@ -112,7 +185,7 @@ impl<'c> Tx<'c> {
             client,
             kind,
             state,
-            result: parse_json(result)?,
+            result: self.unseal(result, id.as_str())?,
             error,
             reason,
             sequence: key.zip(number.map(|n| n as u64)),
@@ -125,7 +198,7 @@ impl<'c> Tx<'c> {
             Some((k, n)) => (Some(k.as_str()), Some(to_i64(*n)?)),
             None => (None, None),
         };
-        let result = job.result.as_ref().map(Value::to_string);
+        let result = job.result.as_ref().map(|r| self.seal(r, job.id.as_str())).transpose()?;
         self.tx.execute(
             "INSERT INTO jobs (id, client, kind, state, result, error, seq_key, seq_number, updated_at_ms, reason)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
@@ -241,8 +314,9 @@ impl<'c> Tx<'c> {
     /// Keeps a job until its predecessor has applied. Its `jobs` row must exist.
     pub fn park(&self, p: &Parked) -> Result<(), StorageError> {
         self.tx.execute(
-            "INSERT INTO parked (seq_key, seq_number, job_id, envelope, reply_to, correlation_id, parked_at_ms, deadline_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            "INSERT INTO parked (seq_key, seq_number, job_id, envelope, reply_to, correlation_id, parked_at_ms,
+                 deadline_ms, key_id, signature)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             params![
                 p.seq_key,
                 to_i64(p.seq_number)?,
@@ -251,7 +325,9 @@ impl<'c> Tx<'c> {
                 p.reply_to,
                 p.correlation_id,
                 now_ms(),
-                p.deadline_ms
+                p.deadline_ms,
+                p.signature.as_ref().map(|s| &s.0),
+                p.signature.as_ref().map(|s| &s.1)
             ],
         )?;
         Ok(())
@@ -263,56 +339,24 @@ impl<'c> Tx<'c> {
         let row = self
             .tx
             .query_row(
-                "SELECT job_id, envelope, reply_to, correlation_id, deadline_ms FROM parked
-                 WHERE seq_key = ?1 AND seq_number = ?2",
+                &format!("SELECT {PARKED_COLUMNS} FROM parked WHERE seq_key = ?1 AND seq_number = ?2"),
                 params![key, n],
-                |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, Vec<u8>>(1)?,
-                        r.get::<_, Option<String>>(2)?,
-                        r.get::<_, Option<String>>(3)?,
-                        r.get::<_, i64>(4)?,
-                    ))
-                },
+                parked_row,
             )
             .optional()?;
-        let Some((id, envelope, reply_to, correlation_id, deadline_ms)) = row else {
-            return Ok(None);
-        };
+        let Some((id, mut parked)) = row else { return Ok(None) };
         self.tx.execute("DELETE FROM parked WHERE seq_key = ?1 AND seq_number = ?2", params![key, n])?;
-        Ok(Some(Parked {
-            job_id: parse_id(&id)?,
-            seq_key: key.to_owned(),
-            seq_number: number,
-            envelope,
-            reply_to,
-            correlation_id,
-            deadline_ms,
-        }))
+        parked.job_id = parse_id(&id)?;
+        Ok(Some(parked))
     }
 
     /// Parked jobs whose gap deadline passed before `now_ms`, oldest first, at most `limit`.
     /// They stay parked until [`Tx::take_parked`]: the caller dead-letters first, then takes.
     pub fn expired_parked(&self, now_ms: i64, limit: u32) -> Result<Vec<Parked>, StorageError> {
-        let mut stmt = self.tx.prepare(
-            "SELECT job_id, seq_key, seq_number, envelope, reply_to, correlation_id, deadline_ms
-             FROM parked WHERE deadline_ms < ?1 ORDER BY deadline_ms LIMIT ?2",
-        )?;
-        let rows = stmt.query_map(params![now_ms, limit], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                Parked {
-                    job_id: JobId::from_bytes([0; 16]),
-                    seq_key: r.get(1)?,
-                    seq_number: r.get::<_, i64>(2)? as u64,
-                    envelope: r.get(3)?,
-                    reply_to: r.get(4)?,
-                    correlation_id: r.get(5)?,
-                    deadline_ms: r.get(6)?,
-                },
-            ))
-        })?;
+        let mut stmt = self.tx.prepare(&format!(
+            "SELECT {PARKED_COLUMNS} FROM parked WHERE deadline_ms < ?1 ORDER BY deadline_ms LIMIT ?2"
+        ))?;
+        let rows = stmt.query_map(params![now_ms, limit], parked_row)?;
         let mut out = Vec::new();
         for row in rows {
             let (id, mut parked) = row?;
@@ -339,7 +383,7 @@ impl<'c> Tx<'c> {
         let token = format!("tok_{}", JobId::from_bytes(raw));
         self.tx.execute(
             "INSERT INTO vault (token, owner, record, created_at_ms) VALUES (?1, ?2, ?3, ?4)",
-            params![token, owner, record.to_string(), now_ms()],
+            params![token, owner, self.seal(record, &token)?, now_ms()],
         )?;
         Ok(token)
     }
@@ -354,7 +398,7 @@ impl<'c> Tx<'c> {
                 |r| r.get(0),
             )
             .optional()?;
-        parse_json(record)
+        self.unseal(record, token)
     }
 
     /// Erases the record behind `token` if `owner` stored it; whether there was one.
@@ -403,6 +447,11 @@ mod tests {
     use super::*;
     use crate::Store;
 
+    /// The same data key every time, so that a reopened store can read what it wrote.
+    fn test_keyring() -> Keyring {
+        Keyring::parse(&format!("k1 {}", "ab".repeat(32))).unwrap()
+    }
+
     fn id(n: u8) -> JobId {
         JobId::from_bytes([n; 16])
     }
@@ -423,7 +472,7 @@ mod tests {
     #[tokio::test]
     async fn a_sequence_number_belongs_to_one_job() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open_sqlite(&dir.path().join("db.sqlite")).unwrap();
+        let store = Store::open_sqlite(&dir.path().join("db.sqlite"), test_keyring()).unwrap();
         store.transact(|tx| tx.record_job(&job(1, JobState::Succeeded, Some(("k", 1))))).await.unwrap();
         let err = store
             .transact(|tx| tx.record_job(&job(2, JobState::Succeeded, Some(("k", 1)))))
@@ -437,7 +486,7 @@ mod tests {
     #[tokio::test]
     async fn failed_closure_rolls_back() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open_sqlite(&dir.path().join("db.sqlite")).unwrap();
+        let store = Store::open_sqlite(&dir.path().join("db.sqlite"), test_keyring()).unwrap();
         let r: Result<(), _> = store
             .transact(|tx| {
                 tx.set_next_expected("k", 5)?;
@@ -453,11 +502,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db.sqlite");
         let token = {
-            let store = Store::open_sqlite(&path).unwrap();
+            let store = Store::open_sqlite(&path, test_keyring()).unwrap();
             let rec = serde_json::json!({"name": "Ada"});
             store.transact(move |tx| tx.vault_put("alice", &rec)).await.unwrap()
         };
-        let store = Store::open_sqlite(&path).unwrap();
+        let store = Store::open_sqlite(&path, test_keyring()).unwrap();
         let t = token.clone();
         let got = store.transact(move |tx| tx.vault_get("alice", &t)).await.unwrap();
         assert_eq!(got, Some(serde_json::json!({"name": "Ada"})));
@@ -472,7 +521,7 @@ mod tests {
     #[tokio::test]
     async fn parked_jobs_come_back_once() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open_sqlite(&dir.path().join("db.sqlite")).unwrap();
+        let store = Store::open_sqlite(&dir.path().join("db.sqlite"), test_keyring()).unwrap();
         store
             .transact(|tx| {
                 tx.record_job(&job(3, JobState::WaitingForSequence, Some(("k", 2))))?;
@@ -484,6 +533,7 @@ mod tests {
                     reply_to: None,
                     correlation_id: Some("c".into()),
                     deadline_ms: 0,
+                    signature: None,
                 })
             })
             .await
@@ -496,7 +546,7 @@ mod tests {
     #[tokio::test]
     async fn attempts_count_up_and_remember_the_last_error() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open_sqlite(&dir.path().join("db.sqlite")).unwrap();
+        let store = Store::open_sqlite(&dir.path().join("db.sqlite"), test_keyring()).unwrap();
         let n = store.transact(|tx| tx.begin_attempt(&id(4), "c")).await.unwrap();
         assert_eq!(n, (1, false));
         store.transact(|tx| tx.fail_attempt(&id(4), "boom")).await.unwrap();
@@ -512,7 +562,7 @@ mod tests {
     #[tokio::test]
     async fn a_panicking_transaction_rolls_back_and_the_store_lives_on() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open_sqlite(&dir.path().join("db.sqlite")).unwrap();
+        let store = Store::open_sqlite(&dir.path().join("db.sqlite"), test_keyring()).unwrap();
         let r: Result<(), StorageError> = store
             .transact(|tx| {
                 tx.set_next_expected("k", 9)?;
@@ -521,5 +571,38 @@ mod tests {
             .await;
         assert!(matches!(r, Err(StorageError::Panicked(ref m)) if m == "handler bug"), "{r:?}");
         assert_eq!(store.transact(|tx| tx.next_expected("k")).await.unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn records_and_results_are_encrypted_at_rest_and_rekeyed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        let store = Store::open_sqlite(&path, test_keyring()).unwrap();
+        let rec = serde_json::json!({"secret": "MARKER-4711"});
+        let token = store.transact(move |tx| tx.vault_put("alice", &rec)).await.unwrap();
+        let mut done = job(5, JobState::Succeeded, None);
+        done.result = Some(serde_json::json!({"echo": "MARKER-4711"}));
+        store.transact(move |tx| tx.record_job(&done)).await.unwrap();
+        drop(store);
+        let raw = |p: &std::path::Path| {
+            let mut bytes = std::fs::read(p).unwrap_or_default();
+            bytes.extend(std::fs::read(p.with_extension("sqlite-wal")).unwrap_or_default());
+            String::from_utf8_lossy(&bytes).contains("MARKER-4711")
+        };
+        assert!(!raw(&path), "plaintext on disk");
+
+        // Rotate: k2 becomes active; old rows stay readable, and rekey moves them to k2.
+        let rotated = || Keyring::parse(&format!("k1 {}\nk2 {}", "ab".repeat(32), "cd".repeat(32))).unwrap();
+        let store = Store::open_sqlite(&path, rotated()).unwrap();
+        let t = token.clone();
+        let got = store.transact(move |tx| tx.vault_get("alice", &t)).await.unwrap();
+        assert_eq!(got.unwrap()["secret"], "MARKER-4711");
+        assert_eq!(store.transact(|tx| tx.rekey()).await.unwrap(), 2);
+        assert_eq!(store.transact(|tx| tx.rekey()).await.unwrap(), 0);
+        drop(store);
+        let only_k2 = Keyring::parse(&format!("k2 {}", "cd".repeat(32))).unwrap();
+        let store = Store::open_sqlite(&path, only_k2).unwrap();
+        let got = store.transact(move |tx| tx.job(&id(5))).await.unwrap().unwrap();
+        assert_eq!(got.result.unwrap()["echo"], "MARKER-4711");
     }
 }

@@ -17,7 +17,8 @@
 //! timeout. Priority cannot overtake a sequence: a priority-9 job for number 5 parks until 4
 //! applied.
 
-use gatehouse_protocol::{Catalog, JobEnvelope, JobId, JobState, JobStatus, KindSpec};
+use gatehouse_protocol::crypto::OpeningKey;
+use gatehouse_protocol::{Catalog, JobEnvelope, JobId, JobState, JobStatus, KindSpec, SealedJob};
 use gatehouse_storage::{Parked, StorageError, StoredJob, Tx, now_ms};
 
 use crate::handlers::{self, Outcome};
@@ -76,6 +77,7 @@ pub fn prepare(
     spec: &KindSpec,
     env: &JobEnvelope,
     raw: &[u8],
+    signature: &Option<(String, String)>,
     target: &ReplyTarget,
     replay: bool,
 ) -> Result<Step, StorageError> {
@@ -109,6 +111,7 @@ pub fn prepare(
                 reply_to: target.reply_to.clone(),
                 correlation_id: target.correlation_id.clone(),
                 deadline_ms: now_ms().saturating_add((spec.gap_timeout_s * 1000) as i64),
+                signature: signature.clone(),
             })?;
             let mut status = JobStatus::new(env.id.clone(), JobState::WaitingForSequence);
             status.expected = Some(expected);
@@ -152,6 +155,7 @@ pub fn begin(
 pub fn run_in_storage(
     tx: &Tx<'_>,
     catalog: &Catalog,
+    opening: &OpeningKey,
     env: &JobEnvelope,
     target: &ReplyTarget,
 ) -> Result<Vec<Answer>, ApplyError> {
@@ -161,18 +165,19 @@ pub fn run_in_storage(
     }
     match handlers::run(tx, env)? {
         Outcome::Retryable(e) => Err(ApplyError::Retry(e)),
-        outcome => Ok(record_outcome(tx, catalog, env, outcome, target)?),
+        outcome => Ok(record_outcome(tx, catalog, opening, env, outcome, target)?),
     }
 }
 
 /// Records a decided outcome (success or permanent failure); for sequenced jobs, advances the
-/// sequence and runs the parked successors.
+/// sequence and runs the parked successors (stored sealed; `opening` opens them).
 ///
 /// # Errors
 /// Only storage failures.
 pub fn record_outcome(
     tx: &Tx<'_>,
     catalog: &Catalog,
+    opening: &OpeningKey,
     env: &JobEnvelope,
     outcome: Outcome,
     target: &ReplyTarget,
@@ -191,7 +196,9 @@ pub fn record_outcome(
     let mut answers = vec![answer(record(tx, env, outcome, Some((key.clone(), number)))?, target)];
     let mut next = number + 1;
     while let Some(parked) = tx.take_parked(&key, next)? {
-        let env: JobEnvelope = serde_json::from_slice(&parked.envelope)
+        let env = serde_json::from_slice::<SealedJob>(&parked.envelope)
+            .map_err(|e| e.to_string())
+            .and_then(|sealed| sealed.open(opening).map_err(|e| e.to_string()))
             .map_err(|e| StorageError::Corrupt(format!("parked job {}: {e}", parked.job_id)))?;
         // Successors are storage handlers (sequenced kinds are); one that asks for a retry
         // here is recorded as failed rather than holding its key.
@@ -334,17 +341,27 @@ mod tests {
         }
     }
 
+    /// The worker's sealing key in these tests (a fixed one, so every delivery can open).
+    fn opening() -> OpeningKey {
+        OpeningKey::from_bytes(&[7; 32]).unwrap()
+    }
+
+    fn store(dir: &tempfile::TempDir) -> Store {
+        let keyring = gatehouse_protocol::crypto::Keyring::parse(&format!("k1 {}", "ab".repeat(32))).unwrap();
+        Store::open_sqlite(&dir.path().join("db"), keyring).unwrap()
+    }
+
     /// Delivers `env` as the consumer would for a storage kind, without a broker.
     async fn deliver(store: &Store, env: JobEnvelope) -> Vec<Answer> {
         let catalog = catalog();
-        let raw = serde_json::to_vec(&env).unwrap();
+        let raw = serde_json::to_vec(&env.seal(&opening().public_key()).unwrap()).unwrap();
         store
             .transact(move |tx| -> Result<_, ApplyError> {
                 let spec = catalog.kind(&env.kind).unwrap().clone();
                 let target = ReplyTarget::default();
-                match prepare(tx, &spec, &env, &raw, &target, false)? {
+                match prepare(tx, &spec, &env, &raw, &None, &target, false)? {
                     Step::Decided(Decided::Done(a)) => Ok(a),
-                    Step::Run { .. } => run_in_storage(tx, &catalog, &env, &target),
+                    Step::Run { .. } => run_in_storage(tx, &catalog, &opening(), &env, &target),
                     Step::Decided(d) => panic!("unexpected {d:?}"),
                 }
             })
@@ -359,7 +376,7 @@ mod tests {
     #[tokio::test]
     async fn out_of_order_numbers_apply_in_order_once() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open_sqlite(&dir.path().join("db")).unwrap();
+        let store = store(&dir);
 
         let a = deliver(&store, ledger_job(3, 3, 100)).await;
         assert_eq!(states(&a), [JobState::WaitingForSequence]);
@@ -383,7 +400,7 @@ mod tests {
     #[tokio::test]
     async fn another_job_claiming_a_used_number_is_a_conflict() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open_sqlite(&dir.path().join("db")).unwrap();
+        let store = store(&dir);
         deliver(&store, ledger_job(1, 1, 5)).await;
         let a = deliver(&store, ledger_job(9, 1, 500)).await;
         assert_eq!(states(&a), [JobState::Failed]);
@@ -395,13 +412,13 @@ mod tests {
     #[tokio::test]
     async fn attempts_are_counted_before_running_and_exhaust() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open_sqlite(&dir.path().join("db")).unwrap();
+        let store = store(&dir);
         let catalog = catalog();
         let mut spec = catalog.kind("vault.put").unwrap().clone();
         spec.max_attempts = 2;
         let env = JobEnvelope { kind: "vault.put".into(), sequence: None, ..ledger_job(7, 1, 0) };
         let step = |spec: KindSpec, env: JobEnvelope| {
-            store.transact(move |tx| prepare(tx, &spec, &env, b"{}", &ReplyTarget::default(), false))
+            store.transact(move |tx| prepare(tx, &spec, &env, b"{}", &None, &ReplyTarget::default(), false))
         };
         // Two starts that never finished (crashes), then the third delivery is exhausted.
         let begin = |env: JobEnvelope| store.transact(move |tx| tx.begin_attempt(&env.id, &env.client));
@@ -418,7 +435,7 @@ mod tests {
     #[tokio::test]
     async fn status_is_owner_only() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open_sqlite(&dir.path().join("db")).unwrap();
+        let store = store(&dir);
         deliver(&store, ledger_job(1, 1, 5)).await;
         let id = JobId::from_bytes([1; 16]);
         let (i2, i3) = (id.clone(), id.clone());

@@ -4,7 +4,8 @@
 //! |-------------------------------------------------|------------------------------------------|
 //! | decided and committed (any outcome), or parked  | reply, then `ack`                        |
 //! | handler failed retryably, attempts left         | publish to a retry queue (confirmed), `ack` |
-//! | attempts exhausted; undecodable; unknown kind   | publish to `gatehouse.dead` with reason headers (confirmed), record, `ack` |
+//! | attempts exhausted; unknown kind                | publish to `gatehouse.dead` with reason headers (confirmed), record, `ack` |
+//! | unsigned or badly signed, stale, undecodable, unsealable | the same, without running or recording anything |
 //! | storage or broker trouble before a decision     | `nack` + requeue after a pause           |
 //!
 //! The original delivery is acked only after whatever replaces it (outcome, retry message,
@@ -25,6 +26,7 @@ use gatehouse_broker::lapin::message::Delivery;
 use gatehouse_broker::lapin::options::{BasicAckOptions, BasicNackOptions};
 use gatehouse_broker::lapin::types::{AMQPValue, FieldTable, LongString};
 use gatehouse_broker::lapin::{BasicProperties, Channel};
+use gatehouse_broker::signing;
 use gatehouse_broker::topology::headers;
 use gatehouse_broker::{Publisher, Topology};
 use gatehouse_protocol::{Catalog, ControlRequest, JobEnvelope, JobState, JobStatus, KindSpec};
@@ -34,6 +36,7 @@ use tracing::Instrument;
 use crate::apply::{self, Answer, ApplyError, Decided, ReplyTarget, Step};
 use crate::handlers::{self, Outcome};
 use crate::job_locks::JobLocks;
+use crate::keys::{Refusal, WorkerKeys};
 use crate::reply;
 
 /// What every delivery handler needs.
@@ -53,11 +56,15 @@ pub struct Context {
     pub isolation: Arc<tokio::sync::RwLock<()>>,
     /// One delivery of a job at a time.
     pub job_locks: Arc<JobLocks>,
+    pub keys: Arc<WorkerKeys>,
 }
 
 /// Pause before a delivery that hit trouble goes back to the queue, so that a sick database
 /// or broker is not hammered.
 const TROUBLE_PAUSE: Duration = Duration::from_millis(500);
+
+/// Status queries older than this are not answered (their asker gave up long ago).
+const CONTROL_MAX_AGE: Duration = Duration::from_secs(60);
 
 /// Longest retry delay, however many attempts came before.
 const MAX_RETRY_DELAY_MS: u64 = 5 * 60 * 1000;
@@ -66,11 +73,15 @@ const MAX_RETRY_DELAY_MS: u64 = 5 * 60 * 1000;
 pub async fn handle_job(ctx: Arc<Context>, mut delivery: Delivery) {
     let data = std::mem::take(&mut delivery.data);
     let class = delivery.routing_key.to_string();
-    let env: JobEnvelope = match serde_json::from_slice(&data) {
+    // Nothing unsigned, forged or stale runs, or even gets parsed beyond what checking needs.
+    let opened = signing::verify(&delivery.properties, &data, &ctx.keys.gatekeeper)
+        .map_err(|_| Refusal::BadSignature)
+        .and_then(|()| ctx.keys.open_job(&data));
+    let env = match opened {
         Ok(env) => env,
-        Err(e) => {
-            tracing::warn!(error = %e, "undecodable job message");
-            let dead = Dead { reason: "undecodable", error: Some(e.to_string()), attempts: 0 };
+        Err(refusal) => {
+            tracing::warn!(reason = refusal.reason(), "job message refused");
+            let dead = Dead { reason: refusal.reason(), error: None, attempts: 0 };
             return dead_letter(&ctx, &delivery, &data, &class, None, dead).await;
         }
     };
@@ -114,7 +125,11 @@ impl Job<'_> {
         let prepared = {
             let (spec, env, data, target) =
                 (self.spec.clone(), self.env.clone(), self.data.to_vec(), self.target.clone());
-            self.ctx.store.transact(move |tx| apply::prepare(tx, &spec, &env, &data, &target, replay)).await
+            let signature = signing::signature_of(&self.delivery.properties);
+            self.ctx
+                .store
+                .transact(move |tx| apply::prepare(tx, &spec, &env, &data, &signature, &target, replay))
+                .await
         };
         match prepared {
             Ok(Step::Decided(d)) => self.settle_decided(d).await,
@@ -173,7 +188,7 @@ impl Job<'_> {
         let retried = async {
             let queue = retry_queue(ctx, class, delay).await?;
             let props = without_replay(&delivery.properties);
-            ctx.publisher.publish_persistent("", &queue, data, props).await?;
+            ctx.publisher.publish_persistent(&ctx.topology.retry_exchange(), &queue, data, props).await?;
             Ok::<_, gatehouse_broker::PublishError>(())
         };
         match retried.await {
@@ -181,7 +196,7 @@ impl Job<'_> {
                 tracing::info!(delay_ms = delay, "retry scheduled");
                 let mut status = JobStatus::new(env.id.clone(), JobState::Retrying);
                 status.error = Some(error);
-                reply::send(&ctx.replies, &reply_target(delivery), &status).await;
+                reply::send(ctx, &reply_target(delivery), &status).await;
                 settle(delivery, Settle::Ack).await;
             }
             Err(e) => {
@@ -212,8 +227,11 @@ async fn run(
     attempt: u32,
 ) -> Result<Vec<Answer>, String> {
     if !handlers::is_external(&env.kind) {
-        let (catalog, env, target) = (ctx.catalog.clone(), env.clone(), target.clone());
-        return match ctx.store.transact(move |tx| apply::run_in_storage(tx, &catalog, &env, &target)).await {
+        let (catalog, keys, env, target) =
+            (ctx.catalog.clone(), ctx.keys.clone(), env.clone(), target.clone());
+        let ran =
+            ctx.store.transact(move |tx| apply::run_in_storage(tx, &catalog, &keys.opening, &env, &target));
+        return match ran.await {
             Ok(answers) => Ok(answers),
             Err(ApplyError::Retry(e)) => Err(e),
             Err(ApplyError::Storage(StorageError::Panicked(m))) => Err(format!("panic: {m}")),
@@ -237,9 +255,9 @@ async fn run(
         Ok(Ok(Outcome::Retryable(e))) => return Err(e),
         Ok(Ok(outcome)) => outcome,
     };
-    let (catalog, env, target) = (ctx.catalog.clone(), env.clone(), target.clone());
+    let (catalog, keys, env, target) = (ctx.catalog.clone(), ctx.keys.clone(), env.clone(), target.clone());
     ctx.store
-        .transact(move |tx| apply::record_outcome(tx, &catalog, &env, outcome, &target))
+        .transact(move |tx| apply::record_outcome(tx, &catalog, &keys.opening, &env, outcome, &target))
         .await
         .map_err(|e| format!("storage: {e}"))
 }
@@ -289,7 +307,7 @@ async fn dead_letter(
     if let Some(env) = env {
         let (env, reason, error) = (env.clone(), dead.reason, dead.error);
         match ctx.store.transact(move |tx| apply::record_dead(tx, &env, reason, error)).await {
-            Ok(status) => reply::send(&ctx.replies, &reply_target(delivery), &status).await,
+            Ok(status) => reply::send(ctx, &reply_target(delivery), &status).await,
             Err(e) => tracing::warn!(error = %e, "could not record the dead letter"),
         }
     }
@@ -336,22 +354,27 @@ fn has_header(d: &Delivery, name: &str) -> bool {
 async fn finish(ctx: &Context, delivery: &Delivery, answers: &[Answer]) {
     for a in answers {
         tracing::info!(job_id = %a.status.id, status = a.status.status.as_str(), "job decided");
-        reply::send(&ctx.replies, &a.target, &a.status).await;
+        reply::send(ctx, &a.target, &a.status).await;
     }
     settle(delivery, Settle::Ack).await;
 }
 
 /// Answers one status query from the gatekeeper.
 pub async fn handle_control(ctx: Arc<Context>, delivery: Delivery) {
-    match serde_json::from_slice::<ControlRequest>(&delivery.data) {
-        Ok(ControlRequest::Status { id, client }) => {
+    let query = signing::verify(&delivery.properties, &delivery.data, &ctx.keys.gatekeeper)
+        .ok()
+        .and_then(|()| serde_json::from_slice::<ControlRequest>(&delivery.data).ok());
+    match query {
+        Some(ControlRequest::Status { id, client, sent_at_ms })
+            if WorkerKeys::is_fresh(sent_at_ms, CONTROL_MAX_AGE) =>
+        {
             let answer = ctx.store.transact(move |tx| apply::status_for(tx, &id, &client)).await;
             match answer {
-                Ok(status) => reply::send(&ctx.replies, &reply_target(&delivery), &status).await,
+                Ok(status) => reply::send(&ctx, &reply_target(&delivery), &status).await,
                 Err(e) => tracing::warn!(error = %e, "status query failed"),
             }
         }
-        Err(e) => tracing::warn!(error = %e, "undecodable control message dropped"),
+        _ => tracing::warn!("unsigned, stale or undecodable control message dropped"),
     }
     // Queries are cheap to repeat and expire anyway: always ack.
     settle(&delivery, Settle::Ack).await;

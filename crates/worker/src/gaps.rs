@@ -6,7 +6,8 @@
 use std::time::Duration;
 
 use gatehouse_broker::lapin::BasicProperties;
-use gatehouse_protocol::JobEnvelope;
+use gatehouse_broker::signing;
+use gatehouse_protocol::SealedJob;
 use gatehouse_storage::now_ms;
 
 use crate::apply::{self, ReplyTarget};
@@ -32,7 +33,8 @@ pub async fn sweep_forever(ctx: &Context) {
 async fn sweep_once(ctx: &Context) -> anyhow::Result<()> {
     let expired = ctx.store.transact(|tx| tx.expired_parked(now_ms(), SWEEP_BATCH)).await?;
     for parked in expired {
-        let env: JobEnvelope = serde_json::from_slice(&parked.envelope)?;
+        // The metadata is enough to record it; the payload stays sealed.
+        let env = serde_json::from_slice::<SealedJob>(&parked.envelope)?.metadata();
         let class = ctx.catalog.kind(&env.kind).map_or_else(|| "batch".to_owned(), |k| k.queue.clone());
         let mut props = BasicProperties::default()
             .with_message_id(env.id.as_str().into())
@@ -43,6 +45,10 @@ async fn sweep_once(ctx: &Context) -> anyhow::Result<()> {
         }
         if let Some(c) = &parked.correlation_id {
             props = props.with_correlation_id(c.as_str().into());
+        }
+        // Keep the gatekeeper's signature, so that the dead letter can be replayed.
+        if let Some(sig) = parked.signature.clone() {
+            props = signing::with_signature(props, sig);
         }
         let error = format!(
             "number {} of {} waited past the gap timeout for its predecessor",
@@ -67,7 +73,7 @@ async fn sweep_once(ctx: &Context) -> anyhow::Result<()> {
         };
         tracing::warn!(job_id = %status.id, "dead-lettered after the sequence gap timeout");
         let target = ReplyTarget { reply_to: parked.reply_to, correlation_id: parked.correlation_id };
-        reply::send(&ctx.replies, &target, &status).await;
+        reply::send(ctx, &target, &status).await;
     }
     Ok(())
 }

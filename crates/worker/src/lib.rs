@@ -14,6 +14,7 @@ pub mod consumer;
 pub mod gaps;
 pub mod handlers;
 pub mod job_locks;
+pub mod keys;
 pub mod process;
 pub mod reply;
 pub mod settings;

@@ -1,32 +1,41 @@
-//! Answers to `reply_to` with the request's `correlation_id`.
+//! Answers to `reply_to` with the request's `correlation_id`: sealed to the gatekeeper's key,
+//! bound to the correlation id, signed by the worker, sent through the replies exchange.
 //!
 //! Replies are a courtesy to a waiting caller, not the record: the outcome is already
 //! committed, and `GET /v1/jobs/{id}` reads it from storage. So they are published without
 //! confirms, and a failed reply is logged, never retried.
 
+use gatehouse_broker::lapin::BasicProperties;
 use gatehouse_broker::lapin::options::BasicPublishOptions;
-use gatehouse_broker::lapin::{BasicProperties, Channel};
-use gatehouse_protocol::JobStatus;
+use gatehouse_broker::signing;
+use gatehouse_protocol::{JobStatus, SealedReply};
 
 use crate::apply::ReplyTarget;
+use crate::consumer::Context;
 
-/// Sends `status` to `target` if it names a reply queue.
-pub async fn send(channel: &Channel, target: &ReplyTarget, status: &JobStatus) {
-    let Some(reply_to) = &target.reply_to else {
-        return;
+/// Sends `status` to `target` if it names a reply queue and a correlation id.
+pub async fn send(ctx: &Context, target: &ReplyTarget, status: &JobStatus) {
+    let (Some(reply_to), Some(correlation_id)) = (&target.reply_to, &target.correlation_id) else { return };
+    let sealed = SealedReply::seal(status, &ctx.keys.gatekeeper_sealing, correlation_id);
+    let body = match sealed.map(|r| serde_json::to_vec(&r)) {
+        Ok(Ok(b)) => b,
+        _ => return tracing::error!(job_id = %status.id, "cannot seal the reply"),
     };
-    let body = match serde_json::to_vec(status) {
-        Ok(b) => b,
-        Err(e) => return tracing::error!(error = %e, "cannot encode reply"),
-    };
-    let mut props = BasicProperties::default()
+    let props = BasicProperties::default()
         .with_content_type("application/json".into())
-        .with_message_id(status.id.as_str().into());
-    if let Some(c) = &target.correlation_id {
-        props = props.with_correlation_id(c.as_str().into());
-    }
-    let sent = channel
-        .basic_publish("".into(), reply_to.as_str().into(), BasicPublishOptions::default(), &body, props)
+        .with_message_id(status.id.as_str().into())
+        .with_correlation_id(correlation_id.as_str().into());
+    let props = signing::signed(props, &ctx.keys.signing, &body);
+    let exchange = ctx.topology.replies_exchange();
+    let sent = ctx
+        .replies
+        .basic_publish(
+            exchange.as_str().into(),
+            reply_to.as_str().into(),
+            BasicPublishOptions::default(),
+            &body,
+            props,
+        )
         .await;
     if let Err(e) = sent {
         tracing::warn!(error = %e, job_id = %status.id, "reply not sent; the caller can query the status");

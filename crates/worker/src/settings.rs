@@ -12,8 +12,27 @@ pub struct WorkerSettings {
     pub consumer: ConsumerSettings,
     pub storage: StorageSettings,
     pub catalog: CatalogSettings,
+    pub keys: KeySettings,
     #[serde(default)]
     pub testing: TestingSettings,
+}
+
+/// Key files (see `gatehouse_protocol::keys`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct KeySettings {
+    /// The worker's Ed25519 key; signs every reply.
+    pub signing_key: PathBuf,
+    /// The worker's X25519 secret; opens job payloads.
+    pub sealing_key: PathBuf,
+    /// Public keys of the gatekeeper(s); a job signed by none of them is dead-lettered
+    /// unread. Several during a key rotation.
+    pub gatekeeper_signing_keys: Vec<PathBuf>,
+    /// The gatekeeper's X25519 public key; replies are sealed to it.
+    pub gatekeeper_sealing_key: PathBuf,
+    /// Data keys for encryption at rest (the last one is active).
+    pub data_keyring: PathBuf,
+    /// Jobs submitted longer ago than this are dead-lettered as `stale`.
+    pub max_message_age_s: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

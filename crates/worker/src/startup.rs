@@ -21,6 +21,7 @@ use tokio::task::JoinSet;
 
 use crate::consumer::{self, Context};
 use crate::gaps;
+use crate::keys::WorkerKeys;
 use crate::settings::WorkerSettings;
 
 /// Longest pause between reconnection attempts.
@@ -33,6 +34,7 @@ pub struct Worker {
     catalog: Arc<Catalog>,
     /// Shared by all sessions: a suspect job runs alone (see [`crate::consumer`]).
     isolation: Arc<tokio::sync::RwLock<()>>,
+    keys: Arc<WorkerKeys>,
     session: Option<Session>,
 }
 
@@ -56,11 +58,13 @@ impl Worker {
     /// When any of those fails.
     pub async fn build(settings: WorkerSettings) -> anyhow::Result<Self> {
         let catalog = Arc::new(Catalog::load(&settings.catalog.path)?);
-        let store = Store::open_sqlite(&settings.storage.path)
+        let keys = Arc::new(WorkerKeys::load(&settings.keys)?);
+        let keyring = gatehouse_protocol::keys::keyring(&settings.keys.data_keyring)?;
+        let store = Store::open_sqlite(&settings.storage.path, keyring)
             .with_context(|| format!("opening {}", settings.storage.path.display()))?;
         let isolation = Arc::new(tokio::sync::RwLock::new(()));
-        let session = Session::open(&settings, &store, &catalog, &isolation).await?;
-        Ok(Self { settings, store, catalog, isolation, session: Some(session) })
+        let session = Session::open(&settings, &store, &catalog, &isolation, &keys).await?;
+        Ok(Self { settings, store, catalog, isolation, keys, session: Some(session) })
     }
 
     /// Consumes until `shutdown` resolves. When the broker connection is lost, reconnects with
@@ -85,7 +89,15 @@ impl Worker {
             let session = match self.session.take() {
                 Some(s) => s,
                 None => {
-                    match Session::open(&self.settings, &self.store, &self.catalog, &self.isolation).await {
+                    match Session::open(
+                        &self.settings,
+                        &self.store,
+                        &self.catalog,
+                        &self.isolation,
+                        &self.keys,
+                    )
+                    .await
+                    {
                         Ok(s) => {
                             tracing::info!("reconnected to the broker");
                             backoff = Duration::from_millis(250);
@@ -133,6 +145,7 @@ impl Session {
         store: &Store,
         catalog: &Arc<Catalog>,
         isolation: &Arc<tokio::sync::RwLock<()>>,
+        keys: &Arc<WorkerKeys>,
     ) -> anyhow::Result<Self> {
         let connection = gatehouse_broker::connect(settings.broker.url.expose(), "gatehouse-worker")
             .await
@@ -151,6 +164,7 @@ impl Session {
             retry_queues: Mutex::new(Default::default()),
             isolation: isolation.clone(),
             job_locks: Default::default(),
+            keys: keys.clone(),
         });
         Ok(Self { connection, ctx })
     }

@@ -16,13 +16,15 @@ use gatehouse_broker::{BrokerSettings, Topology};
 use gatehouse_client::{Client, Connection, Identity, Response};
 use gatehouse_gatekeeper::Gatekeeper;
 use gatehouse_gatekeeper::settings::{
-    GatekeeperSettings, IdSettings, PathSetting, ServerSettings, TlsSettings,
+    GatekeeperSettings, IdSettings, KeySettings as GatekeeperKeySettings, PathSetting, ServerSettings,
+    TlsSettings,
 };
 use gatehouse_protocol::Catalog;
 use gatehouse_protocol::settings::Secret;
 use gatehouse_worker::Worker;
 use gatehouse_worker::settings::{
-    CatalogSettings, ConsumerSettings, StorageSettings, TestingSettings, WorkerSettings,
+    CatalogSettings, ConsumerSettings, KeySettings as WorkerKeySettings, StorageSettings, TestingSettings,
+    WorkerSettings,
 };
 use serde_json::Value;
 use tempfile::TempDir;
@@ -188,6 +190,14 @@ impl TestSystem {
             },
             storage: StorageSettings { path: data.path().join("worker.sqlite") },
             catalog: CatalogSettings { path: catalog.clone() },
+            keys: WorkerKeySettings {
+                signing_key: certs.path().join("worker-signing.key"),
+                sealing_key: certs.path().join("worker-sealing.key"),
+                gatekeeper_signing_keys: vec![certs.path().join("gatekeeper-signing.pub")],
+                gatekeeper_sealing_key: certs.path().join("gatekeeper-sealing.pub"),
+                data_keyring: certs.path().join("worker-data.keys"),
+                max_message_age_s: 3600,
+            },
             testing: TestingSettings { enabled: options.testing },
         };
         let worker = match options.worker_binary {
@@ -236,13 +246,19 @@ impl TestSystem {
             catalog: PathSetting { path: catalog },
             policy: PathSetting { path: policy },
             ids: IdSettings { secret_file: certs.path().join("gatekeeper-ids.secret") },
+            keys: GatekeeperKeySettings {
+                signing_key: certs.path().join("gatekeeper-signing.key"),
+                sealing_key: certs.path().join("gatekeeper-sealing.key"),
+                worker_signing_keys: vec![certs.path().join("worker-signing.pub")],
+                worker_sealing_key: certs.path().join("worker-sealing.pub"),
+            },
         })
         .await
         .expect("gatekeeper builds");
         let addr = gatekeeper.local_addr().expect("addr");
         let (stop_g, rx_g) = oneshot::channel();
         let gatekeeper = tokio::spawn(gatekeeper.run_until_stopped(until(rx_g)));
-        Self {
+        let system = Self {
             addr,
             certs,
             prefix,
@@ -251,6 +267,25 @@ impl TestSystem {
             worker,
             stop_gatekeeper: Some(stop_g),
             gatekeeper: Some(gatekeeper),
+        };
+        system.wait_ready().await;
+        system
+    }
+
+    /// Waits until the gatekeeper's `/readyz` answers 200 (its broker link is up, which needs
+    /// the topology the worker declares).
+    pub async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ready = async {
+                let mut c = self.client().connect().await.ok()?;
+                c.request(gatehouse_client::Method::GET, "/readyz", &[], Vec::new()).await.ok()
+            };
+            if ready.await.is_some_and(|r| r.status == 200) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the gatekeeper did not become ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -274,6 +309,11 @@ impl TestSystem {
     /// A connection as dev-client.
     pub async fn connect(&self) -> Connection {
         self.client().connect().await.expect("connect")
+    }
+
+    /// The worker's data keys (encryption at rest).
+    pub fn keyring(&self) -> PathBuf {
+        self.worker_settings.keys.data_keyring.clone()
     }
 
     /// Where the worker's SQLite file is.
@@ -391,7 +431,9 @@ impl WorkerProcess {
 fn worker_toml(s: &WorkerSettings) -> String {
     format!(
         "[broker]\nurl = \"{}\"\nprefix = \"{}\"\n\n[consumer]\nprefetch = {}\nstopping_wait_time_ms = {}\n\n\
-         [storage]\npath = \"{}\"\n\n[catalog]\npath = \"{}\"\n\n[testing]\nenabled = {}\n",
+         [storage]\npath = \"{}\"\n\n[catalog]\npath = \"{}\"\n\n[testing]\nenabled = {}\n\n\
+         [keys]\nsigning_key = \"{}\"\nsealing_key = \"{}\"\ngatekeeper_signing_keys = [\"{}\"]\n\
+         gatekeeper_sealing_key = \"{}\"\ndata_keyring = \"{}\"\nmax_message_age_s = {}\n",
         s.broker.url.expose(),
         s.broker.prefix,
         s.consumer.prefetch,
@@ -399,6 +441,12 @@ fn worker_toml(s: &WorkerSettings) -> String {
         s.storage.path.display(),
         s.catalog.path.display(),
         s.testing.enabled,
+        s.keys.signing_key.display(),
+        s.keys.sealing_key.display(),
+        s.keys.gatekeeper_signing_keys[0].display(),
+        s.keys.gatekeeper_sealing_key.display(),
+        s.keys.data_keyring.display(),
+        s.keys.max_message_age_s,
     )
 }
 

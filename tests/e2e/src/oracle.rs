@@ -21,20 +21,19 @@ fn open(db: &Path) -> Connection {
     c
 }
 
-/// Every job row, by id.
-pub fn jobs(db: &Path) -> HashMap<String, JobRow> {
+/// Every job row, by id; results decrypted with the worker's data keys in `keyring`.
+pub fn jobs(db: &Path, keyring: &Path) -> HashMap<String, JobRow> {
+    let keyring = gatehouse_protocol::keys::keyring(keyring).expect("keyring");
     let c = open(db);
     let mut stmt = c.prepare("SELECT id, state, result, reason FROM jobs").expect("query");
     stmt.query_map([], |r| {
+        let id: String = r.get(0)?;
         let result: Option<String> = r.get(2)?;
-        Ok((
-            r.get::<_, String>(0)?,
-            JobRow {
-                state: r.get(1)?,
-                result: result.and_then(|s| serde_json::from_str(&s).ok()),
-                reason: r.get(3)?,
-            },
-        ))
+        let result = result.map(|v| {
+            let plain = keyring.decrypt(&v, id.as_bytes()).expect("results are encrypted at rest");
+            serde_json::from_slice(&plain).expect("result is JSON")
+        });
+        Ok((id, JobRow { state: r.get(1)?, result, reason: r.get(3)? }))
     })
     .expect("rows")
     .collect::<Result<_, _>>()

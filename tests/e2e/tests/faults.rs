@@ -147,7 +147,7 @@ fn check_ledger(
     jobs: &[LedgerJob],
     ids: &HashMap<usize, String>,
 ) -> (usize, usize, usize, usize) {
-    let rows = oracle::jobs(&sys.database());
+    let rows = oracle::jobs(&sys.database(), &sys.keyring());
     let ledger = oracle::ledger(&sys.database());
     let mut prefix: HashMap<(String, u64), i64> = HashMap::new();
     let mut by_account: HashMap<&str, Vec<&LedgerJob>> = HashMap::new();

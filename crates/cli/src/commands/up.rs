@@ -44,7 +44,10 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<()> {
     }
     if !args.certs.join("ca.pem").exists() {
         certs::write_dev(&args.certs)?;
-        println!("wrote dev certificates to {}", args.certs.display());
+        println!("wrote dev certificates and keys to {}", args.certs.display());
+    } else if !args.certs.join("worker-data.keys").exists() {
+        gatehouse_protocol::keys::write_dev(&args.certs)?;
+        println!("wrote dev signing, sealing and data keys to {}", args.certs.display());
     }
     let node = {
         let (url, home) = (args.broker.clone(), PathBuf::from(".gatehouse/rabbitmq"));

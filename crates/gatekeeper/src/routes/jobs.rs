@@ -9,9 +9,9 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use gatehouse_broker::PublishError;
 use gatehouse_broker::lapin::BasicProperties;
 use gatehouse_broker::topology::CONTROL_ROUTING_KEY;
+use gatehouse_broker::{PublishError, signing};
 use gatehouse_protocol::submit::RawSequence;
 use gatehouse_protocol::{
     ControlRequest, JobEnvelope, JobId, JobState, JobStatus, KindSpec, Priority, Sequence, SubmitRequest,
@@ -124,7 +124,12 @@ async fn accept(
         Some(_) => Some(app.replies.register().map_err(|e| Problem::broker_unavailable(e.to_string()))?),
         None => None,
     };
-    let body = serde_json::to_vec(&envelope).map_err(|e| Problem::malformed_json(e.to_string()))?;
+    // The payload leaves the gatekeeper sealed to the worker: the broker never sees it.
+    let body = envelope
+        .seal(&app.keys.worker_sealing)
+        .ok()
+        .and_then(|sealed| serde_json::to_vec(&sealed).ok())
+        .ok_or_else(|| Problem::internal("the job could not be sealed"))?;
     let mut props = BasicProperties::default()
         .with_message_id(envelope.id.as_str().into())
         .with_priority(priority.get())
@@ -189,7 +194,8 @@ pub async fn status(
         Ok(w) => w,
         Err(e) => return Problem::broker_unavailable(e.to_string()).into_response(),
     };
-    let query = ControlRequest::Status { id: id.clone(), client: client.0.clone() };
+    let sent_at_ms = now().as_millis() as u64;
+    let query = ControlRequest::Status { id: id.clone(), client: client.0.clone(), sent_at_ms };
     let body = serde_json::to_vec(&query).unwrap_or_default();
     let expiration = app.status_timeout.as_millis().to_string();
     let props = BasicProperties::default()
@@ -258,6 +264,7 @@ async fn publish(
         return Err(Problem::broker_unavailable("the message broker is not available"));
     };
     let exchange = app.topology.jobs_exchange();
+    let props = signing::signed(props, &app.keys.signing, body);
     let confirmed = async {
         if persistent {
             publisher.publish_persistent(&exchange, routing_key, body, props).await

@@ -13,6 +13,7 @@ use gatehouse_broker::Topology;
 use gatehouse_protocol::Catalog;
 
 use crate::ids::IdMinter;
+use crate::keys::GatekeeperKeys;
 use crate::link::BrokerLink;
 use crate::policy::Policy;
 use crate::problem::Problem;
@@ -26,6 +27,7 @@ pub struct App {
     pub policy: Policy,
     pub ids: IdMinter,
     pub link: Arc<BrokerLink>,
+    pub keys: Arc<GatekeeperKeys>,
     pub topology: Topology,
     pub replies: Arc<Replies>,
     pub max_body_bytes: usize,

@@ -51,6 +51,8 @@ fn with_payload<P: DeserializeOwned>(
 ) -> Result<Outcome, StorageError> {
     match P::deserialize(&env.payload) {
         Ok(p) => handler(p),
-        Err(e) => Ok(Outcome::Permanent(format!("invalid payload: {e}"))),
+        // Not the parser's message: it can quote payload values, and errors are stored and
+        // dead-letter headers are visible in the broker.
+        Err(_) => Ok(Outcome::Permanent(format!("invalid payload for {}", env.kind))),
     }
 }

@@ -30,14 +30,14 @@ pub async fn run(env: &JobEnvelope, attempt: u32) -> Outcome {
                 tokio::time::sleep(Duration::from_millis(p.ms)).await;
                 Outcome::Success(json!({ "slept_ms": p.ms }))
             }
-            Err(e) => Outcome::Permanent(format!("invalid payload: {e}")),
+            Err(_) => Outcome::Permanent("invalid payload".into()),
         },
         "test.fail" => match Fail::deserialize(&env.payload) {
             Ok(p) if attempt <= p.times => {
                 Outcome::Retryable(format!("failing on purpose: attempt {attempt} of {}", p.times))
             }
             Ok(_) => Outcome::Success(json!({ "attempts": attempt })),
-            Err(e) => Outcome::Permanent(format!("invalid payload: {e}")),
+            Err(_) => Outcome::Permanent("invalid payload".into()),
         },
         "test.panic" => panic!("test.panic: panicking on purpose"),
         "test.crash" => {

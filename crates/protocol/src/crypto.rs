@@ -1,0 +1,360 @@
+//! Signing and sealing of what crosses the broker, and encryption at rest.
+//!
+//! - **Signatures**: Ed25519 (ring) over the exact message body. The key id (first 8 bytes of
+//!   SHA-256 of the public key, hex) travels beside the signature, so keys can rotate: a
+//!   verifier holds several public keys.
+//! - **Sealing**: the payload is encrypted to the recipient's X25519 public key: an ephemeral
+//!   key pair, ECDH, HKDF-SHA256, AES-256-GCM with associated data binding it to its job. ring
+//!   has no *static* X25519 private keys (its agreement keys are ephemeral only), so the key
+//!   agreement uses `x25519-dalek`; HKDF and AES-GCM are ring's.
+//! - **At rest**: AES-256-GCM under a data key from a keyring; the key id is stored with each
+//!   value, so old values stay readable after the active key changes.
+
+use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
+use ring::rand::{SecureRandom, SystemRandom};
+use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
+use ring::{digest, hkdf};
+use serde::{Deserialize, Serialize};
+
+use crate::hex;
+
+/// A cryptographic failure. Deliberately vague: callers say what they were doing.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CryptoError {
+    #[error("bad key material: {0}")]
+    BadKey(&'static str),
+    #[error("no key with id {0}")]
+    UnknownKey(String),
+    #[error("signature does not verify")]
+    BadSignature,
+    #[error("cannot open: wrong key, or the data was altered")]
+    Open,
+    #[error("malformed sealed data")]
+    Malformed,
+    #[error("no system randomness")]
+    Random,
+}
+
+fn random<const N: usize>() -> Result<[u8; N], CryptoError> {
+    let mut b = [0u8; N];
+    SystemRandom::new().fill(&mut b).map_err(|_| CryptoError::Random)?;
+    Ok(b)
+}
+
+/// The id of a public key: hex of the first 8 bytes of its SHA-256.
+pub fn key_id(public: &[u8]) -> String {
+    hex::encode(&digest::digest(&digest::SHA256, public).as_ref()[..8])
+}
+
+// ---- signatures -----------------------------------------------------------------------------
+
+/// An Ed25519 signing key.
+pub struct SigningKey {
+    pair: Ed25519KeyPair,
+    id: String,
+}
+
+impl SigningKey {
+    /// A new key as PKCS#8 bytes (to store).
+    ///
+    /// # Errors
+    /// Without system randomness.
+    pub fn generate_pkcs8() -> Result<Vec<u8>, CryptoError> {
+        Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
+            .map(|d| d.as_ref().to_vec())
+            .map_err(|_| CryptoError::Random)
+    }
+
+    /// # Errors
+    /// When `pkcs8` is not an Ed25519 key.
+    pub fn from_pkcs8(pkcs8: &[u8]) -> Result<Self, CryptoError> {
+        let pair =
+            Ed25519KeyPair::from_pkcs8(pkcs8).map_err(|_| CryptoError::BadKey("not an Ed25519 key"))?;
+        let id = key_id(pair.public_key().as_ref());
+        Ok(Self { pair, id })
+    }
+
+    pub fn public_key(&self) -> Vec<u8> {
+        self.pair.public_key().as_ref().to_vec()
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The signature of `message`.
+    pub fn sign(&self, message: &[u8]) -> Vec<u8> {
+        self.pair.sign(message).as_ref().to_vec()
+    }
+}
+
+/// The public keys a verifier trusts, by key id.
+#[derive(Debug, Clone, Default)]
+pub struct Verifier {
+    keys: Vec<(String, Vec<u8>)>,
+}
+
+impl Verifier {
+    /// Trusts these Ed25519 public keys (32 bytes each).
+    ///
+    /// # Errors
+    /// When a key is not 32 bytes.
+    pub fn new(public_keys: impl IntoIterator<Item = Vec<u8>>) -> Result<Self, CryptoError> {
+        let keys =
+            public_keys
+                .into_iter()
+                .map(|k| {
+                    if k.len() == 32 { Ok((key_id(&k), k)) } else { Err(CryptoError::BadKey("not 32 bytes")) }
+                })
+                .collect::<Result<_, _>>()?;
+        Ok(Self { keys })
+    }
+
+    /// Checks `signature` over `message` by the key `key_id`.
+    ///
+    /// # Errors
+    /// [`CryptoError::UnknownKey`] or [`CryptoError::BadSignature`].
+    pub fn verify(&self, key_id: &str, message: &[u8], signature: &[u8]) -> Result<(), CryptoError> {
+        let (_, key) = self
+            .keys
+            .iter()
+            .find(|(id, _)| id == key_id)
+            .ok_or_else(|| CryptoError::UnknownKey(key_id.to_owned()))?;
+        UnparsedPublicKey::new(&ED25519, key)
+            .verify(message, signature)
+            .map_err(|_| CryptoError::BadSignature)
+    }
+}
+
+// ---- sealing --------------------------------------------------------------------------------
+
+/// Data encrypted to one recipient's X25519 key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sealed {
+    /// The sender's ephemeral X25519 public key (hex).
+    pub epk: String,
+    /// AES-GCM nonce (hex).
+    pub nonce: String,
+    /// Ciphertext and tag (hex).
+    pub ct: String,
+}
+
+/// An X25519 key pair that can open what was sealed to it.
+pub struct OpeningKey {
+    secret: x25519_dalek::StaticSecret,
+}
+
+impl OpeningKey {
+    /// A new secret (32 bytes, to store).
+    ///
+    /// # Errors
+    /// Without system randomness.
+    pub fn generate() -> Result<[u8; 32], CryptoError> {
+        random()
+    }
+
+    /// # Errors
+    /// When `secret` is not 32 bytes.
+    pub fn from_bytes(secret: &[u8]) -> Result<Self, CryptoError> {
+        let bytes: [u8; 32] = secret.try_into().map_err(|_| CryptoError::BadKey("not 32 bytes"))?;
+        Ok(Self { secret: x25519_dalek::StaticSecret::from(bytes) })
+    }
+
+    pub fn public_key(&self) -> [u8; 32] {
+        x25519_dalek::PublicKey::from(&self.secret).to_bytes()
+    }
+
+    /// Opens `sealed`; `aad` must be what the sealer bound it to.
+    ///
+    /// # Errors
+    /// [`CryptoError::Open`] when the key is wrong or anything was altered.
+    pub fn open(&self, sealed: &Sealed, aad: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        let epk: [u8; 32] =
+            hex::decode(&sealed.epk).and_then(|b| b.try_into().ok()).ok_or(CryptoError::Malformed)?;
+        let nonce: [u8; 12] =
+            hex::decode(&sealed.nonce).and_then(|b| b.try_into().ok()).ok_or(CryptoError::Malformed)?;
+        let mut ct = hex::decode(&sealed.ct).ok_or(CryptoError::Malformed)?;
+        let shared = self.secret.diffie_hellman(&x25519_dalek::PublicKey::from(epk));
+        let key = derive(shared.as_bytes(), &epk, &self.public_key())?;
+        let plain = key
+            .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut ct)
+            .map_err(|_| CryptoError::Open)?;
+        Ok(plain.to_vec())
+    }
+}
+
+/// Seals `plain` to `recipient` (an X25519 public key), bound to `aad`.
+///
+/// # Errors
+/// Without system randomness.
+pub fn seal(recipient: &[u8; 32], plain: &[u8], aad: &[u8]) -> Result<Sealed, CryptoError> {
+    let ephemeral = x25519_dalek::StaticSecret::from(random::<32>()?);
+    let epk = x25519_dalek::PublicKey::from(&ephemeral).to_bytes();
+    let shared = ephemeral.diffie_hellman(&x25519_dalek::PublicKey::from(*recipient));
+    let key = derive(shared.as_bytes(), &epk, recipient)?;
+    let nonce = random::<12>()?;
+    let mut buf = plain.to_vec();
+    key.seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut buf)
+        .map_err(|_| CryptoError::Open)?;
+    Ok(Sealed { epk: hex::encode(&epk), nonce: hex::encode(&nonce), ct: hex::encode(&buf) })
+}
+
+/// HKDF-SHA256 of the shared secret, salted with both public keys, to an AES-256-GCM key.
+fn derive(shared: &[u8], epk: &[u8; 32], recipient: &[u8; 32]) -> Result<LessSafeKey, CryptoError> {
+    let mut salt = [0u8; 64];
+    salt[..32].copy_from_slice(epk);
+    salt[32..].copy_from_slice(recipient);
+    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, &salt).extract(shared);
+    let okm = prk.expand(&[b"gatehouse seal v1"], &AES_256_GCM).map_err(|_| CryptoError::BadKey("hkdf"))?;
+    Ok(LessSafeKey::new(UnboundKey::from(okm)))
+}
+
+// ---- at rest --------------------------------------------------------------------------------
+
+/// Data keys for encryption at rest: new values use the active key; any listed key decrypts.
+pub struct Keyring {
+    keys: Vec<(String, LessSafeKey)>,
+    active: usize,
+}
+
+/// Prefix of a value encrypted at rest: `v1.<key id>.<nonce hex>.<ciphertext hex>`.
+const AT_REST_PREFIX: &str = "v1.";
+
+impl Keyring {
+    /// Parses a keyring file: one `<id> <64 hex digits>` per line; the last key is active;
+    /// `#` starts a comment.
+    ///
+    /// # Errors
+    /// When a line is malformed or there is no key.
+    pub fn parse(text: &str) -> Result<Self, CryptoError> {
+        let mut keys = Vec::new();
+        for line in text.lines().map(|l| l.split('#').next().unwrap_or("").trim()).filter(|l| !l.is_empty()) {
+            let (id, key) =
+                line.split_once(char::is_whitespace).ok_or(CryptoError::BadKey("keyring line"))?;
+            let bytes =
+                hex::decode(key.trim()).filter(|b| b.len() == 32).ok_or(CryptoError::BadKey("data key"))?;
+            if id.contains('.') || id.is_empty() {
+                return Err(CryptoError::BadKey("key id"));
+            }
+            let key = UnboundKey::new(&AES_256_GCM, &bytes).map_err(|_| CryptoError::BadKey("data key"))?;
+            keys.push((id.to_owned(), LessSafeKey::new(key)));
+        }
+        let active = keys.len().checked_sub(1).ok_or(CryptoError::BadKey("empty keyring"))?;
+        Ok(Self { keys, active })
+    }
+
+    /// A keyring line for a new random key called `id`.
+    ///
+    /// # Errors
+    /// Without system randomness.
+    pub fn new_line(id: &str) -> Result<String, CryptoError> {
+        Ok(format!("{id} {}\n", hex::encode(&random::<32>()?)))
+    }
+
+    pub fn active_id(&self) -> &str {
+        &self.keys[self.active].0
+    }
+
+    /// Encrypts `plain` under the active key, bound to `aad` (e.g. the row's id).
+    ///
+    /// # Errors
+    /// Without system randomness.
+    pub fn encrypt(&self, plain: &[u8], aad: &[u8]) -> Result<String, CryptoError> {
+        let (id, key) = &self.keys[self.active];
+        let nonce = random::<12>()?;
+        let mut buf = plain.to_vec();
+        key.seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut buf)
+            .map_err(|_| CryptoError::Open)?;
+        Ok(format!("{AT_REST_PREFIX}{id}.{}.{}", hex::encode(&nonce), hex::encode(&buf)))
+    }
+
+    /// Decrypts a value made by [`Keyring::encrypt`] under any key of the ring.
+    ///
+    /// # Errors
+    /// Unknown key id, malformed value, or altered data.
+    pub fn decrypt(&self, value: &str, aad: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        let rest = value.strip_prefix(AT_REST_PREFIX).ok_or(CryptoError::Malformed)?;
+        let mut parts = rest.splitn(3, '.');
+        let (id, nonce, ct) = match (parts.next(), parts.next(), parts.next()) {
+            (Some(i), Some(n), Some(c)) => (i, n, c),
+            _ => return Err(CryptoError::Malformed),
+        };
+        let (_, key) =
+            self.keys.iter().find(|(k, _)| k == id).ok_or_else(|| CryptoError::UnknownKey(id.to_owned()))?;
+        let nonce: [u8; 12] =
+            hex::decode(nonce).and_then(|b| b.try_into().ok()).ok_or(CryptoError::Malformed)?;
+        let mut ct = hex::decode(ct).ok_or(CryptoError::Malformed)?;
+        let plain = key
+            .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut ct)
+            .map_err(|_| CryptoError::Open)?;
+        Ok(plain.to_vec())
+    }
+
+    /// Whether `value` was encrypted (by any key); plaintext from before encryption was on is
+    /// not.
+    pub fn is_encrypted(value: &str) -> bool {
+        value.starts_with(AT_REST_PREFIX)
+    }
+
+    /// The key id a stored value was encrypted under.
+    pub fn key_of(value: &str) -> Option<&str> {
+        value.strip_prefix(AT_REST_PREFIX)?.split('.').next()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signatures_verify_only_unaltered_and_by_a_trusted_key() {
+        let key = SigningKey::from_pkcs8(&SigningKey::generate_pkcs8().unwrap()).unwrap();
+        let other = SigningKey::from_pkcs8(&SigningKey::generate_pkcs8().unwrap()).unwrap();
+        let v = Verifier::new([key.public_key(), other.public_key()]).unwrap();
+        let sig = key.sign(b"body");
+        assert_eq!(v.verify(key.id(), b"body", &sig), Ok(()));
+        assert_eq!(v.verify(key.id(), b"bodY", &sig), Err(CryptoError::BadSignature));
+        assert_eq!(v.verify(other.id(), b"body", &sig), Err(CryptoError::BadSignature));
+        let stranger = Verifier::new([other.public_key()]).unwrap();
+        assert!(matches!(stranger.verify(key.id(), b"body", &sig), Err(CryptoError::UnknownKey(_))));
+    }
+
+    #[test]
+    fn sealed_data_opens_only_with_the_right_key_and_aad() {
+        let worker = OpeningKey::from_bytes(&OpeningKey::generate().unwrap()).unwrap();
+        let sealed = seal(&worker.public_key(), b"secret payload", b"job-1").unwrap();
+        assert!(!sealed.ct.contains(&hex::encode(b"secret")));
+        assert_eq!(worker.open(&sealed, b"job-1").unwrap(), b"secret payload");
+        assert_eq!(worker.open(&sealed, b"job-2"), Err(CryptoError::Open));
+        let mut tampered = sealed.clone();
+        tampered.ct.replace_range(0..2, if &tampered.ct[0..2] == "00" { "01" } else { "00" });
+        assert_eq!(worker.open(&tampered, b"job-1"), Err(CryptoError::Open));
+        let stranger = OpeningKey::from_bytes(&OpeningKey::generate().unwrap()).unwrap();
+        assert_eq!(stranger.open(&sealed, b"job-1"), Err(CryptoError::Open));
+    }
+
+    #[test]
+    fn at_rest_values_are_bound_to_their_key_and_row() {
+        let ring = Keyring::parse(&Keyring::new_line("k1").unwrap()).unwrap();
+        let value = ring.encrypt(b"record", b"tok_1").unwrap();
+        assert!(Keyring::is_encrypted(&value) && !value.contains(&hex::encode(b"record")));
+        assert_eq!(ring.decrypt(&value, b"tok_1").unwrap(), b"record");
+        assert_eq!(ring.decrypt(&value, b"tok_2"), Err(CryptoError::Open));
+        // Another key of the same name cannot open it: the key is what matters.
+        let impostor = Keyring::parse(&Keyring::new_line("k1").unwrap()).unwrap();
+        assert_eq!(impostor.decrypt(&value, b"tok_1"), Err(CryptoError::Open));
+    }
+
+    #[test]
+    fn keyring_uses_the_last_key_and_reads_all() {
+        let k1 = Keyring::new_line("k1").unwrap();
+        let ring1 = Keyring::parse(&k1).unwrap();
+        let v1 = ring1.encrypt(b"a", b"x").unwrap();
+        let ring2 = Keyring::parse(&format!("{k1}{}", Keyring::new_line("k2").unwrap())).unwrap();
+        assert_eq!(ring2.active_id(), "k2");
+        assert_eq!(ring2.decrypt(&v1, b"x").unwrap(), b"a");
+        let v2 = ring2.encrypt(b"b", b"x").unwrap();
+        assert_eq!(Keyring::key_of(&v2), Some("k2"));
+        assert!(matches!(ring1.decrypt(&v2, b"x"), Err(CryptoError::UnknownKey(_))));
+    }
+}

@@ -1,0 +1,122 @@
+//! Key files: hex text, one key per file, written by `gatehouse certs dev`.
+//!
+//! | file | holds | who reads it |
+//! |---|---|---|
+//! | `gatekeeper-signing.key` / `.pub` | Ed25519 (PKCS#8 / raw public) | gatekeeper / worker |
+//! | `worker-signing.key` / `.pub` | Ed25519 | worker / gatekeeper |
+//! | `worker-sealing.key` / `.pub` | X25519 | worker / gatekeeper |
+//! | `gatekeeper-sealing.key` / `.pub` | X25519 | gatekeeper / worker |
+//! | `worker-data.keys` | AES-256 data keys (keyring) | worker |
+
+use std::path::{Path, PathBuf};
+
+use crate::crypto::{CryptoError, Keyring, OpeningKey, SigningKey, Verifier};
+use crate::hex;
+
+/// A key file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("key file {path}: {reason}")]
+pub struct KeyFileError {
+    path: PathBuf,
+    reason: String,
+}
+
+fn err(path: &Path, reason: impl ToString) -> KeyFileError {
+    KeyFileError { path: path.to_owned(), reason: reason.to_string() }
+}
+
+/// The bytes of a hex key file.
+///
+/// # Errors
+/// When the file cannot be read or is not hex.
+pub fn read_hex(path: &Path) -> Result<Vec<u8>, KeyFileError> {
+    let text = std::fs::read_to_string(path).map_err(|e| err(path, e))?;
+    hex::decode(text.trim()).ok_or_else(|| err(path, "not hex"))
+}
+
+/// # Errors
+/// When the file is missing or not an Ed25519 PKCS#8 key.
+pub fn signing_key(path: &Path) -> Result<SigningKey, KeyFileError> {
+    SigningKey::from_pkcs8(&read_hex(path)?).map_err(|e: CryptoError| err(path, e))
+}
+
+/// # Errors
+/// When a file is missing or not a 32-byte public key.
+pub fn verifier(paths: &[PathBuf]) -> Result<Verifier, KeyFileError> {
+    let keys = paths.iter().map(|p| read_hex(p)).collect::<Result<Vec<_>, _>>()?;
+    Verifier::new(keys).map_err(|e| err(paths.first().map_or(Path::new("-"), |p| p), e))
+}
+
+/// # Errors
+/// When the file is missing or not a 32-byte X25519 secret.
+pub fn opening_key(path: &Path) -> Result<OpeningKey, KeyFileError> {
+    OpeningKey::from_bytes(&read_hex(path)?).map_err(|e| err(path, e))
+}
+
+/// # Errors
+/// When the file is missing or not a 32-byte X25519 public key.
+pub fn sealing_key(path: &Path) -> Result<[u8; 32], KeyFileError> {
+    read_hex(path)?.try_into().map_err(|_| err(path, "not a 32-byte public key"))
+}
+
+/// # Errors
+/// When the file is missing or malformed.
+pub fn keyring(path: &Path) -> Result<Keyring, KeyFileError> {
+    let text = std::fs::read_to_string(path).map_err(|e| err(path, e))?;
+    Keyring::parse(&text).map_err(|e| err(path, e))
+}
+
+/// Writes a fresh set of the keys above into `dir` (mode 0600 for secrets).
+///
+/// # Errors
+/// When a file cannot be written or there is no system randomness.
+pub fn write_dev(dir: &Path) -> Result<(), KeyFileError> {
+    for who in ["gatekeeper", "worker"] {
+        let pkcs8 = SigningKey::generate_pkcs8().map_err(|e| err(dir, e))?;
+        let key = SigningKey::from_pkcs8(&pkcs8).map_err(|e| err(dir, e))?;
+        write(&dir.join(format!("{who}-signing.key")), &hex::encode(&pkcs8), true)?;
+        write(&dir.join(format!("{who}-signing.pub")), &hex::encode(&key.public_key()), false)?;
+        let secret = OpeningKey::generate().map_err(|e| err(dir, e))?;
+        let opening = OpeningKey::from_bytes(&secret).map_err(|e| err(dir, e))?;
+        write(&dir.join(format!("{who}-sealing.key")), &hex::encode(&secret), true)?;
+        write(&dir.join(format!("{who}-sealing.pub")), &hex::encode(&opening.public_key()), false)?;
+    }
+    let ring = Keyring::new_line("k1").map_err(|e| err(dir, e))?;
+    write(
+        &dir.join("worker-data.keys"),
+        &format!("# Data keys for encryption at rest: `<id> <hex>`; the last one is active.\n{ring}"),
+        true,
+    )
+}
+
+fn write(path: &Path, text: &str, secret: bool) -> Result<(), KeyFileError> {
+    std::fs::write(path, format!("{}\n", text.trim_end())).map_err(|e| err(path, e))?;
+    #[cfg(unix)]
+    if secret {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| err(path, e))?;
+    }
+    #[cfg(not(unix))]
+    let _ = secret;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dev_keys_load_and_fit_together() {
+        let dir = std::env::temp_dir().join(format!("gatehouse-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        write_dev(&dir).unwrap();
+        let gk = signing_key(&dir.join("gatekeeper-signing.key")).unwrap();
+        let v = verifier(&[dir.join("gatekeeper-signing.pub")]).unwrap();
+        assert!(v.verify(gk.id(), b"m", &gk.sign(b"m")).is_ok());
+        let sealed =
+            crate::crypto::seal(&sealing_key(&dir.join("worker-sealing.pub")).unwrap(), b"p", b"a").unwrap();
+        assert_eq!(opening_key(&dir.join("worker-sealing.key")).unwrap().open(&sealed, b"a").unwrap(), b"p");
+        assert_eq!(keyring(&dir.join("worker-data.keys")).unwrap().active_id(), "k1");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
