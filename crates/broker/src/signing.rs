@@ -11,7 +11,7 @@ use crate::topology::headers;
 
 /// `props` with the signature of `body` added.
 pub fn signed(props: BasicProperties, key: &SigningKey, body: &[u8]) -> BasicProperties {
-    let mut h = props.headers().clone().unwrap_or_else(FieldTable::default);
+    let mut h = props.headers().clone().unwrap_or_default();
     h.insert(headers::KEY_ID.into(), AMQPValue::LongString(LongString::from(key.id())));
     h.insert(
         headers::SIGNATURE.into(),
@@ -27,7 +27,7 @@ pub fn signature_of(props: &BasicProperties) -> Option<(String, String)> {
 
 /// `props` carrying a signature kept by [`signature_of`].
 pub fn with_signature(props: BasicProperties, (key_id, signature): (String, String)) -> BasicProperties {
-    let mut h = props.headers().clone().unwrap_or_else(FieldTable::default);
+    let mut h = props.headers().clone().unwrap_or_default();
     h.insert(headers::KEY_ID.into(), AMQPValue::LongString(LongString::from(key_id)));
     h.insert(headers::SIGNATURE.into(), AMQPValue::LongString(LongString::from(signature)));
     props.with_headers(h)
