@@ -5,7 +5,7 @@
 use gatehouse_protocol::crypto::{CryptoError, SigningKey, Verifier};
 use gatehouse_protocol::hex;
 use lapin::BasicProperties;
-use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::types::{AMQPValue, LongString};
 
 use crate::topology::headers;
 
