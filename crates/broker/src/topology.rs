@@ -5,7 +5,8 @@
 //!                 |                                            reject-publish, DLX gatehouse.dead
 //!                 +--control--> gatehouse.control               status queries for the worker
 //! gatehouse.dead (fanout) --> gatehouse.dead                      poison and undecodable messages
-//! gatehouse.retry (direct) --<queue>--> gatehouse.retry.<class>.<delay>ms --TTL--> gatehouse.jobs
+//! gatehouse.retry (direct) --<queue>--> gatehouse.retry.<class>.<delay>ms
+//!                                          --TTL, dead-letter--> gatehouse.requeue --<class>--> job queue
 //! gatehouse.replies (direct) --<queue>--> gatehouse.reply.<instance>   one per gatekeeper process
 //! ```
 //!
@@ -81,6 +82,12 @@ impl Topology {
         format!("{}gatehouse.replies", self.prefix)
     }
 
+    /// Where retry queues dead-letter to; bound to the job queues like `gatehouse.jobs`, so
+    /// that the worker's user needs no write access to the clients' entrance.
+    pub fn requeue_exchange(&self) -> String {
+        format!("{}gatehouse.requeue", self.prefix)
+    }
+
     pub fn retry_exchange(&self) -> String {
         format!("{}gatehouse.retry", self.prefix)
     }
@@ -119,6 +126,13 @@ impl Topology {
             FieldTable::default(),
         )
         .await?;
+        ch.exchange_declare(
+            self.requeue_exchange().as_str().into(),
+            ExchangeKind::Direct,
+            durable,
+            FieldTable::default(),
+        )
+        .await?;
 
         let durable_q = QueueDeclareOptions { durable: true, ..Default::default() };
         ch.queue_declare(self.dead_queue().as_str().into(), durable_q, FieldTable::default()).await?;
@@ -133,6 +147,7 @@ impl Topology {
             let queue = self.job_queue(&class.name);
             ch.queue_declare(queue.as_str().into(), durable_q, args).await?;
             self.bind(ch, &queue, &self.jobs_exchange(), &class.name).await?;
+            self.bind(ch, &queue, &self.requeue_exchange(), &class.name).await?;
         }
 
         // Status queries are cheap to repeat, so the control queue drops what nobody read
@@ -151,7 +166,7 @@ impl Topology {
     }
 
     /// Declares the retry queue of `class` for `delay_ms`: messages expire there after the
-    /// delay and dead-letter back to `gatehouse.jobs` with routing key `class`. The backoff is
+    /// delay and dead-letter back to their job queue through `gatehouse.requeue`. The backoff is
     /// held by the broker, not in worker memory. Idempotent.
     ///
     /// # Errors
@@ -165,7 +180,7 @@ impl Topology {
         let name = self.retry_queue(class, delay_ms);
         let mut args = FieldTable::default();
         args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(delay_ms as i64));
-        args.insert("x-dead-letter-exchange".into(), long_string(&self.jobs_exchange()));
+        args.insert("x-dead-letter-exchange".into(), long_string(&self.requeue_exchange()));
         args.insert("x-dead-letter-routing-key".into(), long_string(class));
         let opts = QueueDeclareOptions { durable: true, ..Default::default() };
         ch.queue_declare(name.as_str().into(), opts, args).await?;

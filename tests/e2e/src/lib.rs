@@ -2,6 +2,7 @@
 //! (in-process, port 0) and a worker (in-process, or a real child process that fault tests
 //! kill), each test with its own queue prefix, certificates, policy and SQLite file.
 
+pub mod management;
 pub mod oracle;
 
 use std::net::SocketAddr;
@@ -87,6 +88,12 @@ pub struct Options {
     pub prefetch: Option<u16>,
     /// Override every queue class's max length.
     pub max_length: Option<u32>,
+    /// Connect as these users instead of guest: (gatekeeper URL, worker URL).
+    pub broker_urls: Option<(String, String)>,
+    /// Use this topology prefix instead of a random one.
+    pub prefix: Option<String>,
+    /// `RUST_LOG` of a worker process (default `info,lapin=warn`).
+    pub worker_log: Option<&'static str>,
 }
 
 /// A running gatekeeper + worker pair.
@@ -99,6 +106,8 @@ pub struct TestSystem {
     worker: WorkerRun,
     stop_gatekeeper: Option<oneshot::Sender<()>>,
     gatekeeper: Option<JoinHandle<anyhow::Result<()>>>,
+    /// The topology is this test's own (random prefix, guest's vhost): delete it at the end.
+    owns_topology: bool,
 }
 
 enum WorkerRun {
@@ -111,6 +120,7 @@ pub struct WorkerProcess {
     binary: PathBuf,
     config: PathBuf,
     log: PathBuf,
+    log_filter: &'static str,
     child: Mutex<Option<Child>>,
     /// How many times the process was started.
     pub starts: std::sync::atomic::AtomicU32,
@@ -120,7 +130,7 @@ pub struct WorkerProcess {
 fn random_hex(bytes: usize) -> String {
     let mut raw = vec![0u8; bytes];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw).expect("randomness");
-    raw.iter().map(|b| format!("{b:02x}")).collect()
+    gatehouse_protocol::hex::encode(&raw)
 }
 
 async fn until(rx: oneshot::Receiver<()>) {
@@ -178,12 +188,14 @@ impl TestSystem {
             ),
         )
         .expect("policy");
-        let prefix = format!("t{}.", random_hex(4));
-        let broker = BrokerSettings { url: Secret::new(url), prefix: prefix.clone() };
+        let prefix = options.prefix.clone().unwrap_or_else(|| format!("t{}.", random_hex(4)));
+        let (gatekeeper_url, worker_url) = options.broker_urls.clone().unwrap_or((url.clone(), url));
+        let broker = BrokerSettings { url: Secret::new(gatekeeper_url), prefix: prefix.clone() };
+        let worker_broker = BrokerSettings { url: Secret::new(worker_url), prefix: prefix.clone() };
         let catalog = catalog_for(&options, data.path());
 
         let worker_settings = WorkerSettings {
-            broker: broker.clone(),
+            broker: worker_broker,
             consumer: ConsumerSettings {
                 prefetch: options.prefetch.unwrap_or(4),
                 stopping_wait_time_ms: 5000,
@@ -214,6 +226,7 @@ impl TestSystem {
                     binary: binary.into(),
                     config,
                     log: data.path().join("worker.log"),
+                    log_filter: options.worker_log.unwrap_or("info,lapin=warn"),
                     child: Mutex::new(None),
                     starts: 0.into(),
                     supervising: options.supervise_worker.into(),
@@ -267,6 +280,7 @@ impl TestSystem {
             worker,
             stop_gatekeeper: Some(stop_g),
             gatekeeper: Some(gatekeeper),
+            owns_topology: options.prefix.is_none() && options.broker_urls.is_none(),
         };
         system.wait_ready().await;
         system
@@ -366,7 +380,9 @@ impl TestSystem {
                 p.terminate();
             }
         }
-        delete_topology(&self.prefix).await;
+        if self.owns_topology {
+            delete_topology(&self.prefix).await;
+        }
     }
 }
 
@@ -380,7 +396,7 @@ impl WorkerProcess {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log");
         let spawned = Command::new(&self.binary)
             .arg(&self.config)
-            .env("RUST_LOG", "info,lapin=warn")
+            .env("RUST_LOG", self.log_filter)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -469,7 +485,9 @@ async fn delete_topology(prefix: &str) {
     for q in queues {
         let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
     }
-    for e in [t.jobs_exchange(), t.dead_exchange()] {
+    for e in
+        [t.jobs_exchange(), t.dead_exchange(), t.replies_exchange(), t.retry_exchange(), t.requeue_exchange()]
+    {
         let _ = ch.exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default()).await;
     }
     let _ = conn.close(200, "done".into()).await;

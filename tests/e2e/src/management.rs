@@ -1,0 +1,50 @@
+//! The RabbitMQ management HTTP API (plain HTTP on 127.0.0.1:15672, as guest): what an
+//! operator with admin credentials, or an attacker who has them, sees and can do.
+
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+
+/// `method path` with a JSON body; answers (status, body).
+pub async fn call(method: &str, path: &str, body: Option<Value>) -> (u16, String) {
+    let tcp = tokio::net::TcpStream::connect("127.0.0.1:15672").await.expect("management API (port 15672)");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.expect("http");
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "127.0.0.1:15672")
+        .header("authorization", "Basic Z3Vlc3Q6Z3Vlc3Q=") // guest:guest
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.map(|b| b.to_string()).unwrap_or_default())))
+        .expect("request");
+    let res = sender.send_request(req).await.expect("management API answers");
+    let status = res.status().as_u16();
+    let body = res.into_body().collect().await.expect("body").to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Reads up to `count` messages of `queue` in vhost `/` and puts them back
+/// (`ackmode: reject_requeue_true`); answers the raw JSON the API returned.
+pub async fn peek(queue: &str, count: u32) -> String {
+    let body = serde_json::json!({"count": count, "ackmode": "reject_requeue_true", "encoding": "auto"});
+    let (status, text) = call("POST", &format!("/api/queues/%2f/{queue}/get"), Some(body)).await;
+    assert_eq!(status, 200, "{text}");
+    text
+}
+
+/// Publishes `payload` straight to `queue` (through the default exchange) in vhost `/`, with
+/// `headers`; answers whether it was routed.
+pub async fn publish_to_queue(queue: &str, payload: &str, headers: Value) -> bool {
+    let body = serde_json::json!({
+        "properties": {"headers": headers, "delivery_mode": 2},
+        "routing_key": queue,
+        "payload": payload,
+        "payload_encoding": "string",
+    });
+    let (status, text) = call("POST", "/api/exchanges/%2f/amq.default/publish", Some(body)).await;
+    assert_eq!(status, 200, "{text}");
+    serde_json::from_str::<Value>(&text).expect("json")["routed"] == true
+}

@@ -1,0 +1,298 @@
+//! Isolation claims, each a test that could fail: least-privilege broker users, nothing runs
+//! that the gatekeeper did not sign, and sensitive data appears in no queue, dead letter,
+//! database file or log.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use gatehouse_broker::lapin::options::{
+    BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
+    QueuePurgeOptions,
+};
+use gatehouse_broker::lapin::types::FieldTable;
+use gatehouse_broker::lapin::{BasicProperties, Connection};
+use gatehouse_cli::broker_node::amqp_addr;
+use gatehouse_cli::commands::dlq::{self, BrokerArgs};
+use gatehouse_e2e::{Options, TestSystem, broker_ctl, broker_url, management, oracle, repo_root, wait_final};
+use gatehouse_protocol::{crypto, hex, keys};
+use serde_json::{Value, json};
+
+/// Everything every in-process component logs, at every level, for this test binary.
+fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
+    // (All tests of this binary share it; each looks only for its own secrets.)
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let writer = buf.clone();
+        let make = move || Capture(writer.clone());
+        let _ = tracing_subscriber::fmt().with_env_filter("trace").with_writer(make).try_init();
+        buf
+    })
+    .clone()
+}
+
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn url_as(user: &str, password: &str) -> String {
+    let addr = amqp_addr(&broker_url()).expect("broker address");
+    format!("amqp://{user}:{password}@{addr}/gatehouse")
+}
+
+/// Runs `op` on a fresh channel of `conn` and returns its error text (a refused operation
+/// closes the channel).
+async fn refusal<F, Fut, T>(conn: &Connection, op: F) -> String
+where
+    F: FnOnce(gatehouse_broker::lapin::Channel) -> Fut,
+    Fut: std::future::Future<Output = Result<T, gatehouse_broker::lapin::Error>>,
+{
+    let ch = conn.create_channel().await.expect("channel");
+    match op(ch).await {
+        Ok(_) => "allowed".into(),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn least_privilege_users_do_their_job_and_nothing_else() {
+    captured_logs();
+    let defs = repo_root().join("config/rabbitmq/definitions.json");
+    tokio::task::spawn_blocking(move || broker_ctl(&["import_definitions", defs.to_str().unwrap()]))
+        .await
+        .unwrap();
+    let (gk_url, wk_url) = (url_as("gatekeeper", "gatekeeper-dev"), url_as("worker", "worker-dev"));
+    let sys = TestSystem::start_with(Options {
+        broker_urls: Some((gk_url.clone(), wk_url.clone())),
+        prefix: Some(String::new()),
+        ..Options::default()
+    })
+    .await;
+    // With only their own rights, the two components do the whole job.
+    let mut conn = sys.connect().await;
+    let res =
+        conn.submit(&json!({"kind": "vault.put", "payload": {"record": {"a": 1}}}), Some(10)).await.unwrap();
+    assert_eq!((res.status, res.json()["status"].clone()), (200, json!("succeeded")), "{}", res.text());
+
+    let gk = gatehouse_broker::connect(&gk_url, "e2e-as-gatekeeper").await.unwrap();
+    let t = sys.topology();
+    let job_queue = t.job_queue("interactive");
+    let results = [
+        (
+            "consume a job queue",
+            refusal(&gk, |ch| {
+                let q = job_queue.clone();
+                async move {
+                    ch.basic_consume(
+                        q.as_str().into(),
+                        "x".into(),
+                        BasicConsumeOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await
+                }
+            })
+            .await,
+        ),
+        (
+            "read gatehouse.dead",
+            refusal(&gk, |ch| {
+                let q = t.dead_queue();
+                async move { ch.basic_get(q.as_str().into(), BasicGetOptions::default()).await }
+            })
+            .await,
+        ),
+        (
+            "purge a job queue",
+            refusal(&gk, |ch| {
+                let q = job_queue.clone();
+                async move { ch.queue_purge(q.as_str().into(), QueuePurgeOptions::default()).await }
+            })
+            .await,
+        ),
+        (
+            "declare a queue",
+            refusal(&gk, |ch| async move {
+                ch.queue_declare(
+                    "gatehouse.exfiltrate".into(),
+                    QueueDeclareOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+            })
+            .await,
+        ),
+    ];
+    for (what, outcome) in &results {
+        assert!(outcome.contains("ACCESS_REFUSED"), "the gatekeeper's user could {what}: {outcome}");
+    }
+
+    let wk = gatehouse_broker::connect(&wk_url, "e2e-as-worker").await.unwrap();
+    let publish = refusal(&wk, |ch| {
+        let exchange = t.jobs_exchange();
+        async move {
+            ch.confirm_select(ConfirmSelectOptions::default()).await?;
+            let opts = BasicPublishOptions { mandatory: true, ..Default::default() };
+            ch.basic_publish(
+                exchange.as_str().into(),
+                "interactive".into(),
+                opts,
+                b"{}",
+                BasicProperties::default(),
+            )
+            .await?
+            .await
+        }
+    })
+    .await;
+    assert!(
+        publish.contains("ACCESS_REFUSED"),
+        "the worker's user could publish to gatehouse.jobs: {publish}"
+    );
+    println!(
+        "least privilege: gatekeeper refused {:?}; worker publish to gatehouse.jobs refused",
+        results.map(|r| r.0)
+    );
+    let _ = gk.close(200, "done".into()).await;
+    let _ = wk.close(200, "done".into()).await;
+    sys.stop().await;
+    // Both components ran in this process, logging at trace level: no broker password.
+    let logs = String::from_utf8_lossy(&captured_logs().lock().unwrap()).into_owned();
+    assert!(logs.contains("gatekeeper listening"), "logs were not captured");
+    for password in ["gatekeeper-dev", "worker-dev"] {
+        assert!(!logs.contains(password), "a broker password is in the logs");
+    }
+}
+
+/// Waits until `n` dead letters are there; answers them.
+async fn dead_letters(sys: &TestSystem, n: usize) -> Vec<Value> {
+    let args = BrokerArgs { broker: broker_url(), prefix: sys.prefix.clone() };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let letters = dlq::list(&args).await.unwrap();
+        if letters.len() >= n || Instant::now() > deadline {
+            return letters;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_message_published_around_the_gatekeeper_is_dead_lettered_unrun() {
+    captured_logs();
+    let sys = TestSystem::start().await;
+    let queue = sys.topology().job_queue("interactive");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    // Plausible jobs, as someone with admin rights on the broker might forge them.
+    let forged = |id: &str| {
+        json!({"id": id, "kind": "vault.put", "client": "dev-client", "priority": 5,
+               "payload": {"record": {"owner": "mallory"}}, "submitted_at_ms": now})
+        .to_string()
+    };
+    let gk_pub = keys::read_hex(&sys.certs.path().join("gatekeeper-signing.pub")).unwrap();
+    let unsigned = forged(&"a".repeat(32));
+    let badly_signed = forged(&"b".repeat(32));
+    assert!(management::publish_to_queue(&queue, &unsigned, json!({})).await);
+    let fake_sig =
+        json!({"x-gatehouse-key-id": crypto::key_id(&gk_pub), "x-gatehouse-signature": "00".repeat(64)});
+    assert!(management::publish_to_queue(&queue, &badly_signed, fake_sig).await);
+
+    let letters = dead_letters(&sys, 2).await;
+    let reasons: Vec<_> = letters.iter().map(|l| l["reason"].as_str().unwrap_or("").to_owned()).collect();
+    assert_eq!(reasons, ["bad_signature", "bad_signature"], "{letters:?}");
+    assert_eq!(oracle::count(&sys.database(), "vault"), 0, "a forged job ran");
+    assert_eq!(oracle::count(&sys.database(), "jobs"), 0, "a forged job was recorded");
+    sys.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sensitive_data_is_in_no_queue_dead_letter_database_file_or_log() {
+    let logs = captured_logs();
+    let sys = TestSystem::start_with(Options {
+        worker_binary: Some(env!("CARGO_BIN_EXE_e2e-worker")),
+        worker_log: Some("trace"),
+        ..Options::default()
+    })
+    .await;
+    let marker = format!("MARKER-{}", hex::encode(&crypto::OpeningKey::generate().unwrap()[..8]));
+    sys.worker_process().terminate();
+
+    // Submitted while the worker is stopped: it waits in the queue, where we look at it.
+    let mut conn = sys.connect().await;
+    let res = conn
+        .submit(&json!({"kind": "vault.put", "payload": {"record": {"secret": marker}}}), None)
+        .await
+        .unwrap();
+    assert_eq!(res.status, 202, "{}", res.text());
+    let id = res.json()["id"].as_str().unwrap().to_owned();
+    let queue = sys.topology().job_queue("interactive");
+    let queued = management::peek(&queue, 10).await;
+    assert!(queued.contains(&id), "the job is not in the queue: {queued}");
+    assert!(!queued.contains(&marker), "the broker holds the payload in the clear");
+
+    // Two tampered copies: the sealed body altered under its signature, and the body intact
+    // under another signature.
+    let message: Value = serde_json::from_str::<Vec<Value>>(&queued).unwrap().remove(0);
+    let body = message["payload"].as_str().unwrap().to_owned();
+    let headers = message["properties"]["headers"].clone();
+    let ct_at = body.find("\"ct\":\"").unwrap() + 6;
+    let mut altered = body.clone();
+    let flipped = if &body[ct_at..ct_at + 1] == "0" { "1" } else { "0" };
+    altered.replace_range(ct_at..ct_at + 1, flipped);
+    assert!(management::publish_to_queue(&queue, &altered, headers.clone()).await);
+    let mut resigned = headers.clone();
+    resigned["x-gatehouse-signature"] = json!("11".repeat(64));
+    assert!(management::publish_to_queue(&queue, &body, resigned).await);
+
+    sys.worker_process().start();
+    let status = wait_final(&mut conn, &id, Duration::from_secs(20)).await;
+    assert_eq!(status["status"], "succeeded", "{status}");
+    let token = status["result"]["token"].as_str().unwrap().to_owned();
+    let got =
+        conn.submit(&json!({"kind": "vault.get", "payload": {"token": token}}), Some(10)).await.unwrap();
+    assert_eq!(got.json()["result"]["record"]["secret"], marker, "the record did not round-trip");
+
+    let letters = dead_letters(&sys, 2).await;
+    let reasons: Vec<_> = letters.iter().map(|l| l["reason"].clone()).collect();
+    assert_eq!(reasons, [json!("bad_signature"), json!("bad_signature")], "{letters:?}");
+    let dead = management::peek(&sys.topology().dead_queue(), 10).await;
+    assert!(!dead.contains(&marker), "a dead letter holds the payload in the clear");
+
+    let mut files = std::fs::read(sys.database()).unwrap();
+    files.extend(std::fs::read(sys.database().with_extension("sqlite-wal")).unwrap_or_default());
+    assert!(
+        !String::from_utf8_lossy(&files).contains(&marker),
+        "the database file holds the record in the clear"
+    );
+
+    let data_key = std::fs::read_to_string(sys.keyring()).unwrap();
+    let data_key = data_key.lines().last().unwrap().split_whitespace().nth(1).unwrap().to_owned();
+    let signing_key = std::fs::read_to_string(sys.certs.path().join("gatekeeper-signing.key")).unwrap();
+    for (who, log) in [
+        ("worker (trace)", sys.worker_process().log()),
+        ("gatekeeper (trace)", String::from_utf8_lossy(&logs.lock().unwrap()).into_owned()),
+    ] {
+        assert!(!log.is_empty(), "no {who} log captured");
+        for (what, secret) in [
+            ("the payload", marker.as_str()),
+            ("the data key", &data_key),
+            ("a signing key", signing_key.trim()),
+        ] {
+            assert!(!log.contains(secret), "the {who} log contains {what}");
+        }
+    }
+    sys.stop().await;
+    println!(
+        "isolation: marker {marker} absent from queue, dead letters, database, worker and gatekeeper logs; \
+         tampered body and signature dead-lettered as bad_signature"
+    );
+}
