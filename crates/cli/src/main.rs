@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use gatehouse_cli::certs;
 use gatehouse_cli::commands::dlq::{self, BrokerArgs};
 use gatehouse_cli::commands::jobs::{self, Endpoint, SubmitArgs};
+use gatehouse_cli::commands::rekey::{self, RekeyArgs};
 use gatehouse_cli::commands::up::{self, UpArgs};
 
 #[derive(Parser)]
@@ -33,6 +34,8 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Re-encrypt stored records and results under the active data key (operators).
+    Rekey(RekeyArgs),
     /// The dead-letter queue (operators).
     Dlq {
         #[command(subcommand)]
@@ -123,6 +126,10 @@ async fn main() -> ExitCode {
         Cmd::Submit { job, endpoint, json } => jobs::submit(&endpoint, &job, json).await,
         Cmd::Status { id, endpoint, json } => jobs::status(&endpoint, &id, json).await,
         Cmd::Dlq { command, broker } => run_dlq(command, &broker).await,
+        Cmd::Rekey(args) => rekey::rekey(&args).await.map(|n| {
+            println!("re-encrypted {n} value(s) under the active data key");
+            true
+        }),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -15,8 +15,9 @@ use serde_json::{Value, json};
 /// Where the broker is.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BrokerArgs {
-    /// AMQP URL with operator credentials.
-    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f", env = "GATEHOUSE_BROKER_URL")]
+    /// AMQP URL with operator credentials (the dev `operator` user of
+    /// config/rabbitmq/definitions.json by default).
+    #[arg(long, default_value = "amqp://operator:operator-dev@127.0.0.1:5672/gatehouse", env = "GATEHOUSE_BROKER_URL")]
     pub broker: String,
     /// Name prefix of the topology (empty unless you set one in the components' settings).
     #[arg(long, default_value = "")]

@@ -2,4 +2,5 @@
 
 pub mod dlq;
 pub mod jobs;
+pub mod rekey;
 pub mod up;

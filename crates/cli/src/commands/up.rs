@@ -20,7 +20,8 @@ pub struct UpArgs {
     /// Folder with the dev certificates (written if missing).
     #[arg(long, default_value = "certs/dev")]
     pub certs: PathBuf,
-    /// Broker URL to use; when nothing answers there on 127.0.0.1:5672, a private node starts.
+    /// Broker to use (admin URL); when nothing answers there on 127.0.0.1:5672, a private
+    /// node starts. The components connect as the least-privilege users of their settings.
     #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     pub broker: String,
 }
@@ -56,9 +57,10 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<()> {
     if node.started_here {
         println!("started a private RabbitMQ node (data in .gatehouse/rabbitmq)");
     }
+    import_definitions(&node).await?;
 
-    let mut worker = spawn(&bin_dir, "worker", "config/worker.toml", &args.broker)?;
-    let mut gatekeeper = spawn(&bin_dir, "gatekeeper", "config/gatekeeper.toml", &args.broker)?;
+    let mut worker = spawn(&bin_dir, "worker", "config/worker.toml")?;
+    let mut gatekeeper = spawn(&bin_dir, "gatekeeper", "config/gatekeeper.toml")?;
     let healthy = wait_healthy(&args.certs).await;
     if let Err(e) = &healthy {
         eprintln!("gatekeeper did not become healthy: {e:#}");
@@ -83,11 +85,29 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<()> {
     healthy
 }
 
-fn spawn(bin_dir: &Path, name: &str, config: &str, broker: &str) -> anyhow::Result<Child> {
-    let env_key = format!("{}__BROKER__URL", name.to_uppercase());
+/// Loads the vhost, users and permissions of `config/rabbitmq/definitions.json` (idempotent):
+/// through the private node when it runs, else through the local `rabbitmqctl`.
+async fn import_definitions(node: &broker_node::BrokerNode) -> anyhow::Result<()> {
+    let defs = "config/rabbitmq/definitions.json";
+    let mut cmd = match node.running_pid() {
+        Some(_) => node.ctl(&["import_definitions", defs]),
+        None => {
+            let mut c = std::process::Command::new("rabbitmqctl");
+            c.args(["import_definitions", defs]);
+            c
+        }
+    };
+    let status = tokio::task::spawn_blocking(move || cmd.stdout(Stdio::null()).status()).await?;
+    anyhow::ensure!(
+        status.is_ok_and(|s| s.success()),
+        "could not load {defs} into the broker; load it yourself (rabbitmqctl import_definitions {defs})"
+    );
+    Ok(())
+}
+
+fn spawn(bin_dir: &Path, name: &str, config: &str) -> anyhow::Result<Child> {
     Command::new(bin_dir.join(name))
         .arg(config)
-        .env(env_key, broker)
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .spawn()
@@ -128,7 +148,7 @@ fn print_banner(certs: &Path) {
 Gatehouse is up.
 
   API (mTLS)      https://127.0.0.1:8443
-  RabbitMQ UI     {mgmt}  (guest / guest; look at Queues: gatehouse.jobs.*, gatehouse.dead)
+  RabbitMQ UI     {mgmt}  (guest / guest; vhost "gatehouse": queues gatehouse.jobs.*, gatehouse.dead)
 
 Try it:
 

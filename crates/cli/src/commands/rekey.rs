@@ -1,0 +1,30 @@
+//! `gatehouse rekey`: re-encrypts the worker's stored vault records and job results under the
+//! active data key (after adding a key to the keyring), including any plaintext from before
+//! encryption at rest. An operator command: it opens the worker's database directly, so run it
+//! where the worker runs, with the worker's keyring. SQLite serialises it with a running
+//! worker.
+
+use std::path::PathBuf;
+
+use gatehouse_storage::{StorageError, Store};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RekeyArgs {
+    /// The worker's SQLite database.
+    #[arg(long, default_value = ".gatehouse/worker.sqlite")]
+    pub db: PathBuf,
+    /// The worker's data keyring (the last key is the active one).
+    #[arg(long, default_value = "certs/dev/worker-data.keys")]
+    pub keyring: PathBuf,
+}
+
+/// Answers how many values were re-encrypted.
+///
+/// # Errors
+/// When the keyring or database cannot be opened, or a value cannot be decrypted with any key.
+pub async fn rekey(args: &RekeyArgs) -> anyhow::Result<u64> {
+    anyhow::ensure!(args.db.exists(), "no database at {}", args.db.display());
+    let keyring = gatehouse_protocol::keys::keyring(&args.keyring)?;
+    let store = Store::open_sqlite(&args.db, keyring)?;
+    Ok(store.transact(|tx| tx.rekey()).await.map_err(|e: StorageError| anyhow::anyhow!(e))?)
+}
