@@ -1,6 +1,7 @@
 //! A private RabbitMQ node for development and tests, started from Debian's `rabbitmq-server`
-//! package when no broker answers: its own data directory, AMQP on 127.0.0.1:5672, the
-//! management UI on 127.0.0.1:15672 (guest / guest).
+//! package when no broker answers: its own data directory, AMQP on 127.0.0.1:5672, AMQP over
+//! mutual TLS on 127.0.0.1:5671 (its own dev CA, see [`tls_dir`]), the management UI on
+//! 127.0.0.1:15672 (guest / guest).
 
 use std::fs;
 use std::io::{Read, Write};
@@ -92,6 +93,7 @@ pub fn ensure(url: &str, home: &Path) -> anyhow::Result<BrokerNode> {
          (apt-get install rabbitmq-server)",
     )?;
     fs::write(home.join("enabled_plugins"), "[rabbitmq_management].\n")?;
+    write_config(home)?;
     let log = fs::File::create(home.join("node.log"))?;
     let mut cmd = Command::new(script);
     node.env(&mut cmd);
@@ -114,6 +116,37 @@ pub fn ensure(url: &str, home: &Path) -> anyhow::Result<BrokerNode> {
         std::thread::sleep(Duration::from_millis(250));
     }
     Ok(BrokerNode { started_here: true, ..node })
+}
+
+/// The private node's own PKI for its TLS listener: `ca.pem`, `server.pem` / `server.key`
+/// (localhost), and `client.pem` / `client.key`, a client certificate it accepts.
+pub fn tls_dir(home: &Path) -> PathBuf {
+    home.join("tls")
+}
+
+/// Port of the private node's mutual-TLS AMQP listener (`amqps://localhost:5671`).
+pub const TLS_PORT: u16 = 5671;
+
+/// `rabbitmq.conf` of the private node: loopback only, plus a mutual-TLS listener.
+fn write_config(home: &Path) -> anyhow::Result<()> {
+    let tls = tls_dir(home);
+    if !tls.join("ca.pem").exists() {
+        crate::certs::write_dev(&tls)?;
+    }
+    let conf = format!(
+        "listeners.ssl.1 = 127.0.0.1:{TLS_PORT}\n\
+         ssl_options.cacertfile = {ca}\n\
+         ssl_options.certfile = {cert}\n\
+         ssl_options.keyfile = {key}\n\
+         ssl_options.verify = verify_peer\n\
+         ssl_options.fail_if_no_peer_cert = true\n\
+         management.tcp.ip = 127.0.0.1\n",
+        ca = tls.join("ca.pem").display(),
+        cert = tls.join("server.pem").display(),
+        key = tls.join("server.key").display(),
+    );
+    fs::write(home.join("rabbitmq.conf"), conf)?;
+    Ok(())
 }
 
 impl BrokerNode {

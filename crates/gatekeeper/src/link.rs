@@ -75,7 +75,7 @@ impl BrokerLink {
     /// Connects, declares and consumes the reply queue, opens the publisher. Answers the reply
     /// consumer task, which ends when the connection dies.
     async fn connect(&self) -> anyhow::Result<JoinHandle<()>> {
-        let connection = gatehouse_broker::connect(self.settings.url.expose(), "gatehouse-gatekeeper")
+        let connection = gatehouse_broker::connect_with(&self.settings, "gatehouse-gatekeeper")
             .await
             .context("connecting to the broker")?;
         let setup = connection.create_channel().await?;

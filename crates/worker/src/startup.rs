@@ -147,7 +147,7 @@ impl Session {
         isolation: &Arc<tokio::sync::RwLock<()>>,
         keys: &Arc<WorkerKeys>,
     ) -> anyhow::Result<Self> {
-        let connection = gatehouse_broker::connect(settings.broker.url.expose(), "gatehouse-worker")
+        let connection = gatehouse_broker::connect_with(&settings.broker, "gatehouse-worker")
             .await
             .context("connecting to the broker")?;
         let topology = settings.broker.topology();

@@ -52,7 +52,8 @@ pub fn broker_url() -> String {
     .clone()
 }
 
-fn private_node_home() -> PathBuf {
+/// Where the private test broker keeps its data and TLS material.
+pub fn private_node_home() -> PathBuf {
     repo_root().join(".gatehouse/rabbitmq")
 }
 
@@ -94,6 +95,8 @@ pub struct Options {
     pub prefix: Option<String>,
     /// `RUST_LOG` of a worker process (default `info,lapin=warn`).
     pub worker_log: Option<&'static str>,
+    /// Client certificate for `amqps://` broker URLs.
+    pub broker_tls: Option<gatehouse_broker::BrokerTlsSettings>,
 }
 
 /// A running gatekeeper + worker pair.
@@ -106,7 +109,7 @@ pub struct TestSystem {
     worker: WorkerRun,
     stop_gatekeeper: Option<oneshot::Sender<()>>,
     gatekeeper: Option<JoinHandle<anyhow::Result<()>>>,
-    /// The topology is this test's own (random prefix, guest's vhost): delete it at the end.
+    /// The topology is this test's own (random prefix): delete it at the end.
     owns_topology: bool,
 }
 
@@ -190,8 +193,16 @@ impl TestSystem {
         .expect("policy");
         let prefix = options.prefix.clone().unwrap_or_else(|| format!("t{}.", random_hex(4)));
         let (gatekeeper_url, worker_url) = options.broker_urls.clone().unwrap_or((url.clone(), url));
-        let broker = BrokerSettings { url: Secret::new(gatekeeper_url), prefix: prefix.clone() };
-        let worker_broker = BrokerSettings { url: Secret::new(worker_url), prefix: prefix.clone() };
+        let broker = BrokerSettings {
+            url: Secret::new(gatekeeper_url),
+            prefix: prefix.clone(),
+            tls: options.broker_tls.clone(),
+        };
+        let worker_broker = BrokerSettings {
+            url: Secret::new(worker_url),
+            prefix: prefix.clone(),
+            tls: options.broker_tls.clone(),
+        };
         let catalog = catalog_for(&options, data.path());
 
         let worker_settings = WorkerSettings {
@@ -280,7 +291,7 @@ impl TestSystem {
             worker,
             stop_gatekeeper: Some(stop_g),
             gatekeeper: Some(gatekeeper),
-            owns_topology: options.prefix.is_none() && options.broker_urls.is_none(),
+            owns_topology: options.prefix.is_none(),
         };
         system.wait_ready().await;
         system

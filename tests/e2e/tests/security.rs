@@ -296,3 +296,49 @@ async fn sensitive_data_is_in_no_queue_dead_letter_database_file_or_log() {
          tampered body and signature dead-lettered as bad_signature"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn both_components_reach_the_broker_over_mutual_tls() {
+    captured_logs();
+    let _ = tokio::task::spawn_blocking(broker_url).await;
+    let home = gatehouse_e2e::private_node_home();
+    if gatehouse_cli::broker_node::BrokerNode::at(&home).running_pid().is_none() {
+        eprintln!("not checked: the test broker is not the private node, which has the TLS listener");
+        return;
+    }
+    let tls_dir = gatehouse_cli::broker_node::tls_dir(&home);
+    let tls = |dir: &std::path::Path| gatehouse_broker::BrokerTlsSettings {
+        ca: tls_dir.join("ca.pem"),
+        cert: dir.join("client.pem"),
+        key: dir.join("client.key"),
+    };
+    let url = format!("amqps://guest:guest@localhost:{}/%2f", gatehouse_cli::broker_node::TLS_PORT);
+    let sys = TestSystem::start_with(Options {
+        broker_urls: Some((url.clone(), url.clone())),
+        broker_tls: Some(tls(&tls_dir)),
+        ..Options::default()
+    })
+    .await;
+    let mut conn = sys.connect().await;
+    let res =
+        conn.submit(&json!({"kind": "vault.put", "payload": {"record": {"t": 1}}}), Some(10)).await.unwrap();
+    assert_eq!((res.status, res.json()["status"].clone()), (200, json!("succeeded")), "{}", res.text());
+
+    // Without a client certificate, or with one from another CA, the broker refuses the link.
+    let settings = |tls| gatehouse_broker::BrokerSettings {
+        url: gatehouse_protocol::settings::Secret::new(url.clone()),
+        prefix: String::new(),
+        tls,
+    };
+    let no_cert = gatehouse_broker::connect_with(&settings(None), "e2e-no-cert").await;
+    assert!(no_cert.is_err(), "the broker accepted a TLS client without a certificate");
+    let foreign = tempfile::tempdir().unwrap();
+    gatehouse_cli::certs::write_dev(foreign.path()).unwrap();
+    let foreign_cert =
+        gatehouse_broker::connect_with(&settings(Some(tls(foreign.path()))), "e2e-foreign").await;
+    assert!(foreign_cert.is_err(), "the broker accepted a client certificate from another CA");
+    println!(
+        "broker TLS: both components over amqps with client certificates; no cert and foreign CA refused"
+    );
+    sys.stop().await;
+}

@@ -17,7 +17,11 @@ use serde_json::{Value, json};
 pub struct BrokerArgs {
     /// AMQP URL with operator credentials (the dev `operator` user of
     /// config/rabbitmq/definitions.json by default).
-    #[arg(long, default_value = "amqp://operator:operator-dev@127.0.0.1:5672/gatehouse", env = "GATEHOUSE_BROKER_URL")]
+    #[arg(
+        long,
+        default_value = "amqp://operator:operator-dev@127.0.0.1:5672/gatehouse",
+        env = "GATEHOUSE_BROKER_URL"
+    )]
     pub broker: String,
     /// Name prefix of the topology (empty unless you set one in the components' settings).
     #[arg(long, default_value = "")]
