@@ -26,5 +26,5 @@ pub async fn rekey(args: &RekeyArgs) -> anyhow::Result<u64> {
     anyhow::ensure!(args.db.exists(), "no database at {}", args.db.display());
     let keyring = gatehouse_protocol::keys::keyring(&args.keyring)?;
     let store = Store::open_sqlite(&args.db, keyring)?;
-    Ok(store.transact(|tx| tx.rekey()).await.map_err(|e: StorageError| anyhow::anyhow!(e))?)
+    store.transact(|tx| tx.rekey()).await.map_err(|e: StorageError| anyhow::anyhow!(e))
 }
