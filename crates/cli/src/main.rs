@@ -34,6 +34,9 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Measure throughput, latency and priority against a running gatekeeper, with the raw
+    /// broker as the reference.
+    Bench(Box<gatehouse_cli::bench::BenchArgs>),
     /// Re-encrypt stored records and results under the active data key (operators).
     Rekey(RekeyArgs),
     /// The dead-letter queue (operators).
@@ -126,6 +129,7 @@ async fn main() -> ExitCode {
         Cmd::Submit { job, endpoint, json } => jobs::submit(&endpoint, &job, json).await,
         Cmd::Status { id, endpoint, json } => jobs::status(&endpoint, &id, json).await,
         Cmd::Dlq { command, broker } => run_dlq(command, &broker).await,
+        Cmd::Bench(args) => gatehouse_cli::bench::run(&args).await.map(|_| true),
         Cmd::Rekey(args) => rekey::rekey(&args).await.map(|n| {
             println!("re-encrypted {n} value(s) under the active data key");
             true

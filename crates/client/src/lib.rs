@@ -60,6 +60,9 @@ pub struct Client {
     host: String,
     server_name: ServerName<'static>,
     tls: TlsConnector,
+    /// The same TLS settings offering only `h2` in ALPN.
+    tls_h2: TlsConnector,
+    http2: bool,
 }
 
 /// An answer from the gatekeeper.
@@ -147,7 +150,22 @@ impl Client {
             None => return Err(bad()),
         };
         let server_name = ServerName::try_from(host.clone()).map_err(|_| bad())?;
-        Ok(Self { addr, host, server_name, tls: TlsConnector::from(Arc::new(config)) })
+        let mut h2 = config.clone();
+        h2.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Self {
+            addr,
+            host,
+            server_name,
+            tls: TlsConnector::from(Arc::new(config)),
+            tls_h2: TlsConnector::from(Arc::new(h2)),
+            http2: false,
+        })
+    }
+
+    /// The same client speaking HTTP/2 (one connection carries concurrent requests).
+    pub fn http2(mut self) -> Self {
+        self.http2 = true;
+        self
     }
 
     /// Opens one keep-alive HTTP/1.1 connection over TLS.
@@ -157,22 +175,43 @@ impl Client {
     pub async fn connect(&self) -> Result<Connection, ClientError> {
         let tcp = TcpStream::connect(&self.addr).await?;
         tcp.set_nodelay(true)?;
-        let tls = self.tls.connect(self.server_name.clone(), tcp).await?;
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
+        let connector = if self.http2 { &self.tls_h2 } else { &self.tls };
+        let tls = TokioIo::new(connector.connect(self.server_name.clone(), tcp).await?);
+        let sender = if self.http2 {
+            let (sender, conn) =
+                hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), tls).await?;
+            tokio::spawn(conn);
+            Sender::H2(sender)
+        } else {
+            let (sender, conn) = hyper::client::conn::http1::handshake(tls).await?;
+            tokio::spawn(conn);
+            Sender::H1(sender)
+        };
         Ok(Connection { sender, host: self.host.clone() })
     }
 }
 
 /// One open connection; requests on it go one after another.
 pub struct Connection {
-    sender: SendRequest<Full<Bytes>>,
+    sender: Sender,
     host: String,
 }
 
+enum Sender {
+    H1(SendRequest<Full<Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+}
+
 impl Connection {
+    /// Another handle on the same HTTP/2 connection (its requests run concurrently); `None`
+    /// for HTTP/1.1, where one connection carries one request at a time.
+    pub fn share(&self) -> Option<Connection> {
+        match &self.sender {
+            Sender::H2(s) => Some(Connection { sender: Sender::H2(s.clone()), host: self.host.clone() }),
+            Sender::H1(_) => None,
+        }
+    }
+
     /// `POST /v1/jobs`, with `Prefer: wait=N` when `wait_s` is given.
     ///
     /// # Errors
@@ -210,8 +249,16 @@ impl Connection {
             req = req.header(*k, *v);
         }
         let req = req.body(Full::new(Bytes::from(body))).map_err(|e| ClientError::Url(e.to_string()))?;
-        self.sender.ready().await?;
-        let res = self.sender.send_request(req).await?;
+        let res = match &mut self.sender {
+            Sender::H1(s) => {
+                s.ready().await?;
+                s.send_request(req).await?
+            }
+            Sender::H2(s) => {
+                s.ready().await?;
+                s.send_request(req).await?
+            }
+        };
         let header = |name| res.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
         let status = res.status().as_u16();
         let content_type = header(hyper::header::CONTENT_TYPE);

@@ -7,8 +7,9 @@
 //!
 //! SQLite is the embedded default: WAL journal, `synchronous = FULL` (an outcome that the
 //! worker acked is on disk), schema migrations by `user_version`. One thread owns the
-//! connection and runs each [`Store::transact`] closure in its own transaction, so every
-//! decision about a job (dedupe, sequence, effect, outcome) commits or rolls back as one.
+//! connection and runs each [`Store::transact`] closure atomically (its own savepoint), so
+//! every decision about a job (dedupe, sequence, effect, outcome) is kept or undone as one;
+//! closures that arrive together share one commit (group commit: one fsync for many jobs).
 
 mod migrations;
 mod tx;
@@ -34,6 +35,9 @@ pub enum StorageError {
     /// A value encrypted at rest could not be decrypted (unknown key id, altered data).
     #[error("encrypted value: {0}")]
     Crypto(String),
+    /// The commit failed; nothing of the closure was kept.
+    #[error("commit failed: {0}")]
+    Commit(String),
     /// The closure panicked; its transaction was rolled back.
     #[error("panic while running the job: {0}")]
     Panicked(String),
@@ -47,7 +51,7 @@ impl StorageError {
             Self::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => {
                 matches!(e.code, C::DatabaseBusy | C::DatabaseLocked | C::SystemIoFailure | C::DiskFull)
             }
-            Self::Closed => true,
+            Self::Closed | Self::Commit(_) => true,
             _ => false,
         }
     }
@@ -62,7 +66,56 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "unknown panic".into())
 }
 
-type Work = Box<dyn FnOnce(&mut Connection, &Keyring) + Send>;
+/// One closure's part of a batch: run it inside its savepoint; it answers whether it
+/// succeeded (keep its writes) and how to deliver its result once the batch's fate is known.
+type Work = Box<dyn FnOnce(&Connection, &Keyring) -> Finish + Send>;
+
+struct Finish {
+    ok: bool,
+    /// Delivers the result; `Some(error)` when the batch failed to commit.
+    deliver: Box<dyn FnOnce(Option<&str>) + Send>,
+}
+
+/// Most closures committed together.
+const MAX_BATCH: usize = 128;
+
+/// The storage thread: group commit. It takes every closure waiting (up to [`MAX_BATCH`]),
+/// runs each in its own savepoint inside one transaction, commits once (one fsync for the
+/// lot), and only then answers each: no caller hears `Ok` before its writes are durable.
+fn serve(conn: &Connection, keyring: &Keyring, rx: &mut mpsc::Receiver<Work>) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(w) => batch.push(w),
+                Err(_) => break,
+            }
+        }
+        let began = conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| e.to_string());
+        let mut finished = Vec::with_capacity(batch.len());
+        for work in batch {
+            if let Err(e) = &began {
+                finished.push((work(conn, keyring).deliver, Some(e.clone())));
+                continue;
+            }
+            let savepoint = conn.execute_batch("SAVEPOINT job");
+            let f = work(conn, keyring);
+            let undo = if f.ok { "RELEASE job" } else { "ROLLBACK TO job; RELEASE job" };
+            let closed = savepoint.and_then(|()| conn.execute_batch(undo)).err().map(|e| e.to_string());
+            finished.push((f.deliver, closed));
+        }
+        let committed = match began {
+            Ok(()) => conn.execute_batch("COMMIT").map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        if committed.is_err() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        for (deliver, own_error) in finished {
+            deliver(committed.as_ref().err().or(own_error.as_ref()).map(String::as_str));
+        }
+    }
+}
 
 /// Handle to the storage thread. Cheap to clone.
 #[derive(Clone)]
@@ -91,20 +144,18 @@ impl Store {
         let (work, mut rx) = mpsc::channel::<Work>(1024);
         thread::Builder::new()
             .name("gatehouse-storage".into())
-            .spawn(move || {
-                while let Some(job) = rx.blocking_recv() {
-                    job(&mut conn, &keyring);
-                }
-            })
+            .spawn(move || serve(&conn, &keyring, &mut rx))
             .map_err(|e| StorageError::Corrupt(format!("cannot start storage thread: {e}")))?;
         Ok(Self { work })
     }
 
-    /// Runs `f` in one transaction on the storage thread: committed when it returns `Ok`,
-    /// rolled back when it returns `Err`.
+    /// Runs `f` atomically on the storage thread: its writes are kept and committed when it
+    /// returns `Ok` (the answer comes only after the commit), and undone when it returns `Err`
+    /// or panics. Closures that arrive together share one commit (see [`serve`]).
     ///
     /// # Errors
-    /// What `f` returns, or a failure to begin or commit.
+    /// What `f` returns, [`StorageError::Panicked`], or [`StorageError::Commit`] when the
+    /// commit failed (nothing of `f` was kept).
     pub async fn transact<R, E, F>(&self, f: F) -> Result<R, E>
     where
         R: Send + 'static,
@@ -113,17 +164,19 @@ impl Store {
     {
         let (done, result) = oneshot::channel();
         let work: Work = Box::new(move |conn, keyring| {
-            let run = || -> Result<R, E> {
-                let mut tx = Tx::begin(conn, keyring)?;
-                let value = f(&mut tx)?;
-                tx.commit()?;
-                Ok(value)
-            };
-            // A panicking closure rolls its transaction back (dropped during unwinding); the
-            // caller gets `Panicked` and the thread serves the next closure.
-            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
+            let mut tx = Tx::new(conn, keyring);
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut tx)))
                 .unwrap_or_else(|p| Err(StorageError::Panicked(panic_message(&*p)).into()));
-            let _ = done.send(result);
+            Finish {
+                ok: outcome.is_ok(),
+                deliver: Box::new(move |failed: Option<&str>| {
+                    let outcome = match (failed, outcome) {
+                        (Some(e), Ok(_)) => Err(StorageError::Commit(e.to_owned()).into()),
+                        (_, outcome) => outcome,
+                    };
+                    let _ = done.send(outcome);
+                }),
+            }
         });
         self.work.send(work).await.map_err(|_| StorageError::Closed)?;
         result.await.map_err(|_| StorageError::Closed)?

@@ -5,14 +5,14 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use gatehouse_protocol::crypto::Keyring;
 use gatehouse_protocol::{JobId, JobState};
 use ring::rand::{SecureRandom, SystemRandom};
-use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::Value;
 
 use crate::StorageError;
 
-/// One open transaction. Dropped without [`Tx::commit`], it rolls back.
+/// The operations of one [`crate::Store::transact`] closure.
 pub struct Tx<'c> {
-    tx: Transaction<'c>,
+    tx: &'c Connection,
     keyring: &'c Keyring,
 }
 
@@ -96,8 +96,9 @@ fn parse_json(s: Option<String>) -> Result<Option<Value>, StorageError> {
 }
 
 impl<'c> Tx<'c> {
-    pub(crate) fn begin(conn: &'c mut Connection, keyring: &'c Keyring) -> Result<Self, StorageError> {
-        Ok(Self { tx: conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?, keyring })
+    /// Operations on `conn`, inside the savepoint the storage thread opened.
+    pub(crate) fn new(conn: &'c Connection, keyring: &'c Keyring) -> Self {
+        Self { tx: conn, keyring }
     }
 
     /// `value` encrypted under the active data key, bound to `row` (so it cannot be moved).
@@ -145,10 +146,6 @@ impl<'c> Tx<'c> {
             }
         }
         Ok(changed)
-    }
-
-    pub(crate) fn commit(self) -> Result<(), StorageError> {
-        Ok(self.tx.commit()?)
     }
 
     // ---- jobs ------------------------------------------------------------------------------
@@ -604,5 +601,31 @@ mod tests {
         let store = Store::open_sqlite(&path, only_k2).unwrap();
         let got = store.transact(move |tx| tx.job(&id(5))).await.unwrap().unwrap();
         assert_eq!(got.result.unwrap()["echo"], "MARKER-4711");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn closures_that_arrive_together_commit_together_and_fail_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_sqlite(&dir.path().join("db.sqlite"), test_keyring()).unwrap();
+        let tasks: Vec<_> = (0..200)
+            .map(|i| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    store
+                        .transact(move |tx| {
+                            tx.set_next_expected(&format!("k{i}"), 5)?;
+                            if i % 10 == 0 { Err(StorageError::Corrupt("no".into())) } else { Ok(()) }
+                        })
+                        .await
+                })
+            })
+            .collect();
+        for (i, t) in tasks.into_iter().enumerate() {
+            assert_eq!(t.await.unwrap().is_ok(), i % 10 != 0);
+        }
+        for i in 0..200 {
+            let next = store.transact(move |tx| tx.next_expected(&format!("k{i}"))).await.unwrap();
+            assert_eq!(next, if i % 10 == 0 { 1 } else { 5 }, "key {i}");
+        }
     }
 }

@@ -24,7 +24,11 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    fn client(&self) -> anyhow::Result<Client> {
+    /// The mTLS client these options describe.
+    ///
+    /// # Errors
+    /// When a certificate file is bad.
+    pub fn client(&self) -> anyhow::Result<Client> {
         let identity = Identity { cert: self.cert.clone(), key: self.key.clone() };
         Ok(Client::new(&self.url, &self.ca, Some(identity))?)
     }

@@ -1,0 +1,169 @@
+//! The reference: the same work with lapin alone, in the same process and run. RPC: publish
+//! persistent with confirms to a priority queue, consume, reply to `reply_to` with the
+//! `correlation_id`. Publish: persistent, confirmed, nothing else.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use gatehouse_broker::lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use gatehouse_broker::lapin::types::{AMQPValue, FieldTable};
+use gatehouse_broker::lapin::{BasicProperties, Channel, Connection};
+use tokio::sync::oneshot;
+
+use super::stats::Samples;
+
+const QUEUE: &str = "gatehouse.bench.baseline";
+
+async fn setup(url: &str) -> anyhow::Result<(Connection, Channel)> {
+    let conn = gatehouse_broker::connect(url, "gatehouse-bench-baseline").await?;
+    let ch = conn.create_channel().await?;
+    let mut args = FieldTable::default();
+    args.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(9));
+    let durable = QueueDeclareOptions { durable: true, ..Default::default() };
+    ch.queue_declare(QUEUE.into(), durable, args).await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    Ok((conn, ch))
+}
+
+async fn publish(ch: &Channel, body: &[u8], props: BasicProperties) -> anyhow::Result<()> {
+    let opts = BasicPublishOptions { mandatory: true, ..Default::default() };
+    let confirm =
+        ch.basic_publish("".into(), QUEUE.into(), opts, body, props.with_delivery_mode(2)).await?.await?;
+    anyhow::ensure!(confirm.is_ack(), "not confirmed");
+    Ok(())
+}
+
+/// Raw RPC round trips by `concurrency` callers for `duration`; the consumer uses `prefetch`.
+///
+/// # Errors
+/// When the broker cannot be reached.
+pub async fn rpc(
+    url: &str,
+    concurrency: usize,
+    duration: Duration,
+    prefetch: u16,
+) -> anyhow::Result<Samples> {
+    let (conn, ch) = setup(url).await?;
+    // The "worker": consume, ack, reply.
+    let consumer_ch = conn.create_channel().await?;
+    consumer_ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
+    let mut deliveries = consumer_ch
+        .basic_consume(QUEUE.into(), "baseline".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await?;
+    let reply_ch = conn.create_channel().await?;
+    let server = tokio::spawn(async move {
+        while let Some(Ok(d)) = deliveries.next().await {
+            let _ = d.ack(BasicAckOptions::default()).await;
+            if let (Some(to), Some(cid)) = (d.properties.reply_to(), d.properties.correlation_id()) {
+                let props = BasicProperties::default().with_correlation_id(cid.clone());
+                let _ = reply_ch
+                    .basic_publish(
+                        "".into(),
+                        to.as_str().into(),
+                        BasicPublishOptions::default(),
+                        b"{}",
+                        props,
+                    )
+                    .await;
+            }
+        }
+    });
+    // The "client": one reply queue, waiters by correlation id.
+    let replies_ch = conn.create_channel().await?;
+    let exclusive = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
+    let reply_queue =
+        replies_ch.queue_declare("".into(), exclusive, FieldTable::default()).await?.name().to_string();
+    let waiting: Arc<Mutex<HashMap<String, oneshot::Sender<()>>>> = Arc::default();
+    let mut replies = replies_ch
+        .basic_consume(
+            reply_queue.as_str().into(),
+            "baseline-replies".into(),
+            BasicConsumeOptions { no_ack: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await?;
+    let w = waiting.clone();
+    let reply_reader = tokio::spawn(async move {
+        while let Some(Ok(d)) = replies.next().await {
+            if let Some(cid) = d.properties.correlation_id() {
+                if let Some(tx) =
+                    w.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(cid.as_str())
+                {
+                    let _ = tx.send(());
+                }
+            }
+        }
+    });
+
+    let deadline = Instant::now() + duration;
+    let mut callers = Vec::new();
+    for c in 0..concurrency {
+        let (ch, waiting, reply_queue) = (ch.clone(), waiting.clone(), reply_queue.clone());
+        callers.push(tokio::spawn(async move {
+            let mut s = Samples::default();
+            let mut n = 0u64;
+            while Instant::now() < deadline {
+                n += 1;
+                let cid = format!("{c}-{n}");
+                let (tx, rx) = oneshot::channel();
+                waiting.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(cid.clone(), tx);
+                let props = BasicProperties::default()
+                    .with_priority(5)
+                    .with_correlation_id(cid.as_str().into())
+                    .with_reply_to(reply_queue.as_str().into());
+                let start = Instant::now();
+                let ok = publish(&ch, br#"{"record":{"n":1}}"#, props).await.is_ok()
+                    && tokio::time::timeout(Duration::from_secs(10), rx).await.is_ok_and(|r| r.is_ok());
+                if ok { s.latencies.push(start.elapsed()) } else { s.error(0) }
+            }
+            s
+        }));
+    }
+    let mut samples = Samples::default();
+    for c in callers {
+        samples.merge(c.await?);
+    }
+    server.abort();
+    reply_reader.abort();
+    let _ = ch.queue_delete(QUEUE.into(), QueueDeleteOptions::default()).await;
+    let _ = conn.close(200, "done".into()).await;
+    Ok(samples)
+}
+
+/// Raw confirmed, persistent publishes by `concurrency` publishers for `duration`.
+///
+/// # Errors
+/// When the broker cannot be reached.
+pub async fn publish_only(url: &str, concurrency: usize, duration: Duration) -> anyhow::Result<Samples> {
+    let (conn, ch) = setup(url).await?;
+    let deadline = Instant::now() + duration;
+    let mut publishers = Vec::new();
+    for _ in 0..concurrency {
+        let ch = ch.clone();
+        publishers.push(tokio::spawn(async move {
+            let mut s = Samples::default();
+            while Instant::now() < deadline {
+                let start = Instant::now();
+                match publish(&ch, br#"{"record":{"n":1}}"#, BasicProperties::default().with_priority(5))
+                    .await
+                {
+                    Ok(()) => s.latencies.push(start.elapsed()),
+                    Err(_) => s.error(0),
+                }
+            }
+            s
+        }));
+    }
+    let mut samples = Samples::default();
+    for p in publishers {
+        samples.merge(p.await?);
+    }
+    let _ = ch.queue_delete(QUEUE.into(), QueueDeleteOptions::default()).await;
+    let _ = conn.close(200, "done".into()).await;
+    Ok(samples)
+}

@@ -1,0 +1,293 @@
+//! `gatehouse bench`: throughput, latency and priority under load against a running
+//! gatekeeper, with the raw broker measured in the same run as the reference.
+//!
+//! | scenario | what | reference |
+//! |---|---|---|
+//! | `sync` | `vault.put` with `Prefer: wait`: gatekeeper → broker → worker → SQLite → reply | lapin RPC: confirmed persistent publish to a priority queue, consume, reply |
+//! | `async` | submit only (answered after the confirm), then the drain rate until applied | lapin confirmed persistent publishes |
+//! | `priority` | preload a backlog of priority-0 jobs, then priority-9 probes at a fixed rate | – |
+//! | `idle` | gatekeeper memory with many idle mTLS connections | – |
+
+mod baseline;
+mod rss;
+mod scenarios;
+mod stats;
+
+use std::io::{IsTerminal, Write};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::commands::jobs::Endpoint;
+use stats::Samples;
+
+/// Options of `gatehouse bench`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub endpoint: Endpoint,
+    /// Scenarios to run (repeatable): sync, async, priority, idle.
+    #[arg(long = "scenario", default_values = ["sync", "async", "priority", "idle"])]
+    pub scenarios: Vec<String>,
+    /// Concurrent clients (and baseline callers).
+    #[arg(long, default_value_t = 16)]
+    pub concurrency: usize,
+    /// Seconds each measured phase runs.
+    #[arg(long, default_value_t = 10)]
+    pub duration: u64,
+    /// Use HTTP/2 (all clients share one connection) instead of HTTP/1.1 keep-alive.
+    #[arg(long)]
+    pub http2: bool,
+    /// Low-priority jobs queued before the priority probes.
+    #[arg(long, default_value_t = 50_000)]
+    pub backlog: usize,
+    /// Priority-9 probes per second.
+    #[arg(long, default_value_t = 20)]
+    pub probe_rate: u32,
+    /// Idle connections for the `idle` scenario.
+    #[arg(long, default_value_t = 1000)]
+    pub idle_connections: usize,
+    /// Broker for the raw-lapin reference (admin URL; it declares and deletes
+    /// `gatehouse.bench.baseline`).
+    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    pub broker: String,
+    /// Prefetch of the reference consumer (the worker's, to compare like with like).
+    #[arg(long, default_value_t = 4)]
+    pub prefetch: u16,
+    /// One JSON object per line per scenario instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs the scenarios; answers one report per scenario.
+///
+/// # Errors
+/// When the gatekeeper or the broker cannot be reached.
+pub async fn run(args: &BenchArgs) -> anyhow::Result<Vec<Value>> {
+    let mut client = args.endpoint.client()?;
+    if args.http2 {
+        client = client.http2();
+    }
+    let duration = Duration::from_secs(args.duration);
+    let c = args.concurrency;
+    let mut reports = Vec::new();
+    for scenario in &args.scenarios {
+        let report = match scenario.as_str() {
+            "sync" => {
+                let ours = progress("sync", duration, scenarios::sync(&client, c, duration)).await?;
+                let base = progress(
+                    "sync baseline",
+                    duration,
+                    baseline::rpc(&args.broker, c, duration, args.prefetch),
+                )
+                .await?;
+                with_baseline(row("sync", args, &ours, duration), &base, duration)
+            }
+            "async" => {
+                let start = Instant::now();
+                let (ours, ids) =
+                    progress("async", duration, scenarios::accept(&client, c, duration, 5)).await?;
+                let drained = progress(
+                    "async drain",
+                    Duration::from_secs(600),
+                    scenarios::drained(&client, &ids, 50, Duration::from_secs(600)),
+                )
+                .await?;
+                let base =
+                    progress("async baseline", duration, baseline::publish_only(&args.broker, c, duration))
+                        .await?;
+                let mut r = with_baseline(row("async", args, &ours, duration), &base, duration);
+                r["drain_per_s"] =
+                    json!(round(ids.len() as f64 / drained.duration_since(start).as_secs_f64()));
+                r
+            }
+            "priority" => {
+                let backlog_time = Duration::from_secs(3600);
+                let queued =
+                    progress("priority backlog", backlog_time, preload(&client, c, args.backlog)).await?;
+                let probes = progress(
+                    "priority probes",
+                    duration,
+                    scenarios::probes(&client, args.probe_rate, duration),
+                )
+                .await?;
+                let mut r = row("priority", args, &probes, duration);
+                r["backlog"] = json!(queued);
+                r["probe_rate_per_s"] = json!(args.probe_rate);
+                r
+            }
+            "idle" => {
+                let (open, n) = progress("idle", Duration::from_secs(600), async {
+                    Ok::<_, anyhow::Error>(scenarios::idle(&client, args.idle_connections).await)
+                })
+                .await?;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let rss = rss::of("gatekeeper");
+                drop(open);
+                json!({
+                    "scenario": "idle",
+                    "idle_connections": n,
+                    "gatekeeper_rss_mib": rss.map(|r| round(r.0)),
+                    "gatekeeper_peak_rss_mib": rss.map(|r| round(r.1)),
+                })
+            }
+            other => anyhow::bail!("unknown scenario {other:?} (sync, async, priority, idle)"),
+        };
+        print_report(&report, args.json);
+        reports.push(report);
+    }
+    Ok(reports)
+}
+
+/// Preloads `n` priority-0 jobs as fast as `c` clients can submit them; answers how many.
+async fn preload(client: &gatehouse_client::Client, c: usize, n: usize) -> anyhow::Result<usize> {
+    let per = n.div_ceil(c.max(1));
+    let mut tasks = Vec::new();
+    for k in 0..c {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut conn = client.connect().await?;
+            let mut ok = 0;
+            for i in 0..per {
+                let job = json!({"kind": "vault.put", "payload": {"record": {"backlog": k * per + i}}, "priority": 0});
+                if conn.submit(&job, None).await.is_ok_and(|r| r.status == 202) {
+                    ok += 1;
+                }
+                scenarios::DONE.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok::<_, anyhow::Error>(ok)
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await??;
+    }
+    Ok(total)
+}
+
+fn round(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+fn row(scenario: &str, args: &BenchArgs, s: &Samples, duration: Duration) -> Value {
+    let gk = rss::of("gatekeeper");
+    let worker = rss::of("worker");
+    json!({
+        "scenario": scenario,
+        "concurrency": args.concurrency,
+        "http": if args.http2 { "2" } else { "1.1" },
+        "requests": s.latencies.len(),
+        "throughput_per_s": round(s.latencies.len() as f64 / duration.as_secs_f64()),
+        "p50_ms": round(s.quantile_ms(0.5)),
+        "p90_ms": round(s.quantile_ms(0.9)),
+        "p99_ms": round(s.quantile_ms(0.99)),
+        "p999_ms": round(s.quantile_ms(0.999)),
+        "max_ms": round(s.quantile_ms(1.0)),
+        "errors": s.error_count(),
+        "errors_by_status": s.errors,
+        "gatekeeper_peak_rss_mib": gk.map(|r| round(r.1)),
+        "worker_peak_rss_mib": worker.map(|r| round(r.1)),
+    })
+}
+
+fn with_baseline(mut r: Value, base: &Samples, duration: Duration) -> Value {
+    let base_tp = base.latencies.len() as f64 / duration.as_secs_f64();
+    r["baseline_throughput_per_s"] = json!(round(base_tp));
+    r["baseline_p50_ms"] = json!(round(base.quantile_ms(0.5)));
+    r["baseline_p99_ms"] = json!(round(base.quantile_ms(0.99)));
+    let ours = r["throughput_per_s"].as_f64().unwrap_or(0.0);
+    r["ratio"] = json!(if base_tp > 0.0 { round(ours / base_tp) } else { 0.0 });
+    r
+}
+
+/// Runs `f`, showing a progress line on a terminal.
+async fn progress<T>(
+    label: &str,
+    expected: Duration,
+    f: impl Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    let show = std::io::stderr().is_terminal();
+    let start = Instant::now();
+    scenarios::DONE.store(0, Ordering::Relaxed);
+    let ticker = show.then(|| {
+        let label = label.to_owned();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                let elapsed = start.elapsed().as_secs_f64();
+                let bar = ((elapsed / expected.as_secs_f64()).min(1.0) * 30.0) as usize;
+                eprint!(
+                    "\r{label:<18} [{}{}] {elapsed:5.1}s {:>8} requests",
+                    "#".repeat(bar),
+                    " ".repeat(30 - bar),
+                    scenarios::DONE.load(Ordering::Relaxed)
+                );
+                let _ = std::io::stderr().flush();
+            }
+        })
+    });
+    let out = f.await;
+    if let Some(t) = ticker {
+        t.abort();
+        eprint!("\r{:80}\r", "");
+    }
+    out
+}
+
+fn print_report(r: &Value, as_json: bool) {
+    if as_json {
+        println!("{r}");
+        return;
+    }
+    let f = |k: &str| match &r[k] {
+        Value::Null => "-".to_owned(),
+        v => v.to_string(),
+    };
+    match r["scenario"].as_str() {
+        Some("idle") => println!(
+            "idle      {} idle mTLS connections: gatekeeper RSS {} MiB (peak {} MiB)",
+            f("idle_connections"),
+            f("gatekeeper_rss_mib"),
+            f("gatekeeper_peak_rss_mib")
+        ),
+        _ => {
+            println!(
+                "{:<9} c={:<3} HTTP/{:<3} {:>7} req {:>9}/s  p50 {:>7} p90 {:>7} p99 {:>7} p99.9 {:>7} max {:>7} ms  errors {}",
+                f("scenario").trim_matches('"'),
+                f("concurrency"),
+                f("http").trim_matches('"'),
+                f("requests"),
+                f("throughput_per_s"),
+                f("p50_ms"),
+                f("p90_ms"),
+                f("p99_ms"),
+                f("p999_ms"),
+                f("max_ms"),
+                f("errors"),
+            );
+            if !r["baseline_throughput_per_s"].is_null() {
+                println!(
+                    "          raw lapin: {:>9}/s  p50 {} p99 {} ms  ->  ratio {}{}",
+                    f("baseline_throughput_per_s"),
+                    f("baseline_p50_ms"),
+                    f("baseline_p99_ms"),
+                    f("ratio"),
+                    r.get("drain_per_s").map(|d| format!("; drained at {d}/s")).unwrap_or_default()
+                );
+            }
+            if !r["backlog"].is_null() {
+                println!(
+                    "          behind a backlog of {} priority-0 jobs, {} probes/s",
+                    f("backlog"),
+                    f("probe_rate_per_s")
+                );
+            }
+            println!(
+                "          peak RSS: gatekeeper {} MiB, worker {} MiB",
+                f("gatekeeper_peak_rss_mib"),
+                f("worker_peak_rss_mib")
+            );
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! The scenarios against a running gatekeeper, over real mTLS.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use gatehouse_client::{Client, Connection, Method};
+use serde_json::{Value, json};
+
+use super::stats::Samples;
+
+/// Requests answered so far, for the progress line.
+pub static DONE: AtomicU64 = AtomicU64::new(0);
+
+/// `n` connections: `n` of HTTP/1.1, or handles on one HTTP/2 connection.
+async fn connections(client: &Client, n: usize) -> anyhow::Result<Vec<Connection>> {
+    let first = client.connect().await?;
+    let mut out = Vec::with_capacity(n);
+    if let Some(shared) = first.share() {
+        out.extend((1..n).filter_map(|_| shared.share()));
+        out.push(first);
+        return Ok(out);
+    }
+    out.push(first);
+    for _ in 1..n {
+        out.push(client.connect().await?);
+    }
+    Ok(out)
+}
+
+fn job(i: u64, priority: u8) -> Value {
+    json!({"kind": "vault.put", "payload": {"record": {"n": i, "bench": "x".repeat(64)}}, "priority": priority})
+}
+
+/// Submits with `Prefer: wait` until `duration` passes: the full round trip through worker and
+/// storage. A success is a 200 with status `succeeded`.
+pub async fn sync(client: &Client, concurrency: usize, duration: Duration) -> anyhow::Result<Samples> {
+    let deadline = Instant::now() + duration;
+    let tasks: Vec<_> = connections(client, concurrency)
+        .await?
+        .into_iter()
+        .enumerate()
+        .map(|(c, mut conn)| {
+            tokio::spawn(async move {
+                let mut s = Samples::default();
+                let mut i = (c as u64) << 32;
+                while Instant::now() < deadline {
+                    i += 1;
+                    let start = Instant::now();
+                    match conn.submit(&job(i, 5), Some(10)).await {
+                        Ok(r) if r.status == 200 && r.json()["status"] == "succeeded" => {
+                            s.latencies.push(start.elapsed())
+                        }
+                        Ok(r) => s.error(r.status),
+                        Err(_) => s.error(0),
+                    }
+                    DONE.fetch_add(1, Ordering::Relaxed);
+                }
+                s
+            })
+        })
+        .collect();
+    let mut samples = Samples::default();
+    for t in tasks {
+        samples.merge(t.await?);
+    }
+    Ok(samples)
+}
+
+/// Submits without waiting (answered after the broker's confirm) until `duration` passes;
+/// answers the samples and the accepted job ids, in order.
+pub async fn accept(
+    client: &Client,
+    concurrency: usize,
+    duration: Duration,
+    priority: u8,
+) -> anyhow::Result<(Samples, Vec<String>)> {
+    let deadline = Instant::now() + duration;
+    let tasks: Vec<_> = connections(client, concurrency)
+        .await?
+        .into_iter()
+        .enumerate()
+        .map(|(c, mut conn)| {
+            tokio::spawn(async move {
+                let (mut s, mut ids) = (Samples::default(), Vec::new());
+                let mut i = (c as u64) << 32;
+                while Instant::now() < deadline {
+                    i += 1;
+                    let start = Instant::now();
+                    match conn.submit(&job(i, priority), None).await {
+                        Ok(r) if r.status == 202 => {
+                            s.latencies.push(start.elapsed());
+                            ids.push(r.json()["id"].as_str().unwrap_or_default().to_owned());
+                        }
+                        Ok(r) => s.error(r.status),
+                        Err(_) => s.error(0),
+                    }
+                    DONE.fetch_add(1, Ordering::Relaxed);
+                }
+                (s, ids)
+            })
+        })
+        .collect();
+    let (mut samples, mut ids) = (Samples::default(), Vec::new());
+    for t in tasks {
+        let (s, i) = t.await?;
+        samples.merge(s);
+        ids.extend(i);
+    }
+    Ok((samples, ids))
+}
+
+/// Waits until the last `tail` of `ids` have a final status (the worker has drained the
+/// backlog); answers when that happened.
+pub async fn drained(
+    client: &Client,
+    ids: &[String],
+    tail: usize,
+    timeout: Duration,
+) -> anyhow::Result<Instant> {
+    let mut conn = client.connect().await?;
+    let deadline = Instant::now() + timeout;
+    for id in ids.iter().rev().take(tail) {
+        loop {
+            let r = conn.status(id).await?;
+            let state = r.json()["status"].as_str().unwrap_or_default().to_owned();
+            if ["succeeded", "failed", "dead_lettered"].contains(&state.as_str()) {
+                break;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "the worker did not drain the backlog in {timeout:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    Ok(Instant::now())
+}
+
+/// Priority-9 probes at `rate` per second for `duration`, each waiting for its outcome;
+/// answers their latencies (the caller has preloaded a low-priority backlog).
+pub async fn probes(client: &Client, rate: u32, duration: Duration) -> anyhow::Result<Samples> {
+    let conn = Arc::new(tokio::sync::Mutex::new(connections(client, 32).await?));
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate.max(1))));
+    let deadline = Instant::now() + duration;
+    let mut tasks = Vec::new();
+    let mut i = 0u64;
+    while Instant::now() < deadline {
+        tick.tick().await;
+        i += 1;
+        let conn = conn.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut c = match conn.lock().await.pop() {
+                Some(c) => c,
+                None => return Err(0),
+            };
+            let start = Instant::now();
+            let r = c.submit(&job(u64::MAX - i, 9), Some(30)).await;
+            conn.lock().await.push(c);
+            DONE.fetch_add(1, Ordering::Relaxed);
+            match r {
+                Ok(r) if r.status == 200 => Ok(start.elapsed()),
+                Ok(r) => Err(r.status),
+                Err(_) => Err(0),
+            }
+        }));
+    }
+    let mut s = Samples::default();
+    for t in tasks {
+        match t.await? {
+            Ok(d) => s.latencies.push(d),
+            Err(status) => s.error(status),
+        }
+    }
+    Ok(s)
+}
+
+/// Opens `n` mTLS connections that each answer one `/healthz` and then stay idle; answers
+/// them (dropping them closes them) and how many opened.
+pub async fn idle(client: &Client, n: usize) -> (Vec<Connection>, usize) {
+    let mut open = Vec::with_capacity(n);
+    for _ in 0..n {
+        let Ok(mut c) = client.connect().await else { continue };
+        if c.request(Method::GET, "/healthz", &[], Vec::new()).await.is_ok_and(|r| r.status == 200) {
+            open.push(c);
+            DONE.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    let count = open.len();
+    (open, count)
+}
