@@ -102,12 +102,18 @@ pub fn ensure(url: &str, home: &Path) -> anyhow::Result<BrokerNode> {
     // the node in order, instead of killing it mid-write.
     #[cfg(unix)]
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-    let child = cmd.spawn().context("starting rabbitmq-server")?;
+    let mut child = cmd.spawn().context("starting rabbitmq-server")?;
     // Its wrapper script stops the node cleanly on SIGTERM: see [`BrokerNode::stop`].
     fs::write(home.join(SERVER_PID), child.id().to_string())?;
 
     let deadline = Instant::now() + Duration::from_secs(60);
     while !amqp_answers(addr) {
+        if let Ok(Some(status)) = child.try_wait() {
+            anyhow::bail!(
+                "the private RabbitMQ node exited ({status}); see {}",
+                home.join("node.log").display()
+            );
+        }
         anyhow::ensure!(
             Instant::now() < deadline,
             "the private RabbitMQ node did not start within 60 s; see {}",

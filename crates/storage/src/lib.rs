@@ -70,10 +70,12 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 /// succeeded (keep its writes) and how to deliver its result once the batch's fate is known.
 type Work = Box<dyn FnOnce(&Connection, &Keyring) -> Finish + Send>;
 
+/// Delivers a closure's result; `Some(error)` when its batch failed to commit.
+type Deliver = Box<dyn FnOnce(Option<&str>) + Send>;
+
 struct Finish {
     ok: bool,
-    /// Delivers the result; `Some(error)` when the batch failed to commit.
-    deliver: Box<dyn FnOnce(Option<&str>) + Send>,
+    deliver: Deliver,
 }
 
 /// Most closures committed together.
@@ -136,6 +138,7 @@ impl Store {
         }
         let mut conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.set_prepared_statement_cache_capacity(64);
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;

@@ -101,6 +101,20 @@ impl<'c> Tx<'c> {
         Self { tx: conn, keyring }
     }
 
+    /// Runs one statement (prepared once per connection, then cached).
+    fn exec<P: rusqlite::Params>(&self, sql: &str, params: P) -> rusqlite::Result<usize> {
+        self.tx.prepare_cached(sql)?.execute(params)
+    }
+
+    /// The one row a query answers (prepared once per connection, then cached).
+    fn one<T, P, F>(&self, sql: &str, params: P, f: F) -> rusqlite::Result<T>
+    where
+        P: rusqlite::Params,
+        F: FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    {
+        self.tx.prepare_cached(sql)?.query_row(params, f)
+    }
+
     /// `value` encrypted under the active data key, bound to `row` (so it cannot be moved).
     fn seal(&self, value: &Value, row: &str) -> Result<String, StorageError> {
         self.keyring
@@ -126,7 +140,7 @@ impl<'c> Tx<'c> {
         let mut changed = 0;
         for (table, key_col, value_col) in [("vault", "token", "record"), ("jobs", "id", "result")] {
             let rows: Vec<(String, String)> = {
-                let mut stmt = self.tx.prepare(&format!(
+                let mut stmt = self.tx.prepare_cached(&format!(
                     "SELECT {key_col}, {value_col} FROM {table} WHERE {value_col} IS NOT NULL"
                 ))?;
                 let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
@@ -138,7 +152,7 @@ impl<'c> Tx<'c> {
                 }
                 let Some(value) = self.unseal(Some(stored), &row)? else { continue };
                 let sealed = self.seal(&value, &row)?;
-                self.tx.execute(
+                self.exec(
                     &format!("UPDATE {table} SET {value_col} = ?1 WHERE {key_col} = ?2"),
                     params![sealed, row],
                 )?;
@@ -153,8 +167,7 @@ impl<'c> Tx<'c> {
     /// The job with this id, whoever owns it.
     pub fn job(&self, id: &JobId) -> Result<Option<StoredJob>, StorageError> {
         let row = self
-            .tx
-            .query_row(
+            .one(
                 "SELECT client, kind, state, result, error, seq_key, seq_number, reason
                  FROM jobs WHERE id = ?1",
                 [id.as_str()],
@@ -196,7 +209,7 @@ impl<'c> Tx<'c> {
             None => (None, None),
         };
         let result = job.result.as_ref().map(|r| self.seal(r, job.id.as_str())).transpose()?;
-        self.tx.execute(
+        self.exec(
             "INSERT INTO jobs (id, client, kind, state, result, error, seq_key, seq_number, updated_at_ms, reason)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
              ON CONFLICT(id) DO UPDATE SET state = excluded.state, result = excluded.result,
@@ -221,8 +234,8 @@ impl<'c> Tx<'c> {
 
     /// Forgets a dead-lettered job, so that a replay runs it afresh. Other jobs are kept.
     pub fn forget_dead_lettered(&self, id: &JobId) -> Result<(), StorageError> {
-        self.tx.execute("DELETE FROM jobs WHERE id = ?1 AND state = 'dead_lettered'", [id.as_str()])?;
-        self.tx.execute("DELETE FROM attempts WHERE job_id = ?1", [id.as_str()])?;
+        self.exec("DELETE FROM jobs WHERE id = ?1 AND state = 'dead_lettered'", [id.as_str()])?;
+        self.exec("DELETE FROM attempts WHERE job_id = ?1", [id.as_str()])?;
         Ok(())
     }
 
@@ -233,7 +246,7 @@ impl<'c> Tx<'c> {
     /// before the handler runs, so that a crash while running still counts.
     pub fn begin_attempt(&self, id: &JobId, client: &str) -> Result<(u32, bool), StorageError> {
         let interrupted = self.attempts(id)?.is_some_and(|a| a.running);
-        let count: i64 = self.tx.query_row(
+        let count: i64 = self.one(
             "INSERT INTO attempts (job_id, client, count, running, updated_at_ms) VALUES (?1, ?2, 1, 1, ?3)
              ON CONFLICT(job_id) DO UPDATE SET count = count + 1, running = 1,
                  updated_at_ms = excluded.updated_at_ms
@@ -244,15 +257,31 @@ impl<'c> Tx<'c> {
         Ok((u32::try_from(count).unwrap_or(u32::MAX), interrupted))
     }
 
+    /// Counts an attempt that started and failed, in one step (for handlers that run inside
+    /// the storage transaction, whose own count was undone with their writes); answers the
+    /// count.
+    pub fn record_failed_attempt(&self, id: &JobId, client: &str, error: &str) -> Result<u32, StorageError> {
+        let count: i64 = self.one(
+            "INSERT INTO attempts (job_id, client, count, running, last_error, updated_at_ms)
+             VALUES (?1, ?2, 1, 0, ?3, ?4)
+             ON CONFLICT(job_id) DO UPDATE SET count = count + 1, running = 0,
+                 last_error = excluded.last_error, updated_at_ms = excluded.updated_at_ms
+             RETURNING count",
+            params![id.as_str(), client, error, now_ms()],
+            |r| r.get(0),
+        )?;
+        Ok(u32::try_from(count).unwrap_or(u32::MAX))
+    }
+
     /// Forgets the attempts of a job whose outcome is now recorded.
     pub fn clear_attempts(&self, id: &JobId) -> Result<(), StorageError> {
-        self.tx.execute("DELETE FROM attempts WHERE job_id = ?1", [id.as_str()])?;
+        self.exec("DELETE FROM attempts WHERE job_id = ?1", [id.as_str()])?;
         Ok(())
     }
 
     /// Records why the latest attempt of `id` failed.
     pub fn fail_attempt(&self, id: &JobId, error: &str) -> Result<(), StorageError> {
-        self.tx.execute(
+        self.exec(
             "UPDATE attempts SET last_error = ?2, running = 0, updated_at_ms = ?3 WHERE job_id = ?1",
             params![id.as_str(), error, now_ms()],
         )?;
@@ -261,8 +290,7 @@ impl<'c> Tx<'c> {
 
     pub fn attempts(&self, id: &JobId) -> Result<Option<Attempts>, StorageError> {
         Ok(self
-            .tx
-            .query_row(
+            .one(
                 "SELECT client, count, last_error, running FROM attempts WHERE job_id = ?1",
                 [id.as_str()],
                 |r| {
@@ -282,12 +310,12 @@ impl<'c> Tx<'c> {
     /// The next number `key` applies (1 for a key never seen).
     pub fn next_expected(&self, key: &str) -> Result<u64, StorageError> {
         let next: Option<i64> =
-            self.tx.query_row("SELECT next FROM sequences WHERE key = ?1", [key], |r| r.get(0)).optional()?;
+            self.one("SELECT next FROM sequences WHERE key = ?1", [key], |r| r.get(0)).optional()?;
         Ok(next.map_or(1, |n| n as u64))
     }
 
     pub fn set_next_expected(&self, key: &str, next: u64) -> Result<(), StorageError> {
-        self.tx.execute(
+        self.exec(
             "INSERT INTO sequences (key, next) VALUES (?1, ?2)
              ON CONFLICT(key) DO UPDATE SET next = excluded.next",
             params![key, to_i64(next)?],
@@ -298,8 +326,7 @@ impl<'c> Tx<'c> {
     /// The job that holds `number` in `key`'s sequence, applied or parked.
     pub fn sequence_holder(&self, key: &str, number: u64) -> Result<Option<JobId>, StorageError> {
         let id: Option<String> = self
-            .tx
-            .query_row(
+            .one(
                 "SELECT id FROM jobs WHERE seq_key = ?1 AND seq_number = ?2",
                 params![key, to_i64(number)?],
                 |r| r.get(0),
@@ -310,7 +337,7 @@ impl<'c> Tx<'c> {
 
     /// Keeps a job until its predecessor has applied. Its `jobs` row must exist.
     pub fn park(&self, p: &Parked) -> Result<(), StorageError> {
-        self.tx.execute(
+        self.exec(
             "INSERT INTO parked (seq_key, seq_number, job_id, envelope, reply_to, correlation_id, parked_at_ms,
                  deadline_ms, key_id, signature)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
@@ -334,15 +361,14 @@ impl<'c> Tx<'c> {
     pub fn take_parked(&self, key: &str, number: u64) -> Result<Option<Parked>, StorageError> {
         let n = to_i64(number)?;
         let row = self
-            .tx
-            .query_row(
+            .one(
                 &format!("SELECT {PARKED_COLUMNS} FROM parked WHERE seq_key = ?1 AND seq_number = ?2"),
                 params![key, n],
                 parked_row,
             )
             .optional()?;
         let Some((id, mut parked)) = row else { return Ok(None) };
-        self.tx.execute("DELETE FROM parked WHERE seq_key = ?1 AND seq_number = ?2", params![key, n])?;
+        self.exec("DELETE FROM parked WHERE seq_key = ?1 AND seq_number = ?2", params![key, n])?;
         parked.job_id = parse_id(&id)?;
         Ok(Some(parked))
     }
@@ -350,7 +376,7 @@ impl<'c> Tx<'c> {
     /// Parked jobs whose gap deadline passed before `now_ms`, oldest first, at most `limit`.
     /// They stay parked until [`Tx::take_parked`]: the caller dead-letters first, then takes.
     pub fn expired_parked(&self, now_ms: i64, limit: u32) -> Result<Vec<Parked>, StorageError> {
-        let mut stmt = self.tx.prepare(&format!(
+        let mut stmt = self.tx.prepare_cached(&format!(
             "SELECT {PARKED_COLUMNS} FROM parked WHERE deadline_ms < ?1 ORDER BY deadline_ms LIMIT ?2"
         ))?;
         let rows = stmt.query_map(params![now_ms, limit], parked_row)?;
@@ -365,7 +391,7 @@ impl<'c> Tx<'c> {
 
     /// How many jobs wait for a predecessor.
     pub fn parked_count(&self) -> Result<u64, StorageError> {
-        let n: i64 = self.tx.query_row("SELECT count(*) FROM parked", [], |r| r.get(0))?;
+        let n: i64 = self.one("SELECT count(*) FROM parked", [], |r| r.get(0))?;
         Ok(n as u64)
     }
 
@@ -378,7 +404,7 @@ impl<'c> Tx<'c> {
             .fill(&mut raw)
             .map_err(|_| StorageError::Corrupt("no system randomness".into()))?;
         let token = format!("tok_{}", JobId::from_bytes(raw));
-        self.tx.execute(
+        self.exec(
             "INSERT INTO vault (token, owner, record, created_at_ms) VALUES (?1, ?2, ?3, ?4)",
             params![token, owner, self.seal(record, &token)?, now_ms()],
         )?;
@@ -388,20 +414,16 @@ impl<'c> Tx<'c> {
     /// The record behind `token`, if `owner` stored it.
     pub fn vault_get(&self, owner: &str, token: &str) -> Result<Option<Value>, StorageError> {
         let record: Option<String> = self
-            .tx
-            .query_row(
-                "SELECT record FROM vault WHERE token = ?1 AND owner = ?2",
-                params![token, owner],
-                |r| r.get(0),
-            )
+            .one("SELECT record FROM vault WHERE token = ?1 AND owner = ?2", params![token, owner], |r| {
+                r.get(0)
+            })
             .optional()?;
         self.unseal(record, token)
     }
 
     /// Erases the record behind `token` if `owner` stored it; whether there was one.
     pub fn vault_delete(&self, owner: &str, token: &str) -> Result<bool, StorageError> {
-        let n =
-            self.tx.execute("DELETE FROM vault WHERE token = ?1 AND owner = ?2", params![token, owner])?;
+        let n = self.exec("DELETE FROM vault WHERE token = ?1 AND owner = ?2", params![token, owner])?;
         Ok(n > 0)
     }
 
@@ -419,7 +441,7 @@ impl<'c> Tx<'c> {
         let Some(new_balance) = balance.checked_add(amount) else {
             return Ok(None);
         };
-        self.tx.execute(
+        self.exec(
             "INSERT INTO ledger (account, balance, sequence) VALUES (?1, ?2, ?3)
              ON CONFLICT(account) DO UPDATE SET balance = excluded.balance, sequence = excluded.sequence",
             params![account, new_balance, to_i64(sequence)?],
@@ -430,8 +452,7 @@ impl<'c> Tx<'c> {
     /// `(balance, last applied sequence number)`; `(0, 0)` for an account never touched.
     pub fn ledger_balance(&self, account: &str) -> Result<(i64, u64), StorageError> {
         let row: Option<(i64, i64)> = self
-            .tx
-            .query_row("SELECT balance, sequence FROM ledger WHERE account = ?1", [account], |r| {
+            .one("SELECT balance, sequence FROM ledger WHERE account = ?1", [account], |r| {
                 Ok((r.get(0)?, r.get(1)?))
             })
             .optional()?;

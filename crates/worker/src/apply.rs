@@ -58,6 +58,43 @@ pub enum Step {
     },
 }
 
+/// One delivery of a job, as the decisions need it.
+#[derive(Debug, Clone)]
+pub struct Arrival {
+    /// The job, its payload opened.
+    pub env: JobEnvelope,
+    /// The message body as it arrived (sealed): what a parked job keeps.
+    pub raw: Vec<u8>,
+    /// The gatekeeper's signature of `raw`: (key id, signature hex).
+    pub signature: Option<(String, String)>,
+    pub target: ReplyTarget,
+    /// `gatehouse dlq replay` sent it: forget that it was dead-lettered.
+    pub replay: bool,
+}
+
+/// For kinds whose handler runs inside storage: the whole decision and its effect in one
+/// step — dedupe, sequence, count the attempt, run, record, release parked successors. A
+/// retry request or a panic undoes all of it, the count included (the caller then records
+/// the failed attempt with [`Tx::record_failed_attempt`]).
+///
+/// # Errors
+/// [`ApplyError::Retry`], or a storage failure.
+pub fn decide_and_run(
+    tx: &Tx<'_>,
+    catalog: &Catalog,
+    spec: &KindSpec,
+    opening: &OpeningKey,
+    arrival: &Arrival,
+) -> Result<Decided, ApplyError> {
+    match prepare(tx, spec, arrival)? {
+        Step::Decided(d) => Ok(d),
+        Step::Run { .. } => {
+            tx.begin_attempt(&arrival.env.id, &arrival.env.client)?;
+            run_in_storage(tx, catalog, opening, &arrival.env, &arrival.target).map(Decided::Done)
+        }
+    }
+}
+
 /// Why a storage handler's transaction was rolled back.
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
@@ -72,16 +109,9 @@ pub enum ApplyError {
 ///
 /// # Errors
 /// Only storage failures, which roll the whole decision back.
-pub fn prepare(
-    tx: &Tx<'_>,
-    spec: &KindSpec,
-    env: &JobEnvelope,
-    raw: &[u8],
-    signature: &Option<(String, String)>,
-    target: &ReplyTarget,
-    replay: bool,
-) -> Result<Step, StorageError> {
-    if replay {
+pub fn prepare(tx: &Tx<'_>, spec: &KindSpec, arrival: &Arrival) -> Result<Step, StorageError> {
+    let Arrival { env, raw, signature, target, replay } = arrival;
+    if *replay {
         tx.forget_dead_lettered(&env.id)?;
     }
     if let Some(stored) = tx.job(&env.id)? {
@@ -359,10 +389,10 @@ mod tests {
             .transact(move |tx| -> Result<_, ApplyError> {
                 let spec = catalog.kind(&env.kind).unwrap().clone();
                 let target = ReplyTarget::default();
-                match prepare(tx, &spec, &env, &raw, &None, &target, false)? {
-                    Step::Decided(Decided::Done(a)) => Ok(a),
-                    Step::Run { .. } => run_in_storage(tx, &catalog, &opening(), &env, &target),
-                    Step::Decided(d) => panic!("unexpected {d:?}"),
+                let arrival = Arrival { env, raw, signature: None, target, replay: false };
+                match decide_and_run(tx, &catalog, &spec, &opening(), &arrival)? {
+                    Decided::Done(a) => Ok(a),
+                    d => panic!("unexpected {d:?}"),
                 }
             })
             .await
@@ -418,7 +448,16 @@ mod tests {
         spec.max_attempts = 2;
         let env = JobEnvelope { kind: "vault.put".into(), sequence: None, ..ledger_job(7, 1, 0) };
         let step = |spec: KindSpec, env: JobEnvelope| {
-            store.transact(move |tx| prepare(tx, &spec, &env, b"{}", &None, &ReplyTarget::default(), false))
+            store.transact(move |tx| {
+                let arrival = Arrival {
+                    env,
+                    raw: b"{}".to_vec(),
+                    signature: None,
+                    target: ReplyTarget::default(),
+                    replay: false,
+                };
+                prepare(tx, &spec, &arrival)
+            })
         };
         // Two starts that never finished (crashes), then the third delivery is exhausted.
         let begin = |env: JobEnvelope| store.transact(move |tx| tx.begin_attempt(&env.id, &env.client));

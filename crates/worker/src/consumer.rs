@@ -33,7 +33,7 @@ use gatehouse_protocol::{Catalog, ControlRequest, JobEnvelope, JobState, JobStat
 use gatehouse_storage::{StorageError, Store, now_ms, panic_message};
 use tracing::Instrument;
 
-use crate::apply::{self, Answer, ApplyError, Decided, ReplyTarget, Step};
+use crate::apply::{self, Answer, ApplyError, Arrival, Decided, ReplyTarget, Step};
 use crate::handlers::{self, Outcome};
 use crate::job_locks::JobLocks;
 use crate::keys::{Refusal, WorkerKeys};
@@ -121,21 +121,61 @@ struct Job<'a> {
 }
 
 impl Job<'_> {
+    fn arrival(&self, replay: bool) -> Arrival {
+        Arrival {
+            env: self.env.clone(),
+            raw: self.data.to_vec(),
+            signature: signing::signature_of(&self.delivery.properties),
+            target: self.target.clone(),
+            replay,
+        }
+    }
+
     async fn handle(&self, replay: bool) {
+        if !handlers::is_external(&self.env.kind) {
+            return self.decide_and_run(replay).await;
+        }
         let prepared = {
-            let (spec, env, data, target) =
-                (self.spec.clone(), self.env.clone(), self.data.to_vec(), self.target.clone());
-            let signature = signing::signature_of(&self.delivery.properties);
-            self.ctx
-                .store
-                .transact(move |tx| apply::prepare(tx, &spec, &env, &data, &signature, &target, replay))
-                .await
+            let (spec, arrival) = (self.spec.clone(), self.arrival(replay));
+            self.ctx.store.transact(move |tx| apply::prepare(tx, &spec, &arrival)).await
         };
         match prepared {
             Ok(Step::Decided(d)) => self.settle_decided(d).await,
             Ok(Step::Run { suspect }) => self.run_isolated(suspect).await,
             Err(e) => {
                 tracing::warn!(error = %e, "could not decide the job; requeueing");
+                requeue_after_pause(self.delivery).await;
+            }
+        }
+    }
+
+    /// A storage kind: the whole decision and effect in one transaction (one share of a group
+    /// commit). Its handler runs on the storage thread, where a panic is caught: nothing it
+    /// does can take the process down, so it needs no crash isolation.
+    async fn decide_and_run(&self, replay: bool) {
+        let decided = {
+            let (catalog, spec, keys, arrival) =
+                (self.ctx.catalog.clone(), self.spec.clone(), self.ctx.keys.clone(), self.arrival(replay));
+            self.ctx
+                .store
+                .transact(move |tx| apply::decide_and_run(tx, &catalog, &spec, &keys.opening, &arrival))
+                .await
+        };
+        let error = match decided {
+            Ok(d) => return self.settle_decided(d).await,
+            Err(ApplyError::Retry(e)) => e,
+            Err(ApplyError::Storage(StorageError::Panicked(m))) => format!("panic: {m}"),
+            Err(ApplyError::Storage(e)) => {
+                // Nothing was decided or counted (busy, disk trouble): try the delivery again.
+                tracing::warn!(error = %e, "could not decide the job; requeueing");
+                return requeue_after_pause(self.delivery).await;
+            }
+        };
+        let (id, client, e) = (self.env.id.clone(), self.env.client.clone(), error.clone());
+        match self.ctx.store.transact(move |tx| tx.record_failed_attempt(&id, &client, &e)).await {
+            Ok(attempt) => self.retry_or_dead(attempt, error).await,
+            Err(se) => {
+                tracing::warn!(error = %se, "could not record the failed attempt; requeueing");
                 requeue_after_pause(self.delivery).await;
             }
         }
@@ -171,15 +211,21 @@ impl Job<'_> {
         }
     }
 
-    /// A retryable failure: retry with backoff, or dead-letter when attempts are used up.
+    /// A retryable failure of an attempt counted before it ran: record why, then retry or
+    /// dead-letter.
     async fn failed(&self, attempt: u32, error: String) {
+        let (id, e) = (self.env.id.clone(), error.clone());
+        if let Err(se) = self.ctx.store.transact(move |tx| tx.fail_attempt(&id, &e)).await {
+            tracing::warn!(error = %se, "could not record the failed attempt");
+        }
+        self.retry_or_dead(attempt, error).await;
+    }
+
+    /// Retry with backoff, or dead-letter when attempts are used up.
+    async fn retry_or_dead(&self, attempt: u32, error: String) {
         let (ctx, delivery, data, class, spec, env) =
             (self.ctx, self.delivery, self.data, self.class, &self.spec, &self.env);
         tracing::warn!(attempt, max_attempts = spec.max_attempts, error = %error, "attempt failed");
-        let (id, e) = (env.id.clone(), error.clone());
-        if let Err(se) = ctx.store.transact(move |tx| tx.fail_attempt(&id, &e)).await {
-            tracing::warn!(error = %se, "could not record the failed attempt");
-        }
         if attempt >= spec.max_attempts {
             let dead = Dead { reason: "max_attempts", error: Some(error), attempts: attempt };
             return dead_letter(ctx, delivery, data, class, Some(env), dead).await;
@@ -218,7 +264,8 @@ impl Job<'_> {
     }
 }
 
-/// Runs the handler of attempt `attempt`; `Err` is a retryable failure's text.
+/// Runs an external handler (outside storage) for attempt `attempt`, with its timeout, then
+/// records its outcome; `Err` is a retryable failure's text.
 async fn run(
     ctx: &Context,
     spec: &KindSpec,
@@ -226,18 +273,6 @@ async fn run(
     target: &ReplyTarget,
     attempt: u32,
 ) -> Result<Vec<Answer>, String> {
-    if !handlers::is_external(&env.kind) {
-        let (catalog, keys, env, target) =
-            (ctx.catalog.clone(), ctx.keys.clone(), env.clone(), target.clone());
-        let ran =
-            ctx.store.transact(move |tx| apply::run_in_storage(tx, &catalog, &keys.opening, &env, &target));
-        return match ran.await {
-            Ok(answers) => Ok(answers),
-            Err(ApplyError::Retry(e)) => Err(e),
-            Err(ApplyError::Storage(StorageError::Panicked(m))) => Err(format!("panic: {m}")),
-            Err(ApplyError::Storage(e)) => Err(format!("storage: {e}")),
-        };
-    }
     let task = {
         let env = env.clone();
         tokio::spawn(async move { handlers::testing::run(&env, attempt).await })

@@ -44,9 +44,9 @@ impl Write for Capture {
     }
 }
 
-fn url_as(user: &str, password: &str) -> String {
+fn url_as(user: &str, password: &str, vhost: &str) -> String {
     let addr = amqp_addr(&broker_url()).expect("broker address");
-    format!("amqp://{user}:{password}@{addr}/gatehouse")
+    format!("amqp://{user}:{password}@{addr}/{vhost}")
 }
 
 /// Runs `op` on a fresh channel of `conn` and returns its error text (a refused operation
@@ -66,11 +66,21 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn least_privilege_users_do_their_job_and_nothing_else() {
     captured_logs();
-    let defs = repo_root().join("config/rabbitmq/definitions.json");
-    tokio::task::spawn_blocking(move || broker_ctl(&["import_definitions", defs.to_str().unwrap()]))
-        .await
-        .unwrap();
-    let (gk_url, wk_url) = (url_as("gatekeeper", "gatekeeper-dev"), url_as("worker", "worker-dev"));
+    // The shipped definitions, in a vhost of this test's own (a running dev system may use
+    // `gatehouse`).
+    let vhost = format!("gatehouse-test-{}", hex::encode(&crypto::OpeningKey::generate().unwrap()[..4]));
+    let shipped = std::fs::read_to_string(repo_root().join("config/rabbitmq/definitions.json")).unwrap();
+    let mut defs: Value = serde_json::from_str(&shipped).unwrap();
+    defs["vhosts"] = json!([{"name": vhost}]);
+    for p in defs["permissions"].as_array_mut().unwrap() {
+        p["vhost"] = json!(vhost);
+    }
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), defs.to_string()).unwrap();
+    let path = file.path().to_str().unwrap().to_owned();
+    tokio::task::spawn_blocking(move || broker_ctl(&["import_definitions", &path])).await.unwrap();
+    let (gk_url, wk_url) =
+        (url_as("gatekeeper", "gatekeeper-dev", &vhost), url_as("worker", "worker-dev", &vhost));
     let sys = TestSystem::start_with(Options {
         broker_urls: Some((gk_url.clone(), wk_url.clone())),
         prefix: Some(String::new()),
@@ -165,6 +175,7 @@ async fn least_privilege_users_do_their_job_and_nothing_else() {
     let _ = gk.close(200, "done".into()).await;
     let _ = wk.close(200, "done".into()).await;
     sys.stop().await;
+    tokio::task::spawn_blocking(move || broker_ctl(&["delete_vhost", &vhost])).await.unwrap();
     // Both components ran in this process, logging at trace level: no broker password.
     let logs = String::from_utf8_lossy(&captured_logs().lock().unwrap()).into_owned();
     assert!(logs.contains("gatekeeper listening"), "logs were not captured");

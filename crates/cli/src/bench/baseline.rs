@@ -90,12 +90,11 @@ pub async fn rpc(
     let w = waiting.clone();
     let reply_reader = tokio::spawn(async move {
         while let Some(Ok(d)) = replies.next().await {
-            if let Some(cid) = d.properties.correlation_id() {
-                if let Some(tx) =
-                    w.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(cid.as_str())
-                {
-                    let _ = tx.send(());
-                }
+            let waiter = d.properties.correlation_id().as_ref().and_then(|cid| {
+                w.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(cid.as_str())
+            });
+            if let Some(tx) = waiter {
+                let _ = tx.send(());
             }
         }
     });
