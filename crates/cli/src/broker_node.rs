@@ -185,9 +185,13 @@ impl BrokerNode {
     }
 
     /// The pid of the private node's server process, if it runs.
+    /// (Its `rabbitmq-server` process, or else the Erlang VM that RabbitMQ records in
+    /// `node.pid`: SIGTERM stops either cleanly.)
     pub fn running_pid(&self) -> Option<u32> {
-        let pid: u32 = fs::read_to_string(self.home.join(SERVER_PID)).ok()?.trim().parse().ok()?;
-        Path::new("/proc").join(pid.to_string()).exists().then_some(pid)
+        [SERVER_PID, "node.pid"].iter().find_map(|file| {
+            let pid: u32 = fs::read_to_string(self.home.join(file)).ok()?.trim().parse().ok()?;
+            Path::new("/proc").join(pid.to_string()).exists().then_some(pid)
+        })
     }
 
     /// Stops the private node: SIGTERM to its `rabbitmq-server` process, which stops the

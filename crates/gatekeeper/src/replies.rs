@@ -145,7 +145,7 @@ impl Replies {
                 let opened = signing::verify(&d.properties, &d.data, &keys.worker)
                     .ok()
                     .and_then(|()| serde_json::from_slice::<SealedReply>(&d.data).ok())
-                    .and_then(|r| r.open(&keys.opening, &cid).ok());
+                    .and_then(|r| r.open(&keys.replies, &cid).ok());
                 match opened {
                     Some(status) => self.complete(&cid, status),
                     None => {

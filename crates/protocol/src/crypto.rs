@@ -199,6 +199,60 @@ pub fn seal(recipient: &[u8; 32], plain: &[u8], aad: &[u8]) -> Result<Sealed, Cr
     Ok(Sealed { epk: hex::encode(&epk), nonce: hex::encode(&nonce), ct: hex::encode(&buf) })
 }
 
+/// Data sealed under a [`PairKey`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Boxed {
+    /// AES-GCM nonce (hex).
+    pub nonce: String,
+    /// Ciphertext and tag (hex).
+    pub ct: String,
+}
+
+/// The key two parties share by static X25519 agreement (my secret, your public key): what
+/// one seals only the other can open. Derived once at start-up, so sealing costs one AES-GCM
+/// and no key agreement. Used for replies, whose plaintext the worker holds anyway; job
+/// payloads are sealed with a fresh ephemeral key each ([`seal`]), so that a compromised
+/// gatekeeper cannot open what is already queued.
+pub struct PairKey {
+    key: LessSafeKey,
+}
+
+impl PairKey {
+    /// # Errors
+    /// Never in practice (HKDF output length is fixed).
+    pub fn new(mine: &OpeningKey, theirs: &[u8; 32]) -> Result<Self, CryptoError> {
+        let shared = mine.secret.diffie_hellman(&x25519_dalek::PublicKey::from(*theirs));
+        let own = mine.public_key();
+        // The same salt on both sides: the two public keys in a fixed order.
+        let (a, b) = if own <= *theirs { (own, *theirs) } else { (*theirs, own) };
+        Ok(Self { key: derive(shared.as_bytes(), &a, &b)? })
+    }
+
+    /// # Errors
+    /// Without system randomness.
+    pub fn seal(&self, plain: &[u8], aad: &[u8]) -> Result<Boxed, CryptoError> {
+        let nonce = random::<12>()?;
+        let mut buf = plain.to_vec();
+        self.key
+            .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut buf)
+            .map_err(|_| CryptoError::Open)?;
+        Ok(Boxed { nonce: hex::encode(&nonce), ct: hex::encode(&buf) })
+    }
+
+    /// # Errors
+    /// [`CryptoError::Open`] when the key is wrong or anything was altered.
+    pub fn open(&self, boxed: &Boxed, aad: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        let nonce: [u8; 12] =
+            hex::decode(&boxed.nonce).and_then(|b| b.try_into().ok()).ok_or(CryptoError::Malformed)?;
+        let mut ct = hex::decode(&boxed.ct).ok_or(CryptoError::Malformed)?;
+        let plain = self
+            .key
+            .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut ct)
+            .map_err(|_| CryptoError::Open)?;
+        Ok(plain.to_vec())
+    }
+}
+
 /// HKDF-SHA256 of the shared secret, salted with both public keys, to an AES-256-GCM key.
 fn derive(shared: &[u8], epk: &[u8; 32], recipient: &[u8; 32]) -> Result<LessSafeKey, CryptoError> {
     let mut salt = [0u8; 64];
@@ -331,6 +385,20 @@ mod tests {
         assert_eq!(worker.open(&tampered, b"job-1"), Err(CryptoError::Open));
         let stranger = OpeningKey::from_bytes(&OpeningKey::generate().unwrap()).unwrap();
         assert_eq!(stranger.open(&sealed, b"job-1"), Err(CryptoError::Open));
+    }
+
+    #[test]
+    fn a_pair_key_is_the_same_on_both_sides_and_only_theirs() {
+        let worker = OpeningKey::from_bytes(&OpeningKey::generate().unwrap()).unwrap();
+        let gatekeeper = OpeningKey::from_bytes(&OpeningKey::generate().unwrap()).unwrap();
+        let stranger = OpeningKey::from_bytes(&OpeningKey::generate().unwrap()).unwrap();
+        let w = PairKey::new(&worker, &gatekeeper.public_key()).unwrap();
+        let g = PairKey::new(&gatekeeper, &worker.public_key()).unwrap();
+        let boxed = w.seal(b"result", b"c1").unwrap();
+        assert_eq!(g.open(&boxed, b"c1").unwrap(), b"result");
+        assert_eq!(g.open(&boxed, b"c2"), Err(CryptoError::Open));
+        let s = PairKey::new(&stranger, &worker.public_key()).unwrap();
+        assert_eq!(s.open(&boxed, b"c1"), Err(CryptoError::Open));
     }
 
     #[test]

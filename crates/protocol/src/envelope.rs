@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::crypto::{self, CryptoError, OpeningKey, Sealed};
+use crate::crypto::{self, Boxed, CryptoError, OpeningKey, PairKey, Sealed};
 use crate::{JobId, JobStatus, Priority, Sequence};
 
 /// One accepted job, with its payload in the clear: what the worker's handlers see.
@@ -106,27 +106,24 @@ pub enum ControlRequest {
     Status { id: JobId, client: String, sent_at_ms: u64 },
 }
 
-/// A worker's answer, sealed to the gatekeeper and bound to the request's correlation id.
+/// A worker's answer, sealed under the worker–gatekeeper [`PairKey`] and bound to the
+/// request's correlation id.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SealedReply {
-    pub status: Sealed,
+    pub status: Boxed,
 }
 
 impl SealedReply {
     /// # Errors
     /// Without system randomness.
-    pub fn seal(
-        status: &JobStatus,
-        gatekeeper: &[u8; 32],
-        correlation_id: &str,
-    ) -> Result<Self, CryptoError> {
+    pub fn seal(status: &JobStatus, key: &PairKey, correlation_id: &str) -> Result<Self, CryptoError> {
         let plain = serde_json::to_vec(status).map_err(|_| CryptoError::Malformed)?;
-        Ok(Self { status: crypto::seal(gatekeeper, &plain, correlation_id.as_bytes())? })
+        Ok(Self { status: key.seal(&plain, correlation_id.as_bytes())? })
     }
 
     /// # Errors
     /// When the key is wrong, the correlation id differs, or anything was altered.
-    pub fn open(&self, key: &OpeningKey, correlation_id: &str) -> Result<JobStatus, CryptoError> {
+    pub fn open(&self, key: &PairKey, correlation_id: &str) -> Result<JobStatus, CryptoError> {
         let plain = key.open(&self.status, correlation_id.as_bytes())?;
         serde_json::from_slice(&plain).map_err(|_| CryptoError::Malformed)
     }
@@ -164,9 +161,14 @@ mod tests {
     #[test]
     fn replies_are_bound_to_their_correlation_id() {
         let gk = OpeningKey::from_bytes(&OpeningKey::generate().unwrap()).unwrap();
+        let worker = OpeningKey::from_bytes(&OpeningKey::generate().unwrap()).unwrap();
+        let (w, g) = (
+            PairKey::new(&worker, &gk.public_key()).unwrap(),
+            PairKey::new(&gk, &worker.public_key()).unwrap(),
+        );
         let status = JobStatus::new(JobId::from_bytes([2; 16]), JobState::Succeeded);
-        let r = SealedReply::seal(&status, &gk.public_key(), "c1").unwrap();
-        assert_eq!(r.open(&gk, "c1").unwrap(), status);
-        assert!(r.open(&gk, "c2").is_err());
+        let r = SealedReply::seal(&status, &w, "c1").unwrap();
+        assert_eq!(r.open(&g, "c1").unwrap(), status);
+        assert!(r.open(&g, "c2").is_err());
     }
 }

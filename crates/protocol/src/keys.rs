@@ -21,6 +21,12 @@ pub struct KeyFileError {
     reason: String,
 }
 
+impl KeyFileError {
+    pub fn new(path: &Path, reason: impl ToString) -> Self {
+        err(path, reason)
+    }
+}
+
 fn err(path: &Path, reason: impl ToString) -> KeyFileError {
     KeyFileError { path: path.to_owned(), reason: reason.to_string() }
 }

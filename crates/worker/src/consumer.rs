@@ -388,7 +388,7 @@ fn has_header(d: &Delivery, name: &str) -> bool {
 
 async fn finish(ctx: &Context, delivery: &Delivery, answers: &[Answer]) {
     for a in answers {
-        tracing::info!(job_id = %a.status.id, status = a.status.status.as_str(), "job decided");
+        tracing::debug!(job_id = %a.status.id, status = a.status.status.as_str(), "job decided");
         reply::send(ctx, &a.target, &a.status).await;
     }
     settle(delivery, Settle::Ack).await;

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use gatehouse_protocol::crypto::{CryptoError, OpeningKey, SigningKey, Verifier};
+use gatehouse_protocol::crypto::{CryptoError, OpeningKey, PairKey, SigningKey, Verifier};
 use gatehouse_protocol::{JobEnvelope, SealedJob, keys};
 
 use crate::settings::KeySettings;
@@ -14,6 +14,8 @@ pub struct WorkerKeys {
     pub opening: OpeningKey,
     pub gatekeeper: Verifier,
     pub gatekeeper_sealing: [u8; 32],
+    /// Seals replies for the gatekeeper (static agreement, derived once).
+    pub replies: PairKey,
     pub max_message_age: Duration,
 }
 
@@ -52,11 +54,16 @@ impl WorkerKeys {
     /// # Errors
     /// When a key file is missing or malformed.
     pub fn load(s: &KeySettings) -> Result<Self, keys::KeyFileError> {
+        let opening = keys::opening_key(&s.sealing_key)?;
+        let gatekeeper_sealing = keys::sealing_key(&s.gatekeeper_sealing_key)?;
+        let replies = PairKey::new(&opening, &gatekeeper_sealing)
+            .map_err(|e| keys::KeyFileError::new(&s.gatekeeper_sealing_key, e))?;
         Ok(Self {
             signing: keys::signing_key(&s.signing_key)?,
-            opening: keys::opening_key(&s.sealing_key)?,
+            opening,
             gatekeeper: keys::verifier(&s.gatekeeper_signing_keys)?,
-            gatekeeper_sealing: keys::sealing_key(&s.gatekeeper_sealing_key)?,
+            gatekeeper_sealing,
+            replies,
             max_message_age: Duration::from_secs(s.max_message_age_s),
         })
     }

@@ -1,4 +1,4 @@
-//! Answers to `reply_to` with the request's `correlation_id`: sealed to the gatekeeper's key,
+//! Answers to `reply_to` with the request's `correlation_id`: sealed for the gatekeeper,
 //! bound to the correlation id, signed by the worker, sent through the replies exchange.
 //!
 //! Replies are a courtesy to a waiting caller, not the record: the outcome is already
@@ -16,7 +16,7 @@ use crate::consumer::Context;
 /// Sends `status` to `target` if it names a reply queue and a correlation id.
 pub async fn send(ctx: &Context, target: &ReplyTarget, status: &JobStatus) {
     let (Some(reply_to), Some(correlation_id)) = (&target.reply_to, &target.correlation_id) else { return };
-    let sealed = SealedReply::seal(status, &ctx.keys.gatekeeper_sealing, correlation_id);
+    let sealed = SealedReply::seal(status, &ctx.keys.replies, correlation_id);
     let body = match sealed.map(|r| serde_json::to_vec(&r)) {
         Ok(Ok(b)) => b,
         _ => return tracing::error!(job_id = %status.id, "cannot seal the reply"),

@@ -5,7 +5,7 @@
 //! |---|---|---|
 //! | `sync` | `vault.put` with `Prefer: wait`: gatekeeper → broker → worker → SQLite → reply | lapin RPC: confirmed persistent publish to a priority queue, consume, reply |
 //! | `async` | submit only (answered after the confirm), then the drain rate until applied | lapin confirmed persistent publishes |
-//! | `priority` | preload a backlog of priority-0 jobs, then priority-9 probes at a fixed rate | – |
+//! | `priority` | preload a backlog of priority-0 jobs (a local worker paused meanwhile), then priority-9 probes at a fixed rate while it drains | – |
 //! | `idle` | gatekeeper memory with many idle mTLS connections | – |
 
 mod baseline;
@@ -104,8 +104,15 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<Vec<Value>> {
             }
             "priority" => {
                 let backlog_time = Duration::from_secs(3600);
+                // A local worker is paused while the backlog is loaded (SIGSTOP; it resumes with
+                // SIGCONT before the probes), so that the probes really meet the whole backlog.
+                let worker = rss::pid_of("worker").filter(|pid| rss::signal(*pid, "STOP"));
                 let queued =
-                    progress("priority backlog", backlog_time, preload(&client, c, args.backlog)).await?;
+                    progress("priority backlog", backlog_time, preload(&client, c, args.backlog)).await;
+                if let Some(pid) = worker {
+                    rss::signal(pid, "CONT");
+                }
+                let queued = queued?;
                 let probes = progress(
                     "priority probes",
                     duration,
@@ -114,6 +121,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<Vec<Value>> {
                 .await?;
                 let mut r = row("priority", args, &probes, duration);
                 r["backlog"] = json!(queued);
+                r["worker_paused_while_loading"] = json!(worker.is_some());
                 r["probe_rate_per_s"] = json!(args.probe_rate);
                 r
             }

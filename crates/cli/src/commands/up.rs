@@ -57,15 +57,24 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<()> {
     if node.started_here {
         println!("started a private RabbitMQ node (data in .gatehouse/rabbitmq)");
     }
-    import_definitions(&node).await?;
+    let ran = run_components(&bin_dir, &args.certs, &node).await;
+    if node.started_here {
+        node.stop()?;
+        println!("private RabbitMQ node stopped");
+    }
+    ran
+}
 
-    let mut worker = spawn(&bin_dir, "worker", "config/worker.toml")?;
-    let mut gatekeeper = spawn(&bin_dir, "gatekeeper", "config/gatekeeper.toml")?;
-    let healthy = wait_healthy(&args.certs).await;
+/// Loads the definitions, runs worker and gatekeeper until Ctrl-C or until one exits.
+async fn run_components(bin_dir: &Path, certs: &Path, node: &broker_node::BrokerNode) -> anyhow::Result<()> {
+    import_definitions(node).await?;
+    let mut worker = spawn(bin_dir, "worker", "config/worker.toml")?;
+    let mut gatekeeper = spawn(bin_dir, "gatekeeper", "config/gatekeeper.toml")?;
+    let healthy = wait_healthy(certs).await;
     if let Err(e) = &healthy {
         eprintln!("gatekeeper did not become healthy: {e:#}");
     } else {
-        print_banner(&args.certs);
+        print_banner(certs);
     }
 
     if healthy.is_ok() {
@@ -78,17 +87,16 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<()> {
     // Gatekeeper first (stop accepting), then the worker (finish in-flight jobs).
     terminate(&mut gatekeeper).await;
     terminate(&mut worker).await;
-    if node.started_here {
-        node.stop()?;
-        println!("private RabbitMQ node stopped");
-    }
     healthy
 }
 
 /// Loads the vhost, users and permissions of `config/rabbitmq/definitions.json` (idempotent):
 /// through the private node when it runs, else through the local `rabbitmqctl`.
 async fn import_definitions(node: &broker_node::BrokerNode) -> anyhow::Result<()> {
-    let defs = "config/rabbitmq/definitions.json";
+    // rabbitmqctl resolves a relative path elsewhere: give it an absolute one.
+    let defs = std::fs::canonicalize("config/rabbitmq/definitions.json")?;
+    let defs = defs.to_string_lossy().into_owned();
+    let defs = defs.as_str();
     let mut cmd = match node.running_pid() {
         Some(_) => node.ctl(&["import_definitions", defs]),
         None => {

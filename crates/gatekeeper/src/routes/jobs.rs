@@ -142,7 +142,7 @@ async fn accept(
             props.with_correlation_id(w.correlation_id().into()).with_reply_to(app.replies.queue().into());
     }
     publish(app, &spec.queue, &body, props, true).await?;
-    tracing::info!(job_id = %envelope.id, kind = %envelope.kind, client = %client.0, priority = priority.get(), "job accepted");
+    tracing::debug!(job_id = %envelope.id, kind = %envelope.kind, client = %client.0, priority = priority.get(), "job accepted");
 
     let mut last = JobStatus::new(envelope.id.clone(), JobState::Queued);
     if let (Some(w), Some(wait)) = (waiter.as_mut(), wait) {
