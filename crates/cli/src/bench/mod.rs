@@ -52,6 +52,9 @@ pub struct BenchArgs {
     /// `gatehouse.bench.baseline`).
     #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     pub broker: String,
+    /// Do not pause the local `worker` process while loading the priority backlog.
+    #[arg(long)]
+    pub no_pause: bool,
     /// Prefetch of the reference consumer (the worker's, to compare like with like).
     #[arg(long, default_value_t = 4)]
     pub prefetch: u16,
@@ -106,7 +109,8 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<Vec<Value>> {
                 let backlog_time = Duration::from_secs(3600);
                 // A local worker is paused while the backlog is loaded (SIGSTOP; it resumes with
                 // SIGCONT before the probes), so that the probes really meet the whole backlog.
-                let worker = rss::pid_of("worker").filter(|pid| rss::signal(*pid, "STOP"));
+                let worker =
+                    rss::pid_of("worker").filter(|_| !args.no_pause).filter(|pid| rss::signal(*pid, "STOP"));
                 let queued =
                     progress("priority backlog", backlog_time, preload(&client, c, args.backlog)).await;
                 if let Some(pid) = worker {

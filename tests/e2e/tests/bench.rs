@@ -1,0 +1,51 @@
+//! `gatehouse bench` in a tiny smoke mode: every scenario runs against a real system and
+//! reports what it promises. (The figures themselves come from the full run; see the README.)
+
+use gatehouse_cli::bench::{self, BenchArgs};
+use gatehouse_cli::commands::jobs::Endpoint;
+use gatehouse_e2e::{TestSystem, broker_url};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_scenario_runs_and_reports() {
+    let sys = TestSystem::start().await;
+    let certs = sys.certs.path();
+    let args = BenchArgs {
+        endpoint: Endpoint {
+            url: sys.url(),
+            cert: certs.join("client.pem"),
+            key: certs.join("client.key"),
+            ca: certs.join("ca.pem"),
+        },
+        scenarios: ["sync", "async", "priority", "idle"].map(String::from).to_vec(),
+        concurrency: 2,
+        duration: 1,
+        http2: false,
+        backlog: 20,
+        probe_rate: 10,
+        idle_connections: 10,
+        broker: broker_url(),
+        // A `worker` process on this machine is not ours to pause.
+        no_pause: true,
+        prefetch: 4,
+        json: true,
+    };
+    let reports = bench::run(&args).await.expect("bench runs");
+    let by = |name: &str| reports.iter().find(|r| r["scenario"] == name).unwrap_or_else(|| panic!("{name}"));
+    for name in ["sync", "async", "priority"] {
+        let r = by(name);
+        assert!(r["requests"].as_u64().unwrap() > 0, "{r}");
+        assert_eq!(r["errors"], 0, "{r}");
+        for key in ["throughput_per_s", "p50_ms", "p99_ms", "concurrency"] {
+            assert!(r[key].is_number(), "{name} has no {key}: {r}");
+        }
+    }
+    for name in ["sync", "async"] {
+        let r = by(name);
+        assert!(r["baseline_throughput_per_s"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["ratio"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    assert!(by("async")["drain_per_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(by("priority")["backlog"], 20);
+    assert_eq!(by("idle")["idle_connections"], 10);
+    sys.stop().await;
+}
