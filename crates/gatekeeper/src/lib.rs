@@ -16,6 +16,7 @@ pub mod problem;
 pub mod process;
 pub mod replies;
 pub mod routes;
+pub mod sanitize;
 pub mod schemas;
 pub mod server;
 pub mod settings;

@@ -12,6 +12,12 @@ struct ClientEntry {
     identity: String,
     kinds: Vec<String>,
     max_priority: Priority,
+    #[serde(default)]
+    rate_per_s: Option<f64>,
+    #[serde(default)]
+    burst: Option<f64>,
+    #[serde(default)]
+    sequence_key_prefixes: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -25,12 +31,47 @@ struct PolicyFile {
 pub struct ClientPolicy {
     kinds: Vec<String>,
     pub max_priority: Priority,
+    /// Submits per second (token bucket refill); `None`: unlimited.
+    pub rate_per_s: Option<f64>,
+    /// Bucket size: how many submits may come at once.
+    pub burst: f64,
+    sequence_key_prefixes: Option<Vec<String>>,
 }
 
 impl ClientPolicy {
     /// Whether one of the client's kind patterns matches `kind`.
     pub fn allows_kind(&self, kind: &str) -> bool {
         self.kinds.iter().any(|p| glob_match(p, kind))
+    }
+
+    /// Whether the client may use sequence key `key` (any key when no prefixes are set).
+    pub fn allows_sequence_key(&self, key: &str) -> bool {
+        self.sequence_key_prefixes.as_ref().is_none_or(|ps| ps.iter().any(|p| key.starts_with(p.as_str())))
+    }
+}
+
+/// Token buckets per client identity.
+#[derive(Debug, Default)]
+pub struct RateLimiter {
+    buckets: std::sync::Mutex<HashMap<String, (f64, std::time::Instant)>>,
+}
+
+impl RateLimiter {
+    /// Takes one token of `identity`'s bucket; when it is empty, answers how long until one
+    /// is there.
+    pub fn take(&self, identity: &str, policy: &ClientPolicy) -> Result<(), std::time::Duration> {
+        let Some(rate) = policy.rate_per_s.filter(|r| *r > 0.0) else { return Ok(()) };
+        let now = std::time::Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (tokens, last) = buckets.entry(identity.to_owned()).or_insert((policy.burst, now));
+        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * rate).min(policy.burst);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(std::time::Duration::from_secs_f64((1.0 - *tokens) / rate))
+        }
     }
 }
 
@@ -48,7 +89,14 @@ impl Policy {
             config::Config::builder().add_source(config::File::from(path)).build()?.try_deserialize()?;
         let mut clients = HashMap::new();
         for c in file.client {
-            let policy = ClientPolicy { kinds: c.kinds, max_priority: c.max_priority };
+            let burst = c.burst.or(c.rate_per_s).unwrap_or(1.0).max(1.0);
+            let policy = ClientPolicy {
+                kinds: c.kinds,
+                max_priority: c.max_priority,
+                rate_per_s: c.rate_per_s,
+                burst,
+                sequence_key_prefixes: c.sequence_key_prefixes,
+            };
             if clients.insert(c.identity.clone(), policy).is_some() {
                 return Err(config::ConfigError::Message(format!(
                     "policy lists client {} twice",
@@ -99,6 +147,25 @@ mod tests {
         assert!(glob_match("*.get", "vault.get"));
         assert!(glob_match("v*.*t", "vault.get"));
         assert!(!glob_match("a*a", "a"));
+    }
+
+    #[test]
+    fn the_bucket_refuses_past_the_burst_and_refills() {
+        let p = ClientPolicy {
+            kinds: vec![],
+            max_priority: Priority::new(9).unwrap(),
+            rate_per_s: Some(1000.0),
+            burst: 2.0,
+            sequence_key_prefixes: Some(vec!["acct-".into()]),
+        };
+        let limiter = RateLimiter::default();
+        assert!(limiter.take("a", &p).is_ok() && limiter.take("a", &p).is_ok());
+        let wait = limiter.take("a", &p).unwrap_err();
+        assert!(wait <= std::time::Duration::from_millis(1), "{wait:?}");
+        assert!(limiter.take("b", &p).is_ok(), "buckets are per client");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        assert!(limiter.take("a", &p).is_ok());
+        assert!(p.allows_sequence_key("acct-1") && !p.allows_sequence_key("other-1"));
     }
 
     #[test]

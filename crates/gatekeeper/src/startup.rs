@@ -59,6 +59,7 @@ impl Gatekeeper {
             catalog,
             schemas,
             policy,
+            rate: Default::default(),
             ids,
             link,
             keys,

@@ -20,6 +20,7 @@ use serde_json::{Value, json};
 
 use super::App;
 use crate::problem::{FieldError, Problem};
+use crate::sanitize;
 use crate::replies::Waiter;
 use crate::tls::ClientIdentity;
 
@@ -57,13 +58,9 @@ async fn accept(
             Problem::malformed_json(format!("cannot read the body: {e}"))
         }
     })?;
-    let req: SubmitRequest = serde_json::from_slice(&body).map_err(|e| {
-        if e.is_data() {
-            Problem::invalid_envelope(e.to_string())
-        } else {
-            Problem::malformed_json(e.to_string())
-        }
-    })?;
+    let value = sanitize::parse(&body).map_err(|e| Problem::malformed_json(e.to_string()))?;
+    let mut req: SubmitRequest =
+        serde_json::from_value(value).map_err(|e| Problem::invalid_envelope(e.to_string()))?;
 
     let spec = app.catalog.kind(&req.kind).ok_or_else(|| {
         Problem::validation(
@@ -76,6 +73,15 @@ async fn accept(
         .policy
         .client(&client.0)
         .ok_or_else(|| Problem::forbidden("unknown-client", "this client identity has no policy"))?;
+    if let Err(wait) = app.rate.take(&client.0, policy) {
+        return Err(Problem::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate-limited",
+            "Too many requests",
+            format!("this client may submit {} jobs per second", policy.rate_per_s.unwrap_or_default()),
+        )
+        .retry_after(wait.as_secs_f64().ceil().max(1.0) as u32));
+    }
     if !policy.allows_kind(&spec.name) {
         return Err(Problem::forbidden(
             "kind-not-allowed",
@@ -98,6 +104,13 @@ async fn accept(
         }
     };
     let sequence = check_sequence(spec, req.sequence, &req.payload)?;
+    if let Some(seq) = &sequence
+        && !policy.allows_sequence_key(seq.key())
+    {
+        return Err(Problem::forbidden("sequence-key-not-allowed", "this client may not use that sequence key"));
+    }
+    sanitize::sanitize(&mut req.payload)
+        .map_err(|errors| Problem::validation("Payload out of bounds", "payload-out-of-bounds", errors))?;
     app.schemas.validate(&spec.name, &req.payload).map_err(|errors| {
         Problem::validation("Payload does not match the kind's schema", "schema-violation", errors)
     })?;

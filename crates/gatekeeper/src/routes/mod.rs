@@ -15,7 +15,7 @@ use gatehouse_protocol::Catalog;
 use crate::ids::IdMinter;
 use crate::keys::GatekeeperKeys;
 use crate::link::BrokerLink;
-use crate::policy::Policy;
+use crate::policy::{Policy, RateLimiter};
 use crate::problem::Problem;
 use crate::replies::Replies;
 use crate::schemas::Schemas;
@@ -25,6 +25,7 @@ pub struct App {
     pub catalog: Catalog,
     pub schemas: Schemas,
     pub policy: Policy,
+    pub rate: RateLimiter,
     pub ids: IdMinter,
     pub link: Arc<BrokerLink>,
     pub keys: Arc<GatekeeperKeys>,
