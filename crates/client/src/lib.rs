@@ -197,9 +197,12 @@ pub struct Connection {
     host: String,
 }
 
+/// Request bodies: whole (with a length) or streamed (chunked, no length).
+type Body = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
+
 enum Sender {
-    H1(SendRequest<Full<Bytes>>),
-    H2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+    H1(SendRequest<Body>),
+    H2(hyper::client::conn::http2::SendRequest<Body>),
 }
 
 impl Connection {
@@ -244,11 +247,40 @@ impl Connection {
         headers: &[(&str, &str)],
         body: Vec<u8>,
     ) -> Result<Response, ClientError> {
+        self.send(method, path, headers, Full::new(Bytes::from(body)).boxed()).await
+    }
+
+    /// A request whose body is streamed in `count` chunks of `chunk` (HTTP/1.1: chunked
+    /// transfer encoding, no length announced).
+    ///
+    /// # Errors
+    /// When the request cannot be sent or the answer not read.
+    pub async fn request_streamed(
+        &mut self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        chunk: Vec<u8>,
+        count: usize,
+    ) -> Result<Response, ClientError> {
+        let chunk = Bytes::from(chunk);
+        let frames = (0..count).map(move |_| Ok(hyper::body::Frame::data(chunk.clone())));
+        let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+        self.send(method, path, headers, BodyExt::boxed(body)).await
+    }
+
+    async fn send(
+        &mut self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Body,
+    ) -> Result<Response, ClientError> {
         let mut req = Request::builder().method(method).uri(path).header("host", &self.host);
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
-        let req = req.body(Full::new(Bytes::from(body))).map_err(|e| ClientError::Url(e.to_string()))?;
+        let req = req.body(body).map_err(|e| ClientError::Url(e.to_string()))?;
         let res = match &mut self.sender {
             Sender::H1(s) => {
                 s.ready().await?;

@@ -145,9 +145,14 @@ fn walk(v: &mut Value, path: &str, depth: usize, errors: &mut Vec<FieldError>) {
             }
         }
         Value::Number(n) => {
-            let fits = n.is_i64() || n.is_u64() || n.as_f64().is_some_and(|f| f.is_finite() && f.abs() < MAX_FLOAT);
+            let fits =
+                n.is_i64() || n.is_u64() || n.as_f64().is_some_and(|f| f.is_finite() && f.abs() < MAX_FLOAT);
             if !fits {
-                error(errors, path, format!("number out of range (integers fit 64 bits, others below {MAX_FLOAT:e})"));
+                error(
+                    errors,
+                    path,
+                    format!("number out of range (integers fit 64 bits, others below {MAX_FLOAT:e})"),
+                );
             }
         }
         Value::Array(items) => {

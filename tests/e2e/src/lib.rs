@@ -97,6 +97,10 @@ pub struct Options {
     pub worker_log: Option<&'static str>,
     /// Client certificate for `amqps://` broker URLs.
     pub broker_tls: Option<gatehouse_broker::BrokerTlsSettings>,
+    /// More client certificates to make (`NAME.pem` / `NAME.key`) ...
+    pub extra_clients: &'static [&'static str],
+    /// ... and more policy entries (TOML) appended to the test policy.
+    pub extra_policy: &'static str,
 }
 
 /// A running gatekeeper + worker pair.
@@ -182,12 +186,16 @@ impl TestSystem {
         let data = TempDir::new().expect("tempdir");
         gatehouse_cli::certs::write_dev(certs.path()).expect("dev certs");
         gatehouse_cli::certs::write_client(certs.path(), OTHER_CLIENT).expect("other client cert");
+        for name in options.extra_clients {
+            gatehouse_cli::certs::write_client(certs.path(), name).expect("extra client cert");
+        }
         let policy = data.path().join("policy.toml");
         std::fs::write(
             &policy,
             format!(
                 "[[client]]\nidentity = \"dev-client\"\nkinds = [\"*\"]\nmax_priority = 9\n\n\
-                 [[client]]\nidentity = \"{OTHER_CLIENT}\"\nkinds = [\"*\"]\nmax_priority = 9\n"
+                 [[client]]\nidentity = \"{OTHER_CLIENT}\"\nkinds = [\"*\"]\nmax_priority = 9\n\n{}",
+                options.extra_policy
             ),
         )
         .expect("policy");

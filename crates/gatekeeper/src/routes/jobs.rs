@@ -20,8 +20,8 @@ use serde_json::{Value, json};
 
 use super::App;
 use crate::problem::{FieldError, Problem};
-use crate::sanitize;
 use crate::replies::Waiter;
+use crate::sanitize;
 use crate::tls::ClientIdentity;
 
 /// `POST /v1/jobs`: check, publish with confirm, and optionally wait for the outcome.
@@ -107,7 +107,10 @@ async fn accept(
     if let Some(seq) = &sequence
         && !policy.allows_sequence_key(seq.key())
     {
-        return Err(Problem::forbidden("sequence-key-not-allowed", "this client may not use that sequence key"));
+        return Err(Problem::forbidden(
+            "sequence-key-not-allowed",
+            "this client may not use that sequence key",
+        ));
     }
     sanitize::sanitize(&mut req.payload)
         .map_err(|errors| Problem::validation("Payload out of bounds", "payload-out-of-bounds", errors))?;
