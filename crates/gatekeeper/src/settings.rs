@@ -76,6 +76,10 @@ pub struct TlsSettings {
     pub key: PathBuf,
     /// CA that signs client certificates (PEM); clients without such a certificate are refused.
     pub client_ca: PathBuf,
+    /// Optional certificate revocation list(s) of that CA (PEM). When set, a revoked client is
+    /// refused, and so is everyone once the CRL is past its next update (fail closed: renew it).
+    #[serde(default)]
+    pub client_crl: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -101,6 +101,10 @@ pub struct Options {
     pub extra_clients: &'static [&'static str],
     /// ... and more policy entries (TOML) appended to the test policy.
     pub extra_policy: &'static str,
+    /// Runs on the certificates folder before the gatekeeper loads it (to add test certs).
+    pub prepare_certs: Option<fn(&Path)>,
+    /// A CRL file in the certificates folder for the gatekeeper.
+    pub client_crl: Option<&'static str>,
 }
 
 /// A running gatekeeper + worker pair.
@@ -189,6 +193,9 @@ impl TestSystem {
         for name in options.extra_clients {
             gatehouse_cli::certs::write_client(certs.path(), name).expect("extra client cert");
         }
+        if let Some(prepare) = options.prepare_certs {
+            prepare(certs.path());
+        }
         let policy = data.path().join("policy.toml");
         std::fs::write(
             &policy,
@@ -273,6 +280,7 @@ impl TestSystem {
                 cert: certs.path().join("server.pem"),
                 key: certs.path().join("server.key"),
                 client_ca: certs.path().join("ca.pem"),
+                client_crl: options.client_crl.map(|f| certs.path().join(f)),
             },
             broker,
             catalog: PathSetting { path: catalog },

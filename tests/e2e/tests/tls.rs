@@ -70,3 +70,120 @@ async fn the_dev_client_certificate_is_accepted() {
     assert_eq!(res.status, 200);
     sys.stop().await;
 }
+
+/// The certificate grid: client certificates that are each wrong in one way. Made beside the
+/// test system's CA before its gatekeeper starts; `ca.crl` revokes `revoked`.
+fn grid(dir: &std::path::Path) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType,
+        ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevokedCertParams,
+        SerialNumber, date_time_ymd,
+    };
+    let ca_pem = std::fs::read_to_string(dir.join("ca.pem")).unwrap();
+    let issuer = Issuer::from_ca_cert_pem(
+        &ca_pem,
+        KeyPair::from_pem(&std::fs::read_to_string(dir.join("ca.key")).unwrap()).unwrap(),
+    )
+    .unwrap();
+    let base = |name: &str| {
+        let mut p = CertificateParams::new(Vec::new()).unwrap();
+        p.distinguished_name.push(DnType::CommonName, name);
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        p
+    };
+    let write = |name: &str, pem: String, key: &KeyPair| {
+        std::fs::write(dir.join(format!("{name}.pem")), pem).unwrap();
+        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+    };
+    let signed = |name: &str, p: CertificateParams| {
+        let key = KeyPair::generate().unwrap();
+        write(name, p.signed_by(&key, &issuer).unwrap().pem(), &key);
+    };
+    let mut expired = base("expired");
+    expired.not_before = date_time_ymd(2020, 1, 1);
+    expired.not_after = date_time_ymd(2021, 1, 1);
+    signed("expired", expired);
+    let mut future = base("future");
+    future.not_before = date_time_ymd(2099, 1, 1);
+    future.not_after = date_time_ymd(2100, 1, 1);
+    signed("future", future);
+    let mut server_only = base("serveronly");
+    server_only.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    signed("serveronly", server_only);
+    let mut ca_client = base("caclient");
+    ca_client.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_client.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyCertSign];
+    signed("caclient", ca_client);
+    let self_key = KeyPair::generate().unwrap();
+    write("selfsigned", base("selfsigned").self_signed(&self_key).unwrap().pem(), &self_key);
+    let mut revoked = base("revoked");
+    revoked.serial_number = Some(SerialNumber::from(4242u64));
+    signed("revoked", revoked);
+    let crl = CertificateRevocationListParams {
+        this_update: date_time_ymd(2024, 1, 1),
+        next_update: date_time_ymd(2099, 1, 1),
+        crl_number: SerialNumber::from(1u64),
+        issuing_distribution_point: None,
+        revoked_certs: vec![RevokedCertParams {
+            serial_number: SerialNumber::from(4242u64),
+            revocation_time: date_time_ymd(2024, 1, 1),
+            reason_code: None,
+            invalidity_date: None,
+        }],
+        key_identifier_method: KeyIdMethod::Sha256,
+    };
+    std::fs::write(dir.join("ca.crl"), crl.signed_by(&issuer).unwrap().pem().unwrap()).unwrap();
+    // A certificate with another client's key.
+    std::fs::copy(dir.join("client.pem"), dir.join("mismatch.pem")).unwrap();
+    std::fs::copy(dir.join("other-client.key"), dir.join("mismatch.key")).unwrap();
+}
+
+#[tokio::test]
+async fn the_certificate_grid_is_refused_at_tls() {
+    let sys = TestSystem::start_with(gatehouse_e2e::Options {
+        prepare_certs: Some(grid),
+        client_crl: Some("ca.crl"),
+        ..Default::default()
+    })
+    .await;
+    let dir = sys.certs.path();
+    let mut outcomes = Vec::new();
+    for name in ["expired", "future", "serveronly", "caclient", "selfsigned", "revoked", "mismatch"] {
+        let identity =
+            Identity { cert: dir.join(format!("{name}.pem")), key: dir.join(format!("{name}.key")) };
+        let outcome = match tls_config(&dir.join("ca.pem"), Some(&identity)) {
+            // rustls itself may refuse to build a client from a certificate and key that differ.
+            Err(e) => format!("client refused to use it: {e}"),
+            Ok(config) => refused(Client::with_tls(&sys.url(), config).unwrap()).await,
+        };
+        outcomes.push((name, outcome));
+    }
+    let expected = [
+        ("expired", "alert: CertificateExpired"),
+        ("future", "alert: CertificateExpired"),
+        ("serveronly", "alert: UnsupportedCertificate"),
+        ("caclient", "alert: CertificateUnknown"),
+        ("selfsigned", "alert: UnknownCA"),
+        ("revoked", "alert: CertificateRevoked"),
+        ("mismatch", "KeyMismatch"),
+    ];
+    for ((name, outcome), (_, want)) in outcomes.iter().zip(expected) {
+        assert!(outcome.contains(want), "{name}: want {want}, got {outcome}");
+    }
+    // Control: with the CRL in force, a client it does not revoke still gets in.
+    let mut conn = sys.connect().await;
+    assert_eq!(
+        conn.request(gatehouse_client::Method::GET, "/healthz", &[], Vec::new()).await.unwrap().status,
+        200
+    );
+    println!(
+        "certificate grid: {}",
+        outcomes
+            .iter()
+            .map(|(n, o)| format!("{n}: {}", o.rsplit(" <- ").next().unwrap_or(o)))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+    sys.stop().await;
+}
