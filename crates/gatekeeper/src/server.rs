@@ -21,6 +21,7 @@ use crate::tls::client_identity;
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub handshake_timeout: Duration,
+    pub header_read_timeout: Duration,
     pub max_connections: usize,
     pub stopping_wait_time: Duration,
 }
@@ -37,7 +38,8 @@ pub async fn serve(
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
     let mut http = Builder::new(TokioExecutor::new());
-    http.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(10));
+    http.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
+    http.http2().timer(TokioTimer::new());
     let http = Arc::new(http);
     tokio::pin!(shutdown);
 

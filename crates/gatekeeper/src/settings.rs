@@ -38,6 +38,8 @@ pub struct ServerSettings {
     pub listen: SocketAddr,
     /// A client that has not finished the TLS handshake by then is dropped.
     pub handshake_timeout_ms: u64,
+    /// A client that has not sent a request's headers by then is dropped (slowloris).
+    pub header_read_timeout_ms: u64,
     /// Largest request body accepted; larger ones get 413 before being read whole.
     pub max_body_bytes: usize,
     /// Open client connections at most; more are refused at accept.

@@ -72,6 +72,7 @@ impl Gatekeeper {
         });
         let limits = Limits {
             handshake_timeout: settings.server.handshake_timeout(),
+            header_read_timeout: std::time::Duration::from_millis(settings.server.header_read_timeout_ms),
             max_connections: settings.server.max_connections,
             stopping_wait_time: settings.server.stopping_wait_time(),
         };

@@ -35,7 +35,8 @@ fn json_value() -> impl Strategy<Value = Value> {
     leaf.prop_recursive(6, 64, 8, |inner| {
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
-            prop::collection::btree_map(".{0,12}", inner, 0..8).prop_map(|m| Value::Object(m.into_iter().collect())),
+            prop::collection::btree_map(".{0,12}", inner, 0..8)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
         ]
     })
 }
@@ -45,7 +46,9 @@ fn within_bounds(v: &Value, depth: usize) -> bool {
         && match v {
             Value::String(s) => !s.chars().any(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r')),
             Value::Array(a) => a.iter().all(|x| within_bounds(x, depth + 1)),
-            Value::Object(m) => m.iter().all(|(k, x)| !k.chars().any(char::is_control) && within_bounds(x, depth + 1)),
+            Value::Object(m) => {
+                m.iter().all(|(k, x)| !k.chars().any(char::is_control) && within_bounds(x, depth + 1))
+            }
             _ => true,
         }
 }

@@ -268,7 +268,8 @@ impl TestSystem {
         let gatekeeper = Gatekeeper::build(GatekeeperSettings {
             server: ServerSettings {
                 listen: "127.0.0.1:0".parse().expect("addr"),
-                handshake_timeout_ms: 5000,
+                handshake_timeout_ms: 2000,
+                header_read_timeout_ms: 2000,
                 max_body_bytes: 65536,
                 max_connections: 256,
                 max_wait_s: 30,

@@ -187,3 +187,62 @@ async fn the_certificate_grid_is_refused_at_tls() {
     );
     sys.stop().await;
 }
+
+/// Reads until the server closes; answers how long that took (or `None` past `limit`).
+async fn closed_within<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+    limit: std::time::Duration,
+) -> Option<std::time::Duration> {
+    use tokio::io::AsyncReadExt;
+    let start = std::time::Instant::now();
+    let mut buf = [0u8; 1024];
+    tokio::time::timeout(limit, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return start.elapsed(),
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await
+    .ok()
+}
+
+#[tokio::test]
+async fn slow_clients_are_closed_within_the_configured_timeouts() {
+    use tokio::io::AsyncWriteExt;
+    // The test system: handshake and header read timeouts of 2 s each.
+    let sys = TestSystem::start().await;
+    let limit = std::time::Duration::from_secs(4);
+
+    // A TCP connection that never starts the TLS handshake.
+    let mut idle = tokio::net::TcpStream::connect(sys.addr).await.unwrap();
+    let idle_closed = closed_within(&mut idle, limit).await.expect("idle connection left open");
+
+    // A client that completes mTLS, then trickles its request headers a byte at a time.
+    let identity =
+        Identity { cert: sys.certs.path().join("client.pem"), key: sys.certs.path().join("client.key") };
+    let config = tls_config(&sys.certs.path().join("ca.pem"), Some(&identity)).unwrap();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(sys.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    let start = std::time::Instant::now();
+    let trickle = async {
+        for b in
+            b"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ".iter().chain(std::iter::repeat(&b'a'))
+        {
+            if tls.write_all(&[*b]).await.is_err() || tls.flush().await.is_err() {
+                return start.elapsed();
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        unreachable!()
+    };
+    let slow_closed = tokio::time::timeout(limit, trickle).await.expect("slow client left open");
+    println!(
+        "slow clients: no handshake closed after {idle_closed:?}, trickled headers after {slow_closed:?}"
+    );
+    assert!(idle_closed >= std::time::Duration::from_millis(1500), "closed too early: {idle_closed:?}");
+    sys.stop().await;
+}
