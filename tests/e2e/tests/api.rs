@@ -164,3 +164,61 @@ async fn envelope_fields_set_by_the_gatekeeper_are_refused() {
     assert!(body["detail"].as_str().unwrap().contains("reply_to"), "{body}");
     sys.stop().await;
 }
+
+#[tokio::test]
+async fn the_openapi_document_matches_the_routes_and_their_statuses() {
+    let sys = TestSystem::start().await;
+    let mut conn = sys.connect().await;
+    let res = conn.request(gatehouse_client::Method::GET, "/openapi.json", &[], Vec::new()).await.unwrap();
+    assert_eq!(res.status, 200);
+    let doc = res.json();
+    assert_eq!(doc["openapi"], "3.1.0");
+    let paths: Vec<&str> = doc["paths"].as_object().unwrap().keys().map(String::as_str).collect();
+    assert_eq!(paths, ["/healthz", "/openapi.json", "/readyz", "/v1/jobs", "/v1/jobs/{id}"]);
+    let documented = |path: &str, method: &str, status: u16| {
+        doc["paths"][path][method]["responses"].get(status.to_string()).is_some()
+    };
+
+    // Every status the submit route gives (the bad-input corpus covers the rest) is documented.
+    for s in [200, 202, 400, 403, 413, 415, 422, 429, 503] {
+        assert!(documented("/v1/jobs", "post", s), "POST /v1/jobs {s} is not documented");
+    }
+    let good = json!({"kind": "vault.put", "payload": {"record": {"a": "b"}}});
+    let json_ct = [("content-type", "application/json")];
+    let seen = [
+        ("/v1/jobs", "post", conn.submit(&good, Some(10)).await.unwrap()),
+        ("/v1/jobs", "post", conn.submit(&good, None).await.unwrap()),
+        (
+            "/v1/jobs",
+            "post",
+            conn.request(gatehouse_client::Method::POST, "/v1/jobs", &json_ct, b"{".to_vec()).await.unwrap(),
+        ),
+        ("/v1/jobs", "post", conn.submit(&json!({"kind": "nope", "payload": {}}), None).await.unwrap()),
+        (
+            "/v1/jobs",
+            "post",
+            conn.request(gatehouse_client::Method::POST, "/v1/jobs", &[], b"{}".to_vec()).await.unwrap(),
+        ),
+        ("/v1/jobs/{id}", "get", conn.status(&"0".repeat(32)).await.unwrap()),
+        (
+            "/healthz",
+            "get",
+            conn.request(gatehouse_client::Method::GET, "/healthz", &[], Vec::new()).await.unwrap(),
+        ),
+        (
+            "/readyz",
+            "get",
+            conn.request(gatehouse_client::Method::GET, "/readyz", &[], Vec::new()).await.unwrap(),
+        ),
+    ];
+    let id = seen[1].2.json()["id"].as_str().unwrap().to_owned();
+    let status = conn.status(&id).await.unwrap();
+    for (path, method, res) in seen.iter().chain([&("/v1/jobs/{id}", "get", status)]) {
+        assert!(
+            documented(path, method, res.status),
+            "{method} {path} answered {}, not documented",
+            res.status
+        );
+    }
+    sys.stop().await;
+}

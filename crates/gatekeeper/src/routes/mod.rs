@@ -37,6 +37,13 @@ pub struct App {
     pub publish_timeout: Duration,
 }
 
+/// The OpenAPI 3.1 document of this API (checked in at `crates/gatekeeper/api/openapi.json`).
+pub const OPENAPI: &str = include_str!("../../api/openapi.json");
+
+async fn openapi() -> impl axum::response::IntoResponse {
+    ([(axum::http::header::CONTENT_TYPE, "application/json")], OPENAPI)
+}
+
 /// The API router. The client identity is inserted per connection by [`crate::server`].
 pub fn router(app: Arc<App>) -> Router {
     let limit = app.max_body_bytes;
@@ -45,6 +52,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/jobs/{id}", get(jobs::status))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
+        .route("/openapi.json", get(openapi))
         .fallback(|| async {
             Problem::new(axum::http::StatusCode::NOT_FOUND, "no-such-route", "Not found", "no such route")
         })
