@@ -8,9 +8,11 @@
 //! It holds no storage and no storage credentials: status queries travel to the worker over
 //! the broker like jobs do.
 
+pub mod admin;
 pub mod ids;
 pub mod keys;
 pub mod link;
+pub mod metrics;
 pub mod policy;
 pub mod problem;
 pub mod process;

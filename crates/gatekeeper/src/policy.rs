@@ -75,6 +75,36 @@ impl RateLimiter {
     }
 }
 
+/// The policy in force, replaceable while the gatekeeper runs (SIGHUP reloads the file):
+/// requests in flight keep the policy they started with.
+pub struct LivePolicy {
+    path: std::path::PathBuf,
+    current: std::sync::RwLock<std::sync::Arc<Policy>>,
+}
+
+impl LivePolicy {
+    /// # Errors
+    /// When the file cannot be loaded.
+    pub fn load(path: &Path) -> Result<Self, config::ConfigError> {
+        let current = std::sync::RwLock::new(std::sync::Arc::new(Policy::load(path)?));
+        Ok(Self { path: path.to_owned(), current })
+    }
+
+    pub fn current(&self) -> std::sync::Arc<Policy> {
+        self.current.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Reloads the file; on error the policy in force stays.
+    ///
+    /// # Errors
+    /// When the file cannot be loaded.
+    pub fn reload(&self) -> Result<(), config::ConfigError> {
+        let fresh = std::sync::Arc::new(Policy::load(&self.path)?);
+        *self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
+        Ok(())
+    }
+}
+
 /// All clients' policies.
 #[derive(Debug, Clone, Default)]
 pub struct Policy {

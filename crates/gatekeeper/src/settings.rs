@@ -16,6 +16,14 @@ pub struct GatekeeperSettings {
     pub policy: PathSetting,
     pub ids: IdSettings,
     pub keys: KeySettings,
+    pub admin: AdminSettings,
+}
+
+/// The plain-HTTP admin listener: `/healthz`, `/readyz`, `/metrics`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct AdminSettings {
+    /// Keep it on loopback (or a management network): it has no TLS and no authentication.
+    pub listen: SocketAddr,
 }
 
 /// Key files (see `gatehouse_protocol::keys`).

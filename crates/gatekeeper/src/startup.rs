@@ -12,7 +12,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::ids::IdMinter;
 use crate::keys::GatekeeperKeys;
 use crate::link::BrokerLink;
-use crate::policy::Policy;
+use crate::policy::LivePolicy;
 use crate::replies::Replies;
 use crate::routes::{self, App};
 use crate::schemas::Schemas;
@@ -25,6 +25,7 @@ const MAX_PENDING_REPLIES: usize = 65_536;
 /// A gatekeeper that is bound, connected and declared, not yet serving.
 pub struct Gatekeeper {
     listener: TcpListener,
+    admin: TcpListener,
     acceptor: TlsAcceptor,
     app: Arc<App>,
     limits: Limits,
@@ -40,13 +41,16 @@ impl Gatekeeper {
     pub async fn build(settings: GatekeeperSettings) -> anyhow::Result<Self> {
         let catalog = Catalog::load(&settings.catalog.path)?;
         let schemas = Schemas::compile(&catalog)?;
-        let policy = Policy::load(&settings.policy.path)
+        let policy = LivePolicy::load(&settings.policy.path)
             .with_context(|| format!("loading policy {}", settings.policy.path.display()))?;
         let ids = IdMinter::from_file(&settings.ids.secret_file)?;
         let acceptor = TlsAcceptor::from(crate::tls::server_config(&settings.tls)?);
         let listener = TcpListener::bind(settings.server.listen)
             .await
             .with_context(|| format!("binding {}", settings.server.listen))?;
+        let admin = TcpListener::bind(settings.admin.listen)
+            .await
+            .with_context(|| format!("binding the admin listener {}", settings.admin.listen))?;
 
         let topology = settings.broker.topology();
         let instance = instance_id();
@@ -59,6 +63,7 @@ impl Gatekeeper {
             catalog,
             schemas,
             policy,
+            metrics: Default::default(),
             rate: Default::default(),
             ids,
             link,
@@ -76,7 +81,7 @@ impl Gatekeeper {
             max_connections: settings.server.max_connections,
             stopping_wait_time: settings.server.stopping_wait_time(),
         };
-        Ok(Self { listener, acceptor, app, limits, supervisor })
+        Ok(Self { listener, admin, acceptor, app, limits, supervisor })
     }
 
     /// The bound address (useful with port 0).
@@ -87,6 +92,19 @@ impl Gatekeeper {
         self.listener.local_addr()
     }
 
+    /// The bound admin address.
+    ///
+    /// # Errors
+    /// When the socket has no local address.
+    pub fn admin_addr(&self) -> std::io::Result<SocketAddr> {
+        self.admin.local_addr()
+    }
+
+    /// A handle that reloads the client policy file (the process wires SIGHUP to it).
+    pub fn policy_reloader(&self) -> PolicyReloader {
+        PolicyReloader(self.app.clone())
+    }
+
     /// Serves until `shutdown` resolves, drains, and closes the broker connection.
     ///
     /// # Errors
@@ -94,11 +112,41 @@ impl Gatekeeper {
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         tracing::info!(addr = %self.listener.local_addr()?, "gatekeeper listening");
         let router = routes::router(self.app.clone());
+        let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+        let admin = axum::serve(self.admin, crate::admin::router(self.app.clone())).with_graceful_shutdown(
+            async move {
+                let _ = admin_stopped.await;
+            },
+        );
+        let admin = tokio::spawn(async move { admin.await });
         server::serve(self.listener, self.acceptor, router, self.limits, shutdown).await;
+        let _ = stop_admin.send(());
+        let _ = admin.await;
         self.supervisor.abort();
         self.app.link.close().await;
         tracing::info!(late_replies = self.app.replies.late_count(), "gatekeeper stopped");
         Ok(())
+    }
+}
+
+/// Reloads the client policy (see [`Gatekeeper::policy_reloader`]).
+#[derive(Clone)]
+pub struct PolicyReloader(Arc<App>);
+
+impl PolicyReloader {
+    /// Reloads `config/policy.toml`; on error the policy in force stays, and the error is
+    /// logged. Open connections are not touched.
+    pub fn reload(&self) -> bool {
+        match self.0.policy.reload() {
+            Ok(()) => {
+                tracing::info!("client policy reloaded");
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "client policy not reloaded; the previous one stays");
+                false
+            }
+        }
     }
 }
 

@@ -105,11 +105,17 @@ pub struct Options {
     pub prepare_certs: Option<fn(&Path)>,
     /// A CRL file in the certificates folder for the gatekeeper.
     pub client_crl: Option<&'static str>,
+    /// The gatekeeper's connection limit (default 256).
+    pub max_connections: Option<usize>,
 }
 
 /// A running gatekeeper + worker pair.
 pub struct TestSystem {
     pub addr: SocketAddr,
+    /// The gatekeeper's plain-HTTP admin listener.
+    pub admin_addr: SocketAddr,
+    /// Reloads the gatekeeper's policy file (what SIGHUP does in the process).
+    pub policy: gatehouse_gatekeeper::startup::PolicyReloader,
     pub certs: TempDir,
     pub prefix: String,
     pub data: TempDir,
@@ -271,7 +277,7 @@ impl TestSystem {
                 handshake_timeout_ms: 2000,
                 header_read_timeout_ms: 2000,
                 max_body_bytes: 65536,
-                max_connections: 256,
+                max_connections: options.max_connections.unwrap_or(256),
                 max_wait_s: 30,
                 status_timeout_ms: 5000,
                 publish_timeout_ms: 5000,
@@ -287,6 +293,9 @@ impl TestSystem {
             catalog: PathSetting { path: catalog },
             policy: PathSetting { path: policy },
             ids: IdSettings { secret_file: certs.path().join("gatekeeper-ids.secret") },
+            admin: gatehouse_gatekeeper::settings::AdminSettings {
+                listen: "127.0.0.1:0".parse().expect("addr"),
+            },
             keys: GatekeeperKeySettings {
                 signing_key: certs.path().join("gatekeeper-signing.key"),
                 sealing_key: certs.path().join("gatekeeper-sealing.key"),
@@ -297,10 +306,14 @@ impl TestSystem {
         .await
         .expect("gatekeeper builds");
         let addr = gatekeeper.local_addr().expect("addr");
+        let admin_addr = gatekeeper.admin_addr().expect("admin addr");
+        let policy = gatekeeper.policy_reloader();
         let (stop_g, rx_g) = oneshot::channel();
         let gatekeeper = tokio::spawn(gatekeeper.run_until_stopped(until(rx_g)));
         let system = Self {
             addr,
+            admin_addr,
+            policy,
             certs,
             prefix,
             data,
@@ -351,6 +364,11 @@ impl TestSystem {
     /// A connection as dev-client.
     pub async fn connect(&self) -> Connection {
         self.client().connect().await.expect("connect")
+    }
+
+    /// The gatekeeper's policy file.
+    pub fn policy_file(&self) -> PathBuf {
+        self.data.path().join("policy.toml")
     }
 
     /// The worker's data keys (encryption at rest).

@@ -9,13 +9,23 @@ use serde_json::Value;
 
 /// `method path` with a JSON body; answers (status, body).
 pub async fn call(method: &str, path: &str, body: Option<Value>) -> (u16, String) {
-    let tcp = tokio::net::TcpStream::connect("127.0.0.1:15672").await.expect("management API (port 15672)");
+    call_at("127.0.0.1:15672".parse().expect("addr"), method, path, body).await
+}
+
+/// The same against any plain-HTTP listener (e.g. the gatekeeper's admin listener).
+pub async fn call_at(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, String) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("plain HTTP listener");
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.expect("http");
     tokio::spawn(conn);
     let req = Request::builder()
         .method(method)
         .uri(path)
-        .header("host", "127.0.0.1:15672")
+        .header("host", addr.to_string())
         .header("authorization", "Basic Z3Vlc3Q6Z3Vlc3Q=") // guest:guest
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(body.map(|b| b.to_string()).unwrap_or_default())))

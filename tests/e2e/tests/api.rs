@@ -222,3 +222,61 @@ async fn the_openapi_document_matches_the_routes_and_their_statuses() {
     }
     sys.stop().await;
 }
+
+#[tokio::test]
+async fn excess_connections_are_refused_while_the_admin_healthz_answers() {
+    let sys =
+        TestSystem::start_with(gatehouse_e2e::Options { max_connections: Some(4), ..Default::default() })
+            .await;
+    // wait_ready used one connection and closed it; let the server notice.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut open = Vec::new();
+    for _ in 0..4 {
+        let mut c = sys.connect().await;
+        assert_eq!(
+            c.request(gatehouse_client::Method::GET, "/healthz", &[], Vec::new()).await.unwrap().status,
+            200
+        );
+        open.push(c);
+    }
+    let fifth = async {
+        let mut c = sys.client().connect().await?;
+        c.request(gatehouse_client::Method::GET, "/healthz", &[], Vec::new()).await
+    };
+    assert!(fifth.await.is_err(), "a fifth connection was served past the limit of 4");
+    let (status, _) = gatehouse_e2e::management::call_at(sys.admin_addr, "GET", "/healthz", None).await;
+    assert_eq!(status, 200, "the admin listener does not answer while the public one is full");
+    drop(open);
+    sys.stop().await;
+}
+
+#[tokio::test]
+async fn a_policy_reload_takes_effect_on_open_connections_and_is_counted() {
+    let sys = TestSystem::start().await;
+    let mut theirs = sys.client_as(OTHER_CLIENT).connect().await.unwrap();
+    let job = json!({"kind": "vault.put", "payload": {"record": {"r": 1}}});
+    assert_eq!(theirs.submit(&job, None).await.unwrap().status, 202);
+
+    // Take the other client out of the policy and reload (what SIGHUP does).
+    let policy = std::fs::read_to_string(sys.policy_file()).unwrap();
+    let without: String = policy
+        .split("[[client]]")
+        .filter(|c| !c.contains(OTHER_CLIENT))
+        .collect::<Vec<_>>()
+        .join("[[client]]");
+    std::fs::write(sys.policy_file(), without).unwrap();
+    assert!(sys.policy.reload());
+    // The same connection, still open, now gets the new policy.
+    assert_problem(&theirs.submit(&job, None).await.unwrap(), 403, "unknown-client");
+    // A broken file is not loaded: the policy in force stays.
+    std::fs::write(sys.policy_file(), "[[client]\nbroken").unwrap();
+    assert!(!sys.policy.reload());
+    assert_eq!(sys.connect().await.submit(&job, None).await.unwrap().status, 202);
+
+    let (status, metrics) = gatehouse_e2e::management::call_at(sys.admin_addr, "GET", "/metrics", None).await;
+    assert_eq!(status, 200);
+    assert!(metrics.contains("gatehouse_jobs_accepted_total 2"), "{metrics}");
+    assert!(metrics.contains("gatehouse_requests_rejected_total{reason=\"unknown-client\"} 1"), "{metrics}");
+    assert!(metrics.contains("gatehouse_broker_connected 1"), "{metrics}");
+    sys.stop().await;
+}

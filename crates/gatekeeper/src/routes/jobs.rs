@@ -33,8 +33,12 @@ pub async fn submit(
 ) -> Response {
     let wait = requested_wait(&headers).map(|w| w.min(app.max_wait));
     match accept(&app, &client, &headers, body, wait).await {
-        Ok(res) => res,
+        Ok(res) => {
+            app.metrics.accepted();
+            res
+        }
         Err(problem) => {
+            app.metrics.rejected(problem.slug());
             tracing::info!(client = %client.0, reason = problem.slug(), status = problem.status, "job rejected");
             problem.into_response()
         }
@@ -69,8 +73,8 @@ async fn accept(
             vec![field("/kind", format!("no job kind named {:?}", req.kind))],
         )
     })?;
-    let policy = app
-        .policy
+    let policies = app.policy.current();
+    let policy = policies
         .client(&client.0)
         .ok_or_else(|| Problem::forbidden("unknown-client", "this client identity has no policy"))?;
     if let Err(wait) = app.rate.take(&client.0, policy) {

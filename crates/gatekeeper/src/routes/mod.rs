@@ -15,7 +15,8 @@ use gatehouse_protocol::Catalog;
 use crate::ids::IdMinter;
 use crate::keys::GatekeeperKeys;
 use crate::link::BrokerLink;
-use crate::policy::{Policy, RateLimiter};
+use crate::metrics::Metrics;
+use crate::policy::{LivePolicy, RateLimiter};
 use crate::problem::Problem;
 use crate::replies::Replies;
 use crate::schemas::Schemas;
@@ -24,7 +25,8 @@ use crate::schemas::Schemas;
 pub struct App {
     pub catalog: Catalog,
     pub schemas: Schemas,
-    pub policy: Policy,
+    pub policy: LivePolicy,
+    pub metrics: Metrics,
     pub rate: RateLimiter,
     pub ids: IdMinter,
     pub link: Arc<BrokerLink>,
