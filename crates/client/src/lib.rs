@@ -250,8 +250,8 @@ impl Connection {
         self.send(method, path, headers, Full::new(Bytes::from(body)).boxed()).await
     }
 
-    /// A request whose body is streamed in `count` chunks of `chunk` (HTTP/1.1: chunked
-    /// transfer encoding, no length announced).
+    /// A request whose body is streamed in `count` chunks of `chunk`, `pace` apart (HTTP/1.1:
+    /// chunked transfer encoding, no length announced). For testing limits.
     ///
     /// # Errors
     /// When the request cannot be sent or the answer not read.
@@ -262,10 +262,22 @@ impl Connection {
         headers: &[(&str, &str)],
         chunk: Vec<u8>,
         count: usize,
+        pace: std::time::Duration,
     ) -> Result<Response, ClientError> {
         let chunk = Bytes::from(chunk);
-        let frames = (0..count).map(move |_| Ok(hyper::body::Frame::data(chunk.clone())));
-        let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+        let frames = futures_util::stream::unfold(0, move |sent| {
+            let chunk = chunk.clone();
+            async move {
+                if sent == count {
+                    return None;
+                }
+                if sent > 0 && !pace.is_zero() {
+                    tokio::time::sleep(pace).await;
+                }
+                Some((Ok(hyper::body::Frame::data(chunk)), sent + 1))
+            }
+        });
+        let body = http_body_util::StreamBody::new(frames);
         self.send(method, path, headers, BodyExt::boxed(body)).await
     }
 

@@ -38,7 +38,12 @@ pub async fn serve(
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
     let mut http = Builder::new(TokioExecutor::new());
-    http.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
+    // Headers: at most 64 of them, 16 KiB in all (hyper answers 431 past that).
+    http.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_headers(64)
+        .max_buf_size(16 * 1024);
     http.http2().timer(TokioTimer::new());
     let http = Arc::new(http);
     tokio::pin!(shutdown);

@@ -48,6 +48,9 @@ pub struct ServerSettings {
     pub handshake_timeout_ms: u64,
     /// A client that has not sent a request's headers by then is dropped (slowloris).
     pub header_read_timeout_ms: u64,
+    /// Longest a whole request may take, body included; then `408`. Must exceed
+    /// `max_wait_s` (a `Prefer: wait` request legitimately takes that long).
+    pub request_timeout_ms: u64,
     /// Largest request body accepted; larger ones get 413 before being read whole.
     pub max_body_bytes: usize,
     /// Open client connections at most; more are refused at accept.

@@ -74,6 +74,7 @@ impl Gatekeeper {
             max_wait: std::time::Duration::from_secs(settings.server.max_wait_s),
             status_timeout: settings.server.status_timeout(),
             publish_timeout: settings.server.publish_timeout(),
+            request_timeout: std::time::Duration::from_millis(settings.server.request_timeout_ms),
         });
         let limits = Limits {
             handshake_timeout: settings.server.handshake_timeout(),

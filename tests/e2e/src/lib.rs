@@ -276,6 +276,7 @@ impl TestSystem {
                 listen: "127.0.0.1:0".parse().expect("addr"),
                 handshake_timeout_ms: 2000,
                 header_read_timeout_ms: 2000,
+                request_timeout_ms: 15000,
                 max_body_bytes: 65536,
                 max_connections: options.max_connections.unwrap_or(256),
                 max_wait_s: 30,

@@ -295,7 +295,17 @@ async fn every_bad_request_gets_its_problem_and_publishes_nothing() {
     for _ in 0..5 {
         let mut conn = sys.connect().await;
         let headers = [("content-type", "application/json")];
-        match conn.request_streamed(Method::POST, "/v1/jobs", &headers, vec![b' '; 16 * 1024], 8).await {
+        match conn
+            .request_streamed(
+                Method::POST,
+                "/v1/jobs",
+                &headers,
+                vec![b' '; 16 * 1024],
+                8,
+                std::time::Duration::ZERO,
+            )
+            .await
+        {
             Ok(res) => {
                 assert_problem(&res, 413, "body-too-large");
                 answered_413 = true;

@@ -246,3 +246,72 @@ async fn slow_clients_are_closed_within_the_configured_timeouts() {
     assert!(idle_closed >= std::time::Duration::from_millis(1500), "closed too early: {idle_closed:?}");
     sys.stop().await;
 }
+
+#[tokio::test]
+async fn a_slow_body_gets_408_and_too_many_headers_get_431() {
+    let sys = TestSystem::start().await;
+    // Headers on time, then the body a byte every 250 ms: the request timeout (15 s here) ends it.
+    let mut conn = sys.connect().await;
+    let start = std::time::Instant::now();
+    let headers = [("content-type", "application/json")];
+    // 200 bytes at 250 ms: 50 s, far past the timeout.
+    let pace = std::time::Duration::from_millis(250);
+    let slow =
+        conn.request_streamed(gatehouse_client::Method::POST, "/v1/jobs", &headers, vec![b' '], 200, pace);
+    let res = tokio::time::timeout(std::time::Duration::from_secs(25), slow)
+        .await
+        .expect("a slow body was not cut off");
+    match res {
+        Ok(r) => {
+            gatehouse_e2e::assert_problem(&r, 408, "request-timeout");
+        }
+        Err(e) => panic!("no 408: {e}"),
+    }
+    assert!(
+        start.elapsed() >= std::time::Duration::from_secs(14),
+        "cut off too early: {:?}",
+        start.elapsed()
+    );
+
+    let mut conn = sys.connect().await;
+    let names: Vec<String> = (0..100).map(|i| format!("x-h{i}")).collect();
+    let many: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "v")).collect();
+    let res = conn.request(gatehouse_client::Method::GET, "/healthz", &many, Vec::new()).await.unwrap();
+    assert_eq!(res.status, 431, "100 headers were accepted");
+    sys.stop().await;
+}
+
+#[tokio::test]
+async fn tls_below_1_2_is_refused() {
+    // rustls implements nothing below TLS 1.2; check it from the outside with OpenSSL.
+    let Ok(out) = std::process::Command::new("openssl").arg("version").output() else {
+        eprintln!("openssl is not installed; not checked");
+        return;
+    };
+    assert!(out.status.success());
+    let sys = TestSystem::start().await;
+    let dir = sys.certs.path();
+    for version in ["-tls1_1", "-tls1"] {
+        let out = tokio::process::Command::new("openssl")
+            .args(["s_client", "-connect", &sys.addr.to_string(), version, "-cipher", "DEFAULT@SECLEVEL=0"])
+            .arg("-cert")
+            .arg(dir.join("client.pem"))
+            .arg("-key")
+            .arg(dir.join("client.key"))
+            .stdin(std::process::Stdio::null())
+            .output()
+            .await
+            .unwrap();
+        let text =
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(!out.status.success(), "{version} was accepted:\n{text}");
+        assert!(
+            text.contains("alert")
+                || text.contains("no protocols available")
+                || text.contains("unsupported protocol")
+                || text.contains("wrong version"),
+            "{version}: {text}"
+        );
+    }
+    sys.stop().await;
+}

@@ -37,6 +37,7 @@ pub struct App {
     pub max_wait: Duration,
     pub status_timeout: Duration,
     pub publish_timeout: Duration,
+    pub request_timeout: Duration,
 }
 
 /// The OpenAPI 3.1 document of this API (checked in at `crates/gatekeeper/api/openapi.json`).
@@ -44,6 +45,24 @@ pub const OPENAPI: &str = include_str!("../../api/openapi.json");
 
 async fn openapi() -> impl axum::response::IntoResponse {
     ([(axum::http::header::CONTENT_TYPE, "application/json")], OPENAPI)
+}
+
+/// Bounds a whole request, body included (a slow body is the slowloris that header timeouts
+/// do not catch): past `request_timeout`, `408`.
+async fn request_timeout(
+    axum::extract::State(app): axum::extract::State<Arc<App>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    match tokio::time::timeout(app.request_timeout, next.run(req)).await {
+        Ok(res) => res,
+        Err(_) => axum::response::IntoResponse::into_response(Problem::new(
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            "request-timeout",
+            "Request timeout",
+            "the request took too long (a slow body?)",
+        )),
+    }
 }
 
 /// The API router. The client identity is inserted per connection by [`crate::server`].
@@ -67,5 +86,6 @@ pub fn router(app: Arc<App>) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn_with_state(app.clone(), request_timeout))
         .with_state(app)
 }
