@@ -27,7 +27,9 @@ pub struct BrokerLink {
     replies: Arc<Replies>,
     keys: Arc<GatekeeperKeys>,
     publisher: RwLock<Option<Publisher>>,
-    connection: tokio::sync::Mutex<Option<Connection>>,
+    /// The connection and its reply channel (closed first on shutdown, so that the consumer
+    /// ends cleanly instead of with a connection error).
+    connection: tokio::sync::Mutex<Option<(Connection, gatehouse_broker::lapin::Channel)>>,
 }
 
 impl BrokerLink {
@@ -84,9 +86,9 @@ impl BrokerLink {
             .declare_reply_queue(&setup, self.replies.instance())
             .await
             .context("declaring the reply queue (has the worker declared the topology?)")?;
-        let reply_consumer = self.replies.clone().consume(setup, self.keys.clone()).await?;
+        let reply_consumer = self.replies.clone().consume(setup.clone(), self.keys.clone()).await?;
         self.set(Some(Publisher::open(&connection).await?));
-        *self.connection.lock().await = Some(connection);
+        *self.connection.lock().await = Some((connection, setup));
         Ok(reply_consumer)
     }
 
@@ -102,7 +104,7 @@ impl BrokerLink {
                     }
                 }
                 self.set(None);
-                if let Some(conn) = self.connection.lock().await.take() {
+                if let Some((conn, _)) = self.connection.lock().await.take() {
                     let _ = conn.close(200, "reconnecting".into()).await;
                 }
                 tracing::warn!("broker link lost; answering 503 until it is back");
@@ -125,7 +127,8 @@ impl BrokerLink {
     /// Closes the current connection (on shutdown).
     pub async fn close(&self) {
         self.set(None);
-        if let Some(c) = self.connection.lock().await.take() {
+        if let Some((c, replies)) = self.connection.lock().await.take() {
+            let _ = replies.close(200, "gatekeeper stopping".into()).await;
             let _ = c.close(200, "gatekeeper stopping".into()).await;
         }
     }

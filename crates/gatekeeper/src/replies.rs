@@ -154,7 +154,7 @@ impl Replies {
                     }
                 }
             }
-            tracing::warn!("reply consumer stopped");
+            tracing::debug!("reply consumer stopped");
         }))
     }
 }

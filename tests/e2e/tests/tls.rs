@@ -240,6 +240,17 @@ async fn slow_clients_are_closed_within_the_configured_timeouts() {
         unreachable!()
     };
     let slow_closed = tokio::time::timeout(limit, trickle).await.expect("slow client left open");
+
+    // A keep-alive connection that went quiet after one request.
+    let tcp = tokio::net::TcpStream::connect(sys.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut quiet = connector.connect(name, tcp).await.unwrap();
+    quiet.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").await.unwrap();
+    let quiet_closed = closed_within(&mut quiet, std::time::Duration::from_secs(30))
+        .await
+        .expect("idle keep-alive left open");
+    println!("idle keep-alive connection closed after {quiet_closed:?}");
+    assert!(quiet_closed <= limit, "an idle keep-alive connection stayed open {quiet_closed:?}");
     println!(
         "slow clients: no handshake closed after {idle_closed:?}, trickled headers after {slow_closed:?}"
     );
