@@ -5,8 +5,9 @@
 //!   verifier holds several public keys.
 //! - **Sealing**: the payload is encrypted to the recipient's X25519 public key: an ephemeral
 //!   key pair, ECDH, HKDF-SHA256, AES-256-GCM with associated data binding it to its job. ring
-//!   has no *static* X25519 private keys (its agreement keys are ephemeral only), so the key
-//!   agreement uses `x25519-dalek`; HKDF and AES-GCM are ring's.
+//!   has no *static* X25519 private keys (its agreement keys are ephemeral only), so the
+//!   recipient's side of the agreement uses `x25519-dalek`; the sender's ephemeral side, HKDF
+//!   and AES-GCM are ring's.
 //! - **At rest**: AES-256-GCM under a data key from a keyring; the key id is stored with each
 //!   value, so old values stay readable after the active key changes.
 
@@ -183,15 +184,25 @@ impl OpeningKey {
     }
 }
 
-/// Seals `plain` to `recipient` (an X25519 public key), bound to `aad`.
+/// Seals `plain` to `recipient` (an X25519 public key), bound to `aad`. The sender's side is
+/// ephemeral, which ring does (fast, constant-time assembly).
 ///
 /// # Errors
 /// Without system randomness.
 pub fn seal(recipient: &[u8; 32], plain: &[u8], aad: &[u8]) -> Result<Sealed, CryptoError> {
-    let ephemeral = x25519_dalek::StaticSecret::from(random::<32>()?);
-    let epk = x25519_dalek::PublicKey::from(&ephemeral).to_bytes();
-    let shared = ephemeral.diffie_hellman(&x25519_dalek::PublicKey::from(*recipient));
-    let key = derive(shared.as_bytes(), &epk, recipient)?;
+    use ring::agreement::{EphemeralPrivateKey, UnparsedPublicKey, X25519, agree_ephemeral};
+    let rng = SystemRandom::new();
+    let ephemeral = EphemeralPrivateKey::generate(&X25519, &rng).map_err(|_| CryptoError::Random)?;
+    let epk: [u8; 32] = ephemeral
+        .compute_public_key()
+        .map_err(|_| CryptoError::Random)?
+        .as_ref()
+        .try_into()
+        .map_err(|_| CryptoError::BadKey("x25519 public key"))?;
+    let key = agree_ephemeral(ephemeral, &UnparsedPublicKey::new(&X25519, recipient), |shared| {
+        derive(shared, &epk, recipient)
+    })
+    .map_err(|_| CryptoError::BadKey("x25519 agreement"))??;
     let nonce = random::<12>()?;
     let mut buf = plain.to_vec();
     key.seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut buf)
