@@ -4,6 +4,7 @@
 //! Flow: gatekeeper --publish(confirmed)--> `gatehouse.jobs` --> `gatehouse.jobs.<class>`
 //! --> worker --> reply queue of the gatekeeper instance that asked.
 
+pub mod process;
 pub mod publisher;
 pub mod shutdown;
 pub mod signing;

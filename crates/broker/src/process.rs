@@ -1,0 +1,46 @@
+//! The shape both component processes share: logging, settings (exit 64 when they are bad,
+//! before anything is bound or connected), a runtime, then run until stopped.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// Runs component `name`: `NAME [CONFIG]` (default `config/NAME.toml`), settings read by
+/// `load`, then `run` until it returns.
+pub fn main<S, E, F, Fut>(name: &str, load: impl FnOnce(&Path) -> Result<S, E>, run: F) -> ExitCode
+where
+    E: std::fmt::Display,
+    F: FnOnce(S) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,lapin=warn".into()),
+        )
+        .init();
+    let path = std::env::args_os()
+        .nth(1)
+        .map_or_else(|| PathBuf::from(format!("config/{name}.toml")), PathBuf::from);
+    let settings = match load(&path) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{name}: bad configuration in {}: {e}", path.display());
+            return ExitCode::from(64);
+        }
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{name}: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(settings)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "{name} failed");
+            ExitCode::FAILURE
+        }
+    }
+}
