@@ -15,8 +15,9 @@ use tokio::task::JoinHandle;
 use crate::keys::GatekeeperKeys;
 use crate::replies::Replies;
 
-/// Longest pause between reconnection attempts.
-const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// Longest pause between reconnection attempts: short, since every request answers 503 until
+/// the link is back, and an attempt on a broker that is down costs one refused connection.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// How often the supervisor checks that the publishing channel is still open (the broker
 /// closes a channel that publishes to a missing exchange, without closing the connection).
 const CHECK_EVERY: Duration = Duration::from_millis(500);

@@ -25,7 +25,7 @@ use crate::keys::WorkerKeys;
 use crate::settings::WorkerSettings;
 
 /// Longest pause between reconnection attempts.
-const MAX_BACKOFF: Duration = Duration::from_secs(15);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// A worker with storage open and a first broker session established, not yet consuming.
 pub struct Worker {
