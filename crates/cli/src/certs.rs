@@ -17,8 +17,10 @@ use rcgen::{
 pub const DEV_CLIENT: &str = "dev-client";
 
 /// Writes `ca.pem`, `ca.key`, `server.pem`, `server.key`, `client.pem`, `client.key`,
-/// `gatekeeper-ids.secret`, and the signing, sealing and data keys of gatekeeper and worker
-/// (see `gatehouse_protocol::keys`) into `dir`.
+/// `broker.pem` / `broker.key` (for a broker's TLS listener), `gatekeeper-amqp.pem` /
+/// `worker-amqp.pem` (+ keys, for the components' amqps link), `gatekeeper-ids.secret`, and the
+/// signing, sealing and data keys of gatekeeper and worker (see `gatehouse_protocol::keys`)
+/// into `dir`.
 ///
 /// # Errors
 /// When a file cannot be written or a certificate cannot be made.
@@ -49,6 +51,20 @@ pub fn write_dev(dir: &Path) -> anyhow::Result<()> {
     write(dir, "server.key", &server_key.serialize_pem(), true)?;
 
     write_client_with(dir, "client", DEV_CLIENT, &issuer)?;
+
+    // The broker's TLS listener (docker-compose names it `rabbitmq`) and the two components'
+    // client certificates for the link to it.
+    let mut broker = CertificateParams::new(Vec::new())?;
+    broker.distinguished_name.push(DnType::CommonName, "rabbitmq");
+    broker.subject_alt_names =
+        vec![SanType::DnsName("rabbitmq".try_into()?), SanType::DnsName("localhost".try_into()?)];
+    broker.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    broker.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let broker_key = KeyPair::generate()?;
+    write(dir, "broker.pem", &broker.signed_by(&broker_key, &issuer)?.pem(), false)?;
+    write(dir, "broker.key", &broker_key.serialize_pem(), true)?;
+    write_client_with(dir, "gatekeeper-amqp", "gatekeeper", &issuer)?;
+    write_client_with(dir, "worker-amqp", "worker", &issuer)?;
 
     let mut secret = [0u8; 32];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
