@@ -79,7 +79,7 @@ async fn run_components(bin_dir: &Path, certs: &Path, node: &broker_node::Broker
 
     if healthy.is_ok() {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => println!("\nstopping..."),
+            () = gatehouse_broker::shutdown::signal() => println!("\nstopping..."),
             s = worker.wait() => eprintln!("worker exited ({s:?}); stopping"),
             s = gatekeeper.wait() => eprintln!("gatekeeper exited ({s:?}); stopping"),
         }
