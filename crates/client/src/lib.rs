@@ -94,14 +94,7 @@ fn file_err(path: &Path, e: impl ToString) -> ClientError {
 /// # Errors
 /// When the file cannot be read or holds no certificate.
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, ClientError> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| file_err(path, e))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| file_err(path, e))?;
-    if certs.is_empty() {
-        return Err(file_err(path, "no certificate in file"));
-    }
-    Ok(certs)
+    gatehouse_protocol::pem::load_certs(path).map_err(|e| file_err(path, e))
 }
 
 /// A rustls client configuration trusting `ca`, presenting `identity` if given.

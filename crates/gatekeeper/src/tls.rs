@@ -29,14 +29,7 @@ fn file_err(path: &Path, reason: impl ToString) -> TlsError {
 /// # Errors
 /// When the file cannot be read or holds no certificate.
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| file_err(path, e))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| file_err(path, e))?;
-    if certs.is_empty() {
-        return Err(file_err(path, "no certificate in file"));
-    }
-    Ok(certs)
+    gatehouse_protocol::pem::load_certs(path).map_err(|e| file_err(path, e))
 }
 
 /// TLS 1.3 and 1.2 (ring; rustls has no older versions at all), a client certificate signed by

@@ -11,6 +11,7 @@ pub mod envelope;
 pub mod hex;
 pub mod ids;
 pub mod keys;
+pub mod pem;
 pub mod settings;
 pub mod status;
 pub mod submit;
