@@ -46,7 +46,7 @@ impl Metrics {
         let _ = writeln!(out, "gatehouse_replies_late_total {late_replies}");
         let _ = writeln!(
             out,
-            "# HELP gatehouse_replies_forged_total Replies dropped: not signed by the worker, or not openable."
+            "# HELP gatehouse_replies_forged_total Replies dropped: not sealed by the worker, or altered."
         );
         let _ = writeln!(out, "# TYPE gatehouse_replies_forged_total counter");
         let _ = writeln!(out, "gatehouse_replies_forged_total {forged_replies}");

@@ -29,13 +29,12 @@ pub struct AdminSettings {
 /// Key files (see `gatehouse_protocol::keys`).
 #[derive(Debug, Clone, Deserialize)]
 pub struct KeySettings {
-    /// The gatekeeper's Ed25519 key; signs every job and query.
+    /// The gatekeeper's Ed25519 key; signs its sessions with the worker, which vouch for every
+    /// job and query.
     pub signing_key: PathBuf,
-    /// The gatekeeper's X25519 secret; opens the worker's sealed replies.
+    /// The gatekeeper's X25519 secret; with the worker's public key it makes the pair key
+    /// that opens (and authenticates) the worker's replies.
     pub sealing_key: PathBuf,
-    /// Public keys of the worker(s); replies signed by none of them are dropped. Several
-    /// during a key rotation.
-    pub worker_signing_keys: Vec<PathBuf>,
     /// The worker's X25519 public key; job payloads are sealed to it.
     pub worker_sealing_key: PathBuf,
 }

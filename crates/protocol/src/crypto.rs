@@ -1,13 +1,14 @@
 //! Signing and sealing of what crosses the broker, and encryption at rest.
 //!
-//! - **Signatures**: Ed25519 (ring) over the exact message body. The key id (first 8 bytes of
-//!   SHA-256 of the public key, hex) travels beside the signature, so keys can rotate: a
-//!   verifier holds several public keys.
-//! - **Sealing**: the payload is encrypted to the recipient's X25519 public key: an ephemeral
-//!   key pair, ECDH, HKDF-SHA256, AES-256-GCM with associated data binding it to its job. ring
+//! - **Sessions** (gatekeeper → worker): the sender signs (Ed25519, ring) a short-lived
+//!   ephemeral X25519 key once per [`Session`]; per message it then seals the payload with
+//!   AES-256-GCM and authenticates the whole body with HMAC-SHA256, both under keys derived
+//!   (HKDF-SHA256) from the agreement with the recipient's static key. The signer's key id
+//!   travels with the session, so keys can rotate: a verifier holds several public keys. ring
 //!   has no *static* X25519 private keys (its agreement keys are ephemeral only), so the
-//!   recipient's side of the agreement uses `x25519-dalek`; the sender's ephemeral side, HKDF
-//!   and AES-GCM are ring's.
+//!   recipient's side of the agreement uses `x25519-dalek`; everything else is ring's.
+//! - **Replies** (worker → gatekeeper): AES-256-GCM under a [`PairKey`] both derive from their
+//!   static X25519 keys; only the two of them can make or open one.
 //! - **At rest**: AES-256-GCM under a data key from a keyring; the key id is stored with each
 //!   value, so old values stay readable after the active key changes.
 
@@ -129,10 +130,10 @@ impl Verifier {
 
 // ---- sealing --------------------------------------------------------------------------------
 
-/// Data encrypted to one recipient's X25519 key.
+/// Data sealed to one recipient in a [`Session`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Sealed {
-    /// The sender's ephemeral X25519 public key (hex).
+    /// The ephemeral X25519 public key of the sender's [`Session`] (hex).
     pub epk: String,
     /// AES-GCM nonce (hex).
     pub nonce: String,
@@ -165,49 +166,168 @@ impl OpeningKey {
         x25519_dalek::PublicKey::from(&self.secret).to_bytes()
     }
 
-    /// Opens `sealed`; `aad` must be what the sealer bound it to.
+    fn agree(&self, public: &[u8; 32]) -> [u8; 32] {
+        self.secret.diffie_hellman(&x25519_dalek::PublicKey::from(*public)).to_bytes()
+    }
+}
+
+// ---- sessions -------------------------------------------------------------------------------
+
+/// A sender's session with one recipient: everything the gatekeeper sends the worker for a
+/// while (see [`SESSION_LIFETIME_MS`]) is sealed and authenticated under it.
+///
+/// At its start the sender makes an ephemeral X25519 key, agrees on a secret with the
+/// recipient's static key, derives an AES-256-GCM sealing key and an HMAC-SHA256 key from it
+/// (HKDF), and signs a *statement* — the ephemeral public key, the recipient's key and the
+/// start time — with its Ed25519 key. The ephemeral private key is gone after the agreement.
+///
+/// Per message that leaves one AES-GCM and one HMAC instead of two X25519 operations and an
+/// Ed25519 signature; the recipient verifies the statement once per session (and caches the
+/// result), then checks each message's MAC. Only the holder of the ephemeral key (the sender)
+/// or of the recipient's secret can compute the MAC key, so a valid MAC under a validly
+/// signed statement proves the message came from the sender, unaltered. A compromised sender
+/// can open at most what it sealed in its current session: earlier session keys are dropped.
+pub struct Session {
+    epk: [u8; 32],
+    started_at_ms: u64,
+    key_id: String,
+    signature: Vec<u8>,
+    seal: LessSafeKey,
+    mac: ring::hmac::Key,
+}
+
+/// How long a sender uses one session before starting the next.
+pub const SESSION_LIFETIME_MS: u64 = 10_000;
+
+const SESSION_CONTEXT: &[u8] = b"gatehouse session v1\0";
+
+fn statement(epk: &[u8; 32], recipient: &[u8; 32], started_at_ms: u64) -> Vec<u8> {
+    [SESSION_CONTEXT, epk, recipient, &started_at_ms.to_be_bytes()].concat()
+}
+
+impl Session {
+    /// Starts a session from `signer` to `recipient` (an X25519 public key).
     ///
     /// # Errors
-    /// [`CryptoError::Open`] when the key is wrong or anything was altered.
+    /// Without system randomness, or for a recipient key that is not a curve point.
+    pub fn start(signer: &SigningKey, recipient: &[u8; 32], now_ms: u64) -> Result<Self, CryptoError> {
+        use ring::agreement::{EphemeralPrivateKey, UnparsedPublicKey, X25519, agree_ephemeral};
+        let rng = SystemRandom::new();
+        let ephemeral = EphemeralPrivateKey::generate(&X25519, &rng).map_err(|_| CryptoError::Random)?;
+        let epk: [u8; 32] = ephemeral
+            .compute_public_key()
+            .map_err(|_| CryptoError::Random)?
+            .as_ref()
+            .try_into()
+            .map_err(|_| CryptoError::BadKey("x25519 public key"))?;
+        let (seal, mac) = agree_ephemeral(ephemeral, &UnparsedPublicKey::new(&X25519, recipient), |shared| {
+            session_keys(shared, &epk, recipient)
+        })
+        .map_err(|_| CryptoError::BadKey("x25519 agreement"))??;
+        let signature = signer.sign(&statement(&epk, recipient, now_ms));
+        Ok(Self { epk, started_at_ms: now_ms, key_id: signer.id().to_owned(), signature, seal, mac })
+    }
+
+    /// The recipient's side: checks the sender's signature on the session `header` (see
+    /// [`Session::header`]) by the key `key_id`, and derives the same keys with `mine`.
+    ///
+    /// # Errors
+    /// [`CryptoError::Malformed`], [`CryptoError::UnknownKey`] or [`CryptoError::BadSignature`].
+    pub fn accept(
+        verifier: &Verifier,
+        key_id: &str,
+        header: &str,
+        mine: &OpeningKey,
+    ) -> Result<Self, CryptoError> {
+        let mut parts = header.split('.');
+        let (Some(epk), Some(started), Some(sig), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(CryptoError::Malformed);
+        };
+        let epk: [u8; 32] = hex::decode(epk).and_then(|b| b.try_into().ok()).ok_or(CryptoError::Malformed)?;
+        let started_at_ms: u64 = started.parse().map_err(|_| CryptoError::Malformed)?;
+        let signature = hex::decode(sig).ok_or(CryptoError::Malformed)?;
+        let recipient = mine.public_key();
+        verifier.verify(key_id, &statement(&epk, &recipient, started_at_ms), &signature)?;
+        let (seal, mac) = session_keys(&mine.agree(&epk), &epk, &recipient)?;
+        Ok(Self { epk, started_at_ms, key_id: key_id.to_owned(), signature, seal, mac })
+    }
+
+    /// The session as a message header: `<ephemeral key hex>.<start ms>.<signature hex>`.
+    pub fn header(&self) -> String {
+        format!("{}.{}.{}", hex::encode(&self.epk), self.started_at_ms, hex::encode(&self.signature))
+    }
+
+    /// The id of the key that signed the session.
+    pub fn key_id(&self) -> &str {
+        &self.key_id
+    }
+
+    pub fn started_at_ms(&self) -> u64 {
+        self.started_at_ms
+    }
+
+    /// Seals `plain`, bound to `aad`.
+    ///
+    /// # Errors
+    /// Without system randomness.
+    pub fn seal(&self, plain: &[u8], aad: &[u8]) -> Result<Sealed, CryptoError> {
+        let nonce = random::<12>()?;
+        let mut buf = plain.to_vec();
+        self.seal
+            .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut buf)
+            .map_err(|_| CryptoError::Open)?;
+        Ok(Sealed { epk: hex::encode(&self.epk), nonce: hex::encode(&nonce), ct: hex::encode(&buf) })
+    }
+
+    /// Opens what [`Session::seal`] sealed in this session; `aad` must be what it was bound to.
+    ///
+    /// # Errors
+    /// [`CryptoError::Open`] when it was sealed in another session or anything was altered.
     pub fn open(&self, sealed: &Sealed, aad: &[u8]) -> Result<Vec<u8>, CryptoError> {
-        let epk: [u8; 32] =
-            hex::decode(&sealed.epk).and_then(|b| b.try_into().ok()).ok_or(CryptoError::Malformed)?;
+        if hex::decode(&sealed.epk).as_deref() != Some(&self.epk[..]) {
+            return Err(CryptoError::Open);
+        }
         let nonce: [u8; 12] =
             hex::decode(&sealed.nonce).and_then(|b| b.try_into().ok()).ok_or(CryptoError::Malformed)?;
         let mut ct = hex::decode(&sealed.ct).ok_or(CryptoError::Malformed)?;
-        let shared = self.secret.diffie_hellman(&x25519_dalek::PublicKey::from(epk));
-        let key = derive(shared.as_bytes(), &epk, &self.public_key())?;
-        let plain = key
+        let plain = self
+            .seal
             .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut ct)
             .map_err(|_| CryptoError::Open)?;
         Ok(plain.to_vec())
     }
+
+    /// The MAC of a whole message body (hex).
+    pub fn mac(&self, body: &[u8]) -> String {
+        hex::encode(ring::hmac::sign(&self.mac, body).as_ref())
+    }
+
+    /// Checks a MAC made by [`Session::mac`] (in constant time).
+    ///
+    /// # Errors
+    /// [`CryptoError::BadSignature`] when it does not match.
+    pub fn check_mac(&self, body: &[u8], mac_hex: &str) -> Result<(), CryptoError> {
+        let tag = hex::decode(mac_hex).ok_or(CryptoError::BadSignature)?;
+        ring::hmac::verify(&self.mac, body, &tag).map_err(|_| CryptoError::BadSignature)
+    }
 }
 
-/// Seals `plain` to `recipient` (an X25519 public key), bound to `aad`. The sender's side is
-/// ephemeral, which ring does (fast, constant-time assembly).
-///
-/// # Errors
-/// Without system randomness.
-pub fn seal(recipient: &[u8; 32], plain: &[u8], aad: &[u8]) -> Result<Sealed, CryptoError> {
-    use ring::agreement::{EphemeralPrivateKey, UnparsedPublicKey, X25519, agree_ephemeral};
-    let rng = SystemRandom::new();
-    let ephemeral = EphemeralPrivateKey::generate(&X25519, &rng).map_err(|_| CryptoError::Random)?;
-    let epk: [u8; 32] = ephemeral
-        .compute_public_key()
-        .map_err(|_| CryptoError::Random)?
-        .as_ref()
-        .try_into()
-        .map_err(|_| CryptoError::BadKey("x25519 public key"))?;
-    let key = agree_ephemeral(ephemeral, &UnparsedPublicKey::new(&X25519, recipient), |shared| {
-        derive(shared, &epk, recipient)
-    })
-    .map_err(|_| CryptoError::BadKey("x25519 agreement"))??;
-    let nonce = random::<12>()?;
-    let mut buf = plain.to_vec();
-    key.seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut buf)
-        .map_err(|_| CryptoError::Open)?;
-    Ok(Sealed { epk: hex::encode(&epk), nonce: hex::encode(&nonce), ct: hex::encode(&buf) })
+/// The sealing and MAC keys of a session: HKDF-SHA256 of the shared secret, salted with both
+/// public keys.
+fn session_keys(
+    shared: &[u8],
+    epk: &[u8; 32],
+    recipient: &[u8; 32],
+) -> Result<(LessSafeKey, ring::hmac::Key), CryptoError> {
+    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, &[&epk[..], &recipient[..]].concat()).extract(shared);
+    let seal =
+        prk.expand(&[b"gatehouse session seal v1"], &AES_256_GCM).map_err(|_| CryptoError::BadKey("hkdf"))?;
+    let mac = prk
+        .expand(&[b"gatehouse session mac v1"], ring::hmac::HMAC_SHA256)
+        .map_err(|_| CryptoError::BadKey("hkdf"))?;
+    Ok((LessSafeKey::new(UnboundKey::from(seal)), ring::hmac::Key::from(mac)))
 }
 
 /// Data sealed under a [`PairKey`].
@@ -222,8 +342,8 @@ pub struct Boxed {
 /// The key two parties share by static X25519 agreement (my secret, your public key): what
 /// one seals only the other can open. Derived once at start-up, so sealing costs one AES-GCM
 /// and no key agreement. Used for replies, whose plaintext the worker holds anyway; job
-/// payloads are sealed with a fresh ephemeral key each ([`seal`]), so that a compromised
-/// gatekeeper cannot open what is already queued.
+/// payloads are sealed in short [`Session`]s with ephemeral keys, so that a compromised
+/// gatekeeper cannot open what was queued before its current session.
 pub struct PairKey {
     key: LessSafeKey,
 }
@@ -384,18 +504,65 @@ mod tests {
         assert!(matches!(stranger.verify(key.id(), b"body", &sig), Err(CryptoError::UnknownKey(_))));
     }
 
+    fn keys() -> (SigningKey, Verifier, OpeningKey) {
+        let signer = SigningKey::from_pkcs8(&SigningKey::generate_pkcs8().unwrap()).unwrap();
+        let verifier = Verifier::new([signer.public_key()]).unwrap();
+        (signer, verifier, OpeningKey::from_bytes(&OpeningKey::generate().unwrap()).unwrap())
+    }
+
     #[test]
-    fn sealed_data_opens_only_with_the_right_key_and_aad() {
-        let worker = OpeningKey::from_bytes(&OpeningKey::generate().unwrap()).unwrap();
-        let sealed = seal(&worker.public_key(), b"secret payload", b"job-1").unwrap();
+    fn a_session_opens_and_authenticates_only_for_its_recipient() {
+        let (signer, verifier, worker) = keys();
+        let sent = Session::start(&signer, &worker.public_key(), 1_000).unwrap();
+        let got = Session::accept(&verifier, signer.id(), &sent.header(), &worker).unwrap();
+        assert_eq!(got.started_at_ms(), 1_000);
+
+        let sealed = sent.seal(b"secret payload", b"job-1").unwrap();
         assert!(!sealed.ct.contains(&hex::encode(b"secret")));
-        assert_eq!(worker.open(&sealed, b"job-1").unwrap(), b"secret payload");
-        assert_eq!(worker.open(&sealed, b"job-2"), Err(CryptoError::Open));
+        assert_eq!(got.open(&sealed, b"job-1").unwrap(), b"secret payload");
+        assert_eq!(got.open(&sealed, b"job-2"), Err(CryptoError::Open));
         let mut tampered = sealed.clone();
         tampered.ct.replace_range(0..2, if &tampered.ct[0..2] == "00" { "01" } else { "00" });
-        assert_eq!(worker.open(&tampered, b"job-1"), Err(CryptoError::Open));
+        assert_eq!(got.open(&tampered, b"job-1"), Err(CryptoError::Open));
+
+        let mac = sent.mac(b"body");
+        assert_eq!(got.check_mac(b"body", &mac), Ok(()));
+        assert_eq!(got.check_mac(b"bodY", &mac), Err(CryptoError::BadSignature));
+
+        // Another recipient verifies the statement only for itself: the signature binds the
+        // recipient's key, so the header is refused.
         let stranger = OpeningKey::from_bytes(&OpeningKey::generate().unwrap()).unwrap();
-        assert_eq!(stranger.open(&sealed, b"job-1"), Err(CryptoError::Open));
+        assert_eq!(
+            Session::accept(&verifier, signer.id(), &sent.header(), &stranger).err(),
+            Some(CryptoError::BadSignature)
+        );
+        // A later session of the same sender cannot open or vouch for this one's messages.
+        let next = Session::start(&signer, &worker.public_key(), 2_000).unwrap();
+        let next = Session::accept(&verifier, signer.id(), &next.header(), &worker).unwrap();
+        assert_eq!(next.open(&sealed, b"job-1"), Err(CryptoError::Open));
+        assert_eq!(next.check_mac(b"body", &mac), Err(CryptoError::BadSignature));
+    }
+
+    #[test]
+    fn a_session_header_must_be_signed_by_a_trusted_key_and_unaltered() {
+        let (signer, verifier, worker) = keys();
+        let header = Session::start(&signer, &worker.public_key(), 1_000).unwrap().header();
+        let later = header.replacen(".1000.", ".1001.", 1);
+        assert_eq!(
+            Session::accept(&verifier, signer.id(), &later, &worker).err(),
+            Some(CryptoError::BadSignature)
+        );
+        let (other, _, _) = keys();
+        let forged = Session::start(&other, &worker.public_key(), 1_000).unwrap().header();
+        assert!(Session::accept(&verifier, signer.id(), &forged, &worker).is_err());
+        assert!(matches!(
+            Session::accept(&verifier, other.id(), &forged, &worker),
+            Err(CryptoError::UnknownKey(_))
+        ));
+        assert_eq!(
+            Session::accept(&verifier, signer.id(), "00.1.00", &worker).err(),
+            Some(CryptoError::Malformed)
+        );
     }
 
     #[test]

@@ -1,14 +1,15 @@
 //! What travels through the broker, gatekeeper → worker and back.
 //!
-//! The payload of a job never travels in the clear: the gatekeeper seals it to the worker's
-//! X25519 key ([`SealedJob`]), and the worker seals every reply to the gatekeeper's key
-//! ([`SealedReply`]). Routing and ordering need only the plaintext metadata. Every message is
-//! also signed (see `gatehouse_broker::signing`).
+//! The payload of a job never travels in the clear: the gatekeeper seals it to the worker in
+//! its current [`Session`] ([`SealedJob`]), and the worker seals every reply under the
+//! worker–gatekeeper [`PairKey`] ([`SealedReply`]). Routing and ordering need only the
+//! plaintext metadata. Every message from the gatekeeper also carries its session and a MAC
+//! of its body ([`Provenance`], see `gatehouse_broker::signing`).
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::crypto::{self, Boxed, CryptoError, OpeningKey, PairKey, Sealed};
+use crate::crypto::{Boxed, CryptoError, PairKey, Sealed, Session};
 use crate::{JobId, JobStatus, Priority, Sequence};
 
 /// One accepted job, with its payload in the clear: what the worker's handlers see.
@@ -47,11 +48,11 @@ fn job_aad(id: &JobId, kind: &str, client: &str) -> Vec<u8> {
 }
 
 impl JobEnvelope {
-    /// Seals the payload to the worker's public key.
+    /// Seals the payload to the worker in `session`.
     ///
     /// # Errors
     /// Without system randomness.
-    pub fn seal(&self, worker: &[u8; 32]) -> Result<SealedJob, CryptoError> {
+    pub fn seal(&self, session: &Session) -> Result<SealedJob, CryptoError> {
         let plain = serde_json::to_vec(&self.payload).map_err(|_| CryptoError::Malformed)?;
         Ok(SealedJob {
             id: self.id.clone(),
@@ -59,19 +60,19 @@ impl JobEnvelope {
             client: self.client.clone(),
             priority: self.priority,
             sequence: self.sequence.clone(),
-            payload: crypto::seal(worker, &plain, &job_aad(&self.id, &self.kind, &self.client))?,
+            payload: session.seal(&plain, &job_aad(&self.id, &self.kind, &self.client))?,
             submitted_at_ms: self.submitted_at_ms,
         })
     }
 }
 
 impl SealedJob {
-    /// Opens the payload with the worker's key.
+    /// Opens the payload in the session it was sealed in.
     ///
     /// # Errors
-    /// When the key is wrong or anything bound to the payload was altered.
-    pub fn open(self, key: &OpeningKey) -> Result<JobEnvelope, CryptoError> {
-        let plain = key.open(&self.payload, &job_aad(&self.id, &self.kind, &self.client))?;
+    /// When it was sealed in another session or anything bound to the payload was altered.
+    pub fn open(self, session: &Session) -> Result<JobEnvelope, CryptoError> {
+        let plain = session.open(&self.payload, &job_aad(&self.id, &self.kind, &self.client))?;
         let payload = serde_json::from_slice(&plain).map_err(|_| CryptoError::Malformed)?;
         Ok(JobEnvelope {
             id: self.id,
@@ -96,6 +97,16 @@ impl SealedJob {
             submitted_at_ms: self.submitted_at_ms,
         }
     }
+}
+
+/// What vouches for a message from the gatekeeper: the id of the key that signed its session,
+/// the session ([`Session::header`]) and the MAC of its body. Kept with a stored copy, so that
+/// the copy can be published again and still be accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Provenance {
+    pub key_id: String,
+    pub session: String,
+    pub mac: String,
 }
 
 /// A query from the gatekeeper to the worker over the control queue.
@@ -138,7 +149,12 @@ mod tests {
 
     #[test]
     fn a_sealed_job_travels_without_its_payload_and_opens_whole() {
+        use crate::crypto::{OpeningKey, SigningKey, Verifier};
         let worker = OpeningKey::from_bytes(&OpeningKey::generate().unwrap()).unwrap();
+        let gk = SigningKey::from_pkcs8(&SigningKey::generate_pkcs8().unwrap()).unwrap();
+        let session = Session::start(&gk, &worker.public_key(), 1).unwrap();
+        let verifier = Verifier::new([gk.public_key()]).unwrap();
+        let opened = Session::accept(&verifier, gk.id(), &session.header(), &worker).unwrap();
         let env = JobEnvelope {
             id: JobId::from_bytes([1; 16]),
             kind: "vault.put".into(),
@@ -148,18 +164,19 @@ mod tests {
             payload: json!({"record": {"card": "4111-MARKER"}}),
             submitted_at_ms: 1,
         };
-        let wire = serde_json::to_string(&env.seal(&worker.public_key()).unwrap()).unwrap();
+        let wire = serde_json::to_string(&env.seal(&session).unwrap()).unwrap();
         assert!(!wire.contains("MARKER"), "{wire}");
         let sealed: SealedJob = serde_json::from_str(&wire).unwrap();
-        assert_eq!(sealed.clone().open(&worker).unwrap().payload, env.payload);
+        assert_eq!(sealed.clone().open(&opened).unwrap().payload, env.payload);
         // The payload cannot be moved to another client's job.
         let mut moved = sealed;
         moved.client = "mallory".into();
-        assert!(moved.open(&worker).is_err());
+        assert!(moved.open(&opened).is_err());
     }
 
     #[test]
     fn replies_are_bound_to_their_correlation_id() {
+        use crate::crypto::OpeningKey;
         let gk = OpeningKey::from_bytes(&OpeningKey::generate().unwrap()).unwrap();
         let worker = OpeningKey::from_bytes(&OpeningKey::generate().unwrap()).unwrap();
         let (w, g) = (

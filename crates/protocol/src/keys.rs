@@ -3,7 +3,6 @@
 //! | file | holds | who reads it |
 //! |---|---|---|
 //! | `gatekeeper-signing.key` / `.pub` | Ed25519 (PKCS#8 / raw public) | gatekeeper / worker |
-//! | `worker-signing.key` / `.pub` | Ed25519 | worker / gatekeeper |
 //! | `worker-sealing.key` / `.pub` | X25519 | worker / gatekeeper |
 //! | `gatekeeper-sealing.key` / `.pub` | X25519 | gatekeeper / worker |
 //! | `worker-data.keys` | AES-256 data keys (keyring) | worker |
@@ -77,11 +76,12 @@ pub fn keyring(path: &Path) -> Result<Keyring, KeyFileError> {
 /// # Errors
 /// When a file cannot be written or there is no system randomness.
 pub fn write_dev(dir: &Path) -> Result<(), KeyFileError> {
+    // Only the gatekeeper signs: the worker's replies are authenticated by the pair key.
+    let pkcs8 = SigningKey::generate_pkcs8().map_err(|e| err(dir, e))?;
+    let key = SigningKey::from_pkcs8(&pkcs8).map_err(|e| err(dir, e))?;
+    write(&dir.join("gatekeeper-signing.key"), &hex::encode(&pkcs8), true)?;
+    write(&dir.join("gatekeeper-signing.pub"), &hex::encode(&key.public_key()), false)?;
     for who in ["gatekeeper", "worker"] {
-        let pkcs8 = SigningKey::generate_pkcs8().map_err(|e| err(dir, e))?;
-        let key = SigningKey::from_pkcs8(&pkcs8).map_err(|e| err(dir, e))?;
-        write(&dir.join(format!("{who}-signing.key")), &hex::encode(&pkcs8), true)?;
-        write(&dir.join(format!("{who}-signing.pub")), &hex::encode(&key.public_key()), false)?;
         let secret = OpeningKey::generate().map_err(|e| err(dir, e))?;
         let opening = OpeningKey::from_bytes(&secret).map_err(|e| err(dir, e))?;
         write(&dir.join(format!("{who}-sealing.key")), &hex::encode(&secret), true)?;
@@ -119,9 +119,12 @@ mod tests {
         let gk = signing_key(&dir.join("gatekeeper-signing.key")).unwrap();
         let v = verifier(&[dir.join("gatekeeper-signing.pub")]).unwrap();
         assert!(v.verify(gk.id(), b"m", &gk.sign(b"m")).is_ok());
-        let sealed =
-            crate::crypto::seal(&sealing_key(&dir.join("worker-sealing.pub")).unwrap(), b"p", b"a").unwrap();
-        assert_eq!(opening_key(&dir.join("worker-sealing.key")).unwrap().open(&sealed, b"a").unwrap(), b"p");
+        let worker = opening_key(&dir.join("worker-sealing.key")).unwrap();
+        let session =
+            crate::crypto::Session::start(&gk, &sealing_key(&dir.join("worker-sealing.pub")).unwrap(), 1)
+                .unwrap();
+        let opened = crate::crypto::Session::accept(&v, gk.id(), &session.header(), &worker).unwrap();
+        assert_eq!(opened.open(&session.seal(b"p", b"a").unwrap(), b"a").unwrap(), b"p");
         assert_eq!(keyring(&dir.join("worker-data.keys")).unwrap().active_id(), "k1");
         std::fs::remove_dir_all(&dir).unwrap();
     }

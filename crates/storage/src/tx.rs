@@ -3,7 +3,7 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use gatehouse_protocol::crypto::Keyring;
-use gatehouse_protocol::{JobId, JobState};
+use gatehouse_protocol::{JobId, JobState, Provenance};
 use ring::rand::{SecureRandom, SystemRandom};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::Value;
@@ -42,8 +42,8 @@ pub struct Parked {
     pub correlation_id: Option<String>,
     /// Unix ms after which the job stops waiting and is dead-lettered.
     pub deadline_ms: i64,
-    /// The gatekeeper's signature of `envelope`: (key id, signature hex).
-    pub signature: Option<(String, String)>,
+    /// What vouches for `envelope` (from the gatekeeper's headers).
+    pub provenance: Option<Provenance>,
 }
 
 /// How often a job was started, and how the last try failed.
@@ -66,12 +66,12 @@ fn to_i64(n: u64) -> Result<i64, StorageError> {
 }
 
 const PARKED_COLUMNS: &str =
-    "job_id, seq_key, seq_number, envelope, reply_to, correlation_id, deadline_ms, key_id, signature";
+    "job_id, seq_key, seq_number, envelope, reply_to, correlation_id, deadline_ms, key_id, session, mac";
 
 /// A `parked` row as (job id text, the rest); the id is parsed by the caller.
 fn parked_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, Parked)> {
-    let key_id: Option<String> = r.get(7)?;
-    let signature: Option<String> = r.get(8)?;
+    let (key_id, session, mac): (Option<String>, Option<String>, Option<String>) =
+        (r.get(7)?, r.get(8)?, r.get(9)?);
     Ok((
         r.get(0)?,
         Parked {
@@ -82,7 +82,10 @@ fn parked_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, Parked)> {
             reply_to: r.get(4)?,
             correlation_id: r.get(5)?,
             deadline_ms: r.get(6)?,
-            signature: key_id.zip(signature),
+            provenance: match (key_id, session, mac) {
+                (Some(key_id), Some(session), Some(mac)) => Some(Provenance { key_id, session, mac }),
+                _ => None,
+            },
         },
     ))
 }
@@ -339,8 +342,8 @@ impl<'c> Tx<'c> {
     pub fn park(&self, p: &Parked) -> Result<(), StorageError> {
         self.exec(
             "INSERT INTO parked (seq_key, seq_number, job_id, envelope, reply_to, correlation_id, parked_at_ms,
-                 deadline_ms, key_id, signature)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                 deadline_ms, key_id, session, mac)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             params![
                 p.seq_key,
                 to_i64(p.seq_number)?,
@@ -350,8 +353,9 @@ impl<'c> Tx<'c> {
                 p.correlation_id,
                 now_ms(),
                 p.deadline_ms,
-                p.signature.as_ref().map(|s| &s.0),
-                p.signature.as_ref().map(|s| &s.1)
+                p.provenance.as_ref().map(|p| &p.key_id),
+                p.provenance.as_ref().map(|p| &p.session),
+                p.provenance.as_ref().map(|p| &p.mac)
             ],
         )?;
         Ok(())
@@ -551,7 +555,7 @@ mod tests {
                     reply_to: None,
                     correlation_id: Some("c".into()),
                     deadline_ms: 0,
-                    signature: None,
+                    provenance: None,
                 })
             })
             .await

@@ -17,11 +17,11 @@
 //! timeout. Priority cannot overtake a sequence: a priority-9 job for number 5 parks until 4
 //! applied.
 
-use gatehouse_protocol::crypto::OpeningKey;
-use gatehouse_protocol::{Catalog, JobEnvelope, JobId, JobState, JobStatus, KindSpec, SealedJob};
+use gatehouse_protocol::{Catalog, JobEnvelope, JobId, JobState, JobStatus, KindSpec, Provenance};
 use gatehouse_storage::{Parked, StorageError, StoredJob, Tx, now_ms};
 
 use crate::handlers::{self, Outcome};
+use crate::keys::Sessions;
 
 /// Where the answer about a job goes, if anyone waits for it.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -65,8 +65,8 @@ pub struct Arrival {
     pub env: JobEnvelope,
     /// The message body as it arrived (sealed): what a parked job keeps.
     pub raw: Vec<u8>,
-    /// The gatekeeper's signature of `raw`: (key id, signature hex).
-    pub signature: Option<(String, String)>,
+    /// What vouched for `raw` (the gatekeeper's session and MAC), kept with a parked copy.
+    pub provenance: Option<Provenance>,
     pub target: ReplyTarget,
     /// `gatehouse dlq replay` sent it: forget that it was dead-lettered.
     pub replay: bool,
@@ -83,14 +83,14 @@ pub fn decide_and_run(
     tx: &Tx<'_>,
     catalog: &Catalog,
     spec: &KindSpec,
-    opening: &OpeningKey,
+    sessions: &Sessions,
     arrival: &Arrival,
 ) -> Result<Decided, ApplyError> {
     match prepare(tx, spec, arrival)? {
         Step::Decided(d) => Ok(d),
         Step::Run { .. } => {
             tx.begin_attempt(&arrival.env.id, &arrival.env.client)?;
-            run_in_storage(tx, catalog, opening, &arrival.env, &arrival.target).map(Decided::Done)
+            run_in_storage(tx, catalog, sessions, &arrival.env, &arrival.target).map(Decided::Done)
         }
     }
 }
@@ -110,7 +110,7 @@ pub enum ApplyError {
 /// # Errors
 /// Only storage failures, which roll the whole decision back.
 pub fn prepare(tx: &Tx<'_>, spec: &KindSpec, arrival: &Arrival) -> Result<Step, StorageError> {
-    let Arrival { env, raw, signature, target, replay } = arrival;
+    let Arrival { env, raw, provenance, target, replay } = arrival;
     if *replay {
         tx.forget_dead_lettered(&env.id)?;
     }
@@ -141,7 +141,7 @@ pub fn prepare(tx: &Tx<'_>, spec: &KindSpec, arrival: &Arrival) -> Result<Step, 
                 reply_to: target.reply_to.clone(),
                 correlation_id: target.correlation_id.clone(),
                 deadline_ms: now_ms().saturating_add((spec.gap_timeout_s * 1000) as i64),
-                signature: signature.clone(),
+                provenance: provenance.clone(),
             })?;
             let mut status = JobStatus::new(env.id.clone(), JobState::WaitingForSequence);
             status.expected = Some(expected);
@@ -185,7 +185,7 @@ pub fn begin(
 pub fn run_in_storage(
     tx: &Tx<'_>,
     catalog: &Catalog,
-    opening: &OpeningKey,
+    sessions: &Sessions,
     env: &JobEnvelope,
     target: &ReplyTarget,
 ) -> Result<Vec<Answer>, ApplyError> {
@@ -195,19 +195,19 @@ pub fn run_in_storage(
     }
     match handlers::run(tx, env)? {
         Outcome::Retryable(e) => Err(ApplyError::Retry(e)),
-        outcome => Ok(record_outcome(tx, catalog, opening, env, outcome, target)?),
+        outcome => Ok(record_outcome(tx, catalog, sessions, env, outcome, target)?),
     }
 }
 
 /// Records a decided outcome (success or permanent failure); for sequenced jobs, advances the
-/// sequence and runs the parked successors (stored sealed; `opening` opens them).
+/// sequence and runs the parked successors (stored sealed; `sessions` opens them).
 ///
 /// # Errors
 /// Only storage failures.
 pub fn record_outcome(
     tx: &Tx<'_>,
     catalog: &Catalog,
-    opening: &OpeningKey,
+    sessions: &Sessions,
     env: &JobEnvelope,
     outcome: Outcome,
     target: &ReplyTarget,
@@ -226,9 +226,8 @@ pub fn record_outcome(
     let mut answers = vec![answer(record(tx, env, outcome, Some((key.clone(), number)))?, target)];
     let mut next = number + 1;
     while let Some(parked) = tx.take_parked(&key, next)? {
-        let env = serde_json::from_slice::<SealedJob>(&parked.envelope)
-            .map_err(|e| e.to_string())
-            .and_then(|sealed| sealed.open(opening).map_err(|e| e.to_string()))
+        let env = sessions
+            .open_stored(&parked.envelope, parked.provenance.as_ref())
             .map_err(|e| StorageError::Corrupt(format!("parked job {}: {e}", parked.job_id)))?;
         // Successors are storage handlers (sequenced kinds are); one that asks for a retry
         // here is recorded as failed rather than holding its key.
@@ -347,7 +346,9 @@ fn stored(
 #[cfg(test)]
 mod tests {
     use std::path::Path;
+    use std::sync::OnceLock;
 
+    use gatehouse_protocol::crypto::{OpeningKey, Session, SigningKey, Verifier};
     use gatehouse_protocol::submit::RawSequence;
     use gatehouse_protocol::{Priority, Sequence};
     use gatehouse_storage::Store;
@@ -371,9 +372,21 @@ mod tests {
         }
     }
 
-    /// The worker's sealing key in these tests (a fixed one, so every delivery can open).
-    fn opening() -> OpeningKey {
-        OpeningKey::from_bytes(&[7; 32]).unwrap()
+    /// A gatekeeper session and the worker's side of it, shared by these tests.
+    struct TestKeys {
+        session: Session,
+        sessions: Sessions,
+    }
+
+    fn keys() -> &'static TestKeys {
+        static KEYS: OnceLock<TestKeys> = OnceLock::new();
+        KEYS.get_or_init(|| {
+            let gk = SigningKey::from_pkcs8(&SigningKey::generate_pkcs8().unwrap()).unwrap();
+            let worker = OpeningKey::from_bytes(&[7; 32]).unwrap();
+            let session = Session::start(&gk, &worker.public_key(), 1).unwrap();
+            let sessions = Sessions::new(Verifier::new([gk.public_key()]).unwrap(), worker);
+            TestKeys { session, sessions }
+        })
     }
 
     fn store(dir: &tempfile::TempDir) -> Store {
@@ -384,13 +397,19 @@ mod tests {
     /// Delivers `env` as the consumer would for a storage kind, without a broker.
     async fn deliver(store: &Store, env: JobEnvelope) -> Vec<Answer> {
         let catalog = catalog();
-        let raw = serde_json::to_vec(&env.seal(&opening().public_key()).unwrap()).unwrap();
+        let session = &keys().session;
+        let raw = serde_json::to_vec(&env.seal(session).unwrap()).unwrap();
+        let provenance = Some(Provenance {
+            key_id: session.key_id().to_owned(),
+            session: session.header(),
+            mac: session.mac(&raw),
+        });
         store
             .transact(move |tx| -> Result<_, ApplyError> {
                 let spec = catalog.kind(&env.kind).unwrap().clone();
                 let target = ReplyTarget::default();
-                let arrival = Arrival { env, raw, signature: None, target, replay: false };
-                match decide_and_run(tx, &catalog, &spec, &opening(), &arrival)? {
+                let arrival = Arrival { env, raw, provenance, target, replay: false };
+                match decide_and_run(tx, &catalog, &spec, &keys().sessions, &arrival)? {
                     Decided::Done(a) => Ok(a),
                     d => panic!("unexpected {d:?}"),
                 }
@@ -452,7 +471,7 @@ mod tests {
                 let arrival = Arrival {
                     env,
                     raw: b"{}".to_vec(),
-                    signature: None,
+                    provenance: None,
                     target: ReplyTarget::default(),
                     replay: false,
                 };

@@ -74,9 +74,9 @@ pub async fn handle_job(ctx: Arc<Context>, mut delivery: Delivery) {
     let data = std::mem::take(&mut delivery.data);
     let class = delivery.routing_key.to_string();
     // Nothing unsigned, forged or stale runs, or even gets parsed beyond what checking needs.
-    let opened = signing::verify(&delivery.properties, &data, &ctx.keys.gatekeeper)
+    let opened = signing::verify(&delivery.properties, &data, |id, s| ctx.keys.sessions.get(id, s))
         .map_err(|_| Refusal::BadSignature)
-        .and_then(|()| ctx.keys.open_job(&data));
+        .and_then(|session| ctx.keys.open_job(&data, &session));
     let env = match opened {
         Ok(env) => env,
         Err(refusal) => {
@@ -125,7 +125,7 @@ impl Job<'_> {
         Arrival {
             env: self.env.clone(),
             raw: self.data.to_vec(),
-            signature: signing::signature_of(&self.delivery.properties),
+            provenance: signing::provenance_of(&self.delivery.properties),
             target: self.target.clone(),
             replay,
         }
@@ -158,7 +158,7 @@ impl Job<'_> {
                 (self.ctx.catalog.clone(), self.spec.clone(), self.ctx.keys.clone(), self.arrival(replay));
             self.ctx
                 .store
-                .transact(move |tx| apply::decide_and_run(tx, &catalog, &spec, &keys.opening, &arrival))
+                .transact(move |tx| apply::decide_and_run(tx, &catalog, &spec, &keys.sessions, &arrival))
                 .await
         };
         let error = match decided {
@@ -292,7 +292,7 @@ async fn run(
     };
     let (catalog, keys, env, target) = (ctx.catalog.clone(), ctx.keys.clone(), env.clone(), target.clone());
     ctx.store
-        .transact(move |tx| apply::record_outcome(tx, &catalog, &keys.opening, &env, outcome, &target))
+        .transact(move |tx| apply::record_outcome(tx, &catalog, &keys.sessions, &env, outcome, &target))
         .await
         .map_err(|e| format!("storage: {e}"))
 }
@@ -396,9 +396,9 @@ async fn finish(ctx: &Context, delivery: &Delivery, answers: &[Answer]) {
 
 /// Answers one status query from the gatekeeper.
 pub async fn handle_control(ctx: Arc<Context>, delivery: Delivery) {
-    let query = signing::verify(&delivery.properties, &delivery.data, &ctx.keys.gatekeeper)
+    let query = signing::verify(&delivery.properties, &delivery.data, |id, s| ctx.keys.sessions.get(id, s))
         .ok()
-        .and_then(|()| serde_json::from_slice::<ControlRequest>(&delivery.data).ok());
+        .and_then(|_| serde_json::from_slice::<ControlRequest>(&delivery.data).ok());
     match query {
         Some(ControlRequest::Status { id, client, sent_at_ms })
             if WorkerKeys::is_fresh(sent_at_ms, CONTROL_MAX_AGE) =>

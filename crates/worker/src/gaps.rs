@@ -46,9 +46,9 @@ async fn sweep_once(ctx: &Context) -> anyhow::Result<()> {
         if let Some(c) = &parked.correlation_id {
             props = props.with_correlation_id(c.as_str().into());
         }
-        // Keep the gatekeeper's signature, so that the dead letter can be replayed.
-        if let Some(sig) = parked.signature.clone() {
-            props = signing::with_signature(props, sig);
+        // Keep the gatekeeper's provenance, so that the dead letter can be replayed.
+        if let Some(p) = parked.provenance.clone() {
+            props = signing::with_provenance(props, p);
         }
         let error = format!(
             "number {} of {} waited past the gap timeout for its predecessor",

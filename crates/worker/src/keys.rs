@@ -1,34 +1,98 @@
-//! The worker's keys: it signs replies, opens job payloads, seals replies to the gatekeeper,
-//! trusts only the gatekeeper's signing keys, and encrypts what it stores.
+//! The worker's keys: it accepts only sessions signed by the gatekeeper's keys, opens job
+//! payloads in them, seals replies under the worker–gatekeeper pair key, and encrypts what it
+//! stores.
 
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use gatehouse_protocol::crypto::{CryptoError, OpeningKey, PairKey, SigningKey, Verifier};
-use gatehouse_protocol::{JobEnvelope, SealedJob, keys};
+use gatehouse_protocol::crypto::{CryptoError, OpeningKey, PairKey, Session, Verifier};
+use gatehouse_protocol::{JobEnvelope, Provenance, SealedJob, keys};
 
 use crate::settings::KeySettings;
 
-/// Everything the worker needs to check and open what arrives and to sign and seal what leaves.
+/// Everything the worker needs to check and open what arrives and to seal what leaves.
 pub struct WorkerKeys {
-    pub signing: SigningKey,
-    pub opening: OpeningKey,
-    pub gatekeeper: Verifier,
-    pub gatekeeper_sealing: [u8; 32],
+    pub sessions: Sessions,
     /// Seals replies for the gatekeeper (static agreement, derived once).
     pub replies: PairKey,
     pub max_message_age: Duration,
 }
 
+/// The gatekeeper's sessions: each is verified (an Ed25519 signature and a key agreement) the
+/// first time a message of it arrives, then kept, so that its other messages cost only a MAC
+/// check and an AES-GCM open.
+pub struct Sessions {
+    gatekeeper: Verifier,
+    opening: OpeningKey,
+    verified: Mutex<Verified>,
+}
+
+#[derive(Default)]
+struct Verified {
+    by_header: HashMap<String, Arc<Session>>,
+    order: VecDeque<String>,
+}
+
+/// Sessions kept; a gatekeeper starts one every 10 s, so this covers about ten minutes of a
+/// dozen gatekeepers. Older ones are verified again when a message of theirs comes back.
+const SESSIONS_KEPT: usize = 1024;
+
+impl Sessions {
+    pub fn new(gatekeeper: Verifier, opening: OpeningKey) -> Self {
+        Self { gatekeeper, opening, verified: Mutex::default() }
+    }
+
+    /// The session a message names, verified.
+    ///
+    /// # Errors
+    /// When the session is malformed or not signed by a trusted gatekeeper key.
+    pub fn get(&self, key_id: &str, header: &str) -> Result<Arc<Session>, CryptoError> {
+        let lookup = format!("{key_id} {header}");
+        if let Some(s) = self.lock().by_header.get(&lookup) {
+            return Ok(s.clone());
+        }
+        let session = Arc::new(Session::accept(&self.gatekeeper, key_id, header, &self.opening)?);
+        let mut v = self.lock();
+        if v.by_header.insert(lookup.clone(), session.clone()).is_none() {
+            v.order.push_back(lookup);
+        }
+        while v.order.len() > SESSIONS_KEPT {
+            if let Some(old) = v.order.pop_front() {
+                v.by_header.remove(&old);
+            }
+        }
+        Ok(session)
+    }
+
+    /// Opens a stored job body (a parked job) in the session its provenance names.
+    ///
+    /// # Errors
+    /// What went wrong, for the record.
+    pub fn open_stored(&self, body: &[u8], provenance: Option<&Provenance>) -> Result<JobEnvelope, String> {
+        let p = provenance.ok_or("no provenance kept")?;
+        let session = self.get(&p.key_id, &p.session).map_err(|e| e.to_string())?;
+        let sealed: SealedJob = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+        sealed.open(&session).map_err(|e| e.to_string())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Verified> {
+        // Plain map operations: a panic cannot leave it half-updated.
+        self.verified.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
 /// Why an arriving job is refused before anything runs; the dead-letter reason.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
-    /// Unsigned, badly signed, or signed by a key the worker does not trust.
+    /// No session, a session not signed by a key the worker trusts, or a MAC that does not
+    /// check: not provably from the gatekeeper, or altered.
     BadSignature,
     /// Submitted longer ago than `max_message_age_s` (or in the future).
     Stale,
     /// Signed, but the body is not a job.
     Undecodable,
-    /// Signed, but the payload does not open with the worker's key.
+    /// Authentic, but the payload does not open in its session.
     Unsealable,
 }
 
@@ -59,10 +123,7 @@ impl WorkerKeys {
         let replies = PairKey::new(&opening, &gatekeeper_sealing)
             .map_err(|e| keys::KeyFileError::new(&s.gatekeeper_sealing_key, e))?;
         Ok(Self {
-            signing: keys::signing_key(&s.signing_key)?,
-            opening,
-            gatekeeper: keys::verifier(&s.gatekeeper_signing_keys)?,
-            gatekeeper_sealing,
+            sessions: Sessions::new(keys::verifier(&s.gatekeeper_signing_keys)?, opening),
             replies,
             max_message_age: Duration::from_secs(s.max_message_age_s),
         })
@@ -75,16 +136,16 @@ impl WorkerKeys {
             && now.saturating_sub(sent_at_ms) <= max_age.as_millis() as u64
     }
 
-    /// Parses a job body that was already found correctly signed: metadata, freshness, then
-    /// the sealed payload.
+    /// Parses a job body whose MAC already checked in `session`: metadata, freshness, then the
+    /// sealed payload.
     ///
     /// # Errors
     /// The [`Refusal`] to dead-letter it with.
-    pub fn open_job(&self, body: &[u8]) -> Result<JobEnvelope, Refusal> {
+    pub fn open_job(&self, body: &[u8], session: &Session) -> Result<JobEnvelope, Refusal> {
         let sealed: SealedJob = serde_json::from_slice(body).map_err(|_| Refusal::Undecodable)?;
         if !Self::is_fresh(sealed.submitted_at_ms, self.max_message_age) {
             return Err(Refusal::Stale);
         }
-        sealed.open(&self.opening).map_err(|_: CryptoError| Refusal::Unsealable)
+        sealed.open(session).map_err(|_: CryptoError| Refusal::Unsealable)
     }
 }

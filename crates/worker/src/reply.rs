@@ -1,5 +1,6 @@
-//! Answers to `reply_to` with the request's `correlation_id`: sealed for the gatekeeper,
-//! bound to the correlation id, signed by the worker, sent through the replies exchange.
+//! Answers to `reply_to` with the request's `correlation_id`: sealed under the
+//! worker–gatekeeper pair key and bound to the correlation id (which authenticates it: only
+//! the two of them hold that key), sent through the replies exchange.
 //!
 //! Replies are a courtesy to a waiting caller, not the record: the outcome is already
 //! committed, and `GET /v1/jobs/{id}` reads it from storage. So they are published without
@@ -7,7 +8,6 @@
 
 use gatehouse_broker::lapin::BasicProperties;
 use gatehouse_broker::lapin::options::BasicPublishOptions;
-use gatehouse_broker::signing;
 use gatehouse_protocol::{JobStatus, SealedReply};
 
 use crate::apply::ReplyTarget;
@@ -25,7 +25,6 @@ pub async fn send(ctx: &Context, target: &ReplyTarget, status: &JobStatus) {
         .with_content_type("application/json".into())
         .with_message_id(status.id.as_str().into())
         .with_correlation_id(correlation_id.as_str().into());
-    let props = signing::signed(props, &ctx.keys.signing, &body);
     let exchange = ctx.topology.replies_exchange();
     let sent = ctx
         .replies

@@ -20,12 +20,11 @@ pub struct WorkerSettings {
 /// Key files (see `gatehouse_protocol::keys`).
 #[derive(Debug, Clone, Deserialize)]
 pub struct KeySettings {
-    /// The worker's Ed25519 key; signs every reply.
-    pub signing_key: PathBuf,
-    /// The worker's X25519 secret; opens job payloads.
+    /// The worker's X25519 secret; opens job payloads, and with the gatekeeper's public key
+    /// makes the pair key that seals replies.
     pub sealing_key: PathBuf,
-    /// Public keys of the gatekeeper(s); a job signed by none of them is dead-lettered
-    /// unread. Several during a key rotation.
+    /// Public keys of the gatekeeper(s); a job whose session none of them signed is
+    /// dead-lettered unread. Several during a key rotation.
     pub gatekeeper_signing_keys: Vec<PathBuf>,
     /// The gatekeeper's X25519 public key; replies are sealed to it.
     pub gatekeeper_sealing_key: PathBuf,

@@ -235,7 +235,6 @@ impl TestSystem {
             storage: StorageSettings { path: data.path().join("worker.sqlite") },
             catalog: CatalogSettings { path: catalog.clone() },
             keys: WorkerKeySettings {
-                signing_key: certs.path().join("worker-signing.key"),
                 sealing_key: certs.path().join("worker-sealing.key"),
                 gatekeeper_signing_keys: vec![certs.path().join("gatekeeper-signing.pub")],
                 gatekeeper_sealing_key: certs.path().join("gatekeeper-sealing.pub"),
@@ -300,7 +299,6 @@ impl TestSystem {
             keys: GatekeeperKeySettings {
                 signing_key: certs.path().join("gatekeeper-signing.key"),
                 sealing_key: certs.path().join("gatekeeper-sealing.key"),
-                worker_signing_keys: vec![certs.path().join("worker-signing.pub")],
                 worker_sealing_key: certs.path().join("worker-sealing.pub"),
             },
         })
@@ -495,7 +493,7 @@ fn worker_toml(s: &WorkerSettings) -> String {
     format!(
         "[broker]\nurl = \"{}\"\nprefix = \"{}\"\n\n[consumer]\nprefetch = {}\nstopping_wait_time_ms = {}\n\n\
          [storage]\npath = \"{}\"\n\n[catalog]\npath = \"{}\"\n\n[testing]\nenabled = {}\n\n\
-         [keys]\nsigning_key = \"{}\"\nsealing_key = \"{}\"\ngatekeeper_signing_keys = [\"{}\"]\n\
+         [keys]\nsealing_key = \"{}\"\ngatekeeper_signing_keys = [\"{}\"]\n\
          gatekeeper_sealing_key = \"{}\"\ndata_keyring = \"{}\"\nmax_message_age_s = {}\n",
         s.broker.url.expose(),
         s.broker.prefix,
@@ -504,7 +502,6 @@ fn worker_toml(s: &WorkerSettings) -> String {
         s.storage.path.display(),
         s.catalog.path.display(),
         s.testing.enabled,
-        s.keys.signing_key.display(),
         s.keys.sealing_key.display(),
         s.keys.gatekeeper_signing_keys[0].display(),
         s.keys.gatekeeper_sealing_key.display(),

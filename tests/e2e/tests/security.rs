@@ -213,8 +213,11 @@ async fn a_message_published_around_the_gatekeeper_is_dead_lettered_unrun() {
     let unsigned = forged(&"a".repeat(32));
     let badly_signed = forged(&"b".repeat(32));
     assert!(management::publish_to_queue(&queue, &unsigned, json!({})).await);
-    let fake_sig =
-        json!({"x-gatehouse-key-id": crypto::key_id(&gk_pub), "x-gatehouse-signature": "00".repeat(64)});
+    let fake_sig = json!({
+        "x-gatehouse-key-id": crypto::key_id(&gk_pub),
+        "x-gatehouse-session": format!("{}.{now}.{}", "09".repeat(32), "00".repeat(64)),
+        "x-gatehouse-mac": "00".repeat(32),
+    });
     assert!(management::publish_to_queue(&queue, &badly_signed, fake_sig).await);
 
     let letters = dead_letters(&sys, 2).await;
@@ -250,8 +253,8 @@ async fn sensitive_data_is_in_no_queue_dead_letter_database_file_or_log() {
     assert!(queued.contains(&id), "the job is not in the queue: {queued}");
     assert!(!queued.contains(&marker), "the broker holds the payload in the clear");
 
-    // Two tampered copies: the sealed body altered under its signature, and the body intact
-    // under another signature.
+    // Two tampered copies: the sealed body altered under its genuine session and MAC, and the
+    // body intact under another MAC.
     let message: Value = serde_json::from_str::<Vec<Value>>(&queued).unwrap().remove(0);
     let body = message["payload"].as_str().unwrap().to_owned();
     let headers = message["properties"]["headers"].clone();
@@ -261,7 +264,7 @@ async fn sensitive_data_is_in_no_queue_dead_letter_database_file_or_log() {
     altered.replace_range(ct_at..ct_at + 1, flipped);
     assert!(management::publish_to_queue(&queue, &altered, headers.clone()).await);
     let mut resigned = headers.clone();
-    resigned["x-gatehouse-signature"] = json!("11".repeat(64));
+    resigned["x-gatehouse-mac"] = json!("11".repeat(32));
     assert!(management::publish_to_queue(&queue, &body, resigned).await);
 
     sys.worker_process().start();
@@ -304,7 +307,7 @@ async fn sensitive_data_is_in_no_queue_dead_letter_database_file_or_log() {
     sys.stop().await;
     println!(
         "isolation: marker {marker} absent from queue, dead letters, database, worker and gatekeeper logs; \
-         tampered body and signature dead-lettered as bad_signature"
+         tampered body and MAC dead-lettered as bad_signature"
     );
 }
 

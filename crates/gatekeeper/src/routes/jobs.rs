@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use gatehouse_broker::lapin::BasicProperties;
 use gatehouse_broker::topology::CONTROL_ROUTING_KEY;
 use gatehouse_broker::{PublishError, signing};
+use gatehouse_protocol::crypto::Session;
 use gatehouse_protocol::submit::RawSequence;
 use gatehouse_protocol::{
     ControlRequest, JobEnvelope, JobId, JobState, JobStatus, KindSpec, Priority, Sequence, SubmitRequest,
@@ -145,8 +146,9 @@ async fn accept(
         None => None,
     };
     // The payload leaves the gatekeeper sealed to the worker: the broker never sees it.
+    let session = app.keys.session().map_err(|_| Problem::internal("no session with the worker"))?;
     let body = envelope
-        .seal(&app.keys.worker_sealing)
+        .seal(&session)
         .ok()
         .and_then(|sealed| serde_json::to_vec(&sealed).ok())
         .ok_or_else(|| Problem::internal("the job could not be sealed"))?;
@@ -161,7 +163,7 @@ async fn accept(
         props =
             props.with_correlation_id(w.correlation_id().into()).with_reply_to(app.replies.queue().into());
     }
-    publish(app, &spec.queue, &body, props, true).await?;
+    publish(app, &session, &spec.queue, &body, props, true).await?;
     tracing::debug!(job_id = %envelope.id, kind = %envelope.kind, client = %client.0, priority = priority.get(), "job accepted");
 
     let mut last = JobStatus::new(envelope.id.clone(), JobState::Queued);
@@ -223,7 +225,11 @@ pub async fn status(
         .with_reply_to(app.replies.queue().into())
         .with_content_type("application/json".into())
         .with_expiration(expiration.as_str().into());
-    if let Err(problem) = publish(&app, CONTROL_ROUTING_KEY, &body, props, false).await {
+    let sent = match app.keys.session() {
+        Ok(session) => publish(&app, &session, CONTROL_ROUTING_KEY, &body, props, false).await,
+        Err(_) => Err(Problem::internal("no session with the worker")),
+    };
+    if let Err(problem) = sent {
         return problem.into_response();
     }
     let deadline = tokio::time::Instant::now() + app.status_timeout;
@@ -272,9 +278,11 @@ fn check_sequence(
     }
 }
 
-/// Publishes to the jobs exchange and waits for the confirm, within `publish_timeout`.
+/// Publishes to the jobs exchange, vouched for in `session`, and waits for the confirm,
+/// within `publish_timeout`.
 async fn publish(
     app: &App,
+    session: &Session,
     routing_key: &str,
     body: &[u8],
     props: BasicProperties,
@@ -284,7 +292,7 @@ async fn publish(
         return Err(Problem::broker_unavailable("the message broker is not available"));
     };
     let exchange = app.topology.jobs_exchange();
-    let props = signing::signed(props, &app.keys.signing, body);
+    let props = signing::signed(props, session, body);
     let confirmed = async {
         if persistent {
             publisher.publish_persistent(&exchange, routing_key, body, props).await
