@@ -1,6 +1,7 @@
-//! The reference: the same work with lapin alone, in the same process and run. RPC: publish
-//! persistent with confirms to a priority queue, consume, reply to `reply_to` with the
-//! `correlation_id`. Publish: persistent, confirmed, nothing else.
+//! The reference: the same work with lapin alone, in the same process and run, carrying the
+//! same job JSON the scenarios submit. RPC: publish persistent with confirms to a priority
+//! queue, consume, reply to `reply_to` with the `correlation_id`. Publish: persistent,
+//! confirmed, nothing else.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -116,7 +117,8 @@ pub async fn rpc(
                     .with_correlation_id(cid.as_str().into())
                     .with_reply_to(reply_queue.as_str().into());
                 let start = Instant::now();
-                let ok = publish(&ch, br#"{"record":{"n":1}}"#, props).await.is_ok()
+                let body = serde_json::to_vec(&super::scenarios::job(n, 5)).unwrap_or_default();
+                let ok = publish(&ch, &body, props).await.is_ok()
                     && tokio::time::timeout(Duration::from_secs(10), rx).await.is_ok_and(|r| r.is_ok());
                 if ok { s.latencies.push(start.elapsed()) } else { s.error(0) }
             }
@@ -146,11 +148,12 @@ pub async fn publish_only(url: &str, concurrency: usize, duration: Duration) -> 
         let ch = ch.clone();
         publishers.push(tokio::spawn(async move {
             let mut s = Samples::default();
+            let mut n = 0u64;
             while Instant::now() < deadline {
+                n += 1;
+                let body = serde_json::to_vec(&super::scenarios::job(n, 5)).unwrap_or_default();
                 let start = Instant::now();
-                match publish(&ch, br#"{"record":{"n":1}}"#, BasicProperties::default().with_priority(5))
-                    .await
-                {
+                match publish(&ch, &body, BasicProperties::default().with_priority(5)).await {
                     Ok(()) => s.latencies.push(start.elapsed()),
                     Err(_) => s.error(0),
                 }

@@ -4,7 +4,7 @@
 //! | scenario | what | reference |
 //! |---|---|---|
 //! | `sync` | `vault.put` with `Prefer: wait`: gatekeeper → broker → worker → SQLite → reply | lapin RPC: confirmed persistent publish to a priority queue, consume, reply |
-//! | `async` | submit only (answered after the confirm), then the drain rate until applied | lapin confirmed persistent publishes |
+//! | `async` | submit only (answered after the confirm; a local worker paused meanwhile), then the drain rate until applied | lapin confirmed persistent publishes |
 //! | `priority` | preload a backlog of priority-0 jobs (a local worker paused meanwhile), then priority-9 probes at a fixed rate while it drains | – |
 //! | `idle` | gatekeeper memory with many idle mTLS connections | – |
 
@@ -63,6 +63,11 @@ pub struct BenchArgs {
     pub json: bool,
 }
 
+/// Pauses a local `worker` process (SIGSTOP) unless `--no-pause`; answers its pid.
+fn pause_local_worker(args: &BenchArgs) -> Option<u32> {
+    rss::pid_of("worker").filter(|_| !args.no_pause).filter(|pid| rss::signal(*pid, "STOP"))
+}
+
 /// Runs the scenarios; answers one report per scenario.
 ///
 /// # Errors
@@ -88,9 +93,16 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<Vec<Value>> {
                 with_baseline(row("sync", args, &ours, duration), &base, duration)
             }
             "async" => {
-                let start = Instant::now();
-                let (ours, ids) =
-                    progress("async", duration, scenarios::accept(&client, c, duration, 5)).await?;
+                // Like the reference, which publishes to a queue nobody consumes, the accept
+                // phase runs with a local worker paused (on a shared machine it would otherwise
+                // compete for the same cores); it resumes for the drain.
+                let worker = pause_local_worker(args);
+                let accepted = progress("async", duration, scenarios::accept(&client, c, duration, 5)).await;
+                let resumed = Instant::now();
+                if let Some(pid) = worker {
+                    rss::signal(pid, "CONT");
+                }
+                let (ours, ids) = accepted?;
                 let drained = progress(
                     "async drain",
                     Duration::from_secs(600),
@@ -101,16 +113,18 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<Vec<Value>> {
                     progress("async baseline", duration, baseline::publish_only(&args.broker, c, duration))
                         .await?;
                 let mut r = with_baseline(row("async", args, &ours, duration), &base, duration);
-                r["drain_per_s"] =
-                    json!(round(ids.len() as f64 / drained.duration_since(start).as_secs_f64()));
+                // Without a pause the drain overlapped the accept phase.
+                let drain_time = drained.duration_since(resumed)
+                    + if worker.is_some() { Duration::ZERO } else { duration };
+                r["drain_per_s"] = json!(round(ids.len() as f64 / drain_time.as_secs_f64()));
+                r["worker_paused_while_accepting"] = json!(worker.is_some());
                 r
             }
             "priority" => {
                 let backlog_time = Duration::from_secs(3600);
                 // A local worker is paused while the backlog is loaded (SIGSTOP; it resumes with
                 // SIGCONT before the probes), so that the probes really meet the whole backlog.
-                let worker =
-                    rss::pid_of("worker").filter(|_| !args.no_pause).filter(|pid| rss::signal(*pid, "STOP"));
+                let worker = pause_local_worker(args);
                 let queued =
                     progress("priority backlog", backlog_time, preload(&client, c, args.backlog)).await;
                 if let Some(pid) = worker {

@@ -28,7 +28,8 @@ async fn connections(client: &Client, n: usize) -> anyhow::Result<Vec<Connection
     Ok(out)
 }
 
-fn job(i: u64, priority: u8) -> Value {
+/// The job every scenario submits (the reference publishes the same JSON).
+pub fn job(i: u64, priority: u8) -> Value {
     json!({"kind": "vault.put", "payload": {"record": {"n": i, "bench": "x".repeat(64)}}, "priority": priority})
 }
 
