@@ -33,6 +33,7 @@ use gatehouse_protocol::{Catalog, ControlRequest, JobEnvelope, JobState, JobStat
 use gatehouse_storage::{StorageError, Store, now_ms, panic_message};
 use tracing::Instrument;
 
+use crate::acks::Acks;
 use crate::apply::{self, Answer, ApplyError, Arrival, Decided, ReplyTarget, Step};
 use crate::handlers::{self, Outcome};
 use crate::job_locks::JobLocks;
@@ -57,6 +58,8 @@ pub struct Context {
     /// One delivery of a job at a time.
     pub job_locks: Arc<JobLocks>,
     pub keys: Arc<WorkerKeys>,
+    /// Acknowledgements of the job channel (see [`crate::acks`]).
+    pub acks: Acks,
 }
 
 /// Pause before a delivery that hit trouble goes back to the queue, so that a sick database
@@ -144,7 +147,7 @@ impl Job<'_> {
             Ok(Step::Run { suspect }) => self.run_isolated(suspect).await,
             Err(e) => {
                 tracing::warn!(error = %e, "could not decide the job; requeueing");
-                requeue_after_pause(self.delivery).await;
+                requeue_after_pause(self.ctx, self.delivery).await;
             }
         }
     }
@@ -168,7 +171,7 @@ impl Job<'_> {
             Err(ApplyError::Storage(e)) => {
                 // Nothing was decided or counted (busy, disk trouble): try the delivery again.
                 tracing::warn!(error = %e, "could not decide the job; requeueing");
-                return requeue_after_pause(self.delivery).await;
+                return requeue_after_pause(self.ctx, self.delivery).await;
             }
         };
         let (id, client, e) = (self.env.id.clone(), self.env.client.clone(), error.clone());
@@ -176,7 +179,7 @@ impl Job<'_> {
             Ok(attempt) => self.retry_or_dead(attempt, error).await,
             Err(se) => {
                 tracing::warn!(error = %se, "could not record the failed attempt; requeueing");
-                requeue_after_pause(self.delivery).await;
+                requeue_after_pause(self.ctx, self.delivery).await;
             }
         }
     }
@@ -201,7 +204,7 @@ impl Job<'_> {
             Ok(Err(decided)) => return self.settle_decided(decided).await,
             Err(e) => {
                 tracing::warn!(error = %e, "could not count the attempt; requeueing");
-                return requeue_after_pause(self.delivery).await;
+                return requeue_after_pause(self.ctx, self.delivery).await;
             }
         };
         let (ctx, spec, env) = (self.ctx, &self.spec, &self.env);
@@ -243,11 +246,11 @@ impl Job<'_> {
                 let mut status = JobStatus::new(env.id.clone(), JobState::Retrying);
                 status.error = Some(error);
                 reply::send(ctx, &reply_target(delivery), &status).await;
-                settle(delivery, Settle::Ack).await;
+                settle(ctx, delivery, Settle::Ack).await;
             }
             Err(e) => {
                 tracing::warn!(error = %e, "could not schedule the retry; requeueing");
-                requeue_after_pause(delivery).await;
+                requeue_after_pause(ctx, delivery).await;
             }
         }
     }
@@ -331,7 +334,7 @@ async fn dead_letter(
     let props = dead_properties(without_replay(&delivery.properties), &ctx.topology, class, &dead);
     if let Err(e) = ctx.publisher.publish_persistent(&ctx.topology.dead_exchange(), "", data, props).await {
         tracing::warn!(error = %e, "could not dead-letter; requeueing");
-        return requeue_after_pause(delivery).await;
+        return requeue_after_pause(ctx, delivery).await;
     }
     tracing::warn!(
         reason = dead.reason,
@@ -346,7 +349,7 @@ async fn dead_letter(
             Err(e) => tracing::warn!(error = %e, "could not record the dead letter"),
         }
     }
-    settle(delivery, Settle::Ack).await;
+    settle(ctx, delivery, Settle::Ack).await;
 }
 
 /// Properties of a dead letter: the original ones plus the reason headers.
@@ -391,7 +394,7 @@ async fn finish(ctx: &Context, delivery: &Delivery, answers: &[Answer]) {
         tracing::debug!(job_id = %a.status.id, status = a.status.status.as_str(), "job decided");
         reply::send(ctx, &a.target, &a.status).await;
     }
-    settle(delivery, Settle::Ack).await;
+    settle(ctx, delivery, Settle::Ack).await;
 }
 
 /// Answers one status query from the gatekeeper.
@@ -411,8 +414,10 @@ pub async fn handle_control(ctx: Arc<Context>, delivery: Delivery) {
         }
         _ => tracing::warn!("unsigned, stale or undecodable control message dropped"),
     }
-    // Queries are cheap to repeat and expire anyway: always ack.
-    settle(&delivery, Settle::Ack).await;
+    // Queries are cheap to repeat and expire anyway: always ack (on their own channel).
+    if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
+        tracing::warn!(error = %e, "could not ack a status query");
+    }
 }
 
 fn reply_target(d: &Delivery) -> ReplyTarget {
@@ -422,9 +427,9 @@ fn reply_target(d: &Delivery) -> ReplyTarget {
     }
 }
 
-async fn requeue_after_pause(delivery: &Delivery) {
+async fn requeue_after_pause(ctx: &Context, delivery: &Delivery) {
     tokio::time::sleep(TROUBLE_PAUSE).await;
-    settle(delivery, Settle::Requeue).await;
+    settle(ctx, delivery, Settle::Requeue).await;
 }
 
 /// The ways a delivery ends.
@@ -434,15 +439,18 @@ pub enum Settle {
     Requeue,
 }
 
-/// Settles a delivery. A failure here means the channel is gone, and with it the delivery:
-/// the broker will redeliver it, and the job id makes that harmless.
-pub async fn settle(delivery: &Delivery, how: Settle) {
-    let acker = &delivery.acker;
-    let r = match how {
-        Settle::Ack => acker.ack(BasicAckOptions::default()).await,
-        Settle::Requeue => acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await,
-    };
-    if let Err(e) = r {
-        tracing::warn!(error = %e, ?how, "could not settle delivery; the broker will redeliver it");
+/// Settles a job delivery: an ack goes through the channel's batched [`Acks`], a requeue is
+/// sent at once. A failure here means the channel is gone, and with it the delivery: the
+/// broker will redeliver it, and the job id makes that harmless.
+pub async fn settle(ctx: &Context, delivery: &Delivery, how: Settle) {
+    match how {
+        Settle::Ack => ctx.acks.ack(delivery.delivery_tag),
+        Settle::Requeue => {
+            let requeue = BasicNackOptions { requeue: true, ..Default::default() };
+            if let Err(e) = delivery.acker.nack(requeue).await {
+                tracing::warn!(error = %e, "could not requeue a delivery; the broker will redeliver it");
+            }
+            ctx.acks.settled_elsewhere(delivery.delivery_tag);
+        }
     }
 }

@@ -9,6 +9,7 @@
 //! control ──> status queries from the gatekeeper, answered from storage (owner only)
 //! ```
 
+pub mod acks;
 pub mod apply;
 pub mod consumer;
 pub mod gaps;

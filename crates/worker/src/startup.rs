@@ -19,6 +19,7 @@ use gatehouse_storage::Store;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
+use crate::acks::Acks;
 use crate::consumer::{self, Context};
 use crate::gaps;
 use crate::keys::WorkerKeys;
@@ -41,6 +42,8 @@ pub struct Worker {
 /// One broker connection and what hangs off it.
 struct Session {
     connection: Connection,
+    /// The channel the job queues are consumed on (acked through `ctx.acks`).
+    jobs: Channel,
     ctx: Arc<Context>,
 }
 
@@ -154,6 +157,7 @@ impl Session {
         let setup = connection.create_channel().await?;
         topology.declare(&setup, catalog.queues()).await.context("declaring topology")?;
         let _ = setup.close(200, "topology declared".into()).await;
+        let jobs = connection.create_channel().await?;
         let ctx = Arc::new(Context {
             store: store.clone(),
             catalog: catalog.clone(),
@@ -165,8 +169,9 @@ impl Session {
             isolation: isolation.clone(),
             job_locks: Default::default(),
             keys: keys.clone(),
+            acks: Acks::start(jobs.clone()),
         });
-        Ok(Self { connection, ctx })
+        Ok(Self { connection, jobs, ctx })
     }
 
     async fn consume(
@@ -175,7 +180,7 @@ impl Session {
         mut stop: watch::Receiver<bool>,
     ) -> anyhow::Result<Ended> {
         let topology = &self.ctx.topology;
-        let jobs = self.connection.create_channel().await?;
+        let jobs = self.jobs.clone();
         jobs.basic_qos(settings.consumer.prefetch, BasicQosOptions::default()).await?;
         let control = self.connection.create_channel().await?;
         control.basic_qos(32, BasicQosOptions::default()).await?;
@@ -217,8 +222,11 @@ impl Session {
             let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
         }
         rx.close();
-        while let Ok((_, d)) = rx.try_recv() {
+        while let Ok((source, d)) = rx.try_recv() {
             let _ = d.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+            if matches!(source, Source::Job) {
+                self.ctx.acks.settled_elsewhere(d.delivery_tag);
+            }
         }
         let grace = settings.consumer.stopping_wait_time();
         let drained =
@@ -231,6 +239,8 @@ impl Session {
             );
             in_flight.abort_all();
         }
+        // What finished is acked before the connection goes.
+        self.ctx.acks.flush().await;
         let _ = self.connection.close(200, "worker stopping".into()).await;
         if matches!(ended, Ended::Stopped) {
             tracing::info!("worker stopped");
