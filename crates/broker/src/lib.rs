@@ -7,7 +7,6 @@
 pub mod process;
 pub mod publisher;
 pub mod shutdown;
-pub mod signing;
 pub mod topology;
 
 pub use lapin;

@@ -45,12 +45,6 @@ pub mod headers {
     pub const DEAD_AT: &str = "x-gatehouse-dead-at";
     /// Set by `gatehouse dlq replay`: the worker resets the job's attempts and runs it afresh.
     pub const REPLAY: &str = "x-gatehouse-replay";
-    /// Id of the gatekeeper key that signed the message's session.
-    pub const KEY_ID: &str = "x-gatehouse-key-id";
-    /// The sender's session: ephemeral key, start time and signature (see `signing`).
-    pub const SESSION: &str = "x-gatehouse-session";
-    /// HMAC-SHA256 of the message body under the session (hex).
-    pub const MAC: &str = "x-gatehouse-mac";
 }
 
 /// The names of everything on the broker, under an optional prefix.

@@ -3,11 +3,12 @@
 //! The payload of a job never travels in the clear: the gatekeeper seals it to the worker in
 //! its current [`Session`] ([`SealedJob`]), and the worker seals every reply under the
 //! worker–gatekeeper [`PairKey`] ([`SealedReply`]). Routing and ordering need only the
-//! plaintext metadata. Every message from the gatekeeper also carries its session and a MAC
-//! of its body ([`Provenance`], see `gatehouse_broker::signing`).
+//! plaintext metadata. Every message from the gatekeeper travels [`Vouched`] for: with its
+//! session and a MAC of its exact bytes.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 use crate::crypto::{Boxed, CryptoError, PairKey, Sealed, Session};
 use crate::{JobId, JobStatus, Priority, Sequence};
@@ -99,14 +100,68 @@ impl SealedJob {
     }
 }
 
-/// What vouches for a message from the gatekeeper: the id of the key that signed its session,
-/// the session ([`Session::header`]) and the MAC of its body. Kept with a stored copy, so that
-/// the copy can be published again and still be accepted.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Provenance {
+/// A message from the gatekeeper as it travels: its exact JSON (a [`SealedJob`] or a
+/// [`ControlRequest`]) with what vouches for it — the id of the key that signed the sender's
+/// session, the session ([`Session::header`]) and an HMAC of exactly those bytes under it.
+///
+/// The provenance travels in the body, not in AMQP headers: on RabbitMQ 3.10 three such
+/// headers cost the broker about 40 % of its confirmed-publish rate and tripled its tail
+/// latency (`gatehouse bench`), while body bytes are nearly free. It also keeps a stored or
+/// dead-lettered copy verifiable by itself.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Vouched<'a> {
     pub key_id: String,
     pub session: String,
     pub mac: String,
+    #[serde(borrow)]
+    pub message: &'a RawValue,
+}
+
+impl<'a> Vouched<'a> {
+    /// The body that carries `message` (JSON) vouched for in `session`.
+    ///
+    /// # Errors
+    /// When `message` is not JSON.
+    pub fn wrap(session: &Session, message: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        let text = std::str::from_utf8(message).map_err(|_| CryptoError::Malformed)?;
+        let message: &RawValue = serde_json::from_str(text).map_err(|_| CryptoError::Malformed)?;
+        let vouched = Vouched {
+            key_id: session.key_id().to_owned(),
+            session: session.header(),
+            mac: session.mac(message.get().as_bytes()),
+            message,
+        };
+        serde_json::to_vec(&vouched).map_err(|_| CryptoError::Malformed)
+    }
+
+    /// Reads a body made by [`Vouched::wrap`] (nothing is checked yet).
+    ///
+    /// # Errors
+    /// [`CryptoError::BadSignature`] when it carries no provenance: not vouched for at all.
+    pub fn parse(body: &'a [u8]) -> Result<Self, CryptoError> {
+        serde_json::from_slice(body).map_err(|_| CryptoError::BadSignature)
+    }
+
+    /// Checks the MAC of the message under its session, which `session` resolves from (key
+    /// id, session header) and verifies — typically from a cache, since a session carries many
+    /// messages. Answers the session, which opens a sealed payload.
+    ///
+    /// # Errors
+    /// [`CryptoError::BadSignature`] when the MAC does not check; whatever `session` answers
+    /// for a session it cannot verify.
+    pub fn verify<S: AsRef<Session>>(
+        &self,
+        session: impl FnOnce(&str, &str) -> Result<S, CryptoError>,
+    ) -> Result<S, CryptoError> {
+        let s = session(&self.key_id, &self.session)?;
+        s.as_ref().check_mac(self.message.get().as_bytes(), &self.mac)?;
+        Ok(s)
+    }
+
+    /// The message's exact bytes.
+    pub fn message(&self) -> &'a [u8] {
+        self.message.get().as_bytes()
+    }
 }
 
 /// A query from the gatekeeper to the worker over the control queue.
@@ -172,6 +227,33 @@ mod tests {
         let mut moved = sealed;
         moved.client = "mallory".into();
         assert!(moved.open(&opened).is_err());
+    }
+
+    #[test]
+    fn a_vouched_message_checks_only_unaltered_and_in_its_session() {
+        use crate::crypto::{OpeningKey, SigningKey, Verifier};
+        let worker = OpeningKey::from_bytes(&OpeningKey::generate().unwrap()).unwrap();
+        let gk = SigningKey::from_pkcs8(&SigningKey::generate_pkcs8().unwrap()).unwrap();
+        let verifier = Verifier::new([gk.public_key()]).unwrap();
+        let accept = |id: &str, h: &str| Session::accept(&verifier, id, h, &worker).map(Box::new);
+        let session = Session::start(&gk, &worker.public_key(), 1).unwrap();
+        let body = Vouched::wrap(&session, br#"{"op":"status","n":1}"#).unwrap();
+        let v = Vouched::parse(&body).unwrap();
+        assert!(v.verify(accept).is_ok());
+        assert_eq!(v.message(), br#"{"op":"status","n":1}"#);
+
+        let altered = String::from_utf8(body.clone()).unwrap().replace(r#""n":1"#, r#""n":2"#);
+        assert_eq!(
+            Vouched::parse(altered.as_bytes()).unwrap().verify(accept).err(),
+            Some(CryptoError::BadSignature)
+        );
+        let other = Session::start(&gk, &worker.public_key(), 2).unwrap();
+        let moved = String::from_utf8(body).unwrap().replace(&session.header(), &other.header());
+        assert_eq!(
+            Vouched::parse(moved.as_bytes()).unwrap().verify(accept).err(),
+            Some(CryptoError::BadSignature)
+        );
+        assert_eq!(Vouched::parse(br#"{"op":"status"}"#).err(), Some(CryptoError::BadSignature));
     }
 
     #[test]

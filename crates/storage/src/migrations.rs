@@ -76,12 +76,12 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE parked ADD COLUMN key_id TEXT;
     ALTER TABLE parked ADD COLUMN signature TEXT;
     ",
-    // 5: messages are vouched for by a signed session and a MAC instead of a signature each
-    // (a parked job from before cannot be verified any more; its dead letter is refused).
+    // 5: a message carries what vouches for it (session and MAC) in its body, which `parked`
+    // keeps whole (a parked job from before cannot be verified any more; its dead letter is
+    // refused as bad_signature).
     r"
+    ALTER TABLE parked DROP COLUMN key_id;
     ALTER TABLE parked DROP COLUMN signature;
-    ALTER TABLE parked ADD COLUMN session TEXT;
-    ALTER TABLE parked ADD COLUMN mac TEXT;
     ",
 ];
 

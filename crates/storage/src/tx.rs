@@ -3,7 +3,7 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use gatehouse_protocol::crypto::Keyring;
-use gatehouse_protocol::{JobId, JobState, Provenance};
+use gatehouse_protocol::{JobId, JobState};
 use ring::rand::{SecureRandom, SystemRandom};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::Value;
@@ -36,14 +36,13 @@ pub struct Parked {
     pub job_id: JobId,
     pub seq_key: String,
     pub seq_number: u64,
-    /// The message body as it arrived, to run the job when its turn comes.
+    /// The message body as it arrived (sealed, with what vouches for it), to run the job
+    /// when its turn comes.
     pub envelope: Vec<u8>,
     pub reply_to: Option<String>,
     pub correlation_id: Option<String>,
     /// Unix ms after which the job stops waiting and is dead-lettered.
     pub deadline_ms: i64,
-    /// What vouches for `envelope` (from the gatekeeper's headers).
-    pub provenance: Option<Provenance>,
 }
 
 /// How often a job was started, and how the last try failed.
@@ -65,13 +64,10 @@ fn to_i64(n: u64) -> Result<i64, StorageError> {
     i64::try_from(n).map_err(|_| StorageError::Corrupt(format!("number {n} out of range")))
 }
 
-const PARKED_COLUMNS: &str =
-    "job_id, seq_key, seq_number, envelope, reply_to, correlation_id, deadline_ms, key_id, session, mac";
+const PARKED_COLUMNS: &str = "job_id, seq_key, seq_number, envelope, reply_to, correlation_id, deadline_ms";
 
 /// A `parked` row as (job id text, the rest); the id is parsed by the caller.
 fn parked_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, Parked)> {
-    let (key_id, session, mac): (Option<String>, Option<String>, Option<String>) =
-        (r.get(7)?, r.get(8)?, r.get(9)?);
     Ok((
         r.get(0)?,
         Parked {
@@ -82,10 +78,6 @@ fn parked_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, Parked)> {
             reply_to: r.get(4)?,
             correlation_id: r.get(5)?,
             deadline_ms: r.get(6)?,
-            provenance: match (key_id, session, mac) {
-                (Some(key_id), Some(session), Some(mac)) => Some(Provenance { key_id, session, mac }),
-                _ => None,
-            },
         },
     ))
 }
@@ -342,8 +334,8 @@ impl<'c> Tx<'c> {
     pub fn park(&self, p: &Parked) -> Result<(), StorageError> {
         self.exec(
             "INSERT INTO parked (seq_key, seq_number, job_id, envelope, reply_to, correlation_id, parked_at_ms,
-                 deadline_ms, key_id, session, mac)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                 deadline_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             params![
                 p.seq_key,
                 to_i64(p.seq_number)?,
@@ -352,10 +344,7 @@ impl<'c> Tx<'c> {
                 p.reply_to,
                 p.correlation_id,
                 now_ms(),
-                p.deadline_ms,
-                p.provenance.as_ref().map(|p| &p.key_id),
-                p.provenance.as_ref().map(|p| &p.session),
-                p.provenance.as_ref().map(|p| &p.mac)
+                p.deadline_ms
             ],
         )?;
         Ok(())
@@ -555,7 +544,6 @@ mod tests {
                     reply_to: None,
                     correlation_id: Some("c".into()),
                     deadline_ms: 0,
-                    provenance: None,
                 })
             })
             .await

@@ -17,7 +17,7 @@
 //! timeout. Priority cannot overtake a sequence: a priority-9 job for number 5 parks until 4
 //! applied.
 
-use gatehouse_protocol::{Catalog, JobEnvelope, JobId, JobState, JobStatus, KindSpec, Provenance};
+use gatehouse_protocol::{Catalog, JobEnvelope, JobId, JobState, JobStatus, KindSpec};
 use gatehouse_storage::{Parked, StorageError, StoredJob, Tx, now_ms};
 
 use crate::handlers::{self, Outcome};
@@ -63,10 +63,8 @@ pub enum Step {
 pub struct Arrival {
     /// The job, its payload opened.
     pub env: JobEnvelope,
-    /// The message body as it arrived (sealed): what a parked job keeps.
+    /// The message body as it arrived (sealed, vouched for): what a parked job keeps.
     pub raw: Vec<u8>,
-    /// What vouched for `raw` (the gatekeeper's session and MAC), kept with a parked copy.
-    pub provenance: Option<Provenance>,
     pub target: ReplyTarget,
     /// `gatehouse dlq replay` sent it: forget that it was dead-lettered.
     pub replay: bool,
@@ -110,7 +108,7 @@ pub enum ApplyError {
 /// # Errors
 /// Only storage failures, which roll the whole decision back.
 pub fn prepare(tx: &Tx<'_>, spec: &KindSpec, arrival: &Arrival) -> Result<Step, StorageError> {
-    let Arrival { env, raw, provenance, target, replay } = arrival;
+    let Arrival { env, raw, target, replay } = arrival;
     if *replay {
         tx.forget_dead_lettered(&env.id)?;
     }
@@ -141,7 +139,6 @@ pub fn prepare(tx: &Tx<'_>, spec: &KindSpec, arrival: &Arrival) -> Result<Step, 
                 reply_to: target.reply_to.clone(),
                 correlation_id: target.correlation_id.clone(),
                 deadline_ms: now_ms().saturating_add((spec.gap_timeout_s * 1000) as i64),
-                provenance: provenance.clone(),
             })?;
             let mut status = JobStatus::new(env.id.clone(), JobState::WaitingForSequence);
             status.expected = Some(expected);
@@ -227,7 +224,7 @@ pub fn record_outcome(
     let mut next = number + 1;
     while let Some(parked) = tx.take_parked(&key, next)? {
         let env = sessions
-            .open_stored(&parked.envelope, parked.provenance.as_ref())
+            .open_stored(&parked.envelope)
             .map_err(|e| StorageError::Corrupt(format!("parked job {}: {e}", parked.job_id)))?;
         // Successors are storage handlers (sequenced kinds are); one that asks for a retry
         // here is recorded as failed rather than holding its key.
@@ -350,7 +347,7 @@ mod tests {
 
     use gatehouse_protocol::crypto::{OpeningKey, Session, SigningKey, Verifier};
     use gatehouse_protocol::submit::RawSequence;
-    use gatehouse_protocol::{Priority, Sequence};
+    use gatehouse_protocol::{Priority, Sequence, Vouched};
     use gatehouse_storage::Store;
     use serde_json::json;
 
@@ -398,17 +395,12 @@ mod tests {
     async fn deliver(store: &Store, env: JobEnvelope) -> Vec<Answer> {
         let catalog = catalog();
         let session = &keys().session;
-        let raw = serde_json::to_vec(&env.seal(session).unwrap()).unwrap();
-        let provenance = Some(Provenance {
-            key_id: session.key_id().to_owned(),
-            session: session.header(),
-            mac: session.mac(&raw),
-        });
+        let raw = Vouched::wrap(session, &serde_json::to_vec(&env.seal(session).unwrap()).unwrap()).unwrap();
         store
             .transact(move |tx| -> Result<_, ApplyError> {
                 let spec = catalog.kind(&env.kind).unwrap().clone();
                 let target = ReplyTarget::default();
-                let arrival = Arrival { env, raw, provenance, target, replay: false };
+                let arrival = Arrival { env, raw, target, replay: false };
                 match decide_and_run(tx, &catalog, &spec, &keys().sessions, &arrival)? {
                     Decided::Done(a) => Ok(a),
                     d => panic!("unexpected {d:?}"),
@@ -468,13 +460,8 @@ mod tests {
         let env = JobEnvelope { kind: "vault.put".into(), sequence: None, ..ledger_job(7, 1, 0) };
         let step = |spec: KindSpec, env: JobEnvelope| {
             store.transact(move |tx| {
-                let arrival = Arrival {
-                    env,
-                    raw: b"{}".to_vec(),
-                    provenance: None,
-                    target: ReplyTarget::default(),
-                    replay: false,
-                };
+                let arrival =
+                    Arrival { env, raw: b"{}".to_vec(), target: ReplyTarget::default(), replay: false };
                 prepare(tx, &spec, &arrival)
             })
         };

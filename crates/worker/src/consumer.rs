@@ -26,10 +26,9 @@ use gatehouse_broker::lapin::message::Delivery;
 use gatehouse_broker::lapin::options::{BasicAckOptions, BasicNackOptions};
 use gatehouse_broker::lapin::types::{AMQPValue, FieldTable, LongString};
 use gatehouse_broker::lapin::{BasicProperties, Channel};
-use gatehouse_broker::signing;
 use gatehouse_broker::topology::headers;
 use gatehouse_broker::{Publisher, Topology};
-use gatehouse_protocol::{Catalog, ControlRequest, JobEnvelope, JobState, JobStatus, KindSpec};
+use gatehouse_protocol::{Catalog, ControlRequest, JobEnvelope, JobState, JobStatus, KindSpec, Vouched};
 use gatehouse_storage::{StorageError, Store, now_ms, panic_message};
 use tracing::Instrument;
 
@@ -37,7 +36,7 @@ use crate::acks::Acks;
 use crate::apply::{self, Answer, ApplyError, Arrival, Decided, ReplyTarget, Step};
 use crate::handlers::{self, Outcome};
 use crate::job_locks::JobLocks;
-use crate::keys::{Refusal, WorkerKeys};
+use crate::keys::WorkerKeys;
 use crate::reply;
 
 /// What every delivery handler needs.
@@ -77,9 +76,7 @@ pub async fn handle_job(ctx: Arc<Context>, mut delivery: Delivery) {
     let data = std::mem::take(&mut delivery.data);
     let class = delivery.routing_key.to_string();
     // Nothing unsigned, forged or stale runs, or even gets parsed beyond what checking needs.
-    let opened = signing::verify(&delivery.properties, &data, |id, s| ctx.keys.sessions.get(id, s))
-        .map_err(|_| Refusal::BadSignature)
-        .and_then(|session| ctx.keys.open_job(&data, &session));
+    let opened = ctx.keys.open_job(&data);
     let env = match opened {
         Ok(env) => env,
         Err(refusal) => {
@@ -125,13 +122,7 @@ struct Job<'a> {
 
 impl Job<'_> {
     fn arrival(&self, replay: bool) -> Arrival {
-        Arrival {
-            env: self.env.clone(),
-            raw: self.data.to_vec(),
-            provenance: signing::provenance_of(&self.delivery.properties),
-            target: self.target.clone(),
-            replay,
-        }
+        Arrival { env: self.env.clone(), raw: self.data.to_vec(), target: self.target.clone(), replay }
     }
 
     async fn handle(&self, replay: bool) {
@@ -399,9 +390,10 @@ async fn finish(ctx: &Context, delivery: &Delivery, answers: &[Answer]) {
 
 /// Answers one status query from the gatekeeper.
 pub async fn handle_control(ctx: Arc<Context>, delivery: Delivery) {
-    let query = signing::verify(&delivery.properties, &delivery.data, |id, s| ctx.keys.sessions.get(id, s))
-        .ok()
-        .and_then(|_| serde_json::from_slice::<ControlRequest>(&delivery.data).ok());
+    let vouched = Vouched::parse(&delivery.data).ok();
+    let query = vouched
+        .filter(|v| v.verify(|id, s| ctx.keys.sessions.get(id, s)).is_ok())
+        .and_then(|v| serde_json::from_slice::<ControlRequest>(v.message()).ok());
     match query {
         Some(ControlRequest::Status { id, client, sent_at_ms })
             if WorkerKeys::is_fresh(sent_at_ms, CONTROL_MAX_AGE) =>

@@ -6,8 +6,7 @@
 use std::time::Duration;
 
 use gatehouse_broker::lapin::BasicProperties;
-use gatehouse_broker::signing;
-use gatehouse_protocol::SealedJob;
+use gatehouse_protocol::{SealedJob, Vouched};
 use gatehouse_storage::now_ms;
 
 use crate::apply::{self, ReplyTarget};
@@ -34,21 +33,17 @@ async fn sweep_once(ctx: &Context) -> anyhow::Result<()> {
     let expired = ctx.store.transact(|tx| tx.expired_parked(now_ms(), SWEEP_BATCH)).await?;
     for parked in expired {
         // The metadata is enough to record it; the payload stays sealed.
-        let env = serde_json::from_slice::<SealedJob>(&parked.envelope)?.metadata();
+        let vouched = Vouched::parse(&parked.envelope)?;
+        let env = serde_json::from_slice::<SealedJob>(vouched.message())?.metadata();
         let class = ctx.catalog.kind(&env.kind).map_or_else(|| "batch".to_owned(), |k| k.queue.clone());
         let mut props = BasicProperties::default()
             .with_message_id(env.id.as_str().into())
-            .with_priority(env.priority.get())
-            .with_content_type("application/json".into());
+            .with_priority(env.priority.get());
         if let Some(r) = &parked.reply_to {
             props = props.with_reply_to(r.as_str().into());
         }
         if let Some(c) = &parked.correlation_id {
             props = props.with_correlation_id(c.as_str().into());
-        }
-        // Keep the gatekeeper's provenance, so that the dead letter can be replayed.
-        if let Some(p) = parked.provenance.clone() {
-            props = signing::with_provenance(props, p);
         }
         let error = format!(
             "number {} of {} waited past the gap timeout for its predecessor",

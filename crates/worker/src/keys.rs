@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use gatehouse_protocol::crypto::{CryptoError, OpeningKey, PairKey, Session, Verifier};
-use gatehouse_protocol::{JobEnvelope, Provenance, SealedJob, keys};
+use gatehouse_protocol::{JobEnvelope, SealedJob, Vouched, keys};
 
 use crate::settings::KeySettings;
 
@@ -65,14 +65,14 @@ impl Sessions {
         Ok(session)
     }
 
-    /// Opens a stored job body (a parked job) in the session its provenance names.
+    /// Checks and opens a stored job body (a parked job, kept as it arrived).
     ///
     /// # Errors
     /// What went wrong, for the record.
-    pub fn open_stored(&self, body: &[u8], provenance: Option<&Provenance>) -> Result<JobEnvelope, String> {
-        let p = provenance.ok_or("no provenance kept")?;
-        let session = self.get(&p.key_id, &p.session).map_err(|e| e.to_string())?;
-        let sealed: SealedJob = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    pub fn open_stored(&self, body: &[u8]) -> Result<JobEnvelope, String> {
+        let vouched = Vouched::parse(body).map_err(|e| e.to_string())?;
+        let session = vouched.verify(|id, s| self.get(id, s)).map_err(|e| e.to_string())?;
+        let sealed: SealedJob = serde_json::from_slice(vouched.message()).map_err(|e| e.to_string())?;
         sealed.open(&session).map_err(|e| e.to_string())
     }
 
@@ -136,16 +136,19 @@ impl WorkerKeys {
             && now.saturating_sub(sent_at_ms) <= max_age.as_millis() as u64
     }
 
-    /// Parses a job body whose MAC already checked in `session`: metadata, freshness, then the
-    /// sealed payload.
+    /// Checks a job message and opens it: provenance (session and MAC), then metadata,
+    /// freshness, and the sealed payload.
     ///
     /// # Errors
     /// The [`Refusal`] to dead-letter it with.
-    pub fn open_job(&self, body: &[u8], session: &Session) -> Result<JobEnvelope, Refusal> {
-        let sealed: SealedJob = serde_json::from_slice(body).map_err(|_| Refusal::Undecodable)?;
+    pub fn open_job(&self, body: &[u8]) -> Result<JobEnvelope, Refusal> {
+        let vouched = Vouched::parse(body).map_err(|_| Refusal::BadSignature)?;
+        let session = vouched.verify(|id, s| self.sessions.get(id, s)).map_err(|_| Refusal::BadSignature)?;
+        let sealed: SealedJob =
+            serde_json::from_slice(vouched.message()).map_err(|_| Refusal::Undecodable)?;
         if !Self::is_fresh(sealed.submitted_at_ms, self.max_message_age) {
             return Err(Refusal::Stale);
         }
-        sealed.open(session).map_err(|_: CryptoError| Refusal::Unsealable)
+        sealed.open(&session).map_err(|_: CryptoError| Refusal::Unsealable)
     }
 }

@@ -211,14 +211,15 @@ async fn a_message_published_around_the_gatekeeper_is_dead_lettered_unrun() {
     };
     let gk_pub = keys::read_hex(&sys.certs.path().join("gatekeeper-signing.pub")).unwrap();
     let unsigned = forged(&"a".repeat(32));
-    let badly_signed = forged(&"b".repeat(32));
+    let badly_signed = json!({
+        "key_id": crypto::key_id(&gk_pub),
+        "session": format!("{}.{now}.{}", "09".repeat(32), "00".repeat(64)),
+        "mac": "00".repeat(32),
+        "message": serde_json::from_str::<Value>(&forged(&"b".repeat(32))).unwrap(),
+    })
+    .to_string();
     assert!(management::publish_to_queue(&queue, &unsigned, json!({})).await);
-    let fake_sig = json!({
-        "x-gatehouse-key-id": crypto::key_id(&gk_pub),
-        "x-gatehouse-session": format!("{}.{now}.{}", "09".repeat(32), "00".repeat(64)),
-        "x-gatehouse-mac": "00".repeat(32),
-    });
-    assert!(management::publish_to_queue(&queue, &badly_signed, fake_sig).await);
+    assert!(management::publish_to_queue(&queue, &badly_signed, json!({})).await);
 
     let letters = dead_letters(&sys, 2).await;
     let reasons: Vec<_> = letters.iter().map(|l| l["reason"].as_str().unwrap_or("").to_owned()).collect();
@@ -253,19 +254,23 @@ async fn sensitive_data_is_in_no_queue_dead_letter_database_file_or_log() {
     assert!(queued.contains(&id), "the job is not in the queue: {queued}");
     assert!(!queued.contains(&marker), "the broker holds the payload in the clear");
 
-    // Two tampered copies: the sealed body altered under its genuine session and MAC, and the
-    // body intact under another MAC.
+    // Two tampered copies: the sealed job altered under its genuine session and MAC, and the
+    // job intact under another MAC.
     let message: Value = serde_json::from_str::<Vec<Value>>(&queued).unwrap().remove(0);
     let body = message["payload"].as_str().unwrap().to_owned();
-    let headers = message["properties"]["headers"].clone();
+    // The job carries no headers of its own (its provenance is in the body).
+    let headers = json!({});
     let ct_at = body.find("\"ct\":\"").unwrap() + 6;
     let mut altered = body.clone();
     let flipped = if &body[ct_at..ct_at + 1] == "0" { "1" } else { "0" };
     altered.replace_range(ct_at..ct_at + 1, flipped);
     assert!(management::publish_to_queue(&queue, &altered, headers.clone()).await);
-    let mut resigned = headers.clone();
-    resigned["x-gatehouse-mac"] = json!("11".repeat(32));
-    assert!(management::publish_to_queue(&queue, &body, resigned).await);
+    // Only the MAC changes: the job's bytes stay exactly as the gatekeeper sent them.
+    let mac_at = body.find("\"mac\":\"").unwrap() + 7;
+    let mut resigned = body.clone();
+    resigned.replace_range(mac_at..mac_at + 64, &"11".repeat(32));
+    assert_ne!(resigned, body);
+    assert!(management::publish_to_queue(&queue, &resigned, headers.clone()).await);
 
     sys.worker_process().start();
     let status = wait_final(&mut conn, &id, Duration::from_secs(20)).await;

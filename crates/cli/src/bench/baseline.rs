@@ -25,6 +25,8 @@ async fn setup(url: &str) -> anyhow::Result<(Connection, Channel)> {
     let ch = conn.create_channel().await?;
     let mut args = FieldTable::default();
     args.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(9));
+    // The job queues' storage (the `gatehouse-queues` policy of config/rabbitmq).
+    args.insert("x-queue-version".into(), AMQPValue::ShortShortUInt(2));
     let durable = QueueDeclareOptions { durable: true, ..Default::default() };
     ch.queue_declare(QUEUE.into(), durable, args).await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
