@@ -47,9 +47,23 @@ pub fn broker_url() -> String {
         if let Err(e) = gatehouse_cli::broker_node::ensure(&url, &private_node_home()) {
             panic!("the end-to-end tests need RabbitMQ: {e:#}");
         }
+        apply_shipped_policies();
         url
     })
     .clone()
+}
+
+/// The policies of `config/rabbitmq/definitions.json` (queue storage), applied in vhost `/`
+/// to the tests' prefixed names, so that tests run on the queues production runs on.
+fn apply_shipped_policies() {
+    let defs =
+        std::fs::read_to_string(repo_root().join("config/rabbitmq/definitions.json")).expect("definitions");
+    let defs: serde_json::Value = serde_json::from_str(&defs).expect("definitions are JSON");
+    for p in defs["policies"].as_array().into_iter().flatten() {
+        let (name, definition) = (p["name"].as_str().expect("policy name"), p["definition"].to_string());
+        let pattern = r"(^|\.)gatehouse\.";
+        broker_ctl(&["set_policy", "-p", "/", "--apply-to", "queues", name, pattern, &definition]);
+    }
 }
 
 /// Where the private test broker keeps its data and TLS material.

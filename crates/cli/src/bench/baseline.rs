@@ -16,7 +16,7 @@ use gatehouse_broker::lapin::types::{AMQPValue, FieldTable};
 use gatehouse_broker::lapin::{BasicProperties, Channel, Connection};
 use tokio::sync::oneshot;
 
-use super::stats::Samples;
+use super::stats::{Budget, Samples};
 
 const QUEUE: &str = "gatehouse.bench.baseline";
 
@@ -102,7 +102,8 @@ pub async fn rpc(
         }
     });
 
-    let deadline = Instant::now() + duration;
+    let start = Instant::now();
+    let deadline = start + duration;
     let mut callers = Vec::new();
     for c in 0..concurrency {
         let (ch, waiting, reply_queue) = (ch.clone(), waiting.clone(), reply_queue.clone());
@@ -118,12 +119,13 @@ pub async fn rpc(
                     .with_priority(5)
                     .with_correlation_id(cid.as_str().into())
                     .with_reply_to(reply_queue.as_str().into());
-                let start = Instant::now();
+                let sent = Instant::now();
                 let body = serde_json::to_vec(&super::scenarios::job(n, 5)).unwrap_or_default();
                 let ok = publish(&ch, &body, props).await.is_ok()
                     && tokio::time::timeout(Duration::from_secs(10), rx).await.is_ok_and(|r| r.is_ok());
-                if ok { s.latencies.push(start.elapsed()) } else { s.error(0) }
+                if ok { s.latencies.push(sent.elapsed()) } else { s.error(0) }
             }
+            s.elapsed = start.elapsed();
             s
         }));
     }
@@ -138,28 +140,37 @@ pub async fn rpc(
     Ok(samples)
 }
 
-/// Raw confirmed, persistent publishes by `concurrency` publishers for `duration`.
+/// Raw confirmed, persistent publishes by `concurrency` publishers for `duration` or `count`
+/// messages, whichever ends first.
 ///
 /// # Errors
 /// When the broker cannot be reached.
-pub async fn publish_only(url: &str, concurrency: usize, duration: Duration) -> anyhow::Result<Samples> {
+pub async fn publish_only(
+    url: &str,
+    concurrency: usize,
+    duration: Duration,
+    count: u64,
+) -> anyhow::Result<Samples> {
     let (conn, ch) = setup(url).await?;
-    let deadline = Instant::now() + duration;
+    let start = Instant::now();
+    let deadline = start + duration;
+    let budget = Budget::new(count);
     let mut publishers = Vec::new();
     for _ in 0..concurrency {
-        let ch = ch.clone();
+        let (ch, budget) = (ch.clone(), budget.clone());
         publishers.push(tokio::spawn(async move {
             let mut s = Samples::default();
             let mut n = 0u64;
-            while Instant::now() < deadline {
+            while Instant::now() < deadline && budget.take() {
                 n += 1;
                 let body = serde_json::to_vec(&super::scenarios::job(n, 5)).unwrap_or_default();
-                let start = Instant::now();
+                let sent = Instant::now();
                 match publish(&ch, &body, BasicProperties::default().with_priority(5)).await {
-                    Ok(()) => s.latencies.push(start.elapsed()),
+                    Ok(()) => s.latencies.push(sent.elapsed()),
                     Err(_) => s.error(0),
                 }
             }
+            s.elapsed = start.elapsed();
             s
         }));
     }

@@ -39,6 +39,11 @@ pub struct BenchArgs {
     /// Use HTTP/2 (all clients share one connection) instead of HTTP/1.1 keep-alive.
     #[arg(long)]
     pub http2: bool,
+    /// Most jobs the async phase (and its reference) submits: it ends at this count or after
+    /// `--duration`. Half the default queue bound, so that the paused worker's queue never
+    /// fills (a full queue answers 503).
+    #[arg(long, default_value_t = 50_000)]
+    pub async_jobs: u64,
     /// Low-priority jobs queued before the priority probes.
     #[arg(long, default_value_t = 50_000)]
     pub backlog: usize,
@@ -90,14 +95,16 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<Vec<Value>> {
                     baseline::rpc(&args.broker, c, duration, args.prefetch),
                 )
                 .await?;
-                with_baseline(row("sync", args, &ours, duration), &base, duration)
+                with_baseline(row("sync", args, &ours), &base)
             }
             "async" => {
                 // Like the reference, which publishes to a queue nobody consumes, the accept
                 // phase runs with a local worker paused (on a shared machine it would otherwise
                 // compete for the same cores); it resumes for the drain.
                 let worker = pause_local_worker(args);
-                let accepted = progress("async", duration, scenarios::accept(&client, c, duration, 5)).await;
+                let accepted =
+                    progress("async", duration, scenarios::accept(&client, c, duration, args.async_jobs, 5))
+                        .await;
                 let resumed = Instant::now();
                 if let Some(pid) = worker {
                     rss::signal(pid, "CONT");
@@ -109,10 +116,13 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<Vec<Value>> {
                     scenarios::drained(&client, &ids, 50, Duration::from_secs(600)),
                 )
                 .await?;
-                let base =
-                    progress("async baseline", duration, baseline::publish_only(&args.broker, c, duration))
-                        .await?;
-                let mut r = with_baseline(row("async", args, &ours, duration), &base, duration);
+                let base = progress(
+                    "async baseline",
+                    duration,
+                    baseline::publish_only(&args.broker, c, duration, args.async_jobs),
+                )
+                .await?;
+                let mut r = with_baseline(row("async", args, &ours), &base);
                 // Without a pause the drain overlapped the accept phase.
                 let drain_time = drained.duration_since(resumed)
                     + if worker.is_some() { Duration::ZERO } else { duration };
@@ -137,7 +147,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<Vec<Value>> {
                     scenarios::probes(&client, args.probe_rate, duration),
                 )
                 .await?;
-                let mut r = row("priority", args, &probes, duration);
+                let mut r = row("priority", args, &probes);
                 r["backlog"] = json!(queued);
                 r["worker_paused_while_loading"] = json!(worker.is_some());
                 r["probe_rate_per_s"] = json!(args.probe_rate);
@@ -196,7 +206,7 @@ fn round(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
-fn row(scenario: &str, args: &BenchArgs, s: &Samples, duration: Duration) -> Value {
+fn row(scenario: &str, args: &BenchArgs, s: &Samples) -> Value {
     let gk = rss::of("gatekeeper");
     let worker = rss::of("worker");
     json!({
@@ -204,7 +214,7 @@ fn row(scenario: &str, args: &BenchArgs, s: &Samples, duration: Duration) -> Val
         "concurrency": args.concurrency,
         "http": if args.http2 { "2" } else { "1.1" },
         "requests": s.latencies.len(),
-        "throughput_per_s": round(s.latencies.len() as f64 / duration.as_secs_f64()),
+        "throughput_per_s": round(throughput(s)),
         "p50_ms": round(s.quantile_ms(0.5)),
         "p90_ms": round(s.quantile_ms(0.9)),
         "p99_ms": round(s.quantile_ms(0.99)),
@@ -217,8 +227,14 @@ fn row(scenario: &str, args: &BenchArgs, s: &Samples, duration: Duration) -> Val
     })
 }
 
-fn with_baseline(mut r: Value, base: &Samples, duration: Duration) -> Value {
-    let base_tp = base.latencies.len() as f64 / duration.as_secs_f64();
+/// Successful requests per second of the measured phase.
+fn throughput(s: &Samples) -> f64 {
+    let secs = s.elapsed.as_secs_f64();
+    if secs > 0.0 { s.latencies.len() as f64 / secs } else { 0.0 }
+}
+
+fn with_baseline(mut r: Value, base: &Samples) -> Value {
+    let base_tp = throughput(base);
     r["baseline_throughput_per_s"] = json!(round(base_tp));
     r["baseline_p50_ms"] = json!(round(base.quantile_ms(0.5)));
     r["baseline_p99_ms"] = json!(round(base.quantile_ms(0.99)));

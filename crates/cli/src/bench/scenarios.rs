@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use gatehouse_client::{Client, Connection, Method};
 use serde_json::{Value, json};
 
-use super::stats::Samples;
+use super::stats::{Budget, Samples};
 
 /// Requests answered so far, for the progress line.
 pub static DONE: AtomicU64 = AtomicU64::new(0);
@@ -36,9 +36,10 @@ pub fn job(i: u64, priority: u8) -> Value {
 /// Submits with `Prefer: wait` until `duration` passes: the full round trip through worker and
 /// storage. A success is a 200 with status `succeeded`.
 pub async fn sync(client: &Client, concurrency: usize, duration: Duration) -> anyhow::Result<Samples> {
-    let deadline = Instant::now() + duration;
-    let tasks: Vec<_> = connections(client, concurrency)
-        .await?
+    let conns = connections(client, concurrency).await?;
+    let start = Instant::now();
+    let deadline = start + duration;
+    let tasks: Vec<_> = conns
         .into_iter()
         .enumerate()
         .map(|(c, mut conn)| {
@@ -47,16 +48,17 @@ pub async fn sync(client: &Client, concurrency: usize, duration: Duration) -> an
                 let mut i = (c as u64) << 32;
                 while Instant::now() < deadline {
                     i += 1;
-                    let start = Instant::now();
+                    let sent = Instant::now();
                     match conn.submit(&job(i, 5), Some(10)).await {
                         Ok(r) if r.status == 200 && r.json()["status"] == "succeeded" => {
-                            s.latencies.push(start.elapsed())
+                            s.latencies.push(sent.elapsed())
                         }
                         Ok(r) => s.error(r.status),
                         Err(_) => s.error(0),
                     }
                     DONE.fetch_add(1, Ordering::Relaxed);
                 }
+                s.elapsed = start.elapsed();
                 s
             })
         })
@@ -68,29 +70,33 @@ pub async fn sync(client: &Client, concurrency: usize, duration: Duration) -> an
     Ok(samples)
 }
 
-/// Submits without waiting (answered after the broker's confirm) until `duration` passes;
-/// answers the samples and the accepted job ids, in order.
+/// Submits without waiting (answered after the broker's confirm) until `duration` passes or
+/// `count` jobs were sent; answers the samples and the accepted job ids, in order.
 pub async fn accept(
     client: &Client,
     concurrency: usize,
     duration: Duration,
+    count: u64,
     priority: u8,
 ) -> anyhow::Result<(Samples, Vec<String>)> {
-    let deadline = Instant::now() + duration;
-    let tasks: Vec<_> = connections(client, concurrency)
-        .await?
+    let conns = connections(client, concurrency).await?;
+    let start = Instant::now();
+    let deadline = start + duration;
+    let budget = Budget::new(count);
+    let tasks: Vec<_> = conns
         .into_iter()
         .enumerate()
         .map(|(c, mut conn)| {
+            let budget = budget.clone();
             tokio::spawn(async move {
                 let (mut s, mut ids) = (Samples::default(), Vec::new());
                 let mut i = (c as u64) << 32;
-                while Instant::now() < deadline {
+                while Instant::now() < deadline && budget.take() {
                     i += 1;
-                    let start = Instant::now();
+                    let sent = Instant::now();
                     match conn.submit(&job(i, priority), None).await {
                         Ok(r) if r.status == 202 => {
-                            s.latencies.push(start.elapsed());
+                            s.latencies.push(sent.elapsed());
                             ids.push(r.json()["id"].as_str().unwrap_or_default().to_owned());
                         }
                         Ok(r) => s.error(r.status),
@@ -98,6 +104,7 @@ pub async fn accept(
                     }
                     DONE.fetch_add(1, Ordering::Relaxed);
                 }
+                s.elapsed = start.elapsed();
                 (s, ids)
             })
         })
@@ -140,7 +147,8 @@ pub async fn drained(
 pub async fn probes(client: &Client, rate: u32, duration: Duration) -> anyhow::Result<Samples> {
     let conn = Arc::new(tokio::sync::Mutex::new(connections(client, 32).await?));
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate.max(1))));
-    let deadline = Instant::now() + duration;
+    let start = Instant::now();
+    let deadline = start + duration;
     let mut tasks = Vec::new();
     let mut i = 0u64;
     while Instant::now() < deadline {
@@ -170,6 +178,7 @@ pub async fn probes(client: &Client, rate: u32, duration: Duration) -> anyhow::R
             Err(status) => s.error(status),
         }
     }
+    s.elapsed = start.elapsed();
     Ok(s)
 }
 

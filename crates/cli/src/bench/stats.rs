@@ -9,11 +9,30 @@ pub struct Samples {
     pub latencies: Vec<Duration>,
     /// Non-success answers by HTTP status (`0`: the request failed without an answer).
     pub errors: BTreeMap<u16, u64>,
+    /// How long the measured phase took (the longest of its clients).
+    pub elapsed: Duration,
+}
+
+/// Requests a phase may still send, shared by its clients.
+#[derive(Debug, Clone)]
+pub struct Budget(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+impl Budget {
+    pub fn new(n: u64) -> Self {
+        Self(std::sync::Arc::new(n.into()))
+    }
+
+    /// Takes one request from the budget; false when it is spent.
+    pub fn take(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        self.0.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok()
+    }
 }
 
 impl Samples {
     pub fn merge(&mut self, other: Samples) {
         self.latencies.extend(other.latencies);
+        self.elapsed = self.elapsed.max(other.elapsed);
         for (k, v) in other.errors {
             *self.errors.entry(k).or_default() += v;
         }
