@@ -36,8 +36,8 @@ pub struct KeySettings {
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct ConsumerSettings {
-    /// Unacked deliveries per queue. Small, so that a high-priority job that arrives behind
-    /// a backlog is next, not behind a large prefetched batch.
+    /// Unacked deliveries per queue: the most jobs one storage commit can group, and how many
+    /// a high-priority job can find ahead of it in the worker.
     pub prefetch: u16,
     /// How long in-flight jobs may take to finish after SIGTERM.
     pub stopping_wait_time_ms: u64,

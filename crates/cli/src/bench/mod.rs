@@ -60,8 +60,9 @@ pub struct BenchArgs {
     /// Do not pause the local `worker` process while loading the priority backlog.
     #[arg(long)]
     pub no_pause: bool,
-    /// Prefetch of the reference consumer (the worker's, to compare like with like).
-    #[arg(long, default_value_t = 4)]
+    /// Prefetch of the reference consumer (the worker's, config/worker.toml, to compare like
+    /// with like).
+    #[arg(long, default_value_t = 16)]
     pub prefetch: u16,
     /// One JSON object per line per scenario instead of the table.
     #[arg(long)]
