@@ -20,6 +20,7 @@ async fn every_scenario_runs_and_reports() {
         concurrency: 2,
         duration: 1,
         http2: false,
+        async_jobs: 100,
         backlog: 20,
         probe_rate: 10,
         idle_connections: 10,
@@ -45,6 +46,7 @@ async fn every_scenario_runs_and_reports() {
         assert!(r["ratio"].as_f64().unwrap() > 0.0, "{r}");
     }
     assert!(by("async")["drain_per_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(by("async")["requests"], 100, "the async phase stops at --async-jobs");
     assert_eq!(by("priority")["backlog"], 20);
     assert_eq!(by("idle")["idle_connections"], 10);
     sys.stop().await;
