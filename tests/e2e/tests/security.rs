@@ -72,8 +72,10 @@ async fn least_privilege_users_do_their_job_and_nothing_else() {
     let shipped = std::fs::read_to_string(repo_root().join("config/rabbitmq/definitions.json")).unwrap();
     let mut defs: Value = serde_json::from_str(&shipped).unwrap();
     defs["vhosts"] = json!([{"name": vhost}]);
-    for p in ["permissions", "policies"].iter().flat_map(|k| defs[*k].as_array_mut().unwrap().iter_mut()) {
-        p["vhost"] = json!(vhost);
+    for key in ["permissions", "policies"] {
+        for p in defs[key].as_array_mut().unwrap() {
+            p["vhost"] = json!(vhost);
+        }
     }
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), defs.to_string()).unwrap();
