@@ -21,10 +21,9 @@ pub async fn send(ctx: &Context, target: &ReplyTarget, status: &JobStatus) {
         Ok(Ok(b)) => b,
         _ => return tracing::error!(job_id = %status.id, "cannot seal the reply"),
     };
-    let props = BasicProperties::default()
-        .with_content_type("application/json".into())
-        .with_message_id(status.id.as_str().into())
-        .with_correlation_id(correlation_id.as_str().into());
+    // The correlation id is all the gatekeeper needs (the job id is inside, sealed); every
+    // other property costs the broker.
+    let props = BasicProperties::default().with_correlation_id(correlation_id.as_str().into());
     let exchange = ctx.topology.replies_exchange();
     let sent = ctx
         .replies
