@@ -83,6 +83,10 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE parked DROP COLUMN key_id;
     ALTER TABLE parked DROP COLUMN signature;
     ",
+    // 6: attempts are forgotten once their job is decided (before, every job left a row).
+    r"
+    DELETE FROM attempts WHERE job_id IN (SELECT id FROM jobs);
+    ",
 ];
 
 pub(crate) fn run(conn: &mut Connection) -> rusqlite::Result<()> {

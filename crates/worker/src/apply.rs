@@ -4,10 +4,11 @@
 //!    replay: no second effect, the stored outcome is answered. **Sequence**: for sequenced
 //!    kinds exactly the key's next number runs; a later number is parked in storage (committed
 //!    before the delivery is acked) until the gap closes; a number another job holds is a
-//!    `sequence_conflict`. Otherwise the job runs, and its attempt is **counted** first
-//!    ([`Tx::begin_attempt`], committed before the handler runs), so that a crash while running
-//!    counts and a delivery that was only prefetched does not.
-//! 2. [`run_in_storage`] / [`record_outcome`] — run the handler (or record what an external
+//!    `sequence_conflict`. Otherwise the job runs. An external handler's attempt is
+//!    **counted** first ([`Tx::begin_attempt`], committed before the handler runs), so that a
+//!    crash while running counts and a delivery that was only prefetched does not; a storage
+//!    handler's run commits together with its outcome, so it needs no count.
+//! 2. [`decide_and_run`] / [`record_outcome`] — run the handler (or record what an external
 //!    handler returned), record the outcome, and run parked successors the gap was holding.
 //! 3. [`record_dead`] — a job that is dead-lettered, once the dead-letter queue confirmed it.
 //!
@@ -71,9 +72,10 @@ pub struct Arrival {
 }
 
 /// For kinds whose handler runs inside storage: the whole decision and its effect in one
-/// step — dedupe, sequence, count the attempt, run, record, release parked successors. A
-/// retry request or a panic undoes all of it, the count included (the caller then records
-/// the failed attempt with [`Tx::record_failed_attempt`]).
+/// step — dedupe, sequence, run, record, release parked successors. Nothing is counted
+/// before the run: the run and its outcome commit together or not at all, so no one can
+/// see it started and undecided. A retry request or a panic undoes all of it (the caller
+/// then records the failed attempt with [`Tx::record_failed_attempt`]).
 ///
 /// # Errors
 /// [`ApplyError::Retry`], or a storage failure.
@@ -87,7 +89,6 @@ pub fn decide_and_run(
     match prepare(tx, spec, arrival)? {
         Step::Decided(d) => Ok(d),
         Step::Run { .. } => {
-            tx.begin_attempt(&arrival.env.id, &arrival.env.client)?;
             run_in_storage(tx, catalog, sessions, &arrival.env, &arrival.target).map(Decided::Done)
         }
     }
@@ -174,30 +175,28 @@ pub fn begin(
     Ok(Ok(tx.begin_attempt(&env.id, &env.client)?.0))
 }
 
-/// Runs a storage handler and records its outcome, then any parked successors it releases.
+/// Runs a storage handler and records its outcome, then any parked successors it releases
+/// ([`prepare`] has just found the job undecided, in the same transaction).
 ///
 /// # Errors
 /// [`ApplyError::Retry`] when the handler asks to be retried (everything rolls back), or a
 /// storage failure.
-pub fn run_in_storage(
+fn run_in_storage(
     tx: &Tx<'_>,
     catalog: &Catalog,
     sessions: &Sessions,
     env: &JobEnvelope,
     target: &ReplyTarget,
 ) -> Result<Vec<Answer>, ApplyError> {
-    // A duplicate delivery may have been decided since `prepare`.
-    if let Some(stored) = tx.job(&env.id)? {
-        return Ok(vec![answer(status_of(tx, stored)?, target)]);
-    }
     match handlers::run(tx, env)? {
         Outcome::Retryable(e) => Err(ApplyError::Retry(e)),
-        outcome => Ok(record_outcome(tx, catalog, sessions, env, outcome, target)?),
+        outcome => Ok(record_undecided(tx, catalog, sessions, env, outcome, target)?),
     }
 }
 
-/// Records a decided outcome (success or permanent failure); for sequenced jobs, advances the
-/// sequence and runs the parked successors (stored sealed; `sessions` opens them).
+/// Records what an external handler decided (success or permanent failure), unless another
+/// delivery of the job decided it meanwhile; for sequenced jobs, advances the sequence and
+/// runs the parked successors (stored sealed; `sessions` opens them).
 ///
 /// # Errors
 /// Only storage failures.
@@ -212,6 +211,18 @@ pub fn record_outcome(
     if let Some(stored) = tx.job(&env.id)? {
         return Ok(vec![answer(status_of(tx, stored)?, target)]);
     }
+    record_undecided(tx, catalog, sessions, env, outcome, target)
+}
+
+/// [`record_outcome`] for a job known to be undecided in this transaction.
+fn record_undecided(
+    tx: &Tx<'_>,
+    catalog: &Catalog,
+    sessions: &Sessions,
+    env: &JobEnvelope,
+    outcome: Outcome,
+    target: &ReplyTarget,
+) -> Result<Vec<Answer>, StorageError> {
     let sequence = env
         .sequence
         .as_ref()
@@ -318,6 +329,8 @@ fn record(
         }
     };
     tx.record_job(&job)?;
+    // Decided: its attempts (an external handler's) are history.
+    tx.clear_attempts(&env.id)?;
     Ok(status_from(job))
 }
 
@@ -343,7 +356,7 @@ fn stored(
 #[cfg(test)]
 mod tests {
     use std::path::Path;
-    use std::sync::OnceLock;
+    use std::sync::{Arc, OnceLock};
 
     use gatehouse_protocol::crypto::{OpeningKey, Session, SigningKey, Verifier};
     use gatehouse_protocol::submit::RawSequence;
@@ -448,6 +461,38 @@ mod tests {
         assert!(a[0].status.error.as_ref().unwrap().starts_with("sequence_conflict"));
         let (balance, _) = store.transact(|tx| tx.ledger_balance("acct")).await.unwrap();
         assert_eq!(balance, 5);
+    }
+
+    #[tokio::test]
+    async fn a_decided_job_keeps_no_attempts() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir);
+        let attempts = |id: JobId| store.transact(move |tx| tx.attempts(&id));
+        // A storage job that failed once (its count recorded apart), then succeeds.
+        let env = ledger_job(1, 1, 5);
+        let (id, client) = (env.id.clone(), env.client.clone());
+        store.transact(move |tx| tx.record_failed_attempt(&id, &client, "busy")).await.unwrap();
+        assert_eq!(attempts(env.id.clone()).await.unwrap().unwrap().count, 1);
+        assert_eq!(states(&deliver(&store, env.clone()).await), [JobState::Succeeded]);
+        assert_eq!(attempts(env.id.clone()).await.unwrap(), None);
+        // A first-time storage job leaves none either.
+        let env = ledger_job(2, 2, 5);
+        deliver(&store, env.clone()).await;
+        assert_eq!(attempts(env.id).await.unwrap(), None);
+        // An external handler's counted attempt is forgotten once its outcome is recorded.
+        let catalog = Arc::new(catalog());
+        let env = JobEnvelope { kind: "test.sleep".into(), sequence: None, ..ledger_job(3, 1, 0) };
+        let (id, client) = (env.id.clone(), env.client.clone());
+        store.transact(move |tx| tx.begin_attempt(&id, &client)).await.unwrap();
+        let recorded = store
+            .transact(move |tx| {
+                let target = ReplyTarget::default();
+                record_outcome(tx, &catalog, &keys().sessions, &env, Outcome::Success(json!({})), &target)
+            })
+            .await
+            .unwrap();
+        assert_eq!(states(&recorded), [JobState::Succeeded]);
+        assert_eq!(attempts(JobId::from_bytes([3; 16])).await.unwrap(), None);
     }
 
     #[tokio::test]

@@ -3,7 +3,7 @@
 //!
 //! | scenario | what | reference |
 //! |---|---|---|
-//! | `sync` | `vault.put` with `Prefer: wait`: gatekeeper → broker → worker → SQLite → reply | lapin RPC: confirmed persistent publish to a priority queue, consume, reply |
+//! | `sync` | `vault.put` with `Prefer: wait`: gatekeeper → broker → worker → SQLite → reply | lapin RPC: confirmed persistent publish to a priority queue, consume, reply (in turns with ours, five slices each) |
 //! | `async` | submit only (answered after the confirm; a local worker paused meanwhile), then the drain rate until applied | lapin confirmed persistent publishes |
 //! | `priority` | preload a backlog of priority-0 jobs (a local worker paused meanwhile), then priority-9 probes at a fixed rate while it drains | – |
 //! | `idle` | gatekeeper memory with many idle mTLS connections | – |
@@ -69,6 +69,9 @@ pub struct BenchArgs {
     pub json: bool,
 }
 
+/// Slices of the sync scenario and its reference, run in turns.
+const SYNC_SLICES: u32 = 5;
+
 /// Pauses a local `worker` process (SIGSTOP) unless `--no-pause`; answers its pid.
 fn pause_local_worker(args: &BenchArgs) -> Option<u32> {
     rss::pid_of("worker").filter(|_| !args.no_pause).filter(|pid| rss::signal(*pid, "STOP"))
@@ -89,13 +92,15 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<Vec<Value>> {
     for scenario in &args.scenarios {
         let report = match scenario.as_str() {
             "sync" => {
-                let ours = progress("sync", duration, scenarios::sync(&client, c, duration)).await?;
-                let base = progress(
-                    "sync baseline",
-                    duration,
-                    baseline::rpc(&args.broker, c, duration, args.prefetch),
-                )
-                .await?;
+                // In alternating slices, so that a slow spell of a shared machine hits both
+                // sides alike instead of skewing the ratio.
+                let slice = duration / SYNC_SLICES;
+                let (mut ours, mut base) = (Samples::default(), Samples::default());
+                for _ in 0..SYNC_SLICES {
+                    ours.then(progress("sync", slice, scenarios::sync(&client, c, slice)).await?);
+                    let reference = baseline::rpc(&args.broker, c, slice, args.prefetch);
+                    base.then(progress("sync baseline", slice, reference).await?);
+                }
                 with_baseline(row("sync", args, &ours), &base)
             }
             "async" => {

@@ -30,12 +30,20 @@ impl Budget {
 }
 
 impl Samples {
+    /// Adds what another client measured over the same phase.
     pub fn merge(&mut self, other: Samples) {
         self.latencies.extend(other.latencies);
         self.elapsed = self.elapsed.max(other.elapsed);
         for (k, v) in other.errors {
             *self.errors.entry(k).or_default() += v;
         }
+    }
+
+    /// Appends a later phase of the same measurement (its time adds up).
+    pub fn then(&mut self, later: Samples) {
+        let elapsed = self.elapsed + later.elapsed;
+        self.merge(later);
+        self.elapsed = elapsed;
     }
 
     pub fn error(&mut self, status: u16) {
