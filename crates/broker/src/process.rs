@@ -11,7 +11,7 @@ pub fn main<S, E, F, Fut>(name: &str, load: impl FnOnce(&Path) -> Result<S, E>, 
 where
     E: std::fmt::Display,
     F: FnOnce(S) -> Fut,
-    Fut: Future<Output = anyhow::Result<()>>,
+    Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
 {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -36,7 +36,11 @@ where
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(settings)) {
+    // Spawned rather than run on this thread by `block_on`: the component's own loops (the
+    // worker's dispatch of deliveries) then run on the runtime's threads, beside the tasks they
+    // hand work to, instead of waking the main thread for every message.
+    let ran = runtime.block_on(runtime.spawn(run(settings)));
+    match ran.unwrap_or_else(|e| Err(anyhow::anyhow!("{name} stopped: {e}"))) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "{name} failed");
