@@ -14,7 +14,7 @@ use std::path::Path;
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
 
@@ -22,6 +22,11 @@ use crate::StorageError;
 
 /// How long after a commit the checkpoint comes: the commits of a burst share one.
 const PAUSE: Duration = Duration::from_millis(200);
+
+/// Most extra passes beside the writer before a rewind, each copying what was committed
+/// during the one before; they stop once a pass is quicker than [`QUICK_PASS`].
+const CATCH_UP_PASSES: usize = 4;
+const QUICK_PASS: Duration = Duration::from_millis(10);
 
 /// Log pages (4 KiB: 128 MiB) from which the log is rewound even while commits keep coming.
 const REWIND_AT: i64 = if cfg!(test) { 64 } else { 32_768 };
@@ -71,8 +76,16 @@ fn run(conn: &Connection, committed: &Receiver<()>, turn: &Mutex<()>) {
             if log < REWIND_AT {
                 return Ok(());
             }
-            // With the writer held off, this one copies the rest, and its next transaction
-            // starts the log afresh.
+            // Catch up beside the writer until little is left to copy ...
+            for _ in 0..CATCH_UP_PASSES {
+                let pass = Instant::now();
+                checkpoint(conn)?;
+                if pass.elapsed() < QUICK_PASS {
+                    break;
+                }
+            }
+            // ... then, with the writer held off, copy the rest: its next transaction starts
+            // the log afresh.
             let _between_transactions = turn.lock().unwrap_or_else(PoisonError::into_inner);
             checkpoint(conn).map(drop)
         });
@@ -90,8 +103,6 @@ fn checkpoint(conn: &Connection) -> rusqlite::Result<i64> {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Instant;
-
     use gatehouse_protocol::crypto::Keyring;
     use serde_json::json;
 
