@@ -12,7 +12,7 @@
 
 use std::path::Path;
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -34,8 +34,45 @@ const REWIND_AT: i64 = if cfg!(test) { 64 } else { 32_768 };
 /// The writer's side: tells the checkpoint thread that something was committed.
 pub(crate) struct Checkpoints {
     committed: SyncSender<()>,
-    /// Held by the writer for each transaction, and by this thread to rewind the log.
-    turn: Arc<Mutex<()>>,
+    turn: Arc<Turn>,
+}
+
+/// Who uses the database: the writer, one transaction at a time, or the checkpoint thread to
+/// rewind the log. A rewind that asks goes next: with a plain mutex the writer would take its
+/// turn again and again before the checkpoint thread even woke up (measured: waits of up to
+/// 0.8 s).
+#[derive(Default)]
+struct Turn {
+    rewind_waiting: Mutex<bool>,
+    rewound: Condvar,
+    db: Mutex<()>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Turn {
+    fn writer(&self) -> MutexGuard<'_, ()> {
+        let mut waiting = lock(&self.rewind_waiting);
+        while *waiting {
+            waiting = self.rewound.wait(waiting).unwrap_or_else(PoisonError::into_inner);
+        }
+        drop(waiting);
+        lock(&self.db)
+    }
+
+    /// Runs `f` between two of the writer's transactions.
+    fn between_transactions<T>(&self, f: impl FnOnce() -> T) -> T {
+        *lock(&self.rewind_waiting) = true;
+        let out = {
+            let _db = lock(&self.db);
+            f()
+        };
+        *lock(&self.rewind_waiting) = false;
+        self.rewound.notify_all();
+        out
+    }
 }
 
 impl Checkpoints {
@@ -45,7 +82,7 @@ impl Checkpoints {
         let conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(5))?;
         let (committed, rx) = sync_channel(1);
-        let turn = Arc::new(Mutex::new(()));
+        let turn = Arc::new(Turn::default());
         let writer_turn = turn.clone();
         thread::Builder::new()
             .name("gatehouse-checkpoint".into())
@@ -56,7 +93,7 @@ impl Checkpoints {
 
     /// The writer's turn: held from the start of a transaction to its commit.
     pub(crate) fn turn(&self) -> MutexGuard<'_, ()> {
-        self.turn.lock().unwrap_or_else(PoisonError::into_inner)
+        self.turn.writer()
     }
 
     /// Something was committed: a checkpoint is due soon.
@@ -68,7 +105,7 @@ impl Checkpoints {
     }
 }
 
-fn run(conn: &Connection, committed: &Receiver<()>, turn: &Mutex<()>) {
+fn run(conn: &Connection, committed: &Receiver<()>, turn: &Turn) {
     while committed.recv().is_ok() {
         thread::sleep(PAUSE);
         while committed.try_recv().is_ok() {}
@@ -86,8 +123,7 @@ fn run(conn: &Connection, committed: &Receiver<()>, turn: &Mutex<()>) {
             }
             // ... then, with the writer held off, copy the rest: its next transaction starts
             // the log afresh.
-            let _between_transactions = turn.lock().unwrap_or_else(PoisonError::into_inner);
-            checkpoint(conn).map(drop)
+            turn.between_transactions(|| checkpoint(conn).map(drop))
         });
         // The next commit brings another try; meanwhile the log only grows.
         if let Err(e) = done {

@@ -152,10 +152,11 @@ impl Store {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         migrations::run(&mut conn)?;
-        // Not inside a commit: on the checkpoint thread. The log file is cut back to 64 MiB
-        // whenever it is rewound.
+        // Not inside a commit: on the checkpoint thread. A rewound log file is reused, not cut
+        // short (cutting 100 MiB off a file is a stall of its own), unless it grew beyond
+        // 256 MiB.
         conn.pragma_update(None, "wal_autocheckpoint", 0)?;
-        conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
+        conn.pragma_update(None, "journal_size_limit", 256 * 1024 * 1024)?;
         let checkpoints = Checkpoints::start(path)?;
 
         let (work, mut rx) = mpsc::channel::<Work>(1024);
