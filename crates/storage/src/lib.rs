@@ -10,9 +10,7 @@
 //! connection and runs each [`Store::transact`] closure atomically (its own savepoint), so
 //! every decision about a job (dedupe, sequence, effect, outcome) is kept or undone as one;
 //! closures that arrive together share one commit (group commit: one fsync for many jobs).
-//! Checkpoints run beside it, on their own thread (see [`checkpoint`]).
 
-mod checkpoint;
 mod migrations;
 mod tx;
 
@@ -22,8 +20,6 @@ use std::thread;
 use gatehouse_protocol::crypto::Keyring;
 use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
-
-use crate::checkpoint::Checkpoints;
 
 pub use tx::{Attempts, Parked, StoredJob, Tx, now_ms};
 
@@ -88,7 +84,7 @@ const MAX_BATCH: usize = 128;
 /// The storage thread: group commit. It takes every closure waiting (up to [`MAX_BATCH`]),
 /// runs each in its own savepoint inside one transaction, commits once (one fsync for the
 /// lot), and only then answers each: no caller hears `Ok` before its writes are durable.
-fn serve(conn: &Connection, keyring: &Keyring, rx: &mut mpsc::Receiver<Work>, checkpoints: &Checkpoints) {
+fn serve(conn: &Connection, keyring: &Keyring, rx: &mut mpsc::Receiver<Work>) {
     while let Some(first) = rx.blocking_recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -97,7 +93,6 @@ fn serve(conn: &Connection, keyring: &Keyring, rx: &mut mpsc::Receiver<Work>, ch
                 Err(_) => break,
             }
         }
-        let turn = checkpoints.turn();
         let began = conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| e.to_string());
         let mut finished = Vec::with_capacity(batch.len());
         for work in batch {
@@ -117,10 +112,6 @@ fn serve(conn: &Connection, keyring: &Keyring, rx: &mut mpsc::Receiver<Work>, ch
         };
         if committed.is_err() {
             let _ = conn.execute_batch("ROLLBACK");
-        }
-        drop(turn);
-        if committed.is_ok() {
-            checkpoints.committed();
         }
         for (deliver, own_error) in finished {
             deliver(committed.as_ref().err().or(own_error.as_ref()).map(String::as_str));
@@ -152,17 +143,11 @@ impl Store {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         migrations::run(&mut conn)?;
-        // Not inside a commit: on the checkpoint thread. A rewound log file is reused, not cut
-        // short (cutting 100 MiB off a file is a stall of its own), unless it grew beyond
-        // 256 MiB.
-        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
-        conn.pragma_update(None, "journal_size_limit", 256 * 1024 * 1024)?;
-        let checkpoints = Checkpoints::start(path)?;
 
         let (work, mut rx) = mpsc::channel::<Work>(1024);
         thread::Builder::new()
             .name("gatehouse-storage".into())
-            .spawn(move || serve(&conn, &keyring, &mut rx, &checkpoints))
+            .spawn(move || serve(&conn, &keyring, &mut rx))
             .map_err(|e| StorageError::Corrupt(format!("cannot start storage thread: {e}")))?;
         Ok(Self { work })
     }
