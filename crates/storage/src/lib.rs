@@ -10,7 +10,9 @@
 //! connection and runs each [`Store::transact`] closure atomically (its own savepoint), so
 //! every decision about a job (dedupe, sequence, effect, outcome) is kept or undone as one;
 //! closures that arrive together share one commit (group commit: one fsync for many jobs).
+//! Checkpoints run beside it, on their own thread (see [`checkpoint`]).
 
+mod checkpoint;
 mod migrations;
 mod tx;
 
@@ -20,6 +22,8 @@ use std::thread;
 use gatehouse_protocol::crypto::Keyring;
 use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
+
+use crate::checkpoint::Checkpoints;
 
 pub use tx::{Attempts, Parked, StoredJob, Tx, now_ms};
 
@@ -84,7 +88,7 @@ const MAX_BATCH: usize = 128;
 /// The storage thread: group commit. It takes every closure waiting (up to [`MAX_BATCH`]),
 /// runs each in its own savepoint inside one transaction, commits once (one fsync for the
 /// lot), and only then answers each: no caller hears `Ok` before its writes are durable.
-fn serve(conn: &Connection, keyring: &Keyring, rx: &mut mpsc::Receiver<Work>) {
+fn serve(conn: &Connection, keyring: &Keyring, rx: &mut mpsc::Receiver<Work>, checkpoints: &Checkpoints) {
     while let Some(first) = rx.blocking_recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -93,6 +97,7 @@ fn serve(conn: &Connection, keyring: &Keyring, rx: &mut mpsc::Receiver<Work>) {
                 Err(_) => break,
             }
         }
+        let turn = checkpoints.turn();
         let began = conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| e.to_string());
         let mut finished = Vec::with_capacity(batch.len());
         for work in batch {
@@ -112,6 +117,10 @@ fn serve(conn: &Connection, keyring: &Keyring, rx: &mut mpsc::Receiver<Work>) {
         };
         if committed.is_err() {
             let _ = conn.execute_batch("ROLLBACK");
+        }
+        drop(turn);
+        if committed.is_ok() {
+            checkpoints.committed();
         }
         for (deliver, own_error) in finished {
             deliver(committed.as_ref().err().or(own_error.as_ref()).map(String::as_str));
@@ -143,11 +152,16 @@ impl Store {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         migrations::run(&mut conn)?;
+        // Not inside a commit: on the checkpoint thread. A rewound log file is reused; one that
+        // grew beyond 64 MiB during a long burst is cut back.
+        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
+        let checkpoints = Checkpoints::start(path)?;
 
         let (work, mut rx) = mpsc::channel::<Work>(1024);
         thread::Builder::new()
             .name("gatehouse-storage".into())
-            .spawn(move || serve(&conn, &keyring, &mut rx))
+            .spawn(move || serve(&conn, &keyring, &mut rx, &checkpoints))
             .map_err(|e| StorageError::Corrupt(format!("cannot start storage thread: {e}")))?;
         Ok(Self { work })
     }
