@@ -140,45 +140,67 @@ pub async fn rpc(
     Ok(samples)
 }
 
-/// Raw confirmed, persistent publishes by `concurrency` publishers for `duration` or `count`
-/// messages, whichever ends first.
-///
-/// # Errors
-/// When the broker cannot be reached.
-pub async fn publish_only(
-    url: &str,
-    concurrency: usize,
-    duration: Duration,
-    count: u64,
-) -> anyhow::Result<Samples> {
-    let (conn, ch) = setup(url).await?;
-    let start = Instant::now();
-    let deadline = start + duration;
-    let budget = Budget::new(count);
-    let mut publishers = Vec::new();
-    for _ in 0..concurrency {
-        let (ch, budget) = (ch.clone(), budget.clone());
-        publishers.push(tokio::spawn(async move {
-            let mut s = Samples::default();
-            let mut n = 0u64;
-            while Instant::now() < deadline && budget.take() {
-                n += 1;
-                let body = serde_json::to_vec(&super::scenarios::job(n, 5)).unwrap_or_default();
-                let sent = Instant::now();
-                match publish(&ch, &body, BasicProperties::default().with_priority(5)).await {
-                    Ok(()) => s.latencies.push(sent.elapsed()),
-                    Err(_) => s.error(0),
+/// The publish reference: confirmed, persistent publishes to a queue nobody consumes. The
+/// queue lives until [`Publishing::close`], so that it fills across slices as the job queue
+/// does.
+pub struct Publishing {
+    conn: Connection,
+    ch: Channel,
+    sent: u64,
+}
+
+impl Publishing {
+    /// # Errors
+    /// When the broker cannot be reached.
+    pub async fn open(url: &str) -> anyhow::Result<Self> {
+        let (conn, ch) = setup(url).await?;
+        Ok(Self { conn, ch, sent: 0 })
+    }
+
+    /// Publishes by `concurrency` publishers for `duration` or `count` messages, whichever
+    /// ends first.
+    ///
+    /// # Errors
+    /// When a publisher task fails.
+    pub async fn run(
+        &mut self,
+        concurrency: usize,
+        duration: Duration,
+        count: u64,
+    ) -> anyhow::Result<Samples> {
+        let start = Instant::now();
+        let deadline = start + duration;
+        let budget = Budget::new(count);
+        let mut publishers = Vec::new();
+        for p in 0..concurrency {
+            let (ch, budget) = (self.ch.clone(), budget.clone());
+            let mut n = self.sent + ((p as u64) << 32);
+            publishers.push(tokio::spawn(async move {
+                let mut s = Samples::default();
+                while Instant::now() < deadline && budget.take() {
+                    n += 1;
+                    let body = serde_json::to_vec(&super::scenarios::job(n, 5)).unwrap_or_default();
+                    let sent = Instant::now();
+                    match publish(&ch, &body, BasicProperties::default().with_priority(5)).await {
+                        Ok(()) => s.latencies.push(sent.elapsed()),
+                        Err(_) => s.error(0),
+                    }
                 }
-            }
-            s.elapsed = start.elapsed();
-            s
-        }));
+                s.elapsed = start.elapsed();
+                s
+            }));
+        }
+        let mut samples = Samples::default();
+        for p in publishers {
+            samples.merge(p.await?);
+        }
+        self.sent += samples.latencies.len() as u64;
+        Ok(samples)
     }
-    let mut samples = Samples::default();
-    for p in publishers {
-        samples.merge(p.await?);
+
+    /// Deletes the reference queue and closes the connection.
+    pub async fn close(self) {
+        let _ = self.ch.queue_delete(QUEUE.into(), QueueDeleteOptions::default()).await;
+        let _ = self.conn.close(200, "done".into()).await;
     }
-    let _ = ch.queue_delete(QUEUE.into(), QueueDeleteOptions::default()).await;
-    let _ = conn.close(200, "done".into()).await;
-    Ok(samples)
 }

@@ -69,8 +69,8 @@ pub struct BenchArgs {
     pub json: bool,
 }
 
-/// Slices of the sync scenario and its reference, run in turns.
-const SYNC_SLICES: u32 = 5;
+/// Slices of the sync and async scenarios and of their references, run in turns.
+const SLICES: u32 = 5;
 
 /// Pauses a local `worker` process (SIGSTOP) unless `--no-pause`; answers its pid.
 fn pause_local_worker(args: &BenchArgs) -> Option<u32> {
@@ -94,9 +94,9 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<Vec<Value>> {
             "sync" => {
                 // In alternating slices, so that a slow spell of a shared machine hits both
                 // sides alike instead of skewing the ratio.
-                let slice = duration / SYNC_SLICES;
+                let slice = duration / SLICES;
                 let (mut ours, mut base) = (Samples::default(), Samples::default());
-                for _ in 0..SYNC_SLICES {
+                for _ in 0..SLICES {
                     ours.then(progress("sync", slice, scenarios::sync(&client, c, slice)).await?);
                     let reference = baseline::rpc(&args.broker, c, slice, args.prefetch);
                     base.then(progress("sync baseline", slice, reference).await?);
@@ -106,32 +106,27 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<Vec<Value>> {
             "async" => {
                 // Like the reference, which publishes to a queue nobody consumes, the accept
                 // phase runs with a local worker paused (on a shared machine it would otherwise
-                // compete for the same cores); it resumes for the drain.
+                // compete for the same cores); it resumes for the drain. Ours and the reference
+                // take turns, as in `sync`.
+                let mut reference = baseline::Publishing::open(&args.broker).await?;
                 let worker = pause_local_worker(args);
-                let accepted =
-                    progress("async", duration, scenarios::accept(&client, c, duration, args.async_jobs, 5))
-                        .await;
+                let accepted = accept_in_turns(args, &client, &mut reference).await;
                 let resumed = Instant::now();
                 if let Some(pid) = worker {
                     rss::signal(pid, "CONT");
                 }
-                let (ours, ids) = accepted?;
+                reference.close().await;
+                let (ours, base, ids) = accepted?;
                 let drained = progress(
                     "async drain",
                     Duration::from_secs(600),
                     scenarios::drained(&client, &ids, 50, Duration::from_secs(600)),
                 )
                 .await?;
-                let base = progress(
-                    "async baseline",
-                    duration,
-                    baseline::publish_only(&args.broker, c, duration, args.async_jobs),
-                )
-                .await?;
                 let mut r = with_baseline(row("async", args, &ours), &base);
                 // Without a pause the drain overlapped the accept phase.
                 let drain_time = drained.duration_since(resumed)
-                    + if worker.is_some() { Duration::ZERO } else { duration };
+                    + if worker.is_some() { Duration::ZERO } else { ours.elapsed };
                 r["drain_per_s"] = json!(round(ids.len() as f64 / drain_time.as_secs_f64()));
                 r["worker_paused_while_accepting"] = json!(worker.is_some());
                 r
@@ -180,6 +175,25 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<Vec<Value>> {
         reports.push(report);
     }
     Ok(reports)
+}
+
+/// The async accept phase and its reference in [`SLICES`] turns, each a slice of the duration
+/// and of the job count; answers ours, the reference's, and the accepted job ids.
+async fn accept_in_turns(
+    args: &BenchArgs,
+    client: &gatehouse_client::Client,
+    reference: &mut baseline::Publishing,
+) -> anyhow::Result<(Samples, Samples, Vec<String>)> {
+    let (c, slice) = (args.concurrency, Duration::from_secs(args.duration) / SLICES);
+    let jobs = args.async_jobs.div_ceil(u64::from(SLICES));
+    let (mut ours, mut base, mut ids) = (Samples::default(), Samples::default(), Vec::new());
+    for _ in 0..SLICES {
+        let (s, accepted) = progress("async", slice, scenarios::accept(client, c, slice, jobs, 5)).await?;
+        ours.then(s);
+        ids.extend(accepted);
+        base.then(progress("async baseline", slice, reference.run(c, slice, jobs)).await?);
+    }
+    Ok((ours, base, ids))
 }
 
 /// Preloads `n` priority-0 jobs as fast as `c` clients can submit them; answers how many.
