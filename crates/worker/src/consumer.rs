@@ -322,7 +322,12 @@ async fn dead_letter(
     env: Option<&JobEnvelope>,
     dead: Dead,
 ) {
-    let props = dead_properties(without_replay(&delivery.properties), &ctx.topology, class, &dead);
+    let id = env.map(|e| e.id.to_string()).or_else(|| claimed_id(data));
+    let mut props = without_replay(&delivery.properties);
+    if let Some(id) = id.filter(|_| props.message_id().is_none()) {
+        props = props.with_message_id(id.into());
+    }
+    let props = dead_properties(props, &ctx.topology, class, &dead);
     if let Err(e) = ctx.publisher.publish_persistent(&ctx.topology.dead_exchange(), "", data, props).await {
         tracing::warn!(error = %e, "could not dead-letter; requeueing");
         return requeue_after_pause(ctx, delivery).await;
@@ -341,6 +346,17 @@ async fn dead_letter(
         }
     }
     settle(ctx, delivery, Settle::Ack).await;
+}
+
+/// The job id a message that could not be opened claims in its body, unverified: a label that
+/// lets an operator find its dead letter (a replay is verified like any delivery).
+fn claimed_id(data: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Claimed {
+        id: String,
+    }
+    let vouched = Vouched::parse(data).ok()?;
+    serde_json::from_slice::<Claimed>(vouched.message()).ok().map(|c| c.id)
 }
 
 /// Properties of a dead letter: the original ones plus the reason headers.

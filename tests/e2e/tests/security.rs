@@ -226,6 +226,11 @@ async fn a_message_published_around_the_gatekeeper_is_dead_lettered_unrun() {
     let letters = dead_letters(&sys, 2).await;
     let reasons: Vec<_> = letters.iter().map(|l| l["reason"].as_str().unwrap_or("").to_owned()).collect();
     assert_eq!(reasons, ["bad_signature", "bad_signature"], "{letters:?}");
+    // Labelled with the id the body claims, if it has the shape of a job (unverified: a replay
+    // is checked like any delivery).
+    let mut ids: Vec<_> = letters.iter().map(|l| l["id"].as_str().map(str::to_owned)).collect();
+    ids.sort();
+    assert_eq!(ids, [None, Some("b".repeat(32))], "{letters:?}");
     assert_eq!(oracle::count(&sys.database(), "vault"), 0, "a forged job ran");
     assert_eq!(oracle::count(&sys.database(), "jobs"), 0, "a forged job was recorded");
     sys.stop().await;

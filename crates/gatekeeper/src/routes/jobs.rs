@@ -153,10 +153,10 @@ async fn accept(
         .and_then(|sealed| serde_json::to_vec(&sealed).ok())
         .and_then(|sealed| Vouched::wrap(&session, &sealed).ok())
         .ok_or_else(|| Problem::internal("the job could not be sealed"))?;
-    // Only the properties the broker and the worker need: every extra property or header
-    // costs the broker a measurable share of its throughput (see `Vouched`).
-    let mut props =
-        BasicProperties::default().with_message_id(envelope.id.as_str().into()).with_priority(priority.get());
+    // Only the properties the broker needs: every extra property or header costs the broker a
+    // measurable share of its throughput (see `Vouched`). The job id travels in the body; the
+    // worker labels a dead letter with it (`message_id`) for the `gatehouse dlq` commands.
+    let mut props = BasicProperties::default().with_priority(priority.get());
     if let Some(w) = &waiter {
         props =
             props.with_correlation_id(w.correlation_id().into()).with_reply_to(app.replies.queue().into());
