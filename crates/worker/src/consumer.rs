@@ -28,7 +28,9 @@ use gatehouse_broker::lapin::types::{AMQPValue, FieldTable, LongString};
 use gatehouse_broker::lapin::{BasicProperties, Channel};
 use gatehouse_broker::topology::headers;
 use gatehouse_broker::{Publisher, Topology};
-use gatehouse_protocol::{Catalog, ControlRequest, JobEnvelope, JobState, JobStatus, KindSpec, Vouched};
+use gatehouse_protocol::{
+    Catalog, ControlRequest, JobEnvelope, JobId, JobState, JobStatus, KindSpec, Vouched,
+};
 use gatehouse_storage::{StorageError, Store, now_ms, panic_message};
 use tracing::Instrument;
 
@@ -349,14 +351,15 @@ async fn dead_letter(
 }
 
 /// The job id a message that could not be opened claims in its body, unverified: a label that
-/// lets an operator find its dead letter (a replay is verified like any delivery).
+/// lets an operator find its dead letter (a replay is verified like any delivery). Only a
+/// well-formed id: anything else could not even travel as a property.
 fn claimed_id(data: &[u8]) -> Option<String> {
     #[derive(serde::Deserialize)]
     struct Claimed {
-        id: String,
+        id: JobId,
     }
     let vouched = Vouched::parse(data).ok()?;
-    serde_json::from_slice::<Claimed>(vouched.message()).ok().map(|c| c.id)
+    serde_json::from_slice::<Claimed>(vouched.message()).ok().map(|c| c.id.to_string())
 }
 
 /// Properties of a dead letter: the original ones plus the reason headers.
@@ -460,5 +463,29 @@ pub async fn settle(ctx: &Context, delivery: &Delivery, how: Settle) {
             }
             ctx.acks.settled_elsewhere(delivery.delivery_tag);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::claimed_id;
+
+    fn vouched(message: &str) -> Vec<u8> {
+        format!(r#"{{"key_id":"k","session":"s","mac":"m","message":{message}}}"#).into_bytes()
+    }
+
+    #[test]
+    fn a_dead_letter_is_labelled_only_with_a_well_formed_claimed_id() {
+        let id = "0192f3a4b5c6d7e8f9a0b1c2d3e4f5a6";
+        assert_eq!(
+            claimed_id(&vouched(&format!(r#"{{"id":"{id}","kind":"vault.put"}}"#))).as_deref(),
+            Some(id)
+        );
+        // Longer than an AMQP short string (255 bytes) may be: the dead letter could not be
+        // published, and the message would come back forever.
+        let long = "a".repeat(300);
+        assert_eq!(claimed_id(&vouched(&format!(r#"{{"id":"{long}"}}"#))), None);
+        assert_eq!(claimed_id(&vouched(r#"{"id":5}"#)), None);
+        assert_eq!(claimed_id(br#"{"id":"0192f3a4b5c6d7e8f9a0b1c2d3e4f5a6"}"#), None, "not vouched for");
     }
 }
