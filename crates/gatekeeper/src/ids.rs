@@ -65,14 +65,16 @@ impl IdMinter {
 
     /// A fresh id for `client`; with `idempotency_key`, the one id that key always maps to.
     pub fn mint(&self, client: &str, idempotency_key: Option<&str>) -> JobId {
-        let mut stamp = [0u8; STAMP];
-        match idempotency_key {
+        let stamp = match idempotency_key {
             Some(k) => {
-                let tag = self.sign(&[b"idem", client.as_bytes(), k.as_bytes()]);
-                stamp.copy_from_slice(&tag.as_ref()[..STAMP]);
+                let mut derived = [0u8; STAMP];
+                derived.copy_from_slice(
+                    &self.sign(&[b"idem", client.as_bytes(), k.as_bytes()]).as_ref()[..STAMP],
+                );
+                derived
             }
-            None => stamp = self.next_stamp(),
-        }
+            None => self.next_stamp(),
+        };
         let tag = self.sign(&[b"owner", client.as_bytes(), &stamp]);
         let mut raw = [0u8; 16];
         raw[..STAMP].copy_from_slice(&stamp);
