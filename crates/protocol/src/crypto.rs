@@ -47,6 +47,8 @@ pub enum CryptoError {
     Malformed,
     #[error("no system randomness")]
     Random,
+    #[error("message format version {0} is not the one this build reads")]
+    Version(u32),
 }
 
 fn random<const N: usize>() -> Result<[u8; N], CryptoError> {

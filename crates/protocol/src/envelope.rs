@@ -110,6 +110,9 @@ impl SealedJob {
 /// dead-lettered copy verifiable by itself.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Vouched<'a> {
+    /// The body's format: [`Vouched::VERSION`]. A worker refuses any other version by name
+    /// (`unsupported_version`) instead of mistaking it for a forgery.
+    pub v: u32,
     pub key_id: String,
     pub session: String,
     pub mac: String,
@@ -118,6 +121,9 @@ pub struct Vouched<'a> {
 }
 
 impl<'a> Vouched<'a> {
+    /// The format this build writes and reads.
+    pub const VERSION: u32 = 1;
+
     /// The body that carries `message` (JSON) vouched for in `session`.
     ///
     /// # Errors
@@ -126,6 +132,7 @@ impl<'a> Vouched<'a> {
         let text = std::str::from_utf8(message).map_err(|_| CryptoError::Malformed)?;
         let message: &RawValue = serde_json::from_str(text).map_err(|_| CryptoError::Malformed)?;
         let vouched = Vouched {
+            v: Self::VERSION,
             key_id: session.key_id().to_owned(),
             session: session.header(),
             mac: session.mac(message.get().as_bytes()),
@@ -137,9 +144,22 @@ impl<'a> Vouched<'a> {
     /// Reads a body made by [`Vouched::wrap`] (nothing is checked yet).
     ///
     /// # Errors
+    /// [`CryptoError::Version`] for a body of another format version;
     /// [`CryptoError::BadSignature`] when it carries no provenance: not vouched for at all.
     pub fn parse(body: &'a [u8]) -> Result<Self, CryptoError> {
-        serde_json::from_slice(body).map_err(|_| CryptoError::BadSignature)
+        #[derive(Deserialize)]
+        struct Versioned {
+            v: u32,
+        }
+        match serde_json::from_slice::<Self>(body) {
+            Ok(vouched) if vouched.v == Self::VERSION => Ok(vouched),
+            Ok(other) => Err(CryptoError::Version(other.v)),
+            // Another version may differ in more than its number.
+            Err(_) => match serde_json::from_slice::<Versioned>(body) {
+                Ok(Versioned { v }) if v != Self::VERSION => Err(CryptoError::Version(v)),
+                _ => Err(CryptoError::BadSignature),
+            },
+        }
     }
 
     /// Checks the MAC of the message under its session, which `session` resolves from (key
@@ -254,6 +274,23 @@ mod tests {
             Some(CryptoError::BadSignature)
         );
         assert_eq!(Vouched::parse(br#"{"op":"status"}"#).err(), Some(CryptoError::BadSignature));
+    }
+
+    #[test]
+    fn a_body_of_another_format_version_is_named_as_such() {
+        use crate::crypto::{OpeningKey, SigningKey};
+        let worker = OpeningKey::from_bytes(&OpeningKey::generate().unwrap()).unwrap();
+        let gk = SigningKey::from_pkcs8(&SigningKey::generate_pkcs8().unwrap()).unwrap();
+        let session = Session::start(&gk, &worker.public_key(), 1).unwrap();
+        let body = String::from_utf8(Vouched::wrap(&session, br#"{"op":"status"}"#).unwrap()).unwrap();
+        assert!(body.starts_with(r#"{"v":1,"#), "{body}");
+        let next = body.replacen(r#""v":1"#, r#""v":2"#, 1);
+        assert_eq!(Vouched::parse(next.as_bytes()).err(), Some(CryptoError::Version(2)));
+        // A later format may differ in more than its number.
+        assert_eq!(Vouched::parse(br#"{"v":3,"envelope":"..."}"#).err(), Some(CryptoError::Version(3)));
+        // Without a version it is not ours at all.
+        let unversioned = body.replacen(r#""v":1,"#, "", 1);
+        assert_eq!(Vouched::parse(unversioned.as_bytes()).err(), Some(CryptoError::BadSignature));
     }
 
     #[test]

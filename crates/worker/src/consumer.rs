@@ -471,7 +471,7 @@ mod tests {
     use super::claimed_id;
 
     fn vouched(message: &str) -> Vec<u8> {
-        format!(r#"{{"key_id":"k","session":"s","mac":"m","message":{message}}}"#).into_bytes()
+        format!(r#"{{"v":1,"key_id":"k","session":"s","mac":"m","message":{message}}}"#).into_bytes()
     }
 
     #[test]

@@ -94,6 +94,8 @@ pub enum Refusal {
     Undecodable,
     /// Authentic, but the payload does not open in its session.
     Unsealable,
+    /// Written in another format version (by a newer or older gatekeeper).
+    UnsupportedVersion,
 }
 
 impl Refusal {
@@ -103,6 +105,7 @@ impl Refusal {
             Self::Stale => "stale",
             Self::Undecodable => "undecodable",
             Self::Unsealable => "unsealable",
+            Self::UnsupportedVersion => "unsupported_version",
         }
     }
 }
@@ -142,7 +145,10 @@ impl WorkerKeys {
     /// # Errors
     /// The [`Refusal`] to dead-letter it with.
     pub fn open_job(&self, body: &[u8]) -> Result<JobEnvelope, Refusal> {
-        let vouched = Vouched::parse(body).map_err(|_| Refusal::BadSignature)?;
+        let vouched = Vouched::parse(body).map_err(|e| match e {
+            CryptoError::Version(_) => Refusal::UnsupportedVersion,
+            _ => Refusal::BadSignature,
+        })?;
         let session = vouched.verify(|id, s| self.sessions.get(id, s)).map_err(|_| Refusal::BadSignature)?;
         let sealed: SealedJob =
             serde_json::from_slice(vouched.message()).map_err(|_| Refusal::Undecodable)?;

@@ -213,24 +213,32 @@ async fn a_message_published_around_the_gatekeeper_is_dead_lettered_unrun() {
     };
     let gk_pub = keys::read_hex(&sys.certs.path().join("gatekeeper-signing.pub")).unwrap();
     let unsigned = forged(&"a".repeat(32));
-    let badly_signed = json!({
-        "key_id": crypto::key_id(&gk_pub),
-        "session": format!("{}.{now}.{}", "09".repeat(32), "00".repeat(64)),
-        "mac": "00".repeat(32),
-        "message": serde_json::from_str::<Value>(&forged(&"b".repeat(32))).unwrap(),
-    })
-    .to_string();
-    assert!(management::publish_to_queue(&queue, &unsigned, json!({})).await);
-    assert!(management::publish_to_queue(&queue, &badly_signed, json!({})).await);
+    let vouched = |v: u32, id: &str| {
+        json!({
+            "v": v,
+            "key_id": crypto::key_id(&gk_pub),
+            "session": format!("{}.{now}.{}", "09".repeat(32), "00".repeat(64)),
+            "mac": "00".repeat(32),
+            "message": serde_json::from_str::<Value>(&forged(id)).unwrap(),
+        })
+        .to_string()
+    };
+    let badly_signed = vouched(1, &"b".repeat(32));
+    // As a gatekeeper of a later release would write it: refused by name, not as a forgery.
+    let later_format = vouched(2, &"c".repeat(32));
+    for body in [&unsigned, &badly_signed, &later_format] {
+        assert!(management::publish_to_queue(&queue, body, json!({})).await);
+    }
 
-    let letters = dead_letters(&sys, 2).await;
-    let reasons: Vec<_> = letters.iter().map(|l| l["reason"].as_str().unwrap_or("").to_owned()).collect();
-    assert_eq!(reasons, ["bad_signature", "bad_signature"], "{letters:?}");
+    let letters = dead_letters(&sys, 3).await;
+    let mut reasons: Vec<_> = letters.iter().map(|l| l["reason"].as_str().unwrap_or("").to_owned()).collect();
+    reasons.sort();
+    assert_eq!(reasons, ["bad_signature", "bad_signature", "unsupported_version"], "{letters:?}");
     // Labelled with the id the body claims, if it has the shape of a job (unverified: a replay
     // is checked like any delivery).
     let mut ids: Vec<_> = letters.iter().map(|l| l["id"].as_str().map(str::to_owned)).collect();
     ids.sort();
-    assert_eq!(ids, [None, Some("b".repeat(32))], "{letters:?}");
+    assert_eq!(ids, [None, None, Some("b".repeat(32))], "{letters:?}");
     assert_eq!(oracle::count(&sys.database(), "vault"), 0, "a forged job ran");
     assert_eq!(oracle::count(&sys.database(), "jobs"), 0, "a forged job was recorded");
     sys.stop().await;
