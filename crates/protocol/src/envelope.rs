@@ -111,7 +111,9 @@ impl SealedJob {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Vouched<'a> {
     /// The body's format: [`Vouched::VERSION`]. A worker refuses any other version by name
-    /// (`unsupported_version`) instead of mistaking it for a forgery.
+    /// (`unsupported_version`) instead of mistaking it for a forgery. Bodies written before the
+    /// field existed (queued, parked) are version 1.
+    #[serde(default = "version_1")]
     pub v: u32,
     pub key_id: String,
     pub session: String,
@@ -149,6 +151,7 @@ impl<'a> Vouched<'a> {
     pub fn parse(body: &'a [u8]) -> Result<Self, CryptoError> {
         #[derive(Deserialize)]
         struct Versioned {
+            #[serde(default = "version_1")]
             v: u32,
         }
         match serde_json::from_slice::<Self>(body) {
@@ -182,6 +185,10 @@ impl<'a> Vouched<'a> {
     pub fn message(&self) -> &'a [u8] {
         self.message.get().as_bytes()
     }
+}
+
+fn version_1() -> u32 {
+    1
 }
 
 /// A query from the gatekeeper to the worker over the control queue.
@@ -288,9 +295,10 @@ mod tests {
         assert_eq!(Vouched::parse(next.as_bytes()).err(), Some(CryptoError::Version(2)));
         // A later format may differ in more than its number.
         assert_eq!(Vouched::parse(br#"{"v":3,"envelope":"..."}"#).err(), Some(CryptoError::Version(3)));
-        // Without a version it is not ours at all.
+        // Written before the field existed (still queued or parked): version 1.
         let unversioned = body.replacen(r#""v":1,"#, "", 1);
-        assert_eq!(Vouched::parse(unversioned.as_bytes()).err(), Some(CryptoError::BadSignature));
+        assert_eq!(Vouched::parse(unversioned.as_bytes()).unwrap().message(), br#"{"op":"status"}"#);
+        assert_eq!(Vouched::parse(br#"{"v":1,"op":"status"}"#).err(), Some(CryptoError::BadSignature));
     }
 
     #[test]
