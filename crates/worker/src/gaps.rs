@@ -32,9 +32,18 @@ pub async fn sweep_forever(ctx: &Context) {
 async fn sweep_once(ctx: &Context) -> anyhow::Result<()> {
     let expired = ctx.store.transact(|tx| tx.expired_parked(now_ms(), SWEEP_BATCH)).await?;
     for parked in expired {
-        // The metadata is enough to record it; the payload stays sealed.
-        let vouched = Vouched::parse(&parked.envelope)?;
-        let env = serde_json::from_slice::<SealedJob>(vouched.message())?.metadata();
+        // The metadata is enough to record it; the payload stays sealed. A row that cannot be
+        // read (only a damaged database makes one) must not hold up the others.
+        let metadata = Vouched::parse(&parked.envelope)
+            .map_err(anyhow::Error::from)
+            .and_then(|v| Ok(serde_json::from_slice::<SealedJob>(v.message())?.metadata()));
+        let env = match metadata {
+            Ok(env) => env,
+            Err(e) => {
+                tracing::error!(job_id = %parked.job_id, error = %e, "parked job unreadable; skipped");
+                continue;
+            }
+        };
         let class = ctx.catalog.kind(&env.kind).map_or_else(|| "batch".to_owned(), |k| k.queue.clone());
         let mut props = BasicProperties::default()
             .with_message_id(env.id.as_str().into())

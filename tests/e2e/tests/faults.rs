@@ -478,6 +478,35 @@ async fn a_dead_lettered_job_replays_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unreadable_parked_row_does_not_hold_up_the_gap_timeout_of_others() {
+    let _serial = SERIAL.lock().await;
+    let sys = TestSystem::start_with(Options { gap_timeout_s: Some(1), ..Options::default() }).await;
+    // A damaged row, expired before anything else: the sweep meets it first, every time.
+    {
+        let db = rusqlite::Connection::open(sys.database()).unwrap();
+        db.busy_timeout(Duration::from_secs(5)).unwrap();
+        db.pragma_update(None, "foreign_keys", "OFF").unwrap(); // damaged: no job row either
+        db.execute(
+            "INSERT INTO parked (seq_key, seq_number, job_id, envelope, parked_at_ms, deadline_ms)
+             VALUES ('damaged', 2, ?1, x'00ff', 0, 0)",
+            [&"d".repeat(32)],
+        )
+        .unwrap();
+    }
+    let mut conn = sys.connect().await;
+    let job = json!({"kind": "ledger.apply", "payload": {"account": "gx", "amount": 1}, "sequence": {"key": "gx", "number": 2}});
+    let id = conn.submit(&job, None).await.unwrap().json()["id"].as_str().unwrap().to_owned();
+    let s = wait_final(&mut conn, &id, Duration::from_secs(15)).await;
+    assert_eq!(
+        (s["status"].as_str(), s["reason"].as_str()),
+        (Some("dead_lettered"), Some("sequence_gap_timeout")),
+        "{s}"
+    );
+    assert_eq!(oracle::count(&sys.database(), "parked"), 1, "the damaged row stays for an operator");
+    sys.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_full_queue_answers_503_and_loses_nothing_it_accepted() {
     let _serial = SERIAL.lock().await;
     let sys = TestSystem::start_with(Options {
