@@ -10,9 +10,12 @@
 //! within this process (the random part counts up when two ids share a millisecond). Ids are
 //! unique and **time-ordered**: the worker's database indexes them, and an index whose new keys
 //! arrive in order appends to its last page instead of touching a random page per job — at a
-//! million stored jobs that is 1.2 instead of 3.3 WAL pages per job. With an idempotency key
-//! the stamp is derived from `(client, key)` instead, so the same client and key always give
-//! the same id.
+//! million stored jobs that is 1.2 instead of 3.3 WAL pages per job.
+//!
+//! With an idempotency key the id is derived from `(client, key)` instead, so the same client
+//! and key always give the same id — in the layout ids had before they were time-ordered (a
+//! 10-byte derived nonce and a 6-byte tag), so that a client retrying across an upgrade still
+//! gets the id of its first attempt, and the job applies once.
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -22,7 +25,10 @@ use gatehouse_protocol::JobId;
 use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
 
+/// Bytes of a fresh id before its tag: milliseconds and random.
 const STAMP: usize = 12;
+/// Bytes of an idempotency-key id (and of every id before they were time-ordered) before its tag.
+const DERIVED: usize = 10;
 
 /// Mints and checks job ids.
 pub struct IdMinter {
@@ -65,20 +71,21 @@ impl IdMinter {
 
     /// A fresh id for `client`; with `idempotency_key`, the one id that key always maps to.
     pub fn mint(&self, client: &str, idempotency_key: Option<&str>) -> JobId {
-        let stamp = match idempotency_key {
+        match idempotency_key {
             Some(k) => {
-                let mut derived = [0u8; STAMP];
-                derived.copy_from_slice(
-                    &self.sign(&[b"idem", client.as_bytes(), k.as_bytes()]).as_ref()[..STAMP],
-                );
-                derived
+                let derived = self.sign(&[b"idem", client.as_bytes(), k.as_bytes()]);
+                self.tagged(client, &derived.as_ref()[..DERIVED])
             }
-            None => self.next_stamp(),
-        };
-        let tag = self.sign(&[b"owner", client.as_bytes(), &stamp]);
+            None => self.tagged(client, &self.next_stamp()),
+        }
+    }
+
+    /// `prefix` and as much of its owner tag as fills 16 bytes.
+    fn tagged(&self, client: &str, prefix: &[u8]) -> JobId {
+        let tag = self.sign(&[b"owner", client.as_bytes(), prefix]);
         let mut raw = [0u8; 16];
-        raw[..STAMP].copy_from_slice(&stamp);
-        raw[STAMP..].copy_from_slice(&tag.as_ref()[..16 - STAMP]);
+        raw[..prefix.len()].copy_from_slice(prefix);
+        raw[prefix.len()..].copy_from_slice(&tag.as_ref()[..16 - prefix.len()]);
         JobId::from_bytes(raw)
     }
 
@@ -97,8 +104,8 @@ impl IdMinter {
         stamp
     }
 
-    /// Whether `id` was minted for `client` (also by the layout before time-ordered ids: a
-    /// 10-byte nonce and a 6-byte tag).
+    /// Whether `id` was minted for `client`, in either layout (time-ordered, or derived from an
+    /// idempotency key / minted before ids were time-ordered).
     pub fn is_owned_by(&self, id: &JobId, client: &str) -> bool {
         let raw = id.to_bytes();
         let tagged = |split: usize| {
@@ -106,7 +113,7 @@ impl IdMinter {
             // Constant-time comparison of the truncated tag.
             raw[split..].iter().zip(expected.as_ref()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
         };
-        tagged(STAMP) | tagged(10)
+        tagged(STAMP) | tagged(DERIVED)
     }
 
     /// HMAC over length-prefixed parts, so that ("ab","c") and ("a","bc") differ.
@@ -150,6 +157,19 @@ mod tests {
         let ms = |id: &JobId| u64::from_str_radix(&id.as_str()[..12], 16).unwrap();
         assert!(ms(&ids[0]) >= before && ms(&ids[0]) <= before + 1000, "{} vs {before}", ms(&ids[0]));
         assert!(ids.iter().all(|id| m.is_owned_by(id, "alice") && !m.is_owned_by(id, "bob")));
+    }
+
+    #[test]
+    fn an_idempotency_key_maps_to_the_id_it_had_before_ids_were_time_ordered() {
+        let m = IdMinter::new(&[7; 32]);
+        // What the previous release minted for ("alice", "k1"): nonce = idem-HMAC[..10], then
+        // 6 bytes of the owner tag over it.
+        let nonce = m.sign(&[b"idem", b"alice", b"k1"]);
+        let tag = m.sign(&[b"owner", b"alice", &nonce.as_ref()[..10]]);
+        let mut raw = [0u8; 16];
+        raw[..10].copy_from_slice(&nonce.as_ref()[..10]);
+        raw[10..].copy_from_slice(&tag.as_ref()[..6]);
+        assert_eq!(m.mint("alice", Some("k1")), JobId::from_bytes(raw));
     }
 
     #[test]
