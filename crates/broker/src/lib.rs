@@ -4,11 +4,13 @@
 //! Flow: gatekeeper --publish(confirmed)--> `gatehouse.jobs` --> `gatehouse.jobs.<class>`
 //! --> worker --> reply queue of the gatekeeper instance that asked.
 
+pub mod backoff;
 pub mod process;
 pub mod publisher;
 pub mod shutdown;
 pub mod topology;
 
+pub use backoff::Backoff;
 pub use lapin;
 pub use publisher::{PublishError, Publisher};
 pub use topology::Topology;

@@ -5,7 +5,55 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-/// Runs component `name`: `NAME [CONFIG]` (default `config/NAME.toml`), settings read by
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines; colours only when standard output is a terminal.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// The log format: `--log-format text|json` (taken out of `args`), else the environment's
+/// `<NAME>__LOG__FORMAT` (e.g. `WORKER__LOG__FORMAT=json`), else text.
+///
+/// # Errors
+/// For any other value.
+pub fn log_format(name: &str, args: &mut Vec<std::ffi::OsString>) -> Result<LogFormat, String> {
+    let mut chosen = std::env::var(format!("{}__LOG__FORMAT", name.to_uppercase())).ok();
+    if let Some(i) = args.iter().position(|a| a == "--log-format") {
+        args.remove(i);
+        (i < args.len()).then_some(()).ok_or("--log-format needs a value (text or json)")?;
+        chosen = Some(args.remove(i).to_string_lossy().into_owned());
+    } else if let Some(i) = args.iter().position(|a| a.to_string_lossy().starts_with("--log-format=")) {
+        let a = args.remove(i).to_string_lossy().into_owned();
+        chosen = a.split_once('=').map(|(_, v)| v.to_owned());
+    }
+    match chosen.as_deref() {
+        None | Some("text") => Ok(LogFormat::Text),
+        Some("json") => Ok(LogFormat::Json),
+        Some(other) => Err(format!("unknown log format {other:?} (text or json)")),
+    }
+}
+
+/// What is logged unless `RUST_LOG` says otherwise. lapin logs every channel the broker closes
+/// as an ERROR of its own (e.g. `NOT_FOUND` while the worker has not declared the topology
+/// yet); each such close also reaches our code as an error, which logs it with its context and
+/// level, so lapin's own line is left out.
+pub const DEFAULT_FILTER: &str = "info,lapin=warn,lapin::channel=off";
+
+fn init_logs(format: LogFormat) {
+    use std::io::IsTerminal as _;
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| DEFAULT_FILTER.into());
+    let logs = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Text => logs.with_ansi(std::io::stdout().is_terminal()).init(),
+        LogFormat::Json => logs.json().with_current_span(true).init(),
+    }
+}
+
+/// Runs component `name`: `NAME [--log-format text|json] [CONFIG]` (default `config/NAME.toml`), settings read by
 /// `load`, then `run` until it returns.
 pub fn main<S, E, F, Fut>(name: &str, load: impl FnOnce(&Path) -> Result<S, E>, run: F) -> ExitCode
 where
@@ -13,15 +61,16 @@ where
     F: FnOnce(S) -> Fut,
     Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
 {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,lapin=warn".into()),
-        )
-        .init();
-    let path = std::env::args_os()
-        .nth(1)
-        .map_or_else(|| PathBuf::from(format!("config/{name}.toml")), PathBuf::from);
+    let mut args: Vec<_> = std::env::args_os().skip(1).collect();
+    let format = match log_format(name, &mut args) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            return ExitCode::from(64);
+        }
+    };
+    init_logs(format);
+    let path = args.first().map_or_else(|| PathBuf::from(format!("config/{name}.toml")), PathBuf::from);
     let settings = match load(&path) {
         Ok(s) => s,
         Err(e) => {

@@ -8,8 +8,9 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use gatehouse_broker::backoff::{is_missing_topology, is_unreachable};
 use gatehouse_broker::lapin::Connection;
-use gatehouse_broker::{BrokerSettings, Publisher};
+use gatehouse_broker::{Backoff, BrokerSettings, Publisher};
 use tokio::task::JoinHandle;
 
 use crate::keys::GatekeeperKeys;
@@ -48,17 +49,15 @@ impl BrokerLink {
             publisher: RwLock::new(None),
             connection: tokio::sync::Mutex::new(None),
         });
+        let mut backoff = Backoff::new(Duration::from_millis(250), MAX_BACKOFF);
         let first = match link.connect().await {
             Ok(consumer) => Some(consumer),
             Err(e) => {
-                tracing::warn!(
-                    error = format!("{e:#}"),
-                    "broker not available yet; answering 503 until it is"
-                );
+                report(&mut backoff, &e, true);
                 None
             }
         };
-        let supervisor = tokio::spawn(link.clone().supervise(first));
+        let supervisor = tokio::spawn(link.clone().supervise(first, backoff));
         (link, supervisor)
     }
 
@@ -94,7 +93,9 @@ impl BrokerLink {
     }
 
     /// Keeps the link up until aborted.
-    async fn supervise(self: Arc<Self>, mut consumer: Option<JoinHandle<()>>) {
+    async fn supervise(self: Arc<Self>, mut consumer: Option<JoinHandle<()>>, mut backoff: Backoff) {
+        // Until the first connection, a missing broker or topology is the normal start-up race.
+        let mut starting = consumer.is_none();
         loop {
             if let Some(mut c) = consumer.take() {
                 let mut check = tokio::time::interval(CHECK_EVERY);
@@ -110,17 +111,14 @@ impl BrokerLink {
                 }
                 tracing::warn!("broker link lost; answering 503 until it is back");
             }
-            let mut backoff = Duration::from_millis(250);
             consumer = loop {
                 match self.connect().await {
                     Ok(c) => break Some(c),
-                    Err(e) => {
-                        tracing::warn!(error = format!("{e:#}"), ?backoff, "broker unavailable; retrying");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(MAX_BACKOFF);
-                    }
+                    Err(e) => tokio::time::sleep(report(&mut backoff, &e, starting)).await,
                 }
             };
+            starting = false;
+            backoff.succeeded();
             tracing::info!("connected to the broker");
         }
     }
@@ -133,4 +131,17 @@ impl BrokerLink {
             let _ = c.close(200, "gatekeeper stopping".into()).await;
         }
     }
+}
+
+/// Logs a failed connection attempt (once per outage) and answers the pause before the next.
+/// While `starting`, a broker that is not up yet or a topology the worker has not declared yet
+/// is the expected start-up race: said once at INFO.
+fn report(backoff: &mut Backoff, e: &anyhow::Error, starting: bool) -> Duration {
+    let what = if is_missing_topology(e) {
+        "the worker has not declared the topology yet; answering 503 until it has"
+    } else {
+        "broker unavailable; answering 503 until it is back"
+    };
+    let expected = starting && (is_missing_topology(e) || is_unreachable(e));
+    backoff.failed(what, &format!("{e:#}"), expected)
 }

@@ -7,13 +7,14 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use futures_util::StreamExt;
-use gatehouse_broker::Publisher;
+use gatehouse_broker::backoff::is_unreachable;
 use gatehouse_broker::lapin::message::Delivery;
 use gatehouse_broker::lapin::options::{
     BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
 };
 use gatehouse_broker::lapin::types::FieldTable;
 use gatehouse_broker::lapin::{Channel, Connection};
+use gatehouse_broker::{Backoff, Publisher};
 use gatehouse_protocol::Catalog;
 use gatehouse_storage::Store;
 use tokio::sync::{mpsc, watch};
@@ -37,6 +38,7 @@ pub struct Worker {
     isolation: Arc<tokio::sync::RwLock<()>>,
     keys: Arc<WorkerKeys>,
     session: Option<Session>,
+    backoff: Backoff,
 }
 
 /// One broker connection and what hangs off it.
@@ -66,8 +68,18 @@ impl Worker {
         let store = Store::open_sqlite(&settings.storage.path, keyring)
             .with_context(|| format!("opening {}", settings.storage.path.display()))?;
         let isolation = Arc::new(tokio::sync::RwLock::new(()));
-        let session = Session::open(&settings, &store, &catalog, &isolation, &keys).await?;
-        Ok(Self { settings, store, catalog, isolation, keys, session: Some(session) })
+        let mut backoff = Backoff::new(Duration::from_millis(250), MAX_BACKOFF);
+        // A broker that does not answer yet (starting, restarting) is waited for in `run`;
+        // anything else (credentials, permissions) fails the start.
+        let session = match Session::open(&settings, &store, &catalog, &isolation, &keys).await {
+            Ok(s) => Some(s),
+            Err(e) if is_unreachable(&e) => {
+                backoff.failed("the broker does not answer yet", &format!("{e:#}"), true);
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(Self { settings, store, catalog, isolation, keys, session, backoff })
     }
 
     /// Consumes until `shutdown` resolves. When the broker connection is lost, reconnects with
@@ -87,7 +99,6 @@ impl Worker {
             shutdown.await;
             let _ = stop_tx.send(true);
         });
-        let mut backoff = Duration::from_millis(250);
         loop {
             let session = match self.session.take() {
                 Some(s) => s,
@@ -102,20 +113,17 @@ impl Worker {
                     .await
                     {
                         Ok(s) => {
-                            tracing::info!("reconnected to the broker");
-                            backoff = Duration::from_millis(250);
+                            self.backoff.succeeded();
+                            tracing::info!("connected to the broker");
                             s
                         }
                         Err(e) => {
-                            tracing::warn!(
-                                error = format!("{e:#}"),
-                                ?backoff,
-                                "broker unavailable; retrying"
-                            );
-                            if wait_or_stop(backoff, stop.clone()).await {
+                            let expected = is_unreachable(&e);
+                            let delay =
+                                self.backoff.failed("broker unavailable", &format!("{e:#}"), expected);
+                            if wait_or_stop(delay, stop.clone()).await {
                                 return Ok(());
                             }
-                            backoff = (backoff * 2).min(MAX_BACKOFF);
                             continue;
                         }
                     }

@@ -1,0 +1,78 @@
+//! The README's first command, as a newcomer runs it: `gatehouse up` from the repository root
+//! starts cleanly (no ERROR or WARN line, no colour codes when its output is not a terminal),
+//! answers a job, and stops on Ctrl-C.
+//!
+//! It builds and runs the real binaries (`cargo build --bins`, debug) and needs ports 8443 and
+//! 9101 free, like `gatehouse up` itself.
+
+use std::io::Read as _;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use gatehouse_client::{Client, Identity, Method};
+use gatehouse_e2e::{broker_url, repo_root};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gatehouse_up_starts_quietly_runs_a_job_and_stops_on_ctrl_c() {
+    // The shared test broker (started if needed) is the one `gatehouse up` finds and keeps.
+    broker_url();
+    let root = repo_root();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let built = Command::new(cargo)
+        .current_dir(&root)
+        .args(["build", "--quiet", "--bins", "-p", "gatehouse-cli", "-p", "gatehouse-gatekeeper"])
+        .args(["-p", "gatehouse-worker"])
+        .status()
+        .expect("cargo runs");
+    assert!(built.success(), "cargo build --bins failed");
+
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut up = Command::new(root.join("target/debug/gatehouse"))
+        .current_dir(&root)
+        .arg("up")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(log.reopen().unwrap())
+        .stderr(log.reopen().unwrap())
+        .spawn()
+        .expect("gatehouse up starts");
+    let output = || {
+        let mut s = String::new();
+        log.reopen().unwrap().read_to_string(&mut s).unwrap();
+        s
+    };
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !output().contains("Gatehouse is up.") {
+        assert!(up.try_wait().unwrap().is_none(), "gatehouse up exited:\n{}", output());
+        assert!(Instant::now() < deadline, "not up within 90 s:\n{}", output());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // The banner's request, through the dev certificates it wrote.
+    let certs = root.join("certs/dev");
+    let identity = Identity { cert: certs.join("client.pem"), key: certs.join("client.key") };
+    let client = Client::new("https://127.0.0.1:8443", &certs.join("ca.pem"), Some(identity)).unwrap();
+    let mut conn = client.connect().await.unwrap();
+    let body = br#"{"kind":"vault.put","payload":{"record":{"name":"Ada"}}}"#.to_vec();
+    let headers = [("content-type", "application/json"), ("prefer", "wait=10")];
+    let res = conn.request(Method::POST, "/v1/jobs", &headers, body).await.unwrap();
+    assert_eq!(res.status, 200, "{}", String::from_utf8_lossy(&res.body));
+    drop(conn);
+
+    // Ctrl-C.
+    Command::new("kill").args(["-INT", &up.id().to_string()]).status().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = up.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "did not stop within 60 s:\n{}", output());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let out = output();
+    assert!(status.success(), "gatehouse up exited with {status}:\n{out}");
+    let noisy: Vec<&str> = out.lines().filter(|l| l.contains(" ERROR ") || l.contains(" WARN ")).collect();
+    assert!(noisy.is_empty(), "ERROR/WARN lines in a normal start and stop:\n{}", noisy.join("\n"));
+    assert!(!out.contains('\u{1b}'), "colour codes in output that is not a terminal:\n{out}");
+    assert!(out.contains("worker stopped") && out.contains("gatekeeper stopped"), "{out}");
+}
