@@ -1,5 +1,9 @@
-//! Development PKI: one CA, a server certificate for `localhost` / `127.0.0.1`, client
-//! certificates, and the gatekeeper's job-id secret. For local use and tests only.
+//! Development PKI: two CAs — one for the API (the gatekeeper's server certificate and client
+//! certificates), one for the components' link to the broker (the broker's TLS listener and
+//! the gatekeeper's and worker's AMQP client certificates) — and the gatekeeper's job-id
+//! secret. Separate CAs keep the two worlds apart: a component's broker certificate is no API
+//! client, and an API client certificate does not pass the broker's `verify_peer`. For local
+//! use and tests only.
 
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -16,8 +20,9 @@ use rcgen::{
 /// shipped dev policy).
 pub const DEV_CLIENT: &str = "dev-client";
 
-/// Writes `ca.pem`, `ca.key`, `server.pem`, `server.key`, `client.pem`, `client.key`,
-/// `broker.pem` / `broker.key` (for a broker's TLS listener), `gatekeeper-amqp.pem` /
+/// Writes `ca.pem`, `ca.key` (the API CA), `server.pem`, `server.key`, `client.pem`,
+/// `client.key`, `components-ca.pem` / `.key` (the CA of the broker link), `broker.pem` /
+/// `broker.key` (for a broker's TLS listener), `gatekeeper-amqp.pem` /
 /// `worker-amqp.pem` (+ keys, for the components' amqps link), `gatekeeper-ids.secret`, and the
 /// signing, sealing and data keys of gatekeeper and worker (see `gatehouse_protocol::keys`)
 /// into `dir`.
@@ -26,15 +31,7 @@ pub const DEV_CLIENT: &str = "dev-client";
 /// When a file cannot be written or a certificate cannot be made.
 pub fn write_dev(dir: &Path) -> anyhow::Result<()> {
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut ca = CertificateParams::new(Vec::new())?;
-    ca.distinguished_name.push(DnType::CommonName, "Gatehouse dev CA");
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca_key = KeyPair::generate()?;
-    let ca_cert = ca.self_signed(&ca_key)?;
-    write(dir, "ca.pem", &ca_cert.pem(), false)?;
-    write(dir, "ca.key", &ca_key.serialize_pem(), true)?;
-    let issuer = Issuer::new(ca, ca_key);
+    let issuer = write_ca(dir, "ca", "Gatehouse dev API CA")?;
 
     let mut server = CertificateParams::new(Vec::new())?;
     server.distinguished_name.push(DnType::CommonName, "localhost");
@@ -53,7 +50,8 @@ pub fn write_dev(dir: &Path) -> anyhow::Result<()> {
     write_client_with(dir, "client", DEV_CLIENT, &issuer)?;
 
     // The broker's TLS listener (docker-compose names it `rabbitmq`) and the two components'
-    // client certificates for the link to it.
+    // client certificates for the link to it, under their own CA.
+    let issuer = write_ca(dir, "components-ca", "Gatehouse dev components CA")?;
     let mut broker = CertificateParams::new(Vec::new())?;
     broker.distinguished_name.push(DnType::CommonName, "rabbitmq");
     broker.subject_alt_names =
@@ -72,6 +70,19 @@ pub fn write_dev(dir: &Path) -> anyhow::Result<()> {
     write(dir, "gatekeeper-ids.secret", &(hex::encode(&secret) + "\n"), true)?;
     keys::write_dev(dir)?;
     Ok(())
+}
+
+/// A new CA written as `NAME.pem` / `NAME.key`.
+fn write_ca(dir: &Path, name: &str, common_name: &str) -> anyhow::Result<Issuer<'static, KeyPair>> {
+    let mut ca = CertificateParams::new(Vec::new())?;
+    ca.distinguished_name.push(DnType::CommonName, common_name);
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_key = KeyPair::generate()?;
+    let ca_cert = ca.self_signed(&ca_key)?;
+    write(dir, &format!("{name}.pem"), &ca_cert.pem(), false)?;
+    write(dir, &format!("{name}.key"), &ca_key.serialize_pem(), true)?;
+    Ok(Issuer::new(ca, ca_key))
 }
 
 /// Writes `NAME.pem` / `NAME.key`, a client certificate with identity `NAME`, signed by the CA
@@ -109,14 +120,5 @@ fn write_client_with(
 }
 
 fn write(dir: &Path, name: &str, contents: &str, private: bool) -> anyhow::Result<()> {
-    let path = dir.join(name);
-    fs::write(&path, contents).with_context(|| format!("writing {}", path.display()))?;
-    #[cfg(unix)]
-    if private {
-        use std::os::unix::fs::PermissionsExt;
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o600))?;
-    }
-    #[cfg(not(unix))]
-    let _ = private;
-    Ok(())
+    Ok(keys::write_file(&dir.join(name), contents, private)?)
 }

@@ -1,21 +1,28 @@
 //! The gatekeeper's keys: it signs a short session with the worker, seals job payloads and
 //! authenticates every message it publishes in that session, and opens the worker's replies
-//! under their pair key.
+//! under the reply key of the session their request went out in — for a short window only.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use gatehouse_protocol::crypto::{CryptoError, PairKey, SESSION_LIFETIME_MS, Session, SigningKey};
+use gatehouse_protocol::crypto::{CryptoError, SESSION_LIFETIME_MS, Session, SigningKey};
 use gatehouse_protocol::keys::{self, KeyFileError};
 
 use crate::settings::KeySettings;
 
+/// How long the gatekeeper keeps a session (and so can open replies to what it sent in it)
+/// after the session started: longer than any request waits (`max_wait_s` is capped at 30 s,
+/// status queries at a few seconds). A reply that comes later has nobody waiting for it
+/// anyway; after this window, even a full compromise of the gatekeeper opens none of the
+/// session's replies.
+pub const REPLY_WINDOW_MS: u64 = 120_000;
+
 pub struct GatekeeperKeys {
     signing: SigningKey,
     worker_sealing: [u8; 32],
-    /// Opens the worker's replies (static agreement, derived once).
-    pub replies: PairKey,
-    session: RwLock<Arc<Session>>,
+    /// The current session (front) and the earlier ones still inside [`REPLY_WINDOW_MS`].
+    sessions: RwLock<VecDeque<Arc<Session>>>,
 }
 
 fn now_ms() -> u64 {
@@ -26,14 +33,11 @@ impl GatekeeperKeys {
     /// # Errors
     /// When a key file is missing or malformed.
     pub fn load(s: &KeySettings) -> Result<Self, KeyFileError> {
-        let opening = keys::opening_key(&s.sealing_key)?;
         let worker_sealing = keys::sealing_key(&s.worker_sealing_key)?;
-        let replies = PairKey::new(&opening, &worker_sealing)
-            .map_err(|e| KeyFileError::new(&s.worker_sealing_key, e))?;
         let signing = keys::signing_key(&s.signing_key)?;
         let session = Session::start(&signing, &worker_sealing, now_ms())
             .map_err(|e| KeyFileError::new(&s.worker_sealing_key, e))?;
-        Ok(Self { signing, worker_sealing, replies, session: RwLock::new(Arc::new(session)) })
+        Ok(Self { signing, worker_sealing, sessions: RwLock::new(VecDeque::from([Arc::new(session)])) })
     }
 
     /// The session to send in now; a new one every [`SESSION_LIFETIME_MS`].
@@ -44,16 +48,31 @@ impl GatekeeperKeys {
         let now = now_ms();
         let current = |s: &Session| now.abs_diff(s.started_at_ms()) < SESSION_LIFETIME_MS;
         {
-            let s = self.session.read().unwrap_or_else(PoisonError::into_inner);
-            if current(&s) {
+            let s = self.sessions.read().unwrap_or_else(PoisonError::into_inner);
+            if let Some(s) = s.front().filter(|s| current(s)) {
                 return Ok(s.clone());
             }
         }
-        let mut s = self.session.write().unwrap_or_else(PoisonError::into_inner);
-        if !current(&s) {
-            *s = Arc::new(Session::start(&self.signing, &self.worker_sealing, now)?);
-            tracing::debug!("new session with the worker");
+        let mut s = self.sessions.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(fresh) = s.front().filter(|s| current(s)) {
+            return Ok(fresh.clone());
         }
-        Ok(s.clone())
+        let fresh = Arc::new(Session::start(&self.signing, &self.worker_sealing, now)?);
+        s.push_front(fresh.clone());
+        // Forget sessions past the reply window: their reply keys go with them.
+        while s.back().is_some_and(|old| now.saturating_sub(old.started_at_ms()) > REPLY_WINDOW_MS) {
+            s.pop_back();
+        }
+        tracing::debug!("new session with the worker");
+        Ok(fresh)
+    }
+
+    /// A session this gatekeeper started within the reply window, by [`Session::id`].
+    pub fn recent(&self, id: &str) -> Option<Arc<Session>> {
+        let now = now_ms();
+        let s = self.sessions.read().unwrap_or_else(PoisonError::into_inner);
+        s.iter()
+            .find(|s| s.id() == id && now.saturating_sub(s.started_at_ms()) <= REPLY_WINDOW_MS)
+            .cloned()
     }
 }

@@ -1,5 +1,10 @@
 //! Requests waiting for the worker's answer, matched by `correlation_id`.
 //!
+//! A reply is handed over only if it opens under the reply key of one of this gatekeeper's
+//! recent sessions *for exactly what the request waits for*: its correlation id, job id and
+//! client are bound into the reply's associated data. A reply to someone else's job, or meant
+//! for another request, is dropped and counted as forged.
+//!
 //! The map is bounded (a full map answers 503 rather than growing), and each entry is removed
 //! when its waiter is dropped, whether it got an answer or timed out. Replies nobody waits for
 //! any more are dropped and counted.
@@ -12,7 +17,7 @@ use futures_util::StreamExt;
 use gatehouse_broker::lapin::Channel;
 use gatehouse_broker::lapin::options::BasicConsumeOptions;
 use gatehouse_broker::lapin::types::FieldTable;
-use gatehouse_protocol::{JobStatus, SealedReply};
+use gatehouse_protocol::{JobId, JobStatus, SealedReply};
 use ring::rand::{SecureRandom, SystemRandom};
 use tokio::sync::mpsc;
 
@@ -27,10 +32,18 @@ pub struct Replies {
     instance: String,
     queue: String,
     max_pending: usize,
-    pending: Mutex<HashMap<String, mpsc::Sender<JobStatus>>>,
+    pending: Mutex<HashMap<String, Pending>>,
     late: AtomicU64,
     forged: AtomicU64,
     rng: SystemRandom,
+}
+
+/// What one waiting request expects, and where its answers go.
+#[derive(Clone)]
+struct Pending {
+    job: JobId,
+    client: String,
+    tx: mpsc::Sender<JobStatus>,
 }
 
 /// The map is full.
@@ -69,11 +82,11 @@ impl Replies {
         &self.queue
     }
 
-    /// Registers a fresh correlation id.
+    /// Registers a fresh correlation id for a request that waits for job `job` of `client`.
     ///
     /// # Errors
     /// [`Full`] when `max_pending` requests already wait.
-    pub fn register(self: &Arc<Self>) -> Result<Waiter, Full> {
+    pub fn register(self: &Arc<Self>, job: &JobId, client: &str) -> Result<Waiter, Full> {
         let mut raw = [0u8; 16];
         self.rng.fill(&mut raw).map_err(|_| Full)?;
         let correlation_id = gatehouse_protocol::JobId::from_bytes(raw).to_string();
@@ -82,15 +95,32 @@ impl Replies {
         if pending.len() >= self.max_pending {
             return Err(Full);
         }
-        pending.insert(correlation_id.clone(), tx);
+        pending.insert(correlation_id.clone(), Pending { job: job.clone(), client: client.to_owned(), tx });
         Ok(Waiter { replies: self.clone(), correlation_id, rx })
     }
 
-    /// Hands an answer to whoever waits for `correlation_id`.
-    pub fn complete(&self, correlation_id: &str, status: JobStatus) {
-        let tx = self.lock().get(correlation_id).cloned();
-        if tx.is_none_or(|tx| tx.try_send(status).is_err()) {
+    /// Opens `reply` for whoever waits for `correlation_id` and hands it over; one that does
+    /// not open for exactly that request (its job, its client, a recent session of ours) is
+    /// dropped and counted as forged.
+    fn complete(&self, correlation_id: &str, reply: &SealedReply, keys: &GatekeeperKeys) {
+        let Some(p) = self.lock().get(correlation_id).cloned() else {
             self.late.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let opened = keys
+            .recent(&reply.session)
+            .ok_or(gatehouse_protocol::crypto::CryptoError::Open)
+            .and_then(|session| reply.open(&session, correlation_id, &p.job, &p.client));
+        match opened {
+            Ok(status) => {
+                if p.tx.try_send(status).is_err() {
+                    self.late.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Err(_) => {
+                self.forged.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("a reply that does not open for its request was dropped");
+            }
         }
     }
 
@@ -99,7 +129,8 @@ impl Replies {
         self.late.load(Ordering::Relaxed)
     }
 
-    /// Replies dropped because they did not open under the pair key (forged or altered).
+    /// Replies dropped because they did not open for the request they named (forged, altered,
+    /// someone else's answer, or sealed in a session past the reply window).
     pub fn forged_count(&self) -> u64 {
         self.forged.load(Ordering::Relaxed)
     }
@@ -109,7 +140,7 @@ impl Replies {
         self.lock().len()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, mpsc::Sender<JobStatus>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Pending>> {
         // A panic while holding this lock cannot leave the map inconsistent.
         self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -120,9 +151,8 @@ impl Replies {
     /// # Errors
     /// When consuming cannot start.
     ///
-    /// A reply counts only if it opens under the worker–gatekeeper pair key for its
-    /// correlation id (which only the worker can seal); anything else is dropped and counted
-    /// as forged.
+    /// A reply counts only if it opens for the request its correlation id names (see the
+    /// module docs); anything else is dropped and counted as forged.
     pub async fn consume(
         self: Arc<Self>,
         channel: Channel,
@@ -142,14 +172,11 @@ impl Replies {
                 let Some(cid) = d.properties.correlation_id().as_ref().map(ToString::to_string) else {
                     continue;
                 };
-                let opened = serde_json::from_slice::<SealedReply>(&d.data)
-                    .ok()
-                    .and_then(|r| r.open(&keys.replies, &cid).ok());
-                match opened {
-                    Some(status) => self.complete(&cid, status),
-                    None => {
+                match serde_json::from_slice::<SealedReply>(&d.data) {
+                    Ok(reply) => self.complete(&cid, &reply, &keys),
+                    Err(_) => {
                         self.forged.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!("forged or unopenable reply dropped");
+                        tracing::warn!("an undecodable reply was dropped");
                     }
                 }
             }
@@ -177,31 +204,19 @@ impl Drop for Waiter {
 
 #[cfg(test)]
 mod tests {
-    use gatehouse_protocol::{JobId, JobState};
+    use gatehouse_protocol::JobId;
 
     use super::*;
 
     #[tokio::test]
     async fn bounded_and_cleaned_on_drop() {
         let r = Replies::new("i".into(), "q".into(), 2);
-        let a = r.register().unwrap();
-        let _b = r.register().unwrap();
-        assert!(r.register().is_err());
-        let cid = a.correlation_id().to_owned();
+        let job = JobId::from_bytes([0; 16]);
+        let a = r.register(&job, "c").unwrap();
+        let _b = r.register(&job, "c").unwrap();
+        assert!(r.register(&job, "c").is_err());
         drop(a);
         assert_eq!(r.pending_count(), 1);
-        r.complete(&cid, JobStatus::new(JobId::from_bytes([0; 16]), JobState::Succeeded));
-        assert_eq!(r.late_count(), 1);
-        assert!(r.register().is_ok());
-    }
-
-    #[tokio::test]
-    async fn answers_reach_their_waiter() {
-        let r = Replies::new("i".into(), "q".into(), 8);
-        let mut w = r.register().unwrap();
-        let status = JobStatus::new(JobId::from_bytes([1; 16]), JobState::Succeeded);
-        r.complete(w.correlation_id(), status.clone());
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
-        assert_eq!(w.next_until(deadline).await, Some(status));
+        assert!(r.register(&job, "c").is_ok());
     }
 }

@@ -32,10 +32,8 @@ pub struct KeySettings {
     /// The gatekeeper's Ed25519 key; signs its sessions with the worker, which vouch for every
     /// job and query.
     pub signing_key: PathBuf,
-    /// The gatekeeper's X25519 secret; with the worker's public key it makes the pair key
-    /// that opens (and authenticates) the worker's replies.
-    pub sealing_key: PathBuf,
-    /// The worker's X25519 public key; job payloads are sealed to it.
+    /// The worker's X25519 public key; job payloads are sealed to it in short sessions, and
+    /// the worker's replies come sealed under each session's reply key.
     pub worker_sealing_key: PathBuf,
 }
 

@@ -7,8 +7,9 @@
 //!   travels with the session, so keys can rotate: a verifier holds several public keys. ring
 //!   has no *static* X25519 private keys (its agreement keys are ephemeral only), so the
 //!   recipient's side of the agreement uses `x25519-dalek`; everything else is ring's.
-//! - **Replies** (worker → gatekeeper): AES-256-GCM under a [`PairKey`] both derive from their
-//!   static X25519 keys; only the two of them can make or open one.
+//! - **Replies** (worker → gatekeeper): AES-256-GCM under a reply key of the session the
+//!   request travelled in (derived with its other keys): only the two ends of that session can
+//!   make or open one, and it is gone with the session.
 //! - **At rest**: AES-256-GCM under a data key from a keyring; the key id is stored with each
 //!   value, so old values stay readable after the active key changes.
 
@@ -206,6 +207,8 @@ pub struct Session {
     signature: Vec<u8>,
     seal: LessSafeKey,
     mac: ring::hmac::Key,
+    /// Seals the recipient's replies to what was sent in this session.
+    reply: LessSafeKey,
 }
 
 /// How long a sender uses one session before starting the next.
@@ -232,12 +235,13 @@ impl Session {
             .as_ref()
             .try_into()
             .map_err(|_| CryptoError::BadKey("x25519 public key"))?;
-        let (seal, mac) = agree_ephemeral(ephemeral, &UnparsedPublicKey::new(&X25519, recipient), |shared| {
-            session_keys(shared, &epk, recipient)
-        })
-        .map_err(|_| CryptoError::BadKey("x25519 agreement"))??;
+        let (seal, mac, reply) =
+            agree_ephemeral(ephemeral, &UnparsedPublicKey::new(&X25519, recipient), |shared| {
+                session_keys(shared, &epk, recipient)
+            })
+            .map_err(|_| CryptoError::BadKey("x25519 agreement"))??;
         let signature = signer.sign(&statement(&epk, recipient, now_ms));
-        Ok(Self { epk, started_at_ms: now_ms, key_id: signer.id().to_owned(), signature, seal, mac })
+        Ok(Self { epk, started_at_ms: now_ms, key_id: signer.id().to_owned(), signature, seal, mac, reply })
     }
 
     /// The recipient's side: checks the sender's signature on the session `header` (see
@@ -262,13 +266,19 @@ impl Session {
         let signature = unb64(sig).ok_or(CryptoError::Malformed)?;
         let recipient = mine.public_key();
         verifier.verify(key_id, &statement(&epk, &recipient, started_at_ms), &signature)?;
-        let (seal, mac) = session_keys(&mine.agree(&epk), &epk, &recipient)?;
-        Ok(Self { epk, started_at_ms, key_id: key_id.to_owned(), signature, seal, mac })
+        let (seal, mac, reply) = session_keys(&mine.agree(&epk), &epk, &recipient)?;
+        Ok(Self { epk, started_at_ms, key_id: key_id.to_owned(), signature, seal, mac, reply })
     }
 
     /// The session as a message header: `<ephemeral key>.<start ms>.<signature>` (base64url).
     pub fn header(&self) -> String {
         format!("{}.{}.{}", b64(&self.epk), self.started_at_ms, b64(&self.signature))
+    }
+
+    /// A short name of this session (from its ephemeral key), by which a reply says which
+    /// session's reply key sealed it.
+    pub fn id(&self) -> String {
+        b64(&self.epk[..12])
     }
 
     /// The id of the key that signed the session.
@@ -285,12 +295,7 @@ impl Session {
     /// # Errors
     /// Without system randomness.
     pub fn seal(&self, plain: &[u8], aad: &[u8]) -> Result<Sealed, CryptoError> {
-        let nonce = random::<12>()?;
-        let mut buf = plain.to_vec();
-        self.seal
-            .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut buf)
-            .map_err(|_| CryptoError::Open)?;
-        Ok(Sealed { nonce: b64(&nonce), ct: b64(&buf) })
+        seal_with(&self.seal, plain, aad)
     }
 
     /// Opens what [`Session::seal`] sealed in this session; `aad` must be what it was bound to.
@@ -299,14 +304,26 @@ impl Session {
     /// [`CryptoError::Open`] when it was sealed in another session (another key) or anything
     /// was altered.
     pub fn open(&self, sealed: &Sealed, aad: &[u8]) -> Result<Vec<u8>, CryptoError> {
-        let nonce: [u8; 12] =
-            unb64(&sealed.nonce).and_then(|b| b.try_into().ok()).ok_or(CryptoError::Malformed)?;
-        let mut ct = unb64(&sealed.ct).ok_or(CryptoError::Malformed)?;
-        let plain = self
-            .seal
-            .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut ct)
-            .map_err(|_| CryptoError::Open)?;
-        Ok(plain.to_vec())
+        open_with(&self.seal, sealed, aad)
+    }
+
+    /// Seals a reply to a message of this session, bound to `aad`, under the session's own
+    /// reply key: only the two ends of the session can open it, and once the sender has
+    /// forgotten the session (see the gatekeeper's reply window) not even a later compromise of
+    /// the sender opens it.
+    ///
+    /// # Errors
+    /// Without system randomness.
+    pub fn seal_reply(&self, plain: &[u8], aad: &[u8]) -> Result<Sealed, CryptoError> {
+        seal_with(&self.reply, plain, aad)
+    }
+
+    /// Opens what [`Session::seal_reply`] sealed.
+    ///
+    /// # Errors
+    /// [`CryptoError::Open`] when sealed in another session or bound to another `aad`.
+    pub fn open_reply(&self, sealed: &Sealed, aad: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        open_with(&self.reply, sealed, aad)
     }
 
     /// The MAC of a whole message body (base64url).
@@ -330,78 +347,36 @@ fn session_keys(
     shared: &[u8],
     epk: &[u8; 32],
     recipient: &[u8; 32],
-) -> Result<(LessSafeKey, ring::hmac::Key), CryptoError> {
+) -> Result<(LessSafeKey, ring::hmac::Key, LessSafeKey), CryptoError> {
     let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, &[&epk[..], &recipient[..]].concat()).extract(shared);
-    let seal =
-        prk.expand(&[b"gatehouse session seal v1"], &AES_256_GCM).map_err(|_| CryptoError::BadKey("hkdf"))?;
+    let aead = |info: &[u8]| {
+        prk.expand(&[info], &AES_256_GCM)
+            .map(|k| LessSafeKey::new(UnboundKey::from(k)))
+            .map_err(|_| CryptoError::BadKey("hkdf"))
+    };
     let mac = prk
         .expand(&[b"gatehouse session mac v1"], ring::hmac::HMAC_SHA256)
         .map_err(|_| CryptoError::BadKey("hkdf"))?;
-    Ok((LessSafeKey::new(UnboundKey::from(seal)), ring::hmac::Key::from(mac)))
+    Ok((aead(b"gatehouse session seal v1")?, ring::hmac::Key::from(mac), aead(b"gatehouse session reply v1")?))
 }
 
-/// Data sealed under a [`PairKey`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Boxed {
-    /// AES-GCM nonce (base64url).
-    pub nonce: String,
-    /// Ciphertext and tag (base64url).
-    pub ct: String,
+/// AES-256-GCM with a random nonce. Each key seals at most one session's messages (or
+/// replies), far below the 2^32 random-nonce budget.
+fn seal_with(key: &LessSafeKey, plain: &[u8], aad: &[u8]) -> Result<Sealed, CryptoError> {
+    let nonce = random::<12>()?;
+    let mut buf = plain.to_vec();
+    key.seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut buf)
+        .map_err(|_| CryptoError::Open)?;
+    Ok(Sealed { nonce: b64(&nonce), ct: b64(&buf) })
 }
 
-/// The key two parties share by static X25519 agreement (my secret, your public key): what
-/// one seals only the other can open. Derived once at start-up, so sealing costs one AES-GCM
-/// and no key agreement. Used for replies, whose plaintext the worker holds anyway; job
-/// payloads are sealed in short [`Session`]s with ephemeral keys, so that a compromised
-/// gatekeeper cannot open what was queued before its current session.
-pub struct PairKey {
-    key: LessSafeKey,
-}
-
-impl PairKey {
-    /// # Errors
-    /// Never in practice (HKDF output length is fixed).
-    pub fn new(mine: &OpeningKey, theirs: &[u8; 32]) -> Result<Self, CryptoError> {
-        let shared = mine.secret.diffie_hellman(&x25519_dalek::PublicKey::from(*theirs));
-        let own = mine.public_key();
-        // The same salt on both sides: the two public keys in a fixed order.
-        let (a, b) = if own <= *theirs { (own, *theirs) } else { (*theirs, own) };
-        Ok(Self { key: derive(shared.as_bytes(), &a, &b)? })
-    }
-
-    /// # Errors
-    /// Without system randomness.
-    pub fn seal(&self, plain: &[u8], aad: &[u8]) -> Result<Boxed, CryptoError> {
-        let nonce = random::<12>()?;
-        let mut buf = plain.to_vec();
-        self.key
-            .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut buf)
-            .map_err(|_| CryptoError::Open)?;
-        Ok(Boxed { nonce: b64(&nonce), ct: b64(&buf) })
-    }
-
-    /// # Errors
-    /// [`CryptoError::Open`] when the key is wrong or anything was altered.
-    pub fn open(&self, boxed: &Boxed, aad: &[u8]) -> Result<Vec<u8>, CryptoError> {
-        let nonce: [u8; 12] =
-            unb64(&boxed.nonce).and_then(|b| b.try_into().ok()).ok_or(CryptoError::Malformed)?;
-        let mut ct = unb64(&boxed.ct).ok_or(CryptoError::Malformed)?;
-        let plain = self
-            .key
-            .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut ct)
-            .map_err(|_| CryptoError::Open)?;
-        Ok(plain.to_vec())
-    }
-}
-
-/// HKDF-SHA256 of the shared secret, salted with both public keys, to an AES-256-GCM key.
-fn derive(shared: &[u8], epk: &[u8; 32], recipient: &[u8; 32]) -> Result<LessSafeKey, CryptoError> {
-    let mut salt = [0u8; 64];
-    salt[..32].copy_from_slice(epk);
-    salt[32..].copy_from_slice(recipient);
-    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, &salt).extract(shared);
-    let okm = prk.expand(&[b"gatehouse seal v1"], &AES_256_GCM).map_err(|_| CryptoError::BadKey("hkdf"))?;
-    Ok(LessSafeKey::new(UnboundKey::from(okm)))
+fn open_with(key: &LessSafeKey, sealed: &Sealed, aad: &[u8]) -> Result<Vec<u8>, CryptoError> {
+    let nonce: [u8; 12] = unb64(&sealed.nonce).and_then(|b| b.try_into().ok()).ok_or(CryptoError::Malformed)?;
+    let mut ct = unb64(&sealed.ct).ok_or(CryptoError::Malformed)?;
+    let plain = key
+        .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut ct)
+        .map_err(|_| CryptoError::Open)?;
+    Ok(plain.to_vec())
 }
 
 // ---- at rest --------------------------------------------------------------------------------
@@ -576,17 +551,19 @@ mod tests {
     }
 
     #[test]
-    fn a_pair_key_is_the_same_on_both_sides_and_only_theirs() {
-        let worker = OpeningKey::from_bytes(&OpeningKey::generate().unwrap()).unwrap();
-        let gatekeeper = OpeningKey::from_bytes(&OpeningKey::generate().unwrap()).unwrap();
-        let stranger = OpeningKey::from_bytes(&OpeningKey::generate().unwrap()).unwrap();
-        let w = PairKey::new(&worker, &gatekeeper.public_key()).unwrap();
-        let g = PairKey::new(&gatekeeper, &worker.public_key()).unwrap();
-        let boxed = w.seal(b"result", b"c1").unwrap();
-        assert_eq!(g.open(&boxed, b"c1").unwrap(), b"result");
-        assert_eq!(g.open(&boxed, b"c2"), Err(CryptoError::Open));
-        let s = PairKey::new(&stranger, &worker.public_key()).unwrap();
-        assert_eq!(s.open(&boxed, b"c1"), Err(CryptoError::Open));
+    fn replies_open_only_in_their_session_and_for_their_binding() {
+        let (signer, verifier, worker) = keys();
+        let sent = Session::start(&signer, &worker.public_key(), 1_000).unwrap();
+        let got = Session::accept(&verifier, signer.id(), &sent.header(), &worker).unwrap();
+        assert_eq!(sent.id(), got.id());
+        let reply = got.seal_reply(b"result", b"c1").unwrap();
+        assert_eq!(sent.open_reply(&reply, b"c1").unwrap(), b"result");
+        assert_eq!(sent.open_reply(&reply, b"c2"), Err(CryptoError::Open));
+        // Not under the session's sealing key, nor in another session.
+        assert_eq!(sent.open(&reply, b"c1"), Err(CryptoError::Open));
+        let next = Session::start(&signer, &worker.public_key(), 2_000).unwrap();
+        assert_ne!(next.id(), sent.id());
+        assert_eq!(next.open_reply(&reply, b"c1"), Err(CryptoError::Open));
     }
 
     #[test]

@@ -1,16 +1,18 @@
 //! What travels through the broker, gatekeeper → worker and back.
 //!
 //! The payload of a job never travels in the clear: the gatekeeper seals it to the worker in
-//! its current [`Session`] ([`SealedJob`]), and the worker seals every reply under the
-//! worker–gatekeeper [`PairKey`] ([`SealedReply`]). Routing and ordering need only the
-//! plaintext metadata. Every message from the gatekeeper travels [`Vouched`] for: with its
-//! session and a MAC of its exact bytes.
+//! its current [`Session`] ([`SealedJob`]), and the worker seals every reply under that
+//! session's reply key ([`SealedReply`]), bound to the request's correlation id, job id and
+//! client. Routing and ordering need only the plaintext metadata. Every message from the
+//! gatekeeper travels [`Vouched`] for: with its session and a MAC of its exact bytes — the
+//! reply target ([`ReplyTo`]) included, so that nobody with broker access can send a job's
+//! answer anywhere else.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-use crate::crypto::{Boxed, CryptoError, PairKey, Sealed, Session};
+use crate::crypto::{CryptoError, Sealed, Session};
 use crate::{JobId, JobStatus, Priority, Sequence};
 
 /// One accepted job, with its payload in the clear: what the worker's handlers see.
@@ -28,6 +30,18 @@ pub struct JobEnvelope {
     pub payload: Value,
     /// Unix time in milliseconds when the gatekeeper accepted the job.
     pub submitted_at_ms: u64,
+    /// Where the answer goes when the client waits: vouched for with the job, never taken from
+    /// the delivery's AMQP properties (which anyone who can publish may set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply: Option<ReplyTo>,
+}
+
+/// A reply target: the gatekeeper instance's reply queue and the waiting request's
+/// correlation id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplyTo {
+    pub queue: String,
+    pub correlation_id: String,
 }
 
 /// A job as it travels: the payload sealed to the worker, bound to the job's id, kind and
@@ -42,6 +56,8 @@ pub struct SealedJob {
     pub sequence: Option<Sequence>,
     pub payload: Sealed,
     pub submitted_at_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply: Option<ReplyTo>,
 }
 
 fn job_aad(id: &JobId, kind: &str, client: &str) -> Vec<u8> {
@@ -63,6 +79,7 @@ impl JobEnvelope {
             sequence: self.sequence.clone(),
             payload: session.seal(&plain, &job_aad(&self.id, &self.kind, &self.client))?,
             submitted_at_ms: self.submitted_at_ms,
+            reply: self.reply.clone(),
         })
     }
 }
@@ -83,6 +100,7 @@ impl SealedJob {
             sequence: self.sequence,
             payload,
             submitted_at_ms: self.submitted_at_ms,
+            reply: self.reply,
         })
     }
 
@@ -96,6 +114,7 @@ impl SealedJob {
             sequence: self.sequence.clone(),
             payload: Value::Null,
             submitted_at_ms: self.submitted_at_ms,
+            reply: self.reply.clone(),
         }
     }
 }
@@ -195,30 +214,55 @@ fn version_1() -> u32 {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum ControlRequest {
-    /// The status of `id`, answered only if `client` owns it.
-    Status { id: JobId, client: String, sent_at_ms: u64 },
+    /// The status of `id`, answered (to `reply`) only if `client` owns it.
+    Status { id: JobId, client: String, sent_at_ms: u64, reply: ReplyTo },
 }
 
-/// A worker's answer, sealed under the worker–gatekeeper [`PairKey`] and bound to the
-/// request's correlation id.
+/// A worker's answer, sealed under the reply key of the session its request travelled in
+/// (named by [`Session::id`]) and bound to the request's correlation id, job id and client: a
+/// reply opens only for the request that waits for exactly that job of exactly that client.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SealedReply {
-    pub status: Boxed,
+    pub session: String,
+    pub status: Sealed,
+}
+
+fn reply_aad(correlation_id: &str, job: &JobId, client: &str) -> Vec<u8> {
+    [b"gatehouse reply v1".as_slice(), correlation_id.as_bytes(), job.as_str().as_bytes(), client.as_bytes()]
+        .join(&0u8)
 }
 
 impl SealedReply {
     /// # Errors
     /// Without system randomness.
-    pub fn seal(status: &JobStatus, key: &PairKey, correlation_id: &str) -> Result<Self, CryptoError> {
+    pub fn seal(
+        status: &JobStatus,
+        session: &Session,
+        correlation_id: &str,
+        client: &str,
+    ) -> Result<Self, CryptoError> {
         let plain = serde_json::to_vec(status).map_err(|_| CryptoError::Malformed)?;
-        Ok(Self { status: key.seal(&plain, correlation_id.as_bytes())? })
+        let status = session.seal_reply(&plain, &reply_aad(correlation_id, &status.id, client))?;
+        Ok(Self { session: session.id(), status })
     }
 
+    /// Opens a reply expected for job `job` of `client`, and checks that it speaks of that job.
+    ///
     /// # Errors
-    /// When the key is wrong, the correlation id differs, or anything was altered.
-    pub fn open(&self, key: &PairKey, correlation_id: &str) -> Result<JobStatus, CryptoError> {
-        let plain = key.open(&self.status, correlation_id.as_bytes())?;
-        serde_json::from_slice(&plain).map_err(|_| CryptoError::Malformed)
+    /// When it was sealed in another session, for another request, job or client, or altered.
+    pub fn open(
+        &self,
+        session: &Session,
+        correlation_id: &str,
+        job: &JobId,
+        client: &str,
+    ) -> Result<JobStatus, CryptoError> {
+        let plain = session.open_reply(&self.status, &reply_aad(correlation_id, job, client))?;
+        let status: JobStatus = serde_json::from_slice(&plain).map_err(|_| CryptoError::Malformed)?;
+        if &status.id != job {
+            return Err(CryptoError::Open);
+        }
+        Ok(status)
     }
 }
 
@@ -245,6 +289,7 @@ mod tests {
             sequence: None,
             payload: json!({"record": {"card": "4111-MARKER"}}),
             submitted_at_ms: 1,
+            reply: Some(ReplyTo { queue: "gatehouse.reply.a".into(), correlation_id: "c1".into() }),
         };
         let wire = serde_json::to_string(&env.seal(&session).unwrap()).unwrap();
         assert!(!wire.contains("MARKER"), "{wire}");
@@ -302,17 +347,20 @@ mod tests {
     }
 
     #[test]
-    fn replies_are_bound_to_their_correlation_id() {
-        use crate::crypto::OpeningKey;
-        let gk = OpeningKey::from_bytes(&OpeningKey::generate().unwrap()).unwrap();
+    fn replies_are_bound_to_their_request_job_and_client() {
+        use crate::crypto::{OpeningKey, SigningKey, Verifier};
         let worker = OpeningKey::from_bytes(&OpeningKey::generate().unwrap()).unwrap();
-        let (w, g) = (
-            PairKey::new(&worker, &gk.public_key()).unwrap(),
-            PairKey::new(&gk, &worker.public_key()).unwrap(),
-        );
-        let status = JobStatus::new(JobId::from_bytes([2; 16]), JobState::Succeeded);
-        let r = SealedReply::seal(&status, &w, "c1").unwrap();
-        assert_eq!(r.open(&g, "c1").unwrap(), status);
-        assert!(r.open(&g, "c2").is_err());
+        let gk = SigningKey::from_pkcs8(&SigningKey::generate_pkcs8().unwrap()).unwrap();
+        let sent = Session::start(&gk, &worker.public_key(), 1).unwrap();
+        let verifier = Verifier::new([gk.public_key()]).unwrap();
+        let got = Session::accept(&verifier, gk.id(), &sent.header(), &worker).unwrap();
+        let (job, other) = (JobId::from_bytes([2; 16]), JobId::from_bytes([3; 16]));
+        let status = JobStatus::new(job.clone(), JobState::Succeeded);
+        let r = SealedReply::seal(&status, &got, "c1", "alice").unwrap();
+        assert_eq!(r.session, sent.id());
+        assert_eq!(r.open(&sent, "c1", &job, "alice").unwrap(), status);
+        assert!(r.open(&sent, "c2", &job, "alice").is_err(), "another request");
+        assert!(r.open(&sent, "c1", &other, "alice").is_err(), "another job");
+        assert!(r.open(&sent, "c1", &job, "mallory").is_err(), "another client");
     }
 }

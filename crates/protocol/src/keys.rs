@@ -4,7 +4,7 @@
 //! |---|---|---|
 //! | `gatekeeper-signing.key` / `.pub` | Ed25519 (PKCS#8 / raw public) | gatekeeper / worker |
 //! | `worker-sealing.key` / `.pub` | X25519 | worker / gatekeeper |
-//! | `gatekeeper-sealing.key` / `.pub` | X25519 | gatekeeper / worker |
+//! | `operator-signing.key` / `.pub` | Ed25519 (PKCS#8 / raw public) | `gatehouse dlq replay` / worker |
 //! | `worker-data.keys` | AES-256 data keys (keyring) | worker |
 
 use std::path::{Path, PathBuf};
@@ -71,40 +71,50 @@ pub fn keyring(path: &Path) -> Result<Keyring, KeyFileError> {
     Keyring::parse(&text).map_err(|e| err(path, e))
 }
 
-/// Writes a fresh set of the keys above into `dir` (mode 0600 for secrets).
+/// Writes a fresh set of the keys above into `dir` (secrets created with mode 0600).
 ///
 /// # Errors
 /// When a file cannot be written or there is no system randomness.
 pub fn write_dev(dir: &Path) -> Result<(), KeyFileError> {
-    // Only the gatekeeper signs: the worker's replies are authenticated by the pair key.
-    let pkcs8 = SigningKey::generate_pkcs8().map_err(|e| err(dir, e))?;
-    let key = SigningKey::from_pkcs8(&pkcs8).map_err(|e| err(dir, e))?;
-    write(&dir.join("gatekeeper-signing.key"), &hex::encode(&pkcs8), true)?;
-    write(&dir.join("gatekeeper-signing.pub"), &hex::encode(&key.public_key()), false)?;
-    for who in ["gatekeeper", "worker"] {
-        let secret = OpeningKey::generate().map_err(|e| err(dir, e))?;
-        let opening = OpeningKey::from_bytes(&secret).map_err(|e| err(dir, e))?;
-        write(&dir.join(format!("{who}-sealing.key")), &hex::encode(&secret), true)?;
-        write(&dir.join(format!("{who}-sealing.pub")), &hex::encode(&opening.public_key()), false)?;
+    // The gatekeeper signs its sessions; an operator signs replays of dead letters.
+    for who in ["gatekeeper", "operator"] {
+        let pkcs8 = SigningKey::generate_pkcs8().map_err(|e| err(dir, e))?;
+        let key = SigningKey::from_pkcs8(&pkcs8).map_err(|e| err(dir, e))?;
+        write_file(&dir.join(format!("{who}-signing.key")), &hex::encode(&pkcs8), true)?;
+        write_file(&dir.join(format!("{who}-signing.pub")), &hex::encode(&key.public_key()), false)?;
     }
+    let secret = OpeningKey::generate().map_err(|e| err(dir, e))?;
+    let opening = OpeningKey::from_bytes(&secret).map_err(|e| err(dir, e))?;
+    write_file(&dir.join("worker-sealing.key"), &hex::encode(&secret), true)?;
+    write_file(&dir.join("worker-sealing.pub"), &hex::encode(&opening.public_key()), false)?;
     let ring = Keyring::new_line("k1").map_err(|e| err(dir, e))?;
-    write(
+    write_file(
         &dir.join("worker-data.keys"),
         &format!("# Data keys for encryption at rest: `<id> <hex>`; the last one is active.\n{ring}"),
         true,
     )
 }
 
-fn write(path: &Path, text: &str, secret: bool) -> Result<(), KeyFileError> {
-    std::fs::write(path, format!("{}\n", text.trim_end())).map_err(|e| err(path, e))?;
+/// Writes `text` (plus a final newline) to `path`; a `secret` file is created with mode 0600
+/// from the start (never readable by others, not even for a moment), replacing any file there.
+///
+/// # Errors
+/// When the file cannot be written.
+pub fn write_file(path: &Path, text: &str, secret: bool) -> Result<(), KeyFileError> {
+    use std::io::Write as _;
+    let mut open = std::fs::OpenOptions::new();
+    open.write(true).create(true).truncate(true);
     #[cfg(unix)]
     if secret {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| err(path, e))?;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        // An existing file keeps its mode when truncated: start afresh.
+        let _ = std::fs::remove_file(path);
+        open.create_new(true).mode(0o600);
     }
     #[cfg(not(unix))]
     let _ = secret;
-    Ok(())
+    let mut file = open.open(path).map_err(|e| err(path, e))?;
+    file.write_all(format!("{}\n", text.trim_end()).as_bytes()).map_err(|e| err(path, e))
 }
 
 #[cfg(test)]
@@ -126,6 +136,18 @@ mod tests {
         let opened = crate::crypto::Session::accept(&v, gk.id(), &session.header(), &worker).unwrap();
         assert_eq!(opened.open(&session.seal(b"p", b"a").unwrap(), b"a").unwrap(), b"p");
         assert_eq!(keyring(&dir.join("worker-data.keys")).unwrap().active_id(), "k1");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = |f: &str| std::fs::metadata(dir.join(f)).unwrap().permissions().mode() & 0o777;
+            for secret in ["gatekeeper-signing.key", "operator-signing.key", "worker-sealing.key", "worker-data.keys"] {
+                assert_eq!(mode(secret), 0o600, "{secret}");
+            }
+            // Rewriting a secret over a readable file does not keep the old mode.
+            std::fs::set_permissions(dir.join("worker-data.keys"), std::fs::Permissions::from_mode(0o644)).unwrap();
+            write_file(&dir.join("worker-data.keys"), "k1 00", true).unwrap();
+            assert_eq!(mode("worker-data.keys"), 0o600);
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

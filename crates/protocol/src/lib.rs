@@ -17,7 +17,7 @@ pub mod status;
 pub mod submit;
 
 pub use catalog::{Catalog, KindSpec};
-pub use envelope::{ControlRequest, JobEnvelope, SealedJob, SealedReply, Vouched};
+pub use envelope::{ControlRequest, JobEnvelope, ReplyTo, SealedJob, SealedReply, Vouched};
 pub use ids::JobId;
 pub use status::{JobState, JobStatus};
 pub use submit::{Priority, Sequence, SubmitRequest};

@@ -23,13 +23,7 @@ use gatehouse_storage::{Parked, StorageError, StoredJob, Tx, now_ms};
 
 use crate::handlers::{self, Outcome};
 use crate::keys::Sessions;
-
-/// Where the answer about a job goes, if anyone waits for it.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct ReplyTarget {
-    pub reply_to: Option<String>,
-    pub correlation_id: Option<String>,
-}
+pub use crate::reply::ReplyTarget;
 
 /// A status to send to a reply target.
 #[derive(Debug, Clone, PartialEq)]
@@ -137,8 +131,8 @@ pub fn prepare(tx: &Tx<'_>, spec: &KindSpec, arrival: &Arrival) -> Result<Step, 
                 seq_key: key.to_owned(),
                 seq_number: number,
                 envelope: raw.to_vec(),
-                reply_to: target.reply_to.clone(),
-                correlation_id: target.correlation_id.clone(),
+                reply_to: target.reply.as_ref().map(|r| r.queue.clone()),
+                correlation_id: target.reply.as_ref().map(|r| r.correlation_id.clone()),
                 deadline_ms: now_ms().saturating_add((spec.gap_timeout_s * 1000) as i64),
             })?;
             let mut status = JobStatus::new(env.id.clone(), JobState::WaitingForSequence);
@@ -234,7 +228,7 @@ fn record_undecided(
     let mut answers = vec![answer(record(tx, env, outcome, Some((key.clone(), number)))?, target)];
     let mut next = number + 1;
     while let Some(parked) = tx.take_parked(&key, next)? {
-        let env = sessions
+        let (env, target) = sessions
             .open_stored(&parked.envelope)
             .map_err(|e| StorageError::Corrupt(format!("parked job {}: {e}", parked.job_id)))?;
         // Successors are storage handlers (sequenced kinds are); one that asks for a retry
@@ -244,7 +238,6 @@ fn record_undecided(
             o => o,
         };
         let status = record(tx, &env, outcome, Some((key.clone(), next)))?;
-        let target = ReplyTarget { reply_to: parked.reply_to, correlation_id: parked.correlation_id };
         answers.push(Answer { status, target });
         next += 1;
     }
@@ -379,6 +372,7 @@ mod tests {
             sequence: Some(Sequence::parse(RawSequence { key: "acct".into(), number }).unwrap()),
             payload: json!({"account": "acct", "amount": amount}),
             submitted_at_ms: 0,
+            reply: None,
         }
     }
 

@@ -79,8 +79,8 @@ pub async fn handle_job(ctx: Arc<Context>, mut delivery: Delivery) {
     let class = delivery.routing_key.to_string();
     // Nothing unsigned, forged or stale runs, or even gets parsed beyond what checking needs.
     let opened = ctx.keys.open_job(&data);
-    let env = match opened {
-        Ok(env) => env,
+    let (env, target) = match opened {
+        Ok(opened) => opened,
         Err(refusal) => {
             tracing::warn!(reason = refusal.reason(), "job message refused");
             let dead = Dead { reason: refusal.reason(), error: None, attempts: 0 };
@@ -94,17 +94,9 @@ pub async fn handle_job(ctx: Arc<Context>, mut delivery: Delivery) {
         let Some(spec) = spec else {
             let error = Some(format!("this worker does not run {}", env.kind));
             let dead = Dead { reason: "unknown_kind", error, attempts: 0 };
-            return dead_letter(&ctx, &delivery, &data, &class, Some(&env), dead).await;
+            return dead_letter(&ctx, &delivery, &data, &class, Some((&env, &target)), dead).await;
         };
-        let job = Job {
-            ctx: &ctx,
-            delivery: &delivery,
-            data: &data,
-            class: &class,
-            target: reply_target(&delivery),
-            spec,
-            env,
-        };
+        let job = Job { ctx: &ctx, delivery: &delivery, data: &data, class: &class, target, spec, env };
         job.handle(has_header(&delivery, headers::REPLAY)).await;
     }
     .instrument(span)
@@ -224,7 +216,7 @@ impl Job<'_> {
         tracing::warn!(attempt, max_attempts = spec.max_attempts, error = %error, "attempt failed");
         if attempt >= spec.max_attempts {
             let dead = Dead { reason: "max_attempts", error: Some(error), attempts: attempt };
-            return dead_letter(ctx, delivery, data, class, Some(env), dead).await;
+            return dead_letter(ctx, delivery, data, class, Some((env, &self.target)), dead).await;
         }
         let delay = spec.retry_backoff_ms.saturating_mul(1 << (attempt - 1).min(20)).min(MAX_RETRY_DELAY_MS);
         let retried = async {
@@ -238,7 +230,7 @@ impl Job<'_> {
                 tracing::info!(delay_ms = delay, "retry scheduled");
                 let mut status = JobStatus::new(env.id.clone(), JobState::Retrying);
                 status.error = Some(error);
-                reply::send(ctx, &reply_target(delivery), &status).await;
+                reply::send(ctx, &self.target, &status).await;
                 settle(ctx, delivery, Settle::Ack).await;
             }
             Err(e) => {
@@ -254,7 +246,8 @@ impl Job<'_> {
             Decided::Exhausted { attempts, last_error } => {
                 let error = last_error.unwrap_or_else(|| "the worker stopped while running it".into());
                 let dead = Dead { reason: "max_attempts", error: Some(error), attempts };
-                dead_letter(self.ctx, self.delivery, self.data, self.class, Some(&self.env), dead).await;
+                let job = Some((&self.env, &self.target));
+                dead_letter(self.ctx, self.delivery, self.data, self.class, job, dead).await;
             }
         }
     }
@@ -321,10 +314,10 @@ async fn dead_letter(
     delivery: &Delivery,
     data: &[u8],
     class: &str,
-    env: Option<&JobEnvelope>,
+    job: Option<(&JobEnvelope, &ReplyTarget)>,
     dead: Dead,
 ) {
-    let id = env.map(|e| e.id.to_string()).or_else(|| claimed_id(data));
+    let id = job.map(|(e, _)| e.id.to_string()).or_else(|| claimed_id(data));
     let mut props = without_replay(&delivery.properties);
     if let Some(id) = id.filter(|_| props.message_id().is_none()) {
         props = props.with_message_id(id.into());
@@ -340,10 +333,10 @@ async fn dead_letter(
         error = dead.error.as_deref().unwrap_or(""),
         "dead-lettered"
     );
-    if let Some(env) = env {
+    if let Some((env, target)) = job {
         let (env, reason, error) = (env.clone(), dead.reason, dead.error);
         match ctx.store.transact(move |tx| apply::record_dead(tx, &env, reason, error)).await {
-            Ok(status) => reply::send(ctx, &reply_target(delivery), &status).await,
+            Ok(status) => reply::send(ctx, target, &status).await,
             Err(e) => tracing::warn!(error = %e, "could not record the dead letter"),
         }
     }
@@ -412,14 +405,15 @@ pub async fn handle_control(ctx: Arc<Context>, delivery: Delivery) {
     let vouched = Vouched::parse(&delivery.data).ok();
     let query = vouched
         .filter(|v| v.verify(|id, s| ctx.keys.sessions.get(id, s)).is_ok())
-        .and_then(|v| serde_json::from_slice::<ControlRequest>(v.message()).ok());
+        .and_then(|v| Some((serde_json::from_slice::<ControlRequest>(v.message()).ok()?, v)));
     match query {
-        Some(ControlRequest::Status { id, client, sent_at_ms })
+        Some((ControlRequest::Status { id, client, sent_at_ms, reply }, vouched))
             if WorkerKeys::is_fresh(sent_at_ms, CONTROL_MAX_AGE) =>
         {
+            let target = ReplyTarget::new(Some(reply), &client, &vouched);
             let answer = ctx.store.transact(move |tx| apply::status_for(tx, &id, &client)).await;
             match answer {
-                Ok(status) => reply::send(&ctx, &reply_target(&delivery), &status).await,
+                Ok(status) => reply::send(&ctx, &target, &status).await,
                 Err(e) => tracing::warn!(error = %e, "status query failed"),
             }
         }
@@ -428,13 +422,6 @@ pub async fn handle_control(ctx: Arc<Context>, delivery: Delivery) {
     // Queries are cheap to repeat and expire anyway: always ack (on their own channel).
     if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
         tracing::warn!(error = %e, "could not ack a status query");
-    }
-}
-
-fn reply_target(d: &Delivery) -> ReplyTarget {
-    ReplyTarget {
-        reply_to: d.properties.reply_to().as_ref().map(ToString::to_string),
-        correlation_id: d.properties.correlation_id().as_ref().map(ToString::to_string),
     }
 }
 

@@ -9,9 +9,9 @@ use gatehouse_broker::lapin::BasicProperties;
 use gatehouse_protocol::{SealedJob, Vouched};
 use gatehouse_storage::now_ms;
 
-use crate::apply::{self, ReplyTarget};
+use crate::apply;
+use crate::reply::{self, ReplyTarget};
 use crate::consumer::{Context, Dead, dead_properties};
-use crate::reply;
 
 /// How often storage is asked for expired deadlines.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
@@ -34,26 +34,21 @@ async fn sweep_once(ctx: &Context) -> anyhow::Result<()> {
     for parked in expired {
         // The metadata is enough to record it; the payload stays sealed. A row that cannot be
         // read (only a damaged database makes one) must not hold up the others.
-        let metadata = Vouched::parse(&parked.envelope)
-            .map_err(anyhow::Error::from)
-            .and_then(|v| Ok(serde_json::from_slice::<SealedJob>(v.message())?.metadata()));
-        let env = match metadata {
-            Ok(env) => env,
+        let metadata = Vouched::parse(&parked.envelope).map_err(anyhow::Error::from).and_then(|v| {
+            let env = serde_json::from_slice::<SealedJob>(v.message())?.metadata();
+            let target = ReplyTarget::of(&env, &v);
+            Ok((env, target))
+        });
+        let (env, target) = match metadata {
+            Ok(opened) => opened,
             Err(e) => {
                 tracing::error!(job_id = %parked.job_id, error = %e, "parked job unreadable; skipped");
                 continue;
             }
         };
         let class = ctx.catalog.kind(&env.kind).map_or_else(|| "batch".to_owned(), |k| k.queue.clone());
-        let mut props = BasicProperties::default()
-            .with_message_id(env.id.as_str().into())
-            .with_priority(env.priority.get());
-        if let Some(r) = &parked.reply_to {
-            props = props.with_reply_to(r.as_str().into());
-        }
-        if let Some(c) = &parked.correlation_id {
-            props = props.with_correlation_id(c.as_str().into());
-        }
+        let props =
+            BasicProperties::default().with_message_id(env.id.as_str().into()).with_priority(env.priority.get());
         let error = format!(
             "number {} of {} waited past the gap timeout for its predecessor",
             parked.seq_number, parked.seq_key
@@ -76,7 +71,6 @@ async fn sweep_once(ctx: &Context) -> anyhow::Result<()> {
             continue;
         };
         tracing::warn!(job_id = %status.id, "dead-lettered after the sequence gap timeout");
-        let target = ReplyTarget { reply_to: parked.reply_to, correlation_id: parked.correlation_id };
         reply::send(ctx, &target, &status).await;
     }
     Ok(())

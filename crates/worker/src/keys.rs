@@ -1,21 +1,20 @@
 //! The worker's keys: it accepts only sessions signed by the gatekeeper's keys, opens job
-//! payloads in them, seals replies under the worker–gatekeeper pair key, and encrypts what it
+//! payloads in them, seals replies under each session's reply key, and encrypts what it
 //! stores.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use gatehouse_protocol::crypto::{CryptoError, OpeningKey, PairKey, Session, Verifier};
+use gatehouse_protocol::crypto::{CryptoError, OpeningKey, Session, Verifier};
 use gatehouse_protocol::{JobEnvelope, SealedJob, Vouched, keys};
 
+use crate::reply::ReplyTarget;
 use crate::settings::KeySettings;
 
 /// Everything the worker needs to check and open what arrives and to seal what leaves.
 pub struct WorkerKeys {
     pub sessions: Sessions,
-    /// Seals replies for the gatekeeper (static agreement, derived once).
-    pub replies: PairKey,
     pub max_message_age: Duration,
 }
 
@@ -65,15 +64,18 @@ impl Sessions {
         Ok(session)
     }
 
-    /// Checks and opens a stored job body (a parked job, kept as it arrived).
+    /// Checks and opens a stored job body (a parked job, kept as it arrived), with where its
+    /// answer goes.
     ///
     /// # Errors
     /// What went wrong, for the record.
-    pub fn open_stored(&self, body: &[u8]) -> Result<JobEnvelope, String> {
+    pub fn open_stored(&self, body: &[u8]) -> Result<(JobEnvelope, ReplyTarget), String> {
         let vouched = Vouched::parse(body).map_err(|e| e.to_string())?;
         let session = vouched.verify(|id, s| self.get(id, s)).map_err(|e| e.to_string())?;
         let sealed: SealedJob = serde_json::from_slice(vouched.message()).map_err(|e| e.to_string())?;
-        sealed.open(&session).map_err(|e| e.to_string())
+        let env = sealed.open(&session).map_err(|e| e.to_string())?;
+        let target = ReplyTarget::of(&env, &vouched);
+        Ok((env, target))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Verified> {
@@ -122,12 +124,8 @@ impl WorkerKeys {
     /// When a key file is missing or malformed.
     pub fn load(s: &KeySettings) -> Result<Self, keys::KeyFileError> {
         let opening = keys::opening_key(&s.sealing_key)?;
-        let gatekeeper_sealing = keys::sealing_key(&s.gatekeeper_sealing_key)?;
-        let replies = PairKey::new(&opening, &gatekeeper_sealing)
-            .map_err(|e| keys::KeyFileError::new(&s.gatekeeper_sealing_key, e))?;
         Ok(Self {
             sessions: Sessions::new(keys::verifier(&s.gatekeeper_signing_keys)?, opening),
-            replies,
             max_message_age: Duration::from_secs(s.max_message_age_s),
         })
     }
@@ -140,11 +138,11 @@ impl WorkerKeys {
     }
 
     /// Checks a job message and opens it: provenance (session and MAC), then metadata,
-    /// freshness, and the sealed payload.
+    /// freshness, and the sealed payload. Answers the job and where its answer goes.
     ///
     /// # Errors
     /// The [`Refusal`] to dead-letter it with.
-    pub fn open_job(&self, body: &[u8]) -> Result<JobEnvelope, Refusal> {
+    pub fn open_job(&self, body: &[u8]) -> Result<(JobEnvelope, ReplyTarget), Refusal> {
         let vouched = Vouched::parse(body).map_err(|e| match e {
             CryptoError::Version(_) => Refusal::UnsupportedVersion,
             _ => Refusal::BadSignature,
@@ -155,6 +153,8 @@ impl WorkerKeys {
         if !Self::is_fresh(sealed.submitted_at_ms, self.max_message_age) {
             return Err(Refusal::Stale);
         }
-        sealed.open(&session).map_err(|_: CryptoError| Refusal::Unsealable)
+        let env = sealed.open(&session).map_err(|_: CryptoError| Refusal::Unsealable)?;
+        let target = ReplyTarget::of(&env, &vouched);
+        Ok((env, target))
     }
 }

@@ -20,14 +20,12 @@ pub struct WorkerSettings {
 /// Key files (see `gatehouse_protocol::keys`).
 #[derive(Debug, Clone, Deserialize)]
 pub struct KeySettings {
-    /// The worker's X25519 secret; opens job payloads, and with the gatekeeper's public key
-    /// makes the pair key that seals replies.
+    /// The worker's X25519 secret; opens job payloads (and so the sessions whose reply keys
+    /// seal the worker's answers).
     pub sealing_key: PathBuf,
     /// Public keys of the gatekeeper(s); a job whose session none of them signed is
     /// dead-lettered unread. Several during a key rotation.
     pub gatekeeper_signing_keys: Vec<PathBuf>,
-    /// The gatekeeper's X25519 public key; replies are sealed to it.
-    pub gatekeeper_sealing_key: PathBuf,
     /// Data keys for encryption at rest (the last one is active).
     pub data_keyring: PathBuf,
     /// Jobs submitted longer ago than this are dead-lettered as `stale`.

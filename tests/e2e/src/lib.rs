@@ -251,7 +251,6 @@ impl TestSystem {
             keys: WorkerKeySettings {
                 sealing_key: certs.path().join("worker-sealing.key"),
                 gatekeeper_signing_keys: vec![certs.path().join("gatekeeper-signing.pub")],
-                gatekeeper_sealing_key: certs.path().join("gatekeeper-sealing.pub"),
                 data_keyring: certs.path().join("worker-data.keys"),
                 max_message_age_s: 3600,
             },
@@ -312,7 +311,6 @@ impl TestSystem {
             },
             keys: GatekeeperKeySettings {
                 signing_key: certs.path().join("gatekeeper-signing.key"),
-                sealing_key: certs.path().join("gatekeeper-sealing.key"),
                 worker_sealing_key: certs.path().join("worker-sealing.pub"),
             },
         })
@@ -508,7 +506,7 @@ fn worker_toml(s: &WorkerSettings) -> String {
         "[broker]\nurl = \"{}\"\nprefix = \"{}\"\n\n[consumer]\nprefetch = {}\nstopping_wait_time_ms = {}\n\n\
          [storage]\npath = \"{}\"\n\n[catalog]\npath = \"{}\"\n\n[testing]\nenabled = {}\n\n\
          [keys]\nsealing_key = \"{}\"\ngatekeeper_signing_keys = [\"{}\"]\n\
-         gatekeeper_sealing_key = \"{}\"\ndata_keyring = \"{}\"\nmax_message_age_s = {}\n",
+         data_keyring = \"{}\"\nmax_message_age_s = {}\n",
         s.broker.url.expose(),
         s.broker.prefix,
         s.consumer.prefetch,
@@ -518,7 +516,6 @@ fn worker_toml(s: &WorkerSettings) -> String {
         s.testing.enabled,
         s.keys.sealing_key.display(),
         s.keys.gatekeeper_signing_keys[0].display(),
-        s.keys.gatekeeper_sealing_key.display(),
         s.keys.data_keyring.display(),
         s.keys.max_message_age_s,
     )

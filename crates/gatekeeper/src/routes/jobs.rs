@@ -14,8 +14,8 @@ use gatehouse_broker::lapin::BasicProperties;
 use gatehouse_broker::topology::CONTROL_ROUTING_KEY;
 use gatehouse_protocol::submit::RawSequence;
 use gatehouse_protocol::{
-    ControlRequest, JobEnvelope, JobId, JobState, JobStatus, KindSpec, Priority, Sequence, SubmitRequest,
-    Vouched,
+    ControlRequest, JobEnvelope, JobId, JobState, JobStatus, KindSpec, Priority, ReplyTo, Sequence,
+    SubmitRequest, Vouched,
 };
 use serde_json::{Value, json};
 
@@ -132,18 +132,26 @@ async fn accept(
         ));
     }
 
+    let id = app.ids.mint(&client.0, req.idempotency_key.as_deref());
+    let mut waiter = match wait {
+        Some(_) => Some(
+            app.replies.register(&id, &client.0).map_err(|e| Problem::broker_unavailable(e.to_string()))?,
+        ),
+        None => None,
+    };
     let envelope = JobEnvelope {
-        id: app.ids.mint(&client.0, req.idempotency_key.as_deref()),
+        id,
         kind: spec.name.clone(),
         client: client.0.clone(),
         priority,
         sequence,
         payload: req.payload,
         submitted_at_ms: now().as_millis() as u64,
-    };
-    let mut waiter = match wait {
-        Some(_) => Some(app.replies.register().map_err(|e| Problem::broker_unavailable(e.to_string()))?),
-        None => None,
+        // The reply target travels inside the vouched message, not as AMQP properties.
+        reply: waiter.as_ref().map(|w| ReplyTo {
+            queue: app.replies.queue().to_owned(),
+            correlation_id: w.correlation_id().to_owned(),
+        }),
     };
     // The payload leaves the gatekeeper sealed to the worker: the broker never sees it.
     let session = app.keys.session().map_err(|_| Problem::internal("no session with the worker"))?;
@@ -153,14 +161,10 @@ async fn accept(
         .and_then(|sealed| serde_json::to_vec(&sealed).ok())
         .and_then(|sealed| Vouched::wrap(&session, &sealed).ok())
         .ok_or_else(|| Problem::internal("the job could not be sealed"))?;
-    // Only the properties the broker needs: every extra property or header costs the broker a
-    // measurable share of its throughput (see `Vouched`). The job id travels in the body; the
-    // worker labels a dead letter with it (`message_id`) for the `gatehouse dlq` commands.
-    let mut props = BasicProperties::default().with_priority(priority.get());
-    if let Some(w) = &waiter {
-        props =
-            props.with_correlation_id(w.correlation_id().into()).with_reply_to(app.replies.queue().into());
-    }
+    // Only the property the broker needs: every extra property or header costs the broker a
+    // measurable share of its throughput (see `Vouched`). The job id and reply target travel in
+    // the body; the worker labels a dead letter with the id (`message_id`) for `gatehouse dlq`.
+    let props = BasicProperties::default().with_priority(priority.get());
     publish(app, &spec.queue, &body, props, true).await?;
     tracing::debug!(job_id = %envelope.id, kind = %envelope.kind, client = %client.0, priority = priority.get(), "job accepted");
 
@@ -210,17 +214,16 @@ pub async fn status(
     let Some(id) = JobId::parse(&id).ok().filter(|id| app.ids.is_owned_by(id, &client.0)) else {
         return Problem::not_found().into_response();
     };
-    let mut waiter = match app.replies.register() {
+    let mut waiter = match app.replies.register(&id, &client.0) {
         Ok(w) => w,
         Err(e) => return Problem::broker_unavailable(e.to_string()).into_response(),
     };
     let sent_at_ms = now().as_millis() as u64;
-    let query = ControlRequest::Status { id: id.clone(), client: client.0.clone(), sent_at_ms };
+    let reply =
+        ReplyTo { queue: app.replies.queue().to_owned(), correlation_id: waiter.correlation_id().to_owned() };
+    let query = ControlRequest::Status { id: id.clone(), client: client.0.clone(), sent_at_ms, reply };
     let expiration = app.status_timeout.as_millis().to_string();
-    let props = BasicProperties::default()
-        .with_correlation_id(waiter.correlation_id().into())
-        .with_reply_to(app.replies.queue().into())
-        .with_expiration(expiration.as_str().into());
+    let props = BasicProperties::default().with_expiration(expiration.as_str().into());
     let body = serde_json::to_vec(&query)
         .ok()
         .zip(app.keys.session().ok())
