@@ -45,9 +45,23 @@ impl ClientPolicy {
     }
 
     /// Whether the client may use sequence key `key` (any key when no prefixes are set).
+    /// Sequence keys are the client's own anyway (the worker namespaces them by identity);
+    /// prefixes narrow what it may use further.
+    ///
+    /// A prefix matches whole segments: `acct-a` allows `acct-a` and `acct-a-7` or `acct-a:7`,
+    /// not `acct-ab` (a prefix that ends in a separator, like `acct-`, allows anything after
+    /// it).
     pub fn allows_sequence_key(&self, key: &str) -> bool {
-        self.sequence_key_prefixes.as_ref().is_none_or(|ps| ps.iter().any(|p| key.starts_with(p.as_str())))
+        self.sequence_key_prefixes.as_ref().is_none_or(|ps| ps.iter().any(|p| prefix_matches(p, key)))
     }
+}
+
+/// Characters that end a segment of a sequence key.
+const SEPARATORS: &[char] = &['-', '_', '.', ':', '/'];
+
+fn prefix_matches(prefix: &str, key: &str) -> bool {
+    let Some(rest) = key.strip_prefix(prefix) else { return false };
+    rest.is_empty() || prefix.ends_with(SEPARATORS) || rest.starts_with(SEPARATORS)
 }
 
 /// Token buckets per client identity.
@@ -166,6 +180,16 @@ fn glob_match(pattern: &str, s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sequence_key_prefixes_match_whole_segments() {
+        assert!(prefix_matches("acct-a", "acct-a"));
+        assert!(prefix_matches("acct-a", "acct-a-7"));
+        assert!(prefix_matches("acct-a", "acct-a:7"));
+        assert!(!prefix_matches("acct-a", "acct-ab"), "another client's acct-ab");
+        assert!(!prefix_matches("acct-a", "acct-"));
+        assert!(prefix_matches("acct-", "acct-ab"));
+    }
 
     #[test]
     fn globs() {

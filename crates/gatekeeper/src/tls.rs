@@ -69,23 +69,28 @@ pub fn server_config(s: &TlsSettings) -> Result<Arc<ServerConfig>, TlsError> {
     Ok(Arc::new(config))
 }
 
-/// The authenticated client's identity: the subject CN, or else the first SAN.
+/// The authenticated client's identity: its certificate's subject common name — the one
+/// source; SANs are not identities here.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientIdentity(pub String);
 
-/// Reads the identity from the verified end-entity certificate.
+/// Longest identity accepted (bytes).
+pub const MAX_IDENTITY_LEN: usize = 128;
+
+/// Reads the identity from the verified end-entity certificate: exactly one subject CN, a
+/// readable string of 1 to [`MAX_IDENTITY_LEN`] bytes without control characters or
+/// surrounding spaces. Anything else is ambiguous and refused (`None`): no CN (whatever SANs
+/// it has, which would otherwise share one namespace with CNs), several CNs, or a CN that is
+/// not a string (no silent fallback to something else).
 pub fn client_identity(cert: &CertificateDer<'_>) -> Option<ClientIdentity> {
-    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    use x509_parser::prelude::{FromDer, X509Certificate};
     let (_, cert) = X509Certificate::from_der(cert.as_ref()).ok()?;
-    let cn = cert.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok()).map(str::to_owned);
-    let san = || {
-        let san = cert.subject_alternative_name().ok()??;
-        san.value.general_names.iter().find_map(|n| match n {
-            GeneralName::DNSName(s) | GeneralName::RFC822Name(s) | GeneralName::URI(s) => {
-                Some((*s).to_owned())
-            }
-            _ => None,
-        })
-    };
-    cn.filter(|s| !s.is_empty()).or_else(san).map(ClientIdentity)
+    let mut cns = cert.subject().iter_common_name();
+    let (Some(cn), None) = (cns.next(), cns.next()) else { return None };
+    let cn = cn.as_str().ok()?;
+    let readable = !cn.is_empty()
+        && cn.len() <= MAX_IDENTITY_LEN
+        && cn.trim() == cn
+        && !cn.chars().any(char::is_control);
+    readable.then(|| ClientIdentity(cn.to_owned()))
 }

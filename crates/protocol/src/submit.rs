@@ -90,9 +90,23 @@ impl Sequence {
         &self.key
     }
 
+    /// The key as storage keeps it: in `client`'s own namespace, so that two clients' keys of
+    /// the same name are two sequences (see [`owned_key`]).
+    pub fn owned_key(&self, client: &str) -> String {
+        owned_key(client, &self.key)
+    }
+
     pub fn number(&self) -> u64 {
         self.number
     }
+}
+
+/// A client's name for something it owns (a sequence key, a ledger account) as the worker
+/// stores it: `<client> U+001F <name>`. Neither part can contain U+001F (client identities and
+/// sequence keys refuse control characters), so every pair maps to its own key, and nothing a
+/// client names can reach another client's data.
+pub fn owned_key(client: &str, name: &str) -> String {
+    format!("{client}\u{1f}{name}")
 }
 
 #[cfg(test)]

@@ -87,6 +87,24 @@ const MIGRATIONS: &[&str] = &[
     r"
     DELETE FROM attempts WHERE job_id IN (SELECT id FROM jobs);
     ",
+    // 7: sequence keys and ledger accounts belong to a client: `<client> U+001F <name>`. Each
+    // existing key goes to the client whose jobs used it (the latest one, should several have
+    // — the cross-client writes this migration ends).
+    r"
+    CREATE TEMP TABLE key_owner AS
+        SELECT seq_key AS key,
+               (SELECT j2.client FROM jobs j2 WHERE j2.seq_key = j.seq_key
+                ORDER BY j2.updated_at_ms DESC LIMIT 1) AS client
+        FROM jobs j WHERE seq_key IS NOT NULL GROUP BY seq_key;
+    UPDATE ledger SET account = (SELECT client FROM key_owner WHERE key = ledger.account) || char(31) || account
+        WHERE account IN (SELECT key FROM key_owner);
+    UPDATE sequences SET key = (SELECT client FROM key_owner WHERE key = sequences.key) || char(31) || key
+        WHERE key IN (SELECT key FROM key_owner);
+    UPDATE parked SET seq_key = (SELECT client FROM key_owner WHERE key = parked.seq_key) || char(31) || seq_key
+        WHERE seq_key IN (SELECT key FROM key_owner);
+    UPDATE jobs SET seq_key = client || char(31) || seq_key WHERE seq_key IS NOT NULL;
+    DROP TABLE key_owner;
+    ",
 ];
 
 pub(crate) fn run(conn: &mut Connection) -> rusqlite::Result<()> {

@@ -116,7 +116,8 @@ pub fn prepare(tx: &Tx<'_>, spec: &KindSpec, arrival: &Arrival) -> Result<Step, 
             let status = record(tx, env, Outcome::Permanent(error), None)?;
             return Ok(Step::Decided(Decided::Done(vec![answer(status, target)])));
         };
-        let (key, number) = (seq.key(), seq.number());
+        let owned = seq.owned_key(&env.client);
+        let (key, number) = (owned.as_str(), seq.number());
         let expected = tx.next_expected(key)?;
         if number < expected || tx.sequence_holder(key, number)?.is_some() {
             let error = format!("sequence_conflict: number {number} of {key} belongs to another job");
@@ -221,7 +222,7 @@ fn record_undecided(
         .sequence
         .as_ref()
         .filter(|_| catalog.kind(&env.kind).is_some_and(|k| k.sequenced))
-        .map(|s| (s.key().to_owned(), s.number()));
+        .map(|s| (s.owned_key(&env.client), s.number()));
     let Some((key, number)) = sequence else {
         return Ok(vec![answer(record(tx, env, outcome, None)?, target)]);
     };
@@ -255,7 +256,7 @@ pub fn record_dead(
     reason: &str,
     error: Option<String>,
 ) -> Result<JobStatus, StorageError> {
-    let sequence = env.sequence.as_ref().map(|s| (s.key().to_owned(), s.number()));
+    let sequence = env.sequence.as_ref().map(|s| (s.owned_key(&env.client), s.number()));
     let mut job = stored(env, JobState::DeadLettered, None, error, sequence);
     job.reason = Some(reason.to_owned());
     tx.record_job(&job)?;
@@ -352,7 +353,7 @@ mod tests {
     use std::sync::{Arc, OnceLock};
 
     use gatehouse_protocol::crypto::{OpeningKey, Session, SigningKey, Verifier};
-    use gatehouse_protocol::submit::RawSequence;
+    use gatehouse_protocol::submit::{RawSequence, owned_key};
     use gatehouse_protocol::{Priority, Sequence, Vouched};
     use gatehouse_storage::Store;
     use serde_json::json;
@@ -441,7 +442,7 @@ mod tests {
         // Redelivery of an applied job: same answer, no second effect.
         let again = deliver(&store, ledger_job(2, 2, 10)).await;
         assert_eq!(again[0].status.result.as_ref().unwrap()["balance"], json!(11));
-        let (balance, seq) = store.transact(|tx| tx.ledger_balance("acct")).await.unwrap();
+        let (balance, seq) = store.transact(|tx| tx.ledger_balance(&owned_key("c", "acct"))).await.unwrap();
         assert_eq!((balance, seq), (111, 3));
     }
 
@@ -453,7 +454,7 @@ mod tests {
         let a = deliver(&store, ledger_job(9, 1, 500)).await;
         assert_eq!(states(&a), [JobState::Failed]);
         assert!(a[0].status.error.as_ref().unwrap().starts_with("sequence_conflict"));
-        let (balance, _) = store.transact(|tx| tx.ledger_balance("acct")).await.unwrap();
+        let (balance, _) = store.transact(|tx| tx.ledger_balance(&owned_key("c", "acct"))).await.unwrap();
         assert_eq!(balance, 5);
     }
 

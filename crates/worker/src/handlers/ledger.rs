@@ -1,6 +1,10 @@
-//! `ledger.apply` (sequenced by account) and `ledger.balance`.
+//! `ledger.apply` (sequenced by account) and `ledger.balance`. Accounts belong to the client
+//! that names them: each client's `acct-42` is its own (stored under
+//! [`gatehouse_protocol::submit::owned_key`]), so no client can read or move another's money
+//! or use up its sequence numbers.
 
 use gatehouse_protocol::JobEnvelope;
+use gatehouse_protocol::submit::owned_key;
 use gatehouse_storage::{StorageError, Tx};
 use serde::Deserialize;
 use serde_json::json;
@@ -26,7 +30,7 @@ pub fn apply(tx: &Tx<'_>, env: &JobEnvelope, p: Apply) -> Result<Outcome, Storag
     let Some(seq) = &env.sequence else {
         return Ok(Outcome::Permanent("ledger.apply needs a sequence".into()));
     };
-    Ok(match tx.ledger_apply(&p.account, p.amount, seq.number())? {
+    Ok(match tx.ledger_apply(&owned_key(&env.client, &p.account), p.amount, seq.number())? {
         Some(balance) => {
             Outcome::Success(json!({ "account": p.account, "balance": balance, "sequence": seq.number() }))
         }
@@ -34,7 +38,7 @@ pub fn apply(tx: &Tx<'_>, env: &JobEnvelope, p: Apply) -> Result<Outcome, Storag
     })
 }
 
-pub fn balance(tx: &Tx<'_>, p: Balance) -> Result<Outcome, StorageError> {
-    let (balance, sequence) = tx.ledger_balance(&p.account)?;
+pub fn balance(tx: &Tx<'_>, env: &JobEnvelope, p: Balance) -> Result<Outcome, StorageError> {
+    let (balance, sequence) = tx.ledger_balance(&owned_key(&env.client, &p.account))?;
     Ok(Outcome::Success(json!({ "account": p.account, "balance": balance, "sequence": sequence })))
 }

@@ -38,7 +38,7 @@ pub fn run(tx: &Tx<'_>, env: &JobEnvelope) -> Result<Outcome, StorageError> {
         "vault.get" => with_payload(env, |p| vault::get(tx, &env.client, p)),
         "vault.delete" => with_payload(env, |p| vault::delete(tx, &env.client, p)),
         "ledger.apply" => with_payload(env, |p| ledger::apply(tx, env, p)),
-        "ledger.balance" => with_payload(env, |p| ledger::balance(tx, p)),
+        "ledger.balance" => with_payload(env, |p| ledger::balance(tx, env, p)),
         other => Ok(Outcome::Permanent(format!("unknown kind {other}"))),
     }
 }
