@@ -78,6 +78,10 @@ enum DlqCmd {
         /// Replay every dead letter.
         #[arg(long, conflicts_with = "id")]
         all: bool,
+        /// The operator's Ed25519 key that signs each replay (the worker honours only replays
+        /// signed by a key of its `keys.operator_keys`).
+        #[arg(long, default_value = "certs/dev/operator-signing.key", env = "GATEHOUSE_OPERATOR_KEY")]
+        operator_key: PathBuf,
         #[arg(long)]
         json: bool,
     },
@@ -180,8 +184,9 @@ async fn run_dlq(command: DlqCmd, broker: &BrokerArgs) -> anyhow::Result<bool> {
                 Ok(false)
             }
         },
-        DlqCmd::Replay { id, all: _, json } => {
-            let replayed = dlq::replay(broker, id.as_deref()).await?;
+        DlqCmd::Replay { id, all: _, operator_key, json } => {
+            let operator = gatehouse_protocol::keys::signing_key(&operator_key)?;
+            let replayed = dlq::replay(broker, id.as_deref(), &operator).await?;
             if json {
                 println!("{}", serde_json::json!({ "replayed": replayed }));
             } else {

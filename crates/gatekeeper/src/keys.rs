@@ -71,8 +71,6 @@ impl GatekeeperKeys {
     pub fn recent(&self, id: &str) -> Option<Arc<Session>> {
         let now = now_ms();
         let s = self.sessions.read().unwrap_or_else(PoisonError::into_inner);
-        s.iter()
-            .find(|s| s.id() == id && now.saturating_sub(s.started_at_ms()) <= REPLY_WINDOW_MS)
-            .cloned()
+        s.iter().find(|s| s.id() == id && now.saturating_sub(s.started_at_ms()) <= REPLY_WINDOW_MS).cloned()
     }
 }

@@ -50,6 +50,8 @@ pub enum CryptoError {
     Random,
     #[error("message format version {0} is not the one this build reads")]
     Version(u32),
+    #[error("too old, or from the future")]
+    Stale,
 }
 
 fn random<const N: usize>() -> Result<[u8; N], CryptoError> {
@@ -357,7 +359,11 @@ fn session_keys(
     let mac = prk
         .expand(&[b"gatehouse session mac v1"], ring::hmac::HMAC_SHA256)
         .map_err(|_| CryptoError::BadKey("hkdf"))?;
-    Ok((aead(b"gatehouse session seal v1")?, ring::hmac::Key::from(mac), aead(b"gatehouse session reply v1")?))
+    Ok((
+        aead(b"gatehouse session seal v1")?,
+        ring::hmac::Key::from(mac),
+        aead(b"gatehouse session reply v1")?,
+    ))
 }
 
 /// AES-256-GCM with a random nonce. Each key seals at most one session's messages (or
@@ -371,7 +377,8 @@ fn seal_with(key: &LessSafeKey, plain: &[u8], aad: &[u8]) -> Result<Sealed, Cryp
 }
 
 fn open_with(key: &LessSafeKey, sealed: &Sealed, aad: &[u8]) -> Result<Vec<u8>, CryptoError> {
-    let nonce: [u8; 12] = unb64(&sealed.nonce).and_then(|b| b.try_into().ok()).ok_or(CryptoError::Malformed)?;
+    let nonce: [u8; 12] =
+        unb64(&sealed.nonce).and_then(|b| b.try_into().ok()).ok_or(CryptoError::Malformed)?;
     let mut ct = unb64(&sealed.ct).ok_or(CryptoError::Malformed)?;
     let plain = key
         .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut ct)
@@ -387,8 +394,11 @@ pub struct Keyring {
     active: usize,
 }
 
-/// Prefix of a value encrypted at rest: `v1.<key id>.<nonce hex>.<ciphertext hex>`.
-const AT_REST_PREFIX: &str = "v1.";
+/// Prefix of a value encrypted at rest: `v2.<key id>.<nonce hex>.<ciphertext hex>`. Version 2
+/// values are bound by their caller to everything that places them (table, column, row,
+/// owner); version 1 values, written by earlier releases, to their row id only.
+const AT_REST_PREFIX: &str = "v2.";
+const AT_REST_LEGACY_PREFIX: &str = "v1.";
 
 impl Keyring {
     /// Parses a keyring file: one `<id> <64 hex digits>` per line; the last key is active;
@@ -443,7 +453,10 @@ impl Keyring {
     /// # Errors
     /// Unknown key id, malformed value, or altered data.
     pub fn decrypt(&self, value: &str, aad: &[u8]) -> Result<Vec<u8>, CryptoError> {
-        let rest = value.strip_prefix(AT_REST_PREFIX).ok_or(CryptoError::Malformed)?;
+        let rest = value
+            .strip_prefix(AT_REST_PREFIX)
+            .or_else(|| value.strip_prefix(AT_REST_LEGACY_PREFIX))
+            .ok_or(CryptoError::Malformed)?;
         let mut parts = rest.splitn(3, '.');
         let (id, nonce, ct) = match (parts.next(), parts.next(), parts.next()) {
             (Some(i), Some(n), Some(c)) => (i, n, c),
@@ -460,15 +473,25 @@ impl Keyring {
         Ok(plain.to_vec())
     }
 
-    /// Whether `value` was encrypted (by any key); plaintext from before encryption was on is
-    /// not.
-    pub fn is_encrypted(value: &str) -> bool {
-        value.starts_with(AT_REST_PREFIX)
+    /// The format of a stored value: `Some(2)` as this release writes it, `Some(1)` from an
+    /// earlier release, `None` for plaintext (from before encryption was on).
+    pub fn version(value: &str) -> Option<u8> {
+        if value.starts_with(AT_REST_PREFIX) {
+            Some(2)
+        } else if value.starts_with(AT_REST_LEGACY_PREFIX) {
+            Some(1)
+        } else {
+            None
+        }
     }
 
     /// The key id a stored value was encrypted under.
     pub fn key_of(value: &str) -> Option<&str> {
-        value.strip_prefix(AT_REST_PREFIX)?.split('.').next()
+        value
+            .strip_prefix(AT_REST_PREFIX)
+            .or_else(|| value.strip_prefix(AT_REST_LEGACY_PREFIX))?
+            .split('.')
+            .next()
     }
 }
 
@@ -570,7 +593,7 @@ mod tests {
     fn at_rest_values_are_bound_to_their_key_and_row() {
         let ring = Keyring::parse(&Keyring::new_line("k1").unwrap()).unwrap();
         let value = ring.encrypt(b"record", b"tok_1").unwrap();
-        assert!(Keyring::is_encrypted(&value) && !value.contains(&hex::encode(b"record")));
+        assert!(Keyring::version(&value) == Some(2) && !value.contains(&hex::encode(b"record")));
         assert_eq!(ring.decrypt(&value, b"tok_1").unwrap(), b"record");
         assert_eq!(ring.decrypt(&value, b"tok_2"), Err(CryptoError::Open));
         // Another key of the same name cannot open it: the key is what matters.

@@ -71,22 +71,30 @@ pub fn keyring(path: &Path) -> Result<Keyring, KeyFileError> {
     Keyring::parse(&text).map_err(|e| err(path, e))
 }
 
-/// Writes a fresh set of the keys above into `dir` (secrets created with mode 0600).
+/// Writes the keys above that are missing from `dir` (secrets created with mode 0600). Keys
+/// already there are kept: replacing the data keys would make stored records unreadable.
 ///
 /// # Errors
 /// When a file cannot be written or there is no system randomness.
 pub fn write_dev(dir: &Path) -> Result<(), KeyFileError> {
+    let missing =
+        |base: &str| !dir.join(format!("{base}.key")).exists() || !dir.join(format!("{base}.pub")).exists();
     // The gatekeeper signs its sessions; an operator signs replays of dead letters.
-    for who in ["gatekeeper", "operator"] {
+    for who in ["gatekeeper", "operator"].into_iter().filter(|w| missing(&format!("{w}-signing"))) {
         let pkcs8 = SigningKey::generate_pkcs8().map_err(|e| err(dir, e))?;
         let key = SigningKey::from_pkcs8(&pkcs8).map_err(|e| err(dir, e))?;
         write_file(&dir.join(format!("{who}-signing.key")), &hex::encode(&pkcs8), true)?;
         write_file(&dir.join(format!("{who}-signing.pub")), &hex::encode(&key.public_key()), false)?;
     }
-    let secret = OpeningKey::generate().map_err(|e| err(dir, e))?;
-    let opening = OpeningKey::from_bytes(&secret).map_err(|e| err(dir, e))?;
-    write_file(&dir.join("worker-sealing.key"), &hex::encode(&secret), true)?;
-    write_file(&dir.join("worker-sealing.pub"), &hex::encode(&opening.public_key()), false)?;
+    if missing("worker-sealing") {
+        let secret = OpeningKey::generate().map_err(|e| err(dir, e))?;
+        let opening = OpeningKey::from_bytes(&secret).map_err(|e| err(dir, e))?;
+        write_file(&dir.join("worker-sealing.key"), &hex::encode(&secret), true)?;
+        write_file(&dir.join("worker-sealing.pub"), &hex::encode(&opening.public_key()), false)?;
+    }
+    if dir.join("worker-data.keys").exists() {
+        return Ok(());
+    }
     let ring = Keyring::new_line("k1").map_err(|e| err(dir, e))?;
     write_file(
         &dir.join("worker-data.keys"),
@@ -140,11 +148,14 @@ mod tests {
         {
             use std::os::unix::fs::PermissionsExt as _;
             let mode = |f: &str| std::fs::metadata(dir.join(f)).unwrap().permissions().mode() & 0o777;
-            for secret in ["gatekeeper-signing.key", "operator-signing.key", "worker-sealing.key", "worker-data.keys"] {
+            for secret in
+                ["gatekeeper-signing.key", "operator-signing.key", "worker-sealing.key", "worker-data.keys"]
+            {
                 assert_eq!(mode(secret), 0o600, "{secret}");
             }
             // Rewriting a secret over a readable file does not keep the old mode.
-            std::fs::set_permissions(dir.join("worker-data.keys"), std::fs::Permissions::from_mode(0o644)).unwrap();
+            std::fs::set_permissions(dir.join("worker-data.keys"), std::fs::Permissions::from_mode(0o644))
+                .unwrap();
             write_file(&dir.join("worker-data.keys"), "k1 00", true).unwrap();
             assert_eq!(mode("worker-data.keys"), 0o600);
         }

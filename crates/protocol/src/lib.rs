@@ -12,6 +12,7 @@ pub mod hex;
 pub mod ids;
 pub mod keys;
 pub mod pem;
+pub mod replay;
 pub mod settings;
 pub mod status;
 pub mod submit;

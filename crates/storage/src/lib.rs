@@ -1,9 +1,10 @@
 //! The worker's storage: the only place that holds job outcomes, vault records and ledgers.
 //! Nothing but the worker (and operator commands) depends on this crate.
 //!
-//! Vault records and job results are encrypted at rest (AES-256-GCM, key id stored with each
-//! value, see `gatehouse_protocol::crypto::Keyring`); [`Tx::rekey`] moves old values to the
-//! active key.
+//! Vault records, job results and ledger balances are encrypted at rest (AES-256-GCM, key id
+//! stored with each value, see `gatehouse_protocol::crypto::Keyring`), each bound to its table,
+//! column, row and owner; plaintext where a sealed value belongs is refused. [`Tx::rekey`]
+//! moves old values to the active key. The database file and its -wal/-shm are mode 0600.
 //!
 //! SQLite is the embedded default: WAL journal, `synchronous = FULL` (an outcome that the
 //! worker acked is on disk), schema migrations by `user_version`. One thread owns the
@@ -25,7 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::checkpoint::Checkpoints;
 
-pub use tx::{Attempts, Parked, StoredJob, Tx, now_ms};
+pub use tx::{Attempts, Forget, Parked, StoredJob, Tx, now_ms, sealed_aad};
 
 /// A storage failure.
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +129,27 @@ fn serve(conn: &Connection, keyring: &Keyring, rx: &mut mpsc::Receiver<Work>, ch
     }
 }
 
+/// Creates `path` readable and writable by its owner only (0600), or makes an existing file
+/// so: the database holds sealed values, but also who submitted what and when.
+fn private_file(path: &Path) -> Result<(), StorageError> {
+    let fail = |e: std::io::Error| StorageError::Corrupt(format!("cannot create {}: {e}", path.display()));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+            .map_err(fail)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(fail)?;
+    }
+    #[cfg(not(unix))]
+    let _ = fail;
+    Ok(())
+}
+
 /// Handle to the storage thread. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
@@ -145,13 +167,22 @@ impl Store {
             std::fs::create_dir_all(dir)
                 .map_err(|e| StorageError::Corrupt(format!("cannot create {}: {e}", dir.display())))?;
         }
+        private_file(path)?;
         let mut conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.set_prepared_statement_cache_capacity(64);
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
-        migrations::run(&mut conn)?;
+        migrations::run(&mut conn, &keyring)?;
+        // SQLite gives its -wal and -shm files the database file's mode; these may predate it.
+        for side in ["-wal", "-shm"] {
+            let mut p = path.as_os_str().to_owned();
+            p.push(side);
+            if Path::new(&p).exists() {
+                private_file(Path::new(&p))?;
+            }
+        }
         // Not inside a commit: on the checkpoint thread. A rewound log file is reused; one that
         // grew beyond 64 MiB during a long burst is cut back.
         conn.pragma_update(None, "wal_autocheckpoint", 0)?;

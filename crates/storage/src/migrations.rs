@@ -1,6 +1,9 @@
 //! Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
 
+use gatehouse_protocol::crypto::Keyring;
 use rusqlite::Connection;
+
+use crate::{StorageError, Tx};
 
 const MIGRATIONS: &[&str] = &[
     // 1: jobs and their outcomes, sequences, parked jobs, vault, ledger.
@@ -105,13 +108,27 @@ const MIGRATIONS: &[&str] = &[
     UPDATE jobs SET seq_key = client || char(31) || seq_key WHERE seq_key IS NOT NULL;
     DROP TABLE key_owner;
     ",
+    // 8: a ledger account's balance and sequence are sealed (`state`), like vault records and
+    // results; every sealed value is bound to its table, column, row and owner. The values
+    // earlier releases wrote (plaintext, or bound to their row only) are re-sealed right after
+    // this step, in the same transaction ([`RESEAL_AFTER`]): the one moment they are trusted.
+    r"
+    ALTER TABLE ledger ADD COLUMN state TEXT;
+    ",
 ];
 
-pub(crate) fn run(conn: &mut Connection) -> rusqlite::Result<()> {
+/// After this migration (1-based) the values of earlier releases are re-sealed.
+const RESEAL_AFTER: usize = 8;
+
+pub(crate) fn run(conn: &mut Connection, keyring: &Keyring) -> Result<(), StorageError> {
     let done: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(done) {
         let tx = conn.transaction()?;
         tx.execute_batch(sql)?;
+        if i + 1 == RESEAL_AFTER {
+            let n = Tx::new(&tx, keyring).reseal(true)?;
+            tracing::info!(values = n, "re-sealed stored values with their binding");
+        }
         tx.pragma_update(None, "user_version", i + 1)?;
         tx.commit()?;
     }

@@ -45,6 +45,17 @@ pub struct Parked {
     pub deadline_ms: i64,
 }
 
+/// What [`Tx::forget_dead_lettered`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forget {
+    /// It was dead-lettered before the grant: forgotten, to run afresh.
+    Forgotten,
+    /// It is not dead-lettered (decided, pending, or unknown): nothing changed.
+    NotDeadLettered,
+    /// It was dead-lettered after the grant was issued: nothing changed; refuse the replay.
+    GrantTooOld,
+}
+
 /// How often a job was started, and how the last try failed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Attempts {
@@ -63,6 +74,53 @@ pub fn now_ms() -> i64 {
 fn to_i64(n: u64) -> Result<i64, StorageError> {
     i64::try_from(n).map_err(|_| StorageError::Corrupt(format!("number {n} out of range")))
 }
+
+/// Where a sealed value lives: bound into its encryption, so that a writer of the database
+/// file cannot move it to another row, column or owner and have the worker read it there.
+struct Place<'a> {
+    table: &'static str,
+    column: &'static str,
+    row: &'a str,
+    owner: &'a str,
+}
+
+/// The associated data a sealed value is bound to (for tools that read the file directly).
+pub fn sealed_aad(table: &str, column: &str, row: &str, owner: &str) -> Vec<u8> {
+    ["gatehouse at rest v2", table, column, row, owner].join("\0").into_bytes()
+}
+
+impl<'a> Place<'a> {
+    fn aad(&self) -> Vec<u8> {
+        sealed_aad(self.table, self.column, self.row, self.owner)
+    }
+
+    fn job_result(id: &'a str, client: &'a str) -> Self {
+        Self { table: "jobs", column: "result", row: id, owner: client }
+    }
+
+    fn vault(token: &'a str, owner: &'a str) -> Self {
+        Self { table: "vault", column: "record", row: token, owner }
+    }
+
+    /// A ledger account's key already names its owner (`owned_key`).
+    fn ledger(account: &'a str) -> Self {
+        Self { table: "ledger", column: "state", row: account, owner: "" }
+    }
+}
+
+/// A sealed column: its table, row key, owner (an SQL expression) and value column.
+struct SealedColumn {
+    table: &'static str,
+    key: &'static str,
+    owner: &'static str,
+    column: &'static str,
+}
+
+const SEALED: [SealedColumn; 3] = [
+    SealedColumn { table: "vault", key: "token", owner: "owner", column: "record" },
+    SealedColumn { table: "jobs", key: "id", owner: "client", column: "result" },
+    SealedColumn { table: "ledger", key: "account", owner: "''", column: "state" },
+];
 
 const PARKED_COLUMNS: &str = "job_id, seq_key, seq_number, envelope, reply_to, correlation_id, deadline_ms";
 
@@ -110,51 +168,103 @@ impl<'c> Tx<'c> {
         self.tx.prepare_cached(sql)?.query_row(params, f)
     }
 
-    /// `value` encrypted under the active data key, bound to `row` (so it cannot be moved).
-    fn seal(&self, value: &Value, row: &str) -> Result<String, StorageError> {
+    /// `value` encrypted under the active data key, bound to its place (`at`): it cannot be
+    /// moved to another row, column or owner.
+    fn seal(&self, value: &Value, at: &Place<'_>) -> Result<String, StorageError> {
         self.keyring
-            .encrypt(value.to_string().as_bytes(), row.as_bytes())
+            .encrypt(value.to_string().as_bytes(), &at.aad())
             .map_err(|e| StorageError::Crypto(e.to_string()))
     }
 
-    /// The value stored for `row`: decrypted, or as it is if it predates encryption.
-    fn unseal(&self, stored: Option<String>, row: &str) -> Result<Option<Value>, StorageError> {
+    /// The value stored at `at`, decrypted. Anything not sealed as this release seals — a
+    /// plaintext value, or an earlier release's format bound to its row only — is refused: it
+    /// can only have been written into the file behind the worker's back (earlier releases'
+    /// values were re-sealed by migration 8).
+    fn unseal(&self, stored: Option<String>, at: &Place<'_>) -> Result<Option<Value>, StorageError> {
         let Some(stored) = stored else { return Ok(None) };
-        if !Keyring::is_encrypted(&stored) {
-            return parse_json(Some(stored));
+        if Keyring::version(&stored) != Some(2) {
+            return Err(StorageError::Crypto(format!(
+                "{}.{} of {:?} is not sealed: refused",
+                at.table, at.column, at.row
+            )));
         }
         let plain =
-            self.keyring.decrypt(&stored, row.as_bytes()).map_err(|e| StorageError::Crypto(e.to_string()))?;
+            self.keyring.decrypt(&stored, &at.aad()).map_err(|e| StorageError::Crypto(e.to_string()))?;
         serde_json::from_slice(&plain).map(Some).map_err(|e| StorageError::Corrupt(e.to_string()))
     }
 
-    /// Re-encrypts every vault record and job result that is not under the active data key
-    /// (including plaintext from before encryption); answers how many it changed.
-    pub fn rekey(&self) -> Result<u64, StorageError> {
+    /// Re-seals sealed values: every one not under the active data key (`gatehouse rekey`), or
+    /// with `legacy_only` just those an earlier release wrote (plaintext, or bound to their row
+    /// only; migration 8). Answers how many it changed.
+    pub(crate) fn reseal(&self, legacy_only: bool) -> Result<u64, StorageError> {
         let active = self.keyring.active_id().to_owned();
         let mut changed = 0;
-        for (table, key_col, value_col) in [("vault", "token", "record"), ("jobs", "id", "result")] {
-            let rows: Vec<(String, String)> = {
+        for spec in SEALED {
+            let rows: Vec<(String, String, String)> = {
                 let mut stmt = self.tx.prepare_cached(&format!(
-                    "SELECT {key_col}, {value_col} FROM {table} WHERE {value_col} IS NOT NULL"
+                    "SELECT {key}, {owner}, {value} FROM {table} WHERE {value} IS NOT NULL",
+                    key = spec.key,
+                    owner = spec.owner,
+                    value = spec.column,
+                    table = spec.table
                 ))?;
-                let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
                 rows.collect::<Result<_, _>>()?
             };
-            for (row, stored) in rows {
-                if Keyring::key_of(&stored) == Some(active.as_str()) && Keyring::is_encrypted(&stored) {
-                    continue;
-                }
-                let Some(value) = self.unseal(Some(stored), &row)? else { continue };
-                let sealed = self.seal(&value, &row)?;
+            for (row, owner, stored) in rows {
+                let at = Place { table: spec.table, column: spec.column, row: &row, owner: &owner };
+                let value = match Keyring::version(&stored) {
+                    Some(2) if legacy_only || Keyring::key_of(&stored) == Some(active.as_str()) => continue,
+                    Some(2) => self.unseal(Some(stored), &at)?,
+                    // Bound to the row id alone by earlier releases.
+                    Some(_) => Some(
+                        self.keyring
+                            .decrypt(&stored, row.as_bytes())
+                            .map_err(|e| StorageError::Crypto(e.to_string()))
+                            .and_then(|p| {
+                                serde_json::from_slice(&p).map_err(|e| StorageError::Corrupt(e.to_string()))
+                            })?,
+                    ),
+                    None => parse_json(Some(stored))?,
+                };
+                let Some(value) = value else { continue };
                 self.exec(
-                    &format!("UPDATE {table} SET {value_col} = ?1 WHERE {key_col} = ?2"),
-                    params![sealed, row],
+                    &format!("UPDATE {} SET {} = ?1 WHERE {} = ?2", spec.table, spec.column, spec.key),
+                    params![self.seal(&value, &at)?, row],
                 )?;
                 changed += 1;
             }
         }
+        if legacy_only {
+            changed += self.seal_legacy_ledger()?;
+        }
         Ok(changed)
+    }
+
+    /// Re-encrypts every sealed value that is not under the active data key; answers how many
+    /// it changed.
+    pub fn rekey(&self) -> Result<u64, StorageError> {
+        self.reseal(false)
+    }
+
+    /// Ledger rows of earlier releases kept balance and sequence in plain columns: seal them.
+    fn seal_legacy_ledger(&self) -> Result<u64, StorageError> {
+        let rows: Vec<(String, i64, i64)> = {
+            let mut stmt = self
+                .tx
+                .prepare_cached("SELECT account, balance, sequence FROM ledger WHERE state IS NULL")?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        for (account, balance, sequence) in &rows {
+            let state = serde_json::json!({"balance": balance, "sequence": sequence});
+            let sealed = self.seal(&state, &Place::ledger(account))?;
+            self.exec(
+                "UPDATE ledger SET state = ?1, balance = 0, sequence = 0 WHERE account = ?2",
+                params![sealed, account],
+            )?;
+        }
+        Ok(rows.len() as u64)
     }
 
     // ---- jobs ------------------------------------------------------------------------------
@@ -185,12 +295,13 @@ impl<'c> Tx<'c> {
         };
         let state = JobState::parse(&state)
             .ok_or_else(|| StorageError::Corrupt(format!("unknown state {state:?}")))?;
+        let result = self.unseal(result, &Place::job_result(id.as_str(), &client))?;
         Ok(Some(StoredJob {
             id: id.clone(),
             client,
             kind,
             state,
-            result: self.unseal(result, id.as_str())?,
+            result,
             error,
             reason,
             sequence: key.zip(number.map(|n| n as u64)),
@@ -203,7 +314,8 @@ impl<'c> Tx<'c> {
             Some((k, n)) => (Some(k.as_str()), Some(to_i64(*n)?)),
             None => (None, None),
         };
-        let result = job.result.as_ref().map(|r| self.seal(r, job.id.as_str())).transpose()?;
+        let at = Place::job_result(job.id.as_str(), &job.client);
+        let result = job.result.as_ref().map(|r| self.seal(r, &at)).transpose()?;
         self.exec(
             "INSERT INTO jobs (id, client, kind, state, result, error, seq_key, seq_number, updated_at_ms, reason)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
@@ -227,11 +339,27 @@ impl<'c> Tx<'c> {
         Ok(())
     }
 
-    /// Forgets a dead-lettered job, so that a replay runs it afresh. Other jobs are kept.
-    pub fn forget_dead_lettered(&self, id: &JobId) -> Result<(), StorageError> {
-        self.exec("DELETE FROM jobs WHERE id = ?1 AND state = 'dead_lettered'", [id.as_str()])?;
-        self.exec("DELETE FROM attempts WHERE job_id = ?1", [id.as_str()])?;
-        Ok(())
+    /// For an operator's replay granted at `granted_at_ms`: forgets the job (and its attempts)
+    /// if it was dead-lettered before the grant, so that the replay runs it afresh. A job in any
+    /// other state is kept as it is (the replay is then answered from it); a job dead-lettered
+    /// *after* the grant was issued is kept too — the grant was for an earlier dead letter.
+    pub fn forget_dead_lettered(&self, id: &JobId, granted_at_ms: u64) -> Result<Forget, StorageError> {
+        let dead_at: Option<i64> = self
+            .one(
+                "SELECT updated_at_ms FROM jobs WHERE id = ?1 AND state = 'dead_lettered'",
+                [id.as_str()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        match dead_at {
+            None => Ok(Forget::NotDeadLettered),
+            Some(at) if at > to_i64(granted_at_ms)? => Ok(Forget::GrantTooOld),
+            Some(_) => {
+                self.exec("DELETE FROM jobs WHERE id = ?1", [id.as_str()])?;
+                self.exec("DELETE FROM attempts WHERE job_id = ?1", [id.as_str()])?;
+                Ok(Forget::Forgotten)
+            }
+        }
     }
 
     // ---- attempts --------------------------------------------------------------------------
@@ -402,7 +530,7 @@ impl<'c> Tx<'c> {
         let token = format!("tok_{}", JobId::from_bytes(raw));
         self.exec(
             "INSERT INTO vault (token, owner, record, created_at_ms) VALUES (?1, ?2, ?3, ?4)",
-            params![token, owner, self.seal(record, &token)?, now_ms()],
+            params![token, owner, self.seal(record, &Place::vault(&token, owner))?, now_ms()],
         )?;
         Ok(token)
     }
@@ -414,7 +542,7 @@ impl<'c> Tx<'c> {
                 r.get(0)
             })
             .optional()?;
-        self.unseal(record, token)
+        self.unseal(record, &Place::vault(token, owner))
     }
 
     /// Erases the record behind `token` if `owner` stored it; whether there was one.
@@ -426,7 +554,8 @@ impl<'c> Tx<'c> {
     // ---- ledger ----------------------------------------------------------------------------
 
     /// Adds `amount` to `account` and records `sequence` as its last applied number; answers
-    /// the new balance. Fails (permanently) on overflow rather than wrapping.
+    /// the new balance. Fails (permanently) on overflow rather than wrapping. Balance and
+    /// sequence are sealed, bound to the account (whose key names its owner).
     pub fn ledger_apply(
         &self,
         account: &str,
@@ -437,22 +566,28 @@ impl<'c> Tx<'c> {
         let Some(new_balance) = balance.checked_add(amount) else {
             return Ok(None);
         };
+        let state = serde_json::json!({"balance": new_balance, "sequence": sequence});
         self.exec(
-            "INSERT INTO ledger (account, balance, sequence) VALUES (?1, ?2, ?3)
-             ON CONFLICT(account) DO UPDATE SET balance = excluded.balance, sequence = excluded.sequence",
-            params![account, new_balance, to_i64(sequence)?],
+            "INSERT INTO ledger (account, balance, sequence, state) VALUES (?1, 0, 0, ?2)
+             ON CONFLICT(account) DO UPDATE SET state = excluded.state",
+            params![account, self.seal(&state, &Place::ledger(account))?],
         )?;
         Ok(Some(new_balance))
     }
 
     /// `(balance, last applied sequence number)`; `(0, 0)` for an account never touched.
     pub fn ledger_balance(&self, account: &str) -> Result<(i64, u64), StorageError> {
-        let row: Option<(i64, i64)> = self
-            .one("SELECT balance, sequence FROM ledger WHERE account = ?1", [account], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
-            .optional()?;
-        Ok(row.map_or((0, 0), |(b, s)| (b, s as u64)))
+        let state: Option<Option<String>> =
+            self.one("SELECT state FROM ledger WHERE account = ?1", [account], |r| r.get(0)).optional()?;
+        let Some(state) = state else { return Ok((0, 0)) };
+        // A row without a sealed state was written behind the worker's back: unseal refuses it.
+        let state =
+            self.unseal(Some(state.unwrap_or_default()), &Place::ledger(account))?.unwrap_or_default();
+        let field = |f: &str| state.get(f).and_then(Value::as_i64);
+        match (field("balance"), field("sequence")) {
+            (Some(b), Some(s)) => Ok((b, s as u64)),
+            _ => Err(StorageError::Corrupt(format!("ledger state of {account:?}"))),
+        }
     }
 }
 
@@ -530,6 +665,89 @@ mod tests {
         assert!(!store.transact(move |tx| tx.vault_delete("mallory", &t)).await.unwrap());
         let t = token.clone();
         assert!(store.transact(move |tx| tx.vault_delete("alice", &t)).await.unwrap());
+    }
+
+    /// Runs `sql` on the database file behind the worker's back (an attacker with file access).
+    fn tamper(path: &std::path::Path, sql: &str) {
+        rusqlite::Connection::open(path).unwrap().execute_batch(sql).unwrap();
+    }
+
+    #[tokio::test]
+    async fn sealed_values_are_bound_to_their_owner_and_plaintext_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        let store = Store::open_sqlite(&path, test_keyring()).unwrap();
+        let rec = serde_json::json!({"name": "Ada"});
+        let token = store.transact(move |tx| tx.vault_put("alice", &rec)).await.unwrap();
+        store.transact(|tx| tx.ledger_apply("alice\u{1f}acct", 250, 1)).await.unwrap();
+        // Moved to mallory by editing the owner column: the record does not open for her.
+        tamper(&path, &format!("UPDATE vault SET owner = 'mallory' WHERE token = '{token}'"));
+        let t = token.clone();
+        let got = store.transact(move |tx| tx.vault_get("mallory", &t)).await;
+        assert!(matches!(got, Err(StorageError::Crypto(_))), "{got:?}");
+        // Downgraded to plaintext: refused, not read.
+        tamper(
+            &path,
+            &format!(
+                "UPDATE vault SET owner = 'alice', record = '{{\"name\":\"Eve\"}}' WHERE token = '{token}'"
+            ),
+        );
+        let t = token.clone();
+        let got = store.transact(move |tx| tx.vault_get("alice", &t)).await;
+        assert!(matches!(got, Err(StorageError::Crypto(_))), "{got:?}");
+        // A ledger row moved to another client's account does not open there.
+        tamper(&path, "UPDATE ledger SET account = 'mallory\u{1f}acct'");
+        assert!(store.transact(|tx| tx.ledger_balance("mallory\u{1f}acct")).await.is_err());
+        tamper(&path, "UPDATE ledger SET account = 'alice\u{1f}acct'");
+        assert_eq!(store.transact(|tx| tx.ledger_balance("alice\u{1f}acct")).await.unwrap(), (250, 1));
+        // Nothing of the balance is in the clear.
+        let plain: i64 = rusqlite::Connection::open(&path)
+            .unwrap()
+            .query_row("SELECT balance FROM ledger", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(plain, 0);
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn the_database_and_its_log_are_private_to_their_owner() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        let store = Store::open_sqlite(&path, test_keyring()).unwrap();
+        store.transact(|tx| tx.set_next_expected("k", 2)).await.unwrap();
+        for f in ["db.sqlite", "db.sqlite-wal", "db.sqlite-shm"] {
+            let mode = std::fs::metadata(dir.path().join(f)).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{f}");
+        }
+    }
+
+    #[tokio::test]
+    async fn values_of_earlier_releases_are_resealed_once_by_the_migration() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        drop(Store::open_sqlite(&path, test_keyring()).unwrap());
+        // As release 7 left it: a v1 record bound to its token only, a plaintext result, a
+        // plaintext ledger row.
+        let v1 = test_keyring().encrypt(br#"{"name":"Ada"}"#, b"tok_1").unwrap().replacen("v2.", "v1.", 1);
+        tamper(&path, &format!(
+            "ALTER TABLE ledger DROP COLUMN state; PRAGMA user_version = 7;
+             INSERT INTO vault VALUES ('tok_1', 'alice', '{v1}', 0);
+             INSERT INTO jobs (id, client, kind, state, result, updated_at_ms) VALUES ('{}', 'alice', 'k', 'succeeded', '{{\"n\":1}}', 0);
+             INSERT INTO ledger VALUES ('alice\u{1f}acct', 42, 3);",
+            id(9).as_str()
+        ));
+        let store = Store::open_sqlite(&path, test_keyring()).unwrap();
+        let got = store.transact(|tx| tx.vault_get("alice", "tok_1")).await.unwrap();
+        assert_eq!(got, Some(serde_json::json!({"name": "Ada"})));
+        let job = store.transact(|tx| tx.job(&id(9))).await.unwrap().unwrap();
+        assert_eq!(job.result, Some(serde_json::json!({"n": 1})));
+        assert_eq!(store.transact(|tx| tx.ledger_balance("alice\u{1f}acct")).await.unwrap(), (42, 3));
+        drop(store);
+        // Once only: a plaintext value written afterwards stays refused across restarts.
+        tamper(&path, "UPDATE vault SET record = '{\"name\":\"Eve\"}'");
+        let store = Store::open_sqlite(&path, test_keyring()).unwrap();
+        assert!(store.transact(|tx| tx.vault_get("alice", "tok_1")).await.is_err());
     }
 
     #[tokio::test]

@@ -19,7 +19,7 @@
 //! applied.
 
 use gatehouse_protocol::{Catalog, JobEnvelope, JobId, JobState, JobStatus, KindSpec};
-use gatehouse_storage::{Parked, StorageError, StoredJob, Tx, now_ms};
+use gatehouse_storage::{Forget, Parked, StorageError, StoredJob, Tx, now_ms};
 
 use crate::handlers::{self, Outcome};
 use crate::keys::Sessions;
@@ -39,6 +39,9 @@ pub enum Decided {
     Done(Vec<Answer>),
     /// Started `attempts` times without an outcome (crashes): dead-letter it.
     Exhausted { attempts: u32, last_error: Option<String> },
+    /// A replay whose grant was issued before the job's latest dead letter: back to the
+    /// dead-letter queue, nothing recorded.
+    ReplayRefused,
 }
 
 /// What [`prepare`] decided.
@@ -61,8 +64,9 @@ pub struct Arrival {
     /// The message body as it arrived (sealed, vouched for): what a parked job keeps.
     pub raw: Vec<u8>,
     pub target: ReplyTarget,
-    /// `gatehouse dlq replay` sent it: forget that it was dead-lettered.
-    pub replay: bool,
+    /// An operator's verified replay grant, issued at this time (unix ms): forget that the job
+    /// was dead-lettered before it.
+    pub replay: Option<u64>,
 }
 
 /// For kinds whose handler runs inside storage: the whole decision and its effect in one
@@ -104,8 +108,10 @@ pub enum ApplyError {
 /// Only storage failures, which roll the whole decision back.
 pub fn prepare(tx: &Tx<'_>, spec: &KindSpec, arrival: &Arrival) -> Result<Step, StorageError> {
     let Arrival { env, raw, target, replay } = arrival;
-    if *replay {
-        tx.forget_dead_lettered(&env.id)?;
+    if let Some(granted_at_ms) = replay
+        && tx.forget_dead_lettered(&env.id, *granted_at_ms)? == Forget::GrantTooOld
+    {
+        return Ok(Step::Decided(Decided::ReplayRefused));
     }
     if let Some(stored) = tx.job(&env.id)? {
         return Ok(Step::Decided(Decided::Done(vec![answer(status_of(tx, stored)?, target)])));
@@ -408,7 +414,7 @@ mod tests {
             .transact(move |tx| -> Result<_, ApplyError> {
                 let spec = catalog.kind(&env.kind).unwrap().clone();
                 let target = ReplyTarget::default();
-                let arrival = Arrival { env, raw, target, replay: false };
+                let arrival = Arrival { env, raw, target, replay: None };
                 match decide_and_run(tx, &catalog, &spec, &keys().sessions, &arrival)? {
                     Decided::Done(a) => Ok(a),
                     d => panic!("unexpected {d:?}"),
@@ -501,7 +507,7 @@ mod tests {
         let step = |spec: KindSpec, env: JobEnvelope| {
             store.transact(move |tx| {
                 let arrival =
-                    Arrival { env, raw: b"{}".to_vec(), target: ReplyTarget::default(), replay: false };
+                    Arrival { env, raw: b"{}".to_vec(), target: ReplyTarget::default(), replay: None };
                 prepare(tx, &spec, &arrival)
             })
         };

@@ -38,7 +38,7 @@ use crate::acks::Acks;
 use crate::apply::{self, Answer, ApplyError, Arrival, Decided, ReplyTarget, Step};
 use crate::handlers::{self, Outcome};
 use crate::job_locks::JobLocks;
-use crate::keys::WorkerKeys;
+use crate::keys::{Refusal, WorkerKeys};
 use crate::reply;
 
 /// What every delivery handler needs.
@@ -73,14 +73,17 @@ const CONTROL_MAX_AGE: Duration = Duration::from_secs(60);
 /// Longest retry delay, however many attempts came before.
 const MAX_RETRY_DELAY_MS: u64 = 5 * 60 * 1000;
 
-/// Handles one job delivery, start to ack.
-pub async fn handle_job(ctx: Arc<Context>, mut delivery: Delivery) {
+/// Handles one job delivery from the queue of `class`, start to ack.
+pub async fn handle_job(ctx: Arc<Context>, class: String, mut delivery: Delivery) {
     let data = std::mem::take(&mut delivery.data);
-    let class = delivery.routing_key.to_string();
-    // Nothing unsigned, forged or stale runs, or even gets parsed beyond what checking needs.
-    let opened = ctx.keys.open_job(&data);
-    let (env, target) = match opened {
-        Ok(opened) => opened,
+    // Nothing unsigned, forged, stale, misrouted or replayed without an operator's grant runs,
+    // or even gets parsed beyond what checking needs.
+    let checked = ctx.keys.open_job(&data).and_then(|(env, target)| {
+        let replay = check_delivery(&ctx, &class, &delivery, &data, &env)?;
+        Ok((env, target, replay))
+    });
+    let (env, target, replay) = match checked {
+        Ok(checked) => checked,
         Err(refusal) => {
             tracing::warn!(reason = refusal.reason(), "job message refused");
             let dead = Dead { reason: refusal.reason(), error: None, attempts: 0 };
@@ -97,7 +100,7 @@ pub async fn handle_job(ctx: Arc<Context>, mut delivery: Delivery) {
             return dead_letter(&ctx, &delivery, &data, &class, Some((&env, &target)), dead).await;
         };
         let job = Job { ctx: &ctx, delivery: &delivery, data: &data, class: &class, target, spec, env };
-        job.handle(has_header(&delivery, headers::REPLAY)).await;
+        job.handle(replay).await;
     }
     .instrument(span)
     .await;
@@ -115,11 +118,11 @@ struct Job<'a> {
 }
 
 impl Job<'_> {
-    fn arrival(&self, replay: bool) -> Arrival {
+    fn arrival(&self, replay: Option<u64>) -> Arrival {
         Arrival { env: self.env.clone(), raw: self.data.to_vec(), target: self.target.clone(), replay }
     }
 
-    async fn handle(&self, replay: bool) {
+    async fn handle(&self, replay: Option<u64>) {
         if !handlers::is_external(&self.env.kind) {
             return self.decide_and_run(replay).await;
         }
@@ -140,7 +143,7 @@ impl Job<'_> {
     /// A storage kind: the whole decision and effect in one transaction (one share of a group
     /// commit). Its handler runs on the storage thread, where a panic is caught: nothing it
     /// does can take the process down, so it needs no crash isolation.
-    async fn decide_and_run(&self, replay: bool) {
+    async fn decide_and_run(&self, replay: Option<u64>) {
         let decided = {
             let (catalog, spec, keys, arrival) =
                 (self.ctx.catalog.clone(), self.spec.clone(), self.ctx.keys.clone(), self.arrival(replay));
@@ -243,6 +246,11 @@ impl Job<'_> {
     async fn settle_decided(&self, decided: Decided) {
         match decided {
             Decided::Done(answers) => finish(self.ctx, self.delivery, &answers).await,
+            Decided::ReplayRefused => {
+                tracing::warn!("replay refused: its grant is older than the job's latest dead letter");
+                let dead = Dead { reason: "replay_refused", error: None, attempts: 0 };
+                dead_letter(self.ctx, self.delivery, self.data, self.class, None, dead).await;
+            }
             Decided::Exhausted { attempts, last_error } => {
                 let error = last_error.unwrap_or_else(|| "the worker stopped while running it".into());
                 let dead = Dead { reason: "max_attempts", error: Some(error), attempts };
@@ -388,8 +396,37 @@ fn without_replay(props: &BasicProperties) -> BasicProperties {
     props.clone().with_headers(kept)
 }
 
-fn has_header(d: &Delivery, name: &str) -> bool {
-    d.properties.headers().as_ref().is_some_and(|h| h.contains_key(name))
+/// Checks what the broker says about a delivery against what the gatekeeper vouched for: it
+/// came from its kind's queue, at its vouched priority (a copy re-published at priority 9 or
+/// into another class's queue would otherwise run early); and a replay marker carries an
+/// operator's grant for exactly this body. Answers the grant's issue time for a replay.
+fn check_delivery(
+    ctx: &Context,
+    class: &str,
+    delivery: &Delivery,
+    data: &[u8],
+    env: &JobEnvelope,
+) -> Result<Option<u64>, Refusal> {
+    let queue_ok = ctx.catalog.kind(&env.kind).is_none_or(|k| k.queue == class);
+    let priority = delivery.properties.priority().unwrap_or(0);
+    if !queue_ok || priority != env.priority.get() {
+        tracing::warn!(job_id = %env.id, queue = class, priority, vouched = env.priority.get(), "delivery metadata differs from the vouched job");
+        return Err(Refusal::Misrouted);
+    }
+    let grant = delivery.properties.headers().as_ref().and_then(|h| h.inner().get(headers::REPLAY).cloned());
+    let Some(grant) = grant else { return Ok(None) };
+    let grant = match grant {
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        AMQPValue::ShortString(s) => s.to_string(),
+        _ => String::new(),
+    };
+    match ctx.keys.check_replay(&grant, data) {
+        Ok(issued_at) => Ok(Some(issued_at)),
+        Err(e) => {
+            tracing::warn!(job_id = %env.id, error = %e, "replay without a valid operator grant");
+            Err(Refusal::ReplayRefused)
+        }
+    }
 }
 
 async fn finish(ctx: &Context, delivery: &Delivery, answers: &[Answer]) {

@@ -10,8 +10,8 @@ use gatehouse_protocol::{SealedJob, Vouched};
 use gatehouse_storage::now_ms;
 
 use crate::apply;
-use crate::reply::{self, ReplyTarget};
 use crate::consumer::{Context, Dead, dead_properties};
+use crate::reply::{self, ReplyTarget};
 
 /// How often storage is asked for expired deadlines.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
@@ -47,8 +47,9 @@ async fn sweep_once(ctx: &Context) -> anyhow::Result<()> {
             }
         };
         let class = ctx.catalog.kind(&env.kind).map_or_else(|| "batch".to_owned(), |k| k.queue.clone());
-        let props =
-            BasicProperties::default().with_message_id(env.id.as_str().into()).with_priority(env.priority.get());
+        let props = BasicProperties::default()
+            .with_message_id(env.id.as_str().into())
+            .with_priority(env.priority.get());
         let error = format!(
             "number {} of {} waited past the gap timeout for its predecessor",
             parked.seq_number, parked.seq_key

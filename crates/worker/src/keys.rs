@@ -16,6 +16,8 @@ use crate::settings::KeySettings;
 pub struct WorkerKeys {
     pub sessions: Sessions,
     pub max_message_age: Duration,
+    /// The operators whose replay grants are honoured.
+    operators: Verifier,
 }
 
 /// The gatekeeper's sessions: each is verified (an Ed25519 signature and a key agreement) the
@@ -98,6 +100,12 @@ pub enum Refusal {
     Unsealable,
     /// Written in another format version (by a newer or older gatekeeper).
     UnsupportedVersion,
+    /// Authentic, but delivered from another class's queue or at another priority than the
+    /// gatekeeper vouched for (a copy re-published to jump the queue).
+    Misrouted,
+    /// Marked as a replay without a valid operator grant, or with one issued before the job
+    /// was last dead-lettered.
+    ReplayRefused,
 }
 
 impl Refusal {
@@ -108,6 +116,8 @@ impl Refusal {
             Self::Undecodable => "undecodable",
             Self::Unsealable => "unsealable",
             Self::UnsupportedVersion => "unsupported_version",
+            Self::Misrouted => "misrouted",
+            Self::ReplayRefused => "replay_refused",
         }
     }
 }
@@ -127,7 +137,16 @@ impl WorkerKeys {
         Ok(Self {
             sessions: Sessions::new(keys::verifier(&s.gatekeeper_signing_keys)?, opening),
             max_message_age: Duration::from_secs(s.max_message_age_s),
+            operators: keys::verifier(&s.operator_keys)?,
         })
+    }
+
+    /// Checks an operator's replay grant for the message `body`; answers when it was issued.
+    ///
+    /// # Errors
+    /// When no trusted operator signed it for this body, or it expired.
+    pub fn check_replay(&self, grant: &str, body: &[u8]) -> Result<u64, CryptoError> {
+        gatehouse_protocol::replay::verify(&self.operators, grant, body, now_ms())
     }
 
     /// Whether a message sent at `sent_at_ms` is within `max_age` of now.

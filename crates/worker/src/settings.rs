@@ -26,6 +26,10 @@ pub struct KeySettings {
     /// Public keys of the gatekeeper(s); a job whose session none of them signed is
     /// dead-lettered unread. Several during a key rotation.
     pub gatekeeper_signing_keys: Vec<PathBuf>,
+    /// Public keys of the operators who may replay dead letters (`gatehouse dlq replay` signs
+    /// each replay with one of their private keys). None: no replay is ever honoured.
+    #[serde(default)]
+    pub operator_keys: Vec<PathBuf>,
     /// Data keys for encryption at rest (the last one is active).
     pub data_keyring: PathBuf,
     /// Jobs submitted longer ago than this are dead-lettered as `stale`.

@@ -50,9 +50,10 @@ struct Session {
 }
 
 /// Where a delivery came from.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 enum Source {
-    Job,
+    /// The job queue of this class.
+    Job(String),
     Control,
 }
 
@@ -197,7 +198,8 @@ impl Session {
         let mut tags = Vec::new();
         for class in self.ctx.catalog.queues() {
             let tag = format!("worker.{}", class.name);
-            start(&jobs, &topology.job_queue(&class.name), &tag, Source::Job, &tx).await?;
+            start(&jobs, &topology.job_queue(&class.name), &tag, Source::Job(class.name.clone()), &tx)
+                .await?;
             tags.push((jobs.clone(), tag));
         }
         start(&control, &topology.control_queue(), "worker.control", Source::Control, &tx).await?;
@@ -214,7 +216,7 @@ impl Session {
             tokio::select! {
                 _ = stop.wait_for(|s| *s) => break Ended::Stopped,
                 next = rx.recv() => match next {
-                    Some((Source::Job, d)) => { in_flight.spawn(consumer::handle_job(self.ctx.clone(), d)); }
+                    Some((Source::Job(class), d)) => { in_flight.spawn(consumer::handle_job(self.ctx.clone(), class, d)); }
                     Some((Source::Control, d)) => { in_flight.spawn(consumer::handle_control(self.ctx.clone(), d)); }
                     None => break Ended::ConnectionLost,
                 },
@@ -232,7 +234,7 @@ impl Session {
         rx.close();
         while let Ok((source, d)) = rx.try_recv() {
             let _ = d.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
-            if matches!(source, Source::Job) {
+            if matches!(source, Source::Job(_)) {
                 self.ctx.acks.settled_elsewhere(d.delivery_tag);
             }
         }
@@ -275,7 +277,7 @@ async fn start(
         while let Some(next) = consumer.next().await {
             match next {
                 Ok(d) => {
-                    if tx.send((source, d)).await.is_err() {
+                    if tx.send((source.clone(), d)).await.is_err() {
                         return;
                     }
                 }

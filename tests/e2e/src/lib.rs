@@ -251,6 +251,7 @@ impl TestSystem {
             keys: WorkerKeySettings {
                 sealing_key: certs.path().join("worker-sealing.key"),
                 gatekeeper_signing_keys: vec![certs.path().join("gatekeeper-signing.pub")],
+                operator_keys: vec![certs.path().join("operator-signing.pub")],
                 data_keyring: certs.path().join("worker-data.keys"),
                 max_message_age_s: 3600,
             },
@@ -383,6 +384,12 @@ impl TestSystem {
     }
 
     /// The worker's data keys (encryption at rest).
+    /// The operator key the worker trusts for replays (`gatehouse dlq replay`).
+    pub fn operator_key(&self) -> gatehouse_protocol::crypto::SigningKey {
+        gatehouse_protocol::keys::signing_key(&self.certs.path().join("operator-signing.key"))
+            .expect("operator key")
+    }
+
     pub fn keyring(&self) -> PathBuf {
         self.worker_settings.keys.data_keyring.clone()
     }
@@ -506,7 +513,7 @@ fn worker_toml(s: &WorkerSettings) -> String {
         "[broker]\nurl = \"{}\"\nprefix = \"{}\"\n\n[consumer]\nprefetch = {}\nstopping_wait_time_ms = {}\n\n\
          [storage]\npath = \"{}\"\n\n[catalog]\npath = \"{}\"\n\n[testing]\nenabled = {}\n\n\
          [keys]\nsealing_key = \"{}\"\ngatekeeper_signing_keys = [\"{}\"]\n\
-         data_keyring = \"{}\"\nmax_message_age_s = {}\n",
+         operator_keys = [\"{}\"]\ndata_keyring = \"{}\"\nmax_message_age_s = {}\n",
         s.broker.url.expose(),
         s.broker.prefix,
         s.consumer.prefetch,
@@ -516,6 +523,7 @@ fn worker_toml(s: &WorkerSettings) -> String {
         s.testing.enabled,
         s.keys.sealing_key.display(),
         s.keys.gatekeeper_signing_keys[0].display(),
+        s.keys.operator_keys[0].display(),
         s.keys.data_keyring.display(),
         s.keys.max_message_age_s,
     )

@@ -133,7 +133,7 @@ async fn wait_ledger(
 ) -> bool {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
-        if done(&oracle::ledger(&sys.database())) {
+        if done(&oracle::ledger(&sys.database(), &sys.keyring())) {
             return true;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -148,7 +148,7 @@ fn check_ledger(
     ids: &HashMap<usize, String>,
 ) -> (usize, usize, usize, usize) {
     let rows = oracle::jobs(&sys.database(), &sys.keyring());
-    let ledger = oracle::ledger(&sys.database());
+    let ledger = oracle::ledger(&sys.database(), &sys.keyring());
     let mut prefix: HashMap<(String, u64), i64> = HashMap::new();
     let mut by_account: HashMap<&str, Vec<&LedgerJob>> = HashMap::new();
     for j in jobs {
@@ -220,13 +220,13 @@ async fn kill_9_of_the_worker_loses_nothing_and_applies_once_in_order() {
     let all_applied = move |l: &HashMap<String, (i64, u64)>| {
         l.len() == accounts && l.values().all(|(_, s)| *s == per_account)
     };
-    let (worker, db) = (sys.worker_process().clone(), sys.database());
+    let (worker, db, keyring) = (sys.worker_process().clone(), sys.database(), sys.keyring());
     let killer = tokio::spawn(async move {
         let mut rng = Rng(seed ^ 0xdead);
         let mut recoveries = Vec::new();
         for _ in 0..kills {
             tokio::time::sleep(Duration::from_millis(20 + rng.below(100))).await;
-            if db.exists() && all_applied(&oracle::ledger(&db)) {
+            if db.exists() && all_applied(&oracle::ledger(&db, &keyring)) {
                 break;
             }
             let before = if db.exists() { oracle::succeeded(&db) } else { 0 };
@@ -304,7 +304,7 @@ async fn broker_restart_and_dropped_connections_lose_nothing() {
     let recovery = faults.await.unwrap().as_secs_f64();
     let drained = wait_ledger(&sys, Duration::from_secs(120), |l| l.len() == n).await;
     let (applied, lost, duplicated, violations) = check_ledger(&sys, &jobs, &ids);
-    let over_applied = oracle::ledger(&sys.database())
+    let over_applied = oracle::ledger(&sys.database(), &sys.keyring())
         .iter()
         .filter(|(a, (b, _))| jobs.iter().any(|j| &j.account == *a && j.amount != *b))
         .count();
@@ -422,7 +422,7 @@ async fn sigterm_drains_in_flight_jobs_and_loses_nothing() {
     let ledger_ids: HashMap<usize, String> =
         ids.iter().filter(|(i, _)| *i % 2 == 0).map(|(i, id)| (i / 2, id.clone())).collect();
     let (applied, lost, duplicated, violations) = check_ledger(&sys, &jobs, &ledger_ids);
-    let over = oracle::ledger(&sys.database()).values().filter(|(b, _)| *b != 7).count();
+    let over = oracle::ledger(&sys.database(), &sys.keyring()).values().filter(|(b, _)| *b != 7).count();
     report(&format!(
         "FAULT SIGTERM under load (N={} incl. {n} test.sleep 30 ms): exit={status} in {:.2}s (limit 5s); \
          applied={} lost={} duplicated={} order_violations={violations}",
@@ -461,13 +461,14 @@ async fn a_dead_lettered_job_replays_once() {
     let letters = dlq::list(&args).await.unwrap();
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0]["reason"], "sequence_gap_timeout");
-    assert_eq!(dlq::replay(&args, Some(&second)).await.unwrap(), vec![second.clone()]);
+    let operator = sys.operator_key();
+    assert_eq!(dlq::replay(&args, Some(&second), &operator).await.unwrap(), vec![second.clone()]);
     let s = wait_final(&mut conn, &second, Duration::from_secs(15)).await;
     assert_eq!(s["result"], json!({"account": "rp", "balance": 11, "sequence": 2}), "{s}");
     // Nothing left to replay; the balance stays.
-    assert!(dlq::replay(&args, Some(&second)).await.unwrap().is_empty());
+    assert!(dlq::replay(&args, Some(&second), &operator).await.unwrap().is_empty());
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let ledger = oracle::ledger(&sys.database());
+    let ledger = oracle::ledger(&sys.database(), &sys.keyring());
     report(&format!(
         "FAULT DLQ replay: sequence_gap_timeout dead letter replayed once -> balance {} (want 11), dead letters left {}",
         ledger["rp"].0,

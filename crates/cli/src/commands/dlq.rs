@@ -109,13 +109,19 @@ fn message_id(m: &BasicGetMessage) -> Option<&str> {
     m.delivery.properties.message_id().as_ref().map(|s| s.as_str())
 }
 
-/// Sends dead letters (the one with `id`, or all when `None`) back to their job queue, marked
-/// as replays so that the worker resets their attempts. Each is acked off the dead-letter
-/// queue only after the broker confirmed its replay. Returns the ids replayed.
+/// Sends dead letters (the one with `id`, or all when `None`) back to their job queue, each
+/// with a replay grant signed by `operator` (see `gatehouse_protocol::replay`), so that the
+/// worker resets their attempts; a worker that does not trust `operator` refuses them back to
+/// the dead-letter queue. Each is acked off the dead-letter queue only after the broker
+/// confirmed its replay. Returns the ids replayed.
 ///
 /// # Errors
 /// When the broker cannot be reached or refuses a publish.
-pub async fn replay(args: &BrokerArgs, id: Option<&str>) -> anyhow::Result<Vec<String>> {
+pub async fn replay(
+    args: &BrokerArgs,
+    id: Option<&str>,
+    operator: &gatehouse_protocol::crypto::SigningKey,
+) -> anyhow::Result<Vec<String>> {
     let (conn, ch, t) = open(args).await?;
     let publisher = Publisher::open(&conn).await?;
     let messages = read_all(&ch, &t.dead_queue()).await?;
@@ -125,7 +131,11 @@ pub async fn replay(args: &BrokerArgs, id: Option<&str>) -> anyhow::Result<Vec<S
             eprintln!("skipping {:?}: no queue class header (not dead-lettered by a worker)", message_id(m));
             continue;
         };
-        let props = replay_properties(&m.delivery.properties);
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let grant = gatehouse_protocol::replay::grant(operator, &m.delivery.data, now_ms);
+        let props = replay_properties(&m.delivery.properties, &grant);
         publisher.publish_persistent(&t.jobs_exchange(), &class, &m.delivery.data, props).await?;
         ch.basic_ack(m.delivery.delivery_tag, BasicAckOptions::default()).await?;
         replayed.push(message_id(m).unwrap_or_default().to_owned());
@@ -153,8 +163,8 @@ fn header_str(p: &BasicProperties, name: &str) -> Option<String> {
     }
 }
 
-/// The original properties, without the dead-letter headers, plus the replay marker.
-fn replay_properties(p: &BasicProperties) -> BasicProperties {
+/// The original properties, without the dead-letter headers, plus the replay grant.
+fn replay_properties(p: &BasicProperties, grant: &str) -> BasicProperties {
     let dead_headers = [
         headers::REASON,
         headers::ATTEMPTS,
@@ -172,6 +182,6 @@ fn replay_properties(p: &BasicProperties) -> BasicProperties {
             }
         }
     }
-    kept.insert(headers::REPLAY.into(), AMQPValue::LongString(LongString::from("true")));
+    kept.insert(headers::REPLAY.into(), AMQPValue::LongString(LongString::from(grant)));
     p.clone().with_headers(kept)
 }

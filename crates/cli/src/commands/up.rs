@@ -46,9 +46,12 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<()> {
     if !args.certs.join("ca.pem").exists() {
         certs::write_dev(&args.certs)?;
         println!("wrote dev certificates and keys to {}", args.certs.display());
-    } else if !args.certs.join("worker-data.keys").exists() {
+    } else if !args.certs.join("operator-signing.pub").exists()
+        || !args.certs.join("worker-data.keys").exists()
+    {
+        // Certificates from an earlier release: add the keys it did not have (keeping the rest).
         gatehouse_protocol::keys::write_dev(&args.certs)?;
-        println!("wrote dev signing, sealing and data keys to {}", args.certs.display());
+        println!("wrote the missing dev keys to {}", args.certs.display());
     }
     let node = {
         let (url, home) = (args.broker.clone(), PathBuf::from(".gatehouse/rabbitmq"));
