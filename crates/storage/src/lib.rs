@@ -136,14 +136,14 @@ fn private_file(path: &Path) -> Result<(), StorageError> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(path)
-            .map_err(fail)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(fail)?;
+        // Never open a file SQLite may hold: closing any descriptor of it would drop the
+        // process's POSIX locks on it (SQLite's own among them). Create it only when it is not
+        // there yet, before SQLite opens it; otherwise change its mode by path.
+        if path.exists() {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(fail)?;
+        } else {
+            std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(fail)?;
+        }
     }
     #[cfg(not(unix))]
     let _ = fail;

@@ -510,6 +510,16 @@ impl<'c> Tx<'c> {
         Ok(out)
     }
 
+    /// How many jobs of `client` wait for a predecessor.
+    pub fn parked_count_of(&self, client: &str) -> Result<u64, StorageError> {
+        let n: i64 = self.one(
+            "SELECT count(*) FROM parked p JOIN jobs j ON j.id = p.job_id WHERE j.client = ?1",
+            [client],
+            |r| r.get(0),
+        )?;
+        Ok(n as u64)
+    }
+
     /// How many jobs wait for a predecessor.
     pub fn parked_count(&self) -> Result<u64, StorageError> {
         let n: i64 = self.one("SELECT count(*) FROM parked", [], |r| r.get(0))?;

@@ -42,6 +42,9 @@ pub enum Decided {
     /// A replay whose grant was issued before the job's latest dead letter: back to the
     /// dead-letter queue, nothing recorded.
     ReplayRefused,
+    /// It would park, but its client already has the most parked jobs allowed: dead-letter it
+    /// (`parked_limit`), recorded but not using up its number, so that a replay can run it.
+    ParkedLimit,
 }
 
 /// What [`prepare`] decided.
@@ -67,6 +70,8 @@ pub struct Arrival {
     /// An operator's verified replay grant, issued at this time (unix ms): forget that the job
     /// was dead-lettered before it.
     pub replay: Option<u64>,
+    /// Most jobs its client may have parked.
+    pub max_parked: u64,
 }
 
 /// For kinds whose handler runs inside storage: the whole decision and its effect in one
@@ -107,7 +112,7 @@ pub enum ApplyError {
 /// # Errors
 /// Only storage failures, which roll the whole decision back.
 pub fn prepare(tx: &Tx<'_>, spec: &KindSpec, arrival: &Arrival) -> Result<Step, StorageError> {
-    let Arrival { env, raw, target, replay } = arrival;
+    let Arrival { env, raw, target, replay, .. } = arrival;
     if let Some(granted_at_ms) = replay
         && tx.forget_dead_lettered(&env.id, *granted_at_ms)? == Forget::GrantTooOld
     {
@@ -131,6 +136,9 @@ pub fn prepare(tx: &Tx<'_>, spec: &KindSpec, arrival: &Arrival) -> Result<Step, 
             return Ok(Step::Decided(Decided::Done(vec![answer(status, target)])));
         }
         if number > expected {
+            if tx.parked_count_of(&env.client)? >= arrival.max_parked {
+                return Ok(Step::Decided(Decided::ParkedLimit));
+            }
             let seq = Some((key.to_owned(), number));
             tx.record_job(&stored(env, JobState::WaitingForSequence, None, None, seq))?;
             tx.park(&Parked {
@@ -414,7 +422,7 @@ mod tests {
             .transact(move |tx| -> Result<_, ApplyError> {
                 let spec = catalog.kind(&env.kind).unwrap().clone();
                 let target = ReplyTarget::default();
-                let arrival = Arrival { env, raw, target, replay: None };
+                let arrival = Arrival { env, raw, target, replay: None, max_parked: 100 };
                 match decide_and_run(tx, &catalog, &spec, &keys().sessions, &arrival)? {
                     Decided::Done(a) => Ok(a),
                     d => panic!("unexpected {d:?}"),
@@ -506,8 +514,13 @@ mod tests {
         let env = JobEnvelope { kind: "vault.put".into(), sequence: None, ..ledger_job(7, 1, 0) };
         let step = |spec: KindSpec, env: JobEnvelope| {
             store.transact(move |tx| {
-                let arrival =
-                    Arrival { env, raw: b"{}".to_vec(), target: ReplyTarget::default(), replay: None };
+                let arrival = Arrival {
+                    env,
+                    raw: b"{}".to_vec(),
+                    target: ReplyTarget::default(),
+                    replay: None,
+                    max_parked: 100,
+                };
                 prepare(tx, &spec, &arrival)
             })
         };

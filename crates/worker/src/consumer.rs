@@ -61,6 +61,8 @@ pub struct Context {
     pub keys: Arc<WorkerKeys>,
     /// Acknowledgements of the job channel (see [`crate::acks`]).
     pub acks: Acks,
+    /// Most parked jobs per client (see [`apply::Decided::ParkedLimit`]).
+    pub max_parked_per_client: u64,
 }
 
 /// Pause before a delivery that hit trouble goes back to the queue, so that a sick database
@@ -119,7 +121,13 @@ struct Job<'a> {
 
 impl Job<'_> {
     fn arrival(&self, replay: Option<u64>) -> Arrival {
-        Arrival { env: self.env.clone(), raw: self.data.to_vec(), target: self.target.clone(), replay }
+        Arrival {
+            env: self.env.clone(),
+            raw: self.data.to_vec(),
+            target: self.target.clone(),
+            replay,
+            max_parked: self.ctx.max_parked_per_client,
+        }
     }
 
     async fn handle(&self, replay: Option<u64>) {
@@ -156,6 +164,12 @@ impl Job<'_> {
             Ok(d) => return self.settle_decided(d).await,
             Err(ApplyError::Retry(e)) => e,
             Err(ApplyError::Storage(StorageError::Panicked(m))) => format!("panic: {m}"),
+            // Data that cannot be read (altered or damaged) will not read better later: count
+            // the attempt, so that the job is dead-lettered instead of coming back forever.
+            Err(ApplyError::Storage(e @ (StorageError::Crypto(_) | StorageError::Corrupt(_)))) => {
+                tracing::warn!(error = %e, "stored data the job needs cannot be read");
+                format!("stored data cannot be read: {e}")
+            }
             Err(ApplyError::Storage(e)) => {
                 // Nothing was decided or counted (busy, disk trouble): try the delivery again.
                 tracing::warn!(error = %e, "could not decide the job; requeueing");
@@ -246,6 +260,15 @@ impl Job<'_> {
     async fn settle_decided(&self, decided: Decided) {
         match decided {
             Decided::Done(answers) => finish(self.ctx, self.delivery, &answers).await,
+            Decided::ParkedLimit => {
+                let error = Some(format!(
+                    "{} already has {} jobs waiting for earlier sequence numbers",
+                    self.env.client, self.ctx.max_parked_per_client
+                ));
+                let dead = Dead { reason: "parked_limit", error, attempts: 0 };
+                let job = Some((&self.env, &self.target));
+                dead_letter(self.ctx, self.delivery, self.data, self.class, job, dead).await;
+            }
             Decided::ReplayRefused => {
                 tracing::warn!("replay refused: its grant is older than the job's latest dead letter");
                 let dead = Dead { reason: "replay_refused", error: None, attempts: 0 };

@@ -43,6 +43,15 @@ pub struct ConsumerSettings {
     pub prefetch: u16,
     /// How long in-flight jobs may take to finish after SIGTERM.
     pub stopping_wait_time_ms: u64,
+    /// Most jobs one client may have parked (waiting for an earlier sequence number) at once;
+    /// past it, a job that would park is dead-lettered `parked_limit` (replayable), so that one
+    /// client cannot fill the worker's storage with numbers far ahead of its key.
+    #[serde(default = "default_max_parked_per_client")]
+    pub max_parked_per_client: u64,
+}
+
+fn default_max_parked_per_client() -> u64 {
+    10_000
 }
 
 impl ConsumerSettings {

@@ -179,6 +179,7 @@ impl Session {
             job_locks: Default::default(),
             keys: keys.clone(),
             acks: Acks::start(jobs.clone()),
+            max_parked_per_client: settings.consumer.max_parked_per_client,
         });
         Ok(Self { connection, jobs, ctx })
     }

@@ -61,8 +61,21 @@ fn apply_shipped_policies() {
     let defs: serde_json::Value = serde_json::from_str(&defs).expect("definitions are JSON");
     for p in defs["policies"].as_array().into_iter().flatten() {
         let (name, definition) = (p["name"].as_str().expect("policy name"), p["definition"].to_string());
-        let pattern = r"(^|\.)gatehouse\.";
-        broker_ctl(&["set_policy", "-p", "/", "--apply-to", "queues", name, pattern, &definition]);
+        // The shipped pattern, for names under any test's prefix.
+        let pattern = p["pattern"].as_str().expect("policy pattern").replacen('^', r"(^|\.)", 1);
+        let priority = p["priority"].as_u64().unwrap_or(0).to_string();
+        broker_ctl(&[
+            "set_policy",
+            "-p",
+            "/",
+            "--apply-to",
+            "queues",
+            "--priority",
+            &priority,
+            name,
+            &pattern,
+            &definition,
+        ]);
     }
 }
 
@@ -101,6 +114,8 @@ pub struct Options {
     pub gap_timeout_s: Option<u64>,
     /// Override the worker's prefetch (default 4).
     pub prefetch: Option<u16>,
+    /// Override the worker's cap on parked jobs per client.
+    pub max_parked_per_client: Option<u64>,
     /// Override every queue class's max length.
     pub max_length: Option<u32>,
     /// Connect as these users instead of guest: (gatekeeper URL, worker URL).
@@ -245,6 +260,7 @@ impl TestSystem {
             consumer: ConsumerSettings {
                 prefetch: options.prefetch.unwrap_or(4),
                 stopping_wait_time_ms: 5000,
+                max_parked_per_client: options.max_parked_per_client.unwrap_or(10_000),
             },
             storage: StorageSettings { path: data.path().join("worker.sqlite") },
             catalog: CatalogSettings { path: catalog.clone() },
@@ -510,7 +526,7 @@ impl WorkerProcess {
 /// The worker settings as a TOML file for the worker binary.
 fn worker_toml(s: &WorkerSettings) -> String {
     format!(
-        "[broker]\nurl = \"{}\"\nprefix = \"{}\"\n\n[consumer]\nprefetch = {}\nstopping_wait_time_ms = {}\n\n\
+        "[broker]\nurl = \"{}\"\nprefix = \"{}\"\n\n[consumer]\nprefetch = {}\nstopping_wait_time_ms = {}\nmax_parked_per_client = {}\n\n\
          [storage]\npath = \"{}\"\n\n[catalog]\npath = \"{}\"\n\n[testing]\nenabled = {}\n\n\
          [keys]\nsealing_key = \"{}\"\ngatekeeper_signing_keys = [\"{}\"]\n\
          operator_keys = [\"{}\"]\ndata_keyring = \"{}\"\nmax_message_age_s = {}\n",
@@ -518,6 +534,7 @@ fn worker_toml(s: &WorkerSettings) -> String {
         s.broker.prefix,
         s.consumer.prefetch,
         s.consumer.stopping_wait_time_ms,
+        s.consumer.max_parked_per_client,
         s.storage.path.display(),
         s.catalog.path.display(),
         s.testing.enabled,

@@ -58,3 +58,27 @@ pub async fn publish_to_queue(queue: &str, payload: &str, headers: Value) -> boo
     assert_eq!(status, 200, "{text}");
     serde_json::from_str::<Value>(&text).expect("json")["routed"] == true
 }
+
+/// Publishes `payload` straight to `queue` (default exchange, vhost `/`) with AMQP
+/// `properties` as the management API takes them (`priority`, `reply_to`, `correlation_id`,
+/// `headers`, ...); answers whether it was routed.
+pub async fn publish_with(queue: &str, payload: &str, properties: Value) -> bool {
+    let body = serde_json::json!({
+        "properties": properties,
+        "routing_key": queue,
+        "payload": payload,
+        "payload_encoding": "string",
+    });
+    let (status, text) = call("POST", "/api/exchanges/%2f/amq.default/publish", Some(body)).await;
+    assert_eq!(status, 200, "{text}");
+    serde_json::from_str::<Value>(&text).expect("json")["routed"] == true
+}
+
+/// Takes up to `count` messages off `queue` for good (`ackmode: ack_requeue_false`), as an
+/// attacker with admin rights can; answers them.
+pub async fn take(queue: &str, count: u32) -> Vec<Value> {
+    let body = serde_json::json!({"count": count, "ackmode": "ack_requeue_false", "encoding": "auto"});
+    let (status, text) = call("POST", &format!("/api/queues/%2f/{queue}/get"), Some(body)).await;
+    assert_eq!(status, 200, "{text}");
+    serde_json::from_str(&text).expect("json")
+}

@@ -74,19 +74,10 @@ async fn accept(
             vec![field("/kind", format!("no job kind named {:?}", req.kind))],
         )
     })?;
-    let policies = app.policy.current();
+    let policies = authorize(app, client)?;
     let policy = policies
         .client(&client.0)
         .ok_or_else(|| Problem::forbidden("unknown-client", "this client identity has no policy"))?;
-    if let Err(wait) = app.rate.take(&client.0, policy) {
-        return Err(Problem::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate-limited",
-            "Too many requests",
-            format!("this client may submit {} jobs per second", policy.rate_per_s.unwrap_or_default()),
-        )
-        .retry_after(wait.as_secs_f64().ceil().max(1.0) as u32));
-    }
     if !policy.allows_kind(&spec.name) {
         return Err(Problem::forbidden(
             "kind-not-allowed",
@@ -178,6 +169,24 @@ async fn accept(
     Ok(accepted(last))
 }
 
+/// The client must have a policy, and a token of its rate; answers the policy in force.
+fn authorize(app: &App, client: &ClientIdentity) -> Result<Arc<crate::policy::Policy>, Problem> {
+    let policies = app.policy.current();
+    let policy = policies
+        .client(&client.0)
+        .ok_or_else(|| Problem::forbidden("unknown-client", "this client identity has no policy"))?;
+    if let Err(wait) = app.rate.take(&client.0, policy) {
+        return Err(Problem::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate-limited",
+            "Too many requests",
+            format!("this client may send {} requests per second", policy.rate_per_s.unwrap_or_default()),
+        )
+        .retry_after(wait.as_secs_f64().ceil().max(1.0) as u32));
+    }
+    Ok(policies)
+}
+
 /// Waits for answers until one is final or `wait` is over; returns the latest known status.
 async fn await_outcome(waiter: &mut Waiter, wait: Duration, mut last: JobStatus) -> JobStatus {
     let deadline = tokio::time::Instant::now() + wait;
@@ -211,6 +220,12 @@ pub async fn status(
     Extension(client): Extension<ClientIdentity>,
     Path(id): Path<String>,
 ) -> Response {
+    // The same policy as submitting: a client removed from the policy reads nothing, and
+    // every query (a broker round trip) counts against its rate.
+    if let Err(problem) = authorize(&app, &client) {
+        app.metrics.rejected(problem.slug());
+        return problem.into_response();
+    }
     let Some(id) = JobId::parse(&id).ok().filter(|id| app.ids.is_owned_by(id, &client.0)) else {
         return Problem::not_found().into_response();
     };
