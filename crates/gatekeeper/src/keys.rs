@@ -45,7 +45,10 @@ impl GatekeeperKeys {
     /// # Errors
     /// Without system randomness.
     pub fn session(&self) -> Result<Arc<Session>, CryptoError> {
-        let now = now_ms();
+        self.session_at(now_ms())
+    }
+
+    fn session_at(&self, now: u64) -> Result<Arc<Session>, CryptoError> {
         let current = |s: &Session| now.abs_diff(s.started_at_ms()) < SESSION_LIFETIME_MS;
         {
             let s = self.sessions.read().unwrap_or_else(PoisonError::into_inner);
@@ -69,8 +72,39 @@ impl GatekeeperKeys {
 
     /// A session this gatekeeper started within the reply window, by [`Session::id`].
     pub fn recent(&self, id: &str) -> Option<Arc<Session>> {
-        let now = now_ms();
+        self.recent_at(id, now_ms())
+    }
+
+    fn recent_at(&self, id: &str, now: u64) -> Option<Arc<Session>> {
         let s = self.sessions.read().unwrap_or_else(PoisonError::into_inner);
         s.iter().find(|s| s.id() == id && now.saturating_sub(s.started_at_ms()) <= REPLY_WINDOW_MS).cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_session_and_its_reply_key_are_forgotten_after_the_reply_window() {
+        let dir = tempfile::tempdir().unwrap();
+        keys::write_dev(dir.path()).unwrap();
+        let settings = KeySettings {
+            signing_key: dir.path().join("gatekeeper-signing.key"),
+            worker_sealing_key: dir.path().join("worker-sealing.pub"),
+        };
+        let keys = GatekeeperKeys::load(&settings).unwrap();
+        let first = keys.session().unwrap();
+        let t0 = first.started_at_ms();
+        // A later session takes over; replies to the first still open for a while...
+        let later = keys.session_at(t0 + SESSION_LIFETIME_MS).unwrap();
+        assert_ne!(later.id(), first.id());
+        assert!(keys.recent_at(&first.id(), t0 + SESSION_LIFETIME_MS).is_some());
+        // ... and not after the window: the key is gone from memory, not just refused.
+        let much_later = t0 + REPLY_WINDOW_MS + SESSION_LIFETIME_MS;
+        keys.session_at(much_later).unwrap();
+        assert!(keys.recent_at(&first.id(), much_later).is_none());
+        let kept = keys.sessions.read().unwrap().iter().map(|s| s.id()).collect::<Vec<_>>();
+        assert!(!kept.contains(&first.id()), "the first session's keys are still held");
     }
 }
