@@ -76,3 +76,44 @@ async fn gatehouse_up_starts_quietly_runs_a_job_and_stops_on_ctrl_c() {
     assert!(!out.contains('\u{1b}'), "colour codes in output that is not a terminal:\n{out}");
     assert!(out.contains("worker stopped") && out.contains("gatekeeper stopped"), "{out}");
 }
+
+/// Started before its broker answers (a service manager restarting it during a broker restart,
+/// or compose starting everything at once), the worker waits for the broker, saying so once,
+/// instead of exiting; once the broker is there it declares the topology and runs jobs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_worker_waits_for_a_broker_that_is_not_up_yet() {
+    let real = broker_url();
+    // A port where nothing answers yet; in two seconds it forwards to the real broker.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let forwarder = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+        loop {
+            let (mut inbound, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut outbound = tokio::net::TcpStream::connect("127.0.0.1:5672").await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            });
+        }
+    });
+    let late = real.replacen(":5672", &format!(":{port}"), 1);
+    assert_ne!(late, real, "the test broker is expected on 127.0.0.1:5672");
+    let sys = gatehouse_e2e::TestSystem::start_with(gatehouse_e2e::Options {
+        worker_binary: Some(env!("CARGO_BIN_EXE_e2e-worker")),
+        broker_urls: Some((real.clone(), late)),
+        ..Default::default()
+    })
+    .await;
+    let mut conn = sys.connect().await;
+    let res = conn
+        .submit(&serde_json::json!({"kind": "vault.put", "payload": {"record": {"a": 1}}}), Some(10))
+        .await
+        .unwrap();
+    assert_eq!(res.status, 200, "{}", res.text());
+    let log = sys.worker_process().log();
+    assert_eq!(sys.worker_process().starts.load(std::sync::atomic::Ordering::SeqCst), 1, "{log}");
+    assert_eq!(log.matches("does not answer yet").count(), 1, "said once:\n{log}");
+    assert!(!log.contains("ERROR") && !log.contains(" WARN "), "{log}");
+    forwarder.abort();
+    sys.stop().await;
+}
