@@ -5,6 +5,12 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+/// A configuration that cannot be used, found while building a component (the catalog against
+/// the handlers, a key file): exits 64 with one line, like settings that do not load.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BadConfig(pub String);
+
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -91,6 +97,10 @@ where
     let ran = runtime.block_on(runtime.spawn(run(settings)));
     match ran.unwrap_or_else(|e| Err(anyhow::anyhow!("{name} stopped: {e}"))) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<BadConfig>().is_some() => {
+            eprintln!("{name}: bad configuration: {e}");
+            ExitCode::from(64)
+        }
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "{name} failed");
             ExitCode::FAILURE

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use gatehouse_gatekeeper::sanitize;
-use gatehouse_gatekeeper::schemas::Schemas;
+use gatehouse_protocol::schemas::Schemas;
 use gatehouse_protocol::{Catalog, SubmitRequest};
 
 fn validate(c: &mut Criterion) {

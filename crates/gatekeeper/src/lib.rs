@@ -19,7 +19,6 @@ pub mod process;
 pub mod replies;
 pub mod routes;
 pub mod sanitize;
-pub mod schemas;
 pub mod server;
 pub mod settings;
 pub mod startup;

@@ -15,9 +15,9 @@ use crate::link::BrokerLink;
 use crate::policy::LivePolicy;
 use crate::replies::Replies;
 use crate::routes::{self, App};
-use crate::schemas::Schemas;
 use crate::server::{self, Limits};
 use crate::settings::GatekeeperSettings;
+use gatehouse_protocol::schemas::Schemas;
 
 /// Requests that may wait for the worker at once, across `Prefer: wait` and status queries.
 const MAX_PENDING_REPLIES: usize = 65_536;

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use gatehouse_gatekeeper::sanitize;
-use gatehouse_gatekeeper::schemas::Schemas;
+use gatehouse_protocol::schemas::Schemas;
 use gatehouse_protocol::{Catalog, SubmitRequest};
 use proptest::prelude::*;
 use serde_json::Value;

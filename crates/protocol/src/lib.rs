@@ -13,6 +13,7 @@ pub mod ids;
 pub mod keys;
 pub mod pem;
 pub mod replay;
+pub mod schemas;
 pub mod settings;
 pub mod status;
 pub mod submit;

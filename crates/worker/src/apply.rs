@@ -21,7 +21,7 @@
 use gatehouse_protocol::{Catalog, JobEnvelope, JobId, JobState, JobStatus, KindSpec};
 use gatehouse_storage::{Forget, Parked, StorageError, StoredJob, Tx, now_ms};
 
-use crate::handlers::{self, Outcome};
+use crate::handlers::{Kinds, Outcome};
 use crate::keys::Sessions;
 pub use crate::reply::ReplyTarget;
 
@@ -85,6 +85,7 @@ pub struct Arrival {
 pub fn decide_and_run(
     tx: &Tx<'_>,
     catalog: &Catalog,
+    kinds: &Kinds,
     spec: &KindSpec,
     sessions: &Sessions,
     arrival: &Arrival,
@@ -92,9 +93,19 @@ pub fn decide_and_run(
     match prepare(tx, spec, arrival)? {
         Step::Decided(d) => Ok(d),
         Step::Run { .. } => {
-            run_in_storage(tx, catalog, sessions, &arrival.env, &arrival.target).map(Decided::Done)
+            let attempt = tx.attempts(&arrival.env.id)?.map_or(1, |a| a.count + 1);
+            let timeout = std::time::Duration::from_millis(spec.timeout_ms);
+            let run = Run { catalog, kinds, sessions };
+            run.in_storage(tx, &arrival.env, &arrival.target, attempt, timeout).map(Decided::Done)
         }
     }
+}
+
+/// What running storage handlers and their parked successors needs.
+pub struct Run<'a> {
+    pub catalog: &'a Catalog,
+    pub kinds: &'a Kinds,
+    pub sessions: &'a Sessions,
 }
 
 /// Why a storage handler's transaction was rolled back.
@@ -184,80 +195,85 @@ pub fn begin(
     Ok(Ok(tx.begin_attempt(&env.id, &env.client)?.0))
 }
 
-/// Runs a storage handler and records its outcome, then any parked successors it releases
-/// ([`prepare`] has just found the job undecided, in the same transaction).
-///
-/// # Errors
-/// [`ApplyError::Retry`] when the handler asks to be retried (everything rolls back), or a
-/// storage failure.
-fn run_in_storage(
-    tx: &Tx<'_>,
-    catalog: &Catalog,
-    sessions: &Sessions,
-    env: &JobEnvelope,
-    target: &ReplyTarget,
-) -> Result<Vec<Answer>, ApplyError> {
-    match handlers::run(tx, env)? {
-        Outcome::Retryable(e) => Err(ApplyError::Retry(e)),
-        outcome => Ok(record_undecided(tx, catalog, sessions, env, outcome, target)?),
+impl Run<'_> {
+    /// Runs a storage handler and records its outcome, then any parked successors it releases
+    /// ([`prepare`] has just found the job undecided, in the same transaction).
+    ///
+    /// # Errors
+    /// [`ApplyError::Retry`] when the handler asks to be retried or overran its timeout
+    /// (everything rolls back), or a storage failure.
+    fn in_storage(
+        &self,
+        tx: &Tx<'_>,
+        env: &JobEnvelope,
+        target: &ReplyTarget,
+        attempt: u32,
+        timeout: std::time::Duration,
+    ) -> Result<Vec<Answer>, ApplyError> {
+        match self.kinds.run_in_storage(tx, env, attempt, timeout)? {
+            Outcome::Retryable(e) => Err(ApplyError::Retry(e)),
+            outcome => Ok(self.record_undecided(tx, env, outcome, target)?),
+        }
     }
-}
 
-/// Records what an external handler decided (success or permanent failure), unless another
-/// delivery of the job decided it meanwhile; for sequenced jobs, advances the sequence and
-/// runs the parked successors (stored sealed; `sessions` opens them).
-///
-/// # Errors
-/// Only storage failures.
-pub fn record_outcome(
-    tx: &Tx<'_>,
-    catalog: &Catalog,
-    sessions: &Sessions,
-    env: &JobEnvelope,
-    outcome: Outcome,
-    target: &ReplyTarget,
-) -> Result<Vec<Answer>, StorageError> {
-    if let Some(stored) = tx.job(&env.id)? {
-        return Ok(vec![answer(status_of(tx, stored)?, target)]);
+    /// Records what an external handler decided (success or permanent failure), unless another
+    /// delivery of the job decided it meanwhile; for sequenced jobs, advances the sequence and
+    /// runs the parked successors (stored sealed; `sessions` opens them).
+    ///
+    /// # Errors
+    /// Only storage failures.
+    pub fn record_outcome(
+        &self,
+        tx: &Tx<'_>,
+        env: &JobEnvelope,
+        outcome: Outcome,
+        target: &ReplyTarget,
+    ) -> Result<Vec<Answer>, StorageError> {
+        if let Some(stored) = tx.job(&env.id)? {
+            return Ok(vec![answer(status_of(tx, stored)?, target)]);
+        }
+        self.record_undecided(tx, env, outcome, target)
     }
-    record_undecided(tx, catalog, sessions, env, outcome, target)
-}
 
-/// [`record_outcome`] for a job known to be undecided in this transaction.
-fn record_undecided(
-    tx: &Tx<'_>,
-    catalog: &Catalog,
-    sessions: &Sessions,
-    env: &JobEnvelope,
-    outcome: Outcome,
-    target: &ReplyTarget,
-) -> Result<Vec<Answer>, StorageError> {
-    let sequence = env
-        .sequence
-        .as_ref()
-        .filter(|_| catalog.kind(&env.kind).is_some_and(|k| k.sequenced))
-        .map(|s| (s.owned_key(&env.client), s.number()));
-    let Some((key, number)) = sequence else {
-        return Ok(vec![answer(record(tx, env, outcome, None)?, target)]);
-    };
-    let mut answers = vec![answer(record(tx, env, outcome, Some((key.clone(), number)))?, target)];
-    let mut next = number + 1;
-    while let Some(parked) = tx.take_parked(&key, next)? {
-        let (env, target) = sessions
-            .open_stored(&parked.envelope)
-            .map_err(|e| StorageError::Corrupt(format!("parked job {}: {e}", parked.job_id)))?;
-        // Successors are storage handlers (sequenced kinds are); one that asks for a retry
-        // here is recorded as failed rather than holding its key.
-        let outcome = match handlers::run(tx, &env)? {
-            Outcome::Retryable(e) => Outcome::Permanent(e),
-            o => o,
+    /// [`Run::record_outcome`] for a job known to be undecided in this transaction.
+    fn record_undecided(
+        &self,
+        tx: &Tx<'_>,
+        env: &JobEnvelope,
+        outcome: Outcome,
+        target: &ReplyTarget,
+    ) -> Result<Vec<Answer>, StorageError> {
+        let sequence = env
+            .sequence
+            .as_ref()
+            .filter(|_| self.catalog.kind(&env.kind).is_some_and(|k| k.sequenced))
+            .map(|s| (s.owned_key(&env.client), s.number()));
+        let Some((key, number)) = sequence else {
+            return Ok(vec![answer(record(tx, env, outcome, None)?, target)]);
         };
-        let status = record(tx, &env, outcome, Some((key.clone(), next)))?;
-        answers.push(Answer { status, target });
-        next += 1;
+        let mut answers = vec![answer(record(tx, env, outcome, Some((key.clone(), number)))?, target)];
+        let mut next = number + 1;
+        while let Some(parked) = tx.take_parked(&key, next)? {
+            let (env, target) = self
+                .sessions
+                .open_stored(&parked.envelope)
+                .map_err(|e| StorageError::Corrupt(format!("parked job {}: {e}", parked.job_id)))?;
+            // Successors run here, with their storage handlers (sequenced kinds have those); one
+            // that asks for a retry is recorded as failed rather than holding its key.
+            let timeout = std::time::Duration::from_millis(
+                self.catalog.kind(&env.kind).map_or(u64::MAX / 2, |k| k.timeout_ms),
+            );
+            let outcome = match self.kinds.run_in_storage(tx, &env, 1, timeout)? {
+                Outcome::Retryable(e) => Outcome::Permanent(e),
+                o => o,
+            };
+            let status = record(tx, &env, outcome, Some((key.clone(), next)))?;
+            answers.push(Answer { status, target });
+            next += 1;
+        }
+        tx.set_next_expected(&key, next)?;
+        Ok(answers)
     }
-    tx.set_next_expected(&key, next)?;
-    Ok(answers)
 }
 
 /// Records that `env` was dead-lettered with `reason`.
@@ -374,6 +390,12 @@ mod tests {
 
     use super::*;
 
+    fn kinds(catalog: &Catalog) -> Kinds {
+        let mut registry = crate::handlers::Registry::builtins();
+        crate::handlers::testing::register(&mut registry);
+        Kinds { registry, schemas: gatehouse_protocol::schemas::Schemas::compile(catalog).unwrap() }
+    }
+
     fn catalog() -> Catalog {
         Catalog::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/jobs.toml")).unwrap()
     }
@@ -423,7 +445,7 @@ mod tests {
                 let spec = catalog.kind(&env.kind).unwrap().clone();
                 let target = ReplyTarget::default();
                 let arrival = Arrival { env, raw, target, replay: None, max_parked: 100 };
-                match decide_and_run(tx, &catalog, &spec, &keys().sessions, &arrival)? {
+                match decide_and_run(tx, &catalog, &kinds(&catalog), &spec, &keys().sessions, &arrival)? {
                     Decided::Done(a) => Ok(a),
                     d => panic!("unexpected {d:?}"),
                 }
@@ -496,7 +518,8 @@ mod tests {
         let recorded = store
             .transact(move |tx| {
                 let target = ReplyTarget::default();
-                record_outcome(tx, &catalog, &keys().sessions, &env, Outcome::Success(json!({})), &target)
+                let run = Run { catalog: &catalog, kinds: &kinds(&catalog), sessions: &keys().sessions };
+                run.record_outcome(tx, &env, Outcome::Success(json!({})), &target)
             })
             .await
             .unwrap();

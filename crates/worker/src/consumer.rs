@@ -36,7 +36,7 @@ use tracing::Instrument;
 
 use crate::acks::Acks;
 use crate::apply::{self, Answer, ApplyError, Arrival, Decided, ReplyTarget, Step};
-use crate::handlers::{self, Outcome};
+use crate::handlers::{self, Handler, Kinds, Outcome};
 use crate::job_locks::JobLocks;
 use crate::keys::{Refusal, WorkerKeys};
 use crate::reply;
@@ -52,6 +52,10 @@ pub struct Context {
     pub topology: Topology,
     /// Whether the `test.*` kinds run.
     pub testing: bool,
+    /// The handlers and schemas of the kinds this worker runs.
+    pub kinds: Arc<Kinds>,
+    /// Becomes `true` when the worker begins to shut down (handlers see it in their context).
+    pub stop: tokio::sync::watch::Receiver<bool>,
     /// Retry queues declared on this connection.
     pub retry_queues: Mutex<HashSet<String>>,
     /// Jobs run under the read side; suspects (see the module docs) under the write side.
@@ -131,7 +135,7 @@ impl Job<'_> {
     }
 
     async fn handle(&self, replay: Option<u64>) {
-        if !handlers::is_external(&self.env.kind) {
+        if !self.ctx.kinds.registry.is_external(&self.env.kind) {
             return self.decide_and_run(replay).await;
         }
         let prepared = {
@@ -153,11 +157,18 @@ impl Job<'_> {
     /// does can take the process down, so it needs no crash isolation.
     async fn decide_and_run(&self, replay: Option<u64>) {
         let decided = {
-            let (catalog, spec, keys, arrival) =
-                (self.ctx.catalog.clone(), self.spec.clone(), self.ctx.keys.clone(), self.arrival(replay));
+            let (catalog, kinds, spec, keys, arrival) = (
+                self.ctx.catalog.clone(),
+                self.ctx.kinds.clone(),
+                self.spec.clone(),
+                self.ctx.keys.clone(),
+                self.arrival(replay),
+            );
             self.ctx
                 .store
-                .transact(move |tx| apply::decide_and_run(tx, &catalog, &spec, &keys.sessions, &arrival))
+                .transact(move |tx| {
+                    apply::decide_and_run(tx, &catalog, &kinds, &spec, &keys.sessions, &arrival)
+                })
                 .await
         };
         let error = match decided {
@@ -293,10 +304,21 @@ async fn run(
     target: &ReplyTarget,
     attempt: u32,
 ) -> Result<Vec<Answer>, String> {
-    let task = {
-        let env = env.clone();
-        tokio::spawn(async move { handlers::testing::run(&env, attempt).await })
+    // The worker's own schema check first: an invalid payload is never run.
+    let checked = handlers::revalidate(&ctx.kinds.schemas, env);
+    let handler = match (checked, ctx.kinds.registry.get(&env.kind)) {
+        (Some(invalid), _) => return record(ctx, env, target, invalid).await,
+        (None, Some(Handler::External(h))) => h.clone(),
+        (None, _) => {
+            let missing = Outcome::Permanent(format!("{} has no external handler in this worker", env.kind));
+            return record(ctx, env, target, missing).await;
+        }
     };
+    let timeout = Duration::from_millis(spec.timeout_ms);
+    let job = handlers::external_context(env, attempt, timeout, ctx.stop.clone());
+    // Its own task: a panic is caught there, and at the deadline the task (the handler's
+    // future) is dropped.
+    let task = tokio::spawn(handler.run(job, env.payload.clone()));
     let abort = task.abort_handle();
     let outcome = match tokio::time::timeout(Duration::from_millis(spec.timeout_ms), task).await {
         Err(_) => {
@@ -310,9 +332,23 @@ async fn run(
         Ok(Ok(Outcome::Retryable(e))) => return Err(e),
         Ok(Ok(outcome)) => outcome,
     };
-    let (catalog, keys, env, target) = (ctx.catalog.clone(), ctx.keys.clone(), env.clone(), target.clone());
+    record(ctx, env, target, outcome).await
+}
+
+/// Records an external handler's decided outcome (and runs the parked successors it releases).
+async fn record(
+    ctx: &Context,
+    env: &JobEnvelope,
+    target: &ReplyTarget,
+    outcome: Outcome,
+) -> Result<Vec<Answer>, String> {
+    let (catalog, kinds, keys, env, target) =
+        (ctx.catalog.clone(), ctx.kinds.clone(), ctx.keys.clone(), env.clone(), target.clone());
     ctx.store
-        .transact(move |tx| apply::record_outcome(tx, &catalog, &keys.sessions, &env, outcome, &target))
+        .transact(move |tx| {
+            let run = apply::Run { catalog: &catalog, kinds: &kinds, sessions: &keys.sessions };
+            run.record_outcome(tx, &env, outcome, &target)
+        })
         .await
         .map_err(|e| format!("storage: {e}"))
 }

@@ -14,8 +14,10 @@ use gatehouse_broker::lapin::options::{
 };
 use gatehouse_broker::lapin::types::FieldTable;
 use gatehouse_broker::lapin::{Channel, Connection};
+use gatehouse_broker::process::BadConfig;
 use gatehouse_broker::{Backoff, Publisher};
 use gatehouse_protocol::Catalog;
+use gatehouse_protocol::schemas::Schemas;
 use gatehouse_storage::Store;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -23,6 +25,7 @@ use tokio::task::JoinSet;
 use crate::acks::Acks;
 use crate::consumer::{self, Context};
 use crate::gaps;
+use crate::handlers::{Handler, Kinds, Registry};
 use crate::keys::WorkerKeys;
 use crate::settings::WorkerSettings;
 
@@ -37,8 +40,101 @@ pub struct Worker {
     /// Shared by all sessions: a suspect job runs alone (see [`crate::consumer`]).
     isolation: Arc<tokio::sync::RwLock<()>>,
     keys: Arc<WorkerKeys>,
+    kinds: Arc<Kinds>,
+    /// Tells handlers and consumers that the worker is stopping.
+    stop: (watch::Sender<bool>, watch::Receiver<bool>),
     session: Option<Session>,
     backoff: Backoff,
+}
+
+/// Assembles a worker: its settings and the handlers of the kinds it runs.
+///
+/// ```no_run
+/// # async fn example(settings: gatehouse_worker::WorkerSettings) -> anyhow::Result<()> {
+/// use gatehouse_worker::handlers::{Outcome, external};
+/// #[derive(serde::Deserialize)]
+/// struct Text { text: String }
+/// let worker = gatehouse_worker::Worker::builder(settings)
+///     .builtins()
+///     .handle("example.wordcount", external(|_job, p: Text| async move {
+///         Outcome::Success(serde_json::json!({ "words": p.text.split_whitespace().count() }))
+///     }))
+///     .build()
+///     .await?;
+/// # Ok(()) }
+/// ```
+pub struct WorkerBuilder {
+    settings: WorkerSettings,
+    registry: Registry,
+}
+
+impl WorkerBuilder {
+    /// Adds the built-in kinds (`vault.*`, `ledger.*`).
+    pub fn builtins(mut self) -> Self {
+        self.registry.extend(Registry::builtins());
+        self
+    }
+
+    /// Registers `handler` for `kind` (see [`crate::handlers`]).
+    pub fn handle(mut self, kind: &str, handler: Handler) -> Self {
+        self.registry.insert(kind, handler);
+        self
+    }
+
+    /// Loads the catalog, checks it against the handlers, opens storage, connects to the
+    /// broker and declares the topology.
+    ///
+    /// # Errors
+    /// [`BadConfig`] when the catalog, its schemas or a key file cannot be used, or a catalog
+    /// kind has no handler or a handler no catalog entry; otherwise when storage cannot be
+    /// opened or the broker refuses us (a broker that does not answer yet is waited for).
+    pub async fn build(self) -> anyhow::Result<Worker> {
+        let Self { settings, mut registry } = self;
+        let bad = |e: &dyn std::fmt::Display| anyhow::Error::new(BadConfig(e.to_string()));
+        let catalog = Arc::new(Catalog::load(&settings.catalog.path).map_err(|e| bad(&e))?);
+        if settings.testing.enabled {
+            crate::handlers::testing::register(&mut registry);
+        }
+        registry.check(&catalog, settings.testing.enabled).map_err(|e| bad(&e))?;
+        let schemas = Schemas::compile(&catalog).map_err(|e| bad(&e))?;
+        let kinds = Arc::new(Kinds { registry, schemas });
+        let keys = Arc::new(WorkerKeys::load(&settings.keys).map_err(|e| bad(&e))?);
+        let keyring = gatehouse_protocol::keys::keyring(&settings.keys.data_keyring).map_err(|e| bad(&e))?;
+        let store = Store::open_sqlite(&settings.storage.path, keyring)
+            .with_context(|| format!("opening {}", settings.storage.path.display()))?;
+        let isolation = Arc::new(tokio::sync::RwLock::new(()));
+        let stop = watch::channel(false);
+        let mut backoff = Backoff::new(Duration::from_millis(250), MAX_BACKOFF);
+        let shared = Shared {
+            store: &store,
+            catalog: &catalog,
+            isolation: &isolation,
+            keys: &keys,
+            kinds: &kinds,
+            stop: &stop.1,
+        };
+        // A broker that does not answer yet (starting, restarting) is waited for in `run`;
+        // anything else (credentials, permissions) fails the start.
+        let session = match Session::open(&settings, &shared).await {
+            Ok(s) => Some(s),
+            Err(e) if is_unreachable(&e) => {
+                backoff.failed("the broker does not answer yet", &format!("{e:#}"), true);
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(Worker { settings, store, catalog, isolation, keys, kinds, stop, session, backoff })
+    }
+}
+
+/// What every broker session of a worker shares.
+struct Shared<'a> {
+    store: &'a Store,
+    catalog: &'a Arc<Catalog>,
+    isolation: &'a Arc<tokio::sync::RwLock<()>>,
+    keys: &'a Arc<WorkerKeys>,
+    kinds: &'a Arc<Kinds>,
+    stop: &'a watch::Receiver<bool>,
 }
 
 /// One broker connection and what hangs off it.
@@ -58,29 +154,18 @@ enum Source {
 }
 
 impl Worker {
-    /// Loads the catalog, opens storage, connects to the broker and declares the topology.
+    /// A worker with no handlers yet: add them with [`WorkerBuilder::builtins`] and
+    /// [`WorkerBuilder::handle`].
+    pub fn builder(settings: WorkerSettings) -> WorkerBuilder {
+        WorkerBuilder { settings, registry: Registry::default() }
+    }
+
+    /// The standard worker: the built-in kinds (and the `test.*` kinds when testing is on).
     ///
     /// # Errors
-    /// When any of those fails.
+    /// See [`WorkerBuilder::build`].
     pub async fn build(settings: WorkerSettings) -> anyhow::Result<Self> {
-        let catalog = Arc::new(Catalog::load(&settings.catalog.path)?);
-        let keys = Arc::new(WorkerKeys::load(&settings.keys)?);
-        let keyring = gatehouse_protocol::keys::keyring(&settings.keys.data_keyring)?;
-        let store = Store::open_sqlite(&settings.storage.path, keyring)
-            .with_context(|| format!("opening {}", settings.storage.path.display()))?;
-        let isolation = Arc::new(tokio::sync::RwLock::new(()));
-        let mut backoff = Backoff::new(Duration::from_millis(250), MAX_BACKOFF);
-        // A broker that does not answer yet (starting, restarting) is waited for in `run`;
-        // anything else (credentials, permissions) fails the start.
-        let session = match Session::open(&settings, &store, &catalog, &isolation, &keys).await {
-            Ok(s) => Some(s),
-            Err(e) if is_unreachable(&e) => {
-                backoff.failed("the broker does not answer yet", &format!("{e:#}"), true);
-                None
-            }
-            Err(e) => return Err(e),
-        };
-        Ok(Self { settings, store, catalog, isolation, keys, session, backoff })
+        Self::builder(settings).builtins().build().await
     }
 
     /// Consumes until `shutdown` resolves. When the broker connection is lost, reconnects with
@@ -95,7 +180,7 @@ impl Worker {
         mut self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let (stop_tx, stop) = watch::channel(false);
+        let (stop_tx, stop) = (self.stop.0.clone(), self.stop.1.clone());
         tokio::spawn(async move {
             shutdown.await;
             let _ = stop_tx.send(true);
@@ -104,15 +189,15 @@ impl Worker {
             let session = match self.session.take() {
                 Some(s) => s,
                 None => {
-                    match Session::open(
-                        &self.settings,
-                        &self.store,
-                        &self.catalog,
-                        &self.isolation,
-                        &self.keys,
-                    )
-                    .await
-                    {
+                    let shared = Shared {
+                        store: &self.store,
+                        catalog: &self.catalog,
+                        isolation: &self.isolation,
+                        keys: &self.keys,
+                        kinds: &self.kinds,
+                        stop: &self.stop.1,
+                    };
+                    match Session::open(&self.settings, &shared).await {
                         Ok(s) => {
                             self.backoff.succeeded();
                             tracing::info!("connected to the broker");
@@ -152,13 +237,8 @@ enum Ended {
 }
 
 impl Session {
-    async fn open(
-        settings: &WorkerSettings,
-        store: &Store,
-        catalog: &Arc<Catalog>,
-        isolation: &Arc<tokio::sync::RwLock<()>>,
-        keys: &Arc<WorkerKeys>,
-    ) -> anyhow::Result<Self> {
+    async fn open(settings: &WorkerSettings, shared: &Shared<'_>) -> anyhow::Result<Self> {
+        let Shared { store, catalog, isolation, keys, kinds, stop } = *shared;
         let connection = gatehouse_broker::connect_with(&settings.broker, "gatehouse-worker")
             .await
             .context("connecting to the broker")?;
@@ -174,6 +254,8 @@ impl Session {
             publisher: Publisher::open(&connection).await?,
             topology,
             testing: settings.testing.enabled,
+            kinds: kinds.clone(),
+            stop: stop.clone(),
             retry_queues: Mutex::new(Default::default()),
             isolation: isolation.clone(),
             job_locks: Default::default(),

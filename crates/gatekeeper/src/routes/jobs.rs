@@ -111,6 +111,7 @@ async fn accept(
     sanitize::sanitize(&mut req.payload)
         .map_err(|errors| Problem::validation("Payload out of bounds", "payload-out-of-bounds", errors))?;
     app.schemas.validate(&spec.name, &req.payload).map_err(|errors| {
+        let errors = errors.into_iter().map(|v| FieldError { path: v.path, message: v.message }).collect();
         Problem::validation("Payload does not match the kind's schema", "schema-violation", errors)
     })?;
     if let Some(k) = &req.idempotency_key

@@ -19,7 +19,7 @@ use crate::metrics::Metrics;
 use crate::policy::{LivePolicy, RateLimiter};
 use crate::problem::Problem;
 use crate::replies::Replies;
-use crate::schemas::Schemas;
+use gatehouse_protocol::schemas::Schemas;
 
 /// Everything the handlers share.
 pub struct App {

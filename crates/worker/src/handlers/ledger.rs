@@ -3,13 +3,12 @@
 //! [`gatehouse_protocol::submit::owned_key`]), so no client can read or move another's money
 //! or use up its sequence numbers.
 
-use gatehouse_protocol::JobEnvelope;
 use gatehouse_protocol::submit::owned_key;
 use gatehouse_storage::{StorageError, Tx};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::Outcome;
+use super::{JobContext, Outcome};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -26,11 +25,11 @@ pub struct Balance {
 
 /// Adds the amount. Runs only when [`crate::apply`] has decided this is the account's next
 /// sequence number.
-pub fn apply(tx: &Tx<'_>, env: &JobEnvelope, p: Apply) -> Result<Outcome, StorageError> {
-    let Some(seq) = &env.sequence else {
+pub fn apply(tx: &Tx<'_>, job: &JobContext, p: Apply) -> Result<Outcome, StorageError> {
+    let Some(seq) = &job.sequence else {
         return Ok(Outcome::Permanent("ledger.apply needs a sequence".into()));
     };
-    Ok(match tx.ledger_apply(&owned_key(&env.client, &p.account), p.amount, seq.number())? {
+    Ok(match tx.ledger_apply(&owned_key(&job.client, &p.account), p.amount, seq.number())? {
         Some(balance) => {
             Outcome::Success(json!({ "account": p.account, "balance": balance, "sequence": seq.number() }))
         }
@@ -38,7 +37,7 @@ pub fn apply(tx: &Tx<'_>, env: &JobEnvelope, p: Apply) -> Result<Outcome, Storag
     })
 }
 
-pub fn balance(tx: &Tx<'_>, env: &JobEnvelope, p: Balance) -> Result<Outcome, StorageError> {
-    let (balance, sequence) = tx.ledger_balance(&owned_key(&env.client, &p.account))?;
+pub fn balance(tx: &Tx<'_>, job: &JobContext, p: Balance) -> Result<Outcome, StorageError> {
+    let (balance, sequence) = tx.ledger_balance(&owned_key(&job.client, &p.account))?;
     Ok(Outcome::Success(json!({ "account": p.account, "balance": balance, "sequence": sequence })))
 }

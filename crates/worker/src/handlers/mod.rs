@@ -1,15 +1,35 @@
-//! Job handlers, one module per kind family. A handler runs inside the job's storage
-//! transaction and says explicitly how it ended; [`crate::apply`] turns that into the stored
-//! outcome, and the consumer into ack / reply / requeue.
+//! Job handlers: what runs a kind. Every kind — the built-in `vault.*` and `ledger.*`, the
+//! `test.*` kinds, and the operator's own — is a [`Handler`] registered under its name in a
+//! [`Registry`] (see `Worker::builder`). The handler chooses how it runs:
+//!
+//! | sort | where it runs | its effect | for |
+//! |---|---|---|---|
+//! | [`StorageHandler`] | inside the job's own storage transaction (the storage thread) | exactly once: it commits together with the outcome and the dedupe record, or not at all | state in the worker's own database (vault, ledger) |
+//! | [`ExternalHandler`] | on the async runtime (spawn blocking work onto `tokio::task::spawn_blocking`), never on the storage thread; its outcome is recorded after | at least once: a crash after the effect and before the record runs it again, so use [`JobContext::id`] as the idempotency key downstream | calls to other systems, computation |
+//!
+//! Before any handler sees a payload, the worker validates it against the kind's JSON Schema
+//! again (a gatekeeper of another release, a replayed message): one that fails is `failed`
+//! with `invalid-payload`, never run. Every kind's `timeout_ms` bounds an attempt: an external
+//! handler's future is dropped at the deadline, a storage handler that overran has its
+//! transaction rolled back; either way the attempt ends retryable and counts.
 
 pub mod ledger;
 pub mod testing;
 pub mod vault;
 
-use gatehouse_protocol::JobEnvelope;
+use std::collections::HashMap;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use gatehouse_protocol::schemas::Schemas;
+use gatehouse_protocol::{Catalog, JobEnvelope, JobId, Sequence};
 use gatehouse_storage::{StorageError, Tx};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+use tokio::sync::watch;
 
 /// How a handler ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -22,37 +42,323 @@ pub enum Outcome {
     Retryable(String),
 }
 
-/// Whether `kind` runs outside the storage transaction (then its outcome is recorded after).
-pub fn is_external(kind: &str) -> bool {
-    kind.starts_with("test.")
+/// What a handler knows about the job it runs. The payload comes separately, typed.
+#[derive(Debug, Clone)]
+pub struct JobContext {
+    /// The job's id: unique per job, the same on every attempt and redelivery — the
+    /// idempotency key for effects outside the worker.
+    pub id: JobId,
+    pub kind: String,
+    /// The client identity the gatekeeper authenticated; act on it, never on a client's claim.
+    pub client: String,
+    /// The job's sequence key (the client's own name for it) and number, for sequenced kinds.
+    pub sequence: Option<Sequence>,
+    /// 1 for the first attempt.
+    pub attempt: u32,
+    /// When the attempt times out (`timeout_ms`).
+    pub deadline: Instant,
+    stop: Option<watch::Receiver<bool>>,
 }
 
-/// Runs the handler of `env.kind`. Storage errors abort the transaction; the consumer decides
-/// whether to try again.
-///
-/// # Errors
-/// Only storage failures; everything else is an [`Outcome`].
-pub fn run(tx: &Tx<'_>, env: &JobEnvelope) -> Result<Outcome, StorageError> {
-    match env.kind.as_str() {
-        "vault.put" => with_payload(env, |p| vault::put(tx, &env.client, p)),
-        "vault.get" => with_payload(env, |p| vault::get(tx, &env.client, p)),
-        "vault.delete" => with_payload(env, |p| vault::delete(tx, &env.client, p)),
-        "ledger.apply" => with_payload(env, |p| ledger::apply(tx, env, p)),
-        "ledger.balance" => with_payload(env, |p| ledger::balance(tx, env, p)),
-        other => Ok(Outcome::Permanent(format!("unknown kind {other}"))),
+impl JobContext {
+    fn new(env: &JobEnvelope, attempt: u32, timeout: Duration, stop: Option<watch::Receiver<bool>>) -> Self {
+        Self {
+            id: env.id.clone(),
+            kind: env.kind.clone(),
+            client: env.client.clone(),
+            sequence: env.sequence.clone(),
+            attempt,
+            deadline: Instant::now() + timeout,
+            stop,
+        }
+    }
+
+    /// Whether the worker is shutting down: a long handler should stop and answer
+    /// [`Outcome::Retryable`] (the job then runs again after the restart).
+    pub fn is_stopping(&self) -> bool {
+        self.stop.as_ref().is_some_and(|s| *s.borrow())
+    }
+
+    /// Resolves when the worker begins to shut down (never, for storage handlers).
+    pub async fn stopping(&mut self) {
+        match &mut self.stop {
+            Some(stop) => {
+                let _ = stop.wait_for(|s| *s).await;
+            }
+            None => std::future::pending().await,
+        }
     }
 }
 
-/// Parses the payload into the handler's own type: the worker does not trust that the
-/// gatekeeper validated it.
-fn with_payload<P: DeserializeOwned>(
+/// A handler whose effect commits in the job's own storage transaction (exactly once).
+pub trait StorageHandler: Send + Sync + 'static {
+    /// Runs the job inside `tx`. A storage error rolls everything back (the consumer decides
+    /// whether to try again); every other ending is an [`Outcome`].
+    ///
+    /// # Errors
+    /// Only storage failures.
+    fn run(&self, tx: &Tx<'_>, job: &JobContext, payload: Value) -> Result<Outcome, StorageError>;
+}
+
+/// A boxed future of an external handler.
+pub type HandlerFuture = Pin<Box<dyn Future<Output = Outcome> + Send>>;
+
+/// A handler that works outside the worker's storage (at least once; see the module docs).
+/// Inject its resources (an HTTP client, a pool) as fields of the implementing type.
+pub trait ExternalHandler: Send + Sync + 'static {
+    fn run(&self, job: JobContext, payload: Value) -> HandlerFuture;
+}
+
+/// A registered handler.
+#[derive(Clone)]
+pub enum Handler {
+    Storage(Arc<dyn StorageHandler>),
+    External(Arc<dyn ExternalHandler>),
+}
+
+/// The outcome for a payload that does not parse into the handler's type. Not the parser's
+/// message: it can quote payload values, and errors are stored and shown as dead-letter
+/// headers in the broker.
+fn invalid_payload(kind: &str) -> Outcome {
+    Outcome::Permanent(format!("invalid-payload: not a {kind} payload"))
+}
+
+struct StorageFn<P, F>(F, PhantomData<fn(P)>);
+
+impl<P, F> StorageHandler for StorageFn<P, F>
+where
+    P: DeserializeOwned + 'static,
+    F: Fn(&Tx<'_>, &JobContext, P) -> Result<Outcome, StorageError> + Send + Sync + 'static,
+{
+    fn run(&self, tx: &Tx<'_>, job: &JobContext, payload: Value) -> Result<Outcome, StorageError> {
+        match P::deserialize(payload) {
+            Ok(p) => (self.0)(tx, job, p),
+            Err(_) => Ok(invalid_payload(&job.kind)),
+        }
+    }
+}
+
+struct ExternalFn<P, F>(F, PhantomData<fn(P)>);
+
+impl<P, F, Fut> ExternalHandler for ExternalFn<P, F>
+where
+    P: DeserializeOwned + Send + 'static,
+    F: Fn(JobContext, P) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Outcome> + Send + 'static,
+{
+    fn run(&self, job: JobContext, payload: Value) -> HandlerFuture {
+        match P::deserialize(payload) {
+            Ok(p) => Box::pin((self.0)(job, p)),
+            Err(_) => {
+                let outcome = invalid_payload(&job.kind);
+                Box::pin(async move { outcome })
+            }
+        }
+    }
+}
+
+/// A storage handler from a function of the typed payload `P`.
+pub fn in_storage<P, F>(f: F) -> Handler
+where
+    P: DeserializeOwned + 'static,
+    F: Fn(&Tx<'_>, &JobContext, P) -> Result<Outcome, StorageError> + Send + Sync + 'static,
+{
+    Handler::Storage(Arc::new(StorageFn(f, PhantomData)))
+}
+
+/// An external handler from an async function of the typed payload `P`.
+pub fn external<P, F, Fut>(f: F) -> Handler
+where
+    P: DeserializeOwned + Send + 'static,
+    F: Fn(JobContext, P) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Outcome> + Send + 'static,
+{
+    Handler::External(Arc::new(ExternalFn(f, PhantomData)))
+}
+
+/// The kinds a worker runs, by name.
+#[derive(Clone, Default)]
+pub struct Registry {
+    handlers: HashMap<String, Handler>,
+}
+
+/// A catalog and a set of handlers that do not match.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Mismatch(String);
+
+impl Registry {
+    /// `vault.put`, `vault.get`, `vault.delete`, `ledger.apply`, `ledger.balance`.
+    pub fn builtins() -> Self {
+        let mut r = Self::default();
+        r.insert("vault.put", in_storage(vault::put));
+        r.insert("vault.get", in_storage(vault::get));
+        r.insert("vault.delete", in_storage(vault::delete));
+        r.insert("ledger.apply", in_storage(ledger::apply));
+        r.insert("ledger.balance", in_storage(ledger::balance));
+        r
+    }
+
+    /// Adds every handler of `other` (replacing ones of the same kind).
+    pub fn extend(&mut self, other: Self) {
+        self.handlers.extend(other.handlers);
+    }
+
+    /// Registers `handler` for `kind` (replacing one registered before).
+    pub fn insert(&mut self, kind: &str, handler: Handler) {
+        self.handlers.insert(kind.to_owned(), handler);
+    }
+
+    pub fn get(&self, kind: &str) -> Option<&Handler> {
+        self.handlers.get(kind)
+    }
+
+    /// Whether `kind` runs outside storage.
+    pub fn is_external(&self, kind: &str) -> bool {
+        matches!(self.get(kind), Some(Handler::External(_)))
+    }
+
+    /// Checks that every kind of `catalog` this worker runs (`test.*` kinds only when
+    /// `testing`) has a handler, and every handler a catalog entry.
+    ///
+    /// # Errors
+    /// The first mismatch, in one line.
+    pub fn check(&self, catalog: &Catalog, testing: bool) -> Result<(), Mismatch> {
+        let runs = |k: &&gatehouse_protocol::KindSpec| testing || !k.testing;
+        if let Some(k) = catalog.kinds().filter(runs).find(|k| !self.handlers.contains_key(&k.name)) {
+            return Err(Mismatch(format!(
+                "the job catalog lists kind {} but this worker has no handler for it",
+                k.name
+            )));
+        }
+        let mut extra: Vec<&String> =
+            self.handlers.keys().filter(|k| catalog.kind(k).filter(runs).is_none()).collect();
+        extra.sort();
+        if let Some(k) = extra.first() {
+            return Err(Mismatch(format!(
+                "this worker has a handler for kind {k}, which the job catalog does not list"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// What running a kind needs: the handlers (checked against the catalog) and the catalog's
+/// compiled schemas.
+pub struct Kinds {
+    pub registry: Registry,
+    pub schemas: Schemas,
+}
+
+impl Kinds {
+    /// Runs `env` with its storage handler inside `tx`; see [`run_in_storage`].
+    ///
+    /// # Errors
+    /// Only storage failures.
+    pub fn run_in_storage(
+        &self,
+        tx: &Tx<'_>,
+        env: &JobEnvelope,
+        attempt: u32,
+        timeout: Duration,
+    ) -> Result<Outcome, StorageError> {
+        run_in_storage(&self.registry, &self.schemas, tx, env, attempt, timeout)
+    }
+}
+
+/// Validates the payload against the kind's schema (the worker's own check); `Some` outcome
+/// when it fails. Only the failing paths are named, never values.
+pub fn revalidate(schemas: &Schemas, env: &JobEnvelope) -> Option<Outcome> {
+    schemas.validate(&env.kind, &env.payload).err().map(|violations| {
+        let paths: Vec<String> = violations.into_iter().map(|v| v.path).collect();
+        Outcome::Permanent(format!("invalid-payload at {}", paths.join(", ")))
+    })
+}
+
+/// Runs `env` with its storage handler inside `tx`, after the schema check. An attempt that
+/// took longer than `timeout` is undone and ends retryable.
+///
+/// # Errors
+/// Only storage failures.
+pub fn run_in_storage(
+    registry: &Registry,
+    schemas: &Schemas,
+    tx: &Tx<'_>,
     env: &JobEnvelope,
-    handler: impl FnOnce(P) -> Result<Outcome, StorageError>,
+    attempt: u32,
+    timeout: Duration,
 ) -> Result<Outcome, StorageError> {
-    match P::deserialize(&env.payload) {
-        Ok(p) => handler(p),
-        // Not the parser's message: it can quote payload values, and errors are stored and
-        // dead-letter headers are visible in the broker.
-        Err(_) => Ok(Outcome::Permanent(format!("invalid payload for {}", env.kind))),
+    if let Some(invalid) = revalidate(schemas, env) {
+        return Ok(invalid);
+    }
+    let Some(Handler::Storage(handler)) = registry.get(&env.kind) else {
+        return Ok(Outcome::Permanent(format!("{} has no storage handler in this worker", env.kind)));
+    };
+    let job = JobContext::new(env, attempt, timeout, None);
+    let outcome = handler.run(tx, &job, env.payload.clone())?;
+    if Instant::now() > job.deadline {
+        return Ok(Outcome::Retryable(format!("timed out after {} ms", timeout.as_millis())));
+    }
+    Ok(outcome)
+}
+
+/// The context for an external handler's attempt.
+pub fn external_context(
+    env: &JobEnvelope,
+    attempt: u32,
+    timeout: Duration,
+    stop: watch::Receiver<bool>,
+) -> JobContext {
+    JobContext::new(env, attempt, timeout, Some(stop))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use gatehouse_protocol::{JobEnvelope, JobId, Priority};
+    use serde_json::json;
+
+    use super::*;
+
+    fn catalog() -> Catalog {
+        Catalog::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/jobs.toml")).unwrap()
+    }
+
+    #[test]
+    fn the_catalog_and_the_handlers_must_match() {
+        let catalog = catalog();
+        assert!(Registry::builtins().check(&catalog, false).is_ok());
+        // With testing on, the test.* kinds need their handlers too.
+        let e = Registry::builtins().check(&catalog, true).unwrap_err().to_string();
+        assert!(e.contains("test.") && e.contains("no handler"), "{e}");
+        let mut with_tests = Registry::builtins();
+        testing::register(&mut with_tests);
+        assert!(with_tests.check(&catalog, true).is_ok());
+        // A handler the catalog does not list.
+        let mut extra = Registry::builtins();
+        extra.insert(
+            "acme.score",
+            external(|_job: JobContext, _: Value| async { Outcome::Success(json!({})) }),
+        );
+        let e = extra.check(&catalog, false).unwrap_err().to_string();
+        assert!(e.contains("acme.score") && e.contains("does not list"), "{e}");
+    }
+
+    #[test]
+    fn an_invalid_payload_is_refused_naming_paths_not_values() {
+        let schemas = Schemas::compile(&catalog()).unwrap();
+        let env = JobEnvelope {
+            id: JobId::from_bytes([1; 16]),
+            kind: "ledger.balance".into(),
+            client: "c".into(),
+            priority: Priority::new(1).unwrap(),
+            sequence: None,
+            payload: json!({"account": 12345, "secret": "MARKER"}),
+            submitted_at_ms: 0,
+            reply: None,
+        };
+        let Some(Outcome::Permanent(e)) = revalidate(&schemas, &env) else { panic!("accepted") };
+        assert!(e.starts_with("invalid-payload") && !e.contains("MARKER") && !e.contains("12345"), "{e}");
     }
 }

@@ -1,12 +1,21 @@
 //! Payload validation: each kind's JSON Schema (draft 2020-12), compiled once at start-up.
+//! The gatekeeper validates every submitted payload; the worker validates it again before a
+//! handler sees it (defence in depth: a gatekeeper of another release, a replayed message).
 
 use std::collections::HashMap;
 
-use gatehouse_protocol::Catalog;
 use jsonschema::Validator;
 use serde_json::Value;
 
-use crate::problem::FieldError;
+use crate::Catalog;
+
+/// Where a payload breaks its schema, and how.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    /// JSON pointer into the submit body (`/payload/...`).
+    pub path: String,
+    pub message: String,
+}
 
 /// Compiled validators by kind.
 pub struct Schemas {
@@ -48,14 +57,14 @@ impl Schemas {
 
     /// Validates `payload` against `kind`'s schema; errors point into the request body
     /// (`/payload/...`).
-    pub fn validate(&self, kind: &str, payload: &Value) -> Result<(), Vec<FieldError>> {
+    pub fn validate(&self, kind: &str, payload: &Value) -> Result<(), Vec<Violation>> {
         let Some(validator) = self.by_kind.get(kind) else {
-            return Err(vec![FieldError { path: "/kind".into(), message: "unknown kind".into() }]);
+            return Err(vec![Violation { path: "/kind".into(), message: "unknown kind".into() }]);
         };
-        let errors: Vec<FieldError> = validator
+        let errors: Vec<Violation> = validator
             .iter_errors(payload)
             .take(MAX_ERRORS)
-            .map(|e| FieldError { path: format!("/payload{}", e.instance_path()), message: e.to_string() })
+            .map(|e| Violation { path: format!("/payload{}", e.instance_path()), message: e.to_string() })
             .collect();
         if errors.is_empty() { Ok(()) } else { Err(errors) }
     }
