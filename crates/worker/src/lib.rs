@@ -3,7 +3,7 @@
 //! the outcome, commits, replies to `reply_to`, and only then acks.
 //!
 //! ```text
-//! consumer ──> apply (dedupe, sequence) ──> handlers::{vault, ledger} ──> storage
+//! consumer ──> apply (dedupe, sequence) ──> handlers (registry: vault, ledger, yours) ──> storage
 //!     │                                                                     │
 //!     └── ack after commit <── reply (reply_to, correlation_id) <───────────┘
 //! control ──> status queries from the gatekeeper, answered from storage (owner only)

@@ -114,6 +114,8 @@ pub struct Options {
     pub gap_timeout_s: Option<u64>,
     /// Override the worker's prefetch (default 4).
     pub prefetch: Option<u16>,
+    /// Use this job catalog (for gatekeeper and worker) instead of the shipped one.
+    pub catalog: Option<PathBuf>,
     /// Override the worker's cap on parked jobs per client.
     pub max_parked_per_client: Option<u64>,
     /// Override every queue class's max length.
@@ -185,6 +187,9 @@ async fn until(rx: oneshot::Receiver<()>) {
 
 /// The catalog for a test: the shipped one, or a copy with other gap timeouts.
 fn catalog_for(options: &Options, dir: &Path) -> PathBuf {
+    if let Some(own) = &options.catalog {
+        return own.clone();
+    }
     let shipped = repo_root().join("config/jobs.toml");
     if options.gap_timeout_s.is_none() && options.max_length.is_none() {
         return shipped;
