@@ -49,6 +49,69 @@ pub struct KindSpec {
     /// Exists only when the worker runs with `testing.enabled`.
     #[serde(default)]
     pub testing: bool,
+    /// Run by an executable instead of a handler compiled into the worker.
+    #[serde(default)]
+    pub exec: Option<ExecSpec>,
+}
+
+/// `[kind.exec]`: an executable that runs the kind (any language). Relative paths in
+/// `command` resolve from the catalog file's folder.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecSpec {
+    /// Program and arguments.
+    pub command: Vec<String>,
+    /// `oneshot`: one process per job.
+    #[serde(default)]
+    pub mode: ExecMode,
+    /// Most bytes of stdout taken as the result; more is a failure.
+    #[serde(default = "default_max_output_bytes")]
+    pub max_output_bytes: usize,
+    /// Copy the child's stderr to the worker's log (truncated lines, marked with the job id).
+    /// Off by default: stderr may hold sensitive data.
+    #[serde(default)]
+    pub log_stderr: bool,
+    /// Resource limits of the child.
+    #[serde(default)]
+    pub limits: ExecLimits,
+    /// Run the child as this user (the worker must be able to switch to it).
+    #[serde(default)]
+    pub user: Option<String>,
+}
+
+/// How an executable kind runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecMode {
+    /// One process per job: payload on stdin, result on stdout, exit status for the outcome.
+    #[default]
+    Oneshot,
+    /// A pool of long-lived processes, one JSON line per job each way.
+    Stream,
+}
+
+/// Resource limits of an executable kind's child (`setrlimit`, through `prlimit`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExecLimits {
+    /// CPU seconds.
+    pub cpu_s: u64,
+    /// Address space, MiB.
+    pub address_space_mb: u64,
+    /// Open files.
+    pub open_files: u64,
+    /// Processes of the child's user.
+    pub processes: u64,
+}
+
+impl Default for ExecLimits {
+    fn default() -> Self {
+        Self { cpu_s: 60, address_space_mb: 2048, open_files: 256, processes: 256 }
+    }
+}
+
+fn default_max_output_bytes() -> usize {
+    1024 * 1024
 }
 
 fn default_gap_timeout() -> u64 {
@@ -112,6 +175,18 @@ impl Catalog {
                 return Err(CatalogError::Invalid(format!("kind {}: max_attempts is 0", kind.name)));
             }
             kind.schema = base.join(&kind.schema);
+            if let Some(exec) = &mut kind.exec {
+                if exec.command.is_empty() {
+                    return Err(CatalogError::Invalid(format!("kind {}: exec.command is empty", kind.name)));
+                }
+                // Paths (with a slash) are relative to the catalog; bare names are looked up
+                // in PATH.
+                for part in &mut exec.command {
+                    if part.contains('/') && Path::new(part.as_str()).is_relative() {
+                        *part = base.join(&*part).to_string_lossy().into_owned();
+                    }
+                }
+            }
             let name = kind.name.clone();
             if map.insert(name.clone(), kind).is_some() {
                 return Err(CatalogError::Invalid(format!("kind {name} is listed twice")));
@@ -151,6 +226,7 @@ mod tests {
             timeout_ms: 1000,
             gap_timeout_s: 60,
             testing: false,
+            exec: None,
         }
     }
 

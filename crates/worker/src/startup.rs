@@ -95,6 +95,14 @@ impl WorkerBuilder {
         if settings.testing.enabled {
             crate::handlers::testing::register(&mut registry);
         }
+        for kind in catalog.kinds() {
+            let Some(exec) = &kind.exec else { continue };
+            if registry.get(&kind.name).is_some() {
+                return Err(bad(&format!("kind {} has both a handler and [kind.exec]", kind.name)));
+            }
+            let exec = crate::handlers::exec::Exec::new(&kind.name, exec).map_err(|e| bad(&e))?;
+            registry.insert(&kind.name, Handler::External(Arc::new(exec)));
+        }
         registry.check(&catalog, settings.testing.enabled).map_err(|e| bad(&e))?;
         let schemas = Schemas::compile(&catalog).map_err(|e| bad(&e))?;
         let kinds = Arc::new(Kinds { registry, schemas });

@@ -13,6 +13,7 @@
 //! handler's future is dropped at the deadline, a storage handler that overran has its
 //! transaction rolled back; either way the attempt ends retryable and counts.
 
+pub mod exec;
 pub mod ledger;
 pub mod testing;
 pub mod vault;

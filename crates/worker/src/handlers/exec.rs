@@ -1,0 +1,242 @@
+//! Executable kinds (`[kind.exec]` in the catalog): any program, in any language, runs a kind —
+//! operators add processing without rebuilding the worker.
+//!
+//! **oneshot**: one process per job. The payload is JSON on stdin, the result the JSON on
+//! stdout. Exit 0 → succeeded with that result; exit 75 (`EX_TEMPFAIL`) → retryable; any other
+//! exit or a signal → failed, with the exit status and the last stderr line (at most 500
+//! bytes); stdout that is not one JSON value, or longer than `max_output_bytes` → failed. At
+//! the deadline (`timeout_ms`) the child's whole process group is killed and the attempt is
+//! retryable.
+//!
+//! The child is kept apart from the worker: its environment holds only `PATH`, `LANG` and
+//! `GATEHOUSE_JOB_ID`, `GATEHOUSE_KIND`, `GATEHOUSE_CLIENT`, `GATEHOUSE_ATTEMPT` (never the
+//! worker's settings, broker URL or key paths); it works in a fresh private temporary folder,
+//! removed afterwards; it runs under resource limits (CPU seconds, address space, open files,
+//! processes; through util-linux's `prlimit`, since the workspace forbids `unsafe` and with it
+//! a `pre_exec` hook) in its own process group, optionally as another user. Its stderr stays
+//! out of the worker's log unless the kind sets `log_stderr`.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+
+use gatehouse_protocol::catalog::{ExecMode, ExecSpec};
+use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+
+use super::{ExternalHandler, HandlerFuture, JobContext, Outcome};
+
+/// Exit status that asks for a retry (`EX_TEMPFAIL` of sysexits.h).
+pub const EXIT_RETRY: i32 = 75;
+/// Longest stderr line kept as the error of a failed job.
+const MAX_ERROR_LINE: usize = 500;
+/// Where `prlimit` lives on Debian (util-linux).
+const PRLIMIT: &str = "/usr/bin/prlimit";
+
+/// A oneshot executable kind, checked at start-up.
+pub struct Exec {
+    kind: String,
+    spec: ExecSpec,
+    /// The user to run as: (uid, gid).
+    user: Option<(u32, u32)>,
+}
+
+impl Exec {
+    /// Checks the kind's executable configuration: a known mode, a program that exists and
+    /// can be executed, `prlimit`, and the user.
+    ///
+    /// # Errors
+    /// What is wrong, in one line.
+    pub fn new(kind: &str, spec: &ExecSpec) -> Result<Arc<Self>, String> {
+        if spec.mode != ExecMode::Oneshot {
+            return Err(format!(
+                "kind {kind}: exec mode {:?} is not supported by this release (use oneshot)",
+                spec.mode
+            ));
+        }
+        let program = &spec.command[0];
+        let found = if program.contains('/') { Some(PathBuf::from(program)) } else { in_path(program) };
+        match found {
+            Some(p) if is_executable(&p) => {}
+            Some(p) => return Err(format!("kind {kind}: {} is not an executable file", p.display())),
+            None => return Err(format!("kind {kind}: program {program:?} not found in PATH")),
+        }
+        if !is_executable(Path::new(PRLIMIT)) {
+            return Err(format!(
+                "kind {kind}: {PRLIMIT} (util-linux) is needed to limit the child's resources"
+            ));
+        }
+        let user = spec
+            .user
+            .as_deref()
+            .map(|u| user_ids(u).ok_or_else(|| format!("kind {kind}: no user {u:?}")))
+            .transpose()?;
+        Ok(Arc::new(Self { kind: kind.to_owned(), spec: spec.clone(), user }))
+    }
+
+    async fn run_oneshot(&self, job: JobContext, payload: Value) -> Outcome {
+        match self.spawn_and_wait(&job, payload).await {
+            Ok(outcome) => outcome,
+            // The machine's trouble (no temporary folder, no fork), not the job's.
+            Err(e) => Outcome::Retryable(format!("could not run {}: {e}", self.kind)),
+        }
+    }
+
+    async fn spawn_and_wait(&self, job: &JobContext, payload: Value) -> std::io::Result<Outcome> {
+        let dir = tempfile::Builder::new().prefix("gatehouse-job-").tempdir()?;
+        let l = &self.spec.limits;
+        let mut cmd = tokio::process::Command::new(PRLIMIT);
+        cmd.arg(format!("--cpu={}", l.cpu_s))
+            .arg(format!("--as={}", l.address_space_mb.saturating_mul(1024 * 1024)))
+            .arg(format!("--nofile={}", l.open_files))
+            .arg(format!("--nproc={}", l.processes))
+            .arg("--")
+            .args(&self.spec.command)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()))
+            .env("LANG", std::env::var_os("LANG").unwrap_or_else(|| "C.UTF-8".into()))
+            .env("GATEHOUSE_JOB_ID", job.id.as_str())
+            .env("GATEHOUSE_KIND", &job.kind)
+            .env("GATEHOUSE_CLIENT", &job.client)
+            .env("GATEHOUSE_ATTEMPT", job.attempt.to_string())
+            .current_dir(dir.path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        if let Some((uid, gid)) = self.user {
+            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid))?;
+            cmd.uid(uid).gid(gid);
+        }
+        let mut child = cmd.spawn()?;
+        // Whatever happens from here (the consumer drops this future at the deadline, too), the
+        // child's whole group goes with it.
+        let group = GroupKill(child.id());
+        let (Some(mut stdin), Some(stdout), Some(stderr)) =
+            (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        else {
+            return Err(std::io::Error::other("no pipes to the child"));
+        };
+        let input = serde_json::to_vec(&payload).map_err(std::io::Error::other)?;
+        let feed = async move {
+            // A child that does not read its input is its own business.
+            let _ = stdin.write_all(&input).await;
+            drop(stdin);
+        };
+        let max = self.spec.max_output_bytes;
+        let (log, job_id) = (self.spec.log_stderr, job.id.to_string());
+        let ran = tokio::time::timeout_at(job.deadline.into(), async {
+            let ((), out, err, status) =
+                tokio::join!(feed, read_limited(stdout, max), last_line(stderr, log, &job_id), child.wait());
+            (out, err, status)
+        })
+        .await;
+        drop(group);
+        let Ok((out, err, status)) = ran else {
+            // The group is killed: reap the child (no zombie).
+            let _ = child.wait().await;
+            return Ok(Outcome::Retryable(format!("{} timed out; its processes were killed", self.kind)));
+        };
+        let (out, err, status) = (out?, err?, status?);
+        let error = |what: String| if err.is_empty() { what } else { format!("{what}: {err}") };
+        Ok(match status.code() {
+            Some(0) => match out {
+                None => Outcome::Permanent(format!("output over {max} bytes")),
+                Some(out) => match serde_json::from_slice::<Value>(&out) {
+                    Ok(result) => Outcome::Success(result),
+                    Err(_) => Outcome::Permanent("output is not one JSON value".into()),
+                },
+            },
+            Some(EXIT_RETRY) => Outcome::Retryable(error(format!("exit {EXIT_RETRY}"))),
+            Some(code) => Outcome::Permanent(error(format!("exit {code}"))),
+            None => {
+                use std::os::unix::process::ExitStatusExt as _;
+                Outcome::Permanent(error(format!("killed by signal {}", status.signal().unwrap_or(0))))
+            }
+        })
+    }
+}
+
+impl ExternalHandler for Arc<Exec> {
+    fn run(&self, job: JobContext, payload: Value) -> HandlerFuture {
+        let this = self.clone();
+        Box::pin(async move { this.run_oneshot(job, payload).await })
+    }
+}
+
+/// Kills a process group when dropped (SIGKILL to `-pgid`): no child or grandchild outlives
+/// its job.
+struct GroupKill(Option<u32>);
+
+impl Drop for GroupKill {
+    fn drop(&mut self) {
+        if let Some(pgid) = self.0 {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", "--", &format!("-{pgid}")])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// Reads at most `max` bytes; `None` when there was more.
+async fn read_limited(mut r: impl AsyncRead + Unpin, max: usize) -> std::io::Result<Option<Vec<u8>>> {
+    let mut buf = Vec::new();
+    let n = (&mut r).take(max as u64 + 1).read_to_end(&mut buf).await?;
+    if n > max {
+        // Drain the rest so that the child is not blocked writing.
+        let _ = tokio::io::copy(&mut r, &mut tokio::io::sink()).await;
+        return Ok(None);
+    }
+    Ok(Some(buf))
+}
+
+/// Reads stderr to its end; answers its last non-empty line (at most [`MAX_ERROR_LINE`]
+/// bytes), and with `log` copies each line (truncated) to the log, marked with the job id.
+async fn last_line(r: impl AsyncRead + Unpin, log: bool, job_id: &str) -> std::io::Result<String> {
+    use tokio::io::AsyncBufReadExt as _;
+    let mut lines = tokio::io::BufReader::new(r).split(b'\n');
+    let mut last = String::new();
+    while let Some(line) = lines.next_segment().await? {
+        let text = String::from_utf8_lossy(&line);
+        let text = truncate(text.trim_end(), MAX_ERROR_LINE);
+        if log {
+            tracing::info!(job_id, stderr = text, "executable's stderr");
+        }
+        if !text.trim().is_empty() {
+            last = text.to_owned();
+        }
+    }
+    Ok(last)
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+fn in_path(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(program)).find(|p| p.is_file())
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// (uid, gid) of a user name, from `id`.
+fn user_ids(user: &str) -> Option<(u32, u32)> {
+    let id = |flag: &str| {
+        let out = std::process::Command::new("id").arg(flag).arg(user).output().ok()?;
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().parse().ok()).flatten()
+    };
+    Some((id("-u")?, id("-g")?))
+}
