@@ -77,6 +77,13 @@ pub struct ExecSpec {
     /// Run the child as this user (the worker must be able to switch to it).
     #[serde(default)]
     pub user: Option<String>,
+    /// Stream mode: how many long-lived children run at once.
+    #[serde(default = "default_processes")]
+    pub processes: usize,
+}
+
+fn default_processes() -> usize {
+    2
 }
 
 /// How an executable kind runs.

@@ -144,3 +144,81 @@ fn a_missing_program_or_an_unknown_mode_refuses_to_start_with_exit_64() {
         assert!(stderr.contains(says), "{name}: {stderr}");
     }
 }
+
+/// The stream processes of this test binary's catalog (their command line names stream.py).
+fn stream_processes() -> Vec<String> {
+    processes_with("fixtures/exec/./stream.py")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stream_kind_reuses_its_processes_replaces_a_dead_one_and_leaves_no_orphan() {
+    let sys = TestSystem::start_with(Options {
+        worker_binary: Some(env!("CARGO_BIN_EXE_e2e-worker")),
+        catalog: Some(repo_root().join("tests/e2e/fixtures/exec/jobs.toml")),
+        ..Options::default()
+    })
+    .await;
+    let mut conn = sys.connect().await;
+    let mut pids = std::collections::HashSet::new();
+    for i in 0..20 {
+        let res = conn
+            .submit(&json!({"kind": "acme.stream", "payload": {"text": format!("job {i}")}}), Some(10))
+            .await
+            .unwrap();
+        let body = res.json();
+        assert_eq!(body["result"]["upper"], format!("JOB {i}"), "{body}");
+        pids.insert(body["result"]["pid"].as_u64().unwrap());
+    }
+    assert!(pids.len() <= 2, "a process per job instead of a pool of two: {pids:?}");
+
+    // A job whose process dies counts an attempt each time, and is dead-lettered after exactly
+    // max_attempts; the pool recovers for the next job.
+    let res = conn.submit(&json!({"kind": "acme.stream", "payload": {"crash": true}}), None).await.unwrap();
+    let crash = res.json()["id"].as_str().unwrap().to_owned();
+    let s = wait_final(&mut sys.connect().await, &crash, Duration::from_secs(30)).await;
+    assert_eq!(
+        (s["status"].as_str(), s["reason"].as_str()),
+        (Some("dead_lettered"), Some("max_attempts")),
+        "{s}"
+    );
+    let args = BrokerArgs { broker: broker_url(), prefix: sys.prefix.clone() };
+    let letters = dlq::list(&args).await.unwrap();
+    assert_eq!(letters.iter().find(|l| l["id"] == crash.as_str()).unwrap()["attempts"], 3);
+    let mut conn = sys.connect().await;
+    let res =
+        conn.submit(&json!({"kind": "acme.stream", "payload": {"fail": true}}), Some(10)).await.unwrap();
+    assert_eq!(
+        (res.json()["status"].as_str(), res.json()["error"].as_str()),
+        (Some("failed"), Some("cannot do that"))
+    );
+    let res =
+        conn.submit(&json!({"kind": "acme.stream", "payload": {"text": "again"}}), Some(10)).await.unwrap();
+    assert_eq!(res.json()["result"]["upper"], "AGAIN");
+
+    // kill -9 of the worker while a stream process runs a job: the process goes with it, and
+    // the job is not lost (the restarted worker runs it).
+    let res = conn
+        .submit(&json!({"kind": "acme.stream", "payload": {"sleep": 2, "text": "slow"}}), None)
+        .await
+        .unwrap();
+    let slow = res.json()["id"].as_str().unwrap().to_owned();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let before: Vec<String> =
+        stream_processes().iter().map(|p| p.split(':').next().unwrap().to_owned()).collect();
+    assert!(!before.is_empty(), "no stream process is running");
+    sys.worker_process().kill();
+    // The old worker's stream processes die with it (the restarted worker starts its own).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while before.iter().any(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists()) {
+        assert!(
+            Instant::now() < deadline,
+            "orphans of the killed worker: {before:?} {:?}",
+            stream_processes()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sys.worker_process().start();
+    let s = wait_final(&mut sys.connect().await, &slow, Duration::from_secs(30)).await;
+    assert_eq!(s["result"]["upper"], "SLOW", "{s}");
+    sys.stop().await;
+}

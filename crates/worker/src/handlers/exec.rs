@@ -1,6 +1,10 @@
 //! Executable kinds (`[kind.exec]` in the catalog): any program, in any language, runs a kind —
 //! operators add processing without rebuilding the worker.
 //!
+//! **stream**: a pool of `processes` long-lived children (default 2), one JSON line per job
+//! each way (see [`Exec::run_streamed`]); for speed, since starting an interpreter per job
+//! costs milliseconds.
+//!
 //! **oneshot**: one process per job. The payload is JSON on stdin, the result the JSON on
 //! stdout. Exit 0 → succeeded with that result; exit 75 (`EX_TEMPFAIL`) → retryable; any other
 //! exit or a signal → failed, with the exit status and the last stderr line (at most 500
@@ -13,7 +17,8 @@
 //! worker's settings, broker URL or key paths); it works in a fresh private temporary folder,
 //! removed afterwards; it runs under resource limits (CPU seconds, address space, open files,
 //! processes; through util-linux's `prlimit`, since the workspace forbids `unsafe` and with it
-//! a `pre_exec` hook) in its own process group, optionally as another user. Its stderr stays
+//! a `pre_exec` hook) in its own process group, optionally as another user, and is killed when
+//! the worker dies, even by SIGKILL (`setpriv --pdeathsig KILL`): no orphan outlives it. Its stderr stays
 //! out of the worker's log unless the kind sets `log_stderr`.
 
 use std::path::{Path, PathBuf};
@@ -30,30 +35,28 @@ use super::{ExternalHandler, HandlerFuture, JobContext, Outcome};
 pub const EXIT_RETRY: i32 = 75;
 /// Longest stderr line kept as the error of a failed job.
 const MAX_ERROR_LINE: usize = 500;
-/// Where `prlimit` lives on Debian (util-linux).
+/// Where `prlimit` and `setpriv` live on Debian (util-linux, an essential package).
 const PRLIMIT: &str = "/usr/bin/prlimit";
+const SETPRIV: &str = "/usr/bin/setpriv";
 
-/// A oneshot executable kind, checked at start-up.
+/// An executable kind, checked at start-up.
 pub struct Exec {
     kind: String,
     spec: ExecSpec,
     /// The user to run as: (uid, gid).
     user: Option<(u32, u32)>,
+    /// Stream mode: idle long-lived children; `slots` bounds how many exist at once.
+    idle: std::sync::Mutex<Vec<StreamChild>>,
+    slots: tokio::sync::Semaphore,
 }
 
 impl Exec {
-    /// Checks the kind's executable configuration: a known mode, a program that exists and
-    /// can be executed, `prlimit`, and the user.
+    /// Checks the kind's executable configuration: a program that exists and can be
+    /// executed, `prlimit` and `setpriv`, and the user. (An unknown mode does not parse.)
     ///
     /// # Errors
     /// What is wrong, in one line.
     pub fn new(kind: &str, spec: &ExecSpec) -> Result<Arc<Self>, String> {
-        if spec.mode != ExecMode::Oneshot {
-            return Err(format!(
-                "kind {kind}: exec mode {:?} is not supported by this release (use oneshot)",
-                spec.mode
-            ));
-        }
         let program = &spec.command[0];
         let found = if program.contains('/') { Some(PathBuf::from(program)) } else { in_path(program) };
         match found {
@@ -61,17 +64,54 @@ impl Exec {
             Some(p) => return Err(format!("kind {kind}: {} is not an executable file", p.display())),
             None => return Err(format!("kind {kind}: program {program:?} not found in PATH")),
         }
-        if !is_executable(Path::new(PRLIMIT)) {
-            return Err(format!(
-                "kind {kind}: {PRLIMIT} (util-linux) is needed to limit the child's resources"
-            ));
+        for tool in [PRLIMIT, SETPRIV] {
+            if !is_executable(Path::new(tool)) {
+                return Err(format!("kind {kind}: {tool} (util-linux) is needed to confine the child"));
+            }
         }
         let user = spec
             .user
             .as_deref()
             .map(|u| user_ids(u).ok_or_else(|| format!("kind {kind}: no user {u:?}")))
             .transpose()?;
-        Ok(Arc::new(Self { kind: kind.to_owned(), spec: spec.clone(), user }))
+        let slots = tokio::sync::Semaphore::new(spec.processes.max(1));
+        Ok(Arc::new(Self {
+            kind: kind.to_owned(),
+            spec: spec.clone(),
+            user,
+            idle: Default::default(),
+            slots,
+        }))
+    }
+
+    /// The child's command: killed if the worker dies (`setpriv --pdeathsig KILL`), under its
+    /// resource limits (`prlimit`), with only `env` (plus `PATH` and `LANG`), in `dir`, in its
+    /// own process group, as the kind's user.
+    fn command(&self, env: &[(&str, String)], dir: &Path) -> std::io::Result<tokio::process::Command> {
+        let l = &self.spec.limits;
+        let mut cmd = tokio::process::Command::new(SETPRIV);
+        cmd.args(["--pdeathsig", "KILL", "--", PRLIMIT])
+            .arg(format!("--cpu={}", l.cpu_s))
+            .arg(format!("--as={}", l.address_space_mb.saturating_mul(1024 * 1024)))
+            .arg(format!("--nofile={}", l.open_files))
+            .arg(format!("--nproc={}", l.processes))
+            .arg("--")
+            .args(&self.spec.command)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()))
+            .env("LANG", std::env::var_os("LANG").unwrap_or_else(|| "C.UTF-8".into()))
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .current_dir(dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        if let Some((uid, gid)) = self.user {
+            std::os::unix::fs::chown(dir, Some(uid), Some(gid))?;
+            cmd.uid(uid).gid(gid);
+        }
+        Ok(cmd)
     }
 
     async fn run_oneshot(&self, job: JobContext, payload: Value) -> Outcome {
@@ -84,32 +124,13 @@ impl Exec {
 
     async fn spawn_and_wait(&self, job: &JobContext, payload: Value) -> std::io::Result<Outcome> {
         let dir = tempfile::Builder::new().prefix("gatehouse-job-").tempdir()?;
-        let l = &self.spec.limits;
-        let mut cmd = tokio::process::Command::new(PRLIMIT);
-        cmd.arg(format!("--cpu={}", l.cpu_s))
-            .arg(format!("--as={}", l.address_space_mb.saturating_mul(1024 * 1024)))
-            .arg(format!("--nofile={}", l.open_files))
-            .arg(format!("--nproc={}", l.processes))
-            .arg("--")
-            .args(&self.spec.command)
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()))
-            .env("LANG", std::env::var_os("LANG").unwrap_or_else(|| "C.UTF-8".into()))
-            .env("GATEHOUSE_JOB_ID", job.id.as_str())
-            .env("GATEHOUSE_KIND", &job.kind)
-            .env("GATEHOUSE_CLIENT", &job.client)
-            .env("GATEHOUSE_ATTEMPT", job.attempt.to_string())
-            .current_dir(dir.path())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(true);
-        if let Some((uid, gid)) = self.user {
-            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid))?;
-            cmd.uid(uid).gid(gid);
-        }
-        let mut child = cmd.spawn()?;
+        let env = [
+            ("GATEHOUSE_JOB_ID", job.id.to_string()),
+            ("GATEHOUSE_KIND", job.kind.clone()),
+            ("GATEHOUSE_CLIENT", job.client.clone()),
+            ("GATEHOUSE_ATTEMPT", job.attempt.to_string()),
+        ];
+        let mut child = self.command(&env, dir.path())?.spawn()?;
         // Whatever happens from here (the consumer drops this future at the deadline, too), the
         // child's whole group goes with it.
         let group = GroupKill(child.id());
@@ -156,13 +177,131 @@ impl Exec {
             }
         })
     }
+
+    /// Stream mode: the job goes to an idle child (or a new one, up to `processes`) as one JSON
+    /// line `{"id", "kind", "client", "attempt", "payload"}`; the child answers one line
+    /// `{"id", "result"}` or `{"id", "error", "retryable"}`. A child that dies, answers out of
+    /// protocol, or hangs past the deadline is killed and replaced; its job's attempt counts
+    /// (retryable).
+    async fn run_streamed(&self, job: JobContext, payload: Value) -> Outcome {
+        let Ok(_slot) = self.slots.acquire().await else {
+            return Outcome::Retryable("the worker is stopping".into());
+        };
+        let idle = self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop();
+        let mut child = match idle {
+            Some(c) => c,
+            None => match self.spawn_stream_child() {
+                Ok(c) => c,
+                Err(e) => return Outcome::Retryable(format!("could not start {}: {e}", self.kind)),
+            },
+        };
+        let line = serde_json::json!({
+            "id": job.id, "kind": job.kind, "client": job.client, "attempt": job.attempt, "payload": payload,
+        });
+        let max = self.spec.max_output_bytes;
+        let exchange = tokio::time::timeout_at(job.deadline.into(), async {
+            use tokio::io::AsyncBufReadExt as _;
+            let mut out = serde_json::to_vec(&line).map_err(std::io::Error::other)?;
+            out.push(b'\n');
+            child.stdin.write_all(&out).await?;
+            child.stdin.flush().await?;
+            let mut answer = Vec::new();
+            let n = (&mut child.stdout).take(max as u64 + 1).read_until(b'\n', &mut answer).await?;
+            if n == 0 {
+                return Err(std::io::Error::other("it exited without answering"));
+            }
+            if !answer.ends_with(b"\n") {
+                return Err(std::io::Error::other(format!("its answer is over {max} bytes")));
+            }
+            Ok(answer)
+        })
+        .await;
+        // A child in trouble is dropped here: its group is killed, and a new one starts for the
+        // next job.
+        let answer = match exchange {
+            Err(_) => {
+                return Outcome::Retryable(format!("{} timed out; its process was replaced", self.kind));
+            }
+            Ok(Err(e)) => return Outcome::Retryable(format!("{}: {e}; its process was replaced", self.kind)),
+            Ok(Ok(answer)) => answer,
+        };
+        let outcome = match serde_json::from_slice::<StreamAnswer>(&answer) {
+            Ok(a) if a.id != job.id.as_str() => None,
+            Ok(StreamAnswer { result: Some(r), error: None, .. }) => Some(Outcome::Success(r)),
+            Ok(StreamAnswer { error: Some(e), retryable, .. }) => {
+                let e = truncate(&e, MAX_ERROR_LINE).to_owned();
+                Some(if retryable { Outcome::Retryable(e) } else { Outcome::Permanent(e) })
+            }
+            _ => None,
+        };
+        match outcome {
+            Some(o) => {
+                // Healthy: back to the pool for the next job.
+                self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(child);
+                o
+            }
+            None => Outcome::Retryable(format!(
+                "{} answered out of protocol; its process was replaced",
+                self.kind
+            )),
+        }
+    }
+
+    fn spawn_stream_child(&self) -> std::io::Result<StreamChild> {
+        let dir = tempfile::Builder::new().prefix("gatehouse-stream-").tempdir()?;
+        let mut child = self.command(&[("GATEHOUSE_KIND", self.kind.clone())], dir.path())?.spawn()?;
+        let group = GroupKill(child.id());
+        let (Some(stdin), Some(stdout), Some(stderr)) =
+            (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        else {
+            return Err(std::io::Error::other("no pipes to the child"));
+        };
+        let (log, label) = (self.spec.log_stderr, format!("{} stream process {:?}", self.kind, child.id()));
+        tokio::spawn(async move {
+            let _ = last_line(stderr, log, &label).await;
+        });
+        Ok(StreamChild {
+            _child: child,
+            stdin,
+            stdout: tokio::io::BufReader::new(stdout),
+            _group: group,
+            _dir: dir,
+        })
+    }
 }
 
 impl ExternalHandler for Arc<Exec> {
     fn run(&self, job: JobContext, payload: Value) -> HandlerFuture {
         let this = self.clone();
-        Box::pin(async move { this.run_oneshot(job, payload).await })
+        Box::pin(async move {
+            match this.spec.mode {
+                ExecMode::Oneshot => this.run_oneshot(job, payload).await,
+                ExecMode::Stream => this.run_streamed(job, payload).await,
+            }
+        })
     }
+}
+
+/// One long-lived child of a stream kind: its pipes, its group (killed with it), its private
+/// folder (removed with it).
+struct StreamChild {
+    _child: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
+    stdout: tokio::io::BufReader<tokio::process::ChildStdout>,
+    _group: GroupKill,
+    _dir: tempfile::TempDir,
+}
+
+/// A stream child's answer to one job.
+#[derive(serde::Deserialize)]
+struct StreamAnswer {
+    id: String,
+    #[serde(default)]
+    result: Option<Value>,
+    #[serde(default)]
+    error: Option<String>,
+    #[serde(default)]
+    retryable: bool,
 }
 
 /// Kills a process group when dropped (SIGKILL to `-pgid`): no child or grandchild outlives
