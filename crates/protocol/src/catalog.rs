@@ -159,8 +159,10 @@ impl Catalog {
             .build()
             .and_then(config::Config::try_deserialize)
             .map_err(|source| CatalogError::Read { path: path.to_owned(), source })?;
+        // Absolute: an executable's path must hold in the child's own working folder.
         let base = path.parent().unwrap_or(Path::new("."));
-        Self::from_parts(file.queue, file.kind, base)
+        let base = std::path::absolute(base).unwrap_or_else(|_| base.to_owned());
+        Self::from_parts(file.queue, file.kind, &base)
     }
 
     fn from_parts(queues: Vec<QueueClass>, kinds: Vec<KindSpec>, base: &Path) -> Result<Self, CatalogError> {

@@ -84,6 +84,20 @@ pub fn private_node_home() -> PathBuf {
     repo_root().join(".gatehouse/rabbitmq")
 }
 
+/// The dead letters of `sys` (as `gatehouse dlq list` shows them), once there are `n` (or after
+/// 20 s, whatever there are then).
+pub async fn dead_letters(sys: &TestSystem, n: usize) -> Vec<Value> {
+    let args = gatehouse_cli::commands::dlq::BrokerArgs { broker: broker_url(), prefix: sys.prefix.clone() };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let letters = gatehouse_cli::commands::dlq::list(&args).await.expect("dead letters");
+        if letters.len() >= n || Instant::now() > deadline {
+            return letters;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Runs `rabbitmqctl ARGS` against the test broker: the private node if it is the one
 /// running, else the system node.
 pub fn broker_ctl(args: &[&str]) {

@@ -48,15 +48,7 @@ pub async fn peek(queue: &str, count: u32) -> String {
 /// Publishes `payload` straight to `queue` (through the default exchange) in vhost `/`, with
 /// `headers`; answers whether it was routed.
 pub async fn publish_to_queue(queue: &str, payload: &str, headers: Value) -> bool {
-    let body = serde_json::json!({
-        "properties": {"headers": headers, "delivery_mode": 2},
-        "routing_key": queue,
-        "payload": payload,
-        "payload_encoding": "string",
-    });
-    let (status, text) = call("POST", "/api/exchanges/%2f/amq.default/publish", Some(body)).await;
-    assert_eq!(status, 200, "{text}");
-    serde_json::from_str::<Value>(&text).expect("json")["routed"] == true
+    publish_with(queue, payload, serde_json::json!({"headers": headers, "delivery_mode": 2})).await
 }
 
 /// Publishes `payload` straight to `queue` (default exchange, vhost `/`) with AMQP

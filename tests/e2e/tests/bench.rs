@@ -7,7 +7,12 @@ use gatehouse_e2e::{TestSystem, broker_url};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_scenario_runs_and_reports() {
-    let sys = TestSystem::start().await;
+    // The shipped catalog plus the executable examples, for the `kinds` scenario.
+    let sys = TestSystem::start_with(gatehouse_e2e::Options {
+        catalog: Some(gatehouse_e2e::repo_root().join("examples/exec-kinds/jobs.toml")),
+        ..Default::default()
+    })
+    .await;
     let certs = sys.certs.path();
     let args = BenchArgs {
         endpoint: Endpoint {
@@ -16,7 +21,8 @@ async fn every_scenario_runs_and_reports() {
             key: certs.join("client.key"),
             ca: certs.join("ca.pem"),
         },
-        scenarios: ["sync", "async", "priority", "idle"].map(String::from).to_vec(),
+        scenarios: ["sync", "async", "priority", "idle", "kinds"].map(String::from).to_vec(),
+        kinds: vec!["acme.upper-stream".into()],
         concurrency: 2,
         duration: 1,
         http2: false,
@@ -49,5 +55,8 @@ async fn every_scenario_runs_and_reports() {
     assert_eq!(by("async")["requests"], 100, "the async phase stops at --async-jobs");
     assert_eq!(by("priority")["backlog"], 20);
     assert_eq!(by("idle")["idle_connections"], 10);
+    let stream = by("acme.upper-stream");
+    assert!(stream["requests"].as_u64().unwrap() > 0 && stream["errors"] == 0, "{stream}");
+    assert!(stream["ratio_to_vault_put"].as_f64().unwrap() > 0.0, "{stream}");
     sys.stop().await;
 }

@@ -222,3 +222,19 @@ async fn a_stream_kind_reuses_its_processes_replaces_a_dead_one_and_leaves_no_or
     assert_eq!(s["result"]["upper"], "SLOW", "{s}");
     sys.stop().await;
 }
+
+/// The README's executable-kind example (examples/exec-kinds) works as shipped, in both modes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_shipped_executable_examples_run_in_both_modes() {
+    let sys = TestSystem::start_with(Options {
+        catalog: Some(repo_root().join("examples/exec-kinds/jobs.toml")),
+        ..Options::default()
+    })
+    .await;
+    let mut conn = sys.connect().await;
+    for kind in ["acme.upper", "acme.upper-stream"] {
+        let res = conn.submit(&json!({"kind": kind, "payload": {"text": "Ada"}}), Some(10)).await.unwrap();
+        assert_eq!(res.json()["result"], json!({"upper": "ADA"}), "{kind}: {}", res.text());
+    }
+    sys.stop().await;
+}

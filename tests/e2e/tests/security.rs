@@ -4,7 +4,7 @@
 
 use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use gatehouse_broker::lapin::options::{
     BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
@@ -13,8 +13,9 @@ use gatehouse_broker::lapin::options::{
 use gatehouse_broker::lapin::types::FieldTable;
 use gatehouse_broker::lapin::{BasicProperties, Connection};
 use gatehouse_cli::broker_node::amqp_addr;
-use gatehouse_cli::commands::dlq::{self, BrokerArgs};
-use gatehouse_e2e::{Options, TestSystem, broker_ctl, broker_url, management, oracle, repo_root, wait_final};
+use gatehouse_e2e::{
+    Options, TestSystem, broker_ctl, broker_url, dead_letters, management, oracle, repo_root, wait_final,
+};
 use gatehouse_protocol::{crypto, hex, keys};
 use serde_json::{Value, json};
 
@@ -187,17 +188,6 @@ async fn least_privilege_users_do_their_job_and_nothing_else() {
 }
 
 /// Waits until `n` dead letters are there; answers them.
-async fn dead_letters(sys: &TestSystem, n: usize) -> Vec<Value> {
-    let args = BrokerArgs { broker: broker_url(), prefix: sys.prefix.clone() };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let letters = dlq::list(&args).await.unwrap();
-        if letters.len() >= n || Instant::now() > deadline {
-            return letters;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_message_published_around_the_gatekeeper_is_dead_lettered_unrun() {

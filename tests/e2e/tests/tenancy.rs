@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use gatehouse_cli::commands::dlq::{self, BrokerArgs};
 use gatehouse_client::{Client, Identity, Method, tls_config};
 use gatehouse_e2e::{
-    Options, TestSystem, assert_problem, broker_ctl, broker_url, management, oracle, wait_final,
+    Options, TestSystem, assert_problem, broker_ctl, broker_url, dead_letters, management, oracle, wait_final,
 };
 use gatehouse_protocol::{crypto, hex};
 use serde_json::{Value, json};
@@ -23,6 +23,18 @@ fn with_mallory(worker_process: bool) -> Options {
         extra_policy: MALLORY_POLICY,
         ..Options::default()
     }
+}
+
+/// Alice (dev-client) stores a record holding a fresh marker: (her connection, marker, token).
+async fn alice_stores_a_secret(sys: &TestSystem) -> (gatehouse_client::Connection, String, String) {
+    let secret = marker();
+    let mut alice = sys.connect().await;
+    let put = alice
+        .submit(&json!({"kind": "vault.put", "payload": {"record": {"s": secret}}}), Some(10))
+        .await
+        .unwrap();
+    let token = put.json()["result"]["token"].as_str().unwrap().to_owned();
+    (alice, secret, token)
 }
 
 fn marker() -> String {
@@ -52,18 +64,6 @@ fn job_id_of(msg: &Value) -> String {
     body["message"]["id"].as_str().unwrap().to_owned()
 }
 
-async fn dead_letters(sys: &TestSystem, n: usize) -> Vec<Value> {
-    let args = BrokerArgs { broker: broker_url(), prefix: sys.prefix.clone() };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let letters = dlq::list(&args).await.unwrap();
-        if letters.len() >= n || Instant::now() > deadline {
-            return letters;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 fn reasons(letters: &[Value]) -> Vec<String> {
     let mut r: Vec<String> = letters.iter().map(|l| l["reason"].as_str().unwrap_or("").to_owned()).collect();
     r.sort();
@@ -76,13 +76,7 @@ fn reasons(letters: &[Value]) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_captured_job_cannot_answer_another_clients_waiting_request() {
     let sys = TestSystem::start_with(with_mallory(true)).await;
-    let secret = marker();
-    let mut alice = sys.connect().await;
-    let put = alice
-        .submit(&json!({"kind": "vault.put", "payload": {"record": {"s": secret}}}), Some(10))
-        .await
-        .unwrap();
-    let token = put.json()["result"]["token"].as_str().unwrap().to_owned();
+    let (mut alice, secret, token) = alice_stores_a_secret(&sys).await;
     sys.worker_process().terminate();
 
     let get = alice.submit(&json!({"kind": "vault.get", "payload": {"token": token}}), None).await.unwrap();
@@ -278,13 +272,7 @@ async fn a_copy_with_other_priority_or_queue_is_dead_lettered_unrun() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_record_moved_to_another_owner_in_the_database_does_not_open() {
     let sys = TestSystem::start_with(with_mallory(false)).await;
-    let secret = marker();
-    let mut alice = sys.connect().await;
-    let put = alice
-        .submit(&json!({"kind": "vault.put", "payload": {"record": {"s": secret}}}), Some(10))
-        .await
-        .unwrap();
-    let token = put.json()["result"]["token"].as_str().unwrap().to_owned();
+    let (_alice, secret, token) = alice_stores_a_secret(&sys).await;
     rusqlite::Connection::open(sys.database())
         .unwrap()
         .execute("UPDATE vault SET owner = 'mallory' WHERE token = ?1", [&token])

@@ -3,6 +3,7 @@
 //!
 //! | scenario | what | reference |
 //! |---|---|---|
+//! | `kinds` | each `--kind` (payload `{"text"}`) with `Prefer: wait` | the built-in `vault.put` the same way, in turns |
 //! | `sync` | `vault.put` with `Prefer: wait`: gatekeeper → broker → worker → SQLite → reply | lapin RPC: confirmed persistent publish to a priority queue, consume, reply (in turns with ours, five slices each) |
 //! | `async` | submit only (answered after the confirm; a local worker paused meanwhile), then the drain rate until applied | lapin confirmed persistent publishes |
 //! | `priority` | preload a backlog of priority-0 jobs (a local worker paused meanwhile), then priority-9 probes at a fixed rate while it drains | – |
@@ -64,6 +65,10 @@ pub struct BenchArgs {
     /// with like).
     #[arg(long, default_value_t = 16)]
     pub prefetch: u16,
+    /// For the `kinds` scenario: kinds whose payload is `{"text"}` (e.g. the executable kinds
+    /// of examples/exec-kinds), each measured like `sync` against `vault.put` in turns.
+    #[arg(long = "kind")]
+    pub kinds: Vec<String>,
     /// One JSON object per line per scenario instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -102,6 +107,29 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<Vec<Value>> {
                     base.then(progress("sync baseline", slice, reference).await?);
                 }
                 with_baseline(row("sync", args, &ours), &base)
+            }
+            "kinds" => {
+                // Each kind against the built-in vault.put, in alternating slices.
+                anyhow::ensure!(!args.kinds.is_empty(), "the kinds scenario needs --kind NAME");
+                let slice = duration / SLICES;
+                for kind in &args.kinds {
+                    let (mut theirs, mut builtin) = (Samples::default(), Samples::default());
+                    for _ in 0..SLICES {
+                        theirs.then(
+                            progress(kind, slice, scenarios::sync_of(&client, c, slice, Some(kind))).await?,
+                        );
+                        builtin.then(
+                            progress("vault.put", slice, scenarios::sync_of(&client, c, slice, None)).await?,
+                        );
+                    }
+                    let mut r = row(kind, args, &theirs);
+                    r["vault_put_per_s"] = json!(round(throughput(&builtin)));
+                    r["ratio_to_vault_put"] =
+                        json!(round(throughput(&theirs) / throughput(&builtin).max(f64::MIN_POSITIVE)));
+                    print_report(&r, args.json);
+                    reports.push(r);
+                }
+                continue;
             }
             "async" => {
                 // Like the reference, which publishes to a queue nobody consumes, the accept
@@ -169,7 +197,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<Vec<Value>> {
                     "gatekeeper_peak_rss_mib": rss.map(|r| round(r.1)),
                 })
             }
-            other => anyhow::bail!("unknown scenario {other:?} (sync, async, priority, idle)"),
+            other => anyhow::bail!("unknown scenario {other:?} (sync, async, priority, idle, kinds)"),
         };
         print_report(&report, args.json);
         reports.push(report);
@@ -336,6 +364,13 @@ fn print_report(r: &Value, as_json: bool) {
                     f("baseline_p99_ms"),
                     f("ratio"),
                     r.get("drain_per_s").map(|d| format!("; drained at {d}/s")).unwrap_or_default()
+                );
+            }
+            if !r["ratio_to_vault_put"].is_null() {
+                println!(
+                    "          built-in vault.put in turns: {:>9}/s  ->  ratio {}",
+                    f("vault_put_per_s"),
+                    f("ratio_to_vault_put")
                 );
             }
             if !r["backlog"].is_null() {

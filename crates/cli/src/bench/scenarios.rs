@@ -33,9 +33,25 @@ pub fn job(i: u64, priority: u8) -> Value {
     json!({"kind": "vault.put", "payload": {"record": {"n": i, "bench": "x".repeat(64)}}, "priority": priority})
 }
 
+/// A job of `kind` (any kind whose payload is `{"text"}`, like the executable examples).
+pub fn text_job(kind: &str, i: u64) -> Value {
+    json!({"kind": kind, "payload": {"text": format!("bench job number {i}")}, "priority": 5})
+}
+
 /// Submits with `Prefer: wait` until `duration` passes: the full round trip through worker and
 /// storage. A success is a 200 with status `succeeded`.
 pub async fn sync(client: &Client, concurrency: usize, duration: Duration) -> anyhow::Result<Samples> {
+    sync_of(client, concurrency, duration, None).await
+}
+
+/// [`sync`] with jobs of `kind` ([`text_job`]), or `vault.put` ([`job`]) when `None`.
+pub async fn sync_of(
+    client: &Client,
+    concurrency: usize,
+    duration: Duration,
+    kind: Option<&str>,
+) -> anyhow::Result<Samples> {
+    let kind: Option<Arc<str>> = kind.map(Arc::from);
     let conns = connections(client, concurrency).await?;
     let start = Instant::now();
     let deadline = start + duration;
@@ -43,13 +59,15 @@ pub async fn sync(client: &Client, concurrency: usize, duration: Duration) -> an
         .into_iter()
         .enumerate()
         .map(|(c, mut conn)| {
+            let kind = kind.clone();
             tokio::spawn(async move {
                 let mut s = Samples::default();
                 let mut i = (c as u64) << 32;
                 while Instant::now() < deadline {
                     i += 1;
                     let sent = Instant::now();
-                    match conn.submit(&job(i, 5), Some(10)).await {
+                    let body = kind.as_deref().map_or_else(|| job(i, 5), |k| text_job(k, i));
+                    match conn.submit(&body, Some(10)).await {
                         Ok(r) if r.status == 200 && r.json()["status"] == "succeeded" => {
                             s.latencies.push(sent.elapsed())
                         }
