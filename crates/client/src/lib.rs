@@ -71,6 +71,8 @@ pub struct Response {
     pub status: u16,
     pub content_type: Option<String>,
     pub retry_after: Option<String>,
+    /// The W3C trace context the gatekeeper answered with (its trace id is in its logs).
+    pub traceparent: Option<String>,
     pub body: Vec<u8>,
 }
 
@@ -300,7 +302,8 @@ impl Connection {
         let status = res.status().as_u16();
         let content_type = header(hyper::header::CONTENT_TYPE);
         let retry_after = header(hyper::header::RETRY_AFTER);
+        let traceparent = header(hyper::header::HeaderName::from_static("traceparent"));
         let body = res.into_body().collect().await?.to_bytes().to_vec();
-        Ok(Response { status, content_type, retry_after, body })
+        Ok(Response { status, content_type, retry_after, traceparent, body })
     }
 }

@@ -34,6 +34,10 @@ pub struct JobEnvelope {
     /// the delivery's AMQP properties (which anyone who can publish may set).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reply: Option<ReplyTo>,
+    /// The W3C trace id of the request that submitted it: the worker's log lines for the job
+    /// carry it, like the gatekeeper's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
 }
 
 /// A reply target: the gatekeeper instance's reply queue and the waiting request's
@@ -58,6 +62,8 @@ pub struct SealedJob {
     pub submitted_at_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reply: Option<ReplyTo>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
 }
 
 fn job_aad(id: &JobId, kind: &str, client: &str) -> Vec<u8> {
@@ -80,6 +86,7 @@ impl JobEnvelope {
             payload: session.seal(&plain, &job_aad(&self.id, &self.kind, &self.client))?,
             submitted_at_ms: self.submitted_at_ms,
             reply: self.reply.clone(),
+            trace_id: self.trace_id.clone(),
         })
     }
 }
@@ -101,6 +108,7 @@ impl SealedJob {
             payload,
             submitted_at_ms: self.submitted_at_ms,
             reply: self.reply,
+            trace_id: self.trace_id,
         })
     }
 
@@ -115,6 +123,7 @@ impl SealedJob {
             payload: Value::Null,
             submitted_at_ms: self.submitted_at_ms,
             reply: self.reply.clone(),
+            trace_id: self.trace_id.clone(),
         }
     }
 }
@@ -290,6 +299,7 @@ mod tests {
             payload: json!({"record": {"card": "4111-MARKER"}}),
             submitted_at_ms: 1,
             reply: Some(ReplyTo { queue: "gatehouse.reply.a".into(), correlation_id: "c1".into() }),
+            trace_id: None,
         };
         let wire = serde_json::to_string(&env.seal(&session).unwrap()).unwrap();
         assert!(!wire.contains("MARKER"), "{wire}");

@@ -17,6 +17,7 @@ pub mod schemas;
 pub mod settings;
 pub mod status;
 pub mod submit;
+pub mod trace;
 
 pub use catalog::{Catalog, KindSpec};
 pub use envelope::{ControlRequest, JobEnvelope, ReplyTo, SealedJob, SealedReply, Vouched};

@@ -410,6 +410,7 @@ mod tests {
             payload: json!({"account": "acct", "amount": amount}),
             submitted_at_ms: 0,
             reply: None,
+            trace_id: None,
         }
     }
 

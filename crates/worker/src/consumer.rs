@@ -96,7 +96,8 @@ pub async fn handle_job(ctx: Arc<Context>, class: String, mut delivery: Delivery
             return dead_letter(&ctx, &delivery, &data, &class, None, dead).await;
         }
     };
-    let span = tracing::info_span!("job", job_id = %env.id, kind = %env.kind, client = %env.client);
+    let trace_id = env.trace_id.as_deref().unwrap_or("");
+    let span = tracing::info_span!("job", job_id = %env.id, kind = %env.kind, client = %env.client, trace_id);
     async move {
         let _one_at_a_time = ctx.job_locks.lock(&env.id).await;
         let spec = ctx.catalog.kind(&env.kind).filter(|k| ctx.testing || !k.testing).cloned();

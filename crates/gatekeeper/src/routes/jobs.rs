@@ -13,11 +13,13 @@ use gatehouse_broker::PublishError;
 use gatehouse_broker::lapin::BasicProperties;
 use gatehouse_broker::topology::CONTROL_ROUTING_KEY;
 use gatehouse_protocol::submit::RawSequence;
+use gatehouse_protocol::trace::Trace;
 use gatehouse_protocol::{
     ControlRequest, JobEnvelope, JobId, JobState, JobStatus, KindSpec, Priority, ReplyTo, Sequence,
     SubmitRequest, Vouched,
 };
 use serde_json::{Value, json};
+use tracing::Instrument as _;
 
 use super::App;
 use crate::problem::{FieldError, Problem};
@@ -33,17 +35,33 @@ pub async fn submit(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let wait = requested_wait(&headers).map(|w| w.min(app.max_wait));
-    match accept(&app, &client, &headers, body, wait).await {
-        Ok(res) => {
-            app.metrics.accepted();
-            res
-        }
-        Err(problem) => {
-            app.metrics.rejected(problem.slug());
-            tracing::info!(client = %client.0, reason = problem.slug(), status = problem.status, "job rejected");
-            problem.into_response()
+    // The client's trace continues here (or one starts): every log line of this request, the
+    // worker's for the job, and the response carry its id.
+    let trace = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(Trace::continue_from)
+        .unwrap_or_else(Trace::fresh);
+    let span = tracing::info_span!("submit", client = %client.0, trace_id = %trace.trace_id);
+    let mut res = async {
+        match accept(&app, &client, &headers, body, wait, &trace).await {
+            Ok(res) => {
+                app.metrics.accepted();
+                res
+            }
+            Err(problem) => {
+                app.metrics.rejected(problem.slug());
+                tracing::info!(reason = problem.slug(), status = problem.status, "job rejected");
+                problem.into_response()
+            }
         }
     }
+    .instrument(span)
+    .await;
+    if let Ok(v) = HeaderValue::from_str(&trace.header()) {
+        res.headers_mut().insert("traceparent", v);
+    }
+    res
 }
 
 async fn accept(
@@ -52,6 +70,7 @@ async fn accept(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
     wait: Option<Duration>,
+    trace: &Trace,
 ) -> Result<Response, Problem> {
     if !is_json(headers) {
         return Err(Problem::unsupported_media_type());
@@ -144,6 +163,7 @@ async fn accept(
             queue: app.replies.queue().to_owned(),
             correlation_id: w.correlation_id().to_owned(),
         }),
+        trace_id: Some(trace.trace_id.clone()),
     };
     // The payload leaves the gatekeeper sealed to the worker: the broker never sees it.
     let session = app.keys.session().map_err(|_| Problem::internal("no session with the worker"))?;
@@ -158,7 +178,7 @@ async fn accept(
     // the body; the worker labels a dead letter with the id (`message_id`) for `gatehouse dlq`.
     let props = BasicProperties::default().with_priority(priority.get());
     publish(app, &spec.queue, &body, props, true).await?;
-    tracing::debug!(job_id = %envelope.id, kind = %envelope.kind, client = %client.0, priority = priority.get(), "job accepted");
+    tracing::debug!(job_id = %envelope.id, kind = %envelope.kind, priority = priority.get(), "job accepted");
 
     let mut last = JobStatus::new(envelope.id.clone(), JobState::Queued);
     if let (Some(w), Some(wait)) = (waiter.as_mut(), wait) {

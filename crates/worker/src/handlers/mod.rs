@@ -358,6 +358,7 @@ mod tests {
             payload: json!({"account": 12345, "secret": "MARKER"}),
             submitted_at_ms: 0,
             reply: None,
+            trace_id: None,
         };
         let Some(Outcome::Permanent(e)) = revalidate(&schemas, &env) else { panic!("accepted") };
         assert!(e.starts_with("invalid-payload") && !e.contains("MARKER") && !e.contains("12345"), "{e}");
