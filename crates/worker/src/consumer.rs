@@ -5,7 +5,8 @@
 //! | decided and committed (any outcome), or parked  | reply, then `ack`                        |
 //! | handler failed retryably, attempts left         | publish to a retry queue (confirmed), `ack` |
 //! | attempts exhausted; unknown kind                | publish to `gatehouse.dead` with reason headers (confirmed), record, `ack` |
-//! | unsigned or badly signed, stale, undecodable, unsealable | the same, without running or recording anything |
+//! | unsigned or badly signed, stale, undecodable, unsealable, misrouted (queue or priority not the vouched ones), a replay without a valid operator grant | the same, without running or recording anything |
+//! | would park past the client's cap (`parked_limit`) | dead-lettered and recorded, its number not used up |
 //! | storage or broker trouble before a decision     | `nack` + requeue after a pause           |
 //!
 //! The original delivery is acked only after whatever replaces it (outcome, retry message,
