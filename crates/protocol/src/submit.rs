@@ -12,8 +12,10 @@ use serde_json::Value;
 pub struct SubmitRequest {
     pub kind: String,
     pub payload: Value,
-    #[serde(default)]
-    pub priority: Option<u8>,
+    /// Any integral JSON number (`6` or `6.0`, as JSON Schema's `integer` allows); the range
+    /// is checked by [`Priority::new`].
+    #[serde(default, deserialize_with = "integral")]
+    pub priority: Option<i64>,
     #[serde(default)]
     pub sequence: Option<RawSequence>,
     #[serde(default)]
@@ -25,7 +27,29 @@ pub struct SubmitRequest {
 #[serde(deny_unknown_fields)]
 pub struct RawSequence {
     pub key: String,
+    #[serde(deserialize_with = "integral_u64")]
     pub number: u64,
+}
+
+/// A JSON number with no fractional part (`3` or `3.0`) as an `i64`.
+fn whole(n: &serde_json::Number) -> Option<i64> {
+    n.as_i64().or_else(|| {
+        n.as_f64()
+            .filter(|f| f.fract() == 0.0 && *f >= i64::MIN as f64 && *f <= i64::MAX as f64)
+            .map(|f| f as i64)
+    })
+}
+
+fn integral<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    let n = Option::<serde_json::Number>::deserialize(d)?;
+    n.map(|n| whole(&n).ok_or_else(|| serde::de::Error::custom("expected an integer"))).transpose()
+}
+
+fn integral_u64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let n = serde_json::Number::deserialize(d)?;
+    n.as_u64()
+        .or_else(|| whole(&n).and_then(|i| u64::try_from(i).ok()))
+        .ok_or_else(|| serde::de::Error::custom("expected a whole number of at least 0"))
 }
 
 /// A message priority, 0..=9 (9 highest), as the job queues declare `x-max-priority = 9`.
@@ -112,6 +136,20 @@ pub fn owned_key(client: &str, name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn integral_numbers_are_integers_as_json_schema_says() {
+        let r: SubmitRequest = serde_json::from_str(
+            r#"{"kind":"k","payload":{},"priority":6.0,"sequence":{"key":"a","number":3.0}}"#,
+        )
+        .unwrap();
+        assert_eq!((r.priority, r.sequence.unwrap().number), (Some(6), 3));
+        assert!(
+            serde_json::from_str::<SubmitRequest>(r#"{"kind":"k","payload":{},"priority":6.5}"#).is_err()
+        );
+        let r: SubmitRequest = serde_json::from_str(r#"{"kind":"k","payload":{},"priority":300}"#).unwrap();
+        assert_eq!(r.priority, Some(300), "out of range is the gatekeeper's 422, not a parse error");
+    }
 
     #[test]
     fn envelope_fields_are_allowlisted() {

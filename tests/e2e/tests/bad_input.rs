@@ -96,14 +96,14 @@ fn corpus() -> Vec<Case> {
         case(
             "priority negative",
             job(json!({"kind": "vault.put", "payload": {"record": {}}, "priority": -1})),
-            400,
-            "invalid-envelope",
+            422,
+            "invalid-priority",
         ),
         case(
             "priority huge",
             job(json!({"kind": "vault.put", "payload": {"record": {}}, "priority": 300})),
-            400,
-            "invalid-envelope",
+            422,
+            "invalid-priority",
         ),
         case(
             "sequence is a string",
@@ -152,6 +152,7 @@ fn corpus() -> Vec<Case> {
         case("empty kind", job(json!({"kind": "", "payload": {}})), 422, "unknown-kind"),
         case("kind in other case", job(json!({"kind": "VAULT.PUT", "payload": {"record": {}}})), 422, "unknown-kind"),
         case("priority above 9", job(json!({"kind": "vault.put", "payload": {"record": {}}, "priority": 10})), 422, "invalid-priority"),
+        case("priority not whole", job(json!({"kind": "vault.put", "payload": {"record": {}}, "priority": 6.5})), 400, "invalid-envelope"),
         // Sequences.
         case("sequenced kind without sequence", job(json!({"kind": "ledger.apply", "payload": {"account": "a", "amount": 1}})), 422, "invalid-sequence"),
         case("sequence on an unsequenced kind", job(json!({"kind": "vault.put", "payload": {"record": {}}, "sequence": {"key": "k", "number": 1}})), 422, "invalid-sequence"),

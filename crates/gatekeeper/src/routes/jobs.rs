@@ -106,7 +106,8 @@ async fn accept(
     let priority = match req.priority {
         None => spec.priority.min(policy.max_priority),
         Some(p) => {
-            let p = Priority::new(p).map_err(|m| {
+            let in_range = u8::try_from(p).map_err(|_| "priority must be between 0 and 9");
+            let p = in_range.and_then(Priority::new).map_err(|m| {
                 Problem::validation("Invalid priority", "invalid-priority", vec![field("/priority", m)])
             })?;
             if p > policy.max_priority {
