@@ -55,6 +55,7 @@ pub struct Context {
     pub testing: bool,
     /// The handlers and schemas of the kinds this worker runs.
     pub kinds: Arc<Kinds>,
+    pub metrics: Arc<crate::metrics::WorkerMetrics>,
     /// Becomes `true` when the worker begins to shut down (handlers see it in their context).
     pub stop: tokio::sync::watch::Receiver<bool>,
     /// Retry queues declared on this connection.
@@ -158,6 +159,7 @@ impl Job<'_> {
     /// commit). Its handler runs on the storage thread, where a panic is caught: nothing it
     /// does can take the process down, so it needs no crash isolation.
     async fn decide_and_run(&self, replay: Option<u64>) {
+        let started = std::time::Instant::now();
         let decided = {
             let (catalog, kinds, spec, keys, arrival) = (
                 self.ctx.catalog.clone(),
@@ -173,6 +175,7 @@ impl Job<'_> {
                 })
                 .await
         };
+        self.ctx.metrics.handler_took(&self.env.kind, started.elapsed());
         let error = match decided {
             Ok(d) => return self.settle_decided(d).await,
             Err(ApplyError::Retry(e)) => e,
@@ -223,8 +226,11 @@ impl Job<'_> {
             }
         };
         let (ctx, spec, env) = (self.ctx, &self.spec, &self.env);
-        match run(ctx, spec, env, &self.target, attempt).await {
-            Ok(answers) => finish(ctx, self.delivery, &answers).await,
+        let started = std::time::Instant::now();
+        let ran = run(ctx, spec, env, &self.target, attempt).await;
+        ctx.metrics.handler_took(&env.kind, started.elapsed());
+        match ran {
+            Ok(answers) => finish(ctx, self.delivery, &self.env.kind, &answers).await,
             Err(error) => self.failed(attempt, error).await,
         }
     }
@@ -258,6 +264,7 @@ impl Job<'_> {
         match retried.await {
             Ok(()) => {
                 tracing::info!(delay_ms = delay, "retry scheduled");
+                ctx.metrics.retried(&env.kind);
                 let mut status = JobStatus::new(env.id.clone(), JobState::Retrying);
                 status.error = Some(error);
                 reply::send(ctx, &self.target, &status).await;
@@ -272,7 +279,7 @@ impl Job<'_> {
 
     async fn settle_decided(&self, decided: Decided) {
         match decided {
-            Decided::Done(answers) => finish(self.ctx, self.delivery, &answers).await,
+            Decided::Done(answers) => finish(self.ctx, self.delivery, &self.env.kind, &answers).await,
             Decided::ParkedLimit => {
                 let error = Some(format!(
                     "{} already has {} jobs waiting for earlier sequence numbers",
@@ -396,6 +403,7 @@ async fn dead_letter(
         tracing::warn!(error = %e, "could not dead-letter; requeueing");
         return requeue_after_pause(ctx, delivery).await;
     }
+    ctx.metrics.dead_lettered(dead.reason);
     tracing::warn!(
         reason = dead.reason,
         attempts = dead.attempts,
@@ -490,8 +498,9 @@ fn check_delivery(
     }
 }
 
-async fn finish(ctx: &Context, delivery: &Delivery, answers: &[Answer]) {
+async fn finish(ctx: &Context, delivery: &Delivery, kind: &str, answers: &[Answer]) {
     for a in answers {
+        ctx.metrics.decided(kind, a.status.status.as_str());
         tracing::debug!(job_id = %a.status.id, status = a.status.status.as_str(), "job decided");
         reply::send(ctx, &a.target, &a.status).await;
     }

@@ -16,6 +16,7 @@ pub mod gaps;
 pub mod handlers;
 pub mod job_locks;
 pub mod keys;
+pub mod metrics;
 pub mod process;
 pub mod reply;
 pub mod settings;

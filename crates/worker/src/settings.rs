@@ -15,6 +15,22 @@ pub struct WorkerSettings {
     pub keys: KeySettings,
     #[serde(default)]
     pub testing: TestingSettings,
+    #[serde(default)]
+    pub admin: AdminSettings,
+}
+
+/// The worker's admin listener: `/healthz`, `/readyz`, `/metrics` over plain HTTP.
+#[derive(Debug, Clone, Deserialize)]
+pub struct AdminSettings {
+    /// Keep it on loopback (or a management network): it has no TLS and no authentication.
+    /// Port 0 picks a free port.
+    pub listen: std::net::SocketAddr,
+}
+
+impl Default for AdminSettings {
+    fn default() -> Self {
+        Self { listen: std::net::SocketAddr::from(([127, 0, 0, 1], 9102)) }
+    }
 }
 
 /// Key files (see `gatehouse_protocol::keys`).

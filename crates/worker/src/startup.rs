@@ -27,6 +27,7 @@ use crate::consumer::{self, Context};
 use crate::gaps;
 use crate::handlers::{Handler, Kinds, Registry};
 use crate::keys::WorkerKeys;
+use crate::metrics::WorkerMetrics;
 use crate::settings::WorkerSettings;
 
 /// Longest pause between reconnection attempts.
@@ -41,6 +42,9 @@ pub struct Worker {
     isolation: Arc<tokio::sync::RwLock<()>>,
     keys: Arc<WorkerKeys>,
     kinds: Arc<Kinds>,
+    metrics: Arc<WorkerMetrics>,
+    /// The admin listener (`/healthz`, `/readyz`, `/metrics`), bound at build.
+    admin: Option<tokio::net::TcpListener>,
     /// Tells handlers and consumers that the worker is stopping.
     stop: (watch::Sender<bool>, watch::Receiver<bool>),
     session: Option<Session>,
@@ -112,6 +116,10 @@ impl WorkerBuilder {
             .with_context(|| format!("opening {}", settings.storage.path.display()))?;
         let isolation = Arc::new(tokio::sync::RwLock::new(()));
         let stop = watch::channel(false);
+        let metrics = Arc::new(WorkerMetrics::default());
+        let admin = tokio::net::TcpListener::bind(settings.admin.listen)
+            .await
+            .with_context(|| format!("binding the admin listener {}", settings.admin.listen))?;
         let mut backoff = Backoff::new(Duration::from_millis(250), MAX_BACKOFF);
         let shared = Shared {
             store: &store,
@@ -119,6 +127,7 @@ impl WorkerBuilder {
             isolation: &isolation,
             keys: &keys,
             kinds: &kinds,
+            metrics: &metrics,
             stop: &stop.1,
         };
         // A broker that does not answer yet (starting, restarting) is waited for in `run`;
@@ -131,7 +140,20 @@ impl WorkerBuilder {
             }
             Err(e) => return Err(e),
         };
-        Ok(Worker { settings, store, catalog, isolation, keys, kinds, stop, session, backoff })
+        let admin = Some(admin);
+        Ok(Worker {
+            settings,
+            store,
+            catalog,
+            isolation,
+            keys,
+            kinds,
+            metrics,
+            admin,
+            stop,
+            session,
+            backoff,
+        })
     }
 }
 
@@ -142,6 +164,7 @@ struct Shared<'a> {
     isolation: &'a Arc<tokio::sync::RwLock<()>>,
     keys: &'a Arc<WorkerKeys>,
     kinds: &'a Arc<Kinds>,
+    metrics: &'a Arc<WorkerMetrics>,
     stop: &'a watch::Receiver<bool>,
 }
 
@@ -168,6 +191,14 @@ impl Worker {
         WorkerBuilder { settings, registry: Registry::default() }
     }
 
+    /// The bound admin address (`/healthz`, `/readyz`, `/metrics`).
+    ///
+    /// # Errors
+    /// When the socket has no local address.
+    pub fn admin_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.admin.as_ref().map_or_else(|| Err(std::io::ErrorKind::NotConnected.into()), |a| a.local_addr())
+    }
+
     /// The standard worker: the built-in kinds (and the `test.*` kinds when testing is on).
     ///
     /// # Errors
@@ -189,6 +220,22 @@ impl Worker {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let (stop_tx, stop) = (self.stop.0.clone(), self.stop.1.clone());
+        let admin = crate::metrics::router(crate::metrics::Admin {
+            metrics: self.metrics.clone(),
+            store: self.store.clone(),
+        });
+        let listener = self.admin.take().context("the admin listener is served once")?;
+        let mut admin_stop = stop.clone();
+        tokio::spawn(async move {
+            let served = axum::serve(listener, admin)
+                .with_graceful_shutdown(async move {
+                    let _ = admin_stop.wait_for(|s| *s).await;
+                })
+                .await;
+            if let Err(e) = served {
+                tracing::warn!(error = %e, "admin listener stopped");
+            }
+        });
         tokio::spawn(async move {
             shutdown.await;
             let _ = stop_tx.send(true);
@@ -203,6 +250,7 @@ impl Worker {
                         isolation: &self.isolation,
                         keys: &self.keys,
                         kinds: &self.kinds,
+                        metrics: &self.metrics,
                         stop: &self.stop.1,
                     };
                     match Session::open(&self.settings, &shared).await {
@@ -246,7 +294,7 @@ enum Ended {
 
 impl Session {
     async fn open(settings: &WorkerSettings, shared: &Shared<'_>) -> anyhow::Result<Self> {
-        let Shared { store, catalog, isolation, keys, kinds, stop } = *shared;
+        let Shared { store, catalog, isolation, keys, kinds, metrics, stop } = *shared;
         let connection = gatehouse_broker::connect_with(&settings.broker, "gatehouse-worker")
             .await
             .context("connecting to the broker")?;
@@ -263,6 +311,7 @@ impl Session {
             topology,
             testing: settings.testing.enabled,
             kinds: kinds.clone(),
+            metrics: metrics.clone(),
             stop: stop.clone(),
             retry_queues: Mutex::new(Default::default()),
             isolation: isolation.clone(),
@@ -297,6 +346,7 @@ impl Session {
         tags.push((control.clone(), "worker.control".to_owned()));
         drop(tx);
         tracing::info!(prefetch = settings.consumer.prefetch, "worker consuming");
+        self.ctx.metrics.set_ready(true);
 
         let sweeper = {
             let ctx = self.ctx.clone();
@@ -317,6 +367,7 @@ impl Session {
             }
         };
         sweeper.abort();
+        self.ctx.metrics.set_ready(false);
 
         // No new deliveries; give back the ones received but not started.
         for (channel, tag) in &tags {

@@ -159,6 +159,8 @@ pub struct TestSystem {
     pub addr: SocketAddr,
     /// The gatekeeper's plain-HTTP admin listener.
     pub admin_addr: SocketAddr,
+    /// The in-process worker's admin listener (`/metrics`); `None` for a worker process.
+    pub worker_admin_addr: Option<SocketAddr>,
     /// Reloads the gatekeeper's policy file (what SIGHUP does in the process).
     pub policy: gatehouse_gatekeeper::startup::PolicyReloader,
     pub certs: TempDir,
@@ -291,10 +293,13 @@ impl TestSystem {
                 max_message_age_s: 3600,
             },
             testing: TestingSettings { enabled: options.testing },
+            admin: gatehouse_worker::settings::AdminSettings { listen: "127.0.0.1:0".parse().expect("addr") },
         };
+        let mut worker_admin_addr = None;
         let worker = match options.worker_binary {
             None => {
                 let w = Worker::build(worker_settings.clone()).await.expect("worker builds");
+                worker_admin_addr = w.admin_addr().ok();
                 let (stop, rx) = oneshot::channel();
                 let task = tokio::spawn(w.run_until_stopped(until(rx)));
                 WorkerRun::InProcess { stop: Some(stop), task: Some(task) }
@@ -360,6 +365,7 @@ impl TestSystem {
         let system = Self {
             addr,
             admin_addr,
+            worker_admin_addr,
             policy,
             certs,
             prefix,
@@ -548,7 +554,7 @@ fn worker_toml(s: &WorkerSettings) -> String {
         "[broker]\nurl = \"{}\"\nprefix = \"{}\"\n\n[consumer]\nprefetch = {}\nstopping_wait_time_ms = {}\nmax_parked_per_client = {}\n\n\
          [storage]\npath = \"{}\"\n\n[catalog]\npath = \"{}\"\n\n[testing]\nenabled = {}\n\n\
          [keys]\nsealing_key = \"{}\"\ngatekeeper_signing_keys = [\"{}\"]\n\
-         operator_keys = [\"{}\"]\ndata_keyring = \"{}\"\nmax_message_age_s = {}\n",
+         operator_keys = [\"{}\"]\ndata_keyring = \"{}\"\nmax_message_age_s = {}\n\n[admin]\nlisten = \"127.0.0.1:0\"\n",
         s.broker.url.expose(),
         s.broker.prefix,
         s.consumer.prefetch,

@@ -1,0 +1,150 @@
+//! The worker's metrics (Prometheus, `prometheus-client`) and its admin listener: plain HTTP on
+//! `[admin] listen` (default `127.0.0.1:9102`; keep it private) with `/healthz`, `/readyz`
+//! (a broker session is consuming) and `/metrics`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use gatehouse_storage::Store;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Outcome {
+    kind: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Kind {
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Reason {
+    reason: String,
+}
+
+/// What the worker counts.
+pub struct WorkerMetrics {
+    registry: Registry,
+    jobs: Family<Outcome, Counter>,
+    handler_seconds: Family<Kind, Histogram>,
+    retries: Family<Kind, Counter>,
+    dead_letters: Family<Reason, Counter>,
+    parked: Gauge,
+    connected: Gauge,
+    /// Whether a broker session is consuming (`/readyz`).
+    pub ready: AtomicBool,
+}
+
+impl Default for WorkerMetrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("gatehouse_worker");
+        let jobs = Family::<Outcome, Counter>::default();
+        registry.register("jobs", "Jobs decided, by kind and outcome (status)", jobs.clone());
+        let handler_seconds = Family::<Kind, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.000_25, 2.0, 16))
+        });
+        registry.register(
+            "handler_duration_seconds",
+            "Time to decide and run a job (storage kinds: the whole transaction; external kinds: the handler)",
+            handler_seconds.clone(),
+        );
+        let retries = Family::<Kind, Counter>::default();
+        registry.register("retries", "Failed attempts sent to a retry queue, by kind", retries.clone());
+        let dead_letters = Family::<Reason, Counter>::default();
+        registry.register("dead_letters", "Messages dead-lettered, by reason", dead_letters.clone());
+        let parked = Gauge::default();
+        registry.register("parked_jobs", "Jobs waiting for an earlier sequence number", parked.clone());
+        let connected = Gauge::default();
+        registry.register("broker_connected", "Whether a broker session is consuming", connected.clone());
+        Self {
+            registry,
+            jobs,
+            handler_seconds,
+            retries,
+            dead_letters,
+            parked,
+            connected,
+            ready: AtomicBool::new(false),
+        }
+    }
+}
+
+impl WorkerMetrics {
+    /// A job of `kind` ended in `status` (its state's name).
+    pub fn decided(&self, kind: &str, status: &str) {
+        self.jobs.get_or_create(&Outcome { kind: kind.to_owned(), outcome: status.to_owned() }).inc();
+    }
+
+    pub fn handler_took(&self, kind: &str, took: Duration) {
+        self.handler_seconds.get_or_create(&Kind { kind: kind.to_owned() }).observe(took.as_secs_f64());
+    }
+
+    pub fn retried(&self, kind: &str) {
+        self.retries.get_or_create(&Kind { kind: kind.to_owned() }).inc();
+    }
+
+    pub fn dead_lettered(&self, reason: &str) {
+        self.dead_letters.get_or_create(&Reason { reason: reason.to_owned() }).inc();
+    }
+
+    /// Whether a broker session is consuming.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+        self.connected.set(i64::from(ready));
+    }
+
+    fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// What the admin listener needs.
+#[derive(Clone)]
+pub struct Admin {
+    pub metrics: Arc<WorkerMetrics>,
+    pub store: Store,
+}
+
+/// `/healthz`, `/readyz`, `/metrics`.
+pub fn router(admin: Admin) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(admin)
+}
+
+async fn readyz(State(a): State<Admin>) -> impl IntoResponse {
+    if a.metrics.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "no broker session")
+    }
+}
+
+async fn metrics(State(a): State<Admin>) -> impl IntoResponse {
+    // Read at scrape time: the storage knows, not a counter that could drift.
+    if let Ok(n) = a.store.transact(|tx| tx.parked_count()).await {
+        a.metrics.parked.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        a.metrics.encode(),
+    )
+}
