@@ -18,6 +18,7 @@ pub fn router(app: Arc<App>) -> Router {
         .with_state(app)
 }
 
-async fn metrics(State(app): State<Arc<App>>) -> String {
-    app.metrics.render(app.replies.late_count(), app.replies.forged_count(), app.link.publisher().is_some())
+async fn metrics(State(app): State<Arc<App>>) -> impl axum::response::IntoResponse {
+    let text = app.metrics.render(app.link.publisher().is_some());
+    ([(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)
 }

@@ -10,7 +10,6 @@
 //! any more are dropped and counted.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures_util::StreamExt;
@@ -18,6 +17,7 @@ use gatehouse_broker::lapin::Channel;
 use gatehouse_broker::lapin::options::BasicConsumeOptions;
 use gatehouse_broker::lapin::types::FieldTable;
 use gatehouse_protocol::{JobId, JobStatus, SealedReply};
+use prometheus_client::metrics::counter::Counter;
 use ring::rand::{SecureRandom, SystemRandom};
 use tokio::sync::mpsc;
 
@@ -33,8 +33,8 @@ pub struct Replies {
     queue: String,
     max_pending: usize,
     pending: Mutex<HashMap<String, Pending>>,
-    late: AtomicU64,
-    forged: AtomicU64,
+    late: Counter,
+    forged: Counter,
     rng: SystemRandom,
 }
 
@@ -59,15 +59,21 @@ pub struct Waiter {
 }
 
 impl Replies {
-    /// `instance` names this process; `queue` is its reply queue.
-    pub fn new(instance: String, queue: String, max_pending: usize) -> Arc<Self> {
+    /// `instance` names this process; `queue` is its reply queue; `(late, forged)` count the
+    /// replies nobody waited for any more and those that did not open (the metrics' counters).
+    pub fn new(
+        instance: String,
+        queue: String,
+        max_pending: usize,
+        (late, forged): (Counter, Counter),
+    ) -> Arc<Self> {
         Arc::new(Self {
             instance,
             queue,
             max_pending,
             pending: Mutex::new(HashMap::new()),
-            late: AtomicU64::new(0),
-            forged: AtomicU64::new(0),
+            late,
+            forged,
             rng: SystemRandom::new(),
         })
     }
@@ -104,7 +110,7 @@ impl Replies {
     /// dropped and counted as forged.
     fn complete(&self, correlation_id: &str, reply: &SealedReply, keys: &GatekeeperKeys) {
         let Some(p) = self.lock().get(correlation_id).cloned() else {
-            self.late.fetch_add(1, Ordering::Relaxed);
+            self.late.inc();
             return;
         };
         let opened = keys
@@ -114,11 +120,11 @@ impl Replies {
         match opened {
             Ok(status) => {
                 if p.tx.try_send(status).is_err() {
-                    self.late.fetch_add(1, Ordering::Relaxed);
+                    self.late.inc();
                 }
             }
             Err(_) => {
-                self.forged.fetch_add(1, Ordering::Relaxed);
+                self.forged.inc();
                 tracing::warn!("a reply that does not open for its request was dropped");
             }
         }
@@ -126,13 +132,13 @@ impl Replies {
 
     /// Replies that arrived after their request had stopped waiting.
     pub fn late_count(&self) -> u64 {
-        self.late.load(Ordering::Relaxed)
+        self.late.get()
     }
 
     /// Replies dropped because they did not open for the request they named (forged, altered,
     /// someone else's answer, or sealed in a session past the reply window).
     pub fn forged_count(&self) -> u64 {
-        self.forged.load(Ordering::Relaxed)
+        self.forged.get()
     }
 
     /// Requests waiting now.
@@ -175,7 +181,7 @@ impl Replies {
                 match serde_json::from_slice::<SealedReply>(&d.data) {
                     Ok(reply) => self.complete(&cid, &reply, &keys),
                     Err(_) => {
-                        self.forged.fetch_add(1, Ordering::Relaxed);
+                        self.forged.inc();
                         tracing::warn!("an undecodable reply was dropped");
                     }
                 }
@@ -210,7 +216,7 @@ mod tests {
 
     #[tokio::test]
     async fn bounded_and_cleaned_on_drop() {
-        let r = Replies::new("i".into(), "q".into(), 2);
+        let r = Replies::new("i".into(), "q".into(), 2, Default::default());
         let job = JobId::from_bytes([0; 16]);
         let a = r.register(&job, "c").unwrap();
         let _b = r.register(&job, "c").unwrap();

@@ -54,7 +54,13 @@ impl Gatekeeper {
 
         let topology = settings.broker.topology();
         let instance = instance_id();
-        let replies = Replies::new(instance.clone(), topology.reply_queue(&instance), MAX_PENDING_REPLIES);
+        let metrics = crate::metrics::Metrics::default();
+        let replies = Replies::new(
+            instance.clone(),
+            topology.reply_queue(&instance),
+            MAX_PENDING_REPLIES,
+            (metrics.late_replies.clone(), metrics.forged_replies.clone()),
+        );
         let keys = Arc::new(GatekeeperKeys::load(&settings.keys)?);
         let (link, supervisor) =
             BrokerLink::start(settings.broker.clone(), replies.clone(), keys.clone()).await;
@@ -63,7 +69,7 @@ impl Gatekeeper {
             catalog,
             schemas,
             policy,
-            metrics: Default::default(),
+            metrics,
             rate: Default::default(),
             ids,
             link,

@@ -278,5 +278,16 @@ async fn a_policy_reload_takes_effect_on_open_connections_and_is_counted() {
     assert!(metrics.contains("gatehouse_jobs_accepted_total 2"), "{metrics}");
     assert!(metrics.contains("gatehouse_requests_rejected_total{reason=\"unknown-client\"} 1"), "{metrics}");
     assert!(metrics.contains("gatehouse_broker_connected 1"), "{metrics}");
+    // Request durations by route pattern and status.
+    assert!(
+        metrics.lines().any(|l| l
+            .starts_with(r#"gatehouse_request_duration_seconds_count{route="/v1/jobs",status="202"}"#)
+            || l.starts_with(r#"gatehouse_request_duration_seconds_count{route="/v1/jobs",status="200"}"#)),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"gatehouse_request_duration_seconds_count{route="/v1/jobs",status="403"} 1"#),
+        "{metrics}"
+    );
     sys.stop().await;
 }

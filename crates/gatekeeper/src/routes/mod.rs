@@ -65,6 +65,22 @@ async fn request_timeout(
     }
 }
 
+/// Times each routed request into the metrics, by route pattern and status.
+async fn observe(
+    axum::extract::State(app): axum::extract::State<Arc<App>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let started = std::time::Instant::now();
+    let res = next.run(req).await;
+    app.metrics.request(&route, res.status().as_u16(), started.elapsed());
+    res
+}
+
 /// The API router. The client identity is inserted per connection by [`crate::server`].
 pub fn router(app: Arc<App>) -> Router {
     let limit = app.max_body_bytes;
@@ -74,6 +90,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/openapi.json", get(openapi))
+        // After routing, so that the route's pattern (not the raw path) labels the histogram.
+        .route_layer(axum::middleware::from_fn_with_state(app.clone(), observe))
         .fallback(|| async {
             Problem::new(axum::http::StatusCode::NOT_FOUND, "no-such-route", "Not found", "no such route")
         })
