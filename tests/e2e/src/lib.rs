@@ -84,6 +84,33 @@ pub fn private_node_home() -> PathBuf {
     repo_root().join(".gatehouse/rabbitmq")
 }
 
+/// Everything the in-process components log (gatekeeper, in-process worker) at `filter`, for
+/// this test binary: the first call installs the subscriber, later calls share its buffer.
+pub fn captured_logs(filter: &str) -> Arc<Mutex<Vec<u8>>> {
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let writer = buf.clone();
+        let make = move || LogCapture(writer.clone());
+        let _ =
+            tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false).with_writer(make).try_init();
+        buf
+    })
+    .clone()
+}
+
+struct LogCapture(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogCapture {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// The dead letters of `sys` (as `gatehouse dlq list` shows them), once there are `n` (or after
 /// 20 s, whatever there are then).
 pub async fn dead_letters(sys: &TestSystem, n: usize) -> Vec<Value> {

@@ -2,8 +2,7 @@
 //! that the gatekeeper did not sign, and sensitive data appears in no queue, dead letter,
 //! database file or log.
 
-use std::io::Write;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use gatehouse_broker::lapin::options::{
@@ -19,30 +18,10 @@ use gatehouse_e2e::{
 use gatehouse_protocol::{crypto, hex, keys};
 use serde_json::{Value, json};
 
-/// Everything every in-process component logs, at every level, for this test binary.
+/// Everything every in-process component logs, at every level, for this test binary (all
+/// tests of this binary share it; each looks only for its own secrets).
 fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
-    // (All tests of this binary share it; each looks only for its own secrets.)
-    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
-    LOGS.get_or_init(|| {
-        let buf = Arc::new(Mutex::new(Vec::new()));
-        let writer = buf.clone();
-        let make = move || Capture(writer.clone());
-        let _ = tracing_subscriber::fmt().with_env_filter("trace").with_writer(make).try_init();
-        buf
-    })
-    .clone()
-}
-
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
+    gatehouse_e2e::captured_logs("trace")
 }
 
 fn url_as(user: &str, password: &str, vhost: &str) -> String {

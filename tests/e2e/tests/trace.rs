@@ -2,35 +2,15 @@
 //! `traceparent` (or a fresh one) travels inside the vouched job, the gatekeeper's and the
 //! worker's log lines for the job carry its trace id, and the response echoes it.
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use gatehouse_client::Method;
 use gatehouse_e2e::{Options, TestSystem};
 
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_trace_id_goes_from_the_client_through_gatekeeper_and_worker_logs_and_back() {
     // The gatekeeper runs in this process: its log lines land here.
-    let gatekeeper_log = Arc::new(Mutex::new(Vec::new()));
-    let writer = gatekeeper_log.clone();
-    tracing_subscriber::fmt()
-        .with_env_filter("debug,lapin=warn")
-        .with_ansi(false)
-        .with_writer(move || Capture(writer.clone()))
-        .init();
+    let gatekeeper_log = gatehouse_e2e::captured_logs("debug,lapin=warn");
     let sys = TestSystem::start_with(Options {
         worker_binary: Some(env!("CARGO_BIN_EXE_e2e-worker")),
         worker_log: Some("debug,lapin=warn"),
