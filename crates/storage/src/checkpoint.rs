@@ -79,7 +79,7 @@ impl Turn {
 impl Checkpoints {
     /// Starts the checkpoint thread for the database at `path` (whose writer must have
     /// automatic checkpoints turned off); it ends when this is dropped.
-    pub(crate) fn start(path: &Path) -> Result<Self, StorageError> {
+    pub(crate) fn start(path: &Path, observer: crate::Observer) -> Result<Self, StorageError> {
         let conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(5))?;
         let db = File::open(path)
@@ -89,7 +89,7 @@ impl Checkpoints {
         let writer_turn = turn.clone();
         thread::Builder::new()
             .name("gatehouse-checkpoint".into())
-            .spawn(move || run(&conn, &db, &rx, &writer_turn))
+            .spawn(move || run(&conn, &db, &rx, &writer_turn, &observer))
             .map_err(|e| StorageError::Corrupt(format!("cannot start checkpoint thread: {e}")))?;
         Ok(Self { committed, turn })
     }
@@ -108,11 +108,18 @@ impl Checkpoints {
     }
 }
 
-fn run(conn: &Connection, db: &File, committed: &Receiver<()>, turn: &Turn) {
+fn run(conn: &Connection, db: &File, committed: &Receiver<()>, turn: &Turn, observer: &crate::Observer) {
+    let told = |started: Instant, rewind: bool| {
+        if let Some(o) = observer.get() {
+            o.checkpointed(started.elapsed(), rewind);
+        }
+    };
     while committed.recv().is_ok() {
         thread::sleep(PAUSE);
         while committed.try_recv().is_ok() {}
+        let started = Instant::now();
         let done = pass(conn, db).and_then(|log| {
+            told(started, false);
             if log < REWIND_AT {
                 return Ok(());
             }
@@ -126,7 +133,10 @@ fn run(conn: &Connection, db: &File, committed: &Receiver<()>, turn: &Turn) {
             }
             // ... then, with the writer held off, copy the rest: its next transaction starts
             // the log afresh.
-            turn.between_transactions(|| checkpoint(conn).map(drop)).map_err(Into::into)
+            let rewind = Instant::now();
+            let rewound = turn.between_transactions(|| checkpoint(conn).map(drop));
+            told(rewind, true);
+            rewound.map_err(Into::into)
         });
         // The next commit brings another try; meanwhile the log only grows.
         if let Err(e) = done {

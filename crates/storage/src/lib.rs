@@ -71,6 +71,18 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "unknown panic".into())
 }
 
+/// Told what the storage thread and the checkpoint thread do (the worker turns it into
+/// metrics). Called on those threads: keep it cheap.
+pub trait StorageObserver: Send + Sync {
+    /// A group commit of `closures` closures took `took` (BEGIN to COMMIT, fsync included).
+    fn committed(&self, took: std::time::Duration, closures: usize);
+    /// A checkpoint pass (`rewind`: the one that holds the writer off and restarts the log).
+    fn checkpointed(&self, took: std::time::Duration, rewind: bool);
+}
+
+/// Where the observer is, once set ([`Store::observe`]).
+pub(crate) type Observer = std::sync::Arc<std::sync::OnceLock<std::sync::Arc<dyn StorageObserver>>>;
+
 /// One closure's part of a batch: run it inside its savepoint; it answers whether it
 /// succeeded (keep its writes) and how to deliver its result once the batch's fate is known.
 type Work = Box<dyn FnOnce(&Connection, &Keyring) -> Finish + Send>;
@@ -89,8 +101,15 @@ const MAX_BATCH: usize = 128;
 /// The storage thread: group commit. It takes every closure waiting (up to [`MAX_BATCH`]),
 /// runs each in its own savepoint inside one transaction, commits once (one fsync for the
 /// lot), and only then answers each: no caller hears `Ok` before its writes are durable.
-fn serve(conn: &Connection, keyring: &Keyring, rx: &mut mpsc::Receiver<Work>, checkpoints: &Checkpoints) {
+fn serve(
+    conn: &Connection,
+    keyring: &Keyring,
+    rx: &mut mpsc::Receiver<Work>,
+    checkpoints: &Checkpoints,
+    observer: &Observer,
+) {
     while let Some(first) = rx.blocking_recv() {
+        let started = std::time::Instant::now();
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -122,6 +141,9 @@ fn serve(conn: &Connection, keyring: &Keyring, rx: &mut mpsc::Receiver<Work>, ch
         drop(turn);
         if committed.is_ok() {
             checkpoints.committed();
+            if let Some(o) = observer.get() {
+                o.committed(started.elapsed(), finished.len());
+            }
         }
         for (deliver, own_error) in finished {
             deliver(committed.as_ref().err().or(own_error.as_ref()).map(String::as_str));
@@ -154,6 +176,7 @@ fn private_file(path: &Path) -> Result<(), StorageError> {
 #[derive(Clone)]
 pub struct Store {
     work: mpsc::Sender<Work>,
+    observer: Observer,
 }
 
 impl Store {
@@ -187,14 +210,21 @@ impl Store {
         // grew beyond 64 MiB during a long burst is cut back.
         conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
-        let checkpoints = Checkpoints::start(path)?;
+        let observer = Observer::default();
+        let checkpoints = Checkpoints::start(path, observer.clone())?;
 
         let (work, mut rx) = mpsc::channel::<Work>(1024);
+        let serving = observer.clone();
         thread::Builder::new()
             .name("gatehouse-storage".into())
-            .spawn(move || serve(&conn, &keyring, &mut rx, &checkpoints))
+            .spawn(move || serve(&conn, &keyring, &mut rx, &checkpoints, &serving))
             .map_err(|e| StorageError::Corrupt(format!("cannot start storage thread: {e}")))?;
-        Ok(Self { work })
+        Ok(Self { work, observer })
+    }
+
+    /// Sets who is told about commits and checkpoints (once; later calls are ignored).
+    pub fn observe(&self, observer: std::sync::Arc<dyn StorageObserver>) {
+        let _ = self.observer.set(observer);
     }
 
     /// Runs `f` atomically on the storage thread: its writes are kept and committed when it

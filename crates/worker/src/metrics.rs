@@ -31,6 +31,12 @@ struct Kind {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Checkpoint {
+    /// `pass` (beside the writer) or `rewind` (holds the writer off, restarts the log).
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Reason {
     reason: String,
 }
@@ -44,6 +50,9 @@ pub struct WorkerMetrics {
     dead_letters: Family<Reason, Counter>,
     parked: Gauge,
     connected: Gauge,
+    commit_seconds: Histogram,
+    commit_group: Histogram,
+    checkpoint_seconds: Family<Checkpoint, Histogram>,
     /// Whether a broker session is consuming (`/readyz`).
     pub ready: AtomicBool,
 }
@@ -69,6 +78,26 @@ impl Default for WorkerMetrics {
         registry.register("parked_jobs", "Jobs waiting for an earlier sequence number", parked.clone());
         let connected = Gauge::default();
         registry.register("broker_connected", "Whether a broker session is consuming", connected.clone());
+        let commit_seconds = Histogram::new(exponential_buckets(0.000_25, 2.0, 14));
+        registry.register(
+            "storage_commit_duration_seconds",
+            "Group commits: BEGIN to COMMIT, fsync included",
+            commit_seconds.clone(),
+        );
+        let commit_group = Histogram::new(exponential_buckets(1.0, 2.0, 8));
+        registry.register(
+            "storage_commit_group_size",
+            "Closures (job decisions) per group commit",
+            commit_group.clone(),
+        );
+        let checkpoint_seconds = Family::<Checkpoint, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.001, 2.0, 14))
+        });
+        registry.register(
+            "storage_checkpoint_duration_seconds",
+            "WAL checkpoints: passes beside the writer and rewinds of the log",
+            checkpoint_seconds.clone(),
+        );
         Self {
             registry,
             jobs,
@@ -77,6 +106,9 @@ impl Default for WorkerMetrics {
             dead_letters,
             parked,
             connected,
+            commit_seconds,
+            commit_group,
+            checkpoint_seconds,
             ready: AtomicBool::new(false),
         }
     }
@@ -111,6 +143,18 @@ impl WorkerMetrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+impl gatehouse_storage::StorageObserver for WorkerMetrics {
+    fn committed(&self, took: Duration, closures: usize) {
+        self.commit_seconds.observe(took.as_secs_f64());
+        self.commit_group.observe(closures as f64);
+    }
+
+    fn checkpointed(&self, took: Duration, rewind: bool) {
+        let kind = if rewind { "rewind" } else { "pass" };
+        self.checkpoint_seconds.get_or_create(&Checkpoint { kind: kind.into() }).observe(took.as_secs_f64());
     }
 }
 

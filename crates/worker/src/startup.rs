@@ -117,6 +117,7 @@ impl WorkerBuilder {
         let isolation = Arc::new(tokio::sync::RwLock::new(()));
         let stop = watch::channel(false);
         let metrics = Arc::new(WorkerMetrics::default());
+        store.observe(metrics.clone());
         let admin = tokio::net::TcpListener::bind(settings.admin.listen)
             .await
             .with_context(|| format!("binding the admin listener {}", settings.admin.listen))?;

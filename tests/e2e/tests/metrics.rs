@@ -48,5 +48,18 @@ async fn the_worker_metrics_count_jobs_retries_dead_letters_and_parked_jobs() {
     ] {
         assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
     }
+    // Storage: group commits (at least one per decided job here, which ran one at a time) and
+    // their sizes, and the checkpoint passes that follow commits.
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+    };
+    assert!(value("gatehouse_worker_storage_commit_duration_seconds_count ") >= 5.0, "{text}");
+    assert!(value("gatehouse_worker_storage_commit_group_size_sum ") >= 5.0, "{text}");
+    assert!(
+        value(r#"gatehouse_worker_storage_checkpoint_duration_seconds_count{kind="pass"} "#) >= 1.0,
+        "{text}"
+    );
     sys.stop().await;
 }
