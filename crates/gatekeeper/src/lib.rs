@@ -13,6 +13,7 @@ pub mod ids;
 pub mod keys;
 pub mod link;
 pub mod metrics;
+pub mod openapi;
 pub mod policy;
 pub mod problem;
 pub mod process;

@@ -41,6 +41,7 @@ impl Gatekeeper {
     pub async fn build(settings: GatekeeperSettings) -> anyhow::Result<Self> {
         let catalog = Catalog::load(&settings.catalog.path)?;
         let schemas = Schemas::compile(&catalog)?;
+        let openapi = crate::openapi::build(&catalog).map_err(anyhow::Error::msg)?;
         let policy = LivePolicy::load(&settings.policy.path)
             .with_context(|| format!("loading policy {}", settings.policy.path.display()))?;
         let ids = IdMinter::from_file(&settings.ids.secret_file)?;
@@ -70,6 +71,7 @@ impl Gatekeeper {
             schemas,
             policy,
             metrics,
+            openapi,
             rate: Default::default(),
             ids,
             link,

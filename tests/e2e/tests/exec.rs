@@ -236,5 +236,12 @@ async fn the_shipped_executable_examples_run_in_both_modes() {
         let res = conn.submit(&json!({"kind": kind, "payload": {"text": "Ada"}}), Some(10)).await.unwrap();
         assert_eq!(res.json()["result"], json!({"upper": "ADA"}), "{kind}: {}", res.text());
     }
+    // The served API document knows the kinds added to the catalog, with their payload schema.
+    let res = conn.request(gatehouse_client::Method::GET, "/openapi.json", &[], Vec::new()).await.unwrap();
+    let doc: Value = serde_json::from_slice(&res.body).unwrap();
+    let submit = &doc["components"]["schemas"]["SubmitRequest"];
+    assert!(submit["properties"]["kind"]["enum"].as_array().unwrap().contains(&json!("acme.upper-stream")));
+    let variant = submit["oneOf"].as_array().unwrap().iter().find(|v| v["title"] == "acme.upper").unwrap();
+    assert_eq!(variant["properties"]["payload"]["required"], json!(["text"]), "{variant}");
     sys.stop().await;
 }

@@ -27,6 +27,8 @@ pub struct App {
     pub schemas: Schemas,
     pub policy: LivePolicy,
     pub metrics: Metrics,
+    /// The served OpenAPI document (built from the catalog at start-up).
+    pub openapi: String,
     pub rate: RateLimiter,
     pub ids: IdMinter,
     pub link: Arc<BrokerLink>,
@@ -40,11 +42,12 @@ pub struct App {
     pub request_timeout: Duration,
 }
 
-/// The OpenAPI 3.1 document of this API (checked in at `crates/gatekeeper/api/openapi.json`).
-pub const OPENAPI: &str = include_str!("../../api/openapi.json");
-
-async fn openapi() -> impl axum::response::IntoResponse {
-    ([(axum::http::header::CONTENT_TYPE, "application/json")], OPENAPI)
+/// The OpenAPI 3.1 document of this API, completed from the loaded catalog (see
+/// [`crate::openapi`]).
+async fn openapi(
+    axum::extract::State(app): axum::extract::State<Arc<App>>,
+) -> impl axum::response::IntoResponse {
+    ([(axum::http::header::CONTENT_TYPE, "application/json")], app.openapi.clone())
 }
 
 /// Bounds a whole request, body included (a slow body is the slowloris that header timeouts
