@@ -108,12 +108,23 @@ impl IdMinter {
     /// idempotency key / minted before ids were time-ordered).
     pub fn is_owned_by(&self, id: &JobId, client: &str) -> bool {
         let raw = id.to_bytes();
-        let tagged = |split: usize| {
-            let expected = self.sign(&[b"owner", client.as_bytes(), &raw[..split]]);
-            // Constant-time comparison of the truncated tag.
-            raw[split..].iter().zip(expected.as_ref()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
-        };
-        tagged(STAMP) | tagged(DERIVED)
+        self.tagged_for(&raw, client, STAMP) | self.tagged_for(&raw, client, DERIVED)
+    }
+
+    /// When `id` was minted, if it is a time-ordered id of `client` (an id derived from an
+    /// idempotency key carries no time).
+    pub fn minted_at_ms(&self, id: &JobId, client: &str) -> Option<u64> {
+        let raw = id.to_bytes();
+        let mut ms = [0u8; 8];
+        ms[2..].copy_from_slice(&raw[..6]);
+        self.tagged_for(&raw, client, STAMP).then(|| u64::from_be_bytes(ms))
+    }
+
+    /// Whether the bytes after `split` are `client`'s owner tag over the bytes before it
+    /// (compared in constant time).
+    fn tagged_for(&self, raw: &[u8], client: &str, split: usize) -> bool {
+        let expected = self.sign(&[b"owner", client.as_bytes(), &raw[..split]]);
+        raw[split..].iter().zip(expected.as_ref()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
     }
 
     /// HMAC over length-prefixed parts, so that ("ab","c") and ("a","bc") differ.
@@ -157,6 +168,17 @@ mod tests {
         let ms = |id: &JobId| u64::from_str_radix(&id.as_str()[..12], 16).unwrap();
         assert!(ms(&ids[0]) >= before && ms(&ids[0]) <= before + 1000, "{} vs {before}", ms(&ids[0]));
         assert!(ids.iter().all(|id| m.is_owned_by(id, "alice") && !m.is_owned_by(id, "bob")));
+    }
+
+    #[test]
+    fn a_fresh_id_tells_its_owner_when_it_was_minted_and_a_derived_one_does_not() {
+        let m = IdMinter::new(&[7; 32]);
+        let before = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
+        let id = m.mint("alice", None);
+        let at = m.minted_at_ms(&id, "alice").expect("a time-ordered id");
+        assert!(at >= before && at <= before + 1000, "{at} vs {before}");
+        assert_eq!(m.minted_at_ms(&id, "bob"), None, "not bob's id");
+        assert_eq!(m.minted_at_ms(&m.mint("alice", Some("k1")), "alice"), None, "derived: no time");
     }
 
     #[test]

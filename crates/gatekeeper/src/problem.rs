@@ -91,6 +91,16 @@ impl Problem {
     pub fn not_found() -> Self {
         Self::new(StatusCode::NOT_FOUND, "not-found", "Not found", "no such job for this client")
     }
+    /// The job is older than the worker keeps decided jobs: its record was pruned (or it
+    /// never ran, and now never will).
+    pub fn expired() -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "job-expired",
+            "Job expired",
+            "this job is older than the worker's retention; its record is gone",
+        )
+    }
     /// Something on our side failed; the detail says what, never how.
     pub fn internal(detail: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "Internal error", detail)

@@ -46,6 +46,11 @@ pub struct KindSpec {
     /// How long later numbers of a sequence wait for a missing one.
     #[serde(default = "default_gap_timeout")]
     pub gap_timeout_s: u64,
+    /// How long the worker keeps a decided job's record (outcome, result, error) before
+    /// pruning it; the worker's `[retention] retain_s` when absent. Never shorter than the
+    /// worker's `keys.max_message_age_s` (the worker refuses to start otherwise).
+    #[serde(default)]
+    pub retain_s: Option<u64>,
     /// Exists only when the worker runs with `testing.enabled`.
     #[serde(default)]
     pub testing: bool,
@@ -234,6 +239,7 @@ mod tests {
             retry_backoff_ms: 100,
             timeout_ms: 1000,
             gap_timeout_s: 60,
+            retain_s: None,
             testing: false,
             exec: None,
         }

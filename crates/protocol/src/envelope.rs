@@ -223,8 +223,17 @@ fn version_1() -> u32 {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum ControlRequest {
-    /// The status of `id`, answered (to `reply`) only if `client` owns it.
-    Status { id: JobId, client: String, sent_at_ms: u64, reply: ReplyTo },
+    /// The status of `id`, answered (to `reply`) only if `client` owns it. `minted_at_ms`:
+    /// when the gatekeeper minted the id, if the id says (ids derived from an idempotency key
+    /// do not); a job the worker does not know that is older than its retention is `expired`.
+    Status {
+        id: JobId,
+        client: String,
+        sent_at_ms: u64,
+        reply: ReplyTo,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        minted_at_ms: Option<u64>,
+    },
 }
 
 /// A worker's answer, sealed under the reply key of the session its request travelled in

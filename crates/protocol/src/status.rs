@@ -18,6 +18,9 @@ pub enum JobState {
     DeadLettered,
     /// Only on the wire between worker and gatekeeper: no such job for this client.
     NotFound,
+    /// Only on the wire between worker and gatekeeper: the job is older than the worker's
+    /// retention — its record was pruned, or it never ran and now never will.
+    Expired,
 }
 
 impl JobState {
@@ -32,6 +35,7 @@ impl JobState {
             Self::Failed => "failed",
             Self::DeadLettered => "dead_lettered",
             Self::NotFound => "not_found",
+            Self::Expired => "expired",
         }
     }
 
@@ -46,6 +50,7 @@ impl JobState {
             Self::Failed,
             Self::DeadLettered,
             Self::NotFound,
+            Self::Expired,
         ]
         .into_iter()
         .find(|s2| s2.as_str() == s)

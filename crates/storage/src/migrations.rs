@@ -115,6 +115,13 @@ const MIGRATIONS: &[&str] = &[
     r"
     ALTER TABLE ledger ADD COLUMN state TEXT;
     ",
+    // 9: retention. Decided jobs by kind and age, for pruning in small batches; and parked
+    // rows by job, so that deleting a job need not scan `parked` for a reference to it.
+    r"
+    CREATE INDEX jobs_decided ON jobs(kind, updated_at_ms)
+        WHERE state IN ('succeeded', 'failed', 'dead_lettered');
+    CREATE INDEX parked_job ON parked(job_id);
+    ",
 ];
 
 /// After this migration (1-based) the values of earlier releases are re-sealed.

@@ -514,11 +514,22 @@ pub async fn handle_control(ctx: Arc<Context>, delivery: Delivery) {
         .filter(|v| v.verify(|id, s| ctx.keys.sessions.get(id, s)).is_ok())
         .and_then(|v| Some((serde_json::from_slice::<ControlRequest>(v.message()).ok()?, v)));
     match query {
-        Some((ControlRequest::Status { id, client, sent_at_ms, reply }, vouched))
+        Some((ControlRequest::Status { id, client, sent_at_ms, reply, minted_at_ms }, vouched))
             if WorkerKeys::is_fresh(sent_at_ms, CONTROL_MAX_AGE) =>
         {
             let target = ReplyTarget::new(Some(reply), &client, &vouched);
-            let answer = ctx.store.transact(move |tx| apply::status_for(tx, &id, &client)).await;
+            // A job this old that storage does not know can never run (its message is stale):
+            // its record was pruned, or it was lost before it ran.
+            let max_age = ctx.keys.max_message_age;
+            let expired = minted_at_ms
+                .is_some_and(|at| crate::keys::now_ms().saturating_sub(at) > max_age.as_millis() as u64);
+            let answer =
+                ctx.store.transact(move |tx| apply::status_for(tx, &id, &client)).await.map(|mut s| {
+                    if s.status == JobState::NotFound && expired {
+                        s.status = JobState::Expired;
+                    }
+                    s
+                });
             match answer {
                 Ok(status) => reply::send(&ctx, &target, &status).await,
                 Err(e) => tracing::warn!(error = %e, "status query failed"),

@@ -19,6 +19,7 @@ pub mod keys;
 pub mod metrics;
 pub mod process;
 pub mod reply;
+pub mod retention;
 pub mod settings;
 pub mod startup;
 

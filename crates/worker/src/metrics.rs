@@ -53,6 +53,8 @@ pub struct WorkerMetrics {
     commit_seconds: Histogram,
     commit_group: Histogram,
     checkpoint_seconds: Family<Checkpoint, Histogram>,
+    pruned: Counter,
+    prune_seconds: Histogram,
     /// Whether a broker session is consuming (`/readyz`).
     pub ready: AtomicBool,
 }
@@ -98,6 +100,18 @@ impl Default for WorkerMetrics {
             "WAL checkpoints: passes beside the writer and rewinds of the log",
             checkpoint_seconds.clone(),
         );
+        let pruned = Counter::default();
+        registry.register(
+            "pruned_jobs",
+            "Decided jobs' records deleted after their retention",
+            pruned.clone(),
+        );
+        let prune_seconds = Histogram::new(exponential_buckets(0.000_25, 2.0, 14));
+        registry.register(
+            "prune_batch_duration_seconds",
+            "Pruning batches: one storage closure each, committed with the jobs beside it",
+            prune_seconds.clone(),
+        );
         Self {
             registry,
             jobs,
@@ -109,6 +123,8 @@ impl Default for WorkerMetrics {
             commit_seconds,
             commit_group,
             checkpoint_seconds,
+            pruned,
+            prune_seconds,
             ready: AtomicBool::new(false),
         }
     }
@@ -130,6 +146,12 @@ impl WorkerMetrics {
 
     pub fn dead_lettered(&self, reason: &str) {
         self.dead_letters.get_or_create(&Reason { reason: reason.to_owned() }).inc();
+    }
+
+    /// A pruning batch deleted `jobs` records in `took` (its closure, commit included).
+    pub fn pruned(&self, jobs: u64, took: Duration) {
+        self.pruned.inc_by(jobs);
+        self.prune_seconds.observe(took.as_secs_f64());
     }
 
     /// Whether a broker session is consuming.

@@ -17,6 +17,8 @@ pub struct WorkerSettings {
     pub testing: TestingSettings,
     #[serde(default)]
     pub admin: AdminSettings,
+    #[serde(default)]
+    pub retention: RetentionSettings,
 }
 
 /// The worker's admin listener: `/healthz`, `/readyz`, `/metrics` over plain HTTP.
@@ -80,6 +82,26 @@ impl ConsumerSettings {
 pub struct StorageSettings {
     /// SQLite database file; created with its folder if missing.
     pub path: PathBuf,
+}
+
+/// `[retention]`: how long decided jobs' records are kept, and how they are pruned.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionSettings {
+    /// Seconds a decided job's record is kept (kinds may set their own `retain_s`). Absent:
+    /// `keys.max_message_age_s`, the shortest allowed — a message older than that is refused
+    /// as stale, so a job whose record was pruned can never run again.
+    pub retain_s: Option<u64>,
+    /// Most records deleted by one storage closure.
+    pub prune_batch: u32,
+    /// Pause between pruning passes.
+    pub prune_every_ms: u64,
+}
+
+impl Default for RetentionSettings {
+    fn default() -> Self {
+        Self { retain_s: None, prune_batch: 500, prune_every_ms: 5_000 }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

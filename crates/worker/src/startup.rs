@@ -28,6 +28,7 @@ use crate::gaps;
 use crate::handlers::{Handler, Kinds, Registry};
 use crate::keys::WorkerKeys;
 use crate::metrics::WorkerMetrics;
+use crate::retention::Retention;
 use crate::settings::WorkerSettings;
 
 /// Longest pause between reconnection attempts.
@@ -43,6 +44,7 @@ pub struct Worker {
     keys: Arc<WorkerKeys>,
     kinds: Arc<Kinds>,
     metrics: Arc<WorkerMetrics>,
+    retention: Arc<Retention>,
     /// The admin listener (`/healthz`, `/readyz`, `/metrics`), bound at build.
     admin: Option<tokio::net::TcpListener>,
     /// Tells handlers and consumers that the worker is stopping.
@@ -111,6 +113,7 @@ impl WorkerBuilder {
         let schemas = Schemas::compile(&catalog).map_err(|e| bad(&e))?;
         let kinds = Arc::new(Kinds { registry, schemas });
         let keys = Arc::new(WorkerKeys::load(&settings.keys).map_err(|e| bad(&e))?);
+        let retention = Arc::new(Retention::new(&settings, &catalog).map_err(|e| bad(&e))?);
         let keyring = gatehouse_protocol::keys::keyring(&settings.keys.data_keyring).map_err(|e| bad(&e))?;
         let store = Store::open_sqlite(&settings.storage.path, keyring)
             .with_context(|| format!("opening {}", settings.storage.path.display()))?;
@@ -150,6 +153,7 @@ impl WorkerBuilder {
             keys,
             kinds,
             metrics,
+            retention,
             admin,
             stop,
             session,
@@ -237,6 +241,12 @@ impl Worker {
                 tracing::warn!(error = %e, "admin listener stopped");
             }
         });
+        tokio::spawn(crate::retention::prune_forever(
+            self.store.clone(),
+            self.retention.clone(),
+            self.metrics.clone(),
+            stop.clone(),
+        ));
         tokio::spawn(async move {
             shutdown.await;
             let _ = stop_tx.send(true);

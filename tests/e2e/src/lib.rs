@@ -179,6 +179,10 @@ pub struct Options {
     pub client_crl: Option<&'static str>,
     /// The gatekeeper's connection limit (default 256).
     pub max_connections: Option<usize>,
+    /// The worker's `keys.max_message_age_s` (default 3600).
+    pub max_message_age_s: Option<u64>,
+    /// The worker's `[retention]` (default: the worker's defaults).
+    pub retention: Option<gatehouse_worker::settings::RetentionSettings>,
 }
 
 /// A running gatekeeper + worker pair.
@@ -317,10 +321,11 @@ impl TestSystem {
                 gatekeeper_signing_keys: vec![certs.path().join("gatekeeper-signing.pub")],
                 operator_keys: vec![certs.path().join("operator-signing.pub")],
                 data_keyring: certs.path().join("worker-data.keys"),
-                max_message_age_s: 3600,
+                max_message_age_s: options.max_message_age_s.unwrap_or(3600),
             },
             testing: TestingSettings { enabled: options.testing },
             admin: gatehouse_worker::settings::AdminSettings { listen: "127.0.0.1:0".parse().expect("addr") },
+            retention: options.retention.clone().unwrap_or_default(),
         };
         let mut worker_admin_addr = None;
         let worker = match options.worker_binary {
@@ -581,7 +586,8 @@ fn worker_toml(s: &WorkerSettings) -> String {
         "[broker]\nurl = \"{}\"\nprefix = \"{}\"\n\n[consumer]\nprefetch = {}\nstopping_wait_time_ms = {}\nmax_parked_per_client = {}\n\n\
          [storage]\npath = \"{}\"\n\n[catalog]\npath = \"{}\"\n\n[testing]\nenabled = {}\n\n\
          [keys]\nsealing_key = \"{}\"\ngatekeeper_signing_keys = [\"{}\"]\n\
-         operator_keys = [\"{}\"]\ndata_keyring = \"{}\"\nmax_message_age_s = {}\n\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+         operator_keys = [\"{}\"]\ndata_keyring = \"{}\"\nmax_message_age_s = {}\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+         [retention]\n{}prune_batch = {}\nprune_every_ms = {}\n",
         s.broker.url.expose(),
         s.broker.prefix,
         s.consumer.prefetch,
@@ -595,6 +601,9 @@ fn worker_toml(s: &WorkerSettings) -> String {
         s.keys.operator_keys[0].display(),
         s.keys.data_keyring.display(),
         s.keys.max_message_age_s,
+        s.retention.retain_s.map(|r| format!("retain_s = {r}\n")).unwrap_or_default(),
+        s.retention.prune_batch,
+        s.retention.prune_every_ms,
     )
 }
 

@@ -258,7 +258,9 @@ pub async fn status(
     let sent_at_ms = now().as_millis() as u64;
     let reply =
         ReplyTo { queue: app.replies.queue().to_owned(), correlation_id: waiter.correlation_id().to_owned() };
-    let query = ControlRequest::Status { id: id.clone(), client: client.0.clone(), sent_at_ms, reply };
+    let minted_at_ms = app.ids.minted_at_ms(&id, &client.0);
+    let query =
+        ControlRequest::Status { id: id.clone(), client: client.0.clone(), sent_at_ms, reply, minted_at_ms };
     let expiration = app.status_timeout.as_millis().to_string();
     let props = BasicProperties::default().with_expiration(expiration.as_str().into());
     let body = serde_json::to_vec(&query)
@@ -278,6 +280,7 @@ pub async fn status(
         Some(s) if s.status == JobState::NotFound => {
             Json(JobStatus::new(id, JobState::Queued)).into_response()
         }
+        Some(s) if s.status == JobState::Expired => Problem::expired().into_response(),
         Some(s) => Json(s).into_response(),
         None => Problem::new(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -1,8 +1,9 @@
 //! The end-to-end suite, one test binary: every module starts real processes against a real
 //! broker and talks to the gatekeeper over mTLS. One binary rather than one per file keeps the
-//! build small (each binary links the whole system) and the link steps few. The fault suite,
-//! which restarts the shared broker, is its own binary (`--test faults`) so that it never runs
-//! beside these.
+//! build small (each binary links the whole system) and the link steps few. Three suites are
+//! binaries of their own: `faults`, which restarts the shared broker, so that it never runs
+//! beside these; and `security` and `trace`, which read what the in-process components log
+//! through the process's one global log subscriber, each at its own level.
 
 mod api;
 mod bad_input;
@@ -11,8 +12,7 @@ mod deploy;
 mod exec;
 mod isolation;
 mod metrics;
-mod security;
+mod retention;
 mod tenancy;
 mod tls;
-mod trace;
 mod up;
