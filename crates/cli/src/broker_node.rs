@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 
+pub use crate::apt::{APT_GET, Host, Package, install};
+
 /// Erlang node name of the private broker.
 pub const NODE_NAME: &str = "gatehouse@localhost";
 /// File (under the node's home) with the pid of the node's `rabbitmq-server` process.
@@ -91,7 +93,7 @@ pub fn ensure(url: &str, home: &Path) -> anyhow::Result<BrokerNode> {
     let script = match server_script() {
         Some(script) => script,
         None => {
-            install_rabbitmq(Host::this(), Path::new("apt-get"))?;
+            install_rabbitmq(Host::this(), Path::new(APT_GET))?;
             server_script().context("apt-get installed rabbitmq-server, but its script is not there")?
         }
     };
@@ -127,66 +129,20 @@ pub fn ensure(url: &str, home: &Path) -> anyhow::Result<BrokerNode> {
     Ok(BrokerNode { started_here: true, ..node })
 }
 
-/// What decides whether this process may install RabbitMQ itself.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Host {
-    /// Running as root (apt-get needs it).
-    pub root: bool,
-    /// A Debian (or derived) system: `/etc/debian_version` exists.
-    pub debian: bool,
-}
+/// Debian's RabbitMQ, as `gatehouse up` and the test harness install it when it is missing.
+pub const RABBITMQ: Package = Package {
+    name: "rabbitmq-server",
+    missing: "no broker answers at 127.0.0.1:5672 and rabbitmq-server is not installed",
+    elsewhere: "install RabbitMQ 3.10 or later with your package manager, or point the settings at a running broker",
+};
 
-impl Host {
-    /// This machine.
-    pub fn this() -> Self {
-        let root = fs::read_to_string("/proc/self/status")
-            .ok()
-            .and_then(|s| {
-                s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0"))
-            })
-            .unwrap_or(false);
-        Self { root, debian: Path::new("/etc/debian_version").exists() }
-    }
-}
-
-/// The command a user must run when this process cannot install RabbitMQ itself.
-pub const INSTALL_COMMAND: &str = "apt-get update && apt-get install -y rabbitmq-server";
-
-/// Installs Debian's `rabbitmq-server` with `apt_get` (normally `apt-get` from `PATH`), saying
-/// so on one line and letting apt's own progress show; on a host where that cannot work (not
-/// root, not Debian) fails with the command to run instead.
+/// Installs Debian's `rabbitmq-server` with `apt_get` (see [`install`]), then stops the system
+/// node the package starts.
 ///
 /// # Errors
 /// When the host cannot install it, or apt-get fails.
 pub fn install_rabbitmq(host: Host, apt_get: &Path) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        host.debian,
-        "no broker answers at 127.0.0.1:5672 and rabbitmq-server is not installed; this is not a \
-         Debian system: install RabbitMQ 3.10 or later with your package manager, or point the \
-         settings at a running broker"
-    );
-    anyhow::ensure!(
-        host.root,
-        "no broker answers at 127.0.0.1:5672 and rabbitmq-server is not installed; run as root: \
-         sudo sh -c '{INSTALL_COMMAND}'"
-    );
-    eprintln!("rabbitmq-server is not installed: installing it with apt-get (Debian package)");
-    for args in [&["update"][..], &["install", "-y", "--no-install-recommends", "rabbitmq-server"]] {
-        let status = Command::new(apt_get)
-            .args(args)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .stdin(Stdio::null())
-            // apt's progress goes to our stderr: stdout may be a test's captured output.
-            .stdout(std::io::stderr())
-            .status()
-            .with_context(|| format!("running {}", apt_get.display()))?;
-        anyhow::ensure!(
-            status.success(),
-            "{} {} failed ({status}); run it yourself: {INSTALL_COMMAND}",
-            apt_get.display(),
-            args.join(" ")
-        );
-    }
+    install(host, apt_get, &RABBITMQ)?;
     // Debian's package starts (and enables) its own system node on 5672: the private node
     // would then find the port taken. Stop the system service; the private node takes over.
     if Path::new("/usr/sbin/service").exists() || Path::new("/bin/systemctl").exists() {
@@ -303,41 +259,18 @@ fn is_alive(pid: u32) -> bool {
 mod tests {
     use super::*;
 
-    /// A fake `apt-get` that records its arguments and environment, one call per line.
-    fn fake_apt_get(dir: &Path, exit: u8) -> (PathBuf, PathBuf) {
-        use std::os::unix::fs::PermissionsExt as _;
-        let (script, calls) = (dir.join("apt-get"), dir.join("calls"));
-        let body = format!("#!/bin/sh\necho \"$DEBIAN_FRONTEND $*\" >> {}\nexit {exit}\n", calls.display());
-        fs::write(&script, body).unwrap();
-        fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
-        (script, calls)
-    }
-
     #[test]
     fn a_debian_root_host_installs_rabbitmq_with_apt_get() {
         let dir = tempfile::tempdir().unwrap();
-        let (apt, calls) = fake_apt_get(dir.path(), 0);
+        let (apt, calls) = crate::apt::tests::fake_apt_get(dir.path(), 0);
         install_rabbitmq(Host { root: true, debian: true }, &apt).unwrap();
         let calls = fs::read_to_string(calls).unwrap();
         assert_eq!(
             calls.lines().collect::<Vec<_>>(),
             ["noninteractive update", "noninteractive install -y --no-install-recommends rabbitmq-server"]
         );
-    }
-
-    #[test]
-    fn other_hosts_are_told_the_exact_command_and_nothing_runs() {
-        let dir = tempfile::tempdir().unwrap();
-        let (apt, calls) = fake_apt_get(dir.path(), 0);
         let user = install_rabbitmq(Host { root: false, debian: true }, &apt).unwrap_err().to_string();
-        assert!(user.contains(INSTALL_COMMAND) && user.contains("root"), "{user}");
-        let other = install_rabbitmq(Host { root: true, debian: false }, &apt).unwrap_err().to_string();
-        assert!(other.contains("not a Debian system"), "{other}");
-        assert!(!calls.exists(), "apt-get ran");
-        // A failing apt-get stops at its step and names the command to run by hand.
-        let (failing, _) = fake_apt_get(dir.path(), 100);
-        let e = install_rabbitmq(Host { root: true, debian: true }, &failing).unwrap_err().to_string();
-        assert!(e.contains("update failed") && e.contains(INSTALL_COMMAND), "{e}");
+        assert!(user.starts_with(RABBITMQ.missing) && user.contains(&RABBITMQ.command()), "{user}");
     }
 
     #[test]

@@ -37,6 +37,7 @@ use tracing::Instrument;
 
 use crate::acks::Acks;
 use crate::apply::{self, Answer, ApplyError, Arrival, Decided, ReplyTarget, Step};
+use crate::dashboard::Event;
 use crate::handlers::{self, Handler, Kinds, Outcome};
 use crate::job_locks::JobLocks;
 use crate::keys::{Refusal, WorkerKeys};
@@ -395,7 +396,7 @@ async fn dead_letter(
 ) {
     let id = job.map(|(e, _)| e.id.to_string()).or_else(|| claimed_id(data));
     let mut props = without_replay(&delivery.properties);
-    if let Some(id) = id.filter(|_| props.message_id().is_none()) {
+    if let Some(id) = id.as_deref().filter(|_| props.message_id().is_none()) {
         props = props.with_message_id(id.into());
     }
     let props = dead_properties(props, &ctx.topology, class, &dead);
@@ -403,7 +404,15 @@ async fn dead_letter(
         tracing::warn!(error = %e, "could not dead-letter; requeueing");
         return requeue_after_pause(ctx, delivery).await;
     }
-    ctx.metrics.dead_lettered(dead.reason);
+    ctx.metrics.dead_lettered(Event {
+        at_ms: crate::keys::now_ms(),
+        event: "dead_lettered",
+        job_id: id,
+        kind: job.map(|(e, _)| e.kind.clone()),
+        queue: Some(class.to_owned()),
+        reason: Some(dead.reason.to_owned()),
+        attempts: Some(dead.attempts),
+    });
     tracing::warn!(
         reason = dead.reason,
         attempts = dead.attempts,
@@ -500,7 +509,7 @@ fn check_delivery(
 
 async fn finish(ctx: &Context, delivery: &Delivery, kind: &str, answers: &[Answer]) {
     for a in answers {
-        ctx.metrics.decided(kind, a.status.status.as_str());
+        ctx.metrics.decided(kind, a.status.status.as_str(), a.status.id.as_str());
         tracing::debug!(job_id = %a.status.id, status = a.status.status.as_str(), "job decided");
         reply::send(ctx, &a.target, &a.status).await;
     }

@@ -57,6 +57,15 @@ async fn sweep_once(ctx: &Context) -> anyhow::Result<()> {
         let dead = Dead { reason: "sequence_gap_timeout", error: Some(error.clone()), attempts: 0 };
         let props = dead_properties(props, &ctx.topology, &class, &dead);
         ctx.publisher.publish_persistent(&ctx.topology.dead_exchange(), "", &parked.envelope, props).await?;
+        ctx.metrics.dead_lettered(crate::dashboard::Event {
+            at_ms: crate::keys::now_ms(),
+            event: "dead_lettered",
+            job_id: Some(env.id.to_string()),
+            kind: Some(env.kind.clone()),
+            queue: Some(class.clone()),
+            reason: Some(dead.reason.to_owned()),
+            attempts: Some(0),
+        });
         let (key, number, env_id) = (parked.seq_key.clone(), parked.seq_number, parked.job_id.clone());
         let status = ctx
             .store

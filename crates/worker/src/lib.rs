@@ -10,8 +10,10 @@
 //! ```
 
 pub mod acks;
+pub mod admin;
 pub mod apply;
 pub mod consumer;
+pub mod dashboard;
 pub mod gaps;
 pub mod handlers;
 pub mod job_locks;

@@ -1,23 +1,17 @@
-//! The worker's metrics (Prometheus, `prometheus-client`) and its admin listener: plain HTTP on
-//! `[admin] listen` (default `127.0.0.1:9102`; keep it private) with `/healthz`, `/readyz`
-//! (a broker session is consuming) and `/metrics`.
+//! The worker's metrics (Prometheus, `prometheus-client`), served by the admin listener (see
+//! [`crate::admin`]), and the activity the dashboard shows.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use axum::Router;
-use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
-use axum::routing::get;
-use gatehouse_storage::Store;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+
+use crate::dashboard::{Activity, Event};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Outcome {
@@ -57,6 +51,8 @@ pub struct WorkerMetrics {
     prune_seconds: Histogram,
     /// Whether a broker session is consuming (`/readyz`).
     pub ready: AtomicBool,
+    /// What the dashboard shows.
+    pub activity: Activity,
 }
 
 impl Default for WorkerMetrics {
@@ -126,14 +122,16 @@ impl Default for WorkerMetrics {
             pruned,
             prune_seconds,
             ready: AtomicBool::new(false),
+            activity: Activity::default(),
         }
     }
 }
 
 impl WorkerMetrics {
-    /// A job of `kind` ended in `status` (its state's name).
-    pub fn decided(&self, kind: &str, status: &str) {
+    /// Job `id` of `kind` ended in `status` (its state's name).
+    pub fn decided(&self, kind: &str, status: &str, id: &str) {
         self.jobs.get_or_create(&Outcome { kind: kind.to_owned(), outcome: status.to_owned() }).inc();
+        self.activity.decided(kind, status, id);
     }
 
     pub fn handler_took(&self, kind: &str, took: Duration) {
@@ -144,8 +142,20 @@ impl WorkerMetrics {
         self.retries.get_or_create(&Kind { kind: kind.to_owned() }).inc();
     }
 
-    pub fn dead_lettered(&self, reason: &str) {
-        self.dead_letters.get_or_create(&Reason { reason: reason.to_owned() }).inc();
+    /// A message was dead-lettered (`event.reason` says why).
+    pub fn dead_lettered(&self, event: Event) {
+        let reason = event.reason.clone().unwrap_or_default();
+        self.dead_letters.get_or_create(&Reason { reason }).inc();
+        // A job that opened (its kind is known) was decided: dead-lettered.
+        if let Some(kind) = &event.kind {
+            self.jobs.get_or_create(&Outcome { kind: kind.clone(), outcome: "dead_lettered".into() }).inc();
+        }
+        self.activity.dead_lettered(event);
+    }
+
+    /// Sets the parked-jobs gauge (read from storage at scrape time).
+    pub fn set_parked(&self, n: u64) {
+        self.parked.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// A pruning batch deleted `jobs` records in `took` (its closure, commit included).
@@ -160,7 +170,8 @@ impl WorkerMetrics {
         self.connected.set(i64::from(ready));
     }
 
-    fn encode(&self) -> String {
+    /// The Prometheus text.
+    pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
@@ -178,39 +189,4 @@ impl gatehouse_storage::StorageObserver for WorkerMetrics {
         let kind = if rewind { "rewind" } else { "pass" };
         self.checkpoint_seconds.get_or_create(&Checkpoint { kind: kind.into() }).observe(took.as_secs_f64());
     }
-}
-
-/// What the admin listener needs.
-#[derive(Clone)]
-pub struct Admin {
-    pub metrics: Arc<WorkerMetrics>,
-    pub store: Store,
-}
-
-/// `/healthz`, `/readyz`, `/metrics`.
-pub fn router(admin: Admin) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .with_state(admin)
-}
-
-async fn readyz(State(a): State<Admin>) -> impl IntoResponse {
-    if a.metrics.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ready")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "no broker session")
-    }
-}
-
-async fn metrics(State(a): State<Admin>) -> impl IntoResponse {
-    // Read at scrape time: the storage knows, not a counter that could drift.
-    if let Ok(n) = a.store.transact(|tx| tx.parked_count()).await {
-        a.metrics.parked.set(i64::try_from(n).unwrap_or(i64::MAX));
-    }
-    (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-        a.metrics.encode(),
-    )
 }

@@ -21,17 +21,51 @@ pub struct WorkerSettings {
     pub retention: RetentionSettings,
 }
 
-/// The worker's admin listener: `/healthz`, `/readyz`, `/metrics` over plain HTTP.
+/// The worker's admin listener: `/healthz`, `/readyz`, `/metrics` and the dashboard (`/`) over
+/// plain HTTP.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AdminSettings {
-    /// Keep it on loopback (or a management network): it has no TLS and no authentication.
-    /// Port 0 picks a free port.
+    /// Keep it on loopback (or a management network): it has no TLS. Port 0 picks a free port.
     pub listen: std::net::SocketAddr,
+    /// With `basic_auth_password_file`: `/metrics` and the dashboard ask for this user and
+    /// that password (the probes `/healthz` and `/readyz` stay open).
+    #[serde(default)]
+    pub basic_auth_user: Option<String>,
+    /// A file holding the password (surrounding whitespace ignored).
+    #[serde(default)]
+    pub basic_auth_password_file: Option<PathBuf>,
 }
 
 impl Default for AdminSettings {
     fn default() -> Self {
-        Self { listen: std::net::SocketAddr::from(([127, 0, 0, 1], 9102)) }
+        Self {
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 9102)),
+            basic_auth_user: None,
+            basic_auth_password_file: None,
+        }
+    }
+}
+
+impl AdminSettings {
+    /// The digest of `user:password` when basic auth is on.
+    ///
+    /// # Errors
+    /// When only one of user and password file is set, or the file cannot be read or is empty.
+    pub fn credentials(&self) -> Result<Option<[u8; 32]>, String> {
+        match (&self.basic_auth_user, &self.basic_auth_password_file) {
+            (None, None) => Ok(None),
+            (Some(user), Some(file)) => {
+                let password = std::fs::read_to_string(file)
+                    .map_err(|e| format!("admin.basic_auth_password_file {}: {e}", file.display()))?;
+                let password = password.trim();
+                if password.is_empty() || user.is_empty() || user.contains(':') {
+                    return Err("admin basic auth needs a user without ':' and a non-empty password".into());
+                }
+                Ok(Some(crate::admin::credentials(user, password)))
+            }
+            _ => Err("admin.basic_auth_user and admin.basic_auth_password_file go together".into()),
+        }
     }
 }
 

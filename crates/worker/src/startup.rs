@@ -24,6 +24,7 @@ use tokio::task::JoinSet;
 
 use crate::acks::Acks;
 use crate::consumer::{self, Context};
+use crate::dashboard::BrokerView;
 use crate::gaps;
 use crate::handlers::{Handler, Kinds, Registry};
 use crate::keys::WorkerKeys;
@@ -45,6 +46,10 @@ pub struct Worker {
     kinds: Arc<Kinds>,
     metrics: Arc<WorkerMetrics>,
     retention: Arc<Retention>,
+    /// What the dashboard sees of the broker.
+    broker: Arc<BrokerView>,
+    /// Basic auth of the admin listener.
+    credentials: Option<Arc<[u8; 32]>>,
     /// The admin listener (`/healthz`, `/readyz`, `/metrics`), bound at build.
     admin: Option<tokio::net::TcpListener>,
     /// Tells handlers and consumers that the worker is stopping.
@@ -114,6 +119,9 @@ impl WorkerBuilder {
         let kinds = Arc::new(Kinds { registry, schemas });
         let keys = Arc::new(WorkerKeys::load(&settings.keys).map_err(|e| bad(&e))?);
         let retention = Arc::new(Retention::new(&settings, &catalog).map_err(|e| bad(&e))?);
+        let credentials = settings.admin.credentials().map_err(|e| bad(&e))?.map(Arc::new);
+        let classes = catalog.queues().iter().map(|q| q.name.clone()).collect();
+        let broker = BrokerView::new(settings.broker.topology(), classes);
         let keyring = gatehouse_protocol::keys::keyring(&settings.keys.data_keyring).map_err(|e| bad(&e))?;
         let store = Store::open_sqlite(&settings.storage.path, keyring)
             .with_context(|| format!("opening {}", settings.storage.path.display()))?;
@@ -132,6 +140,7 @@ impl WorkerBuilder {
             keys: &keys,
             kinds: &kinds,
             metrics: &metrics,
+            broker: &broker,
             stop: &stop.1,
         };
         // A broker that does not answer yet (starting, restarting) is waited for in `run`;
@@ -154,6 +163,8 @@ impl WorkerBuilder {
             kinds,
             metrics,
             retention,
+            broker,
+            credentials,
             admin,
             stop,
             session,
@@ -170,6 +181,7 @@ struct Shared<'a> {
     keys: &'a Arc<WorkerKeys>,
     kinds: &'a Arc<Kinds>,
     metrics: &'a Arc<WorkerMetrics>,
+    broker: &'a Arc<BrokerView>,
     stop: &'a watch::Receiver<bool>,
 }
 
@@ -225,9 +237,12 @@ impl Worker {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let (stop_tx, stop) = (self.stop.0.clone(), self.stop.1.clone());
-        let admin = crate::metrics::router(crate::metrics::Admin {
+        let admin = crate::admin::router(crate::admin::Admin {
             metrics: self.metrics.clone(),
             store: self.store.clone(),
+            catalog: self.catalog.clone(),
+            broker: self.broker.clone(),
+            credentials: self.credentials.clone(),
         });
         let listener = self.admin.take().context("the admin listener is served once")?;
         let mut admin_stop = stop.clone();
@@ -262,6 +277,7 @@ impl Worker {
                         keys: &self.keys,
                         kinds: &self.kinds,
                         metrics: &self.metrics,
+                        broker: &self.broker,
                         stop: &self.stop.1,
                     };
                     match Session::open(&self.settings, &shared).await {
@@ -305,7 +321,7 @@ enum Ended {
 
 impl Session {
     async fn open(settings: &WorkerSettings, shared: &Shared<'_>) -> anyhow::Result<Self> {
-        let Shared { store, catalog, isolation, keys, kinds, metrics, stop } = *shared;
+        let Shared { store, catalog, isolation, keys, kinds, metrics, broker, stop } = *shared;
         let connection = gatehouse_broker::connect_with(&settings.broker, "gatehouse-worker")
             .await
             .context("connecting to the broker")?;
@@ -313,6 +329,7 @@ impl Session {
         let setup = connection.create_channel().await?;
         topology.declare(&setup, catalog.queues()).await.context("declaring topology")?;
         let _ = setup.close(200, "topology declared".into()).await;
+        broker.connected(connection.create_channel().await?).await;
         let jobs = connection.create_channel().await?;
         let ctx = Arc::new(Context {
             store: store.clone(),

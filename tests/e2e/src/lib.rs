@@ -79,6 +79,30 @@ fn apply_shipped_policies() {
     }
 }
 
+/// Debian's Chromium, for the browser tests: installed (like the broker) when missing on a
+/// Debian machine as root; elsewhere the test fails with the command to run.
+pub fn chromium() -> PathBuf {
+    const CHROMIUM: gatehouse_cli::apt::Package = gatehouse_cli::apt::Package {
+        name: "chromium",
+        missing: "the browser tests need Chromium (/usr/bin/chromium), which is not installed",
+        elsewhere: "install Chromium and link it as /usr/bin/chromium",
+    };
+    let path = PathBuf::from("/usr/bin/chromium");
+    if !path.exists() {
+        static INSTALL: Mutex<()> = Mutex::new(());
+        let _one = INSTALL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !path.exists() {
+            let host = gatehouse_cli::apt::Host::this();
+            if let Err(e) =
+                gatehouse_cli::apt::install(host, Path::new(gatehouse_cli::apt::APT_GET), &CHROMIUM)
+            {
+                panic!("{e:#}");
+            }
+        }
+    }
+    path
+}
+
 /// Where the private test broker keeps its data and TLS material.
 pub fn private_node_home() -> PathBuf {
     repo_root().join(".gatehouse/rabbitmq")
@@ -181,6 +205,8 @@ pub struct Options {
     pub max_connections: Option<usize>,
     /// The worker's `keys.max_message_age_s` (default 3600).
     pub max_message_age_s: Option<u64>,
+    /// Basic auth on the worker's admin listener: user `ops` with this password.
+    pub worker_admin_password: Option<&'static str>,
     /// The worker's `[retention]` (default: the worker's defaults).
     pub retention: Option<gatehouse_worker::settings::RetentionSettings>,
 }
@@ -324,7 +350,15 @@ impl TestSystem {
                 max_message_age_s: options.max_message_age_s.unwrap_or(3600),
             },
             testing: TestingSettings { enabled: options.testing },
-            admin: gatehouse_worker::settings::AdminSettings { listen: "127.0.0.1:0".parse().expect("addr") },
+            admin: gatehouse_worker::settings::AdminSettings {
+                listen: "127.0.0.1:0".parse().expect("addr"),
+                basic_auth_user: options.worker_admin_password.map(|_| "ops".to_owned()),
+                basic_auth_password_file: options.worker_admin_password.map(|p| {
+                    let file = data.path().join("admin.password");
+                    std::fs::write(&file, p).expect("password file");
+                    file
+                }),
+            },
             retention: options.retention.clone().unwrap_or_default(),
         };
         let mut worker_admin_addr = None;

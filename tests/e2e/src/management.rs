@@ -19,17 +19,30 @@ pub async fn call_at(
     path: &str,
     body: Option<Value>,
 ) -> (u16, String) {
+    call_as(addr, method, path, body, Some("Basic Z3Vlc3Q6Z3Vlc3Q=")).await // guest:guest
+}
+
+/// The same with this `Authorization` header (or none).
+pub async fn call_as(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+    authorization: Option<&str>,
+) -> (u16, String) {
     let tcp = tokio::net::TcpStream::connect(addr).await.expect("plain HTTP listener");
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.expect("http");
     tokio::spawn(conn);
-    let req = Request::builder()
+    let mut req = Request::builder()
         .method(method)
         .uri(path)
         .header("host", addr.to_string())
-        .header("authorization", "Basic Z3Vlc3Q6Z3Vlc3Q=") // guest:guest
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.map(|b| b.to_string()).unwrap_or_default())))
-        .expect("request");
+        .header("content-type", "application/json");
+    if let Some(a) = authorization {
+        req = req.header("authorization", a);
+    }
+    let req =
+        req.body(Full::new(Bytes::from(body.map(|b| b.to_string()).unwrap_or_default()))).expect("request");
     let res = sender.send_request(req).await.expect("management API answers");
     let status = res.status().as_u16();
     let body = res.into_body().collect().await.expect("body").to_bytes();

@@ -8,6 +8,7 @@
 mod api;
 mod bad_input;
 mod bench;
+mod dashboard;
 mod deploy;
 mod exec;
 mod isolation;

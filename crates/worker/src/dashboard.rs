@@ -1,0 +1,216 @@
+//! The operator dashboard on the admin listener: a read-only page (`/`, with its script and
+//! style from the same origin, no external assets) over one JSON document (`/dashboard.json`):
+//! queue depths, jobs decided by kind and outcome since the worker started, parked jobs, and
+//! the latest failures and dead letters with their reason.
+//!
+//! Metadata only: job ids, kinds, queue classes, reasons and attempt counts. Never a payload,
+//! a result or an error text (a handler's error may quote the data it choked on).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use gatehouse_broker::Topology;
+use gatehouse_broker::lapin::Channel;
+use gatehouse_broker::lapin::options::QueueDeclareOptions;
+use gatehouse_broker::lapin::types::FieldTable;
+use serde::Serialize;
+
+use crate::admin::Admin;
+
+/// How many failures and dead letters the dashboard remembers.
+const RECENT: usize = 50;
+
+/// A failure or dead letter, as the dashboard shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    pub at_ms: u64,
+    /// `failed` or `dead_lettered`.
+    pub event: &'static str,
+    /// The job's id; for a message that could not be opened, the id it claims (if any).
+    pub job_id: Option<String>,
+    pub kind: Option<String>,
+    /// The queue class it came from.
+    pub queue: Option<String>,
+    /// The dead-letter reason (`max_attempts`, `bad_signature`, ...).
+    pub reason: Option<String>,
+    pub attempts: Option<u32>,
+}
+
+/// What the worker decided since it started, and its latest failures.
+#[derive(Default)]
+pub struct Activity {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// (kind, outcome) -> jobs.
+    decided: BTreeMap<(String, String), u64>,
+    recent: VecDeque<Event>,
+}
+
+impl Activity {
+    fn with<R>(&self, f: impl FnOnce(&mut Inner) -> R) -> R {
+        f(&mut self.inner.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// A job of `kind` was decided with `outcome`; failures are remembered.
+    pub fn decided(&self, kind: &str, outcome: &str, job_id: &str) {
+        self.with(|i| {
+            *i.decided.entry((kind.to_owned(), outcome.to_owned())).or_default() += 1;
+            if outcome == "failed" {
+                i.remember(Event {
+                    at_ms: crate::keys::now_ms(),
+                    event: "failed",
+                    job_id: Some(job_id.to_owned()),
+                    kind: Some(kind.to_owned()),
+                    queue: None,
+                    reason: None,
+                    attempts: None,
+                });
+            }
+        });
+    }
+
+    /// A message was dead-lettered; one whose kind is known was a job, decided so.
+    pub fn dead_lettered(&self, event: Event) {
+        self.with(|i| {
+            if let Some(kind) = &event.kind {
+                *i.decided.entry((kind.clone(), "dead_lettered".into())).or_default() += 1;
+            }
+            i.remember(event);
+        });
+    }
+}
+
+impl Inner {
+    fn remember(&mut self, event: Event) {
+        if self.recent.len() == RECENT {
+            self.recent.pop_back();
+        }
+        self.recent.push_front(event);
+    }
+}
+
+/// The broker as the dashboard sees it: a channel of the current session (none while
+/// disconnected) to ask queue depths on.
+pub struct BrokerView {
+    topology: Topology,
+    classes: Vec<String>,
+    channel: tokio::sync::Mutex<Option<Channel>>,
+}
+
+impl BrokerView {
+    pub fn new(topology: Topology, classes: Vec<String>) -> Arc<Self> {
+        Arc::new(Self { topology, classes, channel: tokio::sync::Mutex::new(None) })
+    }
+
+    /// The channel of a new broker session.
+    pub async fn connected(&self, channel: Channel) {
+        *self.channel.lock().await = Some(channel);
+    }
+
+    async fn depths(&self) -> Vec<QueueDepth> {
+        let mut queues: Vec<(String, Option<String>)> =
+            self.classes.iter().map(|c| (self.topology.job_queue(c), Some(c.clone()))).collect();
+        queues.push((self.topology.dead_queue(), None));
+        let mut channel = self.channel.lock().await;
+        let mut out = Vec::with_capacity(queues.len());
+        for (name, class) in queues {
+            let mut depth = QueueDepth { name, class, messages: None, consumers: None };
+            if let Some(ch) = channel.as_ref() {
+                let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+                match ch.queue_declare(depth.name.as_str().into(), passive, FieldTable::default()).await {
+                    Ok(q) => {
+                        depth.messages = Some(q.message_count());
+                        depth.consumers = Some(q.consumer_count());
+                    }
+                    // The channel is gone (connection lost, or the queue is): unknown until
+                    // the next session.
+                    Err(e) => {
+                        tracing::debug!(error = %e, queue = depth.name, "dashboard: no queue depth");
+                        *channel = None;
+                    }
+                }
+            }
+            out.push(depth);
+        }
+        out
+    }
+}
+
+#[derive(Serialize)]
+struct QueueDepth {
+    name: String,
+    /// The queue class; none for the dead-letter queue.
+    class: Option<String>,
+    /// Unknown while the worker has no broker session.
+    messages: Option<u32>,
+    consumers: Option<u32>,
+}
+
+#[derive(Serialize)]
+struct KindCounts {
+    kind: String,
+    queue: Option<String>,
+    decided: BTreeMap<String, u64>,
+}
+
+#[derive(Serialize)]
+struct Snapshot {
+    at_ms: u64,
+    ready: bool,
+    queues: Vec<QueueDepth>,
+    kinds: Vec<KindCounts>,
+    parked: Option<u64>,
+    recent: Vec<Event>,
+}
+
+/// `GET /dashboard.json`.
+pub async fn snapshot(State(a): State<Admin>) -> impl IntoResponse {
+    let queues = a.broker.depths().await;
+    let parked = a.store.transact(|tx| tx.parked_count()).await.ok();
+    let (decided, recent) =
+        a.metrics.activity.with(|i| (i.decided.clone(), i.recent.iter().cloned().collect()));
+    let mut kinds: BTreeMap<String, KindCounts> = a
+        .catalog
+        .kinds()
+        .map(|k| {
+            let counts =
+                KindCounts { kind: k.name.clone(), queue: Some(k.queue.clone()), decided: BTreeMap::new() };
+            (k.name.clone(), counts)
+        })
+        .collect();
+    for ((kind, outcome), n) in decided {
+        kinds
+            .entry(kind.clone())
+            .or_insert_with(|| KindCounts { kind, queue: None, decided: BTreeMap::new() })
+            .decided
+            .insert(outcome, n);
+    }
+    let body = Snapshot {
+        at_ms: crate::keys::now_ms(),
+        ready: a.metrics.ready.load(std::sync::atomic::Ordering::Relaxed),
+        queues,
+        kinds: kinds.into_values().collect(),
+        parked,
+        recent,
+    };
+    ([(header::CACHE_CONTROL, "no-store")], axum::Json(body))
+}
+
+/// `GET /`: the page; it renders from `/dashboard.json` with `/dashboard.js`.
+pub async fn page() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], include_str!("dashboard/index.html"))
+}
+
+pub async fn script() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/javascript; charset=utf-8")], include_str!("dashboard/dashboard.js"))
+}
+
+pub async fn style() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/css; charset=utf-8")], include_str!("dashboard/dashboard.css"))
+}
