@@ -29,14 +29,25 @@ pub fn build(catalog: &Catalog) -> Result<String, String> {
             o.remove("$schema");
         }
         let mut required = vec!["kind", "payload"];
+        // The kind's schema, and the bounds the gatekeeper puts on every payload.
+        let payload = json!({"allOf": [payload, {"$ref": "#/components/schemas/SanitizedValue"}]});
+        let mut properties = json!({"kind": {"const": kind.name}, "payload": payload});
+        let mut variant = json!({"title": kind.name});
         if kind.sequenced {
             required.push("sequence");
+            if let Some(field) = &kind.sequence_key_field {
+                variant["description"] = json!(format!(
+                    "Jobs of {} apply in order per payload.{field}: sequence.key must equal payload.{field}",
+                    kind.name
+                ));
+            }
+        } else {
+            // Refused for kinds that are not sequenced.
+            properties["sequence"] = json!(false);
         }
-        variants.push(json!({
-            "title": kind.name,
-            "properties": {"kind": {"const": kind.name}, "payload": payload},
-            "required": required,
-        }));
+        variant["properties"] = properties;
+        variant["required"] = json!(required);
+        variants.push(variant);
         names.push(kind.name.clone());
     }
     let submit = &mut doc["components"]["schemas"]["SubmitRequest"];
@@ -73,7 +84,10 @@ mod tests {
         assert!(names.contains(&"vault.put") && names.contains(&"ledger.apply"), "{names:?}");
         let ledger =
             submit["oneOf"].as_array().unwrap().iter().find(|v| v["title"] == "ledger.apply").unwrap();
-        assert_eq!(ledger["properties"]["payload"]["properties"]["amount"]["type"], "integer", "{ledger}");
+        assert_eq!(
+            ledger["properties"]["payload"]["allOf"][0]["properties"]["amount"]["type"], "integer",
+            "{ledger}"
+        );
         assert!(ledger["required"].as_array().unwrap().contains(&json!("sequence")));
         assert_eq!(
             doc["paths"]["/v1/jobs"]["post"]["responses"]["202"]["links"]["GetJob"]["operationId"],

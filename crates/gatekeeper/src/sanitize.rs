@@ -20,12 +20,13 @@ use crate::problem::FieldError;
 
 /// Deepest nesting of a payload.
 pub const MAX_DEPTH: usize = 32;
-/// Longest string value, in bytes.
+/// Longest string value, in characters (as JSON Schema's `maxLength` counts).
 pub const MAX_STRING: usize = 64 * 1024;
-/// Longest object key, in bytes.
+/// Longest object key, in characters.
 pub const MAX_KEY: usize = 256;
-/// Most elements of one array.
-pub const MAX_ARRAY: usize = 10_000;
+/// Most elements of one array. Like [`MAX_STRING`], more than a body of the shipped size
+/// (64 KiB) can hold: the body limit binds first; these hold if it is raised.
+pub const MAX_ARRAY: usize = 64 * 1024;
 /// Largest magnitude of a non-integer number.
 pub const MAX_FLOAT: f64 = 1e15;
 
@@ -127,8 +128,8 @@ fn clean_text(s: &str, path: &str, key: bool, errors: &mut Vec<FieldError>) -> O
         return None;
     }
     let limit = if key { MAX_KEY } else { MAX_STRING };
-    if s.len() > limit {
-        error(errors, path, format!("longer than {limit} bytes"));
+    if s.len() > limit && s.chars().count() > limit {
+        error(errors, path, format!("longer than {limit} characters"));
         return None;
     }
     Some(s.nfc().collect())
@@ -145,8 +146,11 @@ fn walk(v: &mut Value, path: &str, depth: usize, errors: &mut Vec<FieldError>) {
             }
         }
         Value::Number(n) => {
-            let fits =
-                n.is_i64() || n.is_u64() || n.as_f64().is_some_and(|f| f.is_finite() && f.abs() < MAX_FLOAT);
+            // An integral number is an integer however it is written (`3.0`), as JSON Schema says.
+            let integral = |f: f64| f.fract() == 0.0 && f >= i64::MIN as f64 && f <= u64::MAX as f64;
+            let fits = n.is_i64()
+                || n.is_u64()
+                || n.as_f64().is_some_and(|f| f.is_finite() && (f.abs() < MAX_FLOAT || integral(f)));
             if !fits {
                 error(
                     errors,
@@ -169,7 +173,11 @@ fn walk(v: &mut Value, path: &str, depth: usize, errors: &mut Vec<FieldError>) {
                 let item_path = format!("{path}/{}", key.replace('~', "~0").replace('/', "~1"));
                 let Some(key) = clean_text(&key, &item_path, true, errors) else { continue };
                 walk(&mut item, &item_path, depth + 1, errors);
-                map.insert(key, item);
+                // Two keys that differ only in normalization ("é" and "e\u{301}") would
+                // otherwise become one, and one of the values would be dropped unseen.
+                if map.insert(key, item).is_some() {
+                    error(errors, &item_path, "duplicate key once NFC-normalized");
+                }
             }
         }
         Value::Null | Value::Bool(_) => {}
@@ -213,5 +221,22 @@ mod tests {
         assert!(sanitize(&mut json!({"n": 1e300})).is_err());
         assert!(sanitize(&mut json!({"n": u64::MAX})).is_ok());
         assert!(sanitize(&mut json!({"s": "x".repeat(MAX_STRING + 1)})).is_err());
+    }
+
+    #[test]
+    fn bounds_count_characters_and_integral_numbers_are_integers_as_json_schema_says() {
+        // 256 characters of 2 bytes each: within the bound the API document states.
+        assert!(sanitize(&mut json!({"é".repeat(MAX_KEY): "é".repeat(MAX_STRING)})).is_ok());
+        assert!(sanitize(&mut json!({"é".repeat(MAX_KEY + 1): 1})).is_err());
+        assert!(sanitize(&mut json!({"n": 2e15})).is_ok(), "2000000000000000.0 is an integer");
+        assert!(sanitize(&mut json!({"n": 2.5e15})).is_ok(), "so is 2500000000000000.0");
+        assert!(sanitize(&mut json!({"n": 1e15 + 0.5})).is_err(), "not an integer, and too large");
+    }
+
+    #[test]
+    fn keys_that_become_one_once_normalized_are_refused() {
+        let mut v = json!({"e\u{301}": 1, "\u{e9}": 2});
+        let errs = sanitize(&mut v).unwrap_err();
+        assert!(errs[0].message.contains("duplicate key"), "{errs:?}");
     }
 }

@@ -16,10 +16,16 @@ pub struct SubmitRequest {
     /// is checked by [`Priority::new`].
     #[serde(default, deserialize_with = "integral")]
     pub priority: Option<i64>,
-    #[serde(default)]
+    /// Optional fields are left out when not wanted; `null` is refused like any wrong type.
+    #[serde(default, deserialize_with = "present")]
     pub sequence: Option<RawSequence>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub idempotency_key: Option<String>,
+}
+
+/// An optional field that, when present, holds a value (not `null`).
+fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
 }
 
 /// `sequence` as sent; turned into [`Sequence`] by [`Sequence::parse`].
@@ -41,8 +47,8 @@ fn whole(n: &serde_json::Number) -> Option<i64> {
 }
 
 fn integral<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
-    let n = Option::<serde_json::Number>::deserialize(d)?;
-    n.map(|n| whole(&n).ok_or_else(|| serde::de::Error::custom("expected an integer"))).transpose()
+    let n = serde_json::Number::deserialize(d)?;
+    whole(&n).map(Some).ok_or_else(|| serde::de::Error::custom("expected an integer"))
 }
 
 fn integral_u64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
@@ -94,6 +100,9 @@ pub struct Sequence {
 impl Sequence {
     /// Longest sequence key accepted.
     pub const MAX_KEY_LEN: usize = 128;
+    /// Highest sequence number: 2^53 - 1, the integers every JSON parser reads exactly (a
+    /// JavaScript client could not even write the next one).
+    pub const MAX_NUMBER: u64 = (1 << 53) - 1;
 
     /// # Errors
     /// When the key is empty, too long or not printable ASCII without spaces, or the number is 0.
@@ -106,6 +115,9 @@ impl Sequence {
         }
         if raw.number == 0 {
             return Err("sequence numbers start at 1");
+        }
+        if raw.number > Self::MAX_NUMBER {
+            return Err("sequence numbers are at most 2^53 - 1 (9007199254740991)");
         }
         Ok(Self { key: raw.key, number: raw.number })
     }
@@ -152,6 +164,16 @@ mod tests {
     }
 
     #[test]
+    fn optional_fields_are_left_out_not_null() {
+        let r: SubmitRequest = serde_json::from_str(r#"{"kind":"k","payload":{}}"#).unwrap();
+        assert_eq!((r.priority, r.sequence.is_none(), r.idempotency_key), (None, true, None));
+        for field in ["priority", "sequence", "idempotency_key"] {
+            let body = format!(r#"{{"kind":"k","payload":{{}},"{field}":null}}"#);
+            assert!(serde_json::from_str::<SubmitRequest>(&body).is_err(), "{field}: null accepted");
+        }
+    }
+
+    #[test]
     fn envelope_fields_are_allowlisted() {
         let err =
             serde_json::from_str::<SubmitRequest>(r#"{"kind":"vault.put","payload":{},"reply_to":"evil"}"#)
@@ -167,6 +189,11 @@ mod tests {
         assert!(Sequence::parse(raw("", 1)).is_err());
         assert!(Sequence::parse(raw("a b", 1)).is_err());
         assert!(Sequence::parse(raw(&"k".repeat(129), 1)).is_err());
+        assert!(Sequence::parse(raw("k", Sequence::MAX_NUMBER)).is_ok());
+        assert!(
+            Sequence::parse(raw("k", Sequence::MAX_NUMBER + 1)).is_err(),
+            "storage and JSON clients stop at 2^53 - 1"
+        );
     }
 
     #[test]

@@ -915,7 +915,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open_sqlite(&dir.path().join("db.sqlite"), test_keyring()).unwrap();
         let of = |n: u8, kind: &str, state: JobState| StoredJob { kind: kind.into(), ..job(n, state, None) };
-        let rows = vec![
+        let rows = [
             of(1, "a", JobState::Succeeded),
             of(2, "a", JobState::Failed),
             of(3, "a", JobState::DeadLettered),

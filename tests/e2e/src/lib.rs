@@ -103,6 +103,35 @@ pub fn chromium() -> PathBuf {
     path
 }
 
+/// The schemathesis CLI (an OpenAPI fuzzer, from PyPI), in a virtual environment under
+/// `.gatehouse/venv`, made on first use with `python3 -m venv` and pip.
+pub fn schemathesis() -> PathBuf {
+    const VERSION: &str = "4.32.5";
+    let venv = repo_root().join(".gatehouse/venv");
+    let cli = venv.join("bin/schemathesis");
+    static INSTALL: Mutex<()> = Mutex::new(());
+    let _one = INSTALL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let installed = Command::new(&cli)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(VERSION));
+    if !installed {
+        eprintln!("schemathesis {VERSION} is not installed: installing it in {} (PyPI)", venv.display());
+        let made = Command::new("python3").args(["-m", "venv"]).arg(&venv).status();
+        assert!(
+            made.is_ok_and(|s| s.success()),
+            "python3 -m venv {} failed: the OpenAPI fuzz test needs Python 3 with venv (Debian: apt-get install python3-venv)",
+            venv.display()
+        );
+        let pip = Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check", &format!("schemathesis=={VERSION}")])
+            .stdout(std::io::stderr())
+            .status();
+        assert!(pip.is_ok_and(|s| s.success()), "pip install schemathesis=={VERSION} failed");
+    }
+    cli
+}
+
 /// Where the private test broker keeps its data and TLS material.
 pub fn private_node_home() -> PathBuf {
     repo_root().join(".gatehouse/rabbitmq")

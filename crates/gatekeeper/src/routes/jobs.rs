@@ -135,7 +135,7 @@ async fn accept(
         Problem::validation("Payload does not match the kind's schema", "schema-violation", errors)
     })?;
     if let Some(k) = &req.idempotency_key
-        && (k.is_empty() || k.len() > 256)
+        && (k.is_empty() || k.chars().count() > 256)
     {
         return Err(Problem::validation(
             "Invalid idempotency key",

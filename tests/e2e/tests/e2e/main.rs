@@ -11,6 +11,7 @@ mod bench;
 mod dashboard;
 mod deploy;
 mod exec;
+mod fuzz;
 mod isolation;
 mod metrics;
 mod retention;
