@@ -180,8 +180,26 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (db, wal) = (dir.path().join("db"), dir.path().join("db-wal"));
         let keyring = Keyring::parse(&format!("k1 {}", "ab".repeat(32))).unwrap();
-        let store = Store::open_sqlite(&db, keyring).unwrap();
-        let put = || store.transact(|tx| tx.vault_put("o", &json!({"pad": "x".repeat(3000)})));
+        let store = Store::open_sqlite(&db, keyring, &[]).unwrap();
+        let next = std::sync::atomic::AtomicU64::new(0);
+        let put = || {
+            let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let mut raw = [0u8; 16];
+            raw[8..].copy_from_slice(&n.to_be_bytes());
+            let id = gatehouse_protocol::JobId::from_bytes(raw);
+            let job = crate::StoredJob {
+                id: id.clone(),
+                client: "o".into(),
+                kind: "k".into(),
+                state: gatehouse_protocol::JobState::Succeeded,
+                result: Some(json!({"pad": "x".repeat(3000)})),
+                error: None,
+                reason: None,
+                sequence: None,
+            };
+            let store = store.clone();
+            async move { store.transact(move |tx| tx.record_job(&job)).await.map(|()| id) }
+        };
         // Past REWIND_AT pages at once: every commit writes at least one page to the log.
         let mut tokens = Vec::new();
         for _ in 0..REWIND_AT + 10 {
@@ -200,7 +218,7 @@ mod tests {
         assert!(db_after > db_before + 64 * 4096, "pages copied back: {db_before} -> {db_after} bytes");
         // Nothing was lost on the way.
         for token in tokens {
-            let found = store.transact(move |tx| tx.vault_get("o", &token)).await.unwrap();
+            let found = store.transact(move |tx| tx.job(&token)).await.unwrap();
             assert!(found.is_some());
         }
     }

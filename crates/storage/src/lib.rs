@@ -1,7 +1,8 @@
-//! The worker's storage: the only place that holds job outcomes, vault records and ledgers.
-//! Nothing but the worker (and operator commands) depends on this crate.
+//! The worker's storage: the only place that holds job outcomes, and the tables of the handler
+//! families (vault records, ledgers, a custom worker's own; see [`Family`]). Nothing but the
+//! worker (and operator commands) depends on this crate.
 //!
-//! Vault records, job results and ledger balances are encrypted at rest (AES-256-GCM, key id
+//! Job results and the values families declare sealed are encrypted at rest (AES-256-GCM, key id
 //! stored with each value, see `gatehouse_protocol::crypto::Keyring`), each bound to its table,
 //! column, row and owner; plaintext where a sealed value belongs is refused. [`Tx::rekey`]
 //! moves old values to the active key. The database file and its -wal/-shm are mode 0600.
@@ -14,6 +15,7 @@
 //! Checkpoints run beside it, on their own thread (see [`checkpoint`]).
 
 mod checkpoint;
+mod family;
 mod migrations;
 mod tx;
 
@@ -26,7 +28,13 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::checkpoint::Checkpoints;
 
-pub use tx::{Attempts, Forget, Parked, StoredJob, Tx, now_ms, sealed_aad};
+pub use family::{Family, SealedColumn};
+pub use tx::{Attempts, Forget, Parked, Place, StoredJob, Tx, now_ms, sealed_aad};
+
+/// What a handler family's SQL needs (the storage is SQLite, through `rusqlite`).
+pub mod sql {
+    pub use rusqlite::{OptionalExtension, Params, Row, ToSql, params};
+}
 
 /// A storage failure.
 #[derive(Debug, thiserror::Error)]
@@ -180,12 +188,13 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (creating if needed) the SQLite database at `path` and migrates it.
+    /// Opens (creating if needed) the SQLite database at `path` and migrates it: the job
+    /// machinery's tables, then each of `families`' own (see [`Family`]). Sealed values are
+    /// encrypted with `keyring` (see [`Tx::seal`]).
     ///
     /// # Errors
     /// When the file cannot be opened or a migration fails.
-    /// Vault records and job results are encrypted with `keyring` (see [`Tx`]).
-    pub fn open_sqlite(path: &Path, keyring: Keyring) -> Result<Self, StorageError> {
+    pub fn open_sqlite(path: &Path, keyring: Keyring, families: &[Family]) -> Result<Self, StorageError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
                 .map_err(|e| StorageError::Corrupt(format!("cannot create {}: {e}", dir.display())))?;
@@ -198,6 +207,7 @@ impl Store {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         migrations::run(&mut conn, &keyring)?;
+        family::migrate(&mut conn, families)?;
         // SQLite gives its -wal and -shm files the database file's mode; these may predate it.
         for side in ["-wal", "-shm"] {
             let mut p = path.as_os_str().to_owned();

@@ -1,9 +1,82 @@
-//! Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
+//! The job machinery's schema migrations, applied in order; `PRAGMA user_version` records how
+//! many ran. Handler families migrate their own tables (see [`crate::family`]).
+//!
+//! A new database is created at the latest version from [`BASELINE`]. The steps are the upgrade
+//! path of databases written by earlier releases, and never change once shipped: steps 1 to 8
+//! are from before handler families, when the vault's and the ledger's tables were part of this
+//! schema, so they create and alter those too (the families adopt the tables as they find
+//! them; their own first steps are `CREATE TABLE IF NOT EXISTS`).
 
 use gatehouse_protocol::crypto::Keyring;
-use rusqlite::Connection;
+use rusqlite::{Connection, params};
 
+use crate::tx::Place;
 use crate::{StorageError, Tx};
+
+/// The job machinery's tables as the steps below leave them, for a new database.
+const BASELINE: &str = r"
+    CREATE TABLE jobs (
+        id            TEXT PRIMARY KEY,
+        client        TEXT NOT NULL,
+        kind          TEXT NOT NULL,
+        state         TEXT NOT NULL,
+        result        TEXT,
+        error         TEXT,
+        seq_key       TEXT,
+        seq_number    INTEGER,
+        updated_at_ms INTEGER NOT NULL,
+        reason        TEXT
+    );
+    -- A sequence number belongs to one job, ever.
+    CREATE UNIQUE INDEX jobs_sequence ON jobs(seq_key, seq_number) WHERE seq_key IS NOT NULL;
+    CREATE INDEX jobs_decided ON jobs(kind, updated_at_ms)
+        WHERE state IN ('succeeded', 'failed', 'dead_lettered');
+
+    -- Next number each sequence key applies.
+    CREATE TABLE sequences (
+        key  TEXT PRIMARY KEY,
+        next INTEGER NOT NULL
+    );
+
+    -- Jobs that arrived before their predecessor: kept here (not in the broker) until the gap
+    -- closes, with what is needed to run and answer them then.
+    CREATE TABLE parked (
+        seq_key        TEXT NOT NULL,
+        seq_number     INTEGER NOT NULL,
+        job_id         TEXT NOT NULL REFERENCES jobs(id),
+        envelope       BLOB NOT NULL,
+        reply_to       TEXT,
+        correlation_id TEXT,
+        parked_at_ms   INTEGER NOT NULL,
+        deadline_ms    INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (seq_key, seq_number)
+    );
+    CREATE INDEX parked_deadline ON parked(deadline_ms);
+    CREATE INDEX parked_job ON parked(job_id);
+
+    CREATE TABLE attempts (
+        job_id        TEXT PRIMARY KEY,
+        client        TEXT NOT NULL,
+        count         INTEGER NOT NULL,
+        last_error    TEXT,
+        updated_at_ms INTEGER NOT NULL,
+        running       INTEGER NOT NULL DEFAULT 0
+    );
+
+    -- How far each handler family's own migrations got, and the sealed columns they declared.
+    CREATE TABLE families (
+        name    TEXT PRIMARY KEY,
+        version INTEGER NOT NULL
+    );
+    CREATE TABLE sealed_columns (
+        tbl        TEXT NOT NULL,
+        col        TEXT NOT NULL,
+        key_col    TEXT NOT NULL,
+        owner_expr TEXT NOT NULL,
+        family     TEXT NOT NULL,
+        PRIMARY KEY (tbl, col)
+    );
+";
 
 const MIGRATIONS: &[&str] = &[
     // 1: jobs and their outcomes, sequences, parked jobs, vault, ledger.
@@ -122,22 +195,153 @@ const MIGRATIONS: &[&str] = &[
         WHERE state IN ('succeeded', 'failed', 'dead_lettered');
     CREATE INDEX parked_job ON parked(job_id);
     ",
+    // 10: handler families own their tables (see `crate::family`).
+    r"
+    CREATE TABLE families (
+        name    TEXT PRIMARY KEY,
+        version INTEGER NOT NULL
+    );
+    CREATE TABLE sealed_columns (
+        tbl        TEXT NOT NULL,
+        col        TEXT NOT NULL,
+        key_col    TEXT NOT NULL,
+        owner_expr TEXT NOT NULL,
+        family     TEXT NOT NULL,
+        PRIMARY KEY (tbl, col)
+    );
+    ",
 ];
 
 /// After this migration (1-based) the values of earlier releases are re-sealed.
 const RESEAL_AFTER: usize = 8;
 
+/// The sealed columns at step 8, when the vault and the ledger were part of this schema.
+const SEALED_AT_STEP_8: [(&str, &str, &str, &str); 3] = [
+    ("vault", "token", "owner", "record"),
+    ("jobs", "id", "client", "result"),
+    ("ledger", "account", "''", "state"),
+];
+
 pub(crate) fn run(conn: &mut Connection, keyring: &Keyring) -> Result<(), StorageError> {
     let done: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(done) {
+    if done == 0 {
+        let tx = conn.transaction()?;
+        tx.execute_batch(BASELINE)?;
+        tx.pragma_update(None, "user_version", MIGRATIONS.len())?;
+        tx.commit()?;
+        return Ok(());
+    }
+    upgrade(conn, keyring, done, MIGRATIONS.len())
+}
+
+/// Runs the steps after `done` up to `upto` on a database an earlier release wrote.
+pub(crate) fn upgrade(
+    conn: &mut Connection,
+    keyring: &Keyring,
+    done: usize,
+    upto: usize,
+) -> Result<(), StorageError> {
+    if done > MIGRATIONS.len() {
+        return Err(StorageError::Corrupt(format!(
+            "the database is at schema version {done}, newer than this worker knows ({}): a newer release wrote it",
+            MIGRATIONS.len()
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().take(upto).skip(done) {
         let tx = conn.transaction()?;
         tx.execute_batch(sql)?;
         if i + 1 == RESEAL_AFTER {
-            let n = Tx::new(&tx, keyring).reseal(true)?;
+            let columns: Vec<_> = SEALED_AT_STEP_8
+                .iter()
+                .map(|(t, k, o, c)| ((*t).to_owned(), (*k).to_owned(), (*o).to_owned(), (*c).to_owned()))
+                .collect();
+            let n = Tx::new(&tx, keyring).reseal(&columns, true)? + seal_ledger_of_step_8(&tx, keyring)?;
             tracing::info!(values = n, "re-sealed stored values with their binding");
         }
         tx.pragma_update(None, "user_version", i + 1)?;
         tx.commit()?;
     }
     Ok(())
+}
+
+/// Ledger rows of releases before step 8 kept balance and sequence in plain columns: sealed
+/// into `state`, bound to the account (whose key names its owner).
+fn seal_ledger_of_step_8(conn: &Connection, keyring: &Keyring) -> Result<u64, StorageError> {
+    let rows: Vec<(String, i64, i64)> = {
+        let mut stmt = conn.prepare("SELECT account, balance, sequence FROM ledger WHERE state IS NULL")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        rows.collect::<Result<_, _>>()?
+    };
+    let tx = Tx::new(conn, keyring);
+    for (account, balance, sequence) in &rows {
+        let state = serde_json::json!({"balance": balance, "sequence": sequence});
+        let at = Place { table: "ledger", column: "state", row: account, owner: "" };
+        conn.execute(
+            "UPDATE ledger SET state = ?1, balance = 0, sequence = 0 WHERE account = ?2",
+            params![tx.seal(&state, &at)?, account],
+        )?;
+    }
+    Ok(rows.len() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Columns (name, type, not null, default, primary key) and indexes of every table.
+    fn shape(conn: &Connection) -> Vec<String> {
+        let mut out = Vec::new();
+        let tables: Vec<String> = conn
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        for t in tables {
+            let mut stmt = conn.prepare(&format!("PRAGMA table_info({t})")).unwrap();
+            let cols = stmt
+                .query_map([], |r| {
+                    Ok(format!(
+                        "{t}.{}: {} notnull={} default={:?} pk={}",
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, i64>(3)?,
+                        r.get::<_, Option<String>>(4)?,
+                        r.get::<_, i64>(5)?
+                    ))
+                })
+                .unwrap();
+            out.extend(cols.map(Result::unwrap));
+            let mut stmt = conn.prepare(&format!("PRAGMA index_list({t})")).unwrap();
+            let idx = stmt
+                .query_map([], |r| {
+                    Ok(format!(
+                        "{t} index {} unique={} partial={}",
+                        r.get::<_, String>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, i64>(4)?
+                    ))
+                })
+                .unwrap();
+            out.extend(idx.map(Result::unwrap));
+        }
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn a_new_database_has_the_shape_the_upgrade_steps_leave_minus_the_families_tables() {
+        let keyring = Keyring::parse(&format!("k1 {}", "ab".repeat(32))).unwrap();
+        let mut fresh = Connection::open_in_memory().unwrap();
+        run(&mut fresh, &keyring).unwrap();
+        let mut upgraded = Connection::open_in_memory().unwrap();
+        upgrade(&mut upgraded, &keyring, 0, MIGRATIONS.len()).unwrap();
+        // Steps 1 to 8 made the vault's and the ledger's tables, which are families' now.
+        upgraded.execute_batch("DROP TABLE vault; DROP TABLE ledger;").unwrap();
+        assert_eq!(shape(&fresh), shape(&upgraded));
+        let version =
+            |c: &Connection| c.pragma_query_value(None, "user_version", |r| r.get::<_, usize>(0)).unwrap();
+        assert_eq!((version(&fresh), version(&upgraded)), (MIGRATIONS.len(), MIGRATIONS.len()));
+    }
 }

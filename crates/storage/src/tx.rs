@@ -4,7 +4,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use gatehouse_protocol::crypto::Keyring;
 use gatehouse_protocol::{JobId, JobState};
-use ring::rand::{SecureRandom, SystemRandom};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::Value;
 
@@ -81,11 +80,14 @@ fn to_i64(n: u64) -> Result<i64, StorageError> {
 
 /// Where a sealed value lives: bound into its encryption, so that a writer of the database
 /// file cannot move it to another row, column or owner and have the worker read it there.
-struct Place<'a> {
-    table: &'static str,
-    column: &'static str,
-    row: &'a str,
-    owner: &'a str,
+#[derive(Debug, Clone, Copy)]
+pub struct Place<'a> {
+    pub table: &'a str,
+    pub column: &'a str,
+    /// The row's key.
+    pub row: &'a str,
+    /// Whose it is; empty when the row's key names its owner.
+    pub owner: &'a str,
 }
 
 /// The associated data a sealed value is bound to (for tools that read the file directly).
@@ -101,30 +103,14 @@ impl<'a> Place<'a> {
     fn job_result(id: &'a str, client: &'a str) -> Self {
         Self { table: "jobs", column: "result", row: id, owner: client }
     }
-
-    fn vault(token: &'a str, owner: &'a str) -> Self {
-        Self { table: "vault", column: "record", row: token, owner }
-    }
-
-    /// A ledger account's key already names its owner (`owned_key`).
-    fn ledger(account: &'a str) -> Self {
-        Self { table: "ledger", column: "state", row: account, owner: "" }
-    }
 }
 
-/// A sealed column: its table, row key, owner (an SQL expression) and value column.
-struct SealedColumn {
-    table: &'static str,
-    key: &'static str,
-    owner: &'static str,
-    column: &'static str,
+/// A name spliced into SQL (from the `sealed_columns` registry): letters, digits and `_`
+/// only, or the empty-owner literal `''`.
+fn identifier(s: &str) -> Result<&str, StorageError> {
+    let ok = s == "''" || (!s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'));
+    if ok { Ok(s) } else { Err(StorageError::Corrupt(format!("{s:?} is not a column name"))) }
 }
-
-const SEALED: [SealedColumn; 3] = [
-    SealedColumn { table: "vault", key: "token", owner: "owner", column: "record" },
-    SealedColumn { table: "jobs", key: "id", owner: "client", column: "result" },
-    SealedColumn { table: "ledger", key: "account", owner: "''", column: "state" },
-];
 
 const PARKED_COLUMNS: &str = "job_id, seq_key, seq_number, envelope, reply_to, correlation_id, deadline_ms";
 
@@ -172,9 +158,36 @@ impl<'c> Tx<'c> {
         self.tx.prepare_cached(sql)?.query_row(params, f)
     }
 
+    // ---- for handler families ---------------------------------------------------------------
+
+    /// Runs one SQL statement of a handler family (its own tables; see [`crate::Family`]);
+    /// answers the rows it changed. Prepared once per connection, then cached.
+    ///
+    /// # Errors
+    /// What SQLite answers.
+    pub fn execute<P: rusqlite::Params>(&self, sql: &str, params: P) -> Result<usize, StorageError> {
+        Ok(self.exec(sql, params)?)
+    }
+
+    /// The first row a family's query answers, read by `f`; `None` when there is none.
+    ///
+    /// # Errors
+    /// What SQLite answers, or what `f` does.
+    pub fn query_row<T, P, F>(&self, sql: &str, params: P, f: F) -> Result<Option<T>, StorageError>
+    where
+        P: rusqlite::Params,
+        F: FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    {
+        Ok(self.one(sql, params, f).optional()?)
+    }
+
     /// `value` encrypted under the active data key, bound to its place (`at`): it cannot be
-    /// moved to another row, column or owner.
-    fn seal(&self, value: &Value, at: &Place<'_>) -> Result<String, StorageError> {
+    /// moved to another row, column or owner. Declare the column in the family's
+    /// [`crate::Family::sealed`], so that `gatehouse rekey` re-encrypts it.
+    ///
+    /// # Errors
+    /// [`StorageError::Crypto`] when the keyring cannot encrypt.
+    pub fn seal(&self, value: &Value, at: &Place<'_>) -> Result<String, StorageError> {
         self.keyring
             .encrypt(value.to_string().as_bytes(), &at.aad())
             .map_err(|e| StorageError::Crypto(e.to_string()))
@@ -184,7 +197,11 @@ impl<'c> Tx<'c> {
     /// plaintext value, or an earlier release's format bound to its row only — is refused: it
     /// can only have been written into the file behind the worker's back (earlier releases'
     /// values were re-sealed by migration 8).
-    fn unseal(&self, stored: Option<String>, at: &Place<'_>) -> Result<Option<Value>, StorageError> {
+    ///
+    /// # Errors
+    /// [`StorageError::Crypto`] for a value that is not sealed, or not for this place or under
+    /// a key of the keyring; [`StorageError::Corrupt`] when it does not hold JSON.
+    pub fn unseal(&self, stored: Option<String>, at: &Place<'_>) -> Result<Option<Value>, StorageError> {
         let Some(stored) = stored else { return Ok(None) };
         if Keyring::version(&stored) != Some(2) {
             return Err(StorageError::Crypto(format!(
@@ -197,26 +214,29 @@ impl<'c> Tx<'c> {
         serde_json::from_slice(&plain).map(Some).map_err(|e| StorageError::Corrupt(e.to_string()))
     }
 
-    /// Re-seals sealed values: every one not under the active data key (`gatehouse rekey`), or
-    /// with `legacy_only` just those an earlier release wrote (plaintext, or bound to their row
-    /// only; migration 8). Answers how many it changed.
-    pub(crate) fn reseal(&self, legacy_only: bool) -> Result<u64, StorageError> {
+    /// Re-seals the values of `columns` (table, key, owner expression, column): every one not
+    /// under the active data key (`gatehouse rekey`), or with `legacy_only` just those an
+    /// earlier release wrote (plaintext, or bound to their row only; migration 8). Answers how
+    /// many it changed.
+    pub(crate) fn reseal(
+        &self,
+        columns: &[(String, String, String, String)],
+        legacy_only: bool,
+    ) -> Result<u64, StorageError> {
         let active = self.keyring.active_id().to_owned();
         let mut changed = 0;
-        for spec in SEALED {
+        for (table, key, owner, column) in columns {
+            let (table, key, owner, column) =
+                (identifier(table)?, identifier(key)?, identifier(owner)?, identifier(column)?);
             let rows: Vec<(String, String, String)> = {
                 let mut stmt = self.tx.prepare_cached(&format!(
-                    "SELECT {key}, {owner}, {value} FROM {table} WHERE {value} IS NOT NULL",
-                    key = spec.key,
-                    owner = spec.owner,
-                    value = spec.column,
-                    table = spec.table
+                    "SELECT {key}, {owner}, {column} FROM {table} WHERE {column} IS NOT NULL"
                 ))?;
                 let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
                 rows.collect::<Result<_, _>>()?
             };
             for (row, owner, stored) in rows {
-                let at = Place { table: spec.table, column: spec.column, row: &row, owner: &owner };
+                let at = Place { table, column, row: &row, owner: &owner };
                 let value = match Keyring::version(&stored) {
                     Some(2) if legacy_only || Keyring::key_of(&stored) == Some(active.as_str()) => continue,
                     Some(2) => self.unseal(Some(stored), &at)?,
@@ -233,42 +253,22 @@ impl<'c> Tx<'c> {
                 };
                 let Some(value) = value else { continue };
                 self.exec(
-                    &format!("UPDATE {} SET {} = ?1 WHERE {} = ?2", spec.table, spec.column, spec.key),
+                    &format!("UPDATE {table} SET {column} = ?1 WHERE {key} = ?2"),
                     params![self.seal(&value, &at)?, row],
                 )?;
                 changed += 1;
             }
         }
-        if legacy_only {
-            changed += self.seal_legacy_ledger()?;
-        }
         Ok(changed)
     }
 
-    /// Re-encrypts every sealed value that is not under the active data key; answers how many
-    /// it changed.
+    /// Re-encrypts every sealed value that is not under the active data key — job results and
+    /// every column a handler family declared — and answers how many it changed.
+    ///
+    /// # Errors
+    /// A value that does not open, or a storage failure (nothing is changed then).
     pub fn rekey(&self) -> Result<u64, StorageError> {
-        self.reseal(false)
-    }
-
-    /// Ledger rows of earlier releases kept balance and sequence in plain columns: seal them.
-    fn seal_legacy_ledger(&self) -> Result<u64, StorageError> {
-        let rows: Vec<(String, i64, i64)> = {
-            let mut stmt = self
-                .tx
-                .prepare_cached("SELECT account, balance, sequence FROM ledger WHERE state IS NULL")?;
-            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-            rows.collect::<Result<_, _>>()?
-        };
-        for (account, balance, sequence) in &rows {
-            let state = serde_json::json!({"balance": balance, "sequence": sequence});
-            let sealed = self.seal(&state, &Place::ledger(account))?;
-            self.exec(
-                "UPDATE ledger SET state = ?1, balance = 0, sequence = 0 WHERE account = ?2",
-                params![sealed, account],
-            )?;
-        }
-        Ok(rows.len() as u64)
+        self.reseal(&crate::family::sealed_columns(self.tx)?, false)
     }
 
     // ---- jobs ------------------------------------------------------------------------------
@@ -561,80 +561,6 @@ impl<'c> Tx<'c> {
         )?;
         Ok(n as u64)
     }
-
-    // ---- vault -----------------------------------------------------------------------------
-
-    /// Stores `record` for `owner`; answers its token.
-    pub fn vault_put(&self, owner: &str, record: &Value) -> Result<String, StorageError> {
-        // The time in milliseconds, then 80 random bits: unguessable, and new tokens land at the
-        // end of the index instead of on a random page of it (see the gatekeeper's job ids).
-        let mut raw = [0u8; 16];
-        raw[..6].copy_from_slice(&now_ms().to_be_bytes()[2..]);
-        SystemRandom::new()
-            .fill(&mut raw[6..])
-            .map_err(|_| StorageError::Corrupt("no system randomness".into()))?;
-        let token = format!("tok_{}", JobId::from_bytes(raw));
-        self.exec(
-            "INSERT INTO vault (token, owner, record, created_at_ms) VALUES (?1, ?2, ?3, ?4)",
-            params![token, owner, self.seal(record, &Place::vault(&token, owner))?, now_ms()],
-        )?;
-        Ok(token)
-    }
-
-    /// The record behind `token`, if `owner` stored it.
-    pub fn vault_get(&self, owner: &str, token: &str) -> Result<Option<Value>, StorageError> {
-        let record: Option<String> = self
-            .one("SELECT record FROM vault WHERE token = ?1 AND owner = ?2", params![token, owner], |r| {
-                r.get(0)
-            })
-            .optional()?;
-        self.unseal(record, &Place::vault(token, owner))
-    }
-
-    /// Erases the record behind `token` if `owner` stored it; whether there was one.
-    pub fn vault_delete(&self, owner: &str, token: &str) -> Result<bool, StorageError> {
-        let n = self.exec("DELETE FROM vault WHERE token = ?1 AND owner = ?2", params![token, owner])?;
-        Ok(n > 0)
-    }
-
-    // ---- ledger ----------------------------------------------------------------------------
-
-    /// Adds `amount` to `account` and records `sequence` as its last applied number; answers
-    /// the new balance. Fails (permanently) on overflow rather than wrapping. Balance and
-    /// sequence are sealed, bound to the account (whose key names its owner).
-    pub fn ledger_apply(
-        &self,
-        account: &str,
-        amount: i64,
-        sequence: u64,
-    ) -> Result<Option<i64>, StorageError> {
-        let (balance, _) = self.ledger_balance(account)?;
-        let Some(new_balance) = balance.checked_add(amount) else {
-            return Ok(None);
-        };
-        let state = serde_json::json!({"balance": new_balance, "sequence": sequence});
-        self.exec(
-            "INSERT INTO ledger (account, balance, sequence, state) VALUES (?1, 0, 0, ?2)
-             ON CONFLICT(account) DO UPDATE SET state = excluded.state",
-            params![account, self.seal(&state, &Place::ledger(account))?],
-        )?;
-        Ok(Some(new_balance))
-    }
-
-    /// `(balance, last applied sequence number)`; `(0, 0)` for an account never touched.
-    pub fn ledger_balance(&self, account: &str) -> Result<(i64, u64), StorageError> {
-        let state: Option<Option<String>> =
-            self.one("SELECT state FROM ledger WHERE account = ?1", [account], |r| r.get(0)).optional()?;
-        let Some(state) = state else { return Ok((0, 0)) };
-        // A row without a sealed state was written behind the worker's back: unseal refuses it.
-        let state =
-            self.unseal(Some(state.unwrap_or_default()), &Place::ledger(account))?.unwrap_or_default();
-        let field = |f: &str| state.get(f).and_then(Value::as_i64);
-        match (field("balance"), field("sequence")) {
-            (Some(b), Some(s)) => Ok((b, s as u64)),
-            _ => Err(StorageError::Corrupt(format!("ledger state of {account:?}"))),
-        }
-    }
 }
 
 #[cfg(test)]
@@ -649,6 +575,37 @@ mod tests {
 
     fn id(n: u8) -> JobId {
         JobId::from_bytes([n; 16])
+    }
+
+    /// A handler family of the tests' own: notes, sealed, for their owner.
+    const NOTES: crate::Family = crate::Family {
+        name: "notes",
+        migrations: &["CREATE TABLE notes (id TEXT PRIMARY KEY, owner TEXT NOT NULL, body TEXT NOT NULL)"],
+        sealed: &[crate::SealedColumn { table: "notes", key: "id", owner: "owner", column: "body" }],
+    };
+
+    fn open(path: &std::path::Path) -> Store {
+        Store::open_sqlite(path, test_keyring(), &[NOTES]).unwrap()
+    }
+
+    fn note_at<'a>(id: &'a str, owner: &'a str) -> Place<'a> {
+        Place { table: "notes", column: "body", row: id, owner }
+    }
+
+    fn put_note(tx: &Tx<'_>, id: &str, owner: &str, body: &Value) -> Result<(), StorageError> {
+        tx.execute(
+            "INSERT INTO notes (id, owner, body) VALUES (?1, ?2, ?3)",
+            params![id, owner, tx.seal(body, &note_at(id, owner))?],
+        )?;
+        Ok(())
+    }
+
+    fn get_note(tx: &Tx<'_>, id: &str, owner: &str) -> Result<Option<Value>, StorageError> {
+        let stored =
+            tx.query_row("SELECT body FROM notes WHERE id = ?1 AND owner = ?2", params![id, owner], |r| {
+                r.get(0)
+            })?;
+        tx.unseal(stored, &note_at(id, owner))
     }
 
     fn job(n: u8, state: JobState, seq: Option<(&str, u64)>) -> StoredJob {
@@ -667,7 +624,7 @@ mod tests {
     #[tokio::test]
     async fn a_sequence_number_belongs_to_one_job() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open_sqlite(&dir.path().join("db.sqlite"), test_keyring()).unwrap();
+        let store = Store::open_sqlite(&dir.path().join("db.sqlite"), test_keyring(), &[]).unwrap();
         store.transact(|tx| tx.record_job(&job(1, JobState::Succeeded, Some(("k", 1))))).await.unwrap();
         let err = store
             .transact(|tx| tx.record_job(&job(2, JobState::Succeeded, Some(("k", 1)))))
@@ -681,7 +638,7 @@ mod tests {
     #[tokio::test]
     async fn failed_closure_rolls_back() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open_sqlite(&dir.path().join("db.sqlite"), test_keyring()).unwrap();
+        let store = Store::open_sqlite(&dir.path().join("db.sqlite"), test_keyring(), &[]).unwrap();
         let r: Result<(), _> = store
             .transact(|tx| {
                 tx.set_next_expected("k", 5)?;
@@ -693,24 +650,41 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn vault_is_owner_only_and_survives_reopen() {
+    async fn a_family_migrates_once_and_its_data_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db.sqlite");
-        let token = {
-            let store = Store::open_sqlite(&path, test_keyring()).unwrap();
-            let rec = serde_json::json!({"name": "Ada"});
-            store.transact(move |tx| tx.vault_put("alice", &rec)).await.unwrap()
+        {
+            let store = open(&path);
+            store.transact(|tx| put_note(tx, "n1", "alice", &serde_json::json!({"t": "hi"}))).await.unwrap();
+        }
+        // Opened again: the step does not run twice (it would fail: the table exists).
+        let store = open(&path);
+        let got = store.transact(|tx| get_note(tx, "n1", "alice")).await.unwrap();
+        assert_eq!(got, Some(serde_json::json!({"t": "hi"})));
+        assert_eq!(store.transact(|tx| get_note(tx, "n1", "mallory")).await.unwrap(), None);
+        drop(store);
+        // A release with a second step runs just that one.
+        const NOTES_2: crate::Family = crate::Family {
+            migrations: &[
+                NOTES.migrations[0],
+                "ALTER TABLE notes ADD COLUMN pinned INTEGER NOT NULL DEFAULT 0",
+            ],
+            ..NOTES
         };
-        let store = Store::open_sqlite(&path, test_keyring()).unwrap();
-        let t = token.clone();
-        let got = store.transact(move |tx| tx.vault_get("alice", &t)).await.unwrap();
-        assert_eq!(got, Some(serde_json::json!({"name": "Ada"})));
-        let t = token.clone();
-        assert_eq!(store.transact(move |tx| tx.vault_get("mallory", &t)).await.unwrap(), None);
-        let t = token.clone();
-        assert!(!store.transact(move |tx| tx.vault_delete("mallory", &t)).await.unwrap());
-        let t = token.clone();
-        assert!(store.transact(move |tx| tx.vault_delete("alice", &t)).await.unwrap());
+        let store = Store::open_sqlite(&path, test_keyring(), &[NOTES_2]).unwrap();
+        let pinned = store
+            .transact(|tx| {
+                tx.query_row("SELECT pinned FROM notes WHERE id = 'n1'", [], |r| r.get::<_, i64>(0))
+            })
+            .await
+            .unwrap();
+        assert_eq!(pinned, Some(0));
+        drop(store);
+        // A database a newer release of the family wrote is refused, not guessed at.
+        let older = Store::open_sqlite(&path, test_keyring(), &[NOTES]);
+        assert!(older.is_err_and(|e| e.to_string().contains("newer")));
+        // Two families of one name are refused.
+        assert!(Store::open_sqlite(&path, test_keyring(), &[NOTES_2, NOTES_2]).is_err());
     }
 
     /// Runs `sql` on the database file behind the worker's back (an attacker with file access).
@@ -722,36 +696,32 @@ mod tests {
     async fn sealed_values_are_bound_to_their_owner_and_plaintext_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db.sqlite");
-        let store = Store::open_sqlite(&path, test_keyring()).unwrap();
-        let rec = serde_json::json!({"name": "Ada"});
-        let token = store.transact(move |tx| tx.vault_put("alice", &rec)).await.unwrap();
-        store.transact(|tx| tx.ledger_apply("alice\u{1f}acct", 250, 1)).await.unwrap();
-        // Moved to mallory by editing the owner column: the record does not open for her.
-        tamper(&path, &format!("UPDATE vault SET owner = 'mallory' WHERE token = '{token}'"));
-        let t = token.clone();
-        let got = store.transact(move |tx| tx.vault_get("mallory", &t)).await;
+        let store = open(&path);
+        store.transact(|tx| put_note(tx, "n1", "alice", &serde_json::json!({"name": "Ada"}))).await.unwrap();
+        store
+            .transact(|tx| {
+                tx.record_job(&StoredJob {
+                    result: Some(serde_json::json!({"n": 1})),
+                    ..job(4, JobState::Succeeded, None)
+                })
+            })
+            .await
+            .unwrap();
+        // Moved to mallory by editing the owner column: it does not open for her.
+        tamper(&path, "UPDATE notes SET owner = 'mallory' WHERE id = 'n1'");
+        let got = store.transact(|tx| get_note(tx, "n1", "mallory")).await;
+        assert!(matches!(got, Err(StorageError::Crypto(_))), "{got:?}");
+        // Moved to another row: nor there.
+        tamper(&path, "UPDATE notes SET owner = 'alice', id = 'n2' WHERE id = 'n1'");
+        let got = store.transact(|tx| get_note(tx, "n2", "alice")).await;
         assert!(matches!(got, Err(StorageError::Crypto(_))), "{got:?}");
         // Downgraded to plaintext: refused, not read.
-        tamper(
-            &path,
-            &format!(
-                "UPDATE vault SET owner = 'alice', record = '{{\"name\":\"Eve\"}}' WHERE token = '{token}'"
-            ),
-        );
-        let t = token.clone();
-        let got = store.transact(move |tx| tx.vault_get("alice", &t)).await;
+        tamper(&path, "UPDATE notes SET id = 'n1', body = '{\"name\":\"Eve\"}'");
+        let got = store.transact(|tx| get_note(tx, "n1", "alice")).await;
         assert!(matches!(got, Err(StorageError::Crypto(_))), "{got:?}");
-        // A ledger row moved to another client's account does not open there.
-        tamper(&path, "UPDATE ledger SET account = 'mallory\u{1f}acct'");
-        assert!(store.transact(|tx| tx.ledger_balance("mallory\u{1f}acct")).await.is_err());
-        tamper(&path, "UPDATE ledger SET account = 'alice\u{1f}acct'");
-        assert_eq!(store.transact(|tx| tx.ledger_balance("alice\u{1f}acct")).await.unwrap(), (250, 1));
-        // Nothing of the balance is in the clear.
-        let plain: i64 = rusqlite::Connection::open(&path)
-            .unwrap()
-            .query_row("SELECT balance FROM ledger", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(plain, 0);
+        // A job's result given to another client does not open either.
+        tamper(&path, "UPDATE jobs SET client = 'mallory'");
+        assert!(matches!(store.transact(|tx| tx.job(&id(4))).await, Err(StorageError::Crypto(_))));
     }
 
     #[cfg(unix)]
@@ -760,7 +730,7 @@ mod tests {
         use std::os::unix::fs::PermissionsExt as _;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db.sqlite");
-        let store = Store::open_sqlite(&path, test_keyring()).unwrap();
+        let store = open(&path);
         store.transact(|tx| tx.set_next_expected("k", 2)).await.unwrap();
         for f in ["db.sqlite", "db.sqlite-wal", "db.sqlite-shm"] {
             let mode = std::fs::metadata(dir.path().join(f)).unwrap().permissions().mode() & 0o777;
@@ -772,35 +742,69 @@ mod tests {
     async fn values_of_earlier_releases_are_resealed_once_by_the_migration() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db.sqlite");
-        drop(Store::open_sqlite(&path, test_keyring()).unwrap());
         // As release 7 left it: a v1 record bound to its token only, a plaintext result, a
-        // plaintext ledger row.
+        // plaintext ledger row (the vault and the ledger were tables of this schema then).
+        {
+            let mut conn = rusqlite::Connection::open(&path).unwrap();
+            crate::migrations::upgrade(&mut conn, &test_keyring(), 0, 7).unwrap();
+        }
         let v1 = test_keyring().encrypt(br#"{"name":"Ada"}"#, b"tok_1").unwrap().replacen("v2.", "v1.", 1);
         tamper(&path, &format!(
-            "ALTER TABLE ledger DROP COLUMN state; DROP INDEX jobs_decided; DROP INDEX parked_job;
-             PRAGMA user_version = 7;
-             INSERT INTO vault VALUES ('tok_1', 'alice', '{v1}', 0);
+            "INSERT INTO vault VALUES ('tok_1', 'alice', '{v1}', 0);
              INSERT INTO jobs (id, client, kind, state, result, updated_at_ms) VALUES ('{}', 'alice', 'k', 'succeeded', '{{\"n\":1}}', 0);
              INSERT INTO ledger VALUES ('alice\u{1f}acct', 42, 3);",
             id(9).as_str()
         ));
-        let store = Store::open_sqlite(&path, test_keyring()).unwrap();
-        let got = store.transact(|tx| tx.vault_get("alice", "tok_1")).await.unwrap();
-        assert_eq!(got, Some(serde_json::json!({"name": "Ada"})));
+        let store = open(&path);
+        let read = |table: &'static str,
+                    column: &'static str,
+                    key: &'static str,
+                    row: &'static str,
+                    owner: &'static str| {
+            let store = store.clone();
+            async move {
+                store
+                    .transact(move |tx| {
+                        let stored = tx.query_row(
+                            &format!("SELECT {column} FROM {table} WHERE {key} = ?1"),
+                            [row],
+                            |r| r.get(0),
+                        )?;
+                        tx.unseal(stored, &Place { table, column, row, owner })
+                    })
+                    .await
+            }
+        };
+        assert_eq!(
+            read("vault", "record", "token", "tok_1", "alice").await.unwrap(),
+            Some(serde_json::json!({"name": "Ada"}))
+        );
         let job = store.transact(|tx| tx.job(&id(9))).await.unwrap().unwrap();
         assert_eq!(job.result, Some(serde_json::json!({"n": 1})));
-        assert_eq!(store.transact(|tx| tx.ledger_balance("alice\u{1f}acct")).await.unwrap(), (42, 3));
+        assert_eq!(
+            read("ledger", "state", "account", "alice\u{1f}acct", "").await.unwrap(),
+            Some(serde_json::json!({"balance": 42, "sequence": 3}))
+        );
         drop(store);
         // Once only: a plaintext value written afterwards stays refused across restarts.
         tamper(&path, "UPDATE vault SET record = '{\"name\":\"Eve\"}'");
-        let store = Store::open_sqlite(&path, test_keyring()).unwrap();
-        assert!(store.transact(|tx| tx.vault_get("alice", "tok_1")).await.is_err());
+        let store = open(&path);
+        let store2 = store.clone();
+        let got = store2
+            .transact(|tx| {
+                let stored =
+                    tx.query_row("SELECT record FROM vault WHERE token = 'tok_1'", [], |r| r.get(0))?;
+                tx.unseal(stored, &Place { table: "vault", column: "record", row: "tok_1", owner: "alice" })
+            })
+            .await;
+        assert!(got.is_err());
+        drop(store);
     }
 
     #[tokio::test]
     async fn parked_jobs_come_back_once() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open_sqlite(&dir.path().join("db.sqlite"), test_keyring()).unwrap();
+        let store = Store::open_sqlite(&dir.path().join("db.sqlite"), test_keyring(), &[]).unwrap();
         store
             .transact(|tx| {
                 tx.record_job(&job(3, JobState::WaitingForSequence, Some(("k", 2))))?;
@@ -824,7 +828,7 @@ mod tests {
     #[tokio::test]
     async fn attempts_count_up_and_remember_the_last_error() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open_sqlite(&dir.path().join("db.sqlite"), test_keyring()).unwrap();
+        let store = Store::open_sqlite(&dir.path().join("db.sqlite"), test_keyring(), &[]).unwrap();
         let n = store.transact(|tx| tx.begin_attempt(&id(4), "c")).await.unwrap();
         assert_eq!(n, (1, false));
         store.transact(|tx| tx.fail_attempt(&id(4), "boom")).await.unwrap();
@@ -840,7 +844,7 @@ mod tests {
     #[tokio::test]
     async fn a_panicking_transaction_rolls_back_and_the_store_lives_on() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open_sqlite(&dir.path().join("db.sqlite"), test_keyring()).unwrap();
+        let store = Store::open_sqlite(&dir.path().join("db.sqlite"), test_keyring(), &[]).unwrap();
         let r: Result<(), StorageError> = store
             .transact(|tx| {
                 tx.set_next_expected("k", 9)?;
@@ -852,12 +856,14 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn records_and_results_are_encrypted_at_rest_and_rekeyed() {
+    async fn records_and_results_are_encrypted_at_rest_and_rekeyed_with_every_family_column() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db.sqlite");
-        let store = Store::open_sqlite(&path, test_keyring()).unwrap();
-        let rec = serde_json::json!({"secret": "MARKER-4711"});
-        let token = store.transact(move |tx| tx.vault_put("alice", &rec)).await.unwrap();
+        let store = open(&path);
+        store
+            .transact(|tx| put_note(tx, "n1", "alice", &serde_json::json!({"secret": "MARKER-4711"})))
+            .await
+            .unwrap();
         let mut done = job(5, JobState::Succeeded, None);
         done.result = Some(serde_json::json!({"echo": "MARKER-4711"}));
         store.transact(move |tx| tx.record_job(&done)).await.unwrap();
@@ -869,25 +875,28 @@ mod tests {
         };
         assert!(!raw(&path), "plaintext on disk");
 
-        // Rotate: k2 becomes active; old rows stay readable, and rekey moves them to k2.
+        // Rotate: k2 becomes active; old rows stay readable, and rekey moves them to k2 — the
+        // family's column too, though this store (like `gatehouse rekey`) was opened without
+        // the family: its sealed columns are recorded in the database.
         let rotated = || Keyring::parse(&format!("k1 {}\nk2 {}", "ab".repeat(32), "cd".repeat(32))).unwrap();
-        let store = Store::open_sqlite(&path, rotated()).unwrap();
-        let t = token.clone();
-        let got = store.transact(move |tx| tx.vault_get("alice", &t)).await.unwrap();
+        let store = Store::open_sqlite(&path, rotated(), &[]).unwrap();
+        let got = store.transact(|tx| get_note(tx, "n1", "alice")).await.unwrap();
         assert_eq!(got.unwrap()["secret"], "MARKER-4711");
         assert_eq!(store.transact(|tx| tx.rekey()).await.unwrap(), 2);
         assert_eq!(store.transact(|tx| tx.rekey()).await.unwrap(), 0);
         drop(store);
         let only_k2 = Keyring::parse(&format!("k2 {}", "cd".repeat(32))).unwrap();
-        let store = Store::open_sqlite(&path, only_k2).unwrap();
+        let store = Store::open_sqlite(&path, only_k2, &[NOTES]).unwrap();
         let got = store.transact(move |tx| tx.job(&id(5))).await.unwrap().unwrap();
         assert_eq!(got.result.unwrap()["echo"], "MARKER-4711");
+        let got = store.transact(|tx| get_note(tx, "n1", "alice")).await.unwrap();
+        assert_eq!(got.unwrap()["secret"], "MARKER-4711");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn closures_that_arrive_together_commit_together_and_fail_alone() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open_sqlite(&dir.path().join("db.sqlite"), test_keyring()).unwrap();
+        let store = Store::open_sqlite(&dir.path().join("db.sqlite"), test_keyring(), &[]).unwrap();
         let tasks: Vec<_> = (0..200)
             .map(|i| {
                 let store = store.clone();
@@ -913,7 +922,7 @@ mod tests {
     #[tokio::test]
     async fn pruning_deletes_only_decided_jobs_of_the_kind_in_batches() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open_sqlite(&dir.path().join("db.sqlite"), test_keyring()).unwrap();
+        let store = Store::open_sqlite(&dir.path().join("db.sqlite"), test_keyring(), &[]).unwrap();
         let of = |n: u8, kind: &str, state: JobState| StoredJob { kind: kind.into(), ..job(n, state, None) };
         let rows = [
             of(1, "a", JobState::Succeeded),

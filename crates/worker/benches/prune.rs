@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use gatehouse_protocol::crypto::Keyring;
 use gatehouse_protocol::{Catalog, JobId, JobState};
 use gatehouse_storage::{Store, StoredJob};
+use gatehouse_worker::handlers::vault;
 use gatehouse_worker::metrics::WorkerMetrics;
 use gatehouse_worker::retention::{Retention, prune_once};
 use gatehouse_worker::settings::WorkerSettings;
@@ -47,7 +48,7 @@ async fn jobs_while(store: &Store, first: u64, go: Arc<AtomicBool>) -> Vec<Durat
                     let started = Instant::now();
                     store
                         .transact(move |tx| {
-                            tx.vault_put("bench", &json!({"name": "Ada", "n": n}))?;
+                            vault::store(tx, "bench", &json!({"name": "Ada", "n": n}))?;
                             tx.record_job(&job(n, JobState::Succeeded))
                         })
                         .await
@@ -90,7 +91,8 @@ async fn main() {
         std::env::var("GATEHOUSE_PRUNE_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
     let dir = tempfile::tempdir().expect("temp dir");
     let keyring = Keyring::parse(&format!("k1 {}", "ab".repeat(32))).expect("keyring");
-    let store = Store::open_sqlite(&dir.path().join("bench.sqlite"), keyring).expect("store");
+    let store =
+        Store::open_sqlite(&dir.path().join("bench.sqlite"), keyring, &[vault::FAMILY]).expect("store");
 
     let filled = Instant::now();
     for chunk in (0..rows).step_by(10_000) {

@@ -433,7 +433,8 @@ mod tests {
 
     fn store(dir: &tempfile::TempDir) -> Store {
         let keyring = gatehouse_protocol::crypto::Keyring::parse(&format!("k1 {}", "ab".repeat(32))).unwrap();
-        Store::open_sqlite(&dir.path().join("db"), keyring).unwrap()
+        Store::open_sqlite(&dir.path().join("db"), keyring, crate::handlers::Registry::builtins().families())
+            .unwrap()
     }
 
     /// Delivers `env` as the consumer would for a storage kind, without a broker.
@@ -479,7 +480,10 @@ mod tests {
         // Redelivery of an applied job: same answer, no second effect.
         let again = deliver(&store, ledger_job(2, 2, 10)).await;
         assert_eq!(again[0].status.result.as_ref().unwrap()["balance"], json!(11));
-        let (balance, seq) = store.transact(|tx| tx.ledger_balance(&owned_key("c", "acct"))).await.unwrap();
+        let (balance, seq) = store
+            .transact(|tx| crate::handlers::ledger::balance_of(tx, &owned_key("c", "acct")))
+            .await
+            .unwrap();
         assert_eq!((balance, seq), (111, 3));
     }
 
@@ -491,7 +495,10 @@ mod tests {
         let a = deliver(&store, ledger_job(9, 1, 500)).await;
         assert_eq!(states(&a), [JobState::Failed]);
         assert!(a[0].status.error.as_ref().unwrap().starts_with("sequence_conflict"));
-        let (balance, _) = store.transact(|tx| tx.ledger_balance(&owned_key("c", "acct"))).await.unwrap();
+        let (balance, _) = store
+            .transact(|tx| crate::handlers::ledger::balance_of(tx, &owned_key("c", "acct")))
+            .await
+            .unwrap();
         assert_eq!(balance, 5);
     }
 

@@ -3,7 +3,8 @@
 //! state are not job records: they stay until deleted.
 //!
 //! Pruning runs in the background in small batches, each one storage closure committed with
-//! whatever jobs arrive beside it, so the writer is never held for longer than one batch.
+//! whatever jobs arrive beside it, so the writer is never held for longer than one batch; a
+//! backlog is worked off at no more than half the writer's time.
 //!
 //! Safety against redelivery: a job's record is also what stops its message from running
 //! twice. Retention is therefore never shorter than `keys.max_message_age_s`, and the worker
@@ -126,8 +127,9 @@ pub async fn prune_once(
             if n < u64::from(batch) {
                 break;
             }
-            // Let the jobs waiting for the writer go first.
-            tokio::task::yield_now().await;
+            // A backlog (a first start with retention, a long outage): leave the writer to the
+            // jobs for as long as the batch held it, so that pruning takes at most half of it.
+            tokio::time::sleep(started.elapsed()).await;
         }
     }
     Ok(total)

@@ -86,6 +86,13 @@ impl WorkerBuilder {
         self
     }
 
+    /// Adds a handler family: tables of its own that its storage handlers use, created and
+    /// changed by its migrations when storage opens (see [`gatehouse_storage::Family`]).
+    pub fn family(mut self, family: gatehouse_storage::Family) -> Self {
+        self.registry.add_family(family);
+        self
+    }
+
     /// Registers `handler` for `kind` (see [`crate::handlers`]).
     pub fn handle(mut self, kind: &str, handler: Handler) -> Self {
         self.registry.insert(kind, handler);
@@ -123,7 +130,7 @@ impl WorkerBuilder {
         let classes = catalog.queues().iter().map(|q| q.name.clone()).collect();
         let broker = BrokerView::new(settings.broker.topology(), classes);
         let keyring = gatehouse_protocol::keys::keyring(&settings.keys.data_keyring).map_err(|e| bad(&e))?;
-        let store = Store::open_sqlite(&settings.storage.path, keyring)
+        let store = Store::open_sqlite(&settings.storage.path, keyring, kinds.registry.families())
             .with_context(|| format!("opening {}", settings.storage.path.display()))?;
         let isolation = Arc::new(tokio::sync::RwLock::new(()));
         let stop = watch::channel(false);

@@ -25,6 +25,8 @@ pub struct RekeyArgs {
 pub async fn rekey(args: &RekeyArgs) -> anyhow::Result<u64> {
     anyhow::ensure!(args.db.exists(), "no database at {}", args.db.display());
     let keyring = gatehouse_protocol::keys::keyring(&args.keyring)?;
-    let store = Store::open_sqlite(&args.db, keyring)?;
+    // Opened without handler families: the sealed columns of every family that ever migrated
+    // into the database are recorded in it, and rekeyed with the job results.
+    let store = Store::open_sqlite(&args.db, keyring, &[])?;
     store.transact(|tx| tx.rekey()).await.map_err(|e: StorageError| anyhow::anyhow!(e))
 }

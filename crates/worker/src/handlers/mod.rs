@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use gatehouse_protocol::schemas::Schemas;
 use gatehouse_protocol::{Catalog, JobEnvelope, JobId, Sequence};
-use gatehouse_storage::{StorageError, Tx};
+use gatehouse_storage::{Family, StorageError, Tx};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio::sync::watch;
@@ -177,10 +177,11 @@ where
     Handler::External(Arc::new(ExternalFn(f, PhantomData)))
 }
 
-/// The kinds a worker runs, by name.
+/// The kinds a worker runs, by name, and the handler families whose tables they use.
 #[derive(Clone, Default)]
 pub struct Registry {
     handlers: HashMap<String, Handler>,
+    families: Vec<Family>,
 }
 
 /// A catalog and a set of handlers that do not match.
@@ -197,12 +198,31 @@ impl Registry {
         r.insert("vault.delete", in_storage(vault::delete));
         r.insert("ledger.apply", in_storage(ledger::apply));
         r.insert("ledger.balance", in_storage(ledger::balance));
+        r.add_family(vault::FAMILY);
+        r.add_family(ledger::FAMILY);
         r
     }
 
-    /// Adds every handler of `other` (replacing ones of the same kind).
+    /// Adds every handler and family of `other` (replacing handlers of the same kind).
     pub fn extend(&mut self, other: Self) {
         self.handlers.extend(other.handlers);
+        for f in other.families {
+            self.add_family(f);
+        }
+    }
+
+    /// Adds a family whose tables this worker's storage handlers use. The same family twice
+    /// is kept once; two different families of one name stop the worker at start.
+    pub fn add_family(&mut self, family: Family) {
+        let same = |f: &Family| f.name == family.name && f.migrations == family.migrations;
+        if !self.families.iter().any(same) {
+            self.families.push(family);
+        }
+    }
+
+    /// The families, to migrate when storage opens.
+    pub fn families(&self) -> &[Family] {
+        &self.families
     }
 
     /// Registers `handler` for `kind` (replacing one registered before).

@@ -1,0 +1,99 @@
+//! Handler families: job kinds that keep data of their own (the vault's records, the ledger's
+//! accounts, a custom worker's tables). A family owns its tables: it brings the migrations that
+//! create and change them, and names the columns that hold sealed values, so that
+//! `gatehouse rekey` re-encrypts them too. The job machinery here knows none of them.
+//!
+//! Each family's migrations run once each, in order, at [`crate::Store::open_sqlite`], in their
+//! own transactions; `families` records how far each family got. Its sealed columns are
+//! recorded in `sealed_columns`, where any tool that opens the database finds them.
+
+use rusqlite::{Connection, params};
+
+use crate::StorageError;
+
+/// A family of job kinds with tables of its own.
+#[derive(Debug, Clone, Copy)]
+pub struct Family {
+    /// Unique among the families of a worker (`vault`, `ledger`, `acme.scores`).
+    pub name: &'static str,
+    /// SQL steps, in order. Never edit or reorder a step that has shipped: add one.
+    pub migrations: &'static [&'static str],
+    /// The columns that hold sealed values (see [`crate::Tx::seal`]).
+    pub sealed: &'static [SealedColumn],
+}
+
+/// A column of sealed values: its table, the row's key column, the owner (an SQL expression
+/// over the row, `''` when the key names its owner) and the column itself. Each value is bound
+/// to exactly these (see [`crate::Place`]).
+#[derive(Debug, Clone, Copy)]
+pub struct SealedColumn {
+    pub table: &'static str,
+    pub key: &'static str,
+    pub owner: &'static str,
+    pub column: &'static str,
+}
+
+/// The job machinery's own sealed column: job results.
+pub(crate) const JOB_RESULTS: SealedColumn =
+    SealedColumn { table: "jobs", key: "id", owner: "client", column: "result" };
+
+/// Brings every family's tables up to date and records its sealed columns.
+pub(crate) fn migrate(conn: &mut Connection, families: &[Family]) -> Result<(), StorageError> {
+    for (i, f) in families.iter().enumerate() {
+        if families[..i].iter().any(|g| g.name == f.name) {
+            return Err(StorageError::Corrupt(format!("two handler families are named {}", f.name)));
+        }
+        let done: i64 = conn
+            .query_row("SELECT version FROM families WHERE name = ?1", [f.name], |r| r.get(0))
+            .or_else(|e| if e == rusqlite::Error::QueryReturnedNoRows { Ok(0) } else { Err(e) })?;
+        let done = usize::try_from(done).unwrap_or(usize::MAX);
+        if done > f.migrations.len() {
+            return Err(StorageError::Corrupt(format!(
+                "family {} is at version {done}, newer than this worker knows ({}): a newer release wrote it",
+                f.name,
+                f.migrations.len()
+            )));
+        }
+        for (step, sql) in f.migrations.iter().enumerate().skip(done) {
+            let tx = conn.transaction()?;
+            tx.execute_batch(sql).map_err(|e| {
+                StorageError::Corrupt(format!("migration {} of family {}: {e}", step + 1, f.name))
+            })?;
+            tx.execute(
+                "INSERT INTO families (name, version) VALUES (?1, ?2)
+                 ON CONFLICT(name) DO UPDATE SET version = excluded.version",
+                params![f.name, step + 1],
+            )?;
+            tx.commit()?;
+        }
+        for c in f.sealed {
+            conn.execute(
+                "INSERT INTO sealed_columns (tbl, col, key_col, owner_expr, family) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT(tbl, col) DO UPDATE SET key_col = excluded.key_col,
+                     owner_expr = excluded.owner_expr, family = excluded.family",
+                params![c.table, c.column, c.key, c.owner, f.name],
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Every sealed column the database holds: the job machinery's and every family's that was
+/// ever migrated into it.
+pub(crate) fn sealed_columns(
+    conn: &Connection,
+) -> Result<Vec<(String, String, String, String)>, StorageError> {
+    let mut out = vec![(
+        JOB_RESULTS.table.to_owned(),
+        JOB_RESULTS.key.to_owned(),
+        JOB_RESULTS.owner.to_owned(),
+        JOB_RESULTS.column.to_owned(),
+    )];
+    let mut stmt =
+        conn.prepare_cached("SELECT tbl, key_col, owner_expr, col FROM sealed_columns ORDER BY tbl, col")?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+    for row in rows {
+        out.push(row?);
+    }
+    Ok(out)
+}
