@@ -2,7 +2,8 @@
 //! synchronous request waits for in the worker) while a million decided jobs are pruned,
 //! against the same transactions with no pruning, in one run on one database.
 //!
-//! `cargo bench -p gatehouse-worker --bench prune` (GATEHOUSE_PRUNE_ROWS to change the million)
+//! `cargo bench -p gatehouse-worker --bench prune` (GATEHOUSE_PRUNE_ROWS to change the million,
+//! GATEHOUSE_PRUNE_BATCH the shipped batch of 100)
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -111,6 +112,9 @@ async fn main() {
     let mut settings = WorkerSettings::load(&config.join("worker.toml")).expect("settings");
     settings.keys.max_message_age_s = 0;
     settings.retention.retain_s = Some(0);
+    if let Some(batch) = std::env::var("GATEHOUSE_PRUNE_BATCH").ok().and_then(|v| v.parse().ok()) {
+        settings.retention.prune_batch = batch;
+    }
     let catalog = Catalog::load(&config.join("jobs.toml")).expect("catalog");
     let retention = Retention::new(&settings, &catalog).expect("retention");
     let metrics = WorkerMetrics::default();

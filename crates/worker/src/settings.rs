@@ -134,7 +134,7 @@ pub struct RetentionSettings {
 
 impl Default for RetentionSettings {
     fn default() -> Self {
-        Self { retain_s: None, prune_batch: 500, prune_every_ms: 5_000 }
+        Self { retain_s: None, prune_batch: 100, prune_every_ms: 5_000 }
     }
 }
 
