@@ -33,6 +33,9 @@ pub fn build(catalog: &Catalog) -> Result<String, String> {
         let payload = json!({"allOf": [payload, {"$ref": "#/components/schemas/SanitizedValue"}]});
         let mut properties = json!({"kind": {"const": kind.name}, "payload": payload});
         let mut variant = json!({"title": kind.name});
+        // The longest delay the kind takes (a not_before time has the same bound, relative
+        // to now, which JSON Schema cannot say).
+        properties["delay_s"] = json!({"maximum": kind.max_delay_s});
         if kind.sequenced {
             required.push("sequence");
             if let Some(field) = &kind.sequence_key_field {

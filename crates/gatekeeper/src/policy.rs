@@ -18,6 +18,8 @@ struct ClientEntry {
     burst: Option<f64>,
     #[serde(default)]
     sequence_key_prefixes: Option<Vec<String>>,
+    #[serde(default)]
+    max_delay_s: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -36,6 +38,9 @@ pub struct ClientPolicy {
     /// Bucket size: how many submits may come at once.
     pub burst: f64,
     sequence_key_prefixes: Option<Vec<String>>,
+    /// Longest delay (`not_before` / `delay_s`) this client may ask for, in seconds; 0: none.
+    /// `None`: what each kind allows.
+    pub max_delay_s: Option<u64>,
 }
 
 impl ClientPolicy {
@@ -140,6 +145,7 @@ impl Policy {
                 rate_per_s: c.rate_per_s,
                 burst,
                 sequence_key_prefixes: c.sequence_key_prefixes,
+                max_delay_s: c.max_delay_s,
             };
             if clients.insert(c.identity.clone(), policy).is_some() {
                 return Err(config::ConfigError::Message(format!(
@@ -211,6 +217,7 @@ mod tests {
             rate_per_s: Some(1000.0),
             burst: 2.0,
             sequence_key_prefixes: Some(vec!["acct-".into()]),
+            max_delay_s: None,
         };
         let limiter = RateLimiter::default();
         assert!(limiter.take("a", &p).is_ok() && limiter.take("a", &p).is_ok());

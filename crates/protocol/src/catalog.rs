@@ -46,6 +46,9 @@ pub struct KindSpec {
     /// How long later numbers of a sequence wait for a missing one.
     #[serde(default = "default_gap_timeout")]
     pub gap_timeout_s: u64,
+    /// Longest delay a client may ask for (`not_before` / `delay_s`), in seconds; 0: none.
+    #[serde(default = "default_max_delay")]
+    pub max_delay_s: u64,
     /// How long the worker keeps a decided job's record (outcome, result, error) before
     /// pruning it; the worker's `[retention] retain_s` when absent. Never shorter than the
     /// worker's `keys.max_message_age_s` (the worker refuses to start otherwise).
@@ -124,6 +127,10 @@ impl Default for ExecLimits {
 
 fn default_max_output_bytes() -> usize {
     1024 * 1024
+}
+
+fn default_max_delay() -> u64 {
+    7 * 24 * 3600
 }
 
 fn default_gap_timeout() -> u64 {
@@ -239,6 +246,7 @@ mod tests {
             retry_backoff_ms: 100,
             timeout_ms: 1000,
             gap_timeout_s: 60,
+            max_delay_s: 0,
             retain_s: None,
             testing: false,
             exec: None,

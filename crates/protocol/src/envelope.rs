@@ -30,6 +30,9 @@ pub struct JobEnvelope {
     pub payload: Value,
     /// Unix time in milliseconds when the gatekeeper accepted the job.
     pub submitted_at_ms: u64,
+    /// Not to run before this unix time in milliseconds (a delayed job).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before_ms: Option<u64>,
     /// Where the answer goes when the client waits: vouched for with the job, never taken from
     /// the delivery's AMQP properties (which anyone who can publish may set).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -61,6 +64,8 @@ pub struct SealedJob {
     pub payload: Sealed,
     pub submitted_at_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reply: Option<ReplyTo>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace_id: Option<String>,
@@ -85,6 +90,7 @@ impl JobEnvelope {
             sequence: self.sequence.clone(),
             payload: session.seal(&plain, &job_aad(&self.id, &self.kind, &self.client))?,
             submitted_at_ms: self.submitted_at_ms,
+            not_before_ms: self.not_before_ms,
             reply: self.reply.clone(),
             trace_id: self.trace_id.clone(),
         })
@@ -107,6 +113,7 @@ impl SealedJob {
             sequence: self.sequence,
             payload,
             submitted_at_ms: self.submitted_at_ms,
+            not_before_ms: self.not_before_ms,
             reply: self.reply,
             trace_id: self.trace_id,
         })
@@ -122,6 +129,7 @@ impl SealedJob {
             sequence: self.sequence.clone(),
             payload: Value::Null,
             submitted_at_ms: self.submitted_at_ms,
+            not_before_ms: self.not_before_ms,
             reply: self.reply.clone(),
             trace_id: self.trace_id.clone(),
         }
@@ -307,6 +315,7 @@ mod tests {
             sequence: None,
             payload: json!({"record": {"card": "4111-MARKER"}}),
             submitted_at_ms: 1,
+            not_before_ms: None,
             reply: Some(ReplyTo { queue: "gatehouse.reply.a".into(), correlation_id: "c1".into() }),
             trace_id: None,
         };

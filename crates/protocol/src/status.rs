@@ -10,6 +10,8 @@ use crate::JobId;
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
     Queued,
+    /// Accepted, waiting for its `not_before` time (a delayed job).
+    Scheduled,
     Running,
     WaitingForSequence,
     Retrying,
@@ -28,6 +30,7 @@ impl JobState {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Queued => "queued",
+            Self::Scheduled => "scheduled",
             Self::Running => "running",
             Self::WaitingForSequence => "waiting_for_sequence",
             Self::Retrying => "retrying",
@@ -43,6 +46,7 @@ impl JobState {
     pub fn parse(s: &str) -> Option<Self> {
         [
             Self::Queued,
+            Self::Scheduled,
             Self::Running,
             Self::WaitingForSequence,
             Self::Retrying,
@@ -78,12 +82,15 @@ pub struct JobStatus {
     /// Why the job was dead-lettered (state `dead_lettered`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// When it runs (state `scheduled`), RFC 3339 UTC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<String>,
 }
 
 impl JobStatus {
     /// A status with only id and state set.
     pub fn new(id: JobId, status: JobState) -> Self {
-        Self { id, status, result: None, error: None, expected: None, reason: None }
+        Self { id, status, result: None, error: None, expected: None, reason: None, not_before: None }
     }
 }
 

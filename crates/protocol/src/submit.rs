@@ -21,6 +21,51 @@ pub struct SubmitRequest {
     pub sequence: Option<RawSequence>,
     #[serde(default, deserialize_with = "present")]
     pub idempotency_key: Option<String>,
+    /// Run it at this time (RFC 3339), not before. Not with `delay_s`.
+    #[serde(default, deserialize_with = "present")]
+    pub not_before: Option<String>,
+    /// Run it this many seconds from now, not before. Not with `not_before`.
+    #[serde(default, deserialize_with = "present_integral_u64")]
+    pub delay_s: Option<u64>,
+}
+
+fn present_integral_u64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    integral_u64(d).map(Some)
+}
+
+/// When a submitted job may run: `not_before` (RFC 3339) or `delay_s` from `now_ms`, as unix
+/// milliseconds; `None` for at once (no time given, or one already past).
+///
+/// # Errors
+/// Both given, or a `not_before` that is not an RFC 3339 date-time.
+pub fn not_before_ms(req: &SubmitRequest, now_ms: u64) -> Result<Option<u64>, &'static str> {
+    let at = match (&req.not_before, req.delay_s) {
+        (Some(_), Some(_)) => return Err("send not_before or delay_s, not both"),
+        (None, None) => return Ok(None),
+        (None, Some(s)) => now_ms.saturating_add(s.saturating_mul(1000)),
+        (Some(t), None) => parse_rfc3339_ms(t).ok_or("not_before must be an RFC 3339 date-time")?,
+    };
+    Ok((at > now_ms).then_some(at))
+}
+
+/// Unix milliseconds of an RFC 3339 date-time (`2026-11-30T09:00:00Z`, any offset, any
+/// fraction); a leap second (`:60`) counts as the second before the next minute. Times before
+/// 1970 are 0.
+pub fn parse_rfc3339_ms(s: &str) -> Option<u64> {
+    use time::format_description::well_known::Rfc3339;
+    let t = time::OffsetDateTime::parse(s, &Rfc3339).ok()?;
+    let ms = t.unix_timestamp_nanos() / 1_000_000;
+    Some(u64::try_from(ms).unwrap_or(0))
+}
+
+/// An RFC 3339 UTC date-time of unix milliseconds (`2026-11-30T09:00:00.250Z`).
+pub fn format_rfc3339_ms(ms: u64) -> String {
+    use time::format_description::well_known::Rfc3339;
+    let nanos = i128::from(ms) * 1_000_000;
+    time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .unwrap_or_default()
 }
 
 /// An optional field that, when present, holds a value (not `null`).
@@ -171,6 +216,29 @@ mod tests {
             let body = format!(r#"{{"kind":"k","payload":{{}},"{field}":null}}"#);
             assert!(serde_json::from_str::<SubmitRequest>(&body).is_err(), "{field}: null accepted");
         }
+    }
+
+    #[test]
+    fn a_job_runs_at_not_before_or_after_delay_s_and_at_once_when_that_is_past() {
+        let req = |body: &str| serde_json::from_str::<SubmitRequest>(body).unwrap();
+        let now = parse_rfc3339_ms("2026-11-30T09:00:00Z").unwrap();
+        let at = |b: &str| not_before_ms(&req(b), now);
+        assert_eq!(at(r#"{"kind":"k","payload":{}}"#), Ok(None));
+        assert_eq!(at(r#"{"kind":"k","payload":{},"delay_s":90}"#), Ok(Some(now + 90_000)));
+        assert_eq!(at(r#"{"kind":"k","payload":{},"delay_s":0}"#), Ok(None));
+        // 09:00:00.5 UTC: half a second from now.
+        assert_eq!(
+            at(r#"{"kind":"k","payload":{},"not_before":"2026-11-30T10:00:00.5+01:00"}"#),
+            Ok(Some(now + 500))
+        );
+        assert_eq!(
+            at(r#"{"kind":"k","payload":{},"not_before":"2026-11-30T08:59:59Z"}"#),
+            Ok(None),
+            "past: at once"
+        );
+        assert!(at(r#"{"kind":"k","payload":{},"not_before":"tomorrow"}"#).is_err());
+        assert!(at(r#"{"kind":"k","payload":{},"not_before":"2026-11-30T09:00:01Z","delay_s":1}"#).is_err());
+        assert_eq!(format_rfc3339_ms(now + 250), "2026-11-30T09:00:00.25Z");
     }
 
     #[test]

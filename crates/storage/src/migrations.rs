@@ -76,6 +76,15 @@ const BASELINE: &str = r"
         family     TEXT NOT NULL,
         PRIMARY KEY (tbl, col)
     );
+
+    -- Delayed jobs, held here until their time (then sent back to their job queue).
+    CREATE TABLE scheduled (
+        job_id   TEXT PRIMARY KEY REFERENCES jobs(id),
+        due_ms   INTEGER NOT NULL,
+        envelope BLOB NOT NULL,
+        released INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX scheduled_due ON scheduled(released, due_ms);
 ";
 
 const MIGRATIONS: &[&str] = &[
@@ -209,6 +218,17 @@ const MIGRATIONS: &[&str] = &[
         family     TEXT NOT NULL,
         PRIMARY KEY (tbl, col)
     );
+    ",
+    // 11: delayed jobs.
+    r"
+    -- Delayed jobs, held here until their time (then sent back to their job queue).
+    CREATE TABLE scheduled (
+        job_id   TEXT PRIMARY KEY REFERENCES jobs(id),
+        due_ms   INTEGER NOT NULL,
+        envelope BLOB NOT NULL,
+        released INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX scheduled_due ON scheduled(released, due_ms);
     ",
 ];
 

@@ -530,6 +530,60 @@ impl<'c> Tx<'c> {
         Ok(n as u64)
     }
 
+    // ---- delayed jobs ----------------------------------------------------------------------
+
+    /// Keeps the message of delayed job `id` (recorded as `scheduled`) until `due_ms`.
+    pub fn schedule(&self, id: &JobId, due_ms: u64, envelope: &[u8]) -> Result<(), StorageError> {
+        self.exec(
+            "INSERT INTO scheduled (job_id, due_ms, envelope) VALUES (?1, ?2, ?3)",
+            params![id.as_str(), to_i64(due_ms)?, envelope],
+        )?;
+        Ok(())
+    }
+
+    /// Delayed jobs due at `now_ms` and not yet sent back to their queue, earliest first.
+    pub fn due_scheduled(&self, now_ms: i64, limit: u32) -> Result<Vec<(JobId, Vec<u8>)>, StorageError> {
+        let mut stmt = self.tx.prepare_cached(
+            "SELECT job_id, envelope FROM scheduled WHERE released = 0 AND due_ms <= ?1 ORDER BY due_ms LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![now_ms, limit], |r| Ok((r.get::<_, String>(0)?, r.get(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, envelope) = row?;
+            out.push((parse_id(&id)?, envelope));
+        }
+        Ok(out)
+    }
+
+    /// Records that the delayed job's message went back to its queue (sent again only if this
+    /// is never recorded: a crash in between sends it twice, and the job id dedupes).
+    pub fn mark_released(&self, id: &JobId) -> Result<(), StorageError> {
+        self.exec("UPDATE scheduled SET released = 1 WHERE job_id = ?1", [id.as_str()])?;
+        Ok(())
+    }
+
+    /// When delayed job `id` is due, if it is still held.
+    pub fn scheduled_due(&self, id: &JobId) -> Result<Option<u64>, StorageError> {
+        let due: Option<i64> = self
+            .one("SELECT due_ms FROM scheduled WHERE job_id = ?1", [id.as_str()], |r| r.get(0))
+            .optional()?;
+        Ok(due.map(|d| d.max(0) as u64))
+    }
+
+    /// Forgets that `id` was held (its time came and it runs now): the held message and the
+    /// `scheduled` record.
+    pub fn unschedule(&self, id: &JobId) -> Result<(), StorageError> {
+        self.exec("DELETE FROM scheduled WHERE job_id = ?1", [id.as_str()])?;
+        self.exec("DELETE FROM jobs WHERE id = ?1 AND state = 'scheduled'", [id.as_str()])?;
+        Ok(())
+    }
+
+    /// How many delayed jobs are held.
+    pub fn scheduled_count(&self) -> Result<u64, StorageError> {
+        let n: i64 = self.one("SELECT count(*) FROM scheduled", [], |r| r.get(0))?;
+        Ok(n as u64)
+    }
+
     // ---- retention -------------------------------------------------------------------------
 
     /// The kinds that have decided jobs, in name order (one index seek per kind).

@@ -65,8 +65,12 @@ async fn readyz(State(a): State<Admin>) -> impl IntoResponse {
 
 async fn metrics(State(a): State<Admin>) -> impl IntoResponse {
     // Read at scrape time: the storage knows, not a counter that could drift.
-    if let Ok(n) = a.store.transact(|tx| tx.parked_count()).await {
-        a.metrics.set_parked(n);
+    if let Ok((parked, scheduled)) = a
+        .store
+        .transact(|tx| Ok::<_, gatehouse_storage::StorageError>((tx.parked_count()?, tx.scheduled_count()?)))
+        .await
+    {
+        a.metrics.set_waiting(parked, scheduled);
     }
     (
         [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],

@@ -129,8 +129,24 @@ pub fn prepare(tx: &Tx<'_>, spec: &KindSpec, arrival: &Arrival) -> Result<Step, 
     {
         return Ok(Step::Decided(Decided::ReplayRefused));
     }
-    if let Some(stored) = tx.job(&env.id)? {
-        return Ok(Step::Decided(Decided::Done(vec![answer(status_of(tx, stored)?, target)])));
+    let due = env.not_before_ms.filter(|at| *at > now_ms() as u64);
+    match tx.job(&env.id)? {
+        // Its time has come: the held copy came back (or the original, redelivered late).
+        Some(stored) if stored.state == JobState::Scheduled && due.is_none() => tx.unschedule(&env.id)?,
+        Some(stored) => {
+            return Ok(Step::Decided(Decided::Done(vec![answer(status_of(tx, stored)?, target)])));
+        }
+        // A delayed job: held in storage until its time, then sent back to its queue
+        // ([`crate::delays`]).
+        None => {
+            if let Some(at) = due {
+                tx.record_job(&stored(env, JobState::Scheduled, None, None, None))?;
+                tx.schedule(&env.id, at, raw)?;
+                let mut status = JobStatus::new(env.id.clone(), JobState::Scheduled);
+                status.not_before = Some(gatehouse_protocol::submit::format_rfc3339_ms(at));
+                return Ok(Step::Decided(Decided::Done(vec![answer(status, target)])));
+            }
+        }
     }
     if spec.sequenced {
         let Some(seq) = &env.sequence else {
@@ -323,8 +339,16 @@ fn status_of(tx: &Tx<'_>, job: StoredJob) -> Result<JobStatus, StorageError> {
         (JobState::WaitingForSequence, Some((key, _))) => Some(tx.next_expected(key)?),
         _ => None,
     };
+    let due = if job.state == JobState::Scheduled { tx.scheduled_due(&job.id)? } else { None };
     let mut status = status_from(job);
     status.expected = expected;
+    if status.status == JobState::Scheduled {
+        match due.filter(|at| *at > now_ms() as u64) {
+            Some(at) => status.not_before = Some(gatehouse_protocol::submit::format_rfc3339_ms(at)),
+            // Its time came: on its way back to its queue.
+            None => status.status = JobState::Queued,
+        }
+    }
     Ok(status)
 }
 
@@ -409,6 +433,7 @@ mod tests {
             sequence: Some(Sequence::parse(RawSequence { key: "acct".into(), number }).unwrap()),
             payload: json!({"account": "acct", "amount": amount}),
             submitted_at_ms: 0,
+            not_before_ms: None,
             reply: None,
             trace_id: None,
         }

@@ -166,6 +166,8 @@ struct Snapshot {
     queues: Vec<QueueDepth>,
     kinds: Vec<KindCounts>,
     parked: Option<u64>,
+    /// Delayed jobs held until their time.
+    scheduled: Option<u64>,
     recent: Vec<Event>,
 }
 
@@ -173,6 +175,7 @@ struct Snapshot {
 pub async fn snapshot(State(a): State<Admin>) -> impl IntoResponse {
     let queues = a.broker.depths().await;
     let parked = a.store.transact(|tx| tx.parked_count()).await.ok();
+    let scheduled = a.store.transact(|tx| tx.scheduled_count()).await.ok();
     let (decided, recent) =
         a.metrics.activity.with(|i| (i.decided.clone(), i.recent.iter().cloned().collect()));
     let mut kinds: BTreeMap<String, KindCounts> = a
@@ -197,6 +200,7 @@ pub async fn snapshot(State(a): State<Admin>) -> impl IntoResponse {
         queues,
         kinds: kinds.into_values().collect(),
         parked,
+        scheduled,
         recent,
     };
     ([(header::CACHE_CONTROL, "no-store")], axum::Json(body))

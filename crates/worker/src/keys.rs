@@ -92,7 +92,8 @@ pub enum Refusal {
     /// No session, a session not signed by a key the worker trusts, or a MAC that does not
     /// check: not provably from the gatekeeper, or altered.
     BadSignature,
-    /// Submitted longer ago than `max_message_age_s` (or in the future).
+    /// Submitted (or, delayed, due) longer ago than `max_message_age_s`, or submitted in the
+    /// future.
     Stale,
     /// Signed, but the body is not a job.
     Undecodable,
@@ -169,7 +170,12 @@ impl WorkerKeys {
         let session = vouched.verify(|id, s| self.sessions.get(id, s)).map_err(|_| Refusal::BadSignature)?;
         let sealed: SealedJob =
             serde_json::from_slice(vouched.message()).map_err(|_| Refusal::Undecodable)?;
-        if !Self::is_fresh(sealed.submitted_at_ms, self.max_message_age) {
+        // A delayed job's age counts from its time: it may wait longer than the limit.
+        let reference =
+            sealed.not_before_ms.map_or(sealed.submitted_at_ms, |at| at.max(sealed.submitted_at_ms));
+        let now = now_ms();
+        let submitted_ok = sealed.submitted_at_ms <= now + MAX_CLOCK_SKEW.as_millis() as u64;
+        if !submitted_ok || now.saturating_sub(reference) > self.max_message_age.as_millis() as u64 {
             return Err(Refusal::Stale);
         }
         let env = sealed.open(&session).map_err(|_: CryptoError| Refusal::Unsealable)?;

@@ -14,6 +14,7 @@ pub mod admin;
 pub mod apply;
 pub mod consumer;
 pub mod dashboard;
+pub mod delays;
 pub mod gaps;
 pub mod handlers;
 pub mod job_locks;

@@ -43,6 +43,7 @@ pub struct WorkerMetrics {
     retries: Family<Kind, Counter>,
     dead_letters: Family<Reason, Counter>,
     parked: Gauge,
+    scheduled: Gauge,
     connected: Gauge,
     commit_seconds: Histogram,
     commit_group: Histogram,
@@ -74,6 +75,8 @@ impl Default for WorkerMetrics {
         registry.register("dead_letters", "Messages dead-lettered, by reason", dead_letters.clone());
         let parked = Gauge::default();
         registry.register("parked_jobs", "Jobs waiting for an earlier sequence number", parked.clone());
+        let scheduled = Gauge::default();
+        registry.register("scheduled_jobs", "Delayed jobs held until their time", scheduled.clone());
         let connected = Gauge::default();
         registry.register("broker_connected", "Whether a broker session is consuming", connected.clone());
         let commit_seconds = Histogram::new(exponential_buckets(0.000_25, 2.0, 14));
@@ -115,6 +118,7 @@ impl Default for WorkerMetrics {
             retries,
             dead_letters,
             parked,
+            scheduled,
             connected,
             commit_seconds,
             commit_group,
@@ -153,9 +157,10 @@ impl WorkerMetrics {
         self.activity.dead_lettered(event);
     }
 
-    /// Sets the parked-jobs gauge (read from storage at scrape time).
-    pub fn set_parked(&self, n: u64) {
-        self.parked.set(i64::try_from(n).unwrap_or(i64::MAX));
+    /// Sets the parked-jobs and held-delayed-jobs gauges (read from storage at scrape time).
+    pub fn set_waiting(&self, parked: u64, scheduled: u64) {
+        self.parked.set(i64::try_from(parked).unwrap_or(i64::MAX));
+        self.scheduled.set(i64::try_from(scheduled).unwrap_or(i64::MAX));
     }
 
     /// A pruning batch deleted `jobs` records in `took` (its closure, commit included).

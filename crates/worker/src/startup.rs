@@ -387,6 +387,10 @@ impl Session {
             let ctx = self.ctx.clone();
             tokio::spawn(async move { gaps::sweep_forever(&ctx).await })
         };
+        let releaser = {
+            let ctx = self.ctx.clone();
+            tokio::spawn(async move { crate::delays::release_forever(&ctx).await })
+        };
         let mut in_flight = JoinSet::new();
         let ended = loop {
             tokio::select! {
@@ -402,6 +406,7 @@ impl Session {
             }
         };
         sweeper.abort();
+        releaser.abort();
         self.ctx.metrics.set_ready(false);
 
         // No new deliveries; give back the ones received but not started.

@@ -42,6 +42,16 @@ pub fn jobs(db: &Path, keyring: &Path) -> HashMap<String, JobRow> {
     .expect("rows")
 }
 
+/// When each job was last recorded (for a decided job, its decision), unix ms, by id.
+pub fn decided_at(db: &Path) -> HashMap<String, u64> {
+    let c = open(db);
+    let mut stmt = c.prepare("SELECT id, updated_at_ms FROM jobs").expect("query");
+    stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?.max(0) as u64)))
+        .expect("rows")
+        .collect::<Result<_, _>>()
+        .expect("rows")
+}
+
 /// `account -> (balance, last sequence)`, for accounts of every client (the tests that use it
 /// have one client per account name); balances decrypted with the data keys in `keyring`.
 pub fn ledger(db: &Path, keyring: &Path) -> HashMap<String, (i64, u64)> {

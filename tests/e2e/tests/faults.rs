@@ -548,3 +548,75 @@ async fn a_full_queue_answers_503_and_loses_nothing_it_accepted() {
     assert_eq!((accepted.len(), full, applied), (5, 3, 5));
     sys.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn delayed_jobs_survive_restarts_of_worker_and_broker_and_run_once_not_early() {
+    let _serial = SERIAL.lock().await;
+    let (accounts, per_account) = (10usize, 3u64);
+    let sys = TestSystem::start_with(Options {
+        worker_binary: Some(env!("CARGO_BIN_EXE_e2e-worker")),
+        ..Options::default()
+    })
+    .await;
+    // Every job at a time of its own 3 to 5 s from now, submitted in a shuffled order: the
+    // sequence order per account must still hold when numbers come due out of order.
+    let seed = 0xde1a_u64;
+    let mut rng = Rng(seed);
+    let start = gatehouse_storage::now_ms() as u64;
+    let jobs: Vec<(LedgerJob, u64)> = (0..accounts * per_account as usize)
+        .map(|i| {
+            let job = LedgerJob {
+                account: format!("dl-{}", i % accounts),
+                number: (i / accounts) as u64 + 1,
+                amount: rng.below(1000) as i64 + 1,
+            };
+            (job, start + 3_000 + rng.below(2_000))
+        })
+        .collect();
+    let mut order: Vec<usize> = (0..jobs.len()).collect();
+    rng.shuffle(&mut order);
+    let bodies: Vec<Value> = order
+        .iter()
+        .map(|&i| {
+            let mut body = jobs[i].0.body();
+            body["not_before"] = json!(gatehouse_protocol::submit::format_rfc3339_ms(jobs[i].1));
+            body
+        })
+        .collect();
+    let (ids, unavailable) = submit_all(&sys, bodies, 4).await;
+    assert_eq!(ids.len(), jobs.len());
+
+    // While they wait: the worker killed, the broker stopped and started, the worker back.
+    let worker = sys.worker_process().clone();
+    worker.kill();
+    tokio::task::spawn_blocking(|| broker_ctl(&["stop_app"])).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::task::spawn_blocking(|| broker_ctl(&["start_app"])).await.unwrap();
+    worker.start();
+    let restarted = Instant::now();
+
+    let all_applied = move |l: &HashMap<String, (i64, u64)>| {
+        l.len() == accounts && l.values().all(|(_, s)| *s == per_account)
+    };
+    let drained = wait_ledger(&sys, Duration::from_secs(60), all_applied).await;
+    let drain_s = restarted.elapsed().as_secs_f64();
+    let model_ids: HashMap<usize, String> =
+        order.iter().enumerate().filter_map(|(pos, &i)| Some((i, ids.get(&pos)?.clone()))).collect();
+    let ledger_jobs: Vec<LedgerJob> = jobs.iter().map(|(j, _)| j.clone()).collect();
+    let (applied, lost, duplicated, violations) = check_ledger(&sys, &ledger_jobs, &model_ids);
+    let decided = oracle::decided_at(&sys.database());
+    let early =
+        model_ids.iter().filter(|(i, id)| decided.get(*id).is_some_and(|at| *at < jobs[**i].1)).count();
+    let dead = sys.queue_depth(&sys.topology().dead_queue()).await;
+    report(&format!(
+        "FAULT delayed jobs across kill-9 worker + broker stop_app/start_app (N={}, due in 3-5 s, seed={seed:#x}): \
+         submitted={} accepted={} applied={applied} lost={lost} duplicated={duplicated} \
+         order_violations={violations} run_early={early} dead_lettered={dead} all_applied_after_restart_s={drain_s:.2} 503s={unavailable}",
+        jobs.len(),
+        jobs.len(),
+        ids.len(),
+    ));
+    assert!(drained, "not everything was applied; worker log:\n{}", sys.worker_process().log());
+    assert_eq!((applied, lost, duplicated, violations, early, dead), (jobs.len(), 0, 0, 0, 0, 0));
+    sys.stop().await;
+}

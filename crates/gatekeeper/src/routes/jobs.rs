@@ -119,6 +119,8 @@ async fn accept(
             p
         }
     };
+    let submitted_at_ms = now().as_millis() as u64;
+    let not_before_ms = check_delay(spec, policy, &req, submitted_at_ms)?;
     let sequence = check_sequence(spec, req.sequence, &req.payload)?;
     if let Some(seq) = &sequence
         && !policy.allows_sequence_key(seq.key())
@@ -144,6 +146,9 @@ async fn accept(
         ));
     }
 
+    // A delayed job is answered at once (`scheduled`): nobody waits days for a reply.
+    let wait = wait.filter(|_| not_before_ms.is_none());
+
     let id = app.ids.mint(&client.0, req.idempotency_key.as_deref());
     let mut waiter = match wait {
         Some(_) => Some(
@@ -158,7 +163,8 @@ async fn accept(
         priority,
         sequence,
         payload: req.payload,
-        submitted_at_ms: now().as_millis() as u64,
+        submitted_at_ms,
+        not_before_ms,
         // The reply target travels inside the vouched message, not as AMQP properties.
         reply: waiter.as_ref().map(|w| ReplyTo {
             queue: app.replies.queue().to_owned(),
@@ -182,6 +188,10 @@ async fn accept(
     tracing::debug!(job_id = %envelope.id, kind = %envelope.kind, priority = priority.get(), "job accepted");
 
     let mut last = JobStatus::new(envelope.id.clone(), JobState::Queued);
+    if let Some(at) = not_before_ms {
+        last.status = JobState::Scheduled;
+        last.not_before = Some(gatehouse_protocol::submit::format_rfc3339_ms(at));
+    }
     if let (Some(w), Some(wait)) = (waiter.as_mut(), wait) {
         last = await_outcome(w, wait, last).await;
         if last.status.is_final() {
@@ -228,6 +238,9 @@ fn accepted(status: JobStatus) -> Response {
     let mut body = json!({ "id": status.id, "status": status.status, "status_url": url });
     if let Some(expected) = status.expected {
         body["expected"] = json!(expected);
+    }
+    if let Some(at) = &status.not_before {
+        body["not_before"] = json!(at);
     }
     let mut res = (StatusCode::ACCEPTED, Json(body)).into_response();
     if let Ok(v) = HeaderValue::from_str(&url) {
@@ -291,6 +304,35 @@ pub async fn status(
         .retry_after(1)
         .into_response(),
     }
+}
+
+/// When a delayed job may run, within what its kind and the client's policy allow.
+fn check_delay(
+    spec: &KindSpec,
+    policy: &crate::policy::ClientPolicy,
+    req: &SubmitRequest,
+    now_ms: u64,
+) -> Result<Option<u64>, Problem> {
+    let at = gatehouse_protocol::submit::not_before_ms(req, now_ms).map_err(|m| {
+        let path = if req.delay_s.is_some() && req.not_before.is_none() { "/delay_s" } else { "/not_before" };
+        Problem::validation("Invalid schedule", "invalid-schedule", vec![field(path, m)])
+    })?;
+    let Some(at) = at else { return Ok(None) };
+    if policy.max_delay_s == Some(0) {
+        return Err(Problem::forbidden("delay-not-allowed", "this client may not delay jobs"));
+    }
+    let limit = policy.max_delay_s.unwrap_or(u64::MAX).min(spec.max_delay_s);
+    let delay_s = (at - now_ms).div_ceil(1000);
+    if delay_s > limit {
+        let path = if req.delay_s.is_some() { "/delay_s" } else { "/not_before" };
+        let m = if limit == 0 {
+            format!("{} takes no delay", spec.name)
+        } else {
+            format!("at most {limit} seconds from now")
+        };
+        return Err(Problem::validation("Delay too long", "delay-too-long", vec![field(path, m)]));
+    }
+    Ok(Some(at))
 }
 
 /// Sequence rules: required for sequenced kinds, refused for others, and for kinds with a

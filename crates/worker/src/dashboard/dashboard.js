@@ -50,6 +50,7 @@ function render(snap) {
     cell(row, q.consumers, "n");
   }
   document.getElementById("parked").textContent = snap.parked === null ? "–" : String(snap.parked);
+  document.getElementById("scheduled").textContent = snap.scheduled === null ? "–" : String(snap.scheduled);
 
   const kinds = document.querySelector("#kinds tbody");
   kinds.replaceChildren();

@@ -377,6 +377,7 @@ mod tests {
             sequence: None,
             payload: json!({"account": 12345, "secret": "MARKER"}),
             submitted_at_ms: 0,
+            not_before_ms: None,
             reply: None,
             trace_id: None,
         };
