@@ -55,6 +55,15 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Cancel one of your jobs that has not ended.
+    Cancel {
+        id: String,
+        #[command(flatten)]
+        endpoint: Endpoint,
+        /// Print the response body as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -132,6 +141,7 @@ async fn main() -> ExitCode {
         }),
         Cmd::Submit { job, endpoint, json } => jobs::submit(&endpoint, &job, json).await,
         Cmd::Status { id, endpoint, json } => jobs::status(&endpoint, &id, json).await,
+        Cmd::Cancel { id, endpoint, json } => jobs::cancel(&endpoint, &id, json).await,
         Cmd::Dlq { command, broker } => run_dlq(command, &broker).await,
         Cmd::Bench(args) => gatehouse_cli::bench::run(&args).await.map(|_| true),
         Cmd::Rekey(args) => rekey::rekey(&args).await.map(|n| {

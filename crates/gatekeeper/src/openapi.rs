@@ -58,7 +58,10 @@ pub fn build(catalog: &Catalog) -> Result<String, String> {
         json!({"type": "string", "enum": names, "description": "A kind of the job catalog"});
     submit["oneOf"] = Value::Array(variants);
     // From an accepted or answered job to its status.
-    let link = json!({"GetJob": {"operationId": "getJob", "parameters": {"id": "$response.body#/id"}}});
+    let link = json!({
+        "GetJob": {"operationId": "getJob", "parameters": {"id": "$response.body#/id"}},
+        "CancelJob": {"operationId": "cancelJob", "parameters": {"id": "$response.body#/id"}},
+    });
     for status in ["200", "202"] {
         doc["paths"]["/v1/jobs"]["post"]["responses"][status]["links"] = link.clone();
     }

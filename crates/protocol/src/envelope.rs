@@ -242,6 +242,9 @@ pub enum ControlRequest {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         minted_at_ms: Option<u64>,
     },
+    /// Cancel `id` if `client` owns it and it has not ended; answered (to `reply`) with its
+    /// status afterwards.
+    Cancel { id: JobId, client: String, sent_at_ms: u64, reply: ReplyTo },
 }
 
 /// A worker's answer, sealed under the reply key of the session its request travelled in

@@ -18,6 +18,8 @@ pub enum JobState {
     Succeeded,
     Failed,
     DeadLettered,
+    /// Cancelled by its client before it ran (or while it ran, by a handler that stopped).
+    Cancelled,
     /// Only on the wire between worker and gatekeeper: no such job for this client.
     NotFound,
     /// Only on the wire between worker and gatekeeper: the job is older than the worker's
@@ -37,6 +39,7 @@ impl JobState {
             Self::Succeeded => "succeeded",
             Self::Failed => "failed",
             Self::DeadLettered => "dead_lettered",
+            Self::Cancelled => "cancelled",
             Self::NotFound => "not_found",
             Self::Expired => "expired",
         }
@@ -53,6 +56,7 @@ impl JobState {
             Self::Succeeded,
             Self::Failed,
             Self::DeadLettered,
+            Self::Cancelled,
             Self::NotFound,
             Self::Expired,
         ]
@@ -60,9 +64,9 @@ impl JobState {
         .find(|s2| s2.as_str() == s)
     }
 
-    /// Succeeded, failed or dead-lettered: nothing more will happen.
+    /// Succeeded, failed, dead-lettered or cancelled: nothing more will happen.
     pub fn is_final(self) -> bool {
-        matches!(self, Self::Succeeded | Self::Failed | Self::DeadLettered)
+        matches!(self, Self::Succeeded | Self::Failed | Self::DeadLettered | Self::Cancelled)
     }
 }
 

@@ -30,7 +30,7 @@ const BASELINE: &str = r"
     -- A sequence number belongs to one job, ever.
     CREATE UNIQUE INDEX jobs_sequence ON jobs(seq_key, seq_number) WHERE seq_key IS NOT NULL;
     CREATE INDEX jobs_decided ON jobs(kind, updated_at_ms)
-        WHERE state IN ('succeeded', 'failed', 'dead_lettered');
+        WHERE state IN ('succeeded', 'failed', 'dead_lettered', 'cancelled');
 
     -- Next number each sequence key applies.
     CREATE TABLE sequences (
@@ -85,6 +85,15 @@ const BASELINE: &str = r"
         released INTEGER NOT NULL DEFAULT 0
     );
     CREATE INDEX scheduled_due ON scheduled(released, due_ms);
+
+    -- Jobs their client cancelled: never run; a sequenced one uses up its number when its
+    -- turn comes.
+    CREATE TABLE cancelled (
+        job_id TEXT PRIMARY KEY,
+        client TEXT NOT NULL,
+        at_ms  INTEGER NOT NULL
+    );
+    CREATE INDEX cancelled_at ON cancelled(at_ms);
 ";
 
 const MIGRATIONS: &[&str] = &[
@@ -229,6 +238,20 @@ const MIGRATIONS: &[&str] = &[
         released INTEGER NOT NULL DEFAULT 0
     );
     CREATE INDEX scheduled_due ON scheduled(released, due_ms);
+    ",
+    // 12: cancellation; cancelled jobs are decided ones (pruned after their retention).
+    r"
+    DROP INDEX jobs_decided;
+    CREATE INDEX jobs_decided ON jobs(kind, updated_at_ms)
+        WHERE state IN ('succeeded', 'failed', 'dead_lettered', 'cancelled');
+    -- Jobs their client cancelled: never run; a sequenced one uses up its number when its
+    -- turn comes.
+    CREATE TABLE cancelled (
+        job_id TEXT PRIMARY KEY,
+        client TEXT NOT NULL,
+        at_ms  INTEGER NOT NULL
+    );
+    CREATE INDEX cancelled_at ON cancelled(at_ms);
     ",
 ];
 

@@ -67,7 +67,7 @@ pub struct Attempts {
 
 /// The states after which nothing more happens to a job; the condition of the `jobs_decided`
 /// index (the query must say it the same way for the index to serve it).
-const DECIDED: &str = "state IN ('succeeded', 'failed', 'dead_lettered')";
+const DECIDED: &str = "state IN ('succeeded', 'failed', 'dead_lettered', 'cancelled')";
 
 /// Unix time in milliseconds.
 pub fn now_ms() -> i64 {
@@ -318,6 +318,9 @@ impl<'c> Tx<'c> {
             Some((k, n)) => (Some(k.as_str()), Some(to_i64(*n)?)),
             None => (None, None),
         };
+        if job.state.is_final() {
+            self.forget_cancelled(&job.id)?;
+        }
         let at = Place::job_result(job.id.as_str(), &job.client);
         let result = job.result.as_ref().map(|r| self.seal(r, &at)).transpose()?;
         self.exec(
@@ -581,6 +584,43 @@ impl<'c> Tx<'c> {
     /// How many delayed jobs are held.
     pub fn scheduled_count(&self) -> Result<u64, StorageError> {
         let n: i64 = self.one("SELECT count(*) FROM scheduled", [], |r| r.get(0))?;
+        Ok(n as u64)
+    }
+
+    // ---- cancellation ------------------------------------------------------------------------
+
+    /// Marks `id` cancelled by `client` (again: no change); a delayed job comes due at once, to
+    /// be decided `cancelled` in its turn.
+    pub fn mark_cancelled(&self, id: &JobId, client: &str) -> Result<(), StorageError> {
+        self.exec(
+            "INSERT INTO cancelled (job_id, client, at_ms) VALUES (?1, ?2, ?3) ON CONFLICT(job_id) DO NOTHING",
+            params![id.as_str(), client, now_ms()],
+        )?;
+        self.exec("UPDATE scheduled SET due_ms = 0, released = 0 WHERE job_id = ?1", [id.as_str()])?;
+        Ok(())
+    }
+
+    /// Whether `id` was cancelled (and not yet decided so).
+    pub fn is_cancelled(&self, id: &JobId) -> Result<bool, StorageError> {
+        Ok(self
+            .one("SELECT 1 FROM cancelled WHERE job_id = ?1", [id.as_str()], |_| Ok(()))
+            .optional()?
+            .is_some())
+    }
+
+    /// Forgets the cancellation of a job that is decided now.
+    pub fn forget_cancelled(&self, id: &JobId) -> Result<(), StorageError> {
+        self.exec("DELETE FROM cancelled WHERE job_id = ?1", [id.as_str()])?;
+        Ok(())
+    }
+
+    /// Deletes at most `limit` cancellations made before `before_ms` whose job never arrived
+    /// (its message is stale by then); answers how many.
+    pub fn prune_cancelled(&self, before_ms: i64, limit: u32) -> Result<u64, StorageError> {
+        let n = self.exec(
+            "DELETE FROM cancelled WHERE rowid IN (SELECT rowid FROM cancelled WHERE at_ms < ?1 ORDER BY at_ms LIMIT ?2)",
+            params![before_ms, limit],
+        )?;
         Ok(n as u64)
     }
 

@@ -132,7 +132,11 @@ pub fn prepare(tx: &Tx<'_>, spec: &KindSpec, arrival: &Arrival) -> Result<Step, 
     let due = env.not_before_ms.filter(|at| *at > now_ms() as u64);
     match tx.job(&env.id)? {
         // Its time has come: the held copy came back (or the original, redelivered late).
-        Some(stored) if stored.state == JobState::Scheduled && due.is_none() => tx.unschedule(&env.id)?,
+        Some(stored)
+            if stored.state == JobState::Scheduled && (due.is_none() || tx.is_cancelled(&env.id)?) =>
+        {
+            tx.unschedule(&env.id)?;
+        }
         Some(stored) => {
             return Ok(Step::Decided(Decided::Done(vec![answer(status_of(tx, stored)?, target)])));
         }
@@ -205,6 +209,9 @@ pub fn begin(
     if let Some(stored) = tx.job(&env.id)? {
         return Ok(Err(Decided::Done(vec![answer(status_of(tx, stored)?, target)])));
     }
+    if tx.is_cancelled(&env.id)? {
+        return Ok(Err(Decided::Done(vec![answer(record(tx, env, Outcome::Cancelled, None)?, target)])));
+    }
     if let Some(a) = tx.attempts(&env.id)?.filter(|a| a.count >= spec.max_attempts) {
         return Ok(Err(Decided::Exhausted { attempts: a.count, last_error: a.last_error }));
     }
@@ -248,6 +255,12 @@ impl Run<'_> {
         if let Some(stored) = tx.job(&env.id)? {
             return Ok(vec![answer(status_of(tx, stored)?, target)]);
         }
+        // Cancelled while it ran: it ends cancelled, unless it got to the end.
+        let outcome = match outcome {
+            Outcome::Success(_) => outcome,
+            _ if tx.is_cancelled(&env.id)? => Outcome::Cancelled,
+            _ => outcome,
+        };
         self.record_undecided(tx, env, outcome, target)
     }
 
@@ -316,11 +329,18 @@ pub fn record_dead(
 /// Only storage failures.
 pub fn status_for(tx: &Tx<'_>, id: &JobId, client: &str) -> Result<JobStatus, StorageError> {
     if let Some(job) = tx.job(id)? {
-        return if job.client == client {
-            status_of(tx, job)
-        } else {
+        return if job.client != client {
             Ok(JobStatus::new(id.clone(), JobState::NotFound))
+        } else if !job.state.is_final() && tx.is_cancelled(id)? {
+            // It will never run; its record says so once its message comes by.
+            Ok(JobStatus::new(id.clone(), JobState::Cancelled))
+        } else {
+            status_of(tx, job)
         };
+    }
+    let running = tx.attempts(id)?.filter(|a| a.client == client).is_some_and(|a| a.running);
+    if !running && tx.is_cancelled(id)? {
+        return Ok(JobStatus::new(id.clone(), JobState::Cancelled));
     }
     Ok(match tx.attempts(id)? {
         Some(a) if a.client == client => {
@@ -332,6 +352,26 @@ pub fn status_for(tx: &Tx<'_>, id: &JobId, client: &str) -> Result<JobStatus, St
         }
         _ => JobStatus::new(id.clone(), JobState::NotFound),
     })
+}
+
+/// A client's cancellation of `id`: marked in storage unless the job has ended (or is
+/// another client's); answers its status afterwards — `cancelled`, `running` for one whose
+/// handler is now told to stop, or the state it already ended in.
+///
+/// # Errors
+/// Only storage failures.
+pub fn cancel(tx: &Tx<'_>, id: &JobId, client: &str) -> Result<JobStatus, StorageError> {
+    match tx.job(id)? {
+        Some(job) if job.client != client => return Ok(JobStatus::new(id.clone(), JobState::NotFound)),
+        Some(job) if job.state.is_final() => return status_of(tx, job),
+        // Scheduled, parked, or not arrived yet (queued, retrying, running): ours to stop.
+        _ => {}
+    }
+    if tx.attempts(id)?.is_some_and(|a| a.client != client) {
+        return Ok(JobStatus::new(id.clone(), JobState::NotFound));
+    }
+    tx.mark_cancelled(id, client)?;
+    status_for(tx, id, client)
 }
 
 fn status_of(tx: &Tx<'_>, job: StoredJob) -> Result<JobStatus, StorageError> {
@@ -375,6 +415,7 @@ fn record(
         Outcome::Permanent(e) | Outcome::Retryable(e) => {
             stored(env, JobState::Failed, None, Some(e), sequence)
         }
+        Outcome::Cancelled => stored(env, JobState::Cancelled, None, None, sequence),
     };
     tx.record_job(&job)?;
     // Decided: its attempts (an external handler's) are history.

@@ -70,6 +70,8 @@ pub struct Context {
     pub acks: Acks,
     /// Most parked jobs per client (see [`apply::Decided::ParkedLimit`]).
     pub max_parked_per_client: u64,
+    /// External handlers running here, to tell of a cancellation.
+    pub running: Arc<crate::cancel::Running>,
 }
 
 /// Pause before a delivery that hit trouble goes back to the queue, so that a sick database
@@ -325,12 +327,26 @@ async fn run(
         }
     };
     let timeout = Duration::from_millis(spec.timeout_ms);
-    let job = handlers::external_context(env, attempt, timeout, ctx.stop.clone());
-    // Its own task: a panic is caught there, and at the deadline the task (the handler's
-    // future) is dropped.
+    let registration = ctx.running.register(&env.id);
+    let mut cancelled = registration.cancelled.clone();
+    let job = handlers::external_context(env, attempt, timeout, ctx.stop.clone(), cancelled.clone());
+    // Its own task: a panic is caught there, and at the deadline (or a grace period after a
+    // cancellation) the task (the handler's future) is dropped.
     let task = tokio::spawn(handler.run(job, env.payload.clone()));
     let abort = task.abort_handle();
-    let outcome = match tokio::time::timeout(Duration::from_millis(spec.timeout_ms), task).await {
+    let given_up = async {
+        let _ = cancelled.wait_for(|c| *c).await;
+        tokio::time::sleep(crate::cancel::GRACE + Duration::from_secs(1)).await;
+    };
+    let ended = tokio::select! {
+        ended = tokio::time::timeout(timeout, task) => ended,
+        () = given_up => {
+            abort.abort();
+            return record(ctx, env, target, Outcome::Cancelled).await;
+        }
+    };
+    let was_cancelled = *registration.cancelled.borrow();
+    let outcome = match ended {
         Err(_) => {
             abort.abort();
             return Err(format!("timed out after {} ms", spec.timeout_ms));
@@ -339,9 +355,12 @@ async fn run(
             return Err(format!("panic: {}", panic_message(&*join.into_panic())));
         }
         Ok(Err(join)) => return Err(format!("handler stopped: {join}")),
+        // Cancelled: not worth another attempt (recorded as cancelled).
+        Ok(Ok(Outcome::Retryable(_))) if was_cancelled => Outcome::Cancelled,
         Ok(Ok(Outcome::Retryable(e))) => return Err(e),
         Ok(Ok(outcome)) => outcome,
     };
+    drop(registration);
     record(ctx, env, target, outcome).await
 }
 
@@ -523,6 +542,21 @@ pub async fn handle_control(ctx: Arc<Context>, delivery: Delivery) {
         .filter(|v| v.verify(|id, s| ctx.keys.sessions.get(id, s)).is_ok())
         .and_then(|v| Some((serde_json::from_slice::<ControlRequest>(v.message()).ok()?, v)));
     match query {
+        Some((ControlRequest::Cancel { id, client, sent_at_ms, reply }, vouched))
+            if WorkerKeys::is_fresh(sent_at_ms, CONTROL_MAX_AGE) =>
+        {
+            let target = ReplyTarget::new(Some(reply), &client, &vouched);
+            let job = id.clone();
+            match ctx.store.transact(move |tx| apply::cancel(tx, &job, &client)).await {
+                Ok(status) => {
+                    if status.status == JobState::Running && ctx.running.cancel(&id) {
+                        tracing::info!(job_id = %id, "running job cancelled: its handler is told to stop");
+                    }
+                    reply::send(&ctx, &target, &status).await;
+                }
+                Err(e) => tracing::warn!(error = %e, "cancellation failed"),
+            }
+        }
         Some((ControlRequest::Status { id, client, sent_at_ms, reply, minted_at_ms }, vouched))
             if WorkerKeys::is_fresh(sent_at_ms, CONTROL_MAX_AGE) =>
         {

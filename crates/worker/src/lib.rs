@@ -12,6 +12,7 @@
 pub mod acks;
 pub mod admin;
 pub mod apply;
+pub mod cancel;
 pub mod consumer;
 pub mod dashboard;
 pub mod delays;

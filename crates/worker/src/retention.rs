@@ -132,6 +132,15 @@ pub async fn prune_once(
             tokio::time::sleep(started.elapsed()).await;
         }
     }
+    // Cancellations of jobs that never came: their messages are stale by now.
+    let before = now_ms().saturating_sub(i64::try_from(retention.default.as_millis()).unwrap_or(i64::MAX));
+    loop {
+        let batch = retention.batch;
+        let n = store.transact(move |tx| tx.prune_cancelled(before, batch)).await?;
+        if n < u64::from(batch) {
+            break;
+        }
+    }
     Ok(total)
 }
 

@@ -354,6 +354,7 @@ impl Session {
             keys: keys.clone(),
             acks: Acks::start(jobs.clone()),
             max_parked_per_client: settings.consumer.max_parked_per_client,
+            running: Arc::default(),
         });
         Ok(Self { connection, jobs, ctx })
     }

@@ -705,7 +705,9 @@ pub async fn wait_final(conn: &mut Connection, id: &str, timeout: Duration) -> V
         assert_eq!(res.status, 200, "status of {id}: {}", res.text());
         let body = res.json();
         let state = body["status"].as_str().unwrap_or_default().to_owned();
-        if ["succeeded", "failed", "dead_lettered"].contains(&state.as_str()) || Instant::now() > deadline {
+        if ["succeeded", "failed", "dead_lettered", "cancelled"].contains(&state.as_str())
+            || Instant::now() > deadline
+        {
             return body;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -51,6 +51,9 @@ pub struct SubmitArgs {
     /// Idempotency key: the same key always maps to the same job.
     #[arg(long)]
     pub idempotency_key: Option<String>,
+    /// Run it this many seconds from now, not before (a delayed job).
+    #[arg(long)]
+    pub delay: Option<u64>,
     /// Wait up to S seconds for the outcome.
     #[arg(long, value_name = "S")]
     pub wait: Option<u64>,
@@ -73,6 +76,9 @@ pub fn submit_body(args: &SubmitArgs) -> anyhow::Result<Value> {
     }
     if let Some(k) = &args.idempotency_key {
         body["idempotency_key"] = json!(k);
+    }
+    if let Some(d) = args.delay {
+        body["delay_s"] = json!(d);
     }
     Ok(body)
 }
@@ -98,6 +104,17 @@ pub async fn status(endpoint: &Endpoint, id: &str, as_json: bool) -> anyhow::Res
     Ok(print(&res, as_json))
 }
 
+/// `gatehouse cancel ID`. Returns whether it was cancelled (or told to stop).
+///
+/// # Errors
+/// When the request cannot be sent.
+pub async fn cancel(endpoint: &Endpoint, id: &str, as_json: bool) -> anyhow::Result<bool> {
+    let mut conn = endpoint.client()?.connect().await?;
+    let res =
+        conn.request(gatehouse_client::Method::DELETE, &format!("/v1/jobs/{id}"), &[], Vec::new()).await?;
+    Ok(print(&res, as_json))
+}
+
 /// Prints an answer; `--json` prints the body alone. Returns whether it was a success.
 fn print(res: &Response, as_json: bool) -> bool {
     let ok = (200..300).contains(&res.status);
@@ -107,7 +124,7 @@ fn print(res: &Response, as_json: bool) -> bool {
     } else if ok {
         let state = body["status"].as_str().unwrap_or("?");
         println!("{} {}  job {}", res.status, state, body["id"].as_str().unwrap_or("?"));
-        for key in ["result", "error", "expected", "reason"] {
+        for key in ["result", "error", "expected", "reason", "not_before"] {
             if !body[key].is_null() {
                 println!("  {key}: {}", body[key]);
             }

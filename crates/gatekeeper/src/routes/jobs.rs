@@ -255,25 +255,69 @@ pub async fn status(
     Extension(client): Extension<ClientIdentity>,
     Path(id): Path<String>,
 ) -> Response {
+    match ask_worker(&app, &client, &id, Ask::Status).await {
+        Ok(s) => Json(s).into_response(),
+        Err(res) => res,
+    }
+}
+
+/// `DELETE /v1/jobs/{id}`: cancels one of the client's jobs that has not ended. `200` with
+/// status `cancelled`; `202` with status `running` when its handler is running and was told to
+/// stop (it ends `cancelled` unless it got to the end first); `409` when it had already ended.
+pub async fn cancel(
+    State(app): State<Arc<App>>,
+    Extension(client): Extension<ClientIdentity>,
+    Path(id): Path<String>,
+) -> Response {
+    match ask_worker(&app, &client, &id, Ask::Cancel).await {
+        Ok(s) if s.status == JobState::Cancelled => Json(s).into_response(),
+        Ok(s) if s.status.is_final() => Problem::new(
+            StatusCode::CONFLICT,
+            "job-already-ended",
+            "Job already ended",
+            format!("the job already ended: {}", s.status.as_str()),
+        )
+        .into_response(),
+        Ok(s) => (StatusCode::ACCEPTED, Json(s)).into_response(),
+        Err(res) => res,
+    }
+}
+
+/// What a route asks the worker about a job.
+#[derive(Clone, Copy)]
+enum Ask {
+    Status,
+    Cancel,
+}
+
+/// Asks the worker about job `id` of `client` over the control queue and waits for the
+/// answer: the job's status, or the response to give instead (not the client's, expired,
+/// unavailable).
+async fn ask_worker(app: &App, client: &ClientIdentity, id: &str, ask: Ask) -> Result<JobStatus, Response> {
     // The same policy as submitting: a client removed from the policy reads nothing, and
     // every query (a broker round trip) counts against its rate.
-    if let Err(problem) = authorize(&app, &client) {
+    if let Err(problem) = authorize(app, client) {
         app.metrics.rejected(problem.slug());
-        return problem.into_response();
+        return Err(problem.into_response());
     }
-    let Some(id) = JobId::parse(&id).ok().filter(|id| app.ids.is_owned_by(id, &client.0)) else {
-        return Problem::not_found().into_response();
+    let Some(id) = JobId::parse(id).ok().filter(|id| app.ids.is_owned_by(id, &client.0)) else {
+        return Err(Problem::not_found().into_response());
     };
     let mut waiter = match app.replies.register(&id, &client.0) {
         Ok(w) => w,
-        Err(e) => return Problem::broker_unavailable(e.to_string()).into_response(),
+        Err(e) => return Err(Problem::broker_unavailable(e.to_string()).into_response()),
     };
     let sent_at_ms = now().as_millis() as u64;
     let reply =
         ReplyTo { queue: app.replies.queue().to_owned(), correlation_id: waiter.correlation_id().to_owned() };
-    let minted_at_ms = app.ids.minted_at_ms(&id, &client.0);
-    let query =
-        ControlRequest::Status { id: id.clone(), client: client.0.clone(), sent_at_ms, reply, minted_at_ms };
+    let (id_, client_) = (id.clone(), client.0.clone());
+    let query = match ask {
+        Ask::Status => {
+            let minted_at_ms = app.ids.minted_at_ms(&id, &client.0);
+            ControlRequest::Status { id: id_, client: client_, sent_at_ms, reply, minted_at_ms }
+        }
+        Ask::Cancel => ControlRequest::Cancel { id: id_, client: client_, sent_at_ms, reply },
+    };
     let expiration = app.status_timeout.as_millis().to_string();
     let props = BasicProperties::default().with_expiration(expiration.as_str().into());
     let body = serde_json::to_vec(&query)
@@ -281,28 +325,29 @@ pub async fn status(
         .zip(app.keys.session().ok())
         .and_then(|(query, session)| Vouched::wrap(&session, &query).ok());
     let sent = match body {
-        Some(body) => publish(&app, CONTROL_ROUTING_KEY, &body, props, false).await,
+        Some(body) => publish(app, CONTROL_ROUTING_KEY, &body, props, false).await,
         None => Err(Problem::internal("no session with the worker")),
     };
     if let Err(problem) = sent {
-        return problem.into_response();
+        return Err(problem.into_response());
     }
     let deadline = tokio::time::Instant::now() + app.status_timeout;
     match waiter.next_until(deadline).await {
         // The id is this client's (checked above) but the worker has not seen it yet.
-        Some(s) if s.status == JobState::NotFound => {
-            Json(JobStatus::new(id, JobState::Queued)).into_response()
+        Some(s) if s.status == JobState::NotFound && matches!(ask, Ask::Status) => {
+            Ok(JobStatus::new(id, JobState::Queued))
         }
-        Some(s) if s.status == JobState::Expired => Problem::expired().into_response(),
-        Some(s) => Json(s).into_response(),
-        None => Problem::new(
+        Some(s) if s.status == JobState::NotFound => Err(Problem::not_found().into_response()),
+        Some(s) if s.status == JobState::Expired => Err(Problem::expired().into_response()),
+        Some(s) => Ok(s),
+        None => Err(Problem::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "worker-unavailable",
             "Service unavailable",
-            "the worker did not answer the status query in time",
+            "the worker did not answer in time",
         )
         .retry_after(1)
-        .into_response(),
+        .into_response()),
     }
 }
 

@@ -89,7 +89,7 @@ pub fn router(app: Arc<App>) -> Router {
     let limit = app.max_body_bytes;
     Router::new()
         .route("/v1/jobs", post(jobs::submit))
-        .route("/v1/jobs/{id}", get(jobs::status))
+        .route("/v1/jobs/{id}", get(jobs::status).delete(jobs::cancel))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/openapi.json", get(openapi))

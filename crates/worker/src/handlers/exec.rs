@@ -147,12 +147,30 @@ impl Exec {
         };
         let max = self.spec.max_output_bytes;
         let (log, job_id) = (self.spec.log_stderr, job.id.to_string());
-        let ran = tokio::time::timeout_at(job.deadline.into(), async {
-            let ((), out, err, status) =
-                tokio::join!(feed, read_limited(stdout, max), last_line(stderr, log, &job_id), child.wait());
-            (out, err, status)
-        })
-        .await;
+        let mut cancel = job.clone();
+        let ran = {
+            let work = tokio::time::timeout_at(job.deadline.into(), async {
+                let ((), out, err, status) = tokio::join!(
+                    feed,
+                    read_limited(stdout, max),
+                    last_line(stderr, log, &job_id),
+                    child.wait()
+                );
+                (out, err, status)
+            });
+            tokio::pin!(work);
+            tokio::select! {
+                ran = &mut work => Some(ran),
+                () = cancel.cancelled() => {
+                    // Cancelled: SIGTERM to its group; SIGKILL (dropping `group`) after the
+                    // grace period if it is still there.
+                    group.signal("TERM");
+                    let _ = tokio::time::timeout(crate::cancel::GRACE, &mut work).await;
+                    None
+                }
+            }
+        };
+        let Some(ran) = ran else { return Ok(Outcome::Cancelled) };
         drop(group);
         let Ok((out, err, status)) = ran else {
             // The group is killed: reap the child (no zombie).
@@ -199,23 +217,38 @@ impl Exec {
             "id": job.id, "kind": job.kind, "client": job.client, "attempt": job.attempt, "payload": payload,
         });
         let max = self.spec.max_output_bytes;
-        let exchange = tokio::time::timeout_at(job.deadline.into(), async {
-            use tokio::io::AsyncBufReadExt as _;
-            let mut out = serde_json::to_vec(&line).map_err(std::io::Error::other)?;
-            out.push(b'\n');
-            child.stdin.write_all(&out).await?;
-            child.stdin.flush().await?;
-            let mut answer = Vec::new();
-            let n = (&mut child.stdout).take(max as u64 + 1).read_until(b'\n', &mut answer).await?;
-            if n == 0 {
-                return Err(std::io::Error::other("it exited without answering"));
+        let mut cancel = job.clone();
+        let pgid = child.group.0;
+        let exchange = {
+            let exchange = tokio::time::timeout_at(job.deadline.into(), async {
+                use tokio::io::AsyncBufReadExt as _;
+                let mut out = serde_json::to_vec(&line).map_err(std::io::Error::other)?;
+                out.push(b'\n');
+                child.stdin.write_all(&out).await?;
+                child.stdin.flush().await?;
+                let mut answer = Vec::new();
+                let n = (&mut child.stdout).take(max as u64 + 1).read_until(b'\n', &mut answer).await?;
+                if n == 0 {
+                    return Err(std::io::Error::other("it exited without answering"));
+                }
+                if !answer.ends_with(b"\n") {
+                    return Err(std::io::Error::other(format!("its answer is over {max} bytes")));
+                }
+                Ok(answer)
+            });
+            tokio::pin!(exchange);
+            tokio::select! {
+                exchange = &mut exchange => Some(exchange),
+                () = cancel.cancelled() => {
+                    // Cancelled: its process gets SIGTERM, and is dropped (SIGKILL, then
+                    // replaced) after the grace period if it has not answered.
+                    signal_group(pgid, "TERM");
+                    let _ = tokio::time::timeout(crate::cancel::GRACE, &mut exchange).await;
+                    None
+                }
             }
-            if !answer.ends_with(b"\n") {
-                return Err(std::io::Error::other(format!("its answer is over {max} bytes")));
-            }
-            Ok(answer)
-        })
-        .await;
+        };
+        let Some(exchange) = exchange else { return Outcome::Cancelled };
         // A child in trouble is dropped here: its group is killed, and a new one starts for the
         // next job.
         let answer = match exchange {
@@ -260,13 +293,7 @@ impl Exec {
         tokio::spawn(async move {
             let _ = last_line(stderr, log, &label).await;
         });
-        Ok(StreamChild {
-            _child: child,
-            stdin,
-            stdout: tokio::io::BufReader::new(stdout),
-            _group: group,
-            _dir: dir,
-        })
+        Ok(StreamChild { _child: child, stdin, stdout: tokio::io::BufReader::new(stdout), group, _dir: dir })
     }
 }
 
@@ -288,7 +315,7 @@ struct StreamChild {
     _child: tokio::process::Child,
     stdin: tokio::process::ChildStdin,
     stdout: tokio::io::BufReader<tokio::process::ChildStdout>,
-    _group: GroupKill,
+    group: GroupKill,
     _dir: tempfile::TempDir,
 }
 
@@ -308,15 +335,27 @@ struct StreamAnswer {
 /// its job.
 struct GroupKill(Option<u32>);
 
+impl GroupKill {
+    /// Sends `signal` (`TERM`, ...) to the whole group.
+    fn signal(&self, signal: &str) {
+        signal_group(self.0, signal);
+    }
+}
+
+/// Sends `signal` to the process group `pgid`.
+fn signal_group(pgid: Option<u32>, signal: &str) {
+    if let Some(pgid) = pgid {
+        let _ = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), "--", &format!("-{pgid}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
 impl Drop for GroupKill {
     fn drop(&mut self) {
-        if let Some(pgid) = self.0 {
-            let _ = std::process::Command::new("kill")
-                .args(["-KILL", "--", &format!("-{pgid}")])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
-        }
+        self.signal("KILL");
     }
 }
 

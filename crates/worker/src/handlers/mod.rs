@@ -41,6 +41,9 @@ pub enum Outcome {
     Permanent(String),
     /// May succeed later; retried with backoff until the kind's max attempts.
     Retryable(String),
+    /// Stopped because its client cancelled the job ([`JobContext::cancelled`]); recorded as
+    /// `cancelled`.
+    Cancelled,
 }
 
 /// What a handler knows about the job it runs. The payload comes separately, typed.
@@ -59,6 +62,7 @@ pub struct JobContext {
     /// When the attempt times out (`timeout_ms`).
     pub deadline: Instant,
     stop: Option<watch::Receiver<bool>>,
+    cancel: Option<watch::Receiver<bool>>,
 }
 
 impl JobContext {
@@ -71,6 +75,24 @@ impl JobContext {
             attempt,
             deadline: Instant::now() + timeout,
             stop,
+            cancel: None,
+        }
+    }
+
+    /// Whether the job's client cancelled it: a handler should stop and answer
+    /// [`Outcome::Cancelled`] (the worker stops waiting for it after a grace period).
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.as_ref().is_some_and(|c| *c.borrow())
+    }
+
+    /// Resolves when the job's client cancels it (never, for storage handlers: a cancelled
+    /// job never starts one).
+    pub async fn cancelled(&mut self) {
+        match &mut self.cancel {
+            Some(cancel) => {
+                let _ = cancel.wait_for(|c| *c).await;
+            }
+            None => std::future::pending().await,
         }
     }
 
@@ -309,6 +331,10 @@ pub fn run_in_storage(
     attempt: u32,
     timeout: Duration,
 ) -> Result<Outcome, StorageError> {
+    // Cancelled by its client: never run (a sequenced job uses up its number all the same).
+    if tx.is_cancelled(&env.id)? {
+        return Ok(Outcome::Cancelled);
+    }
     if let Some(invalid) = revalidate(schemas, env) {
         return Ok(invalid);
     }
@@ -323,14 +349,16 @@ pub fn run_in_storage(
     Ok(outcome)
 }
 
-/// The context for an external handler's attempt.
+/// The context for an external handler's attempt: `stop` tells of shutdown, `cancel` of the
+/// client's cancellation.
 pub fn external_context(
     env: &JobEnvelope,
     attempt: u32,
     timeout: Duration,
     stop: watch::Receiver<bool>,
+    cancel: watch::Receiver<bool>,
 ) -> JobContext {
-    JobContext::new(env, attempt, timeout, Some(stop))
+    JobContext { cancel: Some(cancel), ..JobContext::new(env, attempt, timeout, Some(stop)) }
 }
 
 #[cfg(test)]

@@ -28,9 +28,12 @@ struct Anything {}
 pub fn register(r: &mut Registry) {
     r.insert(
         "test.sleep",
-        external(|_job: JobContext, p: Sleep| async move {
-            tokio::time::sleep(Duration::from_millis(p.ms)).await;
-            Outcome::Success(json!({ "slept_ms": p.ms }))
+        // A well-behaved long handler: it stops when its job is cancelled.
+        external(|mut job: JobContext, p: Sleep| async move {
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(p.ms)) => Outcome::Success(json!({ "slept_ms": p.ms })),
+                () = job.cancelled() => Outcome::Cancelled,
+            }
         }),
     );
     r.insert(

@@ -30,7 +30,11 @@ async fn schemathesis_finds_nothing_with_every_check() {
             .arg(fixtures.join("schemathesis.toml"))
             .arg("run")
             .arg(format!("{url}/openapi.json"))
-            .args(["--checks", "all", "--max-examples", "40", "--seed", "20261130", "--workers", "2"])
+            // One worker: CPython 3.11 before 3.11.8 breaks `ast.parse` in concurrent threads
+            // (gh-106905, "AST constructor recursion depth mismatch"), which hypothesis calls.
+            .args(["--checks", "all", "--max-examples", "40", "--seed", "20261130", "--workers", "1"])
+            // All but one: see schemathesis.toml (a cancelled job stays readable).
+            .args(["--exclude-checks", "use_after_free"])
             .arg("--request-cert")
             .arg(certs.join("client.pem"))
             .arg("--request-cert-key")
@@ -53,7 +57,7 @@ async fn schemathesis_finds_nothing_with_every_check() {
     // It tested every operation, with hundreds of cases (a run that generated nothing would
     // also exit 0).
     assert!(text.contains("No issues found"), "{text}");
-    assert!(text.contains("Tested: 4"), "{text}");
+    assert!(text.contains("Tested: 5"), "{text}");
     let generated: u32 = text
         .lines()
         .find_map(|l| l.trim().split_once(" generated, ")?.0.parse().ok())

@@ -8,6 +8,7 @@
 mod api;
 mod bad_input;
 mod bench;
+mod cancel;
 mod dashboard;
 mod delays;
 mod deploy;
