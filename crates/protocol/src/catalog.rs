@@ -46,6 +46,14 @@ pub struct KindSpec {
     /// How long later numbers of a sequence wait for a missing one.
     #[serde(default = "default_gap_timeout")]
     pub gap_timeout_s: u64,
+    /// At most one job of this kind runs at a time (across all workers); the others wait their
+    /// turn in arrival order, without using up attempts.
+    #[serde(default)]
+    pub singleton: bool,
+    /// At most one job of this kind per value of this payload field (a string) runs at a time;
+    /// values are the client's own (two clients' `"x"` do not wait for each other).
+    #[serde(default)]
+    pub singleton_key: Option<String>,
     /// Longest delay a client may ask for (`not_before` / `delay_s`), in seconds; 0: none.
     #[serde(default = "default_max_delay")]
     pub max_delay_s: u64,
@@ -247,6 +255,8 @@ mod tests {
             timeout_ms: 1000,
             gap_timeout_s: 60,
             max_delay_s: 0,
+            singleton: false,
+            singleton_key: None,
             retain_s: None,
             testing: false,
             exec: None,

@@ -94,6 +94,20 @@ const BASELINE: &str = r"
         at_ms  INTEGER NOT NULL
     );
     CREATE INDEX cancelled_at ON cancelled(at_ms);
+
+    -- Singleton kinds: which job holds each key's turn, and the jobs waiting for it in order.
+    CREATE TABLE singleton_turns (
+        key    TEXT PRIMARY KEY,
+        job_id TEXT NOT NULL
+    );
+    CREATE INDEX singleton_turns_job ON singleton_turns(job_id);
+    CREATE TABLE singleton_waiting (
+        seq      INTEGER PRIMARY KEY AUTOINCREMENT,
+        key      TEXT NOT NULL,
+        job_id   TEXT NOT NULL UNIQUE,
+        envelope BLOB NOT NULL
+    );
+    CREATE INDEX singleton_waiting_key ON singleton_waiting(key, seq);
 ";
 
 const MIGRATIONS: &[&str] = &[
@@ -252,6 +266,22 @@ const MIGRATIONS: &[&str] = &[
         at_ms  INTEGER NOT NULL
     );
     CREATE INDEX cancelled_at ON cancelled(at_ms);
+    ",
+    // 13: singleton kinds.
+    r"
+    -- Singleton kinds: which job holds each key's turn, and the jobs waiting for it in order.
+    CREATE TABLE singleton_turns (
+        key    TEXT PRIMARY KEY,
+        job_id TEXT NOT NULL
+    );
+    CREATE INDEX singleton_turns_job ON singleton_turns(job_id);
+    CREATE TABLE singleton_waiting (
+        seq      INTEGER PRIMARY KEY AUTOINCREMENT,
+        key      TEXT NOT NULL,
+        job_id   TEXT NOT NULL UNIQUE,
+        envelope BLOB NOT NULL
+    );
+    CREATE INDEX singleton_waiting_key ON singleton_waiting(key, seq);
     ",
 ];
 

@@ -137,6 +137,18 @@ pub fn prepare(tx: &Tx<'_>, spec: &KindSpec, arrival: &Arrival) -> Result<Step, 
         {
             tx.unschedule(&env.id)?;
         }
+        // A singleton job whose turn may have come (its message was sent back when it did).
+        Some(stored) if stored.state == JobState::WaitingForTurn => {
+            let mine = match singleton_key(spec, env) {
+                Some(key) => tx.take_turn(&key, &env.id, raw)?,
+                // No longer a singleton kind (the catalog changed): it runs.
+                None => true,
+            };
+            if !mine {
+                return Ok(Step::Decided(Decided::Done(vec![answer(status_of(tx, stored)?, target)])));
+            }
+            tx.turn_taken(&env.id)?;
+        }
         Some(stored) => {
             return Ok(Step::Decided(Decided::Done(vec![answer(status_of(tx, stored)?, target)])));
         }
@@ -185,6 +197,14 @@ pub fn prepare(tx: &Tx<'_>, spec: &KindSpec, arrival: &Arrival) -> Result<Step, 
             status.expected = Some(expected);
             return Ok(Step::Decided(Decided::Done(vec![answer(status, target)])));
         }
+    }
+    // One at a time per singleton key: the others wait their turn, in order, unstarted.
+    if let Some(key) = singleton_key(spec, env)
+        && !tx.take_turn(&key, &env.id, raw)?
+    {
+        tx.record_job(&stored(env, JobState::WaitingForTurn, None, None, None))?;
+        let status = JobStatus::new(env.id.clone(), JobState::WaitingForTurn);
+        return Ok(Step::Decided(Decided::Done(vec![answer(status, target)])));
     }
     match tx.attempts(&env.id)? {
         Some(a) if a.count >= spec.max_attempts => {
@@ -303,6 +323,17 @@ impl Run<'_> {
         tx.set_next_expected(&key, next)?;
         Ok(answers)
     }
+}
+
+/// The turn a job of a singleton kind waits for: the kind's, or with `singleton_key` the
+/// kind's and the client's value of that payload field.
+fn singleton_key(spec: &KindSpec, env: &JobEnvelope) -> Option<String> {
+    if let Some(field) = &spec.singleton_key {
+        let value = env.payload.get(field).map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned));
+        let owned = gatehouse_protocol::submit::owned_key(&env.client, &value.unwrap_or_default());
+        return Some(format!("{}\u{1f}{owned}", spec.name));
+    }
+    spec.singleton.then(|| spec.name.clone())
 }
 
 /// Records that `env` was dead-lettered with `reason`.
@@ -524,6 +555,35 @@ mod tests {
 
     fn states(answers: &[Answer]) -> Vec<JobState> {
         answers.iter().map(|a| a.status.status).collect()
+    }
+
+    #[test]
+    fn singleton_turns_are_per_kind_or_per_clients_own_key_value() {
+        let catalog = catalog();
+        let kind = catalog.kind("test.singleton").unwrap().clone();
+        let env = |client: &str, group: &str| JobEnvelope {
+            kind: "test.singleton".into(),
+            client: client.into(),
+            sequence: None,
+            payload: json!({"ms": 1, "group": group}),
+            ..ledger_job(1, 1, 0)
+        };
+        assert_eq!(singleton_key(&kind, &env("a", "x")), Some("test.singleton".into()));
+        assert_eq!(
+            singleton_key(&kind, &env("b", "y")),
+            singleton_key(&kind, &env("a", "x")),
+            "one per kind"
+        );
+        let by_group = KindSpec { singleton: false, singleton_key: Some("group".into()), ..kind.clone() };
+        assert_eq!(singleton_key(&by_group, &env("a", "x")), singleton_key(&by_group, &env("a", "x")));
+        assert_ne!(singleton_key(&by_group, &env("a", "x")), singleton_key(&by_group, &env("a", "y")));
+        assert_ne!(
+            singleton_key(&by_group, &env("a", "x")),
+            singleton_key(&by_group, &env("b", "x")),
+            "clients' values are their own"
+        );
+        let plain = KindSpec { singleton: false, ..kind };
+        assert_eq!(singleton_key(&plain, &env("a", "x")), None);
     }
 
     #[tokio::test]

@@ -2,6 +2,7 @@
 //! `testing.enabled = true`. They are external handlers, like any handler that does real work
 //! elsewhere.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -24,8 +25,21 @@ struct Fail {
 #[derive(Deserialize)]
 struct Anything {}
 
-/// Registers `test.sleep`, `test.fail`, `test.panic` and `test.crash`.
+/// How many `test.singleton` jobs run right now (in this process).
+static SINGLETONS_RUNNING: AtomicUsize = AtomicUsize::new(0);
+
+/// Registers `test.sleep`, `test.singleton`, `test.fail`, `test.panic` and `test.crash`.
 pub fn register(r: &mut Registry) {
+    r.insert(
+        "test.singleton",
+        // Sleeps like test.sleep, and says how many jobs of its kind ran at once with it.
+        external(|job: JobContext, p: Sleep| async move {
+            let at_start = SINGLETONS_RUNNING.fetch_add(1, Ordering::SeqCst) + 1;
+            tokio::time::sleep(Duration::from_millis(p.ms)).await;
+            let at_end = SINGLETONS_RUNNING.fetch_sub(1, Ordering::SeqCst);
+            Outcome::Success(json!({ "running_at_once": at_start.max(at_end), "attempt": job.attempt }))
+        }),
+    );
     r.insert(
         "test.sleep",
         // A well-behaved long handler: it stops when its job is cancelled.

@@ -17,6 +17,7 @@ mod fuzz;
 mod isolation;
 mod metrics;
 mod retention;
+mod singleton;
 mod tenancy;
 mod tls;
 mod up;
