@@ -93,17 +93,67 @@ pub struct JobStatus {
     /// When it runs (state `scheduled`), RFC 3339 UTC.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_before: Option<String>,
+    /// What its handler last said of its progress (while it runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
+}
+
+/// A running job's progress, as its handler reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    /// 0 to 100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<u8>,
+    /// A short note (at most [`Progress::MAX_MESSAGE`] characters, no control characters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+impl Progress {
+    /// Longest message kept, in characters.
+    pub const MAX_MESSAGE: usize = 200;
+
+    /// A progress report made safe to keep and show: the percent capped at 100, the message
+    /// without control characters, trimmed and cut to [`Progress::MAX_MESSAGE`] characters.
+    pub fn new(percent: Option<u8>, message: &str) -> Self {
+        let message: String = message
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(Self::MAX_MESSAGE)
+            .collect::<String>()
+            .trim()
+            .to_owned();
+        Self { percent: percent.map(|p| p.min(100)), message: (!message.is_empty()).then_some(message) }
+    }
 }
 
 impl JobStatus {
     /// A status with only id and state set.
     pub fn new(id: JobId, status: JobState) -> Self {
-        Self { id, status, result: None, error: None, expected: None, reason: None, not_before: None }
+        Self {
+            id,
+            status,
+            result: None,
+            error: None,
+            expected: None,
+            reason: None,
+            not_before: None,
+            progress: None,
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn progress_is_capped_and_its_message_cleaned() {
+        let p = super::Progress::new(Some(140), "  copying\u{7} \u{1b}[31mfiles  ");
+        assert_eq!(p.percent, Some(100));
+        assert_eq!(p.message.as_deref(), Some("copying [31mfiles"));
+        assert_eq!(super::Progress::new(None, "x".repeat(500).as_str()).message.unwrap().len(), 200);
+        assert_eq!(super::Progress::new(Some(5), " \n ").message, None);
+    }
+
     use super::*;
 
     #[test]

@@ -34,6 +34,10 @@ pub struct SealedColumn {
 }
 
 /// The job machinery's own sealed column: job results.
+/// The progress running jobs reported.
+pub(crate) const PROGRESS: SealedColumn =
+    SealedColumn { table: "progress", key: "job_id", owner: "client", column: "value" };
+
 pub(crate) const JOB_RESULTS: SealedColumn =
     SealedColumn { table: "jobs", key: "id", owner: "client", column: "result" };
 
@@ -78,17 +82,15 @@ pub(crate) fn migrate(conn: &mut Connection, families: &[Family]) -> Result<(), 
     Ok(())
 }
 
-/// Every sealed column the database holds: the job machinery's and every family's that was
+/// Every sealed column the database holds: the job machinery's (results, progress) and every
+/// family's that was
 /// ever migrated into it.
 pub(crate) fn sealed_columns(
     conn: &Connection,
 ) -> Result<Vec<(String, String, String, String)>, StorageError> {
-    let mut out = vec![(
-        JOB_RESULTS.table.to_owned(),
-        JOB_RESULTS.key.to_owned(),
-        JOB_RESULTS.owner.to_owned(),
-        JOB_RESULTS.column.to_owned(),
-    )];
+    let own =
+        |c: SealedColumn| (c.table.to_owned(), c.key.to_owned(), c.owner.to_owned(), c.column.to_owned());
+    let mut out = vec![own(JOB_RESULTS), own(PROGRESS)];
     let mut stmt =
         conn.prepare_cached("SELECT tbl, key_col, owner_expr, col FROM sealed_columns ORDER BY tbl, col")?;
     let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;

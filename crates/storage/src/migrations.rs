@@ -108,6 +108,14 @@ const BASELINE: &str = r"
         envelope BLOB NOT NULL
     );
     CREATE INDEX singleton_waiting_key ON singleton_waiting(key, seq);
+
+    -- The latest progress a running job's handler reported (sealed, bound to job and client).
+    CREATE TABLE progress (
+        job_id        TEXT PRIMARY KEY,
+        client        TEXT NOT NULL,
+        value         TEXT NOT NULL,
+        updated_at_ms INTEGER NOT NULL
+    );
 ";
 
 const MIGRATIONS: &[&str] = &[
@@ -282,6 +290,16 @@ const MIGRATIONS: &[&str] = &[
         envelope BLOB NOT NULL
     );
     CREATE INDEX singleton_waiting_key ON singleton_waiting(key, seq);
+    ",
+    // 14: progress of running jobs.
+    r"
+    -- The latest progress a running job's handler reported (sealed, bound to job and client).
+    CREATE TABLE progress (
+        job_id        TEXT PRIMARY KEY,
+        client        TEXT NOT NULL,
+        value         TEXT NOT NULL,
+        updated_at_ms INTEGER NOT NULL
+    );
     ",
 ];
 

@@ -321,6 +321,7 @@ impl<'c> Tx<'c> {
         if job.state.is_final() {
             self.forget_cancelled(&job.id)?;
             self.pass_turns(&job.id)?;
+            self.exec("DELETE FROM progress WHERE job_id = ?1", [job.id.as_str()])?;
         }
         let at = Place::job_result(job.id.as_str(), &job.client);
         let result = job.result.as_ref().map(|r| self.seal(r, &at)).transpose()?;
@@ -586,6 +587,31 @@ impl<'c> Tx<'c> {
     pub fn scheduled_count(&self) -> Result<u64, StorageError> {
         let n: i64 = self.one("SELECT count(*) FROM scheduled", [], |r| r.get(0))?;
         Ok(n as u64)
+    }
+
+    // ---- progress ------------------------------------------------------------------------------
+
+    /// Keeps `progress` as the latest of job `id` (of `client`), sealed.
+    pub fn set_progress(&self, id: &JobId, client: &str, progress: &Value) -> Result<(), StorageError> {
+        let at = Place { table: "progress", column: "value", row: id.as_str(), owner: client };
+        self.exec(
+            "INSERT INTO progress (job_id, client, value, updated_at_ms) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(job_id) DO UPDATE SET value = excluded.value, updated_at_ms = excluded.updated_at_ms",
+            params![id.as_str(), client, self.seal(progress, &at)?, now_ms()],
+        )?;
+        Ok(())
+    }
+
+    /// The latest progress job `id` of `client` reported, if it runs.
+    pub fn progress(&self, id: &JobId, client: &str) -> Result<Option<Value>, StorageError> {
+        let stored = self
+            .one(
+                "SELECT value FROM progress WHERE job_id = ?1 AND client = ?2",
+                params![id.as_str(), client],
+                |r| r.get(0),
+            )
+            .optional()?;
+        self.unseal(stored, &Place { table: "progress", column: "value", row: id.as_str(), owner: client })
     }
 
     // ---- singletons ---------------------------------------------------------------------------

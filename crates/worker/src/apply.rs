@@ -379,6 +379,7 @@ pub fn status_for(tx: &Tx<'_>, id: &JobId, client: &str) -> Result<JobStatus, St
             let state = if a.last_error.is_some() { JobState::Retrying } else { JobState::Running };
             let mut s = JobStatus::new(id.clone(), state);
             s.error = a.last_error;
+            s.progress = tx.progress(id, client)?.and_then(|v| serde_json::from_value(v).ok());
             s
         }
         _ => JobStatus::new(id.clone(), JobState::NotFound),

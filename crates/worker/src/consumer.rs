@@ -72,6 +72,8 @@ pub struct Context {
     pub max_parked_per_client: u64,
     /// External handlers running here, to tell of a cancellation.
     pub running: Arc<crate::cancel::Running>,
+    /// Where handlers' progress reports go.
+    pub progress: crate::progress::Sender,
 }
 
 /// Pause before a delivery that hit trouble goes back to the queue, so that a sick database
@@ -329,7 +331,14 @@ async fn run(
     let timeout = Duration::from_millis(spec.timeout_ms);
     let registration = ctx.running.register(&env.id);
     let mut cancelled = registration.cancelled.clone();
-    let job = handlers::external_context(env, attempt, timeout, ctx.stop.clone(), cancelled.clone());
+    let job = handlers::external_context(
+        env,
+        attempt,
+        timeout,
+        ctx.stop.clone(),
+        cancelled.clone(),
+        ctx.progress.clone(),
+    );
     // Its own task: a panic is caught there, and at the deadline (or a grace period after a
     // cancellation) the task (the handler's future) is dropped.
     let task = tokio::spawn(handler.run(job, env.payload.clone()));

@@ -22,6 +22,7 @@ pub mod job_locks;
 pub mod keys;
 pub mod metrics;
 pub mod process;
+pub mod progress;
 pub mod reply;
 pub mod retention;
 pub mod settings;

@@ -48,6 +48,8 @@ pub struct Worker {
     retention: Arc<Retention>,
     /// What the dashboard sees of the broker.
     broker: Arc<BrokerView>,
+    /// Handlers' progress reports, and (until the worker runs) where they arrive.
+    progress: (crate::progress::Sender, Option<tokio::sync::mpsc::Receiver<crate::progress::Report>>),
     /// Basic auth of the admin listener.
     credentials: Option<Arc<[u8; 32]>>,
     /// The admin listener (`/healthz`, `/readyz`, `/metrics`), bound at build.
@@ -129,6 +131,7 @@ impl WorkerBuilder {
         let credentials = settings.admin.credentials().map_err(|e| bad(&e))?.map(Arc::new);
         let classes = catalog.queues().iter().map(|q| q.name.clone()).collect();
         let broker = BrokerView::new(settings.broker.topology(), classes);
+        let (progress_tx, progress_rx) = crate::progress::channel();
         let keyring = gatehouse_protocol::keys::keyring(&settings.keys.data_keyring).map_err(|e| bad(&e))?;
         let store = Store::open_sqlite(&settings.storage.path, keyring, kinds.registry.families())
             .with_context(|| format!("opening {}", settings.storage.path.display()))?;
@@ -148,6 +151,7 @@ impl WorkerBuilder {
             kinds: &kinds,
             metrics: &metrics,
             broker: &broker,
+            progress: &progress_tx,
             stop: &stop.1,
         };
         // A broker that does not answer yet (starting, restarting) is waited for in `run`;
@@ -171,6 +175,7 @@ impl WorkerBuilder {
             metrics,
             retention,
             broker,
+            progress: (progress_tx, Some(progress_rx)),
             credentials,
             admin,
             stop,
@@ -189,6 +194,7 @@ struct Shared<'a> {
     kinds: &'a Arc<Kinds>,
     metrics: &'a Arc<WorkerMetrics>,
     broker: &'a Arc<BrokerView>,
+    progress: &'a crate::progress::Sender,
     stop: &'a watch::Receiver<bool>,
 }
 
@@ -263,6 +269,9 @@ impl Worker {
                 tracing::warn!(error = %e, "admin listener stopped");
             }
         });
+        if let Some(rx) = self.progress.1.take() {
+            tokio::spawn(crate::progress::keep(self.store.clone(), rx));
+        }
         tokio::spawn(crate::retention::prune_forever(
             self.store.clone(),
             self.retention.clone(),
@@ -285,6 +294,7 @@ impl Worker {
                         kinds: &self.kinds,
                         metrics: &self.metrics,
                         broker: &self.broker,
+                        progress: &self.progress.0,
                         stop: &self.stop.1,
                     };
                     match Session::open(&self.settings, &shared).await {
@@ -328,7 +338,7 @@ enum Ended {
 
 impl Session {
     async fn open(settings: &WorkerSettings, shared: &Shared<'_>) -> anyhow::Result<Self> {
-        let Shared { store, catalog, isolation, keys, kinds, metrics, broker, stop } = *shared;
+        let Shared { store, catalog, isolation, keys, kinds, metrics, broker, progress, stop } = *shared;
         let connection = gatehouse_broker::connect_with(&settings.broker, "gatehouse-worker")
             .await
             .context("connecting to the broker")?;
@@ -355,6 +365,7 @@ impl Session {
             acks: Acks::start(jobs.clone()),
             max_parked_per_client: settings.consumer.max_parked_per_client,
             running: Arc::default(),
+            progress: progress.clone(),
         });
         Ok(Self { connection, jobs, ctx })
     }

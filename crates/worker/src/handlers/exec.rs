@@ -35,6 +35,8 @@ use super::{ExternalHandler, HandlerFuture, JobContext, Outcome};
 pub const EXIT_RETRY: i32 = 75;
 /// Longest stderr line kept as the error of a failed job.
 const MAX_ERROR_LINE: usize = 500;
+/// A line on a oneshot executable's stderr that reports progress: `GATEHOUSE-PROGRESS <percent> <message>`.
+const PROGRESS_PREFIX: &str = "GATEHOUSE-PROGRESS ";
 /// Where `prlimit` and `setpriv` live on Debian (util-linux, an essential package).
 const PRLIMIT: &str = "/usr/bin/prlimit";
 const SETPRIV: &str = "/usr/bin/setpriv";
@@ -153,7 +155,7 @@ impl Exec {
                 let ((), out, err, status) = tokio::join!(
                     feed,
                     read_limited(stdout, max),
-                    last_line(stderr, log, &job_id),
+                    last_line(stderr, log, &job_id, Some(job)),
                     child.wait()
                 );
                 (out, err, status)
@@ -291,7 +293,7 @@ impl Exec {
         };
         let (log, label) = (self.spec.log_stderr, format!("{} stream process {:?}", self.kind, child.id()));
         tokio::spawn(async move {
-            let _ = last_line(stderr, log, &label).await;
+            let _ = last_line(stderr, log, &label, None).await;
         });
         Ok(StreamChild { _child: child, stdin, stdout: tokio::io::BufReader::new(stdout), group, _dir: dir })
     }
@@ -373,13 +375,24 @@ async fn read_limited(mut r: impl AsyncRead + Unpin, max: usize) -> std::io::Res
 
 /// Reads stderr to its end; answers its last non-empty line (at most [`MAX_ERROR_LINE`]
 /// bytes), and with `log` copies each line (truncated) to the log, marked with the job id.
-async fn last_line(r: impl AsyncRead + Unpin, log: bool, job_id: &str) -> std::io::Result<String> {
+async fn last_line(
+    r: impl AsyncRead + Unpin,
+    log: bool,
+    job_id: &str,
+    job: Option<&JobContext>,
+) -> std::io::Result<String> {
     use tokio::io::AsyncBufReadExt as _;
     let mut lines = tokio::io::BufReader::new(r).split(b'\n');
     let mut last = String::new();
     while let Some(line) = lines.next_segment().await? {
         let text = String::from_utf8_lossy(&line);
         let text = truncate(text.trim_end(), MAX_ERROR_LINE);
+        // `GATEHOUSE-PROGRESS 40 copying`: a progress report, not output (never logged).
+        if let (Some(job), Some(report)) = (job, text.strip_prefix(PROGRESS_PREFIX)) {
+            let (percent, message) = progress_line(report);
+            job.progress(percent, message);
+            continue;
+        }
         if log {
             tracing::info!(job_id, stderr = text, "executable's stderr");
         }
@@ -388,6 +401,15 @@ async fn last_line(r: impl AsyncRead + Unpin, log: bool, job_id: &str) -> std::i
         }
     }
     Ok(last)
+}
+
+/// A progress report's percent (when it starts with one) and message.
+fn progress_line(report: &str) -> (Option<u8>, &str) {
+    let (first, rest) = report.split_once(' ').unwrap_or((report, ""));
+    match first.parse::<u8>() {
+        Ok(p) => (Some(p), rest),
+        Err(_) => (None, report),
+    }
 }
 
 fn truncate(s: &str, max: usize) -> &str {
@@ -417,4 +439,17 @@ fn user_ids(user: &str) -> Option<(u32, u32)> {
         out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().parse().ok()).flatten()
     };
     Some((id("-u")?, id("-g")?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::progress_line;
+
+    #[test]
+    fn a_progress_line_is_a_percent_and_a_message_or_just_a_message() {
+        assert_eq!(progress_line("40 copying files"), (Some(40), "copying files"));
+        assert_eq!(progress_line("75"), (Some(75), ""));
+        assert_eq!(progress_line("copying files"), (None, "copying files"));
+        assert_eq!(progress_line("400 too much"), (None, "400 too much"), "not a percent: all message");
+    }
 }

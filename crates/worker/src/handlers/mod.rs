@@ -63,6 +63,7 @@ pub struct JobContext {
     pub deadline: Instant,
     stop: Option<watch::Receiver<bool>>,
     cancel: Option<watch::Receiver<bool>>,
+    progress: Option<crate::progress::Sender>,
 }
 
 impl JobContext {
@@ -76,6 +77,22 @@ impl JobContext {
             deadline: Instant::now() + timeout,
             stop,
             cancel: None,
+            progress: None,
+        }
+    }
+
+    /// Reports how far the job got: `percent` (0 to 100) and/or a short message (control
+    /// characters removed, at most 200 characters). The latest report shows in the job's
+    /// status while it runs; it is sealed at rest and only its client sees it. Never waits
+    /// (a report the worker cannot take at once is dropped; the next one supersedes it).
+    /// Storage handlers run inside one transaction: nothing to report.
+    pub fn progress(&self, percent: Option<u8>, message: &str) {
+        if let Some(tx) = &self.progress {
+            let _ = tx.try_send((
+                self.id.clone(),
+                self.client.clone(),
+                gatehouse_protocol::Progress::new(percent, message),
+            ));
         }
     }
 
@@ -350,15 +367,20 @@ pub fn run_in_storage(
 }
 
 /// The context for an external handler's attempt: `stop` tells of shutdown, `cancel` of the
-/// client's cancellation.
+/// client's cancellation; `progress` takes its reports.
 pub fn external_context(
     env: &JobEnvelope,
     attempt: u32,
     timeout: Duration,
     stop: watch::Receiver<bool>,
     cancel: watch::Receiver<bool>,
+    progress: crate::progress::Sender,
 ) -> JobContext {
-    JobContext { cancel: Some(cancel), ..JobContext::new(env, attempt, timeout, Some(stop)) }
+    JobContext {
+        cancel: Some(cancel),
+        progress: Some(progress),
+        ..JobContext::new(env, attempt, timeout, Some(stop))
+    }
 }
 
 #[cfg(test)]

@@ -28,8 +28,20 @@ struct Anything {}
 /// How many `test.singleton` jobs run right now (in this process).
 static SINGLETONS_RUNNING: AtomicUsize = AtomicUsize::new(0);
 
-/// Registers `test.sleep`, `test.singleton`, `test.fail`, `test.panic` and `test.crash`.
+/// Registers `test.sleep`, `test.singleton`, `test.progress`, `test.fail`, `test.panic` and
+/// `test.crash`.
 pub fn register(r: &mut Registry) {
+    r.insert(
+        "test.progress",
+        // Reports half-way at once, then sleeps (or stops when cancelled).
+        external(|mut job: JobContext, p: Sleep| async move {
+            job.progress(Some(50), "half-way: MARKER-PROGRESS-5150");
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(p.ms)) => Outcome::Success(json!({ "slept_ms": p.ms })),
+                () = job.cancelled() => Outcome::Cancelled,
+            }
+        }),
+    );
     r.insert(
         "test.singleton",
         // Sleeps like test.sleep, and says how many jobs of its kind ran at once with it.

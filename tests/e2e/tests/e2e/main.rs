@@ -16,6 +16,7 @@ mod exec;
 mod fuzz;
 mod isolation;
 mod metrics;
+mod progress;
 mod retention;
 mod singleton;
 mod tenancy;
