@@ -1,8 +1,9 @@
 //! The job machinery's schema migrations, applied in order; `PRAGMA user_version` records how
 //! many ran. Handler families migrate their own tables (see [`crate::family`]).
 //!
-//! A new database is created at the latest version from [`BASELINE`]. The steps are the upgrade
-//! path of databases written by earlier releases, and never change once shipped: steps 1 to 8
+//! A new database starts from [`BASELINE`], the shape after step 10, and runs the steps after
+//! it. The steps are the upgrade path of databases written by earlier releases, and never
+//! change once shipped: steps 1 to 8
 //! are from before handler families, when the vault's and the ledger's tables were part of this
 //! schema, so they create and alter those too (the families adopt the tables as they find
 //! them; their own first steps are `CREATE TABLE IF NOT EXISTS`).
@@ -13,7 +14,8 @@ use rusqlite::{Connection, params};
 use crate::tx::Place;
 use crate::{StorageError, Tx};
 
-/// The job machinery's tables as the steps below leave them, for a new database.
+/// The job machinery's tables as the steps below leave them after step [`BASELINE_AT`], for a
+/// new database (which then runs the later steps like any other).
 const BASELINE: &str = r"
     CREATE TABLE jobs (
         id            TEXT PRIMARY KEY,
@@ -30,7 +32,7 @@ const BASELINE: &str = r"
     -- A sequence number belongs to one job, ever.
     CREATE UNIQUE INDEX jobs_sequence ON jobs(seq_key, seq_number) WHERE seq_key IS NOT NULL;
     CREATE INDEX jobs_decided ON jobs(kind, updated_at_ms)
-        WHERE state IN ('succeeded', 'failed', 'dead_lettered', 'cancelled');
+        WHERE state IN ('succeeded', 'failed', 'dead_lettered');
 
     -- Next number each sequence key applies.
     CREATE TABLE sequences (
@@ -77,46 +79,10 @@ const BASELINE: &str = r"
         PRIMARY KEY (tbl, col)
     );
 
-    -- Delayed jobs, held here until their time (then sent back to their job queue).
-    CREATE TABLE scheduled (
-        job_id   TEXT PRIMARY KEY REFERENCES jobs(id),
-        due_ms   INTEGER NOT NULL,
-        envelope BLOB NOT NULL,
-        released INTEGER NOT NULL DEFAULT 0
-    );
-    CREATE INDEX scheduled_due ON scheduled(released, due_ms);
-
-    -- Jobs their client cancelled: never run; a sequenced one uses up its number when its
-    -- turn comes.
-    CREATE TABLE cancelled (
-        job_id TEXT PRIMARY KEY,
-        client TEXT NOT NULL,
-        at_ms  INTEGER NOT NULL
-    );
-    CREATE INDEX cancelled_at ON cancelled(at_ms);
-
-    -- Singleton kinds: which job holds each key's turn, and the jobs waiting for it in order.
-    CREATE TABLE singleton_turns (
-        key    TEXT PRIMARY KEY,
-        job_id TEXT NOT NULL
-    );
-    CREATE INDEX singleton_turns_job ON singleton_turns(job_id);
-    CREATE TABLE singleton_waiting (
-        seq      INTEGER PRIMARY KEY AUTOINCREMENT,
-        key      TEXT NOT NULL,
-        job_id   TEXT NOT NULL UNIQUE,
-        envelope BLOB NOT NULL
-    );
-    CREATE INDEX singleton_waiting_key ON singleton_waiting(key, seq);
-
-    -- The latest progress a running job's handler reported (sealed, bound to job and client).
-    CREATE TABLE progress (
-        job_id        TEXT PRIMARY KEY,
-        client        TEXT NOT NULL,
-        value         TEXT NOT NULL,
-        updated_at_ms INTEGER NOT NULL
-    );
 ";
+
+/// The step [`BASELINE`] stands for.
+const BASELINE_AT: usize = 10;
 
 const MIGRATIONS: &[&str] = &[
     // 1: jobs and their outcomes, sequences, parked jobs, vault, ledger.
@@ -318,9 +284,9 @@ pub(crate) fn run(conn: &mut Connection, keyring: &Keyring) -> Result<(), Storag
     if done == 0 {
         let tx = conn.transaction()?;
         tx.execute_batch(BASELINE)?;
-        tx.pragma_update(None, "user_version", MIGRATIONS.len())?;
+        tx.pragma_update(None, "user_version", BASELINE_AT)?;
         tx.commit()?;
-        return Ok(());
+        return upgrade(conn, keyring, BASELINE_AT, MIGRATIONS.len());
     }
     upgrade(conn, keyring, done, MIGRATIONS.len())
 }

@@ -537,7 +537,10 @@ fn check_delivery(
 
 async fn finish(ctx: &Context, delivery: &Delivery, kind: &str, answers: &[Answer]) {
     for a in answers {
-        ctx.metrics.decided(kind, a.status.status.as_str(), a.status.id.as_str());
+        // Counted once decided; parked, scheduled and waiting jobs are counted when they are.
+        if a.status.status.is_final() {
+            ctx.metrics.decided(kind, a.status.status.as_str(), a.status.id.as_str());
+        }
         tracing::debug!(job_id = %a.status.id, status = a.status.status.as_str(), "job decided");
         reply::send(ctx, &a.target, &a.status).await;
     }

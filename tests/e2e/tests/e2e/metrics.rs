@@ -48,6 +48,8 @@ async fn the_worker_metrics_count_jobs_retries_dead_letters_and_parked_jobs() {
     ] {
         assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
     }
+    // A parked job is not decided: not counted as an outcome (it is a gauge).
+    assert!(!text.contains(r#"outcome="waiting_for_sequence""#), "{text}");
     // Storage: group commits (at least one per decided job here, which ran one at a time) and
     // their sizes, and the checkpoint passes that follow commits.
     let value = |name: &str| -> f64 {
