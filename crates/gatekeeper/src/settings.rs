@@ -17,6 +17,16 @@ pub struct GatekeeperSettings {
     pub ids: IdSettings,
     pub keys: KeySettings,
     pub admin: AdminSettings,
+    #[serde(default)]
+    pub testing: TestingSettings,
+}
+
+/// `[testing]`: whether the catalog's `testing` kinds exist here (never in production; the
+/// worker has the same switch).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct TestingSettings {
+    #[serde(default)]
+    pub enabled: bool,
 }
 
 /// The plain-HTTP admin listener: `/healthz`, `/readyz`, `/metrics`.

@@ -40,6 +40,8 @@ impl Gatekeeper {
     /// When any of those fails.
     pub async fn build(settings: GatekeeperSettings) -> anyhow::Result<Self> {
         let catalog = Catalog::load(&settings.catalog.path)?;
+        // The test kinds are unknown here unless testing is on (the worker would refuse them).
+        let catalog = if settings.testing.enabled { catalog } else { catalog.without_testing() };
         let schemas = Schemas::compile(&catalog)?;
         let openapi = crate::openapi::build(&catalog).map_err(anyhow::Error::msg)?;
         let policy = LivePolicy::load(&settings.policy.path)

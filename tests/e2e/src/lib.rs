@@ -445,6 +445,7 @@ impl TestSystem {
             admin: gatehouse_gatekeeper::settings::AdminSettings {
                 listen: "127.0.0.1:0".parse().expect("addr"),
             },
+            testing: gatehouse_gatekeeper::settings::TestingSettings { enabled: options.testing },
             keys: GatekeeperKeySettings {
                 signing_key: certs.path().join("gatekeeper-signing.key"),
                 worker_sealing_key: certs.path().join("worker-sealing.pub"),

@@ -291,3 +291,37 @@ async fn a_policy_reload_takes_effect_on_open_connections_and_is_counted() {
     );
     sys.stop().await;
 }
+
+/// The catalog's `testing` kinds exist at the gatekeeper only when testing is on: in
+/// production they are unknown kinds (the worker would dead-letter them) and absent from the
+/// API document.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_kinds_are_unknown_to_a_gatekeeper_without_testing() {
+    for testing in [false, true] {
+        let sys =
+            gatehouse_e2e::TestSystem::start_with(gatehouse_e2e::Options { testing, ..Default::default() })
+                .await;
+        let mut conn = sys.connect().await;
+        let r = conn
+            .submit(&serde_json::json!({"kind": "test.sleep", "payload": {"ms": 1}}), Some(5))
+            .await
+            .unwrap();
+        let doc = conn
+            .request(gatehouse_client::Method::GET, "/openapi.json", &[], Vec::new())
+            .await
+            .unwrap()
+            .json();
+        let listed = doc["components"]["schemas"]["SubmitRequest"]["properties"]["kind"]["enum"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!("test.sleep"));
+        if testing {
+            assert_eq!(r.json()["status"], "succeeded", "{}", r.text());
+            assert!(listed);
+        } else {
+            gatehouse_e2e::assert_problem(&r, 422, "unknown-kind");
+            assert!(!listed, "a test kind in the production API document");
+        }
+        sys.stop().await;
+    }
+}

@@ -42,7 +42,9 @@ async fn schemathesis_finds_nothing_with_every_check() {
             .arg("--tls-verify")
             .arg(certs.join("ca.pem"))
             .arg("--report-dir")
-            .arg(report_dir)
+            .arg(&report_dir)
+            // Its example database and caches go beside the report, not into the checkout.
+            .current_dir(&report_dir)
             .env("NO_COLOR", "1")
             .env("PYTHONPATH", &fixtures)
             .env("SCHEMATHESIS_HOOKS", "gatehouse_hooks")
