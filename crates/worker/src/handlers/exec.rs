@@ -228,15 +228,23 @@ impl Exec {
                 out.push(b'\n');
                 child.stdin.write_all(&out).await?;
                 child.stdin.flush().await?;
-                let mut answer = Vec::new();
-                let n = (&mut child.stdout).take(max as u64 + 1).read_until(b'\n', &mut answer).await?;
-                if n == 0 {
-                    return Err(std::io::Error::other("it exited without answering"));
+                loop {
+                    let mut answer = Vec::new();
+                    let n = (&mut child.stdout).take(max as u64 + 1).read_until(b'\n', &mut answer).await?;
+                    if n == 0 {
+                        return Err(std::io::Error::other("it exited without answering"));
+                    }
+                    if !answer.ends_with(b"\n") {
+                        return Err(std::io::Error::other(format!("its answer is over {max} bytes")));
+                    }
+                    // `{"id", "progress": {"percent", "message"}}` before the answer: a report.
+                    match serde_json::from_slice::<StreamProgress>(&answer) {
+                        Ok(p) if p.id == job.id.as_str() => {
+                            job.progress(p.progress.percent, &p.progress.message)
+                        }
+                        _ => return Ok(answer),
+                    }
                 }
-                if !answer.ends_with(b"\n") {
-                    return Err(std::io::Error::other(format!("its answer is over {max} bytes")));
-                }
-                Ok(answer)
             });
             tokio::pin!(exchange);
             tokio::select! {
@@ -331,6 +339,23 @@ struct StreamAnswer {
     error: Option<String>,
     #[serde(default)]
     retryable: bool,
+}
+
+/// A stream child's progress report for the job it runs.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StreamProgress {
+    id: String,
+    progress: StreamProgressValue,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StreamProgressValue {
+    #[serde(default)]
+    percent: Option<u8>,
+    #[serde(default)]
+    message: String,
 }
 
 /// Kills a process group when dropped (SIGKILL to `-pgid`): no child or grandchild outlives

@@ -56,5 +56,17 @@ async fn an_executables_progress_lines_show_in_its_status() {
     assert_eq!(s["progress"], json!({"percent": 40, "message": "copying"}), "{s}");
     let done = wait_final(&mut sys.connect().await, &id, Duration::from_secs(15)).await;
     assert_eq!(done["result"], json!({"done": true}), "{done}");
+
+    // A stream-mode executable reports on stdout, before its answer, tagged with the job id.
+    let mut conn = sys.connect().await;
+    let r = conn
+        .submit(&json!({"kind": "acme.stream", "payload": {"text": "a", "progress": 70, "sleep": 2}}), None)
+        .await
+        .unwrap();
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    let s = progress_of(&sys, &id).await;
+    assert_eq!(s["progress"], json!({"percent": 70, "message": "streaming"}), "{s}");
+    let done = wait_final(&mut sys.connect().await, &id, Duration::from_secs(15)).await;
+    assert_eq!(done["result"]["upper"], "A", "{done}");
     sys.stop().await;
 }
