@@ -33,13 +33,14 @@ pub struct SealedColumn {
     pub column: &'static str,
 }
 
-/// The job machinery's own sealed column: job results.
-/// The progress running jobs reported.
-pub(crate) const PROGRESS: SealedColumn =
-    SealedColumn { table: "progress", key: "job_id", owner: "client", column: "value" };
-
+/// The job machinery's own sealed columns: job results, the progress running jobs reported,
+/// and the checkpoints they saved.
 pub(crate) const JOB_RESULTS: SealedColumn =
     SealedColumn { table: "jobs", key: "id", owner: "client", column: "result" };
+pub(crate) const PROGRESS: SealedColumn =
+    SealedColumn { table: "progress", key: "job_id", owner: "client", column: "value" };
+pub(crate) const CHECKPOINTS: SealedColumn =
+    SealedColumn { table: "checkpoints", key: "job_id", owner: "client", column: "value" };
 
 /// Brings every family's tables up to date and records its sealed columns.
 pub(crate) fn migrate(conn: &mut Connection, families: &[Family]) -> Result<(), StorageError> {
@@ -82,15 +83,14 @@ pub(crate) fn migrate(conn: &mut Connection, families: &[Family]) -> Result<(), 
     Ok(())
 }
 
-/// Every sealed column the database holds: the job machinery's (results, progress) and every
-/// family's that was
-/// ever migrated into it.
+/// Every sealed column the database holds: the job machinery's (results, progress,
+/// checkpoints) and every family's that was ever migrated into it.
 pub(crate) fn sealed_columns(
     conn: &Connection,
 ) -> Result<Vec<(String, String, String, String)>, StorageError> {
     let own =
         |c: SealedColumn| (c.table.to_owned(), c.key.to_owned(), c.owner.to_owned(), c.column.to_owned());
-    let mut out = vec![own(JOB_RESULTS), own(PROGRESS)];
+    let mut out = vec![own(JOB_RESULTS), own(PROGRESS), own(CHECKPOINTS)];
     let mut stmt =
         conn.prepare_cached("SELECT tbl, key_col, owner_expr, col FROM sealed_columns ORDER BY tbl, col")?;
     let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;

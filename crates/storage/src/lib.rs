@@ -187,6 +187,12 @@ pub struct Store {
     observer: Observer,
 }
 
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
 impl Store {
     /// Opens (creating if needed) the SQLite database at `path` and migrates it: the job
     /// machinery's tables, then each of `families`' own (see [`Family`]). Sealed values are

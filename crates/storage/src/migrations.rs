@@ -267,6 +267,25 @@ const MIGRATIONS: &[&str] = &[
         updated_at_ms INTEGER NOT NULL
     );
     ",
+    // 15: checkpoints and leases of long jobs.
+    r"
+    -- The latest checkpoint a job's handler saved (sealed, bound to job and client): the next
+    -- attempt starts from it.
+    CREATE TABLE checkpoints (
+        job_id        TEXT PRIMARY KEY,
+        client        TEXT NOT NULL,
+        value         TEXT NOT NULL,
+        updated_at_ms INTEGER NOT NULL
+    );
+    -- Long jobs whose delivery was acked while they run: their message is held here, and sent
+    -- back to its queue if the lease is not renewed (the worker running it died).
+    CREATE TABLE leases (
+        job_id        TEXT PRIMARY KEY,
+        envelope      BLOB NOT NULL,
+        expires_at_ms INTEGER NOT NULL
+    );
+    CREATE INDEX leases_expiry ON leases(expires_at_ms);
+    ",
 ];
 
 /// After this migration (1-based) the values of earlier releases are re-sealed.

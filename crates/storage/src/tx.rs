@@ -322,6 +322,7 @@ impl<'c> Tx<'c> {
             self.forget_cancelled(&job.id)?;
             self.pass_turns(&job.id)?;
             self.exec("DELETE FROM progress WHERE job_id = ?1", [job.id.as_str()])?;
+            self.exec("DELETE FROM checkpoints WHERE job_id = ?1", [job.id.as_str()])?;
         }
         let at = Place::job_result(job.id.as_str(), &job.client);
         let result = job.result.as_ref().map(|r| self.seal(r, &at)).transpose()?;
@@ -548,10 +549,22 @@ impl<'c> Tx<'c> {
 
     /// Delayed jobs due at `now_ms` and not yet sent back to their queue, earliest first.
     pub fn due_scheduled(&self, now_ms: i64, limit: u32) -> Result<Vec<(JobId, Vec<u8>)>, StorageError> {
-        let mut stmt = self.tx.prepare_cached(
+        self.held_messages(
             "SELECT job_id, envelope FROM scheduled WHERE released = 0 AND due_ms <= ?1 ORDER BY due_ms LIMIT ?2",
-        )?;
-        let rows = stmt.query_map(params![now_ms, limit], |r| Ok((r.get::<_, String>(0)?, r.get(1)?)))?;
+            now_ms,
+            limit,
+        )
+    }
+
+    /// Job ids and messages that `sql` selects by a time (`?1`) and a limit (`?2`).
+    fn held_messages(
+        &self,
+        sql: &str,
+        at_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<(JobId, Vec<u8>)>, StorageError> {
+        let mut stmt = self.tx.prepare_cached(sql)?;
+        let rows = stmt.query_map(params![at_ms, limit], |r| Ok((r.get::<_, String>(0)?, r.get(1)?)))?;
         let mut out = Vec::new();
         for row in rows {
             let (id, envelope) = row?;
@@ -589,29 +602,80 @@ impl<'c> Tx<'c> {
         Ok(n as u64)
     }
 
-    // ---- progress ------------------------------------------------------------------------------
+    // ---- progress and checkpoints ------------------------------------------------------------
 
     /// Keeps `progress` as the latest of job `id` (of `client`), sealed.
     pub fn set_progress(&self, id: &JobId, client: &str, progress: &Value) -> Result<(), StorageError> {
-        let at = Place { table: "progress", column: "value", row: id.as_str(), owner: client };
-        self.exec(
-            "INSERT INTO progress (job_id, client, value, updated_at_ms) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT(job_id) DO UPDATE SET value = excluded.value, updated_at_ms = excluded.updated_at_ms",
-            params![id.as_str(), client, self.seal(progress, &at)?, now_ms()],
-        )?;
-        Ok(())
+        self.set_latest("progress", id, client, progress)
     }
 
     /// The latest progress job `id` of `client` reported, if it runs.
     pub fn progress(&self, id: &JobId, client: &str) -> Result<Option<Value>, StorageError> {
+        self.latest("progress", id, client)
+    }
+
+    /// Keeps `state` as the checkpoint of job `id` (of `client`), sealed: its next attempt
+    /// starts from it. Gone once the job is decided.
+    pub fn save_checkpoint(&self, id: &JobId, client: &str, state: &Value) -> Result<(), StorageError> {
+        self.set_latest("checkpoints", id, client, state)
+    }
+
+    /// The last checkpoint job `id` of `client` saved.
+    pub fn checkpoint(&self, id: &JobId, client: &str) -> Result<Option<Value>, StorageError> {
+        self.latest("checkpoints", id, client)
+    }
+
+    /// One job's latest value in `table` (`progress` or `checkpoints`), sealed.
+    fn set_latest(&self, table: &str, id: &JobId, client: &str, value: &Value) -> Result<(), StorageError> {
+        let at = Place { table, column: "value", row: id.as_str(), owner: client };
+        self.exec(
+            &format!(
+                "INSERT INTO {} (job_id, client, value, updated_at_ms) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(job_id) DO UPDATE SET value = excluded.value, updated_at_ms = excluded.updated_at_ms",
+                identifier(table)?
+            ),
+            params![id.as_str(), client, self.seal(value, &at)?, now_ms()],
+        )?;
+        Ok(())
+    }
+
+    fn latest(&self, table: &str, id: &JobId, client: &str) -> Result<Option<Value>, StorageError> {
         let stored = self
             .one(
-                "SELECT value FROM progress WHERE job_id = ?1 AND client = ?2",
+                &format!("SELECT value FROM {} WHERE job_id = ?1 AND client = ?2", identifier(table)?),
                 params![id.as_str(), client],
                 |r| r.get(0),
             )
             .optional()?;
-        self.unseal(stored, &Place { table: "progress", column: "value", row: id.as_str(), owner: client })
+        self.unseal(stored, &Place { table, column: "value", row: id.as_str(), owner: client })
+    }
+
+    // ---- leases of long jobs --------------------------------------------------------------------
+
+    /// Holds the message of running job `id` until `expires_at_ms` (its delivery is about to be
+    /// acked), or extends the hold.
+    pub fn lease(&self, id: &JobId, envelope: &[u8], expires_at_ms: i64) -> Result<(), StorageError> {
+        self.exec(
+            "INSERT INTO leases (job_id, envelope, expires_at_ms) VALUES (?1, ?2, ?3)
+             ON CONFLICT(job_id) DO UPDATE SET expires_at_ms = excluded.expires_at_ms",
+            params![id.as_str(), envelope, expires_at_ms],
+        )?;
+        Ok(())
+    }
+
+    /// Forgets the lease of `id` (its attempt ended: decided, retried elsewhere, or sent back).
+    pub fn end_lease(&self, id: &JobId) -> Result<(), StorageError> {
+        self.exec("DELETE FROM leases WHERE job_id = ?1", [id.as_str()])?;
+        Ok(())
+    }
+
+    /// Leases not renewed by `now_ms`: their worker died while running them.
+    pub fn expired_leases(&self, now_ms: i64, limit: u32) -> Result<Vec<(JobId, Vec<u8>)>, StorageError> {
+        self.held_messages(
+            "SELECT job_id, envelope FROM leases WHERE expires_at_ms <= ?1 ORDER BY expires_at_ms LIMIT ?2",
+            now_ms,
+            limit,
+        )
     }
 
     // ---- singletons ---------------------------------------------------------------------------

@@ -214,9 +214,16 @@ pub fn prepare(tx: &Tx<'_>, spec: &KindSpec, arrival: &Arrival) -> Result<Step, 
     }
 }
 
+/// An attempt counted by [`begin`]: its number, and the checkpoint an earlier attempt saved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Started {
+    pub attempt: u32,
+    pub checkpoint: Option<serde_json::Value>,
+}
+
 /// Counts the start of an attempt, once the consumer holds its isolation lock. Answers the
-/// attempt number, or the step to take instead when another copy of the delivery got there
-/// first (it decided the job, or used up its attempts).
+/// attempt, or the step to take instead when another copy of the delivery got there first
+/// (it decided the job, or used up its attempts).
 ///
 /// # Errors
 /// Only storage failures.
@@ -225,7 +232,7 @@ pub fn begin(
     spec: &KindSpec,
     env: &JobEnvelope,
     target: &ReplyTarget,
-) -> Result<Result<u32, Decided>, StorageError> {
+) -> Result<Result<Started, Decided>, StorageError> {
     if let Some(stored) = tx.job(&env.id)? {
         return Ok(Err(Decided::Done(vec![answer(status_of(tx, stored)?, target)])));
     }
@@ -235,7 +242,8 @@ pub fn begin(
     if let Some(a) = tx.attempts(&env.id)?.filter(|a| a.count >= spec.max_attempts) {
         return Ok(Err(Decided::Exhausted { attempts: a.count, last_error: a.last_error }));
     }
-    Ok(Ok(tx.begin_attempt(&env.id, &env.client)?.0))
+    let attempt = tx.begin_attempt(&env.id, &env.client)?.0;
+    Ok(Ok(Started { attempt, checkpoint: tx.checkpoint(&env.id, &env.client)? }))
 }
 
 impl Run<'_> {

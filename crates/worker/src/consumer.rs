@@ -74,6 +74,10 @@ pub struct Context {
     pub running: Arc<crate::cancel::Running>,
     /// Where handlers' progress reports go.
     pub progress: crate::progress::Sender,
+    /// When a running job's delivery is acked and its message held in storage instead.
+    pub leases: crate::leases::LeaseSettings,
+    /// Deliveries acked at hand-off (by tag, on this channel), with their job.
+    pub handed_off: Mutex<std::collections::HashMap<u64, JobId>>,
 }
 
 /// Pause before a delivery that hit trouble goes back to the queue, so that a sick database
@@ -222,8 +226,8 @@ impl Job<'_> {
             let (spec, env, target) = (self.spec.clone(), self.env.clone(), self.target.clone());
             self.ctx.store.transact(move |tx| apply::begin(tx, &spec, &env, &target)).await
         };
-        let attempt = match begun {
-            Ok(Ok(attempt)) => attempt,
+        let started = match begun {
+            Ok(Ok(started)) => started,
             Ok(Err(decided)) => return self.settle_decided(decided).await,
             Err(e) => {
                 tracing::warn!(error = %e, "could not count the attempt; requeueing");
@@ -231,9 +235,20 @@ impl Job<'_> {
             }
         };
         let (ctx, spec, env) = (self.ctx, &self.spec, &self.env);
-        let started = std::time::Instant::now();
-        let ran = run(ctx, spec, env, &self.target, attempt).await;
-        ctx.metrics.handler_took(&env.kind, started.elapsed());
+        let attempt = started.attempt;
+        let began = std::time::Instant::now();
+        let ran = {
+            let running = run(ctx, spec, env, &self.target, started);
+            tokio::pin!(running);
+            // A long job's delivery is acked after a while, its message held in storage
+            // instead (see [`crate::leases`]).
+            tokio::select! {
+                biased;
+                ran = &mut running => ran,
+                () = crate::leases::hold(ctx, self.delivery.delivery_tag, &env.id, self.data) => running.await,
+            }
+        };
+        ctx.metrics.handler_took(&env.kind, began.elapsed());
         match ran {
             Ok(answers) => finish(ctx, self.delivery, &self.env.kind, &answers).await,
             Err(error) => self.failed(attempt, error).await,
@@ -316,7 +331,7 @@ async fn run(
     spec: &KindSpec,
     env: &JobEnvelope,
     target: &ReplyTarget,
-    attempt: u32,
+    started: apply::Started,
 ) -> Result<Vec<Answer>, String> {
     // The worker's own schema check first: an invalid payload is never run.
     let checked = handlers::revalidate(&ctx.kinds.schemas, env);
@@ -331,14 +346,16 @@ async fn run(
     let timeout = Duration::from_millis(spec.timeout_ms);
     let registration = ctx.running.register(&env.id);
     let mut cancelled = registration.cancelled.clone();
-    let job = handlers::external_context(
-        env,
-        attempt,
+    let attempt = handlers::Attempt {
+        number: started.attempt,
         timeout,
-        ctx.stop.clone(),
-        cancelled.clone(),
-        ctx.progress.clone(),
-    );
+        stop: ctx.stop.clone(),
+        cancel: cancelled.clone(),
+        progress: ctx.progress.clone(),
+        store: ctx.store.clone(),
+        checkpoint: started.checkpoint,
+    };
+    let job = handlers::external_context(env, attempt);
     // Its own task: a panic is caught there, and at the deadline (or a grace period after a
     // cancellation) the task (the handler's future) is dropped.
     let task = tokio::spawn(handler.run(job, env.payload.clone()));
@@ -614,6 +631,16 @@ pub enum Settle {
 /// sent at once. A failure here means the channel is gone, and with it the delivery: the
 /// broker will redeliver it, and the job id makes that harmless.
 pub async fn settle(ctx: &Context, delivery: &Delivery, how: Settle) {
+    let handed_off = ctx
+        .handed_off
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .remove(&delivery.delivery_tag);
+    if let Some(id) = handed_off {
+        // Acked at hand-off: what replaces it (outcome, retry, dead letter) is durable now, so
+        // its held message goes; on a requeue it stays, and comes back when its lease runs out.
+        return crate::leases::ended(ctx, id, how).await;
+    }
     match how {
         Settle::Ack => ctx.acks.ack(delivery.delivery_tag),
         Settle::Requeue => {

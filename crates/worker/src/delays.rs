@@ -3,12 +3,13 @@
 //! and is acked. Storage, not a process's memory and not the broker, holds the wait: it
 //! survives restarts of every process, costs the broker nothing however long the delay, and
 //! needs no broker plugin. Once due, this sweeper sends the kept message back to its job queue
-//! (through `gatehouse.requeue`, as retries go), where it runs like any job.
+//! (through `gatehouse.requeue`, as retries go), where it runs like any job. The same sweep
+//! sends back the messages of long jobs whose lease ran out ([`crate::leases`]).
 
 use std::time::Duration;
 
 use gatehouse_broker::lapin::BasicProperties;
-use gatehouse_protocol::{SealedJob, Vouched};
+use gatehouse_protocol::{JobId, SealedJob, Vouched};
 use gatehouse_storage::now_ms;
 
 use crate::consumer::Context;
@@ -33,26 +34,37 @@ pub async fn release_forever(ctx: &Context) {
 async fn release_once(ctx: &Context) -> anyhow::Result<()> {
     let due = ctx.store.transact(|tx| tx.due_scheduled(now_ms(), SWEEP_BATCH)).await?;
     for (id, envelope) in due {
-        // Its queue and priority, as vouched (checked again when it arrives).
-        let metadata = Vouched::parse(&envelope)
-            .map_err(anyhow::Error::from)
-            .and_then(|v| Ok(serde_json::from_slice::<SealedJob>(v.message())?.metadata()));
-        let env = match metadata {
-            Ok(env) => env,
-            Err(e) => {
-                tracing::error!(job_id = %id, error = %e, "delayed job unreadable; left held");
-                continue;
-            }
-        };
-        let Some(class) = ctx.catalog.kind(&env.kind).map(|k| k.queue.clone()) else {
-            tracing::error!(job_id = %id, kind = %env.kind, "delayed job of a kind no longer in the catalog; left held");
-            continue;
-        };
-        let props = BasicProperties::default().with_priority(env.priority.get());
-        ctx.publisher.publish_persistent(&ctx.topology.requeue_exchange(), &class, &envelope, props).await?;
-        let released = id.clone();
-        ctx.store.transact(move |tx| tx.mark_released(&released)).await?;
-        tracing::debug!(job_id = %id, "delayed job due: back to its queue");
+        if send_back(ctx, &id, &envelope).await? {
+            let released = id.clone();
+            ctx.store.transact(move |tx| tx.mark_released(&released)).await?;
+            tracing::debug!(job_id = %id, "delayed job due: back to its queue");
+        }
     }
-    Ok(())
+    crate::leases::release_expired(ctx).await
+}
+
+/// Sends a message held in storage back to its job queue, at its vouched priority (both
+/// checked again when it arrives). Answers `false` for one that cannot be sent (unreadable, or
+/// of a kind no longer in the catalog): it stays held, and an error is logged.
+///
+/// # Errors
+/// When the broker does not confirm it.
+pub async fn send_back(ctx: &Context, id: &JobId, envelope: &[u8]) -> anyhow::Result<bool> {
+    let metadata = Vouched::parse(envelope)
+        .map_err(anyhow::Error::from)
+        .and_then(|v| Ok(serde_json::from_slice::<SealedJob>(v.message())?.metadata()));
+    let env = match metadata {
+        Ok(env) => env,
+        Err(e) => {
+            tracing::error!(job_id = %id, error = %e, "held job message unreadable; left held");
+            return Ok(false);
+        }
+    };
+    let Some(class) = ctx.catalog.kind(&env.kind).map(|k| k.queue.clone()) else {
+        tracing::error!(job_id = %id, kind = %env.kind, "held job of a kind no longer in the catalog; left held");
+        return Ok(false);
+    };
+    let props = BasicProperties::default().with_priority(env.priority.get());
+    ctx.publisher.publish_persistent(&ctx.topology.requeue_exchange(), &class, envelope, props).await?;
+    Ok(true)
 }

@@ -20,6 +20,7 @@ pub mod gaps;
 pub mod handlers;
 pub mod job_locks;
 pub mod keys;
+pub mod leases;
 pub mod metrics;
 pub mod process;
 pub mod progress;

@@ -100,6 +100,23 @@ pub struct ConsumerSettings {
     /// client cannot fill the worker's storage with numbers far ahead of its key.
     #[serde(default = "default_max_parked_per_client")]
     pub max_parked_per_client: u64,
+    /// A job still running after this long has its delivery acked and its message held in
+    /// storage under a renewed lease instead (see `crate::leases`): keep it well below the
+    /// broker's `consumer_timeout` (30 minutes by default).
+    #[serde(default = "default_hand_off_after_ms")]
+    pub hand_off_after_ms: u64,
+    /// How long such a lease lasts unless renewed: after a worker dies, its long jobs go back
+    /// to their queue this long after its last renewal.
+    #[serde(default = "default_lease_ms")]
+    pub lease_ms: u64,
+}
+
+fn default_hand_off_after_ms() -> u64 {
+    10 * 60 * 1000
+}
+
+fn default_lease_ms() -> u64 {
+    60_000
 }
 
 fn default_max_parked_per_client() -> u64 {
@@ -109,6 +126,20 @@ fn default_max_parked_per_client() -> u64 {
 impl ConsumerSettings {
     pub fn stopping_wait_time(&self) -> Duration {
         Duration::from_millis(self.stopping_wait_time_ms)
+    }
+
+    /// When long jobs are handed off, and their leases.
+    ///
+    /// # Errors
+    /// When `lease_ms` is under a second (renewals every quarter of it would hammer storage).
+    pub fn leases(&self) -> Result<crate::leases::LeaseSettings, String> {
+        if self.lease_ms < 1000 {
+            return Err(format!("consumer.lease_ms = {} is under 1000", self.lease_ms));
+        }
+        Ok(crate::leases::LeaseSettings {
+            hand_off_after: Duration::from_millis(self.hand_off_after_ms),
+            lease: Duration::from_millis(self.lease_ms),
+        })
     }
 }
 

@@ -128,6 +128,7 @@ impl WorkerBuilder {
         let kinds = Arc::new(Kinds { registry, schemas });
         let keys = Arc::new(WorkerKeys::load(&settings.keys).map_err(|e| bad(&e))?);
         let retention = Arc::new(Retention::new(&settings, &catalog).map_err(|e| bad(&e))?);
+        settings.consumer.leases().map_err(|e| bad(&e))?;
         let credentials = settings.admin.credentials().map_err(|e| bad(&e))?.map(Arc::new);
         let classes = catalog.queues().iter().map(|q| q.name.clone()).collect();
         let broker = BrokerView::new(settings.broker.topology(), classes);
@@ -366,6 +367,8 @@ impl Session {
             max_parked_per_client: settings.consumer.max_parked_per_client,
             running: Arc::default(),
             progress: progress.clone(),
+            leases: settings.consumer.leases().map_err(anyhow::Error::msg)?,
+            handed_off: Mutex::default(),
         });
         Ok(Self { connection, jobs, ctx })
     }

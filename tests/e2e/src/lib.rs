@@ -238,6 +238,8 @@ pub struct Options {
     pub worker_admin_password: Option<&'static str>,
     /// The worker's `[retention]` (default: the worker's defaults).
     pub retention: Option<gatehouse_worker::settings::RetentionSettings>,
+    /// The worker's `hand_off_after_ms` and `lease_ms` (long jobs).
+    pub hand_off: Option<(u64, u64)>,
 }
 
 /// A running gatekeeper + worker pair.
@@ -368,6 +370,8 @@ impl TestSystem {
                 prefetch: options.prefetch.unwrap_or(4),
                 stopping_wait_time_ms: 5000,
                 max_parked_per_client: options.max_parked_per_client.unwrap_or(10_000),
+                hand_off_after_ms: options.hand_off.map_or(600_000, |h| h.0),
+                lease_ms: options.hand_off.map_or(60_000, |h| h.1),
             },
             storage: StorageSettings { path: data.path().join("worker.sqlite") },
             catalog: CatalogSettings { path: catalog.clone() },
@@ -647,7 +651,8 @@ impl WorkerProcess {
 /// The worker settings as a TOML file for the worker binary.
 fn worker_toml(s: &WorkerSettings) -> String {
     format!(
-        "[broker]\nurl = \"{}\"\nprefix = \"{}\"\n\n[consumer]\nprefetch = {}\nstopping_wait_time_ms = {}\nmax_parked_per_client = {}\n\n\
+        "[broker]\nurl = \"{}\"\nprefix = \"{}\"\n\n[consumer]\nprefetch = {}\nstopping_wait_time_ms = {}\nmax_parked_per_client = {}\n\
+         hand_off_after_ms = {}\nlease_ms = {}\n\n\
          [storage]\npath = \"{}\"\n\n[catalog]\npath = \"{}\"\n\n[testing]\nenabled = {}\n\n\
          [keys]\nsealing_key = \"{}\"\ngatekeeper_signing_keys = [\"{}\"]\n\
          operator_keys = [\"{}\"]\ndata_keyring = \"{}\"\nmax_message_age_s = {}\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
@@ -657,6 +662,8 @@ fn worker_toml(s: &WorkerSettings) -> String {
         s.consumer.prefetch,
         s.consumer.stopping_wait_time_ms,
         s.consumer.max_parked_per_client,
+        s.consumer.hand_off_after_ms,
+        s.consumer.lease_ms,
         s.storage.path.display(),
         s.catalog.path.display(),
         s.testing.enabled,

@@ -37,6 +37,12 @@ pub const EXIT_RETRY: i32 = 75;
 const MAX_ERROR_LINE: usize = 500;
 /// A line on a oneshot executable's stderr that reports progress: `GATEHOUSE-PROGRESS <percent> <message>`.
 const PROGRESS_PREFIX: &str = "GATEHOUSE-PROGRESS ";
+/// A line on a oneshot executable's stderr that saves a checkpoint: `GATEHOUSE-CHECKPOINT <json>`.
+const CHECKPOINT_PREFIX: &[u8] = b"GATEHOUSE-CHECKPOINT ";
+/// The file in a oneshot executable's folder that holds the checkpoint it resumes from.
+const CHECKPOINT_FILE: &str = "checkpoint.json";
+/// Largest checkpoint an executable may save.
+const MAX_CHECKPOINT: usize = 64 * 1024;
 /// Where `prlimit` and `setpriv` live on Debian (util-linux, an essential package).
 const PRLIMIT: &str = "/usr/bin/prlimit";
 const SETPRIV: &str = "/usr/bin/setpriv";
@@ -126,12 +132,21 @@ impl Exec {
 
     async fn spawn_and_wait(&self, job: &JobContext, payload: Value) -> std::io::Result<Outcome> {
         let dir = tempfile::Builder::new().prefix("gatehouse-job-").tempdir()?;
-        let env = [
+        let mut env = vec![
             ("GATEHOUSE_JOB_ID", job.id.to_string()),
             ("GATEHOUSE_KIND", job.kind.clone()),
             ("GATEHOUSE_CLIENT", job.client.clone()),
             ("GATEHOUSE_ATTEMPT", job.attempt.to_string()),
         ];
+        // An earlier attempt's checkpoint: a file in its private folder, named by the variable.
+        if let Some(checkpoint) = job.checkpoint() {
+            let path = dir.path().join(CHECKPOINT_FILE);
+            std::fs::write(&path, serde_json::to_vec(checkpoint).map_err(std::io::Error::other)?)?;
+            if let Some((uid, gid)) = self.user {
+                std::os::unix::fs::chown(&path, Some(uid), Some(gid))?;
+            }
+            env.push(("GATEHOUSE_CHECKPOINT", path.display().to_string()));
+        }
         let mut child = self.command(&env, dir.path())?.spawn()?;
         // Whatever happens from here (the consumer drops this future at the deadline, too), the
         // child's whole group goes with it.
@@ -216,7 +231,8 @@ impl Exec {
             },
         };
         let line = serde_json::json!({
-            "id": job.id, "kind": job.kind, "client": job.client, "attempt": job.attempt, "payload": payload,
+            "id": job.id, "kind": job.kind, "client": job.client, "attempt": job.attempt,
+            "checkpoint": job.checkpoint(), "payload": payload,
         });
         let max = self.spec.max_output_bytes;
         let mut cancel = job.clone();
@@ -237,10 +253,15 @@ impl Exec {
                     if !answer.ends_with(b"\n") {
                         return Err(std::io::Error::other(format!("its answer is over {max} bytes")));
                     }
-                    // `{"id", "progress": {"percent", "message"}}` before the answer: a report.
-                    match serde_json::from_slice::<StreamProgress>(&answer) {
-                        Ok(p) if p.id == job.id.as_str() => {
-                            job.progress(p.progress.percent, &p.progress.message)
+                    // `{"id", "progress": {"percent", "message"}}` or `{"id", "checkpoint"}`
+                    // before the answer: a report, or a checkpoint to keep (durably, before
+                    // the next line is read).
+                    match serde_json::from_slice::<StreamNote>(&answer) {
+                        Ok(StreamNote::Progress { id, progress: p }) if id == job.id.as_str() => {
+                            job.progress(p.percent, &p.message);
+                        }
+                        Ok(StreamNote::Checkpoint { id, checkpoint }) if id == job.id.as_str() => {
+                            job.save_checkpoint(checkpoint).await.map_err(std::io::Error::other)?;
                         }
                         _ => return Ok(answer),
                     }
@@ -341,12 +362,12 @@ struct StreamAnswer {
     retryable: bool,
 }
 
-/// A stream child's progress report for the job it runs.
+/// A stream child's line about the job it runs that is not its answer.
 #[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct StreamProgress {
-    id: String,
-    progress: StreamProgressValue,
+#[serde(untagged, deny_unknown_fields)]
+enum StreamNote {
+    Progress { id: String, progress: StreamProgressValue },
+    Checkpoint { id: String, checkpoint: Value },
 }
 
 #[derive(serde::Deserialize)]
@@ -410,6 +431,19 @@ async fn last_line(
     let mut lines = tokio::io::BufReader::new(r).split(b'\n');
     let mut last = String::new();
     while let Some(line) = lines.next_segment().await? {
+        // `GATEHOUSE-CHECKPOINT {...}`: kept (durably, before the next line is read), never logged.
+        if let (Some(job), Some(state)) = (job, line.strip_prefix(CHECKPOINT_PREFIX)) {
+            match serde_json::from_slice::<Value>(state) {
+                Ok(state) if state.is_object() && line.len() <= MAX_CHECKPOINT => {
+                    job.save_checkpoint(state).await.map_err(std::io::Error::other)?;
+                }
+                _ => tracing::warn!(
+                    job_id,
+                    "a checkpoint line that is not a JSON object (or over 64 KiB) ignored"
+                ),
+            }
+            continue;
+        }
         let text = String::from_utf8_lossy(&line);
         let text = truncate(text.trim_end(), MAX_ERROR_LINE);
         // `GATEHOUSE-PROGRESS 40 copying`: a progress report, not output (never logged).

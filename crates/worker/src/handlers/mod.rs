@@ -64,6 +64,8 @@ pub struct JobContext {
     stop: Option<watch::Receiver<bool>>,
     cancel: Option<watch::Receiver<bool>>,
     progress: Option<crate::progress::Sender>,
+    checkpoint: Option<Value>,
+    store: Option<gatehouse_storage::Store>,
 }
 
 impl JobContext {
@@ -78,7 +80,30 @@ impl JobContext {
             stop,
             cancel: None,
             progress: None,
+            checkpoint: None,
+            store: None,
         }
+    }
+
+    /// The last checkpoint an earlier attempt of this job saved ([`JobContext::save_checkpoint`]):
+    /// where this attempt starts instead of from the beginning. `None` on a first attempt (or
+    /// when none was saved).
+    pub fn checkpoint(&self) -> Option<&Value> {
+        self.checkpoint.as_ref()
+    }
+
+    /// Saves `state` (any JSON, sealed at rest, only this job sees it) as the job's checkpoint,
+    /// durably: if this attempt is interrupted (the worker killed, the host lost, a shutdown),
+    /// the next one finds it in [`JobContext::checkpoint`]. Each save replaces the one before;
+    /// the checkpoint goes when the job is decided. Storage handlers run in one transaction and
+    /// have nothing to save.
+    ///
+    /// # Errors
+    /// When storage cannot keep it (the attempt may go on, or end retryable).
+    pub async fn save_checkpoint(&self, state: Value) -> Result<(), StorageError> {
+        let Some(store) = &self.store else { return Ok(()) };
+        let (id, client) = (self.id.clone(), self.client.clone());
+        store.transact(move |tx| tx.save_checkpoint(&id, &client, &state)).await
     }
 
     /// Reports how far the job got: `percent` (0 to 100) and/or a short message (control
@@ -366,20 +391,27 @@ pub fn run_in_storage(
     Ok(outcome)
 }
 
-/// The context for an external handler's attempt: `stop` tells of shutdown, `cancel` of the
-/// client's cancellation; `progress` takes its reports.
-pub fn external_context(
-    env: &JobEnvelope,
-    attempt: u32,
-    timeout: Duration,
-    stop: watch::Receiver<bool>,
-    cancel: watch::Receiver<bool>,
-    progress: crate::progress::Sender,
-) -> JobContext {
+/// What an external handler's attempt is given beside its job: `stop` tells of shutdown,
+/// `cancel` of the client's cancellation; `progress` takes its reports, `store` its checkpoints;
+/// `checkpoint` is the last one an earlier attempt saved.
+pub struct Attempt {
+    pub number: u32,
+    pub timeout: Duration,
+    pub stop: watch::Receiver<bool>,
+    pub cancel: watch::Receiver<bool>,
+    pub progress: crate::progress::Sender,
+    pub store: gatehouse_storage::Store,
+    pub checkpoint: Option<Value>,
+}
+
+/// The context for an external handler's attempt.
+pub fn external_context(env: &JobEnvelope, attempt: Attempt) -> JobContext {
     JobContext {
-        cancel: Some(cancel),
-        progress: Some(progress),
-        ..JobContext::new(env, attempt, timeout, Some(stop))
+        cancel: Some(attempt.cancel),
+        progress: Some(attempt.progress),
+        checkpoint: attempt.checkpoint,
+        store: Some(attempt.store),
+        ..JobContext::new(env, attempt.number, attempt.timeout, Some(attempt.stop))
     }
 }
 

@@ -23,14 +23,40 @@ struct Fail {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Long {
+    steps: u32,
+    step_ms: u64,
+}
+
+#[derive(Deserialize)]
 struct Anything {}
 
 /// How many `test.singleton` jobs run right now (in this process).
 static SINGLETONS_RUNNING: AtomicUsize = AtomicUsize::new(0);
 
-/// Registers `test.sleep`, `test.singleton`, `test.progress`, `test.fail`, `test.panic` and
-/// `test.crash`.
+/// Registers `test.long`, `test.sleep`, `test.singleton`, `test.progress`, `test.fail`,
+/// `test.panic` and `test.crash`.
 pub fn register(r: &mut Registry) {
+    r.insert(
+        "test.long",
+        // `steps` steps of `step_ms`, a checkpoint after each: an attempt starts from the last
+        // checkpoint, and the result says where it started and how many steps it ran.
+        external(|mut job: JobContext, p: Long| async move {
+            let start = job.checkpoint().and_then(|c| c["next"].as_u64()).map_or(0, |n| n as u32);
+            for step in start..p.steps {
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(p.step_ms)) => {}
+                    () = job.cancelled() => return Outcome::Cancelled,
+                }
+                if let Err(e) = job.save_checkpoint(json!({ "next": step + 1 })).await {
+                    return Outcome::Retryable(format!("could not save a checkpoint: {e}"));
+                }
+                job.progress(Some(((step + 1) * 100 / p.steps.max(1)) as u8), "");
+            }
+            Outcome::Success(json!({ "resumed_from": start, "steps_run": p.steps - start.min(p.steps), "attempt": job.attempt }))
+        }),
+    );
     r.insert(
         "test.progress",
         // Reports half-way at once, then sleeps (or stops when cancelled).

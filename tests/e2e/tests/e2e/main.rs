@@ -9,6 +9,7 @@ mod api;
 mod bad_input;
 mod bench;
 mod cancel;
+mod checkpoints;
 mod dashboard;
 mod delays;
 mod deploy;
