@@ -620,3 +620,109 @@ async fn delayed_jobs_survive_restarts_of_worker_and_broker_and_run_once_not_ear
     assert_eq!((applied, lost, duplicated, violations, early, dead), (jobs.len(), 0, 0, 0, 0, 0));
     sys.stop().await;
 }
+
+/// The broker's `consumer_timeout` lowered (and its channels checking it every 200 ms) until
+/// dropped; channels opened meanwhile take it.
+struct LoweredConsumerTimeout;
+
+impl LoweredConsumerTimeout {
+    fn to(ms: u64) -> Self {
+        broker_ctl(&[
+            "eval",
+            &format!(
+                "application:set_env(rabbit, consumer_timeout, {ms}), application:set_env(rabbit, channel_tick_interval, 200)."
+            ),
+        ]);
+        Self
+    }
+}
+
+impl Drop for LoweredConsumerTimeout {
+    fn drop(&mut self) {
+        broker_ctl(&[
+            "eval",
+            "application:set_env(rabbit, consumer_timeout, 1800000), application:set_env(rabbit, channel_tick_interval, 60000).",
+        ]);
+    }
+}
+
+/// Whether the broker closes a channel that holds a delivery for `hold`.
+async fn broker_closes_a_channel_holding_a_delivery(hold: Duration) -> bool {
+    use futures_util::StreamExt as _;
+    use gatehouse_broker::lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions};
+    use gatehouse_broker::lapin::types::FieldTable;
+    use gatehouse_broker::lapin::{BasicProperties, options::BasicAckOptions};
+    let conn = gatehouse_broker::connect(&broker_url(), "consumer-timeout-probe").await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let q = ch
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions { exclusive: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    ch.basic_publish(
+        "".into(),
+        q.name().clone(),
+        BasicPublishOptions::default(),
+        b"held",
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap();
+    let mut consumer = ch
+        .basic_consume(
+            q.name().clone(),
+            "probe".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let delivery = consumer.next().await.unwrap().unwrap();
+    tokio::time::sleep(hold).await;
+    let acked = delivery.acker.ack(BasicAckOptions::default()).await;
+    let open = ch.status().connected();
+    let _ = conn.close(200, "probe done".into()).await;
+    acked.is_err() || !open
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_running_past_the_brokers_consumer_timeout_completes_once() {
+    let _serial = SERIAL.lock().await;
+    let _lowered = LoweredConsumerTimeout::to(1_500);
+    // The lowered timeout is live: a plain consumer holding a delivery for 4 s loses its channel.
+    assert!(
+        broker_closes_a_channel_holding_a_delivery(Duration::from_secs(4)).await,
+        "the broker did not enforce the lowered consumer_timeout"
+    );
+    // A worker that hands its long jobs off after 0.5 s: a 4-second job completes in one
+    // attempt, its channel untouched.
+    let sys = TestSystem::start_with(Options {
+        worker_binary: Some(env!("CARGO_BIN_EXE_e2e-worker")),
+        testing: true,
+        hand_off: Some((500, 3_000)),
+        ..Options::default()
+    })
+    .await;
+    let started = Instant::now();
+    let r = sys
+        .connect()
+        .await
+        .submit(&json!({"kind": "test.long", "payload": {"steps": 8, "step_ms": 500}}), None)
+        .await
+        .unwrap();
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    let done = wait_final(&mut sys.connect().await, &id, Duration::from_secs(60)).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["result"], json!({"resumed_from": 0, "steps_run": 8, "attempt": 1}), "{done}");
+    let log = sys.worker_process().log();
+    assert!(log.contains("its delivery is acked"), "not handed off:\n{log}");
+    assert!(!log.contains("PRECONDITION_FAILED"), "a channel was closed:\n{log}");
+    report(&format!(
+        "consumer_timeout 1.5 s: a 4 s job ran {:.1} s, 1 attempt, channel kept",
+        started.elapsed().as_secs_f64()
+    ));
+    sys.stop().await;
+}
