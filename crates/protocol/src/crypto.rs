@@ -129,6 +129,15 @@ impl Verifier {
         Ok(Self { keys })
     }
 
+    /// Trusts one more key (32 bytes).
+    ///
+    /// # Errors
+    /// When the key is not 32 bytes.
+    pub fn trust(&mut self, public_key: Vec<u8>) -> Result<(), CryptoError> {
+        self.keys.extend(Self::new([public_key])?.keys);
+        Ok(())
+    }
+
     /// Checks `signature` over `message` by the key `key_id`.
     ///
     /// # Errors
@@ -179,6 +188,31 @@ impl OpeningKey {
 
     pub fn public_key(&self) -> [u8; 32] {
         x25519_dalek::PublicKey::from(&self.secret).to_bytes()
+    }
+
+    /// An Ed25519 key derived from this secret for `purpose` (HKDF-SHA256): only a holder of
+    /// the secret has it, and it stays the same for as long as the secret does. The worker signs
+    /// the jobs it makes itself (schedule firings) with it.
+    ///
+    /// # Errors
+    /// Only if the derivation fails.
+    pub fn derive_signing_key(&self, purpose: &str) -> Result<SigningKey, CryptoError> {
+        struct Seed;
+        impl hkdf::KeyType for Seed {
+            fn len(&self) -> usize {
+                32
+            }
+        }
+        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, b"gatehouse derived signing key v1")
+            .extract(self.secret.as_bytes());
+        let mut seed = [0u8; 32];
+        prk.expand(&[purpose.as_bytes()], Seed)
+            .and_then(|okm| okm.fill(&mut seed))
+            .map_err(|_| CryptoError::BadKey("hkdf"))?;
+        let pair =
+            Ed25519KeyPair::from_seed_unchecked(&seed).map_err(|_| CryptoError::BadKey("ed25519 seed"))?;
+        let id = key_id(pair.public_key().as_ref());
+        Ok(SigningKey { pair, id })
     }
 
     fn agree(&self, public: &[u8; 32]) -> [u8; 32] {

@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::checkpoint::Checkpoints;
 
 pub use family::{Family, SealedColumn};
-pub use tx::{Attempts, Forget, Parked, Place, StoredJob, Tx, now_ms, sealed_aad};
+pub use tx::{Attempts, Forget, Parked, Place, ScheduleState, StoredJob, Tx, now_ms, sealed_aad};
 
 /// What a handler family's SQL needs (the storage is SQLite, through `rusqlite`).
 pub mod sql {

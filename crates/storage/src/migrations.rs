@@ -286,6 +286,22 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX leases_expiry ON leases(expires_at_ms);
     ",
+    // 16: schedules.
+    r"
+    -- Each schedule's last firing time, the job of its latest firing while it runs (a firing
+    -- is skipped while it does, unless the schedule allows overlap), and its counts.
+    CREATE TABLE schedules (
+        name            TEXT PRIMARY KEY,
+        last_fire_ms    INTEGER NOT NULL,
+        last_job        TEXT,
+        running_job     TEXT,
+        running_fire_ms INTEGER,
+        fired           INTEGER NOT NULL DEFAULT 0,
+        skipped         INTEGER NOT NULL DEFAULT 0,
+        missed          INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX schedules_running ON schedules(running_job);
+    ",
 ];
 
 /// After this migration (1-based) the values of earlier releases are re-sealed.

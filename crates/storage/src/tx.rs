@@ -112,6 +112,40 @@ fn identifier(s: &str) -> Result<&str, StorageError> {
     if ok { Ok(s) } else { Err(StorageError::Corrupt(format!("{s:?} is not a column name"))) }
 }
 
+const SCHEDULE_COLUMNS: &str =
+    "name, last_fire_ms, last_job, running_job, running_fire_ms, fired, skipped, missed";
+
+fn schedule_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ScheduleState> {
+    let id = |s: Option<String>| s.and_then(|s| JobId::parse(&s).ok());
+    let count = |v: i64| u64::try_from(v).unwrap_or(0);
+    Ok(ScheduleState {
+        name: r.get(0)?,
+        last_fire_ms: r.get(1)?,
+        last_job: id(r.get(2)?),
+        running_job: id(r.get(3)?),
+        running_fire_ms: r.get(4)?,
+        fired: count(r.get(5)?),
+        skipped: count(r.get(6)?),
+        missed: count(r.get(7)?),
+    })
+}
+
+/// A schedule's record: its last firing time (unix ms; firings up to it are dealt with), the
+/// job of its latest firing, that job again while it runs (cleared when it is decided), and
+/// how many firings ran, were skipped (the previous one still ran) or were missed (no worker
+/// ran at their time, and the schedule's catch-up policy let them go).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScheduleState {
+    pub name: String,
+    pub last_fire_ms: i64,
+    pub last_job: Option<JobId>,
+    pub running_job: Option<JobId>,
+    pub running_fire_ms: Option<i64>,
+    pub fired: u64,
+    pub skipped: u64,
+    pub missed: u64,
+}
+
 const PARKED_COLUMNS: &str = "job_id, seq_key, seq_number, envelope, reply_to, correlation_id, deadline_ms";
 
 /// A `parked` row as (job id text, the rest); the id is parsed by the caller.
@@ -323,6 +357,7 @@ impl<'c> Tx<'c> {
             self.pass_turns(&job.id)?;
             self.exec("DELETE FROM progress WHERE job_id = ?1", [job.id.as_str()])?;
             self.exec("DELETE FROM checkpoints WHERE job_id = ?1", [job.id.as_str()])?;
+            self.exec("UPDATE schedules SET running_job = NULL WHERE running_job = ?1", [job.id.as_str()])?;
         }
         let at = Place::job_result(job.id.as_str(), &job.client);
         let result = job.result.as_ref().map(|r| self.seal(r, &at)).transpose()?;
@@ -648,6 +683,46 @@ impl<'c> Tx<'c> {
             )
             .optional()?;
         self.unseal(stored, &Place { table, column: "value", row: id.as_str(), owner: client })
+    }
+
+    // ---- schedules -------------------------------------------------------------------------------
+
+    /// What storage knows of schedule `name`.
+    pub fn schedule_state(&self, name: &str) -> Result<Option<ScheduleState>, StorageError> {
+        Ok(self
+            .one(&format!("SELECT {SCHEDULE_COLUMNS} FROM schedules WHERE name = ?1"), [name], schedule_row)
+            .optional()?)
+    }
+
+    /// Every schedule storage knows, by name.
+    pub fn schedule_states(&self) -> Result<Vec<ScheduleState>, StorageError> {
+        let mut stmt =
+            self.tx.prepare_cached(&format!("SELECT {SCHEDULE_COLUMNS} FROM schedules ORDER BY name"))?;
+        let rows = stmt.query_map([], schedule_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Records a schedule's state (after it was planned in this transaction).
+    pub fn save_schedule_state(&self, s: &ScheduleState) -> Result<(), StorageError> {
+        self.exec(
+            "INSERT INTO schedules (name, last_fire_ms, last_job, running_job, running_fire_ms, fired, skipped, missed)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+             ON CONFLICT(name) DO UPDATE SET last_fire_ms = excluded.last_fire_ms,
+                 last_job = excluded.last_job, running_job = excluded.running_job,
+                 running_fire_ms = excluded.running_fire_ms, fired = excluded.fired,
+                 skipped = excluded.skipped, missed = excluded.missed",
+            params![
+                s.name,
+                s.last_fire_ms,
+                s.last_job.as_ref().map(JobId::as_str),
+                s.running_job.as_ref().map(JobId::as_str),
+                s.running_fire_ms,
+                to_i64(s.fired)?,
+                to_i64(s.skipped)?,
+                to_i64(s.missed)?
+            ],
+        )?;
+        Ok(())
     }
 
     // ---- leases of long jobs --------------------------------------------------------------------

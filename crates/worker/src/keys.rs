@@ -6,7 +6,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use gatehouse_protocol::crypto::{CryptoError, OpeningKey, Session, Verifier};
+use gatehouse_protocol::crypto::{CryptoError, OpeningKey, Session, SigningKey, Verifier};
 use gatehouse_protocol::{JobEnvelope, SealedJob, Vouched, keys};
 
 use crate::reply::ReplyTarget;
@@ -18,7 +18,15 @@ pub struct WorkerKeys {
     pub max_message_age: Duration,
     /// The operators whose replay grants are honoured.
     operators: Verifier,
+    /// Signs the jobs the worker makes itself (schedule firings); derived from its sealing key,
+    /// so only the worker has it, and trusted like a gatekeeper's key.
+    own_signing: SigningKey,
+    /// The worker's own X25519 public key, to seal its own jobs to.
+    own_public: [u8; 32],
 }
+
+/// What the worker's own signing key is derived for.
+const OWN_JOBS: &str = "gatehouse worker-made jobs v1";
 
 /// The gatekeeper's sessions: each is verified (an Ed25519 signature and a key agreement) the
 /// first time a message of it arrives, then kept, so that its other messages cost only a MAC
@@ -135,11 +143,29 @@ impl WorkerKeys {
     /// When a key file is missing or malformed.
     pub fn load(s: &KeySettings) -> Result<Self, keys::KeyFileError> {
         let opening = keys::opening_key(&s.sealing_key)?;
+        let bad = |e: CryptoError| keys::KeyFileError::new(&s.sealing_key, e);
+        let own_signing = opening.derive_signing_key(OWN_JOBS).map_err(bad)?;
+        let own_public = opening.public_key();
+        let mut trusted = keys::verifier(&s.gatekeeper_signing_keys)?;
+        trusted.trust(own_signing.public_key()).map_err(bad)?;
         Ok(Self {
-            sessions: Sessions::new(keys::verifier(&s.gatekeeper_signing_keys)?, opening),
+            sessions: Sessions::new(trusted, opening),
             max_message_age: Duration::from_secs(s.max_message_age_s),
             operators: keys::verifier(&s.operator_keys)?,
+            own_signing,
+            own_public,
         })
+    }
+
+    /// The message of a job the worker makes itself (a schedule firing), vouched for with its
+    /// own key and sealed to itself, as a gatekeeper would: it is checked like any on arrival.
+    ///
+    /// # Errors
+    /// Without system randomness.
+    pub fn own_job(&self, env: &JobEnvelope) -> Result<Vec<u8>, CryptoError> {
+        let session = Session::start(&self.own_signing, &self.own_public, now_ms())?;
+        let sealed = serde_json::to_vec(&env.seal(&session)?).map_err(|_| CryptoError::Malformed)?;
+        Vouched::wrap(&session, &sealed)
     }
 
     /// Checks an operator's replay grant for the message `body`; answers when it was issued.

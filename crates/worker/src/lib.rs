@@ -26,6 +26,7 @@ pub mod process;
 pub mod progress;
 pub mod reply;
 pub mod retention;
+pub mod schedules;
 pub mod settings;
 pub mod startup;
 

@@ -31,6 +31,13 @@ struct Checkpoint {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Firing {
+    schedule: String,
+    /// `fired`, `skipped` (the previous one still ran) or `missed` (no worker ran at its time).
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Reason {
     reason: String,
 }
@@ -50,6 +57,7 @@ pub struct WorkerMetrics {
     checkpoint_seconds: Family<Checkpoint, Histogram>,
     pruned: Counter,
     prune_seconds: Histogram,
+    firings: Family<Firing, Counter>,
     /// Whether a broker session is consuming (`/readyz`).
     pub ready: AtomicBool,
     /// What the dashboard shows.
@@ -111,7 +119,14 @@ impl Default for WorkerMetrics {
             "Pruning batches: one storage closure each, committed with the jobs beside it",
             prune_seconds.clone(),
         );
+        let firings = Family::<Firing, Counter>::default();
+        registry.register(
+            "schedule_firings",
+            "Schedule firings this worker planned, by schedule and outcome (fired, skipped, missed)",
+            firings.clone(),
+        );
         Self {
+            firings,
             registry,
             jobs,
             handler_seconds,
@@ -167,6 +182,16 @@ impl WorkerMetrics {
     pub fn pruned(&self, jobs: u64, took: Duration) {
         self.pruned.inc_by(jobs);
         self.prune_seconds.observe(took.as_secs_f64());
+    }
+
+    /// A planning pass of `schedule` fired, skipped and missed these many firings.
+    pub fn schedule_fired(&self, schedule: &str, fired: u64, skipped: u64, missed: u64) {
+        for (outcome, n) in [("fired", fired), ("skipped", skipped), ("missed", missed)] {
+            if n > 0 {
+                let label = Firing { schedule: schedule.to_owned(), outcome: outcome.to_owned() };
+                self.firings.get_or_create(&label).inc_by(n);
+            }
+        }
     }
 
     /// Whether a broker session is consuming.

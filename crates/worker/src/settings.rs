@@ -19,6 +19,17 @@ pub struct WorkerSettings {
     pub admin: AdminSettings,
     #[serde(default)]
     pub retention: RetentionSettings,
+    #[serde(default)]
+    pub schedules: ScheduleSettings,
+}
+
+/// `[schedules]`: the file of cron schedules this worker fires (see `crate::schedules`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleSettings {
+    /// None: no schedules.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
 }
 
 /// The worker's admin listener: `/healthz`, `/readyz`, `/metrics` and the dashboard (`/`) over

@@ -46,6 +46,8 @@ pub struct Worker {
     kinds: Arc<Kinds>,
     metrics: Arc<WorkerMetrics>,
     retention: Arc<Retention>,
+    /// The schedules this worker fires (see [`crate::schedules`]).
+    schedules: Arc<crate::schedules::Schedules>,
     /// What the dashboard sees of the broker.
     broker: Arc<BrokerView>,
     /// Handlers' progress reports, and (until the worker runs) where they arrive.
@@ -129,6 +131,13 @@ impl WorkerBuilder {
         let keys = Arc::new(WorkerKeys::load(&settings.keys).map_err(|e| bad(&e))?);
         let retention = Arc::new(Retention::new(&settings, &catalog).map_err(|e| bad(&e))?);
         settings.consumer.leases().map_err(|e| bad(&e))?;
+        let schedules = match &settings.schedules.path {
+            Some(path) => {
+                crate::schedules::Schedules::load(path, &catalog, &kinds.schemas, settings.testing.enabled)
+                    .map_err(|e| bad(&e))?
+            }
+            None => crate::schedules::Schedules::default(),
+        };
         let credentials = settings.admin.credentials().map_err(|e| bad(&e))?.map(Arc::new);
         let classes = catalog.queues().iter().map(|q| q.name.clone()).collect();
         let broker = BrokerView::new(settings.broker.topology(), classes);
@@ -175,6 +184,7 @@ impl WorkerBuilder {
             kinds,
             metrics,
             retention,
+            schedules: Arc::new(schedules),
             broker,
             progress: (progress_tx, Some(progress_rx)),
             credentials,
@@ -279,6 +289,21 @@ impl Worker {
             self.metrics.clone(),
             stop.clone(),
         ));
+        if !self.schedules.0.is_empty() {
+            let planning = crate::schedules::run_forever(
+                self.store.clone(),
+                self.schedules.clone(),
+                self.keys.clone(),
+                self.metrics.clone(),
+            );
+            let mut stopping = stop.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = planning => {}
+                    _ = stopping.wait_for(|s| *s) => {}
+                }
+            });
+        }
         tokio::spawn(async move {
             shutdown.await;
             let _ = stop_tx.send(true);

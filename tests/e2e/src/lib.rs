@@ -240,6 +240,10 @@ pub struct Options {
     pub retention: Option<gatehouse_worker::settings::RetentionSettings>,
     /// The worker's `hand_off_after_ms` and `lease_ms` (long jobs).
     pub hand_off: Option<(u64, u64)>,
+    /// The worker's schedules file (its TOML text).
+    pub schedules: Option<&'static str>,
+    /// Worker processes sharing one database (with `worker_binary`); 1 when 0.
+    pub workers: usize,
 }
 
 /// A running gatekeeper + worker pair.
@@ -263,8 +267,12 @@ pub struct TestSystem {
 }
 
 enum WorkerRun {
-    InProcess { stop: Option<oneshot::Sender<()>>, task: Option<JoinHandle<anyhow::Result<()>>> },
-    Process(Arc<WorkerProcess>),
+    InProcess {
+        stop: Option<oneshot::Sender<()>>,
+        task: Option<JoinHandle<anyhow::Result<()>>>,
+    },
+    /// One or more processes on one database.
+    Process(Vec<Arc<WorkerProcess>>),
 }
 
 /// A worker child process, optionally restarted when it exits.
@@ -393,6 +401,13 @@ impl TestSystem {
                 }),
             },
             retention: options.retention.clone().unwrap_or_default(),
+            schedules: gatehouse_worker::settings::ScheduleSettings {
+                path: options.schedules.map(|text| {
+                    let file = data.path().join("schedules.toml");
+                    std::fs::write(&file, text).expect("schedules file");
+                    file
+                }),
+            },
         };
         let mut worker_admin_addr = None;
         let worker = match options.worker_binary {
@@ -406,21 +421,28 @@ impl TestSystem {
             Some(binary) => {
                 let config = data.path().join("worker.toml");
                 std::fs::write(&config, worker_toml(&worker_settings)).expect("worker config");
-                let p = Arc::new(WorkerProcess {
-                    binary: binary.into(),
-                    config,
-                    log: data.path().join("worker.log"),
-                    log_filter: options.worker_log.unwrap_or("info,lapin=warn"),
-                    child: Mutex::new(None),
-                    starts: 0.into(),
-                    supervising: options.supervise_worker.into(),
-                });
-                p.start();
-                if options.supervise_worker {
-                    let p = p.clone();
-                    tokio::spawn(async move { p.supervise().await });
-                }
-                WorkerRun::Process(p)
+                let processes = (0..options.workers.max(1))
+                    .map(|i| {
+                        let log =
+                            if i == 0 { "worker.log".to_owned() } else { format!("worker-{}.log", i + 1) };
+                        let p = Arc::new(WorkerProcess {
+                            binary: binary.into(),
+                            config: config.clone(),
+                            log: data.path().join(log),
+                            log_filter: options.worker_log.unwrap_or("info,lapin=warn"),
+                            child: Mutex::new(None),
+                            starts: 0.into(),
+                            supervising: options.supervise_worker.into(),
+                        });
+                        p.start();
+                        if options.supervise_worker {
+                            let p = p.clone();
+                            tokio::spawn(async move { p.supervise().await });
+                        }
+                        p
+                    })
+                    .collect();
+                WorkerRun::Process(processes)
             }
         };
         let gatekeeper = Gatekeeper::build(GatekeeperSettings {
@@ -544,8 +566,13 @@ impl TestSystem {
         Topology::new(self.prefix.clone())
     }
 
-    /// The worker process (panics for an in-process worker).
+    /// The (first) worker process (panics for an in-process worker).
     pub fn worker_process(&self) -> &Arc<WorkerProcess> {
+        &self.worker_processes()[0]
+    }
+
+    /// The worker processes (panics for an in-process worker).
+    pub fn worker_processes(&self) -> &[Arc<WorkerProcess>] {
         match &self.worker {
             WorkerRun::Process(p) => p,
             WorkerRun::InProcess { .. } => panic!("this test system runs its worker in-process"),
@@ -580,9 +607,11 @@ impl TestSystem {
                     t.await.expect("worker task").expect("worker stopped cleanly");
                 }
             }
-            WorkerRun::Process(p) => {
-                p.supervising.store(false, std::sync::atomic::Ordering::SeqCst);
-                p.terminate();
+            WorkerRun::Process(processes) => {
+                for p in processes.iter() {
+                    p.supervising.store(false, std::sync::atomic::Ordering::SeqCst);
+                    p.terminate();
+                }
             }
         }
         if self.owns_topology {
@@ -656,7 +685,7 @@ fn worker_toml(s: &WorkerSettings) -> String {
          [storage]\npath = \"{}\"\n\n[catalog]\npath = \"{}\"\n\n[testing]\nenabled = {}\n\n\
          [keys]\nsealing_key = \"{}\"\ngatekeeper_signing_keys = [\"{}\"]\n\
          operator_keys = [\"{}\"]\ndata_keyring = \"{}\"\nmax_message_age_s = {}\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
-         [retention]\n{}prune_batch = {}\nprune_every_ms = {}\n",
+         [retention]\n{}prune_batch = {}\nprune_every_ms = {}\n\n[schedules]\n{}",
         s.broker.url.expose(),
         s.broker.prefix,
         s.consumer.prefetch,
@@ -675,6 +704,7 @@ fn worker_toml(s: &WorkerSettings) -> String {
         s.retention.retain_s.map(|r| format!("retain_s = {r}\n")).unwrap_or_default(),
         s.retention.prune_batch,
         s.retention.prune_every_ms,
+        s.schedules.path.as_ref().map(|p| format!("path = \"{}\"\n", p.display())).unwrap_or_default(),
     )
 }
 

@@ -80,10 +80,14 @@ pub fn register(r: &mut Registry) {
     );
     r.insert(
         "test.sleep",
-        // A well-behaved long handler: it stops when its job is cancelled.
+        // A well-behaved long handler: it stops when its job is cancelled. Its result says when
+        // it ran (unix ms).
         external(|mut job: JobContext, p: Sleep| async move {
+            let started = gatehouse_storage::now_ms();
             tokio::select! {
-                () = tokio::time::sleep(Duration::from_millis(p.ms)) => Outcome::Success(json!({ "slept_ms": p.ms })),
+                () = tokio::time::sleep(Duration::from_millis(p.ms)) => Outcome::Success(json!({
+                    "slept_ms": p.ms, "started_at_ms": started, "ended_at_ms": gatehouse_storage::now_ms(),
+                })),
                 () = job.cancelled() => Outcome::Cancelled,
             }
         }),

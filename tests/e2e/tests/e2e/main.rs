@@ -19,6 +19,7 @@ mod isolation;
 mod metrics;
 mod progress;
 mod retention;
+mod schedules;
 mod singleton;
 mod tenancy;
 mod tls;

@@ -1,0 +1,107 @@
+//! Schedules: cron firings planned in storage by every worker, each firing one job however
+//! many workers plan it, and no overlap unless the schedule allows it.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use gatehouse_e2e::{Options, TestSystem, oracle, report};
+use gatehouse_worker::schedules::firing_id;
+
+const SCHEDULES: &str = r#"
+[[schedule]]
+name = "every-second"
+cron = "* * * * * *"
+kind = "test.sleep"
+payload = { ms = 50 }
+client = "dev-client"
+overlap = true
+
+[[schedule]]
+name = "every-second-slow"
+cron = "* * * * * *"
+kind = "test.sleep"
+payload = { ms = 2500 }
+client = "dev-client"
+"#;
+
+/// `schedule fired` lines of every worker's log, by job id.
+fn fired_lines(sys: &TestSystem) -> HashMap<String, usize> {
+    let mut by_job = HashMap::new();
+    for w in sys.worker_processes() {
+        for line in w.log().lines().filter(|l| l.contains("schedule fired")) {
+            let id = line.split("job_id=").nth(1).and_then(|r| r.split_whitespace().next()).unwrap_or("");
+            *by_job.entry(id.to_owned()).or_insert(0) += 1;
+        }
+    }
+    by_job
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_workers_fire_each_firing_once_and_never_overlap() {
+    let sys = TestSystem::start_with(Options {
+        worker_binary: Some(env!("CARGO_BIN_EXE_e2e-worker")),
+        workers: 3,
+        testing: true,
+        schedules: Some(SCHEDULES),
+        ..Options::default()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    for w in sys.worker_processes() {
+        w.terminate();
+    }
+    let db = rusqlite::Connection::open(sys.database()).unwrap();
+    let state = |name: &str| -> (i64, i64, i64) {
+        db.query_row("SELECT fired, skipped, missed FROM schedules WHERE name = ?1", [name], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .unwrap()
+    };
+    let jobs = oracle::jobs(&sys.database(), &sys.keyring());
+    let fired = fired_lines(&sys);
+
+    // Every second, overlap allowed: one job per firing, made by exactly one of the workers.
+    let (n, skipped, missed) = state("every-second");
+    assert!(n >= 25, "only {n} firings in 30 s");
+    assert_eq!((skipped, missed), (0, 0));
+    let firings: Vec<_> = fired.keys().filter(|id| jobs.contains_key(*id)).collect();
+    assert!(fired.values().all(|c| *c == 1), "a firing made by two workers: {fired:?}");
+    let planners = sys.worker_processes().iter().filter(|w| w.log().contains("schedule fired")).count();
+    assert!(planners >= 2, "only {planners} of the 3 workers ever planned a firing");
+    let mut per_second = 0;
+    for w in sys.worker_processes() {
+        per_second += w.log().matches("schedule fired schedule=every-second ").count();
+    }
+    assert_eq!(per_second as i64, n, "fired lines and the schedule's count differ");
+    // Ids derive from the firing time: consecutive seconds.
+    let first = db
+        .query_row("SELECT min(updated_at_ms) FROM jobs WHERE kind = 'test.sleep'", [], |r| {
+            r.get::<_, i64>(0)
+        })
+        .unwrap();
+    let second = (first / 1000 - 2) * 1000;
+    let consecutive =
+        (0..60).filter(|i| jobs.contains_key(firing_id("every-second", second + i * 1000).as_str())).count();
+    assert!(consecutive as i64 >= n - 2, "firing ids are not one per second: {consecutive} of {n}");
+
+    // Every second, 2.5 s runs, no overlap: the firings in between are skipped and counted.
+    let (slow, slow_skipped, _) = state("every-second-slow");
+    assert!(slow >= 5 && slow_skipped >= slow, "fired {slow}, skipped {slow_skipped}");
+    let mut runs: Vec<(u64, u64)> = jobs
+        .values()
+        .filter_map(|j| j.result.as_ref())
+        .filter(|r| r["slept_ms"] == 2500)
+        .map(|r| (r["started_at_ms"].as_u64().unwrap(), r["ended_at_ms"].as_u64().unwrap()))
+        .collect();
+    runs.sort_unstable();
+    assert!(runs.len() as i64 >= slow - 1, "{} runs of {slow} firings", runs.len());
+    for pair in runs.windows(2) {
+        assert!(pair[1].0 >= pair[0].1, "two runs overlapped: {pair:?}");
+    }
+    report(&format!(
+        "schedules, 3 workers, 30 s: every-second fired {n} (skipped 0, duplicates 0); \
+         every-second-slow (2.5 s runs) fired {slow}, skipped {slow_skipped}, overlaps 0; {} firings in all",
+        firings.len()
+    ));
+    sys.stop().await;
+}
