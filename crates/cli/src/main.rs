@@ -8,6 +8,7 @@ use gatehouse_cli::certs;
 use gatehouse_cli::commands::dlq::{self, BrokerArgs};
 use gatehouse_cli::commands::jobs::{self, Endpoint, SubmitArgs};
 use gatehouse_cli::commands::rekey::{self, RekeyArgs};
+use gatehouse_cli::commands::schedules::{self, SchedulesArgs};
 use gatehouse_cli::commands::up::{self, UpArgs};
 
 #[derive(Parser)]
@@ -39,6 +40,11 @@ enum Cmd {
     Bench(Box<gatehouse_cli::bench::BenchArgs>),
     /// Re-encrypt stored records and results under the active data key (operators).
     Rekey(RekeyArgs),
+    /// The worker's cron schedules: next and last firings (operators, where the worker runs).
+    Schedules {
+        #[command(subcommand)]
+        command: SchedulesCmd,
+    },
     /// The dead-letter queue (operators).
     Dlq {
         #[command(subcommand)]
@@ -61,6 +67,17 @@ enum Cmd {
         #[command(flatten)]
         endpoint: Endpoint,
         /// Print the response body as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum SchedulesCmd {
+    /// Each schedule: cron, next firing, last firing and its job, fired / skipped / missed.
+    List {
+        #[command(flatten)]
+        args: SchedulesArgs,
         #[arg(long)]
         json: bool,
     },
@@ -143,6 +160,33 @@ async fn main() -> ExitCode {
         Cmd::Status { id, endpoint, json } => jobs::status(&endpoint, &id, json).await,
         Cmd::Cancel { id, endpoint, json } => jobs::cancel(&endpoint, &id, json).await,
         Cmd::Dlq { command, broker } => run_dlq(command, &broker).await,
+        Cmd::Schedules { command: SchedulesCmd::List { args, json } } => {
+            schedules::list(&args).await.map(|list| {
+                if json {
+                    list.iter().for_each(|s| println!("{s}"));
+                } else {
+                    println!("{} schedule(s)", list.len());
+                    let text = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_owned();
+                    for s in &list {
+                        println!(
+                            "{}  {:?} {}  {}  next={}  last={} ({} {})  fired={} skipped={} missed={}",
+                            text(&s["name"]),
+                            text(&s["cron"]),
+                            text(&s["timezone"]),
+                            text(&s["kind"]),
+                            text(&s["next"]),
+                            text(&s["last"]),
+                            text(&s["last_job"]),
+                            text(&s["last_job_state"]),
+                            s["fired"],
+                            s["skipped"],
+                            s["missed"],
+                        );
+                    }
+                }
+                true
+            })
+        }
         Cmd::Bench(args) => gatehouse_cli::bench::run(&args).await.map(|_| true),
         Cmd::Rekey(args) => rekey::rekey(&args).await.map(|n| {
             println!("re-encrypted {n} value(s) under the active data key");

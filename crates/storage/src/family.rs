@@ -60,7 +60,15 @@ pub(crate) fn migrate(conn: &mut Connection, families: &[Family]) -> Result<(), 
             )));
         }
         for (step, sql) in f.migrations.iter().enumerate().skip(done) {
-            let tx = conn.transaction()?;
+            // Read again under the write lock: another worker starting beside this one may
+            // have run the step meanwhile.
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let now_done: i64 = tx
+                .query_row("SELECT version FROM families WHERE name = ?1", [f.name], |r| r.get(0))
+                .or_else(|e| if e == rusqlite::Error::QueryReturnedNoRows { Ok(0) } else { Err(e) })?;
+            if usize::try_from(now_done).unwrap_or(usize::MAX) > step {
+                continue;
+            }
             tx.execute_batch(sql).map_err(|e| {
                 StorageError::Corrupt(format!("migration {} of family {}: {e}", step + 1, f.name))
             })?;

@@ -314,16 +314,18 @@ const SEALED_AT_STEP_8: [(&str, &str, &str, &str); 3] = [
     ("ledger", "account", "''", "state"),
 ];
 
+/// Brings the schema up to date. Every step reads the version and moves it on inside one
+/// `BEGIN IMMEDIATE` transaction: workers that start together on one database take turns,
+/// and each step runs once.
 pub(crate) fn run(conn: &mut Connection, keyring: &Keyring) -> Result<(), StorageError> {
-    let done: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let done: usize = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
     if done == 0 {
-        let tx = conn.transaction()?;
         tx.execute_batch(BASELINE)?;
         tx.pragma_update(None, "user_version", BASELINE_AT)?;
-        tx.commit()?;
-        return upgrade(conn, keyring, BASELINE_AT, MIGRATIONS.len());
     }
-    upgrade(conn, keyring, done, MIGRATIONS.len())
+    tx.commit()?;
+    upgrade(conn, keyring, if done == 0 { BASELINE_AT } else { done }, MIGRATIONS.len())
 }
 
 /// Runs the steps after `done` up to `upto` on a database an earlier release wrote.
@@ -340,7 +342,11 @@ pub(crate) fn upgrade(
         )));
     }
     for (i, sql) in MIGRATIONS.iter().enumerate().take(upto).skip(done) {
-        let tx = conn.transaction()?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let now_done: usize = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if now_done > i {
+            continue; // another worker ran it meanwhile
+        }
         tx.execute_batch(sql)?;
         if i + 1 == RESEAL_AFTER {
             let columns: Vec<_> = SEALED_AT_STEP_8

@@ -963,6 +963,20 @@ mod tests {
         assert_eq!(holder, Some(id(1)));
     }
 
+    #[test]
+    fn workers_that_start_together_on_a_new_database_migrate_it_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let opened: Vec<Result<Store, StorageError>> = std::thread::scope(|s| {
+            let handles: Vec<_> =
+                (0..6).map(|_| s.spawn(|| Store::open_sqlite(&path, test_keyring(), &[NOTES]))).collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for o in &opened {
+            assert!(o.is_ok(), "{:?}", o.as_ref().err());
+        }
+    }
+
     #[tokio::test]
     async fn failed_closure_rolls_back() {
         let dir = tempfile::tempdir().unwrap();

@@ -3,4 +3,5 @@
 pub mod dlq;
 pub mod jobs;
 pub mod rekey;
+pub mod schedules;
 pub mod up;

@@ -1,5 +1,6 @@
 //! Schedules: cron firings planned in storage by every worker, each firing one job however
-//! many workers plan it, and no overlap unless the schedule allows it.
+//! many workers plan it (and whichever of them dies), and no overlap unless the schedule
+//! allows it.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -46,7 +47,13 @@ async fn three_workers_fire_each_firing_once_and_never_overlap() {
         ..Options::default()
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(30)).await;
+    // Half-way, the worker that has planned the firings so far dies (kill -9): another one
+    // plans them from then on.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let planner =
+        sys.worker_processes().iter().max_by_key(|w| w.log().matches("schedule fired").count()).unwrap();
+    planner.kill();
+    tokio::time::sleep(Duration::from_secs(15)).await;
     for w in sys.worker_processes() {
         w.terminate();
     }
@@ -62,12 +69,16 @@ async fn three_workers_fire_each_firing_once_and_never_overlap() {
 
     // Every second, overlap allowed: one job per firing, made by exactly one of the workers.
     let (n, skipped, missed) = state("every-second");
-    assert!(n >= 25, "only {n} firings in 30 s");
+    assert!(
+        n >= 25,
+        "only {n} firings in 30 s; logs:\n{}",
+        sys.worker_processes().iter().map(|w| w.log()).collect::<Vec<_>>().join("\n----\n")
+    );
     assert_eq!((skipped, missed), (0, 0));
     let firings: Vec<_> = fired.keys().filter(|id| jobs.contains_key(*id)).collect();
     assert!(fired.values().all(|c| *c == 1), "a firing made by two workers: {fired:?}");
     let planners = sys.worker_processes().iter().filter(|w| w.log().contains("schedule fired")).count();
-    assert!(planners >= 2, "only {planners} of the 3 workers ever planned a firing");
+    assert!(planners >= 2, "no other worker planned firings after the first died");
     let mut per_second = 0;
     for w in sys.worker_processes() {
         per_second += w.log().matches("schedule fired schedule=every-second ").count();
@@ -98,6 +109,21 @@ async fn three_workers_fire_each_firing_once_and_never_overlap() {
     for pair in runs.windows(2) {
         assert!(pair[1].0 >= pair[0].1, "two runs overlapped: {pair:?}");
     }
+    // `gatehouse schedules list` shows each schedule's next and last firings, from the files
+    // and the database where the worker runs.
+    let args =
+        gatehouse_cli::commands::schedules::SchedulesArgs { config: sys.data.path().join("worker.toml") };
+    let listed = gatehouse_cli::commands::schedules::list(&args).await.unwrap();
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    let slow_listed = listed.iter().find(|l| l["name"] == "every-second-slow").unwrap();
+    assert_eq!(slow_listed["fired"], slow, "{slow_listed}");
+    assert_eq!(slow_listed["skipped"], slow_skipped, "{slow_listed}");
+    assert!(slow_listed["next"].as_str().is_some_and(|t| t.ends_with('Z')), "{slow_listed}");
+    let last_job = slow_listed["last_job"].as_str().unwrap();
+    assert!(
+        jobs.contains_key(last_job) || slow_listed["last_job_state"] == "queued_or_running",
+        "{slow_listed}"
+    );
     report(&format!(
         "schedules, 3 workers, 30 s: every-second fired {n} (skipped 0, duplicates 0); \
          every-second-slow (2.5 s runs) fired {slow}, skipped {slow_skipped}, overlaps 0; {} firings in all",
