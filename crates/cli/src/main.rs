@@ -60,6 +60,9 @@ enum Cmd {
         /// Print the response body as JSON.
         #[arg(long)]
         json: bool,
+        /// Follow its live event stream until it ends (a progress bar while it runs).
+        #[arg(long)]
+        follow: bool,
     },
     /// Cancel one of your jobs that has not ended.
     Cancel {
@@ -157,7 +160,8 @@ async fn main() -> ExitCode {
             true
         }),
         Cmd::Submit { job, endpoint, json } => jobs::submit(&endpoint, &job, json).await,
-        Cmd::Status { id, endpoint, json } => jobs::status(&endpoint, &id, json).await,
+        Cmd::Status { id, endpoint, json, follow: false } => jobs::status(&endpoint, &id, json).await,
+        Cmd::Status { id, endpoint, json, follow: true } => jobs::follow(&endpoint, &id, json).await,
         Cmd::Cancel { id, endpoint, json } => jobs::cancel(&endpoint, &id, json).await,
         Cmd::Dlq { command, broker } => run_dlq(command, &broker).await,
         Cmd::Schedules { command: SchedulesCmd::List { args, json } } => {

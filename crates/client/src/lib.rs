@@ -231,6 +231,29 @@ impl Connection {
         self.request(Method::GET, &format!("/v1/jobs/{id}"), &[], Vec::new()).await
     }
 
+    /// `GET /v1/jobs/{id}/events`: the job's live event stream, from after event
+    /// `last_event_id` (`Last-Event-ID`) when given. Any answer but `200` comes back whole as
+    /// the `Err` of the inner result (a problem document).
+    ///
+    /// # Errors
+    /// When the request cannot be sent.
+    pub async fn events(
+        &mut self,
+        id: &str,
+        last_event_id: Option<u64>,
+    ) -> Result<Result<EventStream, Response>, ClientError> {
+        let last = last_event_id.map(|n| n.to_string());
+        let mut headers = vec![("accept", "text/event-stream")];
+        if let Some(n) = &last {
+            headers.push(("last-event-id", n.as_str()));
+        }
+        let res = self.send_raw(Method::GET, &format!("/v1/jobs/{id}/events"), &headers, empty()).await?;
+        if res.status() != hyper::StatusCode::OK {
+            return Ok(Err(Response::read(res).await?));
+        }
+        Ok(Ok(EventStream { body: res.into_body(), buffer: Vec::new() }))
+    }
+
     /// Any request, with raw headers and body.
     ///
     /// # Errors
@@ -283,6 +306,17 @@ impl Connection {
         headers: &[(&str, &str)],
         body: Body,
     ) -> Result<Response, ClientError> {
+        let res = self.send_raw(method, path, headers, body).await?;
+        Response::read(res).await
+    }
+
+    async fn send_raw(
+        &mut self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Body,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
         let mut req = Request::builder().method(method).uri(path).header("host", &self.host);
         for (k, v) in headers {
             req = req.header(*k, *v);
@@ -298,6 +332,16 @@ impl Connection {
                 s.send_request(req).await?
             }
         };
+        Ok(res)
+    }
+}
+
+fn empty() -> Body {
+    Full::new(Bytes::new()).boxed()
+}
+
+impl Response {
+    async fn read(res: hyper::Response<hyper::body::Incoming>) -> Result<Self, ClientError> {
         let header = |name| res.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
         let status = res.status().as_u16();
         let content_type = header(hyper::header::CONTENT_TYPE);
@@ -306,4 +350,70 @@ impl Connection {
         let body = res.into_body().collect().await?.to_bytes().to_vec();
         Ok(Response { status, content_type, retry_after, traceparent, body })
     }
+}
+
+/// One Server-Sent Event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerEvent {
+    /// `state`, `progress`, `error` (`message` when the stream names none).
+    pub event: String,
+    pub id: Option<String>,
+    pub data: String,
+}
+
+impl ServerEvent {
+    /// The data as JSON (`null` when it is not).
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.data).unwrap_or(Value::Null)
+    }
+}
+
+/// A stream of Server-Sent Events (see [`Connection::events`]).
+pub struct EventStream {
+    body: hyper::body::Incoming,
+    buffer: Vec<u8>,
+}
+
+impl EventStream {
+    /// The next event; `None` when the server ended the stream.
+    ///
+    /// # Errors
+    /// When the connection fails mid-stream.
+    pub async fn next(&mut self) -> Result<Option<ServerEvent>, ClientError> {
+        loop {
+            if let Some(end) = self.buffer.windows(2).position(|w| w == b"\n\n") {
+                let block: Vec<u8> = self.buffer.drain(..end + 2).collect();
+                if let Some(event) = parse_event(&String::from_utf8_lossy(&block)) {
+                    return Ok(Some(event));
+                }
+                continue;
+            }
+            match self.body.frame().await {
+                Some(frame) => {
+                    if let Ok(data) = frame?.into_data() {
+                        self.buffer.extend_from_slice(&data);
+                    }
+                }
+                None => return Ok(None),
+            }
+        }
+    }
+}
+
+/// One event block (`field: value` lines); `None` for a block of comments only (keep-alives).
+fn parse_event(block: &str) -> Option<ServerEvent> {
+    let (mut event, mut id, mut data, mut any) = (String::from("message"), None, Vec::new(), false);
+    for line in block.lines() {
+        let (field, value) =
+            line.split_once(':').map_or((line, ""), |(f, v)| (f, v.strip_prefix(' ').unwrap_or(v)));
+        match field {
+            "" => continue,
+            "event" => event = value.to_owned(),
+            "id" => id = Some(value.to_owned()),
+            "data" => data.push(value.to_owned()),
+            _ => continue,
+        }
+        any = true;
+    }
+    any.then(|| ServerEvent { event, id, data: data.join("\n") })
 }

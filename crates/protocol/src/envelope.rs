@@ -245,6 +245,17 @@ pub enum ControlRequest {
     /// Cancel `id` if `client` owns it and it has not ended; answered (to `reply`) with its
     /// status afterwards.
     Cancel { id: JobId, client: String, sent_at_ms: u64, reply: ReplyTo },
+    /// The state transitions of `id` after number `after` (and its status now), answered (to
+    /// `reply`) only if `client` owns it; for the live event stream.
+    Events {
+        id: JobId,
+        client: String,
+        after: u64,
+        sent_at_ms: u64,
+        reply: ReplyTo,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        minted_at_ms: Option<u64>,
+    },
 }
 
 /// A worker's answer, sealed under the reply key of the session its request travelled in

@@ -22,5 +22,5 @@ pub mod trace;
 pub use catalog::{Catalog, KindSpec};
 pub use envelope::{ControlRequest, JobEnvelope, ReplyTo, SealedJob, SealedReply, Vouched};
 pub use ids::JobId;
-pub use status::{JobState, JobStatus, Progress};
+pub use status::{JobEvent, JobState, JobStatus, Progress};
 pub use submit::{Priority, Sequence, SubmitRequest};

@@ -96,6 +96,19 @@ pub struct JobStatus {
     /// What its handler last said of its progress (while it runs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<Progress>,
+    /// Only on the wire between worker and gatekeeper, answering an events query: the job's
+    /// state transitions after the one asked from, oldest first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<Vec<JobEvent>>,
+}
+
+/// One state transition of a job, numbered from 1 in the order they happened.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobEvent {
+    pub seq: u64,
+    pub status: JobState,
+    /// Unix ms.
+    pub at_ms: u64,
 }
 
 /// A running job's progress, as its handler reports it.
@@ -139,6 +152,7 @@ impl JobStatus {
             reason: None,
             not_before: None,
             progress: None,
+            events: None,
         }
     }
 }

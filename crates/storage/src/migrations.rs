@@ -302,6 +302,24 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX schedules_running ON schedules(running_job);
     ",
+    // 17: the state transitions of each job, for its live event stream.
+    r"
+    -- Each job's state transitions, numbered from 1 (the event ids of its stream); they go
+    -- with its record when it is pruned.
+    CREATE TABLE job_events (
+        job_id TEXT NOT NULL,
+        seq    INTEGER NOT NULL,
+        client TEXT NOT NULL,
+        state  TEXT NOT NULL,
+        at_ms  INTEGER NOT NULL,
+        PRIMARY KEY (job_id, seq)
+    );
+    CREATE TRIGGER job_events_pruned AFTER DELETE ON jobs
+        WHEN OLD.state IN ('succeeded', 'failed', 'dead_lettered', 'cancelled')
+    BEGIN
+        DELETE FROM job_events WHERE job_id = OLD.id;
+    END;
+    ",
 ];
 
 /// After this migration (1-based) the values of earlier releases are re-sealed.

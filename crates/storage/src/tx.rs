@@ -359,6 +359,7 @@ impl<'c> Tx<'c> {
             self.exec("DELETE FROM checkpoints WHERE job_id = ?1", [job.id.as_str()])?;
             self.exec("UPDATE schedules SET running_job = NULL WHERE running_job = ?1", [job.id.as_str()])?;
         }
+        self.log_state(&job.id, &job.client, job.state)?;
         let at = Place::job_result(job.id.as_str(), &job.client);
         let result = job.result.as_ref().map(|r| self.seal(r, &at)).transpose()?;
         self.exec(
@@ -422,6 +423,7 @@ impl<'c> Tx<'c> {
             params![id.as_str(), client, now_ms()],
             |r| r.get(0),
         )?;
+        self.log_state(id, client, JobState::Running)?;
         Ok((u32::try_from(count).unwrap_or(u32::MAX), interrupted))
     }
 
@@ -438,6 +440,7 @@ impl<'c> Tx<'c> {
             params![id.as_str(), client, error, now_ms()],
             |r| r.get(0),
         )?;
+        self.log_state(id, client, JobState::Retrying)?;
         Ok(u32::try_from(count).unwrap_or(u32::MAX))
     }
 
@@ -453,6 +456,9 @@ impl<'c> Tx<'c> {
             "UPDATE attempts SET last_error = ?2, running = 0, updated_at_ms = ?3 WHERE job_id = ?1",
             params![id.as_str(), error, now_ms()],
         )?;
+        if let Some(a) = self.attempts(id)? {
+            self.log_state(id, &a.client, JobState::Retrying)?;
+        }
         Ok(())
     }
 
@@ -626,6 +632,9 @@ impl<'c> Tx<'c> {
     /// Forgets that `id` was held (its time came and it runs now): the held message and the
     /// `scheduled` record.
     pub fn unschedule(&self, id: &JobId) -> Result<(), StorageError> {
+        if let Some(job) = self.job(id)?.filter(|j| j.state == JobState::Scheduled) {
+            self.log_state(id, &job.client, JobState::Queued)?;
+        }
         self.exec("DELETE FROM scheduled WHERE job_id = ?1", [id.as_str()])?;
         self.exec("DELETE FROM jobs WHERE id = ?1 AND state = 'scheduled'", [id.as_str()])?;
         Ok(())
@@ -683,6 +692,59 @@ impl<'c> Tx<'c> {
             )
             .optional()?;
         self.unseal(stored, &Place { table, column: "value", row: id.as_str(), owner: client })
+    }
+
+    // ---- event log -------------------------------------------------------------------------------
+
+    /// Appends `state` to the state transitions of job `id` (of `client`), unless it is the
+    /// latest already.
+    pub fn log_state(&self, id: &JobId, client: &str, state: JobState) -> Result<(), StorageError> {
+        let last: Option<(i64, String)> = self
+            .one(
+                "SELECT seq, state FROM job_events WHERE job_id = ?1 ORDER BY seq DESC LIMIT 1",
+                [id.as_str()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        if last.as_ref().is_some_and(|(_, s)| s == state.as_str()) {
+            return Ok(());
+        }
+        self.exec(
+            "INSERT INTO job_events (job_id, seq, client, state, at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![id.as_str(), last.map_or(1, |(n, _)| n + 1), client, state.as_str(), now_ms()],
+        )?;
+        Ok(())
+    }
+
+    /// The state transitions of job `id` of `client` after number `after`, oldest first, at
+    /// most `limit`.
+    pub fn job_events(
+        &self,
+        id: &JobId,
+        client: &str,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<gatehouse_protocol::JobEvent>, StorageError> {
+        let mut stmt = self.tx.prepare_cached(
+            "SELECT seq, state, at_ms FROM job_events WHERE job_id = ?1 AND client = ?2 AND seq > ?3
+             ORDER BY seq LIMIT ?4",
+        )?;
+        let rows = stmt.query_map(params![id.as_str(), client, to_i64(after)?, limit], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (seq, state, at_ms) = row?;
+            let status = JobState::parse(&state).ok_or_else(|| {
+                StorageError::Corrupt(format!("job {id}: unknown state {state:?} in its events"))
+            })?;
+            out.push(gatehouse_protocol::JobEvent {
+                seq: seq.max(0) as u64,
+                status,
+                at_ms: at_ms.max(0) as u64,
+            });
+        }
+        Ok(out)
     }
 
     // ---- schedules -------------------------------------------------------------------------------

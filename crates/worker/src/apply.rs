@@ -411,7 +411,12 @@ pub fn cancel(tx: &Tx<'_>, id: &JobId, client: &str) -> Result<JobStatus, Storag
         return Ok(JobStatus::new(id.clone(), JobState::NotFound));
     }
     tx.mark_cancelled(id, client)?;
-    status_for(tx, id, client)
+    let status = status_for(tx, id, client)?;
+    if status.status == JobState::Cancelled {
+        // It will never run: its stream ends here (a running one's ends with its outcome).
+        tx.log_state(id, client, JobState::Cancelled)?;
+    }
+    Ok(status)
 }
 
 fn status_of(tx: &Tx<'_>, job: StoredJob) -> Result<JobStatus, StorageError> {

@@ -590,22 +590,13 @@ pub async fn handle_control(ctx: Arc<Context>, delivery: Delivery) {
             if WorkerKeys::is_fresh(sent_at_ms, CONTROL_MAX_AGE) =>
         {
             let target = ReplyTarget::new(Some(reply), &client, &vouched);
-            // A job this old that storage does not know can never run (its message is stale):
-            // its record was pruned, or it was lost before it ran.
-            let max_age = ctx.keys.max_message_age;
-            let expired = minted_at_ms
-                .is_some_and(|at| crate::keys::now_ms().saturating_sub(at) > max_age.as_millis() as u64);
-            let answer =
-                ctx.store.transact(move |tx| apply::status_for(tx, &id, &client)).await.map(|mut s| {
-                    if s.status == JobState::NotFound && expired {
-                        s.status = JobState::Expired;
-                    }
-                    s
-                });
-            match answer {
-                Ok(status) => reply::send(&ctx, &target, &status).await,
-                Err(e) => tracing::warn!(error = %e, "status query failed"),
-            }
+            answer_query(&ctx, &target, id, client, minted_at_ms, None).await;
+        }
+        Some((ControlRequest::Events { id, client, after, sent_at_ms, reply, minted_at_ms }, vouched))
+            if WorkerKeys::is_fresh(sent_at_ms, CONTROL_MAX_AGE) =>
+        {
+            let target = ReplyTarget::new(Some(reply), &client, &vouched);
+            answer_query(&ctx, &target, id, client, minted_at_ms, Some(after)).await;
         }
         _ => tracing::warn!("unsigned, stale or undecodable control message dropped"),
     }
@@ -614,6 +605,46 @@ pub async fn handle_control(ctx: Arc<Context>, delivery: Delivery) {
         tracing::warn!(error = %e, "could not ack a status query");
     }
 }
+
+/// Answers a status query, and with `events_after` the job's state transitions after that
+/// number too.
+async fn answer_query(
+    ctx: &Context,
+    target: &ReplyTarget,
+    id: JobId,
+    client: String,
+    minted_at_ms: Option<u64>,
+    events_after: Option<u64>,
+) {
+    // A job this old that storage does not know can never run (its message is stale): its
+    // record was pruned, or it was lost before it ran.
+    let max_age = ctx.keys.max_message_age;
+    let expired =
+        minted_at_ms.is_some_and(|at| crate::keys::now_ms().saturating_sub(at) > max_age.as_millis() as u64);
+    let answer = ctx
+        .store
+        .transact(move |tx| {
+            let mut s = apply::status_for(tx, &id, &client)?;
+            if let Some(after) = events_after {
+                s.events = Some(tx.job_events(&id, &client, after, EVENTS_PER_ANSWER)?);
+            }
+            Ok::<_, StorageError>(s)
+        })
+        .await
+        .map(|mut s| {
+            if s.status == JobState::NotFound && expired {
+                s.status = JobState::Expired;
+            }
+            s
+        });
+    match answer {
+        Ok(status) => reply::send(ctx, target, &status).await,
+        Err(e) => tracing::warn!(error = %e, "status query failed"),
+    }
+}
+
+/// Most state transitions in one answer to an events query (the stream asks again for more).
+const EVENTS_PER_ANSWER: u32 = 100;
 
 async fn requeue_after_pause(ctx: &Context, delivery: &Delivery) {
     tokio::time::sleep(TROUBLE_PAUSE).await;

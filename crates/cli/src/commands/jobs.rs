@@ -104,6 +104,65 @@ pub async fn status(endpoint: &Endpoint, id: &str, as_json: bool) -> anyhow::Res
     Ok(print(&res, as_json))
 }
 
+/// `gatehouse status ID --follow`: the job's live event stream, a line per state and a
+/// progress bar while it runs, until it ends; reconnects (resuming after the last event) when
+/// the stream breaks. With `--json`, one event per line. Returns whether the job succeeded.
+///
+/// # Errors
+/// When the gatekeeper cannot be reached at all.
+pub async fn follow(endpoint: &Endpoint, id: &str, as_json: bool) -> anyhow::Result<bool> {
+    let client = endpoint.client()?;
+    let mut last: Option<u64> = None;
+    let mut breaks = 0;
+    loop {
+        let mut conn = client.connect().await?;
+        let mut stream = match conn.events(id, last).await? {
+            Ok(stream) => stream,
+            Err(res) => return Ok(print(&res, as_json)),
+        };
+        while let Ok(Some(event)) = stream.next().await {
+            if let Some(n) = event.id.as_deref().and_then(|n| n.parse().ok()) {
+                last = Some(n);
+            }
+            let data = event.json();
+            if as_json {
+                println!("{}", serde_json::json!({"event": event.event, "id": event.id, "data": data}));
+            }
+            match event.event.as_str() {
+                "progress" if !as_json => {
+                    let percent = data["progress"]["percent"].as_u64().unwrap_or(0).min(100) as usize;
+                    let message = data["progress"]["message"].as_str().unwrap_or("");
+                    eprint!(
+                        "\r[{}{}] {percent:>3}% {message}\x1b[K",
+                        "#".repeat(percent / 5),
+                        ".".repeat(20 - percent / 5)
+                    );
+                }
+                "state" => {
+                    let state = data["status"].as_str().unwrap_or("?");
+                    if !as_json {
+                        eprintln!("\r{state}\x1b[K");
+                    }
+                    if ["succeeded", "failed", "dead_lettered", "cancelled"].contains(&state) {
+                        if !as_json {
+                            for key in ["result", "error", "reason"] {
+                                if !data[key].is_null() {
+                                    println!("  {key}: {}", data[key]);
+                                }
+                            }
+                        }
+                        return Ok(state == "succeeded");
+                    }
+                }
+                _ => {}
+            }
+        }
+        breaks += 1;
+        anyhow::ensure!(breaks <= 10, "the event stream kept breaking");
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
 /// `gatehouse cancel ID`. Returns whether it was cancelled (or told to stop).
 ///
 /// # Errors

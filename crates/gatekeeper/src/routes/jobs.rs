@@ -1,4 +1,4 @@
-//! `POST /v1/jobs` and `GET /v1/jobs/{id}`.
+//! `POST /v1/jobs`, `GET /v1/jobs/{id}` and `DELETE /v1/jobs/{id}`.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -285,18 +285,39 @@ pub async fn cancel(
 
 /// What a route asks the worker about a job.
 #[derive(Clone, Copy)]
-enum Ask {
+pub(crate) enum Ask {
     Status,
     Cancel,
+    /// The state transitions after number `after`, for the event stream; only the stream's
+    /// first query counts against the client's rate (`counted`).
+    Events {
+        after: u64,
+        counted: bool,
+    },
 }
 
 /// Asks the worker about job `id` of `client` over the control queue and waits for the
 /// answer: the job's status, or the response to give instead (not the client's, expired,
 /// unavailable).
-async fn ask_worker(app: &App, client: &ClientIdentity, id: &str, ask: Ask) -> Result<JobStatus, Response> {
+pub(crate) async fn ask_worker(
+    app: &App,
+    client: &ClientIdentity,
+    id: &str,
+    ask: Ask,
+) -> Result<JobStatus, Response> {
     // The same policy as submitting: a client removed from the policy reads nothing, and
-    // every query (a broker round trip) counts against its rate.
-    if let Err(problem) = authorize(app, client) {
+    // every query (a broker round trip) counts against its rate, but an event stream's
+    // follow-up polls.
+    let allowed = match ask {
+        Ask::Events { counted: false, .. } => app
+            .policy
+            .current()
+            .client(&client.0)
+            .map(|_| ())
+            .ok_or_else(|| Problem::forbidden("unknown-client", "this client identity has no policy")),
+        _ => authorize(app, client).map(|_| ()),
+    };
+    if let Err(problem) = allowed {
         app.metrics.rejected(problem.slug());
         return Err(problem.into_response());
     }
@@ -317,6 +338,10 @@ async fn ask_worker(app: &App, client: &ClientIdentity, id: &str, ask: Ask) -> R
             ControlRequest::Status { id: id_, client: client_, sent_at_ms, reply, minted_at_ms }
         }
         Ask::Cancel => ControlRequest::Cancel { id: id_, client: client_, sent_at_ms, reply },
+        Ask::Events { after, .. } => {
+            let minted_at_ms = app.ids.minted_at_ms(&id, &client.0);
+            ControlRequest::Events { id: id_, client: client_, after, sent_at_ms, reply, minted_at_ms }
+        }
     };
     let expiration = app.status_timeout.as_millis().to_string();
     let props = BasicProperties::default().with_expiration(expiration.as_str().into());
@@ -334,7 +359,7 @@ async fn ask_worker(app: &App, client: &ClientIdentity, id: &str, ask: Ask) -> R
     let deadline = tokio::time::Instant::now() + app.status_timeout;
     match waiter.next_until(deadline).await {
         // The id is this client's (checked above) but the worker has not seen it yet.
-        Some(s) if s.status == JobState::NotFound && matches!(ask, Ask::Status) => {
+        Some(s) if s.status == JobState::NotFound && matches!(ask, Ask::Status | Ask::Events { .. }) => {
             Ok(JobStatus::new(id, JobState::Queued))
         }
         Some(s) if s.status == JobState::NotFound => Err(Problem::not_found().into_response()),

@@ -1,5 +1,6 @@
 //! HTTP routes. Every handler answers either its result or a [`Problem`].
 
+pub mod events;
 pub mod health;
 pub mod jobs;
 
@@ -90,6 +91,7 @@ pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/v1/jobs", post(jobs::submit))
         .route("/v1/jobs/{id}", get(jobs::status).delete(jobs::cancel))
+        .route("/v1/jobs/{id}/events", get(events::events))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/openapi.json", get(openapi))

@@ -174,7 +174,10 @@ async fn the_openapi_document_matches_the_routes_and_their_statuses() {
     let doc = res.json();
     assert_eq!(doc["openapi"], "3.1.0");
     let paths: Vec<&str> = doc["paths"].as_object().unwrap().keys().map(String::as_str).collect();
-    assert_eq!(paths, ["/healthz", "/openapi.json", "/readyz", "/v1/jobs", "/v1/jobs/{id}"]);
+    assert_eq!(
+        paths,
+        ["/healthz", "/openapi.json", "/readyz", "/v1/jobs", "/v1/jobs/{id}", "/v1/jobs/{id}/events"]
+    );
     let documented = |path: &str, method: &str, status: u16| {
         doc["paths"][path][method]["responses"].get(status.to_string()).is_some()
     };
@@ -213,7 +216,19 @@ async fn the_openapi_document_matches_the_routes_and_their_statuses() {
     ];
     let id = seen[1].2.json()["id"].as_str().unwrap().to_owned();
     let status = conn.status(&id).await.unwrap();
-    for (path, method, res) in seen.iter().chain([&("/v1/jobs/{id}", "get", status)]) {
+    let not_theirs = conn.events(&"0".repeat(32), None).await.unwrap().err().expect("a stream");
+    let streamed = match sys.connect().await.events(&id, None).await.unwrap() {
+        Ok(mut stream) => {
+            assert_eq!(stream.next().await.unwrap().map(|e| e.event).as_deref(), Some("state"));
+            200
+        }
+        Err(res) => res.status,
+    };
+    assert!(documented("/v1/jobs/{id}/events", "get", streamed), "events answered {streamed}");
+    let events = "/v1/jobs/{id}/events";
+    for (path, method, res) in
+        seen.iter().chain([&("/v1/jobs/{id}", "get", status), &(events, "get", not_theirs)])
+    {
         assert!(
             documented(path, method, res.status),
             "{method} {path} answered {}, not documented",

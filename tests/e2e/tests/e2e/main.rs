@@ -13,6 +13,7 @@ mod checkpoints;
 mod dashboard;
 mod delays;
 mod deploy;
+mod events;
 mod exec;
 mod fuzz;
 mod isolation;

@@ -1,0 +1,130 @@
+//! `GET /v1/jobs/{id}/events`: a job's live event stream (Server-Sent Events, over the same
+//! mTLS). Every state transition the worker recorded is an `event: state` with the
+//! transition's number as its `id`, in order; the final one carries the whole status (result
+//! or error) and ends the stream. While the job runs, a change of its progress is an
+//! `event: progress` (without an id: progress is the latest report, not a transition). A client
+//! that reconnects with `Last-Event-ID: N` gets the transitions after N: none is lost.
+//!
+//! The stream asks the worker (over the control queue, like a status query) every
+//! [`POLL`]; only its first query counts against the client's rate.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Extension, Path, State};
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use gatehouse_protocol::{JobState, JobStatus, Progress};
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use super::App;
+use super::jobs::{Ask, ask_worker};
+use crate::tls::ClientIdentity;
+
+/// How often an open stream asks the worker for news.
+pub const POLL: Duration = Duration::from_millis(250);
+
+pub async fn events(
+    State(app): State<Arc<App>>,
+    Extension(client): Extension<ClientIdentity>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let after = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    // The first query answers what a status query would (404, 429, 503) before any streaming.
+    let first = match ask_worker(&app, &client, &id, Ask::Events { after, counted: true }).await {
+        Ok(s) => s,
+        Err(res) => return res,
+    };
+    let (tx, rx) = mpsc::channel::<Event>(16);
+    tokio::spawn(follow(app, client, id, after, first, tx));
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|e| (Ok::<_, Infallible>(e), rx))
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
+}
+
+/// Sends the job's events into `tx` until the job is final, the client goes (`tx` closes) or
+/// the worker stops answering (the client reconnects with `Last-Event-ID`).
+async fn follow(
+    app: Arc<App>,
+    client: ClientIdentity,
+    id: String,
+    mut after: u64,
+    mut status: JobStatus,
+    tx: mpsc::Sender<Event>,
+) {
+    let mut progress: Option<Progress> = None;
+    let mut told_anything = false;
+    loop {
+        let events = status.events.take().unwrap_or_default();
+        if events.is_empty() && !told_anything && after == 0 {
+            // Nothing recorded yet (the worker has not seen the job), or a job from before the
+            // log: where it is now.
+            let event = state_event(0, &status, None);
+            if tx.send(event).await.is_err() || status.status.is_final() {
+                return;
+            }
+        }
+        told_anything = true;
+        for e in events {
+            after = e.seq;
+            let last = e.status.is_final();
+            // The final transition carries the whole status (result or error).
+            let event = state_event(e.seq, &status, Some(&e));
+            if tx.send(event).await.is_err() || last {
+                return;
+            }
+        }
+        if status.status == JobState::Running && status.progress.is_some() && status.progress != progress {
+            progress = status.progress.clone();
+            let data = json!({"id": status.id, "progress": progress});
+            if tx.send(Event::default().event("progress").data(data.to_string())).await.is_err() {
+                return;
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(POLL) => {}
+            () = tx.closed() => return,
+        }
+        status = match ask_worker(&app, &client, &id, Ask::Events { after, counted: false }).await {
+            Ok(s) => s,
+            Err(_) => {
+                let _ =
+                    tx.send(Event::default().event("error").data(r#"{"error":"worker-unavailable"}"#)).await;
+                return;
+            }
+        };
+    }
+}
+
+/// An `event: state` numbered `seq`: the transition `e`, or with none the status now. A final
+/// one is the whole status.
+fn state_event(seq: u64, now: &JobStatus, e: Option<&gatehouse_protocol::JobEvent>) -> Event {
+    let data = match e {
+        Some(e) if e.status.is_final() => {
+            let mut whole = now.clone();
+            whole.status = e.status;
+            whole.progress = None;
+            serde_json::to_value(&whole).unwrap_or_default()
+        }
+        Some(e) => json!({
+            "id": now.id,
+            "status": e.status,
+            "at": gatehouse_protocol::submit::format_rfc3339_ms(e.at_ms),
+        }),
+        None => {
+            let mut whole = now.clone();
+            whole.progress = None;
+            serde_json::to_value(&whole).unwrap_or_default()
+        }
+    };
+    Event::default().event("state").id(seq.to_string()).data(data.to_string())
+}
