@@ -71,6 +71,14 @@ pub struct ServerSettings {
     pub publish_timeout_ms: u64,
     /// After SIGTERM: how long in-flight requests may take.
     pub stopping_wait_time_ms: u64,
+    /// Longest an event stream stays open; the client reconnects with `Last-Event-ID` (as
+    /// SSE clients do) and loses nothing.
+    #[serde(default = "default_max_stream_s")]
+    pub max_stream_s: u64,
+}
+
+fn default_max_stream_s() -> u64 {
+    300
 }
 
 impl ServerSettings {

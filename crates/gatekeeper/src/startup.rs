@@ -83,6 +83,7 @@ impl Gatekeeper {
             max_body_bytes: settings.server.max_body_bytes,
             max_wait: std::time::Duration::from_secs(settings.server.max_wait_s),
             status_timeout: settings.server.status_timeout(),
+            max_stream: std::time::Duration::from_secs(settings.server.max_stream_s),
             publish_timeout: settings.server.publish_timeout(),
             request_timeout: std::time::Duration::from_millis(settings.server.request_timeout_ms),
         });

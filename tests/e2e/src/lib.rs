@@ -244,6 +244,8 @@ pub struct Options {
     pub schedules: Option<&'static str>,
     /// Worker processes sharing one database (with `worker_binary`); 1 when 0.
     pub workers: usize,
+    /// The gatekeeper's `max_stream_s` (300).
+    pub max_stream_s: Option<u64>,
 }
 
 /// A running gatekeeper + worker pair.
@@ -457,6 +459,7 @@ impl TestSystem {
                 status_timeout_ms: 5000,
                 publish_timeout_ms: 5000,
                 stopping_wait_time_ms: 5000,
+                max_stream_s: options.max_stream_s.unwrap_or(300),
             },
             tls: TlsSettings {
                 cert: certs.path().join("server.pem"),

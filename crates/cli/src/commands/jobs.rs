@@ -120,7 +120,18 @@ pub async fn follow(endpoint: &Endpoint, id: &str, as_json: bool) -> anyhow::Res
             Ok(stream) => stream,
             Err(res) => return Ok(print(&res, as_json)),
         };
-        while let Ok(Some(event)) = stream.next().await {
+        loop {
+            let event = match stream.next().await {
+                Ok(Some(event)) => event,
+                // The server ended the stream (it lasts `max_stream_s`): resume at once.
+                Ok(None) => break,
+                Err(_) => {
+                    breaks += 1;
+                    anyhow::ensure!(breaks <= 10, "the event stream kept breaking");
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    break;
+                }
+            };
             if let Some(n) = event.id.as_deref().and_then(|n| n.parse().ok()) {
                 last = Some(n);
             }
@@ -157,9 +168,6 @@ pub async fn follow(endpoint: &Endpoint, id: &str, as_json: bool) -> anyhow::Res
                 _ => {}
             }
         }
-        breaks += 1;
-        anyhow::ensure!(breaks <= 10, "the event stream kept breaking");
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
 }
 

@@ -6,7 +6,9 @@
 //! that reconnects with `Last-Event-ID: N` gets the transitions after N: none is lost.
 //!
 //! The stream asks the worker (over the control queue, like a status query) every
-//! [`POLL`]; only its first query counts against the client's rate.
+//! [`POLL`]; only its first query counts against the client's rate. It ends after
+//! `server.max_stream_s` (the client reconnects with `Last-Event-ID`); a `Last-Event-ID` that
+//! is not a number is `400 invalid-last-event-id`.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -22,6 +24,7 @@ use tokio::sync::mpsc;
 
 use super::App;
 use super::jobs::{Ask, ask_worker};
+use crate::problem::Problem;
 use crate::tls::ClientIdentity;
 
 /// How often an open stream asks the worker for news.
@@ -33,11 +36,20 @@ pub async fn events(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let after = headers
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .unwrap_or(0);
+    let after = match headers.get("last-event-id").map(|v| v.to_str().map(|v| v.trim().parse::<u64>())) {
+        None => 0,
+        Some(Ok(Ok(n))) => n,
+        // Our event ids are numbers: anything else was not one of them.
+        Some(_) => {
+            return Problem::new(
+                axum::http::StatusCode::BAD_REQUEST,
+                "invalid-last-event-id",
+                "Invalid Last-Event-ID",
+                "Last-Event-ID must be the number of an event of this stream",
+            )
+            .into_response();
+        }
+    };
     // The first query answers what a status query would (404, 429, 503) before any streaming.
     let first = match ask_worker(&app, &client, &id, Ask::Events { after, counted: true }).await {
         Ok(s) => s,
@@ -63,6 +75,7 @@ async fn follow(
 ) {
     let mut progress: Option<Progress> = None;
     let mut told_anything = false;
+    let ends = tokio::time::Instant::now() + app.max_stream;
     loop {
         let events = status.events.take().unwrap_or_default();
         if events.is_empty() && !told_anything && after == 0 {
@@ -93,6 +106,10 @@ async fn follow(
         tokio::select! {
             () = tokio::time::sleep(POLL) => {}
             () = tx.closed() => return,
+        }
+        if tokio::time::Instant::now() >= ends {
+            // Long enough: the client reconnects from its last event.
+            return;
         }
         status = match ask_worker(&app, &client, &id, Ask::Events { after, counted: false }).await {
             Ok(s) => s,

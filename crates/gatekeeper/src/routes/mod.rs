@@ -39,6 +39,8 @@ pub struct App {
     pub max_body_bytes: usize,
     pub max_wait: Duration,
     pub status_timeout: Duration,
+    /// Longest an event stream stays open.
+    pub max_stream: Duration,
     pub publish_timeout: Duration,
     pub request_timeout: Duration,
 }

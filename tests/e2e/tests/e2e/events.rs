@@ -116,3 +116,48 @@ async fn another_clients_job_has_no_stream() {
     assert_problem(&refused, 404, "not-found");
     sys.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stream_ends_after_max_stream_s_and_resumes_from_its_last_event() {
+    let sys =
+        TestSystem::start_with(Options { testing: true, max_stream_s: Some(1), ..Options::default() }).await;
+    let id = submit(&sys, json!({"kind": "test.long", "payload": {"steps": 6, "step_ms": 500}})).await;
+    let mut all = Vec::new();
+    let mut last = None;
+    let mut streams = 0;
+    while all.last().is_none_or(|(_, s): &(u64, String)| s != "succeeded") {
+        streams += 1;
+        assert!(streams < 20, "{all:?}");
+        let got = states(&rest(&mut open(&sys, &id, last).await).await);
+        all.extend(got.into_iter().filter(|(n, _)| *n > 0));
+        last = all.last().map(|(n, _)| *n);
+    }
+    assert!(streams >= 2, "one stream outlived max_stream_s");
+    let names: Vec<&str> = all.iter().map(|(_, s)| s.as_str()).collect();
+    assert_eq!(names, ["running", "succeeded"], "{all:?}");
+    assert_eq!(all.iter().map(|(n, _)| *n).collect::<Vec<_>>(), [1, 2]);
+    // The CLI reconnects the same way.
+    let certs = sys.certs.path();
+    let endpoint = gatehouse_cli::commands::jobs::Endpoint {
+        url: sys.url(),
+        cert: certs.join("client.pem"),
+        key: certs.join("client.key"),
+        ca: certs.join("ca.pem"),
+    };
+    let id = submit(&sys, json!({"kind": "test.long", "payload": {"steps": 5, "step_ms": 500}})).await;
+    assert!(gatehouse_cli::commands::jobs::follow(&endpoint, &id, true).await.unwrap());
+    // A Last-Event-ID that is not one of ours is refused.
+    let res = sys
+        .connect()
+        .await
+        .request(
+            gatehouse_client::Method::GET,
+            &format!("/v1/jobs/{id}/events"),
+            &[("last-event-id", "{}")],
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_problem(&res, 400, "invalid-last-event-id");
+    sys.stop().await;
+}
