@@ -457,6 +457,23 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_schedule_loads_once_uncommented() {
+        let shipped = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/schedules.toml"),
+        )
+        .unwrap();
+        let example: String = shipped
+            .lines()
+            .skip_while(|l| !l.starts_with("# [[schedule]]"))
+            .map(|l| format!("{}\n", l.strip_prefix("# ").unwrap_or(l)))
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let loaded = schedules(dir.path(), &example).unwrap();
+        assert_eq!(loaded.0.len(), 1, "{example}");
+        assert_eq!(loaded.0[0].spec.catch_up, CatchUp::Last);
+    }
+
+    #[test]
     fn firings_are_whole_seconds_in_the_schedules_time_zone() {
         let dir = tempfile::tempdir().unwrap();
         let text = "[[schedule]]\nname = \"daily\"\ncron = \"0 2 * * *\"\ntimezone = \"Europe/Berlin\"\n\
