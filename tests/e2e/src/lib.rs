@@ -539,6 +539,17 @@ impl TestSystem {
         self.client_as("client")
     }
 
+    /// The CLI's view of this gatekeeper, as dev-client.
+    pub fn endpoint(&self) -> gatehouse_cli::commands::jobs::Endpoint {
+        let dir = self.certs.path();
+        gatehouse_cli::commands::jobs::Endpoint {
+            url: self.url(),
+            cert: dir.join("client.pem"),
+            key: dir.join("client.key"),
+            ca: dir.join("ca.pem"),
+        }
+    }
+
     /// A connection as dev-client.
     pub async fn connect(&self) -> Connection {
         self.client().connect().await.expect("connect")

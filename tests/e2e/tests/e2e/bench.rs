@@ -2,7 +2,6 @@
 //! reports what it promises. (The figures themselves come from the full run; see the README.)
 
 use gatehouse_cli::bench::{self, BenchArgs};
-use gatehouse_cli::commands::jobs::Endpoint;
 use gatehouse_e2e::{TestSystem, broker_url};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -13,14 +12,8 @@ async fn every_scenario_runs_and_reports() {
         ..Default::default()
     })
     .await;
-    let certs = sys.certs.path();
     let args = BenchArgs {
-        endpoint: Endpoint {
-            url: sys.url(),
-            cert: certs.join("client.pem"),
-            key: certs.join("client.key"),
-            ca: certs.join("ca.pem"),
-        },
+        endpoint: sys.endpoint(),
         scenarios: ["sync", "async", "priority", "idle", "kinds"].map(String::from).to_vec(),
         kinds: vec!["acme.upper-stream".into()],
         concurrency: 2,

@@ -87,13 +87,7 @@ async fn a_jobs_stream_delivers_every_transition_in_order_with_progress_and_ends
 
     // `gatehouse status ID --follow` follows the stream to the end: true when it succeeded,
     // false for a job that was dead-lettered after its attempts.
-    let certs = sys.certs.path();
-    let endpoint = gatehouse_cli::commands::jobs::Endpoint {
-        url: sys.url(),
-        cert: certs.join("client.pem"),
-        key: certs.join("client.key"),
-        ca: certs.join("ca.pem"),
-    };
+    let endpoint = sys.endpoint();
     let id = submit(&sys, json!({"kind": "test.long", "payload": {"steps": 3, "step_ms": 200}})).await;
     assert!(gatehouse_cli::commands::jobs::follow(&endpoint, &id, false).await.unwrap());
     let id = submit(&sys, json!({"kind": "test.fail", "payload": {"times": 9}})).await;
@@ -137,13 +131,7 @@ async fn a_stream_ends_after_max_stream_s_and_resumes_from_its_last_event() {
     assert_eq!(names, ["running", "succeeded"], "{all:?}");
     assert_eq!(all.iter().map(|(n, _)| *n).collect::<Vec<_>>(), [1, 2]);
     // The CLI reconnects the same way.
-    let certs = sys.certs.path();
-    let endpoint = gatehouse_cli::commands::jobs::Endpoint {
-        url: sys.url(),
-        cert: certs.join("client.pem"),
-        key: certs.join("client.key"),
-        ca: certs.join("ca.pem"),
-    };
+    let endpoint = sys.endpoint();
     let id = submit(&sys, json!({"kind": "test.long", "payload": {"steps": 5, "step_ms": 500}})).await;
     assert!(gatehouse_cli::commands::jobs::follow(&endpoint, &id, true).await.unwrap());
     // A Last-Event-ID that is not one of ours is refused.
