@@ -15,7 +15,12 @@
 //! Replies and retries go through their own exchanges rather than the default one, so that
 //! no user needs write access to `amq.default` (which reaches every queue).
 //!
-//! Job queues are classic queues: RabbitMQ 3.10 refuses `x-max-priority` on quorum queues.
+//! A queue class is a classic queue with priorities 0–9 (`x-max-priority`), or with
+//! `type = "quorum"` one replicated quorum queue per priority lane,
+//! `gatehouse.jobs.<class>.p<lane>`, routed by the gatekeeper from the job's priority (RabbitMQ
+//! 3.10 refuses `x-max-priority` on quorum queues; the worker orders across lanes, see
+//! `gatehouse_worker::dispatch`). The routing key of a class's queue (or lane) is its *route*:
+//! the class name, or `<class>.p<lane>`; retries and replays use the route too.
 //! A `prefix` (empty in production) lets tests share one broker without sharing queues.
 
 use lapin::Channel;
@@ -23,7 +28,7 @@ use lapin::ExchangeKind;
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 
-use gatehouse_protocol::catalog::QueueClass;
+use gatehouse_protocol::catalog::{QueueClass, QueueType};
 
 /// Routing key of the control queue on the jobs exchange.
 pub const CONTROL_ROUTING_KEY: &str = "control";
@@ -39,7 +44,7 @@ pub mod headers {
     pub const LAST_ERROR: &str = "x-gatehouse-last-error";
     /// The job queue the message came from.
     pub const ORIGINAL_QUEUE: &str = "x-gatehouse-original-queue";
-    /// The queue class (routing key on `gatehouse.jobs`) to replay it to.
+    /// The route (routing key on `gatehouse.jobs`: the class, or its lane) to replay it to.
     pub const QUEUE_CLASS: &str = "x-gatehouse-queue-class";
     /// Unix ms when it was dead-lettered.
     pub const DEAD_AT: &str = "x-gatehouse-dead-at";
@@ -135,15 +140,27 @@ impl Topology {
         self.bind(ch, &self.dead_queue(), &self.dead_exchange(), "").await?;
 
         for class in classes {
-            let mut args = FieldTable::default();
-            args.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(9));
-            args.insert("x-max-length".into(), AMQPValue::LongUInt(class.max_length));
-            args.insert("x-overflow".into(), long_string("reject-publish"));
-            args.insert("x-dead-letter-exchange".into(), long_string(&self.dead_exchange()));
-            let queue = self.job_queue(&class.name);
-            ch.queue_declare(queue.as_str().into(), durable_q, args).await?;
-            self.bind(ch, &queue, &self.jobs_exchange(), &class.name).await?;
-            self.bind(ch, &queue, &self.requeue_exchange(), &class.name).await?;
+            // A classic queue orders by message priority; a quorum class has a queue per
+            // priority lane (quorum queues refuse x-max-priority), each replicated.
+            for route in class.routes() {
+                let mut args = FieldTable::default();
+                match class.queue_type {
+                    QueueType::Classic => {
+                        args.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(9));
+                    }
+                    QueueType::Quorum => {
+                        args.insert("x-queue-type".into(), long_string("quorum"));
+                        args.insert("x-delivery-limit".into(), AMQPValue::LongUInt(class.delivery_limit));
+                    }
+                }
+                args.insert("x-max-length".into(), AMQPValue::LongUInt(class.max_length));
+                args.insert("x-overflow".into(), long_string("reject-publish"));
+                args.insert("x-dead-letter-exchange".into(), long_string(&self.dead_exchange()));
+                let queue = self.job_queue(&route);
+                ch.queue_declare(queue.as_str().into(), durable_q, args).await?;
+                self.bind(ch, &queue, &self.jobs_exchange(), &route).await?;
+                self.bind(ch, &queue, &self.requeue_exchange(), &route).await?;
+            }
         }
 
         // Status queries are cheap to repeat, so the control queue drops what nobody read

@@ -9,14 +9,86 @@ use serde::Deserialize;
 
 use crate::Priority;
 
-/// One queue class: a durable priority queue `gatehouse.jobs.<name>`.
+/// One queue class: a durable classic priority queue `gatehouse.jobs.<name>` (priorities 0
+/// to 9), or with `type = "quorum"` a few replicated quorum queues, one per priority lane,
+/// `gatehouse.jobs.<name>.p<lowest priority of the lane>` (RabbitMQ's quorum queues have no
+/// message priorities; the worker runs what it holds from the lanes in priority order).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QueueClass {
     pub name: String,
-    /// Messages the queue holds before the broker refuses publishes (`reject-publish`),
-    /// which the gatekeeper turns into `503` + `Retry-After`.
+    /// Messages the queue (each lane) holds before the broker refuses publishes
+    /// (`reject-publish`), which the gatekeeper turns into `503` + `Retry-After`.
     pub max_length: u32,
+    #[serde(default, rename = "type")]
+    pub queue_type: QueueType,
+    /// Quorum only: the lowest priority of each lane (it includes 0); `[7, 4, 0]` unless set:
+    /// lanes for priorities 7–9, 4–6 and 0–3.
+    #[serde(default)]
+    pub lanes: Option<Vec<u8>>,
+    /// Quorum only: deliveries of one message after which the broker dead-letters it
+    /// (`x-delivery-limit`), a backstop behind the worker's own attempt counting; high, so that
+    /// deliveries that were only prefetched when a worker died never reach it.
+    #[serde(default = "default_delivery_limit")]
+    pub delivery_limit: u32,
+}
+
+fn default_delivery_limit() -> u32 {
+    50
+}
+
+/// What kind of broker queue a class is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    /// One classic queue with message priorities 0–9, on one node.
+    #[default]
+    Classic,
+    /// Replicated quorum queues, one per priority lane.
+    Quorum,
+}
+
+impl QueueClass {
+    /// The lanes' lowest priorities, highest lane first; empty for a classic queue.
+    pub fn lanes(&self) -> Vec<u8> {
+        if self.queue_type == QueueType::Classic {
+            return Vec::new();
+        }
+        let mut lanes = self.lanes.clone().unwrap_or_else(|| vec![7, 4, 0]);
+        lanes.sort_unstable_by(|a, b| b.cmp(a));
+        lanes.dedup();
+        lanes
+    }
+
+    /// The routing key (and queue name suffix) of a job of this class at `priority`: the
+    /// class's name, or for quorum lanes `<name>.p<lane>`.
+    pub fn route(&self, priority: u8) -> String {
+        match self.lanes().into_iter().find(|lane| *lane <= priority) {
+            Some(lane) => format!("{}.p{lane}", self.name),
+            None => self.name.clone(),
+        }
+    }
+
+    /// Every route of this class: its lanes' (highest first), or its name.
+    pub fn routes(&self) -> Vec<String> {
+        let lanes = self.lanes();
+        if lanes.is_empty() {
+            return vec![self.name.clone()];
+        }
+        lanes.into_iter().map(|lane| format!("{}.p{lane}", self.name)).collect()
+    }
+
+    fn check(&self) -> Result<(), String> {
+        match (self.queue_type, &self.lanes) {
+            (QueueType::Classic, Some(_)) => {
+                Err(format!("queue {}: lanes are for type = \"quorum\"", self.name))
+            }
+            (QueueType::Quorum, Some(l)) if l.is_empty() || l.iter().any(|p| *p > 9) || !l.contains(&0) => {
+                Err(format!("queue {}: lanes are priorities 0 to 9 and include 0", self.name))
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 /// One job kind.
@@ -186,6 +258,9 @@ impl Catalog {
     }
 
     fn from_parts(queues: Vec<QueueClass>, kinds: Vec<KindSpec>, base: &Path) -> Result<Self, CatalogError> {
+        for q in &queues {
+            q.check().map_err(CatalogError::Invalid)?;
+        }
         let mut map = BTreeMap::new();
         for mut kind in kinds {
             if !queues.iter().any(|q| q.name == kind.queue) {
@@ -242,6 +317,21 @@ impl Catalog {
 
     pub fn queues(&self) -> &[QueueClass] {
         &self.queues
+    }
+
+    /// The queue class called `name`.
+    pub fn queue(&self, name: &str) -> Option<&QueueClass> {
+        self.queues.iter().find(|q| q.name == name)
+    }
+
+    /// The route (routing key, queue suffix) of a job of `kind` at `priority`.
+    pub fn route(&self, kind: &KindSpec, priority: u8) -> String {
+        self.queue(&kind.queue).map_or_else(|| kind.queue.clone(), |q| q.route(priority))
+    }
+
+    /// The class a route belongs to (a lane's, or the class of that name).
+    pub fn class_of_route(&self, route: &str) -> Option<&QueueClass> {
+        self.queues.iter().find(|q| q.routes().iter().any(|r| r == route))
     }
 }
 

@@ -530,7 +530,9 @@ fn check_delivery(
     data: &[u8],
     env: &JobEnvelope,
 ) -> Result<Option<u64>, Refusal> {
-    let queue_ok = ctx.catalog.kind(&env.kind).is_none_or(|k| k.queue == class);
+    // Its class's queue, or for quorum lanes the lane of its priority.
+    let queue_ok =
+        ctx.catalog.kind(&env.kind).is_none_or(|k| ctx.catalog.route(k, env.priority.get()) == class);
     let priority = delivery.properties.priority().unwrap_or(0);
     if !queue_ok || priority != env.priority.get() {
         tracing::warn!(job_id = %env.id, queue = class, priority, vouched = env.priority.get(), "delivery metadata differs from the vouched job");

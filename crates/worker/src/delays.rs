@@ -60,7 +60,7 @@ pub async fn send_back(ctx: &Context, id: &JobId, envelope: &[u8]) -> anyhow::Re
             return Ok(false);
         }
     };
-    let Some(class) = ctx.catalog.kind(&env.kind).map(|k| k.queue.clone()) else {
+    let Some(class) = ctx.catalog.kind(&env.kind).map(|k| ctx.catalog.route(k, env.priority.get())) else {
         tracing::error!(job_id = %id, kind = %env.kind, "held job of a kind no longer in the catalog; left held");
         return Ok(false);
     };

@@ -46,7 +46,10 @@ async fn sweep_once(ctx: &Context) -> anyhow::Result<()> {
                 continue;
             }
         };
-        let class = ctx.catalog.kind(&env.kind).map_or_else(|| "batch".to_owned(), |k| k.queue.clone());
+        let class = ctx
+            .catalog
+            .kind(&env.kind)
+            .map_or_else(|| "batch".to_owned(), |k| ctx.catalog.route(k, env.priority.get()));
         let props = BasicProperties::default()
             .with_message_id(env.id.as_str().into())
             .with_priority(env.priority.get());

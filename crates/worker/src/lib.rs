@@ -16,6 +16,7 @@ pub mod cancel;
 pub mod consumer;
 pub mod dashboard;
 pub mod delays;
+pub mod dispatch;
 pub mod gaps;
 pub mod handlers;
 pub mod job_locks;

@@ -1,6 +1,7 @@
 //! Build (open storage, connect, declare), then run until told to stop, reconnecting with
 //! backoff whenever the broker connection is lost.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -411,12 +412,14 @@ impl Session {
 
         let (tx, mut rx) = mpsc::channel::<(Source, Delivery)>(64);
         let mut tags = Vec::new();
-        for class in self.ctx.catalog.queues() {
-            let tag = format!("worker.{}", class.name);
-            start(&jobs, &topology.job_queue(&class.name), &tag, Source::Job(class.name.clone()), &tx)
-                .await?;
+        // Every class's queue, or each of its priority lanes (quorum).
+        for route in self.ctx.catalog.queues().iter().flat_map(|q| q.routes()) {
+            let tag = format!("worker.{route}");
+            start(&jobs, &topology.job_queue(&route), &tag, Source::Job(route.clone()), &tx).await?;
             tags.push((jobs.clone(), tag));
         }
+        let mut lanes =
+            crate::dispatch::Lanes::new(&self.ctx.catalog, usize::from(settings.consumer.prefetch));
         start(&control, &topology.control_queue(), "worker.control", Source::Control, &tx).await?;
         tags.push((control.clone(), "worker.control".to_owned()));
         drop(tx);
@@ -432,17 +435,36 @@ impl Session {
             tokio::spawn(async move { crate::delays::release_forever(&ctx).await })
         };
         let mut in_flight = JoinSet::new();
+        // The tasks that hold a slot of a quorum class, and its name (freed however they end).
+        let mut lane_tasks: HashMap<tokio::task::Id, String> = HashMap::new();
         let ended = loop {
             tokio::select! {
                 _ = stop.wait_for(|s| *s) => break Ended::Stopped,
                 next = rx.recv() => match next {
-                    Some((Source::Job(class), d)) => { in_flight.spawn(consumer::handle_job(self.ctx.clone(), class, d)); }
+                    Some((Source::Job(route), d)) => match lanes.class_of(&route) {
+                        Some(class) => lanes.hold(&class, route, d),
+                        None => { in_flight.spawn(consumer::handle_job(self.ctx.clone(), route, d)); }
+                    },
                     Some((Source::Control, d)) => { in_flight.spawn(consumer::handle_control(self.ctx.clone(), d)); }
                     None => break Ended::ConnectionLost,
                 },
-                Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
-                    if let Err(e) = done { tracing::error!(error = %e, "delivery task failed"); }
+                Some(done) = in_flight.join_next_with_id(), if !in_flight.is_empty() => {
+                    let id = match &done {
+                        Ok((id, ())) => *id,
+                        Err(e) => {
+                            tracing::error!(error = %e, "delivery task failed");
+                            e.id()
+                        }
+                    };
+                    if let Some(class) = lane_tasks.remove(&id) {
+                        lanes.finished(&class);
+                    }
                 }
+            }
+            // Start what the lanes hold, highest priority first, as slots free up.
+            while let Some((class, route, d)) = lanes.next() {
+                let task = in_flight.spawn(consumer::handle_job(self.ctx.clone(), route, d));
+                lane_tasks.insert(task.id(), class);
             }
         };
         sweeper.abort();
@@ -454,6 +476,10 @@ impl Session {
             let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
         }
         rx.close();
+        for d in lanes.drain() {
+            let _ = d.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+            self.ctx.acks.settled_elsewhere(d.delivery_tag);
+        }
         while let Ok((source, d)) = rx.try_recv() {
             let _ = d.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
             if matches!(source, Source::Job(_)) {

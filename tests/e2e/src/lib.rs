@@ -246,6 +246,8 @@ pub struct Options {
     pub workers: usize,
     /// The gatekeeper's `max_stream_s` (300).
     pub max_stream_s: Option<u64>,
+    /// Every queue class of the catalog as quorum lanes (`type = "quorum"`).
+    pub quorum: bool,
 }
 
 /// A running gatekeeper + worker pair.
@@ -305,7 +307,7 @@ fn catalog_for(options: &Options, dir: &Path) -> PathBuf {
         return own.clone();
     }
     let shipped = repo_root().join("config/jobs.toml");
-    if options.gap_timeout_s.is_none() && options.max_length.is_none() {
+    if options.gap_timeout_s.is_none() && options.max_length.is_none() && !options.quorum {
         return shipped;
     }
     let schemas = repo_root().join("config/schemas");
@@ -314,6 +316,9 @@ fn catalog_for(options: &Options, dir: &Path) -> PathBuf {
     for line in text.lines() {
         if options.gap_timeout_s.is_some() && line.starts_with("gap_timeout_s") {
             continue;
+        }
+        if options.quorum && line.starts_with("max_length") {
+            out.push_str("type = \"quorum\"\n");
         }
         if let (Some(max), true) = (options.max_length, line.starts_with("max_length")) {
             out.push_str(&format!("max_length = {max}\n"));
@@ -629,7 +634,7 @@ impl TestSystem {
             }
         }
         if self.owns_topology {
-            delete_topology(&self.prefix).await;
+            delete_topology(&self.prefix, &self.worker_settings.catalog.path).await;
         }
     }
 }
@@ -722,7 +727,7 @@ fn worker_toml(s: &WorkerSettings) -> String {
     )
 }
 
-async fn delete_topology(prefix: &str) {
+async fn delete_topology(prefix: &str, catalog: &Path) {
     let Ok(conn) = gatehouse_broker::connect(&broker_url(), "gatehouse-e2e-cleanup").await else {
         return;
     };
@@ -730,12 +735,14 @@ async fn delete_topology(prefix: &str) {
         return;
     };
     let t = Topology::new(prefix);
-    let catalog = Catalog::load(&repo_root().join("config/jobs.toml")).expect("catalog");
-    let mut queues: Vec<String> = catalog.queues().iter().map(|q| t.job_queue(&q.name)).collect();
+    let catalog = Catalog::load(catalog).expect("catalog");
+    let mut queues: Vec<String> =
+        catalog.queues().iter().flat_map(|q| q.routes()).map(|r| t.job_queue(&r)).collect();
     queues.extend([t.dead_queue(), t.control_queue()]);
     for kind in catalog.kinds() {
-        for attempt in 0..kind.max_attempts {
-            queues.push(t.retry_queue(&kind.queue, kind.retry_backoff_ms << attempt));
+        let routes = catalog.queue(&kind.queue).map(|q| q.routes()).unwrap_or_default();
+        for (route, attempt) in routes.iter().flat_map(|r| (0..kind.max_attempts).map(move |a| (r, a))) {
+            queues.push(t.retry_queue(route, kind.retry_backoff_ms << attempt));
         }
     }
     for q in queues {

@@ -184,7 +184,8 @@ async fn accept(
     // measurable share of its throughput (see `Vouched`). The job id and reply target travel in
     // the body; the worker labels a dead letter with the id (`message_id`) for `gatehouse dlq`.
     let props = BasicProperties::default().with_priority(priority.get());
-    publish(app, &spec.queue, &body, props, true).await?;
+    // Its class's queue, or for quorum lanes the lane of its priority.
+    publish(app, &app.catalog.route(spec, priority.get()), &body, props, true).await?;
     tracing::debug!(job_id = %envelope.id, kind = %envelope.kind, priority = priority.get(), "job accepted");
 
     let mut last = JobStatus::new(envelope.id.clone(), JobState::Queued);

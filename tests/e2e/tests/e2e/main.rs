@@ -17,6 +17,7 @@ mod events;
 mod exec;
 mod fuzz;
 mod isolation;
+mod lanes;
 mod metrics;
 mod progress;
 mod retention;
