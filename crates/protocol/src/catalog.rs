@@ -360,16 +360,46 @@ mod tests {
         }
     }
 
+    fn classic(name: &str) -> QueueClass {
+        QueueClass {
+            name: name.into(),
+            max_length: 10,
+            queue_type: QueueType::Classic,
+            lanes: None,
+            delivery_limit: 50,
+        }
+    }
+
+    #[test]
+    fn a_quorum_class_routes_each_priority_to_its_lane() {
+        let q = QueueClass { queue_type: QueueType::Quorum, ..classic("batch") };
+        assert_eq!(q.routes(), ["batch.p7", "batch.p4", "batch.p0"]);
+        let lanes: Vec<String> = (0..=9).map(|p| q.route(p)).collect();
+        assert_eq!(lanes[..4], ["batch.p0"; 4]);
+        assert_eq!(lanes[4..7], ["batch.p4"; 3]);
+        assert_eq!(lanes[7..], ["batch.p7"; 3]);
+        let two = QueueClass { lanes: Some(vec![0, 9]), ..q.clone() };
+        assert_eq!((two.route(8), two.route(9)), ("batch.p0".into(), "batch.p9".into()));
+        // A classic class is its own route; lanes must include 0 and are for quorum classes.
+        assert_eq!(
+            (classic("batch").route(9), classic("batch").routes()),
+            ("batch".into(), vec!["batch".into()])
+        );
+        assert!(QueueClass { lanes: Some(vec![5, 9]), ..q.clone() }.check().is_err());
+        assert!(QueueClass { lanes: Some(vec![0, 10]), ..q }.check().is_err());
+        assert!(QueueClass { lanes: Some(vec![0]), ..classic("batch") }.check().is_err());
+    }
+
     #[test]
     fn unknown_queue_class_is_refused() {
-        let q = vec![QueueClass { name: "batch".into(), max_length: 10 }];
+        let q = vec![classic("batch")];
         let err = Catalog::from_parts(q, vec![kind("a", "nope")], Path::new("/c")).unwrap_err();
         assert!(err.to_string().contains("unknown queue class"));
     }
 
     #[test]
     fn schema_paths_are_resolved_against_the_catalog() {
-        let q = vec![QueueClass { name: "batch".into(), max_length: 10 }];
+        let q = vec![classic("batch")];
         let c = Catalog::from_parts(q, vec![kind("a", "batch")], Path::new("/c")).unwrap();
         assert_eq!(c.kind("a").unwrap().schema, Path::new("/c/s.json"));
     }

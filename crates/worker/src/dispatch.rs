@@ -63,7 +63,7 @@ impl Lanes {
 
     /// The next delivery to start, if a class has one held and a free slot: (class, route,
     /// delivery). Counted as running until [`Lanes::finished`].
-    pub fn next(&mut self) -> Option<(String, String, Delivery)> {
+    pub fn next_to_start(&mut self) -> Option<(String, String, Delivery)> {
         let slots = self.slots;
         let (class, c) = self.classes.iter_mut().find(|(_, c)| c.running < slots && !c.order.is_empty())?;
         let (n, _) = c.order.pop()?;
@@ -72,7 +72,7 @@ impl Lanes {
         Some((class.clone(), route, delivery))
     }
 
-    /// A job of `class` that [`Lanes::next`] started has ended.
+    /// A job of `class` that [`Lanes::next_to_start`] started has ended.
     pub fn finished(&mut self, class: &str) {
         if let Some(c) = self.classes.get_mut(class) {
             c.running = c.running.saturating_sub(1);

@@ -462,7 +462,7 @@ impl Session {
                 }
             }
             // Start what the lanes hold, highest priority first, as slots free up.
-            while let Some((class, route, d)) = lanes.next() {
+            while let Some((class, route, d)) = lanes.next_to_start() {
                 let task = in_flight.spawn(consumer::handle_job(self.ctx.clone(), route, d));
                 lane_tasks.insert(task.id(), class);
             }
