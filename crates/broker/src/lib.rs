@@ -36,7 +36,35 @@ pub async fn connect(url: &str, component: &str) -> Result<Connection, lapin::Er
 /// When a TLS file cannot be read, the broker cannot be reached, the TLS handshake fails, or
 /// the broker refuses the credentials.
 pub async fn connect_with(settings: &BrokerSettings, component: &str) -> Result<Connection, ConnectError> {
-    let url = settings.url.expose();
+    // The cluster's nodes in turn, from the one after the node this process last reached (so
+    // that a node that was lost is tried last); the first that answers.
+    let urls = settings.urls();
+    let start = NEXT_NODE.load(std::sync::atomic::Ordering::Relaxed);
+    let mut last = None;
+    for i in 0..urls.len() {
+        let n = (start + i) % urls.len();
+        match connect_to(urls[n], settings, component).await {
+            Ok(c) => {
+                NEXT_NODE.store(n + 1, std::sync::atomic::Ordering::Relaxed);
+                if urls.len() > 1 {
+                    tracing::info!(node = n + 1, of = urls.len(), "connected to a broker node");
+                }
+                return Ok(c);
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| ConnectError::Tls("no broker URL".into())))
+}
+
+/// Where [`connect_with`] starts next: the node after the one it reached last.
+static NEXT_NODE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+async fn connect_to(
+    url: &str,
+    settings: &BrokerSettings,
+    component: &str,
+) -> Result<Connection, ConnectError> {
     let Some(tls) = settings.tls.as_ref().filter(|_| url.starts_with("amqps://")) else {
         return Ok(connect(url, component).await?);
     };
@@ -76,6 +104,10 @@ pub struct BrokerTlsSettings {
 pub struct BrokerSettings {
     /// `amqp://user:password@host:port/vhost`; holds a password, so never logged.
     pub url: gatehouse_protocol::settings::Secret,
+    /// The other nodes of a RabbitMQ cluster, in the same form: a connection goes to any node
+    /// that answers, and after a loss to the next one.
+    #[serde(default)]
+    pub other_urls: Vec<gatehouse_protocol::settings::Secret>,
     /// Prefix of every exchange and queue name; empty in production, unique per test.
     #[serde(default)]
     pub prefix: String,
@@ -87,5 +119,10 @@ pub struct BrokerSettings {
 impl BrokerSettings {
     pub fn topology(&self) -> Topology {
         Topology::new(self.prefix.clone())
+    }
+
+    /// `url`, then `other_urls`.
+    pub fn urls(&self) -> Vec<&str> {
+        std::iter::once(&self.url).chain(&self.other_urls).map(|u| u.expose()).collect()
     }
 }

@@ -248,6 +248,8 @@ pub struct Options {
     pub max_stream_s: Option<u64>,
     /// Every queue class of the catalog as quorum lanes (`type = "quorum"`).
     pub quorum: bool,
+    /// The components' first broker URL answers nowhere; the real one is the second.
+    pub dead_first_node: bool,
 }
 
 /// A running gatekeeper + worker pair.
@@ -367,16 +369,17 @@ impl TestSystem {
         .expect("policy");
         let prefix = options.prefix.clone().unwrap_or_else(|| format!("t{}.", random_hex(4)));
         let (gatekeeper_url, worker_url) = options.broker_urls.clone().unwrap_or((url.clone(), url));
-        let broker = BrokerSettings {
-            url: Secret::new(gatekeeper_url),
-            prefix: prefix.clone(),
-            tls: options.broker_tls.clone(),
+        // With `dead_first_node`, each component's first URL is a port nobody listens on.
+        let nodes = |url: String| match options.dead_first_node {
+            true => (Secret::new("amqp://guest:guest@127.0.0.1:1/%2f"), vec![Secret::new(url)]),
+            false => (Secret::new(url), Vec::new()),
         };
-        let worker_broker = BrokerSettings {
-            url: Secret::new(worker_url),
-            prefix: prefix.clone(),
-            tls: options.broker_tls.clone(),
-        };
+        let (url, other_urls) = nodes(gatekeeper_url);
+        let broker =
+            BrokerSettings { url, other_urls, prefix: prefix.clone(), tls: options.broker_tls.clone() };
+        let (url, other_urls) = nodes(worker_url);
+        let worker_broker =
+            BrokerSettings { url, other_urls, prefix: prefix.clone(), tls: options.broker_tls.clone() };
         let catalog = catalog_for(&options, data.path());
 
         let worker_settings = WorkerSettings {
@@ -699,13 +702,14 @@ impl WorkerProcess {
 /// The worker settings as a TOML file for the worker binary.
 fn worker_toml(s: &WorkerSettings) -> String {
     format!(
-        "[broker]\nurl = \"{}\"\nprefix = \"{}\"\n\n[consumer]\nprefetch = {}\nstopping_wait_time_ms = {}\nmax_parked_per_client = {}\n\
+        "[broker]\nurl = \"{}\"\nother_urls = [{}]\nprefix = \"{}\"\n\n[consumer]\nprefetch = {}\nstopping_wait_time_ms = {}\nmax_parked_per_client = {}\n\
          hand_off_after_ms = {}\nlease_ms = {}\n\n\
          [storage]\npath = \"{}\"\n\n[catalog]\npath = \"{}\"\n\n[testing]\nenabled = {}\n\n\
          [keys]\nsealing_key = \"{}\"\ngatekeeper_signing_keys = [\"{}\"]\n\
          operator_keys = [\"{}\"]\ndata_keyring = \"{}\"\nmax_message_age_s = {}\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
          [retention]\n{}prune_batch = {}\nprune_every_ms = {}\n\n[schedules]\n{}",
         s.broker.url.expose(),
+        s.broker.other_urls.iter().map(|u| format!("\"{}\"", u.expose())).collect::<Vec<_>>().join(", "),
         s.broker.prefix,
         s.consumer.prefetch,
         s.consumer.stopping_wait_time_ms,

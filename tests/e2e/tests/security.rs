@@ -330,6 +330,7 @@ async fn both_components_reach_the_broker_over_mutual_tls() {
     // Without a client certificate, or with one from another CA, the broker refuses the link.
     let settings = |tls| gatehouse_broker::BrokerSettings {
         url: gatehouse_protocol::settings::Secret::new(url.clone()),
+        other_urls: Vec::new(),
         prefix: String::new(),
         tls,
     };

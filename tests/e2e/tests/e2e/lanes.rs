@@ -117,3 +117,27 @@ async fn priority_holds_on_quorum_lanes_behind_a_backlog() {
     ));
     sys.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn both_components_connect_to_any_broker_node_that_answers() {
+    // Each component's first broker URL is a port nobody listens on; the second is the broker.
+    let sys = TestSystem::start_with(Options {
+        worker_binary: Some(env!("CARGO_BIN_EXE_e2e-worker")),
+        dead_first_node: true,
+        ..Options::default()
+    })
+    .await;
+    let r = sys
+        .connect()
+        .await
+        .submit(&json!({"kind": "vault.put", "payload": {"record": {"a": 1}}}), Some(20))
+        .await
+        .unwrap();
+    assert_eq!(r.json()["status"], "succeeded", "{}", r.text());
+    assert!(
+        sys.worker_process().log().contains("connected to a broker node node=2"),
+        "{}",
+        sys.worker_process().log()
+    );
+    sys.stop().await;
+}
