@@ -5,4 +5,5 @@ pub mod apt;
 pub mod bench;
 pub mod broker_node;
 pub mod certs;
+pub mod cluster;
 pub mod commands;

@@ -250,6 +250,8 @@ pub struct Options {
     pub quorum: bool,
     /// The components' first broker URL answers nowhere; the real one is the second.
     pub dead_first_node: bool,
+    /// The nodes of a broker cluster, for both components (instead of the test broker).
+    pub broker_nodes: Option<Vec<String>>,
 }
 
 /// A running gatekeeper + worker pair.
@@ -370,9 +372,11 @@ impl TestSystem {
         let prefix = options.prefix.clone().unwrap_or_else(|| format!("t{}.", random_hex(4)));
         let (gatekeeper_url, worker_url) = options.broker_urls.clone().unwrap_or((url.clone(), url));
         // With `dead_first_node`, each component's first URL is a port nobody listens on.
-        let nodes = |url: String| match options.dead_first_node {
-            true => (Secret::new("amqp://guest:guest@127.0.0.1:1/%2f"), vec![Secret::new(url)]),
-            false => (Secret::new(url), Vec::new()),
+        // With `broker_nodes`, a cluster's nodes.
+        let nodes = |url: String| match (&options.broker_nodes, options.dead_first_node) {
+            (Some(n), _) => (Secret::new(n[0].clone()), n[1..].iter().cloned().map(Secret::new).collect()),
+            (None, true) => (Secret::new("amqp://guest:guest@127.0.0.1:1/%2f"), vec![Secret::new(url)]),
+            (None, false) => (Secret::new(url), Vec::new()),
         };
         let (url, other_urls) = nodes(gatekeeper_url);
         let broker =

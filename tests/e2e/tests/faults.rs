@@ -726,3 +726,131 @@ async fn a_job_running_past_the_brokers_consumer_timeout_completes_once() {
     ));
     sys.stop().await;
 }
+
+/// Messages in `queue` of the broker at `url` (a passive declare).
+async fn depth_at(url: &str, queue: &str) -> u32 {
+    use gatehouse_broker::lapin::options::QueueDeclareOptions;
+    let conn = gatehouse_broker::connect(url, "fault-depth").await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let opts = QueueDeclareOptions { passive: true, ..Default::default() };
+    let n = ch
+        .queue_declare(queue.into(), opts, Default::default())
+        .await
+        .map(|q| q.message_count())
+        .unwrap_or(0);
+    let _ = conn.close(200, "done".into()).await;
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn quorum_lanes_on_a_three_node_cluster_lose_nothing_when_nodes_go() {
+    let _serial = SERIAL.lock().await;
+    let base = tempfile::tempdir().unwrap();
+    let home = base.path().to_owned();
+    let cluster = tokio::task::spawn_blocking(move || gatehouse_cli::cluster::Cluster::start(&home, 5681))
+        .await
+        .unwrap()
+        .expect("a three-node cluster starts");
+    let cluster = Arc::new(cluster);
+    let urls = cluster.urls("guest:guest", "%2f");
+    let sys = TestSystem::start_with(Options {
+        worker_binary: Some(env!("CARGO_BIN_EXE_e2e-worker")),
+        quorum: true,
+        broker_nodes: Some(urls.clone()),
+        ..Options::default()
+    })
+    .await;
+    let n = env_size("GATEHOUSE_FAULT_N", 2000) / 4;
+    let accounts = 20;
+    let mut rng = Rng(0x9e0_0001);
+    let jobs: Vec<LedgerJob> = (0..n)
+        .map(|i| LedgerJob {
+            account: format!("qq-{}", i % accounts),
+            number: (i / accounts) as u64 + 1,
+            amount: rng.below(1000) as i64 + 1,
+        })
+        .collect();
+    let mut order: Vec<usize> = (0..n).collect();
+    rng.shuffle(&mut order);
+    let bodies: Vec<Value> = order.iter().map(|&i| jobs[i].body()).collect();
+
+    // Under the stream: stop the node that leads the ledger's lane, start it again, then kill
+    // another node's VM outright. Two of three nodes keep the quorum throughout.
+    let lane = sys.topology().job_queue("batch.p0");
+    let faults = {
+        let (cluster, lane) = (cluster.clone(), lane.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(800)).await;
+            let leader = tokio::task::spawn_blocking({
+                let (c, l) = (cluster.clone(), lane.clone());
+                move || c.leader_of(&l)
+            })
+            .await
+            .unwrap()
+            .expect("the lane has a leader");
+            let stopped = Instant::now();
+            let c = cluster.clone();
+            tokio::task::spawn_blocking(move || c.run(leader, &["stop_app"])).await.unwrap().unwrap();
+            let c = cluster.clone();
+            let l = lane.clone();
+            let new_leader = tokio::task::spawn_blocking(move || {
+                let deadline = Instant::now() + Duration::from_secs(30);
+                loop {
+                    match c.leader_of(&l) {
+                        Ok(n) if n != leader => return Some(n),
+                        _ if Instant::now() > deadline => return None,
+                        _ => std::thread::sleep(Duration::from_millis(100)),
+                    }
+                }
+            })
+            .await
+            .unwrap();
+            let failover = stopped.elapsed();
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let c = cluster.clone();
+            tokio::task::spawn_blocking(move || c.run(leader, &["start_app"])).await.unwrap().unwrap();
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let victim = (1..=3).find(|i| *i != leader).unwrap();
+            cluster.kill(victim).unwrap();
+            (leader, new_leader, failover, victim)
+        })
+    };
+    let (ids, unavailable) = submit_paced(&sys, bodies, 4, Duration::from_millis(120)).await;
+    let (leader, new_leader, failover, victim) = faults.await.unwrap();
+    let per_account = (n / accounts) as u64;
+    let drained = wait_ledger(&sys, Duration::from_secs(120), |l| {
+        l.len() == accounts && l.values().all(|(_, s)| *s == per_account)
+    })
+    .await;
+    let mut model_ids = HashMap::new();
+    for (pos, &i) in order.iter().enumerate() {
+        if let Some(id) = ids.get(&pos) {
+            model_ids.insert(i, id.clone());
+        }
+    }
+    let (applied, lost, duplicated, violations) = check_ledger(&sys, &jobs, &model_ids);
+    // The killed node comes back and catches up.
+    let c = cluster.clone();
+    let rejoined = tokio::task::spawn_blocking(move || {
+        c.start_node(victim)?;
+        c.await_node(victim, Duration::from_secs(60))
+    })
+    .await
+    .unwrap();
+    let dead = depth_at(&urls[leader % 3], &sys.topology().dead_queue()).await;
+    report(&format!(
+        "FAULT quorum lanes, 3-node cluster (N={n}): stop_app of lane leader node {leader} (new leader {new_leader:?} \
+         after {:.1} s), start_app, then kill -9 of node {victim}: submitted={n} accepted={} applied={applied} \
+         lost={lost} duplicated={duplicated} order_violations={violations} dead_lettered={dead} 503s={unavailable} \
+         killed node rejoined={}",
+        failover.as_secs_f64(),
+        ids.len(),
+        rejoined.is_ok(),
+    ));
+    assert!(drained, "not everything was applied; worker log:\n{}", sys.worker_process().log());
+    assert!(new_leader.is_some(), "no new leader after the leader's node stopped");
+    assert_eq!((applied, lost, duplicated, violations, dead), (n, 0, 0, 0, 0));
+    assert!(rejoined.is_ok(), "{rejoined:?}");
+    sys.stop().await;
+    cluster.stop();
+}

@@ -1,0 +1,217 @@
+//! A RabbitMQ cluster of three nodes on this one machine, for trying quorum lanes and for the
+//! fault tests: distinct node names (`gh1@localhost` …), AMQP ports (`5681`–`5683` from the
+//! default base), distribution ports, management ports and data folders under one base folder,
+//! one Erlang cookie; nodes 2 and 3 join node 1. Started from Debian's `rabbitmq-server`
+//! scripts directly (the `/usr/sbin` wrappers switch user and folder).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+
+use crate::broker_node::amqp_answers;
+
+/// Nodes in the cluster.
+pub const NODES: usize = 3;
+
+/// A running three-node cluster.
+#[derive(Debug)]
+pub struct Cluster {
+    base: PathBuf,
+    /// AMQP port of node 1; node `i` (1-based) listens on `port + i - 1`.
+    port: u16,
+}
+
+/// The scripts under Debian's `/usr/lib/rabbitmq/bin`.
+fn script(name: &str) -> PathBuf {
+    Path::new("/usr/lib/rabbitmq/bin").join(name)
+}
+
+impl Cluster {
+    /// Starts three nodes under `base` (AMQP on `port`, `port + 1`, `port + 2`; management on
+    /// `port + 10000`…) and joins them; waits until all three run as one cluster (up to 90 s).
+    ///
+    /// # Errors
+    /// When RabbitMQ is not installed, a node does not start, or the join fails.
+    pub fn start(base: &Path, port: u16) -> anyhow::Result<Self> {
+        anyhow::ensure!(script("rabbitmq-server").exists(), "rabbitmq-server is not installed");
+        let cluster = Self { base: base.to_owned(), port };
+        fs::create_dir_all(base)?;
+        for i in 1..=NODES {
+            let home = cluster.home(i);
+            fs::create_dir_all(&home)?;
+            let cookie = home.join(".erlang.cookie");
+            if !cookie.exists() {
+                fs::write(&cookie, "GATEHOUSECLUSTERCOOKIE")?;
+                #[cfg(unix)]
+                fs::set_permissions(&cookie, std::os::unix::fs::PermissionsExt::from_mode(0o400))?;
+            }
+            fs::write(home.join("enabled_plugins"), "[rabbitmq_management].\n")?;
+            fs::write(
+                home.join("rabbitmq.conf"),
+                format!(
+                    "listeners.tcp.default = 127.0.0.1:{}\nmanagement.tcp.ip = 127.0.0.1\nmanagement.tcp.port = {}\n\
+                     loopback_users = none\n",
+                    cluster.amqp_port(i),
+                    cluster.amqp_port(i) + 10_000
+                ),
+            )?;
+            cluster.start_node(i)?;
+        }
+        for i in 1..=NODES {
+            cluster.await_node(i, Duration::from_secs(60))?;
+        }
+        for i in 2..=NODES {
+            if !cluster.members(i)?.contains(&cluster.name(1)) {
+                cluster.run(i, &["stop_app"])?;
+                cluster.run(i, &["join_cluster", &cluster.name(1)])?;
+                cluster.run(i, &["start_app"])?;
+            }
+        }
+        Ok(cluster)
+    }
+
+    fn home(&self, i: usize) -> PathBuf {
+        self.base.join(format!("n{i}"))
+    }
+
+    /// The Erlang node name of node `i` (1-based).
+    pub fn name(&self, i: usize) -> String {
+        format!("gh{i}@localhost")
+    }
+
+    pub fn amqp_port(&self, i: usize) -> u16 {
+        self.port + (i as u16) - 1
+    }
+
+    /// AMQP URLs of every node, with `user:password` and `vhost` (URL-encoded).
+    pub fn urls(&self, credentials: &str, vhost: &str) -> Vec<String> {
+        (1..=NODES).map(|i| format!("amqp://{credentials}@127.0.0.1:{}/{vhost}", self.amqp_port(i))).collect()
+    }
+
+    fn env(&self, i: usize, cmd: &mut Command) {
+        let h = self.home(i);
+        cmd.env("HOME", &h)
+            .env("RABBITMQ_NODENAME", self.name(i))
+            .env("RABBITMQ_NODE_PORT", self.amqp_port(i).to_string())
+            .env("RABBITMQ_DIST_PORT", (self.amqp_port(i) + 20_000).to_string())
+            .env("RABBITMQ_MNESIA_BASE", h.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", h.join("log"))
+            .env("RABBITMQ_PID_FILE", h.join("node.pid"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", h.join("enabled_plugins"))
+            .env("RABBITMQ_CONFIG_FILE", h.join("rabbitmq"));
+    }
+
+    /// Starts node `i`'s Erlang VM (after [`Cluster::kill`], say); it rejoins the cluster.
+    ///
+    /// # Errors
+    /// When the script cannot be run.
+    pub fn start_node(&self, i: usize) -> anyhow::Result<()> {
+        let log = fs::File::create(self.home(i).join("out.log"))?;
+        let mut cmd = Command::new(script("rabbitmq-server"));
+        self.env(i, &mut cmd);
+        cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        #[cfg(unix)]
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let child = cmd.spawn().context("starting rabbitmq-server")?;
+        fs::write(self.home(i).join("server.pid"), child.id().to_string())?;
+        Ok(())
+    }
+
+    /// Waits until node `i` answers AMQP (its app runs).
+    ///
+    /// # Errors
+    /// When it does not within `limit`.
+    pub fn await_node(&self, i: usize, limit: Duration) -> anyhow::Result<()> {
+        let addr = format!("127.0.0.1:{}", self.amqp_port(i)).parse()?;
+        let deadline = Instant::now() + limit;
+        while !amqp_answers(addr) {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "cluster node {i} did not start; see {}",
+                self.home(i).join("out.log").display()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        Ok(())
+    }
+
+    /// `rabbitmqctl -n <node i> ARGS`, its output.
+    ///
+    /// # Errors
+    /// When it fails.
+    pub fn run(&self, i: usize, args: &[&str]) -> anyhow::Result<String> {
+        let mut cmd = Command::new(script("rabbitmqctl"));
+        self.env(i, &mut cmd);
+        let out = cmd.arg("-n").arg(self.name(i)).args(args).output().context("running rabbitmqctl")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "rabbitmqctl {args:?} on node {i}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The running members of the cluster, as node `i` sees them.
+    fn members(&self, i: usize) -> anyhow::Result<String> {
+        self.run(i, &["-q", "eval", "rabbit_nodes:all_running()."])
+    }
+
+    /// Which node (1-based) leads quorum queue `queue` of vhost `/`.
+    ///
+    /// # Errors
+    /// When no node answers, or the queue is not there.
+    pub fn leader_of(&self, queue: &str) -> anyhow::Result<usize> {
+        for i in 1..=NODES {
+            let Ok(out) = self.run(i, &["-q", "list_queues", "name", "leader", "--no-table-headers"]) else {
+                continue;
+            };
+            for line in out.lines() {
+                let mut cols = line.split_whitespace();
+                if cols.next() == Some(queue) {
+                    let leader = cols.next().unwrap_or_default();
+                    return (1..=NODES)
+                        .find(|n| self.name(*n) == leader)
+                        .context("leader is no node of ours");
+                }
+            }
+        }
+        anyhow::bail!("no node lists queue {queue}")
+    }
+
+    /// SIGKILL to node `i`'s Erlang VM (a host lost, no goodbye).
+    ///
+    /// # Errors
+    /// When its pid is not known.
+    pub fn kill(&self, i: usize) -> anyhow::Result<()> {
+        let pid = fs::read_to_string(self.home(i).join("node.pid")).context("node pid")?;
+        let _ = Command::new("kill").arg("-KILL").arg(pid.trim()).status();
+        let _ = Command::new("kill")
+            .arg("-KILL")
+            .arg(fs::read_to_string(self.home(i).join("server.pid")).unwrap_or_default().trim())
+            .status();
+        Ok(())
+    }
+
+    /// Stops every node (SIGTERM to their servers, which stop the VMs cleanly).
+    pub fn stop(&self) {
+        for i in 1..=NODES {
+            for file in ["server.pid", "node.pid"] {
+                if let Ok(pid) = fs::read_to_string(self.home(i).join(file)) {
+                    let _ = Command::new("kill").arg("-TERM").arg(pid.trim()).status();
+                }
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while (1..=NODES).any(|i| {
+            fs::read_to_string(self.home(i).join("node.pid"))
+                .ok()
+                .is_some_and(|p| Path::new(&format!("/proc/{}", p.trim())).exists())
+        }) && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
