@@ -215,3 +215,29 @@ impl Cluster {
         }
     }
 }
+
+/// Writes a copy of the catalog at `from` to `to` with every queue class made quorum lanes
+/// (`type = "quorum"`), schema paths made absolute.
+///
+/// # Errors
+/// When a file cannot be read or written.
+pub fn quorum_catalog(from: &Path, to: &Path) -> anyhow::Result<()> {
+    let text = fs::read_to_string(from).with_context(|| from.display().to_string())?;
+    let base = std::path::absolute(from.parent().unwrap_or(Path::new(".")))?;
+    let mut out = String::new();
+    for line in text.lines() {
+        if line.trim_start().starts_with("type = ") {
+            continue;
+        }
+        match line.strip_prefix("schema = \"") {
+            Some(rest) if !rest.starts_with('/') => out.push_str(&format!("schema = \"{}/{rest}", base.display())),
+            _ => out.push_str(line),
+        }
+        out.push('\n');
+        if line.starts_with("max_length") {
+            out.push_str("type = \"quorum\"\n");
+        }
+    }
+    fs::write(to, out)?;
+    Ok(())
+}

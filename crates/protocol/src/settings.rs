@@ -18,7 +18,10 @@ pub fn load<T: DeserializeOwned>(path: &Path, env_prefix: &str) -> Result<T, con
             config::Environment::with_prefix(env_prefix)
                 .prefix_separator("__")
                 .separator("__")
-                .try_parsing(true),
+                .try_parsing(true)
+                // `…__BROKER__OTHER_URLS=amqp://…,amqp://…`: a list.
+                .list_separator(",")
+                .with_list_parse_key("broker.other_urls"),
         )
         .build()?
         .try_deserialize()

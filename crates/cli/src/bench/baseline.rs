@@ -18,45 +18,55 @@ use tokio::sync::oneshot;
 
 use super::stats::{Budget, Samples};
 
-const QUEUE: &str = "gatehouse.bench.baseline";
+/// The reference queue: a classic priority queue like a classic class's, or a replicated
+/// quorum queue like a lane of a quorum class.
+fn queue(quorum: bool) -> &'static str {
+    if quorum { "gatehouse.bench.baseline.quorum" } else { "gatehouse.bench.baseline" }
+}
 
-async fn setup(url: &str) -> anyhow::Result<(Connection, Channel)> {
+async fn setup(url: &str, quorum: bool) -> anyhow::Result<(Connection, Channel)> {
     let conn = gatehouse_broker::connect(url, "gatehouse-bench-baseline").await?;
     let ch = conn.create_channel().await?;
     let mut args = FieldTable::default();
-    args.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(9));
-    // The job queues' storage (the `gatehouse-queues` policy of config/rabbitmq).
-    args.insert("x-queue-version".into(), AMQPValue::ShortShortUInt(2));
+    if quorum {
+        args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    } else {
+        args.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(9));
+        // The job queues' storage (the `gatehouse-queues` policy of config/rabbitmq).
+        args.insert("x-queue-version".into(), AMQPValue::ShortShortUInt(2));
+    }
     let durable = QueueDeclareOptions { durable: true, ..Default::default() };
-    ch.queue_declare(QUEUE.into(), durable, args).await?;
+    ch.queue_declare(queue(quorum).into(), durable, args).await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     Ok((conn, ch))
 }
 
-async fn publish(ch: &Channel, body: &[u8], props: BasicProperties) -> anyhow::Result<()> {
+async fn publish(ch: &Channel, queue: &str, body: &[u8], props: BasicProperties) -> anyhow::Result<()> {
     let opts = BasicPublishOptions { mandatory: true, ..Default::default() };
     let confirm =
-        ch.basic_publish("".into(), QUEUE.into(), opts, body, props.with_delivery_mode(2)).await?.await?;
+        ch.basic_publish("".into(), queue.into(), opts, body, props.with_delivery_mode(2)).await?.await?;
     anyhow::ensure!(confirm.is_ack(), "not confirmed");
     Ok(())
 }
 
-/// Raw RPC round trips by `concurrency` callers for `duration`; the consumer uses `prefetch`.
+/// Raw RPC round trips by `concurrency` callers for `duration`; the consumer uses `prefetch`;
+/// on a quorum queue with `quorum`.
 ///
 /// # Errors
 /// When the broker cannot be reached.
 pub async fn rpc(
     url: &str,
+    quorum: bool,
     concurrency: usize,
     duration: Duration,
     prefetch: u16,
 ) -> anyhow::Result<Samples> {
-    let (conn, ch) = setup(url).await?;
+    let (conn, ch) = setup(url, quorum).await?;
     // The "worker": consume, ack, reply.
     let consumer_ch = conn.create_channel().await?;
     consumer_ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
     let mut deliveries = consumer_ch
-        .basic_consume(QUEUE.into(), "baseline".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .basic_consume(queue(quorum).into(), "baseline".into(), BasicConsumeOptions::default(), FieldTable::default())
         .await?;
     let reply_ch = conn.create_channel().await?;
     let server = tokio::spawn(async move {
@@ -121,7 +131,7 @@ pub async fn rpc(
                     .with_reply_to(reply_queue.as_str().into());
                 let sent = Instant::now();
                 let body = serde_json::to_vec(&super::scenarios::job(n, 5)).unwrap_or_default();
-                let ok = publish(&ch, &body, props).await.is_ok()
+                let ok = publish(&ch, queue(quorum), &body, props).await.is_ok()
                     && tokio::time::timeout(Duration::from_secs(10), rx).await.is_ok_and(|r| r.is_ok());
                 if ok { s.latencies.push(sent.elapsed()) } else { s.error(0) }
             }
@@ -135,7 +145,7 @@ pub async fn rpc(
     }
     server.abort();
     reply_reader.abort();
-    let _ = ch.queue_delete(QUEUE.into(), QueueDeleteOptions::default()).await;
+    let _ = ch.queue_delete(queue(quorum).into(), QueueDeleteOptions::default()).await;
     let _ = conn.close(200, "done".into()).await;
     Ok(samples)
 }
@@ -146,15 +156,16 @@ pub async fn rpc(
 pub struct Publishing {
     conn: Connection,
     ch: Channel,
+    queue: &'static str,
     sent: u64,
 }
 
 impl Publishing {
     /// # Errors
     /// When the broker cannot be reached.
-    pub async fn open(url: &str) -> anyhow::Result<Self> {
-        let (conn, ch) = setup(url).await?;
-        Ok(Self { conn, ch, sent: 0 })
+    pub async fn open(url: &str, quorum: bool) -> anyhow::Result<Self> {
+        let (conn, ch) = setup(url, quorum).await?;
+        Ok(Self { conn, ch, queue: queue(quorum), sent: 0 })
     }
 
     /// Publishes by `concurrency` publishers for `duration` or `count` messages, whichever
@@ -173,7 +184,7 @@ impl Publishing {
         let budget = Budget::new(count);
         let mut publishers = Vec::new();
         for p in 0..concurrency {
-            let (ch, budget) = (self.ch.clone(), budget.clone());
+            let (ch, budget, queue) = (self.ch.clone(), budget.clone(), self.queue);
             let mut n = self.sent + ((p as u64) << 32);
             publishers.push(tokio::spawn(async move {
                 let mut s = Samples::default();
@@ -181,7 +192,7 @@ impl Publishing {
                     n += 1;
                     let body = serde_json::to_vec(&super::scenarios::job(n, 5)).unwrap_or_default();
                     let sent = Instant::now();
-                    match publish(&ch, &body, BasicProperties::default().with_priority(5)).await {
+                    match publish(&ch, queue, &body, BasicProperties::default().with_priority(5)).await {
                         Ok(()) => s.latencies.push(sent.elapsed()),
                         Err(_) => s.error(0),
                     }
@@ -200,7 +211,7 @@ impl Publishing {
 
     /// Deletes the reference queue and closes the connection.
     pub async fn close(self) {
-        let _ = self.ch.queue_delete(QUEUE.into(), QueueDeleteOptions::default()).await;
+        let _ = self.ch.queue_delete(self.queue.into(), QueueDeleteOptions::default()).await;
         let _ = self.conn.close(200, "done".into()).await;
     }
 }

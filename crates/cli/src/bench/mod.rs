@@ -69,6 +69,10 @@ pub struct BenchArgs {
     /// of examples/exec-kinds), each measured like `sync` against `vault.put` in turns.
     #[arg(long = "kind")]
     pub kinds: Vec<String>,
+    /// The reference on a quorum queue (against a system whose classes are quorum lanes,
+    /// `gatehouse up --cluster`; point `--broker` at a node of the cluster).
+    #[arg(long)]
+    pub quorum: bool,
     /// One JSON object per line per scenario instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -103,7 +107,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<Vec<Value>> {
                 let (mut ours, mut base) = (Samples::default(), Samples::default());
                 for _ in 0..SLICES {
                     ours.then(progress("sync", slice, scenarios::sync(&client, c, slice)).await?);
-                    let reference = baseline::rpc(&args.broker, c, slice, args.prefetch);
+                    let reference = baseline::rpc(&args.broker, args.quorum, c, slice, args.prefetch);
                     base.then(progress("sync baseline", slice, reference).await?);
                 }
                 with_baseline(row("sync", args, &ours), &base)
@@ -136,7 +140,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<Vec<Value>> {
                 // phase runs with a local worker paused (on a shared machine it would otherwise
                 // compete for the same cores); it resumes for the drain. Ours and the reference
                 // take turns, as in `sync`.
-                let mut reference = baseline::Publishing::open(&args.broker).await?;
+                let mut reference = baseline::Publishing::open(&args.broker, args.quorum).await?;
                 let worker = pause_local_worker(args);
                 let accepted = accept_in_turns(args, &client, &mut reference).await;
                 let resumed = Instant::now();

@@ -24,7 +24,14 @@ pub struct UpArgs {
     /// node starts. The components connect as the least-privilege users of their settings.
     #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     pub broker: String,
+    /// Instead: a three-node RabbitMQ cluster on this machine (AMQP on 127.0.0.1:5681–5683,
+    /// data in .gatehouse/cluster), every queue class as replicated quorum lanes.
+    #[arg(long)]
+    pub cluster: bool,
 }
+
+/// AMQP port of the first node of `up --cluster`.
+pub const CLUSTER_PORT: u16 = 5681;
 
 /// Runs everything until Ctrl-C or until a component exits.
 ///
@@ -53,6 +60,9 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<()> {
         gatehouse_protocol::keys::write_dev(&args.certs)?;
         println!("wrote the missing dev keys to {}", args.certs.display());
     }
+    if args.cluster {
+        return up_cluster(&bin_dir, &args.certs).await;
+    }
     let node = {
         let (url, home) = (args.broker.clone(), PathBuf::from(".gatehouse/rabbitmq"));
         tokio::task::spawn_blocking(move || broker_node::ensure(&url, &home)).await??
@@ -68,16 +78,76 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<()> {
     ran
 }
 
+/// `up --cluster`: three nodes, the definitions loaded into them, the catalog's classes as
+/// quorum lanes, each component given every node's URL (with its own credentials).
+async fn up_cluster(bin_dir: &Path, certs: &Path) -> anyhow::Result<()> {
+    let home = PathBuf::from(".gatehouse/cluster");
+    let cluster = {
+        let home = home.clone();
+        tokio::task::spawn_blocking(move || crate::cluster::Cluster::start(&home, CLUSTER_PORT)).await??
+    };
+    println!("started a three-node RabbitMQ cluster (data in {})", home.display());
+    let ran = async {
+        let defs = std::fs::canonicalize("config/rabbitmq/definitions.json")?;
+        cluster.run(1, &["import_definitions", &defs.to_string_lossy()])?;
+        let catalog = std::path::absolute(home.join("jobs.toml"))?;
+        crate::cluster::quorum_catalog(Path::new("config/jobs.toml"), &catalog)?;
+        let mut env = Vec::new();
+        for (prefix, config) in [("WORKER", "config/worker.toml"), ("GATEKEEPER", "config/gatekeeper.toml")] {
+            let urls = node_urls(config, prefix)?;
+            env.push((format!("{prefix}__BROKER__URL"), urls[0].clone()));
+            env.push((format!("{prefix}__BROKER__OTHER_URLS"), urls[1..].join(",")));
+            env.push((format!("{prefix}__CATALOG__PATH"), catalog.display().to_string()));
+        }
+        let mut worker = spawn(bin_dir, "worker", "config/worker.toml", &env)?;
+        let mut gatekeeper = spawn(bin_dir, "gatekeeper", "config/gatekeeper.toml", &env)?;
+        supervise(certs, &mut worker, &mut gatekeeper, "http://127.0.0.1:15681 (and :15682, :15683)").await
+    }
+    .await;
+    tokio::task::spawn_blocking(move || cluster.stop()).await?;
+    println!("RabbitMQ cluster stopped");
+    ran
+}
+
+/// The cluster's node URLs for the component configured in `config`: its configured URL
+/// (the dev one, `…@127.0.0.1:5672/…`) on each node's port.
+fn node_urls(config: &str, prefix: &str) -> anyhow::Result<Vec<String>> {
+    #[derive(serde::Deserialize)]
+    struct Broker {
+        broker: gatehouse_broker::BrokerSettings,
+    }
+    let settings: Broker = gatehouse_protocol::settings::load(Path::new(config), prefix)?;
+    let url = settings.broker.url.expose();
+    anyhow::ensure!(
+        url.contains("@127.0.0.1:5672/"),
+        "`up --cluster` runs the dev broker users on this machine; {config} points elsewhere"
+    );
+    Ok((0..crate::cluster::NODES as u16)
+        .map(|i| url.replace("@127.0.0.1:5672/", &format!("@127.0.0.1:{}/", CLUSTER_PORT + i)))
+        .collect())
+}
+
 /// Loads the definitions, runs worker and gatekeeper until Ctrl-C or until one exits.
 async fn run_components(bin_dir: &Path, certs: &Path, node: &broker_node::BrokerNode) -> anyhow::Result<()> {
     import_definitions(node).await?;
-    let mut worker = spawn(bin_dir, "worker", "config/worker.toml")?;
-    let mut gatekeeper = spawn(bin_dir, "gatekeeper", "config/gatekeeper.toml")?;
+    let mut worker = spawn(bin_dir, "worker", "config/worker.toml", &[])?;
+    let mut gatekeeper = spawn(bin_dir, "gatekeeper", "config/gatekeeper.toml", &[])?;
+    supervise(certs, &mut worker, &mut gatekeeper, broker_node::MANAGEMENT_URL).await
+}
+
+/// Waits until the gatekeeper is healthy, then until Ctrl-C or until a component exits;
+/// stops both.
+async fn supervise(
+    certs: &Path,
+    worker: &mut Child,
+    gatekeeper: &mut Child,
+    management: &str,
+) -> anyhow::Result<()> {
     let healthy = wait_healthy(certs).await;
     if let Err(e) = &healthy {
         eprintln!("gatekeeper did not become healthy: {e:#}");
     } else {
-        print_banner(certs);
+        print_banner(certs, management);
     }
 
     if healthy.is_ok() {
@@ -88,8 +158,8 @@ async fn run_components(bin_dir: &Path, certs: &Path, node: &broker_node::Broker
         }
     }
     // Gatekeeper first (stop accepting), then the worker (finish in-flight jobs).
-    terminate(&mut gatekeeper).await;
-    terminate(&mut worker).await;
+    terminate(gatekeeper).await;
+    terminate(worker).await;
     healthy
 }
 
@@ -116,9 +186,10 @@ async fn import_definitions(node: &broker_node::BrokerNode) -> anyhow::Result<()
     Ok(())
 }
 
-fn spawn(bin_dir: &Path, name: &str, config: &str) -> anyhow::Result<Child> {
+fn spawn(bin_dir: &Path, name: &str, config: &str, env: &[(String, String)]) -> anyhow::Result<Child> {
     Command::new(bin_dir.join(name))
         .arg(config)
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .spawn()
@@ -152,7 +223,7 @@ async fn terminate(child: &mut Child) {
     }
 }
 
-fn print_banner(certs: &Path) {
+fn print_banner(certs: &Path, management: &str) {
     let c = certs.display();
     println!(
         r#"
@@ -170,6 +241,6 @@ Try it:
 
 Press Ctrl-C to stop.
 "#,
-        mgmt = broker_node::MANAGEMENT_URL
+        mgmt = management
     );
 }

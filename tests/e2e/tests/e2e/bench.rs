@@ -27,6 +27,7 @@ async fn every_scenario_runs_and_reports() {
         // A `worker` process on this machine is not ours to pause.
         no_pause: true,
         prefetch: 4,
+        quorum: false,
         json: true,
     };
     let reports = bench::run(&args).await.expect("bench runs");
