@@ -136,7 +136,18 @@ impl Topology {
         .await?;
 
         let durable_q = QueueDeclareOptions { durable: true, ..Default::default() };
-        ch.queue_declare(self.dead_queue().as_str().into(), durable_q, FieldTable::default()).await?;
+        // With quorum classes (a cluster), every queue the worker needs is replicated: a
+        // classic queue lives on one node, and while that node is down it cannot even be
+        // declared.
+        let replicated = classes.iter().any(|c| c.queue_type == QueueType::Quorum);
+        let base = || {
+            let mut args = FieldTable::default();
+            if replicated {
+                args.insert("x-queue-type".into(), long_string("quorum"));
+            }
+            args
+        };
+        ch.queue_declare(self.dead_queue().as_str().into(), durable_q, base()).await?;
         self.bind(ch, &self.dead_queue(), &self.dead_exchange(), "").await?;
 
         for class in classes {
@@ -165,7 +176,7 @@ impl Topology {
 
         // Status queries are cheap to repeat, so the control queue drops what nobody read
         // within a minute instead of piling it up while the worker is down.
-        let mut args = FieldTable::default();
+        let mut args = base();
         args.insert("x-message-ttl".into(), AMQPValue::LongUInt(60_000));
         ch.queue_declare(self.control_queue().as_str().into(), durable_q, args).await?;
         self.bind(ch, &self.control_queue(), &self.jobs_exchange(), CONTROL_ROUTING_KEY).await?;
@@ -178,9 +189,10 @@ impl Topology {
         Ok(())
     }
 
-    /// Declares the retry queue of `class` for `delay_ms`: messages expire there after the
-    /// delay and dead-letter back to their job queue through `gatehouse.requeue`. The backoff is
-    /// held by the broker, not in worker memory. Idempotent.
+    /// Declares the retry queue of route `class` for `delay_ms`: messages expire there after
+    /// the delay and dead-letter back to their job queue through `gatehouse.requeue`. The
+    /// backoff is held by the broker, not in worker memory. A quorum queue when `replicated`
+    /// (the route is a quorum lane). Idempotent.
     ///
     /// # Errors
     /// When the broker refuses the declaration.
@@ -189,9 +201,13 @@ impl Topology {
         ch: &Channel,
         class: &str,
         delay_ms: u64,
+        replicated: bool,
     ) -> Result<String, lapin::Error> {
         let name = self.retry_queue(class, delay_ms);
         let mut args = FieldTable::default();
+        if replicated {
+            args.insert("x-queue-type".into(), long_string("quorum"));
+        }
         args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(delay_ms as i64));
         args.insert("x-dead-letter-exchange".into(), long_string(&self.requeue_exchange()));
         args.insert("x-dead-letter-routing-key".into(), long_string(class));

@@ -230,7 +230,9 @@ pub fn quorum_catalog(from: &Path, to: &Path) -> anyhow::Result<()> {
             continue;
         }
         match line.strip_prefix("schema = \"") {
-            Some(rest) if !rest.starts_with('/') => out.push_str(&format!("schema = \"{}/{rest}", base.display())),
+            Some(rest) if !rest.starts_with('/') => {
+                out.push_str(&format!("schema = \"{}/{rest}", base.display()))
+            }
             _ => out.push_str(line),
         }
         out.push('\n');

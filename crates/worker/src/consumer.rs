@@ -416,7 +416,8 @@ async fn retry_queue(
     let name = ctx.topology.retry_queue(class, delay_ms);
     let known = ctx.retry_queues.lock().unwrap_or_else(std::sync::PoisonError::into_inner).contains(&name);
     if !known {
-        ctx.topology.declare_retry_queue(ctx.publisher.channel(), class, delay_ms).await?;
+        let replicated = ctx.catalog.class_of_route(class).is_some_and(|q| !q.lanes().is_empty());
+        ctx.topology.declare_retry_queue(ctx.publisher.channel(), class, delay_ms, replicated).await?;
         ctx.retry_queues.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(name.clone());
     }
     Ok(name)

@@ -815,8 +815,22 @@ async fn quorum_lanes_on_a_three_node_cluster_lose_nothing_when_nodes_go() {
             (leader, new_leader, failover, victim)
         })
     };
+    // And the worker dies (kill -9) six times meanwhile, with deliveries prefetched from every
+    // lane: those come back with a higher delivery count, which must never reach the lanes'
+    // x-delivery-limit (50) and dead-letter a healthy job.
+    let killer = {
+        let worker = sys.worker_process().clone();
+        tokio::spawn(async move {
+            for _ in 0..6 {
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                worker.kill();
+                worker.start();
+            }
+        })
+    };
     let (ids, unavailable) = submit_paced(&sys, bodies, 4, Duration::from_millis(120)).await;
     let (leader, new_leader, failover, victim) = faults.await.unwrap();
+    killer.await.unwrap();
     let per_account = (n / accounts) as u64;
     let drained = wait_ledger(&sys, Duration::from_secs(120), |l| {
         l.len() == accounts && l.values().all(|(_, s)| *s == per_account)
@@ -842,10 +856,11 @@ async fn quorum_lanes_on_a_three_node_cluster_lose_nothing_when_nodes_go() {
         "FAULT quorum lanes, 3-node cluster (N={n}): stop_app of lane leader node {leader} (new leader {new_leader:?} \
          after {:.1} s), start_app, then kill -9 of node {victim}: submitted={n} accepted={} applied={applied} \
          lost={lost} duplicated={duplicated} order_violations={violations} dead_lettered={dead} 503s={unavailable} \
-         killed node rejoined={}",
+         killed node rejoined={}; worker killed -9 six times (starts={})",
         failover.as_secs_f64(),
         ids.len(),
         rejoined.is_ok(),
+        sys.worker_process().starts.load(std::sync::atomic::Ordering::SeqCst),
     ));
     assert!(drained, "not everything was applied; worker log:\n{}", sys.worker_process().log());
     assert!(new_leader.is_some(), "no new leader after the leader's node stopped");

@@ -66,7 +66,12 @@ pub async fn rpc(
     let consumer_ch = conn.create_channel().await?;
     consumer_ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
     let mut deliveries = consumer_ch
-        .basic_consume(queue(quorum).into(), "baseline".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .basic_consume(
+            queue(quorum).into(),
+            "baseline".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
         .await?;
     let reply_ch = conn.create_channel().await?;
     let server = tokio::spawn(async move {
