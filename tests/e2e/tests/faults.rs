@@ -49,6 +49,21 @@ struct LedgerJob {
     amount: i64,
 }
 
+/// `n` ledger jobs over `accounts` accounts named `<name>-<k>`, numbers 1.. per account, random
+/// amounts from `rng`; and the order to submit them in (shuffled).
+fn ledger_model(n: usize, accounts: usize, name: &str, rng: &mut Rng) -> (Vec<LedgerJob>, Vec<usize>) {
+    let jobs: Vec<LedgerJob> = (0..n)
+        .map(|i| LedgerJob {
+            account: format!("{name}-{}", i % accounts),
+            number: (i / accounts) as u64 + 1,
+            amount: rng.below(1000) as i64 + 1,
+        })
+        .collect();
+    let mut order: Vec<usize> = (0..n).collect();
+    rng.shuffle(&mut order);
+    (jobs, order)
+}
+
 impl LedgerJob {
     fn body(&self) -> Value {
         json!({
@@ -200,16 +215,7 @@ async fn kill_9_of_the_worker_loses_nothing_and_applies_once_in_order() {
     // The model: `accounts` sequences, numbers 1.., submitted in a shuffled order, plus 5 %
     // deliberate duplicates (the same idempotency key sent again).
     let seed = 0x5eed_1234_u64;
-    let mut rng = Rng(seed);
-    let jobs: Vec<LedgerJob> = (0..n)
-        .map(|i| LedgerJob {
-            account: format!("k9-{}", i % accounts),
-            number: (i / accounts) as u64 + 1,
-            amount: rng.below(1000) as i64 + 1,
-        })
-        .collect();
-    let mut order: Vec<usize> = (0..n).collect();
-    rng.shuffle(&mut order);
+    let (jobs, order) = ledger_model(n, accounts, "k9", &mut Rng(seed));
     let dupes: Vec<usize> = order.iter().take(n / 20).copied().collect();
     let mut bodies: Vec<Value> = order.iter().map(|&i| jobs[i].body()).collect();
     bodies.extend(dupes.iter().map(|&i| jobs[i].body()));
@@ -762,16 +768,7 @@ async fn quorum_lanes_on_a_three_node_cluster_lose_nothing_when_nodes_go() {
     .await;
     let n = env_size("GATEHOUSE_FAULT_N", 2000) / 4;
     let accounts = 20;
-    let mut rng = Rng(0x9e0_0001);
-    let jobs: Vec<LedgerJob> = (0..n)
-        .map(|i| LedgerJob {
-            account: format!("qq-{}", i % accounts),
-            number: (i / accounts) as u64 + 1,
-            amount: rng.below(1000) as i64 + 1,
-        })
-        .collect();
-    let mut order: Vec<usize> = (0..n).collect();
-    rng.shuffle(&mut order);
+    let (jobs, order) = ledger_model(n, accounts, "qq", &mut Rng(0x9e0_0001));
     let bodies: Vec<Value> = order.iter().map(|&i| jobs[i].body()).collect();
 
     // Under the stream: stop the node that leads the ledger's lane, start it again, then kill
