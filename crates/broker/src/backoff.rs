@@ -71,7 +71,10 @@ pub fn is_unreachable(error: &anyhow::Error) -> bool {
                     | std::io::ErrorKind::TimedOut
             )
         })
-    }) || format!("{error:#}").contains("Connection refused")
+    }) || error
+        .chain()
+        .any(|e| matches!(e.downcast_ref::<crate::ConnectError>(), Some(crate::ConnectError::Timeout)))
+        || format!("{error:#}").contains("Connection refused")
 }
 
 #[cfg(test)]

@@ -43,7 +43,10 @@ pub async fn connect_with(settings: &BrokerSettings, component: &str) -> Result<
     let mut last = None;
     for i in 0..urls.len() {
         let n = (start + i) % urls.len();
-        match connect_to(urls[n], settings, component).await {
+        // A node that does not answer in time (cut off, or booting with its port open but
+        // its AMQP not yet): the next one. Without the bound, a connect can hang for minutes.
+        let attempt = tokio::time::timeout(CONNECT_TIMEOUT, connect_to(urls[n], settings, component));
+        match attempt.await.unwrap_or(Err(ConnectError::Timeout)) {
             Ok(c) => {
                 NEXT_NODE.store(n + 1, std::sync::atomic::Ordering::Relaxed);
                 if urls.len() > 1 {
@@ -56,6 +59,9 @@ pub async fn connect_with(settings: &BrokerSettings, component: &str) -> Result<
     }
     Err(last.unwrap_or_else(|| ConnectError::Tls("no broker URL".into())))
 }
+
+/// Longest a connection to one node may take to open.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Where [`connect_with`] starts next: the node after the one it reached last.
 static NEXT_NODE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -85,6 +91,8 @@ pub enum ConnectError {
     Tls(String),
     #[error(transparent)]
     Broker(#[from] lapin::Error),
+    #[error("the broker did not open the connection within {} s", CONNECT_TIMEOUT.as_secs())]
+    Timeout,
 }
 
 /// Mutual TLS to the broker (section `[broker.tls]`), used with an `amqps://` URL.

@@ -20,8 +20,11 @@ pub const NODES: usize = 3;
 #[derive(Debug)]
 pub struct Cluster {
     base: PathBuf,
-    /// AMQP port of node 1; node `i` (1-based) listens on `port + i - 1`.
+    /// AMQP port of node 1; node `i` (1-based) listens on `port + i - 1` (on this machine's
+    /// loopback), or each on 5672 of its own test host.
     port: u16,
+    /// Each node on its own test host, or all on this machine.
+    hosts: Option<crate::hosts::Hosts>,
 }
 
 /// The scripts under Debian's `/usr/lib/rabbitmq/bin`.
@@ -36,8 +39,36 @@ impl Cluster {
     /// # Errors
     /// When RabbitMQ is not installed, a node does not start, or the join fails.
     pub fn start(base: &Path, port: u16) -> anyhow::Result<Self> {
+        Self::start_with(Self { base: base.to_owned(), port, hosts: None })
+    }
+
+    /// The same with each node on a test host of its own ([`crate::hosts::Hosts`]: a network
+    /// namespace linked to a bridge on this machine), AMQP on 5672 of each host's address, so
+    /// that a node's link can be cut. Needs root and iproute2.
+    ///
+    /// # Errors
+    /// As [`Cluster::start`], or when the hosts cannot be made.
+    pub fn start_on_hosts(base: &Path) -> anyhow::Result<Self> {
+        let hosts = crate::hosts::Hosts::create(NODES)?;
+        Self::start_with(Self { base: base.to_owned(), port: 5672, hosts: Some(hosts) })
+    }
+
+    /// The test hosts of a cluster started with [`Cluster::start_on_hosts`].
+    pub fn hosts(&self) -> Option<&crate::hosts::Hosts> {
+        self.hosts.as_ref()
+    }
+
+    fn start_with(cluster: Self) -> anyhow::Result<Self> {
         anyhow::ensure!(script("rabbitmq-server").exists(), "rabbitmq-server is not installed");
-        let cluster = Self { base: base.to_owned(), port };
+        let base = cluster.base.clone();
+        let base = base.as_path();
+        for i in 1..=NODES {
+            let addr = format!("{}:{}", cluster.host(i), cluster.amqp_port(i)).parse()?;
+            anyhow::ensure!(
+                !amqp_answers(addr) || cluster.home(i).join("node.pid").exists(),
+                "a broker that is not this cluster's answers on {addr}"
+            );
+        }
         fs::create_dir_all(base)?;
         for i in 1..=NODES {
             let home = cluster.home(i);
@@ -52,10 +83,11 @@ impl Cluster {
             fs::write(
                 home.join("rabbitmq.conf"),
                 format!(
-                    "listeners.tcp.default = 127.0.0.1:{}\nmanagement.tcp.ip = 127.0.0.1\nmanagement.tcp.port = {}\n\
-                     loopback_users = none\n",
+                    "listeners.tcp.default = {host}:{}\nmanagement.tcp.ip = {host}\nmanagement.tcp.port = {}\n\
+                     loopback_users = none\ncluster_partition_handling = pause_minority\n",
                     cluster.amqp_port(i),
-                    cluster.amqp_port(i) + 10_000
+                    cluster.amqp_port(i) + 10_000,
+                    host = cluster.host(i),
                 ),
             )?;
             cluster.start_node(i)?;
@@ -79,16 +111,34 @@ impl Cluster {
 
     /// The Erlang node name of node `i` (1-based).
     pub fn name(&self, i: usize) -> String {
-        format!("gh{i}@localhost")
+        match &self.hosts {
+            Some(h) => format!("gh{i}@{}", h.name(i)),
+            None => format!("gh{i}@localhost"),
+        }
+    }
+
+    /// The address node `i` listens on.
+    pub fn host(&self, i: usize) -> String {
+        self.hosts.as_ref().map_or_else(|| "127.0.0.1".to_owned(), |h| h.addr(i))
     }
 
     pub fn amqp_port(&self, i: usize) -> u16 {
-        self.port + (i as u16) - 1
+        if self.hosts.is_some() { self.port } else { self.port + (i as u16) - 1 }
     }
 
     /// AMQP URLs of every node, with `user:password` and `vhost` (URL-encoded).
     pub fn urls(&self, credentials: &str, vhost: &str) -> Vec<String> {
-        (1..=NODES).map(|i| format!("amqp://{credentials}@127.0.0.1:{}/{vhost}", self.amqp_port(i))).collect()
+        (1..=NODES)
+            .map(|i| format!("amqp://{credentials}@{}:{}/{vhost}", self.host(i), self.amqp_port(i)))
+            .collect()
+    }
+
+    /// `program` on node `i`'s host.
+    fn command(&self, i: usize, program: &Path) -> Command {
+        match &self.hosts {
+            Some(h) => h.command(i, program),
+            None => Command::new(program),
+        }
     }
 
     fn env(&self, i: usize, cmd: &mut Command) {
@@ -97,6 +147,7 @@ impl Cluster {
             .env("RABBITMQ_NODENAME", self.name(i))
             .env("RABBITMQ_NODE_PORT", self.amqp_port(i).to_string())
             .env("RABBITMQ_DIST_PORT", (self.amqp_port(i) + 20_000).to_string())
+            .env("RABBITMQ_NODE_IP_ADDRESS", self.host(i))
             .env("RABBITMQ_MNESIA_BASE", h.join("mnesia"))
             .env("RABBITMQ_LOG_BASE", h.join("log"))
             .env("RABBITMQ_PID_FILE", h.join("node.pid"))
@@ -110,7 +161,7 @@ impl Cluster {
     /// When the script cannot be run.
     pub fn start_node(&self, i: usize) -> anyhow::Result<()> {
         let log = fs::File::create(self.home(i).join("out.log"))?;
-        let mut cmd = Command::new(script("rabbitmq-server"));
+        let mut cmd = self.command(i, &script("rabbitmq-server"));
         self.env(i, &mut cmd);
         cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
         #[cfg(unix)]
@@ -125,7 +176,7 @@ impl Cluster {
     /// # Errors
     /// When it does not within `limit`.
     pub fn await_node(&self, i: usize, limit: Duration) -> anyhow::Result<()> {
-        let addr = format!("127.0.0.1:{}", self.amqp_port(i)).parse()?;
+        let addr = format!("{}:{}", self.host(i), self.amqp_port(i)).parse()?;
         let deadline = Instant::now() + limit;
         while !amqp_answers(addr) {
             anyhow::ensure!(
@@ -143,7 +194,7 @@ impl Cluster {
     /// # Errors
     /// When it fails.
     pub fn run(&self, i: usize, args: &[&str]) -> anyhow::Result<String> {
-        let mut cmd = Command::new(script("rabbitmqctl"));
+        let mut cmd = self.command(i, &script("rabbitmqctl"));
         self.env(i, &mut cmd);
         let out = cmd.arg("-n").arg(self.name(i)).args(args).output().context("running rabbitmqctl")?;
         anyhow::ensure!(
@@ -195,7 +246,8 @@ impl Cluster {
         Ok(())
     }
 
-    /// Stops every node (SIGTERM to their servers, which stop the VMs cleanly).
+    /// Stops every node (SIGTERM to their servers, which stop the VMs cleanly); also when the
+    /// cluster is dropped.
     pub fn stop(&self) {
         for i in 1..=NODES {
             for file in ["server.pid", "node.pid"] {
@@ -213,6 +265,12 @@ impl Cluster {
         {
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 

@@ -7,3 +7,4 @@ pub mod broker_node;
 pub mod certs;
 pub mod cluster;
 pub mod commands;
+pub mod hosts;
