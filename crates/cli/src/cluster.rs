@@ -232,6 +232,27 @@ impl Cluster {
         anyhow::bail!("no node lists queue {queue}")
     }
 
+    /// Waits until every node in `nodes` is an online member of quorum queue `queue` (vhost
+    /// `/`), as any answering node reports; `false` after `limit`.
+    pub fn wait_online(&self, queue: &str, nodes: &[usize], limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            let online = (1..=NODES).find_map(|i| {
+                self.run(i, &["-q", "list_queues", "name", "online", "--no-table-headers"]).ok()
+            });
+            let line = online
+                .as_deref()
+                .and_then(|o| o.lines().find(|l| l.split_whitespace().next() == Some(queue)));
+            if line.is_some_and(|l| nodes.iter().all(|n| l.contains(&self.name(*n)))) {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
     /// SIGKILL to node `i`'s Erlang VM (a host lost, no goodbye).
     ///
     /// # Errors

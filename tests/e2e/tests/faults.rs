@@ -804,9 +804,16 @@ async fn quorum_lanes_on_a_three_node_cluster_lose_nothing_when_nodes_go() {
             .unwrap();
             let failover = stopped.elapsed();
             tokio::time::sleep(Duration::from_secs(2)).await;
-            let c = cluster.clone();
-            tokio::task::spawn_blocking(move || c.run(leader, &["start_app"])).await.unwrap().unwrap();
-            tokio::time::sleep(Duration::from_secs(2)).await;
+            // Back, and caught up (an online member of the lane again) before the next loss:
+            // two nodes lost at once would be no quorum, and the lanes would rightly stop.
+            let (c, l) = (cluster.clone(), lane.clone());
+            let caught_up = tokio::task::spawn_blocking(move || {
+                c.run(leader, &["start_app"]).unwrap();
+                c.wait_online(&l, &[1, 2, 3], Duration::from_secs(60))
+            })
+            .await
+            .unwrap();
+            assert!(caught_up, "the restarted node did not catch up with the lane");
             let victim = (1..=3).find(|i| *i != leader).unwrap();
             cluster.kill(victim).unwrap();
             (leader, new_leader, failover, victim)
@@ -910,25 +917,12 @@ async fn a_partitioned_cluster_node_loses_nothing_and_applies_nothing_twice_afte
         l.len() == accounts && l.values().all(|(_, s)| *s == per_account)
     })
     .await;
-    // After the heal, node 3 is a member of the lane again and in sync.
+    // After the heal, node 3 is an online member of the lane again.
     let lane = sys.topology().job_queue("batch.p0");
     let c = cluster.clone();
-    let healed = tokio::task::spawn_blocking(move || {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let online =
-                c.run(1, &["-q", "list_queues", "name", "online", "--no-table-headers"]).unwrap_or_default();
-            if online.lines().any(|l| l.starts_with(&lane) && l.contains(&c.name(3))) {
-                return true;
-            }
-            if Instant::now() > deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(500));
-        }
-    })
-    .await
-    .unwrap();
+    let healed = tokio::task::spawn_blocking(move || c.wait_online(&lane, &[3], Duration::from_secs(60)))
+        .await
+        .unwrap();
     let mut model_ids = HashMap::new();
     for (pos, &i) in order.iter().enumerate() {
         if let Some(id) = ids.get(&pos) {
