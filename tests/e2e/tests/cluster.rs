@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use gatehouse_cli::cluster::Cluster;
 use gatehouse_e2e::{Options, TestSystem, report};
 use serde_json::Value;
 use tokio::sync::Mutex;
@@ -16,6 +17,31 @@ mod ledger_model;
 use ledger_model::*;
 
 static SERIAL: Mutex<()> = Mutex::const_new(());
+
+/// A three-node cluster (each node on a test host of its own with `on_hosts`), a system on it
+/// with quorum lanes and a worker process, and the nodes' URLs; first the folder of the nodes'
+/// data, which must outlive them (so: keep the tuple's order when binding it).
+async fn cluster_system(on_hosts: bool) -> (tempfile::TempDir, Arc<Cluster>, TestSystem, Vec<String>) {
+    let data = tempfile::tempdir().unwrap();
+    let home = data.path().to_owned();
+    let cluster = tokio::task::spawn_blocking(move || match on_hosts {
+        true => Cluster::start_on_hosts(&home),
+        false => Cluster::start(&home, 5681),
+    })
+    .await
+    .unwrap()
+    .expect("a three-node cluster starts");
+    let cluster = Arc::new(cluster);
+    let urls = cluster.urls("guest:guest", "%2f");
+    let sys = TestSystem::start_with(Options {
+        worker_binary: Some(env!("CARGO_BIN_EXE_e2e-worker")),
+        quorum: true,
+        broker_nodes: Some(urls.clone()),
+        ..Options::default()
+    })
+    .await;
+    (data, cluster, sys, urls)
+}
 
 /// Messages in `queue` of the broker at `url` (a passive declare).
 async fn depth_at(url: &str, queue: &str) -> u32 {
@@ -35,21 +61,7 @@ async fn depth_at(url: &str, queue: &str) -> u32 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn quorum_lanes_on_a_three_node_cluster_lose_nothing_when_nodes_go() {
     let _serial = SERIAL.lock().await;
-    let base = tempfile::tempdir().unwrap();
-    let home = base.path().to_owned();
-    let cluster = tokio::task::spawn_blocking(move || gatehouse_cli::cluster::Cluster::start(&home, 5681))
-        .await
-        .unwrap()
-        .expect("a three-node cluster starts");
-    let cluster = Arc::new(cluster);
-    let urls = cluster.urls("guest:guest", "%2f");
-    let sys = TestSystem::start_with(Options {
-        worker_binary: Some(env!("CARGO_BIN_EXE_e2e-worker")),
-        quorum: true,
-        broker_nodes: Some(urls.clone()),
-        ..Options::default()
-    })
-    .await;
+    let (_data, cluster, sys, urls) = cluster_system(false).await;
     let n = env_size("GATEHOUSE_FAULT_N", 2000) / 4;
     let accounts = 20;
     let (jobs, order) = ledger_model(n, accounts, "qq", &mut Rng(0x9e0_0001));
@@ -164,21 +176,7 @@ async fn a_partitioned_cluster_node_loses_nothing_and_applies_nothing_twice_afte
     // Each node on a test host of its own (a network namespace with a veth link to a bridge
     // on this machine, where worker and gatekeeper run); node 3's link is cut under load and
     // restored later.
-    let base = tempfile::tempdir().unwrap();
-    let home = base.path().to_owned();
-    let cluster = tokio::task::spawn_blocking(move || gatehouse_cli::cluster::Cluster::start_on_hosts(&home))
-        .await
-        .unwrap()
-        .expect("a three-node cluster on three test hosts starts");
-    let cluster = Arc::new(cluster);
-    let urls = cluster.urls("guest:guest", "%2f");
-    let sys = TestSystem::start_with(Options {
-        worker_binary: Some(env!("CARGO_BIN_EXE_e2e-worker")),
-        quorum: true,
-        broker_nodes: Some(urls.clone()),
-        ..Options::default()
-    })
-    .await;
+    let (_data, cluster, sys, urls) = cluster_system(true).await;
     let n = env_size("GATEHOUSE_FAULT_N", 2000) / 4;
     let accounts = 20;
     let (jobs, order) = ledger_model(n, accounts, "np", &mut Rng(0x9e0_0002));
