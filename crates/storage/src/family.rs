@@ -3,13 +3,12 @@
 //! create and change them, and names the columns that hold sealed values, so that
 //! `gatehouse rekey` re-encrypts them too. The job machinery here knows none of them.
 //!
-//! Each family's migrations run once each, in order, at [`crate::Store::open_sqlite`], in their
-//! own transactions; `families` records how far each family got. Its sealed columns are
+//! Each family's migrations run once each, in order, when the store opens (on either backend:
+//! write them in the SQL SQLite and PostgreSQL share — `TEXT`, `INTEGER`/`BIGINT`, no `BLOB`); `families` records how far each family got. Its sealed columns are
 //! recorded in `sealed_columns`, where any tool that opens the database finds them.
 
-use rusqlite::{Connection, params};
-
-use crate::StorageError;
+use crate::sql::params;
+use crate::{StorageError, Tx};
 
 /// A family of job kinds with tables of its own.
 #[derive(Debug, Clone, Copy)]
@@ -42,16 +41,17 @@ pub(crate) const PROGRESS: SealedColumn =
 pub(crate) const CHECKPOINTS: SealedColumn =
     SealedColumn { table: "checkpoints", key: "job_id", owner: "client", column: "value" };
 
-/// Brings every family's tables up to date and records its sealed columns.
-pub(crate) fn migrate(conn: &mut Connection, families: &[Family]) -> Result<(), StorageError> {
+/// Brings every family's tables up to date and records its sealed columns, in `tx` (the
+/// caller's transaction holds the write lock: workers that start together take turns, and each
+/// step runs once).
+pub(crate) fn migrate(tx: &Tx<'_>, families: &[Family]) -> Result<(), StorageError> {
     for (i, f) in families.iter().enumerate() {
         if families[..i].iter().any(|g| g.name == f.name) {
             return Err(StorageError::Corrupt(format!("two handler families are named {}", f.name)));
         }
-        let done: i64 = conn
-            .query_row("SELECT version FROM families WHERE name = ?1", [f.name], |r| r.get(0))
-            .or_else(|e| if e == rusqlite::Error::QueryReturnedNoRows { Ok(0) } else { Err(e) })?;
-        let done = usize::try_from(done).unwrap_or(usize::MAX);
+        let done =
+            tx.one("SELECT version FROM families WHERE name = ?1", params![f.name], |r| r.get::<i64>(0))?;
+        let done = usize::try_from(done.unwrap_or(0)).unwrap_or(usize::MAX);
         if done > f.migrations.len() {
             return Err(StorageError::Corrupt(format!(
                 "family {} is at version {done}, newer than this worker knows ({}): a newer release wrote it",
@@ -60,27 +60,17 @@ pub(crate) fn migrate(conn: &mut Connection, families: &[Family]) -> Result<(), 
             )));
         }
         for (step, sql) in f.migrations.iter().enumerate().skip(done) {
-            // Read again under the write lock: another worker starting beside this one may
-            // have run the step meanwhile.
-            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            let now_done: i64 = tx
-                .query_row("SELECT version FROM families WHERE name = ?1", [f.name], |r| r.get(0))
-                .or_else(|e| if e == rusqlite::Error::QueryReturnedNoRows { Ok(0) } else { Err(e) })?;
-            if usize::try_from(now_done).unwrap_or(usize::MAX) > step {
-                continue;
-            }
-            tx.execute_batch(sql).map_err(|e| {
+            tx.batch(sql).map_err(|e| {
                 StorageError::Corrupt(format!("migration {} of family {}: {e}", step + 1, f.name))
             })?;
-            tx.execute(
+            tx.exec(
                 "INSERT INTO families (name, version) VALUES (?1, ?2)
                  ON CONFLICT(name) DO UPDATE SET version = excluded.version",
-                params![f.name, step + 1],
+                params![f.name, step as i64 + 1],
             )?;
-            tx.commit()?;
         }
         for c in f.sealed {
-            conn.execute(
+            tx.exec(
                 "INSERT INTO sealed_columns (tbl, col, key_col, owner_expr, family) VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT(tbl, col) DO UPDATE SET key_col = excluded.key_col,
                      owner_expr = excluded.owner_expr, family = excluded.family",
@@ -93,17 +83,14 @@ pub(crate) fn migrate(conn: &mut Connection, families: &[Family]) -> Result<(), 
 
 /// Every sealed column the database holds: the job machinery's (results, progress,
 /// checkpoints) and every family's that was ever migrated into it.
-pub(crate) fn sealed_columns(
-    conn: &Connection,
-) -> Result<Vec<(String, String, String, String)>, StorageError> {
+pub(crate) fn sealed_columns(tx: &Tx<'_>) -> Result<Vec<(String, String, String, String)>, StorageError> {
     let own =
         |c: SealedColumn| (c.table.to_owned(), c.key.to_owned(), c.owner.to_owned(), c.column.to_owned());
     let mut out = vec![own(JOB_RESULTS), own(PROGRESS), own(CHECKPOINTS)];
-    let mut stmt =
-        conn.prepare_cached("SELECT tbl, key_col, owner_expr, col FROM sealed_columns ORDER BY tbl, col")?;
-    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
-    for row in rows {
-        out.push(row?);
+    for r in
+        tx.rows("SELECT tbl, key_col, owner_expr, col FROM sealed_columns ORDER BY tbl, col", params![])?
+    {
+        out.push((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?));
     }
     Ok(out)
 }

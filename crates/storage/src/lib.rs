@@ -17,6 +17,8 @@
 mod checkpoint;
 mod family;
 mod migrations;
+mod postgres;
+pub mod sql;
 mod tx;
 
 use std::path::Path;
@@ -29,18 +31,20 @@ use tokio::sync::{mpsc, oneshot};
 use crate::checkpoint::Checkpoints;
 
 pub use family::{Family, SealedColumn};
+pub use postgres::PostgresConfig;
 pub use tx::{Attempts, Forget, Parked, Place, ScheduleState, StoredJob, Tx, now_ms, sealed_aad};
-
-/// What a handler family's SQL needs (the storage is SQLite, through `rusqlite`).
-pub mod sql {
-    pub use rusqlite::{OptionalExtension, Params, Row, ToSql, params};
-}
 
 /// A storage failure.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// What PostgreSQL answered (`code`: its SQLSTATE), or why it could not be reached.
+    #[error("postgres: {message}{}", code.as_ref().map(|c| format!(" ({c})")).unwrap_or_default())]
+    Postgres { code: Option<String>, message: String },
+    /// The storage settings are wrong (bad url, a password where it must not be).
+    #[error("{0}")]
+    Config(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
     #[error("the storage thread has stopped")]
@@ -64,6 +68,11 @@ impl StorageError {
             Self::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => {
                 matches!(e.code, C::DatabaseBusy | C::DatabaseLocked | C::SystemIoFailure | C::DiskFull)
             }
+            // No answer (connection lost, server restarting), or a conflict with another
+            // transaction, or the server out of resources: classes 08, 40, 53, 57.
+            Self::Postgres { code, .. } => code
+                .as_deref()
+                .is_none_or(|c| ["08", "40", "53", "57"].iter().any(|class| c.starts_with(class))),
             Self::Closed | Self::Commit(_) => true,
             _ => false,
         }
@@ -180,11 +189,65 @@ fn private_file(path: &Path) -> Result<(), StorageError> {
     Ok(())
 }
 
-/// Handle to the storage thread. Cheap to clone.
+/// Where the storage is: `[storage] url`.
+#[derive(Debug, Clone)]
+pub enum Location {
+    /// `sqlite:<path>`: the embedded default, for one worker.
+    Sqlite(std::path::PathBuf),
+    /// `postgres://user@host:port/db`: for several workers.
+    Postgres(PostgresConfig),
+}
+
+impl Location {
+    /// The location `url` names (`sqlite:<path>` or `postgres://…`); `password` is
+    /// PostgreSQL's (never part of the url), `pool_size` its most connections.
+    ///
+    /// # Errors
+    /// [`StorageError::Config`] for any other url, or a password in the url.
+    pub fn parse(url: &str, password: Option<String>, pool_size: usize) -> Result<Self, StorageError> {
+        if let Some(path) = url.strip_prefix("sqlite:") {
+            if path.is_empty() {
+                return Err(StorageError::Config(
+                    "storage url: sqlite: needs a path (sqlite:worker.sqlite)".into(),
+                ));
+            }
+            return Ok(Self::Sqlite(path.into()));
+        }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let config: tokio_postgres::Config =
+                url.parse().map_err(|e| StorageError::Config(format!("storage url: {e}")))?;
+            if config.get_password().is_some() {
+                return Err(StorageError::Config(
+                    "storage url: a password must not be in the url (it would be logged): use [storage] password_file or WORKER__STORAGE__PASSWORD".into(),
+                ));
+            }
+            return Ok(Self::Postgres(PostgresConfig { url: url.to_owned(), password, pool_size }));
+        }
+        Err(StorageError::Config(format!(
+            "storage url {url:?}: expected sqlite:<path> or postgres://user@host:port/db"
+        )))
+    }
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Sqlite(path) => write!(f, "sqlite:{}", path.display()),
+            Self::Postgres(c) => f.write_str(&c.url),
+        }
+    }
+}
+
+/// Handle to the storage: the SQLite thread, or the PostgreSQL pool. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
-    work: mpsc::Sender<Work>,
-    observer: Observer,
+    backend: Backend,
+}
+
+#[derive(Clone)]
+enum Backend {
+    Sqlite { work: mpsc::Sender<Work>, observer: Observer },
+    Postgres(postgres::PgStore),
 }
 
 impl std::fmt::Debug for Store {
@@ -194,6 +257,29 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
+    /// Opens the storage at `location` and migrates it (see [`Store::open_sqlite`]).
+    ///
+    /// # Errors
+    /// When it cannot be reached or opened, or a migration fails.
+    pub async fn open(
+        location: &Location,
+        keyring: Keyring,
+        families: &[Family],
+    ) -> Result<Self, StorageError> {
+        match location {
+            Location::Sqlite(path) => Self::open_sqlite(path, keyring, families),
+            Location::Postgres(config) => {
+                let pg = postgres::PgStore::open(config, keyring, families).await?;
+                Ok(Self { backend: Backend::Postgres(pg) })
+            }
+        }
+    }
+
+    /// Whether this is PostgreSQL storage.
+    pub fn is_postgres(&self) -> bool {
+        matches!(self.backend, Backend::Postgres(_))
+    }
+
     /// Opens (creating if needed) the SQLite database at `path` and migrates it: the job
     /// machinery's tables, then each of `families`' own (see [`Family`]). Sealed values are
     /// encrypted with `keyring` (see [`Tx::seal`]).
@@ -213,7 +299,11 @@ impl Store {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         migrations::run(&mut conn, &keyring)?;
-        family::migrate(&mut conn, families)?;
+        {
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            family::migrate(&Tx::new(&tx, &keyring), families)?;
+            tx.commit()?;
+        }
         // SQLite gives its -wal and -shm files the database file's mode; these may predate it.
         for side in ["-wal", "-shm"] {
             let mut p = path.as_os_str().to_owned();
@@ -235,12 +325,15 @@ impl Store {
             .name("gatehouse-storage".into())
             .spawn(move || serve(&conn, &keyring, &mut rx, &checkpoints, &serving))
             .map_err(|e| StorageError::Corrupt(format!("cannot start storage thread: {e}")))?;
-        Ok(Self { work, observer })
+        Ok(Self { backend: Backend::Sqlite { work, observer } })
     }
 
     /// Sets who is told about commits and checkpoints (once; later calls are ignored).
     pub fn observe(&self, observer: std::sync::Arc<dyn StorageObserver>) {
-        let _ = self.observer.set(observer);
+        let _ = match &self.backend {
+            Backend::Sqlite { observer: o, .. } => o.set(observer),
+            Backend::Postgres(pg) => pg.observer.set(observer),
+        };
     }
 
     /// Runs `f` atomically on the storage thread: its writes are kept and committed when it
@@ -256,8 +349,12 @@ impl Store {
         E: From<StorageError> + Send + 'static,
         F: FnOnce(&mut Tx<'_>) -> Result<R, E> + Send + 'static,
     {
+        let work = match &self.backend {
+            Backend::Sqlite { work, .. } => work,
+            Backend::Postgres(pg) => return pg.run(f).await,
+        };
         let (done, result) = oneshot::channel();
-        let work: Work = Box::new(move |conn, keyring| {
+        let job: Work = Box::new(move |conn, keyring| {
             let mut tx = Tx::new(conn, keyring);
             let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut tx)))
                 .unwrap_or_else(|p| Err(StorageError::Panicked(panic_message(&*p)).into()));
@@ -272,7 +369,7 @@ impl Store {
                 }),
             }
         });
-        self.work.send(work).await.map_err(|_| StorageError::Closed)?;
+        work.send(job).await.map_err(|_| StorageError::Closed)?;
         result.await.map_err(|_| StorageError::Closed)?
     }
 }

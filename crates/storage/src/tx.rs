@@ -4,15 +4,25 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use gatehouse_protocol::crypto::Keyring;
 use gatehouse_protocol::{JobId, JobState};
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::Connection;
 use serde_json::Value;
 
 use crate::StorageError;
+use crate::postgres::Session;
+use crate::sql::{Params, Row, params, sqlite_params, sqlite_row};
 
 /// The operations of one [`crate::Store::transact`] closure.
 pub struct Tx<'c> {
-    tx: &'c Connection,
+    conn: Conn<'c>,
     keyring: &'c Keyring,
+}
+
+/// The backend a transaction runs on.
+enum Conn<'c> {
+    /// Inside the savepoint the storage thread opened.
+    Sqlite(&'c Connection),
+    /// Inside a transaction on a pooled connection.
+    Postgres(Session<'c>),
 }
 
 /// A job as storage knows it.
@@ -115,7 +125,7 @@ fn identifier(s: &str) -> Result<&str, StorageError> {
 const SCHEDULE_COLUMNS: &str =
     "name, last_fire_ms, last_job, running_job, running_fire_ms, fired, skipped, missed";
 
-fn schedule_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ScheduleState> {
+fn schedule_row(r: &Row) -> Result<ScheduleState, StorageError> {
     let id = |s: Option<String>| s.and_then(|s| JobId::parse(&s).ok());
     let count = |v: i64| u64::try_from(v).unwrap_or(0);
     Ok(ScheduleState {
@@ -149,13 +159,13 @@ pub struct ScheduleState {
 const PARKED_COLUMNS: &str = "job_id, seq_key, seq_number, envelope, reply_to, correlation_id, deadline_ms";
 
 /// A `parked` row as (job id text, the rest); the id is parsed by the caller.
-fn parked_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, Parked)> {
+fn parked_row(r: &Row) -> Result<(String, Parked), StorageError> {
     Ok((
         r.get(0)?,
         Parked {
             job_id: JobId::from_bytes([0; 16]),
             seq_key: r.get(1)?,
-            seq_number: r.get::<_, i64>(2)? as u64,
+            seq_number: r.get::<i64>(2)? as u64,
             envelope: r.get(3)?,
             reply_to: r.get(4)?,
             correlation_id: r.get(5)?,
@@ -173,46 +183,124 @@ fn parse_json(s: Option<String>) -> Result<Option<Value>, StorageError> {
 }
 
 impl<'c> Tx<'c> {
-    /// Operations on `conn`, inside the savepoint the storage thread opened.
+    /// Operations on SQLite's `conn`, inside the savepoint the storage thread opened.
     pub(crate) fn new(conn: &'c Connection, keyring: &'c Keyring) -> Self {
-        Self { tx: conn, keyring }
+        Self { conn: Conn::Sqlite(conn), keyring }
     }
 
-    /// Runs one statement (prepared once per connection, then cached).
-    fn exec<P: rusqlite::Params>(&self, sql: &str, params: P) -> rusqlite::Result<usize> {
-        self.tx.prepare_cached(sql)?.execute(params)
+    /// Operations inside a PostgreSQL transaction.
+    pub(crate) fn postgres(session: Session<'c>, keyring: &'c Keyring) -> Self {
+        Self { conn: Conn::Postgres(session), keyring }
     }
 
-    /// The one row a query answers (prepared once per connection, then cached).
-    fn one<T, P, F>(&self, sql: &str, params: P, f: F) -> rusqlite::Result<T>
-    where
-        P: rusqlite::Params,
-        F: FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
-    {
-        self.tx.prepare_cached(sql)?.query_row(params, f)
+    /// Whether this is a PostgreSQL transaction (several workers may run beside it).
+    pub fn is_postgres(&self) -> bool {
+        matches!(self.conn, Conn::Postgres(_))
+    }
+
+    /// Runs one statement (prepared once per connection, then cached); answers the rows it
+    /// changed.
+    pub(crate) fn exec(&self, sql: &str, params: Params<'_>) -> Result<usize, StorageError> {
+        match &self.conn {
+            Conn::Sqlite(c) => {
+                Ok(c.prepare_cached(sql)?.execute(rusqlite::params_from_iter(sqlite_params(params)))?)
+            }
+            Conn::Postgres(s) => s.exec(sql, params),
+        }
+    }
+
+    /// Every row a query answers (prepared once per connection, then cached).
+    pub(crate) fn rows(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>, StorageError> {
+        match &self.conn {
+            Conn::Sqlite(c) => {
+                let mut stmt = c.prepare_cached(sql)?;
+                let rows = stmt.query_map(rusqlite::params_from_iter(sqlite_params(params)), sqlite_row)?;
+                Ok(rows.collect::<Result<_, _>>()?)
+            }
+            Conn::Postgres(s) => s.rows(sql, params),
+        }
+    }
+
+    /// The first row a query answers, read by `f`; `None` when there is none.
+    pub(crate) fn one<T>(
+        &self,
+        sql: &str,
+        params: Params<'_>,
+        f: impl FnOnce(&Row) -> Result<T, StorageError>,
+    ) -> Result<Option<T>, StorageError> {
+        let row = match &self.conn {
+            Conn::Sqlite(c) => {
+                let mut stmt = c.prepare_cached(sql)?;
+                let mut rows = stmt.query(rusqlite::params_from_iter(sqlite_params(params)))?;
+                rows.next()?.map(sqlite_row).transpose()?
+            }
+            Conn::Postgres(s) => s.rows(sql, params)?.into_iter().next(),
+        };
+        row.as_ref().map(f).transpose()
+    }
+
+    /// The row a query always answers (a count, a `RETURNING`), read by `f`.
+    fn must<T>(
+        &self,
+        sql: &str,
+        params: Params<'_>,
+        f: impl FnOnce(&Row) -> Result<T, StorageError>,
+    ) -> Result<T, StorageError> {
+        self.one(sql, params, f)?.ok_or_else(|| StorageError::Corrupt(format!("no row answered {sql:?}")))
+    }
+
+    /// Runs statements (a migration), not prepared, without parameters.
+    pub(crate) fn batch(&self, sql: &str) -> Result<(), StorageError> {
+        match &self.conn {
+            Conn::Sqlite(c) => Ok(c.execute_batch(sql)?),
+            Conn::Postgres(s) => s.batch(sql),
+        }
+    }
+
+    /// Serializes this transaction with every other that takes the lock `name`, until it ends:
+    /// on PostgreSQL a transaction-scoped advisory lock (several workers share the database);
+    /// on SQLite nothing, as one writer at a time is all there is.
+    ///
+    /// # Errors
+    /// A storage failure.
+    pub fn lock(&self, name: &str) -> Result<(), StorageError> {
+        if let Conn::Postgres(s) = &self.conn {
+            s.exec("SELECT pg_advisory_xact_lock(hashtextextended(?1, 0))", params![name])?;
+        }
+        Ok(())
     }
 
     // ---- for handler families ---------------------------------------------------------------
 
     /// Runs one SQL statement of a handler family (its own tables; see [`crate::Family`]);
-    /// answers the rows it changed. Prepared once per connection, then cached.
+    /// answers the rows it changed. Write `?1`, `?2`… for parameters (`params![a, b]`), in the
+    /// SQL both backends speak. Prepared once per connection, then cached.
     ///
     /// # Errors
-    /// What SQLite answers.
-    pub fn execute<P: rusqlite::Params>(&self, sql: &str, params: P) -> Result<usize, StorageError> {
-        Ok(self.exec(sql, params)?)
+    /// What the database answers.
+    pub fn execute(&self, sql: &str, params: Params<'_>) -> Result<usize, StorageError> {
+        self.exec(sql, params)
     }
 
     /// The first row a family's query answers, read by `f`; `None` when there is none.
     ///
     /// # Errors
-    /// What SQLite answers, or what `f` does.
-    pub fn query_row<T, P, F>(&self, sql: &str, params: P, f: F) -> Result<Option<T>, StorageError>
-    where
-        P: rusqlite::Params,
-        F: FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
-    {
-        Ok(self.one(sql, params, f).optional()?)
+    /// What the database answers, or what `f` does.
+    pub fn query_row<T>(
+        &self,
+        sql: &str,
+        params: Params<'_>,
+        f: impl FnOnce(&Row) -> Result<T, StorageError>,
+    ) -> Result<Option<T>, StorageError> {
+        self.one(sql, params, f)
+    }
+
+    /// Every row a family's query answers.
+    ///
+    /// # Errors
+    /// What the database answers.
+    pub fn query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>, StorageError> {
+        self.rows(sql, params)
     }
 
     /// `value` encrypted under the active data key, bound to its place (`at`): it cannot be
@@ -262,13 +350,14 @@ impl<'c> Tx<'c> {
         for (table, key, owner, column) in columns {
             let (table, key, owner, column) =
                 (identifier(table)?, identifier(key)?, identifier(owner)?, identifier(column)?);
-            let rows: Vec<(String, String, String)> = {
-                let mut stmt = self.tx.prepare_cached(&format!(
-                    "SELECT {key}, {owner}, {column} FROM {table} WHERE {column} IS NOT NULL"
-                ))?;
-                let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-                rows.collect::<Result<_, _>>()?
-            };
+            let rows: Vec<(String, String, String)> = self
+                .rows(
+                    &format!("SELECT {key}, {owner}, {column} FROM {table} WHERE {column} IS NOT NULL"),
+                    params![],
+                )?
+                .iter()
+                .map(|r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .collect::<Result<_, StorageError>>()?;
             for (row, owner, stored) in rows {
                 let at = Place { table, column, row: &row, owner: &owner };
                 let value = match Keyring::version(&stored) {
@@ -302,32 +391,30 @@ impl<'c> Tx<'c> {
     /// # Errors
     /// A value that does not open, or a storage failure (nothing is changed then).
     pub fn rekey(&self) -> Result<u64, StorageError> {
-        self.reseal(&crate::family::sealed_columns(self.tx)?, false)
+        self.reseal(&crate::family::sealed_columns(self)?, false)
     }
 
     // ---- jobs ------------------------------------------------------------------------------
 
     /// The job with this id, whoever owns it.
     pub fn job(&self, id: &JobId) -> Result<Option<StoredJob>, StorageError> {
-        let row = self
-            .one(
-                "SELECT client, kind, state, result, error, seq_key, seq_number, reason
+        let row = self.one(
+            "SELECT client, kind, state, result, error, seq_key, seq_number, reason
                  FROM jobs WHERE id = ?1",
-                [id.as_str()],
-                |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, String>(2)?,
-                        r.get::<_, Option<String>>(3)?,
-                        r.get::<_, Option<String>>(4)?,
-                        r.get::<_, Option<String>>(5)?,
-                        r.get::<_, Option<i64>>(6)?,
-                        r.get::<_, Option<String>>(7)?,
-                    ))
-                },
-            )
-            .optional()?;
+            params![id.as_str()],
+            |r| {
+                Ok((
+                    r.get::<String>(0)?,
+                    r.get::<String>(1)?,
+                    r.get::<String>(2)?,
+                    r.get::<Option<String>>(3)?,
+                    r.get::<Option<String>>(4)?,
+                    r.get::<Option<String>>(5)?,
+                    r.get::<Option<i64>>(6)?,
+                    r.get::<Option<String>>(7)?,
+                ))
+            },
+        )?;
         let Some((client, kind, state, result, error, key, number, reason)) = row else {
             return Ok(None);
         };
@@ -355,9 +442,12 @@ impl<'c> Tx<'c> {
         if job.state.is_final() {
             self.forget_cancelled(&job.id)?;
             self.pass_turns(&job.id)?;
-            self.exec("DELETE FROM progress WHERE job_id = ?1", [job.id.as_str()])?;
-            self.exec("DELETE FROM checkpoints WHERE job_id = ?1", [job.id.as_str()])?;
-            self.exec("UPDATE schedules SET running_job = NULL WHERE running_job = ?1", [job.id.as_str()])?;
+            self.exec("DELETE FROM progress WHERE job_id = ?1", params![job.id.as_str()])?;
+            self.exec("DELETE FROM checkpoints WHERE job_id = ?1", params![job.id.as_str()])?;
+            self.exec(
+                "UPDATE schedules SET running_job = NULL WHERE running_job = ?1",
+                params![job.id.as_str()],
+            )?;
         }
         self.log_state(&job.id, &job.client, job.state)?;
         let at = Place::job_result(job.id.as_str(), &job.client);
@@ -390,19 +480,17 @@ impl<'c> Tx<'c> {
     /// other state is kept as it is (the replay is then answered from it); a job dead-lettered
     /// *after* the grant was issued is kept too — the grant was for an earlier dead letter.
     pub fn forget_dead_lettered(&self, id: &JobId, granted_at_ms: u64) -> Result<Forget, StorageError> {
-        let dead_at: Option<i64> = self
-            .one(
-                "SELECT updated_at_ms FROM jobs WHERE id = ?1 AND state = 'dead_lettered'",
-                [id.as_str()],
-                |r| r.get(0),
-            )
-            .optional()?;
+        let dead_at: Option<i64> = self.one(
+            "SELECT updated_at_ms FROM jobs WHERE id = ?1 AND state = 'dead_lettered'",
+            params![id.as_str()],
+            |r| r.get(0),
+        )?;
         match dead_at {
             None => Ok(Forget::NotDeadLettered),
             Some(at) if at > to_i64(granted_at_ms)? => Ok(Forget::GrantTooOld),
             Some(_) => {
-                self.exec("DELETE FROM jobs WHERE id = ?1", [id.as_str()])?;
-                self.exec("DELETE FROM attempts WHERE job_id = ?1", [id.as_str()])?;
+                self.exec("DELETE FROM jobs WHERE id = ?1", params![id.as_str()])?;
+                self.exec("DELETE FROM attempts WHERE job_id = ?1", params![id.as_str()])?;
                 Ok(Forget::Forgotten)
             }
         }
@@ -415,9 +503,9 @@ impl<'c> Tx<'c> {
     /// before the handler runs, so that a crash while running still counts.
     pub fn begin_attempt(&self, id: &JobId, client: &str) -> Result<(u32, bool), StorageError> {
         let interrupted = self.attempts(id)?.is_some_and(|a| a.running);
-        let count: i64 = self.one(
+        let count: i64 = self.must(
             "INSERT INTO attempts (job_id, client, count, running, updated_at_ms) VALUES (?1, ?2, 1, 1, ?3)
-             ON CONFLICT(job_id) DO UPDATE SET count = count + 1, running = 1,
+             ON CONFLICT(job_id) DO UPDATE SET count = attempts.count + 1, running = 1,
                  updated_at_ms = excluded.updated_at_ms
              RETURNING count",
             params![id.as_str(), client, now_ms()],
@@ -431,10 +519,10 @@ impl<'c> Tx<'c> {
     /// the storage transaction, whose own count was undone with their writes); answers the
     /// count.
     pub fn record_failed_attempt(&self, id: &JobId, client: &str, error: &str) -> Result<u32, StorageError> {
-        let count: i64 = self.one(
+        let count: i64 = self.must(
             "INSERT INTO attempts (job_id, client, count, running, last_error, updated_at_ms)
              VALUES (?1, ?2, 1, 0, ?3, ?4)
-             ON CONFLICT(job_id) DO UPDATE SET count = count + 1, running = 0,
+             ON CONFLICT(job_id) DO UPDATE SET count = attempts.count + 1, running = 0,
                  last_error = excluded.last_error, updated_at_ms = excluded.updated_at_ms
              RETURNING count",
             params![id.as_str(), client, error, now_ms()],
@@ -446,7 +534,7 @@ impl<'c> Tx<'c> {
 
     /// Forgets the attempts of a job whose outcome is now recorded.
     pub fn clear_attempts(&self, id: &JobId) -> Result<(), StorageError> {
-        self.exec("DELETE FROM attempts WHERE job_id = ?1", [id.as_str()])?;
+        self.exec("DELETE FROM attempts WHERE job_id = ?1", params![id.as_str()])?;
         Ok(())
     }
 
@@ -463,20 +551,18 @@ impl<'c> Tx<'c> {
     }
 
     pub fn attempts(&self, id: &JobId) -> Result<Option<Attempts>, StorageError> {
-        Ok(self
-            .one(
-                "SELECT client, count, last_error, running FROM attempts WHERE job_id = ?1",
-                [id.as_str()],
-                |r| {
-                    Ok(Attempts {
-                        client: r.get(0)?,
-                        count: u32::try_from(r.get::<_, i64>(1)?).unwrap_or(u32::MAX),
-                        last_error: r.get(2)?,
-                        running: r.get::<_, i64>(3)? != 0,
-                    })
-                },
-            )
-            .optional()?)
+        Ok(self.one(
+            "SELECT client, count, last_error, running FROM attempts WHERE job_id = ?1",
+            params![id.as_str()],
+            |r| {
+                Ok(Attempts {
+                    client: r.get(0)?,
+                    count: u32::try_from(r.get::<i64>(1)?).unwrap_or(u32::MAX),
+                    last_error: r.get(2)?,
+                    running: r.get::<i64>(3)? != 0,
+                })
+            },
+        )?)
     }
 
     // ---- sequences -------------------------------------------------------------------------
@@ -484,7 +570,7 @@ impl<'c> Tx<'c> {
     /// The next number `key` applies (1 for a key never seen).
     pub fn next_expected(&self, key: &str) -> Result<u64, StorageError> {
         let next: Option<i64> =
-            self.one("SELECT next FROM sequences WHERE key = ?1", [key], |r| r.get(0)).optional()?;
+            self.one("SELECT next FROM sequences WHERE key = ?1", params![key], |r| r.get(0))?;
         Ok(next.map_or(1, |n| n as u64))
     }
 
@@ -499,13 +585,11 @@ impl<'c> Tx<'c> {
 
     /// The job that holds `number` in `key`'s sequence, applied or parked.
     pub fn sequence_holder(&self, key: &str, number: u64) -> Result<Option<JobId>, StorageError> {
-        let id: Option<String> = self
-            .one(
-                "SELECT id FROM jobs WHERE seq_key = ?1 AND seq_number = ?2",
-                params![key, to_i64(number)?],
-                |r| r.get(0),
-            )
-            .optional()?;
+        let id: Option<String> = self.one(
+            "SELECT id FROM jobs WHERE seq_key = ?1 AND seq_number = ?2",
+            params![key, to_i64(number)?],
+            |r| r.get(0),
+        )?;
         id.as_deref().map(parse_id).transpose()
     }
 
@@ -532,13 +616,11 @@ impl<'c> Tx<'c> {
     /// Removes and returns the job parked at `number` of `key`, if any.
     pub fn take_parked(&self, key: &str, number: u64) -> Result<Option<Parked>, StorageError> {
         let n = to_i64(number)?;
-        let row = self
-            .one(
-                &format!("SELECT {PARKED_COLUMNS} FROM parked WHERE seq_key = ?1 AND seq_number = ?2"),
-                params![key, n],
-                parked_row,
-            )
-            .optional()?;
+        let row = self.one(
+            &format!("SELECT {PARKED_COLUMNS} FROM parked WHERE seq_key = ?1 AND seq_number = ?2"),
+            params![key, n],
+            parked_row,
+        )?;
         let Some((id, mut parked)) = row else { return Ok(None) };
         self.exec("DELETE FROM parked WHERE seq_key = ?1 AND seq_number = ?2", params![key, n])?;
         parked.job_id = parse_id(&id)?;
@@ -548,13 +630,15 @@ impl<'c> Tx<'c> {
     /// Parked jobs whose gap deadline passed before `now_ms`, oldest first, at most `limit`.
     /// They stay parked until [`Tx::take_parked`]: the caller dead-letters first, then takes.
     pub fn expired_parked(&self, now_ms: i64, limit: u32) -> Result<Vec<Parked>, StorageError> {
-        let mut stmt = self.tx.prepare_cached(&format!(
-            "SELECT {PARKED_COLUMNS} FROM parked WHERE deadline_ms < ?1 ORDER BY deadline_ms LIMIT ?2"
-        ))?;
-        let rows = stmt.query_map(params![now_ms, limit], parked_row)?;
+        let rows = self.rows(
+            &format!(
+                "SELECT {PARKED_COLUMNS} FROM parked WHERE deadline_ms < ?1 ORDER BY deadline_ms LIMIT ?2"
+            ),
+            params![now_ms, limit],
+        )?;
         let mut out = Vec::new();
-        for row in rows {
-            let (id, mut parked) = row?;
+        for row in &rows {
+            let (id, mut parked) = parked_row(row)?;
             parked.job_id = parse_id(&id)?;
             out.push(parked);
         }
@@ -563,9 +647,9 @@ impl<'c> Tx<'c> {
 
     /// How many jobs of `client` wait for a predecessor.
     pub fn parked_count_of(&self, client: &str) -> Result<u64, StorageError> {
-        let n: i64 = self.one(
+        let n: i64 = self.must(
             "SELECT count(*) FROM parked p JOIN jobs j ON j.id = p.job_id WHERE j.client = ?1",
-            [client],
+            params![client],
             |r| r.get(0),
         )?;
         Ok(n as u64)
@@ -573,7 +657,7 @@ impl<'c> Tx<'c> {
 
     /// How many jobs wait for a predecessor.
     pub fn parked_count(&self) -> Result<u64, StorageError> {
-        let n: i64 = self.one("SELECT count(*) FROM parked", [], |r| r.get(0))?;
+        let n: i64 = self.must("SELECT count(*) FROM parked", params![], |r| r.get(0))?;
         Ok(n as u64)
     }
 
@@ -604,28 +688,23 @@ impl<'c> Tx<'c> {
         at_ms: i64,
         limit: u32,
     ) -> Result<Vec<(JobId, Vec<u8>)>, StorageError> {
-        let mut stmt = self.tx.prepare_cached(sql)?;
-        let rows = stmt.query_map(params![at_ms, limit], |r| Ok((r.get::<_, String>(0)?, r.get(1)?)))?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (id, envelope) = row?;
-            out.push((parse_id(&id)?, envelope));
-        }
-        Ok(out)
+        self.rows(sql, params![at_ms, limit])?
+            .iter()
+            .map(|r| Ok((parse_id(&r.get::<String>(0)?)?, r.get(1)?)))
+            .collect()
     }
 
     /// Records that the delayed job's message went back to its queue (sent again only if this
     /// is never recorded: a crash in between sends it twice, and the job id dedupes).
     pub fn mark_released(&self, id: &JobId) -> Result<(), StorageError> {
-        self.exec("UPDATE scheduled SET released = 1 WHERE job_id = ?1", [id.as_str()])?;
+        self.exec("UPDATE scheduled SET released = 1 WHERE job_id = ?1", params![id.as_str()])?;
         Ok(())
     }
 
     /// When delayed job `id` is due, if it is still held.
     pub fn scheduled_due(&self, id: &JobId) -> Result<Option<u64>, StorageError> {
-        let due: Option<i64> = self
-            .one("SELECT due_ms FROM scheduled WHERE job_id = ?1", [id.as_str()], |r| r.get(0))
-            .optional()?;
+        let due: Option<i64> =
+            self.one("SELECT due_ms FROM scheduled WHERE job_id = ?1", params![id.as_str()], |r| r.get(0))?;
         Ok(due.map(|d| d.max(0) as u64))
     }
 
@@ -635,14 +714,14 @@ impl<'c> Tx<'c> {
         if let Some(job) = self.job(id)?.filter(|j| j.state == JobState::Scheduled) {
             self.log_state(id, &job.client, JobState::Queued)?;
         }
-        self.exec("DELETE FROM scheduled WHERE job_id = ?1", [id.as_str()])?;
-        self.exec("DELETE FROM jobs WHERE id = ?1 AND state = 'scheduled'", [id.as_str()])?;
+        self.exec("DELETE FROM scheduled WHERE job_id = ?1", params![id.as_str()])?;
+        self.exec("DELETE FROM jobs WHERE id = ?1 AND state = 'scheduled'", params![id.as_str()])?;
         Ok(())
     }
 
     /// How many delayed jobs are held.
     pub fn scheduled_count(&self) -> Result<u64, StorageError> {
-        let n: i64 = self.one("SELECT count(*) FROM scheduled", [], |r| r.get(0))?;
+        let n: i64 = self.must("SELECT count(*) FROM scheduled", params![], |r| r.get(0))?;
         Ok(n as u64)
     }
 
@@ -684,13 +763,11 @@ impl<'c> Tx<'c> {
     }
 
     fn latest(&self, table: &str, id: &JobId, client: &str) -> Result<Option<Value>, StorageError> {
-        let stored = self
-            .one(
-                &format!("SELECT value FROM {} WHERE job_id = ?1 AND client = ?2", identifier(table)?),
-                params![id.as_str(), client],
-                |r| r.get(0),
-            )
-            .optional()?;
+        let stored = self.one(
+            &format!("SELECT value FROM {} WHERE job_id = ?1 AND client = ?2", identifier(table)?),
+            params![id.as_str(), client],
+            |r| r.get(0),
+        )?;
         self.unseal(stored, &Place { table, column: "value", row: id.as_str(), owner: client })
     }
 
@@ -699,13 +776,11 @@ impl<'c> Tx<'c> {
     /// Appends `state` to the state transitions of job `id` (of `client`), unless it is the
     /// latest already.
     pub fn log_state(&self, id: &JobId, client: &str, state: JobState) -> Result<(), StorageError> {
-        let last: Option<(i64, String)> = self
-            .one(
-                "SELECT seq, state FROM job_events WHERE job_id = ?1 ORDER BY seq DESC LIMIT 1",
-                [id.as_str()],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
+        let last: Option<(i64, String)> = self.one(
+            "SELECT seq, state FROM job_events WHERE job_id = ?1 ORDER BY seq DESC LIMIT 1",
+            params![id.as_str()],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
         if last.as_ref().is_some_and(|(_, s)| s == state.as_str()) {
             return Ok(());
         }
@@ -725,16 +800,14 @@ impl<'c> Tx<'c> {
         after: u64,
         limit: u32,
     ) -> Result<Vec<gatehouse_protocol::JobEvent>, StorageError> {
-        let mut stmt = self.tx.prepare_cached(
+        let rows = self.rows(
             "SELECT seq, state, at_ms FROM job_events WHERE job_id = ?1 AND client = ?2 AND seq > ?3
              ORDER BY seq LIMIT ?4",
+            params![id.as_str(), client, to_i64(after)?, limit],
         )?;
-        let rows = stmt.query_map(params![id.as_str(), client, to_i64(after)?, limit], |r| {
-            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?))
-        })?;
         let mut out = Vec::new();
-        for row in rows {
-            let (seq, state, at_ms) = row?;
+        for row in &rows {
+            let (seq, state, at_ms) = (row.get::<i64>(0)?, row.get::<String>(1)?, row.get::<i64>(2)?);
             let status = JobState::parse(&state).ok_or_else(|| {
                 StorageError::Corrupt(format!("job {id}: unknown state {state:?} in its events"))
             })?;
@@ -751,17 +824,19 @@ impl<'c> Tx<'c> {
 
     /// What storage knows of schedule `name`.
     pub fn schedule_state(&self, name: &str) -> Result<Option<ScheduleState>, StorageError> {
-        Ok(self
-            .one(&format!("SELECT {SCHEDULE_COLUMNS} FROM schedules WHERE name = ?1"), [name], schedule_row)
-            .optional()?)
+        Ok(self.one(
+            &format!("SELECT {SCHEDULE_COLUMNS} FROM schedules WHERE name = ?1"),
+            params![name],
+            schedule_row,
+        )?)
     }
 
     /// Every schedule storage knows, by name.
     pub fn schedule_states(&self) -> Result<Vec<ScheduleState>, StorageError> {
-        let mut stmt =
-            self.tx.prepare_cached(&format!("SELECT {SCHEDULE_COLUMNS} FROM schedules ORDER BY name"))?;
-        let rows = stmt.query_map([], schedule_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.rows(&format!("SELECT {SCHEDULE_COLUMNS} FROM schedules ORDER BY name"), params![])?
+            .iter()
+            .map(schedule_row)
+            .collect()
     }
 
     /// Records a schedule's state (after it was planned in this transaction).
@@ -802,7 +877,7 @@ impl<'c> Tx<'c> {
 
     /// Forgets the lease of `id` (its attempt ended: decided, retried elsewhere, or sent back).
     pub fn end_lease(&self, id: &JobId) -> Result<(), StorageError> {
-        self.exec("DELETE FROM leases WHERE job_id = ?1", [id.as_str()])?;
+        self.exec("DELETE FROM leases WHERE job_id = ?1", params![id.as_str()])?;
         Ok(())
     }
 
@@ -821,7 +896,7 @@ impl<'c> Tx<'c> {
     /// otherwise queues the job's message behind the others waiting and answers `false`.
     pub fn take_turn(&self, key: &str, id: &JobId, envelope: &[u8]) -> Result<bool, StorageError> {
         let holder: Option<String> =
-            self.one("SELECT job_id FROM singleton_turns WHERE key = ?1", [key], |r| r.get(0)).optional()?;
+            self.one("SELECT job_id FROM singleton_turns WHERE key = ?1", params![key], |r| r.get(0))?;
         match holder {
             Some(h) if h == id.as_str() => Ok(true),
             Some(_) => {
@@ -845,23 +920,21 @@ impl<'c> Tx<'c> {
     /// Job `id` is decided: the turns it held pass to the next job waiting for each (its message
     /// goes back to its queue, through the delayed-job sweeper, at once).
     fn pass_turns(&self, id: &JobId) -> Result<(), StorageError> {
-        let keys: Vec<String> = {
-            let mut stmt = self.tx.prepare_cached("SELECT key FROM singleton_turns WHERE job_id = ?1")?;
-            let rows = stmt.query_map([id.as_str()], |r| r.get(0))?;
-            rows.collect::<Result<_, _>>()?
-        };
+        let keys: Vec<String> = self
+            .rows("SELECT key FROM singleton_turns WHERE job_id = ?1", params![id.as_str()])?
+            .iter()
+            .map(|r| r.get(0))
+            .collect::<Result<_, _>>()?;
         for key in keys {
-            let next: Option<(i64, String, Vec<u8>)> = self
-                .one(
-                    "SELECT seq, job_id, envelope FROM singleton_waiting WHERE key = ?1 ORDER BY seq LIMIT 1",
-                    [&key],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-                )
-                .optional()?;
+            let next: Option<(i64, String, Vec<u8>)> = self.one(
+                "SELECT seq, job_id, envelope FROM singleton_waiting WHERE key = ?1 ORDER BY seq LIMIT 1",
+                params![&key],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )?;
             match next {
                 Some((seq, next, envelope)) => {
                     self.exec("UPDATE singleton_turns SET job_id = ?1 WHERE key = ?2", params![next, key])?;
-                    self.exec("DELETE FROM singleton_waiting WHERE seq = ?1", [seq])?;
+                    self.exec("DELETE FROM singleton_waiting WHERE seq = ?1", params![seq])?;
                     self.exec(
                         "INSERT INTO scheduled (job_id, due_ms, envelope) VALUES (?1, 0, ?2)
                          ON CONFLICT(job_id) DO UPDATE SET due_ms = 0, released = 0, envelope = excluded.envelope",
@@ -869,7 +942,7 @@ impl<'c> Tx<'c> {
                     )?;
                 }
                 None => {
-                    self.exec("DELETE FROM singleton_turns WHERE key = ?1", [&key])?;
+                    self.exec("DELETE FROM singleton_turns WHERE key = ?1", params![&key])?;
                 }
             }
         }
@@ -878,8 +951,8 @@ impl<'c> Tx<'c> {
 
     /// Forgets the message of a singleton job whose turn came (it runs now).
     pub fn turn_taken(&self, id: &JobId) -> Result<(), StorageError> {
-        self.exec("DELETE FROM scheduled WHERE job_id = ?1", [id.as_str()])?;
-        self.exec("DELETE FROM jobs WHERE id = ?1 AND state = 'waiting_for_turn'", [id.as_str()])?;
+        self.exec("DELETE FROM scheduled WHERE job_id = ?1", params![id.as_str()])?;
+        self.exec("DELETE FROM jobs WHERE id = ?1 AND state = 'waiting_for_turn'", params![id.as_str()])?;
         Ok(())
     }
 
@@ -892,21 +965,18 @@ impl<'c> Tx<'c> {
             "INSERT INTO cancelled (job_id, client, at_ms) VALUES (?1, ?2, ?3) ON CONFLICT(job_id) DO NOTHING",
             params![id.as_str(), client, now_ms()],
         )?;
-        self.exec("UPDATE scheduled SET due_ms = 0, released = 0 WHERE job_id = ?1", [id.as_str()])?;
+        self.exec("UPDATE scheduled SET due_ms = 0, released = 0 WHERE job_id = ?1", params![id.as_str()])?;
         Ok(())
     }
 
     /// Whether `id` was cancelled (and not yet decided so).
     pub fn is_cancelled(&self, id: &JobId) -> Result<bool, StorageError> {
-        Ok(self
-            .one("SELECT 1 FROM cancelled WHERE job_id = ?1", [id.as_str()], |_| Ok(()))
-            .optional()?
-            .is_some())
+        Ok(self.one("SELECT 1 FROM cancelled WHERE job_id = ?1", params![id.as_str()], |_| Ok(()))?.is_some())
     }
 
     /// Forgets the cancellation of a job that is decided now.
     pub fn forget_cancelled(&self, id: &JobId) -> Result<(), StorageError> {
-        self.exec("DELETE FROM cancelled WHERE job_id = ?1", [id.as_str()])?;
+        self.exec("DELETE FROM cancelled WHERE job_id = ?1", params![id.as_str()])?;
         Ok(())
     }
 
@@ -914,7 +984,7 @@ impl<'c> Tx<'c> {
     /// (its message is stale by then); answers how many.
     pub fn prune_cancelled(&self, before_ms: i64, limit: u32) -> Result<u64, StorageError> {
         let n = self.exec(
-            "DELETE FROM cancelled WHERE rowid IN (SELECT rowid FROM cancelled WHERE at_ms < ?1 ORDER BY at_ms LIMIT ?2)",
+            "DELETE FROM cancelled WHERE job_id IN (SELECT job_id FROM cancelled WHERE at_ms < ?1 ORDER BY at_ms LIMIT ?2)",
             params![before_ms, limit],
         )?;
         Ok(n as u64)
@@ -924,15 +994,21 @@ impl<'c> Tx<'c> {
 
     /// The kinds that have decided jobs, in name order (one index seek per kind).
     pub fn decided_kinds(&self) -> Result<Vec<String>, StorageError> {
-        let mut stmt = self.tx.prepare_cached(&format!(
-            "WITH RECURSIVE k(kind) AS (
-                 SELECT (SELECT min(kind) FROM jobs WHERE {DECIDED})
-                 UNION ALL
-                 SELECT (SELECT min(kind) FROM jobs WHERE {DECIDED} AND kind > k.kind) FROM k
-                 WHERE k.kind IS NOT NULL)
-             SELECT kind FROM k WHERE kind IS NOT NULL"
-        ))?;
-        let kinds = stmt.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+        let kinds = self
+            .rows(
+                &format!(
+                    "WITH RECURSIVE k(kind) AS (
+                         SELECT (SELECT min(kind) FROM jobs WHERE {DECIDED})
+                         UNION ALL
+                         SELECT (SELECT min(kind) FROM jobs WHERE {DECIDED} AND kind > k.kind) FROM k
+                         WHERE k.kind IS NOT NULL)
+                     SELECT kind FROM k WHERE kind IS NOT NULL"
+                ),
+                params![],
+            )?
+            .iter()
+            .map(|r| r.get(0))
+            .collect::<Result<_, _>>()?;
         Ok(kinds)
     }
 
@@ -943,8 +1019,8 @@ impl<'c> Tx<'c> {
     pub fn prune_decided(&self, kind: &str, before_ms: i64, limit: u32) -> Result<u64, StorageError> {
         let n = self.exec(
             &format!(
-                "DELETE FROM jobs WHERE rowid IN (
-                     SELECT rowid FROM jobs WHERE {DECIDED} AND kind = ?1 AND updated_at_ms < ?2
+                "DELETE FROM jobs WHERE id IN (
+                     SELECT id FROM jobs WHERE {DECIDED} AND kind = ?1 AND updated_at_ms < ?2
                      ORDER BY updated_at_ms LIMIT ?3)"
             ),
             params![kind, before_ms, limit],
@@ -1078,7 +1154,7 @@ mod tests {
         let store = Store::open_sqlite(&path, test_keyring(), &[NOTES_2]).unwrap();
         let pinned = store
             .transact(|tx| {
-                tx.query_row("SELECT pinned FROM notes WHERE id = 'n1'", [], |r| r.get::<_, i64>(0))
+                tx.query_row("SELECT pinned FROM notes WHERE id = 'n1'", params![], |r| r.get::<i64>(0))
             })
             .await
             .unwrap();
@@ -1171,7 +1247,7 @@ mod tests {
                     .transact(move |tx| {
                         let stored = tx.query_row(
                             &format!("SELECT {column} FROM {table} WHERE {key} = ?1"),
-                            [row],
+                            params![row],
                             |r| r.get(0),
                         )?;
                         tx.unseal(stored, &Place { table, column, row, owner })
@@ -1197,7 +1273,7 @@ mod tests {
         let got = store2
             .transact(|tx| {
                 let stored =
-                    tx.query_row("SELECT record FROM vault WHERE token = 'tok_1'", [], |r| r.get(0))?;
+                    tx.query_row("SELECT record FROM vault WHERE token = 'tok_1'", params![], |r| r.get(0))?;
                 tx.unseal(stored, &Place { table: "vault", column: "record", row: "tok_1", owner: "alice" })
             })
             .await;

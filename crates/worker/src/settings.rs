@@ -10,6 +10,7 @@ use serde::Deserialize;
 pub struct WorkerSettings {
     pub broker: BrokerSettings,
     pub consumer: ConsumerSettings,
+    #[serde(default)]
     pub storage: StorageSettings,
     pub catalog: CatalogSettings,
     pub keys: KeySettings,
@@ -154,10 +155,73 @@ impl ConsumerSettings {
     }
 }
 
+/// `[storage]`: where the worker keeps jobs' outcomes and the families' tables.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct StorageSettings {
-    /// SQLite database file; created with its folder if missing.
-    pub path: PathBuf,
+    /// `sqlite:<path>` (the default: one worker, the file created with its folder) or
+    /// `postgres://user@host:port/db` (several workers on one database).
+    pub url: Option<String>,
+    /// The SQLite file, as releases before `url` named it: still read, as `sqlite:<path>`.
+    pub path: Option<PathBuf>,
+    /// PostgreSQL's password: the first line of this file…
+    pub password_file: Option<PathBuf>,
+    /// …or this value, given through the environment (`WORKER__STORAGE__PASSWORD`). Never in
+    /// the url, which is logged.
+    pub password: Option<secrecy::SecretString>,
+    /// Most PostgreSQL connections this worker opens (each held only while a storage
+    /// transaction runs).
+    pub pool_size: usize,
+}
+
+impl Default for StorageSettings {
+    fn default() -> Self {
+        Self { url: None, path: None, password_file: None, password: None, pool_size: 16 }
+    }
+}
+
+/// The default storage: an SQLite file beside the working directory's other state.
+pub const DEFAULT_STORAGE_URL: &str = "sqlite:.gatehouse/worker.sqlite";
+
+impl StorageSettings {
+    /// Where the storage is.
+    ///
+    /// # Errors
+    /// A url that names no backend, `url` and `path` both set, a password in the url, an
+    /// unreadable password file, or both a password file and a password.
+    pub fn location(&self) -> Result<gatehouse_storage::Location, String> {
+        use secrecy::ExposeSecret as _;
+        let url = match (&self.url, &self.path) {
+            (Some(_), Some(_)) => {
+                return Err(
+                    "[storage] has both url and path: keep url (path is the older name of sqlite:<path>)"
+                        .into(),
+                );
+            }
+            (Some(url), None) => url.clone(),
+            (None, Some(path)) => format!("sqlite:{}", path.display()),
+            (None, None) => DEFAULT_STORAGE_URL.to_owned(),
+        };
+        let password = match (&self.password_file, &self.password) {
+            (Some(_), Some(_)) => {
+                return Err("[storage] has both password_file and password: keep one".into());
+            }
+            (Some(file), None) => Some(
+                std::fs::read_to_string(file)
+                    .map_err(|e| format!("[storage] password_file {}: {e}", file.display()))?
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned(),
+            ),
+            (None, Some(p)) => Some(p.expose_secret().to_owned()),
+            (None, None) => None,
+        };
+        if password.is_some() && url.starts_with("sqlite:") {
+            return Err("[storage] has a password, but SQLite storage takes none".into());
+        }
+        gatehouse_storage::Location::parse(&url, password, self.pool_size).map_err(|e| e.to_string())
+    }
 }
 
 /// `[retention]`: how long decided jobs' records are kept, and how they are pruned.

@@ -143,9 +143,8 @@ impl WorkerBuilder {
         let classes = catalog.queues().iter().map(|q| q.name.clone()).collect();
         let broker = BrokerView::new(settings.broker.topology(), classes);
         let (progress_tx, progress_rx) = crate::progress::channel();
-        let keyring = gatehouse_protocol::keys::keyring(&settings.keys.data_keyring).map_err(|e| bad(&e))?;
-        let store = Store::open_sqlite(&settings.storage.path, keyring, kinds.registry.families())
-            .with_context(|| format!("opening {}", settings.storage.path.display()))?;
+        let location = settings.storage.location().map_err(|e| bad(&e))?;
+        let store = open_storage(&location, &settings.keys.data_keyring, kinds.registry.families()).await?;
         let isolation = Arc::new(tokio::sync::RwLock::new(()));
         let stop = watch::channel(false);
         let metrics = Arc::new(WorkerMetrics::default());
@@ -351,6 +350,32 @@ impl Worker {
 }
 
 /// Sleeps `d`; true if shutdown came first.
+/// Opens the storage at `location` and migrates it. A database that does not answer yet
+/// (starting, restarting, not reachable) is waited for, as the broker is.
+async fn open_storage(
+    location: &gatehouse_storage::Location,
+    keyring: &std::path::Path,
+    families: &[gatehouse_storage::Family],
+) -> anyhow::Result<Store> {
+    let mut backoff = Backoff::new(Duration::from_millis(250), MAX_BACKOFF);
+    loop {
+        let keys = gatehouse_protocol::keys::keyring(keyring).map_err(|e| BadConfig(e.to_string()))?;
+        match Store::open(location, keys, families).await {
+            Ok(store) => {
+                if backoff.succeeded() {
+                    tracing::info!(storage = %location, "the storage answers");
+                }
+                return Ok(store);
+            }
+            Err(gatehouse_storage::StorageError::Config(e)) => return Err(BadConfig(e).into()),
+            Err(e) if e.is_transient() => {
+                tokio::time::sleep(backoff.failed("the storage does not answer yet", &e, true)).await;
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context(format!("opening the storage {location}"))),
+        }
+    }
+}
+
 async fn wait_or_stop(d: Duration, mut stop: watch::Receiver<bool>) -> bool {
     tokio::select! {
         () = tokio::time::sleep(d) => false,

@@ -22,6 +22,7 @@ use gatehouse_gatekeeper::settings::{
 };
 use gatehouse_protocol::Catalog;
 use gatehouse_protocol::settings::Secret;
+pub use gatehouse_storage::Location;
 use gatehouse_worker::Worker;
 use gatehouse_worker::settings::{
     CatalogSettings, ConsumerSettings, KeySettings as WorkerKeySettings, StorageSettings, TestingSettings,
@@ -51,6 +52,39 @@ pub fn broker_url() -> String {
         url
     })
     .clone()
+}
+
+/// The tests' PostgreSQL server (the private one, started — and installed — when it does not
+/// answer yet), under `.gatehouse/postgres`.
+pub fn postgres() -> &'static gatehouse_cli::postgres_node::PostgresNode {
+    static NODE: OnceLock<gatehouse_cli::postgres_node::PostgresNode> = OnceLock::new();
+    NODE.get_or_init(|| {
+        let node =
+            gatehouse_cli::postgres_node::PostgresNode::local(&repo_root().join(".gatehouse/postgres"));
+        if let Err(e) = node.ensure(None) {
+            panic!("the PostgreSQL tests need PostgreSQL: {e:#}");
+        }
+        node
+    })
+}
+
+/// A new, empty database on [`postgres`]: its url (no password in it) and the password.
+pub async fn fresh_database() -> (String, String) {
+    let node = tokio::task::spawn_blocking(postgres).await.expect("postgres");
+    let password = node.password().expect("postgres password");
+    let name = format!("t{}", random_hex(6));
+    let admin = admin_connection(&node.url("postgres"), &password).await;
+    admin.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create database");
+    (node.url(&name), password)
+}
+
+/// A plain connection to `url` (for set-up and the tests' own reading).
+pub async fn admin_connection(url: &str, password: &str) -> tokio_postgres::Client {
+    let mut config: tokio_postgres::Config = url.parse().expect("postgres url");
+    config.password(password);
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await.expect("connect to postgres");
+    tokio::spawn(connection);
+    client
 }
 
 /// The policies of `config/rabbitmq/definitions.json` (queue storage), applied in vhost `/`
@@ -252,6 +286,8 @@ pub struct Options {
     pub dead_first_node: bool,
     /// The nodes of a broker cluster, for both components (instead of the test broker).
     pub broker_nodes: Option<Vec<String>>,
+    /// Storage on a new database of the tests' PostgreSQL server instead of an SQLite file.
+    pub postgres: bool,
 }
 
 /// A running gatekeeper + worker pair.
@@ -395,7 +431,15 @@ impl TestSystem {
                 hand_off_after_ms: options.hand_off.map_or(600_000, |h| h.0),
                 lease_ms: options.hand_off.map_or(60_000, |h| h.1),
             },
-            storage: StorageSettings { path: data.path().join("worker.sqlite") },
+            storage: if options.postgres {
+                let (url, password) = fresh_database().await;
+                let file = data.path().join("postgres.password");
+                std::fs::write(&file, password).expect("password file");
+                StorageSettings { url: Some(url), password_file: Some(file), ..Default::default() }
+            } else {
+                let path = data.path().join("worker.sqlite");
+                StorageSettings { url: Some(format!("sqlite:{}", path.display())), ..Default::default() }
+            },
             catalog: CatalogSettings { path: catalog.clone() },
             keys: WorkerKeySettings {
                 sealing_key: certs.path().join("worker-sealing.key"),
@@ -583,9 +627,17 @@ impl TestSystem {
         self.worker_settings.keys.data_keyring.clone()
     }
 
-    /// Where the worker's SQLite file is.
+    /// Where the worker's SQLite file is (panics for PostgreSQL storage).
     pub fn database(&self) -> PathBuf {
-        self.worker_settings.storage.path.clone()
+        match self.storage() {
+            Location::Sqlite(path) => path,
+            Location::Postgres(_) => panic!("this test system stores in PostgreSQL"),
+        }
+    }
+
+    /// Where the worker's storage is.
+    pub fn storage(&self) -> Location {
+        self.worker_settings.storage.location().expect("storage settings")
     }
 
     pub fn topology(&self) -> Topology {
@@ -708,7 +760,7 @@ fn worker_toml(s: &WorkerSettings) -> String {
     format!(
         "[broker]\nurl = \"{}\"\nother_urls = [{}]\nprefix = \"{}\"\n\n[consumer]\nprefetch = {}\nstopping_wait_time_ms = {}\nmax_parked_per_client = {}\n\
          hand_off_after_ms = {}\nlease_ms = {}\n\n\
-         [storage]\npath = \"{}\"\n\n[catalog]\npath = \"{}\"\n\n[testing]\nenabled = {}\n\n\
+         [storage]\nurl = \"{}\"\n{}\n[catalog]\npath = \"{}\"\n\n[testing]\nenabled = {}\n\n\
          [keys]\nsealing_key = \"{}\"\ngatekeeper_signing_keys = [\"{}\"]\n\
          operator_keys = [\"{}\"]\ndata_keyring = \"{}\"\nmax_message_age_s = {}\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
          [retention]\n{}prune_batch = {}\nprune_every_ms = {}\n\n[schedules]\n{}",
@@ -720,7 +772,12 @@ fn worker_toml(s: &WorkerSettings) -> String {
         s.consumer.max_parked_per_client,
         s.consumer.hand_off_after_ms,
         s.consumer.lease_ms,
-        s.storage.path.display(),
+        s.storage.url.as_deref().expect("a storage url"),
+        s.storage
+            .password_file
+            .as_ref()
+            .map(|f| format!("password_file = \"{}\"\n", f.display()))
+            .unwrap_or_default(),
         s.catalog.path.display(),
         s.testing.enabled,
         s.keys.sealing_key.display(),

@@ -32,9 +32,14 @@ pub async fn list(args: &SchedulesArgs) -> anyhow::Result<Vec<Value>> {
     let schemas = Schemas::compile(&catalog)?;
     let schedules =
         Schedules::load(path, &catalog, &schemas, settings.testing.enabled).map_err(anyhow::Error::msg)?;
-    let states = if settings.storage.path.exists() {
+    let location = settings.storage.location().map_err(anyhow::Error::msg)?;
+    let exists = match &location {
+        gatehouse_storage::Location::Sqlite(path) => path.exists(),
+        gatehouse_storage::Location::Postgres(_) => true,
+    };
+    let states = if exists {
         let keyring = gatehouse_protocol::keys::keyring(&settings.keys.data_keyring)?;
-        let store = Store::open_sqlite(&settings.storage.path, keyring, &[])?;
+        let store = Store::open(&location, keyring, &[]).await?;
         store
             .transact(|tx| {
                 let mut out = Vec::new();

@@ -77,7 +77,7 @@ fn place(account: &str) -> Place<'_> {
 /// Storage failures; a state that does not open (written behind the worker's back).
 pub fn balance_of(tx: &Tx<'_>, account: &str) -> Result<(i64, u64), StorageError> {
     let state: Option<Option<String>> =
-        tx.query_row("SELECT state FROM ledger WHERE account = ?1", [account], |r| r.get(0))?;
+        tx.query_row("SELECT state FROM ledger WHERE account = ?1", params![account], |r| r.get(0))?;
     let Some(state) = state else { return Ok((0, 0)) };
     // A row without a sealed state was written behind the worker's back: unseal refuses it.
     let state = tx.unseal(Some(state.unwrap_or_default()), &place(account))?.unwrap_or_default();

@@ -117,7 +117,7 @@ mod tests {
         // Given to mallory by editing the row (as a writer of the file could): it does not open
         // for her.
         let edit = format!("UPDATE vault SET owner = 'mallory' WHERE token = '{token}'");
-        store.transact(move |tx| tx.execute(&edit, [])).await.unwrap();
+        store.transact(move |tx| tx.execute(&edit, gatehouse_storage::sql::params![])).await.unwrap();
         let t = token.clone();
         assert!(matches!(
             store.transact(move |tx| fetch(tx, "mallory", &t)).await,
