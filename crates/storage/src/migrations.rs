@@ -320,6 +320,11 @@ const MIGRATIONS: &[&str] = &[
         DELETE FROM job_events WHERE job_id = OLD.id;
     END;
     ",
+    // 18: several workers (on PostgreSQL) claim the delayed jobs they send back.
+    r"
+    -- Until when a worker's sweep has claimed a due job, to send it back to its queue.
+    ALTER TABLE scheduled ADD COLUMN claimed_until_ms INTEGER NOT NULL DEFAULT 0;
+    ",
 ];
 
 /// After this migration (1-based) the values of earlier releases are re-sealed.

@@ -25,7 +25,7 @@ use crate::{Family, Observer, StorageError, Tx, panic_message};
 
 /// The job machinery's schema on PostgreSQL, by version; `gatehouse_schema` records how many
 /// steps ran. Never edit a step that has shipped: add one. (The same tables as SQLite's
-/// after its step 17, in PostgreSQL's types.)
+/// after its step 18, in PostgreSQL's types.)
 const SCHEMA: &[&str] = &[r"
     CREATE TABLE jobs (
         id            TEXT PRIMARY KEY,
@@ -77,7 +77,8 @@ const SCHEMA: &[&str] = &[r"
         job_id   TEXT PRIMARY KEY REFERENCES jobs(id),
         due_ms   BIGINT NOT NULL,
         envelope BYTEA NOT NULL,
-        released BIGINT NOT NULL DEFAULT 0
+        released BIGINT NOT NULL DEFAULT 0,
+        claimed_until_ms BIGINT NOT NULL DEFAULT 0
     );
     CREATE INDEX scheduled_due ON scheduled(released, due_ms);
     CREATE TABLE cancelled (job_id TEXT PRIMARY KEY, client TEXT NOT NULL, at_ms BIGINT NOT NULL);

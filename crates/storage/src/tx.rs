@@ -193,6 +193,30 @@ impl<'c> Tx<'c> {
         Self { conn: Conn::Postgres(session), keyring }
     }
 
+    /// Serializes this transaction with every other about job `id` (see [`Tx::lock`]). Take
+    /// locks in this order: a sequence key, then a job, then a singleton key.
+    ///
+    /// # Errors
+    /// A storage failure.
+    pub fn lock_job(&self, id: &JobId) -> Result<(), StorageError> {
+        self.lock(&format!("job {id}"))
+    }
+
+    /// Serializes this transaction with every other about sequence key `key` (see
+    /// [`Tx::lock_job`] for the order).
+    ///
+    /// # Errors
+    /// A storage failure.
+    pub fn lock_sequence(&self, key: &str) -> Result<(), StorageError> {
+        self.lock(&format!("sequence {key}"))
+    }
+
+    /// For a claim's subquery: on PostgreSQL, rows another sweep is claiming right now are
+    /// passed over (`FOR UPDATE SKIP LOCKED`) rather than waited for; SQLite has one writer.
+    fn skip_locked(&self) -> &'static str {
+        if self.is_postgres() { " FOR UPDATE SKIP LOCKED" } else { "" }
+    }
+
     /// Whether this is a PostgreSQL transaction (several workers may run beside it).
     pub fn is_postgres(&self) -> bool {
         matches!(self.conn, Conn::Postgres(_))
@@ -519,6 +543,7 @@ impl<'c> Tx<'c> {
     /// the storage transaction, whose own count was undone with their writes); answers the
     /// count.
     pub fn record_failed_attempt(&self, id: &JobId, client: &str, error: &str) -> Result<u32, StorageError> {
+        self.lock_job(id)?;
         let count: i64 = self.must(
             "INSERT INTO attempts (job_id, client, count, running, last_error, updated_at_ms)
              VALUES (?1, ?2, 1, 0, ?3, ?4)
@@ -540,6 +565,7 @@ impl<'c> Tx<'c> {
 
     /// Records why the latest attempt of `id` failed.
     pub fn fail_attempt(&self, id: &JobId, error: &str) -> Result<(), StorageError> {
+        self.lock_job(id)?;
         self.exec(
             "UPDATE attempts SET last_error = ?2, running = 0, updated_at_ms = ?3 WHERE job_id = ?1",
             params![id.as_str(), error, now_ms()],
@@ -627,14 +653,26 @@ impl<'c> Tx<'c> {
         Ok(Some(parked))
     }
 
-    /// Parked jobs whose gap deadline passed before `now_ms`, oldest first, at most `limit`.
-    /// They stay parked until [`Tx::take_parked`]: the caller dead-letters first, then takes.
-    pub fn expired_parked(&self, now_ms: i64, limit: u32) -> Result<Vec<Parked>, StorageError> {
+    /// Claims parked jobs whose gap deadline passed before `now_ms` (the oldest, at most
+    /// `limit`) for the caller to dead-letter: their deadline moves to `claimed_until_ms`, so
+    /// that no other worker's sweep takes them meanwhile (and one that dies while dead-lettering
+    /// lets them come back then). They stay parked until [`Tx::take_parked`]: the caller
+    /// dead-letters first, then takes.
+    pub fn claim_expired_parked(
+        &self,
+        now_ms: i64,
+        claimed_until_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<Parked>, StorageError> {
         let rows = self.rows(
             &format!(
-                "SELECT {PARKED_COLUMNS} FROM parked WHERE deadline_ms < ?1 ORDER BY deadline_ms LIMIT ?2"
+                "UPDATE parked SET deadline_ms = ?2
+                 WHERE deadline_ms < ?1 AND (seq_key, seq_number) IN (
+                     SELECT seq_key, seq_number FROM parked WHERE deadline_ms < ?1 ORDER BY deadline_ms LIMIT ?3{}
+                 ) RETURNING {PARKED_COLUMNS}",
+                self.skip_locked()
             ),
-            params![now_ms, limit],
+            params![now_ms, claimed_until_ms, limit],
         )?;
         let mut out = Vec::new();
         for row in &rows {
@@ -672,23 +710,41 @@ impl<'c> Tx<'c> {
         Ok(())
     }
 
-    /// Delayed jobs due at `now_ms` and not yet sent back to their queue, earliest first.
-    pub fn due_scheduled(&self, now_ms: i64, limit: u32) -> Result<Vec<(JobId, Vec<u8>)>, StorageError> {
-        self.held_messages(
-            "SELECT job_id, envelope FROM scheduled WHERE released = 0 AND due_ms <= ?1 ORDER BY due_ms LIMIT ?2",
+    /// Claims delayed jobs due at `now_ms` and not yet sent back to their queue (the earliest,
+    /// at most `limit`) for the caller to send back, until `claimed_until_ms`: no other worker's
+    /// sweep sends them meanwhile; if the caller dies before [`Tx::mark_released`], they are
+    /// claimed again after that.
+    pub fn claim_due_scheduled(
+        &self,
+        now_ms: i64,
+        claimed_until_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<(JobId, Vec<u8>)>, StorageError> {
+        self.claimed(
+            &format!(
+                "UPDATE scheduled SET claimed_until_ms = ?2
+                 WHERE released = 0 AND due_ms <= ?1 AND claimed_until_ms <= ?1 AND job_id IN (
+                     SELECT job_id FROM scheduled WHERE released = 0 AND due_ms <= ?1 AND claimed_until_ms <= ?1
+                     ORDER BY due_ms LIMIT ?3{}
+                 ) RETURNING job_id, envelope",
+                self.skip_locked()
+            ),
             now_ms,
+            claimed_until_ms,
             limit,
         )
     }
 
-    /// Job ids and messages that `sql` selects by a time (`?1`) and a limit (`?2`).
-    fn held_messages(
+    /// Job ids and messages that the claiming `sql` answers, given a time (`?1`), the claim's
+    /// end (`?2`) and a limit (`?3`).
+    fn claimed(
         &self,
         sql: &str,
-        at_ms: i64,
+        now_ms: i64,
+        claimed_until_ms: i64,
         limit: u32,
     ) -> Result<Vec<(JobId, Vec<u8>)>, StorageError> {
-        self.rows(sql, params![at_ms, limit])?
+        self.rows(sql, params![now_ms, claimed_until_ms, limit])?
             .iter()
             .map(|r| Ok((parse_id(&r.get::<String>(0)?)?, r.get(1)?)))
             .collect()
@@ -881,11 +937,25 @@ impl<'c> Tx<'c> {
         Ok(())
     }
 
-    /// Leases not renewed by `now_ms`: their worker died while running them.
-    pub fn expired_leases(&self, now_ms: i64, limit: u32) -> Result<Vec<(JobId, Vec<u8>)>, StorageError> {
-        self.held_messages(
-            "SELECT job_id, envelope FROM leases WHERE expires_at_ms <= ?1 ORDER BY expires_at_ms LIMIT ?2",
+    /// Claims leases not renewed by `now_ms` (their worker died while running them), at most
+    /// `limit`, for the caller to send their messages back: each lease is extended to
+    /// `claimed_until_ms`, so that no other worker's sweep sends them too.
+    pub fn claim_expired_leases(
+        &self,
+        now_ms: i64,
+        claimed_until_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<(JobId, Vec<u8>)>, StorageError> {
+        self.claimed(
+            &format!(
+                "UPDATE leases SET expires_at_ms = ?2
+                 WHERE expires_at_ms <= ?1 AND job_id IN (
+                     SELECT job_id FROM leases WHERE expires_at_ms <= ?1 ORDER BY expires_at_ms LIMIT ?3{}
+                 ) RETURNING job_id, envelope",
+                self.skip_locked()
+            ),
             now_ms,
+            claimed_until_ms,
             limit,
         )
     }
@@ -895,6 +965,7 @@ impl<'c> Tx<'c> {
     /// Takes the turn of singleton `key` for job `id` if it is free (or already `id`'s);
     /// otherwise queues the job's message behind the others waiting and answers `false`.
     pub fn take_turn(&self, key: &str, id: &JobId, envelope: &[u8]) -> Result<bool, StorageError> {
+        self.lock(&format!("turn {key}"))?;
         let holder: Option<String> =
             self.one("SELECT job_id FROM singleton_turns WHERE key = ?1", params![key], |r| r.get(0))?;
         match holder {
@@ -926,6 +997,7 @@ impl<'c> Tx<'c> {
             .map(|r| r.get(0))
             .collect::<Result<_, _>>()?;
         for key in keys {
+            self.lock(&format!("turn {key}"))?;
             let next: Option<(i64, String, Vec<u8>)> = self.one(
                 "SELECT seq, job_id, envelope FROM singleton_waiting WHERE key = ?1 ORDER BY seq LIMIT 1",
                 params![&key],
@@ -937,7 +1009,8 @@ impl<'c> Tx<'c> {
                     self.exec("DELETE FROM singleton_waiting WHERE seq = ?1", params![seq])?;
                     self.exec(
                         "INSERT INTO scheduled (job_id, due_ms, envelope) VALUES (?1, 0, ?2)
-                         ON CONFLICT(job_id) DO UPDATE SET due_ms = 0, released = 0, envelope = excluded.envelope",
+                         ON CONFLICT(job_id) DO UPDATE SET due_ms = 0, released = 0, claimed_until_ms = 0,
+                             envelope = excluded.envelope",
                         params![next, envelope],
                     )?;
                 }
@@ -965,7 +1038,10 @@ impl<'c> Tx<'c> {
             "INSERT INTO cancelled (job_id, client, at_ms) VALUES (?1, ?2, ?3) ON CONFLICT(job_id) DO NOTHING",
             params![id.as_str(), client, now_ms()],
         )?;
-        self.exec("UPDATE scheduled SET due_ms = 0, released = 0 WHERE job_id = ?1", params![id.as_str()])?;
+        self.exec(
+            "UPDATE scheduled SET due_ms = 0, released = 0, claimed_until_ms = 0 WHERE job_id = ?1",
+            params![id.as_str()],
+        )?;
         Ok(())
     }
 

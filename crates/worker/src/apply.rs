@@ -124,6 +124,7 @@ pub enum ApplyError {
 /// Only storage failures, which roll the whole decision back.
 pub fn prepare(tx: &Tx<'_>, spec: &KindSpec, arrival: &Arrival) -> Result<Step, StorageError> {
     let Arrival { env, raw, target, replay, .. } = arrival;
+    lock(tx, spec.sequenced, env)?;
     if let Some(granted_at_ms) = replay
         && tx.forget_dead_lettered(&env.id, *granted_at_ms)? == Forget::GrantTooOld
     {
@@ -233,6 +234,7 @@ pub fn begin(
     env: &JobEnvelope,
     target: &ReplyTarget,
 ) -> Result<Result<Started, Decided>, StorageError> {
+    tx.lock_job(&env.id)?;
     if let Some(stored) = tx.job(&env.id)? {
         return Ok(Err(Decided::Done(vec![answer(status_of(tx, stored)?, target)])));
     }
@@ -280,6 +282,7 @@ impl Run<'_> {
         outcome: Outcome,
         target: &ReplyTarget,
     ) -> Result<Vec<Answer>, StorageError> {
+        lock(tx, self.catalog.kind(&env.kind).is_some_and(|k| k.sequenced), env)?;
         if let Some(stored) = tx.job(&env.id)? {
             return Ok(vec![answer(status_of(tx, stored)?, target)]);
         }
@@ -311,6 +314,7 @@ impl Run<'_> {
         let mut answers = vec![answer(record(tx, env, outcome, Some((key.clone(), number)))?, target)];
         let mut next = number + 1;
         while let Some(parked) = tx.take_parked(&key, next)? {
+            tx.lock_job(&parked.job_id)?;
             let (env, target) = self
                 .sessions
                 .open_stored(&parked.envelope)
@@ -331,6 +335,18 @@ impl Run<'_> {
         tx.set_next_expected(&key, next)?;
         Ok(answers)
     }
+}
+
+/// Serializes the decisions about `env` with those of other workers sharing the storage (see
+/// [`Tx::lock`]): its sequence key first (for a sequenced kind), then the job. Two workers
+/// holding numbers 4 and 5 of one key take turns, so the second sees what the first applied
+/// and never parks a number whose gap just closed; two deliveries of one job take turns, so
+/// the second finds the first's outcome.
+fn lock(tx: &Tx<'_>, sequenced: bool, env: &JobEnvelope) -> Result<(), StorageError> {
+    if sequenced && let Some(seq) = &env.sequence {
+        tx.lock_sequence(&seq.owned_key(&env.client))?;
+    }
+    tx.lock_job(&env.id)
 }
 
 /// The turn a job of a singleton kind waits for: the kind's, or with `singleton_key` the
@@ -354,6 +370,7 @@ pub fn record_dead(
     reason: &str,
     error: Option<String>,
 ) -> Result<JobStatus, StorageError> {
+    tx.lock_job(&env.id)?;
     let sequence = env.sequence.as_ref().map(|s| (s.owned_key(&env.client), s.number()));
     let mut job = stored(env, JobState::DeadLettered, None, error, sequence);
     job.reason = Some(reason.to_owned());
@@ -401,6 +418,7 @@ pub fn status_for(tx: &Tx<'_>, id: &JobId, client: &str) -> Result<JobStatus, St
 /// # Errors
 /// Only storage failures.
 pub fn cancel(tx: &Tx<'_>, id: &JobId, client: &str) -> Result<JobStatus, StorageError> {
+    tx.lock_job(id)?;
     match tx.job(id)? {
         Some(job) if job.client != client => return Ok(JobStatus::new(id.clone(), JobState::NotFound)),
         Some(job) if job.state.is_final() => return status_of(tx, job),

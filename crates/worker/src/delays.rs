@@ -31,8 +31,14 @@ pub async fn release_forever(ctx: &Context) {
     }
 }
 
+/// How long a sweep's claim on a held message lasts: several workers sweep the same storage,
+/// and only the one that claimed a message sends it; if it dies before it is done, the message
+/// is claimed again after this.
+pub const CLAIM_MS: i64 = 30_000;
+
 async fn release_once(ctx: &Context) -> anyhow::Result<()> {
-    let due = ctx.store.transact(|tx| tx.due_scheduled(now_ms(), SWEEP_BATCH)).await?;
+    let now = now_ms();
+    let due = ctx.store.transact(move |tx| tx.claim_due_scheduled(now, now + CLAIM_MS, SWEEP_BATCH)).await?;
     for (id, envelope) in due {
         if send_back(ctx, &id, &envelope).await? {
             let released = id.clone();

@@ -30,7 +30,9 @@ pub async fn sweep_forever(ctx: &Context) {
 }
 
 async fn sweep_once(ctx: &Context) -> anyhow::Result<()> {
-    let expired = ctx.store.transact(|tx| tx.expired_parked(now_ms(), SWEEP_BATCH)).await?;
+    let now = now_ms();
+    let claim = now + crate::delays::CLAIM_MS;
+    let expired = ctx.store.transact(move |tx| tx.claim_expired_parked(now, claim, SWEEP_BATCH)).await?;
     for parked in expired {
         // The metadata is enough to record it; the payload stays sealed. A row that cannot be
         // read (only a damaged database makes one) must not hold up the others.
@@ -72,7 +74,7 @@ async fn sweep_once(ctx: &Context) -> anyhow::Result<()> {
         let (key, number, env_id) = (parked.seq_key.clone(), parked.seq_number, parked.job_id.clone());
         let status = ctx
             .store
-            .transact(move |tx| match tx.take_parked(&key, number)? {
+            .transact(move |tx| match tx.lock_sequence(&key).and_then(|()| tx.take_parked(&key, number))? {
                 Some(_) => apply::record_dead(tx, &env, "sequence_gap_timeout", Some(error)).map(Some),
                 // Its predecessor arrived meanwhile and it applied: the dead letter just sent is
                 // stale, and a replay of it is answered from the stored outcome.

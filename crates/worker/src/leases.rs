@@ -72,7 +72,9 @@ pub async fn ended(ctx: &Context, id: JobId, how: Settle) {
 /// # Errors
 /// Storage or broker trouble (the sweep is tried again).
 pub async fn release_expired(ctx: &Context) -> anyhow::Result<()> {
-    let expired = ctx.store.transact(|tx| tx.expired_leases(now_ms(), SWEEP_BATCH)).await?;
+    let now = now_ms();
+    let claim = now + crate::delays::CLAIM_MS;
+    let expired = ctx.store.transact(move |tx| tx.claim_expired_leases(now, claim, SWEEP_BATCH)).await?;
     for (id, envelope) in expired {
         tracing::warn!(job_id = %id, "a long job's lease ran out (its worker stopped): back to its queue");
         crate::delays::send_back(ctx, &id, &envelope).await?;

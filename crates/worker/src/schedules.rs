@@ -242,6 +242,8 @@ pub struct Plan {
 /// # Errors
 /// Storage failures (nothing is planned).
 pub fn plan(tx: &Tx<'_>, s: &Schedule, keys: &WorkerKeys, now: i64) -> Result<Plan, StorageError> {
+    // Workers sharing PostgreSQL plan one at a time; the next finds the firings dealt with.
+    tx.lock(&format!("schedule {}", s.spec.name))?;
     let Some(mut state) = tx.schedule_state(&s.spec.name)? else {
         tx.save_schedule_state(&ScheduleState {
             name: s.spec.name.clone(),

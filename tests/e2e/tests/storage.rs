@@ -314,3 +314,84 @@ async fn bad_storage_urls_are_clear_errors() {
     assert!(e.contains("password authentication failed") && !e.contains("not-the-password"), "{e}");
     let _ = Arc::new(());
 }
+
+/// Several workers sweep the same held messages (delayed jobs, expired gaps): each is claimed
+/// by one sweep, and comes back to be claimed again once that claim has run out.
+#[tokio::test]
+async fn each_held_message_is_claimed_by_one_sweep() {
+    for db in Db::both().await {
+        let stores: Vec<Store> = futures_util::future::join_all((0..3).map(|_| db.open())).await;
+        stores[0]
+            .transact(|tx| {
+                for n in 0..40 {
+                    tx.record_job(&job(300 + n, JobState::Scheduled, None))?;
+                    tx.schedule(&id(300 + n), 1, b"message")?;
+                }
+                for n in 0..40u32 {
+                    tx.record_job(&job(
+                        400 + n,
+                        JobState::WaitingForSequence,
+                        Some(("gap", u64::from(n) + 2)),
+                    ))?;
+                    tx.park(&gatehouse_storage::Parked {
+                        job_id: id(400 + n),
+                        seq_key: "gap".into(),
+                        seq_number: u64::from(n) + 2,
+                        envelope: b"message".to_vec(),
+                        reply_to: None,
+                        correlation_id: None,
+                        deadline_ms: 1,
+                    })?;
+                }
+                Ok::<_, StorageError>(())
+            })
+            .await
+            .unwrap();
+        let now = gatehouse_storage::now_ms();
+        let mut sweeps = Vec::new();
+        for i in 0..12 {
+            let store = stores[i % 3].clone();
+            sweeps.push(tokio::spawn(async move {
+                // Each sweeper sweeps until it finds nothing more.
+                let (mut due, mut gaps) = (Vec::new(), Vec::new());
+                loop {
+                    let (d, g) = store
+                        .transact(move |tx| {
+                            let due = tx.claim_due_scheduled(now, now + 60_000, 7)?;
+                            let gaps = tx.claim_expired_parked(now, now + 60_000, 7)?;
+                            Ok::<_, StorageError>((
+                                due.into_iter().map(|(id, _)| id).collect::<Vec<_>>(),
+                                gaps.into_iter().map(|p| p.job_id).collect::<Vec<_>>(),
+                            ))
+                        })
+                        .await
+                        .unwrap();
+                    if d.is_empty() && g.is_empty() {
+                        return (due, gaps);
+                    }
+                    due.extend(d);
+                    gaps.extend(g);
+                }
+            }));
+        }
+        let (mut due, mut gaps) = (Vec::new(), Vec::new());
+        for s in sweeps {
+            let (d, g) = s.await.unwrap();
+            due.extend(d);
+            gaps.extend(g);
+        }
+        for (what, mut ids) in [("delayed", due), ("parked", gaps)] {
+            let n = ids.len();
+            ids.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+            ids.dedup();
+            assert_eq!(ids.len(), n, "{}: a {what} message was claimed twice", db.name());
+            assert_eq!(n, 40, "{}: {what} messages claimed", db.name());
+        }
+        // A claim that ran out (its sweeper died) lets the message be claimed again.
+        let again = stores[1]
+            .transact(move |tx| tx.claim_due_scheduled(now + 60_001, now + 120_000, 100))
+            .await
+            .unwrap();
+        assert_eq!(again.len(), 40, "{}", db.name());
+    }
+}
