@@ -288,6 +288,9 @@ pub struct Options {
     pub broker_nodes: Option<Vec<String>>,
     /// Storage on a new database of the tests' PostgreSQL server instead of an SQLite file.
     pub postgres: bool,
+    /// Gatekeepers to start (at least one); `addr` is the first's, [`TestSystem::clients`]
+    /// has one client per gatekeeper.
+    pub gatekeepers: usize,
 }
 
 /// A running gatekeeper + worker pair.
@@ -305,6 +308,8 @@ pub struct TestSystem {
     worker_settings: WorkerSettings,
     worker: WorkerRun,
     stop_gatekeeper: Option<oneshot::Sender<()>>,
+    /// The gatekeepers after the first: address, stop, task.
+    more_gatekeepers: Vec<(SocketAddr, oneshot::Sender<()>, JoinHandle<anyhow::Result<()>>)>,
     gatekeeper: Option<JoinHandle<anyhow::Result<()>>>,
     /// The topology is this test's own (random prefix): delete it at the end.
     owns_topology: bool,
@@ -503,7 +508,7 @@ impl TestSystem {
                 WorkerRun::Process(processes)
             }
         };
-        let gatekeeper = Gatekeeper::build(GatekeeperSettings {
+        let gatekeeper_settings = GatekeeperSettings {
             server: ServerSettings {
                 listen: "127.0.0.1:0".parse().expect("addr"),
                 handshake_timeout_ms: 2000,
@@ -535,9 +540,15 @@ impl TestSystem {
                 signing_key: certs.path().join("gatekeeper-signing.key"),
                 worker_sealing_key: certs.path().join("worker-sealing.pub"),
             },
-        })
-        .await
-        .expect("gatekeeper builds");
+        };
+        let mut more_gatekeepers = Vec::new();
+        for _ in 1..options.gatekeepers.max(1) {
+            let g = Gatekeeper::build(gatekeeper_settings.clone()).await.expect("gatekeeper builds");
+            let addr = g.local_addr().expect("addr");
+            let (stop, rx) = oneshot::channel();
+            more_gatekeepers.push((addr, stop, tokio::spawn(g.run_until_stopped(until(rx)))));
+        }
+        let gatekeeper = Gatekeeper::build(gatekeeper_settings).await.expect("gatekeeper builds");
         let addr = gatekeeper.local_addr().expect("addr");
         let admin_addr = gatekeeper.admin_addr().expect("admin addr");
         let policy = gatekeeper.policy_reloader();
@@ -554,6 +565,7 @@ impl TestSystem {
             worker_settings,
             worker,
             stop_gatekeeper: Some(stop_g),
+            more_gatekeepers,
             gatekeeper: Some(gatekeeper),
             owns_topology: options.prefix.is_none(),
         };
@@ -593,6 +605,19 @@ impl TestSystem {
     /// A client as dev-client.
     pub fn client(&self) -> Client {
         self.client_as("client")
+    }
+
+    /// A client as dev-client for each gatekeeper, the first's first.
+    pub fn clients(&self) -> Vec<Client> {
+        let dir = self.certs.path();
+        let identity = Identity { cert: dir.join("client.pem"), key: dir.join("client.key") };
+        std::iter::once(self.addr)
+            .chain(self.more_gatekeepers.iter().map(|g| g.0))
+            .map(|addr| {
+                Client::new(&format!("https://{addr}"), &dir.join("ca.pem"), Some(identity.clone()))
+                    .expect("client")
+            })
+            .collect()
     }
 
     /// The CLI's view of this gatekeeper, as dev-client.
@@ -675,6 +700,10 @@ impl TestSystem {
         }
         if let Some(t) = self.gatekeeper.take() {
             t.await.expect("gatekeeper task").expect("gatekeeper stopped cleanly");
+        }
+        for (_, stop, task) in self.more_gatekeepers.drain(..) {
+            let _ = stop.send(());
+            task.await.expect("gatekeeper task").expect("gatekeeper stopped cleanly");
         }
         match &mut self.worker {
             WorkerRun::InProcess { stop, task } => {

@@ -87,10 +87,11 @@ pub async fn submit_paced(
     pace: Duration,
 ) -> (HashMap<usize, String>, usize) {
     let queue = Arc::new(std::sync::Mutex::new(jobs.into_iter().enumerate().collect::<VecDeque<_>>()));
-    let client = sys.client();
+    // Spread over the gatekeepers, when there are several.
+    let gatekeepers = sys.clients();
     let mut tasks = Vec::new();
-    for _ in 0..clients {
-        let (queue, client) = (queue.clone(), client.clone());
+    for t in 0..clients {
+        let (queue, client) = (queue.clone(), gatekeepers[t % gatekeepers.len()].clone());
         tasks.push(tokio::spawn(async move {
             let mut ids = HashMap::new();
             let mut unavailable = 0;
@@ -146,7 +147,7 @@ pub async fn wait_ledger(
 ) -> bool {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
-        if done(&oracle::ledger(&sys.database(), &sys.keyring())) {
+        if done(&oracle::ledger(&sys.storage(), &sys.keyring())) {
             return true;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -160,8 +161,8 @@ pub fn check_ledger(
     jobs: &[LedgerJob],
     ids: &HashMap<usize, String>,
 ) -> (usize, usize, usize, usize) {
-    let rows = oracle::jobs(&sys.database(), &sys.keyring());
-    let ledger = oracle::ledger(&sys.database(), &sys.keyring());
+    let rows = oracle::jobs(&sys.storage(), &sys.keyring());
+    let ledger = oracle::ledger(&sys.storage(), &sys.keyring());
     let mut prefix: HashMap<(String, u64), i64> = HashMap::new();
     let mut by_account: HashMap<&str, Vec<&LedgerJob>> = HashMap::new();
     for j in jobs {

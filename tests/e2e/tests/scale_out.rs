@@ -1,0 +1,208 @@
+//! Scale-out on PostgreSQL: several worker processes and gatekeepers on one database, under
+//! faults — kill -9 of random workers, poison jobs that crash whichever worker runs them, a
+//! restart of the database server. Each scenario compares the database with its model and
+//! reports one line like the fault suite's. Sizes: GATEHOUSE_FAULT_N, GATEHOUSE_FAULT_KILLS.
+//!
+//! The scenarios restart the tests' PostgreSQL server, so they run one at a time.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use gatehouse_cli::commands::dlq::{self, BrokerArgs};
+use gatehouse_e2e::{Options, TestSystem, broker_url, oracle, report, wait_final};
+use serde_json::{Value, json};
+use tokio::sync::Mutex;
+
+static SERIAL: Mutex<()> = Mutex::const_new(());
+
+#[path = "shared/ledger_model.rs"]
+mod ledger_model;
+use ledger_model::*;
+
+fn starts(sys: &TestSystem) -> Vec<u32> {
+    sys.worker_processes().iter().map(|w| w.starts.load(std::sync::atomic::Ordering::SeqCst)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_workers_and_two_gatekeepers_on_postgres_lose_nothing_under_kill_9_and_poison() {
+    let _serial = SERIAL.lock().await;
+    let n = env_size("GATEHOUSE_FAULT_N", 2000);
+    let kills = env_size("GATEHOUSE_FAULT_KILLS", 10).max(10);
+    let accounts = 20;
+    let sys = TestSystem::start_with(Options {
+        worker_binary: Some(env!("CARGO_BIN_EXE_e2e-worker")),
+        supervise_worker: true,
+        testing: true,
+        postgres: true,
+        workers: 3,
+        gatekeepers: 2,
+        ..Options::default()
+    })
+    .await;
+
+    // Poison (max_attempts is 3 for the test kinds), through the second gatekeeper: a job that
+    // crashes whichever worker runs it, one that panics, one that fails every time.
+    let clients = sys.clients();
+    let mut conn = clients[1].connect().await.unwrap();
+    let mut poison = Vec::new();
+    for job in [
+        json!({"kind": "test.crash", "payload": {}}),
+        json!({"kind": "test.panic", "payload": {}}),
+        json!({"kind": "test.fail", "payload": {"times": 5}}),
+    ] {
+        let res = conn.submit(&job, None).await.unwrap();
+        assert_eq!(res.status, 202, "{}", res.text());
+        poison.push(res.json()["id"].as_str().unwrap().to_owned());
+    }
+
+    // The model: `accounts` sequences, numbers 1.., shuffled, 5 % sent again with the same
+    // idempotency key (through either gatekeeper).
+    let seed = 0x5ca1_e0ff_u64;
+    let (jobs, order) = ledger_model(n, accounts, "so", &mut Rng(seed));
+    let dupes: Vec<usize> = order.iter().take(n / 20).copied().collect();
+    let mut bodies: Vec<Value> = order.iter().map(|&i| jobs[i].body()).collect();
+    bodies.extend(dupes.iter().map(|&i| jobs[i].body()));
+
+    // The killer: SIGKILL of a random worker at random moments while work remains, restarted
+    // at once; the gap each kill makes in the stream of applied jobs is timed.
+    let per_account = (n / accounts) as u64;
+    let all_applied = move |l: &HashMap<String, (i64, u64)>| {
+        l.len() == accounts && l.values().all(|(_, s)| *s == per_account)
+    };
+    let (workers, db, keyring) = (sys.worker_processes().to_vec(), sys.storage(), sys.keyring());
+    let killer = tokio::spawn(async move {
+        let mut rng = Rng(seed ^ 0xdead);
+        let mut gaps = Vec::new();
+        for _ in 0..kills {
+            tokio::time::sleep(Duration::from_millis(50 + rng.below(150))).await;
+            if all_applied(&oracle::ledger(&db, &keyring)) {
+                break;
+            }
+            let before = oracle::succeeded(&db);
+            let victim = &workers[rng.below(workers.len() as u64) as usize];
+            victim.kill();
+            victim.start();
+            let killed = Instant::now();
+            while oracle::succeeded(&db) == before && killed.elapsed() < Duration::from_secs(30) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            gaps.push(killed.elapsed());
+        }
+        gaps
+    });
+    let (ids, unavailable) = submit_all(&sys, bodies, 8).await;
+    let gaps = killer.await.unwrap();
+    let drained = wait_ledger(&sys, Duration::from_secs(180), all_applied).await;
+    let mut model_ids = HashMap::new();
+    for (pos, &i) in order.iter().chain(dupes.iter()).enumerate() {
+        if let Some(id) = ids.get(&pos) {
+            let prev = model_ids.insert(i, id.clone());
+            assert!(prev.is_none_or(|p| p == *id), "an idempotency key mapped to two job ids");
+        }
+    }
+    let (applied, lost, duplicated, violations) = check_ledger(&sys, &jobs, &model_ids);
+
+    // Every poison job dead-lettered after exactly 3 attempts counted across the workers.
+    let mut conn = sys.connect().await;
+    for id in &poison {
+        let s = wait_final(&mut conn, id, Duration::from_secs(120)).await;
+        assert_eq!(
+            (s["status"].as_str(), s["reason"].as_str()),
+            (Some("dead_lettered"), Some("max_attempts")),
+            "{s}"
+        );
+    }
+    let args = BrokerArgs { broker: broker_url(), prefix: sys.prefix.clone() };
+    let letters = dlq::list(&args).await.unwrap();
+    let attempts: HashMap<String, Value> =
+        letters.iter().map(|l| (l["id"].as_str().unwrap().to_owned(), l["attempts"].clone())).collect();
+    let healthy_dead = letters.iter().filter(|l| !poison.iter().any(|p| l["id"] == p.as_str())).count();
+    let gap = gaps.iter().max().copied().unwrap_or_default().as_secs_f64();
+    report(&format!(
+        "FAULT postgres 3 workers + 2 gatekeepers, kill -9 of a random worker (N={n}, K={} under load, \
+         20 keys, seed={seed:#x}): submitted={} accepted={} applied={applied} lost={lost} \
+         duplicated={duplicated} order_violations={violations} healthy_dead_lettered={healthy_dead} \
+         poison dead_lettered={} (attempts crash={} panic={} fail={}) max_gap_s(kill->next apply)={gap:.2} \
+         worker_starts={:?} 503s={unavailable}",
+        gaps.len(),
+        order.len() + dupes.len(),
+        ids.len(),
+        letters.len() - healthy_dead,
+        attempts.get(&poison[0]).unwrap_or(&Value::Null),
+        attempts.get(&poison[1]).unwrap_or(&Value::Null),
+        attempts.get(&poison[2]).unwrap_or(&Value::Null),
+        starts(&sys),
+    ));
+    assert!(drained, "not everything was applied; first worker's log:\n{}", sys.worker_process().log());
+    assert_eq!((applied, lost, duplicated, violations, healthy_dead), (n, 0, 0, 0, 0));
+    for id in &poison {
+        assert_eq!(attempts[id.as_str()], 3, "{letters:?}");
+    }
+    assert!(gaps.len() >= 10, "only {} kills happened under load", gaps.len());
+    sys.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_postgres_restart_under_load_loses_nothing() {
+    let _serial = SERIAL.lock().await;
+    let n = env_size("GATEHOUSE_FAULT_N", 2000) / 2;
+    let accounts = 20;
+    let sys = TestSystem::start_with(Options {
+        worker_binary: Some(env!("CARGO_BIN_EXE_e2e-worker")),
+        supervise_worker: true,
+        postgres: true,
+        workers: 3,
+        gatekeepers: 2,
+        ..Options::default()
+    })
+    .await;
+    let seed = 0x9e57_a27_u64;
+    let (jobs, order) = ledger_model(n, accounts, "pg", &mut Rng(seed));
+    let bodies: Vec<Value> = order.iter().map(|&i| jobs[i].body()).collect();
+    let db = sys.storage();
+    // The fault, while the load runs: `pg_ctl restart` (fast shutdown: every connection cut,
+    // transactions in flight rolled back). Recovery: from the server being back to the next
+    // job applied.
+    let restart = tokio::spawn(async move {
+        while oracle::succeeded(&db) < 100 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let began = Instant::now();
+        tokio::task::spawn_blocking(|| gatehouse_e2e::postgres().restart().expect("postgres restarts"))
+            .await
+            .unwrap();
+        let down = began.elapsed();
+        let back = Instant::now();
+        let before = oracle::succeeded(&db);
+        while oracle::succeeded(&db) == before && back.elapsed() < Duration::from_secs(60) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        (down, back.elapsed())
+    });
+    let (ids, unavailable) = submit_paced(&sys, bodies, 6, Duration::from_millis(5)).await;
+    let (down, recovery) = restart.await.unwrap();
+    let per_account = (n / accounts) as u64;
+    let drained = wait_ledger(&sys, Duration::from_secs(180), |l| {
+        l.len() == accounts && l.values().all(|(_, s)| *s == per_account)
+    })
+    .await;
+    // Submission positions back to model indexes.
+    let model_ids: HashMap<usize, String> = ids.iter().map(|(pos, id)| (order[*pos], id.clone())).collect();
+    let (applied, lost, duplicated, violations) = check_ledger(&sys, &jobs, &model_ids);
+    let dead = sys.queue_depth(&sys.topology().dead_queue()).await;
+    report(&format!(
+        "FAULT postgres restart under load (pg_ctl restart -m fast; 3 workers + 2 gatekeepers, N={n}, 20 keys): \
+         submitted={n} accepted={} applied={applied} lost={lost} duplicated={duplicated} \
+         order_violations={violations} dead_lettered={dead} restart_s={:.2} recovery_s(back->next apply)={:.2} \
+         worker_starts={:?} 503s={unavailable}",
+        ids.len(),
+        down.as_secs_f64(),
+        recovery.as_secs_f64(),
+        starts(&sys),
+    ));
+    assert!(drained, "not everything was applied; first worker's log:\n{}", sys.worker_process().log());
+    assert_eq!((applied, lost, duplicated, violations, dead), (n, 0, 0, 0, 0));
+    // The workers rode it out: none exited.
+    assert_eq!(starts(&sys), [1, 1, 1], "a worker exited during the restart");
+    sys.stop().await;
+}
