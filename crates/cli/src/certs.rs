@@ -1,7 +1,7 @@
 //! Development PKI: two CAs — one for the API (the gatekeeper's server certificate and client
-//! certificates), one for the components' link to the broker (the broker's TLS listener and
-//! the gatekeeper's and worker's AMQP client certificates) — and the gatekeeper's job-id
-//! secret. Separate CAs keep the two worlds apart: a component's broker certificate is no API
+//! certificates), one for the components' links (the broker's TLS listener and the
+//! gatekeeper's and worker's AMQP client certificates, and PostgreSQL's TLS certificate) — the
+//! gatekeeper's job-id secret and PostgreSQL's password. Separate CAs keep the two worlds apart: a component's broker certificate is no API
 //! client, and an API client certificate does not pass the broker's `verify_peer`. For local
 //! use and tests only.
 
@@ -30,6 +30,14 @@ pub const DEV_CLIENT: &str = "dev-client";
 /// # Errors
 /// When a file cannot be written or a certificate cannot be made.
 pub fn write_dev(dir: &Path) -> anyhow::Result<()> {
+    write_dev_for(dir, &[])
+}
+
+/// [`write_dev`], the gatekeeper's certificate valid for `addresses` too (a test host's).
+///
+/// # Errors
+/// As [`write_dev`].
+pub fn write_dev_for(dir: &Path, addresses: &[IpAddr]) -> anyhow::Result<()> {
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let issuer = write_ca(dir, "ca", "Gatehouse dev API CA")?;
 
@@ -40,6 +48,7 @@ pub fn write_dev(dir: &Path) -> anyhow::Result<()> {
         SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)),
         SanType::IpAddress(IpAddr::V6(Ipv6Addr::LOCALHOST)),
     ];
+    server.subject_alt_names.extend(addresses.iter().map(|a| SanType::IpAddress(*a)));
     server.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     server.use_authority_key_identifier_extension = true;
@@ -63,11 +72,29 @@ pub fn write_dev(dir: &Path) -> anyhow::Result<()> {
     write(dir, "broker.key", &broker_key.serialize_pem(), true)?;
     write_client_with(dir, "gatekeeper-amqp", "gatekeeper", &issuer)?;
     write_client_with(dir, "worker-amqp", "worker", &issuer)?;
+    // PostgreSQL's TLS certificate (docker-compose names it `postgres`; the tests' private
+    // server is 127.0.0.1), under the same CA, and its password for the worker.
+    let mut postgres = CertificateParams::new(Vec::new())?;
+    postgres.distinguished_name.push(DnType::CommonName, "postgres");
+    postgres.subject_alt_names = vec![
+        SanType::DnsName("postgres".try_into()?),
+        SanType::DnsName("localhost".try_into()?),
+        SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+    ];
+    postgres.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    postgres.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let postgres_key = KeyPair::generate()?;
+    write(dir, "postgres.pem", &postgres.signed_by(&postgres_key, &issuer)?.pem(), false)?;
+    write(dir, "postgres.key", &postgres_key.serialize_pem(), true)?;
 
     let mut secret = [0u8; 32];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
         .map_err(|_| anyhow::anyhow!("no system randomness"))?;
     write(dir, "gatekeeper-ids.secret", &(hex::encode(&secret) + "\n"), true)?;
+    let mut password = [0u8; 18];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut password)
+        .map_err(|_| anyhow::anyhow!("no system randomness"))?;
+    write(dir, "postgres.password", &(hex::encode(&password) + "\n"), true)?;
     keys::write_dev(dir)?;
     Ok(())
 }

@@ -25,6 +25,8 @@ pub struct Cluster {
     port: u16,
     /// Each node on its own test host, or all on this machine.
     hosts: Option<crate::hosts::Hosts>,
+    /// How many nodes: [`NODES`], or one broker on a test host ([`Cluster::single_on`]).
+    nodes: usize,
 }
 
 /// The scripts under Debian's `/usr/lib/rabbitmq/bin`.
@@ -39,7 +41,7 @@ impl Cluster {
     /// # Errors
     /// When RabbitMQ is not installed, a node does not start, or the join fails.
     pub fn start(base: &Path, port: u16) -> anyhow::Result<Self> {
-        Self::start_with(Self { base: base.to_owned(), port, hosts: None })
+        Self::start_with(Self { base: base.to_owned(), port, hosts: None, nodes: NODES })
     }
 
     /// The same with each node on a test host of its own ([`crate::hosts::Hosts`]: a network
@@ -50,7 +52,16 @@ impl Cluster {
     /// As [`Cluster::start`], or when the hosts cannot be made.
     pub fn start_on_hosts(base: &Path) -> anyhow::Result<Self> {
         let hosts = crate::hosts::Hosts::create(NODES)?;
-        Self::start_with(Self { base: base.to_owned(), port: 5672, hosts: Some(hosts) })
+        Self::start_with(Self { base: base.to_owned(), port: 5672, hosts: Some(hosts), nodes: NODES })
+    }
+
+    /// One broker node on host 1 of `hosts` (AMQP on 5672 of its address), for tests that put
+    /// each component on a host of its own. It owns `hosts` from then on.
+    ///
+    /// # Errors
+    /// As [`Cluster::start`].
+    pub fn single_on(base: &Path, hosts: crate::hosts::Hosts) -> anyhow::Result<Self> {
+        Self::start_with(Self { base: base.to_owned(), port: 5672, hosts: Some(hosts), nodes: 1 })
     }
 
     /// The test hosts of a cluster started with [`Cluster::start_on_hosts`].
@@ -59,10 +70,11 @@ impl Cluster {
     }
 
     fn start_with(cluster: Self) -> anyhow::Result<Self> {
+        let nodes = cluster.nodes;
         anyhow::ensure!(script("rabbitmq-server").exists(), "rabbitmq-server is not installed");
         let base = cluster.base.clone();
         let base = base.as_path();
-        for i in 1..=NODES {
+        for i in 1..=nodes {
             let addr = format!("{}:{}", cluster.host(i), cluster.amqp_port(i)).parse()?;
             anyhow::ensure!(
                 !amqp_answers(addr) || cluster.home(i).join("node.pid").exists(),
@@ -70,7 +82,7 @@ impl Cluster {
             );
         }
         fs::create_dir_all(base)?;
-        for i in 1..=NODES {
+        for i in 1..=nodes {
             let home = cluster.home(i);
             fs::create_dir_all(&home)?;
             let cookie = home.join(".erlang.cookie");
@@ -92,10 +104,10 @@ impl Cluster {
             )?;
             cluster.start_node(i)?;
         }
-        for i in 1..=NODES {
+        for i in 1..=nodes {
             cluster.await_node(i, Duration::from_secs(60))?;
         }
-        for i in 2..=NODES {
+        for i in 2..=nodes {
             if !cluster.members(i)?.contains(&cluster.name(1)) {
                 cluster.run(i, &["stop_app"])?;
                 cluster.run(i, &["join_cluster", &cluster.name(1)])?;
@@ -128,7 +140,7 @@ impl Cluster {
 
     /// AMQP URLs of every node, with `user:password` and `vhost` (URL-encoded).
     pub fn urls(&self, credentials: &str, vhost: &str) -> Vec<String> {
-        (1..=NODES)
+        (1..=self.nodes)
             .map(|i| format!("amqp://{credentials}@{}:{}/{vhost}", self.host(i), self.amqp_port(i)))
             .collect()
     }
@@ -215,7 +227,7 @@ impl Cluster {
     /// # Errors
     /// When no node answers, or the queue is not there.
     pub fn leader_of(&self, queue: &str) -> anyhow::Result<usize> {
-        for i in 1..=NODES {
+        for i in 1..=self.nodes {
             let Ok(out) = self.run(i, &["-q", "list_queues", "name", "leader", "--no-table-headers"]) else {
                 continue;
             };
@@ -223,7 +235,7 @@ impl Cluster {
                 let mut cols = line.split_whitespace();
                 if cols.next() == Some(queue) {
                     let leader = cols.next().unwrap_or_default();
-                    return (1..=NODES)
+                    return (1..=self.nodes)
                         .find(|n| self.name(*n) == leader)
                         .context("leader is no node of ours");
                 }
@@ -237,7 +249,7 @@ impl Cluster {
     pub fn wait_online(&self, queue: &str, nodes: &[usize], limit: Duration) -> bool {
         let deadline = Instant::now() + limit;
         loop {
-            let online = (1..=NODES).find_map(|i| {
+            let online = (1..=self.nodes).find_map(|i| {
                 self.run(i, &["-q", "list_queues", "name", "online", "--no-table-headers"]).ok()
             });
             let line = online
@@ -270,7 +282,7 @@ impl Cluster {
     /// Stops every node (SIGTERM to their servers, which stop the VMs cleanly); also when the
     /// cluster is dropped.
     pub fn stop(&self) {
-        for i in 1..=NODES {
+        for i in 1..=self.nodes {
             for file in ["server.pid", "node.pid"] {
                 if let Ok(pid) = fs::read_to_string(self.home(i).join(file)) {
                     let _ = Command::new("kill").arg("-TERM").arg(pid.trim()).status();
@@ -278,7 +290,7 @@ impl Cluster {
             }
         }
         let deadline = Instant::now() + Duration::from_secs(30);
-        while (1..=NODES).any(|i| {
+        while (1..=self.nodes).any(|i| {
             fs::read_to_string(self.home(i).join("node.pid"))
                 .ok()
                 .is_some_and(|p| Path::new(&format!("/proc/{}", p.trim())).exists())

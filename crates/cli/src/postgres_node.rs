@@ -1,7 +1,8 @@
 //! A private PostgreSQL server for development and tests, from Debian's `postgresql` package
 //! (installed when missing, like the broker): its own data directory, listening on one address
 //! only (127.0.0.1:[`PORT`] unless told otherwise), SCRAM password login for its superuser
-//! [`USER`], whose password is in [`PostgresNode::password_file`].
+//! [`USER`], whose password is in [`PostgresNode::password_file`]. `.ci/run` stops it when CI
+//! is done.
 //!
 //! PostgreSQL refuses to run as root: as root, the data directory belongs to the package's
 //! `postgres` user and lives under `/var/tmp` (a checkout may sit in a folder that user cannot
@@ -85,9 +86,19 @@ impl PostgresNode {
         Self { home: home.to_owned(), data, listen: listen.to_owned(), port, netns: netns.map(str::to_owned) }
     }
 
-    /// The file holding [`USER`]'s password (mode 0600).
+    /// The file holding [`USER`]'s password (mode 0600), beside the data directory: whoever
+    /// finds the server running finds its password.
     pub fn password_file(&self) -> PathBuf {
-        self.home.join("password")
+        PathBuf::from(format!("{}.password", self.data.display()))
+    }
+
+    fn tls_dir(&self) -> PathBuf {
+        PathBuf::from(format!("{}.tls", self.data.display()))
+    }
+
+    /// The CA that signed the server's TLS certificate (valid for 127.0.0.1 and localhost).
+    pub fn tls_ca(&self) -> PathBuf {
+        self.tls_dir().join("components-ca.pem")
     }
 
     /// [`USER`]'s password.
@@ -158,16 +169,27 @@ impl PostgresNode {
     /// # Errors
     /// When PostgreSQL cannot be installed, initialized or started.
     pub fn ensure(&self, allow: Option<&str>) -> anyhow::Result<()> {
-        if self.netns.is_none() && self.answers() {
+        let ready = || self.password_file().exists() && self.tls_ca().exists();
+        if self.netns.is_none() && self.answers() && ready() {
             return Ok(());
         }
         fs::create_dir_all(&self.home)?;
         let lock = fs::File::create(self.home.join("start.lock"))?;
         lock.lock()?;
         if self.netns.is_none() && self.answers() {
-            return Ok(());
+            if ready() {
+                return Ok(());
+            }
+            // Ours, from before it had what this release sets up: set up afresh.
+            anyhow::ensure!(
+                self.data.join("postmaster.pid").exists(),
+                "something that is not the private PostgreSQL server listens on {}:{}",
+                self.listen,
+                self.port
+            );
+            self.stop()?;
         }
-        if !self.data.join("PG_VERSION").exists() {
+        if !self.data.join("PG_VERSION").exists() || !ready() {
             self.init(allow)?;
         }
         self.pg_ctl("start")
@@ -208,6 +230,20 @@ impl PostgresNode {
         );
         let _ = fs::remove_file(&pwfile);
         result?;
+        // TLS: a dev certificate for 127.0.0.1 and localhost (see [`PostgresNode::tls_ca`]),
+        // where PostgreSQL looks by default (server.crt / server.key in the data directory).
+        let tls = self.tls_dir();
+        let _ = fs::remove_dir_all(&tls);
+        crate::certs::write_dev(&tls)?;
+        fs::copy(tls.join("postgres.pem"), self.data.join("server.crt"))?;
+        fs::copy(tls.join("postgres.key"), self.data.join("server.key"))?;
+        if is_root() {
+            for f in ["server.crt", "server.key"] {
+                let status =
+                    Command::new("chown").arg("postgres:postgres").arg(self.data.join(f)).status()?;
+                anyhow::ensure!(status.success(), "chown postgres {f} failed");
+            }
+        }
         if let Some(cidr) = allow {
             let hba = self.data.join("pg_hba.conf");
             let mut text = fs::read_to_string(&hba)?;
@@ -220,7 +256,7 @@ impl PostgresNode {
     /// `pg_ctl start|stop|restart` (fast shutdown; waits until it is done).
     fn pg_ctl(&self, action: &str) -> anyhow::Result<()> {
         let options = format!(
-            "-c listen_addresses={} -p {} -k {} -c max_connections=300",
+            "-c listen_addresses={} -p {} -k {} -c max_connections=300 -c ssl=on",
             self.listen,
             self.port,
             self.data.display()
@@ -261,6 +297,8 @@ impl PostgresNode {
     pub fn destroy(&self) -> anyhow::Result<()> {
         self.stop()?;
         let _ = fs::remove_dir_all(&self.data);
+        let _ = fs::remove_dir_all(self.tls_dir());
+        let _ = fs::remove_file(self.password_file());
         Ok(())
     }
 }

@@ -19,9 +19,12 @@ pub fn load<T: DeserializeOwned>(path: &Path, env_prefix: &str) -> Result<T, con
                 .prefix_separator("__")
                 .separator("__")
                 .try_parsing(true)
-                // `…__BROKER__OTHER_URLS=amqp://…,amqp://…`: a list.
+                // `…__BROKER__OTHER_URLS=amqp://…,amqp://…`: a list; the worker's trusted keys
+                // likewise.
                 .list_separator(",")
-                .with_list_parse_key("broker.other_urls"),
+                .with_list_parse_key("broker.other_urls")
+                .with_list_parse_key("keys.gatekeeper_signing_keys")
+                .with_list_parse_key("keys.operator_keys"),
         )
         .build()?
         .try_deserialize()

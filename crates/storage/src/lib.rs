@@ -205,6 +205,20 @@ impl Location {
     /// # Errors
     /// [`StorageError::Config`] for any other url, or a password in the url.
     pub fn parse(url: &str, password: Option<String>, pool_size: usize) -> Result<Self, StorageError> {
+        Self::parse_with_tls(url, password, pool_size, None)
+    }
+
+    /// [`Location::parse`], with the CA that signed a PostgreSQL server's certificate
+    /// (connections then use TLS).
+    ///
+    /// # Errors
+    /// As [`Location::parse`].
+    pub fn parse_with_tls(
+        url: &str,
+        password: Option<String>,
+        pool_size: usize,
+        tls_ca: Option<std::path::PathBuf>,
+    ) -> Result<Self, StorageError> {
         if let Some(path) = url.strip_prefix("sqlite:") {
             if path.is_empty() {
                 return Err(StorageError::Config(
@@ -221,7 +235,7 @@ impl Location {
                     "storage url: a password must not be in the url (it would be logged): use [storage] password_file or WORKER__STORAGE__PASSWORD".into(),
                 ));
             }
-            return Ok(Self::Postgres(PostgresConfig { url: url.to_owned(), password, pool_size }));
+            return Ok(Self::Postgres(PostgresConfig { url: url.to_owned(), password, pool_size, tls_ca }));
         }
         Err(StorageError::Config(format!(
             "storage url {url:?}: expected sqlite:<path> or postgres://user@host:port/db"

@@ -143,6 +143,9 @@ pub struct PostgresConfig {
     pub password: Option<String>,
     /// Most connections this process opens.
     pub pool_size: usize,
+    /// The CA (PEM) that signed the server's certificate: connections then use TLS (rustls),
+    /// always, the certificate checked against it and the url's host.
+    pub tls_ca: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for PostgresConfig {
@@ -151,6 +154,7 @@ impl std::fmt::Debug for PostgresConfig {
             .field("url", &self.url)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("pool_size", &self.pool_size)
+            .field("tls_ca", &self.tls_ca)
             .finish()
     }
 }
@@ -176,21 +180,19 @@ impl PgStore {
     ) -> Result<Self, StorageError> {
         let mut pg: tokio_postgres::Config =
             config.url.parse().map_err(|e| StorageError::Config(format!("storage url: {e}")))?;
-        if pg.get_ssl_mode() != tokio_postgres::config::SslMode::Disable
-            && pg.get_ssl_mode() != tokio_postgres::config::SslMode::Prefer
-        {
-            return Err(StorageError::Config("storage url: sslmode=require is not supported yet".into()));
-        }
+        let tls = tls(config, &mut pg)?;
         if let Some(p) = &config.password {
             pg.password(p.as_str());
         }
         pg.connect_timeout(CONNECT_TIMEOUT);
         pg.application_name("gatehouse-worker");
-        let manager = Manager::from_config(
-            pg,
-            tokio_postgres::NoTls,
-            ManagerConfig { recycling_method: RecyclingMethod::Fast },
-        );
+        let recycling = || ManagerConfig { recycling_method: RecyclingMethod::Fast };
+        let manager = match tls {
+            Some(tls) => {
+                Manager::from_config(pg, tokio_postgres_rustls::MakeRustlsConnect::new(tls), recycling())
+            }
+            None => Manager::from_config(pg, tokio_postgres::NoTls, recycling()),
+        };
         let pool = Pool::builder(manager)
             .max_size(config.pool_size.max(1))
             .runtime(Runtime::Tokio1)
@@ -251,6 +253,41 @@ impl PgStore {
         .await;
         joined.unwrap_or_else(|e| Err(StorageError::Panicked(e.to_string()).into()))
     }
+}
+
+/// The TLS settings of the connections: with a CA, TLS always (a url's `sslmode=prefer`, the
+/// default, would let a man in the middle refuse TLS); without one, none — and a url that
+/// asks for TLS (`sslmode=require`) is refused, as nothing could check the server.
+fn tls(
+    config: &PostgresConfig,
+    pg: &mut tokio_postgres::Config,
+) -> Result<Option<rustls::ClientConfig>, StorageError> {
+    use tokio_postgres::config::SslMode;
+    let Some(ca) = &config.tls_ca else {
+        if pg.get_ssl_mode() == SslMode::Require {
+            return Err(StorageError::Config(
+                "storage url asks for TLS (sslmode=require): set [storage] tls_ca to the CA that signed the server's certificate".into(),
+            ));
+        }
+        pg.ssl_mode(SslMode::Disable);
+        return Ok(None);
+    };
+    let certs = gatehouse_protocol::pem::load_certs(ca)
+        .map_err(|e| StorageError::Config(format!("[storage] tls_ca {}: {e}", ca.display())))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in certs {
+        roots
+            .add(cert)
+            .map_err(|e| StorageError::Config(format!("[storage] tls_ca {}: {e}", ca.display())))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| StorageError::Config(format!("TLS to PostgreSQL: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    pg.ssl_mode(SslMode::Require);
+    Ok(Some(tls))
 }
 
 /// Runs the schema steps not yet run (the caller holds the migration lock).
@@ -378,6 +415,17 @@ fn pg_row(row: &tokio_postgres::Row) -> Result<Row, StorageError> {
     Ok(Row(values))
 }
 
+/// `e` and what caused it (a TLS handshake that failed: because of which certificate).
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    text
+}
+
 /// A connection could not be had from the pool (the server is down or restarting, or every
 /// connection is busy past the wait timeout).
 struct PoolError(deadpool_postgres::PoolError);
@@ -387,7 +435,9 @@ impl From<PoolError> for StorageError {
         match e.0 {
             // The server answered, and said no (a wrong password, no such database): its words.
             deadpool_postgres::PoolError::Backend(e) if e.as_db_error().is_some() => e.into(),
-            e => StorageError::Postgres { code: None, message: format!("no connection: {e}") },
+            e => {
+                StorageError::Postgres { code: None, message: format!("no connection: {}", with_causes(&e)) }
+            }
         }
     }
 }
@@ -396,7 +446,7 @@ impl From<tokio_postgres::Error> for StorageError {
     fn from(e: tokio_postgres::Error) -> Self {
         let code = e.code().map(|c| c.code().to_owned());
         // The server's own message when there is one (never a parameter's value).
-        let message = e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_owned());
+        let message = e.as_db_error().map_or_else(|| with_causes(&e), |d| d.message().to_owned());
         StorageError::Postgres { code, message }
     }
 }

@@ -172,11 +172,14 @@ pub struct StorageSettings {
     /// Most PostgreSQL connections this worker opens (each held only while a storage
     /// transaction runs).
     pub pool_size: usize,
+    /// The CA (PEM) that signed the PostgreSQL server's certificate: connections use TLS,
+    /// the certificate checked against it and the url's host.
+    pub tls_ca: Option<PathBuf>,
 }
 
 impl Default for StorageSettings {
     fn default() -> Self {
-        Self { url: None, path: None, password_file: None, password: None, pool_size: 16 }
+        Self { url: None, path: None, password_file: None, password: None, pool_size: 16, tls_ca: None }
     }
 }
 
@@ -220,7 +223,8 @@ impl StorageSettings {
         if password.is_some() && url.starts_with("sqlite:") {
             return Err("[storage] has a password, but SQLite storage takes none".into());
         }
-        gatehouse_storage::Location::parse(&url, password, self.pool_size).map_err(|e| e.to_string())
+        gatehouse_storage::Location::parse_with_tls(&url, password, self.pool_size, self.tls_ca.clone())
+            .map_err(|e| e.to_string())
     }
 }
 

@@ -206,3 +206,175 @@ async fn a_postgres_restart_under_load_loses_nothing() {
     assert_eq!(starts(&sys), [1, 1, 1], "a worker exited during the restart");
     sys.stop().await;
 }
+
+/// Whether a TCP connection from test host namespace `ns` to `addr:port` opens (within 3 s).
+fn connects_from(ns: &str, addr: &str, port: u16) -> bool {
+    std::process::Command::new("ip")
+        .args(["netns", "exec", ns, "timeout", "3", "bash", "-c", &format!("exec 3<>/dev/tcp/{addr}/{port}")])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// A component's process on its test host, killed when dropped.
+struct OnHost(std::process::Child);
+
+impl Drop for OnHost {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Separate hosts for real, wired like the compose networks: the broker (host 1), the
+/// gatekeeper (host 2), the worker (host 3) and PostgreSQL (host 4) each in a network namespace
+/// of its own. Network 1 ("broker") joins hosts 1–3, network 2 ("storage") hosts 3–4, network 3
+/// ("public") the gatekeeper and this machine, where the client is. A job runs end to end over
+/// those links; the gatekeeper's host cannot reach PostgreSQL's port, the worker's can.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gatekeeper_worker_broker_and_postgres_on_separate_hosts() {
+    use gatehouse_cli::cluster::Cluster;
+    use gatehouse_cli::hosts::Hosts;
+    use gatehouse_cli::postgres_node::PostgresNode;
+
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::TempDir::new().unwrap();
+    let base = dir.path().to_owned();
+    let (cluster, pg) = tokio::task::spawn_blocking(move || {
+        let hosts =
+            Hosts::wired(4, &[&[1, 2, 3], &[3, 4], &[2]]).expect("test hosts (needs root and iproute2)");
+        let pg = PostgresNode::at(&base.join("postgres"), &hosts.addr(4), 5432, Some(&hosts.namespace(4)));
+        let _ = pg.destroy();
+        pg.ensure(Some("10.77.2.0/24")).expect("postgres on its host");
+        let cluster = Cluster::single_on(&base.join("broker"), hosts).expect("broker on its host");
+        (cluster, pg)
+    })
+    .await
+    .unwrap();
+    let hosts = cluster.hosts().unwrap();
+    let (broker, gatekeeper, postgres) = (hosts.addr(1), hosts.addr_on(3, 2), hosts.addr(4));
+    assert_eq!((broker.as_str(), postgres.as_str()), ("10.77.1.11", "10.77.2.14"));
+
+    let certs = dir.path().join("certs");
+    gatehouse_cli::certs::write_dev_for(&certs, &[gatekeeper.parse().unwrap()]).unwrap();
+    let password = certs.join("postgres.password");
+    std::fs::write(&password, pg.password().unwrap()).unwrap();
+    let cert = |name: &str| certs.join(name).display().to_string();
+    let root = gatehouse_e2e::repo_root();
+    let broker_url = format!("amqp://guest:guest@{broker}:5672/%2f");
+    let spawn = |host: usize, binary: &str, config: &str, env: Vec<(String, String)>, log: &str| {
+        let log = std::fs::File::create(dir.path().join(log)).unwrap();
+        let mut cmd = hosts.command(host, std::path::Path::new(binary));
+        cmd.arg(root.join(config)).current_dir(&root).envs(env).env("RUST_LOG", "info,lapin=warn");
+        cmd.stdin(std::process::Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
+        OnHost(cmd.spawn().unwrap())
+    };
+    let e = |k: &str, v: String| (k.to_owned(), v);
+    let _worker = spawn(
+        3,
+        env!("CARGO_BIN_EXE_e2e-worker"),
+        "config/worker.toml",
+        vec![
+            e("WORKER__BROKER__URL", broker_url.clone()),
+            e("WORKER__BROKER__PREFIX", "hosts.".into()),
+            e("WORKER__STORAGE__URL", pg.url("postgres")),
+            e("WORKER__STORAGE__PASSWORD_FILE", password.display().to_string()),
+            e("WORKER__KEYS__SEALING_KEY", cert("worker-sealing.key")),
+            e("WORKER__KEYS__GATEKEEPER_SIGNING_KEYS", cert("gatekeeper-signing.pub")),
+            e("WORKER__KEYS__OPERATOR_KEYS", cert("operator-signing.pub")),
+            e("WORKER__KEYS__DATA_KEYRING", cert("worker-data.keys")),
+            e("WORKER__ADMIN__LISTEN", "127.0.0.1:0".into()),
+        ],
+        "worker.log",
+    );
+    let _gatekeeper = spawn(
+        2,
+        env!("CARGO_BIN_EXE_e2e-gatekeeper"),
+        "config/gatekeeper.toml",
+        vec![
+            e("GATEKEEPER__SERVER__LISTEN", format!("{gatekeeper}:8443")),
+            e("GATEKEEPER__BROKER__URL", broker_url),
+            e("GATEKEEPER__BROKER__PREFIX", "hosts.".into()),
+            e("GATEKEEPER__TLS__CERT", cert("server.pem")),
+            e("GATEKEEPER__TLS__KEY", cert("server.key")),
+            e("GATEKEEPER__TLS__CLIENT_CA", cert("ca.pem")),
+            e("GATEKEEPER__IDS__SECRET_FILE", cert("gatekeeper-ids.secret")),
+            e("GATEKEEPER__KEYS__SIGNING_KEY", cert("gatekeeper-signing.key")),
+            e("GATEKEEPER__KEYS__WORKER_SEALING_KEY", cert("worker-sealing.pub")),
+            e("GATEKEEPER__ADMIN__LISTEN", "127.0.0.1:0".into()),
+        ],
+        "gatekeeper.log",
+    );
+
+    // The client, on this machine (the public network), through mutual TLS.
+    let identity =
+        gatehouse_client::Identity { cert: certs.join("client.pem"), key: certs.join("client.key") };
+    let client = gatehouse_client::Client::new(
+        &format!("https://{gatekeeper}:8443"),
+        &certs.join("ca.pem"),
+        Some(identity),
+    )
+    .unwrap();
+    let logs = || {
+        let read = |f: &str| std::fs::read_to_string(dir.path().join(f)).unwrap_or_default();
+        format!("worker:\n{}\ngatekeeper:\n{}", read("worker.log"), read("gatekeeper.log"))
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut conn = loop {
+        if let Ok(mut c) = client.connect().await
+            && c.request(gatehouse_client::Method::GET, "/readyz", &[], Vec::new())
+                .await
+                .is_ok_and(|r| r.status == 200)
+        {
+            break c;
+        }
+        assert!(Instant::now() < deadline, "the gatekeeper did not become ready\n{}", logs());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let job = json!({"kind": "ledger.apply", "payload": {"account": "hosts-1", "amount": 42},
+                     "sequence": {"key": "hosts-1", "number": 1}});
+    let res = conn.submit(&job, Some(10)).await.unwrap();
+    assert_eq!(res.status, 200, "{}\n{}", res.text(), logs());
+    let body = res.json();
+    assert_eq!(
+        (body["status"].as_str(), &body["result"]["balance"]),
+        (Some("succeeded"), &json!(42)),
+        "{body}"
+    );
+
+    // It was recorded in PostgreSQL on host 4 (read from this machine, on the storage network).
+    let id = body["id"].as_str().unwrap().to_owned();
+    let db = gatehouse_e2e::admin_connection(&pg.url("postgres"), &pg.password().unwrap()).await;
+    let state: String = db.query_one("SELECT state FROM jobs WHERE id = $1", &[&id]).await.unwrap().get(0);
+    assert_eq!(state, "succeeded");
+
+    // The wiring: the gatekeeper's host reaches the broker and nothing else; the worker's
+    // reaches the broker and PostgreSQL.
+    let (g, w) = (hosts.namespace(2), hosts.namespace(3));
+    let reach = tokio::task::spawn_blocking(move || {
+        [
+            connects_from(&g, "10.77.1.11", 5672),
+            connects_from(&g, "10.77.2.14", 5432),
+            connects_from(&w, "10.77.1.11", 5672),
+            connects_from(&w, "10.77.2.14", 5432),
+        ]
+    })
+    .await
+    .unwrap();
+    report(&format!(
+        "HOSTS broker 10.77.1.11, gatekeeper 10.77.1.12 + 10.77.3.12 (public), worker 10.77.1.13 + 10.77.2.13, \
+         postgres 10.77.2.14: job {id} succeeded end to end; gatekeeper->broker={} gatekeeper->postgres={} \
+         worker->broker={} worker->postgres={}",
+        reach[0], reach[1], reach[2], reach[3]
+    ));
+    assert_eq!(
+        reach,
+        [true, false, true, true],
+        "gatekeeper->broker, gatekeeper->postgres, worker->broker, worker->postgres"
+    );
+    drop(conn);
+    drop(_gatekeeper);
+    drop(_worker);
+    let _ = tokio::task::spawn_blocking(move || pg.destroy()).await;
+    drop(cluster);
+}

@@ -395,3 +395,45 @@ async fn each_held_message_is_claimed_by_one_sweep() {
         assert_eq!(again.len(), 40, "{}", db.name());
     }
 }
+
+/// TLS to PostgreSQL: with the CA that signed the server's certificate the connection is
+/// encrypted (the server says so); a certificate from another CA is refused; a url that asks
+/// for TLS without a CA to check it is a settings error.
+#[tokio::test]
+async fn tls_to_postgres_checks_the_server_certificate() {
+    let (url, password) = fresh_database().await;
+    let node = gatehouse_e2e::postgres();
+    let tls_url = url.replace("sslmode=disable", "sslmode=require");
+    let location =
+        Location::parse_with_tls(&tls_url, Some(password.clone()), 2, Some(node.tls_ca())).unwrap();
+    let store = Store::open(&location, keyring(), &[]).await.unwrap();
+    let ssl = store
+        .transact(|tx| {
+            tx.query_row("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", params![], |r| {
+                r.get::<bool>(0)
+            })
+        })
+        .await
+        .unwrap();
+    assert_eq!(ssl, Some(true), "the connection is not encrypted");
+
+    let other = TempDir::new().unwrap();
+    gatehouse_cli::certs::write_dev(other.path()).unwrap();
+    let wrong = Location::parse_with_tls(
+        &tls_url,
+        Some(password.clone()),
+        2,
+        Some(other.path().join("components-ca.pem")),
+    )
+    .unwrap();
+    let e = Store::open(&wrong, keyring(), &[])
+        .await
+        .err()
+        .expect("a server with a certificate of another CA")
+        .to_string();
+    assert!(e.contains("certificate") || e.contains("UnknownIssuer"), "{e}");
+
+    let unchecked = Location::parse(&tls_url, Some(password), 2).unwrap();
+    let e = Store::open(&unchecked, keyring(), &[]).await.err().expect("refused").to_string();
+    assert!(e.contains("set [storage] tls_ca"), "{e}");
+}

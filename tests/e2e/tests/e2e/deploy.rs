@@ -1,4 +1,5 @@
-//! `docker-compose.yml` is valid, and the gatekeeper is on no network with storage.
+//! `docker-compose.yml` is valid, the gatekeeper is on no network with storage, PostgreSQL on
+//! the storage network only, and gatekeepers and workers run two each.
 
 use std::process::Command;
 
@@ -35,6 +36,13 @@ fn networks_of(config: &str, service: &str) -> Vec<String> {
     found
 }
 
+/// The lines of `service`'s block in `docker-compose config` output.
+fn block_of<'a>(config: &'a str, service: &str) -> Vec<&'a str> {
+    let mut lines = config.lines().skip_while(|l| l.trim_end() != format!("  {service}:"));
+    lines.next();
+    lines.take_while(|l| l.starts_with("    ") || l.trim().is_empty()).collect()
+}
+
 #[test]
 fn compose_file_is_valid_and_keeps_the_gatekeeper_off_storage() {
     let file = repo_root().join("docker-compose.yml");
@@ -52,4 +60,12 @@ fn compose_file_is_valid_and_keeps_the_gatekeeper_off_storage() {
     assert!(gatekeeper.contains(&"broker".to_owned()), "gatekeeper networks: {gatekeeper:?}");
     assert!(!gatekeeper.contains(&"storage".to_owned()), "gatekeeper is on the storage network");
     assert!(worker.contains(&"storage".to_owned()) && worker.contains(&"broker".to_owned()), "{worker:?}");
+    assert_eq!(networks_of(&config, "postgres"), ["storage"], "postgres is on another network too");
+    for service in ["gatekeeper", "worker"] {
+        let block = block_of(&config, service);
+        assert!(block.iter().any(|l| l.trim() == "replicas: 2"), "{service} does not run twice: {block:?}");
+    }
+    let worker = block_of(&config, "worker").join("\n");
+    assert!(worker.contains("WORKER__STORAGE__URL: postgres://"), "{worker}");
+    assert!(worker.contains("WORKER__STORAGE__TLS_CA"), "the workers reach PostgreSQL without TLS: {worker}");
 }
