@@ -271,6 +271,42 @@ impl PostgresNode {
         self.run("pg_ctl", &args)
     }
 
+    /// Creates database `name` unless it exists.
+    ///
+    /// # Errors
+    /// When `psql` fails.
+    pub fn create_database(&self, name: &str) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'),
+            "bad database name {name}"
+        );
+        let psql = |sql: &str| -> anyhow::Result<String> {
+            let out = self
+                .command("psql")?
+                .args([
+                    "-h",
+                    &self.listen,
+                    "-p",
+                    &self.port.to_string(),
+                    "-U",
+                    USER,
+                    "-d",
+                    "postgres",
+                    "-tAc",
+                    sql,
+                ])
+                .env("PGPASSWORD", self.password()?)
+                .output()
+                .context("running psql")?;
+            anyhow::ensure!(out.status.success(), "psql: {}", String::from_utf8_lossy(&out.stderr).trim());
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        };
+        if psql(&format!("SELECT 1 FROM pg_database WHERE datname = '{name}'"))? != "1" {
+            psql(&format!("CREATE DATABASE {name}"))?;
+        }
+        Ok(())
+    }
+
     /// Stops the server (fast shutdown: running transactions are rolled back).
     ///
     /// # Errors

@@ -10,6 +10,7 @@
 //! | `idle` | gatekeeper memory with many idle mTLS connections | – |
 
 mod baseline;
+mod cpu;
 mod rss;
 mod scenarios;
 mod stats;
@@ -81,9 +82,22 @@ pub struct BenchArgs {
 /// Slices of the sync and async scenarios and of their references, run in turns.
 const SLICES: u32 = 5;
 
-/// Pauses a local `worker` process (SIGSTOP) unless `--no-pause`; answers its pid.
-fn pause_local_worker(args: &BenchArgs) -> Option<u32> {
-    rss::pid_of("worker").filter(|_| !args.no_pause).filter(|pid| rss::signal(*pid, "STOP"))
+/// Pauses the local `worker` processes (SIGSTOP) unless `--no-pause`; answers their pids
+/// (`None` when none was paused).
+fn pause_local_worker(args: &BenchArgs) -> Option<Vec<u32>> {
+    if args.no_pause {
+        return None;
+    }
+    let paused: Vec<u32> =
+        rss::pids_of("worker").into_iter().filter(|pid| rss::signal(*pid, "STOP")).collect();
+    (!paused.is_empty()).then_some(paused)
+}
+
+/// Resumes workers paused by [`pause_local_worker`].
+fn resume(workers: &Option<Vec<u32>>) {
+    for pid in workers.iter().flatten() {
+        rss::signal(*pid, "CONT");
+    }
 }
 
 /// Runs the scenarios; answers one report per scenario.
@@ -105,12 +119,15 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<Vec<Value>> {
                 // sides alike instead of skewing the ratio.
                 let slice = duration / SLICES;
                 let (mut ours, mut base) = (Samples::default(), Samples::default());
+                let mut used = cpu::Cpu::default();
                 for _ in 0..SLICES {
+                    let before = cpu::Cpu::now();
                     ours.then(progress("sync", slice, scenarios::sync(&client, c, slice)).await?);
+                    used.add(&cpu::Cpu::now().since(&before));
                     let reference = baseline::rpc(&args.broker, args.quorum, c, slice, args.prefetch);
                     base.then(progress("sync baseline", slice, reference).await?);
                 }
-                with_baseline(row("sync", args, &ours), &base)
+                with_cpu(with_baseline(row("sync", args, &ours), &base), &used, ours.latencies.len())
             }
             "kinds" => {
                 // Each kind against the built-in vault.put, in alternating slices.
@@ -144,9 +161,8 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<Vec<Value>> {
                 let worker = pause_local_worker(args);
                 let accepted = accept_in_turns(args, &client, &mut reference).await;
                 let resumed = Instant::now();
-                if let Some(pid) = worker {
-                    rss::signal(pid, "CONT");
-                }
+                let before = cpu::Cpu::now();
+                resume(&worker);
                 reference.close().await;
                 let (ours, base, ids) = accepted?;
                 let drained = progress(
@@ -155,7 +171,9 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<Vec<Value>> {
                     scenarios::drained(&client, &ids, 50, Duration::from_secs(600)),
                 )
                 .await?;
-                let mut r = with_baseline(row("async", args, &ours), &base);
+                // CPU of the drain: what it takes to run the queued jobs.
+                let used = cpu::Cpu::now().since(&before);
+                let mut r = with_cpu(with_baseline(row("async", args, &ours), &base), &used, ids.len());
                 // Without a pause the drain overlapped the accept phase.
                 let drain_time = drained.duration_since(resumed)
                     + if worker.is_some() { Duration::ZERO } else { ours.elapsed };
@@ -170,9 +188,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<Vec<Value>> {
                 let worker = pause_local_worker(args);
                 let queued =
                     progress("priority backlog", backlog_time, preload(&client, c, args.backlog)).await;
-                if let Some(pid) = worker {
-                    rss::signal(pid, "CONT");
-                }
+                resume(&worker);
                 let queued = queued?;
                 let probes = progress(
                     "priority probes",
@@ -283,6 +299,14 @@ fn row(scenario: &str, args: &BenchArgs, s: &Samples) -> Value {
 fn throughput(s: &Samples) -> f64 {
     let secs = s.elapsed.as_secs_f64();
     if secs > 0.0 { s.latencies.len() as f64 / secs } else { 0.0 }
+}
+
+/// `r` with the CPU per job of each process group (`used` over `jobs` jobs).
+fn with_cpu(mut r: Value, used: &cpu::Cpu, jobs: usize) -> Value {
+    if let (Value::Object(map), Value::Object(cpu)) = (&mut r, used.per_job(jobs)) {
+        map.extend(cpu);
+    }
+    r
 }
 
 fn with_baseline(mut r: Value, base: &Samples) -> Value {

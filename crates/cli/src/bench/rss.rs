@@ -2,11 +2,19 @@
 
 /// The pid of the first process named `name`.
 pub fn pid_of(name: &str) -> Option<u32> {
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-        let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
-        (comm.trim() == name).then_some(pid)
-    })
+    pids_of(name).into_iter().next()
+}
+
+/// The pids of every process named `name`.
+pub fn pids_of(name: &str) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+            (comm.trim() == name).then_some(pid)
+        })
+        .collect()
 }
 
 /// Sends `signal` (`STOP`, `CONT`) to process `pid`; whether it was delivered.

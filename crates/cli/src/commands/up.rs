@@ -28,6 +28,14 @@ pub struct UpArgs {
     /// data in .gatehouse/cluster), every queue class as replicated quorum lanes.
     #[arg(long)]
     pub cluster: bool,
+    /// Storage on PostgreSQL (the private server from Debian's `postgresql`, installed when
+    /// missing: 127.0.0.1:5439, database `gatehouse`) instead of the SQLite file.
+    #[arg(long)]
+    pub postgres: bool,
+    /// Worker processes to run (several need --postgres); the first's admin listener is the
+    /// configured one, worker N's is 127.0.0.1:(9110 + N).
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
 }
 
 /// AMQP port of the first node of `up --cluster`.
@@ -60,8 +68,13 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<()> {
         gatehouse_protocol::keys::write_dev(&args.certs)?;
         println!("wrote the missing dev keys to {}", args.certs.display());
     }
+    anyhow::ensure!(
+        args.workers >= 1 && (args.workers == 1 || args.postgres),
+        "several workers share PostgreSQL storage: add --postgres (SQLite storage is one worker's)"
+    );
+    let storage = if args.postgres { postgres_storage().await? } else { Vec::new() };
     if args.cluster {
-        return up_cluster(&bin_dir, &args.certs).await;
+        return up_cluster(&bin_dir, &args.certs, args.workers, &storage).await;
     }
     let node = {
         let (url, home) = (args.broker.clone(), PathBuf::from(".gatehouse/rabbitmq"));
@@ -70,7 +83,7 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<()> {
     if node.started_here {
         println!("started a private RabbitMQ node (data in .gatehouse/rabbitmq)");
     }
-    let ran = run_components(&bin_dir, &args.certs, &node).await;
+    let ran = run_components(&bin_dir, &args.certs, &node, args.workers, &storage).await;
     if node.started_here {
         node.stop()?;
         println!("private RabbitMQ node stopped");
@@ -80,7 +93,12 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<()> {
 
 /// `up --cluster`: three nodes, the definitions loaded into them, the catalog's classes as
 /// quorum lanes, each component given every node's URL (with its own credentials).
-async fn up_cluster(bin_dir: &Path, certs: &Path) -> anyhow::Result<()> {
+async fn up_cluster(
+    bin_dir: &Path,
+    certs: &Path,
+    workers: usize,
+    storage: &[(String, String)],
+) -> anyhow::Result<()> {
     let home = PathBuf::from(".gatehouse/cluster");
     let cluster = {
         let home = home.clone();
@@ -99,9 +117,10 @@ async fn up_cluster(bin_dir: &Path, certs: &Path) -> anyhow::Result<()> {
             env.push((format!("{prefix}__BROKER__OTHER_URLS"), urls[1..].join(",")));
             env.push((format!("{prefix}__CATALOG__PATH"), catalog.display().to_string()));
         }
-        let mut worker = spawn(bin_dir, "worker", "config/worker.toml", &env)?;
+        env.extend(storage.iter().cloned());
+        let mut workers = spawn_workers(bin_dir, workers, &env)?;
         let mut gatekeeper = spawn(bin_dir, "gatekeeper", "config/gatekeeper.toml", &env)?;
-        supervise(certs, &mut worker, &mut gatekeeper, "http://127.0.0.1:15681 (and :15682, :15683)").await
+        supervise(certs, &mut workers, &mut gatekeeper, "http://127.0.0.1:15681 (and :15682, :15683)").await
     }
     .await;
     tokio::task::spawn_blocking(move || cluster.stop()).await?;
@@ -127,19 +146,55 @@ fn node_urls(config: &str, prefix: &str) -> anyhow::Result<Vec<String>> {
         .collect())
 }
 
-/// Loads the definitions, runs worker and gatekeeper until Ctrl-C or until one exits.
-async fn run_components(bin_dir: &Path, certs: &Path, node: &broker_node::BrokerNode) -> anyhow::Result<()> {
+/// The private PostgreSQL server, started (and installed) if needed, with database
+/// `gatehouse`: the workers' storage settings for it.
+async fn postgres_storage() -> anyhow::Result<Vec<(String, String)>> {
+    let node = crate::postgres_node::PostgresNode::local(Path::new(".gatehouse/postgres"));
+    let node = tokio::task::spawn_blocking(move || {
+        node.ensure(None)?;
+        node.create_database("gatehouse")?;
+        Ok::<_, anyhow::Error>(node)
+    })
+    .await??;
+    println!("PostgreSQL storage: {} (the private server)", node.url("gatehouse"));
+    Ok(vec![
+        ("WORKER__STORAGE__URL".into(), node.url("gatehouse")),
+        ("WORKER__STORAGE__PASSWORD_FILE".into(), node.password_file().display().to_string()),
+    ])
+}
+
+/// Loads the definitions, runs the workers and the gatekeeper until Ctrl-C or until one exits.
+async fn run_components(
+    bin_dir: &Path,
+    certs: &Path,
+    node: &broker_node::BrokerNode,
+    workers: usize,
+    storage: &[(String, String)],
+) -> anyhow::Result<()> {
     import_definitions(node).await?;
-    let mut worker = spawn(bin_dir, "worker", "config/worker.toml", &[])?;
+    let mut workers = spawn_workers(bin_dir, workers, storage)?;
     let mut gatekeeper = spawn(bin_dir, "gatekeeper", "config/gatekeeper.toml", &[])?;
-    supervise(certs, &mut worker, &mut gatekeeper, broker_node::MANAGEMENT_URL).await
+    supervise(certs, &mut workers, &mut gatekeeper, broker_node::MANAGEMENT_URL).await
+}
+
+/// `count` worker processes with `env`; worker N > 1 with its own admin port.
+fn spawn_workers(bin_dir: &Path, count: usize, env: &[(String, String)]) -> anyhow::Result<Vec<Child>> {
+    (1..=count)
+        .map(|n| {
+            let mut env = env.to_vec();
+            if n > 1 {
+                env.push(("WORKER__ADMIN__LISTEN".into(), format!("127.0.0.1:{}", 9110 + n)));
+            }
+            spawn(bin_dir, "worker", "config/worker.toml", &env)
+        })
+        .collect()
 }
 
 /// Waits until the gatekeeper is healthy, then until Ctrl-C or until a component exits;
-/// stops both.
+/// stops them all.
 async fn supervise(
     certs: &Path,
-    worker: &mut Child,
+    workers: &mut [Child],
     gatekeeper: &mut Child,
     management: &str,
 ) -> anyhow::Result<()> {
@@ -151,15 +206,18 @@ async fn supervise(
     }
 
     if healthy.is_ok() {
+        let any_worker = futures_util::future::select_all(workers.iter_mut().map(|w| Box::pin(w.wait())));
         tokio::select! {
             () = gatehouse_broker::shutdown::signal() => println!("\nstopping..."),
-            s = worker.wait() => eprintln!("worker exited ({s:?}); stopping"),
+            (s, _, _) = any_worker => eprintln!("a worker exited ({s:?}); stopping"),
             s = gatekeeper.wait() => eprintln!("gatekeeper exited ({s:?}); stopping"),
         }
     }
-    // Gatekeeper first (stop accepting), then the worker (finish in-flight jobs).
+    // Gatekeeper first (stop accepting), then the workers (finish in-flight jobs).
     terminate(gatekeeper).await;
-    terminate(worker).await;
+    for worker in workers.iter_mut() {
+        terminate(worker).await;
+    }
     healthy
 }
 
