@@ -4,8 +4,9 @@
 //! `gatehouse rekey` re-encrypts them too. The job machinery here knows none of them.
 //!
 //! Each family's migrations run once each, in order, when the store opens (on either backend:
-//! write them in the SQL SQLite and PostgreSQL share — `TEXT`, `INTEGER`/`BIGINT`, no `BLOB`); `families` records how far each family got. Its sealed columns are
-//! recorded in `sealed_columns`, where any tool that opens the database finds them.
+//! write them in the SQL SQLite and PostgreSQL share: `TEXT`, `INTEGER` (64 bits on both: it is
+//! `BIGINT` on PostgreSQL), no `BLOB`); `families` records how far each family got. Its sealed
+//! columns are recorded in `sealed_columns`, where any tool that opens the database finds them.
 
 use crate::sql::params;
 use crate::{StorageError, Tx};
@@ -60,7 +61,8 @@ pub(crate) fn migrate(tx: &Tx<'_>, families: &[Family]) -> Result<(), StorageErr
             )));
         }
         for (step, sql) in f.migrations.iter().enumerate().skip(done) {
-            tx.batch(sql).map_err(|e| {
+            let sql = if tx.is_postgres() { crate::sql::postgres_ddl(sql) } else { (*sql).to_owned() };
+            tx.batch(&sql).map_err(|e| {
                 StorageError::Corrupt(format!("migration {} of family {}: {e}", step + 1, f.name))
             })?;
             tx.exec(

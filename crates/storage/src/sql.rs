@@ -191,6 +191,32 @@ pub(crate) fn numbered_dollars(sql: &str) -> String {
     out
 }
 
+/// A family's migration as PostgreSQL runs it: SQLite's `INTEGER` is 64 bits, PostgreSQL's
+/// 32, so the type is written `BIGINT` there (whole words outside quoted text; the rest as
+/// written).
+pub(crate) fn postgres_ddl(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len());
+    let mut quoted = false;
+    let mut word = String::new();
+    let flush = |word: &mut String, out: &mut String| {
+        out.push_str(if word.eq_ignore_ascii_case("INTEGER") { "BIGINT" } else { word });
+        word.clear();
+    };
+    for c in sql.chars() {
+        if !quoted && (c.is_ascii_alphanumeric() || c == '_') {
+            word.push(c);
+            continue;
+        }
+        flush(&mut word, &mut out);
+        if c == '\'' {
+            quoted = !quoted;
+        }
+        out.push(c);
+    }
+    flush(&mut word, &mut out);
+    out
+}
+
 // ---- SQLite --------------------------------------------------------------------------------
 
 impl rusqlite::ToSql for SqlValue {
@@ -235,6 +261,14 @@ mod tests {
         assert_eq!(
             numbered_dollars("SELECT a FROM t WHERE b = ?1 AND c = '?2' AND d = ?12"),
             "SELECT a FROM t WHERE b = $1 AND c = '?2' AND d = $12"
+        );
+    }
+
+    #[test]
+    fn families_integers_are_64_bits_on_postgres() {
+        assert_eq!(
+            postgres_ddl("CREATE TABLE t (a INTEGER NOT NULL, integers TEXT DEFAULT 'INTEGER', b integer)"),
+            "CREATE TABLE t (a BIGINT NOT NULL, integers TEXT DEFAULT 'INTEGER', b BIGINT)"
         );
     }
 

@@ -275,6 +275,37 @@ mod tests {
     use super::*;
 
     #[test]
+    fn storage_urls_and_the_older_path_setting() {
+        let storage = |url: Option<&str>, path: Option<&str>| StorageSettings {
+            url: url.map(str::to_owned),
+            path: path.map(PathBuf::from),
+            ..StorageSettings::default()
+        };
+        let sqlite = |s: StorageSettings| match s.location() {
+            Ok(gatehouse_storage::Location::Sqlite(p)) => p,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(sqlite(storage(None, None)), PathBuf::from(".gatehouse/worker.sqlite"));
+        assert_eq!(sqlite(storage(None, Some("/var/db.sqlite"))), PathBuf::from("/var/db.sqlite"));
+        assert_eq!(sqlite(storage(Some("sqlite:/x.sqlite"), None)), PathBuf::from("/x.sqlite"));
+        let both = storage(Some("sqlite:a"), Some("b")).location().unwrap_err();
+        assert!(both.contains("both url and path"), "{both}");
+        let pg = StorageSettings {
+            password: Some("s3cret".to_owned().into()),
+            ..storage(Some("postgres://gatehouse@db:5432/gatehouse"), None)
+        };
+        match pg.location().unwrap() {
+            gatehouse_storage::Location::Postgres(c) => {
+                assert_eq!(c.password.as_deref(), Some("s3cret"));
+                assert!(!format!("{c:?}").contains("s3cret"), "the password shows in {c:?}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let in_url = storage(Some("postgres://gatehouse:s3cret@db/gatehouse"), None).location().unwrap_err();
+        assert!(in_url.contains("must not be in the url") && !in_url.contains("s3cret"), "{in_url}");
+    }
+
+    #[test]
     fn shipped_settings_load() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/worker.toml");
         let s = WorkerSettings::load(&path).unwrap();

@@ -42,7 +42,7 @@ impl Storage for Location {
 
 /// The rows `sql` answers, each column as text (`None` for NULL). An SQLite file that does
 /// not exist yet has no rows. On PostgreSQL it must run on a multi-threaded test runtime.
-fn rows(db: &(impl Storage + ?Sized), sql: &str) -> Vec<Vec<Option<String>>> {
+pub fn rows(db: &(impl Storage + ?Sized), sql: &str) -> Vec<Vec<Option<String>>> {
     match db.location() {
         Location::Sqlite(path) => {
             if !path.exists() {

@@ -123,7 +123,8 @@ async fn outcomes_are_kept_sealed_and_read_back_on_both_backends() {
         store
             .transact(|tx| {
                 put_note(tx, "n1", "alice", &json!({"text": "plain-marker"}))?;
-                tx.execute("UPDATE notes SET edits = edits + 1 WHERE id = ?1", params!["n1"])
+                // INTEGER is 64 bits on both backends (a time in ms does not fit in 32).
+                tx.execute("UPDATE notes SET edits = edits + ?1 WHERE id = ?2", params![1_i64 << 40, "n1"])
             })
             .await
             .unwrap();
@@ -139,7 +140,7 @@ async fn outcomes_are_kept_sealed_and_read_back_on_both_backends() {
             .await
             .unwrap();
         assert_eq!(body, Some(json!({"text": "plain-marker"})), "{}", db.name());
-        assert_eq!(edits, 1, "{}", db.name());
+        assert_eq!(edits, 1 << 40, "{}", db.name());
         // Bound to its owner: read as another's, it does not open.
         let moved = store
             .transact(|tx| {

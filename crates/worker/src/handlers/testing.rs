@@ -70,12 +70,17 @@ pub fn register(r: &mut Registry) {
     );
     r.insert(
         "test.singleton",
-        // Sleeps like test.sleep, and says how many jobs of its kind ran at once with it.
+        // Sleeps like test.sleep, and says how many jobs of its kind ran at once with it (in
+        // this process) and when it ran (unix ms; across processes).
         external(|job: JobContext, p: Sleep| async move {
+            let started = gatehouse_storage::now_ms();
             let at_start = SINGLETONS_RUNNING.fetch_add(1, Ordering::SeqCst) + 1;
             tokio::time::sleep(Duration::from_millis(p.ms)).await;
             let at_end = SINGLETONS_RUNNING.fetch_sub(1, Ordering::SeqCst);
-            Outcome::Success(json!({ "running_at_once": at_start.max(at_end), "attempt": job.attempt }))
+            Outcome::Success(json!({
+                "running_at_once": at_start.max(at_end), "attempt": job.attempt,
+                "started_at_ms": started, "ended_at_ms": gatehouse_storage::now_ms(),
+            }))
         }),
     );
     r.insert(

@@ -20,6 +20,7 @@ mod fuzz;
 mod isolation;
 mod lanes;
 mod metrics;
+mod postgres;
 mod progress;
 mod retention;
 mod schedules;

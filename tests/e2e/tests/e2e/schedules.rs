@@ -39,11 +39,21 @@ fn fired_lines(sys: &TestSystem) -> HashMap<String, usize> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_workers_fire_each_firing_once_and_never_overlap() {
+    fire_each_firing_once(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_workers_on_postgres_fire_each_firing_once_and_never_overlap() {
+    fire_each_firing_once(true).await;
+}
+
+async fn fire_each_firing_once(postgres: bool) {
     let sys = TestSystem::start_with(Options {
         worker_binary: Some(env!("CARGO_BIN_EXE_e2e-worker")),
         workers: 3,
         testing: true,
         schedules: Some(SCHEDULES),
+        postgres,
         ..Options::default()
     })
     .await;
@@ -57,14 +67,14 @@ async fn three_workers_fire_each_firing_once_and_never_overlap() {
     for w in sys.worker_processes() {
         w.terminate();
     }
-    let db = rusqlite::Connection::open(sys.database()).unwrap();
+    let db = sys.storage();
+    let int = |v: &Option<String>| v.as_deref().unwrap().parse::<i64>().unwrap();
     let state = |name: &str| -> (i64, i64, i64) {
-        db.query_row("SELECT fired, skipped, missed FROM schedules WHERE name = ?1", [name], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-        })
-        .unwrap()
+        let rows =
+            oracle::rows(&db, &format!("SELECT fired, skipped, missed FROM schedules WHERE name = '{name}'"));
+        (int(&rows[0][0]), int(&rows[0][1]), int(&rows[0][2]))
     };
-    let jobs = oracle::jobs(&sys.database(), &sys.keyring());
+    let jobs = oracle::jobs(&db, &sys.keyring());
     let fired = fired_lines(&sys);
 
     // Every second, overlap allowed: one job per firing, made by exactly one of the workers.
@@ -85,11 +95,8 @@ async fn three_workers_fire_each_firing_once_and_never_overlap() {
     }
     assert_eq!(per_second as i64, n, "fired lines and the schedule's count differ");
     // Ids derive from the firing time: consecutive seconds.
-    let first = db
-        .query_row("SELECT min(updated_at_ms) FROM jobs WHERE kind = 'test.sleep'", [], |r| {
-            r.get::<_, i64>(0)
-        })
-        .unwrap();
+    let first =
+        int(&oracle::rows(&db, "SELECT min(updated_at_ms) FROM jobs WHERE kind = 'test.sleep'")[0][0]);
     let second = (first / 1000 - 2) * 1000;
     let consecutive =
         (0..60).filter(|i| jobs.contains_key(firing_id("every-second", second + i * 1000).as_str())).count();
@@ -125,8 +132,9 @@ async fn three_workers_fire_each_firing_once_and_never_overlap() {
         "{slow_listed}"
     );
     report(&format!(
-        "schedules, 3 workers, 30 s: every-second fired {n} (skipped 0, duplicates 0); \
+        "schedules, 3 workers on {}, 30 s: every-second fired {n} (skipped 0, duplicates 0); \
          every-second-slow (2.5 s runs) fired {slow}, skipped {slow_skipped}, overlaps 0; {} firings in all",
+        if postgres { "postgres" } else { "sqlite" },
         firings.len()
     ));
     sys.stop().await;
