@@ -68,12 +68,26 @@ pub fn postgres() -> &'static gatehouse_cli::postgres_node::PostgresNode {
     })
 }
 
-/// A new, empty database on [`postgres`]: its url (no password in it) and the password.
+/// A new, empty database on [`postgres`]: its url (no password in it) and the password. The
+/// first call of a test binary drops the databases earlier runs left (`t…`, none in use).
 pub async fn fresh_database() -> (String, String) {
+    static SWEPT: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
     let node = tokio::task::spawn_blocking(postgres).await.expect("postgres");
     let password = node.password().expect("postgres password");
-    let name = format!("t{}", random_hex(6));
     let admin = admin_connection(&node.url("postgres"), &password).await;
+    SWEPT
+        .get_or_init(|| async {
+            let old = admin
+                .query("SELECT datname FROM pg_database WHERE datname ~ '^t[0-9a-f]{12}$'", &[])
+                .await
+                .expect("list databases");
+            for row in old {
+                let name: String = row.get(0);
+                let _ = admin.batch_execute(&format!("DROP DATABASE {name}")).await;
+            }
+        })
+        .await;
+    let name = format!("t{}", random_hex(6));
     admin.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create database");
     (node.url(&name), password)
 }
@@ -724,6 +738,13 @@ impl TestSystem {
         if self.owns_topology {
             delete_topology(&self.prefix, &self.worker_settings.catalog.path).await;
         }
+    }
+}
+
+/// A test that fails (panics) before [`TestSystem::stop`] leaves no worker process behind.
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 
