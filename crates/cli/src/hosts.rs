@@ -158,8 +158,18 @@ impl Hosts {
 
     fn remove(&self) {
         for i in 1..=self.count {
+            // What still runs on the host (RabbitMQ's epmd daemon, say) would keep its namespace,
+            // and so its links, alive after the name is gone.
+            if let Ok(out) = Command::new("ip").args(["netns", "pids", &self.namespace(i)]).output() {
+                for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    let _ = Command::new("kill").args(["-KILL", pid]).output();
+                }
+            }
             let _ = Command::new("ip").args(["netns", "del", &self.namespace(i)]).output();
             let _ = Command::new("ip").args(["link", "del", &format!("ghv{i}")]).output();
+            for n in 1..=self.networks.len() {
+                let _ = Command::new("ip").args(["link", "del", &format!("ghv{n}x{i}")]).output();
+            }
             let _ = fs::remove_dir_all(PathBuf::from("/etc/netns").join(self.namespace(i)));
         }
         let _ = Command::new("ip").args(["link", "del", BRIDGE]).output();

@@ -231,7 +231,6 @@ impl PgStore {
                 let mut tx = Tx::postgres(Session { client: &client, rt: &rt }, &keyring);
                 let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut tx)))
                     .unwrap_or_else(|p| Err(StorageError::Panicked(panic_message(&*p)).into()));
-                drop(tx);
                 let ended = session.batch(if outcome.is_ok() { "COMMIT" } else { "ROLLBACK" });
                 (outcome, ended)
             };

@@ -577,7 +577,7 @@ impl<'c> Tx<'c> {
     }
 
     pub fn attempts(&self, id: &JobId) -> Result<Option<Attempts>, StorageError> {
-        Ok(self.one(
+        self.one(
             "SELECT client, count, last_error, running FROM attempts WHERE job_id = ?1",
             params![id.as_str()],
             |r| {
@@ -588,7 +588,7 @@ impl<'c> Tx<'c> {
                     running: r.get::<i64>(3)? != 0,
                 })
             },
-        )?)
+        )
     }
 
     // ---- sequences -------------------------------------------------------------------------
@@ -880,11 +880,11 @@ impl<'c> Tx<'c> {
 
     /// What storage knows of schedule `name`.
     pub fn schedule_state(&self, name: &str) -> Result<Option<ScheduleState>, StorageError> {
-        Ok(self.one(
+        self.one(
             &format!("SELECT {SCHEDULE_COLUMNS} FROM schedules WHERE name = ?1"),
             params![name],
             schedule_row,
-        )?)
+        )
     }
 
     /// Every schedule storage knows, by name.

@@ -311,7 +311,7 @@ async fn bad_storage_urls_are_clear_errors() {
     // A wrong password: refused, and the error does not carry it.
     let (url, _) = fresh_database().await;
     let location = Location::parse(&url, Some("not-the-password".into()), 2).unwrap();
-    let e = Store::open(&location, keyring(), &[]).await.err().expect("refused").to_string();
+    let e = Store::open(&location, keyring(), &[]).await.expect_err("refused").to_string();
     assert!(e.contains("password authentication failed") && !e.contains("not-the-password"), "{e}");
     let _ = Arc::new(());
 }
@@ -429,12 +429,11 @@ async fn tls_to_postgres_checks_the_server_certificate() {
     .unwrap();
     let e = Store::open(&wrong, keyring(), &[])
         .await
-        .err()
-        .expect("a server with a certificate of another CA")
+        .expect_err("a server with a certificate of another CA")
         .to_string();
     assert!(e.contains("certificate") || e.contains("UnknownIssuer"), "{e}");
 
     let unchecked = Location::parse(&tls_url, Some(password), 2).unwrap();
-    let e = Store::open(&unchecked, keyring(), &[]).await.err().expect("refused").to_string();
+    let e = Store::open(&unchecked, keyring(), &[]).await.expect_err("refused").to_string();
     assert!(e.contains("set [storage] tls_ca"), "{e}");
 }
