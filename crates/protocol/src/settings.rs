@@ -1,5 +1,5 @@
 //! Loading component settings: the shipped TOML file, then environment overrides
-//! (`GATEKEEPER__BROKER__URL`, `WORKER__STORAGE__PATH`, ...).
+//! (`GATEKEEPER__BROKER__URL`, `WORKER__STORAGE__URL`, ...).
 
 use std::fmt;
 use std::path::Path;

@@ -48,7 +48,10 @@ fn a_catalog_that_does_not_match_the_handlers_is_refused_with_exit_64() {
     let out = Command::new(env!("CARGO_BIN_EXE_custom-worker"))
         .current_dir(&root)
         .arg("config/worker.toml")
-        .env("WORKER__STORAGE__PATH", std::env::temp_dir().join("gatehouse-custom-worker-64.sqlite"))
+        .env(
+            "WORKER__STORAGE__URL",
+            format!("sqlite:{}", std::env::temp_dir().join("gatehouse-custom-worker-64.sqlite").display()),
+        )
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -134,7 +134,7 @@ fn a_missing_program_or_an_unknown_mode_refuses_to_start_with_exit_64() {
             .current_dir(repo_root())
             .arg("config/worker.toml")
             .env("WORKER__CATALOG__PATH", &catalog)
-            .env("WORKER__STORAGE__PATH", dir.path().join("db.sqlite"))
+            .env("WORKER__STORAGE__URL", format!("sqlite:{}", dir.path().join("db.sqlite").display()))
             .output()
             .unwrap();
         let _ = std::fs::remove_file(&catalog);
