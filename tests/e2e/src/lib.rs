@@ -871,6 +871,28 @@ async fn delete_topology(prefix: &str, catalog: &Path) {
     let _ = conn.close(200, "done".into()).await;
 }
 
+/// Submits `job` `n` times at once, each on a connection of its own; the job ids (each
+/// accepted with 202).
+pub async fn submit_at_once(sys: &TestSystem, job: &Value, n: usize) -> Vec<String> {
+    let client = sys.client();
+    let submits: Vec<_> = (0..n)
+        .map(|_| {
+            let (client, job) = (client.clone(), job.clone());
+            tokio::spawn(async move {
+                let mut conn = client.connect().await.expect("connect");
+                let r = conn.submit(&job, None).await.expect("submit");
+                assert_eq!(r.status, 202, "{}", r.text());
+                r.json()["id"].as_str().expect("an id").to_owned()
+            })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for s in submits {
+        ids.push(s.await.expect("submit task"));
+    }
+    ids
+}
+
 /// Polls `GET /v1/jobs/{id}` until the status is final or `timeout` passes; the last answer.
 pub async fn wait_final(conn: &mut Connection, id: &str, timeout: Duration) -> Value {
     let deadline = Instant::now() + timeout;

@@ -1,6 +1,6 @@
 //! Scale-out on PostgreSQL: several worker processes and gatekeepers on one database, under
 //! faults — kill -9 of random workers, poison jobs that crash whichever worker runs them, a
-//! restart of the database server. Each scenario compares the database with its model and
+//! restart of the database server — and the lifecycle across workers (schedules, singletons). Each scenario compares the database with its model and
 //! reports one line like the fault suite's. Sizes: GATEHOUSE_FAULT_N, GATEHOUSE_FAULT_KILLS.
 //!
 //! The scenarios restart the tests' PostgreSQL server, so they run one at a time.
@@ -18,6 +18,9 @@ static SERIAL: Mutex<()> = Mutex::const_new(());
 #[path = "shared/ledger_model.rs"]
 mod ledger_model;
 use ledger_model::*;
+
+#[path = "shared/schedules_scenario.rs"]
+mod schedules_scenario;
 
 fn starts(sys: &TestSystem) -> Vec<u32> {
     sys.worker_processes().iter().map(|w| w.starts.load(std::sync::atomic::Ordering::SeqCst)).collect()
@@ -377,4 +380,44 @@ async fn gatekeeper_worker_broker_and_postgres_on_separate_hosts() {
     drop(_worker);
     let _ = tokio::task::spawn_blocking(move || pg.destroy()).await;
     drop(cluster);
+}
+
+/// Across three worker processes sharing PostgreSQL, a singleton kind still runs one job at a
+/// time: the turns are in storage, and no two runs' intervals overlap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_singleton_kind_runs_one_at_a_time_across_three_workers_on_postgres() {
+    let _serial = SERIAL.lock().await;
+    let sys = TestSystem::start_with(Options {
+        worker_binary: Some(env!("CARGO_BIN_EXE_e2e-worker")),
+        workers: 3,
+        testing: true,
+        postgres: true,
+        prefetch: Some(8),
+        ..Options::default()
+    })
+    .await;
+    let ids =
+        gatehouse_e2e::submit_at_once(&sys, &json!({"kind": "test.singleton", "payload": {"ms": 40}}), 30)
+            .await;
+    let mut runs = Vec::new();
+    for id in ids {
+        let s = wait_final(&mut sys.connect().await, &id, Duration::from_secs(60)).await;
+        assert_eq!(s["status"], "succeeded", "{s}");
+        assert_eq!(s["result"]["attempt"], 1, "waiting used up an attempt: {s}");
+        runs.push((
+            s["result"]["started_at_ms"].as_u64().unwrap(),
+            s["result"]["ended_at_ms"].as_u64().unwrap(),
+        ));
+    }
+    runs.sort_unstable();
+    for pair in runs.windows(2) {
+        assert!(pair[1].0 >= pair[0].1, "two runs overlapped: {pair:?}");
+    }
+    sys.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_workers_on_postgres_fire_each_schedule_firing_once_and_never_overlap() {
+    let _serial = SERIAL.lock().await;
+    schedules_scenario::fire_each_firing_once(true).await;
 }
