@@ -155,6 +155,9 @@ impl Cluster {
 
     fn env(&self, i: usize, cmd: &mut Command) {
         let h = self.home(i);
+        // Erlang writes crash dumps (MnesiaCore.*) and stray Mnesia folders into its working
+        // folder: keep them under the node's home, never in the checkout.
+        cmd.current_dir(&h);
         cmd.env("HOME", &h)
             .env("RABBITMQ_NODENAME", self.name(i))
             .env("RABBITMQ_NODE_PORT", self.amqp_port(i).to_string())

@@ -159,15 +159,34 @@ pub struct ExecSpec {
     /// Off by default: stderr may hold sensitive data.
     #[serde(default)]
     pub log_stderr: bool,
+    /// Most bytes the child may write to stderr in one attempt; past it the attempt fails
+    /// (`stderr over N bytes`) and the child is killed: the worker never holds more than one
+    /// line of it.
+    #[serde(default = "default_max_stderr_bytes")]
+    pub max_stderr_bytes: u64,
     /// Resource limits of the child.
     #[serde(default)]
     pub limits: ExecLimits,
-    /// Run the child as this user (the worker must be able to switch to it).
+    /// Paths (files or folders) the child may read besides the system's `/usr` and the files
+    /// named in `command`: everything else of the host is invisible to it (see the worker's
+    /// `[sandbox]`). Relative paths resolve from the catalog file's folder.
     #[serde(default)]
-    pub user: Option<String>,
-    /// Stream mode: how many long-lived children run at once.
+    pub read_only: Vec<std::path::PathBuf>,
+    /// Stream mode: how many long-lived children run at once, across all clients (each
+    /// client's jobs go to children of its own).
     #[serde(default = "default_processes")]
     pub processes: usize,
+    /// Stream mode: an idle child is stopped after this long.
+    #[serde(default = "default_idle_s")]
+    pub idle_s: u64,
+}
+
+fn default_max_stderr_bytes() -> u64 {
+    1024 * 1024
+}
+
+fn default_idle_s() -> u64 {
+    60
 }
 
 fn default_processes() -> usize {
@@ -197,11 +216,14 @@ pub struct ExecLimits {
     pub open_files: u64,
     /// Processes of the child's user.
     pub processes: u64,
+    /// What the child may write to its working folder and `/tmp` together, MiB (a memory
+    /// file system of this size: writes past it fail with "no space left").
+    pub disk_mb: u64,
 }
 
 impl Default for ExecLimits {
     fn default() -> Self {
-        Self { cpu_s: 60, address_space_mb: 2048, open_files: 256, processes: 256 }
+        Self { cpu_s: 60, address_space_mb: 2048, open_files: 256, processes: 256, disk_mb: 64 }
     }
 }
 
@@ -289,6 +311,9 @@ impl Catalog {
                     if part.contains('/') && Path::new(part.as_str()).is_relative() {
                         *part = base.join(&*part).to_string_lossy().into_owned();
                     }
+                }
+                for path in &mut exec.read_only {
+                    *path = base.join(&*path);
                 }
             }
             let name = kind.name.clone();

@@ -222,6 +222,11 @@ impl Job<'_> {
         } else {
             _shared = self.ctx.isolation.read().await;
         }
+        // Capacity first (a stream kind's process slot): waiting for it is not the attempt's.
+        let reservation = match self.ctx.kinds.registry.get(&self.env.kind) {
+            Some(Handler::External(h)) => h.reserve(&self.env.client).await,
+            _ => None,
+        };
         let begun = {
             let (spec, env, target) = (self.spec.clone(), self.env.clone(), self.target.clone());
             self.ctx.store.transact(move |tx| apply::begin(tx, &spec, &env, &target)).await
@@ -238,7 +243,7 @@ impl Job<'_> {
         let attempt = started.attempt;
         let began = std::time::Instant::now();
         let ran = {
-            let running = run(ctx, spec, env, &self.target, started);
+            let running = run(ctx, spec, env, &self.target, started, reservation);
             tokio::pin!(running);
             // A long job's delivery is acked after a while, its message held in storage
             // instead (see [`crate::leases`]).
@@ -332,6 +337,7 @@ async fn run(
     env: &JobEnvelope,
     target: &ReplyTarget,
     started: apply::Started,
+    reservation: Option<handlers::Reservation>,
 ) -> Result<Vec<Answer>, String> {
     // The worker's own schema check first: an invalid payload is never run.
     let checked = handlers::revalidate(&ctx.kinds.schemas, env);
@@ -354,6 +360,7 @@ async fn run(
         progress: ctx.progress.clone(),
         store: ctx.store.clone(),
         checkpoint: started.checkpoint,
+        reservation,
     };
     let job = handlers::external_context(env, attempt);
     // Its own task: a panic is caught there, and at the deadline (or a grace period after a

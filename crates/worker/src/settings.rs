@@ -22,6 +22,38 @@ pub struct WorkerSettings {
     pub retention: RetentionSettings,
     #[serde(default)]
     pub schedules: ScheduleSettings,
+    #[serde(default)]
+    pub sandbox: SandboxSettings,
+}
+
+/// `[sandbox]`: how executable kinds are confined (see `crate::handlers::exec::sandbox`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SandboxSettings {
+    /// `bubblewrap` (namespaces, the default) or `none` (development only: the child then
+    /// runs as the worker's own user and can read whatever the worker can; refused unless
+    /// `[testing] enabled`).
+    pub mode: SandboxMode,
+    /// With a worker running as root: each client's jobs run under a uid of their own, from
+    /// this one up (one per client, in the order clients first run a job).
+    pub uid_base: u32,
+    /// How many such uids there are (more clients than this share them round-robin, each job
+    /// still in namespaces of its own).
+    pub uids: u32,
+}
+
+impl Default for SandboxSettings {
+    fn default() -> Self {
+        Self { mode: SandboxMode::Bubblewrap, uid_base: 200_000, uids: 50_000 }
+    }
+}
+
+/// How executable kinds are confined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SandboxMode {
+    Bubblewrap,
+    None,
 }
 
 /// `[schedules]`: the file of cron schedules this worker fires (see `crate::schedules`).

@@ -27,6 +27,8 @@ use crate::acks::Acks;
 use crate::consumer::{self, Context};
 use crate::dashboard::BrokerView;
 use crate::gaps;
+use crate::handlers::exec::Exec;
+use crate::handlers::exec::sandbox::Sandbox;
 use crate::handlers::{Handler, Kinds, Registry};
 use crate::keys::WorkerKeys;
 use crate::metrics::WorkerMetrics;
@@ -118,12 +120,18 @@ impl WorkerBuilder {
         if settings.testing.enabled {
             crate::handlers::testing::register(&mut registry);
         }
+        let testing = settings.testing.enabled;
+        let sandbox = if catalog.kinds().any(|k| k.exec.is_some()) {
+            Some(Arc::new(Sandbox::new(&settings.sandbox, testing).map_err(|e| bad(&e))?))
+        } else {
+            None
+        };
         for kind in catalog.kinds() {
-            let Some(exec) = &kind.exec else { continue };
+            let (Some(exec), Some(sandbox)) = (&kind.exec, &sandbox) else { continue };
             if registry.get(&kind.name).is_some() {
                 return Err(bad(&format!("kind {} has both a handler and [kind.exec]", kind.name)));
             }
-            let exec = crate::handlers::exec::Exec::new(&kind.name, exec).map_err(|e| bad(&e))?;
+            let exec = Exec::new(&kind.name, exec, sandbox.clone()).map_err(|e| bad(&e))?;
             registry.insert(&kind.name, Handler::External(Arc::new(exec)));
         }
         registry.check(&catalog, settings.testing.enabled).map_err(|e| bad(&e))?;

@@ -151,6 +151,29 @@ pub fn chromium() -> PathBuf {
     path
 }
 
+/// Debian's bubblewrap, the sandbox of executable kinds: installed (like the broker) when
+/// missing on a Debian machine as root; elsewhere the test fails with the command to run.
+pub fn bubblewrap() {
+    const BUBBLEWRAP: gatehouse_cli::apt::Package = gatehouse_cli::apt::Package {
+        name: "bubblewrap",
+        missing: "executable kinds run sandboxed by bubblewrap (/usr/bin/bwrap), which is not installed",
+        elsewhere: "install bubblewrap (bwrap) as /usr/bin/bwrap",
+    };
+    let path = Path::new(gatehouse_worker::handlers::exec::sandbox::BWRAP);
+    if !path.exists() {
+        static INSTALL: Mutex<()> = Mutex::new(());
+        let _one = INSTALL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !path.exists() {
+            let host = gatehouse_cli::apt::Host::this();
+            if let Err(e) =
+                gatehouse_cli::apt::install(host, Path::new(gatehouse_cli::apt::APT_GET), &BUBBLEWRAP)
+            {
+                panic!("{e:#}");
+            }
+        }
+    }
+}
+
 /// The schemathesis CLI (an OpenAPI fuzzer, from PyPI), in a virtual environment under
 /// `.gatehouse/venv`, made on first use with `python3 -m venv` and pip.
 pub fn schemathesis() -> PathBuf {
@@ -440,6 +463,9 @@ impl TestSystem {
         let worker_broker =
             BrokerSettings { url, other_urls, prefix: prefix.clone(), tls: options.broker_tls.clone() };
         let catalog = catalog_for(&options, data.path());
+        if std::fs::read_to_string(&catalog).is_ok_and(|c| c.contains("[kind.exec]")) {
+            bubblewrap();
+        }
 
         let worker_settings = WorkerSettings {
             broker: worker_broker,
@@ -485,6 +511,7 @@ impl TestSystem {
                     file
                 }),
             },
+            sandbox: Default::default(),
         };
         let mut worker_admin_addr = None;
         let worker = match options.worker_binary {

@@ -66,6 +66,7 @@ pub struct JobContext {
     progress: Option<crate::progress::Sender>,
     checkpoint: Option<Value>,
     store: Option<gatehouse_storage::Store>,
+    reservation: Option<Arc<Reservation>>,
 }
 
 impl JobContext {
@@ -82,7 +83,14 @@ impl JobContext {
             progress: None,
             checkpoint: None,
             store: None,
+            reservation: None,
         }
+    }
+
+    /// What the handler's [`ExternalHandler::reserve`] took for this attempt, if it took
+    /// something of type `T` (held until the attempt ends).
+    pub fn reservation<T: std::any::Any>(&self) -> Option<&T> {
+        self.reservation.as_ref().and_then(|r| r.0.downcast_ref())
     }
 
     /// The last checkpoint an earlier attempt of this job saved ([`JobContext::save_checkpoint`]):
@@ -172,7 +180,29 @@ pub type HandlerFuture = Pin<Box<dyn Future<Output = Outcome> + Send>>;
 /// Inject its resources (an HTTP client, a pool) as fields of the implementing type.
 pub trait ExternalHandler: Send + Sync + 'static {
     fn run(&self, job: JobContext, payload: Value) -> HandlerFuture;
+
+    /// Waits until the handler can take a job of `client` (a process slot, a connection),
+    /// **before** the attempt is counted and its timeout starts: a job that waits here behind
+    /// other clients' slow jobs is not charged for it. What it answers travels with the
+    /// attempt ([`JobContext::reservation`]) and is dropped when the attempt ends. `None`:
+    /// nothing to wait for (the default).
+    fn reserve(&self, client: &str) -> ReserveFuture {
+        let _ = client;
+        Box::pin(async { None })
+    }
 }
+
+/// What [`ExternalHandler::reserve`] took: any value, held while the attempt runs.
+pub struct Reservation(pub Box<dyn std::any::Any + Send + Sync>);
+
+impl std::fmt::Debug for Reservation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Reservation")
+    }
+}
+
+/// A boxed future of [`ExternalHandler::reserve`].
+pub type ReserveFuture = Pin<Box<dyn Future<Output = Option<Reservation>> + Send>>;
 
 /// A registered handler.
 #[derive(Clone)]
@@ -402,6 +432,7 @@ pub struct Attempt {
     pub progress: crate::progress::Sender,
     pub store: gatehouse_storage::Store,
     pub checkpoint: Option<Value>,
+    pub reservation: Option<Reservation>,
 }
 
 /// The context for an external handler's attempt.
@@ -411,6 +442,7 @@ pub fn external_context(env: &JobEnvelope, attempt: Attempt) -> JobContext {
         progress: Some(attempt.progress),
         checkpoint: attempt.checkpoint,
         store: Some(attempt.store),
+        reservation: attempt.reservation.map(Arc::new),
         ..JobContext::new(env, attempt.number, attempt.timeout, Some(attempt.stop))
     }
 }

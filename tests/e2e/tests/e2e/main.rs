@@ -24,6 +24,7 @@ mod metrics;
 mod postgres;
 mod progress;
 mod retention;
+mod sandbox;
 mod schedules;
 mod singleton;
 mod tenancy;
