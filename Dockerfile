@@ -16,5 +16,10 @@ EXPOSE 8443
 ENTRYPOINT ["gatekeeper", "config/gatekeeper.toml"]
 
 FROM base AS worker
+# bubblewrap: the sandbox of executable kinds (user namespaces; no setuid bit, no capability).
+USER root
+RUN apt-get update && apt-get install -y --no-install-recommends bubblewrap \
+    && rm -rf /var/lib/apt/lists/*
+USER gatehouse
 COPY --from=build /src/target/release/worker /usr/local/bin/worker
 ENTRYPOINT ["worker", "config/worker.toml"]

@@ -196,7 +196,7 @@ impl BrokerNode {
         let h = &self.home;
         // Erlang writes crash dumps (MnesiaCore.*) and stray Mnesia folders into its working
         // folder: keep them under the node's home, never in the checkout.
-        cmd.current_dir(&h);
+        cmd.current_dir(h);
         cmd.env("HOME", h) // the Erlang cookie lives here
             .env("RABBITMQ_NODENAME", NODE_NAME)
             .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")

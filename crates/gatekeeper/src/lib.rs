@@ -23,6 +23,7 @@ pub mod sanitize;
 pub mod server;
 pub mod settings;
 pub mod startup;
+pub mod tally;
 pub mod tls;
 
 pub use settings::GatekeeperSettings;

@@ -20,7 +20,25 @@ struct ClientEntry {
     sequence_key_prefixes: Option<Vec<String>>,
     #[serde(default)]
     max_delay_s: Option<u64>,
+    #[serde(default = "default_max_connections")]
+    max_connections: usize,
+    #[serde(default = "default_max_streams")]
+    max_streams: usize,
 }
+
+fn default_max_connections() -> usize {
+    DEFAULT_MAX_CONNECTIONS
+}
+
+fn default_max_streams() -> usize {
+    32
+}
+
+/// Open connections a listed client may hold by default; also what an unlisted identity gets
+/// (enough to be told `403`).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
+/// Open connections of an identity the policy does not list.
+pub const UNLISTED_MAX_CONNECTIONS: usize = 4;
 
 #[derive(Debug, Deserialize)]
 struct PolicyFile {
@@ -41,6 +59,10 @@ pub struct ClientPolicy {
     /// Longest delay (`not_before` / `delay_s`) this client may ask for, in seconds; 0: none.
     /// `None`: what each kind allows.
     pub max_delay_s: Option<u64>,
+    /// Open TLS connections at most (past it, a new connection is closed after the handshake).
+    pub max_connections: usize,
+    /// Open event streams at most (past it, `429 too-many-streams`).
+    pub max_streams: usize,
 }
 
 impl ClientPolicy {
@@ -146,6 +168,8 @@ impl Policy {
                 burst,
                 sequence_key_prefixes: c.sequence_key_prefixes,
                 max_delay_s: c.max_delay_s,
+                max_connections: c.max_connections,
+                max_streams: c.max_streams,
             };
             if clients.insert(c.identity.clone(), policy).is_some() {
                 return Err(config::ConfigError::Message(format!(
@@ -218,6 +242,8 @@ mod tests {
             burst: 2.0,
             sequence_key_prefixes: Some(vec!["acct-".into()]),
             max_delay_s: None,
+            max_connections: 1,
+            max_streams: 1,
         };
         let limiter = RateLimiter::default();
         assert!(limiter.take("a", &p).is_ok() && limiter.take("a", &p).is_ok());

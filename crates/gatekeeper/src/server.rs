@@ -15,7 +15,12 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
-use crate::tls::client_identity;
+use crate::tally::Place;
+use crate::tls::{ClientIdentity, client_identity};
+
+/// Admits one more connection of a client (its place, given back when the connection ends),
+/// or refuses it.
+pub type ConnectionGate = Arc<dyn Fn(&ClientIdentity) -> Option<Place> + Send + Sync>;
 
 /// Limits the accept loop enforces.
 #[derive(Debug, Clone)]
@@ -23,6 +28,8 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     pub header_read_timeout: Duration,
     pub max_connections: usize,
+    /// Concurrent HTTP/2 streams (requests) per connection.
+    pub http2_max_streams: u32,
     pub stopping_wait_time: Duration,
 }
 
@@ -33,6 +40,7 @@ pub async fn serve(
     acceptor: TlsAcceptor,
     router: Router,
     limits: Limits,
+    gate: ConnectionGate,
     shutdown: impl Future<Output = ()>,
 ) {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
@@ -44,7 +52,7 @@ pub async fn serve(
         .header_read_timeout(limits.header_read_timeout)
         .max_headers(64)
         .max_buf_size(16 * 1024);
-    http.http2().timer(TokioTimer::new());
+    http.http2().timer(TokioTimer::new()).max_concurrent_streams(limits.http2_max_streams);
     let http = Arc::new(http);
     tokio::pin!(shutdown);
 
@@ -76,6 +84,7 @@ pub async fn serve(
         let router = router.clone();
         let http = http.clone();
         let watcher = graceful.watcher();
+        let gate = gate.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
@@ -87,6 +96,10 @@ pub async fn serve(
                 tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(client_identity);
             let Some(identity) = identity else {
                 return tracing::warn!(%peer, "client certificate has no usable identity");
+            };
+            // The client's own share of the connection table (its policy's max_connections).
+            let Some(_place) = gate(&identity) else {
+                return tracing::info!(%peer, client = %identity.0, "connection closed: the client holds its most open connections");
             };
             let service = router.map_request(move |mut req: axum::http::Request<hyper::body::Incoming>| {
                 req.extensions_mut().insert(identity.clone());

@@ -34,6 +34,10 @@ pub struct TestingSettings {
 pub struct AdminSettings {
     /// Keep it on loopback (or a management network): it has no TLS and no authentication.
     pub listen: SocketAddr,
+    /// Host names answered besides IP addresses and `localhost` (any other name is refused:
+    /// DNS rebinding from a browser), e.g. the name Prometheus scrapes.
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
 }
 
 /// Key files (see `gatehouse_protocol::keys`).
@@ -75,6 +79,13 @@ pub struct ServerSettings {
     /// SSE clients do) and loses nothing.
     #[serde(default = "default_max_stream_s")]
     pub max_stream_s: u64,
+    /// Concurrent requests (HTTP/2 streams) one connection may carry.
+    #[serde(default = "default_http2_max_streams")]
+    pub http2_max_streams: u32,
+}
+
+fn default_http2_max_streams() -> u32 {
+    64
 }
 
 fn default_max_stream_s() -> u64 {

@@ -26,6 +26,8 @@ const MAX_PENDING_REPLIES: usize = 65_536;
 pub struct Gatekeeper {
     listener: TcpListener,
     admin: TcpListener,
+    /// Names the admin listener answers besides addresses and `localhost`.
+    admin_hosts: Vec<String>,
     acceptor: TlsAcceptor,
     app: Arc<App>,
     limits: Limits,
@@ -75,6 +77,7 @@ impl Gatekeeper {
             metrics,
             openapi,
             rate: Default::default(),
+            streams: Default::default(),
             ids,
             link,
             keys,
@@ -91,9 +94,11 @@ impl Gatekeeper {
             handshake_timeout: settings.server.handshake_timeout(),
             header_read_timeout: std::time::Duration::from_millis(settings.server.header_read_timeout_ms),
             max_connections: settings.server.max_connections,
+            http2_max_streams: settings.server.http2_max_streams,
             stopping_wait_time: settings.server.stopping_wait_time(),
         };
-        Ok(Self { listener, admin, acceptor, app, limits, supervisor })
+        let admin_hosts = settings.admin.allowed_hosts.clone();
+        Ok(Self { listener, admin, admin_hosts, acceptor, app, limits, supervisor })
     }
 
     /// The bound address (useful with port 0).
@@ -125,13 +130,21 @@ impl Gatekeeper {
         tracing::info!(addr = %self.listener.local_addr()?, "gatekeeper listening");
         let router = routes::router(self.app.clone());
         let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
-        let admin = axum::serve(self.admin, crate::admin::router(self.app.clone())).with_graceful_shutdown(
-            async move {
+        let admin = axum::serve(self.admin, crate::admin::router(self.app.clone(), self.admin_hosts))
+            .with_graceful_shutdown(async move {
                 let _ = admin_stopped.await;
-            },
-        );
+            });
         let admin = tokio::spawn(async move { admin.await });
-        server::serve(self.listener, self.acceptor, router, self.limits, shutdown).await;
+        let (app, connections) = (self.app.clone(), Arc::new(crate::tally::Tally::default()));
+        let gate: server::ConnectionGate = Arc::new(move |client| {
+            let max = app
+                .policy
+                .current()
+                .client(&client.0)
+                .map_or(crate::policy::UNLISTED_MAX_CONNECTIONS, |p| p.max_connections);
+            connections.enter(&client.0, max)
+        });
+        server::serve(self.listener, self.acceptor, router, self.limits, gate, shutdown).await;
         let _ = stop_admin.send(());
         let _ = admin.await;
         self.supervisor.abort();

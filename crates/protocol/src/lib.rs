@@ -9,6 +9,7 @@ pub mod catalog;
 pub mod crypto;
 pub mod envelope;
 pub mod hex;
+pub mod hosts;
 pub mod ids;
 pub mod keys;
 pub mod pem;

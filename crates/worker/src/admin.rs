@@ -29,6 +29,9 @@ pub struct Admin {
     pub broker: Arc<BrokerView>,
     /// SHA-256 of `user:password` when basic auth is on.
     pub credentials: Option<Arc<[u8; 32]>>,
+    /// Host names answered besides addresses and `localhost` (see
+    /// [`gatehouse_protocol::hosts`]).
+    pub allowed_hosts: Arc<Vec<String>>,
 }
 
 /// SHA-256 of `user:password`, as a `Basic` header carries them.
@@ -52,7 +55,17 @@ pub fn router(admin: Admin) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .merge(guarded)
+        .layer(middleware::from_fn_with_state(admin.clone(), known_host))
         .with_state(admin)
+}
+
+/// Answers only requests for an address, `localhost` or a listed name (DNS rebinding).
+async fn known_host(State(a): State<Admin>, req: Request, next: Next) -> Response {
+    let host = req.headers().get(header::HOST).map(|h| h.to_str().unwrap_or(""));
+    if gatehouse_protocol::hosts::admin_host_allowed(host, &a.allowed_hosts) {
+        return next.run(req).await;
+    }
+    (StatusCode::MISDIRECTED_REQUEST, "unknown host: list it in [admin] allowed_hosts").into_response()
 }
 
 async fn readyz(State(a): State<Admin>) -> impl IntoResponse {

@@ -79,6 +79,10 @@ pub struct AdminSettings {
     /// A file holding the password (surrounding whitespace ignored).
     #[serde(default)]
     pub basic_auth_password_file: Option<PathBuf>,
+    /// Host names answered besides IP addresses and `localhost` (a request for any other
+    /// name is refused: DNS rebinding from a browser), e.g. the name Prometheus scrapes.
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
 }
 
 impl Default for AdminSettings {
@@ -87,6 +91,7 @@ impl Default for AdminSettings {
             listen: std::net::SocketAddr::from(([127, 0, 0, 1], 9102)),
             basic_auth_user: None,
             basic_auth_password_file: None,
+            allowed_hosts: Vec::new(),
         }
     }
 }
@@ -207,12 +212,59 @@ pub struct StorageSettings {
     /// The CA (PEM) that signed the PostgreSQL server's certificate: connections use TLS,
     /// the certificate checked against it and the url's host.
     pub tls_ca: Option<PathBuf>,
+    /// `"off"`: PostgreSQL on another host without TLS, written explicitly (the password would
+    /// cross the network in the clear). Without it, a url whose host is not loopback (or a
+    /// local socket) needs `tls_ca`.
+    pub tls: Option<StorageTls>,
+}
+
+/// `[storage] tls`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageTls {
+    Off,
 }
 
 impl Default for StorageSettings {
     fn default() -> Self {
-        Self { url: None, path: None, password_file: None, password: None, pool_size: 16, tls_ca: None }
+        Self {
+            url: None,
+            path: None,
+            password_file: None,
+            password: None,
+            pool_size: 16,
+            tls_ca: None,
+            tls: None,
+        }
     }
+}
+
+/// The host of a `postgres://` url (`None` when it names none: the local socket).
+fn postgres_host(url: &str) -> Option<&str> {
+    let rest = url.split_once("://")?.1;
+    let authority = rest.split(['/', '?']).next().unwrap_or("");
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.split(':').next().unwrap_or(""),
+    };
+    // `?host=/run/postgresql`: a socket path.
+    let query_host =
+        url.split_once('?').and_then(|(_, q)| q.split('&').find_map(|kv| kv.strip_prefix("host=")));
+    match (host, query_host) {
+        (_, Some(q)) => Some(q),
+        ("", None) => None,
+        (h, None) => Some(h),
+    }
+}
+
+/// Whether `host` is this machine: loopback, `localhost`, or a socket path.
+fn is_local(host: Option<&str>) -> bool {
+    host.is_none_or(|h| {
+        h.starts_with('/')
+            || h.eq_ignore_ascii_case("localhost")
+            || h.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    })
 }
 
 /// The default storage: an SQLite file beside the working directory's other state.
@@ -255,8 +307,24 @@ impl StorageSettings {
         if password.is_some() && url.starts_with("sqlite:") {
             return Err("[storage] has a password, but SQLite storage takes none".into());
         }
-        gatehouse_storage::Location::parse_with_tls(&url, password, self.pool_size, self.tls_ca.clone())
-            .map_err(|e| e.to_string())
+        let location =
+            gatehouse_storage::Location::parse_with_tls(&url, password, self.pool_size, self.tls_ca.clone())
+                .map_err(|e| e.to_string())?;
+        if url.starts_with("postgres") {
+            match (self.tls, &self.tls_ca) {
+                (Some(StorageTls::Off), Some(_)) => {
+                    return Err("[storage] has both tls = \"off\" and tls_ca: keep one".into());
+                }
+                (None, None) if !is_local(postgres_host(&url)) => {
+                    return Err(format!(
+                        "[storage] PostgreSQL on {} without TLS would send the password in the clear: set tls_ca (or tls = \"off\" on a network you trust)",
+                        postgres_host(&url).unwrap_or("?")
+                    ));
+                }
+                _ => {}
+            }
+        }
+        Ok(location)
     }
 }
 
@@ -324,6 +392,7 @@ mod tests {
         assert!(both.contains("both url and path"), "{both}");
         let pg = StorageSettings {
             password: Some("s3cret".to_owned().into()),
+            tls: Some(StorageTls::Off),
             ..storage(Some("postgres://gatehouse@db:5432/gatehouse"), None)
         };
         match pg.location().unwrap() {
@@ -332,6 +401,20 @@ mod tests {
                 assert!(!format!("{c:?}").contains("s3cret"), "the password shows in {c:?}");
             }
             other => panic!("{other:?}"),
+        }
+        // Another host without TLS: refused unless written explicitly.
+        let remote = storage(Some("postgres://gatehouse@db.internal:5432/gatehouse"), None);
+        let e = remote.location().unwrap_err();
+        assert!(e.contains("db.internal") && e.contains("tls_ca"), "{e}");
+        assert!(StorageSettings { tls: Some(StorageTls::Off), ..remote.clone() }.location().is_ok());
+        assert!(StorageSettings { tls_ca: Some("ca.pem".into()), ..remote }.location().is_ok());
+        for local in [
+            "postgres://g@127.0.0.1:5439/db",
+            "postgres://g@localhost/db",
+            "postgres://g@[::1]/db",
+            "postgres:///db?host=/run/postgresql",
+        ] {
+            assert!(storage(Some(local), None).location().is_ok(), "{local}");
         }
         let in_url = storage(Some("postgres://gatehouse:s3cret@db/gatehouse"), None).location().unwrap_err();
         assert!(in_url.contains("must not be in the url") && !in_url.contains("s3cret"), "{in_url}");

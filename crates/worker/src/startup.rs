@@ -57,6 +57,7 @@ pub struct Worker {
     progress: (crate::progress::Sender, Option<tokio::sync::mpsc::Receiver<crate::progress::Report>>),
     /// Basic auth of the admin listener.
     credentials: Option<Arc<[u8; 32]>>,
+    admin_hosts: Arc<Vec<String>>,
     /// The admin listener (`/healthz`, `/readyz`, `/metrics`), bound at build.
     admin: Option<tokio::net::TcpListener>,
     /// Tells handlers and consumers that the worker is stopping.
@@ -148,6 +149,7 @@ impl WorkerBuilder {
             None => crate::schedules::Schedules::default(),
         };
         let credentials = settings.admin.credentials().map_err(|e| bad(&e))?.map(Arc::new);
+        let admin_hosts = Arc::new(settings.admin.allowed_hosts.clone());
         let classes = catalog.queues().iter().map(|q| q.name.clone()).collect();
         let broker = BrokerView::new(settings.broker.topology(), classes);
         let (progress_tx, progress_rx) = crate::progress::channel();
@@ -196,6 +198,7 @@ impl WorkerBuilder {
             broker,
             progress: (progress_tx, Some(progress_rx)),
             credentials,
+            admin_hosts,
             admin,
             stop,
             session,
@@ -275,6 +278,7 @@ impl Worker {
             catalog: self.catalog.clone(),
             broker: self.broker.clone(),
             credentials: self.credentials.clone(),
+            allowed_hosts: self.admin_hosts.clone(),
         });
         let listener = self.admin.take().context("the admin listener is served once")?;
         let mut admin_stop = stop.clone();

@@ -502,6 +502,7 @@ impl TestSystem {
                     std::fs::write(&file, p).expect("password file");
                     file
                 }),
+                allowed_hosts: Vec::new(),
             },
             retention: options.retention.clone().unwrap_or_default(),
             schedules: gatehouse_worker::settings::ScheduleSettings {
@@ -562,6 +563,7 @@ impl TestSystem {
                 publish_timeout_ms: 5000,
                 stopping_wait_time_ms: 5000,
                 max_stream_s: options.max_stream_s.unwrap_or(300),
+                http2_max_streams: 64,
             },
             tls: TlsSettings {
                 cert: certs.path().join("server.pem"),
@@ -575,6 +577,7 @@ impl TestSystem {
             ids: IdSettings { secret_file: certs.path().join("gatekeeper-ids.secret") },
             admin: gatehouse_gatekeeper::settings::AdminSettings {
                 listen: "127.0.0.1:0".parse().expect("addr"),
+                allowed_hosts: Vec::new(),
             },
             testing: gatehouse_gatekeeper::settings::TestingSettings { enabled: options.testing },
             keys: GatekeeperKeySettings {

@@ -281,6 +281,9 @@ async fn gatekeeper_worker_broker_and_postgres_on_separate_hosts() {
             e("WORKER__BROKER__URL", broker_url.clone()),
             e("WORKER__BROKER__PREFIX", "hosts.".into()),
             e("WORKER__STORAGE__URL", pg.url("postgres")),
+            // The private test network; plaintext written explicitly (the TLS path is
+            // storage.rs's and the compose file's).
+            e("WORKER__STORAGE__TLS", "off".into()),
             e("WORKER__STORAGE__PASSWORD_FILE", password.display().to_string()),
             e("WORKER__KEYS__SEALING_KEY", cert("worker-sealing.key")),
             e("WORKER__KEYS__GATEKEEPER_SIGNING_KEYS", cert("gatekeeper-signing.pub")),

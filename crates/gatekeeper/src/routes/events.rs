@@ -8,7 +8,9 @@
 //! The stream asks the worker (over the control queue, like a status query) every
 //! [`POLL`]; only its first query counts against the client's rate. It ends after
 //! `server.max_stream_s` (the client reconnects with `Last-Event-ID`); a `Last-Event-ID` that
-//! is not a number is `400 invalid-last-event-id`.
+//! is not a number (or past the largest the worker numbers, 2^63 - 1) is
+//! `400 invalid-last-event-id`. A finished job's stream ends at once, whatever `Last-Event-ID`
+//! says. A client holds at most its policy's `max_streams` streams (`429 too-many-streams`).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -38,7 +40,8 @@ pub async fn events(
 ) -> Response {
     let after = match headers.get("last-event-id").map(|v| v.to_str().map(|v| v.trim().parse::<u64>())) {
         None => 0,
-        Some(Ok(Ok(n))) => n,
+        // Stored as a signed 64-bit number by the worker: anything larger was never one.
+        Some(Ok(Ok(n))) if i64::try_from(n).is_ok() => n,
         // Our event ids are numbers: anything else was not one of them.
         Some(_) => {
             return Problem::new(
@@ -50,13 +53,31 @@ pub async fn events(
             .into_response();
         }
     };
+    // A listed client's place among its open streams (an unlisted one is refused below).
+    let max = app.policy.current().client(&client.0).map(|p| p.max_streams);
+    let place = match max.map(|max| app.streams.enter(&client.0, max)) {
+        Some(None) => {
+            return Problem::new(
+                axum::http::StatusCode::TOO_MANY_REQUESTS,
+                "too-many-streams",
+                "Too many open event streams",
+                "this client holds the most open event streams its policy allows; close one first",
+            )
+            .into_response();
+        }
+        Some(Some(place)) => Some(place),
+        None => None,
+    };
     // The first query answers what a status query would (404, 429, 503) before any streaming.
     let first = match ask_worker(&app, &client, &id, Ask::Events { after, counted: true }).await {
         Ok(s) => s,
         Err(res) => return res,
     };
     let (tx, rx) = mpsc::channel::<Event>(16);
-    tokio::spawn(follow(app, client, id, after, first, tx));
+    tokio::spawn(async move {
+        follow(app, client, id, after, first, tx).await;
+        drop(place);
+    });
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|e| (Ok::<_, Infallible>(e), rx))
     });
@@ -95,6 +116,12 @@ async fn follow(
             if tx.send(event).await.is_err() || last {
                 return;
             }
+        }
+        if status.status.is_final() {
+            // Final, with nothing after `after` (a Last-Event-ID at or past its last
+            // transition): where it ended, and the end of the stream.
+            let _ = tx.send(state_event(after, &status, None)).await;
+            return;
         }
         if status.status == JobState::Running && status.progress.is_some() && status.progress != progress {
             progress = status.progress.clone();

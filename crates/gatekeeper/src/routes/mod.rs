@@ -31,6 +31,8 @@ pub struct App {
     /// The served OpenAPI document (built from the catalog at start-up).
     pub openapi: String,
     pub rate: RateLimiter,
+    /// Open event streams per client.
+    pub streams: Arc<crate::tally::Tally>,
     pub ids: IdMinter,
     pub link: Arc<BrokerLink>,
     pub keys: Arc<GatekeeperKeys>,

@@ -146,7 +146,7 @@ fn a_missing_program_or_an_unknown_mode_refuses_to_start_with_exit_64() {
 
 /// The stream processes of this test binary's catalog (their command line names stream.py).
 fn stream_processes() -> Vec<String> {
-    processes_with("fixtures/exec/./stream.py")
+    processes_with("fixtures/exec/stream.py")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

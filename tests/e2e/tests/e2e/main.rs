@@ -7,6 +7,7 @@
 //! storage alone on both backends; and `security` and `trace`, which read what the in-process
 //! components log through the process's one global log subscriber, each at its own level.
 
+mod abuse;
 mod api;
 mod bad_input;
 mod bench;
