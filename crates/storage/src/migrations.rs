@@ -325,7 +325,15 @@ const MIGRATIONS: &[&str] = &[
     -- Until when a worker's sweep has claimed a due job, to send it back to its queue.
     ALTER TABLE scheduled ADD COLUMN claimed_until_ms INTEGER NOT NULL DEFAULT 0;
     ",
+    // 19: error texts (jobs.error, attempts.last_error) sealed at rest, in code
+    // (`Tx::seal_plaintext_errors`): they can quote the payload.
+    r"
+    SELECT 1;
+    ",
 ];
+
+/// After this migration (1-based) the error texts of earlier releases are sealed.
+const SEAL_ERRORS_AFTER: usize = 19;
 
 /// After this migration (1-based) the values of earlier releases are re-sealed.
 const RESEAL_AFTER: usize = 8;
@@ -378,6 +386,10 @@ pub(crate) fn upgrade(
                 .collect();
             let n = Tx::new(&tx, keyring).reseal(&columns, true)? + seal_ledger_of_step_8(&tx, keyring)?;
             tracing::info!(values = n, "re-sealed stored values with their binding");
+        }
+        if i + 1 == SEAL_ERRORS_AFTER {
+            let n = Tx::new(&tx, keyring).seal_plaintext_errors()?;
+            tracing::info!(values = n, "sealed stored error texts");
         }
         tx.pragma_update(None, "user_version", i + 1)?;
         tx.commit()?;
@@ -464,5 +476,27 @@ mod tests {
         let version =
             |c: &Connection| c.pragma_query_value(None, "user_version", |r| r.get::<_, usize>(0)).unwrap();
         assert_eq!((version(&fresh), version(&upgraded)), (MIGRATIONS.len(), MIGRATIONS.len()));
+    }
+
+    #[test]
+    fn error_texts_stored_in_the_clear_by_earlier_releases_are_sealed_by_step_19() {
+        let keyring = Keyring::parse(&format!("k1 {}", "ab".repeat(32))).unwrap();
+        let mut conn = Connection::open_in_memory().unwrap();
+        upgrade(&mut conn, &keyring, 0, SEAL_ERRORS_AFTER - 1).unwrap();
+        conn.execute_batch(
+            "INSERT INTO jobs (id, client, kind, state, error, updated_at_ms)
+                 VALUES ('0123456789abcdef0123456789abcdef', 'alice', 'k', 'failed', 'exit 1: MARKER', 0);
+             INSERT INTO attempts (job_id, client, count, last_error, updated_at_ms)
+                 VALUES ('0123456789abcdef0123456789abcdef', 'alice', 1, 'exit 75: MARKER', 0);",
+        )
+        .unwrap();
+        upgrade(&mut conn, &keyring, SEAL_ERRORS_AFTER - 1, MIGRATIONS.len()).unwrap();
+        let raw: String =
+            conn.query_row("SELECT error || last_error FROM jobs, attempts", [], |r| r.get(0)).unwrap();
+        assert!(!raw.contains("MARKER"), "still in the clear: {raw}");
+        let id = gatehouse_protocol::JobId::parse("0123456789abcdef0123456789abcdef").unwrap();
+        let tx = Tx::new(&conn, &keyring);
+        assert_eq!(tx.job(&id).unwrap().unwrap().error.as_deref(), Some("exit 1: MARKER"));
+        assert_eq!(tx.attempts(&id).unwrap().unwrap().last_error.as_deref(), Some("exit 75: MARKER"));
     }
 }

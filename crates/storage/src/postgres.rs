@@ -26,7 +26,8 @@ use crate::{Family, Observer, StorageError, Tx, panic_message};
 /// The job machinery's schema on PostgreSQL, by version; `gatehouse_schema` records how many
 /// steps ran. Never edit a step that has shipped: add one. (The same tables as SQLite's
 /// after its step 18, in PostgreSQL's types.)
-const SCHEMA: &[&str] = &[r"
+const SCHEMA: &[&str] = &[
+    r"
     CREATE TABLE jobs (
         id            TEXT PRIMARY KEY,
         client        TEXT NOT NULL,
@@ -133,7 +134,16 @@ const SCHEMA: &[&str] = &[r"
     CREATE TRIGGER job_events_pruned AFTER DELETE ON jobs FOR EACH ROW
         WHEN (OLD.state IN ('succeeded', 'failed', 'dead_lettered', 'cancelled'))
         EXECUTE FUNCTION gatehouse_job_events_pruned();
-"];
+",
+    r"
+    -- 2: error texts (jobs.error, attempts.last_error) sealed at rest, in code
+    -- (`Tx::seal_plaintext_errors`): they can quote the payload.
+    SELECT 1;
+",
+];
+
+/// After this step (1-based) the error texts of earlier releases are sealed.
+const SEAL_ERRORS_AFTER: usize = 2;
 
 /// Where and how to reach the database.
 #[derive(Clone)]
@@ -302,6 +312,9 @@ fn migrate(tx: &Tx<'_>) -> Result<(), StorageError> {
     }
     for step in &SCHEMA[done..] {
         tx.batch(step)?;
+    }
+    if (1..SEAL_ERRORS_AFTER).contains(&done) {
+        tx.seal_plaintext_errors()?;
     }
     tx.exec("DELETE FROM gatehouse_schema", crate::params![])?;
     tx.exec("INSERT INTO gatehouse_schema (version) VALUES (?1)", crate::params![SCHEMA.len() as i64])?;

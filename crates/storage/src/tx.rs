@@ -113,6 +113,14 @@ impl<'a> Place<'a> {
     fn job_result(id: &'a str, client: &'a str) -> Self {
         Self { table: "jobs", column: "result", row: id, owner: client }
     }
+
+    fn job_error(id: &'a str, client: &'a str) -> Self {
+        Self { table: "jobs", column: "error", row: id, owner: client }
+    }
+
+    fn attempt_error(id: &'a str, client: &'a str) -> Self {
+        Self { table: "attempts", column: "last_error", row: id, owner: client }
+    }
 }
 
 /// A name spliced into SQL (from the `sealed_columns` registry): letters, digits and `_`
@@ -339,6 +347,52 @@ impl<'c> Tx<'c> {
             .map_err(|e| StorageError::Crypto(e.to_string()))
     }
 
+    /// An error text sealed at `at` (it can quote the payload: an executable's stderr line).
+    fn seal_text(&self, text: Option<&str>, at: &Place<'_>) -> Result<Option<String>, StorageError> {
+        text.map(|t| self.seal(&Value::String(t.to_owned()), at)).transpose()
+    }
+
+    /// An error text stored at `at`, decrypted.
+    fn unseal_text(&self, stored: Option<String>, at: &Place<'_>) -> Result<Option<String>, StorageError> {
+        Ok(self.unseal(stored, at)?.map(|v| match v {
+            Value::String(s) => s,
+            other => other.to_string(),
+        }))
+    }
+
+    /// Seals the error texts earlier releases stored in the clear (schema step 19 on SQLite,
+    /// 2 on PostgreSQL); answers how many.
+    ///
+    /// # Errors
+    /// What the database answers.
+    pub(crate) fn seal_plaintext_errors(&self) -> Result<u64, StorageError> {
+        let mut sealed = 0;
+        for (table, key, owner, column) in
+            [("jobs", "id", "client", "error"), ("attempts", "job_id", "client", "last_error")]
+        {
+            let rows: Vec<(String, String, String)> = self
+                .rows(
+                    &format!("SELECT {key}, {owner}, {column} FROM {table} WHERE {column} IS NOT NULL"),
+                    params![],
+                )?
+                .iter()
+                .map(|r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .collect::<Result<_, StorageError>>()?;
+            for (row, owner, text) in rows {
+                if Keyring::version(&text).is_some() {
+                    continue;
+                }
+                let at = Place { table, column, row: &row, owner: &owner };
+                self.exec(
+                    &format!("UPDATE {table} SET {column} = ?1 WHERE {key} = ?2"),
+                    params![self.seal(&Value::String(text), &at)?, row],
+                )?;
+                sealed += 1;
+            }
+        }
+        Ok(sealed)
+    }
+
     /// The value stored at `at`, decrypted. Anything not sealed as this release seals — a
     /// plaintext value, or an earlier release's format bound to its row only — is refused: it
     /// can only have been written into the file behind the worker's back (earlier releases'
@@ -445,6 +499,7 @@ impl<'c> Tx<'c> {
         let state = JobState::parse(&state)
             .ok_or_else(|| StorageError::Corrupt(format!("unknown state {state:?}")))?;
         let result = self.unseal(result, &Place::job_result(id.as_str(), &client))?;
+        let error = self.unseal_text(error, &Place::job_error(id.as_str(), &client))?;
         Ok(Some(StoredJob {
             id: id.clone(),
             client,
@@ -476,6 +531,7 @@ impl<'c> Tx<'c> {
         self.log_state(&job.id, &job.client, job.state)?;
         let at = Place::job_result(job.id.as_str(), &job.client);
         let result = job.result.as_ref().map(|r| self.seal(r, &at)).transpose()?;
+        let error = self.seal_text(job.error.as_deref(), &Place::job_error(job.id.as_str(), &job.client))?;
         self.exec(
             "INSERT INTO jobs (id, client, kind, state, result, error, seq_key, seq_number, updated_at_ms, reason)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
@@ -489,7 +545,7 @@ impl<'c> Tx<'c> {
                 job.kind,
                 job.state.as_str(),
                 result,
-                job.error,
+                error,
                 key,
                 number,
                 now_ms(),
@@ -550,7 +606,12 @@ impl<'c> Tx<'c> {
              ON CONFLICT(job_id) DO UPDATE SET count = attempts.count + 1, running = 0,
                  last_error = excluded.last_error, updated_at_ms = excluded.updated_at_ms
              RETURNING count",
-            params![id.as_str(), client, error, now_ms()],
+            params![
+                id.as_str(),
+                client,
+                self.seal_text(Some(error), &Place::attempt_error(id.as_str(), client))?,
+                now_ms()
+            ],
             |r| r.get(0),
         )?;
         self.log_state(id, client, JobState::Retrying)?;
@@ -566,13 +627,13 @@ impl<'c> Tx<'c> {
     /// Records why the latest attempt of `id` failed.
     pub fn fail_attempt(&self, id: &JobId, error: &str) -> Result<(), StorageError> {
         self.lock_job(id)?;
+        let Some(a) = self.attempts(id)? else { return Ok(()) };
+        let sealed = self.seal_text(Some(error), &Place::attempt_error(id.as_str(), &a.client))?;
         self.exec(
             "UPDATE attempts SET last_error = ?2, running = 0, updated_at_ms = ?3 WHERE job_id = ?1",
-            params![id.as_str(), error, now_ms()],
+            params![id.as_str(), sealed, now_ms()],
         )?;
-        if let Some(a) = self.attempts(id)? {
-            self.log_state(id, &a.client, JobState::Retrying)?;
-        }
+        self.log_state(id, &a.client, JobState::Retrying)?;
         Ok(())
     }
 
@@ -588,7 +649,13 @@ impl<'c> Tx<'c> {
                     running: r.get::<i64>(3)? != 0,
                 })
             },
-        )
+        )?
+        .map(|mut a| {
+            a.last_error =
+                self.unseal_text(a.last_error.take(), &Place::attempt_error(id.as_str(), &a.client))?;
+            Ok(a)
+        })
+        .transpose()
     }
 
     // ---- sequences -------------------------------------------------------------------------

@@ -274,7 +274,9 @@ impl Job<'_> {
     async fn retry_or_dead(&self, attempt: u32, error: String) {
         let (ctx, delivery, data, class, spec, env) =
             (self.ctx, self.delivery, self.data, self.class, &self.spec, &self.env);
-        tracing::warn!(attempt, max_attempts = spec.max_attempts, error = %error, "attempt failed");
+        // The class, never the text (it can quote the payload; the owner reads it in the status).
+        let error_class = handlers::error_class(&error);
+        tracing::warn!(attempt, max_attempts = spec.max_attempts, error = error_class, "attempt failed");
         if attempt >= spec.max_attempts {
             let dead = Dead { reason: "max_attempts", error: Some(error), attempts: attempt };
             return dead_letter(ctx, delivery, data, class, Some((env, &self.target)), dead).await;
@@ -469,7 +471,7 @@ async fn dead_letter(
     tracing::warn!(
         reason = dead.reason,
         attempts = dead.attempts,
-        error = dead.error.as_deref().unwrap_or(""),
+        error = dead.error.as_deref().map(handlers::error_class),
         "dead-lettered"
     );
     if let Some((env, target)) = job {
@@ -505,7 +507,8 @@ pub fn dead_properties(
     let s = |v: &str| AMQPValue::LongString(LongString::from(v));
     h.insert(headers::REASON.into(), s(dead.reason));
     h.insert(headers::ATTEMPTS.into(), AMQPValue::LongUInt(dead.attempts));
-    h.insert(headers::LAST_ERROR.into(), s(dead.error.as_deref().unwrap_or("")));
+    // Its class only: the text can quote the payload, and the broker is not trusted with it.
+    h.insert(headers::LAST_ERROR.into(), s(dead.error.as_deref().map_or("", handlers::error_class)));
     h.insert(headers::ORIGINAL_QUEUE.into(), s(&topology.job_queue(class)));
     h.insert(headers::QUEUE_CLASS.into(), s(class));
     h.insert(headers::DEAD_AT.into(), AMQPValue::LongLongInt(now_ms()));

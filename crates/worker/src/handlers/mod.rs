@@ -46,6 +46,30 @@ pub enum Outcome {
     Cancelled,
 }
 
+/// What kind of failure an attempt's error text describes, for the log, metrics and dead-letter
+/// headers: the text itself can quote the payload (an executable's last stderr line, a panic
+/// message) and goes only to the job's owner, sealed at rest.
+pub fn error_class(error: &str) -> &'static str {
+    const CLASSES: &[(&str, &str)] = &[
+        ("timed out", "timeout"),
+        ("panic", "panic"),
+        ("storage", "storage"),
+        ("stored data", "storage"),
+        ("handler stopped", "stopped"),
+        ("invalid-payload", "invalid-payload"),
+        ("exit ", "exit-status"),
+        ("killed by signal", "signal"),
+        ("CPU time limit", "cpu-limit"),
+        ("file size limit", "file-size-limit"),
+        ("stderr over", "stderr-limit"),
+        ("output", "output"),
+        ("could not run", "spawn"),
+        ("could not start", "spawn"),
+        ("the worker stop", "stopped"),
+    ];
+    CLASSES.iter().find(|(prefix, _)| error.starts_with(prefix)).map_or("handler-error", |(_, class)| class)
+}
+
 /// What a handler knows about the job it runs. The payload comes separately, typed.
 #[derive(Debug, Clone)]
 pub struct JobContext {

@@ -200,3 +200,51 @@ fn an_unconfined_sandbox_is_refused_outside_testing_with_exit_64() {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("mode = \"none\"") && stderr.contains("testing"), "{stderr}");
 }
+
+/// An executable's error text can quote the payload: only the job's owner reads it (status),
+/// never the worker's log, the dead letter's headers in the broker, or the database in the clear.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn error_text_reaches_the_owner_only() {
+    let sys = TestSystem::start_with(Options {
+        worker_binary: Some(env!("CARGO_BIN_EXE_e2e-worker")),
+        catalog: Some(repo_root().join("tests/e2e/fixtures/exec/jobs.toml")),
+        ..Options::default()
+    })
+    .await;
+    let secret = marker();
+    let mut conn = sys.connect().await;
+    let r = conn
+        .submit(&json!({"kind": "acme.secret-retry", "payload": {"secret": secret}}), None)
+        .await
+        .unwrap();
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    let s = wait_final(&mut sys.connect().await, &id, Duration::from_secs(30)).await;
+    assert_eq!(
+        (s["status"].as_str(), s["reason"].as_str()),
+        (Some("dead_lettered"), Some("max_attempts")),
+        "{s}"
+    );
+    assert_eq!(s["error"], format!("exit 75: cannot process {secret}"), "the owner reads why: {s}");
+
+    let args = gatehouse_cli::commands::dlq::BrokerArgs {
+        broker: gatehouse_e2e::broker_url(),
+        prefix: sys.prefix.clone(),
+    };
+    let letters = gatehouse_cli::commands::dlq::list(&args).await.unwrap();
+    let letter = letters.iter().find(|l| l["id"] == id.as_str()).expect("its dead letter");
+    assert!(!letter.to_string().contains(&secret), "the broker holds the error text: {letter}");
+    assert_eq!(letter["last_error"], "exit-status", "{letter}");
+    let log = sys.worker_process().log();
+    assert!(!log.contains(&secret), "the worker logged the error text");
+    assert!(log.contains("exit-status"), "the log names no error class");
+    let db = sys.database();
+    sys.stop().await;
+    for file in [db.clone(), db.with_extension("sqlite-wal")] {
+        let bytes = std::fs::read(&file).unwrap_or_default();
+        assert!(
+            !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "{} holds the error text",
+            file.display()
+        );
+    }
+}
