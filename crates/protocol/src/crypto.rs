@@ -197,6 +197,19 @@ impl OpeningKey {
     /// # Errors
     /// Only if the derivation fails.
     pub fn derive_signing_key(&self, purpose: &str) -> Result<SigningKey, CryptoError> {
+        let seed = self.derive_secret(purpose)?;
+        let pair =
+            Ed25519KeyPair::from_seed_unchecked(&seed).map_err(|_| CryptoError::BadKey("ed25519 seed"))?;
+        let id = key_id(pair.public_key().as_ref());
+        Ok(SigningKey { pair, id })
+    }
+
+    /// 32 secret bytes derived from this secret for `purpose` (HKDF-SHA256): only a holder of
+    /// the secret can compute them (the worker keys its schedule firings' ids with them).
+    ///
+    /// # Errors
+    /// Only if the derivation fails.
+    pub fn derive_secret(&self, purpose: &str) -> Result<[u8; 32], CryptoError> {
         struct Seed;
         impl hkdf::KeyType for Seed {
             fn len(&self) -> usize {
@@ -209,10 +222,7 @@ impl OpeningKey {
         prk.expand(&[purpose.as_bytes()], Seed)
             .and_then(|okm| okm.fill(&mut seed))
             .map_err(|_| CryptoError::BadKey("hkdf"))?;
-        let pair =
-            Ed25519KeyPair::from_seed_unchecked(&seed).map_err(|_| CryptoError::BadKey("ed25519 seed"))?;
-        let id = key_id(pair.public_key().as_ref());
-        Ok(SigningKey { pair, id })
+        Ok(seed)
     }
 
     fn agree(&self, public: &[u8; 32]) -> [u8; 32] {

@@ -23,7 +23,13 @@ pub struct WorkerKeys {
     own_signing: SigningKey,
     /// The worker's own X25519 public key, to seal its own jobs to.
     own_public: [u8; 32],
+    /// Keys the ids of schedule firings: nobody without the worker's secret can compute one,
+    /// so no gatekeeper can submit a job under a future firing's id and pre-empt it.
+    firings: ring::hmac::Key,
 }
+
+/// What the firing-id key is derived for.
+const FIRING_IDS: &str = "gatehouse schedule firing ids v1";
 
 /// What the worker's own signing key is derived for.
 const OWN_JOBS: &str = "gatehouse worker-made jobs v1";
@@ -146,6 +152,8 @@ impl WorkerKeys {
         let bad = |e: CryptoError| keys::KeyFileError::new(&s.sealing_key, e);
         let own_signing = opening.derive_signing_key(OWN_JOBS).map_err(bad)?;
         let own_public = opening.public_key();
+        let firings =
+            ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &opening.derive_secret(FIRING_IDS).map_err(bad)?);
         let mut trusted = keys::verifier(&s.gatekeeper_signing_keys)?;
         trusted.trust(own_signing.public_key()).map_err(bad)?;
         Ok(Self {
@@ -154,7 +162,20 @@ impl WorkerKeys {
             operators: keys::verifier(&s.operator_keys)?,
             own_signing,
             own_public,
+            firings,
         })
+    }
+
+    /// The id of schedule `name`'s firing at `fire_ms`: the same for every worker holding this
+    /// sealing key, unknown to anyone else.
+    pub fn firing_id(&self, name: &str, fire_ms: i64) -> gatehouse_protocol::JobId {
+        let tag = ring::hmac::sign(
+            &self.firings,
+            &[b"gatehouse schedule firing\0", name.as_bytes(), b"\0", &fire_ms.to_be_bytes()].concat(),
+        );
+        let mut raw = [0u8; 16];
+        raw.copy_from_slice(&tag.as_ref()[..16]);
+        gatehouse_protocol::JobId::from_bytes(raw)
     }
 
     /// The message of a job the worker makes itself (a schedule firing), vouched for with its

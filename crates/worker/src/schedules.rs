@@ -136,10 +136,10 @@ impl Schedule {
         out
     }
 
-    /// The job of the firing at `fire_ms`.
-    pub fn job(&self, fire_ms: i64) -> JobEnvelope {
+    /// The job of the firing at `fire_ms` (its id keyed with the worker's secret).
+    pub fn job(&self, fire_ms: i64, keys: &WorkerKeys) -> JobEnvelope {
         JobEnvelope {
-            id: firing_id(&self.spec.name, fire_ms),
+            id: keys.firing_id(&self.spec.name, fire_ms),
             kind: self.spec.kind.clone(),
             client: self.spec.client.clone(),
             priority: self.priority,
@@ -151,17 +151,6 @@ impl Schedule {
             trace_id: None,
         }
     }
-}
-
-/// The id of a schedule's firing: the same for every worker that plans it.
-pub fn firing_id(name: &str, fire_ms: i64) -> JobId {
-    let digest = ring::digest::digest(
-        &ring::digest::SHA256,
-        &[b"gatehouse schedule firing\0", name.as_bytes(), b"\0", &fire_ms.to_be_bytes()].concat(),
-    );
-    let mut raw = [0u8; 16];
-    raw.copy_from_slice(&digest.as_ref()[..16]);
-    JobId::from_bytes(raw)
 }
 
 /// The schedules of a worker.
@@ -278,7 +267,7 @@ pub fn plan(tx: &Tx<'_>, s: &Schedule, keys: &WorkerKeys, now: i64) -> Result<Pl
             plan.skipped += 1;
             continue;
         }
-        let env = s.job(fire);
+        let env = s.job(fire, keys);
         let id = env.id.clone();
         if tx.job(&id)?.is_none() && tx.attempts(&id)?.is_none() {
             let message =
@@ -378,6 +367,11 @@ mod tests {
 
     fn keys(dir: &Path) -> WorkerKeys {
         gatehouse_protocol::keys::write_dev(dir).unwrap();
+        keys_at(dir)
+    }
+
+    /// The keys already written in `dir`.
+    fn keys_at(dir: &Path) -> WorkerKeys {
         WorkerKeys::load(&crate::settings::KeySettings {
             sealing_key: dir.join("worker-sealing.key"),
             gatekeeper_signing_keys: vec![dir.join("gatekeeper-signing.pub")],
@@ -426,10 +420,23 @@ mod tests {
         assert_eq!((last.fired.len(), last.missed), (11, 49));
         let all = after_a_minute_away(&every_second("all", true)).await;
         assert_eq!((all.fired.len(), all.missed), (60, 0));
-        // Each firing's job id is its own, and derives from the firing time.
-        let t0 = 1_800_000_000_000_i64;
-        let ids: Vec<JobId> = (1..=60).map(|i| firing_id("s", t0 + i * 1000)).collect();
-        assert_eq!(all.fired.iter().map(|(id, _)| id.clone()).collect::<Vec<_>>(), ids);
+        // Each firing's job id is its own.
+        let ids: std::collections::HashSet<JobId> = all.fired.iter().map(|(id, _)| id.clone()).collect();
+        assert_eq!(ids.len(), 60);
+    }
+
+    #[test]
+    fn firing_ids_derive_from_name_and_time_keyed_with_the_workers_secret() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (ka, kb) = (keys(a.path()), keys(b.path()));
+        let t = 1_800_000_000_000_i64;
+        // The same for every worker with this sealing key (they share a database)...
+        assert_eq!(ka.firing_id("s", t), keys_at(a.path()).firing_id("s", t));
+        // ... and nobody without it can compute one (a gatekeeper could otherwise submit a job
+        // under a future firing's id, which planning skips as already there).
+        assert_ne!(ka.firing_id("s", t), kb.firing_id("s", t));
+        assert_ne!(ka.firing_id("s", t), ka.firing_id("s", t + 1000));
+        assert_ne!(ka.firing_id("s", t), ka.firing_id("t", t));
     }
 
     #[tokio::test]

@@ -692,6 +692,11 @@ impl TestSystem {
             .expect("operator key")
     }
 
+    /// The worker's keys (as its settings name them).
+    pub fn worker_keys(&self) -> gatehouse_worker::keys::WorkerKeys {
+        gatehouse_worker::keys::WorkerKeys::load(&self.worker_settings.keys).expect("worker keys")
+    }
+
     pub fn keyring(&self) -> PathBuf {
         self.worker_settings.keys.data_keyring.clone()
     }

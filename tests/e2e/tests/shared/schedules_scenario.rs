@@ -7,7 +7,6 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use gatehouse_e2e::{Options, TestSystem, oracle, report};
-use gatehouse_worker::schedules::firing_id;
 
 const SCHEDULES: &str = r#"
 [[schedule]]
@@ -89,8 +88,10 @@ pub async fn fire_each_firing_once(postgres: bool) {
     let first =
         int(&oracle::rows(&db, "SELECT min(updated_at_ms) FROM jobs WHERE kind = 'test.sleep'")[0][0]);
     let second = (first / 1000 - 2) * 1000;
-    let consecutive =
-        (0..60).filter(|i| jobs.contains_key(firing_id("every-second", second + i * 1000).as_str())).count();
+    let keys = sys.worker_keys();
+    let consecutive = (0..60)
+        .filter(|i| jobs.contains_key(keys.firing_id("every-second", second + i * 1000).as_str()))
+        .count();
     assert!(consecutive as i64 >= n - 2, "firing ids are not one per second: {consecutive} of {n}");
 
     // Every second, 2.5 s runs, no overlap: the firings in between are skipped and counted.
