@@ -18,6 +18,16 @@ use crate::settings::KeySettings;
 /// session's replies.
 pub const REPLY_WINDOW_MS: u64 = 120_000;
 
+/// How often an idle gatekeeper forgets the sessions past the reply window.
+pub const KEEP_SWEEP: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Drops the sessions (oldest at the back) started longer than [`REPLY_WINDOW_MS`] before `now`.
+fn forget_past_window(s: &mut VecDeque<Arc<Session>>, now: u64) {
+    while s.back().is_some_and(|old| now.saturating_sub(old.started_at_ms()) > REPLY_WINDOW_MS) {
+        s.pop_back();
+    }
+}
+
 pub struct GatekeeperKeys {
     signing: SigningKey,
     worker_sealing: [u8; 32],
@@ -62,12 +72,19 @@ impl GatekeeperKeys {
         }
         let fresh = Arc::new(Session::start(&self.signing, &self.worker_sealing, now)?);
         s.push_front(fresh.clone());
-        // Forget sessions past the reply window: their reply keys go with them.
-        while s.back().is_some_and(|old| now.saturating_sub(old.started_at_ms()) > REPLY_WINDOW_MS) {
-            s.pop_back();
-        }
+        forget_past_window(&mut s, now);
         tracing::debug!("new session with the worker");
         Ok(fresh)
+    }
+
+    /// Forgets the sessions past the reply window, with their reply keys, also when no new
+    /// session starts (an idle gatekeeper): called on a timer ([`KEEP_SWEEP`]).
+    pub fn forget_expired(&self) {
+        self.forget_at(now_ms());
+    }
+
+    fn forget_at(&self, now: u64) {
+        forget_past_window(&mut self.sessions.write().unwrap_or_else(PoisonError::into_inner), now);
     }
 
     /// A session this gatekeeper started within the reply window, by [`Session::id`].
@@ -106,5 +123,24 @@ mod tests {
         assert!(keys.recent_at(&first.id(), much_later).is_none());
         let kept = keys.sessions.read().unwrap().iter().map(|s| s.id()).collect::<Vec<_>>();
         assert!(!kept.contains(&first.id()), "the first session's keys are still held");
+    }
+
+    #[test]
+    fn an_idle_gatekeeper_forgets_its_sessions_after_the_reply_window() {
+        let dir = tempfile::tempdir().unwrap();
+        keys::write_dev(dir.path()).unwrap();
+        let settings = KeySettings {
+            signing_key: dir.path().join("gatekeeper-signing.key"),
+            worker_sealing_key: dir.path().join("worker-sealing.pub"),
+        };
+        let keys = GatekeeperKeys::load(&settings).unwrap();
+        let t0 = keys.session().unwrap().started_at_ms();
+        keys.forget_at(t0 + REPLY_WINDOW_MS / 2);
+        assert_eq!(keys.sessions.read().unwrap().len(), 1, "forgotten inside the window");
+        // No request since: the timer alone drops the session and its reply key.
+        keys.forget_at(t0 + REPLY_WINDOW_MS + 1);
+        assert!(keys.sessions.read().unwrap().is_empty(), "an idle gatekeeper kept its reply keys");
+        // The next request starts a new session.
+        assert!(keys.session().is_ok());
     }
 }

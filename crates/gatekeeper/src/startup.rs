@@ -135,6 +135,14 @@ impl Gatekeeper {
                 let _ = admin_stopped.await;
             });
         let admin = tokio::spawn(async move { admin.await });
+        // An idle gatekeeper forgets past sessions' reply keys too (see keys::REPLY_WINDOW_MS).
+        let keys = self.app.keys.clone();
+        let forgetting = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(crate::keys::KEEP_SWEEP).await;
+                keys.forget_expired();
+            }
+        });
         let (app, connections) = (self.app.clone(), Arc::new(crate::tally::Tally::default()));
         let gate: server::ConnectionGate = Arc::new(move |client| {
             let max = app
@@ -145,6 +153,7 @@ impl Gatekeeper {
             connections.enter(&client.0, max)
         });
         server::serve(self.listener, self.acceptor, router, self.limits, gate, shutdown).await;
+        forgetting.abort();
         let _ = stop_admin.send(());
         let _ = admin.await;
         self.supervisor.abort();
