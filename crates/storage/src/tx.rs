@@ -760,6 +760,26 @@ impl<'c> Tx<'c> {
         Ok(n as u64)
     }
 
+    /// How many delayed jobs of `client` are held until due.
+    pub fn delayed_count_of(&self, client: &str) -> Result<u64, StorageError> {
+        let n: i64 = self.must(
+            "SELECT count(*) FROM scheduled s JOIN jobs j ON j.id = s.job_id WHERE j.client = ?1 AND s.released = 0",
+            params![client],
+            |r| r.get(0),
+        )?;
+        Ok(n as u64)
+    }
+
+    /// How many jobs of `client` wait for a singleton turn.
+    pub fn waiting_count_of(&self, client: &str) -> Result<u64, StorageError> {
+        let n: i64 = self.must(
+            "SELECT count(*) FROM singleton_waiting w JOIN jobs j ON j.id = w.job_id WHERE j.client = ?1",
+            params![client],
+            |r| r.get(0),
+        )?;
+        Ok(n as u64)
+    }
+
     /// How many jobs wait for a predecessor.
     pub fn parked_count(&self) -> Result<u64, StorageError> {
         let n: i64 = self.must("SELECT count(*) FROM parked", params![], |r| r.get(0))?;
@@ -1028,6 +1048,12 @@ impl<'c> Tx<'c> {
     }
 
     // ---- singletons ---------------------------------------------------------------------------
+
+    /// Takes job `id` out of the singleton waiting line (it was refused).
+    pub fn stop_waiting(&self, id: &JobId) -> Result<(), StorageError> {
+        self.exec("DELETE FROM singleton_waiting WHERE job_id = ?1", params![id.as_str()])?;
+        Ok(())
+    }
 
     /// Takes the turn of singleton `key` for job `id` if it is free (or already `id`'s);
     /// otherwise queues the job's message behind the others waiting and answers `false`.

@@ -42,9 +42,65 @@ pub enum Decided {
     /// A replay whose grant was issued before the job's latest dead letter: back to the
     /// dead-letter queue, nothing recorded.
     ReplayRefused,
-    /// It would park, but its client already has the most parked jobs allowed: dead-letter it
-    /// (`parked_limit`), recorded but not using up its number, so that a replay can run it.
-    ParkedLimit,
+    /// It would be held (parked, delayed, waiting for its turn), but its client already holds
+    /// the most such jobs allowed: dead-letter it (`parked_limit`, `delayed_limit`,
+    /// `waiting_limit`), recorded but not using up a sequence number, so that a replay can run
+    /// it.
+    OverCap(Cap),
+}
+
+/// What a client may hold in the worker's storage at most, per kind of holding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientCaps {
+    /// Jobs waiting for an earlier sequence number.
+    pub parked: u64,
+    /// Delayed jobs held until they are due.
+    pub delayed: u64,
+    /// Jobs waiting for a singleton turn.
+    pub waiting: u64,
+}
+
+impl Default for ClientCaps {
+    fn default() -> Self {
+        Self { parked: 10_000, delayed: 10_000, waiting: 10_000 }
+    }
+}
+
+/// Which of [`ClientCaps`] a job ran into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cap {
+    Parked,
+    Delayed,
+    Waiting,
+}
+
+impl Cap {
+    /// The dead-letter reason.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::Parked => "parked_limit",
+            Self::Delayed => "delayed_limit",
+            Self::Waiting => "waiting_limit",
+        }
+    }
+
+    /// What the client holds too many of, in words.
+    pub fn holding(self) -> &'static str {
+        match self {
+            Self::Parked => "jobs waiting for earlier sequence numbers",
+            Self::Delayed => "delayed jobs",
+            Self::Waiting => "jobs waiting for a singleton turn",
+        }
+    }
+
+    /// The cap in `caps`.
+    pub fn of(self, caps: &ClientCaps) -> u64 {
+        match self {
+            Self::Parked => caps.parked,
+            Self::Delayed => caps.delayed,
+            Self::Waiting => caps.waiting,
+        }
+    }
 }
 
 /// What [`prepare`] decided.
@@ -70,8 +126,8 @@ pub struct Arrival {
     /// An operator's verified replay grant, issued at this time (unix ms): forget that the job
     /// was dead-lettered before it.
     pub replay: Option<u64>,
-    /// Most jobs its client may have parked.
-    pub max_parked: u64,
+    /// What its client may hold at most.
+    pub caps: ClientCaps,
 }
 
 /// For kinds whose handler runs inside storage: the whole decision and its effect in one
@@ -157,6 +213,9 @@ pub fn prepare(tx: &Tx<'_>, spec: &KindSpec, arrival: &Arrival) -> Result<Step, 
         // ([`crate::delays`]).
         None => {
             if let Some(at) = due {
+                if tx.delayed_count_of(&env.client)? >= arrival.caps.delayed {
+                    return Ok(Step::Decided(Decided::OverCap(Cap::Delayed)));
+                }
                 tx.record_job(&stored(env, JobState::Scheduled, None, None, None))?;
                 tx.schedule(&env.id, at, raw)?;
                 let mut status = JobStatus::new(env.id.clone(), JobState::Scheduled);
@@ -180,8 +239,8 @@ pub fn prepare(tx: &Tx<'_>, spec: &KindSpec, arrival: &Arrival) -> Result<Step, 
             return Ok(Step::Decided(Decided::Done(vec![answer(status, target)])));
         }
         if number > expected {
-            if tx.parked_count_of(&env.client)? >= arrival.max_parked {
-                return Ok(Step::Decided(Decided::ParkedLimit));
+            if tx.parked_count_of(&env.client)? >= arrival.caps.parked {
+                return Ok(Step::Decided(Decided::OverCap(Cap::Parked)));
             }
             let seq = Some((key.to_owned(), number));
             tx.record_job(&stored(env, JobState::WaitingForSequence, None, None, seq))?;
@@ -203,6 +262,11 @@ pub fn prepare(tx: &Tx<'_>, spec: &KindSpec, arrival: &Arrival) -> Result<Step, 
     if let Some(key) = singleton_key(spec, env)
         && !tx.take_turn(&key, &env.id, raw)?
     {
+        // Now in line; its own record comes below, so the count is of the others.
+        if tx.waiting_count_of(&env.client)? >= arrival.caps.waiting {
+            tx.stop_waiting(&env.id)?;
+            return Ok(Step::Decided(Decided::OverCap(Cap::Waiting)));
+        }
         tx.record_job(&stored(env, JobState::WaitingForTurn, None, None, None))?;
         let status = JobStatus::new(env.id.clone(), JobState::WaitingForTurn);
         return Ok(Step::Decided(Decided::Done(vec![answer(status, target)])));
@@ -575,7 +639,7 @@ mod tests {
             .transact(move |tx| -> Result<_, ApplyError> {
                 let spec = catalog.kind(&env.kind).unwrap().clone();
                 let target = ReplyTarget::default();
-                let arrival = Arrival { env, raw, target, replay: None, max_parked: 100 };
+                let arrival = Arrival { env, raw, target, replay: None, caps: ClientCaps::default() };
                 match decide_and_run(tx, &catalog, &kinds(&catalog), &spec, &keys().sessions, &arrival)? {
                     Decided::Done(a) => Ok(a),
                     d => panic!("unexpected {d:?}"),
@@ -708,7 +772,7 @@ mod tests {
                     raw: b"{}".to_vec(),
                     target: ReplyTarget::default(),
                     replay: None,
-                    max_parked: 100,
+                    caps: ClientCaps::default(),
                 };
                 prepare(tx, &spec, &arrival)
             })

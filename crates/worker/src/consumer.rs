@@ -68,8 +68,8 @@ pub struct Context {
     pub keys: Arc<WorkerKeys>,
     /// Acknowledgements of the job channel (see [`crate::acks`]).
     pub acks: Acks,
-    /// Most parked jobs per client (see [`apply::Decided::ParkedLimit`]).
-    pub max_parked_per_client: u64,
+    /// What one client may hold in storage (see [`apply::Decided::OverCap`]).
+    pub caps: apply::ClientCaps,
     /// External handlers running here, to tell of a cancellation.
     pub running: Arc<crate::cancel::Running>,
     /// Where handlers' progress reports go.
@@ -142,7 +142,7 @@ impl Job<'_> {
             raw: self.data.to_vec(),
             target: self.target.clone(),
             replay,
-            max_parked: self.ctx.max_parked_per_client,
+            caps: self.ctx.caps,
         }
     }
 
@@ -307,12 +307,14 @@ impl Job<'_> {
     async fn settle_decided(&self, decided: Decided) {
         match decided {
             Decided::Done(answers) => finish(self.ctx, self.delivery, &self.env.kind, &answers).await,
-            Decided::ParkedLimit => {
+            Decided::OverCap(cap) => {
                 let error = Some(format!(
-                    "{} already has {} jobs waiting for earlier sequence numbers",
-                    self.env.client, self.ctx.max_parked_per_client
+                    "{} already has {} {}",
+                    self.env.client,
+                    cap.of(&self.ctx.caps),
+                    cap.holding()
                 ));
-                let dead = Dead { reason: "parked_limit", error, attempts: 0 };
+                let dead = Dead { reason: cap.reason(), error, attempts: 0 };
                 let job = Some((&self.env, &self.target));
                 dead_letter(self.ctx, self.delivery, self.data, self.class, job, dead).await;
             }

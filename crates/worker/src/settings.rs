@@ -149,6 +149,13 @@ pub struct ConsumerSettings {
     /// client cannot fill the worker's storage with numbers far ahead of its key.
     #[serde(default = "default_max_parked_per_client")]
     pub max_parked_per_client: u64,
+    /// Most delayed jobs (`not_before` / `delay_s`, held in storage until due) one client may
+    /// have at once; past it, `delayed_limit` (dead-lettered, replayable).
+    #[serde(default = "default_max_parked_per_client")]
+    pub max_delayed_per_client: u64,
+    /// Most jobs one client may have waiting for a singleton turn; past it, `waiting_limit`.
+    #[serde(default = "default_max_parked_per_client")]
+    pub max_waiting_per_client: u64,
     /// A job still running after this long has its delivery acked and its message held in
     /// storage under a renewed lease instead (see `crate::leases`): keep it well below the
     /// broker's `consumer_timeout` (30 minutes by default).

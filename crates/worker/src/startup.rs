@@ -427,7 +427,11 @@ impl Session {
             job_locks: Default::default(),
             keys: keys.clone(),
             acks: Acks::start(jobs.clone()),
-            max_parked_per_client: settings.consumer.max_parked_per_client,
+            caps: crate::apply::ClientCaps {
+                parked: settings.consumer.max_parked_per_client,
+                delayed: settings.consumer.max_delayed_per_client,
+                waiting: settings.consumer.max_waiting_per_client,
+            },
             running: Arc::default(),
             progress: progress.clone(),
             leases: settings.consumer.leases().map_err(anyhow::Error::msg)?,

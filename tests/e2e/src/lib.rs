@@ -283,6 +283,9 @@ pub struct Options {
     pub catalog: Option<PathBuf>,
     /// Override the worker's cap on parked jobs per client.
     pub max_parked_per_client: Option<u64>,
+    /// Override the worker's caps per client on delayed jobs and on jobs waiting for a
+    /// singleton turn.
+    pub max_delayed_and_waiting_per_client: Option<(u64, u64)>,
     /// Override every queue class's max length.
     pub max_length: Option<u32>,
     /// Connect as these users instead of guest: (gatekeeper URL, worker URL).
@@ -473,6 +476,8 @@ impl TestSystem {
                 prefetch: options.prefetch.unwrap_or(4),
                 stopping_wait_time_ms: 5000,
                 max_parked_per_client: options.max_parked_per_client.unwrap_or(10_000),
+                max_delayed_per_client: options.max_delayed_and_waiting_per_client.map_or(10_000, |c| c.0),
+                max_waiting_per_client: options.max_delayed_and_waiting_per_client.map_or(10_000, |c| c.1),
                 hand_off_after_ms: options.hand_off.map_or(600_000, |h| h.0),
                 lease_ms: options.hand_off.map_or(60_000, |h| h.1),
             },
@@ -844,6 +849,7 @@ impl WorkerProcess {
 fn worker_toml(s: &WorkerSettings) -> String {
     format!(
         "[broker]\nurl = \"{}\"\nother_urls = [{}]\nprefix = \"{}\"\n\n[consumer]\nprefetch = {}\nstopping_wait_time_ms = {}\nmax_parked_per_client = {}\n\
+         max_delayed_per_client = {}\nmax_waiting_per_client = {}\n\
          hand_off_after_ms = {}\nlease_ms = {}\n\n\
          [storage]\nurl = \"{}\"\n{}\n[catalog]\npath = \"{}\"\n\n[testing]\nenabled = {}\n\n\
          [keys]\nsealing_key = \"{}\"\ngatekeeper_signing_keys = [\"{}\"]\n\
@@ -855,6 +861,8 @@ fn worker_toml(s: &WorkerSettings) -> String {
         s.consumer.prefetch,
         s.consumer.stopping_wait_time_ms,
         s.consumer.max_parked_per_client,
+        s.consumer.max_delayed_per_client,
+        s.consumer.max_waiting_per_client,
         s.consumer.hand_off_after_ms,
         s.consumer.lease_ms,
         s.storage.url.as_deref().expect("a storage url"),

@@ -49,6 +49,16 @@ pub async fn call_as(
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
+/// The status of `GET path` on a plain-HTTP listener asked for as `Host: host`.
+pub async fn status_for_host(addr: std::net::SocketAddr, path: &str, host: &str) -> u16 {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("plain HTTP listener");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.expect("http");
+    tokio::spawn(conn);
+    let req =
+        Request::builder().uri(path).header("host", host).body(Full::new(Bytes::new())).expect("request");
+    sender.send_request(req).await.expect("the listener answers").status().as_u16()
+}
+
 /// Reads up to `count` messages of `queue` in vhost `/` and puts them back
 /// (`ackmode: reject_requeue_true`); answers the raw JSON the API returned.
 pub async fn peek(queue: &str, count: u32) -> String {

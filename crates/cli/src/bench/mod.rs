@@ -70,6 +70,11 @@ pub struct BenchArgs {
     /// of examples/exec-kinds), each measured like `sync` against `vault.put` in turns.
     #[arg(long = "kind")]
     pub kinds: Vec<String>,
+    /// For the `kinds` scenario: spread the connections over this many client identities,
+    /// `bench-1` … `bench-N` (their certificates are made beside `--cert` from the dev CA when
+    /// missing; list them in the gatekeeper's policy).
+    #[arg(long, default_value_t = 1)]
+    pub clients: usize,
     /// The reference on a quorum queue (against a system whose classes are quorum lanes,
     /// `gatehouse up --cluster`; point `--broker` at a node of the cluster).
     #[arg(long)]
@@ -77,6 +82,33 @@ pub struct BenchArgs {
     /// One JSON object per line per scenario instead of the table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// The client identities of the `kinds` scenario: the given one, or `bench-1` … `bench-N`
+/// (certificates made from the dev CA beside `--cert` when missing).
+fn bench_clients(
+    args: &BenchArgs,
+    client: &gatehouse_client::Client,
+) -> anyhow::Result<Vec<gatehouse_client::Client>> {
+    if args.clients <= 1 {
+        return Ok(vec![client.clone()]);
+    }
+    let dir = args.endpoint.cert.parent().unwrap_or(std::path::Path::new("."));
+    (1..=args.clients)
+        .map(|i| {
+            let name = format!("bench-{i}");
+            let (cert, key) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
+            if !cert.exists() {
+                crate::certs::write_client(dir, &name)?;
+            }
+            let identity = gatehouse_client::Identity { cert, key };
+            let mut c = gatehouse_client::Client::new(&args.endpoint.url, &args.endpoint.ca, Some(identity))?;
+            if args.http2 {
+                c = c.http2();
+            }
+            Ok(c)
+        })
+        .collect()
 }
 
 /// Slices of the sync and async scenarios and of their references, run in turns.
@@ -133,17 +165,20 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<Vec<Value>> {
                 // Each kind against the built-in vault.put, in alternating slices.
                 anyhow::ensure!(!args.kinds.is_empty(), "the kinds scenario needs --kind NAME");
                 let slice = duration / SLICES;
+                let clients = bench_clients(args, &client)?;
                 for kind in &args.kinds {
                     let (mut theirs, mut builtin) = (Samples::default(), Samples::default());
                     for _ in 0..SLICES {
                         theirs.then(
-                            progress(kind, slice, scenarios::sync_of(&client, c, slice, Some(kind))).await?,
+                            progress(kind, slice, scenarios::sync_of(&clients, c, slice, Some(kind))).await?,
                         );
                         builtin.then(
-                            progress("vault.put", slice, scenarios::sync_of(&client, c, slice, None)).await?,
+                            progress("vault.put", slice, scenarios::sync_of(&clients, c, slice, None))
+                                .await?,
                         );
                     }
                     let mut r = row(kind, args, &theirs);
+                    r["clients"] = json!(clients.len());
                     r["vault_put_per_s"] = json!(round(throughput(&builtin)));
                     r["ratio_to_vault_put"] =
                         json!(round(throughput(&theirs) / throughput(&builtin).max(f64::MIN_POSITIVE)));

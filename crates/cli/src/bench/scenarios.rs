@@ -28,6 +28,18 @@ async fn connections(client: &Client, n: usize) -> anyhow::Result<Vec<Connection
     Ok(out)
 }
 
+/// `n` connections spread over `clients` (client identities) in turn.
+async fn connections_of(clients: &[Client], n: usize) -> anyhow::Result<Vec<Connection>> {
+    let mut out = Vec::with_capacity(n);
+    for (i, client) in clients.iter().enumerate() {
+        let share = n / clients.len() + usize::from(i < n % clients.len());
+        if share > 0 {
+            out.extend(connections(client, share).await?);
+        }
+    }
+    Ok(out)
+}
+
 /// The job every scenario submits (the reference publishes the same JSON).
 pub fn job(i: u64, priority: u8) -> Value {
     json!({"kind": "vault.put", "payload": {"record": {"n": i, "bench": "x".repeat(64)}}, "priority": priority})
@@ -41,18 +53,19 @@ pub fn text_job(kind: &str, i: u64) -> Value {
 /// Submits with `Prefer: wait` until `duration` passes: the full round trip through worker and
 /// storage. A success is a 200 with status `succeeded`.
 pub async fn sync(client: &Client, concurrency: usize, duration: Duration) -> anyhow::Result<Samples> {
-    sync_of(client, concurrency, duration, None).await
+    sync_of(std::slice::from_ref(client), concurrency, duration, None).await
 }
 
-/// [`sync`] with jobs of `kind` ([`text_job`]), or `vault.put` ([`job`]) when `None`.
+/// [`sync`] with jobs of `kind` ([`text_job`]), or `vault.put` ([`job`]) when `None`, the
+/// connections spread over `clients`.
 pub async fn sync_of(
-    client: &Client,
+    clients: &[Client],
     concurrency: usize,
     duration: Duration,
     kind: Option<&str>,
 ) -> anyhow::Result<Samples> {
     let kind: Option<Arc<str>> = kind.map(Arc::from);
-    let conns = connections(client, concurrency).await?;
+    let conns = connections_of(clients, concurrency).await?;
     let start = Instant::now();
     let deadline = start + duration;
     let tasks: Vec<_> = conns

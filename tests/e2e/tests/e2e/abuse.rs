@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use gatehouse_e2e::{OTHER_CLIENT, TestSystem, assert_problem};
+use gatehouse_e2e::{OTHER_CLIENT, Options, TestSystem, assert_problem, wait_final};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -109,5 +109,64 @@ async fn one_client_with_2000_streams_and_100_connections_takes_nothing_from_ano
     // The other client goes on as before (within 2x, plus 20 ms for the suite's other tests
     // that run beside this one on two cores).
     assert!(loaded <= unloaded * 2 + Duration::from_millis(20), "p99 {unloaded:?} -> {loaded:?}");
+    sys.stop().await;
+}
+
+/// What one client holds in the worker's storage is bounded: delayed jobs and jobs waiting for a
+/// singleton turn past the client's cap are dead-lettered (replayable), not held; another
+/// client's are held as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn delayed_and_singleton_waiting_jobs_are_capped_per_client() {
+    let sys = TestSystem::start_with(Options {
+        testing: true,
+        max_delayed_and_waiting_per_client: Some((3, 2)),
+        // A process of its own: test.singleton counts the singletons running in its process,
+        // and singleton.rs runs its own beside this test.
+        worker_binary: Some(env!("CARGO_BIN_EXE_e2e-worker")),
+        ..Options::default()
+    })
+    .await;
+    let final_states = async |conn: &mut gatehouse_client::Connection, ids: &[String]| {
+        let mut out = Vec::new();
+        for id in ids {
+            let s = conn.status(id).await.unwrap().json();
+            out.push(s["reason"].as_str().unwrap_or(s["status"].as_str().unwrap()).to_owned());
+        }
+        out.sort();
+        out
+    };
+    let delayed = json!({"kind": "vault.put", "payload": {"record": {"a": 1}}, "delay_s": 3600});
+    let mut a = sys.connect().await;
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(a.submit(&delayed, None).await.unwrap().json()["id"].as_str().unwrap().to_owned());
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let states = final_states(&mut sys.connect().await, &ids).await;
+    assert_eq!(states, ["delayed_limit", "delayed_limit", "scheduled", "scheduled", "scheduled"]);
+    let mut b = sys.client_as(OTHER_CLIENT).connect().await.unwrap();
+    let r = b.submit(&delayed, None).await.unwrap().json();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let s = sys
+        .client_as(OTHER_CLIENT)
+        .connect()
+        .await
+        .unwrap()
+        .status(r["id"].as_str().unwrap())
+        .await
+        .unwrap()
+        .json();
+    assert_eq!(s["status"], "scheduled", "another client's cap: {s}");
+
+    // A singleton kind: one runs, two may wait, the rest of this client's are refused.
+    let single = json!({"kind": "test.singleton", "payload": {"ms": 3000}});
+    let ids = gatehouse_e2e::submit_at_once(&sys, &single, 5).await;
+    let mut decided = Vec::new();
+    for id in &ids {
+        let s = wait_final(&mut sys.connect().await, id, Duration::from_secs(60)).await;
+        decided.push(s["reason"].as_str().unwrap_or(s["status"].as_str().unwrap()).to_owned());
+    }
+    decided.sort();
+    assert_eq!(decided, ["succeeded", "succeeded", "succeeded", "waiting_limit", "waiting_limit"]);
     sys.stop().await;
 }

@@ -9,6 +9,9 @@ async fn every_scenario_runs_and_reports() {
     // The shipped catalog plus the executable examples, for the `kinds` scenario.
     let sys = TestSystem::start_with(gatehouse_e2e::Options {
         catalog: Some(gatehouse_e2e::repo_root().join("examples/exec-kinds/jobs.toml")),
+        // The `kinds` scenario's client identities (their certificates the bench makes).
+        extra_policy: "[[client]]\nidentity = \"bench-1\"\nkinds = [\"*\"]\nmax_priority = 9\n\n\
+                       [[client]]\nidentity = \"bench-2\"\nkinds = [\"*\"]\nmax_priority = 9\n",
         ..Default::default()
     })
     .await;
@@ -16,6 +19,7 @@ async fn every_scenario_runs_and_reports() {
         endpoint: sys.endpoint(),
         scenarios: ["sync", "async", "priority", "idle", "kinds"].map(String::from).to_vec(),
         kinds: vec!["acme.upper-stream".into()],
+        clients: 2,
         concurrency: 2,
         duration: 1,
         http2: false,
@@ -52,5 +56,6 @@ async fn every_scenario_runs_and_reports() {
     let stream = by("acme.upper-stream");
     assert!(stream["requests"].as_u64().unwrap() > 0 && stream["errors"] == 0, "{stream}");
     assert!(stream["ratio_to_vault_put"].as_f64().unwrap() > 0.0, "{stream}");
+    assert_eq!(stream["clients"], 2, "{stream}");
     sys.stop().await;
 }

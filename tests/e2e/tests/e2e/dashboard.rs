@@ -111,3 +111,26 @@ fn base64_of(s: &str) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(s)
 }
+
+/// Both admin listeners answer a request for an address or `localhost`, not for a name a web
+/// page could have pointed at 127.0.0.1 (DNS rebinding from a browser on the operator's machine).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn admin_listeners_refuse_requests_for_unknown_host_names() {
+    let sys = TestSystem::start().await;
+    let worker = sys.worker_admin_addr.expect("in-process worker");
+    for admin in [worker, sys.admin_addr] {
+        for (host, status) in [
+            (admin.to_string(), 200),
+            (format!("localhost:{}", admin.port()), 200),
+            (format!("rebind.attacker.example:{}", admin.port()), 421),
+        ] {
+            assert_eq!(
+                management::status_for_host(admin, "/metrics", &host).await,
+                status,
+                "{admin} as {host}"
+            );
+        }
+    }
+    assert_eq!(management::status_for_host(worker, "/dashboard.json", "attacker.example").await, 421);
+    sys.stop().await;
+}
