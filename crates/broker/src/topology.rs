@@ -50,6 +50,11 @@ pub mod headers {
     pub const DEAD_AT: &str = "x-gatehouse-dead-at";
     /// Set by `gatehouse dlq replay`: the worker resets the job's attempts and runs it afresh.
     pub const REPLAY: &str = "x-gatehouse-replay";
+    /// The job id the worker verified (absent when the message could not be verified).
+    pub const JOB_ID: &str = "x-gatehouse-job-id";
+    /// How many times the worker dead-lettered this job (a replay grant names the dead letter
+    /// it is for by this number).
+    pub const DEAD_COUNT: &str = "x-gatehouse-dead-count";
 }
 
 /// The names of everything on the broker, under an optional prefix.

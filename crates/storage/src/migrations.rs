@@ -330,6 +330,15 @@ const MIGRATIONS: &[&str] = &[
     r"
     SELECT 1;
     ",
+    // 20: how many times each job was dead-lettered (a replay grant names its dead letter).
+    r"
+    CREATE TABLE dead_letters (
+        job_id TEXT PRIMARY KEY,
+        count  INTEGER NOT NULL,
+        at_ms  INTEGER NOT NULL
+    );
+    CREATE INDEX dead_letters_at ON dead_letters(at_ms);
+    ",
 ];
 
 /// After this migration (1-based) the error texts of earlier releases are sealed.

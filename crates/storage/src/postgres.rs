@@ -140,6 +140,15 @@ const SCHEMA: &[&str] = &[
     -- (`Tx::seal_plaintext_errors`): they can quote the payload.
     SELECT 1;
 ",
+    r"
+    -- 3: how many times each job was dead-lettered (a replay grant names its dead letter).
+    CREATE TABLE dead_letters (
+        job_id TEXT PRIMARY KEY,
+        count  BIGINT NOT NULL,
+        at_ms  BIGINT NOT NULL
+    );
+    CREATE INDEX dead_letters_at ON dead_letters(at_ms);
+",
 ];
 
 /// After this step (1-based) the error texts of earlier releases are sealed.

@@ -555,25 +555,55 @@ impl<'c> Tx<'c> {
         Ok(())
     }
 
-    /// For an operator's replay granted at `granted_at_ms`: forgets the job (and its attempts)
-    /// if it was dead-lettered before the grant, so that the replay runs it afresh. A job in any
-    /// other state is kept as it is (the replay is then answered from it); a job dead-lettered
-    /// *after* the grant was issued is kept too — the grant was for an earlier dead letter.
-    pub fn forget_dead_lettered(&self, id: &JobId, granted_at_ms: u64) -> Result<Forget, StorageError> {
-        let dead_at: Option<i64> = self.one(
-            "SELECT updated_at_ms FROM jobs WHERE id = ?1 AND state = 'dead_lettered'",
+    /// For an operator's replay of the job's `dead_count`th dead letter: forgets the job (and
+    /// its attempts) if it is dead-lettered and that was its latest dead letter, so that the
+    /// replay runs it afresh. A job in any other state is kept as it is (the replay is then
+    /// answered from it); a grant for an earlier dead letter is refused (`GrantTooOld`).
+    pub fn forget_dead_lettered(&self, id: &JobId, dead_count: u32) -> Result<Forget, StorageError> {
+        let dead: Option<String> = self.one(
+            "SELECT state FROM jobs WHERE id = ?1 AND state = 'dead_lettered'",
             params![id.as_str()],
             |r| r.get(0),
         )?;
-        match dead_at {
-            None => Ok(Forget::NotDeadLettered),
-            Some(at) if at > to_i64(granted_at_ms)? => Ok(Forget::GrantTooOld),
-            Some(_) => {
-                self.exec("DELETE FROM jobs WHERE id = ?1", params![id.as_str()])?;
-                self.exec("DELETE FROM attempts WHERE job_id = ?1", params![id.as_str()])?;
-                Ok(Forget::Forgotten)
-            }
+        if dead.is_none() {
+            return Ok(Forget::NotDeadLettered);
         }
+        if self.dead_count(id)? != dead_count {
+            return Ok(Forget::GrantTooOld);
+        }
+        self.exec("DELETE FROM jobs WHERE id = ?1", params![id.as_str()])?;
+        self.exec("DELETE FROM attempts WHERE job_id = ?1", params![id.as_str()])?;
+        Ok(Forget::Forgotten)
+    }
+
+    /// Counts one more dead letter of job `id`; answers the count (1 for its first).
+    pub fn count_dead_letter(&self, id: &JobId) -> Result<u32, StorageError> {
+        self.lock_job(id)?;
+        let count: i64 = self.must(
+            "INSERT INTO dead_letters (job_id, count, at_ms) VALUES (?1, 1, ?2)
+             ON CONFLICT(job_id) DO UPDATE SET count = dead_letters.count + 1, at_ms = excluded.at_ms
+             RETURNING count",
+            params![id.as_str(), now_ms()],
+            |r| r.get(0),
+        )?;
+        Ok(u32::try_from(count).unwrap_or(u32::MAX))
+    }
+
+    /// How many times job `id` was dead-lettered (0: never, or so long ago it was forgotten).
+    pub fn dead_count(&self, id: &JobId) -> Result<u32, StorageError> {
+        let n: Option<i64> =
+            self.one("SELECT count FROM dead_letters WHERE job_id = ?1", params![id.as_str()], |r| r.get(0))?;
+        Ok(n.map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX)))
+    }
+
+    /// Forgets the dead-letter counts of jobs last dead-lettered before `before_ms` (their
+    /// messages are stale by then): at most `limit`.
+    pub fn prune_dead_counts(&self, before_ms: i64, limit: u32) -> Result<u64, StorageError> {
+        let n = self.exec(
+            "DELETE FROM dead_letters WHERE job_id IN (SELECT job_id FROM dead_letters WHERE at_ms < ?1 ORDER BY at_ms LIMIT ?2)",
+            params![before_ms, limit],
+        )?;
+        Ok(n as u64)
     }
 
     // ---- attempts --------------------------------------------------------------------------
@@ -1472,6 +1502,33 @@ mod tests {
         let first = store.transact(|tx| tx.take_parked("k", 2)).await.unwrap();
         assert_eq!(first.unwrap().job_id, id(3));
         assert_eq!(store.transact(|tx| tx.take_parked("k", 2)).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_replay_forgets_a_dead_lettered_job_only_for_its_latest_dead_letter() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_sqlite(&dir.path().join("db.sqlite"), test_keyring(), &[]).unwrap();
+        let dead = || async {
+            store
+                .transact(|tx| {
+                    let n = tx.count_dead_letter(&id(9))?;
+                    tx.record_job(&job(9, JobState::DeadLettered, None))?;
+                    Ok::<_, StorageError>(n)
+                })
+                .await
+                .unwrap()
+        };
+        assert_eq!(dead().await, 1);
+        // Dead-lettered again before the grant for the first came back: whatever the clocks say
+        // (a grant issued "later" by a clock ahead), the grant is for dead letter 1, not 2.
+        assert_eq!(dead().await, 2);
+        let forget = |n| store.transact(move |tx| tx.forget_dead_lettered(&id(9), n));
+        assert_eq!(forget(1).await.unwrap(), Forget::GrantTooOld);
+        assert_eq!(forget(2).await.unwrap(), Forget::Forgotten);
+        assert_eq!(forget(2).await.unwrap(), Forget::NotDeadLettered, "the job runs afresh");
+        // The count outlives the forgotten record: a third dead letter is 3, and grant 2 is old.
+        assert_eq!(dead().await, 3);
+        assert_eq!(forget(2).await.unwrap(), Forget::GrantTooOld);
     }
 
     #[tokio::test]

@@ -39,7 +39,7 @@ pub enum Decided {
     Done(Vec<Answer>),
     /// Started `attempts` times without an outcome (crashes): dead-letter it.
     Exhausted { attempts: u32, last_error: Option<String> },
-    /// A replay whose grant was issued before the job's latest dead letter: back to the
+    /// A replay whose grant is for an earlier dead letter of the job than its latest: back to the
     /// dead-letter queue, nothing recorded.
     ReplayRefused,
     /// It would be held (parked, delayed, waiting for its turn), but its client already holds
@@ -123,9 +123,9 @@ pub struct Arrival {
     /// The message body as it arrived (sealed, vouched for): what a parked job keeps.
     pub raw: Vec<u8>,
     pub target: ReplyTarget,
-    /// An operator's verified replay grant, issued at this time (unix ms): forget that the job
-    /// was dead-lettered before it.
-    pub replay: Option<u64>,
+    /// An operator's verified replay grant: forget that the job was dead-lettered, if the
+    /// grant is for its latest dead letter.
+    pub replay: Option<gatehouse_protocol::replay::Grant>,
     /// What its client may hold at most.
     pub caps: ClientCaps,
 }
@@ -181,8 +181,8 @@ pub enum ApplyError {
 pub fn prepare(tx: &Tx<'_>, spec: &KindSpec, arrival: &Arrival) -> Result<Step, StorageError> {
     let Arrival { env, raw, target, replay, .. } = arrival;
     lock(tx, spec.sequenced, env)?;
-    if let Some(granted_at_ms) = replay
-        && tx.forget_dead_lettered(&env.id, *granted_at_ms)? == Forget::GrantTooOld
+    if let Some(grant) = replay
+        && tx.forget_dead_lettered(&env.id, grant.dead_count)? == Forget::GrantTooOld
     {
         return Ok(Step::Decided(Decided::ReplayRefused));
     }

@@ -42,6 +42,7 @@ use crate::handlers::{self, Handler, Kinds, Outcome};
 use crate::job_locks::JobLocks;
 use crate::keys::{Refusal, WorkerKeys};
 use crate::reply;
+use gatehouse_protocol::replay::Grant;
 
 /// What every delivery handler needs.
 pub struct Context {
@@ -136,7 +137,7 @@ struct Job<'a> {
 }
 
 impl Job<'_> {
-    fn arrival(&self, replay: Option<u64>) -> Arrival {
+    fn arrival(&self, replay: Option<Grant>) -> Arrival {
         Arrival {
             env: self.env.clone(),
             raw: self.data.to_vec(),
@@ -146,7 +147,7 @@ impl Job<'_> {
         }
     }
 
-    async fn handle(&self, replay: Option<u64>) {
+    async fn handle(&self, replay: Option<Grant>) {
         if !self.ctx.kinds.registry.is_external(&self.env.kind) {
             return self.decide_and_run(replay).await;
         }
@@ -167,7 +168,7 @@ impl Job<'_> {
     /// A storage kind: the whole decision and effect in one transaction (one share of a group
     /// commit). Its handler runs on the storage thread, where a panic is caught: nothing it
     /// does can take the process down, so it needs no crash isolation.
-    async fn decide_and_run(&self, replay: Option<u64>) {
+    async fn decide_and_run(&self, replay: Option<Grant>) {
         let started = std::time::Instant::now();
         let decided = {
             let (catalog, kinds, spec, keys, arrival) = (
@@ -319,7 +320,7 @@ impl Job<'_> {
                 dead_letter(self.ctx, self.delivery, self.data, self.class, job, dead).await;
             }
             Decided::ReplayRefused => {
-                tracing::warn!("replay refused: its grant is older than the job's latest dead letter");
+                tracing::warn!("replay refused: its grant is for an earlier dead letter of the job");
                 let dead = Dead { reason: "replay_refused", error: None, attempts: 0 };
                 dead_letter(self.ctx, self.delivery, self.data, self.class, None, dead).await;
             }
@@ -456,7 +457,16 @@ async fn dead_letter(
     if let Some(id) = id.as_deref().filter(|_| props.message_id().is_none()) {
         props = props.with_message_id(id.into());
     }
-    let props = dead_properties(props, &ctx.topology, class, &dead);
+    let mut props = dead_properties(props, &ctx.topology, class, &dead);
+    if let Some((env, _)) = job {
+        match with_dead_count(ctx, props, &env.id).await {
+            Ok(counted) => props = counted,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not count the dead letter; requeueing");
+                return requeue_after_pause(ctx, delivery).await;
+            }
+        }
+    }
     if let Err(e) = ctx.publisher.publish_persistent(&ctx.topology.dead_exchange(), "", data, props).await {
         tracing::warn!(error = %e, "could not dead-letter; requeueing");
         return requeue_after_pause(ctx, delivery).await;
@@ -484,6 +494,25 @@ async fn dead_letter(
         }
     }
     settle(ctx, delivery, Settle::Ack).await;
+}
+
+/// A verified job's dead letter: its id and which of its dead letters this is, for a replay
+/// grant to name. Counted before the dead letter is published: one that is then not published
+/// only moves the count on.
+///
+/// # Errors
+/// When storage cannot count it (the caller requeues the delivery).
+pub async fn with_dead_count(
+    ctx: &Context,
+    props: BasicProperties,
+    id: &JobId,
+) -> Result<BasicProperties, StorageError> {
+    let jid = id.clone();
+    let count = ctx.store.transact(move |tx| tx.count_dead_letter(&jid)).await?;
+    let mut h = props.headers().clone().unwrap_or_default();
+    h.insert(headers::JOB_ID.into(), AMQPValue::LongString(LongString::from(id.as_str())));
+    h.insert(headers::DEAD_COUNT.into(), AMQPValue::LongUInt(count));
+    Ok(props.with_headers(h))
 }
 
 /// The job id a message that could not be opened claims in its body, unverified: a label that
@@ -535,14 +564,14 @@ fn without_replay(props: &BasicProperties) -> BasicProperties {
 /// Checks what the broker says about a delivery against what the gatekeeper vouched for: it
 /// came from its kind's queue, at its vouched priority (a copy re-published at priority 9 or
 /// into another class's queue would otherwise run early); and a replay marker carries an
-/// operator's grant for exactly this body. Answers the grant's issue time for a replay.
+/// operator's grant for exactly this body and job. Answers the grant (the dead letter it is for).
 fn check_delivery(
     ctx: &Context,
     class: &str,
     delivery: &Delivery,
     data: &[u8],
     env: &JobEnvelope,
-) -> Result<Option<u64>, Refusal> {
+) -> Result<Option<Grant>, Refusal> {
     // Its class's queue, or for quorum lanes the lane of its priority.
     let queue_ok =
         ctx.catalog.kind(&env.kind).is_none_or(|k| ctx.catalog.route(k, env.priority.get()) == class);
@@ -558,8 +587,8 @@ fn check_delivery(
         AMQPValue::ShortString(s) => s.to_string(),
         _ => String::new(),
     };
-    match ctx.keys.check_replay(&grant, data) {
-        Ok(issued_at) => Ok(Some(issued_at)),
+    match ctx.keys.check_replay(&grant, env.id.as_str(), data) {
+        Ok(grant) => Ok(Some(grant)),
         Err(e) => {
             tracing::warn!(job_id = %env.id, error = %e, "replay without a valid operator grant");
             Err(Refusal::ReplayRefused)

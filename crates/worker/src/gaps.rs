@@ -60,7 +60,12 @@ async fn sweep_once(ctx: &Context) -> anyhow::Result<()> {
             parked.seq_number, parked.seq_key
         );
         let dead = Dead { reason: "sequence_gap_timeout", error: Some(error.clone()), attempts: 0 };
-        let props = dead_properties(props, &ctx.topology, &class, &dead);
+        let props = crate::consumer::with_dead_count(
+            ctx,
+            dead_properties(props, &ctx.topology, &class, &dead),
+            &env.id,
+        )
+        .await?;
         ctx.publisher.publish_persistent(&ctx.topology.dead_exchange(), "", &parked.envelope, props).await?;
         ctx.metrics.dead_lettered(crate::dashboard::Event {
             at_ms: crate::keys::now_ms(),

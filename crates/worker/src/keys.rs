@@ -193,8 +193,13 @@ impl WorkerKeys {
     ///
     /// # Errors
     /// When no trusted operator signed it for this body, or it expired.
-    pub fn check_replay(&self, grant: &str, body: &[u8]) -> Result<u64, CryptoError> {
-        gatehouse_protocol::replay::verify(&self.operators, grant, body, now_ms())
+    pub fn check_replay(
+        &self,
+        grant: &str,
+        job_id: &str,
+        body: &[u8],
+    ) -> Result<gatehouse_protocol::replay::Grant, CryptoError> {
+        gatehouse_protocol::replay::verify(&self.operators, grant, job_id, body, now_ms())
     }
 
     /// Whether a message sent at `sent_at_ms` is within `max_age` of now.

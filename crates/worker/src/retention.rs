@@ -141,6 +141,14 @@ pub async fn prune_once(
             break;
         }
     }
+    // Dead-letter counts of jobs whose dead letters are stale by now.
+    loop {
+        let batch = retention.batch;
+        let n = store.transact(move |tx| tx.prune_dead_counts(before, batch)).await?;
+        if n < u64::from(batch) {
+            break;
+        }
+    }
     Ok(total)
 }
 

@@ -37,7 +37,10 @@ fn describe(m: &BasicGetMessage) -> Value {
     let h = p.headers().clone().unwrap_or_default();
     let get = |k: &str| h.inner().get(k).map(value_json).unwrap_or(Value::Null);
     json!({
-        "id": p.message_id().as_ref().map(ToString::to_string),
+        // The id the worker verified; for a message it could not verify, the id it claims.
+        "id": verified_id(m).map(str::to_owned).or_else(|| p.message_id().as_ref().map(ToString::to_string)),
+        "verified": verified_id(m).is_some(),
+        "dead_count": get(headers::DEAD_COUNT),
         "kind": p.kind().as_ref().map(ToString::to_string),
         "reason": get(headers::REASON),
         "attempts": get(headers::ATTEMPTS),
@@ -95,7 +98,8 @@ pub async fn list(args: &BrokerArgs) -> anyhow::Result<Vec<Value>> {
 pub async fn show(args: &BrokerArgs, id: &str) -> anyhow::Result<Option<Value>> {
     let (conn, ch, t) = open(args).await?;
     let messages = read_all(&ch, &t.dead_queue()).await?;
-    let found = messages.iter().find(|m| message_id(m) == Some(id)).map(|m| {
+    // By the id `describe` shows: the verified one, else the one it claims.
+    let found = messages.iter().find(|m| describe(m)["id"] == id).map(|m| {
         let mut v = describe(m);
         v["body"] = serde_json::from_slice(&m.delivery.data)
             .unwrap_or_else(|_| json!(String::from_utf8_lossy(&m.delivery.data)));
@@ -105,8 +109,21 @@ pub async fn show(args: &BrokerArgs, id: &str) -> anyhow::Result<Option<Value>> 
     Ok(found)
 }
 
-fn message_id(m: &BasicGetMessage) -> Option<&str> {
-    m.delivery.properties.message_id().as_ref().map(|s| s.as_str())
+/// The job id the worker verified and wrote when it dead-lettered the message (not the
+/// `message_id` property, which anyone publishing could set).
+fn verified_id(m: &BasicGetMessage) -> Option<&str> {
+    match m.delivery.properties.headers().as_ref()?.inner().get(headers::JOB_ID)? {
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok(),
+        _ => None,
+    }
+}
+
+/// Which of its job's dead letters the message is.
+fn dead_count(m: &BasicGetMessage) -> Option<u32> {
+    match m.delivery.properties.headers().as_ref()?.inner().get(headers::DEAD_COUNT)? {
+        AMQPValue::LongUInt(n) => Some(*n),
+        _ => None,
+    }
 }
 
 /// Sends dead letters (the one with `id`, or all when `None`) back to their job queue, each
@@ -126,19 +143,25 @@ pub async fn replay(
     let publisher = Publisher::open(&conn).await?;
     let messages = read_all(&ch, &t.dead_queue()).await?;
     let mut replayed = Vec::new();
-    for m in messages.iter().filter(|m| id.is_none() || message_id(m) == id) {
-        let Some(class) = header_str(&m.delivery.properties, headers::QUEUE_CLASS) else {
-            eprintln!("skipping {:?}: no queue class header (not dead-lettered by a worker)", message_id(m));
+    for m in messages.iter().filter(|m| id.is_none() || verified_id(m) == id) {
+        let (Some(class), Some(job), Some(count)) =
+            (header_str(&m.delivery.properties, headers::QUEUE_CLASS), verified_id(m), dead_count(m))
+        else {
+            eprintln!(
+                "skipping {:?}: not a job the worker verified and dead-lettered (no queue class, job id or dead count)",
+                m.delivery.properties.message_id().as_ref().map(ToString::to_string)
+            );
             continue;
         };
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        let grant = gatehouse_protocol::replay::grant(operator, &m.delivery.data, now_ms);
+        // Bound to this body, this job and this dead letter of it.
+        let grant = gatehouse_protocol::replay::grant(operator, job, count, &m.delivery.data, now_ms);
         let props = replay_properties(&m.delivery.properties, &grant);
         publisher.publish_persistent(&t.jobs_exchange(), &class, &m.delivery.data, props).await?;
         ch.basic_ack(m.delivery.delivery_tag, BasicAckOptions::default()).await?;
-        replayed.push(message_id(m).unwrap_or_default().to_owned());
+        replayed.push(job.to_owned());
     }
     let _ = conn.close(200, "done".into()).await;
     Ok(replayed)
@@ -172,6 +195,8 @@ fn replay_properties(p: &BasicProperties, grant: &str) -> BasicProperties {
         headers::ORIGINAL_QUEUE,
         headers::QUEUE_CLASS,
         headers::DEAD_AT,
+        headers::JOB_ID,
+        headers::DEAD_COUNT,
         "x-death",
     ];
     let mut kept = FieldTable::default();

@@ -213,7 +213,9 @@ async fn only_an_operator_signed_replay_reruns_a_dead_lettered_job() {
     };
     let mallory_key = crypto::SigningKey::from_pkcs8(&crypto::SigningKey::generate_pkcs8().unwrap()).unwrap();
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
-    for grant in ["true".to_owned(), gatehouse_protocol::replay::grant(&mallory_key, body.as_bytes(), now)] {
+    for grant in
+        ["true".to_owned(), gatehouse_protocol::replay::grant(&mallory_key, &second, 1, body.as_bytes(), now)]
+    {
         let props =
             json!({"priority": priority, "delivery_mode": 2, "headers": {"x-gatehouse-replay": grant}});
         assert!(management::publish_with(&queue, &body, props).await);
@@ -232,7 +234,9 @@ async fn only_an_operator_signed_replay_reruns_a_dead_lettered_job() {
     let args = BrokerArgs { broker: broker_url(), prefix: sys.prefix.clone() };
     let operator = sys.operator_key();
     let replayed = dlq::replay(&args, Some(&second), &operator).await.unwrap();
-    assert_eq!(replayed.len(), 3, "all three letters carry the job's id");
+    // Only the worker's own dead letter of the job carries its verified id and dead count; the
+    // refused copies (anyone's message_id) are not replayed.
+    assert_eq!(replayed, [second.clone()], "replayed by verified id");
     let s = wait_final(&mut conn, &second, Duration::from_secs(15)).await;
     assert_eq!(s["result"], json!({"account": "rp", "balance": 11, "sequence": 2}), "{s}");
     tokio::time::sleep(Duration::from_millis(500)).await;
