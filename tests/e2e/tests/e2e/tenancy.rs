@@ -236,7 +236,7 @@ async fn only_an_operator_signed_replay_reruns_a_dead_lettered_job() {
     let replayed = dlq::replay(&args, Some(&second), &operator).await.unwrap();
     // Only the worker's own dead letter of the job carries its verified id and dead count; the
     // refused copies (anyone's message_id) are not replayed.
-    assert_eq!(replayed, [second.clone()], "replayed by verified id");
+    assert_eq!(replayed, std::slice::from_ref(&second), "replayed by verified id");
     let s = wait_final(&mut conn, &second, Duration::from_secs(15)).await;
     assert_eq!(s["result"], json!({"account": "rp", "balance": 11, "sequence": 2}), "{s}");
     tokio::time::sleep(Duration::from_millis(500)).await;
