@@ -193,7 +193,9 @@ impl BrokerNode {
     }
 
     fn env(&self, cmd: &mut Command) {
-        let h = &self.home;
+        // Absolute: the command runs in it, and every path below is read from there.
+        let home = std::path::absolute(&self.home).unwrap_or_else(|_| self.home.clone());
+        let h = &home;
         // Erlang writes crash dumps (MnesiaCore.*) and stray Mnesia folders into its working
         // folder: keep them under the node's home, never in the checkout.
         cmd.current_dir(h);

@@ -154,7 +154,8 @@ impl Cluster {
     }
 
     fn env(&self, i: usize, cmd: &mut Command) {
-        let h = self.home(i);
+        // Absolute: the command runs in it, and every path below is read from there.
+        let h = std::path::absolute(self.home(i)).unwrap_or_else(|_| self.home(i));
         // Erlang writes crash dumps (MnesiaCore.*) and stray Mnesia folders into its working
         // folder: keep them under the node's home, never in the checkout.
         cmd.current_dir(&h);
