@@ -68,4 +68,9 @@ fn compose_file_is_valid_and_keeps_the_gatekeeper_off_storage() {
     let worker = block_of(&config, "worker").join("\n");
     assert!(worker.contains("WORKER__STORAGE__URL: postgres://"), "{worker}");
     assert!(worker.contains("WORKER__STORAGE__TLS_CA"), "the workers reach PostgreSQL without TLS: {worker}");
+    // Executable kinds' sandboxes need no capability: none is kept, none can be gained.
+    for needed in ["cap_drop:\n    - ALL", "no-new-privileges:true", "read_only: true"] {
+        assert!(worker.contains(needed), "the worker container lacks {needed:?}: {worker}");
+    }
+    assert!(!worker.contains("cap_add") && !worker.contains("privileged: true"), "{worker}");
 }
