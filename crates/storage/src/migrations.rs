@@ -339,6 +339,10 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX dead_letters_at ON dead_letters(at_ms);
     ",
+    // 21: which attempt holds a lease (fences a handed-off attempt's outcome).
+    r"
+    ALTER TABLE leases ADD COLUMN holder TEXT NOT NULL DEFAULT '';
+    ",
 ];
 
 /// After this migration (1-based) the error texts of earlier releases are sealed.

@@ -149,6 +149,10 @@ const SCHEMA: &[&str] = &[
     );
     CREATE INDEX dead_letters_at ON dead_letters(at_ms);
 ",
+    r"
+    -- 4: which attempt holds a lease (fences a handed-off attempt's outcome).
+    ALTER TABLE leases ADD COLUMN holder TEXT NOT NULL DEFAULT '';
+",
 ];
 
 /// After this step (1-based) the error texts of earlier releases are sealed.

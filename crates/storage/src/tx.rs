@@ -1037,20 +1037,52 @@ impl<'c> Tx<'c> {
 
     // ---- leases of long jobs --------------------------------------------------------------------
 
-    /// Holds the message of running job `id` until `expires_at_ms` (its delivery is about to be
-    /// acked), or extends the hold.
-    pub fn lease(&self, id: &JobId, envelope: &[u8], expires_at_ms: i64) -> Result<(), StorageError> {
-        self.exec(
-            "INSERT INTO leases (job_id, envelope, expires_at_ms) VALUES (?1, ?2, ?3)
-             ON CONFLICT(job_id) DO UPDATE SET expires_at_ms = excluded.expires_at_ms",
-            params![id.as_str(), envelope, expires_at_ms],
+    /// Holds the message of running job `id` until `expires_at_ms` for `holder` (one attempt;
+    /// its delivery is about to be acked). `false` when another attempt holds it already.
+    pub fn lease(
+        &self,
+        id: &JobId,
+        envelope: &[u8],
+        expires_at_ms: i64,
+        holder: &str,
+    ) -> Result<bool, StorageError> {
+        let n = self.exec(
+            "INSERT INTO leases (job_id, envelope, expires_at_ms, holder) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(job_id) DO NOTHING",
+            params![id.as_str(), envelope, expires_at_ms, holder],
         )?;
-        Ok(())
+        Ok(n == 1 || self.holds_lease(id, holder)?)
     }
 
-    /// Forgets the lease of `id` (its attempt ended: decided, retried elsewhere, or sent back).
-    pub fn end_lease(&self, id: &JobId) -> Result<(), StorageError> {
-        self.exec("DELETE FROM leases WHERE job_id = ?1", params![id.as_str()])?;
+    /// Extends `holder`'s lease of `id`; `false` when it no longer holds it (it ran out and was
+    /// sent back: another attempt may run the job now).
+    pub fn renew_lease(&self, id: &JobId, expires_at_ms: i64, holder: &str) -> Result<bool, StorageError> {
+        let n = self.exec(
+            "UPDATE leases SET expires_at_ms = ?2 WHERE job_id = ?1 AND holder = ?3",
+            params![id.as_str(), expires_at_ms, holder],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Whether `holder` holds the lease of `id` (fences a handed-off attempt's outcome).
+    pub fn holds_lease(&self, id: &JobId, holder: &str) -> Result<bool, StorageError> {
+        let n: i64 = self.must(
+            "SELECT count(*) FROM leases WHERE job_id = ?1 AND holder = ?2",
+            params![id.as_str(), holder],
+            |r| r.get(0),
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Forgets the lease of `id`: `holder`'s (its attempt ended), or with `None` whoever's (it
+    /// ran out and was sent back).
+    pub fn end_lease(&self, id: &JobId, holder: Option<&str>) -> Result<(), StorageError> {
+        match holder {
+            Some(h) => {
+                self.exec("DELETE FROM leases WHERE job_id = ?1 AND holder = ?2", params![id.as_str(), h])?
+            }
+            None => self.exec("DELETE FROM leases WHERE job_id = ?1", params![id.as_str()])?,
+        };
         Ok(())
     }
 

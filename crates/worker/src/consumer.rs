@@ -77,8 +77,9 @@ pub struct Context {
     pub progress: crate::progress::Sender,
     /// When a running job's delivery is acked and its message held in storage instead.
     pub leases: crate::leases::LeaseSettings,
-    /// Deliveries acked at hand-off (by tag, on this channel), with their job.
-    pub handed_off: Mutex<std::collections::HashMap<u64, JobId>>,
+    /// Deliveries acked at hand-off (by tag, on this channel), with their job and the token of
+    /// the attempt's lease.
+    pub handed_off: Mutex<std::collections::HashMap<u64, (JobId, String)>>,
 }
 
 /// Pause before a delivery that hit trouble goes back to the queue, so that a sick database
@@ -243,21 +244,36 @@ impl Job<'_> {
         let (ctx, spec, env) = (self.ctx, &self.spec, &self.env);
         let attempt = started.attempt;
         let began = std::time::Instant::now();
+        let holder = crate::leases::Holder::new();
         let ran = {
-            let running = run(ctx, spec, env, &self.target, started, reservation);
+            let running = run(ctx, spec, env, &self.target, started, reservation, &holder);
             tokio::pin!(running);
             // A long job's delivery is acked after a while, its message held in storage
-            // instead (see [`crate::leases`]).
+            // instead (see [`crate::leases`]); if that hold cannot be kept, the handler stops
+            // (its task is aborted when `running` is dropped).
+            let tag = self.delivery.delivery_tag;
             tokio::select! {
                 biased;
                 ran = &mut running => ran,
-                () = crate::leases::hold(ctx, self.delivery.delivery_tag, &env.id, self.data) => running.await,
+                crate::leases::LeaseLost = crate::leases::hold(ctx, tag, &env.id, self.data, &holder) => {
+                    Err(Failure::LeaseLost)
+                }
             }
         };
         ctx.metrics.handler_took(&env.kind, began.elapsed());
         match ran {
             Ok(answers) => finish(ctx, self.delivery, &self.env.kind, &answers).await,
-            Err(error) => self.failed(attempt, error).await,
+            Err(Failure::Retry(error)) => self.failed(attempt, error).await,
+            Err(Failure::LeaseLost) => {
+                // Acked at hand-off; the job goes back to its queue when the lease runs out.
+                ctx.handed_off
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .remove(&self.delivery.delivery_tag);
+                tracing::warn!(
+                    "a long job's lease could not be kept (storage unreachable): its handler is stopped, and the job runs again once the lease has run out"
+                );
+            }
         }
     }
 
@@ -334,8 +350,32 @@ impl Job<'_> {
     }
 }
 
+/// How an external handler's attempt failed to end in a recorded outcome.
+enum Failure {
+    /// Retryable: the text says why.
+    Retry(String),
+    /// Its lease was lost (see [`crate::leases`]): another attempt runs the job; nothing of
+    /// this one is recorded.
+    LeaseLost,
+}
+
+impl From<String> for Failure {
+    fn from(e: String) -> Self {
+        Self::Retry(e)
+    }
+}
+
+/// Aborts a spawned task when dropped (the attempt was given up).
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Runs an external handler (outside storage) for attempt `attempt`, with its timeout, then
-/// records its outcome; `Err` is a retryable failure's text.
+/// records its outcome, fenced by `holder`'s lease once the job was handed off.
 async fn run(
     ctx: &Context,
     spec: &KindSpec,
@@ -343,15 +383,16 @@ async fn run(
     target: &ReplyTarget,
     started: apply::Started,
     reservation: Option<handlers::Reservation>,
-) -> Result<Vec<Answer>, String> {
+    holder: &crate::leases::Holder,
+) -> Result<Vec<Answer>, Failure> {
     // The worker's own schema check first: an invalid payload is never run.
     let checked = handlers::revalidate(&ctx.kinds.schemas, env);
     let handler = match (checked, ctx.kinds.registry.get(&env.kind)) {
-        (Some(invalid), _) => return record(ctx, env, target, invalid).await,
+        (Some(invalid), _) => return record(ctx, env, target, invalid, holder).await,
         (None, Some(Handler::External(h))) => h.clone(),
         (None, _) => {
             let missing = Outcome::Permanent(format!("{} has no external handler in this worker", env.kind));
-            return record(ctx, env, target, missing).await;
+            return record(ctx, env, target, missing, holder).await;
         }
     };
     let timeout = Duration::from_millis(spec.timeout_ms);
@@ -372,6 +413,8 @@ async fn run(
     // cancellation) the task (the handler's future) is dropped.
     let task = tokio::spawn(handler.run(job, env.payload.clone()));
     let abort = task.abort_handle();
+    // Given up (the lease lost, the worker stopping): the handler goes too.
+    let _abort = AbortOnDrop(task.abort_handle());
     let given_up = async {
         let _ = cancelled.wait_for(|c| *c).await;
         tokio::time::sleep(crate::cancel::GRACE + Duration::from_secs(1)).await;
@@ -380,44 +423,64 @@ async fn run(
         ended = tokio::time::timeout(timeout, task) => ended,
         () = given_up => {
             abort.abort();
-            return record(ctx, env, target, Outcome::Cancelled).await;
+            return record(ctx, env, target, Outcome::Cancelled, holder).await;
         }
     };
     let was_cancelled = *registration.cancelled.borrow();
     let outcome = match ended {
         Err(_) => {
             abort.abort();
-            return Err(format!("timed out after {} ms", spec.timeout_ms));
+            return Err(retry(ctx, env, holder, format!("timed out after {} ms", spec.timeout_ms)).await);
         }
         Ok(Err(join)) if join.is_panic() => {
-            return Err(format!("panic: {}", panic_message(&*join.into_panic())));
+            let e = format!("panic: {}", panic_message(&*join.into_panic()));
+            return Err(retry(ctx, env, holder, e).await);
         }
-        Ok(Err(join)) => return Err(format!("handler stopped: {join}")),
+        Ok(Err(join)) => return Err(retry(ctx, env, holder, format!("handler stopped: {join}")).await),
         // Cancelled: not worth another attempt (recorded as cancelled).
         Ok(Ok(Outcome::Retryable(_))) if was_cancelled => Outcome::Cancelled,
-        Ok(Ok(Outcome::Retryable(e))) => return Err(e),
+        Ok(Ok(Outcome::Retryable(e))) => return Err(retry(ctx, env, holder, e).await),
         Ok(Ok(outcome)) => outcome,
     };
     drop(registration);
-    record(ctx, env, target, outcome).await
+    record(ctx, env, target, outcome, holder).await
 }
 
-/// Records an external handler's decided outcome (and runs the parked successors it releases).
+/// A retryable failure, unless the attempt's lease is lost (see [`crate::leases`]).
+async fn retry(ctx: &Context, env: &JobEnvelope, holder: &crate::leases::Holder, error: String) -> Failure {
+    let Some(token) = holder.fence().map(str::to_owned) else { return Failure::Retry(error) };
+    let id = env.id.clone();
+    match ctx.store.transact(move |tx| tx.holds_lease(&id, &token)).await {
+        Ok(false) => Failure::LeaseLost,
+        _ => Failure::Retry(error),
+    }
+}
+
+/// Records an external handler's decided outcome (and runs the parked successors it releases),
+/// in the same transaction as the check that a handed-off attempt still holds its lease.
 async fn record(
     ctx: &Context,
     env: &JobEnvelope,
     target: &ReplyTarget,
     outcome: Outcome,
-) -> Result<Vec<Answer>, String> {
+    holder: &crate::leases::Holder,
+) -> Result<Vec<Answer>, Failure> {
     let (catalog, kinds, keys, env, target) =
         (ctx.catalog.clone(), ctx.kinds.clone(), ctx.keys.clone(), env.clone(), target.clone());
+    let fence = holder.fence().map(str::to_owned);
     ctx.store
         .transact(move |tx| {
+            if let Some(token) = &fence
+                && !tx.holds_lease(&env.id, token)?
+            {
+                return Ok(None);
+            }
             let run = apply::Run { catalog: &catalog, kinds: &kinds, sessions: &keys.sessions };
-            run.record_outcome(tx, &env, outcome, &target)
+            run.record_outcome(tx, &env, outcome, &target).map(Some)
         })
         .await
-        .map_err(|e| format!("storage: {e}"))
+        .map_err(|e| Failure::Retry(format!("storage: {e}")))?
+        .ok_or(Failure::LeaseLost)
 }
 
 async fn retry_queue(
@@ -711,10 +774,10 @@ pub async fn settle(ctx: &Context, delivery: &Delivery, how: Settle) {
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .remove(&delivery.delivery_tag);
-    if let Some(id) = handed_off {
+    if let Some((id, holder)) = handed_off {
         // Acked at hand-off: what replaces it (outcome, retry, dead letter) is durable now, so
         // its held message goes; on a requeue it stays, and comes back when its lease runs out.
-        return crate::leases::ended(ctx, id, how).await;
+        return crate::leases::ended(ctx, id, holder, how).await;
     }
     match how {
         Settle::Ack => ctx.acks.ack(delivery.delivery_tag),

@@ -9,6 +9,12 @@
 //! message back to its queue (as [`crate::delays`] does for delayed jobs), and the next attempt
 //! starts from the job's last checkpoint ([`crate::handlers::JobContext::checkpoint`]).
 //!
+//! A worker that is alive but cannot reach storage cannot renew: a quarter of `lease_ms` before
+//! its lease would run out it stops the job's handler (an executable's whole process tree goes),
+//! so that no other worker runs the job while it still does; and the outcome of a handed-off
+//! attempt is recorded only while its own lease holds (a token per attempt), never after the
+//! job was sent back for another attempt.
+//!
 //! Short jobs never touch this: no extra write unless a job outlives `hand_off_after_ms`.
 
 use std::time::Duration;
@@ -30,37 +36,91 @@ pub struct LeaseSettings {
 /// Most expired leases sent back per sweep.
 const SWEEP_BATCH: u32 = 200;
 
-/// Waits `hand_off_after`, hands the job's delivery (`tag`) off, then renews its lease; never
-/// returns (dropped when the job's attempt ends).
-pub async fn hold(ctx: &Context, tag: u64, id: &JobId, message: &[u8]) {
+/// Why [`hold`] returned: the attempt's lease could not be renewed before it would run out, so
+/// another attempt may soon run the job. The caller stops the handler at once.
+#[derive(Debug)]
+pub struct LeaseLost;
+
+/// One attempt's hold on a handed-off job: a token of its own in the lease (so that another
+/// attempt's lease is never taken for it), and whether the hand-off happened.
+pub struct Holder {
+    pub token: String,
+    handed_off: std::sync::atomic::AtomicBool,
+}
+
+impl Holder {
+    pub fn new() -> Self {
+        let mut raw = [0u8; 12];
+        let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw);
+        Self { token: gatehouse_protocol::hex::encode(&raw), handed_off: false.into() }
+    }
+
+    /// The token to fence the attempt's outcome with: only once it was handed off.
+    pub fn fence(&self) -> Option<&str> {
+        self.handed_off.load(std::sync::atomic::Ordering::SeqCst).then_some(self.token.as_str())
+    }
+}
+
+impl Default for Holder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Waits `hand_off_after`, hands the job's delivery (`tag`) off, then renews its lease every
+/// quarter of `lease`. Returns only when the lease is lost: a renewal that did not succeed by a
+/// quarter of `lease` before the lease would run out (storage unreachable: each renewal is
+/// bounded by that time), or the lease is another attempt's. Dropped when the attempt ends.
+pub async fn hold(ctx: &Context, tag: u64, id: &JobId, message: &[u8], holder: &Holder) -> LeaseLost {
+    use tokio::time::{Instant, timeout};
     tokio::time::sleep(ctx.leases.hand_off_after).await;
-    let mut handed_off = false;
+    let (lease, quarter) = (ctx.leases.lease, ctx.leases.lease / 4);
+    // The hand-off. Before it the delivery holds the job: trying again is safe.
     loop {
-        let expires = now_ms().saturating_add(ctx.leases.lease.as_millis() as i64);
-        let (job, held) = (id.clone(), message.to_vec());
-        match ctx.store.transact(move |tx| tx.lease(&job, &held, expires)).await {
-            Ok(()) if !handed_off => {
-                handed_off = true;
-                ctx.handed_off
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .insert(tag, id.clone());
-                ctx.acks.ack(tag);
-                tracing::info!("long job: its delivery is acked, its message held in storage while it runs");
-            }
-            Ok(()) => {}
-            Err(e) => tracing::warn!(error = %e, "could not keep a long job's lease; trying again"),
+        let expires = now_ms().saturating_add(lease.as_millis() as i64);
+        let (job, held, token) = (id.clone(), message.to_vec(), holder.token.clone());
+        match timeout(quarter, ctx.store.transact(move |tx| tx.lease(&job, &held, expires, &token))).await {
+            Ok(Ok(true)) => break,
+            Ok(Ok(false)) => tracing::warn!("a long job's lease is another attempt's; trying again"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not hand a long job off; trying again"),
+            Err(_) => tracing::warn!("could not hand a long job off in time; trying again"),
         }
-        tokio::time::sleep(ctx.leases.lease / 4).await;
+        tokio::time::sleep(quarter).await;
+    }
+    let mut runs_out = Instant::now() + lease;
+    holder.handed_off.store(true, std::sync::atomic::Ordering::SeqCst);
+    ctx.handed_off
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .insert(tag, (id.clone(), holder.token.clone()));
+    ctx.acks.ack(tag);
+    tracing::info!("long job: its delivery is acked, its message held in storage while it runs");
+    loop {
+        tokio::time::sleep(quarter).await;
+        let give_up = runs_out.checked_sub(quarter).unwrap_or_else(Instant::now);
+        let asked = Instant::now();
+        if asked >= give_up {
+            return LeaseLost;
+        }
+        let expires = now_ms().saturating_add(lease.as_millis() as i64);
+        let (job, token) = (id.clone(), holder.token.clone());
+        match timeout(give_up - asked, ctx.store.transact(move |tx| tx.renew_lease(&job, expires, &token)))
+            .await
+        {
+            Ok(Ok(true)) => runs_out = asked + lease,
+            Ok(Ok(false)) => return LeaseLost,
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not renew a long job's lease; trying again"),
+            Err(_) => return LeaseLost,
+        }
     }
 }
 
 /// The attempt of a handed-off job ended: with an ack (its outcome, retry or dead letter is
 /// durable), its lease ends; with a requeue, the lease is left to run out, and the sweeper
 /// sends the message back.
-pub async fn ended(ctx: &Context, id: JobId, how: Settle) {
+pub async fn ended(ctx: &Context, id: JobId, holder: String, how: Settle) {
     if let Settle::Ack = how
-        && let Err(e) = ctx.store.transact(move |tx| tx.end_lease(&id)).await
+        && let Err(e) = ctx.store.transact(move |tx| tx.end_lease(&id, Some(&holder))).await
     {
         // Harmless: when the lease runs out its message comes back, and the job id dedupes it.
         tracing::warn!(error = %e, "could not end a long job's lease");
@@ -79,7 +139,7 @@ pub async fn release_expired(ctx: &Context) -> anyhow::Result<()> {
         tracing::warn!(job_id = %id, "a long job's lease ran out (its worker stopped): back to its queue");
         crate::delays::send_back(ctx, &id, &envelope).await?;
         let ended = id.clone();
-        ctx.store.transact(move |tx| tx.end_lease(&ended)).await?;
+        ctx.store.transact(move |tx| tx.end_lease(&ended, None)).await?;
     }
     Ok(())
 }

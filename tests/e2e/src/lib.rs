@@ -331,6 +331,9 @@ pub struct Options {
     /// Gatekeepers to start (at least one); `addr` is the first's, [`TestSystem::clients`]
     /// has one client per gatekeeper.
     pub gatekeepers: usize,
+    /// Run the worker process (with `worker_binary`) as this uid and gid, as the container
+    /// does (its certificates and data folders are handed to it).
+    pub worker_uid: Option<u32>,
 }
 
 /// A running gatekeeper + worker pair.
@@ -374,6 +377,16 @@ pub struct WorkerProcess {
     /// How many times the process was started.
     pub starts: std::sync::atomic::AtomicU32,
     supervising: std::sync::atomic::AtomicBool,
+    /// Run as this uid and gid.
+    uid: Option<u32>,
+}
+
+/// Gives `dir` and what it holds (one level) to `uid`.
+fn hand_over(dir: &Path, uid: u32) {
+    std::os::unix::fs::chown(dir, Some(uid), Some(uid)).expect("chown");
+    for entry in std::fs::read_dir(dir).expect("read_dir").flatten() {
+        std::os::unix::fs::chown(entry.path(), Some(uid), Some(uid)).expect("chown");
+    }
 }
 
 fn random_hex(bytes: usize) -> String {
@@ -531,6 +544,11 @@ impl TestSystem {
             Some(binary) => {
                 let config = data.path().join("worker.toml");
                 std::fs::write(&config, worker_toml(&worker_settings)).expect("worker config");
+                if let Some(uid) = options.worker_uid {
+                    for dir in [certs.path(), data.path()] {
+                        hand_over(dir, uid);
+                    }
+                }
                 let processes = (0..options.workers.max(1))
                     .map(|i| {
                         let log =
@@ -543,6 +561,7 @@ impl TestSystem {
                             child: Mutex::new(None),
                             starts: 0.into(),
                             supervising: options.supervise_worker.into(),
+                            uid: options.worker_uid,
                         });
                         p.start();
                         if options.supervise_worker {
@@ -796,16 +815,25 @@ impl WorkerProcess {
             return;
         }
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log");
-        let spawned = Command::new(&self.binary)
-            .arg(&self.config)
+        let mut cmd = Command::new(&self.binary);
+        cmd.arg(&self.config)
             .env("RUST_LOG", self.log_filter)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("worker process starts");
+            .stderr(log);
+        if let Some(uid) = self.uid {
+            use std::os::unix::process::CommandExt as _;
+            // (std drops root's supplementary groups when it sets the uid.)
+            cmd.uid(uid).gid(uid);
+        }
+        let spawned = cmd.spawn().expect("worker process starts");
         self.starts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         *child = Some(spawned);
+    }
+
+    /// Its pid while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.lock().expect("lock").as_ref().map(Child::id)
     }
 
     /// SIGKILL, and wait for it to be gone.

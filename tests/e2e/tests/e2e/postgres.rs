@@ -74,3 +74,59 @@ async fn built_in_kinds_and_the_lifecycle_work_on_postgres() {
     }
     sys.stop().await;
 }
+
+/// A worker cut off from storage while it runs a handed-off job stops the job's handler before
+/// its lease runs out (no other worker can then run the job beside it), records nothing of that
+/// attempt, and the job runs again once storage is back and the lease has run out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_that_loses_its_lease_stops_the_job_before_another_attempt_can_start() {
+    let sys = TestSystem::start_with(Options {
+        postgres: true,
+        testing: true,
+        worker_binary: Some(env!("CARGO_BIN_EXE_e2e-worker")),
+        // Handed off after 0.5 s, the lease lasts 3 s (renewed every 0.75 s).
+        hand_off: Some((500, 3000)),
+        ..Options::default()
+    })
+    .await;
+    let gatehouse_e2e::Location::Postgres(c) = sys.storage() else { unreachable!() };
+    let db_name = c.url.rsplit('/').next().unwrap().split('?').next().unwrap().to_owned();
+    let node = gatehouse_e2e::postgres();
+    let admin = admin_connection(&node.url("postgres"), &node.password().unwrap()).await;
+    let mut conn = sys.connect().await;
+    let r = conn.submit(&json!({"kind": "test.sleep", "payload": {"ms": 9000}}), None).await.unwrap();
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !sys.worker_process().log().contains("its delivery is acked") {
+        assert!(std::time::Instant::now() < deadline, "never handed off: {}", sys.worker_process().log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Storage goes away for this worker (its database only: the other tests' stay).
+    let cut = std::time::Instant::now();
+    let cut_ms = gatehouse_storage::now_ms();
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {db_name} WITH ALLOW_CONNECTIONS false;
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{db_name}';"
+        ))
+        .await
+        .unwrap();
+    while !sys.worker_process().log().contains("its handler is stopped") {
+        assert!(
+            cut.elapsed() < Duration::from_secs(5),
+            "the handler was not stopped: {}",
+            sys.worker_process().log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Before the lease (renewed at most 0.75 s before the cut, 3 s long) could run out.
+    assert!(cut.elapsed() < Duration::from_millis(3000), "stopped only after {:?}", cut.elapsed());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    admin.batch_execute(&format!("ALTER DATABASE {db_name} WITH ALLOW_CONNECTIONS true")).await.unwrap();
+    // Its lease runs out, the sweeper sends it back, and it runs again: the outcome is that of
+    // an attempt started after the cut (the first one's, had it gone on, would be earlier).
+    let s = wait_final(&mut sys.connect().await, &id, Duration::from_secs(60)).await;
+    assert_eq!(s["status"], "succeeded", "{s}");
+    assert!(s["result"]["started_at_ms"].as_i64().unwrap() > cut_ms, "the cut-off attempt's outcome: {s}");
+    sys.stop().await;
+}

@@ -39,9 +39,34 @@ fn processes_with(marker: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_executable_job_reaches_nothing_of_the_worker_nor_of_another_clients_job() {
+    // A root worker (this process): its jobs run under client uids of their own.
     let sys = exec_system().await;
-    // The worker runs in this process: its pid, environment and files are the targets.
-    let worker_pid = std::process::id();
+    probe_from_two_clients(&sys, std::process::id()).await;
+    sys.stop().await;
+}
+
+/// The same with the worker as an unprivileged user, as in the container: its jobs keep its uid
+/// in user namespaces of their own, and still reach nothing of it or of each other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_non_root_workers_jobs_reach_nothing_of_it_nor_of_each_other() {
+    let sys = TestSystem::start_with(Options {
+        worker_binary: Some(env!("CARGO_BIN_EXE_e2e-worker")),
+        worker_uid: Some(65534),
+        catalog: Some(repo_root().join("tests/e2e/fixtures/exec/jobs.toml")),
+        ..Options::default()
+    })
+    .await;
+    let pid = sys.worker_process().pid().expect("the worker runs");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap().to_owned();
+    assert!(uid.split_whitespace().nth(1) == Some("65534"), "the worker is not unprivileged: {uid}");
+    probe_from_two_clients(&sys, pid).await;
+    sys.stop().await;
+}
+
+/// Two clients' probes, one while the other runs: neither reads the worker's secrets, sees or
+/// signals it (`worker_pid`), reaches the network, or sees the other's files or environment.
+async fn probe_from_two_clients(sys: &TestSystem, worker_pid: u32) {
     let secrets = [
         sys.certs.path().join("worker-sealing.key"),
         sys.keyring(),
@@ -92,7 +117,6 @@ async fn an_executable_job_reaches_nothing_of_the_worker_nor_of_another_clients_
         assert_eq!(r["cwd"], "/job", "{r}");
     }
     assert_ne!(ra["result"]["uid"], rb["result"]["uid"], "two clients' jobs share a uid");
-    sys.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
