@@ -77,14 +77,8 @@ async fn readyz(State(a): State<Admin>) -> impl IntoResponse {
 }
 
 async fn metrics(State(a): State<Admin>) -> impl IntoResponse {
-    // Read at scrape time: the storage knows, not a counter that could drift.
-    if let Ok((parked, scheduled)) = a
-        .store
-        .transact(|tx| Ok::<_, gatehouse_storage::StorageError>((tx.parked_count()?, tx.scheduled_count()?)))
-        .await
-    {
-        a.metrics.set_waiting(parked, scheduled);
-    }
+    // Counted in storage (not a counter that could drift), at most once per 5 s.
+    a.metrics.refresh_waiting(&a.store).await;
     (
         [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
         a.metrics.encode(),

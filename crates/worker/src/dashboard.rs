@@ -174,8 +174,7 @@ struct Snapshot {
 /// `GET /dashboard.json`.
 pub async fn snapshot(State(a): State<Admin>) -> impl IntoResponse {
     let queues = a.broker.depths().await;
-    let parked = a.store.transact(|tx| tx.parked_count()).await.ok();
-    let scheduled = a.store.transact(|tx| tx.scheduled_count()).await.ok();
+    let (parked, scheduled) = a.metrics.refresh_waiting(&a.store).await;
     let (decided, recent) =
         a.metrics.activity.with(|i| (i.decided.clone(), i.recent.iter().cloned().collect()));
     let mut kinds: BTreeMap<String, KindCounts> = a

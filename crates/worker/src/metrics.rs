@@ -42,6 +42,9 @@ struct Reason {
     reason: String,
 }
 
+/// How often the parked and scheduled gauges are counted in storage at most.
+pub const WAITING_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// What the worker counts.
 pub struct WorkerMetrics {
     registry: Registry,
@@ -51,6 +54,10 @@ pub struct WorkerMetrics {
     dead_letters: Family<Reason, Counter>,
     parked: Gauge,
     scheduled: Gauge,
+    /// When `parked` and `scheduled` were last counted, and the counts made (see
+    /// [`WorkerMetrics::refresh_waiting`]).
+    waiting_counted: tokio::sync::Mutex<Option<std::time::Instant>>,
+    waiting_counts: Counter,
     connected: Gauge,
     commit_seconds: Histogram,
     commit_group: Histogram,
@@ -85,6 +92,12 @@ impl Default for WorkerMetrics {
         registry.register("parked_jobs", "Jobs waiting for an earlier sequence number", parked.clone());
         let scheduled = Gauge::default();
         registry.register("scheduled_jobs", "Delayed jobs held until their time", scheduled.clone());
+        let waiting_counts = Counter::default();
+        registry.register(
+            "waiting_counts",
+            "Times the parked and scheduled jobs were counted in storage (at most once per 5 s, whatever the scrape and dashboard rate)",
+            waiting_counts.clone(),
+        );
         let connected = Gauge::default();
         registry.register("broker_connected", "Whether a broker session is consuming", connected.clone());
         let commit_seconds = Histogram::new(exponential_buckets(0.000_25, 2.0, 14));
@@ -134,6 +147,8 @@ impl Default for WorkerMetrics {
             dead_letters,
             parked,
             scheduled,
+            waiting_counted: tokio::sync::Mutex::new(None),
+            waiting_counts,
             connected,
             commit_seconds,
             commit_group,
@@ -172,10 +187,28 @@ impl WorkerMetrics {
         self.activity.dead_lettered(event);
     }
 
-    /// Sets the parked-jobs and held-delayed-jobs gauges (read from storage at scrape time).
-    pub fn set_waiting(&self, parked: u64, scheduled: u64) {
-        self.parked.set(i64::try_from(parked).unwrap_or(i64::MAX));
-        self.scheduled.set(i64::try_from(scheduled).unwrap_or(i64::MAX));
+    /// Counts the parked and the held delayed jobs in storage for the gauges — at most once per
+    /// [`WAITING_EVERY`], whatever the rate of scrapes and dashboard polls (concurrent callers
+    /// wait for one count), so that no HTTP client of the admin listener drives full counts.
+    /// Answers the gauges (`None` for one that was never counted).
+    pub async fn refresh_waiting(&self, store: &gatehouse_storage::Store) -> (Option<u64>, Option<u64>) {
+        let mut counted = self.waiting_counted.lock().await;
+        if counted.is_none_or(|at| at.elapsed() >= WAITING_EVERY) {
+            let counts = store
+                .transact(|tx| {
+                    Ok::<_, gatehouse_storage::StorageError>((tx.parked_count()?, tx.scheduled_count()?))
+                })
+                .await;
+            self.waiting_counts.inc();
+            if let Ok((parked, scheduled)) = counts {
+                self.parked.set(i64::try_from(parked).unwrap_or(i64::MAX));
+                self.scheduled.set(i64::try_from(scheduled).unwrap_or(i64::MAX));
+                *counted = Some(std::time::Instant::now());
+            }
+        }
+        let known = counted.is_some();
+        let get = |g: &Gauge| known.then(|| u64::try_from(g.get()).unwrap_or(0));
+        (get(&self.parked), get(&self.scheduled))
     }
 
     /// A pruning batch deleted `jobs` records in `took` (its closure, commit included).

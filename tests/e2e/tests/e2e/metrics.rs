@@ -65,3 +65,32 @@ async fn the_worker_metrics_count_jobs_retries_dead_letters_and_parked_jobs() {
     );
     sys.stop().await;
 }
+
+/// Scrapes and dashboard polls do not drive counts over storage: however many come, the parked
+/// and scheduled jobs are counted at most once per 5 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn scrapes_and_dashboard_polls_count_storage_at_most_once_per_period() {
+    let sys = TestSystem::start().await;
+    let admin = sys.worker_admin_addr.expect("an in-process worker has an admin listener");
+    let counts = async || {
+        let (_, text) = management::call_at(admin, "GET", "/metrics", None).await;
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix("gatehouse_worker_waiting_counts_total ")?.trim().parse::<u64>().ok()
+            })
+            .unwrap_or_else(|| panic!("no waiting counts in:\n{text}"))
+    };
+    let before = counts().await;
+    let mut polls = tokio::task::JoinSet::new();
+    for i in 0..100 {
+        let path = if i % 2 == 0 { "/metrics" } else { "/dashboard.json" };
+        polls.spawn(async move { management::call_at(admin, "GET", path, None).await.0 });
+    }
+    while let Some(status) = polls.join_next().await {
+        assert_eq!(status.unwrap(), 200);
+    }
+    let after = counts().await;
+    // The first scrape counted; within 5 s, a 5 s boundary allows one more.
+    assert!(after - before <= 1, "{} counts for 101 requests", after - before);
+    sys.stop().await;
+}
