@@ -31,7 +31,21 @@ pub struct Pool {
     slots: Arc<Semaphore>,
     capacity: usize,
     idle: Mutex<HashMap<String, Vec<Idle>>>,
+    /// Told when a child comes back idle.
+    returned: tokio::sync::Notify,
 }
+
+/// What [`Pool::take`] found.
+enum Take {
+    Own(Box<StreamChild>),
+    Spawn,
+    Wait,
+}
+
+/// How long a job waits for its own client's child to come back before another client's idle
+/// child is stopped to make room for a new one: starting a process costs ~40 ms of CPU, an
+/// exchange a few ms. Without it, more clients than processes made nearly every job start one.
+const PATIENCE: Duration = Duration::from_millis(50);
 
 struct Idle {
     child: StreamChild,
@@ -40,7 +54,12 @@ struct Idle {
 
 impl Pool {
     pub fn new(capacity: usize) -> Self {
-        Self { slots: Arc::new(Semaphore::new(capacity)), capacity, idle: Mutex::default() }
+        Self {
+            slots: Arc::new(Semaphore::new(capacity)),
+            capacity,
+            idle: Mutex::default(),
+            returned: Default::default(),
+        }
     }
 
     /// A process slot (first come, first served); `None` when the worker is stopping.
@@ -52,35 +71,68 @@ impl Pool {
         self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// `client`'s idle child, if it has one. Otherwise, when every slot has a child, another
-    /// client's idle child is stopped to make room for a new one.
-    fn take(&self, client: &str) -> Option<StreamChild> {
+    /// `client`'s idle child, if it has one (`Own`); `Spawn` when a new one may start (a slot
+    /// without a child, or another client's idle child stopped to make room for it); `Wait`
+    /// when every slot has a child and none is idle — or, within [`PATIENCE`], when the only
+    /// idle ones are other clients': its own may come back sooner than a new one starts.
+    fn take(&self, client: &str, patient: bool) -> Take {
         let mut idle = self.idle();
         if let Some(c) = idle.get_mut(client).and_then(Vec::pop) {
-            return Some(c.child);
+            if idle.get(client).is_some_and(Vec::is_empty) {
+                idle.remove(client);
+            }
+            return Take::Own(Box::new(c.child));
         }
         let busy = self.capacity - self.slots.available_permits();
         let parked: usize = idle.values().map(Vec::len).sum();
         // `busy` counts this job's own slot: it has no child yet.
-        if busy - 1 + parked >= self.capacity {
-            let oldest = idle
-                .iter()
-                .filter_map(|(k, v)| v.first().map(|c| (k.clone(), c.since)))
-                .min_by_key(|(_, since)| *since)
-                .map(|(k, _)| k);
-            if let Some(k) = oldest {
-                let list = idle.get_mut(&k).expect("just found");
-                drop(list.remove(0));
-                if list.is_empty() {
-                    idle.remove(&k);
+        if busy - 1 + parked < self.capacity {
+            return Take::Spawn;
+        }
+        if parked == 0 || patient {
+            return Take::Wait;
+        }
+        let oldest = idle
+            .iter()
+            .filter_map(|(k, v)| v.first().map(|c| (k.clone(), c.since)))
+            .min_by_key(|(_, since)| *since)
+            .map(|(k, _)| k);
+        if let Some(k) = oldest {
+            let list = idle.get_mut(&k).expect("just found");
+            drop(list.remove(0));
+            if list.is_empty() {
+                idle.remove(&k);
+            }
+        }
+        Take::Spawn
+    }
+
+    /// A child for `client` (see [`Pool::take`]): its own as soon as one is idle, else a new
+    /// one once [`PATIENCE`] has passed and a place can be made.
+    async fn child(
+        &self,
+        client: &str,
+        spawn: impl Fn() -> std::io::Result<StreamChild>,
+    ) -> std::io::Result<StreamChild> {
+        let since = Instant::now();
+        loop {
+            let returned = self.returned.notified();
+            tokio::pin!(returned);
+            returned.as_mut().enable();
+            match self.take(client, since.elapsed() < PATIENCE) {
+                Take::Own(c) => return Ok(*c),
+                Take::Spawn => return spawn(),
+                Take::Wait => {
+                    let left = PATIENCE.saturating_sub(since.elapsed()).max(Duration::from_millis(1));
+                    let _ = tokio::time::timeout(left, returned).await;
                 }
             }
         }
-        None
     }
 
     fn put_back(&self, client: &str, child: StreamChild) {
         self.idle().entry(client.to_owned()).or_default().push(Idle { child, since: Instant::now() });
+        self.returned.notify_waiters();
     }
 
     /// Stops the children idle for longer than `idle_for`.
@@ -155,12 +207,9 @@ impl Exec {
                 return Outcome::Retryable("the worker is stopping".into());
             }
         }
-        let mut child = match self.pool.take(&job.client) {
-            Some(c) => c,
-            None => match self.spawn_stream_child(&job.client) {
-                Ok(c) => c,
-                Err(e) => return Outcome::Retryable(format!("could not start {}: {e}", self.kind)),
-            },
+        let mut child = match self.pool.child(&job.client, || self.spawn_stream_child(&job.client)).await {
+            Ok(c) => c,
+            Err(e) => return Outcome::Retryable(format!("could not start {}: {e}", self.kind)),
         };
         let line = serde_json::json!({
             "id": job.id, "kind": job.kind, "client": job.client, "attempt": job.attempt,
