@@ -102,15 +102,20 @@ impl GatekeeperKeys {
 mod tests {
     use super::*;
 
+    /// The keys of a fresh dev set (in `dir`).
+    fn dev_keys(dir: &std::path::Path) -> GatekeeperKeys {
+        keys::write_dev(dir).unwrap();
+        let settings = KeySettings {
+            signing_key: dir.join("gatekeeper-signing.key"),
+            worker_sealing_key: dir.join("worker-sealing.pub"),
+        };
+        GatekeeperKeys::load(&settings).unwrap()
+    }
+
     #[test]
     fn a_session_and_its_reply_key_are_forgotten_after_the_reply_window() {
         let dir = tempfile::tempdir().unwrap();
-        keys::write_dev(dir.path()).unwrap();
-        let settings = KeySettings {
-            signing_key: dir.path().join("gatekeeper-signing.key"),
-            worker_sealing_key: dir.path().join("worker-sealing.pub"),
-        };
-        let keys = GatekeeperKeys::load(&settings).unwrap();
+        let keys = dev_keys(dir.path());
         let first = keys.session().unwrap();
         let t0 = first.started_at_ms();
         // A later session takes over; replies to the first still open for a while...
@@ -128,12 +133,7 @@ mod tests {
     #[test]
     fn an_idle_gatekeeper_forgets_its_sessions_after_the_reply_window() {
         let dir = tempfile::tempdir().unwrap();
-        keys::write_dev(dir.path()).unwrap();
-        let settings = KeySettings {
-            signing_key: dir.path().join("gatekeeper-signing.key"),
-            worker_sealing_key: dir.path().join("worker-sealing.pub"),
-        };
-        let keys = GatekeeperKeys::load(&settings).unwrap();
+        let keys = dev_keys(dir.path());
         let t0 = keys.session().unwrap().started_at_ms();
         keys.forget_at(t0 + REPLY_WINDOW_MS / 2);
         assert_eq!(keys.sessions.read().unwrap().len(), 1, "forgotten inside the window");

@@ -782,31 +782,23 @@ impl<'c> Tx<'c> {
 
     /// How many jobs of `client` wait for a predecessor.
     pub fn parked_count_of(&self, client: &str) -> Result<u64, StorageError> {
-        let n: i64 = self.must(
-            "SELECT count(*) FROM parked p JOIN jobs j ON j.id = p.job_id WHERE j.client = ?1",
-            params![client],
-            |r| r.get(0),
-        )?;
-        Ok(n as u64)
+        self.count_of(client, "parked h JOIN jobs j ON j.id = h.job_id", "")
     }
 
     /// How many delayed jobs of `client` are held until due.
     pub fn delayed_count_of(&self, client: &str) -> Result<u64, StorageError> {
-        let n: i64 = self.must(
-            "SELECT count(*) FROM scheduled s JOIN jobs j ON j.id = s.job_id WHERE j.client = ?1 AND s.released = 0",
-            params![client],
-            |r| r.get(0),
-        )?;
-        Ok(n as u64)
+        self.count_of(client, "scheduled h JOIN jobs j ON j.id = h.job_id", "AND h.released = 0")
     }
 
     /// How many jobs of `client` wait for a singleton turn.
     pub fn waiting_count_of(&self, client: &str) -> Result<u64, StorageError> {
-        let n: i64 = self.must(
-            "SELECT count(*) FROM singleton_waiting w JOIN jobs j ON j.id = w.job_id WHERE j.client = ?1",
-            params![client],
-            |r| r.get(0),
-        )?;
+        self.count_of(client, "singleton_waiting h JOIN jobs j ON j.id = h.job_id", "")
+    }
+
+    /// How many rows of `held` (joined to `jobs j`) are `client`'s, `and` holding too.
+    fn count_of(&self, client: &str, held: &str, and: &str) -> Result<u64, StorageError> {
+        let sql = format!("SELECT count(*) FROM {held} WHERE j.client = ?1 {and}");
+        let n: i64 = self.must(&sql, params![client], |r| r.get(0))?;
         Ok(n as u64)
     }
 
@@ -1052,6 +1044,26 @@ impl<'c> Tx<'c> {
             params![id.as_str(), envelope, expires_at_ms, holder],
         )?;
         Ok(n == 1 || self.holds_lease(id, holder)?)
+    }
+
+    /// Takes the lease of `id` for `holder` unless another holder's lease is still running at
+    /// `now_ms` (a singleton job's turn: one attempt at a time); `false` when it is.
+    pub fn lease_turn(
+        &self,
+        id: &JobId,
+        envelope: &[u8],
+        expires_at_ms: i64,
+        holder: &str,
+        now_ms: i64,
+    ) -> Result<bool, StorageError> {
+        let n = self.exec(
+            "INSERT INTO leases (job_id, envelope, expires_at_ms, holder) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(job_id) DO UPDATE SET envelope = excluded.envelope,
+                 expires_at_ms = excluded.expires_at_ms, holder = excluded.holder
+             WHERE leases.expires_at_ms <= ?5 OR leases.holder = excluded.holder",
+            params![id.as_str(), envelope, expires_at_ms, holder, now_ms],
+        )?;
+        Ok(n == 1)
     }
 
     /// Extends `holder`'s lease of `id`; `false` when it no longer holds it (it ran out and was

@@ -128,6 +128,29 @@ pub struct Arrival {
     pub replay: Option<gatehouse_protocol::replay::Grant>,
     /// What its client may hold at most.
     pub caps: ClientCaps,
+    /// For an external kind: the lease its attempt would hold (see [`hold_turn`]).
+    pub turn_lease: Option<TurnLease>,
+}
+
+/// The lease an attempt of a singleton job takes with its turn: the turn is the job's, but
+/// only the attempt holding this lease runs it (a second copy of the message while it runs is
+/// answered `running`, never run beside it; a worker that dies lets the lease run out).
+#[derive(Debug, Clone)]
+pub struct TurnLease {
+    pub holder: String,
+    pub expires_at_ms: i64,
+}
+
+/// Takes the lease of `env`'s turn for this attempt: `Some` (the answer to give instead of
+/// running) when another attempt holds it and it has not run out.
+fn hold_turn(tx: &Tx<'_>, arrival: &Arrival) -> Result<Option<Decided>, StorageError> {
+    let Some(lease) = &arrival.turn_lease else { return Ok(None) };
+    let env = &arrival.env;
+    if tx.lease_turn(&env.id, &arrival.raw, lease.expires_at_ms, &lease.holder, now_ms())? {
+        return Ok(None);
+    }
+    let running = JobStatus::new(env.id.clone(), JobState::Running);
+    Ok(Some(Decided::Done(vec![answer(running, &arrival.target)])))
 }
 
 /// For kinds whose handler runs inside storage: the whole decision and its effect in one
@@ -204,6 +227,11 @@ pub fn prepare(tx: &Tx<'_>, spec: &KindSpec, arrival: &Arrival) -> Result<Step, 
             if !mine {
                 return Ok(Step::Decided(Decided::Done(vec![answer(status_of(tx, stored)?, target)])));
             }
+            if singleton_key(spec, env).is_some()
+                && let Some(running) = hold_turn(tx, arrival)?
+            {
+                return Ok(Step::Decided(running));
+            }
             tx.turn_taken(&env.id)?;
         }
         Some(stored) => {
@@ -270,6 +298,11 @@ pub fn prepare(tx: &Tx<'_>, spec: &KindSpec, arrival: &Arrival) -> Result<Step, 
         tx.record_job(&stored(env, JobState::WaitingForTurn, None, None, None))?;
         let status = JobStatus::new(env.id.clone(), JobState::WaitingForTurn);
         return Ok(Step::Decided(Decided::Done(vec![answer(status, target)])));
+    }
+    if singleton_key(spec, env).is_some()
+        && let Some(running) = hold_turn(tx, arrival)?
+    {
+        return Ok(Step::Decided(running));
     }
     match tx.attempts(&env.id)? {
         Some(a) if a.count >= spec.max_attempts => {
@@ -639,7 +672,8 @@ mod tests {
             .transact(move |tx| -> Result<_, ApplyError> {
                 let spec = catalog.kind(&env.kind).unwrap().clone();
                 let target = ReplyTarget::default();
-                let arrival = Arrival { env, raw, target, replay: None, caps: ClientCaps::default() };
+                let arrival =
+                    Arrival { env, raw, target, replay: None, caps: ClientCaps::default(), turn_lease: None };
                 match decide_and_run(tx, &catalog, &kinds(&catalog), &spec, &keys().sessions, &arrival)? {
                     Decided::Done(a) => Ok(a),
                     d => panic!("unexpected {d:?}"),
@@ -773,6 +807,7 @@ mod tests {
                     target: ReplyTarget::default(),
                     replay: None,
                     caps: ClientCaps::default(),
+                    turn_lease: None,
                 };
                 prepare(tx, &spec, &arrival)
             })

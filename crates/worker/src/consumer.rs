@@ -145,6 +145,7 @@ impl Job<'_> {
             target: self.target.clone(),
             replay,
             caps: self.ctx.caps,
+            turn_lease: None,
         }
     }
 
@@ -152,13 +153,21 @@ impl Job<'_> {
         if !self.ctx.kinds.registry.is_external(&self.env.kind) {
             return self.decide_and_run(replay).await;
         }
+        // A singleton job's attempt holds a lease from its turn on (see [`crate::leases`]).
+        let holder = crate::leases::Holder::new();
+        let lease_ms = i64::try_from(self.ctx.leases.lease.as_millis()).unwrap_or(i64::MAX);
+        let turn_lease = apply::TurnLease {
+            holder: holder.token.clone(),
+            expires_at_ms: now_ms().saturating_add(lease_ms),
+        };
         let prepared = {
-            let (spec, arrival) = (self.spec.clone(), self.arrival(replay));
+            let spec = self.spec.clone();
+            let arrival = Arrival { turn_lease: Some(turn_lease), ..self.arrival(replay) };
             self.ctx.store.transact(move |tx| apply::prepare(tx, &spec, &arrival)).await
         };
         match prepared {
             Ok(Step::Decided(d)) => self.settle_decided(d).await,
-            Ok(Step::Run { suspect }) => self.run_isolated(suspect).await,
+            Ok(Step::Run { suspect }) => self.run_isolated(suspect, holder).await,
             Err(e) => {
                 tracing::warn!(error = %e, "could not decide the job; requeueing");
                 requeue_after_pause(self.ctx, self.delivery).await;
@@ -216,7 +225,7 @@ impl Job<'_> {
     /// Counts the attempt and runs it, alone if it is a suspect. The isolation lock is taken
     /// before the attempt is counted: a job that waits here while a suspect crashes the process
     /// has not started and is not charged.
-    async fn run_isolated(&self, suspect: bool) {
+    async fn run_isolated(&self, suspect: bool, holder: crate::leases::Holder) {
         let (_alone, _shared);
         if suspect {
             tracing::warn!("previous attempt was interrupted by a crash: running it alone");
@@ -244,7 +253,8 @@ impl Job<'_> {
         let (ctx, spec, env) = (self.ctx, &self.spec, &self.env);
         let attempt = started.attempt;
         let began = std::time::Instant::now();
-        let holder = crate::leases::Holder::new();
+        // A singleton job's lease was taken with its turn: handed off at once.
+        let leased = self.spec.singleton || self.spec.singleton_key.is_some();
         let ran = {
             let running = run(ctx, spec, env, &self.target, started, reservation, &holder);
             tokio::pin!(running);
@@ -255,7 +265,7 @@ impl Job<'_> {
             tokio::select! {
                 biased;
                 ran = &mut running => ran,
-                crate::leases::LeaseLost = crate::leases::hold(ctx, tag, &env.id, self.data, &holder) => {
+                crate::leases::LeaseLost = crate::leases::hold(ctx, tag, &env.id, self.data, &holder, leased) => {
                     Err(Failure::LeaseLost)
                 }
             }

@@ -71,21 +71,34 @@ impl Default for Holder {
 /// quarter of `lease`. Returns only when the lease is lost: a renewal that did not succeed by a
 /// quarter of `lease` before the lease would run out (storage unreachable: each renewal is
 /// bounded by that time), or the lease is another attempt's. Dropped when the attempt ends.
-pub async fn hold(ctx: &Context, tag: u64, id: &JobId, message: &[u8], holder: &Holder) -> LeaseLost {
+///
+/// With `leased`, the attempt already holds its lease (a singleton job's, taken with its turn):
+/// the delivery is handed off at once.
+pub async fn hold(
+    ctx: &Context,
+    tag: u64,
+    id: &JobId,
+    message: &[u8],
+    holder: &Holder,
+    leased: bool,
+) -> LeaseLost {
     use tokio::time::{Instant, timeout};
-    tokio::time::sleep(ctx.leases.hand_off_after).await;
     let (lease, quarter) = (ctx.leases.lease, ctx.leases.lease / 4);
-    // The hand-off. Before it the delivery holds the job: trying again is safe.
-    loop {
-        let expires = now_ms().saturating_add(lease.as_millis() as i64);
-        let (job, held, token) = (id.clone(), message.to_vec(), holder.token.clone());
-        match timeout(quarter, ctx.store.transact(move |tx| tx.lease(&job, &held, expires, &token))).await {
-            Ok(Ok(true)) => break,
-            Ok(Ok(false)) => tracing::warn!("a long job's lease is another attempt's; trying again"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "could not hand a long job off; trying again"),
-            Err(_) => tracing::warn!("could not hand a long job off in time; trying again"),
+    if !leased {
+        tokio::time::sleep(ctx.leases.hand_off_after).await;
+        // The hand-off. Before it the delivery holds the job: trying again is safe.
+        loop {
+            let expires = now_ms().saturating_add(lease.as_millis() as i64);
+            let (job, held, token) = (id.clone(), message.to_vec(), holder.token.clone());
+            match timeout(quarter, ctx.store.transact(move |tx| tx.lease(&job, &held, expires, &token))).await
+            {
+                Ok(Ok(true)) => break,
+                Ok(Ok(false)) => tracing::warn!("a long job's lease is another attempt's; trying again"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "could not hand a long job off; trying again"),
+                Err(_) => tracing::warn!("could not hand a long job off in time; trying again"),
+            }
+            tokio::time::sleep(quarter).await;
         }
-        tokio::time::sleep(quarter).await;
     }
     let mut runs_out = Instant::now() + lease;
     holder.handed_off.store(true, std::sync::atomic::Ordering::SeqCst);

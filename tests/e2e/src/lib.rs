@@ -127,8 +127,23 @@ fn apply_shipped_policies() {
     }
 }
 
-/// Debian's Chromium, for the browser tests: installed (like the broker) when missing on a
-/// Debian machine as root; elsewhere the test fails with the command to run.
+/// Installs Debian `package` unless `path` exists (once per test binary), like the broker:
+/// on a Debian machine as root; elsewhere the test fails with the command to run.
+fn installed(path: &Path, package: &gatehouse_cli::apt::Package) {
+    static INSTALL: Mutex<()> = Mutex::new(());
+    if path.exists() {
+        return;
+    }
+    let _one = INSTALL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if !path.exists() {
+        let host = gatehouse_cli::apt::Host::this();
+        if let Err(e) = gatehouse_cli::apt::install(host, Path::new(gatehouse_cli::apt::APT_GET), package) {
+            panic!("{e:#}");
+        }
+    }
+}
+
+/// Debian's Chromium, for the browser tests.
 pub fn chromium() -> PathBuf {
     const CHROMIUM: gatehouse_cli::apt::Package = gatehouse_cli::apt::Package {
         name: "chromium",
@@ -136,42 +151,42 @@ pub fn chromium() -> PathBuf {
         elsewhere: "install Chromium and link it as /usr/bin/chromium",
     };
     let path = PathBuf::from("/usr/bin/chromium");
-    if !path.exists() {
-        static INSTALL: Mutex<()> = Mutex::new(());
-        let _one = INSTALL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if !path.exists() {
-            let host = gatehouse_cli::apt::Host::this();
-            if let Err(e) =
-                gatehouse_cli::apt::install(host, Path::new(gatehouse_cli::apt::APT_GET), &CHROMIUM)
-            {
-                panic!("{e:#}");
-            }
-        }
-    }
+    installed(&path, &CHROMIUM);
     path
 }
 
-/// Debian's bubblewrap, the sandbox of executable kinds: installed (like the broker) when
-/// missing on a Debian machine as root; elsewhere the test fails with the command to run.
+/// Debian's bubblewrap, the sandbox of executable kinds.
 pub fn bubblewrap() {
     const BUBBLEWRAP: gatehouse_cli::apt::Package = gatehouse_cli::apt::Package {
         name: "bubblewrap",
         missing: "executable kinds run sandboxed by bubblewrap (/usr/bin/bwrap), which is not installed",
         elsewhere: "install bubblewrap (bwrap) as /usr/bin/bwrap",
     };
-    let path = Path::new(gatehouse_worker::handlers::exec::sandbox::BWRAP);
-    if !path.exists() {
-        static INSTALL: Mutex<()> = Mutex::new(());
-        let _one = INSTALL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if !path.exists() {
-            let host = gatehouse_cli::apt::Host::this();
-            if let Err(e) =
-                gatehouse_cli::apt::install(host, Path::new(gatehouse_cli::apt::APT_GET), &BUBBLEWRAP)
-            {
-                panic!("{e:#}");
+    installed(Path::new(gatehouse_worker::handlers::exec::sandbox::BWRAP), &BUBBLEWRAP);
+}
+
+/// A fresh marker (`MARKER-<hex>`) to look for where it must not be.
+pub fn marker() -> String {
+    format!("MARKER-{}", random_hex(8))
+}
+
+/// Processes (of the whole machine) whose command line holds `marker`.
+pub fn processes_with(marker: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if cmdline.contains(marker) {
+                found.push(format!("{}: {cmdline}", entry.file_name().to_string_lossy()));
             }
         }
     }
+    found
+}
+
+/// The catalog of the executable-kind tests (tests/e2e/fixtures/exec).
+pub fn exec_catalog() -> PathBuf {
+    repo_root().join("tests/e2e/fixtures/exec/jobs.toml")
 }
 
 /// The schemathesis CLI (an OpenAPI fuzzer, from PyPI), in a virtual environment under

@@ -74,6 +74,7 @@ pub fn register(r: &mut Registry) {
         // this process) and when it ran (unix ms; across processes).
         external(|job: JobContext, p: Sleep| async move {
             let started = gatehouse_storage::now_ms();
+            tracing::info!(job_id = %job.id, "test.singleton started");
             let at_start = SINGLETONS_RUNNING.fetch_add(1, Ordering::SeqCst) + 1;
             tokio::time::sleep(Duration::from_millis(p.ms)).await;
             let at_end = SINGLETONS_RUNNING.fetch_sub(1, Ordering::SeqCst);

@@ -6,35 +6,18 @@
 use std::time::{Duration, Instant};
 
 use gatehouse_cli::commands::dlq::{self, BrokerArgs};
-use gatehouse_e2e::{Options, TestSystem, broker_url, repo_root, wait_final};
-use gatehouse_protocol::{crypto, hex};
+use gatehouse_e2e::{
+    Options, TestSystem, broker_url, exec_catalog, marker, processes_with, repo_root, wait_final,
+};
 use serde_json::{Value, json};
 
 async fn exec_system() -> TestSystem {
     TestSystem::start_with(Options {
         worker_binary: Some(env!("CARGO_BIN_EXE_e2e-worker")),
-        catalog: Some(repo_root().join("tests/e2e/fixtures/exec/jobs.toml")),
+        catalog: Some(exec_catalog()),
         ..Options::default()
     })
     .await
-}
-
-fn marker() -> String {
-    format!("MARKER-{}", hex::encode(&crypto::OpeningKey::generate().unwrap()[..8]))
-}
-
-/// Processes whose command line holds `marker`.
-fn processes_with(marker: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            if cmdline.contains(marker) {
-                found.push(format!("{}: {cmdline}", entry.file_name().to_string_lossy()));
-            }
-        }
-    }
-    found
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -118,7 +101,7 @@ async fn executable_kinds_run_isolated_and_end_as_their_exit_status_says() {
 #[test]
 fn a_missing_program_or_an_unknown_mode_refuses_to_start_with_exit_64() {
     let dir = tempfile::tempdir().unwrap();
-    let base = std::fs::read_to_string(repo_root().join("tests/e2e/fixtures/exec/jobs.toml")).unwrap();
+    let base = std::fs::read_to_string(exec_catalog()).unwrap();
     for (name, broken, says) in [
         (
             "missing",
@@ -153,7 +136,7 @@ fn stream_processes() -> Vec<String> {
 async fn a_stream_kind_reuses_its_processes_replaces_a_dead_one_and_leaves_no_orphan() {
     let sys = TestSystem::start_with(Options {
         worker_binary: Some(env!("CARGO_BIN_EXE_e2e-worker")),
-        catalog: Some(repo_root().join("tests/e2e/fixtures/exec/jobs.toml")),
+        catalog: Some(exec_catalog()),
         ..Options::default()
     })
     .await;

@@ -7,34 +7,13 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use gatehouse_e2e::{OTHER_CLIENT, Options, TestSystem, repo_root, wait_final};
-use gatehouse_protocol::{crypto, hex};
+use gatehouse_e2e::{
+    OTHER_CLIENT, Options, TestSystem, exec_catalog, marker, processes_with, repo_root, wait_final,
+};
 use serde_json::{Value, json};
 
 async fn exec_system() -> TestSystem {
-    TestSystem::start_with(Options {
-        catalog: Some(repo_root().join("tests/e2e/fixtures/exec/jobs.toml")),
-        ..Options::default()
-    })
-    .await
-}
-
-fn marker() -> String {
-    format!("MARKER-{}", hex::encode(&crypto::OpeningKey::generate().unwrap()[..8]))
-}
-
-/// Processes (of the whole machine) whose command line holds `marker`.
-fn processes_with(marker: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            if cmdline.contains(marker) {
-                found.push(format!("{}: {cmdline}", entry.file_name().to_string_lossy()));
-            }
-        }
-    }
-    found
+    TestSystem::start_with(Options { catalog: Some(exec_catalog()), ..Options::default() }).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -52,7 +31,7 @@ async fn a_non_root_workers_jobs_reach_nothing_of_it_nor_of_each_other() {
     let sys = TestSystem::start_with(Options {
         worker_binary: Some(env!("CARGO_BIN_EXE_e2e-worker")),
         worker_uid: Some(65534),
-        catalog: Some(repo_root().join("tests/e2e/fixtures/exec/jobs.toml")),
+        catalog: Some(exec_catalog()),
         ..Options::default()
     })
     .await;
@@ -72,7 +51,7 @@ async fn probe_from_two_clients(sys: &TestSystem, worker_pid: u32) {
         sys.keyring(),
         sys.database(),
         repo_root().join("config/worker.toml"),
-        repo_root().join("tests/e2e/fixtures/exec/jobs.toml"),
+        exec_catalog(),
         std::path::PathBuf::from(format!("/proc/{worker_pid}/environ")),
     ];
     let paths: Vec<String> = secrets.iter().map(|p| p.display().to_string()).collect();
@@ -214,7 +193,7 @@ fn an_unconfined_sandbox_is_refused_outside_testing_with_exit_64() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_e2e-worker"))
         .current_dir(repo_root())
         .arg("config/worker.toml")
-        .env("WORKER__CATALOG__PATH", repo_root().join("tests/e2e/fixtures/exec/jobs.toml"))
+        .env("WORKER__CATALOG__PATH", exec_catalog())
         .env("WORKER__STORAGE__URL", format!("sqlite:{}", dir.path().join("db.sqlite").display()))
         .env("WORKER__SANDBOX__MODE", "none")
         .output()
@@ -231,7 +210,7 @@ fn an_unconfined_sandbox_is_refused_outside_testing_with_exit_64() {
 async fn error_text_reaches_the_owner_only() {
     let sys = TestSystem::start_with(Options {
         worker_binary: Some(env!("CARGO_BIN_EXE_e2e-worker")),
-        catalog: Some(repo_root().join("tests/e2e/fixtures/exec/jobs.toml")),
+        catalog: Some(exec_catalog()),
         ..Options::default()
     })
     .await;
@@ -271,4 +250,29 @@ async fn error_text_reaches_the_owner_only() {
             file.display()
         );
     }
+}
+
+/// Handlers installed below `/tmp` (a checkout there, as a CI runner may make) are reachable in
+/// the sandbox, whose own `/tmp` is private: the grant is bound into it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn handlers_below_tmp_run_in_the_sandbox() {
+    let dir = tempfile::Builder::new().prefix("gatehouse-handlers-").tempdir_in("/tmp").unwrap();
+    let fixtures = repo_root().join("tests/e2e/fixtures/exec");
+    for file in ["handler.py", "stream.py", "any.json"] {
+        std::fs::copy(fixtures.join(file), dir.path().join(file)).unwrap();
+    }
+    let schemas = format!("{}/", repo_root().join("config/schemas").display());
+    let catalog =
+        std::fs::read_to_string(exec_catalog()).unwrap().replace("../../../../config/schemas/", &schemas);
+    std::fs::write(dir.path().join("jobs.toml"), catalog).unwrap();
+    let sys =
+        TestSystem::start_with(Options { catalog: Some(dir.path().join("jobs.toml")), ..Options::default() })
+            .await;
+    let mut conn = sys.connect().await;
+    for kind in ["acme.upper", "acme.stream"] {
+        let r =
+            conn.submit(&json!({"kind": kind, "payload": {"text": "tmp"}}), Some(20)).await.unwrap().json();
+        assert_eq!(r["result"]["upper"], "TMP", "{kind}: {r}");
+    }
+    sys.stop().await;
 }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use gatehouse_e2e::{Options, TestSystem, wait_final};
+use gatehouse_e2e::{Options, TestSystem, management, wait_final};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -30,5 +30,50 @@ async fn fifty_concurrent_submissions_of_a_singleton_kind_never_run_two_at_once(
         assert_eq!(s["result"]["running_at_once"], 1, "two ran at once: {s}");
         assert_eq!(s["result"]["attempt"], 1, "waiting used up an attempt: {s}");
     }
+    sys.stop().await;
+}
+
+/// A second copy of a running singleton job's message (a redelivery after a lost channel, a
+/// re-publish) is answered `running` and never runs beside it — here on the other worker, which
+/// takes the copy while the first holds the job (prefetch 1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_second_copy_of_a_running_singleton_job_never_runs_beside_it() {
+    let sys = TestSystem::start_with(Options {
+        testing: true,
+        worker_binary: Some(env!("CARGO_BIN_EXE_e2e-worker")),
+        workers: 2,
+        prefetch: Some(1),
+        ..Options::default()
+    })
+    .await;
+    for w in sys.worker_processes() {
+        w.terminate();
+    }
+    let mut conn = sys.connect().await;
+    let r = conn.submit(&json!({"kind": "test.singleton", "payload": {"ms": 4000}}), None).await.unwrap();
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    let queue = sys.topology().job_queue("batch");
+    let queued: Vec<serde_json::Value> = serde_json::from_str(&management::peek(&queue, 1).await).unwrap();
+    let (body, priority) =
+        (queued[0]["payload"].as_str().unwrap().to_owned(), queued[0]["properties"]["priority"].clone());
+    for w in sys.worker_processes() {
+        w.start();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while conn.status(&id).await.unwrap().json()["status"] != "running" {
+        assert!(std::time::Instant::now() < deadline, "never ran");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(management::publish_with(&queue, &body, json!({"priority": priority, "delivery_mode": 2})).await);
+    let s = wait_final(&mut sys.connect().await, &id, Duration::from_secs(30)).await;
+    assert_eq!(s["status"], "succeeded", "{s}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let runs: usize = sys
+        .worker_processes()
+        .iter()
+        .map(|w| w.log().lines().filter(|l| l.contains("test.singleton started") && l.contains(&id)).count())
+        .sum();
+    assert_eq!(runs, 1, "the job ran {runs} times");
     sys.stop().await;
 }

@@ -8,7 +8,7 @@
 //! |---|---|
 //! | `/usr` (and the `/bin`, `/lib*` links), `/etc/ld.so.cache`, `/etc/alternatives`, `/etc/localtime` | the system's programs and libraries, read-only |
 //! | the files its `command` names, the kind's `read_only` paths | read-only, at their own paths |
-//! | `/job` (its working folder, also `/tmp`) | a memory file system of `limits.disk_mb`, its own |
+//! | `/job` (its working folder) and `/tmp` | memory file systems of `limits.disk_mb` each, its own |
 //! | `/gatehouse/checkpoint.json` | an earlier attempt's checkpoint, read-only |
 //! | `/proc`, `/dev` | its own PID namespace's processes; the minimal devices |
 //!
@@ -217,9 +217,12 @@ impl Sandbox {
         for f in SYSTEM_FILES {
             a.paths("--ro-bind-try", Path::new(f), Path::new(f));
         }
+        // Its own /tmp first: a granted path may lie below /tmp (a checkout there), and is
+        // bound into this one.
+        a.push(&["--perms", "1777", "--size", &size, "--tmpfs", "/tmp"]);
         // bwrap makes missing parents 0700 (root's) when it runs as root: make them readable.
         let mut parents: Vec<&Path> = grants.iter().flat_map(|g| g.ancestors().skip(1)).collect();
-        parents.retain(|p| *p != Path::new("/"));
+        parents.retain(|p| !["/", "/tmp"].iter().any(|m| *p == Path::new(m)));
         parents.sort_by_key(|p| p.components().count());
         parents.dedup();
         for p in parents {
@@ -231,7 +234,6 @@ impl Sandbox {
         }
         a.push(&["--proc", "/proc", "--dev", "/dev"]);
         a.push(&["--perms", "1777", "--size", &size, "--tmpfs", WORK_DIR]);
-        a.push(&["--perms", "1777", "--dir", "/job/tmp", "--symlink", "/job/tmp", "/tmp"]);
         a.paths("--ro-bind", input, Path::new(INPUT_DIR));
         a.push(&["--chdir", WORK_DIR, "--"]);
         a.0
