@@ -656,20 +656,23 @@ impl TestSystem {
         system
     }
 
-    /// Waits until the gatekeeper's `/readyz` answers 200 (its broker link is up, which needs
-    /// the topology the worker declares).
+    /// Waits until every gatekeeper's `/readyz` answers 200 (its broker link is up, which needs
+    /// the topology the worker declares). Each gatekeeper's link backs off on its own: the
+    /// second of two could still answer 503 when the first is ready.
     pub async fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let ready = async {
-                let mut c = self.client().connect().await.ok()?;
-                c.request(gatehouse_client::Method::GET, "/readyz", &[], Vec::new()).await.ok()
-            };
-            if ready.await.is_some_and(|r| r.status == 200) {
-                return;
+        for client in self.clients() {
+            loop {
+                let ready = async {
+                    let mut c = client.connect().await.ok()?;
+                    c.request(gatehouse_client::Method::GET, "/readyz", &[], Vec::new()).await.ok()
+                };
+                if ready.await.is_some_and(|r| r.status == 200) {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "a gatekeeper did not become ready");
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            assert!(Instant::now() < deadline, "the gatekeeper did not become ready");
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 

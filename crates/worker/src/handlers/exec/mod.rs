@@ -165,22 +165,28 @@ impl Exec {
         if err.over {
             return Ok(Outcome::Permanent(format!("stderr over {} bytes", self.spec.max_stderr_bytes)));
         }
-        let error = |what: String| if err.last.is_empty() { what } else { format!("{what}: {}", err.last) };
-        Ok(match status.code() {
-            Some(0) => match out {
-                None => Outcome::Permanent(format!("output over {max} bytes")),
-                Some(out) => match serde_json::from_slice::<Value>(&out) {
-                    Ok(result) => Outcome::Success(result),
-                    Err(_) => Outcome::Permanent("output is not one JSON value".into()),
-                },
+        Ok(outcome_of(status, out, &err.last, max))
+    }
+}
+
+/// What a oneshot child's exit says: its status, its stdout (`None`: over `max` bytes) and its
+/// last stderr line.
+fn outcome_of(status: std::process::ExitStatus, out: Option<Vec<u8>>, last: &str, max: usize) -> Outcome {
+    let error = |what: String| if last.is_empty() { what } else { format!("{what}: {last}") };
+    match status.code() {
+        Some(0) => match out {
+            None => Outcome::Permanent(format!("output over {max} bytes")),
+            Some(out) => match serde_json::from_slice::<Value>(&out) {
+                Ok(result) => Outcome::Success(result),
+                Err(_) => Outcome::Permanent("output is not one JSON value".into()),
             },
-            Some(EXIT_RETRY) => Outcome::Retryable(error(format!("exit {EXIT_RETRY}"))),
-            Some(code) => Outcome::Permanent(error(format!("exit {code}"))),
-            None => {
-                use std::os::unix::process::ExitStatusExt as _;
-                Outcome::Permanent(error(signal_reason(status.signal().unwrap_or(0))))
-            }
-        })
+        },
+        Some(EXIT_RETRY) => Outcome::Retryable(error(format!("exit {EXIT_RETRY}"))),
+        Some(code) => Outcome::Permanent(error(format!("exit {code}"))),
+        None => {
+            use std::os::unix::process::ExitStatusExt as _;
+            Outcome::Permanent(error(signal_reason(status.signal().unwrap_or(0))))
+        }
     }
 }
 
