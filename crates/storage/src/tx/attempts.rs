@@ -1,0 +1,85 @@
+//! Attempts: how often each job started, whether it runs, and its last error (sealed).
+
+use super::*;
+
+impl Tx<'_> {
+    /// Counts one more start of `id` and marks it running; answers the new count and whether
+    /// the previous start was still marked running (the process died during it). Committed
+    /// before the handler runs, so that a crash while running still counts.
+    pub fn begin_attempt(&self, id: &JobId, client: &str) -> Result<(u32, bool), StorageError> {
+        let interrupted = self.attempts(id)?.is_some_and(|a| a.running);
+        let count: i64 = self.must(
+            "INSERT INTO attempts (job_id, client, count, running, updated_at_ms) VALUES (?1, ?2, 1, 1, ?3)
+             ON CONFLICT(job_id) DO UPDATE SET count = attempts.count + 1, running = 1,
+                 updated_at_ms = excluded.updated_at_ms
+             RETURNING count",
+            params![id.as_str(), client, now_ms()],
+            |r| r.get(0),
+        )?;
+        self.log_state(id, client, JobState::Running)?;
+        Ok((u32::try_from(count).unwrap_or(u32::MAX), interrupted))
+    }
+
+    /// Counts an attempt that started and failed, in one step (for handlers that run inside
+    /// the storage transaction, whose own count was undone with their writes); answers the
+    /// count.
+    pub fn record_failed_attempt(&self, id: &JobId, client: &str, error: &str) -> Result<u32, StorageError> {
+        self.lock_job(id)?;
+        let count: i64 = self.must(
+            "INSERT INTO attempts (job_id, client, count, running, last_error, updated_at_ms)
+             VALUES (?1, ?2, 1, 0, ?3, ?4)
+             ON CONFLICT(job_id) DO UPDATE SET count = attempts.count + 1, running = 0,
+                 last_error = excluded.last_error, updated_at_ms = excluded.updated_at_ms
+             RETURNING count",
+            params![
+                id.as_str(),
+                client,
+                self.seal_text(Some(error), &Place::attempt_error(id.as_str(), client))?,
+                now_ms()
+            ],
+            |r| r.get(0),
+        )?;
+        self.log_state(id, client, JobState::Retrying)?;
+        Ok(u32::try_from(count).unwrap_or(u32::MAX))
+    }
+
+    /// Forgets the attempts of a job whose outcome is now recorded.
+    pub fn clear_attempts(&self, id: &JobId) -> Result<(), StorageError> {
+        self.exec("DELETE FROM attempts WHERE job_id = ?1", params![id.as_str()])?;
+        Ok(())
+    }
+
+    /// Records why the latest attempt of `id` failed.
+    pub fn fail_attempt(&self, id: &JobId, error: &str) -> Result<(), StorageError> {
+        self.lock_job(id)?;
+        let Some(a) = self.attempts(id)? else { return Ok(()) };
+        let sealed = self.seal_text(Some(error), &Place::attempt_error(id.as_str(), &a.client))?;
+        self.exec(
+            "UPDATE attempts SET last_error = ?2, running = 0, updated_at_ms = ?3 WHERE job_id = ?1",
+            params![id.as_str(), sealed, now_ms()],
+        )?;
+        self.log_state(id, &a.client, JobState::Retrying)?;
+        Ok(())
+    }
+
+    pub fn attempts(&self, id: &JobId) -> Result<Option<Attempts>, StorageError> {
+        self.one(
+            "SELECT client, count, last_error, running FROM attempts WHERE job_id = ?1",
+            params![id.as_str()],
+            |r| {
+                Ok(Attempts {
+                    client: r.get(0)?,
+                    count: u32::try_from(r.get::<i64>(1)?).unwrap_or(u32::MAX),
+                    last_error: r.get(2)?,
+                    running: r.get::<i64>(3)? != 0,
+                })
+            },
+        )?
+        .map(|mut a| {
+            a.last_error =
+                self.unseal_text(a.last_error.take(), &Place::attempt_error(id.as_str(), &a.client))?;
+            Ok(a)
+        })
+        .transpose()
+    }
+}

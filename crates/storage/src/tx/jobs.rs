@@ -1,0 +1,137 @@
+//! Jobs: each job's record (state, sealed result and error, sequence), and replays of dead letters.
+
+use super::*;
+
+impl Tx<'_> {
+    /// The job with this id, whoever owns it.
+    pub fn job(&self, id: &JobId) -> Result<Option<StoredJob>, StorageError> {
+        let row = self.one(
+            "SELECT client, kind, state, result, error, seq_key, seq_number, reason
+                 FROM jobs WHERE id = ?1",
+            params![id.as_str()],
+            |r| {
+                Ok((
+                    r.get::<String>(0)?,
+                    r.get::<String>(1)?,
+                    r.get::<String>(2)?,
+                    r.get::<Option<String>>(3)?,
+                    r.get::<Option<String>>(4)?,
+                    r.get::<Option<String>>(5)?,
+                    r.get::<Option<i64>>(6)?,
+                    r.get::<Option<String>>(7)?,
+                ))
+            },
+        )?;
+        let Some((client, kind, state, result, error, key, number, reason)) = row else {
+            return Ok(None);
+        };
+        let state = JobState::parse(&state)
+            .ok_or_else(|| StorageError::Corrupt(format!("unknown state {state:?}")))?;
+        let result = self.unseal(result, &Place::job_result(id.as_str(), &client))?;
+        let error = self.unseal_text(error, &Place::job_error(id.as_str(), &client))?;
+        Ok(Some(StoredJob {
+            id: id.clone(),
+            client,
+            kind,
+            state,
+            result,
+            error,
+            reason,
+            sequence: key.zip(number.map(|n| n as u64)),
+        }))
+    }
+
+    /// Inserts the job or updates its state and outcome.
+    pub fn record_job(&self, job: &StoredJob) -> Result<(), StorageError> {
+        let (key, number) = match &job.sequence {
+            Some((k, n)) => (Some(k.as_str()), Some(to_i64(*n)?)),
+            None => (None, None),
+        };
+        if job.state.is_final() {
+            self.forget_cancelled(&job.id)?;
+            self.pass_turns(&job.id)?;
+            self.exec("DELETE FROM progress WHERE job_id = ?1", params![job.id.as_str()])?;
+            self.exec("DELETE FROM checkpoints WHERE job_id = ?1", params![job.id.as_str()])?;
+            self.exec(
+                "UPDATE schedules SET running_job = NULL WHERE running_job = ?1",
+                params![job.id.as_str()],
+            )?;
+        }
+        self.log_state(&job.id, &job.client, job.state)?;
+        let at = Place::job_result(job.id.as_str(), &job.client);
+        let result = job.result.as_ref().map(|r| self.seal(r, &at)).transpose()?;
+        let error = self.seal_text(job.error.as_deref(), &Place::job_error(job.id.as_str(), &job.client))?;
+        self.exec(
+            "INSERT INTO jobs (id, client, kind, state, result, error, seq_key, seq_number, updated_at_ms, reason)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+             ON CONFLICT(id) DO UPDATE SET state = excluded.state, result = excluded.result,
+                 error = excluded.error, reason = excluded.reason,
+                 seq_key = excluded.seq_key, seq_number = excluded.seq_number,
+                 updated_at_ms = excluded.updated_at_ms",
+            params![
+                job.id.as_str(),
+                job.client,
+                job.kind,
+                job.state.as_str(),
+                result,
+                error,
+                key,
+                number,
+                now_ms(),
+                job.reason
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// For an operator's replay of the job's `dead_count`th dead letter: forgets the job (and
+    /// its attempts) if it is dead-lettered and that was its latest dead letter, so that the
+    /// replay runs it afresh. A job in any other state is kept as it is (the replay is then
+    /// answered from it); a grant for an earlier dead letter is refused (`GrantTooOld`).
+    pub fn forget_dead_lettered(&self, id: &JobId, dead_count: u32) -> Result<Forget, StorageError> {
+        let dead: Option<String> = self.one(
+            "SELECT state FROM jobs WHERE id = ?1 AND state = 'dead_lettered'",
+            params![id.as_str()],
+            |r| r.get(0),
+        )?;
+        if dead.is_none() {
+            return Ok(Forget::NotDeadLettered);
+        }
+        if self.dead_count(id)? != dead_count {
+            return Ok(Forget::GrantTooOld);
+        }
+        self.exec("DELETE FROM jobs WHERE id = ?1", params![id.as_str()])?;
+        self.exec("DELETE FROM attempts WHERE job_id = ?1", params![id.as_str()])?;
+        Ok(Forget::Forgotten)
+    }
+
+    /// Counts one more dead letter of job `id`; answers the count (1 for its first).
+    pub fn count_dead_letter(&self, id: &JobId) -> Result<u32, StorageError> {
+        self.lock_job(id)?;
+        let count: i64 = self.must(
+            "INSERT INTO dead_letters (job_id, count, at_ms) VALUES (?1, 1, ?2)
+             ON CONFLICT(job_id) DO UPDATE SET count = dead_letters.count + 1, at_ms = excluded.at_ms
+             RETURNING count",
+            params![id.as_str(), now_ms()],
+            |r| r.get(0),
+        )?;
+        Ok(u32::try_from(count).unwrap_or(u32::MAX))
+    }
+
+    /// How many times job `id` was dead-lettered (0: never, or so long ago it was forgotten).
+    pub fn dead_count(&self, id: &JobId) -> Result<u32, StorageError> {
+        let n: Option<i64> =
+            self.one("SELECT count FROM dead_letters WHERE job_id = ?1", params![id.as_str()], |r| r.get(0))?;
+        Ok(n.map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX)))
+    }
+
+    /// Forgets the dead-letter counts of jobs last dead-lettered before `before_ms` (their
+    /// messages are stale by then): at most `limit`.
+    pub fn prune_dead_counts(&self, before_ms: i64, limit: u32) -> Result<u64, StorageError> {
+        let n = self.exec(
+            "DELETE FROM dead_letters WHERE job_id IN (SELECT job_id FROM dead_letters WHERE at_ms < ?1 ORDER BY at_ms LIMIT ?2)",
+            params![before_ms, limit],
+        )?;
+        Ok(n as u64)
+    }
+}
