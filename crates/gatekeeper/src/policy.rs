@@ -34,10 +34,9 @@ fn default_max_streams() -> usize {
     32
 }
 
-/// Open connections a listed client may hold by default; also what an unlisted identity gets
-/// (enough to be told `403`).
+/// Open connections a listed client may hold unless its policy says otherwise.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
-/// Open connections of an identity the policy does not list.
+/// Open connections of an identity the policy does not list: enough to be told `403`.
 pub const UNLISTED_MAX_CONNECTIONS: usize = 4;
 
 #[derive(Debug, Deserialize)]

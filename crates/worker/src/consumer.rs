@@ -156,13 +156,15 @@ impl Job<'_> {
         // A singleton job's attempt holds a lease from its turn on (see [`crate::leases`]).
         let holder = crate::leases::Holder::new();
         let lease_ms = i64::try_from(self.ctx.leases.lease.as_millis()).unwrap_or(i64::MAX);
-        let turn_lease = apply::TurnLease {
+        // Only a singleton job takes a lease with its turn.
+        let singleton = self.spec.singleton || self.spec.singleton_key.is_some();
+        let turn_lease = singleton.then(|| apply::TurnLease {
             holder: holder.token.clone(),
             expires_at_ms: now_ms().saturating_add(lease_ms),
-        };
+        });
         let prepared = {
             let spec = self.spec.clone();
-            let arrival = Arrival { turn_lease: Some(turn_lease), ..self.arrival(replay) };
+            let arrival = Arrival { turn_lease, ..self.arrival(replay) };
             self.ctx.store.transact(move |tx| apply::prepare(tx, &spec, &arrival)).await
         };
         match prepared {

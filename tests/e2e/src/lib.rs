@@ -841,8 +841,12 @@ impl WorkerProcess {
             .stderr(log);
         if let Some(uid) = self.uid {
             use std::os::unix::process::CommandExt as _;
-            // (std drops root's supplementary groups when it sets the uid.)
+            // (std drops root's supplementary groups when it sets the uid.) It works in its
+            // config's folder: the test's own may be closed to it.
             cmd.uid(uid).gid(uid);
+            if let Some(folder) = self.config.parent() {
+                cmd.current_dir(folder);
+            }
         }
         let spawned = cmd.spawn().expect("worker process starts");
         self.starts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);

@@ -28,10 +28,20 @@ async fn an_executable_job_reaches_nothing_of_the_worker_nor_of_another_clients_
 /// in user namespaces of their own, and still reach nothing of it or of each other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_non_root_workers_jobs_reach_nothing_of_it_nor_of_each_other() {
+    // Its binary, catalog, schemas and handlers where that user can read them, as an install
+    // would put them (the checkout may sit below a folder only root can enter).
+    let dir = tempfile::Builder::new().prefix("gatehouse-nonroot-").tempdir_in("/tmp").unwrap();
+    let catalog = copy_exec_fixtures(dir.path());
+    let binary = dir.path().join("e2e-worker");
+    std::fs::copy(env!("CARGO_BIN_EXE_e2e-worker"), &binary).unwrap();
+    for entry in std::fs::read_dir(dir.path()).unwrap().flatten().map(|e| e.path()).chain([dir.path().into()])
+    {
+        std::os::unix::fs::chown(entry, Some(65534), Some(65534)).unwrap();
+    }
     let sys = TestSystem::start_with(Options {
-        worker_binary: Some(env!("CARGO_BIN_EXE_e2e-worker")),
+        worker_binary: Some(Box::leak(binary.display().to_string().into_boxed_str())),
         worker_uid: Some(65534),
-        catalog: Some(exec_catalog()),
+        catalog: Some(catalog),
         ..Options::default()
     })
     .await;
@@ -257,17 +267,8 @@ async fn error_text_reaches_the_owner_only() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn handlers_below_tmp_run_in_the_sandbox() {
     let dir = tempfile::Builder::new().prefix("gatehouse-handlers-").tempdir_in("/tmp").unwrap();
-    let fixtures = repo_root().join("tests/e2e/fixtures/exec");
-    for file in ["handler.py", "stream.py", "any.json"] {
-        std::fs::copy(fixtures.join(file), dir.path().join(file)).unwrap();
-    }
-    let schemas = format!("{}/", repo_root().join("config/schemas").display());
-    let catalog =
-        std::fs::read_to_string(exec_catalog()).unwrap().replace("../../../../config/schemas/", &schemas);
-    std::fs::write(dir.path().join("jobs.toml"), catalog).unwrap();
-    let sys =
-        TestSystem::start_with(Options { catalog: Some(dir.path().join("jobs.toml")), ..Options::default() })
-            .await;
+    let catalog = copy_exec_fixtures(dir.path());
+    let sys = TestSystem::start_with(Options { catalog: Some(catalog), ..Options::default() }).await;
     let mut conn = sys.connect().await;
     for kind in ["acme.upper", "acme.stream"] {
         let r =
@@ -275,4 +276,19 @@ async fn handlers_below_tmp_run_in_the_sandbox() {
         assert_eq!(r["result"]["upper"], "TMP", "{kind}: {r}");
     }
     sys.stop().await;
+}
+
+/// The executable-kind fixtures, their catalog and the schemas it names, copied into `dir`;
+/// answers the catalog's path.
+fn copy_exec_fixtures(dir: &std::path::Path) -> std::path::PathBuf {
+    let fixtures = repo_root().join("tests/e2e/fixtures/exec");
+    for file in ["handler.py", "stream.py", "any.json"] {
+        std::fs::copy(fixtures.join(file), dir.join(file)).unwrap();
+    }
+    for schema in std::fs::read_dir(repo_root().join("config/schemas")).unwrap().flatten() {
+        std::fs::copy(schema.path(), dir.join(schema.file_name())).unwrap();
+    }
+    let catalog = std::fs::read_to_string(exec_catalog()).unwrap().replace("../../../../config/schemas/", "");
+    std::fs::write(dir.join("jobs.toml"), catalog).unwrap();
+    dir.join("jobs.toml")
 }

@@ -86,7 +86,7 @@ impl Pool {
         let busy = self.capacity - self.slots.available_permits();
         let parked: usize = idle.values().map(Vec::len).sum();
         // `busy` counts this job's own slot: it has no child yet.
-        if busy - 1 + parked < self.capacity {
+        if busy.saturating_sub(1) + parked < self.capacity {
             return Take::Spawn;
         }
         if parked == 0 || patient {
