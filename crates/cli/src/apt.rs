@@ -87,12 +87,24 @@ pub(crate) mod tests {
     use super::*;
 
     /// A fake `apt-get` that records its arguments and environment, one call per line.
+    ///
+    /// Written by a child `sh`, never through a file descriptor of this process: the test
+    /// binary's other threads fork children all the time, and a child forked while we held the
+    /// script open for writing would keep that descriptor until it execs, so that running the
+    /// script fails with `ETXTBSY` ("Text file busy"). A descriptor of another process cannot
+    /// leak into our children.
     pub(crate) fn fake_apt_get(dir: &Path, exit: u8) -> (PathBuf, PathBuf) {
-        use std::os::unix::fs::PermissionsExt as _;
+        use std::io::Write as _;
         let (script, calls) = (dir.join(format!("apt-get-{exit}")), dir.join("calls"));
         let body = format!("#!/bin/sh\necho \"$DEBIAN_FRONTEND $*\" >> {}\nexit {exit}\n", calls.display());
-        fs::write(&script, body).unwrap();
-        fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+        let mut writer = Command::new("/bin/sh")
+            .args(["-c", "cat > \"$1\" && chmod 755 \"$1\"", "sh"])
+            .arg(&script)
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
+        writer.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
+        assert!(writer.wait().unwrap().success(), "writing {}", script.display());
         (script, calls)
     }
 

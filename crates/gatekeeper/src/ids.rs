@@ -19,7 +19,6 @@
 
 use std::path::Path;
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use gatehouse_protocol::JobId;
 use ring::hmac;
@@ -91,7 +90,7 @@ impl IdMinter {
 
     /// Now in milliseconds and 48 random bits, above every stamp minted before.
     fn next_stamp(&self) -> [u8; STAMP] {
-        let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis());
+        let now_ms = u128::from(gatehouse_protocol::clock::now_ms().unsigned_abs());
         let mut random = [0u8; 8];
         // SystemRandom fails only without an OS RNG, where nothing would work anyway; the
         // count-up below keeps ids unique even then.
@@ -161,7 +160,7 @@ mod tests {
     #[test]
     fn fresh_ids_are_time_ordered_and_unique() {
         let m = IdMinter::new(&[7; 32]);
-        let before = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
+        let before = gatehouse_protocol::clock::now_ms().unsigned_abs();
         // Far more than fit in one millisecond: the random part counts up within one.
         let ids: Vec<JobId> = (0..20_000).map(|_| m.mint("alice", None)).collect();
         assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids are strictly increasing");
@@ -173,7 +172,7 @@ mod tests {
     #[test]
     fn a_fresh_id_tells_its_owner_when_it_was_minted_and_a_derived_one_does_not() {
         let m = IdMinter::new(&[7; 32]);
-        let before = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
+        let before = gatehouse_protocol::clock::now_ms().unsigned_abs();
         let id = m.mint("alice", None);
         let at = m.minted_at_ms(&id, "alice").expect("a time-ordered id");
         assert!(at >= before && at <= before + 1000, "{at} vs {before}");

@@ -4,8 +4,8 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, PoisonError, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
 
+use gatehouse_protocol::clock::now_ms;
 use gatehouse_protocol::crypto::{CryptoError, SESSION_LIFETIME_MS, Session, SigningKey};
 use gatehouse_protocol::keys::{self, KeyFileError};
 
@@ -35,9 +35,6 @@ pub struct GatekeeperKeys {
     sessions: RwLock<VecDeque<Arc<Session>>>,
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
 
 impl GatekeeperKeys {
     /// # Errors
@@ -45,7 +42,7 @@ impl GatekeeperKeys {
     pub fn load(s: &KeySettings) -> Result<Self, KeyFileError> {
         let worker_sealing = keys::sealing_key(&s.worker_sealing_key)?;
         let signing = keys::signing_key(&s.signing_key)?;
-        let session = Session::start(&signing, &worker_sealing, now_ms())
+        let session = Session::start(&signing, &worker_sealing, now_ms().unsigned_abs())
             .map_err(|e| KeyFileError::new(&s.worker_sealing_key, e))?;
         Ok(Self { signing, worker_sealing, sessions: RwLock::new(VecDeque::from([Arc::new(session)])) })
     }
@@ -55,7 +52,7 @@ impl GatekeeperKeys {
     /// # Errors
     /// Without system randomness.
     pub fn session(&self) -> Result<Arc<Session>, CryptoError> {
-        self.session_at(now_ms())
+        self.session_at(now_ms().unsigned_abs())
     }
 
     fn session_at(&self, now: u64) -> Result<Arc<Session>, CryptoError> {
@@ -80,7 +77,7 @@ impl GatekeeperKeys {
     /// Forgets the sessions past the reply window, with their reply keys, also when no new
     /// session starts (an idle gatekeeper): called on a timer ([`KEEP_SWEEP`]).
     pub fn forget_expired(&self) {
-        self.forget_at(now_ms());
+        self.forget_at(now_ms().unsigned_abs());
     }
 
     fn forget_at(&self, now: u64) {
@@ -89,7 +86,7 @@ impl GatekeeperKeys {
 
     /// A session this gatekeeper started within the reply window, by [`Session::id`].
     pub fn recent(&self, id: &str) -> Option<Arc<Session>> {
-        self.recent_at(id, now_ms())
+        self.recent_at(id, now_ms().unsigned_abs())
     }
 
     fn recent_at(&self, id: &str, now: u64) -> Option<Arc<Session>> {

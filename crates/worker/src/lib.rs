@@ -3,33 +3,47 @@
 //! the outcome, commits, replies to `reply_to`, and only then acks.
 //!
 //! ```text
-//! consumer ──> apply (dedupe, sequence) ──> handlers (registry: vault, ledger, yours) ──> storage
-//!     │                                                                     │
-//!     └── ack after commit <── reply (reply_to, correlation_id) <───────────┘
-//! control ──> status queries from the gatekeeper, answered from storage (owner only)
+//! broker ──> delivery (check, isolate, lease) ──> decide (dedupe, sequence, verdict) ──> storage
+//!               │          │                            │
+//!               │          └── handlers (vault, ledger, executables, yours)
+//!               └── settle: ack / requeue / hand off <── outbound (reply, retry, dead letter)
+//! sweep (delayed, leases, gaps, retention, schedules) ──> outbound, storage
+//! admin (/healthz, /readyz, /metrics, dashboard) <── metrics counted everywhere
 //! ```
+//!
+//! How a delivery flows, function by function: `docs/delivery-flow.md`.
+//!
+//! # Layers
+//!
+//! Each top-level module imports only the modules its row names (through `crate::` paths;
+//! [`startup`] wires everything). The `layers` test reads this table and the sources and
+//! fails on any other import, so the modules stay a DAG.
+//!
+//! <!-- layers -->
+//! | module | may import |
+//! |---|---|
+//! | `settings` | |
+//! | `reasons` | |
+//! | `security` | settings, reasons |
+//! | `handlers` | settings |
+//! | `decide` | handlers, security, reasons |
+//! | `admin` | reasons |
+//! | `outbound` | decide, handlers, security, admin, reasons |
+//! | `delivery` | outbound, decide, handlers, security, admin, settings, reasons |
+//! | `sweep` | outbound, decide, security, admin, settings, reasons |
+//! | `startup` | delivery, sweep, outbound, decide, handlers, security, admin, settings, reasons |
+//! <!-- /layers -->
 
-pub mod acks;
 pub mod admin;
-pub mod apply;
-pub mod cancel;
-pub mod consumer;
-pub mod dashboard;
-pub mod delays;
-pub mod dispatch;
-pub mod gaps;
+pub mod decide;
+pub mod delivery;
 pub mod handlers;
-pub mod job_locks;
-pub mod keys;
-pub mod leases;
-pub mod metrics;
-pub mod process;
-pub mod progress;
-pub mod reply;
-pub mod retention;
-pub mod schedules;
+pub mod outbound;
+pub mod reasons;
+pub mod security;
 pub mod settings;
 pub mod startup;
+pub mod sweep;
 
 pub use settings::WorkerSettings;
-pub use startup::Worker;
+pub use startup::{Worker, WorkerBuilder, process};

@@ -26,7 +26,7 @@ pub struct WorkerSettings {
     pub sandbox: SandboxSettings,
 }
 
-/// `[sandbox]`: how executable kinds are confined (see `crate::handlers::exec::sandbox`).
+/// `[sandbox]`: how executable kinds are confined (see the `handlers::exec::sandbox` module).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SandboxSettings {
@@ -56,7 +56,7 @@ pub enum SandboxMode {
     None,
 }
 
-/// `[schedules]`: the file of cron schedules this worker fires (see `crate::schedules`).
+/// `[schedules]`: the file of cron schedules this worker fires (see the `sweep::schedules` module).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ScheduleSettings {
@@ -111,7 +111,7 @@ impl AdminSettings {
                 if password.is_empty() || user.is_empty() || user.contains(':') {
                     return Err("admin basic auth needs a user without ':' and a non-empty password".into());
                 }
-                Ok(Some(crate::admin::credentials(user, password)))
+                Ok(Some(credentials(user, password)))
             }
             _ => Err("admin.basic_auth_user and admin.basic_auth_password_file go together".into()),
         }
@@ -157,7 +157,7 @@ pub struct ConsumerSettings {
     #[serde(default = "default_max_parked_per_client")]
     pub max_waiting_per_client: u64,
     /// A job still running after this long has its delivery acked and its message held in
-    /// storage under a renewed lease instead (see `crate::leases`): keep it well below the
+    /// storage under a renewed lease instead (see the `delivery::lease` module): keep it well below the
     /// broker's `consumer_timeout` (30 minutes by default).
     #[serde(default = "default_hand_off_after_ms")]
     pub hand_off_after_ms: u64,
@@ -179,6 +179,23 @@ fn default_max_parked_per_client() -> u64 {
     10_000
 }
 
+/// `[consumer] hand_off_after_ms` and `lease_ms`, checked.
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseSettings {
+    /// How long a job runs before its delivery is handed off.
+    pub hand_off_after: Duration,
+    /// How long a lease lasts unless renewed; renewed every quarter of it.
+    pub lease: Duration,
+}
+
+/// SHA-256 of `user:password`, as a `Basic` header carries them.
+pub fn credentials(user: &str, password: &str) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    let digest = ring::digest::digest(&ring::digest::SHA256, format!("{user}:{password}").as_bytes());
+    out.copy_from_slice(digest.as_ref());
+    out
+}
+
 impl ConsumerSettings {
     pub fn stopping_wait_time(&self) -> Duration {
         Duration::from_millis(self.stopping_wait_time_ms)
@@ -188,11 +205,11 @@ impl ConsumerSettings {
     ///
     /// # Errors
     /// When `lease_ms` is under a second (renewals every quarter of it would hammer storage).
-    pub fn leases(&self) -> Result<crate::leases::LeaseSettings, String> {
+    pub fn leases(&self) -> Result<LeaseSettings, String> {
         if self.lease_ms < 1000 {
             return Err(format!("consumer.lease_ms = {} is under 1000", self.lease_ms));
         }
-        Ok(crate::leases::LeaseSettings {
+        Ok(LeaseSettings {
             hand_off_after: Duration::from_millis(self.hand_off_after_ms),
             lease: Duration::from_millis(self.lease_ms),
         })

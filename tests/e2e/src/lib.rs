@@ -735,8 +735,8 @@ impl TestSystem {
     }
 
     /// The worker's keys (as its settings name them).
-    pub fn worker_keys(&self) -> gatehouse_worker::keys::WorkerKeys {
-        gatehouse_worker::keys::WorkerKeys::load(&self.worker_settings.keys).expect("worker keys")
+    pub fn worker_keys(&self) -> gatehouse_worker::security::WorkerKeys {
+        gatehouse_worker::security::WorkerKeys::load(&self.worker_settings.keys).expect("worker keys")
     }
 
     pub fn keyring(&self) -> PathBuf {

@@ -388,7 +388,7 @@ async fn delayed_jobs_survive_restarts_of_worker_and_broker_and_run_once_not_ear
     // sequence order per account must still hold when numbers come due out of order.
     let seed = 0xde1a_u64;
     let mut rng = Rng(seed);
-    let start = gatehouse_storage::now_ms() as u64;
+    let start = gatehouse_protocol::clock::now_ms().unsigned_abs();
     let jobs: Vec<(LedgerJob, u64)> = (0..accounts * per_account as usize)
         .map(|i| {
             let job = LedgerJob {

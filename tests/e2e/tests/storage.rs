@@ -195,7 +195,7 @@ async fn attempts_are_counted_across_workers() {
         }
         let mut counts = Vec::new();
         for t in tasks {
-            counts.push(t.await.unwrap().unwrap().0);
+            counts.push(t.await.unwrap().unwrap());
         }
         counts.sort_unstable();
         // Each start got its own number: none counted twice, none lost.
@@ -284,12 +284,12 @@ async fn pruning_and_events_work_on_both_backends() {
         let events = store.transact(|tx| tx.job_events(&id(100), "c", 0, 10)).await.unwrap();
         assert_eq!(events.len(), 1, "{}", db.name());
         let pruned = store
-            .transact(|tx| tx.prune_decided("ledger.apply", gatehouse_storage::now_ms() + 1, 3))
+            .transact(|tx| tx.prune_decided("ledger.apply", gatehouse_protocol::clock::now_ms() + 1, 3))
             .await
             .unwrap();
         assert_eq!(pruned, 3, "{}", db.name());
         let pruned = store
-            .transact(|tx| tx.prune_decided("ledger.apply", gatehouse_storage::now_ms() + 1, 100))
+            .transact(|tx| tx.prune_decided("ledger.apply", gatehouse_protocol::clock::now_ms() + 1, 100))
             .await
             .unwrap();
         assert_eq!(pruned, 2, "{}: only decided jobs go", db.name());
@@ -348,7 +348,7 @@ async fn each_held_message_is_claimed_by_one_sweep() {
             })
             .await
             .unwrap();
-        let now = gatehouse_storage::now_ms();
+        let now = gatehouse_protocol::clock::now_ms();
         let mut sweeps = Vec::new();
         for i in 0..12 {
             let store = stores[i % 3].clone();

@@ -153,9 +153,7 @@ pub async fn replay(
             );
             continue;
         };
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let now_ms = gatehouse_protocol::clock::now_ms().unsigned_abs();
         // Bound to this body, this job and this dead letter of it.
         let grant = gatehouse_protocol::replay::grant(operator, job, count, &m.delivery.data, now_ms);
         let props = replay_properties(&m.delivery.properties, &grant);

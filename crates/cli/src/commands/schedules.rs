@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use gatehouse_protocol::Catalog;
 use gatehouse_protocol::schemas::Schemas;
 use gatehouse_storage::Store;
-use gatehouse_worker::schedules::Schedules;
+use gatehouse_worker::sweep::schedules::Schedules;
 use gatehouse_worker::settings::WorkerSettings;
 use serde_json::{Value, json};
 
@@ -56,7 +56,7 @@ pub async fn list(args: &SchedulesArgs) -> anyhow::Result<Vec<Value>> {
     } else {
         Vec::new()
     };
-    let now = gatehouse_storage::now_ms();
+    let now = gatehouse_protocol::clock::now_ms();
     let time = |ms: i64| gatehouse_protocol::submit::format_rfc3339_ms(ms.max(0) as u64);
     Ok(schedules
         .0

@@ -1,7 +1,7 @@
 //! `POST /v1/jobs`, `GET /v1/jobs/{id}` and `DELETE /v1/jobs/{id}`.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::Json;
 use axum::body::Bytes;
@@ -119,7 +119,7 @@ async fn accept(
             p
         }
     };
-    let submitted_at_ms = now().as_millis() as u64;
+    let submitted_at_ms = gatehouse_protocol::clock::now_ms().unsigned_abs();
     let not_before_ms = check_delay(spec, policy, &req, submitted_at_ms)?;
     let sequence = check_sequence(spec, req.sequence, &req.payload)?;
     if let Some(seq) = &sequence
@@ -329,7 +329,7 @@ pub(crate) async fn ask_worker(
         Ok(w) => w,
         Err(e) => return Err(Problem::broker_unavailable(e.to_string()).into_response()),
     };
-    let sent_at_ms = now().as_millis() as u64;
+    let sent_at_ms = gatehouse_protocol::clock::now_ms().unsigned_abs();
     let reply =
         ReplyTo { queue: app.replies.queue().to_owned(), correlation_id: waiter.correlation_id().to_owned() };
     let (id_, client_) = (id.clone(), client.0.clone());
@@ -498,10 +498,6 @@ fn requested_wait(headers: &HeaderMap) -> Option<Duration> {
 
 fn field(path: &str, message: impl Into<String>) -> FieldError {
     FieldError { path: path.into(), message: message.into() }
-}
-
-fn now() -> Duration {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default()
 }
 
 #[cfg(test)]

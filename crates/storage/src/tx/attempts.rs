@@ -3,11 +3,10 @@
 use super::*;
 
 impl Tx<'_> {
-    /// Counts one more start of `id` and marks it running; answers the new count and whether
-    /// the previous start was still marked running (the process died during it). Committed
-    /// before the handler runs, so that a crash while running still counts.
-    pub fn begin_attempt(&self, id: &JobId, client: &str) -> Result<(u32, bool), StorageError> {
-        let interrupted = self.attempts(id)?.is_some_and(|a| a.running);
+    /// Counts one more start of `id` and marks it running; answers the new count. Committed
+    /// before the handler runs, so that a crash while running still counts (the next start
+    /// finds it still marked running: [`Attempts::running`]).
+    pub fn begin_attempt(&self, id: &JobId, client: &str) -> Result<u32, StorageError> {
         let count: i64 = self.must(
             "INSERT INTO attempts (job_id, client, count, running, updated_at_ms) VALUES (?1, ?2, 1, 1, ?3)
              ON CONFLICT(job_id) DO UPDATE SET count = attempts.count + 1, running = 1,
@@ -17,7 +16,7 @@ impl Tx<'_> {
             |r| r.get(0),
         )?;
         self.log_state(id, client, JobState::Running)?;
-        Ok((u32::try_from(count).unwrap_or(u32::MAX), interrupted))
+        Ok(u32::try_from(count).unwrap_or(u32::MAX))
     }
 
     /// Counts an attempt that started and failed, in one step (for handlers that run inside

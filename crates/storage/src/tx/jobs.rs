@@ -41,22 +41,13 @@ impl Tx<'_> {
         }))
     }
 
-    /// Inserts the job or updates its state and outcome.
+    /// Inserts the job or updates its state and outcome, and logs the state for its event
+    /// stream. Nothing else: a decided job also needs [`Tx::on_decided`].
     pub fn record_job(&self, job: &StoredJob) -> Result<(), StorageError> {
         let (key, number) = match &job.sequence {
             Some((k, n)) => (Some(k.as_str()), Some(to_i64(*n)?)),
             None => (None, None),
         };
-        if job.state.is_final() {
-            self.forget_cancelled(&job.id)?;
-            self.pass_turns(&job.id)?;
-            self.exec("DELETE FROM progress WHERE job_id = ?1", params![job.id.as_str()])?;
-            self.exec("DELETE FROM checkpoints WHERE job_id = ?1", params![job.id.as_str()])?;
-            self.exec(
-                "UPDATE schedules SET running_job = NULL WHERE running_job = ?1",
-                params![job.id.as_str()],
-            )?;
-        }
         self.log_state(&job.id, &job.client, job.state)?;
         let at = Place::job_result(job.id.as_str(), &job.client);
         let result = job.result.as_ref().map(|r| self.seal(r, &at)).transpose()?;
@@ -81,6 +72,20 @@ impl Tx<'_> {
                 job.reason
             ],
         )?;
+        Ok(())
+    }
+
+    /// Job `id` was decided (any final state): what only an undecided job has goes — its
+    /// attempts, progress report and checkpoint, its client's cancellation mark, its singleton
+    /// turn (the next job in line gets it), and its schedule's claim on it. Called in the
+    /// transaction that records the outcome.
+    pub fn on_decided(&self, id: &JobId) -> Result<(), StorageError> {
+        self.clear_attempts(id)?;
+        self.forget_cancelled(id)?;
+        self.pass_turns(id)?;
+        self.exec("DELETE FROM progress WHERE job_id = ?1", params![id.as_str()])?;
+        self.exec("DELETE FROM checkpoints WHERE job_id = ?1", params![id.as_str()])?;
+        self.exec("UPDATE schedules SET running_job = NULL WHERE running_job = ?1", params![id.as_str()])?;
         Ok(())
     }
 

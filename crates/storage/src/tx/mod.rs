@@ -15,8 +15,8 @@ mod schedules;
 mod sequences;
 mod singletons;
 
-use std::time::{SystemTime, UNIX_EPOCH};
 
+use gatehouse_protocol::clock::now_ms;
 use gatehouse_protocol::crypto::Keyring;
 use gatehouse_protocol::{JobId, JobState};
 use rusqlite::Connection;
@@ -93,11 +93,6 @@ pub struct Attempts {
 /// The states after which nothing more happens to a job; the condition of the `jobs_decided`
 /// index (the query must say it the same way for the index to serve it).
 const DECIDED: &str = "state IN ('succeeded', 'failed', 'dead_lettered', 'cancelled')";
-
-/// Unix time in milliseconds.
-pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}
 
 fn to_i64(n: u64) -> Result<i64, StorageError> {
     i64::try_from(n).map_err(|_| StorageError::Corrupt(format!("number {n} out of range")))

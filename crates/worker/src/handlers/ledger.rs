@@ -40,7 +40,7 @@ pub struct Balance {
     account: String,
 }
 
-/// Adds the amount. Runs only when [`crate::apply`] has decided this is the account's next
+/// Adds the amount. Runs only when the worker's decision (`decide`) has decided this is the account's next
 /// sequence number.
 pub fn apply(tx: &Tx<'_>, job: &JobContext, p: Apply) -> Result<Outcome, StorageError> {
     let Some(seq) = &job.sequence else {

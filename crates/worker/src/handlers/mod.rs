@@ -15,6 +15,7 @@
 
 pub mod exec;
 pub mod ledger;
+pub mod progress;
 pub mod testing;
 pub mod vault;
 
@@ -31,6 +32,10 @@ use gatehouse_storage::{Family, StorageError, Tx};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio::sync::watch;
+
+/// How long a cancelled handler has to stop by itself: an executable gets SIGTERM, then
+/// SIGKILL after this; a Rust handler that has not stopped is dropped.
+pub const CANCEL_GRACE: Duration = Duration::from_secs(5);
 
 /// How a handler ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -87,7 +92,7 @@ pub struct JobContext {
     pub deadline: Instant,
     stop: Option<watch::Receiver<bool>>,
     cancel: Option<watch::Receiver<bool>>,
-    progress: Option<crate::progress::Sender>,
+    progress: Option<progress::Sender>,
     checkpoint: Option<Value>,
     store: Option<gatehouse_storage::Store>,
     reservation: Option<Arc<Reservation>>,
@@ -453,7 +458,7 @@ pub struct Attempt {
     pub timeout: Duration,
     pub stop: watch::Receiver<bool>,
     pub cancel: watch::Receiver<bool>,
-    pub progress: crate::progress::Sender,
+    pub progress: progress::Sender,
     pub store: gatehouse_storage::Store,
     pub checkpoint: Option<Value>,
     pub reservation: Option<Reservation>,

@@ -73,14 +73,14 @@ pub fn register(r: &mut Registry) {
         // Sleeps like test.sleep, and says how many jobs of its kind ran at once with it (in
         // this process) and when it ran (unix ms; across processes).
         external(|job: JobContext, p: Sleep| async move {
-            let started = gatehouse_storage::now_ms();
+            let started = gatehouse_protocol::clock::now_ms();
             tracing::info!(job_id = %job.id, "test.singleton started");
             let at_start = SINGLETONS_RUNNING.fetch_add(1, Ordering::SeqCst) + 1;
             tokio::time::sleep(Duration::from_millis(p.ms)).await;
             let at_end = SINGLETONS_RUNNING.fetch_sub(1, Ordering::SeqCst);
             Outcome::Success(json!({
                 "running_at_once": at_start.max(at_end), "attempt": job.attempt,
-                "started_at_ms": started, "ended_at_ms": gatehouse_storage::now_ms(),
+                "started_at_ms": started, "ended_at_ms": gatehouse_protocol::clock::now_ms(),
             }))
         }),
     );
@@ -89,10 +89,10 @@ pub fn register(r: &mut Registry) {
         // A well-behaved long handler: it stops when its job is cancelled. Its result says when
         // it ran (unix ms).
         external(|mut job: JobContext, p: Sleep| async move {
-            let started = gatehouse_storage::now_ms();
+            let started = gatehouse_protocol::clock::now_ms();
             tokio::select! {
                 () = tokio::time::sleep(Duration::from_millis(p.ms)) => Outcome::Success(json!({
-                    "slept_ms": p.ms, "started_at_ms": started, "ended_at_ms": gatehouse_storage::now_ms(),
+                    "slept_ms": p.ms, "started_at_ms": started, "ended_at_ms": gatehouse_protocol::clock::now_ms(),
                 })),
                 () = job.cancelled() => Outcome::Cancelled,
             }

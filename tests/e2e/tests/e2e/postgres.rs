@@ -103,7 +103,7 @@ async fn a_worker_that_loses_its_lease_stops_the_job_before_another_attempt_can_
     }
     // Storage goes away for this worker (its database only: the other tests' stay).
     let cut = std::time::Instant::now();
-    let cut_ms = gatehouse_storage::now_ms();
+    let cut_ms = gatehouse_protocol::clock::now_ms();
     admin
         .batch_execute(&format!(
             "ALTER DATABASE {db_name} WITH ALLOW_CONNECTIONS false;

@@ -212,7 +212,7 @@ async fn only_an_operator_signed_replay_reruns_a_dead_lettered_job() {
         queue
     };
     let mallory_key = crypto::SigningKey::from_pkcs8(&crypto::SigningKey::generate_pkcs8().unwrap()).unwrap();
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let now = gatehouse_protocol::clock::now_ms().unsigned_abs();
     for grant in
         ["true".to_owned(), gatehouse_protocol::replay::grant(&mallory_key, &second, 1, body.as_bytes(), now)]
     {

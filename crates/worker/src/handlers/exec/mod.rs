@@ -148,7 +148,7 @@ impl Exec {
                     // Cancelled: SIGTERM to its processes; SIGKILL (dropping `tree`) after the
                     // grace period if they are still there.
                     tree.terminate();
-                    let _ = tokio::time::timeout(crate::cancel::GRACE, &mut work).await;
+                    let _ = tokio::time::timeout(crate::handlers::CANCEL_GRACE, &mut work).await;
                     None
                 }
             }

@@ -253,7 +253,7 @@ impl Exec {
                     // Cancelled: its processes get SIGTERM, and the child is dropped (SIGKILL,
                     // then replaced) after the grace period if it has not answered.
                     child.tree.terminate();
-                    let _ = tokio::time::timeout(crate::cancel::GRACE, &mut exchange).await;
+                    let _ = tokio::time::timeout(crate::handlers::CANCEL_GRACE, &mut exchange).await;
                     None
                 }
             }

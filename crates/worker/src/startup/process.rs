@@ -2,8 +2,8 @@
 
 use std::process::ExitCode;
 
-use crate::startup::WorkerBuilder;
-use crate::{Worker, WorkerSettings};
+use super::{Worker, WorkerBuilder};
+use crate::settings::WorkerSettings;
 
 /// Runs the `worker` binary: `worker [CONFIG]` (default `config/worker.toml`). Exits 64 on bad
 /// configuration, before anything is bound or connected.

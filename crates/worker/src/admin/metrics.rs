@@ -1,5 +1,5 @@
-//! The worker's metrics (Prometheus, `prometheus-client`), served by the admin listener (see
-//! [`crate::admin`]), and the activity the dashboard shows.
+//! The worker's metrics (Prometheus, `prometheus-client`), served by the admin listener, and
+//! the activity the dashboard shows ([`super::activity`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -11,7 +11,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::dashboard::{Activity, Event};
+use super::activity::{Activity, Event};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Outcome {
@@ -178,7 +178,7 @@ impl WorkerMetrics {
 
     /// A message was dead-lettered (`event.reason` says why).
     pub fn dead_lettered(&self, event: Event) {
-        let reason = event.reason.clone().unwrap_or_default();
+        let reason = event.reason.map_or("", |r| r.as_str()).to_owned();
         self.dead_letters.get_or_create(&Reason { reason }).inc();
         // A job that opened (its kind is known) was decided: dead-lettered.
         if let Some(kind) = &event.kind {

@@ -1,7 +1,11 @@
 //! The worker's admin listener: plain HTTP on `[admin] listen` (default `127.0.0.1:9102`; keep
 //! it private). `/healthz` and `/readyz` (a broker session is consuming) for probes; behind
 //! optional basic auth (`[admin] basic_auth_user` and `basic_auth_password_file`), `/metrics`
-//! (Prometheus) and the read-only dashboard (`/`, see [`crate::dashboard`]).
+//! (Prometheus) and the read-only dashboard (`/`, see [`dashboard`]).
+
+pub mod activity;
+pub mod dashboard;
+pub mod metrics;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -17,8 +21,8 @@ use gatehouse_protocol::Catalog;
 use gatehouse_storage::Store;
 use ring::digest;
 
-use crate::dashboard::{self, BrokerView};
-use crate::metrics::WorkerMetrics;
+use self::dashboard::BrokerView;
+use self::metrics::WorkerMetrics;
 
 /// What the admin listener needs.
 #[derive(Clone)]
@@ -32,13 +36,6 @@ pub struct Admin {
     /// Host names answered besides addresses and `localhost` (see
     /// [`gatehouse_protocol::hosts`]).
     pub allowed_hosts: Arc<Vec<String>>,
-}
-
-/// SHA-256 of `user:password`, as a `Basic` header carries them.
-pub fn credentials(user: &str, password: &str) -> [u8; 32] {
-    let mut out = [0u8; 32];
-    out.copy_from_slice(digest::digest(&digest::SHA256, format!("{user}:{password}").as_bytes()).as_ref());
-    out
 }
 
 /// `/healthz`, `/readyz`; `/metrics` and the dashboard behind basic auth when it is on.

@@ -17,10 +17,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gatehouse_protocol::Catalog;
-use gatehouse_storage::{StorageError, Store, now_ms};
+use gatehouse_protocol::clock::now_ms;
+use gatehouse_storage::{StorageError, Store};
 use tokio::sync::watch;
 
-use crate::metrics::WorkerMetrics;
+use super::Sweep;
+use crate::admin::metrics::WorkerMetrics;
 use crate::settings::WorkerSettings;
 
 /// How long each kind's decided jobs are kept, and how pruning goes.
@@ -77,25 +79,30 @@ impl Retention {
     }
 }
 
-/// Prunes every `every` until `stop` turns true.
-pub async fn prune_forever(
-    store: Store,
-    retention: Arc<Retention>,
-    metrics: Arc<WorkerMetrics>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut tick = tokio::time::interval(retention.every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.wait_for(|s| *s) => return,
+/// Deletes decided jobs' records past their retention, pass after pass.
+pub struct Pruning {
+    pub store: Store,
+    pub retention: Arc<Retention>,
+    pub metrics: Arc<WorkerMetrics>,
+    /// A pass stops between batches when this turns true.
+    pub stop: watch::Receiver<bool>,
+}
+
+impl Sweep for Pruning {
+    fn name(&self) -> &'static str {
+        "retention"
+    }
+
+    fn pause(&self) -> Duration {
+        self.retention.every
+    }
+
+    async fn run_once(&mut self) -> anyhow::Result<()> {
+        let n = prune_once(&self.store, &self.retention, &self.metrics, &self.stop).await?;
+        if n > 0 {
+            tracing::debug!(jobs = n, "pruned decided jobs past their retention");
         }
-        match prune_once(&store, &retention, &metrics, &stop).await {
-            Ok(0) => {}
-            Ok(n) => tracing::debug!(jobs = n, "pruned decided jobs past their retention"),
-            Err(e) => tracing::warn!(error = %e, "pruning failed; trying again"),
-        }
+        Ok(())
     }
 }
 

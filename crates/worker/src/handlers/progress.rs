@@ -1,4 +1,4 @@
-//! Progress: an external handler reports how far it got ([`crate::handlers::JobContext::progress`];
+//! Progress: an external handler reports how far it got ([`super::JobContext::progress`];
 //! an executable with `GATEHOUSE-PROGRESS <percent> <message>` lines on stderr). Reports go
 //! through a bounded channel to one task that keeps the latest per job in storage, sealed and
 //! bound to the job and its client, several in one transaction when they come fast; a status

@@ -5,10 +5,10 @@
 //! one job however many workers see it come due. Each worker plans the firings of every
 //! schedule in one storage transaction ([`plan`]): the schedule's row says up to which time
 //! firings were dealt with, and the transaction that moves it on also records the firing's job
-//! and holds its message in storage, exactly as a delayed job's ([`crate::delays`] sends it to
-//! its queue). Two workers planning at once are serialised by storage; the second finds the
+//! and holds its message in storage, exactly as a delayed job's (the `delayed` sweeper sends it
+//! to its queue). Two workers planning at once are serialised by storage; the second finds the
 //! firing dealt with. The message is made and vouched for by the worker itself (a key derived
-//! from its sealing key, see [`crate::keys::WorkerKeys::own_job`]) and checked on arrival like
+//! from its sealing key, see [`WorkerKeys::own_job`]) and checked on arrival like
 //! any other.
 //!
 //! **No overlap**: while the job of a schedule's previous firing has not been decided, a new
@@ -28,11 +28,14 @@ use std::time::Duration;
 use chrono::{DateTime, TimeZone as _, Utc};
 use gatehouse_protocol::schemas::Schemas;
 use gatehouse_protocol::{Catalog, JobEnvelope, JobId, JobState, Priority};
-use gatehouse_storage::{ScheduleState, StorageError, Store, StoredJob, Tx, now_ms};
+use gatehouse_protocol::clock::now_ms;
+use gatehouse_storage::{ScheduleState, StorageError, Store, StoredJob, Tx};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::keys::WorkerKeys;
+use super::Sweep;
+use crate::admin::metrics::WorkerMetrics;
+use crate::security::WorkerKeys;
 
 /// A firing due longer ago than this when planned was missed (no worker ran at its time).
 pub const MISSED_AFTER_MS: i64 = 10_000;
@@ -311,47 +314,67 @@ fn still_runs(tx: &Tx<'_>, state: &ScheduleState, now: i64, max_age_ms: i64) -> 
     Ok(state.running_fire_ms.is_some_and(|f| now - f <= max_age_ms))
 }
 
-/// Plans every schedule's firings as they come due, until the task is dropped.
-pub async fn run_forever(
+/// Plans every schedule's firings as they come due.
+pub struct Planning {
     store: Store,
     schedules: Arc<Schedules>,
     keys: Arc<WorkerKeys>,
-    metrics: Arc<crate::metrics::WorkerMetrics>,
-) {
-    // When each schedule next needs planning; 0: at once (its state is read).
-    let mut due: Vec<i64> = vec![0; schedules.0.len()];
-    loop {
-        let now = now_ms();
-        for (i, s) in schedules.0.iter().enumerate() {
-            if due[i] > now {
-                continue;
+    metrics: Arc<WorkerMetrics>,
+    /// When each schedule next needs planning; 0: at once (its state is read).
+    due: Vec<i64>,
+}
+
+impl Planning {
+    pub fn new(store: Store, schedules: Arc<Schedules>, keys: Arc<WorkerKeys>, metrics: Arc<WorkerMetrics>) -> Self {
+        let due = vec![0; schedules.0.len()];
+        Self { store, schedules, keys, metrics, due }
+    }
+
+    /// Plans `s` (due now); answers when it next needs planning.
+    async fn plan_one(&self, s: &Schedule, now: i64) -> i64 {
+        let (s2, keys) = (s.clone(), self.keys.clone());
+        match self.store.transact(move |tx| plan(tx, &s2, &keys, now)).await {
+            Ok(p) => {
+                self.metrics.schedule_fired(&s.spec.name, p.fired.len() as u64, p.skipped, p.missed);
+                for (id, fire) in &p.fired {
+                    tracing::info!(schedule = %s.spec.name, job_id = %id, fire_ms = fire, "schedule fired");
+                }
+                if p.skipped > 0 {
+                    tracing::info!(schedule = %s.spec.name, skipped = p.skipped, "firing skipped: the previous one still runs");
+                }
+                if p.missed > 0 {
+                    tracing::warn!(schedule = %s.spec.name, missed = p.missed, "firings missed while no worker ran");
+                }
+                s.next_after(p.last_fire_ms.max(now - MISSED_AFTER_MS)).unwrap_or(i64::MAX)
             }
-            let (s2, keys2) = (s.clone(), keys.clone());
-            match store.transact(move |tx| plan(tx, &s2, &keys2, now)).await {
-                Ok(p) => {
-                    metrics.schedule_fired(&s.spec.name, p.fired.len() as u64, p.skipped, p.missed);
-                    for (id, fire) in &p.fired {
-                        tracing::info!(schedule = %s.spec.name, job_id = %id, fire_ms = fire, "schedule fired");
-                    }
-                    if p.skipped > 0 {
-                        tracing::info!(schedule = %s.spec.name, skipped = p.skipped, "firing skipped: the previous one still runs");
-                    }
-                    if p.missed > 0 {
-                        tracing::warn!(schedule = %s.spec.name, missed = p.missed, "firings missed while no worker ran");
-                    }
-                    due[i] = s.next_after(p.last_fire_ms.max(now - MISSED_AFTER_MS)).unwrap_or(i64::MAX);
-                }
-                Err(e) => {
-                    tracing::warn!(schedule = %s.spec.name, error = %e, "planning a schedule failed; trying again");
-                    due[i] = now + 500;
-                }
+            Err(e) => {
+                tracing::warn!(schedule = %s.spec.name, error = %e, "planning a schedule failed; trying again");
+                now + 500
             }
         }
-        let next = due.iter().copied().min().unwrap_or(i64::MAX);
-        let pause = Duration::from_millis(
-            next.saturating_sub(now_ms()).clamp(0, MAX_PAUSE.as_millis() as i64) as u64,
-        );
-        tokio::time::sleep(pause).await;
+    }
+}
+
+impl Sweep for Planning {
+    fn name(&self) -> &'static str {
+        "schedules"
+    }
+
+    /// Until the next schedule is due, at most [`MAX_PAUSE`].
+    fn pause(&self) -> Duration {
+        let next = self.due.iter().copied().min().unwrap_or(i64::MAX);
+        Duration::from_millis(next.saturating_sub(now_ms()).clamp(0, MAX_PAUSE.as_millis() as i64) as u64)
+    }
+
+    async fn run_once(&mut self) -> anyhow::Result<()> {
+        let now = now_ms();
+        let schedules = self.schedules.clone();
+        for (i, s) in schedules.0.iter().enumerate() {
+            if self.due[i] <= now {
+                self.due[i] = self.plan_one(s, now).await;
+            }
+        }
+        Ok(())
     }
 }
 

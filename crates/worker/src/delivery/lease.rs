@@ -5,9 +5,9 @@
 //! off: its message is kept in storage under a lease (table `leases`), then its delivery is
 //! acked. While the job runs, the worker renews the lease; when the attempt ends, its lease
 //! ends too, once what replaces the delivery (the outcome, a retry, a dead letter) is durable.
-//! A worker that dies stops renewing: when the lease runs out, the sweeper sends the held
-//! message back to its queue (as [`crate::delays`] does for delayed jobs), and the next attempt
-//! starts from the job's last checkpoint ([`crate::handlers::JobContext::checkpoint`]).
+//! A worker that dies stops renewing: when the lease runs out, the `leases` sweeper sends the
+//! held message back to its queue (as for delayed jobs), and the next attempt starts from the
+//! job's last checkpoint (`JobContext::checkpoint`).
 //!
 //! A worker that is alive but cannot reach storage cannot renew: a quarter of `lease_ms` before
 //! its lease would run out it stops the job's handler (an executable's whole process tree goes),
@@ -17,24 +17,11 @@
 //!
 //! Short jobs never touch this: no extra write unless a job outlives `hand_off_after_ms`.
 
-use std::time::Duration;
-
 use gatehouse_protocol::JobId;
-use gatehouse_storage::now_ms;
+use gatehouse_protocol::clock::now_ms;
 
-use crate::consumer::{Context, Settle};
-
-/// `[consumer] hand_off_after_ms` and `lease_ms`.
-#[derive(Debug, Clone, Copy)]
-pub struct LeaseSettings {
-    /// How long a job runs before its delivery is handed off.
-    pub hand_off_after: Duration,
-    /// How long a lease lasts unless renewed; renewed every quarter of it.
-    pub lease: Duration,
-}
-
-/// Most expired leases sent back per sweep.
-const SWEEP_BATCH: u32 = 200;
+use super::Ctx;
+use super::settle::{self, Settle};
 
 /// Why [`hold`] returned: the attempt's lease could not be renewed before it would run out, so
 /// another attempt may soon run the job. The caller stops the handler at once.
@@ -75,7 +62,7 @@ impl Default for Holder {
 /// With `leased`, the attempt already holds its lease (a singleton job's, taken with its turn):
 /// the delivery is handed off at once.
 pub async fn hold(
-    ctx: &Context,
+    ctx: &Ctx,
     tag: u64,
     id: &JobId,
     message: &[u8],
@@ -83,14 +70,15 @@ pub async fn hold(
     leased: bool,
 ) -> LeaseLost {
     use tokio::time::{Instant, timeout};
-    let (lease, quarter) = (ctx.leases.lease, ctx.leases.lease / 4);
+    let (store, settings) = (&ctx.shared.store, ctx.shared.leases);
+    let (lease, quarter) = (settings.lease, settings.lease / 4);
     if !leased {
-        tokio::time::sleep(ctx.leases.hand_off_after).await;
+        tokio::time::sleep(settings.hand_off_after).await;
         // The hand-off. Before it the delivery holds the job: trying again is safe.
         loop {
             let expires = now_ms().saturating_add(lease.as_millis() as i64);
             let (job, held, token) = (id.clone(), message.to_vec(), holder.token.clone());
-            match timeout(quarter, ctx.store.transact(move |tx| tx.lease(&job, &held, expires, &token))).await
+            match timeout(quarter, store.transact(move |tx| tx.lease(&job, &held, expires, &token))).await
             {
                 Ok(Ok(true)) => break,
                 Ok(Ok(false)) => tracing::warn!("a long job's lease is another attempt's; trying again"),
@@ -102,11 +90,7 @@ pub async fn hold(
     }
     let mut runs_out = Instant::now() + lease;
     holder.handed_off.store(true, std::sync::atomic::Ordering::SeqCst);
-    ctx.handed_off
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .insert(tag, (id.clone(), holder.token.clone()));
-    ctx.acks.ack(tag);
+    settle::hand_off(ctx, tag, id, &holder.token);
     tracing::info!("long job: its delivery is acked, its message held in storage while it runs");
     loop {
         tokio::time::sleep(quarter).await;
@@ -117,7 +101,7 @@ pub async fn hold(
         }
         let expires = now_ms().saturating_add(lease.as_millis() as i64);
         let (job, token) = (id.clone(), holder.token.clone());
-        match timeout(give_up - asked, ctx.store.transact(move |tx| tx.renew_lease(&job, expires, &token)))
+        match timeout(give_up - asked, store.transact(move |tx| tx.renew_lease(&job, expires, &token)))
             .await
         {
             Ok(Ok(true)) => runs_out = asked + lease,
@@ -131,28 +115,11 @@ pub async fn hold(
 /// The attempt of a handed-off job ended: with an ack (its outcome, retry or dead letter is
 /// durable), its lease ends; with a requeue, the lease is left to run out, and the sweeper
 /// sends the message back.
-pub async fn ended(ctx: &Context, id: JobId, holder: String, how: Settle) {
+pub async fn ended(ctx: &Ctx, id: JobId, holder: String, how: Settle) {
     if let Settle::Ack = how
-        && let Err(e) = ctx.store.transact(move |tx| tx.end_lease(&id, Some(&holder))).await
+        && let Err(e) = ctx.shared.store.transact(move |tx| tx.end_lease(&id, Some(&holder))).await
     {
         // Harmless: when the lease runs out its message comes back, and the job id dedupes it.
         tracing::warn!(error = %e, "could not end a long job's lease");
     }
-}
-
-/// Sends the messages of leases that ran out back to their queues.
-///
-/// # Errors
-/// Storage or broker trouble (the sweep is tried again).
-pub async fn release_expired(ctx: &Context) -> anyhow::Result<()> {
-    let now = now_ms();
-    let claim = now + crate::delays::CLAIM_MS;
-    let expired = ctx.store.transact(move |tx| tx.claim_expired_leases(now, claim, SWEEP_BATCH)).await?;
-    for (id, envelope) in expired {
-        tracing::warn!(job_id = %id, "a long job's lease ran out (its worker stopped): back to its queue");
-        crate::delays::send_back(ctx, &id, &envelope).await?;
-        let ended = id.clone();
-        ctx.store.transact(move |tx| tx.end_lease(&ended, None)).await?;
-    }
-    Ok(())
 }

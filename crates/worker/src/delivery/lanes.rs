@@ -7,7 +7,7 @@
 //! priority in the broker and bypass this.
 //!
 //! Sequence order still wins over priority: that is decided in storage when the job runs
-//! ([`crate::apply`]), whatever order it starts in.
+//! (`decide`), whatever order it starts in.
 
 use std::cmp::Reverse;
 use std::collections::HashMap;

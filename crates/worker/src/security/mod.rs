@@ -1,16 +1,21 @@
-//! The worker's keys: it accepts only sessions signed by the gatekeeper's keys, opens job
-//! payloads in them, seals replies under each session's reply key, and encrypts what it
-//! stores.
+//! What the worker trusts and how it seals: it accepts only sessions signed by the
+//! gatekeeper's keys ([`Sessions`]), opens job payloads in them ([`WorkerKeys::open_job`],
+//! refusing with a [`Refusal`]), seals replies under each session's reply key
+//! ([`reply::seal`]), checks operators' replay grants, and vouches for the jobs it makes itself.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+pub mod reply;
+pub mod sessions;
 
-use gatehouse_protocol::crypto::{CryptoError, OpeningKey, Session, SigningKey, Verifier};
+use std::time::Duration;
+
+use gatehouse_protocol::clock::now_ms;
+use gatehouse_protocol::crypto::{CryptoError, Session, SigningKey, Verifier};
 use gatehouse_protocol::{JobEnvelope, SealedJob, Vouched, keys};
 
-use crate::reply::ReplyTarget;
+use crate::reasons::DeadReason;
 use crate::settings::KeySettings;
+pub use reply::ReplyTarget;
+pub use sessions::Sessions;
 
 /// Everything the worker needs to check and open what arrives and to seal what leaves.
 pub struct WorkerKeys {
@@ -33,72 +38,6 @@ const FIRING_IDS: &str = "gatehouse schedule firing ids v1";
 
 /// What the worker's own signing key is derived for.
 const OWN_JOBS: &str = "gatehouse worker-made jobs v1";
-
-/// The gatekeeper's sessions: each is verified (an Ed25519 signature and a key agreement) the
-/// first time a message of it arrives, then kept, so that its other messages cost only a MAC
-/// check and an AES-GCM open.
-pub struct Sessions {
-    gatekeeper: Verifier,
-    opening: OpeningKey,
-    verified: Mutex<Verified>,
-}
-
-#[derive(Default)]
-struct Verified {
-    by_header: HashMap<String, Arc<Session>>,
-    order: VecDeque<String>,
-}
-
-/// Sessions kept; a gatekeeper starts one every 10 s, so this covers about ten minutes of a
-/// dozen gatekeepers. Older ones are verified again when a message of theirs comes back.
-const SESSIONS_KEPT: usize = 1024;
-
-impl Sessions {
-    pub fn new(gatekeeper: Verifier, opening: OpeningKey) -> Self {
-        Self { gatekeeper, opening, verified: Mutex::default() }
-    }
-
-    /// The session a message names, verified.
-    ///
-    /// # Errors
-    /// When the session is malformed or not signed by a trusted gatekeeper key.
-    pub fn get(&self, key_id: &str, header: &str) -> Result<Arc<Session>, CryptoError> {
-        let lookup = format!("{key_id} {header}");
-        if let Some(s) = self.lock().by_header.get(&lookup) {
-            return Ok(s.clone());
-        }
-        let session = Arc::new(Session::accept(&self.gatekeeper, key_id, header, &self.opening)?);
-        let mut v = self.lock();
-        if v.by_header.insert(lookup.clone(), session.clone()).is_none() {
-            v.order.push_back(lookup);
-        }
-        while v.order.len() > SESSIONS_KEPT {
-            if let Some(old) = v.order.pop_front() {
-                v.by_header.remove(&old);
-            }
-        }
-        Ok(session)
-    }
-
-    /// Checks and opens a stored job body (a parked job, kept as it arrived), with where its
-    /// answer goes.
-    ///
-    /// # Errors
-    /// What went wrong, for the record.
-    pub fn open_stored(&self, body: &[u8]) -> Result<(JobEnvelope, ReplyTarget), String> {
-        let vouched = Vouched::parse(body).map_err(|e| e.to_string())?;
-        let session = vouched.verify(|id, s| self.get(id, s)).map_err(|e| e.to_string())?;
-        let sealed: SealedJob = serde_json::from_slice(vouched.message()).map_err(|e| e.to_string())?;
-        let env = sealed.open(&session).map_err(|e| e.to_string())?;
-        let target = ReplyTarget::of(&env, &vouched);
-        Ok((env, target))
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Verified> {
-        // Plain map operations: a panic cannot leave it half-updated.
-        self.verified.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
 
 /// Why an arriving job is refused before anything runs; the dead-letter reason.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,25 +63,22 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    pub fn reason(self) -> &'static str {
+    /// The dead-letter reason.
+    pub fn reason(self) -> DeadReason {
         match self {
-            Self::BadSignature => "bad_signature",
-            Self::Stale => "stale",
-            Self::Undecodable => "undecodable",
-            Self::Unsealable => "unsealable",
-            Self::UnsupportedVersion => "unsupported_version",
-            Self::Misrouted => "misrouted",
-            Self::ReplayRefused => "replay_refused",
+            Self::BadSignature => DeadReason::BadSignature,
+            Self::Stale => DeadReason::Stale,
+            Self::Undecodable => DeadReason::Undecodable,
+            Self::Unsealable => DeadReason::Unsealable,
+            Self::UnsupportedVersion => DeadReason::UnsupportedVersion,
+            Self::Misrouted => DeadReason::Misrouted,
+            Self::ReplayRefused => DeadReason::ReplayRefused,
         }
     }
 }
 
 /// How far in the future a submit time may be (clock skew between the two hosts).
 const MAX_CLOCK_SKEW: Duration = Duration::from_secs(300);
-
-pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
 
 impl WorkerKeys {
     /// # Errors
@@ -184,7 +120,7 @@ impl WorkerKeys {
     /// # Errors
     /// Without system randomness.
     pub fn own_job(&self, env: &JobEnvelope) -> Result<Vec<u8>, CryptoError> {
-        let session = Session::start(&self.own_signing, &self.own_public, now_ms())?;
+        let session = Session::start(&self.own_signing, &self.own_public, now_ms().unsigned_abs())?;
         let sealed = serde_json::to_vec(&env.seal(&session)?).map_err(|_| CryptoError::Malformed)?;
         Vouched::wrap(&session, &sealed)
     }
@@ -199,12 +135,12 @@ impl WorkerKeys {
         job_id: &str,
         body: &[u8],
     ) -> Result<gatehouse_protocol::replay::Grant, CryptoError> {
-        gatehouse_protocol::replay::verify(&self.operators, grant, job_id, body, now_ms())
+        gatehouse_protocol::replay::verify(&self.operators, grant, job_id, body, now_ms().unsigned_abs())
     }
 
     /// Whether a message sent at `sent_at_ms` is within `max_age` of now.
     pub fn is_fresh(sent_at_ms: u64, max_age: Duration) -> bool {
-        let now = now_ms();
+        let now = now_ms().unsigned_abs();
         sent_at_ms <= now + MAX_CLOCK_SKEW.as_millis() as u64
             && now.saturating_sub(sent_at_ms) <= max_age.as_millis() as u64
     }
@@ -225,7 +161,7 @@ impl WorkerKeys {
         // A delayed job's age counts from its time: it may wait longer than the limit.
         let reference =
             sealed.not_before_ms.map_or(sealed.submitted_at_ms, |at| at.max(sealed.submitted_at_ms));
-        let now = now_ms();
+        let now = now_ms().unsigned_abs();
         let submitted_ok = sealed.submitted_at_ms <= now + MAX_CLOCK_SKEW.as_millis() as u64;
         if !submitted_ok || now.saturating_sub(reference) > self.max_message_age.as_millis() as u64 {
             return Err(Refusal::Stale);

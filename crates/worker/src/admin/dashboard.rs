@@ -6,8 +6,8 @@
 //! Metadata only: job ids, kinds, queue classes, reasons and attempt counts. Never a payload,
 //! a result or an error text (a handler's error may quote the data it choked on).
 
-use std::collections::{BTreeMap, VecDeque};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::header;
@@ -18,82 +18,10 @@ use gatehouse_broker::lapin::options::QueueDeclareOptions;
 use gatehouse_broker::lapin::types::FieldTable;
 use serde::Serialize;
 
-use crate::admin::Admin;
+use gatehouse_protocol::clock::now_ms;
 
-/// How many failures and dead letters the dashboard remembers.
-const RECENT: usize = 50;
-
-/// A failure or dead letter, as the dashboard shows it.
-#[derive(Debug, Clone, Serialize)]
-pub struct Event {
-    pub at_ms: u64,
-    /// `failed` or `dead_lettered`.
-    pub event: &'static str,
-    /// The job's id; for a message that could not be opened, the id it claims (if any).
-    pub job_id: Option<String>,
-    pub kind: Option<String>,
-    /// The queue class it came from.
-    pub queue: Option<String>,
-    /// The dead-letter reason (`max_attempts`, `bad_signature`, ...).
-    pub reason: Option<String>,
-    pub attempts: Option<u32>,
-}
-
-/// What the worker decided since it started, and its latest failures.
-#[derive(Default)]
-pub struct Activity {
-    inner: Mutex<Inner>,
-}
-
-#[derive(Default)]
-struct Inner {
-    /// (kind, outcome) -> jobs.
-    decided: BTreeMap<(String, String), u64>,
-    recent: VecDeque<Event>,
-}
-
-impl Activity {
-    fn with<R>(&self, f: impl FnOnce(&mut Inner) -> R) -> R {
-        f(&mut self.inner.lock().unwrap_or_else(PoisonError::into_inner))
-    }
-
-    /// A job of `kind` was decided with `outcome`; failures are remembered.
-    pub fn decided(&self, kind: &str, outcome: &str, job_id: &str) {
-        self.with(|i| {
-            *i.decided.entry((kind.to_owned(), outcome.to_owned())).or_default() += 1;
-            if outcome == "failed" {
-                i.remember(Event {
-                    at_ms: crate::keys::now_ms(),
-                    event: "failed",
-                    job_id: Some(job_id.to_owned()),
-                    kind: Some(kind.to_owned()),
-                    queue: None,
-                    reason: None,
-                    attempts: None,
-                });
-            }
-        });
-    }
-
-    /// A message was dead-lettered; one whose kind is known was a job, decided so.
-    pub fn dead_lettered(&self, event: Event) {
-        self.with(|i| {
-            if let Some(kind) = &event.kind {
-                *i.decided.entry((kind.clone(), "dead_lettered".into())).or_default() += 1;
-            }
-            i.remember(event);
-        });
-    }
-}
-
-impl Inner {
-    fn remember(&mut self, event: Event) {
-        if self.recent.len() == RECENT {
-            self.recent.pop_back();
-        }
-        self.recent.push_front(event);
-    }
-}
+use super::Admin;
+use super::activity::Event;
 
 /// The broker as the dashboard sees it: a channel of the current session (none while
 /// disconnected) to ask queue depths on.
@@ -194,7 +122,7 @@ pub async fn snapshot(State(a): State<Admin>) -> impl IntoResponse {
             .insert(outcome, n);
     }
     let body = Snapshot {
-        at_ms: crate::keys::now_ms(),
+        at_ms: now_ms().unsigned_abs(),
         ready: a.metrics.ready.load(std::sync::atomic::Ordering::Relaxed),
         queues,
         kinds: kinds.into_values().collect(),

@@ -1,20 +1,16 @@
 //! Cancellation by the client (`DELETE /v1/jobs/{id}`, a control request). The decision is
-//! storage's ([`crate::apply::cancel`]): a cancelled job never starts — a queued, retrying or
+//! storage's (`decide::cancel`): a cancelled job never starts — a queued, retrying or
 //! delayed one is decided `cancelled` when its message next comes by, a parked one in its
 //! sequence turn, so that a sequenced job uses up its number and its key moves on. A job whose
 //! external handler runs in this worker is told through its context ([`Running`]); it ends
 //! `cancelled` unless it got to the end first. An executable gets SIGTERM, then SIGKILL after
-//! [`GRACE`]; a Rust handler that does not stop within it is dropped.
+//! `CANCEL_GRACE`; a Rust handler that does not stop within it is dropped.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
-use std::time::Duration;
 
 use gatehouse_protocol::JobId;
 use tokio::sync::watch;
-
-/// How long a cancelled handler has to stop by itself.
-pub const GRACE: Duration = Duration::from_secs(5);
 
 /// The external handlers running in this worker, by job: how to tell each it was cancelled.
 #[derive(Default)]

@@ -1,0 +1,234 @@
+//! Dedupe, sequence, hold and count one delivery ([`prepare`], [`begin`]); a storage kind's
+//! whole decision ([`decide_and_run`]).
+
+use gatehouse_protocol::clock::now_ms;
+use gatehouse_protocol::{Catalog, JobEnvelope, JobState, JobStatus, KindSpec};
+use gatehouse_storage::{Forget, Parked, StorageError, StoredJob, Tx};
+
+use super::{
+    ApplyError, Arrival, Cap, Dead, Run, Started, Step, Verdict, answer, answered, hold, lock,
+    record, singleton_key,
+};
+use crate::handlers::{Kinds, Outcome};
+use crate::reasons::DeadReason;
+use crate::security::{ReplyTarget, Sessions};
+
+/// For kinds whose handler runs inside storage: the whole decision and its effect in one
+/// step — dedupe, sequence, run, record, release parked successors. Nothing is counted
+/// before the run: the run and its outcome commit together or not at all, so no one can
+/// see it started and undecided. A retry request or a panic undoes all of it (the caller
+/// then records the failed attempt with [`Tx::record_failed_attempt`]).
+///
+/// # Errors
+/// [`ApplyError::Retry`], or a storage failure.
+pub fn decide_and_run(
+    tx: &Tx<'_>,
+    catalog: &Catalog,
+    kinds: &Kinds,
+    spec: &KindSpec,
+    sessions: &Sessions,
+    arrival: &Arrival,
+) -> Result<Verdict, ApplyError> {
+    match prepare(tx, spec, arrival)? {
+        Step::Decided(d) => Ok(d),
+        Step::Run { .. } => {
+            let attempt = tx.attempts(&arrival.env.id)?.map_or(1, |a| a.count + 1);
+            let timeout = std::time::Duration::from_millis(spec.timeout_ms);
+            let run = Run { catalog, kinds, sessions };
+            run.in_storage(tx, &arrival.env, &arrival.target, attempt, timeout).map(Verdict::Answered)
+        }
+    }
+}
+
+/// Dedupe, sequence and count one delivery.
+///
+/// # Errors
+/// Only storage failures, which roll the whole decision back.
+pub fn prepare(tx: &Tx<'_>, spec: &KindSpec, arrival: &Arrival) -> Result<Step, StorageError> {
+    let env = &arrival.env;
+    lock(tx, spec.sequenced, env)?;
+    if let Some(grant) = &arrival.replay
+        && tx.forget_dead_lettered(&env.id, grant.dead_count)? == Forget::GrantTooOld
+    {
+        // Its grant is for an earlier dead letter of the job than its latest: back to the
+        // dead-letter queue, nothing recorded.
+        tracing::warn!("replay refused: its grant is for an earlier dead letter of the job");
+        return Ok(Step::Decided(Verdict::DeadLetter(Dead::unrecorded(DeadReason::ReplayRefused, None))));
+    }
+    let due = env.not_before_ms.filter(|at| *at > now_ms().unsigned_abs());
+    let decided = match tx.job(&env.id)? {
+        Some(stored) => known(tx, spec, arrival, stored, due)?,
+        None => match due {
+            Some(at) => Some(delay(tx, arrival, at)?),
+            None => None,
+        },
+    };
+    if let Some(verdict) = decided {
+        return Ok(Step::Decided(verdict));
+    }
+    if spec.sequenced
+        && let Some(verdict) = in_sequence(tx, spec, arrival)?
+    {
+        return Ok(Step::Decided(verdict));
+    }
+    if let Some(verdict) = wait_for_turn(tx, spec, arrival)? {
+        return Ok(Step::Decided(verdict));
+    }
+    match tx.attempts(&env.id)? {
+        Some(a) if a.count >= spec.max_attempts => Ok(Step::Decided(exhausted(a.count, a.last_error))),
+        before => Ok(Step::Run { suspect: before.is_some_and(|a| a.running) }),
+    }
+}
+
+/// A job storage knows already. `None`: it goes on (a delayed job whose time came, a singleton
+/// job whose turn came); otherwise its stored status is the answer.
+fn known(
+    tx: &Tx<'_>,
+    spec: &KindSpec,
+    arrival: &Arrival,
+    stored: StoredJob,
+    due: Option<u64>,
+) -> Result<Option<Verdict>, StorageError> {
+    let (env, target) = (&arrival.env, &arrival.target);
+    match stored.state {
+        // Its time has come: the held copy came back (or the original, redelivered late).
+        JobState::Scheduled if due.is_none() || tx.is_cancelled(&env.id)? => {
+            tx.unschedule(&env.id)?;
+            Ok(None)
+        }
+        // A singleton job whose turn may have come (its message was sent back when it did).
+        JobState::WaitingForTurn => {
+            let key = singleton_key(spec, env);
+            let mine = match &key {
+                Some(key) => tx.take_turn(key, &env.id, &arrival.raw)?,
+                // No longer a singleton kind (the catalog changed): it runs.
+                None => true,
+            };
+            if !mine {
+                return answered(tx, stored, target).map(Some);
+            }
+            if key.is_some()
+                && let Some(running) = hold_turn(tx, arrival)?
+            {
+                return Ok(Some(running));
+            }
+            tx.turn_taken(&env.id)?;
+            Ok(None)
+        }
+        _ => answered(tx, stored, target).map(Some),
+    }
+}
+
+/// A delayed job: held in storage until its time, then sent back to its queue (the `delayed`
+/// sweeper).
+fn delay(tx: &Tx<'_>, arrival: &Arrival, at: u64) -> Result<Verdict, StorageError> {
+    let env = &arrival.env;
+    if tx.delayed_count_of(&env.client)? >= arrival.caps.delayed {
+        return Ok(Cap::Delayed.verdict(&env.client, &arrival.caps));
+    }
+    hold(tx, env, JobState::Scheduled, None)?;
+    tx.schedule(&env.id, at, &arrival.raw)?;
+    let mut status = JobStatus::new(env.id.clone(), JobState::Scheduled);
+    status.not_before = Some(gatehouse_protocol::submit::format_rfc3339_ms(at));
+    Ok(Verdict::Answered(vec![answer(status, &arrival.target)]))
+}
+
+/// A sequenced job: `None` when it is its key's next number; otherwise parked, or failed
+/// (no sequence, or a number another job holds).
+fn in_sequence(tx: &Tx<'_>, spec: &KindSpec, arrival: &Arrival) -> Result<Option<Verdict>, StorageError> {
+    let (env, target) = (&arrival.env, &arrival.target);
+    let failed = |error: String| -> Result<Option<Verdict>, StorageError> {
+        let status = record(tx, env, Outcome::Permanent(error), None)?;
+        Ok(Some(Verdict::Answered(vec![answer(status, target)])))
+    };
+    let Some(seq) = &env.sequence else {
+        return failed(format!("{} needs a sequence", env.kind));
+    };
+    let owned = seq.owned_key(&env.client);
+    let (key, number) = (owned.as_str(), seq.number());
+    let expected = tx.next_expected(key)?;
+    if number < expected || tx.sequence_holder(key, number)?.is_some() {
+        return failed(format!("sequence_conflict: number {number} of {key} belongs to another job"));
+    }
+    if number == expected {
+        return Ok(None);
+    }
+    if tx.parked_count_of(&env.client)? >= arrival.caps.parked {
+        return Ok(Some(Cap::Parked.verdict(&env.client, &arrival.caps)));
+    }
+    hold(tx, env, JobState::WaitingForSequence, Some((key.to_owned(), number)))?;
+    tx.park(&Parked {
+        job_id: env.id.clone(),
+        seq_key: key.to_owned(),
+        seq_number: number,
+        envelope: arrival.raw.clone(),
+        reply_to: target.reply.as_ref().map(|r| r.queue.clone()),
+        correlation_id: target.reply.as_ref().map(|r| r.correlation_id.clone()),
+        deadline_ms: now_ms().saturating_add((spec.gap_timeout_s * 1000) as i64),
+    })?;
+    let mut status = JobStatus::new(env.id.clone(), JobState::WaitingForSequence);
+    status.expected = Some(expected);
+    Ok(Some(Verdict::Answered(vec![answer(status, target)])))
+}
+
+/// One at a time per singleton key: the others wait their turn, in order, unstarted. `None`:
+/// not a singleton kind, or the turn is this job's and its attempt holds the turn's lease.
+fn wait_for_turn(tx: &Tx<'_>, spec: &KindSpec, arrival: &Arrival) -> Result<Option<Verdict>, StorageError> {
+    let env = &arrival.env;
+    let Some(key) = singleton_key(spec, env) else { return Ok(None) };
+    if tx.take_turn(&key, &env.id, &arrival.raw)? {
+        return hold_turn(tx, arrival);
+    }
+    // Now in line; its own record comes below, so the count is of the others.
+    if tx.waiting_count_of(&env.client)? >= arrival.caps.waiting {
+        tx.stop_waiting(&env.id)?;
+        return Ok(Some(Cap::Waiting.verdict(&env.client, &arrival.caps)));
+    }
+    hold(tx, env, JobState::WaitingForTurn, None)?;
+    let status = JobStatus::new(env.id.clone(), JobState::WaitingForTurn);
+    Ok(Some(Verdict::Answered(vec![answer(status, &arrival.target)])))
+}
+
+/// Takes the lease of `env`'s turn for this attempt: `Some` (the answer to give instead of
+/// running) when another attempt holds it and it has not run out.
+fn hold_turn(tx: &Tx<'_>, arrival: &Arrival) -> Result<Option<Verdict>, StorageError> {
+    let Some(lease) = &arrival.turn_lease else { return Ok(None) };
+    let env = &arrival.env;
+    if tx.lease_turn(&env.id, &arrival.raw, lease.expires_at_ms, &lease.holder, now_ms())? {
+        return Ok(None);
+    }
+    let running = JobStatus::new(env.id.clone(), JobState::Running);
+    Ok(Some(Verdict::Answered(vec![answer(running, &arrival.target)])))
+}
+
+/// Started `attempts` times without an outcome (crashes): dead-lettered.
+fn exhausted(attempts: u32, last_error: Option<String>) -> Verdict {
+    let error = last_error.unwrap_or_else(|| "the worker stopped while running it".into());
+    Verdict::DeadLetter(Dead { reason: DeadReason::MaxAttempts, error: Some(error), attempts, record: true })
+}
+
+/// Counts the start of an attempt, once the consumer holds its isolation lock. Answers the
+/// attempt, or the verdict to act on instead when another copy of the delivery got there
+/// first (it decided the job, or used up its attempts).
+///
+/// # Errors
+/// Only storage failures.
+pub fn begin(
+    tx: &Tx<'_>,
+    spec: &KindSpec,
+    env: &JobEnvelope,
+    target: &ReplyTarget,
+) -> Result<Result<Started, Verdict>, StorageError> {
+    tx.lock_job(&env.id)?;
+    if let Some(stored) = tx.job(&env.id)? {
+        return answered(tx, stored, target).map(Err);
+    }
+    if tx.is_cancelled(&env.id)? {
+        return Ok(Err(Verdict::Answered(vec![answer(record(tx, env, Outcome::Cancelled, None)?, target)])));
+    }
+    if let Some(a) = tx.attempts(&env.id)?.filter(|a| a.count >= spec.max_attempts) {
+        return Ok(Err(exhausted(a.count, a.last_error)));
+    }
+    let attempt = tx.begin_attempt(&env.id, &env.client)?;
+    Ok(Ok(Started { attempt, checkpoint: tx.checkpoint(&env.id, &env.client)? }))
+}

@@ -1,0 +1,102 @@
+//! Status, events and cancellation queries from the gatekeeper (the control queue), answered
+//! from storage to the owner only.
+
+use std::time::Duration;
+
+use gatehouse_broker::lapin::message::Delivery;
+use gatehouse_protocol::clock::now_ms;
+use gatehouse_protocol::{ControlRequest, JobId, JobState, Vouched};
+use gatehouse_storage::StorageError;
+
+use super::Ctx;
+use super::settle::settle_control;
+use crate::decide;
+use crate::security::{ReplyTarget, WorkerKeys};
+
+/// Status queries older than this are not answered (their asker gave up long ago).
+const CONTROL_MAX_AGE: Duration = Duration::from_secs(60);
+
+/// Most state transitions in one answer to an events query (the stream asks again for more).
+const EVENTS_PER_ANSWER: u32 = 100;
+
+/// Answers one query from the gatekeeper.
+pub async fn handle_control(ctx: Ctx, delivery: Delivery) {
+    let keys = &ctx.shared.keys;
+    let vouched = Vouched::parse(&delivery.data).ok();
+    let query = vouched
+        .filter(|v| v.verify(|id, s| keys.sessions.get(id, s)).is_ok())
+        .and_then(|v| Some((serde_json::from_slice::<ControlRequest>(v.message()).ok()?, v)));
+    let fresh = |sent_at_ms| WorkerKeys::is_fresh(sent_at_ms, CONTROL_MAX_AGE);
+    match query {
+        Some((ControlRequest::Cancel { id, client, sent_at_ms, reply }, vouched)) if fresh(sent_at_ms) => {
+            let target = ReplyTarget::new(Some(reply), &client, &vouched);
+            cancel(&ctx, &target, id, client).await;
+        }
+        Some((ControlRequest::Status { id, client, sent_at_ms, reply, minted_at_ms }, vouched))
+            if fresh(sent_at_ms) =>
+        {
+            let target = ReplyTarget::new(Some(reply), &client, &vouched);
+            answer_query(&ctx, &target, id, client, minted_at_ms, None).await;
+        }
+        Some((ControlRequest::Events { id, client, after, sent_at_ms, reply, minted_at_ms }, vouched))
+            if fresh(sent_at_ms) =>
+        {
+            let target = ReplyTarget::new(Some(reply), &client, &vouched);
+            answer_query(&ctx, &target, id, client, minted_at_ms, Some(after)).await;
+        }
+        _ => tracing::warn!("unsigned, stale or undecodable control message dropped"),
+    }
+    settle_control(&delivery).await;
+}
+
+/// A client's cancellation: decided in storage; a job running here is told to stop.
+async fn cancel(ctx: &Ctx, target: &ReplyTarget, id: JobId, client: String) {
+    let job = id.clone();
+    match ctx.shared.store.transact(move |tx| decide::cancel(tx, &job, &client)).await {
+        Ok(status) => {
+            if status.status == JobState::Running && ctx.shared.running.cancel(&id) {
+                tracing::info!(job_id = %id, "running job cancelled: its handler is told to stop");
+            }
+            ctx.out.reply(target, &status).await;
+        }
+        Err(e) => tracing::warn!(error = %e, "cancellation failed"),
+    }
+}
+
+/// Answers a status query, and with `events_after` the job's state transitions after that
+/// number too.
+async fn answer_query(
+    ctx: &Ctx,
+    target: &ReplyTarget,
+    id: JobId,
+    client: String,
+    minted_at_ms: Option<u64>,
+    events_after: Option<u64>,
+) {
+    // A job this old that storage does not know can never run (its message is stale): its
+    // record was pruned, or it was lost before it ran.
+    let max_age = ctx.shared.keys.max_message_age;
+    let expired = minted_at_ms
+        .is_some_and(|at| now_ms().unsigned_abs().saturating_sub(at) > max_age.as_millis() as u64);
+    let answer = ctx
+        .shared
+        .store
+        .transact(move |tx| {
+            let mut s = decide::status_for(tx, &id, &client)?;
+            if let Some(after) = events_after {
+                s.events = Some(tx.job_events(&id, &client, after, EVENTS_PER_ANSWER)?);
+            }
+            Ok::<_, StorageError>(s)
+        })
+        .await
+        .map(|mut s| {
+            if s.status == JobState::NotFound && expired {
+                s.status = JobState::Expired;
+            }
+            s
+        });
+    match answer {
+        Ok(status) => ctx.out.reply(target, &status).await,
+        Err(e) => tracing::warn!(error = %e, "status query failed"),
+    }
+}

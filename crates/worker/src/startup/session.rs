@@ -1,0 +1,247 @@
+//! One broker connection and what hangs off it: the job and control consumers, the ordering
+//! of quorum lanes, the delivery tasks, and the sweepers that send on this connection.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use futures_util::StreamExt;
+use gatehouse_broker::lapin::message::Delivery;
+use gatehouse_broker::lapin::options::{
+    BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
+use gatehouse_broker::lapin::types::FieldTable;
+use gatehouse_broker::lapin::{Channel, Connection};
+use tokio::sync::{mpsc, watch};
+use tokio::task::{JoinSet, Id};
+
+use crate::admin::dashboard::BrokerView;
+use crate::delivery::acks::Acks;
+use crate::delivery::lanes::Lanes;
+use crate::delivery::settle::JobChannel;
+use crate::delivery::{Ctx, Shared, control, job};
+use crate::outbound::{Outbound, Parts};
+use crate::settings::WorkerSettings;
+use crate::sweep::{self, delayed::Delayed, gaps::Gaps, leases::ExpiredLeases};
+
+/// One broker connection and what hangs off it.
+pub(super) struct Session {
+    connection: Connection,
+    /// The channel the job queues are consumed on (acked through `ctx.channel`).
+    jobs: Channel,
+    ctx: Ctx,
+}
+
+/// How a session ended.
+pub(super) enum Ended {
+    Stopped,
+    ConnectionLost,
+}
+
+/// Where a delivery came from.
+#[derive(Clone)]
+enum Source {
+    /// The job queue of this route (a class, or one of its lanes).
+    Job(String),
+    Control,
+}
+
+/// The deliveries a session has received and not finished.
+struct InFlight {
+    tasks: JoinSet<()>,
+    /// The tasks that hold a slot of a quorum class, and its name (freed however they end).
+    lane_tasks: HashMap<Id, String>,
+    lanes: Lanes,
+}
+
+impl Session {
+    /// Connects, declares the topology and opens the channels.
+    pub(super) async fn open(settings: &WorkerSettings, shared: &Arc<Shared>, broker: &BrokerView) -> anyhow::Result<Self> {
+        let connection = gatehouse_broker::connect_with(&settings.broker, "gatehouse-worker")
+            .await
+            .context("connecting to the broker")?;
+        let topology = settings.broker.topology();
+        let setup = connection.create_channel().await?;
+        topology.declare(&setup, shared.catalog.queues()).await.context("declaring topology")?;
+        let _ = setup.close(200, "topology declared".into()).await;
+        broker.connected(connection.create_channel().await?).await;
+        let jobs = connection.create_channel().await?;
+        let parts = Parts {
+            store: shared.store.clone(),
+            catalog: shared.catalog.clone(),
+            keys: shared.keys.clone(),
+            metrics: shared.metrics.clone(),
+            topology,
+        };
+        let out = Arc::new(Outbound::open(&connection, parts).await?);
+        let channel = Arc::new(JobChannel::new(Acks::start(jobs.clone())));
+        Ok(Self { connection, jobs, ctx: Ctx { shared: shared.clone(), out, channel } })
+    }
+
+    /// Consumes until `stop` or the connection is lost; then gives back what did not start,
+    /// lets what runs finish within the grace time, and flushes the acks.
+    pub(super) async fn consume(self, settings: &WorkerSettings, mut stop: watch::Receiver<bool>) -> anyhow::Result<Ended> {
+        let prefetch = settings.consumer.prefetch;
+        self.jobs.basic_qos(prefetch, BasicQosOptions::default()).await?;
+        let control = self.connection.create_channel().await?;
+        control.basic_qos(32, BasicQosOptions::default()).await?;
+        let (tx, mut rx) = mpsc::channel::<(Source, Delivery)>(64);
+        let tags = self.start_consumers(&control, &tx).await?;
+        drop(tx);
+        tracing::info!(prefetch, "worker consuming");
+        self.ctx.shared.metrics.set_ready(true);
+        let (sweeps_stop, sweeps) = watch::channel(false);
+        let out = &self.ctx.out;
+        tokio::spawn(sweep::run(Gaps(out.clone()), sweeps.clone()));
+        tokio::spawn(sweep::run(Delayed(out.clone()), sweeps.clone()));
+        tokio::spawn(sweep::run(ExpiredLeases(out.clone()), sweeps));
+        let lanes = Lanes::new(&self.ctx.shared.catalog, usize::from(prefetch));
+        let mut flight = InFlight { tasks: JoinSet::new(), lane_tasks: HashMap::new(), lanes };
+        let ended = loop {
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => break Ended::Stopped,
+                next = rx.recv() => match next {
+                    Some((source, d)) => self.arrived(&mut flight, source, d),
+                    None => break Ended::ConnectionLost,
+                },
+                Some(done) = flight.tasks.join_next_with_id(), if !flight.tasks.is_empty() => flight.finished(done),
+            }
+            flight.start_held(&self.ctx);
+        };
+        let _ = sweeps_stop.send(true);
+        self.ctx.shared.metrics.set_ready(false);
+        self.wind_down(settings, &tags, rx, flight).await;
+        if matches!(ended, Ended::Stopped) {
+            tracing::info!("worker stopped");
+        }
+        Ok(ended)
+    }
+
+    /// Starts a consumer on every job queue (each lane of a quorum class) and the control
+    /// queue; answers their tags.
+    async fn start_consumers(
+        &self,
+        control: &Channel,
+        tx: &mpsc::Sender<(Source, Delivery)>,
+    ) -> anyhow::Result<Vec<(Channel, String)>> {
+        let topology = &self.ctx.out.topology;
+        let mut tags = Vec::new();
+        for route in self.ctx.shared.catalog.queues().iter().flat_map(|q| q.routes()) {
+            let tag = format!("worker.{route}");
+            start(&self.jobs, &topology.job_queue(&route), &tag, Source::Job(route.clone()), tx).await?;
+            tags.push((self.jobs.clone(), tag));
+        }
+        start(control, &topology.control_queue(), "worker.control", Source::Control, tx).await?;
+        tags.push((control.clone(), "worker.control".to_owned()));
+        Ok(tags)
+    }
+
+    /// A delivery arrived: a quorum lane's is held for its class's next free slot; others start.
+    fn arrived(&self, flight: &mut InFlight, source: Source, d: Delivery) {
+        match source {
+            Source::Job(route) => match flight.lanes.class_of(&route) {
+                Some(class) => flight.lanes.hold(&class, route, d),
+                None => {
+                    flight.tasks.spawn(job::handle_job(self.ctx.clone(), route, d));
+                }
+            },
+            Source::Control => {
+                flight.tasks.spawn(control::handle_control(self.ctx.clone(), d));
+            }
+        }
+    }
+
+    /// No new deliveries; the ones received but not started go back; what runs may finish
+    /// within the grace time; what finished is acked before the connection goes.
+    async fn wind_down(
+        &self,
+        settings: &WorkerSettings,
+        tags: &[(Channel, String)],
+        mut rx: mpsc::Receiver<(Source, Delivery)>,
+        mut flight: InFlight,
+    ) {
+        for (channel, tag) in tags {
+            let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+        }
+        rx.close();
+        let requeue = BasicNackOptions { requeue: true, ..Default::default() };
+        for d in flight.lanes.drain() {
+            let _ = d.acker.nack(requeue).await;
+            self.ctx.channel.given_back(d.delivery_tag);
+        }
+        while let Ok((source, d)) = rx.try_recv() {
+            let _ = d.acker.nack(requeue).await;
+            if matches!(source, Source::Job(_)) {
+                self.ctx.channel.given_back(d.delivery_tag);
+            }
+        }
+        let grace = settings.consumer.stopping_wait_time();
+        let drained =
+            tokio::time::timeout(grace, async { while flight.tasks.join_next().await.is_some() {} }).await;
+        if drained.is_err() {
+            tracing::warn!(
+                ?grace,
+                left = flight.tasks.len(),
+                "in-flight jobs did not finish in time; the broker will redeliver them"
+            );
+            flight.tasks.abort_all();
+        }
+        self.ctx.channel.flush().await;
+        let _ = self.connection.close(200, "worker stopping".into()).await;
+    }
+}
+
+impl InFlight {
+    fn finished(&mut self, done: Result<(Id, ()), tokio::task::JoinError>) {
+        let id = match &done {
+            Ok((id, ())) => *id,
+            Err(e) => {
+                tracing::error!(error = %e, "delivery task failed");
+                e.id()
+            }
+        };
+        if let Some(class) = self.lane_tasks.remove(&id) {
+            self.lanes.finished(&class);
+        }
+    }
+
+    /// Starts what the lanes hold, highest priority first, as slots free up.
+    fn start_held(&mut self, ctx: &Ctx) {
+        while let Some((class, route, d)) = self.lanes.next_to_start() {
+            let task = self.tasks.spawn(job::handle_job(ctx.clone(), route, d));
+            self.lane_tasks.insert(task.id(), class);
+        }
+    }
+}
+
+/// Starts a consumer on `queue` that forwards its deliveries to `tx`.
+async fn start(
+    channel: &Channel,
+    queue: &str,
+    tag: &str,
+    source: Source,
+    tx: &mpsc::Sender<(Source, Delivery)>,
+) -> anyhow::Result<()> {
+    let mut consumer = channel
+        .basic_consume(queue.into(), tag.into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .with_context(|| format!("consuming {queue}"))?;
+    let tx = tx.clone();
+    let queue = queue.to_owned();
+    tokio::spawn(async move {
+        while let Some(next) = consumer.next().await {
+            match next {
+                Ok(d) => {
+                    if tx.send((source.clone(), d)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, queue, "consumer stopped");
+                    return;
+                }
+            }
+        }
+    });
+    Ok(())
+}
