@@ -35,7 +35,6 @@ pub struct GatekeeperKeys {
     sessions: RwLock<VecDeque<Arc<Session>>>,
 }
 
-
 impl GatekeeperKeys {
     /// # Errors
     /// When a key file is missing or malformed.

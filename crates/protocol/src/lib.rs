@@ -5,8 +5,8 @@
 //! types with private fields (`JobId`, `Priority`, `Sequence`), so code behind the gatekeeper
 //! cannot hold an unchecked one.
 
-pub mod clock;
 pub mod catalog;
+pub mod clock;
 pub mod crypto;
 pub mod envelope;
 pub mod hex;

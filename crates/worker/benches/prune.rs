@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 use gatehouse_protocol::crypto::Keyring;
 use gatehouse_protocol::{Catalog, JobId, JobState};
 use gatehouse_storage::{Store, StoredJob};
+use gatehouse_worker::admin::metrics::WorkerMetrics;
 use gatehouse_worker::handlers::vault;
-use gatehouse_worker::metrics::WorkerMetrics;
-use gatehouse_worker::retention::{Retention, prune_once};
 use gatehouse_worker::settings::WorkerSettings;
+use gatehouse_worker::sweep::retention::{Retention, prune_once};
 use serde_json::json;
 
 /// Concurrent job loops (like concurrent sync clients).

@@ -13,7 +13,8 @@ fn allowed(lib: &str) -> BTreeMap<String, BTreeSet<String>> {
         let cells: Vec<&str> = line.trim_matches('|').split('|').map(str::trim).collect();
         let [module, imports] = cells[..] else { continue };
         let Some(module) = module.strip_prefix('`').and_then(|m| m.strip_suffix('`')) else { continue };
-        let imports = imports.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect();
+        let imports =
+            imports.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect();
         table.insert(module.to_owned(), imports);
     }
     table
@@ -35,7 +36,11 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
 fn imports(text: &str) -> BTreeSet<String> {
     let text = text.find("#[cfg(test)]\nmod tests").map_or(text, |cut| &text[..cut]);
     let mut found = BTreeSet::new();
-    let ident = |s: &str| s.chars().take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_').collect::<String>();
+    let ident = |s: &str| {
+        s.chars()
+            .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+            .collect::<String>()
+    };
     for (i, _) in text.match_indices("crate::") {
         if text[..i].ends_with(|c: char| c.is_alphanumeric() || c == '_') {
             continue;
@@ -87,8 +92,17 @@ fn every_module_imports_only_what_the_layers_table_allows() {
 fn the_layers_table_has_no_cycle() {
     let lib = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/lib.rs")).unwrap();
     let table = allowed(&lib);
-    fn reaches(table: &BTreeMap<String, BTreeSet<String>>, from: &str, to: &str, seen: &mut BTreeSet<String>) -> bool {
-        table.get(from).into_iter().flatten().any(|m| m == to || (seen.insert(m.clone()) && reaches(table, m, to, seen)))
+    fn reaches(
+        table: &BTreeMap<String, BTreeSet<String>>,
+        from: &str,
+        to: &str,
+        seen: &mut BTreeSet<String>,
+    ) -> bool {
+        table
+            .get(from)
+            .into_iter()
+            .flatten()
+            .any(|m| m == to || (seen.insert(m.clone()) && reaches(table, m, to, seen)))
     }
     for module in table.keys() {
         assert!(!reaches(&table, module, module, &mut BTreeSet::new()), "{module} reaches itself");

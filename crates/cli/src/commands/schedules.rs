@@ -9,8 +9,8 @@ use anyhow::Context as _;
 use gatehouse_protocol::Catalog;
 use gatehouse_protocol::schemas::Schemas;
 use gatehouse_storage::Store;
-use gatehouse_worker::sweep::schedules::Schedules;
 use gatehouse_worker::settings::WorkerSettings;
+use gatehouse_worker::sweep::schedules::Schedules;
 use serde_json::{Value, json};
 
 #[derive(Debug, Clone, clap::Args)]

@@ -15,7 +15,6 @@ mod schedules;
 mod sequences;
 mod singletons;
 
-
 use gatehouse_protocol::clock::now_ms;
 use gatehouse_protocol::crypto::Keyring;
 use gatehouse_protocol::{JobId, JobState};

@@ -73,91 +73,86 @@ pub struct WorkerMetrics {
 
 impl Default for WorkerMetrics {
     fn default() -> Self {
-        let mut registry = Registry::with_prefix("gatehouse_worker");
-        let jobs = Family::<Outcome, Counter>::default();
-        registry.register("jobs", "Jobs decided, by kind and outcome (status)", jobs.clone());
-        let handler_seconds = Family::<Kind, Histogram>::new_with_constructor(|| {
-            Histogram::new(exponential_buckets(0.000_25, 2.0, 16))
-        });
-        registry.register(
-            "handler_duration_seconds",
-            "Time to decide and run a job (storage kinds: the whole transaction; external kinds: the handler)",
-            handler_seconds.clone(),
-        );
-        let retries = Family::<Kind, Counter>::default();
-        registry.register("retries", "Failed attempts sent to a retry queue, by kind", retries.clone());
-        let dead_letters = Family::<Reason, Counter>::default();
-        registry.register("dead_letters", "Messages dead-lettered, by reason", dead_letters.clone());
-        let parked = Gauge::default();
-        registry.register("parked_jobs", "Jobs waiting for an earlier sequence number", parked.clone());
-        let scheduled = Gauge::default();
-        registry.register("scheduled_jobs", "Delayed jobs held until their time", scheduled.clone());
-        let waiting_counts = Counter::default();
-        registry.register(
-            "waiting_counts",
-            "Times the parked and scheduled jobs were counted in storage (at most once per 5 s, whatever the scrape and dashboard rate)",
-            waiting_counts.clone(),
-        );
-        let connected = Gauge::default();
-        registry.register("broker_connected", "Whether a broker session is consuming", connected.clone());
-        let commit_seconds = Histogram::new(exponential_buckets(0.000_25, 2.0, 14));
-        registry.register(
-            "storage_commit_duration_seconds",
-            "Group commits: BEGIN to COMMIT, fsync included",
-            commit_seconds.clone(),
-        );
-        let commit_group = Histogram::new(exponential_buckets(1.0, 2.0, 8));
-        registry.register(
-            "storage_commit_group_size",
-            "Closures (job decisions) per group commit",
-            commit_group.clone(),
-        );
-        let checkpoint_seconds = Family::<Checkpoint, Histogram>::new_with_constructor(|| {
-            Histogram::new(exponential_buckets(0.001, 2.0, 14))
-        });
-        registry.register(
-            "storage_checkpoint_duration_seconds",
-            "WAL checkpoints: passes beside the writer and rewinds of the log",
-            checkpoint_seconds.clone(),
-        );
-        let pruned = Counter::default();
-        registry.register(
-            "pruned_jobs",
-            "Decided jobs' records deleted after their retention",
-            pruned.clone(),
-        );
-        let prune_seconds = Histogram::new(exponential_buckets(0.000_25, 2.0, 14));
-        registry.register(
-            "prune_batch_duration_seconds",
-            "Pruning batches: one storage closure each, committed with the jobs beside it",
-            prune_seconds.clone(),
-        );
-        let firings = Family::<Firing, Counter>::default();
-        registry.register(
-            "schedule_firings",
-            "Schedule firings this worker planned, by schedule and outcome (fired, skipped, missed)",
-            firings.clone(),
-        );
-        Self {
-            firings,
-            registry,
-            jobs,
-            handler_seconds,
-            retries,
-            dead_letters,
-            parked,
-            scheduled,
+        let histogram = |start, n| Histogram::new(exponential_buckets(start, 2.0, n));
+        let mut metrics = Self {
+            registry: Registry::with_prefix("gatehouse_worker"),
+            jobs: Family::default(),
+            handler_seconds: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.000_25, 2.0, 16))
+            }),
+            retries: Family::default(),
+            dead_letters: Family::default(),
+            parked: Gauge::default(),
+            scheduled: Gauge::default(),
             waiting_counted: tokio::sync::Mutex::new(None),
-            waiting_counts,
-            connected,
-            commit_seconds,
-            commit_group,
-            checkpoint_seconds,
-            pruned,
-            prune_seconds,
+            waiting_counts: Counter::default(),
+            connected: Gauge::default(),
+            commit_seconds: histogram(0.000_25, 14),
+            commit_group: histogram(1.0, 8),
+            checkpoint_seconds: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.001, 2.0, 14))
+            }),
+            pruned: Counter::default(),
+            prune_seconds: histogram(0.000_25, 14),
+            firings: Family::default(),
             ready: AtomicBool::new(false),
             activity: Activity::default(),
-        }
+        };
+        metrics.register_jobs();
+        metrics.register_storage();
+        metrics
+    }
+}
+
+impl WorkerMetrics {
+    fn register_jobs(&mut self) {
+        let r = &mut self.registry;
+        r.register("jobs", "Jobs decided, by kind and outcome (status)", self.jobs.clone());
+        r.register(
+            "handler_duration_seconds",
+            "Time to decide and run a job (storage kinds: the whole transaction; external kinds: the handler)",
+            self.handler_seconds.clone(),
+        );
+        r.register("retries", "Failed attempts sent to a retry queue, by kind", self.retries.clone());
+        r.register("dead_letters", "Messages dead-lettered, by reason", self.dead_letters.clone());
+        r.register("parked_jobs", "Jobs waiting for an earlier sequence number", self.parked.clone());
+        r.register("scheduled_jobs", "Delayed jobs held until their time", self.scheduled.clone());
+        r.register(
+            "waiting_counts",
+            "Times the parked and scheduled jobs were counted in storage (at most once per 5 s, whatever the scrape and dashboard rate)",
+            self.waiting_counts.clone(),
+        );
+        r.register("broker_connected", "Whether a broker session is consuming", self.connected.clone());
+        r.register(
+            "schedule_firings",
+            "Schedule firings this worker planned, by schedule and outcome (fired, skipped, missed)",
+            self.firings.clone(),
+        );
+    }
+
+    fn register_storage(&mut self) {
+        let r = &mut self.registry;
+        r.register(
+            "storage_commit_duration_seconds",
+            "Group commits: BEGIN to COMMIT, fsync included",
+            self.commit_seconds.clone(),
+        );
+        r.register(
+            "storage_commit_group_size",
+            "Closures (job decisions) per group commit",
+            self.commit_group.clone(),
+        );
+        r.register(
+            "storage_checkpoint_duration_seconds",
+            "WAL checkpoints: passes beside the writer and rewinds of the log",
+            self.checkpoint_seconds.clone(),
+        );
+        r.register("pruned_jobs", "Decided jobs' records deleted after their retention", self.pruned.clone());
+        r.register(
+            "prune_batch_duration_seconds",
+            "Pruning batches: one storage closure each, committed with the jobs beside it",
+            self.prune_seconds.clone(),
+        );
     }
 }
 

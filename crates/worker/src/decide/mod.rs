@@ -294,7 +294,12 @@ fn record(
 }
 
 /// A job held in storage (not decided): recorded in `state`.
-fn hold(tx: &Tx<'_>, env: &JobEnvelope, state: JobState, seq: Option<(String, u64)>) -> Result<(), StorageError> {
+fn hold(
+    tx: &Tx<'_>,
+    env: &JobEnvelope,
+    state: JobState,
+    seq: Option<(String, u64)>,
+) -> Result<(), StorageError> {
     tx.record_job(&stored(env, state, None, None, seq))
 }
 

@@ -6,8 +6,8 @@ use gatehouse_protocol::{Catalog, JobEnvelope, JobState, JobStatus, KindSpec};
 use gatehouse_storage::{Forget, Parked, StorageError, StoredJob, Tx};
 
 use super::{
-    ApplyError, Arrival, Cap, Dead, Run, Started, Step, Verdict, answer, answered, hold, lock,
-    record, singleton_key,
+    ApplyError, Arrival, Cap, Dead, Run, Started, Step, Verdict, answer, answered, hold, lock, record,
+    singleton_key,
 };
 use crate::handlers::{Kinds, Outcome};
 use crate::reasons::DeadReason;

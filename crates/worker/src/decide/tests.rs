@@ -97,11 +97,7 @@ fn singleton_turns_are_per_kind_or_per_clients_own_key_value() {
         ..ledger_job(1, 1, 0)
     };
     assert_eq!(singleton_key(&kind, &env("a", "x")), Some("test.singleton".into()));
-    assert_eq!(
-        singleton_key(&kind, &env("b", "y")),
-        singleton_key(&kind, &env("a", "x")),
-        "one per kind"
-    );
+    assert_eq!(singleton_key(&kind, &env("b", "y")), singleton_key(&kind, &env("a", "x")), "one per kind");
     let by_group = KindSpec { singleton: false, singleton_key: Some("group".into()), ..kind.clone() };
     assert_eq!(singleton_key(&by_group, &env("a", "x")), singleton_key(&by_group, &env("a", "x")));
     assert_ne!(singleton_key(&by_group, &env("a", "x")), singleton_key(&by_group, &env("a", "y")));
@@ -127,17 +123,14 @@ async fn out_of_order_numbers_apply_in_order_once() {
 
     let a = deliver(&store, ledger_job(1, 1, 1)).await;
     assert_eq!(states(&a), [JobState::Succeeded; 3]);
-    let balances: Vec<_> =
-        a.iter().map(|a| a.status.result.as_ref().unwrap()["balance"].clone()).collect();
+    let balances: Vec<_> = a.iter().map(|a| a.status.result.as_ref().unwrap()["balance"].clone()).collect();
     assert_eq!(balances, [json!(1), json!(11), json!(111)]);
 
     // Redelivery of an applied job: same answer, no second effect.
     let again = deliver(&store, ledger_job(2, 2, 10)).await;
     assert_eq!(again[0].status.result.as_ref().unwrap()["balance"], json!(11));
-    let (balance, seq) = store
-        .transact(|tx| crate::handlers::ledger::balance_of(tx, &owned_key("c", "acct")))
-        .await
-        .unwrap();
+    let (balance, seq) =
+        store.transact(|tx| crate::handlers::ledger::balance_of(tx, &owned_key("c", "acct"))).await.unwrap();
     assert_eq!((balance, seq), (111, 3));
 }
 
@@ -149,10 +142,8 @@ async fn another_job_claiming_a_used_number_is_a_conflict() {
     let a = deliver(&store, ledger_job(9, 1, 500)).await;
     assert_eq!(states(&a), [JobState::Failed]);
     assert!(a[0].status.error.as_ref().unwrap().starts_with("sequence_conflict"));
-    let (balance, _) = store
-        .transact(|tx| crate::handlers::ledger::balance_of(tx, &owned_key("c", "acct")))
-        .await
-        .unwrap();
+    let (balance, _) =
+        store.transact(|tx| crate::handlers::ledger::balance_of(tx, &owned_key("c", "acct"))).await.unwrap();
     assert_eq!(balance, 5);
 }
 

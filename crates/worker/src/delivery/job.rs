@@ -126,7 +126,9 @@ impl Job<'_> {
             );
             shared
                 .store
-                .transact(move |tx| decide::decide_and_run(tx, &catalog, &kinds, &spec, &keys.sessions, &arrival))
+                .transact(move |tx| {
+                    decide::decide_and_run(tx, &catalog, &kinds, &spec, &keys.sessions, &arrival)
+                })
                 .await
         };
         shared.metrics.handler_took(&self.env.kind, started.elapsed());
@@ -181,7 +183,14 @@ impl Job<'_> {
         let ran = {
             let running = run::run(
                 self.ctx,
-                run::Attempt { spec: &self.spec, env: self.env, target: self.target, started, reservation, holder: &holder },
+                run::Attempt {
+                    spec: &self.spec,
+                    env: self.env,
+                    target: self.target,
+                    started,
+                    reservation,
+                    holder: &holder,
+                },
             );
             tokio::pin!(running);
             // A long job's delivery is acked after a while, its message held in storage

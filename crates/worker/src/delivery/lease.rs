@@ -78,8 +78,7 @@ pub async fn hold(
         loop {
             let expires = now_ms().saturating_add(lease.as_millis() as i64);
             let (job, held, token) = (id.clone(), message.to_vec(), holder.token.clone());
-            match timeout(quarter, store.transact(move |tx| tx.lease(&job, &held, expires, &token))).await
-            {
+            match timeout(quarter, store.transact(move |tx| tx.lease(&job, &held, expires, &token))).await {
                 Ok(Ok(true)) => break,
                 Ok(Ok(false)) => tracing::warn!("a long job's lease is another attempt's; trying again"),
                 Ok(Err(e)) => tracing::warn!(error = %e, "could not hand a long job off; trying again"),
@@ -101,8 +100,7 @@ pub async fn hold(
         }
         let expires = now_ms().saturating_add(lease.as_millis() as i64);
         let (job, token) = (id.clone(), holder.token.clone());
-        match timeout(give_up - asked, store.transact(move |tx| tx.renew_lease(&job, expires, &token)))
-            .await
+        match timeout(give_up - asked, store.transact(move |tx| tx.renew_lease(&job, expires, &token))).await
         {
             Ok(Ok(true)) => runs_out = asked + lease,
             Ok(Ok(false)) => return LeaseLost,

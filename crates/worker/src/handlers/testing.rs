@@ -35,28 +35,43 @@ struct Anything {}
 /// How many `test.singleton` jobs run right now (in this process).
 static SINGLETONS_RUNNING: AtomicUsize = AtomicUsize::new(0);
 
+/// `test.long`: `steps` steps of `step_ms`, a checkpoint after each: an attempt starts from the
+/// last checkpoint, and the result says where it started and how many steps it ran.
+async fn long(mut job: JobContext, p: Long) -> Outcome {
+    let start = job.checkpoint().and_then(|c| c["next"].as_u64()).map_or(0, |n| n as u32);
+    for step in start..p.steps {
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(p.step_ms)) => {}
+            () = job.cancelled() => return Outcome::Cancelled,
+        }
+        if let Err(e) = job.save_checkpoint(json!({ "next": step + 1 })).await {
+            return Outcome::Retryable(format!("could not save a checkpoint: {e}"));
+        }
+        job.progress(Some(((step + 1) * 100 / p.steps.max(1)) as u8), "");
+    }
+    Outcome::Success(
+        json!({ "resumed_from": start, "steps_run": p.steps - start.min(p.steps), "attempt": job.attempt }),
+    )
+}
+
+/// `test.singleton`: sleeps like test.sleep, and says how many jobs of its kind ran at once
+/// with it (in this process) and when it ran (unix ms; across processes).
+async fn singleton(job: JobContext, p: Sleep) -> Outcome {
+    let started = gatehouse_protocol::clock::now_ms();
+    tracing::info!(job_id = %job.id, "test.singleton started");
+    let at_start = SINGLETONS_RUNNING.fetch_add(1, Ordering::SeqCst) + 1;
+    tokio::time::sleep(Duration::from_millis(p.ms)).await;
+    let at_end = SINGLETONS_RUNNING.fetch_sub(1, Ordering::SeqCst);
+    Outcome::Success(json!({
+        "running_at_once": at_start.max(at_end), "attempt": job.attempt,
+        "started_at_ms": started, "ended_at_ms": gatehouse_protocol::clock::now_ms(),
+    }))
+}
+
 /// Registers `test.long`, `test.sleep`, `test.singleton`, `test.progress`, `test.fail`,
 /// `test.panic` and `test.crash`.
 pub fn register(r: &mut Registry) {
-    r.insert(
-        "test.long",
-        // `steps` steps of `step_ms`, a checkpoint after each: an attempt starts from the last
-        // checkpoint, and the result says where it started and how many steps it ran.
-        external(|mut job: JobContext, p: Long| async move {
-            let start = job.checkpoint().and_then(|c| c["next"].as_u64()).map_or(0, |n| n as u32);
-            for step in start..p.steps {
-                tokio::select! {
-                    () = tokio::time::sleep(Duration::from_millis(p.step_ms)) => {}
-                    () = job.cancelled() => return Outcome::Cancelled,
-                }
-                if let Err(e) = job.save_checkpoint(json!({ "next": step + 1 })).await {
-                    return Outcome::Retryable(format!("could not save a checkpoint: {e}"));
-                }
-                job.progress(Some(((step + 1) * 100 / p.steps.max(1)) as u8), "");
-            }
-            Outcome::Success(json!({ "resumed_from": start, "steps_run": p.steps - start.min(p.steps), "attempt": job.attempt }))
-        }),
-    );
+    r.insert("test.long", external(long));
     r.insert(
         "test.progress",
         // Reports half-way at once, then sleeps (or stops when cancelled).
@@ -68,22 +83,7 @@ pub fn register(r: &mut Registry) {
             }
         }),
     );
-    r.insert(
-        "test.singleton",
-        // Sleeps like test.sleep, and says how many jobs of its kind ran at once with it (in
-        // this process) and when it ran (unix ms; across processes).
-        external(|job: JobContext, p: Sleep| async move {
-            let started = gatehouse_protocol::clock::now_ms();
-            tracing::info!(job_id = %job.id, "test.singleton started");
-            let at_start = SINGLETONS_RUNNING.fetch_add(1, Ordering::SeqCst) + 1;
-            tokio::time::sleep(Duration::from_millis(p.ms)).await;
-            let at_end = SINGLETONS_RUNNING.fetch_sub(1, Ordering::SeqCst);
-            Outcome::Success(json!({
-                "running_at_once": at_start.max(at_end), "attempt": job.attempt,
-                "started_at_ms": started, "ended_at_ms": gatehouse_protocol::clock::now_ms(),
-            }))
-        }),
-    );
+    r.insert("test.singleton", external(singleton));
     r.insert(
         "test.sleep",
         // A well-behaved long handler: it stops when its job is cancelled. Its result says when

@@ -1,8 +1,8 @@
 //! `vault.put` / `vault.get` / `vault.delete`: records stored for their owner only, sealed
 //! (AES-256-GCM) and bound to their token and owner. The `vault` family owns the `vault` table.
 
-use gatehouse_storage::sql::params;
 use gatehouse_protocol::clock::now_ms;
+use gatehouse_storage::sql::params;
 use gatehouse_storage::{Family, Place, SealedColumn, StorageError, Tx};
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::Deserialize;

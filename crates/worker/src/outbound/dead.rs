@@ -86,7 +86,13 @@ impl Outbound {
     }
 
     /// Records a dead-lettered job and answers its caller.
-    async fn record_dead(&self, env: &JobEnvelope, target: &ReplyTarget, parked: Option<(&str, u64)>, dead: Dead) {
+    async fn record_dead(
+        &self,
+        env: &JobEnvelope,
+        target: &ReplyTarget,
+        parked: Option<(&str, u64)>,
+        dead: Dead,
+    ) {
         let (job, parked) = (env.clone(), parked.map(|(k, n)| (k.to_owned(), n)));
         let recorded = self
             .store
@@ -104,7 +110,9 @@ impl Outbound {
             Ok(Some(status)) => self.reply(target, &status).await,
             // Applied meanwhile: the dead letter just sent is stale, and a replay of it is
             // answered from the stored outcome.
-            Ok(None) => tracing::warn!(job_id = %env.id, "applied while being dead-lettered; its dead letter is stale"),
+            Ok(None) => {
+                tracing::warn!(job_id = %env.id, "applied while being dead-lettered; its dead letter is stale")
+            }
             Err(e) => tracing::warn!(error = %e, "could not record the dead letter"),
         }
     }
@@ -112,7 +120,11 @@ impl Outbound {
     /// A verified job's dead letter: its id and which of its dead letters this is, for a
     /// replay grant to name. Counted before the dead letter is published: one that is then not
     /// published only moves the count on.
-    async fn with_dead_count(&self, props: BasicProperties, id: &JobId) -> Result<BasicProperties, StorageError> {
+    async fn with_dead_count(
+        &self,
+        props: BasicProperties,
+        id: &JobId,
+    ) -> Result<BasicProperties, StorageError> {
         let jid = id.clone();
         let count = self.store.transact(move |tx| tx.count_dead_letter(&jid)).await?;
         let mut h = props.headers().clone().unwrap_or_default();
@@ -135,7 +147,12 @@ fn claimed_id(data: &[u8]) -> Option<String> {
 }
 
 /// Properties of a dead letter: the original ones plus the reason headers.
-pub fn dead_properties(props: BasicProperties, topology: &Topology, route: &str, dead: &Dead) -> BasicProperties {
+pub fn dead_properties(
+    props: BasicProperties,
+    topology: &Topology,
+    route: &str,
+    dead: &Dead,
+) -> BasicProperties {
     let mut h = props.headers().clone().unwrap_or_default();
     let s = |v: &str| AMQPValue::LongString(LongString::from(v));
     h.insert(headers::REASON.into(), s(dead.reason.as_str()));

@@ -15,7 +15,8 @@ use crate::security::{ReplyTarget, reply};
 impl Outbound {
     /// Sends `status` to `target` if anyone waits for it.
     pub async fn reply(&self, target: &ReplyTarget, status: &JobStatus) {
-        let (Some(to), Some(sealed)) = (&target.reply, reply::seal(&self.keys.sessions, target, status)) else {
+        let (Some(to), Some(sealed)) = (&target.reply, reply::seal(&self.keys.sessions, target, status))
+        else {
             return;
         };
         let Ok(body) = sealed else {

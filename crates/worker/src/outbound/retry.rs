@@ -28,7 +28,8 @@ impl Outbound {
 
     async fn retry_queue(&self, route: &str, delay_ms: u64) -> Result<String, PublishError> {
         let name = self.topology.retry_queue(route, delay_ms);
-        let known = self.retry_queues.lock().unwrap_or_else(std::sync::PoisonError::into_inner).contains(&name);
+        let known =
+            self.retry_queues.lock().unwrap_or_else(std::sync::PoisonError::into_inner).contains(&name);
         if !known {
             let replicated = self.catalog.class_of_route(route).is_some_and(|q| !q.lanes().is_empty());
             self.topology.declare_retry_queue(self.publisher.channel(), route, delay_ms, replicated).await?;

@@ -44,7 +44,11 @@ impl ReplyTarget {
 ///
 /// # Errors
 /// When the session is not one the worker trusts, or sealing fails.
-pub fn seal(sessions: &Sessions, target: &ReplyTarget, status: &JobStatus) -> Option<Result<Vec<u8>, CryptoError>> {
+pub fn seal(
+    sessions: &Sessions,
+    target: &ReplyTarget,
+    status: &JobStatus,
+) -> Option<Result<Vec<u8>, CryptoError>> {
     let reply = target.reply.as_ref()?;
     let sealed = sessions
         .get(&target.key_id, &target.session)

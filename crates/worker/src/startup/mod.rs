@@ -119,7 +119,8 @@ impl WorkerBuilder {
         let retention = Arc::new(Retention::new(&settings, &catalog).map_err(|e| bad(&e))?);
         let leases = settings.consumer.leases().map_err(|e| bad(&e))?;
         let schedules = match &settings.schedules.path {
-            Some(path) => Schedules::load(path, &catalog, &kinds.schemas, settings.testing.enabled).map_err(|e| bad(&e))?,
+            Some(path) => Schedules::load(path, &catalog, &kinds.schemas, settings.testing.enabled)
+                .map_err(|e| bad(&e))?,
             None => Schedules::default(),
         };
         let credentials = settings.admin.credentials().map_err(|e| bad(&e))?.map(Arc::new);
@@ -309,8 +310,12 @@ impl Worker {
         };
         tokio::spawn(crate::sweep::run(pruning, self.stop.subscribe()));
         if !self.schedules.0.is_empty() {
-            let planning =
-                Planning::new(shared.store.clone(), self.schedules.clone(), shared.keys.clone(), shared.metrics.clone());
+            let planning = Planning::new(
+                shared.store.clone(),
+                self.schedules.clone(),
+                shared.keys.clone(),
+                shared.metrics.clone(),
+            );
             tokio::spawn(crate::sweep::run(planning, self.stop.subscribe()));
         }
         Ok(())

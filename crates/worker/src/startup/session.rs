@@ -13,7 +13,7 @@ use gatehouse_broker::lapin::options::{
 use gatehouse_broker::lapin::types::FieldTable;
 use gatehouse_broker::lapin::{Channel, Connection};
 use tokio::sync::{mpsc, watch};
-use tokio::task::{JoinSet, Id};
+use tokio::task::{Id, JoinSet};
 
 use crate::admin::dashboard::BrokerView;
 use crate::delivery::acks::Acks;
@@ -56,7 +56,11 @@ struct InFlight {
 
 impl Session {
     /// Connects, declares the topology and opens the channels.
-    pub(super) async fn open(settings: &WorkerSettings, shared: &Arc<Shared>, broker: &BrokerView) -> anyhow::Result<Self> {
+    pub(super) async fn open(
+        settings: &WorkerSettings,
+        shared: &Arc<Shared>,
+        broker: &BrokerView,
+    ) -> anyhow::Result<Self> {
         let connection = gatehouse_broker::connect_with(&settings.broker, "gatehouse-worker")
             .await
             .context("connecting to the broker")?;
@@ -80,7 +84,11 @@ impl Session {
 
     /// Consumes until `stop` or the connection is lost; then gives back what did not start,
     /// lets what runs finish within the grace time, and flushes the acks.
-    pub(super) async fn consume(self, settings: &WorkerSettings, mut stop: watch::Receiver<bool>) -> anyhow::Result<Ended> {
+    pub(super) async fn consume(
+        self,
+        settings: &WorkerSettings,
+        mut stop: watch::Receiver<bool>,
+    ) -> anyhow::Result<Ended> {
         let prefetch = settings.consumer.prefetch;
         self.jobs.basic_qos(prefetch, BasicQosOptions::default()).await?;
         let control = self.connection.create_channel().await?;

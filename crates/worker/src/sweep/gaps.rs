@@ -37,7 +37,8 @@ impl Sweep for Gaps {
     async fn run_once(&mut self) -> anyhow::Result<()> {
         let out = &self.0;
         let now = now_ms();
-        let expired = out.store.transact(move |tx| tx.claim_expired_parked(now, now + CLAIM_MS, SWEEP_BATCH)).await?;
+        let expired =
+            out.store.transact(move |tx| tx.claim_expired_parked(now, now + CLAIM_MS, SWEEP_BATCH)).await?;
         for parked in expired {
             timed_out(out, &parked).await?;
         }

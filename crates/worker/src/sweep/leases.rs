@@ -29,7 +29,8 @@ impl Sweep for ExpiredLeases {
     async fn run_once(&mut self) -> anyhow::Result<()> {
         let out = &self.0;
         let now = now_ms();
-        let expired = out.store.transact(move |tx| tx.claim_expired_leases(now, now + CLAIM_MS, SWEEP_BATCH)).await?;
+        let expired =
+            out.store.transact(move |tx| tx.claim_expired_leases(now, now + CLAIM_MS, SWEEP_BATCH)).await?;
         for (id, envelope) in expired {
             tracing::warn!(job_id = %id, "a long job's lease ran out (its worker stopped): back to its queue");
             out.send_back(&id, &envelope).await?;

@@ -26,9 +26,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone as _, Utc};
+use gatehouse_protocol::clock::now_ms;
 use gatehouse_protocol::schemas::Schemas;
 use gatehouse_protocol::{Catalog, JobEnvelope, JobId, JobState, Priority};
-use gatehouse_protocol::clock::now_ms;
 use gatehouse_storage::{ScheduleState, StorageError, Store, StoredJob, Tx};
 use serde::Deserialize;
 use serde_json::Value;
@@ -325,7 +325,12 @@ pub struct Planning {
 }
 
 impl Planning {
-    pub fn new(store: Store, schedules: Arc<Schedules>, keys: Arc<WorkerKeys>, metrics: Arc<WorkerMetrics>) -> Self {
+    pub fn new(
+        store: Store,
+        schedules: Arc<Schedules>,
+        keys: Arc<WorkerKeys>,
+        metrics: Arc<WorkerMetrics>,
+    ) -> Self {
         let due = vec![0; schedules.0.len()];
         Self { store, schedules, keys, metrics, due }
     }

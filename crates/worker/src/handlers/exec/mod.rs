@@ -85,21 +85,31 @@ impl Exec {
         }
     }
 
-    async fn spawn_and_wait(&self, job: &JobContext, payload: Value) -> std::io::Result<Outcome> {
-        let input = tempfile::Builder::new().prefix("gatehouse-job-").tempdir()?;
+    /// The child's environment: the job's identity, and an earlier attempt's checkpoint (a
+    /// file in its `input` folder, named by the variable).
+    fn job_env(
+        &self,
+        job: &JobContext,
+        input: &std::path::Path,
+    ) -> std::io::Result<Vec<(&'static str, String)>> {
         let mut env = vec![
             ("GATEHOUSE_JOB_ID", job.id.to_string()),
             ("GATEHOUSE_KIND", job.kind.clone()),
             ("GATEHOUSE_CLIENT", job.client.clone()),
             ("GATEHOUSE_ATTEMPT", job.attempt.to_string()),
         ];
-        // An earlier attempt's checkpoint: a file in its input folder, named by the variable.
         if let Some(checkpoint) = job.checkpoint() {
-            let path = input.path().join(CHECKPOINT_FILE);
+            let path = input.join(CHECKPOINT_FILE);
             std::fs::write(&path, serde_json::to_vec(checkpoint).map_err(std::io::Error::other)?)?;
-            let seen = self.sandbox.input_path(input.path(), CHECKPOINT_FILE);
+            let seen = self.sandbox.input_path(input, CHECKPOINT_FILE);
             env.push(("GATEHOUSE_CHECKPOINT", seen.display().to_string()));
         }
+        Ok(env)
+    }
+
+    async fn spawn_and_wait(&self, job: &JobContext, payload: Value) -> std::io::Result<Outcome> {
+        let input = tempfile::Builder::new().prefix("gatehouse-job-").tempdir()?;
+        let env = self.job_env(job, input.path())?;
         let mut child = self.sandbox.command(&self.spec, &job.client, input.path(), &env)?.spawn()?;
         // Whatever happens from here (the consumer drops this future at the deadline, too), the
         // child's whole tree goes with it.

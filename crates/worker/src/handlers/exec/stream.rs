@@ -196,17 +196,38 @@ struct StreamProgressValue {
     message: String,
 }
 
+/// The outcome a child's answer line says, if it is an answer to `job` in the protocol.
+fn outcome_of(job: &JobContext, answer: &[u8]) -> Option<Outcome> {
+    match serde_json::from_slice::<StreamAnswer>(answer) {
+        Ok(a) if a.id != job.id.as_str() => None,
+        Ok(StreamAnswer { result: Some(r), error: None, .. }) => Some(Outcome::Success(r)),
+        Ok(StreamAnswer { error: Some(e), retryable, .. }) => {
+            let e = truncate(&e, MAX_ERROR_LINE).to_owned();
+            Some(if retryable { Outcome::Retryable(e) } else { Outcome::Permanent(e) })
+        }
+        _ => None,
+    }
+}
+
 impl Exec {
     /// Runs one job on a child of its client (see the module docs).
-    pub(super) async fn run_streamed(&self, job: JobContext, payload: Value) -> Outcome {
-        // The slot taken before the attempt counted; a direct call takes its own.
-        let own_slot;
-        if job.reservation::<OwnedSemaphorePermit>().is_none() {
-            own_slot = self.pool.slot().await;
-            if own_slot.is_none() {
-                return Outcome::Retryable("the worker is stopping".into());
-            }
+    /// The slot taken before the attempt counted; a direct call takes its own (held until the
+    /// attempt ends).
+    async fn slot_for(&self, job: &JobContext) -> Result<Option<OwnedSemaphorePermit>, Outcome> {
+        if job.reservation::<OwnedSemaphorePermit>().is_some() {
+            return Ok(None);
         }
+        match self.pool.slot().await {
+            Some(slot) => Ok(Some(slot)),
+            None => Err(Outcome::Retryable("the worker is stopping".into())),
+        }
+    }
+
+    pub(super) async fn run_streamed(&self, job: JobContext, payload: Value) -> Outcome {
+        let _own_slot = match self.slot_for(&job).await {
+            Ok(slot) => slot,
+            Err(stopping) => return stopping,
+        };
         let mut child = match self.pool.child(&job.client, || self.spawn_stream_child(&job.client)).await {
             Ok(c) => c,
             Err(e) => return Outcome::Retryable(format!("could not start {}: {e}", self.kind)),
@@ -269,16 +290,7 @@ impl Exec {
             Ok(Err(e)) => return Outcome::Retryable(format!("{}: {e}; its process was replaced", self.kind)),
             Ok(Ok(answer)) => answer,
         };
-        let outcome = match serde_json::from_slice::<StreamAnswer>(&answer) {
-            Ok(a) if a.id != job.id.as_str() => None,
-            Ok(StreamAnswer { result: Some(r), error: None, .. }) => Some(Outcome::Success(r)),
-            Ok(StreamAnswer { error: Some(e), retryable, .. }) => {
-                let e = truncate(&e, MAX_ERROR_LINE).to_owned();
-                Some(if retryable { Outcome::Retryable(e) } else { Outcome::Permanent(e) })
-            }
-            _ => None,
-        };
-        match outcome {
+        match outcome_of(&job, &answer) {
             Some(o) => {
                 // Healthy: back to its client's idle children for the client's next job.
                 self.pool.put_back(&job.client, child);
