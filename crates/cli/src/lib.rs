@@ -1,11 +1,6 @@
-//! The `gatehouse` command, as a library so that the end-to-end tests reuse its parts: dev
-//! certificates, the private RabbitMQ node and PostgreSQL server, and the client commands.
+//! The `gatehouse` command, as a library so that the end-to-end tests reuse its commands and
+//! the benchmark. The development environment it starts (`gatehouse up`) is
+//! `gatehouse-devenv`'s.
 
-pub mod apt;
 pub mod bench;
-pub mod broker_node;
-pub mod certs;
-pub mod cluster;
 pub mod commands;
-pub mod hosts;
-pub mod postgres_node;

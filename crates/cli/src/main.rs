@@ -4,12 +4,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use gatehouse_cli::certs;
 use gatehouse_cli::commands::dlq::{self, BrokerArgs};
 use gatehouse_cli::commands::jobs::{self, Endpoint, SubmitArgs};
 use gatehouse_cli::commands::rekey::{self, RekeyArgs};
 use gatehouse_cli::commands::schedules::{self, SchedulesArgs};
 use gatehouse_cli::commands::up::{self, UpArgs};
+use gatehouse_devenv::certs;
 
 #[derive(Parser)]
 #[command(name = "gatehouse", version, about = "Background jobs on sensitive data, behind a gatekeeper")]

@@ -15,7 +15,7 @@ pub fn broker_url() -> String {
     URL.get_or_init(|| {
         let url = std::env::var("GATEHOUSE_TEST_AMQP_URL")
             .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
-        if let Err(e) = gatehouse_cli::broker_node::ensure(&url, &private_node_home()) {
+        if let Err(e) = gatehouse_devenv::broker_node::ensure(&url, &private_node_home()) {
             panic!("the end-to-end tests need RabbitMQ: {e:#}");
         }
         apply_shipped_policies();
@@ -26,11 +26,11 @@ pub fn broker_url() -> String {
 
 /// The tests' PostgreSQL server (the private one, started — and installed — when it does not
 /// answer yet), under `.gatehouse/postgres`.
-pub fn postgres() -> &'static gatehouse_cli::postgres_node::PostgresNode {
-    static NODE: OnceLock<gatehouse_cli::postgres_node::PostgresNode> = OnceLock::new();
+pub fn postgres() -> &'static gatehouse_devenv::postgres_node::PostgresNode {
+    static NODE: OnceLock<gatehouse_devenv::postgres_node::PostgresNode> = OnceLock::new();
     NODE.get_or_init(|| {
         let node =
-            gatehouse_cli::postgres_node::PostgresNode::local(&repo_root().join(".gatehouse/postgres"));
+            gatehouse_devenv::postgres_node::PostgresNode::local(&repo_root().join(".gatehouse/postgres"));
         if let Err(e) = node.ensure(None) {
             panic!("the PostgreSQL tests need PostgreSQL: {e:#}");
         }
@@ -99,15 +99,17 @@ fn apply_shipped_policies() {
 
 /// Installs Debian `package` unless `path` exists (once per test binary), like the broker:
 /// on a Debian machine as root; elsewhere the test fails with the command to run.
-fn installed(path: &Path, package: &gatehouse_cli::apt::Package) {
+fn installed(path: &Path, package: &gatehouse_devenv::apt::Package) {
     static INSTALL: Mutex<()> = Mutex::new(());
     if path.exists() {
         return;
     }
     let _one = INSTALL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     if !path.exists() {
-        let host = gatehouse_cli::apt::Host::this();
-        if let Err(e) = gatehouse_cli::apt::install(host, Path::new(gatehouse_cli::apt::APT_GET), package) {
+        let host = gatehouse_devenv::apt::Host::this();
+        if let Err(e) =
+            gatehouse_devenv::apt::install(host, Path::new(gatehouse_devenv::apt::APT_GET), package)
+        {
             panic!("{e:#}");
         }
     }
@@ -115,7 +117,7 @@ fn installed(path: &Path, package: &gatehouse_cli::apt::Package) {
 
 /// Debian's Chromium, for the browser tests.
 pub fn chromium() -> PathBuf {
-    const CHROMIUM: gatehouse_cli::apt::Package = gatehouse_cli::apt::Package {
+    const CHROMIUM: gatehouse_devenv::apt::Package = gatehouse_devenv::apt::Package {
         name: "chromium",
         missing: "the browser tests need Chromium (/usr/bin/chromium), which is not installed",
         elsewhere: "install Chromium and link it as /usr/bin/chromium",
@@ -127,7 +129,7 @@ pub fn chromium() -> PathBuf {
 
 /// Debian's bubblewrap, the sandbox of executable kinds.
 pub fn bubblewrap() {
-    const BUBBLEWRAP: gatehouse_cli::apt::Package = gatehouse_cli::apt::Package {
+    const BUBBLEWRAP: gatehouse_devenv::apt::Package = gatehouse_devenv::apt::Package {
         name: "bubblewrap",
         missing: "executable kinds run sandboxed by bubblewrap (/usr/bin/bwrap), which is not installed",
         elsewhere: "install bubblewrap (bwrap) as /usr/bin/bwrap",
@@ -238,7 +240,7 @@ pub async fn dead_letters(sys: &TestSystem, n: usize) -> Vec<Value> {
 /// running, else the system node.
 pub fn broker_ctl(args: &[&str]) {
     let home = private_node_home();
-    let node = gatehouse_cli::broker_node::BrokerNode::at(&home);
+    let node = gatehouse_devenv::broker_node::BrokerNode::at(&home);
     let private = node.running_pid().is_some();
     let status = if private {
         node.ctl(args).stdout(Stdio::null()).status()

@@ -143,7 +143,6 @@ enum WorkerRun {
     Process(Vec<Arc<WorkerProcess>>),
 }
 
-
 /// Gives `dir` and what it holds (one level) to `uid`.
 fn hand_over(dir: &Path, uid: u32) {
     std::os::unix::fs::chown(dir, Some(uid), Some(uid)).expect("chown");
@@ -208,10 +207,10 @@ impl TestSystem {
         let url = tokio::task::spawn_blocking(broker_url).await.expect("broker");
         let certs = TempDir::new().expect("tempdir");
         let data = TempDir::new().expect("tempdir");
-        gatehouse_cli::certs::write_dev(certs.path()).expect("dev certs");
-        gatehouse_cli::certs::write_client(certs.path(), OTHER_CLIENT).expect("other client cert");
+        gatehouse_devenv::certs::write_dev(certs.path()).expect("dev certs");
+        gatehouse_devenv::certs::write_client(certs.path(), OTHER_CLIENT).expect("other client cert");
         for name in options.extra_clients {
-            gatehouse_cli::certs::write_client(certs.path(), name).expect("extra client cert");
+            gatehouse_devenv::certs::write_client(certs.path(), name).expect("extra client cert");
         }
         if let Some(prepare) = options.prepare_certs {
             prepare(certs.path());
@@ -565,7 +564,6 @@ impl TestSystem {
         }
     }
 }
-
 
 async fn delete_topology(prefix: &str, catalog: &Path) {
     let Ok(conn) = gatehouse_broker::connect(&broker_url(), "gatehouse-e2e-cleanup").await else {

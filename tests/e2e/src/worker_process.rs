@@ -75,7 +75,7 @@ impl WorkerProcess {
     }
 
     /// Restarts the process whenever it exits, while supervising.
-    async fn supervise(self: Arc<Self>) {
+    pub(crate) async fn supervise(self: Arc<Self>) {
         while self.supervising.load(std::sync::atomic::Ordering::SeqCst) {
             let exited = {
                 let mut child = self.child.lock().expect("lock");

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use gatehouse_cli::cluster::Cluster;
+use gatehouse_devenv::cluster::Cluster;
 use gatehouse_e2e::{Options, TestSystem, report};
 use serde_json::Value;
 use tokio::sync::Mutex;

@@ -236,9 +236,9 @@ impl Drop for OnHost {
 /// those links; the gatekeeper's host cannot reach PostgreSQL's port, the worker's can.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn gatekeeper_worker_broker_and_postgres_on_separate_hosts() {
-    use gatehouse_cli::cluster::Cluster;
-    use gatehouse_cli::hosts::Hosts;
-    use gatehouse_cli::postgres_node::PostgresNode;
+    use gatehouse_devenv::cluster::Cluster;
+    use gatehouse_devenv::hosts::Hosts;
+    use gatehouse_devenv::postgres_node::PostgresNode;
 
     let _serial = SERIAL.lock().await;
     let dir = tempfile::TempDir::new().unwrap();
@@ -259,7 +259,7 @@ async fn gatekeeper_worker_broker_and_postgres_on_separate_hosts() {
     assert_eq!((broker.as_str(), postgres.as_str()), ("10.77.1.11", "10.77.2.14"));
 
     let certs = dir.path().join("certs");
-    gatehouse_cli::certs::write_dev_for(&certs, &[gatekeeper.parse().unwrap()]).unwrap();
+    gatehouse_devenv::certs::write_dev_for(&certs, &[gatekeeper.parse().unwrap()]).unwrap();
     let password = certs.join("postgres.password");
     std::fs::write(&password, pg.password().unwrap()).unwrap();
     let cert = |name: &str| certs.join(name).display().to_string();

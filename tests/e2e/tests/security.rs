@@ -11,7 +11,7 @@ use gatehouse_broker::lapin::options::{
 };
 use gatehouse_broker::lapin::types::FieldTable;
 use gatehouse_broker::lapin::{BasicProperties, Connection};
-use gatehouse_cli::broker_node::amqp_addr;
+use gatehouse_devenv::broker_node::amqp_addr;
 use gatehouse_e2e::{
     Options, TestSystem, broker_ctl, broker_url, dead_letters, management, oracle, repo_root, wait_final,
 };
@@ -305,17 +305,17 @@ async fn both_components_reach_the_broker_over_mutual_tls() {
     captured_logs();
     let _ = tokio::task::spawn_blocking(broker_url).await;
     let home = gatehouse_e2e::private_node_home();
-    if gatehouse_cli::broker_node::BrokerNode::at(&home).running_pid().is_none() {
+    if gatehouse_devenv::broker_node::BrokerNode::at(&home).running_pid().is_none() {
         eprintln!("not checked: the test broker is not the private node, which has the TLS listener");
         return;
     }
-    let tls_dir = gatehouse_cli::broker_node::tls_dir(&home);
+    let tls_dir = gatehouse_devenv::broker_node::tls_dir(&home);
     let tls = |dir: &std::path::Path| gatehouse_broker::BrokerTlsSettings {
         ca: tls_dir.join("ca.pem"),
         cert: dir.join("client.pem"),
         key: dir.join("client.key"),
     };
-    let url = format!("amqps://guest:guest@localhost:{}/%2f", gatehouse_cli::broker_node::TLS_PORT);
+    let url = format!("amqps://guest:guest@localhost:{}/%2f", gatehouse_devenv::broker_node::TLS_PORT);
     let sys = TestSystem::start_with(Options {
         broker_urls: Some((url.clone(), url.clone())),
         broker_tls: Some(tls(&tls_dir)),
@@ -337,7 +337,7 @@ async fn both_components_reach_the_broker_over_mutual_tls() {
     let no_cert = gatehouse_broker::connect_with(&settings(None), "e2e-no-cert").await;
     assert!(no_cert.is_err(), "the broker accepted a TLS client without a certificate");
     let foreign = tempfile::tempdir().unwrap();
-    gatehouse_cli::certs::write_dev(foreign.path()).unwrap();
+    gatehouse_devenv::certs::write_dev(foreign.path()).unwrap();
     let foreign_cert =
         gatehouse_broker::connect_with(&settings(Some(tls(foreign.path()))), "e2e-foreign").await;
     assert!(foreign_cert.is_err(), "the broker accepted a client certificate from another CA");

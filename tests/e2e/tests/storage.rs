@@ -419,7 +419,7 @@ async fn tls_to_postgres_checks_the_server_certificate() {
     assert_eq!(ssl, Some(true), "the connection is not encrypted");
 
     let other = TempDir::new().unwrap();
-    gatehouse_cli::certs::write_dev(other.path()).unwrap();
+    gatehouse_devenv::certs::write_dev(other.path()).unwrap();
     let wrong = Location::parse_with_tls(
         &tls_url,
         Some(password.clone()),

@@ -99,7 +99,7 @@ fn bench_clients(
             let name = format!("bench-{i}");
             let (cert, key) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
             if !cert.exists() {
-                crate::certs::write_client(dir, &name)?;
+                gatehouse_devenv::certs::write_client(dir, &name)?;
             }
             let identity = gatehouse_client::Identity { cert, key };
             let mut c = gatehouse_client::Client::new(&args.endpoint.url, &args.endpoint.ca, Some(identity))?;

@@ -12,7 +12,7 @@ use gatehouse_client::Method;
 use gatehouse_client::{Client, Identity};
 use tokio::process::{Child, Command};
 
-use crate::{broker_node, certs};
+use gatehouse_devenv::{broker_node, certs};
 
 /// Options of `gatehouse up`.
 #[derive(Debug, Clone, clap::Args)]
@@ -102,14 +102,15 @@ async fn up_cluster(
     let home = PathBuf::from(".gatehouse/cluster");
     let cluster = {
         let home = home.clone();
-        tokio::task::spawn_blocking(move || crate::cluster::Cluster::start(&home, CLUSTER_PORT)).await??
+        tokio::task::spawn_blocking(move || gatehouse_devenv::cluster::Cluster::start(&home, CLUSTER_PORT))
+            .await??
     };
     println!("started a three-node RabbitMQ cluster (data in {})", home.display());
     let ran = async {
         let defs = std::fs::canonicalize("config/rabbitmq/definitions.json")?;
         cluster.run(1, &["import_definitions", &defs.to_string_lossy()])?;
         let catalog = std::path::absolute(home.join("jobs.toml"))?;
-        crate::cluster::quorum_catalog(Path::new("config/jobs.toml"), &catalog)?;
+        gatehouse_devenv::cluster::quorum_catalog(Path::new("config/jobs.toml"), &catalog)?;
         let mut env = Vec::new();
         for (prefix, config) in [("WORKER", "config/worker.toml"), ("GATEKEEPER", "config/gatekeeper.toml")] {
             let urls = node_urls(config, prefix)?;
@@ -141,7 +142,7 @@ fn node_urls(config: &str, prefix: &str) -> anyhow::Result<Vec<String>> {
         url.contains("@127.0.0.1:5672/"),
         "`up --cluster` runs the dev broker users on this machine; {config} points elsewhere"
     );
-    Ok((0..crate::cluster::NODES as u16)
+    Ok((0..gatehouse_devenv::cluster::NODES as u16)
         .map(|i| url.replace("@127.0.0.1:5672/", &format!("@127.0.0.1:{}/", CLUSTER_PORT + i)))
         .collect())
 }
@@ -149,7 +150,7 @@ fn node_urls(config: &str, prefix: &str) -> anyhow::Result<Vec<String>> {
 /// The private PostgreSQL server, started (and installed) if needed, with database
 /// `gatehouse`: the workers' storage settings for it.
 async fn postgres_storage() -> anyhow::Result<Vec<(String, String)>> {
-    let node = crate::postgres_node::PostgresNode::local(Path::new(".gatehouse/postgres"));
+    let node = gatehouse_devenv::postgres_node::PostgresNode::local(Path::new(".gatehouse/postgres"));
     let node = tokio::task::spawn_blocking(move || {
         node.ensure(None)?;
         node.create_database("gatehouse")?;

@@ -45,7 +45,7 @@ async fn no_client_certificate_is_refused_at_tls() {
 async fn a_certificate_from_another_ca_is_refused_at_tls() {
     let sys = TestSystem::start().await;
     let foreign = tempfile::tempdir().unwrap();
-    gatehouse_cli::certs::write_dev(foreign.path()).unwrap();
+    gatehouse_devenv::certs::write_dev(foreign.path()).unwrap();
     // Trusts the real server, but presents a client certificate of a foreign CA.
     let identity =
         Identity { cert: foreign.path().join("client.pem"), key: foreign.path().join("client.key") };

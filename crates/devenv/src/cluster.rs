@@ -24,9 +24,33 @@ pub struct Cluster {
     /// loopback), or each on 5672 of its own test host.
     port: u16,
     /// Each node on its own test host, or all on this machine.
-    hosts: Option<crate::hosts::Hosts>,
+    hosts: Option<TestHosts>,
     /// How many nodes: [`NODES`], or one broker on a test host ([`Cluster::single_on`]).
     nodes: usize,
+}
+
+/// The test hosts a cluster's nodes may run on ([`crate::hosts::Hosts`], feature `hosts`).
+#[cfg(feature = "hosts")]
+pub type TestHosts = crate::hosts::Hosts;
+
+/// Without the `hosts` feature there are no test hosts: every node runs on this machine.
+#[cfg(not(feature = "hosts"))]
+#[derive(Debug)]
+pub enum TestHosts {}
+
+#[cfg(not(feature = "hosts"))]
+impl TestHosts {
+    fn name(&self, _: usize) -> String {
+        match *self {}
+    }
+
+    fn addr(&self, _: usize) -> String {
+        match *self {}
+    }
+
+    fn command(&self, _: usize, _: &Path) -> Command {
+        match *self {}
+    }
 }
 
 /// The scripts under Debian's `/usr/lib/rabbitmq/bin`.
@@ -44,6 +68,7 @@ impl Cluster {
         Self::start_with(Self { base: base.to_owned(), port, hosts: None, nodes: NODES })
     }
 
+    #[cfg(feature = "hosts")]
     /// The same with each node on a test host of its own ([`crate::hosts::Hosts`]: a network
     /// namespace linked to a bridge on this machine), AMQP on 5672 of each host's address, so
     /// that a node's link can be cut. Needs root and iproute2.
@@ -55,17 +80,18 @@ impl Cluster {
         Self::start_with(Self { base: base.to_owned(), port: 5672, hosts: Some(hosts), nodes: NODES })
     }
 
+    #[cfg(feature = "hosts")]
     /// One broker node on host 1 of `hosts` (AMQP on 5672 of its address), for tests that put
     /// each component on a host of its own. It owns `hosts` from then on.
     ///
     /// # Errors
     /// As [`Cluster::start`].
-    pub fn single_on(base: &Path, hosts: crate::hosts::Hosts) -> anyhow::Result<Self> {
+    pub fn single_on(base: &Path, hosts: TestHosts) -> anyhow::Result<Self> {
         Self::start_with(Self { base: base.to_owned(), port: 5672, hosts: Some(hosts), nodes: 1 })
     }
 
     /// The test hosts of a cluster started with [`Cluster::start_on_hosts`].
-    pub fn hosts(&self) -> Option<&crate::hosts::Hosts> {
+    pub fn hosts(&self) -> Option<&TestHosts> {
         self.hosts.as_ref()
     }
 
