@@ -1,4 +1,5 @@
-//! Attempts: how often each job started, whether it runs, and its last error (sealed).
+//! Attempts, progress and checkpoints: what an undecided job's attempts left — their count
+//! and last error, the latest progress report and saved state (sealed).
 
 use super::*;
 
@@ -80,5 +81,87 @@ impl Tx<'_> {
             Ok(a)
         })
         .transpose()
+    }
+}
+
+impl Tx<'_> {
+    /// Keeps `progress` as the latest of job `id` (of `client`), sealed.
+    pub fn set_progress(&self, id: &JobId, client: &str, progress: &Value) -> Result<(), StorageError> {
+        self.set_latest("progress", id, client, progress)
+    }
+
+    /// The latest progress job `id` of `client` reported, if it runs.
+    pub fn progress(&self, id: &JobId, client: &str) -> Result<Option<Value>, StorageError> {
+        self.latest("progress", id, client)
+    }
+
+    /// Keeps `state` as the checkpoint of job `id` (of `client`), sealed: its next attempt
+    /// starts from it. Gone once the job is decided.
+    pub fn save_checkpoint(&self, id: &JobId, client: &str, state: &Value) -> Result<(), StorageError> {
+        self.set_latest("checkpoints", id, client, state)
+    }
+
+    /// The last checkpoint job `id` of `client` saved.
+    pub fn checkpoint(&self, id: &JobId, client: &str) -> Result<Option<Value>, StorageError> {
+        self.latest("checkpoints", id, client)
+    }
+
+    /// One job's latest value in `table` (`progress` or `checkpoints`), sealed.
+    pub(super) fn set_latest(
+        &self,
+        table: &str,
+        id: &JobId,
+        client: &str,
+        value: &Value,
+    ) -> Result<(), StorageError> {
+        let at = Place { table, column: "value", row: id.as_str(), owner: client };
+        self.exec(
+            &format!(
+                "INSERT INTO {} (job_id, client, value, updated_at_ms) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(job_id) DO UPDATE SET value = excluded.value, updated_at_ms = excluded.updated_at_ms",
+                identifier(table)?
+            ),
+            params![id.as_str(), client, self.seal(value, &at)?, now_ms()],
+        )?;
+        Ok(())
+    }
+
+    pub(super) fn latest(
+        &self,
+        table: &str,
+        id: &JobId,
+        client: &str,
+    ) -> Result<Option<Value>, StorageError> {
+        let stored = self.one(
+            &format!("SELECT value FROM {} WHERE job_id = ?1 AND client = ?2", identifier(table)?),
+            params![id.as_str(), client],
+            |r| r.get(0),
+        )?;
+        self.unseal(stored, &Place { table, column: "value", row: id.as_str(), owner: client })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::*;
+    use crate::Store;
+
+    #[tokio::test]
+    async fn attempts_count_up_and_remember_the_last_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_sqlite(&dir.path().join("db.sqlite"), test_keyring(), &[]).unwrap();
+        let n = store.transact(|tx| tx.begin_attempt(&id(4), "c")).await.unwrap();
+        assert_eq!(n, 1);
+        store.transact(|tx| tx.fail_attempt(&id(4), "boom")).await.unwrap();
+        let n = store.transact(|tx| tx.begin_attempt(&id(4), "c")).await.unwrap();
+        assert_eq!(n, 2);
+        let a = store.transact(|tx| tx.attempts(&id(4))).await.unwrap().unwrap();
+        assert_eq!((a.count, a.last_error.as_deref(), a.running), (2, Some("boom"), true));
+        // Started again without finishing or failing: the previous start is still marked running
+        // (interrupted).
+        let before = store.transact(|tx| tx.attempts(&id(4))).await.unwrap().unwrap();
+        assert!(before.running);
+        let n = store.transact(|tx| tx.begin_attempt(&id(4), "c")).await.unwrap();
+        assert_eq!(n, 3);
     }
 }

@@ -1,4 +1,5 @@
-//! Jobs: each job's record (state, sealed result and error, sequence), and replays of dead letters.
+//! Jobs and their event log: each job's record (state, sealed outcome) and its numbered
+//! state transitions for its live event stream.
 
 use super::*;
 
@@ -138,5 +139,88 @@ impl Tx<'_> {
             params![before_ms, limit],
         )?;
         Ok(n as u64)
+    }
+}
+
+impl Tx<'_> {
+    /// Appends `state` to the state transitions of job `id` (of `client`), unless it is the
+    /// latest already.
+    pub fn log_state(&self, id: &JobId, client: &str, state: JobState) -> Result<(), StorageError> {
+        let last: Option<(i64, String)> = self.one(
+            "SELECT seq, state FROM job_events WHERE job_id = ?1 ORDER BY seq DESC LIMIT 1",
+            params![id.as_str()],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        if last.as_ref().is_some_and(|(_, s)| s == state.as_str()) {
+            return Ok(());
+        }
+        self.exec(
+            "INSERT INTO job_events (job_id, seq, client, state, at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![id.as_str(), last.map_or(1, |(n, _)| n + 1), client, state.as_str(), now_ms()],
+        )?;
+        Ok(())
+    }
+
+    /// The state transitions of job `id` of `client` after number `after`, oldest first, at
+    /// most `limit`.
+    pub fn job_events(
+        &self,
+        id: &JobId,
+        client: &str,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<gatehouse_protocol::JobEvent>, StorageError> {
+        let rows = self.rows(
+            "SELECT seq, state, at_ms FROM job_events WHERE job_id = ?1 AND client = ?2 AND seq > ?3
+             ORDER BY seq LIMIT ?4",
+            params![id.as_str(), client, to_i64(after)?, limit],
+        )?;
+        let mut out = Vec::new();
+        for row in &rows {
+            let (seq, state, at_ms) = (row.get::<i64>(0)?, row.get::<String>(1)?, row.get::<i64>(2)?);
+            let status = JobState::parse(&state).ok_or_else(|| {
+                StorageError::Corrupt(format!("job {id}: unknown state {state:?} in its events"))
+            })?;
+            out.push(gatehouse_protocol::JobEvent {
+                seq: seq.max(0) as u64,
+                status,
+                at_ms: at_ms.max(0) as u64,
+            });
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::*;
+    use super::*;
+    use crate::Store;
+
+    #[tokio::test]
+    async fn a_replay_forgets_a_dead_lettered_job_only_for_its_latest_dead_letter() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_sqlite(&dir.path().join("db.sqlite"), test_keyring(), &[]).unwrap();
+        let dead = || async {
+            store
+                .transact(|tx| {
+                    let n = tx.count_dead_letter(&id(9))?;
+                    tx.record_job(&job(9, JobState::DeadLettered, None))?;
+                    Ok::<_, StorageError>(n)
+                })
+                .await
+                .unwrap()
+        };
+        assert_eq!(dead().await, 1);
+        // Dead-lettered again before the grant for the first came back: whatever the clocks say
+        // (a grant issued "later" by a clock ahead), the grant is for dead letter 1, not 2.
+        assert_eq!(dead().await, 2);
+        let forget = |n| store.transact(move |tx| tx.forget_dead_lettered(&id(9), n));
+        assert_eq!(forget(1).await.unwrap(), Forget::GrantTooOld);
+        assert_eq!(forget(2).await.unwrap(), Forget::Forgotten);
+        assert_eq!(forget(2).await.unwrap(), Forget::NotDeadLettered, "the job runs afresh");
+        // The count outlives the forgotten record: a third dead letter is 3, and grant 2 is old.
+        assert_eq!(dead().await, 3);
+        assert_eq!(forget(2).await.unwrap(), Forget::GrantTooOld);
     }
 }

@@ -1,19 +1,20 @@
 //! Typed operations inside one storage transaction. All SQL lives here: this module holds the
-//! transaction itself (statements, sealing, the families' access), and one file per table or
-//! concern holds its operations (`jobs`, `attempts`, `sequences`, `delays`, `progress`,
-//! `events`, `schedules`, `leases`, `singletons`, `cancellation`, `retention`).
+//! transaction itself (statements, locks, the families' access), and one file per group of
+//! tables that belong together holds their operations and their tests: `jobs` (and the event
+//! log), `attempts` (progress, checkpoints), `sequences` (and parked jobs), `held` (delayed
+//! jobs, leases, singleton turns), `schedules`, `cancellation`, `retention`, `sealing` (at
+//! rest, rekeying).
 
 mod attempts;
 mod cancellation;
-mod delays;
-mod events;
+mod held;
 mod jobs;
-mod leases;
-mod progress;
 mod retention;
 mod schedules;
+mod sealing;
 mod sequences;
-mod singletons;
+
+pub use sealing::{Place, sealed_aad};
 
 use gatehouse_protocol::clock::now_ms;
 use gatehouse_protocol::crypto::Keyring;
@@ -95,41 +96,6 @@ const DECIDED: &str = "state IN ('succeeded', 'failed', 'dead_lettered', 'cancel
 
 fn to_i64(n: u64) -> Result<i64, StorageError> {
     i64::try_from(n).map_err(|_| StorageError::Corrupt(format!("number {n} out of range")))
-}
-
-/// Where a sealed value lives: bound into its encryption, so that a writer of the database
-/// file cannot move it to another row, column or owner and have the worker read it there.
-#[derive(Debug, Clone, Copy)]
-pub struct Place<'a> {
-    pub table: &'a str,
-    pub column: &'a str,
-    /// The row's key.
-    pub row: &'a str,
-    /// Whose it is; empty when the row's key names its owner.
-    pub owner: &'a str,
-}
-
-/// The associated data a sealed value is bound to (for tools that read the file directly).
-pub fn sealed_aad(table: &str, column: &str, row: &str, owner: &str) -> Vec<u8> {
-    ["gatehouse at rest v2", table, column, row, owner].join("\0").into_bytes()
-}
-
-impl<'a> Place<'a> {
-    fn aad(&self) -> Vec<u8> {
-        sealed_aad(self.table, self.column, self.row, self.owner)
-    }
-
-    fn job_result(id: &'a str, client: &'a str) -> Self {
-        Self { table: "jobs", column: "result", row: id, owner: client }
-    }
-
-    fn job_error(id: &'a str, client: &'a str) -> Self {
-        Self { table: "jobs", column: "error", row: id, owner: client }
-    }
-
-    fn attempt_error(id: &'a str, client: &'a str) -> Self {
-        Self { table: "attempts", column: "last_error", row: id, owner: client }
-    }
 }
 
 /// A name spliced into SQL (from the `sealed_columns` registry): letters, digits and `_`
@@ -343,144 +309,7 @@ impl<'c> Tx<'c> {
     pub fn query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>, StorageError> {
         self.rows(sql, params)
     }
-
-    /// `value` encrypted under the active data key, bound to its place (`at`): it cannot be
-    /// moved to another row, column or owner. Declare the column in the family's
-    /// [`crate::Family::sealed`], so that `gatehouse rekey` re-encrypts it.
-    ///
-    /// # Errors
-    /// [`StorageError::Crypto`] when the keyring cannot encrypt.
-    pub fn seal(&self, value: &Value, at: &Place<'_>) -> Result<String, StorageError> {
-        self.keyring
-            .encrypt(value.to_string().as_bytes(), &at.aad())
-            .map_err(|e| StorageError::Crypto(e.to_string()))
-    }
-
-    /// An error text sealed at `at` (it can quote the payload: an executable's stderr line).
-    fn seal_text(&self, text: Option<&str>, at: &Place<'_>) -> Result<Option<String>, StorageError> {
-        text.map(|t| self.seal(&Value::String(t.to_owned()), at)).transpose()
-    }
-
-    /// An error text stored at `at`, decrypted.
-    fn unseal_text(&self, stored: Option<String>, at: &Place<'_>) -> Result<Option<String>, StorageError> {
-        Ok(self.unseal(stored, at)?.map(|v| match v {
-            Value::String(s) => s,
-            other => other.to_string(),
-        }))
-    }
-
-    /// Seals the error texts earlier releases stored in the clear (schema step 19 on SQLite,
-    /// 2 on PostgreSQL); answers how many.
-    ///
-    /// # Errors
-    /// What the database answers.
-    pub(crate) fn seal_plaintext_errors(&self) -> Result<u64, StorageError> {
-        let mut sealed = 0;
-        for (table, key, owner, column) in
-            [("jobs", "id", "client", "error"), ("attempts", "job_id", "client", "last_error")]
-        {
-            let rows: Vec<(String, String, String)> = self
-                .rows(
-                    &format!("SELECT {key}, {owner}, {column} FROM {table} WHERE {column} IS NOT NULL"),
-                    params![],
-                )?
-                .iter()
-                .map(|r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-                .collect::<Result<_, StorageError>>()?;
-            for (row, owner, text) in rows {
-                if Keyring::version(&text).is_some() {
-                    continue;
-                }
-                let at = Place { table, column, row: &row, owner: &owner };
-                self.exec(
-                    &format!("UPDATE {table} SET {column} = ?1 WHERE {key} = ?2"),
-                    params![self.seal(&Value::String(text), &at)?, row],
-                )?;
-                sealed += 1;
-            }
-        }
-        Ok(sealed)
-    }
-
-    /// The value stored at `at`, decrypted. Anything not sealed as this release seals — a
-    /// plaintext value, or an earlier release's format bound to its row only — is refused: it
-    /// can only have been written into the file behind the worker's back (earlier releases'
-    /// values were re-sealed by migration 8).
-    ///
-    /// # Errors
-    /// [`StorageError::Crypto`] for a value that is not sealed, or not for this place or under
-    /// a key of the keyring; [`StorageError::Corrupt`] when it does not hold JSON.
-    pub fn unseal(&self, stored: Option<String>, at: &Place<'_>) -> Result<Option<Value>, StorageError> {
-        let Some(stored) = stored else { return Ok(None) };
-        if Keyring::version(&stored) != Some(2) {
-            return Err(StorageError::Crypto(format!(
-                "{}.{} of {:?} is not sealed: refused",
-                at.table, at.column, at.row
-            )));
-        }
-        let plain =
-            self.keyring.decrypt(&stored, &at.aad()).map_err(|e| StorageError::Crypto(e.to_string()))?;
-        serde_json::from_slice(&plain).map(Some).map_err(|e| StorageError::Corrupt(e.to_string()))
-    }
-
-    /// Re-seals the values of `columns` (table, key, owner expression, column): every one not
-    /// under the active data key (`gatehouse rekey`), or with `legacy_only` just those an
-    /// earlier release wrote (plaintext, or bound to their row only; migration 8). Answers how
-    /// many it changed.
-    pub(crate) fn reseal(
-        &self,
-        columns: &[(String, String, String, String)],
-        legacy_only: bool,
-    ) -> Result<u64, StorageError> {
-        let active = self.keyring.active_id().to_owned();
-        let mut changed = 0;
-        for (table, key, owner, column) in columns {
-            let (table, key, owner, column) =
-                (identifier(table)?, identifier(key)?, identifier(owner)?, identifier(column)?);
-            let rows: Vec<(String, String, String)> = self
-                .rows(
-                    &format!("SELECT {key}, {owner}, {column} FROM {table} WHERE {column} IS NOT NULL"),
-                    params![],
-                )?
-                .iter()
-                .map(|r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-                .collect::<Result<_, StorageError>>()?;
-            for (row, owner, stored) in rows {
-                let at = Place { table, column, row: &row, owner: &owner };
-                let value = match Keyring::version(&stored) {
-                    Some(2) if legacy_only || Keyring::key_of(&stored) == Some(active.as_str()) => continue,
-                    Some(2) => self.unseal(Some(stored), &at)?,
-                    // Bound to the row id alone by earlier releases.
-                    Some(_) => Some(
-                        self.keyring
-                            .decrypt(&stored, row.as_bytes())
-                            .map_err(|e| StorageError::Crypto(e.to_string()))
-                            .and_then(|p| {
-                                serde_json::from_slice(&p).map_err(|e| StorageError::Corrupt(e.to_string()))
-                            })?,
-                    ),
-                    None => parse_json(Some(stored))?,
-                };
-                let Some(value) = value else { continue };
-                self.exec(
-                    &format!("UPDATE {table} SET {column} = ?1 WHERE {key} = ?2"),
-                    params![self.seal(&value, &at)?, row],
-                )?;
-                changed += 1;
-            }
-        }
-        Ok(changed)
-    }
-
-    /// Re-encrypts every sealed value that is not under the active data key — job results and
-    /// every column a handler family declared — and answers how many it changed.
-    ///
-    /// # Errors
-    /// A value that does not open, or a storage failure (nothing is changed then).
-    pub fn rekey(&self) -> Result<u64, StorageError> {
-        self.reseal(&crate::family::sealed_columns(self)?, false)
-    }
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

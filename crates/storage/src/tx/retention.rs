@@ -39,3 +39,41 @@ impl Tx<'_> {
         Ok(n as u64)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::*;
+    use super::*;
+    use crate::Store;
+
+    #[tokio::test]
+    async fn pruning_deletes_only_decided_jobs_of_the_kind_in_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_sqlite(&dir.path().join("db.sqlite"), test_keyring(), &[]).unwrap();
+        let of = |n: u8, kind: &str, state: JobState| StoredJob { kind: kind.into(), ..job(n, state, None) };
+        let rows = [
+            of(1, "a", JobState::Succeeded),
+            of(2, "a", JobState::Failed),
+            of(3, "a", JobState::DeadLettered),
+            of(4, "a", JobState::WaitingForSequence),
+            of(5, "b", JobState::Succeeded),
+        ];
+        store.transact(move |tx| rows.iter().try_for_each(|j| tx.record_job(j))).await.unwrap();
+        let kinds = store.transact(|tx| tx.decided_kinds()).await.unwrap();
+        assert_eq!(kinds, ["a", "b"]);
+
+        // Nothing was decided before the cut-off yet.
+        let then = now_ms() - 60_000;
+        assert_eq!(store.transact(move |tx| tx.prune_decided("a", then, 10)).await.unwrap(), 0);
+
+        let soon = now_ms() + 1;
+        assert_eq!(store.transact(move |tx| tx.prune_decided("a", soon, 2)).await.unwrap(), 2);
+        assert_eq!(store.transact(move |tx| tx.prune_decided("a", soon, 2)).await.unwrap(), 1);
+        assert_eq!(store.transact(move |tx| tx.prune_decided("a", soon, 2)).await.unwrap(), 0);
+        for (n, kept) in [(1, false), (2, false), (3, false), (4, true), (5, true)] {
+            let found = store.transact(move |tx| tx.job(&id(n))).await.unwrap();
+            assert_eq!(found.is_some(), kept, "job {n}");
+        }
+        assert_eq!(store.transact(|tx| tx.decided_kinds()).await.unwrap(), ["b"]);
+    }
+}

@@ -121,3 +121,48 @@ impl Tx<'_> {
         Ok(n as u64)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::*;
+    use super::*;
+    use crate::Store;
+
+    #[tokio::test]
+    async fn a_sequence_number_belongs_to_one_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_sqlite(&dir.path().join("db.sqlite"), test_keyring(), &[]).unwrap();
+        store.transact(|tx| tx.record_job(&job(1, JobState::Succeeded, Some(("k", 1))))).await.unwrap();
+        let err = store
+            .transact(|tx| tx.record_job(&job(2, JobState::Succeeded, Some(("k", 1)))))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("UNIQUE"), "{err}");
+        let holder = store.transact(|tx| tx.sequence_holder("k", 1)).await.unwrap();
+        assert_eq!(holder, Some(id(1)));
+    }
+
+    #[tokio::test]
+    async fn parked_jobs_come_back_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_sqlite(&dir.path().join("db.sqlite"), test_keyring(), &[]).unwrap();
+        store
+            .transact(|tx| {
+                tx.record_job(&job(3, JobState::WaitingForSequence, Some(("k", 2))))?;
+                tx.park(&Parked {
+                    job_id: id(3),
+                    seq_key: "k".into(),
+                    seq_number: 2,
+                    envelope: b"{}".to_vec(),
+                    reply_to: None,
+                    correlation_id: Some("c".into()),
+                    deadline_ms: 0,
+                })
+            })
+            .await
+            .unwrap();
+        let first = store.transact(|tx| tx.take_parked("k", 2)).await.unwrap();
+        assert_eq!(first.unwrap().job_id, id(3));
+        assert_eq!(store.transact(|tx| tx.take_parked("k", 2)).await.unwrap(), None);
+    }
+}

@@ -1,0 +1,258 @@
+//! Held messages: delayed jobs until their time, handed-off jobs under a lease, singleton
+//! jobs waiting for their turn.
+
+use super::*;
+
+// Delayed jobs: messages held until their time, claimed by one sweep, sent back.
+impl Tx<'_> {
+    /// Keeps the message of delayed job `id` (recorded as `scheduled`) until `due_ms`.
+    pub fn schedule(&self, id: &JobId, due_ms: u64, envelope: &[u8]) -> Result<(), StorageError> {
+        self.exec(
+            "INSERT INTO scheduled (job_id, due_ms, envelope) VALUES (?1, ?2, ?3)",
+            params![id.as_str(), to_i64(due_ms)?, envelope],
+        )?;
+        Ok(())
+    }
+
+    /// Claims delayed jobs due at `now_ms` and not yet sent back to their queue (the earliest,
+    /// at most `limit`) for the caller to send back, until `claimed_until_ms`: no other worker's
+    /// sweep sends them meanwhile; if the caller dies before [`Tx::mark_released`], they are
+    /// claimed again after that.
+    pub fn claim_due_scheduled(
+        &self,
+        now_ms: i64,
+        claimed_until_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<(JobId, Vec<u8>)>, StorageError> {
+        self.claimed(
+            &format!(
+                "UPDATE scheduled SET claimed_until_ms = ?2
+                 WHERE released = 0 AND due_ms <= ?1 AND claimed_until_ms <= ?1 AND job_id IN (
+                     SELECT job_id FROM scheduled WHERE released = 0 AND due_ms <= ?1 AND claimed_until_ms <= ?1
+                     ORDER BY due_ms LIMIT ?3{}
+                 ) RETURNING job_id, envelope",
+                self.skip_locked()
+            ),
+            now_ms,
+            claimed_until_ms,
+            limit,
+        )
+    }
+
+    /// Job ids and messages that the claiming `sql` answers, given a time (`?1`), the claim's
+    /// end (`?2`) and a limit (`?3`).
+    pub(super) fn claimed(
+        &self,
+        sql: &str,
+        now_ms: i64,
+        claimed_until_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<(JobId, Vec<u8>)>, StorageError> {
+        self.rows(sql, params![now_ms, claimed_until_ms, limit])?
+            .iter()
+            .map(|r| Ok((parse_id(&r.get::<String>(0)?)?, r.get(1)?)))
+            .collect()
+    }
+
+    /// Records that the delayed job's message went back to its queue (sent again only if this
+    /// is never recorded: a crash in between sends it twice, and the job id dedupes).
+    pub fn mark_released(&self, id: &JobId) -> Result<(), StorageError> {
+        self.exec("UPDATE scheduled SET released = 1 WHERE job_id = ?1", params![id.as_str()])?;
+        Ok(())
+    }
+
+    /// When delayed job `id` is due, if it is still held.
+    pub fn scheduled_due(&self, id: &JobId) -> Result<Option<u64>, StorageError> {
+        let due: Option<i64> =
+            self.one("SELECT due_ms FROM scheduled WHERE job_id = ?1", params![id.as_str()], |r| r.get(0))?;
+        Ok(due.map(|d| d.max(0) as u64))
+    }
+
+    /// Forgets that `id` was held (its time came and it runs now): the held message and the
+    /// `scheduled` record.
+    pub fn unschedule(&self, id: &JobId) -> Result<(), StorageError> {
+        if let Some(job) = self.job(id)?.filter(|j| j.state == JobState::Scheduled) {
+            self.log_state(id, &job.client, JobState::Queued)?;
+        }
+        self.exec("DELETE FROM scheduled WHERE job_id = ?1", params![id.as_str()])?;
+        self.exec("DELETE FROM jobs WHERE id = ?1 AND state = 'scheduled'", params![id.as_str()])?;
+        Ok(())
+    }
+
+    /// How many delayed jobs are held.
+    pub fn scheduled_count(&self) -> Result<u64, StorageError> {
+        let n: i64 = self.must("SELECT count(*) FROM scheduled", params![], |r| r.get(0))?;
+        Ok(n as u64)
+    }
+}
+
+// Leases: the messages of handed-off jobs, held for the attempt whose token they carry.
+impl Tx<'_> {
+    /// Holds the message of running job `id` until `expires_at_ms` for `holder` (one attempt;
+    /// its delivery is about to be acked). `false` when another attempt holds it already.
+    pub fn lease(
+        &self,
+        id: &JobId,
+        envelope: &[u8],
+        expires_at_ms: i64,
+        holder: &str,
+    ) -> Result<bool, StorageError> {
+        let n = self.exec(
+            "INSERT INTO leases (job_id, envelope, expires_at_ms, holder) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(job_id) DO NOTHING",
+            params![id.as_str(), envelope, expires_at_ms, holder],
+        )?;
+        Ok(n == 1 || self.holds_lease(id, holder)?)
+    }
+
+    /// Takes the lease of `id` for `holder` unless another holder's lease is still running at
+    /// `now_ms` (a singleton job's turn: one attempt at a time); `false` when it is.
+    pub fn lease_turn(
+        &self,
+        id: &JobId,
+        envelope: &[u8],
+        expires_at_ms: i64,
+        holder: &str,
+        now_ms: i64,
+    ) -> Result<bool, StorageError> {
+        let n = self.exec(
+            "INSERT INTO leases (job_id, envelope, expires_at_ms, holder) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(job_id) DO UPDATE SET envelope = excluded.envelope,
+                 expires_at_ms = excluded.expires_at_ms, holder = excluded.holder
+             WHERE leases.expires_at_ms <= ?5 OR leases.holder = excluded.holder",
+            params![id.as_str(), envelope, expires_at_ms, holder, now_ms],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Extends `holder`'s lease of `id`; `false` when it no longer holds it (it ran out and was
+    /// sent back: another attempt may run the job now).
+    pub fn renew_lease(&self, id: &JobId, expires_at_ms: i64, holder: &str) -> Result<bool, StorageError> {
+        let n = self.exec(
+            "UPDATE leases SET expires_at_ms = ?2 WHERE job_id = ?1 AND holder = ?3",
+            params![id.as_str(), expires_at_ms, holder],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Whether `holder` holds the lease of `id` (fences a handed-off attempt's outcome).
+    pub fn holds_lease(&self, id: &JobId, holder: &str) -> Result<bool, StorageError> {
+        let n: i64 = self.must(
+            "SELECT count(*) FROM leases WHERE job_id = ?1 AND holder = ?2",
+            params![id.as_str(), holder],
+            |r| r.get(0),
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Forgets the lease of `id`: `holder`'s (its attempt ended), or with `None` whoever's (it
+    /// ran out and was sent back).
+    pub fn end_lease(&self, id: &JobId, holder: Option<&str>) -> Result<(), StorageError> {
+        match holder {
+            Some(h) => {
+                self.exec("DELETE FROM leases WHERE job_id = ?1 AND holder = ?2", params![id.as_str(), h])?
+            }
+            None => self.exec("DELETE FROM leases WHERE job_id = ?1", params![id.as_str()])?,
+        };
+        Ok(())
+    }
+
+    /// Claims leases not renewed by `now_ms` (their worker died while running them), at most
+    /// `limit`, for the caller to send their messages back: each lease is extended to
+    /// `claimed_until_ms`, so that no other worker's sweep sends them too.
+    pub fn claim_expired_leases(
+        &self,
+        now_ms: i64,
+        claimed_until_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<(JobId, Vec<u8>)>, StorageError> {
+        self.claimed(
+            &format!(
+                "UPDATE leases SET expires_at_ms = ?2
+                 WHERE expires_at_ms <= ?1 AND job_id IN (
+                     SELECT job_id FROM leases WHERE expires_at_ms <= ?1 ORDER BY expires_at_ms LIMIT ?3{}
+                 ) RETURNING job_id, envelope",
+                self.skip_locked()
+            ),
+            now_ms,
+            claimed_until_ms,
+            limit,
+        )
+    }
+}
+
+// Singleton turns: whose turn each key is, and the jobs waiting for it.
+impl Tx<'_> {
+    /// Takes job `id` out of the singleton waiting line (it was refused).
+    pub fn stop_waiting(&self, id: &JobId) -> Result<(), StorageError> {
+        self.exec("DELETE FROM singleton_waiting WHERE job_id = ?1", params![id.as_str()])?;
+        Ok(())
+    }
+
+    /// Takes the turn of singleton `key` for job `id` if it is free (or already `id`'s);
+    /// otherwise queues the job's message behind the others waiting and answers `false`.
+    pub fn take_turn(&self, key: &str, id: &JobId, envelope: &[u8]) -> Result<bool, StorageError> {
+        self.lock(&format!("turn {key}"))?;
+        let holder: Option<String> =
+            self.one("SELECT job_id FROM singleton_turns WHERE key = ?1", params![key], |r| r.get(0))?;
+        match holder {
+            Some(h) if h == id.as_str() => Ok(true),
+            Some(_) => {
+                self.exec(
+                    "INSERT INTO singleton_waiting (key, job_id, envelope) VALUES (?1, ?2, ?3)
+                     ON CONFLICT(job_id) DO NOTHING",
+                    params![key, id.as_str(), envelope],
+                )?;
+                Ok(false)
+            }
+            None => {
+                self.exec(
+                    "INSERT INTO singleton_turns (key, job_id) VALUES (?1, ?2)",
+                    params![key, id.as_str()],
+                )?;
+                Ok(true)
+            }
+        }
+    }
+
+    /// Job `id` is decided: the turns it held pass to the next job waiting for each (its message
+    /// goes back to its queue, through the delayed-job sweeper, at once).
+    pub(super) fn pass_turns(&self, id: &JobId) -> Result<(), StorageError> {
+        let keys: Vec<String> = self
+            .rows("SELECT key FROM singleton_turns WHERE job_id = ?1", params![id.as_str()])?
+            .iter()
+            .map(|r| r.get(0))
+            .collect::<Result<_, _>>()?;
+        for key in keys {
+            self.lock(&format!("turn {key}"))?;
+            let next: Option<(i64, String, Vec<u8>)> = self.one(
+                "SELECT seq, job_id, envelope FROM singleton_waiting WHERE key = ?1 ORDER BY seq LIMIT 1",
+                params![&key],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )?;
+            match next {
+                Some((seq, next, envelope)) => {
+                    self.exec("UPDATE singleton_turns SET job_id = ?1 WHERE key = ?2", params![next, key])?;
+                    self.exec("DELETE FROM singleton_waiting WHERE seq = ?1", params![seq])?;
+                    self.exec(
+                        "INSERT INTO scheduled (job_id, due_ms, envelope) VALUES (?1, 0, ?2)
+                         ON CONFLICT(job_id) DO UPDATE SET due_ms = 0, released = 0, claimed_until_ms = 0,
+                             envelope = excluded.envelope",
+                        params![next, envelope],
+                    )?;
+                }
+                None => {
+                    self.exec("DELETE FROM singleton_turns WHERE key = ?1", params![&key])?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets the message of a singleton job whose turn came (it runs now).
+    pub fn turn_taken(&self, id: &JobId) -> Result<(), StorageError> {
+        self.exec("DELETE FROM scheduled WHERE job_id = ?1", params![id.as_str()])?;
+        self.exec("DELETE FROM jobs WHERE id = ?1 AND state = 'waiting_for_turn'", params![id.as_str()])?;
+        Ok(())
+    }
+}
