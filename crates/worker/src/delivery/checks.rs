@@ -7,7 +7,7 @@ use gatehouse_protocol::JobEnvelope;
 use gatehouse_protocol::replay::Grant;
 
 use super::Shared;
-use crate::security::Refusal;
+use crate::reasons::DeadReason;
 
 /// It came from its kind's queue, at its vouched priority (a copy re-published at priority 9
 /// or into another class's queue would otherwise run early); and a replay marker carries an
@@ -15,21 +15,21 @@ use crate::security::Refusal;
 /// for).
 ///
 /// # Errors
-/// The [`Refusal`] to dead-letter it with.
+/// The reason to dead-letter it with (`misrouted`, `replay_refused`).
 pub fn check_delivery(
     shared: &Shared,
     route: &str,
     delivery: &Delivery,
     data: &[u8],
     env: &JobEnvelope,
-) -> Result<Option<Grant>, Refusal> {
+) -> Result<Option<Grant>, DeadReason> {
     // Its class's queue, or for quorum lanes the lane of its priority.
     let catalog = &shared.catalog;
     let queue_ok = catalog.kind(&env.kind).is_none_or(|k| catalog.route(k, env.priority.get()) == route);
     let priority = delivery.properties.priority().unwrap_or(0);
     if !queue_ok || priority != env.priority.get() {
         tracing::warn!(job_id = %env.id, queue = route, priority, vouched = env.priority.get(), "delivery metadata differs from the vouched job");
-        return Err(Refusal::Misrouted);
+        return Err(DeadReason::Misrouted);
     }
     let grant = delivery.properties.headers().as_ref().and_then(|h| h.inner().get(headers::REPLAY).cloned());
     let Some(grant) = grant else { return Ok(None) };
@@ -42,7 +42,7 @@ pub fn check_delivery(
         Ok(grant) => Ok(Some(grant)),
         Err(e) => {
             tracing::warn!(job_id = %env.id, error = %e, "replay without a valid operator grant");
-            Err(Refusal::ReplayRefused)
+            Err(DeadReason::ReplayRefused)
         }
     }
 }

@@ -29,10 +29,10 @@ pub async fn handle_job(ctx: Ctx, route: String, mut delivery: Delivery) {
     });
     let (env, target, replay) = match checked {
         Ok(checked) => checked,
-        Err(refusal) => {
-            tracing::warn!(reason = %refusal.reason(), "job message refused");
+        Err(reason) => {
+            tracing::warn!(%reason, "job message refused");
             let carried = Carried { delivery: &delivery, data: &data, route: &route, job: None };
-            let dead = Dead::unrecorded(refusal.reason(), None);
+            let dead = Dead::unrecorded(reason, None);
             return act(&ctx, &carried, Verdict::DeadLetter(dead)).await;
         }
     };

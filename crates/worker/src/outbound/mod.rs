@@ -38,22 +38,19 @@ pub struct Outbound {
     retry_queues: Mutex<HashSet<String>>,
 }
 
-/// What an [`Outbound`] shares with the rest of the worker.
-pub struct Parts {
-    pub store: Store,
-    pub catalog: Arc<Catalog>,
-    pub keys: Arc<WorkerKeys>,
-    pub metrics: Arc<WorkerMetrics>,
-    pub topology: Topology,
-}
-
 impl Outbound {
-    /// Opens the channels it sends on.
+    /// Opens the channels it sends on; the rest it shares with the worker.
     ///
     /// # Errors
     /// When the broker refuses a channel.
-    pub async fn open(connection: &Connection, parts: Parts) -> Result<Self, gatehouse_broker::lapin::Error> {
-        let Parts { store, catalog, keys, metrics, topology } = parts;
+    pub async fn open(
+        connection: &Connection,
+        store: Store,
+        catalog: Arc<Catalog>,
+        keys: Arc<WorkerKeys>,
+        metrics: Arc<WorkerMetrics>,
+        topology: Topology,
+    ) -> Result<Self, gatehouse_broker::lapin::Error> {
         Ok(Self {
             store,
             catalog,

@@ -1,6 +1,6 @@
 //! What the worker trusts and how it seals: it accepts only sessions signed by the
 //! gatekeeper's keys ([`Sessions`]), opens job payloads in them ([`WorkerKeys::open_job`],
-//! refusing with a [`Refusal`]), seals replies under each session's reply key
+//! refusing with a [`DeadReason`]), seals replies under each session's reply key
 //! ([`reply::seal`]), checks operators' replay grants, and vouches for the jobs it makes itself.
 
 pub mod reply;
@@ -38,44 +38,6 @@ const FIRING_IDS: &str = "gatehouse schedule firing ids v1";
 
 /// What the worker's own signing key is derived for.
 const OWN_JOBS: &str = "gatehouse worker-made jobs v1";
-
-/// Why an arriving job is refused before anything runs; the dead-letter reason.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
-    /// No session, a session not signed by a key the worker trusts, or a MAC that does not
-    /// check: not provably from the gatekeeper, or altered.
-    BadSignature,
-    /// Submitted (or, delayed, due) longer ago than `max_message_age_s`, or submitted in the
-    /// future.
-    Stale,
-    /// Signed, but the body is not a job.
-    Undecodable,
-    /// Authentic, but the payload does not open in its session.
-    Unsealable,
-    /// Written in another format version (by a newer or older gatekeeper).
-    UnsupportedVersion,
-    /// Authentic, but delivered from another class's queue or at another priority than the
-    /// gatekeeper vouched for (a copy re-published to jump the queue).
-    Misrouted,
-    /// Marked as a replay without a valid operator grant, or with one issued before the job
-    /// was last dead-lettered.
-    ReplayRefused,
-}
-
-impl Refusal {
-    /// The dead-letter reason.
-    pub fn reason(self) -> DeadReason {
-        match self {
-            Self::BadSignature => DeadReason::BadSignature,
-            Self::Stale => DeadReason::Stale,
-            Self::Undecodable => DeadReason::Undecodable,
-            Self::Unsealable => DeadReason::Unsealable,
-            Self::UnsupportedVersion => DeadReason::UnsupportedVersion,
-            Self::Misrouted => DeadReason::Misrouted,
-            Self::ReplayRefused => DeadReason::ReplayRefused,
-        }
-    }
-}
 
 /// How far in the future a submit time may be (clock skew between the two hosts).
 const MAX_CLOCK_SKEW: Duration = Duration::from_secs(300);
@@ -149,24 +111,27 @@ impl WorkerKeys {
     /// freshness, and the sealed payload. Answers the job and where its answer goes.
     ///
     /// # Errors
-    /// The [`Refusal`] to dead-letter it with.
-    pub fn open_job(&self, body: &[u8]) -> Result<(JobEnvelope, ReplyTarget), Refusal> {
+    /// The reason to dead-letter it with: [`DeadReason::BadSignature`] (no session, one no
+    /// trusted key signed, a MAC that does not check), [`DeadReason::UnsupportedVersion`],
+    /// [`DeadReason::Undecodable`], [`DeadReason::Stale`] (older than `max_message_age_s`, or
+    /// from the future), [`DeadReason::Unsealable`].
+    pub fn open_job(&self, body: &[u8]) -> Result<(JobEnvelope, ReplyTarget), DeadReason> {
         let vouched = Vouched::parse(body).map_err(|e| match e {
-            CryptoError::Version(_) => Refusal::UnsupportedVersion,
-            _ => Refusal::BadSignature,
+            CryptoError::Version(_) => DeadReason::UnsupportedVersion,
+            _ => DeadReason::BadSignature,
         })?;
-        let session = vouched.verify(|id, s| self.sessions.get(id, s)).map_err(|_| Refusal::BadSignature)?;
+        let session = vouched.verify(|id, s| self.sessions.get(id, s)).map_err(|_| DeadReason::BadSignature)?;
         let sealed: SealedJob =
-            serde_json::from_slice(vouched.message()).map_err(|_| Refusal::Undecodable)?;
+            serde_json::from_slice(vouched.message()).map_err(|_| DeadReason::Undecodable)?;
         // A delayed job's age counts from its time: it may wait longer than the limit.
         let reference =
             sealed.not_before_ms.map_or(sealed.submitted_at_ms, |at| at.max(sealed.submitted_at_ms));
         let now = now_ms().unsigned_abs();
         let submitted_ok = sealed.submitted_at_ms <= now + MAX_CLOCK_SKEW.as_millis() as u64;
         if !submitted_ok || now.saturating_sub(reference) > self.max_message_age.as_millis() as u64 {
-            return Err(Refusal::Stale);
+            return Err(DeadReason::Stale);
         }
-        let env = sealed.open(&session).map_err(|_: CryptoError| Refusal::Unsealable)?;
+        let env = sealed.open(&session).map_err(|_: CryptoError| DeadReason::Unsealable)?;
         let target = ReplyTarget::of(&env, &vouched);
         Ok((env, target))
     }

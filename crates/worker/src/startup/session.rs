@@ -20,9 +20,9 @@ use crate::delivery::acks::Acks;
 use crate::delivery::lanes::Lanes;
 use crate::delivery::settle::JobChannel;
 use crate::delivery::{Ctx, Shared, control, job};
-use crate::outbound::{Outbound, Parts};
+use crate::outbound::Outbound;
 use crate::settings::WorkerSettings;
-use crate::sweep::{self, delayed::Delayed, gaps::Gaps, leases::ExpiredLeases};
+use crate::sweep::{self, gaps::Gaps, held::Held};
 
 /// One broker connection and what hangs off it.
 pub(super) struct Session {
@@ -70,14 +70,9 @@ impl Session {
         let _ = setup.close(200, "topology declared".into()).await;
         broker.connected(connection.create_channel().await?).await;
         let jobs = connection.create_channel().await?;
-        let parts = Parts {
-            store: shared.store.clone(),
-            catalog: shared.catalog.clone(),
-            keys: shared.keys.clone(),
-            metrics: shared.metrics.clone(),
-            topology,
-        };
-        let out = Arc::new(Outbound::open(&connection, parts).await?);
+        let (store, catalog, keys, metrics) =
+            (shared.store.clone(), shared.catalog.clone(), shared.keys.clone(), shared.metrics.clone());
+        let out = Arc::new(Outbound::open(&connection, store, catalog, keys, metrics, topology).await?);
         let channel = Arc::new(JobChannel::new(Acks::start(jobs.clone())));
         Ok(Self { connection, jobs, ctx: Ctx { shared: shared.clone(), out, channel } })
     }
@@ -101,8 +96,7 @@ impl Session {
         let (sweeps_stop, sweeps) = watch::channel(false);
         let out = &self.ctx.out;
         tokio::spawn(sweep::run(Gaps(out.clone()), sweeps.clone()));
-        tokio::spawn(sweep::run(Delayed(out.clone()), sweeps.clone()));
-        tokio::spawn(sweep::run(ExpiredLeases(out.clone()), sweeps));
+        tokio::spawn(sweep::run(Held(out.clone()), sweeps));
         let lanes = Lanes::new(&self.ctx.shared.catalog, usize::from(prefetch));
         let mut flight = InFlight { tasks: JoinSet::new(), lane_tasks: HashMap::new(), lanes };
         let ended = loop {

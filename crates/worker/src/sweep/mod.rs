@@ -4,8 +4,7 @@
 //!
 //! | sweeper | what one pass does | lives |
 //! |---|---|---|
-//! | [`delayed::Delayed`] | sends delayed jobs that came due back to their queue | per session |
-//! | [`leases::ExpiredLeases`] | sends long jobs whose lease ran out back to their queue | per session |
+//! | [`held::Held`] | sends delayed jobs that came due, and long jobs whose lease ran out, back to their queue | per session |
 //! | [`gaps::Gaps`] | dead-letters parked jobs past their gap timeout | per session |
 //! | [`retention::Pruning`] | deletes decided jobs' records past their retention | worker |
 //! | [`schedules::Planning`] | fires the schedules that came due | worker |
@@ -14,9 +13,8 @@
 //! the worker that claimed a message sends it, and one that dies before it is done leaves it
 //! to be claimed again.
 
-pub mod delayed;
 pub mod gaps;
-pub mod leases;
+pub mod held;
 pub mod retention;
 pub mod schedules;
 
