@@ -75,12 +75,15 @@ impl Tx<'_> {
                 })
             },
         )?
-        .map(|mut a| {
-            a.last_error =
-                self.unseal_text(a.last_error.take(), &Place::attempt_error(id.as_str(), &a.client))?;
-            Ok(a)
-        })
+        .map(|a| self.opened_attempts(id, a))
         .transpose()
+    }
+
+    /// `a` as read, its last error unsealed.
+    pub(super) fn opened_attempts(&self, id: &JobId, mut a: Attempts) -> Result<Attempts, StorageError> {
+        a.last_error =
+            self.unseal_text(a.last_error.take(), &Place::attempt_error(id.as_str(), &a.client))?;
+        Ok(a)
     }
 }
 

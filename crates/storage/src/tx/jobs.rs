@@ -3,6 +3,26 @@
 
 use super::*;
 
+/// A `jobs` row's columns as read: client, kind, state, result, error, seq_key, seq_number,
+/// reason.
+type JobColumns =
+    (String, String, String, Option<String>, Option<String>, Option<String>, Option<i64>, Option<String>);
+
+/// The job columns from `first` on; `None` when the row has no job (a probe's left join).
+fn job_columns(r: &Row, first: usize) -> Result<Option<JobColumns>, StorageError> {
+    let Some(client) = r.get::<Option<String>>(first)? else { return Ok(None) };
+    Ok(Some((
+        client,
+        r.get(first + 1)?,
+        r.get(first + 2)?,
+        r.get(first + 3)?,
+        r.get(first + 4)?,
+        r.get(first + 5)?,
+        r.get(first + 6)?,
+        r.get(first + 7)?,
+    )))
+}
+
 impl Tx<'_> {
     /// The job with this id, whoever owns it.
     pub fn job(&self, id: &JobId) -> Result<Option<StoredJob>, StorageError> {
@@ -10,27 +30,48 @@ impl Tx<'_> {
             "SELECT client, kind, state, result, error, seq_key, seq_number, reason
                  FROM jobs WHERE id = ?1",
             params![id.as_str()],
+            |r| job_columns(r, 0),
+        )?;
+        row.flatten().map(|cols| self.stored_job(id, cols)).transpose()
+    }
+
+    /// What storage knows of job `id` — its record, its attempts, whether it was cancelled — in
+    /// one statement (one round trip on PostgreSQL), for the decision about a delivery.
+    pub fn probe(&self, id: &JobId) -> Result<Probe, StorageError> {
+        let row = self.must(
+            "SELECT j.client, j.kind, j.state, j.result, j.error, j.seq_key, j.seq_number, j.reason,
+                    a.client, a.count, a.last_error, a.running,
+                    (SELECT COUNT(*) FROM cancelled c WHERE c.job_id = k.id)
+                 FROM (SELECT CAST(?1 AS TEXT) AS id) k
+                 LEFT JOIN jobs j ON j.id = k.id
+                 LEFT JOIN attempts a ON a.job_id = k.id",
+            params![id.as_str()],
             |r| {
-                Ok((
-                    r.get::<String>(0)?,
-                    r.get::<String>(1)?,
-                    r.get::<String>(2)?,
-                    r.get::<Option<String>>(3)?,
-                    r.get::<Option<String>>(4)?,
-                    r.get::<Option<String>>(5)?,
-                    r.get::<Option<i64>>(6)?,
-                    r.get::<Option<String>>(7)?,
-                ))
+                let attempts = match r.get::<Option<String>>(8)? {
+                    Some(client) => Some(Attempts {
+                        client,
+                        count: u32::try_from(r.get::<i64>(9)?).unwrap_or(u32::MAX),
+                        last_error: r.get(10)?,
+                        running: r.get::<i64>(11)? != 0,
+                    }),
+                    None => None,
+                };
+                Ok((job_columns(r, 0)?, attempts, r.get::<i64>(12)? > 0))
             },
         )?;
-        let Some((client, kind, state, result, error, key, number, reason)) = row else {
-            return Ok(None);
-        };
+        let (job, attempts, cancelled) = row;
+        let job = job.map(|cols| self.stored_job(id, cols)).transpose()?;
+        let attempts = attempts.map(|a| self.opened_attempts(id, a)).transpose()?;
+        Ok(Probe { job, attempts, cancelled })
+    }
+
+    fn stored_job(&self, id: &JobId, cols: JobColumns) -> Result<StoredJob, StorageError> {
+        let (client, kind, state, result, error, key, number, reason) = cols;
         let state = JobState::parse(&state)
             .ok_or_else(|| StorageError::Corrupt(format!("unknown state {state:?}")))?;
         let result = self.unseal(result, &Place::job_result(id.as_str(), &client))?;
         let error = self.unseal_text(error, &Place::job_error(id.as_str(), &client))?;
-        Ok(Some(StoredJob {
+        Ok(StoredJob {
             id: id.clone(),
             client,
             kind,
@@ -39,7 +80,7 @@ impl Tx<'_> {
             error,
             reason,
             sequence: key.zip(number.map(|n| n as u64)),
-        }))
+        })
     }
 
     /// Inserts the job or updates its state and outcome, and logs the state for its event
@@ -146,17 +187,12 @@ impl Tx<'_> {
     /// Appends `state` to the state transitions of job `id` (of `client`), unless it is the
     /// latest already.
     pub fn log_state(&self, id: &JobId, client: &str, state: JobState) -> Result<(), StorageError> {
-        let last: Option<(i64, String)> = self.one(
-            "SELECT seq, state FROM job_events WHERE job_id = ?1 ORDER BY seq DESC LIMIT 1",
-            params![id.as_str()],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?;
-        if last.as_ref().is_some_and(|(_, s)| s == state.as_str()) {
-            return Ok(());
-        }
+        // One statement: the next number, unless the latest state is this one already.
         self.exec(
-            "INSERT INTO job_events (job_id, seq, client, state, at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![id.as_str(), last.map_or(1, |(n, _)| n + 1), client, state.as_str(), now_ms()],
+            "INSERT INTO job_events (job_id, seq, client, state, at_ms)
+             SELECT ?1, COALESCE(MAX(seq), 0) + 1, ?2, ?3, ?4 FROM job_events WHERE job_id = ?1
+             HAVING COALESCE((SELECT state FROM job_events WHERE job_id = ?1 ORDER BY seq DESC LIMIT 1), '') <> ?3",
+            params![id.as_str(), client, state.as_str(), now_ms()],
         )?;
         Ok(())
     }

@@ -154,6 +154,25 @@ pub struct Attempts {
     pub running: bool,
 }
 
+/// What storage knows of a job when a delivery of it arrives, read in one statement
+/// ([`Tx::probe`]).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Probe {
+    /// Its record (decided, or held: parked, scheduled, waiting).
+    pub job: Option<StoredJob>,
+    /// Its attempts so far (an external handler's, or a storage handler's failed ones).
+    pub attempts: Option<Attempts>,
+    /// Whether its client cancelled it.
+    pub cancelled: bool,
+}
+
+impl Probe {
+    /// Nothing is stored of the job yet: no record, no attempt, no cancellation.
+    pub fn is_fresh(&self) -> bool {
+        self.job.is_none() && self.attempts.is_none() && !self.cancelled
+    }
+}
+
 /// The states after which nothing more happens to a job; the condition of the `jobs_decided`
 /// index (the query must say it the same way for the index to serve it).
 const DECIDED: &str = "state IN ('succeeded', 'failed', 'dead_lettered', 'cancelled')";

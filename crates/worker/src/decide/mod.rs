@@ -290,12 +290,15 @@ fn answered(tx: &Tx<'_>, stored: StoredJob, target: &ReplyTarget) -> Result<Verd
 }
 
 /// Records `env`'s outcome; a decided job's attempts, progress, checkpoint, turn and
-/// cancellation go with it ([`Tx::on_decided`]).
+/// cancellation go with it ([`Tx::on_decided`]) unless it is `fresh`.
+/// `fresh`: nothing was stored of the job before this decision (no record, attempt,
+/// cancellation, turn), so there is nothing to clean up.
 fn record(
     tx: &Tx<'_>,
     env: &JobEnvelope,
     outcome: Outcome,
     sequence: Option<(String, u64)>,
+    fresh: bool,
 ) -> Result<JobStatus, StorageError> {
     let job = match outcome {
         Outcome::Success(result) => stored(env, JobState::Succeeded, Some(result), None, sequence),
@@ -305,7 +308,9 @@ fn record(
         Outcome::Cancelled => stored(env, JobState::Cancelled, None, None, sequence),
     };
     tx.record_job(&job)?;
-    tx.on_decided(&env.id)?;
+    if !fresh {
+        tx.on_decided(&env.id)?;
+    }
     Ok(status_from(job))
 }
 

@@ -3,7 +3,7 @@
 
 use gatehouse_protocol::clock::now_ms;
 use gatehouse_protocol::{Catalog, JobEnvelope, JobState, JobStatus, KindSpec};
-use gatehouse_storage::{Forget, Parked, StorageError, StoredJob, Tx};
+use gatehouse_storage::{Forget, Parked, Probe, StorageError, StoredJob, Tx};
 
 use super::{
     ApplyError, Arrival, Cap, Dead, Run, Started, Step, Verdict, answer, answered, hold, lock, record,
@@ -29,15 +29,30 @@ pub fn decide_and_run(
     sessions: &Sessions,
     arrival: &Arrival,
 ) -> Result<Verdict, ApplyError> {
-    match prepare(tx, spec, arrival)? {
+    let (step, probe) = prepare_probed(tx, spec, arrival)?;
+    match step {
         Step::Decided(d) => Ok(d),
         Step::Run { .. } => {
-            let attempt = tx.attempts(&arrival.env.id)?.map_or(1, |a| a.count + 1);
+            let attempt = probe.attempts.as_ref().map_or(1, |a| a.count + 1);
             let timeout = std::time::Duration::from_millis(spec.timeout_ms);
             let run = Run { catalog, kinds, sessions };
-            run.in_storage(tx, &arrival.env, &arrival.target, attempt, timeout).map(Verdict::Answered)
+            // Nothing stored of it and no turn held: its outcome has nothing to clean up.
+            let known = Known {
+                cancelled: probe.cancelled,
+                fresh: probe.is_fresh() && singleton_key(spec, &arrival.env).is_none(),
+            };
+            run.in_storage(tx, &arrival.env, &arrival.target, attempt, timeout, known).map(Verdict::Answered)
         }
     }
+}
+
+/// What [`prepare`] found that running a storage handler can use.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Known {
+    /// Its client cancelled it.
+    pub cancelled: bool,
+    /// Nothing was stored of it (see [`Probe::is_fresh`]) and it holds no singleton turn.
+    pub fresh: bool,
 }
 
 /// Dedupe, sequence and count one delivery.
@@ -45,6 +60,11 @@ pub fn decide_and_run(
 /// # Errors
 /// Only storage failures, which roll the whole decision back.
 pub fn prepare(tx: &Tx<'_>, spec: &KindSpec, arrival: &Arrival) -> Result<Step, StorageError> {
+    prepare_probed(tx, spec, arrival).map(|(step, _)| step)
+}
+
+/// [`prepare`], answering what storage knew of the job too (read once, in one statement).
+fn prepare_probed(tx: &Tx<'_>, spec: &KindSpec, arrival: &Arrival) -> Result<(Step, Probe), StorageError> {
     let env = &arrival.env;
     lock(tx, spec.sequenced, env)?;
     if let Some(grant) = &arrival.replay
@@ -53,31 +73,34 @@ pub fn prepare(tx: &Tx<'_>, spec: &KindSpec, arrival: &Arrival) -> Result<Step, 
         // Its grant is for an earlier dead letter of the job than its latest: back to the
         // dead-letter queue, nothing recorded.
         tracing::warn!("replay refused: its grant is for an earlier dead letter of the job");
-        return Ok(Step::Decided(Verdict::DeadLetter(Dead::unrecorded(DeadReason::ReplayRefused, None))));
+        let refused = Verdict::DeadLetter(Dead::unrecorded(DeadReason::ReplayRefused, None));
+        return Ok((Step::Decided(refused), Probe::default()));
     }
     let due = env.not_before_ms.filter(|at| *at > now_ms().unsigned_abs());
-    let decided = match tx.job(&env.id)? {
-        Some(stored) => known(tx, spec, arrival, stored, due)?,
+    let probe = tx.probe(&env.id)?;
+    let decided = match &probe.job {
+        Some(stored) => known(tx, spec, arrival, stored.clone(), due, probe.cancelled)?,
         None => match due {
             Some(at) => Some(delay(tx, arrival, at)?),
             None => None,
         },
     };
     if let Some(verdict) = decided {
-        return Ok(Step::Decided(verdict));
+        return Ok((Step::Decided(verdict), probe));
     }
     if spec.sequenced
         && let Some(verdict) = in_sequence(tx, spec, arrival)?
     {
-        return Ok(Step::Decided(verdict));
+        return Ok((Step::Decided(verdict), probe));
     }
     if let Some(verdict) = wait_for_turn(tx, spec, arrival)? {
-        return Ok(Step::Decided(verdict));
+        return Ok((Step::Decided(verdict), probe));
     }
-    match tx.attempts(&env.id)? {
-        Some(a) if a.count >= spec.max_attempts => Ok(Step::Decided(exhausted(a.count, a.last_error))),
-        before => Ok(Step::Run { suspect: before.is_some_and(|a| a.running) }),
-    }
+    let step = match &probe.attempts {
+        Some(a) if a.count >= spec.max_attempts => Step::Decided(exhausted(a.count, a.last_error.clone())),
+        before => Step::Run { suspect: before.as_ref().is_some_and(|a| a.running) },
+    };
+    Ok((step, probe))
 }
 
 /// A job storage knows already. `None`: it goes on (a delayed job whose time came, a singleton
@@ -88,11 +111,12 @@ fn known(
     arrival: &Arrival,
     stored: StoredJob,
     due: Option<u64>,
+    cancelled: bool,
 ) -> Result<Option<Verdict>, StorageError> {
     let (env, target) = (&arrival.env, &arrival.target);
     match stored.state {
         // Its time has come: the held copy came back (or the original, redelivered late).
-        JobState::Scheduled if due.is_none() || tx.is_cancelled(&env.id)? => {
+        JobState::Scheduled if due.is_none() || cancelled => {
             tx.unschedule(&env.id)?;
             Ok(None)
         }
@@ -138,7 +162,7 @@ fn delay(tx: &Tx<'_>, arrival: &Arrival, at: u64) -> Result<Verdict, StorageErro
 fn in_sequence(tx: &Tx<'_>, spec: &KindSpec, arrival: &Arrival) -> Result<Option<Verdict>, StorageError> {
     let (env, target) = (&arrival.env, &arrival.target);
     let failed = |error: String| -> Result<Option<Verdict>, StorageError> {
-        let status = record(tx, env, Outcome::Permanent(error), None)?;
+        let status = record(tx, env, Outcome::Permanent(error), None, false)?;
         Ok(Some(Verdict::Answered(vec![answer(status, target)])))
     };
     let Some(seq) = &env.sequence else {
@@ -220,13 +244,15 @@ pub fn begin(
     target: &ReplyTarget,
 ) -> Result<Result<Started, Verdict>, StorageError> {
     tx.lock_job(&env.id)?;
-    if let Some(stored) = tx.job(&env.id)? {
+    let probe = tx.probe(&env.id)?;
+    if let Some(stored) = probe.job {
         return answered(tx, stored, target).map(Err);
     }
-    if tx.is_cancelled(&env.id)? {
-        return Ok(Err(Verdict::Answered(vec![answer(record(tx, env, Outcome::Cancelled, None)?, target)])));
+    if probe.cancelled {
+        let status = record(tx, env, Outcome::Cancelled, None, false)?;
+        return Ok(Err(Verdict::Answered(vec![answer(status, target)])));
     }
-    if let Some(a) = tx.attempts(&env.id)?.filter(|a| a.count >= spec.max_attempts) {
+    if let Some(a) = probe.attempts.filter(|a| a.count >= spec.max_attempts) {
         return Ok(Err(exhausted(a.count, a.last_error)));
     }
     let attempt = tx.begin_attempt(&env.id, &env.client)?;

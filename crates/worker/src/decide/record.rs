@@ -30,10 +30,11 @@ impl Run<'_> {
         target: &ReplyTarget,
         attempt: u32,
         timeout: std::time::Duration,
+        known: super::prepare::Known,
     ) -> Result<Vec<Answer>, ApplyError> {
-        match self.kinds.run_in_storage(tx, env, attempt, timeout)? {
+        match self.kinds.run_in_storage(tx, env, attempt, timeout, Some(known.cancelled))? {
             Outcome::Retryable(e) => Err(ApplyError::Retry(e)),
-            outcome => Ok(self.record_undecided(tx, env, outcome, target)?),
+            outcome => Ok(self.record_undecided(tx, env, outcome, target, known.fresh)?),
         }
     }
 
@@ -51,16 +52,17 @@ impl Run<'_> {
         target: &ReplyTarget,
     ) -> Result<Vec<Answer>, StorageError> {
         lock(tx, self.catalog.kind(&env.kind).is_some_and(|k| k.sequenced), env)?;
-        if let Some(stored) = tx.job(&env.id)? {
+        let probe = tx.probe(&env.id)?;
+        if let Some(stored) = probe.job {
             return Ok(vec![answer(status_of(tx, stored)?, target)]);
         }
         // Cancelled while it ran: it ends cancelled, unless it got to the end.
         let outcome = match outcome {
             Outcome::Success(_) => outcome,
-            _ if tx.is_cancelled(&env.id)? => Outcome::Cancelled,
+            _ if probe.cancelled => Outcome::Cancelled,
             _ => outcome,
         };
-        self.record_undecided(tx, env, outcome, target)
+        self.record_undecided(tx, env, outcome, target, false)
     }
 
     /// [`Run::record_outcome`] for a job known to be undecided in this transaction.
@@ -70,6 +72,7 @@ impl Run<'_> {
         env: &JobEnvelope,
         outcome: Outcome,
         target: &ReplyTarget,
+        fresh: bool,
     ) -> Result<Vec<Answer>, StorageError> {
         let sequence = env
             .sequence
@@ -77,9 +80,9 @@ impl Run<'_> {
             .filter(|_| self.catalog.kind(&env.kind).is_some_and(|k| k.sequenced))
             .map(|s| (s.owned_key(&env.client), s.number()));
         let Some((key, number)) = sequence else {
-            return Ok(vec![answer(record(tx, env, outcome, None)?, target)]);
+            return Ok(vec![answer(record(tx, env, outcome, None, fresh)?, target)]);
         };
-        let mut answers = vec![answer(record(tx, env, outcome, Some((key.clone(), number)))?, target)];
+        let mut answers = vec![answer(record(tx, env, outcome, Some((key.clone(), number)), fresh)?, target)];
         let mut next = number + 1;
         while let Some(parked) = tx.take_parked(&key, next)? {
             tx.lock_job(&parked.job_id)?;
@@ -92,11 +95,11 @@ impl Run<'_> {
             let timeout = std::time::Duration::from_millis(
                 self.catalog.kind(&env.kind).map_or(u64::MAX / 2, |k| k.timeout_ms),
             );
-            let outcome = match self.kinds.run_in_storage(tx, &env, 1, timeout)? {
+            let outcome = match self.kinds.run_in_storage(tx, &env, 1, timeout, None)? {
                 Outcome::Retryable(e) => Outcome::Permanent(e),
                 o => o,
             };
-            let status = record(tx, &env, outcome, Some((key.clone(), next)))?;
+            let status = record(tx, &env, outcome, Some((key.clone(), next)), false)?;
             answers.push(Answer { status, target });
             next += 1;
         }

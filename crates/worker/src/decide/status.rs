@@ -10,21 +10,22 @@ use super::status_of;
 /// # Errors
 /// Only storage failures.
 pub fn status_for(tx: &Tx<'_>, id: &JobId, client: &str) -> Result<JobStatus, StorageError> {
-    if let Some(job) = tx.job(id)? {
+    let probe = tx.probe(id)?;
+    if let Some(job) = probe.job {
         return if job.client != client {
             Ok(JobStatus::new(id.clone(), JobState::NotFound))
-        } else if !job.state.is_final() && tx.is_cancelled(id)? {
+        } else if !job.state.is_final() && probe.cancelled {
             // It will never run; its record says so once its message comes by.
             Ok(JobStatus::new(id.clone(), JobState::Cancelled))
         } else {
             status_of(tx, job)
         };
     }
-    let running = tx.attempts(id)?.filter(|a| a.client == client).is_some_and(|a| a.running);
-    if !running && tx.is_cancelled(id)? {
+    let running = probe.attempts.as_ref().filter(|a| a.client == client).is_some_and(|a| a.running);
+    if !running && probe.cancelled {
         return Ok(JobStatus::new(id.clone(), JobState::Cancelled));
     }
-    Ok(match tx.attempts(id)? {
+    Ok(match probe.attempts {
         Some(a) if a.client == client => {
             // Started but not decided: failed before and waiting in a retry queue, or running.
             let state = if a.last_error.is_some() { JobState::Retrying } else { JobState::Running };

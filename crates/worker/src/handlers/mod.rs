@@ -405,8 +405,9 @@ impl Kinds {
         env: &JobEnvelope,
         attempt: u32,
         timeout: Duration,
+        cancelled: Option<bool>,
     ) -> Result<Outcome, StorageError> {
-        run_in_storage(&self.registry, &self.schemas, tx, env, attempt, timeout)
+        run_in_storage(&self.registry, &self.schemas, tx, env, attempt, timeout, cancelled)
     }
 }
 
@@ -431,9 +432,11 @@ pub fn run_in_storage(
     env: &JobEnvelope,
     attempt: u32,
     timeout: Duration,
+    cancelled: Option<bool>,
 ) -> Result<Outcome, StorageError> {
     // Cancelled by its client: never run (a sequenced job uses up its number all the same).
-    if tx.is_cancelled(&env.id)? {
+    // `cancelled`: already read in this transaction.
+    if cancelled.map_or_else(|| tx.is_cancelled(&env.id), Ok)? {
         return Ok(Outcome::Cancelled);
     }
     if let Some(invalid) = revalidate(schemas, env) {
