@@ -32,7 +32,7 @@ use crate::checkpoint::Checkpoints;
 
 pub use family::{Family, SealedColumn};
 pub use postgres::PostgresConfig;
-pub use tx::{Attempts, Forget, Locks, Parked, Place, Probe, ScheduleState, StoredJob, Tx, sealed_aad};
+pub use tx::{Attempts, Forget, Parked, Place, Probe, ScheduleState, StoredJob, Tx, sealed_aad};
 
 /// A storage failure.
 #[derive(Debug, thiserror::Error)]
@@ -58,10 +58,6 @@ pub enum StorageError {
     /// The closure panicked; its transaction was rolled back.
     #[error("panic while running the job: {0}")]
     Panicked(String),
-    /// Inside a PostgreSQL batch, a lock the closure had not declared was held by another
-    /// transaction (a batch never waits for one); nothing of the closure was kept.
-    #[error("lock {0:?} is held by another transaction")]
-    LockBusy(String),
 }
 
 impl StorageError {
@@ -77,7 +73,7 @@ impl StorageError {
             Self::Postgres { code, .. } => code
                 .as_deref()
                 .is_none_or(|c| ["08", "40", "53", "57"].iter().any(|class| c.starts_with(class))),
-            Self::Closed | Self::Commit(_) | Self::LockBusy(_) => true,
+            Self::Closed | Self::Commit(_) => true,
             _ => false,
         }
     }
@@ -109,11 +105,11 @@ pub(crate) type Observer = std::sync::Arc<std::sync::OnceLock<std::sync::Arc<dyn
 type Work = Box<dyn FnOnce(&Connection, &Keyring) -> Finish + Send>;
 
 /// Delivers a closure's result; `Some(error)` when its batch failed to commit.
-pub(crate) type Deliver = Box<dyn FnOnce(Option<&str>) + Send>;
+type Deliver = Box<dyn FnOnce(Option<&str>) + Send>;
 
-pub(crate) struct Finish {
-    pub(crate) ok: bool,
-    pub(crate) deliver: Deliver,
+struct Finish {
+    ok: bool,
+    deliver: Deliver,
 }
 
 /// Most closures committed together.
@@ -169,28 +165,6 @@ fn serve(
         for (deliver, own_error) in finished {
             deliver(committed.as_ref().err().or(own_error.as_ref()).map(String::as_str));
         }
-    }
-}
-
-/// Runs `f` on `tx` (a panic is its error) and says how to deliver its outcome through `done`
-/// once its transaction's fate is known.
-pub(crate) fn finish<R, E, F>(tx: &mut Tx<'_>, f: F, done: oneshot::Sender<Result<R, E>>) -> Finish
-where
-    R: Send + 'static,
-    E: From<StorageError> + Send + 'static,
-    F: FnOnce(&mut Tx<'_>) -> Result<R, E>,
-{
-    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(tx)))
-        .unwrap_or_else(|p| Err(StorageError::Panicked(panic_message(&*p)).into()));
-    Finish {
-        ok: outcome.is_ok(),
-        deliver: Box::new(move |failed: Option<&str>| {
-            let outcome = match (failed, outcome) {
-                (Some(e), Ok(_)) => Err(StorageError::Commit(e.to_owned()).into()),
-                (_, outcome) => outcome,
-            };
-            let _ = done.send(outcome);
-        }),
     }
 }
 
@@ -429,29 +403,22 @@ impl Store {
             Backend::Postgres(pg) => return pg.run(f).await,
         };
         let (done, result) = oneshot::channel();
-        let job: Work = Box::new(move |conn, keyring| finish(&mut Tx::new(conn, keyring), f, done));
+        let job: Work = Box::new(move |conn, keyring| {
+            let mut tx = Tx::new(conn, keyring);
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut tx)))
+                .unwrap_or_else(|p| Err(StorageError::Panicked(panic_message(&*p)).into()));
+            Finish {
+                ok: outcome.is_ok(),
+                deliver: Box::new(move |failed: Option<&str>| {
+                    let outcome = match (failed, outcome) {
+                        (Some(e), Ok(_)) => Err(StorageError::Commit(e.to_owned()).into()),
+                        (_, outcome) => outcome,
+                    };
+                    let _ = done.send(outcome);
+                }),
+            }
+        });
         work.send(job).await.map_err(|_| StorageError::Closed)?;
         result.await.map_err(|_| StorageError::Closed)?
-    }
-
-    /// [`Store::transact`] for a closure that declares the advisory locks it takes: on
-    /// PostgreSQL it joins a batch, one transaction for the closures that arrive together (as
-    /// SQLite's group commit does), its locks taken up front with the batch's; on SQLite it is
-    /// `transact`. Declare every lock the closure takes; one it does not declare, held by
-    /// another transaction, fails it with [`StorageError::LockBusy`] (transient) instead of
-    /// waiting.
-    ///
-    /// # Errors
-    /// As [`Store::transact`].
-    pub async fn transact_locked<R, E, F>(&self, locks: Locks, f: F) -> Result<R, E>
-    where
-        R: Send + 'static,
-        E: From<StorageError> + Send + 'static,
-        F: FnOnce(&mut Tx<'_>) -> Result<R, E> + Send + 'static,
-    {
-        match &self.backend {
-            Backend::Postgres(pg) => pg.run_batched(locks, f).await,
-            Backend::Sqlite { .. } => self.transact(f).await,
-        }
     }
 }

@@ -8,16 +8,8 @@
 //! Concurrency: transactions are `READ COMMITTED`; what must happen once across workers is
 //! serialized by transaction-scoped advisory locks that the job machinery takes
 //! ([`crate::Tx::lock`]: the job's id, its sequence key, a singleton key), and by the
-//! constraints (a job id, a sequence number, an attempt row are each one row).
-//!
-//! **Batches.** A closure that declares its locks ([`crate::Store::transact_locked`]: the job
-//! machinery's decisions) joins a batch: the closures waiting are run in one transaction, each
-//! in a savepoint, committed once — a group commit, as SQLite's. At most [`COMMITTERS`] batches
-//! run at once per worker; closures that arrive meanwhile wait for the next. A batch takes
-//! every lock its closures declared up front, in one statement and without waiting
-//! (`pg_try_advisory_xact_lock`), so that two workers' batches can never wait on each other; a
-//! closure whose lock another transaction holds does not run in the batch but right after it,
-//! alone, waiting for its locks in their declared order. Other closures run alone.
+//! constraints (a job id, a sequence number, an attempt row are each one row). Group commit is
+//! PostgreSQL's own: the commits of concurrent transactions share one WAL flush.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,8 +21,7 @@ use tokio::runtime::Handle;
 use tokio_postgres::types::{IsNull, Type, to_sql_checked};
 
 use crate::sql::{Params, Row, SqlValue, numbered_dollars};
-use crate::tx::Locking;
-use crate::{Family, Finish, Locks, Observer, StorageError, Tx, panic_message};
+use crate::{Family, Observer, StorageError, Tx, panic_message};
 
 /// The job machinery's schema on PostgreSQL, by version; `gatehouse_schema` records how many
 /// steps ran. Never edit a step that has shipped: add one. (The same tables as SQLite's
@@ -200,29 +191,6 @@ pub(crate) struct PgStore {
     pool: Pool,
     keyring: Arc<Keyring>,
     pub(crate) observer: Observer,
-    batches: Arc<Batches>,
-}
-
-/// Most batches one worker runs at once (each on a connection of its own).
-pub(crate) const COMMITTERS: usize = 4;
-/// Most closures in one batch.
-const MAX_BATCH: usize = 64;
-
-/// Closures waiting for a batch, and how many batches run.
-#[derive(Default)]
-struct Batches {
-    waiting: std::sync::Mutex<std::collections::VecDeque<Batched>>,
-    running: std::sync::atomic::AtomicUsize,
-}
-
-/// How to run a batched closure: on a transaction, or not at all (`Err`: why its batch could
-/// not begin).
-type RunBatched = Box<dyn FnOnce(Result<&mut Tx<'_>, &str>) -> Finish + Send>;
-
-/// A closure waiting for a batch: the locks it declared, and how to run it.
-struct Batched {
-    locks: Locks,
-    run: RunBatched,
 }
 
 impl PgStore {
@@ -255,8 +223,7 @@ impl PgStore {
             .wait_timeout(Some(Duration::from_secs(30)))
             .build()
             .map_err(|e| StorageError::Config(format!("storage pool: {e}")))?;
-        let store =
-            Self { pool, keyring: Arc::new(keyring), observer: Observer::default(), batches: Arc::default() };
+        let store = Self { pool, keyring: Arc::new(keyring), observer: Observer::default() };
         let families = families.to_vec();
         store
             .run(move |tx| {
@@ -284,12 +251,7 @@ impl PgStore {
             let (outcome, ended) = {
                 let session = Session { client: &client, rt: &rt };
                 session.batch("BEGIN")?;
-                let mut tx = Tx::postgres(
-                    Session { client: &client, rt: &rt },
-                    &keyring,
-                    Locking::Wait,
-                    Default::default(),
-                );
+                let mut tx = Tx::postgres(Session { client: &client, rt: &rt }, &keyring);
                 let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut tx)))
                     .unwrap_or_else(|p| Err(StorageError::Panicked(panic_message(&*p)).into()));
                 let ended = session.batch(if outcome.is_ok() { "COMMIT" } else { "ROLLBACK" });
@@ -313,187 +275,6 @@ impl PgStore {
         .await;
         joined.unwrap_or_else(|e| Err(StorageError::Panicked(e.to_string()).into()))
     }
-}
-
-impl PgStore {
-    /// Runs `f` in the next batch (see the module docs); answers once the batch committed.
-    pub(crate) async fn run_batched<R, E, F>(&self, locks: Locks, f: F) -> Result<R, E>
-    where
-        R: Send + 'static,
-        E: From<StorageError> + Send + 'static,
-        F: FnOnce(&mut Tx<'_>) -> Result<R, E> + Send + 'static,
-    {
-        let (done, result) = tokio::sync::oneshot::channel();
-        let run = Box::new(move |tx: Result<&mut Tx<'_>, &str>| match tx {
-            Ok(tx) => crate::finish(tx, f, done),
-            Err(e) => {
-                let e = StorageError::Commit(e.to_owned());
-                Finish { ok: false, deliver: Box::new(move |_| drop(done.send(Err(e.into())))) }
-            }
-        });
-        self.batches.lock_waiting().push_back(Batched { locks, run });
-        tokio::spawn(self.clone().drive());
-        result.await.map_err(|_| StorageError::Closed)?
-    }
-
-    /// Runs batches while closures wait and fewer than [`COMMITTERS`] run.
-    async fn drive(self) {
-        use std::sync::atomic::Ordering::SeqCst;
-        let b = self.batches.clone();
-        loop {
-            if b.running.fetch_add(1, SeqCst) >= COMMITTERS {
-                b.running.fetch_sub(1, SeqCst);
-                return;
-            }
-            let batch: Vec<Batched> = {
-                let mut waiting = b.lock_waiting();
-                let n = waiting.len().min(MAX_BATCH);
-                waiting.drain(..n).collect()
-            };
-            let empty = batch.is_empty();
-            if !empty {
-                self.run_batch(batch).await;
-            }
-            b.running.fetch_sub(1, SeqCst);
-            // What arrived while every committer was busy is ours to run.
-            if empty && b.lock_waiting().is_empty() {
-                return;
-            }
-        }
-    }
-
-    /// One batch on a pooled connection; then, alone, the closures whose locks were busy.
-    async fn run_batch(&self, batch: Vec<Batched>) {
-        let client = match self.pool.get().await {
-            Ok(c) => c,
-            Err(e) => {
-                let e = StorageError::from(PoolError(e)).to_string();
-                for b in batch {
-                    ((b.run)(Err(&e)).deliver)(None);
-                }
-                return;
-            }
-        };
-        let (keyring, observer, rt) = (self.keyring.clone(), self.observer.clone(), Handle::current());
-        let joined = tokio::task::spawn_blocking(move || {
-            let session = Session { client: &client, rt: &rt };
-            let started = std::time::Instant::now();
-            let (busy, clean) = batch_once(&session, &keyring, batch, &observer, started);
-            let mut clean = clean;
-            for b in busy {
-                clean &= alone(&session, &keyring, b);
-            }
-            if !clean {
-                // Not known to be clean: this connection is not used again.
-                drop(deadpool_postgres::Object::take(client));
-            }
-        })
-        .await;
-        if let Err(e) = joined {
-            tracing::error!(error = %e, "a storage batch failed");
-        }
-    }
-}
-
-impl Batches {
-    fn lock_waiting(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<Batched>> {
-        self.waiting.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
-
-/// Runs `batch` in one transaction: takes every declared lock without waiting, runs each
-/// closure whose locks it got in a savepoint, commits, delivers. Answers the closures whose
-/// locks another transaction held (not run), and whether the connection is clean.
-fn batch_once(
-    session: &Session<'_>,
-    keyring: &Keyring,
-    batch: Vec<Batched>,
-    observer: &Observer,
-    started: std::time::Instant,
-) -> (Vec<Batched>, bool) {
-    let mut names: Vec<&str> = batch.iter().flat_map(|b| b.locks.0.iter().map(String::as_str)).collect();
-    names.sort_unstable();
-    names.dedup();
-    let begun = session.batch("BEGIN").and_then(|()| try_locks(session, &names));
-    let busy_names = match begun {
-        Ok(busy) => busy,
-        Err(e) => {
-            let e = e.to_string();
-            for b in batch {
-                ((b.run)(Err(&e)).deliver)(None);
-            }
-            let _ = session.batch("ROLLBACK");
-            return (Vec::new(), false);
-        }
-    };
-    let (mut busy, mut finished) = (Vec::new(), Vec::new());
-    let mut close = "";
-    let mut control: Result<(), StorageError> = Ok(());
-    for b in batch {
-        if b.locks.0.iter().any(|n| busy_names.contains(n)) {
-            busy.push(b);
-            continue;
-        }
-        if control.is_ok() {
-            control = session.batch(&format!("{close}SAVEPOINT w"));
-        }
-        let held = b.locks.0.iter().cloned().collect();
-        let f = match &control {
-            Ok(()) => (b.run)(Ok(&mut Tx::postgres(session.again(), keyring, Locking::Try, held))),
-            Err(e) => (b.run)(Err(&e.to_string())),
-        };
-        close = if f.ok { "RELEASE w; " } else { "ROLLBACK TO w; RELEASE w; " };
-        finished.push(f.deliver);
-    }
-    let committed =
-        control.and_then(|()| session.batch(&format!("{close}COMMIT"))).map_err(|e| e.to_string());
-    if committed.is_err() {
-        let _ = session.batch("ROLLBACK");
-    } else if let Some(o) = observer.get() {
-        o.committed(started.elapsed(), finished.len());
-    }
-    let clean = committed.is_ok();
-    for deliver in finished {
-        deliver(committed.as_ref().err().map(String::as_str));
-    }
-    (busy, clean)
-}
-
-/// Takes the advisory locks `names` without waiting; answers those another transaction holds.
-fn try_locks(
-    session: &Session<'_>,
-    names: &[&str],
-) -> Result<std::collections::HashSet<String>, StorageError> {
-    if names.is_empty() {
-        return Ok(Default::default());
-    }
-    // One statement for the lot; names travel as one text, split on U+001E (no name has it).
-    let joined = names.join("\u{1e}");
-    let rows = session.rows(
-        "SELECT n FROM unnest(string_to_array(?1, chr(30))) AS n WHERE NOT pg_try_advisory_xact_lock(hashtextextended(n, 0))",
-        crate::params![joined],
-    )?;
-    rows.iter().map(|r| r.get::<String>(0)).collect()
-}
-
-/// Runs one closure alone in a transaction of its own, waiting for its declared locks in the
-/// one order ([`Locks::in_order`]); answers whether the connection is clean.
-fn alone(session: &Session<'_>, keyring: &Keyring, b: Batched) -> bool {
-    let begun = session.batch("BEGIN").and_then(|()| {
-        b.locks.in_order().into_iter().try_for_each(|n| {
-            session.exec("SELECT pg_advisory_xact_lock(hashtextextended(?1, 0))", crate::params![n]).map(drop)
-        })
-    });
-    if let Err(e) = begun {
-        ((b.run)(Err(&e.to_string())).deliver)(None);
-        let _ = session.batch("ROLLBACK");
-        return false;
-    }
-    let held = b.locks.0.iter().cloned().collect();
-    let f = (b.run)(Ok(&mut Tx::postgres(session.again(), keyring, Locking::Wait, held)));
-    let ended = session.batch(if f.ok { "COMMIT" } else { "ROLLBACK" }).map_err(|e| e.to_string());
-    (f.deliver)(ended.as_ref().err().map(String::as_str));
-    ended.is_ok()
 }
 
 /// The TLS settings of the connections: with a CA, TLS always (a url's `sslmode=prefer`, the
@@ -560,11 +341,6 @@ pub(crate) struct Session<'c> {
 }
 
 impl Session<'_> {
-    /// The same connection, for the next closure's [`Tx`].
-    fn again(&self) -> Session<'_> {
-        Session { client: self.client, rt: self.rt }
-    }
-
     fn statement(&self, sql: &str) -> Result<tokio_postgres::Statement, StorageError> {
         Ok(self.rt.block_on(self.client.prepare_cached(&numbered_dollars(sql)))?)
     }

@@ -10,7 +10,7 @@ use gatehouse_e2e::{admin_connection, fresh_database};
 use gatehouse_protocol::crypto::Keyring;
 use gatehouse_protocol::{JobId, JobState};
 use gatehouse_storage::sql::params;
-use gatehouse_storage::{Family, Location, Locks, Place, SealedColumn, StorageError, Store, StoredJob, Tx};
+use gatehouse_storage::{Family, Location, Place, SealedColumn, StorageError, Store, StoredJob, Tx};
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
@@ -246,98 +246,6 @@ async fn the_lock_serializes_workers_on_postgres() {
     let unlocked = increments(&Db::postgres().await, false).await;
     assert!(unlocked < 30, "without the lock no update was lost ({unlocked}): the test shows nothing");
     assert_eq!(increments(&Db::sqlite().await, true).await, 30);
-}
-
-/// Counts how many closures each commit carried.
-#[derive(Default)]
-struct Commits(std::sync::Mutex<Vec<usize>>);
-
-impl gatehouse_storage::StorageObserver for Commits {
-    fn committed(&self, _: Duration, closures: usize) {
-        self.0.lock().unwrap().push(closures);
-    }
-
-    fn checkpointed(&self, _: Duration, _: bool) {}
-}
-
-/// Three workers' batches on one PostgreSQL database, every closure taking two of five locks in
-/// an order of its own (half of them the reverse of the other half): taken as they come, two
-/// batches would wait on each other. Every update is kept, none is lost, no deadlock is
-/// reported; and closures that do not contend share commits.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn batches_of_workers_contending_for_the_same_locks_neither_deadlock_nor_lose_an_update() {
-    for db in Db::both().await {
-        let stores: Vec<Store> = futures_util::future::join_all((0..3).map(|_| db.open())).await;
-        let commits = Arc::new(Commits::default());
-        stores.iter().for_each(|s| s.observe(commits.clone()));
-        for k in 0..5 {
-            stores[0].transact(move |tx| put_note(tx, &format!("k{k}"), "c", &json!(0))).await.unwrap();
-        }
-        let mut tasks = Vec::new();
-        let mut expected = [0i64; 5];
-        for i in 0..600usize {
-            let (a, b) = if i % 2 == 0 { (i % 5, (i + 1) % 5) } else { ((i + 1) % 5, i % 5) };
-            expected[a] += 1;
-            expected[b] += 1;
-            let store = stores[i % 3].clone();
-            let (ka, kb) = (format!("k{a}"), format!("k{b}"));
-            let locks = Locks::default().sequence(&ka).sequence(&kb);
-            tasks.push(tokio::spawn(async move {
-                store
-                    .transact_locked(locks, move |tx| {
-                        for key in [&ka, &kb] {
-                            tx.lock_sequence(key)?;
-                            let n = tx
-                                .query_row(
-                                    "SELECT edits FROM notes WHERE id = ?1",
-                                    params![key.as_str()],
-                                    |r| r.get::<i64>(0),
-                                )?
-                                .unwrap();
-                            tx.execute(
-                                "UPDATE notes SET edits = ?1 WHERE id = ?2",
-                                params![n + 1, key.as_str()],
-                            )?;
-                        }
-                        Ok::<_, StorageError>(())
-                    })
-                    .await
-            }));
-        }
-        for t in tasks {
-            t.await.unwrap().unwrap_or_else(|e| panic!("{}: {e}", db.name()));
-        }
-        for (k, want) in expected.iter().enumerate() {
-            let got: i64 = stores[0]
-                .transact(move |tx| {
-                    tx.query_row("SELECT edits FROM notes WHERE id = ?1", params![format!("k{k}")], |r| {
-                        r.get(0)
-                    })
-                })
-                .await
-                .unwrap()
-                .unwrap();
-            assert_eq!(got, *want, "{}: key k{k}", db.name());
-        }
-        // Closures that do not contend share commits: 300 at once, each with a lock of its own.
-        commits.0.lock().unwrap().clear();
-        let solo = stores[0].clone();
-        let tasks: Vec<_> = (0..300)
-            .map(|i| {
-                let store = solo.clone();
-                tokio::spawn(async move {
-                    let key = format!("own{i}");
-                    let locks = Locks::default().sequence(&key);
-                    store.transact_locked(locks, move |tx| tx.lock_sequence(&key)).await
-                })
-            })
-            .collect();
-        for t in tasks {
-            t.await.unwrap().unwrap();
-        }
-        let most = commits.0.lock().unwrap().iter().copied().max().unwrap_or(0);
-        assert!(most > 1, "{}: no commit carried more than one closure", db.name());
-    }
 }
 
 #[tokio::test]

@@ -192,7 +192,7 @@ impl Tx<'_> {
     /// Takes the turn of singleton `key` for job `id` if it is free (or already `id`'s);
     /// otherwise queues the job's message behind the others waiting and answers `false`.
     pub fn take_turn(&self, key: &str, id: &JobId, envelope: &[u8]) -> Result<bool, StorageError> {
-        self.lock(&lock_name("turn", key))?;
+        self.lock(&format!("turn {key}"))?;
         let holder: Option<String> =
             self.one("SELECT job_id FROM singleton_turns WHERE key = ?1", params![key], |r| r.get(0))?;
         match holder {
@@ -224,7 +224,7 @@ impl Tx<'_> {
             .map(|r| r.get(0))
             .collect::<Result<_, _>>()?;
         for key in keys {
-            self.lock(&lock_name("turn", &key))?;
+            self.lock(&format!("turn {key}"))?;
             let next: Option<(i64, String, Vec<u8>)> = self.one(
                 "SELECT seq, job_id, envelope FROM singleton_waiting WHERE key = ?1 ORDER BY seq LIMIT 1",
                 params![&key],

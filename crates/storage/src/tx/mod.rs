@@ -30,70 +30,6 @@ use crate::sql::{Params, Row, params, sqlite_params, sqlite_row};
 pub struct Tx<'c> {
     conn: Conn<'c>,
     keyring: &'c Keyring,
-    /// How [`Tx::lock`] takes a lock on PostgreSQL.
-    locking: Locking,
-    /// The advisory locks this transaction holds (taken again: no round trip).
-    held: std::cell::RefCell<std::collections::BTreeSet<String>>,
-}
-
-/// How [`Tx::lock`] takes a lock on PostgreSQL.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Locking {
-    /// Waits for it (a transaction of one closure).
-    Wait,
-    /// Inside a batch: never waits (two batches waiting on each other would deadlock); a lock
-    /// another transaction holds is [`StorageError::LockBusy`].
-    Try,
-}
-
-/// The advisory locks a closure needs, declared before it runs
-/// ([`crate::Store::transact_locked`]): a PostgreSQL batch takes every lock of its closures up
-/// front, without waiting, and runs a closure only when it got all of its locks. In the order
-/// a transaction of one closure takes them: sequence keys, then jobs, then singleton turns.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Locks(pub(crate) Vec<String>);
-
-impl Locks {
-    /// The lock of sequence key `key`.
-    #[must_use]
-    pub fn sequence(mut self, key: &str) -> Self {
-        self.0.push(lock_name("sequence", key));
-        self
-    }
-
-    /// The lock of job `id`.
-    #[must_use]
-    pub fn job(mut self, id: &JobId) -> Self {
-        self.0.push(lock_name("job", id.as_str()));
-        self
-    }
-
-    /// The lock of singleton turn `key`.
-    #[must_use]
-    pub fn turn(mut self, key: &str) -> Self {
-        self.0.push(lock_name("turn", key));
-        self
-    }
-}
-
-impl Locks {
-    /// The names in the one order every transaction that waits for locks takes them: sequence
-    /// keys, then jobs, then singleton turns (each by name). The order the job machinery takes
-    /// them in a closure, too, so that one waiting for a lock it did not declare (a parked
-    /// successor's job) never holds a later kind while waiting for an earlier one.
-    pub(crate) fn in_order(&self) -> Vec<&str> {
-        let rank =
-            |n: &str| ["sequence ", "job ", "turn "].iter().position(|p| n.starts_with(p)).unwrap_or(3);
-        let mut names: Vec<&str> = self.0.iter().map(String::as_str).collect();
-        names.sort_unstable_by(|a, b| rank(a).cmp(&rank(b)).then(a.cmp(b)));
-        names.dedup();
-        names
-    }
-}
-
-/// The name of the advisory lock of `what` (a sequence key, a job, a turn) `key`.
-fn lock_name(what: &str, key: &str) -> String {
-    format!("{what} {key}")
 }
 
 /// The backend a transaction runs on.
@@ -251,17 +187,12 @@ fn parse_json(s: Option<String>) -> Result<Option<Value>, StorageError> {
 impl<'c> Tx<'c> {
     /// Operations on SQLite's `conn`, inside the savepoint the storage thread opened.
     pub(crate) fn new(conn: &'c Connection, keyring: &'c Keyring) -> Self {
-        Self { conn: Conn::Sqlite(conn), keyring, locking: Locking::Wait, held: Default::default() }
+        Self { conn: Conn::Sqlite(conn), keyring }
     }
 
-    /// Operations inside a PostgreSQL transaction, holding `held` already.
-    pub(crate) fn postgres(
-        session: Session<'c>,
-        keyring: &'c Keyring,
-        locking: Locking,
-        held: std::collections::BTreeSet<String>,
-    ) -> Self {
-        Self { conn: Conn::Postgres(session), keyring, locking, held: std::cell::RefCell::new(held) }
+    /// Operations inside a PostgreSQL transaction.
+    pub(crate) fn postgres(session: Session<'c>, keyring: &'c Keyring) -> Self {
+        Self { conn: Conn::Postgres(session), keyring }
     }
 
     /// Serializes this transaction with every other about job `id` (see [`Tx::lock`]). Take
@@ -270,7 +201,7 @@ impl<'c> Tx<'c> {
     /// # Errors
     /// A storage failure.
     pub fn lock_job(&self, id: &JobId) -> Result<(), StorageError> {
-        self.lock(&lock_name("job", id.as_str()))
+        self.lock(&format!("job {id}"))
     }
 
     /// Serializes this transaction with every other about sequence key `key` (see
@@ -279,7 +210,7 @@ impl<'c> Tx<'c> {
     /// # Errors
     /// A storage failure.
     pub fn lock_sequence(&self, key: &str) -> Result<(), StorageError> {
-        self.lock(&lock_name("sequence", key))
+        self.lock(&format!("sequence {key}"))
     }
 
     /// For a claim's subquery: on PostgreSQL, rows another sweep is claiming right now are
@@ -359,24 +290,9 @@ impl<'c> Tx<'c> {
     /// # Errors
     /// A storage failure.
     pub fn lock(&self, name: &str) -> Result<(), StorageError> {
-        let Conn::Postgres(s) = &self.conn else { return Ok(()) };
-        if self.held.borrow().contains(name) {
-            return Ok(());
+        if let Conn::Postgres(s) = &self.conn {
+            s.exec("SELECT pg_advisory_xact_lock(hashtextextended(?1, 0))", params![name])?;
         }
-        match self.locking {
-            Locking::Wait => {
-                s.exec("SELECT pg_advisory_xact_lock(hashtextextended(?1, 0))", params![name])?;
-            }
-            Locking::Try => {
-                let sql =
-                    "SELECT CASE WHEN pg_try_advisory_xact_lock(hashtextextended(?1, 0)) THEN 1 ELSE 0 END";
-                let got = s.rows(sql, params![name])?.first().map(|r| r.get::<i64>(0)).transpose()?;
-                if got != Some(1) {
-                    return Err(StorageError::LockBusy(name.to_owned()));
-                }
-            }
-        }
-        self.held.borrow_mut().insert(name.to_owned());
         Ok(())
     }
 

@@ -33,7 +33,7 @@ mod tests;
 
 use gatehouse_protocol::clock::now_ms;
 use gatehouse_protocol::{JobEnvelope, JobState, JobStatus, KindSpec};
-use gatehouse_storage::{Locks, StorageError, StoredJob, Tx};
+use gatehouse_storage::{StorageError, StoredJob, Tx};
 
 use crate::handlers::Outcome;
 use crate::reasons::DeadReason;
@@ -225,22 +225,6 @@ fn lock(tx: &Tx<'_>, sequenced: bool, env: &JobEnvelope) -> Result<(), StorageEr
         tx.lock_sequence(&seq.owned_key(&env.client))?;
     }
     tx.lock_job(&env.id)
-}
-
-/// The storage locks the decisions about `env` take (declared up front, so that PostgreSQL
-/// batches them; see `Store::transact_locked`): its sequence key, the job, its singleton turn.
-pub fn locks_for(spec: &KindSpec, env: &JobEnvelope) -> Locks {
-    let mut locks = Locks::default();
-    if spec.sequenced
-        && let Some(seq) = &env.sequence
-    {
-        locks = locks.sequence(&seq.owned_key(&env.client));
-    }
-    locks = locks.job(&env.id);
-    match singleton_key(spec, env) {
-        Some(key) => locks.turn(&key),
-        None => locks,
-    }
 }
 
 /// The turn a job of a singleton kind waits for: the kind's, or with `singleton_key` the

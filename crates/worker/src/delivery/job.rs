@@ -78,11 +78,6 @@ impl Job<'_> {
         self.carried.delivery
     }
 
-    /// The storage locks its decisions take (declared: see [`decide::locks_for`]).
-    fn locks(&self) -> gatehouse_storage::Locks {
-        decide::locks_for(&self.spec, self.env)
-    }
-
     /// A singleton job (one at a time per turn) takes a lease with its turn.
     fn is_singleton(&self) -> bool {
         self.spec.singleton || self.spec.singleton_key.is_some()
@@ -101,11 +96,7 @@ impl Job<'_> {
         });
         let prepared = {
             let (spec, arrival) = (self.spec.clone(), self.arrival(replay, turn_lease));
-            self.ctx
-                .shared
-                .store
-                .transact_locked(self.locks(), move |tx| decide::prepare(tx, &spec, &arrival))
-                .await
+            self.ctx.shared.store.transact(move |tx| decide::prepare(tx, &spec, &arrival)).await
         };
         match prepared {
             Ok(Step::Decided(verdict)) => act(self.ctx, self.carried, verdict).await,
@@ -155,11 +146,7 @@ impl Job<'_> {
             Err(ApplyError::Storage(e)) => return self.requeue(&e).await,
         };
         let (id, client, e) = (self.env.id.clone(), self.env.client.clone(), error.clone());
-        match shared
-            .store
-            .transact_locked(self.locks(), move |tx| tx.record_failed_attempt(&id, &client, &e))
-            .await
-        {
+        match shared.store.transact(move |tx| tx.record_failed_attempt(&id, &client, &e)).await {
             Ok(attempt) => self.failed_attempt(attempt, error).await,
             Err(se) => self.requeue(&se).await,
         }
@@ -184,10 +171,7 @@ impl Job<'_> {
         };
         let begun = {
             let (spec, env, target) = (self.spec.clone(), self.env.clone(), self.target.clone());
-            shared
-                .store
-                .transact_locked(self.locks(), move |tx| decide::begin(tx, &spec, &env, &target))
-                .await
+            shared.store.transact(move |tx| decide::begin(tx, &spec, &env, &target)).await
         };
         let started = match begun {
             Ok(Ok(started)) => started,
@@ -240,9 +224,7 @@ impl Job<'_> {
     /// dead-letter.
     async fn failed(&self, attempt: u32, error: String) {
         let (id, e) = (self.env.id.clone(), error.clone());
-        if let Err(se) =
-            self.ctx.shared.store.transact_locked(self.locks(), move |tx| tx.fail_attempt(&id, &e)).await
-        {
+        if let Err(se) = self.ctx.shared.store.transact(move |tx| tx.fail_attempt(&id, &e)).await {
             tracing::warn!(error = %se, "could not record the failed attempt");
         }
         self.failed_attempt(attempt, error).await;

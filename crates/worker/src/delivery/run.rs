@@ -130,13 +130,9 @@ async fn record(
     let (catalog, kinds, keys, env, target) =
         (shared.catalog.clone(), shared.kinds.clone(), shared.keys.clone(), env.clone(), target.clone());
     let fence = holder.fence().map(str::to_owned);
-    let locks = shared.catalog.kind(&env.kind).map_or_else(
-        || gatehouse_storage::Locks::default().job(&env.id),
-        |spec| decide::locks_for(spec, &env),
-    );
     shared
         .store
-        .transact_locked(locks, move |tx| {
+        .transact(move |tx| {
             if let Some(token) = &fence
                 && !tx.holds_lease(&env.id, token)?
             {
