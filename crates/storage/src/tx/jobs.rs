@@ -234,6 +234,50 @@ mod tests {
     use crate::Store;
 
     #[tokio::test]
+    async fn a_probe_reads_the_record_attempts_and_cancellation_the_single_reads_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_sqlite(&dir.path().join("db.sqlite"), test_keyring(), &[]).unwrap();
+        let probe = |n: u8| store.transact(move |tx| tx.probe(&id(n)));
+        assert!(probe(1).await.unwrap().is_fresh(), "nothing stored");
+        store.transact(|tx| tx.mark_cancelled(&id(2), "c")).await.unwrap();
+        store.transact(|tx| tx.begin_attempt(&id(3), "c").map(drop)).await.unwrap();
+        store.transact(|tx| tx.fail_attempt(&id(3), "boom")).await.unwrap();
+        let done =
+            StoredJob { result: Some(serde_json::json!({"n": 1})), ..job(4, JobState::Succeeded, None) };
+        store.transact(move |tx| tx.record_job(&done)).await.unwrap();
+        for n in 1..=4 {
+            let (p, one_by_one) = store
+                .transact(move |tx| {
+                    let p = tx.probe(&id(n))?;
+                    Ok::<_, StorageError>((
+                        p,
+                        (tx.job(&id(n))?, tx.attempts(&id(n))?, tx.is_cancelled(&id(n))?),
+                    ))
+                })
+                .await
+                .unwrap();
+            assert_eq!((p.job, p.attempts, p.cancelled), one_by_one, "job {n}");
+        }
+        assert!(!probe(2).await.unwrap().is_fresh() && !probe(3).await.unwrap().is_fresh());
+    }
+
+    #[tokio::test]
+    async fn the_event_log_numbers_states_and_skips_a_repeat_of_the_latest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_sqlite(&dir.path().join("db.sqlite"), test_keyring(), &[]).unwrap();
+        for state in [JobState::Running, JobState::Running, JobState::Retrying, JobState::Running] {
+            store.transact(move |tx| tx.log_state(&id(1), "c", state)).await.unwrap();
+        }
+        let events = store.transact(|tx| tx.job_events(&id(1), "c", 0, 10)).await.unwrap();
+        let got: Vec<String> = events.iter().map(|e| serde_json::to_string(e).unwrap()).collect();
+        assert_eq!(events.len(), 3, "{got:?}");
+        assert!(
+            got[0].contains("running") && got[1].contains("retrying") && got[2].contains("running"),
+            "{got:?}"
+        );
+    }
+
+    #[tokio::test]
     async fn a_replay_forgets_a_dead_lettered_job_only_for_its_latest_dead_letter() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open_sqlite(&dir.path().join("db.sqlite"), test_keyring(), &[]).unwrap();

@@ -120,7 +120,8 @@ impl WorkerKeys {
             CryptoError::Version(_) => DeadReason::UnsupportedVersion,
             _ => DeadReason::BadSignature,
         })?;
-        let session = vouched.verify(|id, s| self.sessions.get(id, s)).map_err(|_| DeadReason::BadSignature)?;
+        let session =
+            vouched.verify(|id, s| self.sessions.get(id, s)).map_err(|_| DeadReason::BadSignature)?;
         let sealed: SealedJob =
             serde_json::from_slice(vouched.message()).map_err(|_| DeadReason::Undecodable)?;
         // A delayed job's age counts from its time: it may wait longer than the limit.

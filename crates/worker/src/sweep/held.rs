@@ -37,7 +37,8 @@ impl Sweep for Held {
     async fn run_once(&mut self) -> anyhow::Result<()> {
         let out = &self.0;
         let now = now_ms();
-        let due = out.store.transact(move |tx| tx.claim_due_scheduled(now, now + CLAIM_MS, SWEEP_BATCH)).await?;
+        let due =
+            out.store.transact(move |tx| tx.claim_due_scheduled(now, now + CLAIM_MS, SWEEP_BATCH)).await?;
         for (id, envelope) in due {
             if out.send_back(&id, &envelope).await? {
                 let released = id.clone();
