@@ -249,12 +249,18 @@ impl PgStore {
         let started = std::time::Instant::now();
         let joined = tokio::task::spawn_blocking(move || {
             let (outcome, ended) = {
-                let session = Session { client: &client, rt: &rt };
-                session.batch("BEGIN")?;
-                let mut tx = Tx::postgres(Session { client: &client, rt: &rt }, &keyring);
+                let session = Session::new(&client, &rt);
+                // Sent with the first statement (one round trip for both).
+                session.defer(Pending::Begin);
+                let mut tx = Tx::postgres(&session, &keyring);
                 let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut tx)))
                     .unwrap_or_else(|p| Err(StorageError::Panicked(panic_message(&*p)).into()));
-                let ended = session.batch(if outcome.is_ok() { "COMMIT" } else { "ROLLBACK" });
+                let ended = if session.untouched() {
+                    // Not one statement ran: there is no transaction to end.
+                    Ok(())
+                } else {
+                    session.batch(if outcome.is_ok() { "COMMIT" } else { "ROLLBACK" })
+                };
                 (outcome, ended)
             };
             if let Err(e) = ended {
@@ -335,12 +341,86 @@ fn migrate(tx: &Tx<'_>) -> Result<(), StorageError> {
 }
 
 /// A connection inside one transaction, driven from a blocking thread.
+///
+/// Statements whose answer nothing waits for — `BEGIN`, an advisory lock — are not sent on
+/// their own: they wait in `pending` and go with the next statement, pipelined on the
+/// connection (one round trip for all; the server still runs them in order, so a statement
+/// after a lock runs, and takes its snapshot, once the lock is held).
 pub(crate) struct Session<'c> {
     client: &'c ClientWrapper,
     rt: &'c Handle,
+    pending: std::cell::RefCell<Vec<Pending>>,
+    /// Whether any statement was sent.
+    sent: std::cell::Cell<bool>,
 }
 
-impl Session<'_> {
+/// A statement sent with the next one.
+pub(crate) enum Pending {
+    Begin,
+    /// `pg_advisory_xact_lock` of this name.
+    Lock(String),
+}
+
+/// Takes a transaction-scoped advisory lock, waiting for it.
+const LOCK: &str = "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))";
+
+type Sent<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), tokio_postgres::Error>> + Send + 'a>>;
+
+impl<'c> Session<'c> {
+    fn new(client: &'c ClientWrapper, rt: &'c Handle) -> Self {
+        Self { client, rt, pending: Default::default(), sent: Default::default() }
+    }
+
+    /// Sends `p` with the next statement.
+    pub(crate) fn defer(&self, p: Pending) {
+        self.pending.borrow_mut().push(p);
+    }
+
+    /// Whether nothing was sent yet (only deferred statements, if any).
+    fn untouched(&self) -> bool {
+        !self.sent.get()
+    }
+
+    /// Runs `main` after the deferred statements, pipelined: their requests go first, in order.
+    fn with_pending<T>(
+        &self,
+        main: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> Result<T, StorageError> {
+        self.sent.set(true);
+        let pending = std::mem::take(&mut *self.pending.borrow_mut());
+        if pending.is_empty() {
+            return Ok(self.rt.block_on(main)?);
+        }
+        // Prepared first (cached per connection), so that each request goes out whole when
+        // first polled, in order.
+        let lock = if pending.iter().any(|p| matches!(p, Pending::Lock(_))) {
+            Some(self.rt.block_on(self.client.prepare_cached(LOCK))?)
+        } else {
+            None
+        };
+        let client = self.client;
+        let sent: Vec<Sent<'_>> = pending
+            .into_iter()
+            .map(|p| -> Sent<'_> {
+                match p {
+                    Pending::Begin => Box::pin(client.batch_execute("BEGIN")),
+                    Pending::Lock(name) => {
+                        let lock = lock.clone();
+                        Box::pin(async move {
+                            let lock = lock.expect("prepared above");
+                            client.execute(&lock, &[&name]).await.map(drop)
+                        })
+                    }
+                }
+            })
+            .collect();
+        let (_, out) = self
+            .rt
+            .block_on(futures_util::future::try_join(futures_util::future::try_join_all(sent), main))?;
+        Ok(out)
+    }
+
     fn statement(&self, sql: &str) -> Result<tokio_postgres::Statement, StorageError> {
         Ok(self.rt.block_on(self.client.prepare_cached(&numbered_dollars(sql)))?)
     }
@@ -351,7 +431,7 @@ impl Session<'_> {
         let args: Vec<PgValue<'_>> = values.iter().map(PgValue).collect();
         let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
             args.iter().map(|a| a as &(dyn tokio_postgres::types::ToSql + Sync)).collect();
-        let n = self.rt.block_on(self.client.execute(&statement, &refs))?;
+        let n = self.with_pending(self.client.execute(&statement, &refs))?;
         Ok(usize::try_from(n).unwrap_or(usize::MAX))
     }
 
@@ -361,12 +441,12 @@ impl Session<'_> {
         let args: Vec<PgValue<'_>> = values.iter().map(PgValue).collect();
         let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
             args.iter().map(|a| a as &(dyn tokio_postgres::types::ToSql + Sync)).collect();
-        let rows = self.rt.block_on(self.client.query(&statement, &refs))?;
+        let rows = self.with_pending(self.client.query(&statement, &refs))?;
         rows.iter().map(pg_row).collect()
     }
 
     pub(crate) fn batch(&self, sql: &str) -> Result<(), StorageError> {
-        Ok(self.rt.block_on(self.client.batch_execute(sql))?)
+        self.with_pending(self.client.batch_execute(sql))
     }
 }
 

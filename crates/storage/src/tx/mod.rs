@@ -37,7 +37,7 @@ enum Conn<'c> {
     /// Inside the savepoint the storage thread opened.
     Sqlite(&'c Connection),
     /// Inside a transaction on a pooled connection.
-    Postgres(Session<'c>),
+    Postgres(&'c Session<'c>),
 }
 
 /// A job as storage knows it.
@@ -191,7 +191,7 @@ impl<'c> Tx<'c> {
     }
 
     /// Operations inside a PostgreSQL transaction.
-    pub(crate) fn postgres(session: Session<'c>, keyring: &'c Keyring) -> Self {
+    pub(crate) fn postgres(session: &'c Session<'c>, keyring: &'c Keyring) -> Self {
         Self { conn: Conn::Postgres(session), keyring }
     }
 
@@ -291,7 +291,8 @@ impl<'c> Tx<'c> {
     /// A storage failure.
     pub fn lock(&self, name: &str) -> Result<(), StorageError> {
         if let Conn::Postgres(s) = &self.conn {
-            s.exec("SELECT pg_advisory_xact_lock(hashtextextended(?1, 0))", params![name])?;
+            // Taken with the next statement, before it runs (see `postgres::Session`).
+            s.defer(crate::postgres::Pending::Lock(name.to_owned()));
         }
         Ok(())
     }
