@@ -24,8 +24,9 @@ pub struct Letter<'a> {
     pub props: BasicProperties,
     /// The route (queue class or lane) it came from.
     pub route: &'a str,
-    /// The verified job and where its answer goes; none for a message that could not be
-    /// opened.
+    /// The verified job and where its answer goes: its dead letter is counted and named, and
+    /// it is recorded `dead_lettered` and answered. None for a message only sent on (one that
+    /// could not be opened, a refused replay: [`Dead::record`] false).
     pub job: Option<(&'a JobEnvelope, &'a ReplyTarget)>,
     /// A parked job's key and number: it is recorded only if still parked when its dead letter
     /// is confirmed (its predecessor may have arrived meanwhile and applied it).
@@ -40,7 +41,7 @@ pub struct NotSent(String);
 
 impl Outbound {
     /// Publishes `letter` to `gatehouse.dead` with `dead`'s headers (confirmed), then records
-    /// and answers a verified job. The delivery it replaces may be acked once this returns
+    /// and answers its job, if it names one. The delivery it replaces may be acked once this returns
     /// `Ok`.
     ///
     /// # Errors
@@ -77,9 +78,7 @@ impl Outbound {
             error = dead.error.as_deref().map(error_class),
             "dead-lettered"
         );
-        if dead.record
-            && let Some((env, target)) = letter.job
-        {
+        if let Some((env, target)) = letter.job {
             self.record_dead(env, target, letter.parked, dead).await;
         }
         Ok(())
