@@ -255,12 +255,7 @@ impl PgStore {
                 let mut tx = Tx::postgres(&session, &keyring);
                 let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut tx)))
                     .unwrap_or_else(|p| Err(StorageError::Panicked(panic_message(&*p)).into()));
-                let ended = if session.untouched() {
-                    // Not one statement ran: there is no transaction to end.
-                    Ok(())
-                } else {
-                    session.batch(if outcome.is_ok() { "COMMIT" } else { "ROLLBACK" })
-                };
+                let ended = session.end(outcome.is_ok());
                 (outcome, ended)
             };
             if let Err(e) = ended {
@@ -359,6 +354,9 @@ pub(crate) enum Pending {
     Begin,
     /// `pg_advisory_xact_lock` of this name.
     Lock(String),
+    /// A write whose answer nothing reads ([`crate::Tx::write`]); its error, if any, is the
+    /// next statement's (the transaction fails either way).
+    Write(tokio_postgres::Statement, Vec<SqlValue>),
 }
 
 /// Takes a transaction-scoped advisory lock, waiting for it.
@@ -377,9 +375,19 @@ impl<'c> Session<'c> {
         self.pending.borrow_mut().push(p);
     }
 
-    /// Whether nothing was sent yet (only deferred statements, if any).
-    fn untouched(&self) -> bool {
-        !self.sent.get()
+    /// Commits (with the writes still deferred) or rolls back (dropping them); when not one
+    /// statement was sent and none is to be written, there is no transaction to end.
+    fn end(&self, commit: bool) -> Result<(), StorageError> {
+        let mut pending = self.pending.borrow_mut();
+        if !commit {
+            pending.clear();
+        }
+        let writes = pending.iter().any(|p| matches!(p, Pending::Write(..)));
+        drop(pending);
+        if !self.sent.get() && !writes {
+            return Ok(());
+        }
+        self.batch(if commit { "COMMIT" } else { "ROLLBACK" })
     }
 
     /// Runs `main` after the deferred statements, pipelined: their requests go first, in order.
@@ -412,6 +420,10 @@ impl<'c> Session<'c> {
                             client.execute(&lock, &[&name]).await.map(drop)
                         })
                     }
+                    Pending::Write(statement, values) => Box::pin(async move {
+                        let args: Vec<PgValue<'_>> = values.iter().map(PgValue).collect();
+                        client.execute(&statement, &pg_refs(&args)).await.map(drop)
+                    }),
                 }
             })
             .collect();
@@ -429,25 +441,32 @@ impl<'c> Session<'c> {
         let statement = self.statement(sql)?;
         let values: Vec<SqlValue> = params.iter().map(|p| p.to_sql()).collect();
         let args: Vec<PgValue<'_>> = values.iter().map(PgValue).collect();
-        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-            args.iter().map(|a| a as &(dyn tokio_postgres::types::ToSql + Sync)).collect();
-        let n = self.with_pending(self.client.execute(&statement, &refs))?;
+        let n = self.with_pending(self.client.execute(&statement, &pg_refs(&args)))?;
         Ok(usize::try_from(n).unwrap_or(usize::MAX))
+    }
+
+    /// Sends a write with the next statement (at the latest, `COMMIT`).
+    pub(crate) fn write(&self, sql: &str, params: Params<'_>) -> Result<(), StorageError> {
+        let statement = self.statement(sql)?;
+        self.defer(Pending::Write(statement, params.iter().map(|p| p.to_sql()).collect()));
+        Ok(())
     }
 
     pub(crate) fn rows(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>, StorageError> {
         let statement = self.statement(sql)?;
         let values: Vec<SqlValue> = params.iter().map(|p| p.to_sql()).collect();
         let args: Vec<PgValue<'_>> = values.iter().map(PgValue).collect();
-        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-            args.iter().map(|a| a as &(dyn tokio_postgres::types::ToSql + Sync)).collect();
-        let rows = self.with_pending(self.client.query(&statement, &refs))?;
+        let rows = self.with_pending(self.client.query(&statement, &pg_refs(&args)))?;
         rows.iter().map(pg_row).collect()
     }
 
     pub(crate) fn batch(&self, sql: &str) -> Result<(), StorageError> {
         self.with_pending(self.client.batch_execute(sql))
     }
+}
+
+fn pg_refs<'a>(args: &'a [PgValue<'_>]) -> Vec<&'a (dyn tokio_postgres::types::ToSql + Sync)> {
+    args.iter().map(|a| a as &(dyn tokio_postgres::types::ToSql + Sync)).collect()
 }
 
 /// A parameter, sent as the type PostgreSQL inferred for its place.

@@ -38,8 +38,11 @@ pub fn postgres() -> &'static gatehouse_devenv::postgres_node::PostgresNode {
     })
 }
 
-/// A new, empty database on [`postgres`]: its url (no password in it) and the password. The
-/// first call of a test binary drops the databases earlier runs left (`t…`, none in use).
+/// A new, empty database on [`postgres`]: its url (no password in it) and the password. Its
+/// name carries this process's id; the first call of a process drops the databases that
+/// processes no longer running left (`t` + pid + random, in hex). Tests run in parallel
+/// processes (nextest), so a sweep must never take a living process's database: one that has
+/// no connection at the moment (between a test's steps, during a server restart) would go.
 pub async fn fresh_database() -> (String, String) {
     static SWEPT: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
     let node = tokio::task::spawn_blocking(postgres).await.expect("postgres");
@@ -53,11 +56,14 @@ pub async fn fresh_database() -> (String, String) {
                 .expect("list databases");
             for row in old {
                 let name: String = row.get(0);
-                let _ = admin.batch_execute(&format!("DROP DATABASE {name}")).await;
+                let pid = u32::from_str_radix(&name[1..9], 16).unwrap_or(0);
+                if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                    let _ = admin.batch_execute(&format!("DROP DATABASE {name}")).await;
+                }
             }
         })
         .await;
-    let name = format!("t{}", random_hex(6));
+    let name = format!("t{:08x}{}", std::process::id(), random_hex(2));
     admin.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create database");
     (node.url(&name), password)
 }

@@ -45,8 +45,7 @@ impl Tx<'_> {
 
     /// Forgets the attempts of a job whose outcome is now recorded.
     pub fn clear_attempts(&self, id: &JobId) -> Result<(), StorageError> {
-        self.exec("DELETE FROM attempts WHERE job_id = ?1", params![id.as_str()])?;
-        Ok(())
+        self.write("DELETE FROM attempts WHERE job_id = ?1", params![id.as_str()])
     }
 
     /// Records why the latest attempt of `id` failed.
@@ -54,7 +53,7 @@ impl Tx<'_> {
         self.lock_job(id)?;
         let Some(a) = self.attempts(id)? else { return Ok(()) };
         let sealed = self.seal_text(Some(error), &Place::attempt_error(id.as_str(), &a.client))?;
-        self.exec(
+        self.write(
             "UPDATE attempts SET last_error = ?2, running = 0, updated_at_ms = ?3 WHERE job_id = ?1",
             params![id.as_str(), sealed, now_ms()],
         )?;

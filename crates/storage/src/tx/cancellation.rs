@@ -24,8 +24,7 @@ impl Tx<'_> {
 
     /// Forgets the cancellation of a job that is decided now.
     pub fn forget_cancelled(&self, id: &JobId) -> Result<(), StorageError> {
-        self.exec("DELETE FROM cancelled WHERE job_id = ?1", params![id.as_str()])?;
-        Ok(())
+        self.write("DELETE FROM cancelled WHERE job_id = ?1", params![id.as_str()])
     }
 
     /// Deletes at most `limit` cancellations made before `before_ms` whose job never arrived

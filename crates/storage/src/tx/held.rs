@@ -232,9 +232,9 @@ impl Tx<'_> {
             )?;
             match next {
                 Some((seq, next, envelope)) => {
-                    self.exec("UPDATE singleton_turns SET job_id = ?1 WHERE key = ?2", params![next, key])?;
-                    self.exec("DELETE FROM singleton_waiting WHERE seq = ?1", params![seq])?;
-                    self.exec(
+                    self.write("UPDATE singleton_turns SET job_id = ?1 WHERE key = ?2", params![next, key])?;
+                    self.write("DELETE FROM singleton_waiting WHERE seq = ?1", params![seq])?;
+                    self.write(
                         "INSERT INTO scheduled (job_id, due_ms, envelope) VALUES (?1, 0, ?2)
                          ON CONFLICT(job_id) DO UPDATE SET due_ms = 0, released = 0, claimed_until_ms = 0,
                              envelope = excluded.envelope",
@@ -242,7 +242,7 @@ impl Tx<'_> {
                     )?;
                 }
                 None => {
-                    self.exec("DELETE FROM singleton_turns WHERE key = ?1", params![&key])?;
+                    self.write("DELETE FROM singleton_turns WHERE key = ?1", params![&key])?;
                 }
             }
         }
@@ -251,8 +251,7 @@ impl Tx<'_> {
 
     /// Forgets the message of a singleton job whose turn came (it runs now).
     pub fn turn_taken(&self, id: &JobId) -> Result<(), StorageError> {
-        self.exec("DELETE FROM scheduled WHERE job_id = ?1", params![id.as_str()])?;
-        self.exec("DELETE FROM jobs WHERE id = ?1 AND state = 'waiting_for_turn'", params![id.as_str()])?;
-        Ok(())
+        self.write("DELETE FROM scheduled WHERE job_id = ?1", params![id.as_str()])?;
+        self.write("DELETE FROM jobs WHERE id = ?1 AND state = 'waiting_for_turn'", params![id.as_str()])
     }
 }

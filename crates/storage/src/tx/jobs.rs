@@ -94,7 +94,7 @@ impl Tx<'_> {
         let at = Place::job_result(job.id.as_str(), &job.client);
         let result = job.result.as_ref().map(|r| self.seal(r, &at)).transpose()?;
         let error = self.seal_text(job.error.as_deref(), &Place::job_error(job.id.as_str(), &job.client))?;
-        self.exec(
+        self.write(
             "INSERT INTO jobs (id, client, kind, state, result, error, seq_key, seq_number, updated_at_ms, reason)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
              ON CONFLICT(id) DO UPDATE SET state = excluded.state, result = excluded.result,
@@ -125,9 +125,9 @@ impl Tx<'_> {
         self.clear_attempts(id)?;
         self.forget_cancelled(id)?;
         self.pass_turns(id)?;
-        self.exec("DELETE FROM progress WHERE job_id = ?1", params![id.as_str()])?;
-        self.exec("DELETE FROM checkpoints WHERE job_id = ?1", params![id.as_str()])?;
-        self.exec("UPDATE schedules SET running_job = NULL WHERE running_job = ?1", params![id.as_str()])?;
+        self.write("DELETE FROM progress WHERE job_id = ?1", params![id.as_str()])?;
+        self.write("DELETE FROM checkpoints WHERE job_id = ?1", params![id.as_str()])?;
+        self.write("UPDATE schedules SET running_job = NULL WHERE running_job = ?1", params![id.as_str()])?;
         Ok(())
     }
 
@@ -188,7 +188,7 @@ impl Tx<'_> {
     /// latest already.
     pub fn log_state(&self, id: &JobId, client: &str, state: JobState) -> Result<(), StorageError> {
         // One statement: the next number, unless the latest state is this one already.
-        self.exec(
+        self.write(
             "INSERT INTO job_events (job_id, seq, client, state, at_ms)
              SELECT ?1, COALESCE(MAX(seq), 0) + 1, ?2, ?3, ?4 FROM job_events WHERE job_id = ?1
              HAVING COALESCE((SELECT state FROM job_events WHERE job_id = ?1 ORDER BY seq DESC LIMIT 1), '') <> ?3",

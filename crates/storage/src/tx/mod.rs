@@ -235,6 +235,16 @@ impl<'c> Tx<'c> {
         }
     }
 
+    /// A write whose answer (how many rows) nothing reads: on PostgreSQL it is sent with the
+    /// next statement, pipelined (at the latest with `COMMIT`), which runs it first; an error
+    /// it meets fails that statement, so the transaction all the same.
+    pub(crate) fn write(&self, sql: &str, params: Params<'_>) -> Result<(), StorageError> {
+        match &self.conn {
+            Conn::Sqlite(_) => self.exec(sql, params).map(drop),
+            Conn::Postgres(s) => s.write(sql, params),
+        }
+    }
+
     /// Every row a query answers (prepared once per connection, then cached).
     pub(crate) fn rows(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>, StorageError> {
         match &self.conn {
