@@ -45,8 +45,10 @@ pub fn log_format(name: &str, args: &mut Vec<std::ffi::OsString>) -> Result<LogF
 /// What is logged unless `RUST_LOG` says otherwise. lapin logs every channel the broker closes
 /// as an ERROR of its own (e.g. `NOT_FOUND` while the worker has not declared the topology
 /// yet); each such close also reaches our code as an error, which logs it with its context and
-/// level, so lapin's own line is left out.
-pub const DEFAULT_FILTER: &str = "info,lapin=warn,lapin::channel=off";
+/// level, so lapin's own line is left out. Likewise deadpool logs at WARN each pooled
+/// PostgreSQL connection it finds broken (16 lines when the server cuts them all); the worker
+/// says once that storage refuses writes, and when it takes them again.
+pub const DEFAULT_FILTER: &str = "info,lapin=warn,lapin::channel=off,deadpool=error";
 
 fn init_logs(format: LogFormat) {
     use std::io::IsTerminal as _;

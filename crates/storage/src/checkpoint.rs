@@ -36,6 +36,23 @@ const REWIND_AT: i64 = if cfg!(test) { 64 } else { 8_192 };
 pub(crate) struct Checkpoints {
     committed: SyncSender<()>,
     turn: Arc<Turn>,
+    truncate: Truncate,
+}
+
+/// Asks for the log to be copied back whole and cut to nothing, between two transactions:
+/// after storage refused writes (a full disk), the log may have grown while no checkpoint
+/// could run, and a rewind alone keeps the file at its size.
+#[derive(Clone)]
+pub(crate) struct Truncate {
+    wanted: Arc<std::sync::atomic::AtomicBool>,
+    committed: SyncSender<()>,
+}
+
+impl Truncate {
+    pub(crate) fn soon(&self) {
+        self.wanted.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = self.committed.try_send(());
+    }
 }
 
 /// Who uses the database: the writer, one transaction at a time, or the checkpoint thread to
@@ -87,11 +104,18 @@ impl Checkpoints {
         let (committed, rx) = sync_channel(1);
         let turn = Arc::new(Turn::default());
         let writer_turn = turn.clone();
+        let truncate = Truncate { wanted: Arc::default(), committed: committed.clone() };
+        let wanted = truncate.wanted.clone();
         thread::Builder::new()
             .name("gatehouse-checkpoint".into())
-            .spawn(move || run(&conn, &db, &rx, &writer_turn, &observer))
+            .spawn(move || run(&conn, &db, &rx, &writer_turn, &observer, &wanted))
             .map_err(|e| StorageError::Corrupt(format!("cannot start checkpoint thread: {e}")))?;
-        Ok(Self { committed, turn })
+        Ok(Self { committed, turn, truncate })
+    }
+
+    /// What asks for a truncating checkpoint.
+    pub(crate) fn truncate(&self) -> Truncate {
+        self.truncate.clone()
     }
 
     /// The writer's turn: held from the start of a transaction to its commit.
@@ -108,12 +132,21 @@ impl Checkpoints {
     }
 }
 
-fn run(conn: &Connection, db: &File, committed: &Receiver<()>, turn: &Turn, observer: &crate::Observer) {
+fn run(
+    conn: &Connection,
+    db: &File,
+    committed: &Receiver<()>,
+    turn: &Turn,
+    observer: &crate::Observer,
+    truncate: &std::sync::atomic::AtomicBool,
+) {
     let told = |started: Instant, rewind: bool| {
         if let Some(o) = observer.get() {
             o.checkpointed(started.elapsed(), rewind);
         }
     };
+    // Said once until a checkpoint succeeds again (a full disk fails every one).
+    let mut failing = false;
     while committed.recv().is_ok() {
         thread::sleep(PAUSE);
         while committed.try_recv().is_ok() {}
@@ -139,8 +172,27 @@ fn run(conn: &Connection, db: &File, committed: &Receiver<()>, turn: &Turn, obse
             rewound.map_err(Into::into)
         });
         // The next commit brings another try; meanwhile the log only grows.
-        if let Err(e) = done {
-            tracing::warn!(error = %e, "checkpoint failed");
+        match done {
+            Err(e) if !failing => {
+                tracing::warn!(error = %e, "checkpoint failed; the log grows until one succeeds");
+                failing = true;
+            }
+            Err(e) => tracing::debug!(error = %e, "checkpoint failed again"),
+            Ok(()) if failing => {
+                tracing::info!("checkpoints succeed again");
+                failing = false;
+            }
+            Ok(()) => {}
+        }
+        if truncate.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            let cut = turn.between_transactions(|| {
+                conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get::<_, i64>(0))
+            });
+            match cut {
+                Ok(0) => tracing::info!("log copied back and truncated after storage refused writes"),
+                Ok(_) => tracing::debug!("log not truncated: a reader holds it; the next rewind will"),
+                Err(e) => tracing::warn!(error = %e, "truncating the log failed"),
+            }
         }
     }
 }

@@ -52,9 +52,10 @@ pub enum StorageError {
     /// A value encrypted at rest could not be decrypted (unknown key id, altered data).
     #[error("encrypted value: {0}")]
     Crypto(String),
-    /// The commit failed; nothing of the closure was kept.
-    #[error("commit failed: {0}")]
-    Commit(String),
+    /// The commit failed; nothing of the closure was kept. `refusal`: why, when storage
+    /// refuses writes (see [`StorageError::refusal`]).
+    #[error("commit failed: {message}")]
+    Commit { message: String, refusal: Option<&'static str> },
     /// The closure panicked; its transaction was rolled back.
     #[error("panic while running the job: {0}")]
     Panicked(String),
@@ -73,8 +74,38 @@ impl StorageError {
             Self::Postgres { code, .. } => code
                 .as_deref()
                 .is_none_or(|c| ["08", "40", "53", "57"].iter().any(|class| c.starts_with(class))),
-            Self::Closed | Self::Commit(_) => true,
+            Self::Closed | Self::Commit { .. } => true,
             _ => false,
+        }
+    }
+
+    /// Why storage refuses writes, when this error says it does — the disk is full, the
+    /// database is read-only, I/O fails, the server cannot be reached — as a few plain words;
+    /// `None` for an error of one transaction (a conflict, bad data, a bug). A worker stops
+    /// taking jobs on a refusal and waits for storage to come back.
+    pub fn refusal(&self) -> Option<&'static str> {
+        use rusqlite::ErrorCode as C;
+        match self {
+            Self::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => match e.code {
+                C::DiskFull => Some("disk full"),
+                C::ReadOnly => Some("read-only database"),
+                C::SystemIoFailure => Some("disk I/O error"),
+                C::CannotOpen => Some("cannot open the database file"),
+                _ => None,
+            },
+            Self::Postgres { code, .. } => match code.as_deref() {
+                None => Some("no connection to PostgreSQL"),
+                Some("53100") => Some("PostgreSQL: disk full"),
+                Some("25006") => Some("PostgreSQL: read-only transaction"),
+                Some("57P01" | "57P02" | "57P03") => Some("PostgreSQL: server shutting down or starting"),
+                Some(c) if c.starts_with("08") => Some("PostgreSQL: connection lost"),
+                Some(c) if c.starts_with("53") => Some("PostgreSQL: out of resources"),
+                Some(c) if c.starts_with("58") => Some("PostgreSQL: I/O error"),
+                _ => None,
+            },
+            Self::Commit { refusal, .. } => *refusal,
+            Self::Closed => Some("the storage thread has stopped"),
+            _ => None,
         }
     }
 }
@@ -102,10 +133,26 @@ pub(crate) type Observer = std::sync::Arc<std::sync::OnceLock<std::sync::Arc<dyn
 
 /// One closure's part of a batch: run it inside its savepoint; it answers whether it
 /// succeeded (keep its writes) and how to deliver its result once the batch's fate is known.
-type Work = Box<dyn FnOnce(&Connection, &Keyring) -> Finish + Send>;
+/// Called with `None` when the batch's transaction could not even begin: the closure does
+/// not run (outside a transaction its writes would be kept one by one), and it is answered
+/// with the batch's failure.
+type Work = Box<dyn FnOnce(Option<(&Connection, &Keyring)>) -> Finish + Send>;
 
-/// Delivers a closure's result; `Some(error)` when its batch failed to commit.
-type Deliver = Box<dyn FnOnce(Option<&str>) + Send>;
+/// Delivers a closure's result; `Some(failure)` when its batch failed to commit.
+type Deliver = Box<dyn FnOnce(Option<&Failed>) + Send>;
+
+/// Why a batch was not committed.
+struct Failed {
+    message: String,
+    refusal: Option<&'static str>,
+}
+
+impl From<rusqlite::Error> for Failed {
+    fn from(e: rusqlite::Error) -> Self {
+        let message = e.to_string();
+        Self { message, refusal: StorageError::Sqlite(e).refusal() }
+    }
+}
 
 struct Finish {
     ok: bool,
@@ -135,21 +182,21 @@ fn serve(
             }
         }
         let turn = checkpoints.turn();
-        let began = conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| e.to_string());
+        let began = conn.execute_batch("BEGIN IMMEDIATE").map_err(Failed::from);
         let mut finished = Vec::with_capacity(batch.len());
         for work in batch {
-            if let Err(e) = &began {
-                finished.push((work(conn, keyring).deliver, Some(e.clone())));
+            if began.is_err() {
+                finished.push((work(None).deliver, None));
                 continue;
             }
             let savepoint = conn.execute_batch("SAVEPOINT job");
-            let f = work(conn, keyring);
+            let f = work(Some((conn, keyring)));
             let undo = if f.ok { "RELEASE job" } else { "ROLLBACK TO job; RELEASE job" };
-            let closed = savepoint.and_then(|()| conn.execute_batch(undo)).err().map(|e| e.to_string());
+            let closed = savepoint.and_then(|()| conn.execute_batch(undo)).err().map(Failed::from);
             finished.push((f.deliver, closed));
         }
         let committed = match began {
-            Ok(()) => conn.execute_batch("COMMIT").map_err(|e| e.to_string()),
+            Ok(()) => conn.execute_batch("COMMIT").map_err(Failed::from),
             Err(e) => Err(e),
         };
         if committed.is_err() {
@@ -163,9 +210,35 @@ fn serve(
             }
         }
         for (deliver, own_error) in finished {
-            deliver(committed.as_ref().err().or(own_error.as_ref()).map(String::as_str));
+            deliver(committed.as_ref().err().or(own_error.as_ref()));
         }
     }
+}
+
+/// A closure of [`Store::read`], answering through its own channel.
+type Read = Box<dyn FnOnce(&Connection, &Keyring) + Send>;
+
+/// The reader: its own read-only connection and thread, so that reads neither wait for the
+/// writer's group commit nor fail with it (a full disk refuses the commit, not a read of
+/// what was committed). WAL mode lets it read beside the writer.
+fn start_reader(path: &Path, keyring: std::sync::Arc<Keyring>) -> Result<mpsc::Sender<Read>, StorageError> {
+    use rusqlite::OpenFlags;
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.set_prepared_statement_cache_capacity(64);
+    let (reads, mut rx) = mpsc::channel::<Read>(1024);
+    thread::Builder::new()
+        .name("gatehouse-storage-read".into())
+        .spawn(move || {
+            while let Some(read) = rx.blocking_recv() {
+                read(&conn, &keyring);
+            }
+        })
+        .map_err(|e| StorageError::Corrupt(format!("cannot start storage reader: {e}")))?;
+    Ok(reads)
 }
 
 /// Creates `path` readable and writable by its owner only (0600), or makes an existing file
@@ -267,7 +340,12 @@ pub struct Store {
 
 #[derive(Clone)]
 enum Backend {
-    Sqlite { work: mpsc::Sender<Work>, observer: Observer },
+    Sqlite {
+        work: mpsc::Sender<Work>,
+        reads: mpsc::Sender<Read>,
+        truncate: checkpoint::Truncate,
+        observer: Observer,
+    },
     Postgres(postgres::PgStore),
 }
 
@@ -366,15 +444,17 @@ impl Store {
         conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
         let observer = Observer::default();
         let checkpoints = Checkpoints::start(path, observer.clone())?;
+        let truncate = checkpoints.truncate();
 
-        let keyring = keyring.take().ok_or(StorageError::Closed)?;
+        let keyring = std::sync::Arc::new(keyring.take().ok_or(StorageError::Closed)?);
+        let reads = start_reader(path, keyring.clone())?;
         let (work, mut rx) = mpsc::channel::<Work>(1024);
         let serving = observer.clone();
         thread::Builder::new()
             .name("gatehouse-storage".into())
             .spawn(move || serve(&conn, &keyring, &mut rx, &checkpoints, &serving))
             .map_err(|e| StorageError::Corrupt(format!("cannot start storage thread: {e}")))?;
-        Ok(Self { backend: Backend::Sqlite { work, observer } })
+        Ok(Self { backend: Backend::Sqlite { work, reads, truncate, observer } })
     }
 
     /// Sets who is told about commits and checkpoints (once; later calls are ignored).
@@ -403,15 +483,25 @@ impl Store {
             Backend::Postgres(pg) => return pg.run(f).await,
         };
         let (done, result) = oneshot::channel();
-        let job: Work = Box::new(move |conn, keyring| {
-            let mut tx = Tx::new(conn, keyring);
-            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut tx)))
-                .unwrap_or_else(|p| Err(StorageError::Panicked(panic_message(&*p)).into()));
+        let job: Work = Box::new(move |open| {
+            let ran = open.is_some();
+            let outcome = match open {
+                Some((conn, keyring)) => {
+                    let mut tx = Tx::new(conn, keyring);
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut tx)))
+                        .unwrap_or_else(|p| Err(StorageError::Panicked(panic_message(&*p)).into()))
+                }
+                // Answered with the batch's failure (below): never `Ok`.
+                None => Err(StorageError::Closed.into()),
+            };
             Finish {
                 ok: outcome.is_ok(),
-                deliver: Box::new(move |failed: Option<&str>| {
+                deliver: Box::new(move |failed: Option<&Failed>| {
                     let outcome = match (failed, outcome) {
-                        (Some(e), Ok(_)) => Err(StorageError::Commit(e.to_owned()).into()),
+                        (Some(e), outcome) if !ran || outcome.is_ok() => {
+                            Err(StorageError::Commit { message: e.message.clone(), refusal: e.refusal }
+                                .into())
+                        }
                         (_, outcome) => outcome,
                     };
                     let _ = done.send(outcome);
@@ -419,6 +509,50 @@ impl Store {
             }
         });
         work.send(job).await.map_err(|_| StorageError::Closed)?;
+        result.await.map_err(|_| StorageError::Closed)?
+    }
+
+    /// Storage took a write again after refusing them: on SQLite the log, which may have grown
+    /// while no checkpoint could run, is copied back and cut to nothing, between two of the
+    /// writer's transactions.
+    pub fn after_refusal(&self) {
+        if let Backend::Sqlite { truncate, .. } = &self.backend {
+            truncate.soon();
+        }
+    }
+
+    /// Runs `f`, which only reads, in a read-only transaction beside the writer: it sees what
+    /// was committed before it began, and answers while the writer waits or storage refuses
+    /// writes (a full disk). On SQLite a read-only connection of its own (a write in `f`
+    /// fails); on PostgreSQL a pooled connection, as [`Store::transact`].
+    ///
+    /// # Errors
+    /// What `f` returns, or [`StorageError::Panicked`].
+    pub async fn read<R, E, F>(&self, f: F) -> Result<R, E>
+    where
+        R: Send + 'static,
+        E: From<StorageError> + Send + 'static,
+        F: FnOnce(&mut Tx<'_>) -> Result<R, E> + Send + 'static,
+    {
+        let reads = match &self.backend {
+            Backend::Sqlite { reads, .. } => reads,
+            Backend::Postgres(pg) => return pg.run(f).await,
+        };
+        let (done, result) = oneshot::channel();
+        let read: Read = Box::new(move |conn, keyring| {
+            let outcome = match conn.execute_batch("BEGIN") {
+                Ok(()) => {
+                    let mut tx = Tx::new(conn, keyring);
+                    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut tx)))
+                        .unwrap_or_else(|p| Err(StorageError::Panicked(panic_message(&*p)).into()));
+                    let _ = conn.execute_batch("ROLLBACK");
+                    out
+                }
+                Err(e) => Err(StorageError::from(e).into()),
+            };
+            let _ = done.send(outcome);
+        });
+        reads.send(read).await.map_err(|_| StorageError::Closed)?;
         result.await.map_err(|_| StorageError::Closed)?
     }
 }

@@ -343,6 +343,11 @@ const MIGRATIONS: &[&str] = &[
     r"
     ALTER TABLE leases ADD COLUMN holder TEXT NOT NULL DEFAULT '';
     ",
+    // 22: what the worker writes to learn whether storage takes writes again after refusing
+    // them (`Tx::probe_write`): one row, rewritten.
+    r"
+    CREATE TABLE storage_probe (id INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL, pad BLOB NOT NULL);
+    ",
 ];
 
 /// After this migration (1-based) the error texts of earlier releases are sealed.

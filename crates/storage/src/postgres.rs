@@ -153,6 +153,10 @@ const SCHEMA: &[&str] = &[
     -- 4: which attempt holds a lease (fences a handed-off attempt's outcome).
     ALTER TABLE leases ADD COLUMN holder TEXT NOT NULL DEFAULT '';
 ",
+    r"
+    -- 5: what the worker writes to learn whether storage takes writes again (`Tx::probe_write`).
+    CREATE TABLE storage_probe (id BIGINT PRIMARY KEY, at_ms BIGINT NOT NULL, pad BYTEA NOT NULL);
+",
 ];
 
 /// After this step (1-based) the error texts of earlier releases are sealed.
@@ -262,7 +266,9 @@ impl PgStore {
                 // Not known to be clean: this connection is not used again.
                 drop(deadpool_postgres::Object::take(client));
                 return match outcome {
-                    Ok(_) => Err(StorageError::Commit(e.to_string()).into()),
+                    Ok(_) => {
+                        Err(StorageError::Commit { message: e.to_string(), refusal: e.refusal() }.into())
+                    }
                     failed => failed,
                 };
             }

@@ -68,7 +68,7 @@ pub struct Options {
     pub broker_urls: Option<(String, String)>,
     /// Use this topology prefix instead of a random one.
     pub prefix: Option<String>,
-    /// `RUST_LOG` of a worker process (default `info,lapin=warn`).
+    /// `RUST_LOG` of a worker process (default: the processes' own default filter).
     pub worker_log: Option<&'static str>,
     /// Client certificate for `amqps://` broker URLs.
     pub broker_tls: Option<gatehouse_broker::BrokerTlsSettings>,
@@ -110,6 +110,9 @@ pub struct Options {
     /// Run the worker process (with `worker_binary`) as this uid and gid, as the container
     /// does (its certificates and data folders are handed to it).
     pub worker_uid: Option<u32>,
+    /// The worker's SQLite file in this folder (a small file system the test mounts) instead
+    /// of the test's data folder.
+    pub sqlite_dir: Option<PathBuf>,
 }
 
 /// A running gatekeeper + worker pair.
@@ -117,7 +120,7 @@ pub struct TestSystem {
     pub addr: SocketAddr,
     /// The gatekeeper's plain-HTTP admin listener.
     pub admin_addr: SocketAddr,
-    /// The in-process worker's admin listener (`/metrics`); `None` for a worker process.
+    /// The worker's admin listener (`/metrics`, `/readyz`); `None` for several worker processes.
     pub worker_admin_addr: Option<SocketAddr>,
     /// Reloads the gatekeeper's policy file (what SIGHUP does in the process).
     pub policy: gatehouse_gatekeeper::startup::PolicyReloader,
@@ -245,7 +248,7 @@ impl TestSystem {
             bubblewrap();
         }
 
-        let worker_settings = WorkerSettings {
+        let mut worker_settings = WorkerSettings {
             broker: worker_broker,
             consumer: ConsumerSettings {
                 prefetch: options.prefetch.unwrap_or(4),
@@ -262,7 +265,7 @@ impl TestSystem {
                 std::fs::write(&file, password).expect("password file");
                 StorageSettings { url: Some(url), password_file: Some(file), ..Default::default() }
             } else {
-                let path = data.path().join("worker.sqlite");
+                let path = options.sqlite_dir.as_deref().unwrap_or(data.path()).join("worker.sqlite");
                 StorageSettings { url: Some(format!("sqlite:{}", path.display())), ..Default::default() }
             },
             catalog: CatalogSettings { path: catalog.clone() },
@@ -304,6 +307,12 @@ impl TestSystem {
                 WorkerRun::InProcess { stop: Some(stop), task: Some(task) }
             }
             Some(binary) => {
+                if options.workers <= 1 {
+                    // One process: its admin listener on a port known here.
+                    let free = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+                    worker_settings.admin.listen = free.local_addr().expect("addr");
+                    worker_admin_addr = Some(worker_settings.admin.listen);
+                }
                 let config = data.path().join("worker.toml");
                 std::fs::write(&config, worker_toml(&worker_settings)).expect("worker config");
                 if let Some(uid) = options.worker_uid {
@@ -319,7 +328,9 @@ impl TestSystem {
                             binary: binary.into(),
                             config: config.clone(),
                             log: data.path().join(log),
-                            log_filter: options.worker_log.unwrap_or("info,lapin=warn"),
+                            log_filter: options
+                                .worker_log
+                                .unwrap_or(gatehouse_broker::process::DEFAULT_FILTER),
                             child: Mutex::new(None),
                             starts: 0.into(),
                             supervising: options.supervise_worker.into(),

@@ -102,7 +102,7 @@ pub(crate) fn worker_toml(s: &WorkerSettings) -> String {
          hand_off_after_ms = {}\nlease_ms = {}\n\n\
          [storage]\nurl = \"{}\"\n{}\n[catalog]\npath = \"{}\"\n\n[testing]\nenabled = {}\n\n\
          [keys]\nsealing_key = \"{}\"\ngatekeeper_signing_keys = [\"{}\"]\n\
-         operator_keys = [\"{}\"]\ndata_keyring = \"{}\"\nmax_message_age_s = {}\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+         operator_keys = [\"{}\"]\ndata_keyring = \"{}\"\nmax_message_age_s = {}\n\n[admin]\nlisten = \"{}\"\n\n\
          [retention]\n{}prune_batch = {}\nprune_every_ms = {}\n\n[schedules]\n{}",
         s.broker.url.expose(),
         s.broker.other_urls.iter().map(|u| format!("\"{}\"", u.expose())).collect::<Vec<_>>().join(", "),
@@ -127,6 +127,7 @@ pub(crate) fn worker_toml(s: &WorkerSettings) -> String {
         s.keys.operator_keys[0].display(),
         s.keys.data_keyring.display(),
         s.keys.max_message_age_s,
+        s.admin.listen,
         s.retention.retain_s.map(|r| format!("retain_s = {r}\n")).unwrap_or_default(),
         s.retention.prune_batch,
         s.retention.prune_every_ms,

@@ -552,3 +552,9 @@ async fn a_job_running_past_the_brokers_consumer_timeout_completes_once() {
     ));
     sys.stop().await;
 }
+
+#[path = "shared/refusal.rs"]
+mod refusal;
+
+#[path = "faults/full_disk.rs"]
+mod full_disk;

@@ -19,6 +19,9 @@ static SERIAL: Mutex<()> = Mutex::const_new(());
 mod ledger_model;
 use ledger_model::*;
 
+#[path = "shared/refusal.rs"]
+mod refusal;
+
 #[path = "shared/schedules_scenario.rs"]
 mod schedules_scenario;
 
@@ -423,4 +426,49 @@ async fn a_singleton_kind_runs_one_at_a_time_across_three_workers_on_postgres() 
 async fn three_workers_on_postgres_fire_each_schedule_firing_once_and_never_overlap() {
     let _serial = SERIAL.lock().await;
     schedules_scenario::fire_each_firing_once(true).await;
+}
+
+/// PostgreSQL turns read-only (`default_transaction_read_only` on the worker's database, its
+/// connections cut so that new ones get it) while jobs keep coming: the worker says so once,
+/// turns `/readyz` to 503, takes no jobs but answers status reads, and when the database takes
+/// writes again resumes and applies every job once and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_read_only_postgres_pauses_the_worker_quietly_and_loses_nothing() {
+    let _serial = SERIAL.lock().await;
+    let sys = TestSystem::start_with(Options {
+        worker_binary: Some(env!("CARGO_BIN_EXE_e2e-worker")),
+        postgres: true,
+        ..Options::default()
+    })
+    .await;
+    let gatehouse_storage::Location::Postgres(pg) = sys.storage() else { unreachable!("postgres: true") };
+    let db = pg.url.rsplit('/').next().and_then(|d| d.split('?').next()).expect("a database name").to_owned();
+    let server = pg.url.replace(&format!("/{db}"), "/postgres");
+    let admin = gatehouse_e2e::admin_connection(&server, pg.password.as_deref().expect("a password")).await;
+    let read_only = |on: bool| {
+        let (admin, db) = (&admin, db.clone());
+        async move {
+            admin
+                .batch_execute(&format!("ALTER DATABASE {db} SET default_transaction_read_only = {on}"))
+                .await
+                .expect("alter database");
+            // Sessions keep the setting they started with: cut them, new ones get it.
+            admin
+                .query(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+                    &[&db],
+                )
+                .await
+                .expect("terminate sessions");
+        }
+    };
+    let seen = refusal::storage_refuses_writes(
+        &sys,
+        "read-only PostgreSQL (default_transaction_read_only, sessions cut)",
+        read_only(true),
+        read_only(false),
+    )
+    .await;
+    seen.assert_held();
+    sys.stop().await;
 }

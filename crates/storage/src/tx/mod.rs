@@ -307,6 +307,31 @@ impl<'c> Tx<'c> {
         Ok(())
     }
 
+    /// A write that needs room on disk: rewrites the one row of `storage_probe` with 1 MiB
+    /// that does not compress (a few KiB freed by a failed commit would let a small probe
+    /// through while the jobs' writes still fail). It succeeds only when storage takes writes again (see
+    /// [`crate::StorageError::refusal`]).
+    ///
+    /// # Errors
+    /// Why storage refuses it.
+    pub fn probe_write(&self) -> Result<(), StorageError> {
+        let mut x = now_ms().unsigned_abs() | 1;
+        let pad: Vec<u8> = (0..1024 * 1024)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        self.exec(
+            "INSERT INTO storage_probe (id, at_ms, pad) VALUES (1, ?1, ?2)
+             ON CONFLICT(id) DO UPDATE SET at_ms = excluded.at_ms, pad = excluded.pad",
+            params![now_ms(), pad],
+        )?;
+        Ok(())
+    }
+
     // ---- for handler families ---------------------------------------------------------------
 
     /// Runs one SQL statement of a handler family (its own tables; see [`crate::Family`]);

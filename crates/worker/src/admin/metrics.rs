@@ -65,6 +65,8 @@ pub struct WorkerMetrics {
     pruned: Counter,
     prune_seconds: Histogram,
     firings: Family<Firing, Counter>,
+    storage_refusing: Gauge,
+    storage_outages: Counter,
     /// Whether a broker session is consuming (`/readyz`).
     pub ready: AtomicBool,
     /// What the dashboard shows.
@@ -95,6 +97,8 @@ impl Default for WorkerMetrics {
             pruned: Counter::default(),
             prune_seconds: histogram(0.000_25, 14),
             firings: Family::default(),
+            storage_refusing: Gauge::default(),
+            storage_outages: Counter::default(),
             ready: AtomicBool::new(false),
             activity: Activity::default(),
         };
@@ -123,6 +127,12 @@ impl WorkerMetrics {
             self.waiting_counts.clone(),
         );
         r.register("broker_connected", "Whether a broker session is consuming", self.connected.clone());
+        r.register(
+            "storage_refusing_writes",
+            "Whether storage refuses writes now (disk full, read-only, unreachable): no jobs are taken",
+            self.storage_refusing.clone(),
+        );
+        r.register("storage_outages", "Times storage began to refuse writes", self.storage_outages.clone());
         r.register(
             "schedule_firings",
             "Schedule firings this worker planned, by schedule and outcome (fired, skipped, missed)",
@@ -190,7 +200,7 @@ impl WorkerMetrics {
         let mut counted = self.waiting_counted.lock().await;
         if counted.is_none_or(|at| at.elapsed() >= WAITING_EVERY) {
             let counts = store
-                .transact(|tx| {
+                .read(|tx| {
                     Ok::<_, gatehouse_storage::StorageError>((tx.parked_count()?, tx.scheduled_count()?))
                 })
                 .await;
@@ -219,6 +229,14 @@ impl WorkerMetrics {
                 let label = Firing { schedule: schedule.to_owned(), outcome: outcome.to_owned() };
                 self.firings.get_or_create(&label).inc_by(n);
             }
+        }
+    }
+
+    /// Storage began (`true`) or stopped refusing writes.
+    pub fn storage_refusing(&self, refusing: bool) {
+        self.storage_refusing.set(i64::from(refusing));
+        if refusing {
+            self.storage_outages.inc();
         }
     }
 

@@ -1,10 +1,12 @@
 //! The worker's admin listener: plain HTTP on `[admin] listen` (default `127.0.0.1:9102`; keep
-//! it private). `/healthz` and `/readyz` (a broker session is consuming) for probes; behind
+//! it private). `/healthz` and `/readyz` (a broker session is consuming, and storage takes
+//! writes: see [`health`]) for probes; behind
 //! optional basic auth (`[admin] basic_auth_user` and `basic_auth_password_file`), `/metrics`
 //! (Prometheus) and the read-only dashboard (`/`, see [`dashboard`]).
 
 pub mod activity;
 pub mod dashboard;
+pub mod health;
 pub mod metrics;
 
 use std::sync::Arc;
@@ -22,12 +24,14 @@ use gatehouse_storage::Store;
 use ring::digest;
 
 use self::dashboard::BrokerView;
+use self::health::StorageHealth;
 use self::metrics::WorkerMetrics;
 
 /// What the admin listener needs.
 #[derive(Clone)]
 pub struct Admin {
     pub metrics: Arc<WorkerMetrics>,
+    pub health: Arc<StorageHealth>,
     pub store: Store,
     pub catalog: Arc<Catalog>,
     pub broker: Arc<BrokerView>,
@@ -65,11 +69,15 @@ async fn known_host(State(a): State<Admin>, req: Request, next: Next) -> Respons
     (StatusCode::MISDIRECTED_REQUEST, "unknown host: list it in [admin] allowed_hosts").into_response()
 }
 
-async fn readyz(State(a): State<Admin>) -> impl IntoResponse {
+async fn readyz(State(a): State<Admin>) -> Response {
+    if let Some(reason) = a.health.refusing() {
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("storage refuses writes: {reason}"))
+            .into_response();
+    }
     if a.metrics.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ready")
+        (StatusCode::OK, "ready").into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "no broker session")
+        (StatusCode::SERVICE_UNAVAILABLE, "no broker session").into_response()
     }
 }
 

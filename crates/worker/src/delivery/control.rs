@@ -59,6 +59,7 @@ async fn cancel(ctx: &Ctx, target: &ReplyTarget, id: JobId, client: String) {
             }
             ctx.out.reply(target, &status).await;
         }
+        Err(e) if ctx.shared.health.saw(&e) => {}
         Err(e) => tracing::warn!(error = %e, "cancellation failed"),
     }
 }
@@ -78,10 +79,11 @@ async fn answer_query(
     let max_age = ctx.shared.keys.max_message_age;
     let expired = minted_at_ms
         .is_some_and(|at| now_ms().unsigned_abs().saturating_sub(at) > max_age.as_millis() as u64);
+    // Read beside the writer: answered while it is busy, or while storage refuses writes.
     let answer = ctx
         .shared
         .store
-        .transact(move |tx| {
+        .read(move |tx| {
             let mut s = decide::status_for(tx, &id, &client)?;
             if let Some(after) = events_after {
                 s.events = Some(tx.job_events(&id, &client, after, EVENTS_PER_ANSWER)?);

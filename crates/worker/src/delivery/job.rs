@@ -106,7 +106,9 @@ impl Job<'_> {
     }
 
     async fn requeue(&self, e: &StorageError) {
-        tracing::warn!(error = %e, "could not decide the job; requeueing");
+        if !self.ctx.shared.health.saw(e) {
+            tracing::warn!(error = %e, "could not decide the job; requeueing");
+        }
         requeue_after_pause(self.ctx, self.delivery()).await;
     }
 
@@ -224,7 +226,9 @@ impl Job<'_> {
     /// dead-letter.
     async fn failed(&self, attempt: u32, error: String) {
         let (id, e) = (self.env.id.clone(), error.clone());
-        if let Err(se) = self.ctx.shared.store.transact(move |tx| tx.fail_attempt(&id, &e)).await {
+        if let Err(se) = self.ctx.shared.store.transact(move |tx| tx.fail_attempt(&id, &e)).await
+            && !self.ctx.shared.health.saw(&se)
+        {
             tracing::warn!(error = %se, "could not record the failed attempt");
         }
         self.failed_attempt(attempt, error).await;

@@ -10,6 +10,7 @@
 //! | attempts exhausted; unknown kind; over a client's cap | publish to `gatehouse.dead` with reason headers (confirmed), record, `ack` |
 //! | unsigned or badly signed, stale, undecodable, unsealable, misrouted (queue or priority not the vouched ones), a replay without a valid operator grant | the same, without running or recording anything |
 //! | storage or broker trouble before a decision     | `nack` + requeue after a pause           |
+//! | storage refuses writes (disk full, read-only, gone) | the same, and no more jobs are taken until it takes a write ([`crate::admin::health`]) |
 //! | a long job handed off ([`lease`])               | `ack` at hand-off; its message held in storage under a lease |
 //!
 //! The original delivery is acked only after whatever replaces it (outcome, retry message,
@@ -43,6 +44,7 @@ use gatehouse_protocol::Catalog;
 use gatehouse_storage::Store;
 use tokio::sync::{RwLock, watch};
 
+use crate::admin::health::StorageHealth;
 use crate::admin::metrics::WorkerMetrics;
 use crate::decide::ClientCaps;
 use crate::handlers::Kinds;
@@ -59,6 +61,8 @@ pub struct Shared {
     pub kinds: Arc<Kinds>,
     pub keys: Arc<WorkerKeys>,
     pub metrics: Arc<WorkerMetrics>,
+    /// Whether storage takes writes (when it refuses them, no jobs are taken).
+    pub health: Arc<StorageHealth>,
     /// Whether the `test.*` kinds run.
     pub testing: bool,
     /// Becomes `true` when the worker begins to shut down (handlers see it in their context).

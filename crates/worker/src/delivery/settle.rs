@@ -101,7 +101,9 @@ async fn retry(ctx: &Ctx, carried: &Carried<'_>, attempt: u32, delay_ms: u64, er
             settle(ctx, carried.delivery, Settle::Ack).await;
         }
         Err(e) => {
-            tracing::warn!(error = %e, "could not schedule the retry; requeueing");
+            if ctx.shared.health.refusing().is_none() {
+                tracing::warn!(error = %e, "could not schedule the retry; requeueing");
+            }
             requeue_after_pause(ctx, carried.delivery).await;
         }
     }
@@ -119,7 +121,10 @@ async fn dead_letter(ctx: &Ctx, carried: &Carried<'_>, dead: Dead) {
     match ctx.out.dead_letter(letter, dead).await {
         Ok(()) => settle(ctx, carried.delivery, Settle::Ack).await,
         Err(e) => {
-            tracing::warn!(error = %e, "requeueing");
+            // Quiet while storage refuses writes: that was said once.
+            if ctx.shared.health.refusing().is_none() {
+                tracing::warn!(error = %e, "requeueing");
+            }
             requeue_after_pause(ctx, carried.delivery).await;
         }
     }

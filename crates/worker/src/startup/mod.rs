@@ -136,12 +136,14 @@ impl WorkerBuilder {
             .with_context(|| format!("binding the admin listener {}", settings.admin.listen))?;
         let (stop, stopping) = watch::channel(false);
         let c = &settings.consumer;
+        let health = Arc::new(crate::admin::health::StorageHealth::new(metrics.clone()));
         let shared = Arc::new(Shared {
             store,
             catalog,
             kinds,
             keys,
             metrics,
+            health,
             testing: settings.testing.enabled,
             stop: stopping,
             isolation: tokio::sync::RwLock::new(()),
@@ -281,6 +283,7 @@ impl Worker {
         let shared = &self.shared;
         let admin = crate::admin::router(crate::admin::Admin {
             metrics: shared.metrics.clone(),
+            health: shared.health.clone(),
             store: shared.store.clone(),
             catalog: shared.catalog.clone(),
             broker: self.broker.clone(),
@@ -299,6 +302,7 @@ impl Worker {
                 tracing::warn!(error = %e, "admin listener stopped");
             }
         });
+        tokio::spawn(crate::admin::health::probe(shared.health.clone(), shared.store.clone()));
         if let Some(rx) = self.progress.take() {
             tokio::spawn(progress::keep(shared.store.clone(), rx));
         }
@@ -308,7 +312,7 @@ impl Worker {
             metrics: shared.metrics.clone(),
             stop: self.stop.subscribe(),
         };
-        tokio::spawn(crate::sweep::run(pruning, self.stop.subscribe()));
+        tokio::spawn(crate::sweep::run(pruning, shared.health.clone(), self.stop.subscribe()));
         if !self.schedules.0.is_empty() {
             let planning = Planning::new(
                 shared.store.clone(),
@@ -316,7 +320,7 @@ impl Worker {
                 shared.keys.clone(),
                 shared.metrics.clone(),
             );
-            tokio::spawn(crate::sweep::run(planning, self.stop.subscribe()));
+            tokio::spawn(crate::sweep::run(planning, shared.health.clone(), self.stop.subscribe()));
         }
         Ok(())
     }

@@ -24,6 +24,9 @@ use crate::outbound::Outbound;
 use crate::settings::WorkerSettings;
 use crate::sweep::{self, gaps::Gaps, held::Held};
 
+/// The control queue's consumer tag.
+const CONTROL_TAG: &str = "worker.control";
+
 /// One broker connection and what hangs off it.
 pub(super) struct Session {
     connection: Connection,
@@ -90,19 +93,38 @@ impl Session {
         control.basic_qos(32, BasicQosOptions::default()).await?;
         let (tx, mut rx) = mpsc::channel::<(Source, Delivery)>(64);
         let tags = self.start_consumers(&control, &tx).await?;
+        // For consuming again after storage refused writes; not kept strong, so that the
+        // channel closes when the connection's consumers end.
+        let resume_with = tx.downgrade();
         drop(tx);
         tracing::info!(prefetch, "worker consuming");
         self.ctx.shared.metrics.set_ready(true);
         let (sweeps_stop, sweeps) = watch::channel(false);
         let out = &self.ctx.out;
-        tokio::spawn(sweep::run(Gaps(out.clone()), sweeps.clone()));
-        tokio::spawn(sweep::run(Held(out.clone()), sweeps));
+        let health = &self.ctx.shared.health;
+        tokio::spawn(sweep::run(Gaps(out.clone()), health.clone(), sweeps.clone()));
+        tokio::spawn(sweep::run(Held(out.clone()), health.clone(), sweeps));
         let lanes = Lanes::new(&self.ctx.shared.catalog, usize::from(prefetch));
         let mut flight = InFlight { tasks: JoinSet::new(), lane_tasks: HashMap::new(), lanes };
+        let mut refusals = self.ctx.shared.health.watch();
+        refusals.mark_changed();
+        let mut paused = false;
         let ended = loop {
             tokio::select! {
-                _ = stop.wait_for(|s| *s) => break Ended::Stopped,
+                // (Mapped to `()`: the guard it answers must not live across the awaits below.)
+                () = async { let _ = stop.wait_for(|s| *s).await; } => break Ended::Stopped,
+                Ok(()) = refusals.changed() => {
+                    let refusing = refusals.borrow_and_update().is_some();
+                    if refusing && !paused {
+                        self.pause_jobs(&tags, &mut flight).await;
+                    } else if !refusing && paused {
+                        let Some(tx) = resume_with.upgrade() else { break Ended::ConnectionLost };
+                        self.start_job_consumers(&tx).await?;
+                    }
+                    paused = refusing;
+                }
                 next = rx.recv() => match next {
+                    Some((Source::Job(_), d)) if paused => self.give_back(&d).await,
                     Some((source, d)) => self.arrived(&mut flight, source, d),
                     None => break Ended::ConnectionLost,
                 },
@@ -126,6 +148,17 @@ impl Session {
         control: &Channel,
         tx: &mpsc::Sender<(Source, Delivery)>,
     ) -> anyhow::Result<Vec<(Channel, String)>> {
+        let mut tags = self.start_job_consumers(tx).await?;
+        start(control, &self.ctx.out.topology.control_queue(), CONTROL_TAG, Source::Control, tx).await?;
+        tags.push((control.clone(), CONTROL_TAG.to_owned()));
+        Ok(tags)
+    }
+
+    /// Starts a consumer on every job queue (each lane of a quorum class); answers their tags.
+    async fn start_job_consumers(
+        &self,
+        tx: &mpsc::Sender<(Source, Delivery)>,
+    ) -> anyhow::Result<Vec<(Channel, String)>> {
         let topology = &self.ctx.out.topology;
         let mut tags = Vec::new();
         for route in self.ctx.shared.catalog.queues().iter().flat_map(|q| q.routes()) {
@@ -133,9 +166,25 @@ impl Session {
             start(&self.jobs, &topology.job_queue(&route), &tag, Source::Job(route.clone()), tx).await?;
             tags.push((self.jobs.clone(), tag));
         }
-        start(control, &topology.control_queue(), "worker.control", Source::Control, tx).await?;
-        tags.push((control.clone(), "worker.control".to_owned()));
         Ok(tags)
+    }
+
+    /// Storage refuses writes: no more jobs (status queries go on). The job consumers are
+    /// cancelled and what the lanes hold goes back to its queue; jobs that run now finish or
+    /// fail and go back themselves.
+    async fn pause_jobs(&self, tags: &[(Channel, String)], flight: &mut InFlight) {
+        for (channel, tag) in tags.iter().filter(|(_, tag)| tag != CONTROL_TAG) {
+            let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+        }
+        for d in flight.lanes.drain() {
+            self.give_back(&d).await;
+        }
+    }
+
+    /// Sends a job delivery back to its queue, unstarted.
+    async fn give_back(&self, d: &Delivery) {
+        let _ = d.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+        self.ctx.channel.given_back(d.delivery_tag);
     }
 
     /// A delivery arrived: a quorum lane's is held for its class's next free slot; others start.

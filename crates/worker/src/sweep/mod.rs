@@ -19,9 +19,12 @@ pub mod retention;
 pub mod schedules;
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
+
+use crate::admin::health::StorageHealth;
 
 /// How long a sweep's claim on a held message lasts.
 pub const CLAIM_MS: i64 = 30_000;
@@ -39,14 +42,18 @@ pub trait Sweep: Send {
 }
 
 /// Runs `sweep` pass after pass until `stop` turns true (a pass under way is dropped then).
-pub async fn run(mut sweep: impl Sweep, mut stop: watch::Receiver<bool>) {
+/// While storage refuses writes no pass runs (each would fail the same way).
+pub async fn run(mut sweep: impl Sweep, health: Arc<StorageHealth>, mut stop: watch::Receiver<bool>) {
     loop {
         tokio::select! {
             () = tokio::time::sleep(sweep.pause()) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
+        if health.refusing().is_some() {
+            continue;
+        }
         tokio::select! {
-            ran = sweep.run_once() => if let Err(e) = ran {
+            ran = sweep.run_once() => if let Err(e) = ran && !health.saw_any(&e) {
                 tracing::warn!(sweep = sweep.name(), error = %format!("{e:#}"), "sweep failed; trying again");
             },
             _ = stop.wait_for(|s| *s) => return,
