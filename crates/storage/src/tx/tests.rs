@@ -177,3 +177,40 @@ async fn closures_that_arrive_together_commit_together_and_fail_alone() {
         assert_eq!(next, if i % 10 == 0 { 1 } else { 5 }, "key {i}");
     }
 }
+
+#[tokio::test]
+async fn reads_see_what_was_committed_and_cannot_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir.path().join("db.sqlite"));
+    assert_eq!(store.read(|tx| tx.next_expected("k")).await.unwrap(), 1);
+    store.transact(|tx| tx.set_next_expected("k", 7)).await.unwrap();
+    assert_eq!(store.read(|tx| tx.next_expected("k")).await.unwrap(), 7);
+    // The read connection is read-only: a write in a read fails, and is not kept.
+    let wrote = store.read(|tx| tx.set_next_expected("k", 9)).await;
+    assert!(matches!(&wrote, Err(e) if e.refusal() == Some("read-only database")), "{wrote:?}");
+    assert_eq!(store.transact(|tx| tx.next_expected("k")).await.unwrap(), 7);
+    // And a probe write is a write like any other.
+    store.transact(|tx| tx.probe_write()).await.unwrap();
+}
+
+#[test]
+fn a_refusal_is_told_from_an_error_of_one_transaction() {
+    use rusqlite::ffi;
+    let sqlite = |code| StorageError::Sqlite(rusqlite::Error::SqliteFailure(ffi::Error::new(code), None));
+    let pg =
+        |code: Option<&str>| StorageError::Postgres { code: code.map(str::to_owned), message: "m".into() };
+    assert_eq!(sqlite(ffi::SQLITE_FULL).refusal(), Some("disk full"));
+    assert_eq!(sqlite(ffi::SQLITE_READONLY).refusal(), Some("read-only database"));
+    assert_eq!(sqlite(ffi::SQLITE_IOERR).refusal(), Some("disk I/O error"));
+    assert_eq!(sqlite(ffi::SQLITE_BUSY).refusal(), None, "busy: another writer, not a refusal");
+    assert_eq!(sqlite(ffi::SQLITE_CONSTRAINT).refusal(), None);
+    assert_eq!(pg(Some("53100")).refusal(), Some("PostgreSQL: disk full"));
+    assert_eq!(pg(Some("25006")).refusal(), Some("PostgreSQL: read-only transaction"));
+    assert_eq!(pg(None).refusal(), Some("no connection to PostgreSQL"));
+    assert_eq!(pg(Some("08006")).refusal(), Some("PostgreSQL: connection lost"));
+    assert_eq!(pg(Some("40P01")).refusal(), None, "a deadlock is one transaction's");
+    assert_eq!(pg(Some("23505")).refusal(), None);
+    let commit =
+        StorageError::Commit { message: "database or disk is full".into(), refusal: Some("disk full") };
+    assert_eq!(commit.refusal(), Some("disk full"));
+}
