@@ -156,9 +156,20 @@ impl Exec {
                 ran = &mut work => Some(ran),
                 () = cancel.cancelled() => {
                     // Cancelled: SIGTERM to its processes; SIGKILL (dropping `tree`) after the
-                    // grace period if they are still there.
-                    tree.terminate();
-                    let _ = tokio::time::timeout(crate::handlers::CANCEL_GRACE, &mut work).await;
+                    // grace period if they are still there. One cancelled as it starts may have
+                    // no process of its own yet (the sandbox still setting up): asked again
+                    // until one is there to be told.
+                    let grace = tokio::time::Instant::now() + crate::handlers::CANCEL_GRACE;
+                    let mut ended = false;
+                    while !tree.terminate() && tokio::time::Instant::now() < grace {
+                        if tokio::time::timeout(TERMINATE_AGAIN, &mut work).await.is_ok() {
+                            ended = true;
+                            break;
+                        }
+                    }
+                    if !ended {
+                        let _ = tokio::time::timeout_at(grace, &mut work).await;
+                    }
                     None
                 }
             }
@@ -237,6 +248,9 @@ impl ExternalHandler for Arc<Exec> {
 /// A child's whole process tree, killed when dropped: no child or grandchild outlives its job.
 /// Sandboxed, the tree is the child's PID namespace (it ends when the child, `bwrap`, is
 /// killed); unconfined, its process group.
+/// How soon a cancelled job whose processes were not there yet is asked again.
+const TERMINATE_AGAIN: std::time::Duration = std::time::Duration::from_millis(25);
+
 struct Tree {
     pid: Option<u32>,
     sandboxed: bool,
@@ -244,16 +258,18 @@ struct Tree {
 
 impl Tree {
     /// SIGTERM to the job's own processes (inside the sandbox: not to `bwrap`, whose death
-    /// would SIGKILL them before they could stop).
-    fn terminate(&self) {
-        let Some(pid) = self.pid else { return };
+    /// would SIGKILL them before they could stop); answers whether there was one to tell.
+    fn terminate(&self) -> bool {
+        let Some(pid) = self.pid else { return false };
         if self.sandboxed {
             let helpers: Vec<u32> = children_of(pid).into_iter().chain([pid]).collect();
             let job: Vec<u32> =
                 sandbox::descendants(pid).into_iter().filter(|p| !helpers.contains(p)).collect();
             sandbox::signal(&job, "TERM");
+            !job.is_empty()
         } else {
             signal_group(pid, "TERM");
+            true
         }
     }
 
