@@ -137,11 +137,33 @@ impl BrokerLink {
 /// While `starting`, a broker that is not up yet or a topology the worker has not declared yet
 /// is the expected start-up race: said once at INFO.
 fn report(backoff: &mut Backoff, e: &anyhow::Error, starting: bool) -> Duration {
-    let what = if is_missing_topology(e) {
-        "the worker has not declared the topology yet; answering 503 until it has"
-    } else {
-        "broker unavailable; answering 503 until it is back"
-    };
-    let expected = starting && (is_missing_topology(e) || is_unreachable(e));
-    backoff.failed(what, &format!("{e:#}"), expected)
+    if is_missing_topology(e) {
+        // The expected start-up race, in plain words: what is missing, not the AMQP text.
+        let missing = missing_name(&format!("{e:#}")).unwrap_or_else(|| "its queues and exchanges".into());
+        return backoff.failed(
+            "waiting for the worker to declare the topology; answering 503 until it has",
+            &format!("{missing} not declared yet"),
+            starting,
+        );
+    }
+    let expected = starting && is_unreachable(e);
+    backoff.failed("broker unavailable; answering 503 until it is back", &format!("{e:#}"), expected)
+}
+
+/// The quoted name in a broker's `NOT_FOUND - no exchange 'x' in vhost '/'`.
+fn missing_name(text: &str) -> Option<String> {
+    let rest = &text[text.find("NOT_FOUND - no ")? + "NOT_FOUND - no ".len()..];
+    let (what, rest) = rest.split_once(" '")?;
+    let (name, _) = rest.split_once('\'')?;
+    Some(format!("{what} {name}"))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_missing_exchange_is_named_in_plain_words() {
+        let amqp = "connecting: protocol error: AMQP soft error: NOT_FOUND - no exchange 't1.gatehouse.replies' in vhost '/'";
+        assert_eq!(super::missing_name(amqp).as_deref(), Some("exchange t1.gatehouse.replies"));
+        assert_eq!(super::missing_name("connection refused"), None);
+    }
 }

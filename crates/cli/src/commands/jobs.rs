@@ -106,12 +106,15 @@ pub async fn status(endpoint: &Endpoint, id: &str, as_json: bool) -> anyhow::Res
 
 /// `gatehouse status ID --follow`: the job's live event stream, a line per state and a
 /// progress bar while it runs, until it ends; reconnects (resuming after the last event) when
-/// the stream breaks. With `--json`, one event per line. Returns whether the job succeeded.
+/// the stream breaks. With `--json`, one event per line. The bar is redrawn in place only on
+/// a terminal without `NO_COLOR`; elsewhere (a pipe, a log) each progress report is a plain
+/// line. Returns whether the job succeeded.
 ///
 /// # Errors
 /// When the gatekeeper cannot be reached at all.
 pub async fn follow(endpoint: &Endpoint, id: &str, as_json: bool) -> anyhow::Result<bool> {
     let client = endpoint.client()?;
+    let live = Live::detect();
     let mut last: Option<u64> = None;
     let mut breaks = 0;
     loop {
@@ -143,16 +146,12 @@ pub async fn follow(endpoint: &Endpoint, id: &str, as_json: bool) -> anyhow::Res
                 "progress" if !as_json => {
                     let percent = data["progress"]["percent"].as_u64().unwrap_or(0).min(100) as usize;
                     let message = data["progress"]["message"].as_str().unwrap_or("");
-                    eprint!(
-                        "\r[{}{}] {percent:>3}% {message}\x1b[K",
-                        "#".repeat(percent / 5),
-                        ".".repeat(20 - percent / 5)
-                    );
+                    live.progress(&mut std::io::stderr(), percent, message);
                 }
                 "state" => {
                     let state = data["status"].as_str().unwrap_or("?");
                     if !as_json {
-                        eprintln!("\r{state}\x1b[K");
+                        live.line(&mut std::io::stderr(), state);
                     }
                     if ["succeeded", "failed", "dead_lettered", "cancelled"].contains(&state) {
                         if !as_json {
@@ -168,6 +167,47 @@ pub async fn follow(endpoint: &Endpoint, id: &str, as_json: bool) -> anyhow::Res
                 _ => {}
             }
         }
+    }
+}
+
+/// Where `--follow` writes its progress: a terminal gets a bar redrawn in place; anything else
+/// plain lines, without carriage returns or escape sequences.
+#[derive(Clone, Copy)]
+struct Live(bool);
+
+impl Live {
+    fn detect() -> Self {
+        use std::io::IsTerminal as _;
+        Self(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()))
+    }
+
+    fn progress(self, out: &mut impl std::io::Write, percent: usize, message: &str) {
+        let _ = if self.0 {
+            let bar = format!("{}{}", "#".repeat(percent / 5), ".".repeat(20 - percent / 5));
+            write!(out, "\r[{bar}] {percent:>3}% {message}\x1b[K")
+        } else {
+            writeln!(out, "{percent:>3}% {message}")
+        };
+    }
+
+    fn line(self, out: &mut impl std::io::Write, text: &str) {
+        let _ = if self.0 { writeln!(out, "\r{text}\x1b[K") } else { writeln!(out, "{text}") };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Live;
+
+    #[test]
+    fn progress_is_plain_lines_off_a_terminal_and_a_bar_on_one() {
+        let mut plain = Vec::new();
+        Live(false).progress(&mut plain, 40, "copying");
+        Live(false).line(&mut plain, "succeeded");
+        assert_eq!(String::from_utf8(plain).unwrap(), " 40% copying\nsucceeded\n");
+        let mut bar = Vec::new();
+        Live(true).progress(&mut bar, 40, "copying");
+        assert_eq!(String::from_utf8(bar).unwrap(), "\r[########............]  40% copying\x1b[K");
     }
 }
 

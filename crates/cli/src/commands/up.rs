@@ -178,31 +178,34 @@ async fn run_components(
     supervise(certs, &mut workers, &mut gatekeeper, broker_node::MANAGEMENT_URL).await
 }
 
-/// `count` worker processes with `env`; worker N > 1 with its own admin port.
+/// `count` worker processes with `env`, each with its admin listener at [`worker_admin`].
 fn spawn_workers(bin_dir: &Path, count: usize, env: &[(String, String)]) -> anyhow::Result<Vec<Child>> {
     (1..=count)
         .map(|n| {
             let mut env = env.to_vec();
-            if n > 1 {
-                env.push(("WORKER__ADMIN__LISTEN".into(), format!("127.0.0.1:{}", 9110 + n)));
-            }
+            env.push(("WORKER__ADMIN__LISTEN".into(), worker_admin(n).to_string()));
             spawn(bin_dir, "worker", "config/worker.toml", &env)
         })
         .collect()
 }
 
-/// Waits until the gatekeeper is healthy, then until Ctrl-C or until a component exits;
-/// stops them all.
+/// Worker `n`'s admin listener (`/readyz`): the shipped config's port for the first, 9110 + n
+/// for the others.
+fn worker_admin(n: usize) -> std::net::SocketAddr {
+    let port = if n == 1 { 9102 } else { 9110 + n };
+    std::net::SocketAddr::from(([127, 0, 0, 1], u16::try_from(port).unwrap_or(9102)))
+}
+
+/// Waits until the gatekeeper and every worker are ready (says "up" only then), then until
+/// Ctrl-C or until a component exits; stops them all.
 async fn supervise(
     certs: &Path,
     workers: &mut [Child],
     gatekeeper: &mut Child,
     management: &str,
 ) -> anyhow::Result<()> {
-    let healthy = wait_healthy(certs).await;
-    if let Err(e) = &healthy {
-        eprintln!("gatekeeper did not become healthy: {e:#}");
-    } else {
+    let healthy = wait_ready(certs, workers, gatekeeper).await.context("Gatehouse did not start");
+    if healthy.is_ok() {
         print_banner(certs, management);
     }
 
@@ -255,22 +258,56 @@ fn spawn(bin_dir: &Path, name: &str, config: &str, env: &[(String, String)]) -> 
         .with_context(|| format!("starting {name}"))
 }
 
-async fn wait_healthy(certs: &Path) -> anyhow::Result<()> {
+/// Waits until the gatekeeper's `/readyz` (over mTLS) and every worker's (its admin listener)
+/// answer 200. A component that exits meanwhile (bad configuration: its own error is on
+/// stderr above) ends the wait at once.
+async fn wait_ready(certs: &Path, workers: &mut [Child], gatekeeper: &mut Child) -> anyhow::Result<()> {
     let identity = Identity { cert: certs.join("client.pem"), key: certs.join("client.key") };
     let client = Client::new("https://127.0.0.1:8443", &certs.join("ca.pem"), Some(identity))?;
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut waiting_for = "the gatekeeper".to_owned();
     loop {
-        let attempt = async {
-            let mut conn = client.connect().await?;
-            conn.request(Method::GET, "/readyz", &[], Vec::new()).await
-        };
-        match attempt.await {
-            Ok(res) if res.status == 200 => return Ok(()),
-            Ok(res) if Instant::now() > deadline => anyhow::bail!("readyz answered {}", res.status),
-            Err(e) if Instant::now() > deadline => return Err(e.into()),
-            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        for (n, worker) in workers.iter_mut().enumerate() {
+            if let Some(status) = worker.try_wait()? {
+                anyhow::bail!("worker {} exited before it was ready ({status})", n + 1);
+            }
         }
+        if let Some(status) = gatekeeper.try_wait()? {
+            anyhow::bail!("the gatekeeper exited before it was ready ({status})");
+        }
+        let gatekeeper_ready = async {
+            let mut conn = client.connect().await?;
+            anyhow::Ok(conn.request(Method::GET, "/readyz", &[], Vec::new()).await?.status == 200)
+        };
+        if gatekeeper_ready.await.unwrap_or(false) {
+            let mut all = true;
+            for n in 1..=workers.len() {
+                if !plain_ready(worker_admin(n)).await {
+                    waiting_for = format!("worker {n} (its /readyz at {})", worker_admin(n));
+                    all = false;
+                    break;
+                }
+            }
+            if all {
+                return Ok(());
+            }
+        }
+        anyhow::ensure!(Instant::now() < deadline, "{waiting_for} was not ready within 60 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Whether a plain-HTTP admin listener's `/readyz` answers 200.
+async fn plain_ready(addr: std::net::SocketAddr) -> bool {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let asked = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(b"GET /readyz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").await?;
+        let mut status = [0u8; 12];
+        s.read_exact(&mut status).await?;
+        std::io::Result::Ok(status[9..] == *b"200")
+    };
+    tokio::time::timeout(Duration::from_secs(2), asked).await.is_ok_and(|r| r.unwrap_or(false))
 }
 
 async fn terminate(child: &mut Child) {

@@ -1,6 +1,7 @@
 //! The README's first command, as a newcomer runs it: `gatehouse up` from the repository root
 //! starts cleanly (no ERROR or WARN line, no colour codes when its output is not a terminal),
-//! answers a job, and stops on Ctrl-C.
+//! says it is up only once its worker consumes, answers a job, and stops on Ctrl-C; with a
+//! worker that cannot start, it never says it is up.
 //!
 //! It builds and runs the real binaries (`cargo build --bins`, debug) and needs ports 8443 and
 //! 9101 free, like `gatehouse up` itself.
@@ -26,6 +27,21 @@ async fn gatehouse_up_starts_quietly_runs_a_job_and_stops_on_ctrl_c() {
         .expect("cargo runs");
     assert!(built.success(), "cargo build --bins failed");
 
+    // A worker that refuses its configuration (exit 64): never "up", and `up` itself fails.
+    let broken = Command::new(root.join("target/debug/gatehouse"))
+        .current_dir(&root)
+        .arg("up")
+        .env_remove("RUST_LOG")
+        .env("WORKER__STORAGE__URL", "mysql://nowhere")
+        .stdin(Stdio::null())
+        .output()
+        .expect("gatehouse up runs");
+    let said =
+        String::from_utf8_lossy(&broken.stdout).into_owned() + &String::from_utf8_lossy(&broken.stderr);
+    assert!(!broken.status.success(), "{said}");
+    assert!(!said.contains("Gatehouse is up"), "said up with a worker that did not start:\n{said}");
+    assert!(said.contains("worker 1 exited before it was ready"), "{said}");
+
     let log = tempfile::NamedTempFile::new().unwrap();
     let mut up = Command::new(root.join("target/debug/gatehouse"))
         .current_dir(&root)
@@ -47,6 +63,14 @@ async fn gatehouse_up_starts_quietly_runs_a_job_and_stops_on_ctrl_c() {
         assert!(Instant::now() < deadline, "not up within 90 s:\n{}", output());
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+
+    // Up means up: the worker consumed before the banner.
+    let out = output();
+    let (consuming, banner) = (out.find("worker consuming"), out.find("Gatehouse is up."));
+    assert!(
+        consuming.is_some_and(|c| Some(c) < banner),
+        "the banner came before the worker consumed:\n{out}"
+    );
 
     // The banner's request, through the dev certificates it wrote.
     let certs = root.join("certs/dev");
