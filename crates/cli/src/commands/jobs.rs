@@ -195,22 +195,6 @@ impl Live {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::Live;
-
-    #[test]
-    fn progress_is_plain_lines_off_a_terminal_and_a_bar_on_one() {
-        let mut plain = Vec::new();
-        Live(false).progress(&mut plain, 40, "copying");
-        Live(false).line(&mut plain, "succeeded");
-        assert_eq!(String::from_utf8(plain).unwrap(), " 40% copying\nsucceeded\n");
-        let mut bar = Vec::new();
-        Live(true).progress(&mut bar, 40, "copying");
-        assert_eq!(String::from_utf8(bar).unwrap(), "\r[########............]  40% copying\x1b[K");
-    }
-}
-
 /// `gatehouse cancel ID`. Returns whether it was cancelled (or told to stop).
 ///
 /// # Errors
@@ -250,4 +234,20 @@ fn print(res: &Response, as_json: bool) -> bool {
         }
     }
     ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Live;
+
+    #[test]
+    fn progress_is_plain_lines_off_a_terminal_and_a_bar_on_one() {
+        let mut plain = Vec::new();
+        Live(false).progress(&mut plain, 40, "copying");
+        Live(false).line(&mut plain, "succeeded");
+        assert_eq!(String::from_utf8(plain).unwrap(), " 40% copying\nsucceeded\n");
+        let mut bar = Vec::new();
+        Live(true).progress(&mut bar, 40, "copying");
+        assert_eq!(String::from_utf8(bar).unwrap(), "\r[########............]  40% copying\x1b[K");
+    }
 }
