@@ -8,6 +8,7 @@ pub mod backoff;
 pub mod process;
 pub mod publisher;
 pub mod shutdown;
+pub mod telemetry;
 pub mod topology;
 
 pub use backoff::Backoff;

@@ -50,21 +50,42 @@ pub fn log_format(name: &str, args: &mut Vec<std::ffi::OsString>) -> Result<LogF
 /// says once that storage refuses writes, and when it takes them again.
 pub const DEFAULT_FILTER: &str = "info,lapin=warn,lapin::channel=off,deadpool=error";
 
-fn init_logs(format: LogFormat) {
+/// Settings that say where traces go (`[telemetry]`).
+pub trait HasTelemetry {
+    fn telemetry(&self) -> &crate::telemetry::TelemetrySettings;
+}
+
+/// Log lines to standard output, and spans to an OTLP collector when one is configured.
+fn init_logs(
+    name: &str,
+    format: LogFormat,
+    telemetry: &crate::telemetry::TelemetrySettings,
+) -> Result<Option<crate::telemetry::Exporting>, String> {
     use std::io::IsTerminal as _;
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let filter =
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| DEFAULT_FILTER.into());
-    let logs = tracing_subscriber::fmt().with_env_filter(filter);
-    match format {
-        LogFormat::Text => logs.with_ansi(std::io::stdout().is_terminal()).init(),
-        LogFormat::Json => logs.json().with_current_span(true).init(),
-    }
+    let lines = tracing_subscriber::fmt::layer();
+    let lines = match format {
+        LogFormat::Text => lines.with_ansi(std::io::stdout().is_terminal()).boxed(),
+        LogFormat::Json => lines.json().with_current_span(true).boxed(),
+    };
+    let registry = tracing_subscriber::registry().with(filter).with(lines);
+    let (spans, exporting) = match crate::telemetry::layer(&format!("gatehouse-{name}"), telemetry)? {
+        Some((layer, exporting)) => (Some(layer), Some(exporting)),
+        None => (None, None),
+    };
+    registry.with(spans).init();
+    Ok(exporting)
 }
 
 /// Runs component `name`: `NAME [--log-format text|json] [CONFIG]` (default `config/NAME.toml`), settings read by
 /// `load`, then `run` until it returns.
 pub fn main<S, E, F, Fut>(name: &str, load: impl FnOnce(&Path) -> Result<S, E>, run: F) -> ExitCode
 where
+    S: HasTelemetry,
     E: std::fmt::Display,
     F: FnOnce(S) -> Fut,
     Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
@@ -77,10 +98,17 @@ where
             return ExitCode::from(64);
         }
     };
-    init_logs(format);
     let path = args.first().map_or_else(|| PathBuf::from(format!("config/{name}.toml")), PathBuf::from);
     let settings = match load(&path) {
         Ok(s) => s,
+        Err(e) => {
+            eprintln!("{name}: bad configuration in {}: {e}", path.display());
+            return ExitCode::from(64);
+        }
+    };
+    // After the settings (they say where spans go); nothing logs before.
+    let _exporting = match init_logs(name, format, settings.telemetry()) {
+        Ok(e) => e,
         Err(e) => {
             eprintln!("{name}: bad configuration in {}: {e}", path.display());
             return ExitCode::from(64);

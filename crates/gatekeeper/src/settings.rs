@@ -19,6 +19,14 @@ pub struct GatekeeperSettings {
     pub admin: AdminSettings,
     #[serde(default)]
     pub testing: TestingSettings,
+    #[serde(default)]
+    pub telemetry: gatehouse_broker::telemetry::TelemetrySettings,
+}
+
+impl gatehouse_broker::process::HasTelemetry for GatekeeperSettings {
+    fn telemetry(&self) -> &gatehouse_broker::telemetry::TelemetrySettings {
+        &self.telemetry
+    }
 }
 
 /// `[testing]`: whether the catalog's `testing` kinds exist here (never in production; the

@@ -41,6 +41,10 @@ pub struct JobEnvelope {
     /// carry it, like the gatekeeper's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace_id: Option<String>,
+    /// The gatekeeper's span of that request (16 hex digits): the worker's spans for the job
+    /// are its children in the trace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub span_id: Option<String>,
 }
 
 /// A reply target: the gatekeeper instance's reply queue and the waiting request's
@@ -69,6 +73,8 @@ pub struct SealedJob {
     pub reply: Option<ReplyTo>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub span_id: Option<String>,
 }
 
 fn job_aad(id: &JobId, kind: &str, client: &str) -> Vec<u8> {
@@ -93,6 +99,7 @@ impl JobEnvelope {
             not_before_ms: self.not_before_ms,
             reply: self.reply.clone(),
             trace_id: self.trace_id.clone(),
+            span_id: self.span_id.clone(),
         })
     }
 }
@@ -116,6 +123,7 @@ impl SealedJob {
             not_before_ms: self.not_before_ms,
             reply: self.reply,
             trace_id: self.trace_id,
+            span_id: self.span_id,
         })
     }
 
@@ -132,6 +140,7 @@ impl SealedJob {
             not_before_ms: self.not_before_ms,
             reply: self.reply.clone(),
             trace_id: self.trace_id.clone(),
+            span_id: self.span_id.clone(),
         }
     }
 }
@@ -332,6 +341,7 @@ mod tests {
             not_before_ms: None,
             reply: Some(ReplyTo { queue: "gatehouse.reply.a".into(), correlation_id: "c1".into() }),
             trace_id: None,
+            span_id: None,
         };
         let wire = serde_json::to_string(&env.seal(&session).unwrap()).unwrap();
         assert!(!wire.contains("MARKER"), "{wire}");

@@ -12,6 +12,8 @@ pub struct Trace {
     pub trace_id: String,
     /// 16 lowercase hex digits: the span this hop starts.
     pub span_id: String,
+    /// The client's span this hop continues (from its `traceparent`), if it sent one.
+    pub parent_id: Option<String>,
 }
 
 fn random_hex(bytes: usize) -> String {
@@ -40,13 +42,18 @@ impl Trace {
             return None;
         };
         let valid = is_hex(version, 2) || version == "00";
-        (valid && version != "ff" && is_hex(trace_id, 32) && is_hex(parent, 16) && flags.len() == 2)
-            .then(|| Self { trace_id: trace_id.to_owned(), span_id: random_hex(8) })
+        (valid && version != "ff" && is_hex(trace_id, 32) && is_hex(parent, 16) && flags.len() == 2).then(
+            || Self {
+                trace_id: trace_id.to_owned(),
+                span_id: random_hex(8),
+                parent_id: Some(parent.to_owned()),
+            },
+        )
     }
 
     /// A new trace (the client sent none).
     pub fn fresh() -> Self {
-        Self { trace_id: random_hex(16), span_id: random_hex(8) }
+        Self { trace_id: random_hex(16), span_id: random_hex(8), parent_id: None }
     }
 
     /// The `traceparent` header for this hop (sampled).

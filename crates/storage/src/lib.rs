@@ -215,6 +215,16 @@ fn serve(
     }
 }
 
+/// A span for a transaction of a job (inside its span; one outside any — a sweep's — gets none,
+/// so that traces hold jobs, not housekeeping).
+fn transaction_span(name: &'static str) -> tracing::Span {
+    if tracing::Span::current().is_none() {
+        tracing::Span::none()
+    } else {
+        tracing::info_span!("storage", op = name)
+    }
+}
+
 /// A closure of [`Store::read`], answering through its own channel.
 type Read = Box<dyn FnOnce(&Connection, &Keyring) + Send>;
 
@@ -478,6 +488,16 @@ impl Store {
         E: From<StorageError> + Send + 'static,
         F: FnOnce(&mut Tx<'_>) -> Result<R, E> + Send + 'static,
     {
+        use tracing::Instrument as _;
+        self.write(f).instrument(transaction_span("storage transaction")).await
+    }
+
+    async fn write<R, E, F>(&self, f: F) -> Result<R, E>
+    where
+        R: Send + 'static,
+        E: From<StorageError> + Send + 'static,
+        F: FnOnce(&mut Tx<'_>) -> Result<R, E> + Send + 'static,
+    {
         let work = match &self.backend {
             Backend::Sqlite { work, .. } => work,
             Backend::Postgres(pg) => return pg.run(f).await,
@@ -529,6 +549,16 @@ impl Store {
     /// # Errors
     /// What `f` returns, or [`StorageError::Panicked`].
     pub async fn read<R, E, F>(&self, f: F) -> Result<R, E>
+    where
+        R: Send + 'static,
+        E: From<StorageError> + Send + 'static,
+        F: FnOnce(&mut Tx<'_>) -> Result<R, E> + Send + 'static,
+    {
+        use tracing::Instrument as _;
+        self.read_only(f).instrument(transaction_span("storage read")).await
+    }
+
+    async fn read_only<R, E, F>(&self, f: F) -> Result<R, E>
     where
         R: Send + 'static,
         E: From<StorageError> + Send + 'static,

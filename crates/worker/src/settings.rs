@@ -24,6 +24,14 @@ pub struct WorkerSettings {
     pub schedules: ScheduleSettings,
     #[serde(default)]
     pub sandbox: SandboxSettings,
+    #[serde(default)]
+    pub telemetry: gatehouse_broker::telemetry::TelemetrySettings,
+}
+
+impl gatehouse_broker::process::HasTelemetry for WorkerSettings {
+    fn telemetry(&self) -> &gatehouse_broker::telemetry::TelemetrySettings {
+        &self.telemetry
+    }
 }
 
 /// `[sandbox]`: how executable kinds are confined (see the `handlers::exec::sandbox` module).

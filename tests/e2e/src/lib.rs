@@ -113,6 +113,10 @@ pub struct Options {
     /// The worker's SQLite file in this folder (a small file system the test mounts) instead
     /// of the test's data folder.
     pub sqlite_dir: Option<PathBuf>,
+    /// Spans to this OTLP/HTTP traces URL (`[telemetry] otlp_endpoint`): a worker process
+    /// exports them itself; the in-process gatekeeper's go wherever the test process's
+    /// subscriber sends them.
+    pub otlp_endpoint: Option<String>,
 }
 
 /// A running gatekeeper + worker pair.
@@ -296,6 +300,9 @@ impl TestSystem {
                 }),
             },
             sandbox: Default::default(),
+            telemetry: gatehouse_broker::telemetry::TelemetrySettings {
+                otlp_endpoint: options.otlp_endpoint.clone(),
+            },
         };
         let mut worker_admin_addr = None;
         let worker = match options.worker_binary {
@@ -377,6 +384,9 @@ impl TestSystem {
                 allowed_hosts: Vec::new(),
             },
             testing: gatehouse_gatekeeper::settings::TestingSettings { enabled: options.testing },
+            telemetry: gatehouse_broker::telemetry::TelemetrySettings {
+                otlp_endpoint: options.otlp_endpoint.clone(),
+            },
             keys: GatekeeperKeySettings {
                 signing_key: certs.path().join("gatekeeper-signing.key"),
                 worker_sealing_key: certs.path().join("worker-sealing.pub"),

@@ -132,5 +132,10 @@ pub(crate) fn worker_toml(s: &WorkerSettings) -> String {
         s.retention.prune_batch,
         s.retention.prune_every_ms,
         s.schedules.path.as_ref().map(|p| format!("path = \"{}\"\n", p.display())).unwrap_or_default(),
-    )
+    ) + &s
+        .telemetry
+        .otlp_endpoint
+        .as_ref()
+        .map(|e| format!("\n[telemetry]\notlp_endpoint = \"{e}\"\n"))
+        .unwrap_or_default()
 }

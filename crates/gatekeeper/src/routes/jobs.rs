@@ -37,12 +37,21 @@ pub async fn submit(
     let wait = requested_wait(&headers).map(|w| w.min(app.max_wait));
     // The client's trace continues here (or one starts): every log line of this request, the
     // worker's for the job, and the response carry its id.
-    let trace = headers
+    let mut trace = headers
         .get("traceparent")
         .and_then(|v| v.to_str().ok())
         .and_then(Trace::continue_from)
         .unwrap_or_else(Trace::fresh);
-    let span = tracing::info_span!("submit", client = %client.0, trace_id = %trace.trace_id);
+    let span = tracing::info_span!("submit", client = %client.0, trace_id = tracing::field::Empty);
+    // Exported spans (OTLP) join the client's trace; this span's id is then the one the
+    // response and the worker's spans name.
+    if let Some(parent) = &trace.parent_id {
+        gatehouse_broker::telemetry::continue_trace(&span, &trace.trace_id, parent);
+    }
+    if let Some((trace_id, span_id)) = gatehouse_broker::telemetry::ids(&span) {
+        (trace.trace_id, trace.span_id) = (trace_id, span_id);
+    }
+    span.record("trace_id", trace.trace_id.as_str());
     let mut res = async {
         match accept(&app, &client, &headers, body, wait, &trace).await {
             Ok(res) => {
@@ -72,6 +81,8 @@ async fn accept(
     wait: Option<Duration>,
     trace: &Trace,
 ) -> Result<Response, Problem> {
+    // Spans (OTLP): validate, publish, wait. Nothing below awaits until the publish.
+    let validating = tracing::info_span!("validate").entered();
     if !is_json(headers) {
         return Err(Problem::unsupported_media_type());
     }
@@ -171,6 +182,7 @@ async fn accept(
             correlation_id: w.correlation_id().to_owned(),
         }),
         trace_id: Some(trace.trace_id.clone()),
+        span_id: Some(trace.span_id.clone()),
     };
     // The payload leaves the gatekeeper sealed to the worker: the broker never sees it.
     let session = app.keys.session().map_err(|_| Problem::internal("no session with the worker"))?;
@@ -184,8 +196,11 @@ async fn accept(
     // measurable share of its throughput (see `Vouched`). The job id and reply target travel in
     // the body; the worker labels a dead letter with the id (`message_id`) for `gatehouse dlq`.
     let props = BasicProperties::default().with_priority(priority.get());
+    drop(validating);
     // Its class's queue, or for quorum lanes the lane of its priority.
-    publish(app, &app.catalog.route(spec, priority.get()), &body, props, true).await?;
+    publish(app, &app.catalog.route(spec, priority.get()), &body, props, true)
+        .instrument(tracing::info_span!("publish"))
+        .await?;
     tracing::debug!(job_id = %envelope.id, kind = %envelope.kind, priority = priority.get(), "job accepted");
 
     let mut last = JobStatus::new(envelope.id.clone(), JobState::Queued);
@@ -194,7 +209,7 @@ async fn accept(
         last.not_before = Some(gatehouse_protocol::submit::format_rfc3339_ms(at));
     }
     if let (Some(w), Some(wait)) = (waiter.as_mut(), wait) {
-        last = await_outcome(w, wait, last).await;
+        last = await_outcome(w, wait, last).instrument(tracing::info_span!("wait")).await;
         if last.status.is_final() {
             return Ok((StatusCode::OK, Json(last)).into_response());
         }

@@ -35,6 +35,7 @@ fn ledger_job(n: u8, number: u64, amount: i64) -> JobEnvelope {
         not_before_ms: None,
         reply: None,
         trace_id: None,
+        span_id: None,
     }
 }
 

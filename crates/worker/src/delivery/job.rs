@@ -38,6 +38,10 @@ pub async fn handle_job(ctx: Ctx, route: String, mut delivery: Delivery) {
     };
     let trace_id = env.trace_id.as_deref().unwrap_or("");
     let span = tracing::info_span!("job", job_id = %env.id, kind = %env.kind, client = %env.client, trace_id);
+    // Exported spans (OTLP) continue the gatekeeper's span of the request.
+    if let (Some(trace_id), Some(span_id)) = (&env.trace_id, &env.span_id) {
+        gatehouse_broker::telemetry::continue_trace(&span, trace_id, span_id);
+    }
     async move {
         let _one_at_a_time = ctx.shared.job_locks.lock(&env.id).await;
         let carried = Carried { delivery: &delivery, data: &data, route: &route, job: Some((&env, &target)) };
@@ -96,7 +100,12 @@ impl Job<'_> {
         });
         let prepared = {
             let (spec, arrival) = (self.spec.clone(), self.arrival(replay, turn_lease));
-            self.ctx.shared.store.transact(move |tx| decide::prepare(tx, &spec, &arrival)).await
+            self.ctx
+                .shared
+                .store
+                .transact(move |tx| decide::prepare(tx, &spec, &arrival))
+                .instrument(tracing::info_span!("decide"))
+                .await
         };
         match prepared {
             Ok(Step::Decided(verdict)) => act(self.ctx, self.carried, verdict).await,
@@ -131,6 +140,7 @@ impl Job<'_> {
                 .transact(move |tx| {
                     decide::decide_and_run(tx, &catalog, &kinds, &spec, &keys.sessions, &arrival)
                 })
+                .instrument(tracing::info_span!("decide and run"))
                 .await
         };
         shared.metrics.handler_took(&self.env.kind, started.elapsed());
@@ -173,7 +183,11 @@ impl Job<'_> {
         };
         let begun = {
             let (spec, env, target) = (self.spec.clone(), self.env.clone(), self.target.clone());
-            shared.store.transact(move |tx| decide::begin(tx, &spec, &env, &target)).await
+            shared
+                .store
+                .transact(move |tx| decide::begin(tx, &spec, &env, &target))
+                .instrument(tracing::info_span!("begin attempt"))
+                .await
         };
         let started = match begun {
             Ok(Ok(started)) => started,
@@ -193,7 +207,8 @@ impl Job<'_> {
                     reservation,
                     holder: &holder,
                 },
-            );
+            )
+            .instrument(tracing::info_span!("run", attempt));
             tokio::pin!(running);
             // A long job's delivery is acked after a while, its message held in storage
             // instead (see [`super::lease`]); if that hold cannot be kept, the handler stops

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
+use tracing::Instrument as _;
 
 use gatehouse_broker::lapin::message::Delivery;
 use gatehouse_broker::lapin::options::{BasicAckOptions, BasicNackOptions};
@@ -65,14 +66,19 @@ pub struct Carried<'a> {
 
 /// Acts on `verdict`: answers and acks, retries, or dead-letters, then settles the delivery.
 pub async fn act(ctx: &Ctx, carried: &Carried<'_>, verdict: Verdict) {
-    match verdict {
-        Verdict::Answered(answers) => {
-            let kind = carried.job.map_or("", |(env, _)| env.kind.as_str());
-            finish(ctx, carried.delivery, kind, &answers).await;
+    let settled = async {
+        match verdict {
+            Verdict::Answered(answers) => {
+                let kind = carried.job.map_or("", |(env, _)| env.kind.as_str());
+                finish(ctx, carried.delivery, kind, &answers).await;
+            }
+            Verdict::Retry { attempt, delay_ms, error } => {
+                retry(ctx, carried, attempt, delay_ms, error).await
+            }
+            Verdict::DeadLetter(dead) => dead_letter(ctx, carried, dead).await,
         }
-        Verdict::Retry { attempt, delay_ms, error } => retry(ctx, carried, attempt, delay_ms, error).await,
-        Verdict::DeadLetter(dead) => dead_letter(ctx, carried, dead).await,
-    }
+    };
+    settled.instrument(tracing::info_span!("settle")).await;
 }
 
 /// Sends the answers of a decided (or held) job, then acks.

@@ -526,6 +526,7 @@ mod tests {
             not_before_ms: None,
             reply: None,
             trace_id: None,
+            span_id: None,
         };
         let Some(Outcome::Permanent(e)) = revalidate(&schemas, &env) else { panic!("accepted") };
         assert!(e.starts_with("invalid-payload") && !e.contains("MARKER") && !e.contains("12345"), "{e}");

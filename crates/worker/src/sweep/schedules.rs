@@ -152,6 +152,7 @@ impl Schedule {
             not_before_ms: None,
             reply: None,
             trace_id: None,
+            span_id: None,
         }
     }
 }
