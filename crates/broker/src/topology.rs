@@ -1,7 +1,7 @@
 //! Every exchange, queue and binding, declared idempotently by [`Topology::declare`].
 //!
 //! ```text
-//! gatehouse.jobs (direct) --<class>--> gatehouse.jobs.<class>   x-max-priority 9, max length,
+//! gatehouse.jobs (direct) --<class>.p0..p9--> gatehouse.jobs.<class>   x-max-priority 9, max length,
 //!                 |                                            reject-publish, DLX gatehouse.dead
 //!                 +--control--> gatehouse.control               status queries for the worker
 //! gatehouse.dead (fanout) --> gatehouse.dead                      poison and undecodable messages
@@ -20,7 +20,11 @@
 //! `gatehouse.jobs.<class>.p<lane>`, routed by the gatekeeper from the job's priority (RabbitMQ
 //! 3.10 refuses `x-max-priority` on quorum queues; the worker orders across lanes, see
 //! `gatehouse_worker::dispatch`). The routing key of a class's queue (or lane) is its *route*:
-//! the class name, or `<class>.p<lane>`; retries and replays use the route too.
+//! the class name, or `<class>.p<lane>`; retries and replays use the route too. The gatekeeper
+//! publishes every job with `<class>.p<priority>` whatever the type: each queue is bound with
+//! the publish keys of the priorities it takes (and the lowest with the class name, the route
+//! of a classic class), so bindings alone route, and a class moves between types (`gatehouse
+//! queues migrate`) under a running gatekeeper.
 //! A `prefix` (empty in production) lets tests share one broker without sharing queues.
 
 use lapin::Channel;
@@ -140,51 +144,15 @@ impl Topology {
         )
         .await?;
 
-        let durable_q = QueueDeclareOptions { durable: true, ..Default::default() };
         // With quorum classes (a cluster), every queue the worker needs is replicated: a
         // classic queue lives on one node, and while that node is down it cannot even be
         // declared.
         let replicated = classes.iter().any(|c| c.queue_type == QueueType::Quorum);
-        let base = || {
-            let mut args = FieldTable::default();
-            if replicated {
-                args.insert("x-queue-type".into(), long_string("quorum"));
-            }
-            args
-        };
-        ch.queue_declare(self.dead_queue().as_str().into(), durable_q, base()).await?;
-        self.bind(ch, &self.dead_queue(), &self.dead_exchange(), "").await?;
-
+        self.declare_dead(ch, replicated).await?;
         for class in classes {
-            // A classic queue orders by message priority; a quorum class has a queue per
-            // priority lane (quorum queues refuse x-max-priority), each replicated.
-            for route in class.routes() {
-                let mut args = FieldTable::default();
-                match class.queue_type {
-                    QueueType::Classic => {
-                        args.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(9));
-                    }
-                    QueueType::Quorum => {
-                        args.insert("x-queue-type".into(), long_string("quorum"));
-                        args.insert("x-delivery-limit".into(), AMQPValue::LongUInt(class.delivery_limit));
-                    }
-                }
-                args.insert("x-max-length".into(), AMQPValue::LongUInt(class.max_length));
-                args.insert("x-overflow".into(), long_string("reject-publish"));
-                args.insert("x-dead-letter-exchange".into(), long_string(&self.dead_exchange()));
-                let queue = self.job_queue(&route);
-                ch.queue_declare(queue.as_str().into(), durable_q, args).await?;
-                self.bind(ch, &queue, &self.jobs_exchange(), &route).await?;
-                self.bind(ch, &queue, &self.requeue_exchange(), &route).await?;
-            }
+            self.declare_class(ch, class).await?;
         }
-
-        // Status queries are cheap to repeat, so the control queue drops what nobody read
-        // within a minute instead of piling it up while the worker is down.
-        let mut args = base();
-        args.insert("x-message-ttl".into(), AMQPValue::LongUInt(60_000));
-        ch.queue_declare(self.control_queue().as_str().into(), durable_q, args).await?;
-        self.bind(ch, &self.control_queue(), &self.jobs_exchange(), CONTROL_ROUTING_KEY).await?;
+        self.declare_control(ch, replicated).await?;
         // Last: a gatekeeper can bind its reply queue only once the replies exchange exists,
         // so when its link comes up, every job queue is already there.
         for direct in [self.retry_exchange(), self.replies_exchange()] {
@@ -192,6 +160,147 @@ impl Topology {
                 .await?;
         }
         Ok(())
+    }
+
+    /// Declares the dead-letter queue (quorum when `replicated`) and binds it to the
+    /// dead-letter exchange.
+    ///
+    /// # Errors
+    /// When the broker refuses (a dead-letter queue of the other type exists).
+    pub async fn declare_dead(&self, ch: &Channel, replicated: bool) -> Result<(), lapin::Error> {
+        self.declare_support(ch, &self.dead_queue(), replicated, FieldTable::default()).await?;
+        self.bind(ch, &self.dead_queue(), &self.dead_exchange(), "").await
+    }
+
+    /// Declares the control queue (quorum when `replicated`) and binds it to the jobs exchange.
+    /// Status queries are cheap to repeat, so it drops what nobody read within a minute
+    /// instead of piling it up while the worker is down.
+    ///
+    /// # Errors
+    /// When the broker refuses (a control queue of the other type exists).
+    pub async fn declare_control(&self, ch: &Channel, replicated: bool) -> Result<(), lapin::Error> {
+        let mut args = FieldTable::default();
+        args.insert("x-message-ttl".into(), AMQPValue::LongUInt(60_000));
+        self.declare_support(ch, &self.control_queue(), replicated, args).await?;
+        self.bind(ch, &self.control_queue(), &self.jobs_exchange(), CONTROL_ROUTING_KEY).await
+    }
+
+    /// Declares `queue` durable with `args`, quorum when `replicated`.
+    ///
+    /// # Errors
+    /// When the broker refuses (a queue of that name with other arguments).
+    pub async fn declare_support(
+        &self,
+        ch: &Channel,
+        queue: &str,
+        replicated: bool,
+        mut args: FieldTable,
+    ) -> Result<(), lapin::Error> {
+        if replicated {
+            args.insert("x-queue-type".into(), long_string("quorum"));
+        }
+        let durable_q = QueueDeclareOptions { durable: true, ..Default::default() };
+        ch.queue_declare(queue.into(), durable_q, args).await.map(drop)
+    }
+
+    /// Declares the queues of `class` (a classic queue, or its quorum lanes) and binds each
+    /// with its keys ([`QueueClass::keys`]) on the jobs and requeue exchanges. Idempotent.
+    ///
+    /// # Errors
+    /// When the broker refuses a declaration (a queue of that name with other arguments).
+    pub async fn declare_class(&self, ch: &Channel, class: &QueueClass) -> Result<(), lapin::Error> {
+        let durable_q = QueueDeclareOptions { durable: true, ..Default::default() };
+        // A classic queue orders by message priority; a quorum class has a queue per
+        // priority lane (quorum queues refuse x-max-priority), each replicated.
+        for route in class.routes() {
+            let mut args = FieldTable::default();
+            match class.queue_type {
+                QueueType::Classic => {
+                    args.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(9));
+                }
+                QueueType::Quorum => {
+                    args.insert("x-queue-type".into(), long_string("quorum"));
+                    args.insert("x-delivery-limit".into(), AMQPValue::LongUInt(class.delivery_limit));
+                }
+            }
+            args.insert("x-max-length".into(), AMQPValue::LongUInt(class.max_length));
+            args.insert("x-overflow".into(), long_string("reject-publish"));
+            args.insert("x-dead-letter-exchange".into(), long_string(&self.dead_exchange()));
+            let queue = self.job_queue(&route);
+            ch.queue_declare(queue.as_str().into(), durable_q, args).await?;
+            for key in class.keys(&route) {
+                self.bind(ch, &queue, &self.jobs_exchange(), &key).await?;
+                self.bind(ch, &queue, &self.requeue_exchange(), &key).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes every binding from the queues `class` has left on the broker under another type
+    /// or other lanes ([`QueueClass::other_routes`]), so that new jobs, retries and replays go
+    /// only to its queues now; answers those queues with the messages they still hold. Each
+    /// is looked up on a channel of its own (a missing queue closes it).
+    ///
+    /// # Errors
+    /// When the broker cannot be reached or refuses an unbind.
+    pub async fn retire_other_queues(
+        &self,
+        conn: &lapin::Connection,
+        class: &QueueClass,
+    ) -> Result<Vec<(String, u32)>, lapin::Error> {
+        let mut left = Vec::new();
+        for route in class.other_routes() {
+            let queue = self.job_queue(&route);
+            let Some(messages) = self.depth(conn, &queue).await? else { continue };
+            let ch = conn.create_channel().await?;
+            let mut keys: Vec<String> = (0..=9).map(|p| class.publish_key(p)).collect();
+            keys.push(class.name.clone());
+            keys.push(route.clone());
+            for key in keys {
+                for exchange in [self.jobs_exchange(), self.requeue_exchange()] {
+                    ch.queue_unbind(
+                        queue.as_str().into(),
+                        exchange.as_str().into(),
+                        key.as_str().into(),
+                        FieldTable::default(),
+                    )
+                    .await?;
+                }
+            }
+            let _ = ch.close(200, "unbound".into()).await;
+            left.push((queue, messages));
+        }
+        Ok(left)
+    }
+
+    /// The messages ready in `queue`, or `None` when there is no such queue.
+    ///
+    /// # Errors
+    /// When the broker cannot be reached.
+    pub async fn depth(&self, conn: &lapin::Connection, queue: &str) -> Result<Option<u32>, lapin::Error> {
+        Ok(self.look_up(conn, queue).await?.map(|(messages, _)| messages))
+    }
+
+    /// The messages ready in `queue` and its consumers, or `None` when there is no such queue
+    /// (looked up on a channel of its own: a missing queue closes it).
+    ///
+    /// # Errors
+    /// When the broker cannot be reached.
+    pub async fn look_up(
+        &self,
+        conn: &lapin::Connection,
+        queue: &str,
+    ) -> Result<Option<(u32, u32)>, lapin::Error> {
+        let ch = conn.create_channel().await?;
+        let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+        match ch.queue_declare(queue.into(), passive, FieldTable::default()).await {
+            Ok(q) => {
+                let _ = ch.close(200, "looked up".into()).await;
+                Ok(Some((q.message_count(), q.consumer_count())))
+            }
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// Declares the retry queue of route `class` for `delay_ms`: messages expire there after
@@ -245,6 +354,21 @@ impl Topology {
         )
         .await
     }
+}
+
+/// The broker answered 404 (no such queue or exchange).
+pub fn is_not_found(e: &lapin::Error) -> bool {
+    is_soft(e, &lapin::protocol::AMQPSoftError::NOTFOUND)
+}
+
+/// The broker answered 406: a queue of that name exists with other arguments (another type).
+pub fn is_precondition_failed(e: &lapin::Error) -> bool {
+    is_soft(e, &lapin::protocol::AMQPSoftError::PRECONDITIONFAILED)
+}
+
+fn is_soft(e: &lapin::Error, which: &lapin::protocol::AMQPSoftError) -> bool {
+    use lapin::protocol::AMQPErrorKind;
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(a) if matches!(a.kind(), AMQPErrorKind::Soft(s) if s == which))
 }
 
 fn long_string(s: &str) -> AMQPValue {

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use gatehouse_cli::commands::dlq::{self, BrokerArgs};
 use gatehouse_cli::commands::jobs::{self, Endpoint, SubmitArgs};
+use gatehouse_cli::commands::queues::{self, MigrateArgs};
 use gatehouse_cli::commands::rekey::{self, RekeyArgs};
 use gatehouse_cli::commands::schedules::{self, SchedulesArgs};
 use gatehouse_cli::commands::up::{self, UpArgs};
@@ -52,6 +53,9 @@ enum Cmd {
         #[command(flatten)]
         broker: BrokerArgs,
     },
+    /// The job queues on the broker (operators).
+    #[command(subcommand)]
+    Queues(QueuesCmd),
     /// Show the status (and result) of one of your jobs.
     Status {
         id: String,
@@ -81,6 +85,18 @@ enum SchedulesCmd {
     List {
         #[command(flatten)]
         args: SchedulesArgs,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum QueuesCmd {
+    /// Move a queue class of a running system to the type its catalog now says (classic or
+    /// quorum): new queues beside the old, the old drained into them, then deleted.
+    Migrate {
+        #[command(flatten)]
+        args: MigrateArgs,
         #[arg(long)]
         json: bool,
     },
@@ -164,6 +180,27 @@ async fn main() -> ExitCode {
         Cmd::Status { id, endpoint, json, follow: true } => jobs::follow(&endpoint, &id, json).await,
         Cmd::Cancel { id, endpoint, json } => jobs::cancel(&endpoint, &id, json).await,
         Cmd::Dlq { command, broker } => run_dlq(command, &broker).await,
+        Cmd::Queues(QueuesCmd::Migrate { args, json }) => {
+            queues::migrate(&args, |line| eprintln!("{line}")).await.map(|moved| {
+                if json {
+                    println!("{}", serde_json::json!(moved));
+                } else {
+                    println!(
+                        "class {} is {} now: {} jobs and {} dead letters moved; deleted {}",
+                        args.class,
+                        args.to.name(),
+                        moved.jobs,
+                        moved.dead_letters,
+                        if moved.deleted.is_empty() {
+                            "nothing".to_owned()
+                        } else {
+                            moved.deleted.join(", ")
+                        }
+                    );
+                }
+                true
+            })
+        }
         Cmd::Schedules { command: SchedulesCmd::List { args, json } } => {
             schedules::list(&args).await.map(|list| {
                 if json {

@@ -48,6 +48,16 @@ pub enum QueueType {
     Quorum,
 }
 
+impl QueueType {
+    /// As the catalog spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Classic => "classic",
+            Self::Quorum => "quorum",
+        }
+    }
+}
+
 impl QueueClass {
     /// The lanes' lowest priorities, highest lane first; empty for a classic queue.
     pub fn lanes(&self) -> Vec<u8> {
@@ -76,6 +86,55 @@ impl QueueClass {
             return vec![self.name.clone()];
         }
         lanes.into_iter().map(|lane| format!("{}.p{lane}", self.name)).collect()
+    }
+
+    /// The routing key the gatekeeper publishes a job of this class at `priority` with:
+    /// `<name>.p<priority>` whatever the queue type, so that the broker's bindings alone say
+    /// which queue (or lane) takes it, and a class moves between types without the gatekeeper.
+    pub fn publish_key(&self, priority: u8) -> String {
+        format!("{}.p{}", self.name, priority.min(9))
+    }
+
+    /// The keys the queue of `route` is bound with, on the jobs and the requeue exchanges: the
+    /// publish keys of the priorities it takes, and for the class's lowest queue (its only
+    /// queue, or lane 0) the class's name too (what the route of a classic class was, kept
+    /// by retries and dead letters from before a move between types).
+    pub fn keys(&self, route: &str) -> Vec<String> {
+        let lanes = self.lanes();
+        let (low, high) = if lanes.is_empty() {
+            (0, 9)
+        } else {
+            let Some(at) = lanes.iter().position(|l| format!("{}.p{l}", self.name) == route) else {
+                return Vec::new();
+            };
+            (lanes[at], if at == 0 { 9 } else { lanes[at - 1] - 1 })
+        };
+        let mut keys: Vec<String> = (low..=high).map(|p| self.publish_key(p)).collect();
+        if low == 0 {
+            keys.push(self.name.clone());
+        }
+        keys
+    }
+
+    /// The lowest priority the queue of `route` takes (0 for a classic class), if the route
+    /// is this class's.
+    pub fn floor(&self, route: &str) -> Option<u8> {
+        let lanes = self.lanes();
+        if lanes.is_empty() {
+            return (route == self.name).then_some(0);
+        }
+        lanes.into_iter().find(|l| format!("{}.p{l}", self.name) == route)
+    }
+
+    /// The queues (routes) this class may have left on the broker under another type or other
+    /// lanes, which its bindings must be taken from: for a quorum class the classic queue
+    /// and lanes it no longer has; for a classic class every lane a quorum class can have.
+    pub fn other_routes(&self) -> Vec<String> {
+        let own = self.routes();
+        let mut others = vec![self.name.clone()];
+        others.extend((0..=9).map(|p| format!("{}.p{p}", self.name)));
+        others.retain(|r| !own.contains(r));
+        others
     }
 
     fn check(&self) -> Result<(), String> {
@@ -354,6 +413,19 @@ impl Catalog {
         self.queue(&kind.queue).map_or_else(|| kind.queue.clone(), |q| q.route(priority))
     }
 
+    /// The routing key the gatekeeper publishes a job of `kind` at `priority` with.
+    pub fn publish_key(&self, kind: &KindSpec, priority: u8) -> String {
+        self.queue(&kind.queue).map_or_else(|| kind.queue.clone(), |q| q.publish_key(priority))
+    }
+
+    /// Whether a job of `kind` at `priority` may arrive from the queue of `route`: its own
+    /// class's, in its lane or a lower one (where it waits longer, never less; a retry from
+    /// before the class moved to quorum lanes comes back in the lowest). A copy in another
+    /// class's queue or a higher lane would run early.
+    pub fn admits(&self, kind: &KindSpec, priority: u8, route: &str) -> bool {
+        self.queue(&kind.queue).and_then(|q| q.floor(route)).is_some_and(|floor| floor <= priority)
+    }
+
     /// The class a route belongs to (a lane's, or the class of that name).
     pub fn class_of_route(&self, route: &str) -> Option<&QueueClass> {
         self.queues.iter().find(|q| q.routes().iter().any(|r| r == route))
@@ -413,6 +485,47 @@ mod tests {
         assert!(QueueClass { lanes: Some(vec![5, 9]), ..q.clone() }.check().is_err());
         assert!(QueueClass { lanes: Some(vec![0, 10]), ..q }.check().is_err());
         assert!(QueueClass { lanes: Some(vec![0]), ..classic("batch") }.check().is_err());
+    }
+
+    /// Whatever the type and lanes, each publish key is bound to exactly one queue, the one
+    /// `route` names, and the class name (the old classic route) to the lowest; the keys of
+    /// the other type's queues are the ones a move takes away.
+    #[test]
+    fn publish_keys_reach_the_queue_of_their_priority_under_either_type() {
+        let quorum = QueueClass { queue_type: QueueType::Quorum, ..classic("batch") };
+        for class in [classic("batch"), quorum.clone(), QueueClass { lanes: Some(vec![0, 9, 3]), ..quorum }] {
+            for p in 0..=9 {
+                let key = class.publish_key(p);
+                let holders: Vec<String> =
+                    class.routes().into_iter().filter(|r| class.keys(r).contains(&key)).collect();
+                assert_eq!(holders, [class.route(p)], "{class:?} p{p}");
+                assert_eq!(class.floor(&class.route(p)).map(|f| f <= p), Some(true));
+            }
+            let lowest: Vec<String> =
+                class.routes().into_iter().filter(|r| class.keys(r).contains(&"batch".to_owned())).collect();
+            assert_eq!(lowest, [class.route(0)]);
+            let others = class.other_routes();
+            assert!(
+                others.iter().all(|r| !class.routes().contains(r))
+                    && others.len() + class.routes().len() == 11
+            );
+            assert!(others.iter().all(|r| class.floor(r).is_none()), "{others:?}");
+        }
+    }
+
+    /// A job arrives from its class's queue, in its lane or a lower one.
+    #[test]
+    fn a_job_is_admitted_from_its_lane_or_a_lower_one_of_its_class() {
+        let quorum = QueueClass { queue_type: QueueType::Quorum, ..classic("batch") };
+        let c = Catalog::from_parts(vec![quorum, classic("bulk")], vec![kind("a", "batch")], Path::new("/c"))
+            .unwrap();
+        let a = c.kind("a").unwrap();
+        assert!(c.admits(a, 5, "batch.p4") && c.admits(a, 5, "batch.p0"));
+        assert!(!c.admits(a, 5, "batch.p7"), "a higher lane runs it early");
+        assert!(
+            !c.admits(a, 5, "bulk") && !c.admits(a, 5, "batch"),
+            "another class's queue, or one it no longer has"
+        );
     }
 
     #[test]

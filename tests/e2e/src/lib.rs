@@ -541,6 +541,12 @@ impl TestSystem {
         }
     }
 
+    /// The job catalog both components were started on (a copy in the test's data folder
+    /// when an option changed it, which a test may rewrite before it restarts the worker).
+    pub fn catalog_path(&self) -> &Path {
+        &self.worker_settings.catalog.path
+    }
+
     /// Messages in `queue` now (by a passive declare).
     pub async fn queue_depth(&self, queue: &str) -> u32 {
         let conn = gatehouse_broker::connect(&broker_url(), "gatehouse-e2e-depth").await.expect("connect");

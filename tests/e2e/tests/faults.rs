@@ -558,3 +558,6 @@ mod refusal;
 
 #[path = "faults/full_disk.rs"]
 mod full_disk;
+
+#[path = "faults/queue_move.rs"]
+mod queue_move;

@@ -197,8 +197,9 @@ async fn accept(
     // the body; the worker labels a dead letter with the id (`message_id`) for `gatehouse dlq`.
     let props = BasicProperties::default().with_priority(priority.get());
     drop(validating);
-    // Its class's queue, or for quorum lanes the lane of its priority.
-    publish(app, &app.catalog.route(spec, priority.get()), &body, props, true)
+    // `<class>.p<priority>`: the broker's bindings take it to its class's queue, or for quorum
+    // lanes to the lane of its priority.
+    publish(app, &app.catalog.publish_key(spec, priority.get()), &body, props, true)
         .instrument(tracing::info_span!("publish"))
         .await?;
     tracing::debug!(job_id = %envelope.id, kind = %envelope.kind, priority = priority.get(), "job accepted");

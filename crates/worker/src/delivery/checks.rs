@@ -9,7 +9,7 @@ use gatehouse_protocol::replay::Grant;
 use super::Shared;
 use crate::reasons::DeadReason;
 
-/// It came from its kind's queue, at its vouched priority (a copy re-published at priority 9
+/// It came from its kind's queue (its lane or a lower one), at its vouched priority (a copy re-published at priority 9
 /// or into another class's queue would otherwise run early); and a replay marker carries an
 /// operator's grant for exactly this body and job. Answers the grant (the dead letter it is
 /// for).
@@ -23,9 +23,9 @@ pub fn check_delivery(
     data: &[u8],
     env: &JobEnvelope,
 ) -> Result<Option<Grant>, DeadReason> {
-    // Its class's queue, or for quorum lanes the lane of its priority.
+    // Its class's queue, or for quorum lanes the lane of its priority or a lower one.
     let catalog = &shared.catalog;
-    let queue_ok = catalog.kind(&env.kind).is_none_or(|k| catalog.route(k, env.priority.get()) == route);
+    let queue_ok = catalog.kind(&env.kind).is_none_or(|k| catalog.admits(k, env.priority.get(), route));
     let priority = delivery.properties.priority().unwrap_or(0);
     if !queue_ok || priority != env.priority.get() {
         tracing::warn!(job_id = %env.id, queue = route, priority, vouched = env.priority.get(), "delivery metadata differs from the vouched job");

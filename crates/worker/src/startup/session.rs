@@ -69,8 +69,32 @@ impl Session {
             .context("connecting to the broker")?;
         let topology = settings.broker.topology();
         let setup = connection.create_channel().await?;
-        topology.declare(&setup, shared.catalog.queues()).await.context("declaring topology")?;
+        match topology.declare(&setup, shared.catalog.queues()).await {
+            Ok(()) => {}
+            Err(e) if gatehouse_broker::topology::is_precondition_failed(&e) => anyhow::bail!(
+                "declaring topology: a queue exists as another type than the catalog says (a class \
+                 moved between classic and quorum): move it with `gatehouse queues migrate --class \
+                 <name> --to <type>` ({e})"
+            ),
+            Err(e) => return Err(anyhow::Error::from(e).context("declaring topology")),
+        }
         let _ = setup.close(200, "topology declared".into()).await;
+        // Queues a class left behind under another type or other lanes get no new jobs.
+        for class in shared.catalog.queues() {
+            for (queue, held) in topology.retire_other_queues(&connection, class).await? {
+                if held > 0 {
+                    tracing::warn!(
+                        queue,
+                        held,
+                        class = class.name,
+                        "a queue of this class from before it moved holds jobs no worker takes: move them \
+                         with `gatehouse queues migrate --class {} --to {}`",
+                        class.name,
+                        class.queue_type.name()
+                    );
+                }
+            }
+        }
         broker.connected(connection.create_channel().await?).await;
         let jobs = connection.create_channel().await?;
         let (store, catalog, keys, metrics) =
