@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use gatehouse_cli::commands::dlq::{self, BrokerArgs};
 use gatehouse_cli::commands::jobs::{self, Endpoint, SubmitArgs};
+use gatehouse_cli::commands::pauses::{self, PauseArgs, Target};
 use gatehouse_cli::commands::queues::{self, MigrateArgs};
 use gatehouse_cli::commands::rekey::{self, RekeyArgs};
 use gatehouse_cli::commands::schedules::{self, SchedulesArgs};
@@ -53,6 +54,21 @@ enum Cmd {
         #[command(flatten)]
         broker: BrokerArgs,
     },
+    /// Hold a kind's or a queue class's jobs, unstarted, on every worker (operators, where the
+    /// worker runs); `pause list` shows what is paused.
+    Pause {
+        #[command(subcommand)]
+        command: PauseCmd,
+        #[command(flatten)]
+        args: PauseArgs,
+    },
+    /// Let a paused kind's or queue class's jobs go, in the order they arrived.
+    Resume {
+        #[command(subcommand)]
+        target: Target,
+        #[command(flatten)]
+        args: PauseArgs,
+    },
     /// The job queues on the broker (operators).
     #[command(subcommand)]
     Queues(QueuesCmd),
@@ -85,6 +101,19 @@ enum SchedulesCmd {
     List {
         #[command(flatten)]
         args: SchedulesArgs,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum PauseCmd {
+    /// Pause a job kind.
+    Kind { name: String },
+    /// Pause a queue class (every kind queued there).
+    Queue { name: String },
+    /// What is paused, since when, and how many jobs each holds.
+    List {
         #[arg(long)]
         json: bool,
     },
@@ -180,6 +209,33 @@ async fn main() -> ExitCode {
         Cmd::Status { id, endpoint, json, follow: true } => jobs::follow(&endpoint, &id, json).await,
         Cmd::Cancel { id, endpoint, json } => jobs::cancel(&endpoint, &id, json).await,
         Cmd::Dlq { command, broker } => run_dlq(command, &broker).await,
+        Cmd::Pause { command, args } => match command {
+            PauseCmd::List { json } => pauses::list(&args).await.map(|list| {
+                for p in &list {
+                    let since = gatehouse_protocol::submit::format_rfc3339_ms(p.since_ms.max(0) as u64);
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::json!({"target": p.target, "since": since, "held": p.held})
+                        );
+                    } else {
+                        println!("{}  since {since}  {} jobs held", p.target, p.held);
+                    }
+                }
+                true
+            }),
+            PauseCmd::Kind { name } => run_pause(&args, Target::Kind { name }).await,
+            PauseCmd::Queue { name } => run_pause(&args, Target::Queue { name }).await,
+        },
+        Cmd::Resume { target, args } => pauses::resume(&args, &target).await.map(|released| {
+            match released {
+                Some(n) => {
+                    println!("{} resumed: {n} held jobs go back to their queues", target_words(&target))
+                }
+                None => println!("{} was not paused", target_words(&target)),
+            }
+            true
+        }),
         Cmd::Queues(QueuesCmd::Migrate { args, json }) => {
             queues::migrate(&args, |line| eprintln!("{line}")).await.map(|moved| {
                 if json {
@@ -241,6 +297,19 @@ async fn main() -> ExitCode {
             eprintln!("gatehouse: {e:#}");
             ExitCode::from(2)
         }
+    }
+}
+
+async fn run_pause(args: &PauseArgs, target: Target) -> anyhow::Result<bool> {
+    let new = pauses::pause(args, &target).await?;
+    println!("{} {}", target_words(&target), if new { "paused" } else { "was paused already" });
+    Ok(true)
+}
+
+fn target_words(target: &Target) -> String {
+    match target {
+        Target::Kind { name } => format!("kind {name}"),
+        Target::Queue { name } => format!("queue class {name}"),
     }
 }
 

@@ -16,6 +16,8 @@ pub enum JobState {
     WaitingForSequence,
     /// A singleton job waiting for the one of its kind (or key) that runs now to end.
     WaitingForTurn,
+    /// Accepted and held: an operator paused its kind or queue class (`gatehouse pause`).
+    Paused,
     Retrying,
     Succeeded,
     Failed,
@@ -38,6 +40,7 @@ impl JobState {
             Self::Running => "running",
             Self::WaitingForSequence => "waiting_for_sequence",
             Self::WaitingForTurn => "waiting_for_turn",
+            Self::Paused => "paused",
             Self::Retrying => "retrying",
             Self::Succeeded => "succeeded",
             Self::Failed => "failed",
@@ -56,6 +59,7 @@ impl JobState {
             Self::Running,
             Self::WaitingForSequence,
             Self::WaitingForTurn,
+            Self::Paused,
             Self::Retrying,
             Self::Succeeded,
             Self::Failed,

@@ -348,6 +348,18 @@ const MIGRATIONS: &[&str] = &[
     r"
     CREATE TABLE storage_probe (id INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL, pad BLOB NOT NULL);
     ",
+    // 23: kinds and queue classes an operator paused (`kind:<name>`, `queue:<class>`), and the
+    // jobs held for them, in arrival order.
+    r"
+    CREATE TABLE pauses (target TEXT PRIMARY KEY, since_ms INTEGER NOT NULL);
+    CREATE TABLE paused_jobs (
+        seq      INTEGER PRIMARY KEY AUTOINCREMENT,
+        target   TEXT NOT NULL,
+        job_id   TEXT NOT NULL UNIQUE,
+        envelope BLOB NOT NULL
+    );
+    CREATE INDEX paused_jobs_target ON paused_jobs(target, seq);
+    ",
 ];
 
 /// After this migration (1-based) the error texts of earlier releases are sealed.

@@ -157,6 +157,17 @@ const SCHEMA: &[&str] = &[
     -- 5: what the worker writes to learn whether storage takes writes again (`Tx::probe_write`).
     CREATE TABLE storage_probe (id BIGINT PRIMARY KEY, at_ms BIGINT NOT NULL, pad BYTEA NOT NULL);
 ",
+    r"
+    -- 6: paused kinds and queue classes, and the jobs held for them, in arrival order.
+    CREATE TABLE pauses (target TEXT PRIMARY KEY, since_ms BIGINT NOT NULL);
+    CREATE TABLE paused_jobs (
+        seq      BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        target   TEXT NOT NULL,
+        job_id   TEXT NOT NULL UNIQUE,
+        envelope BYTEA NOT NULL
+    );
+    CREATE INDEX paused_jobs_target ON paused_jobs(target, seq);
+",
 ];
 
 /// After this step (1-based) the error texts of earlier releases are sealed.

@@ -2,6 +2,7 @@
 
 pub mod dlq;
 pub mod jobs;
+pub mod pauses;
 pub mod queues;
 pub mod rekey;
 pub mod schedules;

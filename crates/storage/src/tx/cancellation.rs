@@ -3,8 +3,8 @@
 use super::*;
 
 impl Tx<'_> {
-    /// Marks `id` cancelled by `client` (again: no change); a delayed job comes due at once, to
-    /// be decided `cancelled` in its turn.
+    /// Marks `id` cancelled by `client` (again: no change); a delayed or paused job comes due at
+    /// once, to be decided `cancelled` in its turn.
     pub fn mark_cancelled(&self, id: &JobId, client: &str) -> Result<(), StorageError> {
         self.exec(
             "INSERT INTO cancelled (job_id, client, at_ms) VALUES (?1, ?2, ?3) ON CONFLICT(job_id) DO NOTHING",
@@ -14,7 +14,7 @@ impl Tx<'_> {
             "UPDATE scheduled SET due_ms = 0, released = 0, claimed_until_ms = 0 WHERE job_id = ?1",
             params![id.as_str()],
         )?;
-        Ok(())
+        self.release_paused(id)
     }
 
     /// Whether `id` was cancelled (and not yet decided so).

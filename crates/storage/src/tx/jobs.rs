@@ -38,14 +38,21 @@ impl Tx<'_> {
     /// What storage knows of job `id` — its record, its attempts, whether it was cancelled — in
     /// one statement (one round trip on PostgreSQL), for the decision about a delivery.
     pub fn probe(&self, id: &JobId) -> Result<Probe, StorageError> {
+        self.probe_paused(id, ["", ""])
+    }
+
+    /// [`Tx::probe`], answering too which of `pauses` (a kind's and a queue class's pause
+    /// target, see [`Tx::pause`]) is in force, in the same statement.
+    pub fn probe_paused(&self, id: &JobId, pauses: [&str; 2]) -> Result<Probe, StorageError> {
         let row = self.must(
             "SELECT j.client, j.kind, j.state, j.result, j.error, j.seq_key, j.seq_number, j.reason,
                     a.client, a.count, a.last_error, a.running,
-                    (SELECT COUNT(*) FROM cancelled c WHERE c.job_id = k.id)
+                    (SELECT COUNT(*) FROM cancelled c WHERE c.job_id = k.id),
+                    (SELECT MIN(p.target) FROM pauses p WHERE p.target IN (?2, ?3))
                  FROM (SELECT CAST(?1 AS TEXT) AS id) k
                  LEFT JOIN jobs j ON j.id = k.id
                  LEFT JOIN attempts a ON a.job_id = k.id",
-            params![id.as_str()],
+            params![id.as_str(), pauses[0], pauses[1]],
             |r| {
                 let attempts = match r.get::<Option<String>>(8)? {
                     Some(client) => Some(Attempts {
@@ -56,13 +63,13 @@ impl Tx<'_> {
                     }),
                     None => None,
                 };
-                Ok((job_columns(r, 0)?, attempts, r.get::<i64>(12)? > 0))
+                Ok((job_columns(r, 0)?, attempts, r.get::<i64>(12)? > 0, r.get::<Option<String>>(13)?))
             },
         )?;
-        let (job, attempts, cancelled) = row;
+        let (job, attempts, cancelled, paused) = row;
         let job = job.map(|cols| self.stored_job(id, cols)).transpose()?;
         let attempts = attempts.map(|a| self.opened_attempts(id, a)).transpose()?;
-        Ok(Probe { job, attempts, cancelled })
+        Ok(Probe { job, attempts, cancelled, paused })
     }
 
     fn stored_job(&self, id: &JobId, cols: JobColumns) -> Result<StoredJob, StorageError> {

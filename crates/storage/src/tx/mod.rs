@@ -2,18 +2,20 @@
 //! transaction itself (statements, locks, the families' access), and one file per group of
 //! tables that belong together holds their operations and their tests: `jobs` (and the event
 //! log), `attempts` (progress, checkpoints), `sequences` (and parked jobs), `held` (delayed
-//! jobs, leases, singleton turns), `schedules`, `cancellation`, `retention`, `sealing` (at
-//! rest, rekeying).
+//! jobs, leases, singleton turns), `pauses` (paused kinds and classes, and their held jobs),
+//! `schedules`, `cancellation`, `retention`, `sealing` (at rest, rekeying).
 
 mod attempts;
 mod cancellation;
 mod held;
 mod jobs;
+mod pauses;
 mod retention;
 mod schedules;
 mod sealing;
 mod sequences;
 
+pub use pauses::Pause;
 pub use sealing::{Place, sealed_aad};
 
 use gatehouse_protocol::clock::now_ms;
@@ -100,6 +102,8 @@ pub struct Probe {
     pub attempts: Option<Attempts>,
     /// Whether its client cancelled it.
     pub cancelled: bool,
+    /// The pause in force for it (its kind's or its queue class's), when asked.
+    pub paused: Option<String>,
 }
 
 impl Probe {

@@ -54,6 +54,8 @@ pub struct WorkerMetrics {
     dead_letters: Family<Reason, Counter>,
     parked: Gauge,
     scheduled: Gauge,
+    /// Jobs held by an operator's pause, by kind.
+    paused: Family<Kind, Gauge>,
     /// When `parked` and `scheduled` were last counted, and the counts made (see
     /// [`WorkerMetrics::refresh_waiting`]).
     waiting_counted: tokio::sync::Mutex<Option<std::time::Instant>>,
@@ -86,6 +88,7 @@ impl Default for WorkerMetrics {
             dead_letters: Family::default(),
             parked: Gauge::default(),
             scheduled: Gauge::default(),
+            paused: Family::default(),
             waiting_counted: tokio::sync::Mutex::new(None),
             waiting_counts: Counter::default(),
             connected: Gauge::default(),
@@ -121,6 +124,11 @@ impl WorkerMetrics {
         r.register("dead_letters", "Messages dead-lettered, by reason", self.dead_letters.clone());
         r.register("parked_jobs", "Jobs waiting for an earlier sequence number", self.parked.clone());
         r.register("scheduled_jobs", "Delayed jobs held until their time", self.scheduled.clone());
+        r.register(
+            "paused_jobs",
+            "Jobs held because their kind or queue class is paused",
+            self.paused.clone(),
+        );
         r.register(
             "waiting_counts",
             "Times the parked and scheduled jobs were counted in storage (at most once per 5 s, whatever the scrape and dashboard rate)",
@@ -192,7 +200,7 @@ impl WorkerMetrics {
         self.activity.dead_lettered(event);
     }
 
-    /// Counts the parked and the held delayed jobs in storage for the gauges — at most once per
+    /// Counts the parked, the held delayed and the paused jobs in storage for the gauges — at most once per
     /// [`WAITING_EVERY`], whatever the rate of scrapes and dashboard polls (concurrent callers
     /// wait for one count), so that no HTTP client of the admin listener drives full counts.
     /// Answers the gauges (`None` for one that was never counted).
@@ -201,13 +209,21 @@ impl WorkerMetrics {
         if counted.is_none_or(|at| at.elapsed() >= WAITING_EVERY) {
             let counts = store
                 .read(|tx| {
-                    Ok::<_, gatehouse_storage::StorageError>((tx.parked_count()?, tx.scheduled_count()?))
+                    Ok::<_, gatehouse_storage::StorageError>((
+                        tx.parked_count()?,
+                        tx.scheduled_count()?,
+                        tx.paused_by_kind()?,
+                    ))
                 })
                 .await;
             self.waiting_counts.inc();
-            if let Ok((parked, scheduled)) = counts {
+            if let Ok((parked, scheduled, paused)) = counts {
                 self.parked.set(i64::try_from(parked).unwrap_or(i64::MAX));
                 self.scheduled.set(i64::try_from(scheduled).unwrap_or(i64::MAX));
+                self.paused.clear();
+                for (kind, n) in paused {
+                    self.paused.get_or_create(&Kind { kind }).set(i64::try_from(n).unwrap_or(i64::MAX));
+                }
                 *counted = Some(std::time::Instant::now());
             }
         }

@@ -77,7 +77,8 @@ fn prepare_probed(tx: &Tx<'_>, spec: &KindSpec, arrival: &Arrival) -> Result<(St
         return Ok((Step::Decided(refused), Probe::default()));
     }
     let due = env.not_before_ms.filter(|at| *at > now_ms().unsigned_abs());
-    let probe = tx.probe(&env.id)?;
+    let pauses = [format!("kind:{}", spec.name), format!("queue:{}", spec.queue)];
+    let probe = tx.probe_paused(&env.id, [&pauses[0], &pauses[1]])?;
     let decided = match &probe.job {
         Some(stored) => known(tx, spec, arrival, stored.clone(), due, probe.cancelled)?,
         None => match due {
@@ -87,6 +88,12 @@ fn prepare_probed(tx: &Tx<'_>, spec: &KindSpec, arrival: &Arrival) -> Result<(St
     };
     if let Some(verdict) = decided {
         return Ok((Step::Decided(verdict), probe));
+    }
+    // (A cancelled job goes on, to be decided cancelled.)
+    if let Some(target) = probe.paused.clone()
+        && !probe.cancelled
+    {
+        return Ok((Step::Decided(pause(tx, arrival, &target)?), probe));
     }
     if spec.sequenced
         && let Some(verdict) = in_sequence(tx, spec, arrival)?
@@ -154,6 +161,16 @@ fn delay(tx: &Tx<'_>, arrival: &Arrival, at: u64) -> Result<Verdict, StorageErro
     tx.schedule(&env.id, at, &arrival.raw)?;
     let mut status = JobStatus::new(env.id.clone(), JobState::Scheduled);
     status.not_before = Some(gatehouse_protocol::submit::format_rfc3339_ms(at));
+    Ok(Verdict::Answered(vec![answer(status, &arrival.target)]))
+}
+
+/// An operator paused its kind or queue class: held, unstarted, until `gatehouse resume`
+/// sends it back to its queue.
+fn pause(tx: &Tx<'_>, arrival: &Arrival, target: &str) -> Result<Verdict, StorageError> {
+    let env = &arrival.env;
+    hold(tx, env, JobState::Paused, None)?;
+    tx.hold_paused(target, &env.id, &arrival.raw)?;
+    let status = JobStatus::new(env.id.clone(), JobState::Paused);
     Ok(Verdict::Answered(vec![answer(status, &arrival.target)]))
 }
 

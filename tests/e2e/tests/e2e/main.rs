@@ -22,6 +22,7 @@ mod fuzz;
 mod isolation;
 mod lanes;
 mod metrics;
+mod pause;
 mod postgres;
 mod progress;
 mod retention;
