@@ -150,6 +150,15 @@ impl QueueClass {
     }
 }
 
+/// How many jobs of a kind may run at once, across all workers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunningLimit {
+    /// This many of the kind.
+    Kind(u32),
+    /// This many per client and value of this payload field.
+    PerKey { field: String, max: u32 },
+}
+
 /// One job kind.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -185,6 +194,17 @@ pub struct KindSpec {
     /// values are the client's own (two clients' `"x"` do not wait for each other).
     #[serde(default)]
     pub singleton_key: Option<String>,
+    /// At most this many jobs of this kind run at once, across all workers (`singleton` is
+    /// 1); the others wait their turn in arrival order, without using up attempts.
+    #[serde(default)]
+    pub max_running: Option<u32>,
+    /// With `max_running_per_key`: the payload field (a string) whose values are limited each
+    /// on their own (`singleton_key` is this with 1); values are the client's own.
+    #[serde(default)]
+    pub limit_key: Option<String>,
+    /// At most this many jobs per value of `limit_key` run at once, across all workers.
+    #[serde(default)]
+    pub max_running_per_key: Option<u32>,
     /// Longest delay a client may ask for (`not_before` / `delay_s`), in seconds; 0: none.
     #[serde(default = "default_max_delay")]
     pub max_delay_s: u64,
@@ -199,6 +219,41 @@ pub struct KindSpec {
     /// Run by an executable instead of a handler compiled into the worker.
     #[serde(default)]
     pub exec: Option<ExecSpec>,
+}
+
+impl KindSpec {
+    /// Its limit on jobs running at once, if it has one (`singleton`, `singleton_key`,
+    /// `max_running`, `limit_key` with `max_running_per_key`).
+    pub fn running_limit(&self) -> Option<RunningLimit> {
+        if let Some(field) = self.singleton_key.as_ref().or(self.limit_key.as_ref()) {
+            return Some(RunningLimit::PerKey { field: field.clone(), max: self.max_running_per_key.unwrap_or(1) });
+        }
+        if self.singleton {
+            return Some(RunningLimit::Kind(1));
+        }
+        self.max_running.map(RunningLimit::Kind)
+    }
+
+    /// One limit at a time, and none of 0.
+    fn check_limit(&self) -> Result<(), String> {
+        let kind_wide = self.singleton || self.max_running.is_some();
+        let per_key = self.singleton_key.is_some() || self.limit_key.is_some();
+        if kind_wide && per_key {
+            return Err("one limit on running jobs: the kind's (singleton, max_running) or per key \
+                        (singleton_key, limit_key), not both"
+                .into());
+        }
+        if (self.singleton && self.max_running.is_some()) || (self.singleton_key.is_some() && self.limit_key.is_some()) {
+            return Err("singleton and singleton_key are max_running = 1 and limit_key: say it once".into());
+        }
+        if self.max_running_per_key.is_some() && self.limit_key.is_none() {
+            return Err("max_running_per_key needs limit_key".into());
+        }
+        if self.max_running == Some(0) || self.max_running_per_key == Some(0) {
+            return Err("a running limit of 0 would run nothing".into());
+        }
+        Ok(())
+    }
 }
 
 /// `[kind.exec]`: an executable that runs the kind (any language). Relative paths in
@@ -359,6 +414,7 @@ impl Catalog {
             if kind.max_attempts == 0 {
                 return Err(CatalogError::Invalid(format!("kind {}: max_attempts is 0", kind.name)));
             }
+            kind.check_limit().map_err(|e| CatalogError::Invalid(format!("kind {}: {e}", kind.name)))?;
             kind.schema = base.join(&kind.schema);
             if let Some(exec) = &mut kind.exec {
                 if exec.command.is_empty() {
@@ -451,6 +507,9 @@ mod tests {
             max_delay_s: 0,
             singleton: false,
             singleton_key: None,
+            max_running: None,
+            limit_key: None,
+            max_running_per_key: None,
             retain_s: None,
             testing: false,
             exec: None,
@@ -526,6 +585,32 @@ mod tests {
             !c.admits(a, 5, "bulk") && !c.admits(a, 5, "batch"),
             "another class's queue, or one it no longer has"
         );
+    }
+
+    /// `singleton` and `singleton_key` are limits of 1; a kind has one limit, never 0.
+    #[test]
+    fn a_kind_has_one_running_limit() {
+        let k = |f: fn(&mut KindSpec)| {
+            let mut k = kind("a", "batch");
+            f(&mut k);
+            k
+        };
+        assert_eq!(k(|k| k.singleton = true).running_limit(), Some(RunningLimit::Kind(1)));
+        assert_eq!(k(|k| k.max_running = Some(4)).running_limit(), Some(RunningLimit::Kind(4)));
+        let per_key = RunningLimit::PerKey { field: "f".into(), max: 1 };
+        assert_eq!(k(|k| k.singleton_key = Some("f".into())).running_limit(), Some(per_key));
+        let three = k(|k| (k.limit_key, k.max_running_per_key) = (Some("f".into()), Some(3)));
+        assert_eq!(three.running_limit(), Some(RunningLimit::PerKey { field: "f".into(), max: 3 }));
+        assert_eq!(kind("a", "batch").running_limit(), None);
+        for bad in [
+            k(|k| (k.max_running, k.limit_key) = (Some(2), Some("f".into()))),
+            k(|k| (k.singleton, k.max_running) = (true, Some(2))),
+            k(|k| k.max_running_per_key = Some(2)),
+            k(|k| k.max_running = Some(0)),
+        ] {
+            let err = Catalog::from_parts(vec![classic("batch")], vec![bad], Path::new("/c")).unwrap_err();
+            assert!(err.to_string().contains("kind a: "), "{err}");
+        }
     }
 
     #[test]

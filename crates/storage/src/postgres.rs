@@ -168,6 +168,13 @@ const SCHEMA: &[&str] = &[
     );
     CREATE INDEX paused_jobs_target ON paused_jobs(target, seq);
 ",
+    r"
+    -- 7: running limits of more than one: a key's turns are held by up to its limit of jobs.
+    CREATE TABLE turns (key TEXT NOT NULL, job_id TEXT NOT NULL, PRIMARY KEY (key, job_id));
+    CREATE INDEX turns_job ON turns(job_id);
+    INSERT INTO turns (key, job_id) SELECT key, job_id FROM singleton_turns;
+    DROP TABLE singleton_turns;
+",
 ];
 
 /// After this step (1-based) the error texts of earlier releases are sealed.

@@ -181,45 +181,45 @@ impl Tx<'_> {
     }
 }
 
-// Singleton turns: whose turn each key is, and the jobs waiting for it.
+// Turns: the jobs that hold each limited key's turns (up to its running limit, see
+// `KindSpec::running_limit`), and the jobs waiting for one, in arrival order.
 impl Tx<'_> {
-    /// Takes job `id` out of the singleton waiting line (it was refused).
+    /// Takes job `id` out of the waiting line (it was refused).
     pub fn stop_waiting(&self, id: &JobId) -> Result<(), StorageError> {
         self.exec("DELETE FROM singleton_waiting WHERE job_id = ?1", params![id.as_str()])?;
         Ok(())
     }
 
-    /// Takes the turn of singleton `key` for job `id` if it is free (or already `id`'s);
-    /// otherwise queues the job's message behind the others waiting and answers `false`.
-    pub fn take_turn(&self, key: &str, id: &JobId, envelope: &[u8]) -> Result<bool, StorageError> {
+    /// Takes a turn of `key` for job `id` if fewer than `limit` are held (or it holds one
+    /// already); otherwise queues the job's message behind the others waiting and answers
+    /// `false`.
+    pub fn take_turn(&self, key: &str, id: &JobId, envelope: &[u8], limit: u32) -> Result<bool, StorageError> {
         self.lock(&format!("turn {key}"))?;
-        let holder: Option<String> =
-            self.one("SELECT job_id FROM singleton_turns WHERE key = ?1", params![key], |r| r.get(0))?;
-        match holder {
-            Some(h) if h == id.as_str() => Ok(true),
-            Some(_) => {
-                self.exec(
-                    "INSERT INTO singleton_waiting (key, job_id, envelope) VALUES (?1, ?2, ?3)
-                     ON CONFLICT(job_id) DO NOTHING",
-                    params![key, id.as_str(), envelope],
-                )?;
-                Ok(false)
-            }
-            None => {
-                self.exec(
-                    "INSERT INTO singleton_turns (key, job_id) VALUES (?1, ?2)",
-                    params![key, id.as_str()],
-                )?;
-                Ok(true)
-            }
+        let (held, mine): (i64, i64) = self.must(
+            "SELECT COUNT(*), COALESCE(SUM(CASE WHEN job_id = ?2 THEN 1 ELSE 0 END), 0) FROM turns WHERE key = ?1",
+            params![key, id.as_str()],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        if mine > 0 {
+            return Ok(true);
         }
+        if held < i64::from(limit) {
+            self.exec("INSERT INTO turns (key, job_id) VALUES (?1, ?2)", params![key, id.as_str()])?;
+            return Ok(true);
+        }
+        self.exec(
+            "INSERT INTO singleton_waiting (key, job_id, envelope) VALUES (?1, ?2, ?3)
+             ON CONFLICT(job_id) DO NOTHING",
+            params![key, id.as_str(), envelope],
+        )?;
+        Ok(false)
     }
 
-    /// Job `id` is decided: the turns it held pass to the next job waiting for each (its message
-    /// goes back to its queue, through the delayed-job sweeper, at once).
+    /// Job `id` is decided: each turn it held passes to the next job waiting for that key (its
+    /// message goes back to its queue, through the delayed-job sweeper, at once), or is freed.
     pub(super) fn pass_turns(&self, id: &JobId) -> Result<(), StorageError> {
         let keys: Vec<String> = self
-            .rows("SELECT key FROM singleton_turns WHERE job_id = ?1", params![id.as_str()])?
+            .rows("SELECT key FROM turns WHERE job_id = ?1", params![id.as_str()])?
             .iter()
             .map(|r| r.get(0))
             .collect::<Result<_, _>>()?;
@@ -232,7 +232,10 @@ impl Tx<'_> {
             )?;
             match next {
                 Some((seq, next, envelope)) => {
-                    self.write("UPDATE singleton_turns SET job_id = ?1 WHERE key = ?2", params![next, key])?;
+                    self.write(
+                        "UPDATE turns SET job_id = ?1 WHERE key = ?2 AND job_id = ?3",
+                        params![next, key, id.as_str()],
+                    )?;
                     self.write("DELETE FROM singleton_waiting WHERE seq = ?1", params![seq])?;
                     self.write(
                         "INSERT INTO scheduled (job_id, due_ms, envelope) VALUES (?1, 0, ?2)
@@ -242,7 +245,7 @@ impl Tx<'_> {
                     )?;
                 }
                 None => {
-                    self.write("DELETE FROM singleton_turns WHERE key = ?1", params![&key])?;
+                    self.write("DELETE FROM turns WHERE key = ?1 AND job_id = ?2", params![&key, id.as_str()])?;
                 }
             }
         }

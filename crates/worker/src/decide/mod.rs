@@ -32,6 +32,7 @@ mod status;
 mod tests;
 
 use gatehouse_protocol::clock::now_ms;
+use gatehouse_protocol::catalog::RunningLimit;
 use gatehouse_protocol::{JobEnvelope, JobState, JobStatus, KindSpec};
 use gatehouse_storage::{StorageError, StoredJob, Tx};
 
@@ -227,15 +228,18 @@ fn lock(tx: &Tx<'_>, sequenced: bool, env: &JobEnvelope) -> Result<(), StorageEr
     tx.lock_job(&env.id)
 }
 
-/// The turn a job of a singleton kind waits for: the kind's, or with `singleton_key` the
-/// kind's and the client's value of that payload field.
-fn singleton_key(spec: &KindSpec, env: &JobEnvelope) -> Option<String> {
-    if let Some(field) = &spec.singleton_key {
-        let value = env.payload.get(field).map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned));
-        let owned = gatehouse_protocol::submit::owned_key(&env.client, &value.unwrap_or_default());
-        return Some(format!("{}\u{1f}{owned}", spec.name));
+/// The turn a job of a kind with a running limit waits for, and how many hold it at once: the
+/// kind's, or per key the kind's and the client's value of that payload field.
+fn turn(spec: &KindSpec, env: &JobEnvelope) -> Option<(String, u32)> {
+    match spec.running_limit()? {
+        RunningLimit::PerKey { field, max } => {
+            let value =
+                env.payload.get(&field).map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned));
+            let owned = gatehouse_protocol::submit::owned_key(&env.client, &value.unwrap_or_default());
+            Some((format!("{}\u{1f}{owned}", spec.name), max))
+        }
+        RunningLimit::Kind(max) => Some((spec.name.clone(), max)),
     }
-    spec.singleton.then(|| spec.name.clone())
 }
 
 fn status_of(tx: &Tx<'_>, job: StoredJob) -> Result<JobStatus, StorageError> {

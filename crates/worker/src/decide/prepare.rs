@@ -7,7 +7,7 @@ use gatehouse_storage::{Forget, Parked, Probe, StorageError, StoredJob, Tx};
 
 use super::{
     ApplyError, Arrival, Cap, Dead, Run, Started, Step, Verdict, answer, answered, hold, lock, record,
-    singleton_key,
+    turn,
 };
 use crate::handlers::{Kinds, Outcome};
 use crate::reasons::DeadReason;
@@ -39,7 +39,7 @@ pub fn decide_and_run(
             // Nothing stored of it and no turn held: its outcome has nothing to clean up.
             let known = Known {
                 cancelled: probe.cancelled,
-                fresh: probe.is_fresh() && singleton_key(spec, &arrival.env).is_none(),
+                fresh: probe.is_fresh() && turn(spec, &arrival.env).is_none(),
             };
             run.in_storage(tx, &arrival.env, &arrival.target, attempt, timeout, known).map(Verdict::Answered)
         }
@@ -129,9 +129,9 @@ fn known(
         }
         // A singleton job whose turn may have come (its message was sent back when it did).
         JobState::WaitingForTurn => {
-            let key = singleton_key(spec, env);
+            let key = turn(spec, env);
             let mine = match &key {
-                Some(key) => tx.take_turn(key, &env.id, &arrival.raw)?,
+                Some((key, limit)) => tx.take_turn(key, &env.id, &arrival.raw, *limit)?,
                 // No longer a singleton kind (the catalog changed): it runs.
                 None => true,
             };
@@ -216,8 +216,8 @@ fn in_sequence(tx: &Tx<'_>, spec: &KindSpec, arrival: &Arrival) -> Result<Option
 /// not a singleton kind, or the turn is this job's and its attempt holds the turn's lease.
 fn wait_for_turn(tx: &Tx<'_>, spec: &KindSpec, arrival: &Arrival) -> Result<Option<Verdict>, StorageError> {
     let env = &arrival.env;
-    let Some(key) = singleton_key(spec, env) else { return Ok(None) };
-    if tx.take_turn(&key, &env.id, &arrival.raw)? {
+    let Some((key, limit)) = turn(spec, env) else { return Ok(None) };
+    if tx.take_turn(&key, &env.id, &arrival.raw, limit)? {
         return hold_turn(tx, arrival);
     }
     // Now in line; its own record comes below, so the count is of the others.

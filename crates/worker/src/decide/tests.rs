@@ -87,7 +87,7 @@ fn states(answers: &[Answer]) -> Vec<JobState> {
 }
 
 #[test]
-fn singleton_turns_are_per_kind_or_per_clients_own_key_value() {
+fn turns_are_per_kind_or_per_clients_own_key_value_with_the_kinds_limit() {
     let catalog = catalog();
     let kind = catalog.kind("test.singleton").unwrap().clone();
     let env = |client: &str, group: &str| JobEnvelope {
@@ -97,18 +97,20 @@ fn singleton_turns_are_per_kind_or_per_clients_own_key_value() {
         payload: json!({"ms": 1, "group": group}),
         ..ledger_job(1, 1, 0)
     };
-    assert_eq!(singleton_key(&kind, &env("a", "x")), Some("test.singleton".into()));
-    assert_eq!(singleton_key(&kind, &env("b", "y")), singleton_key(&kind, &env("a", "x")), "one per kind");
+    assert_eq!(turn(&kind, &env("a", "x")), Some(("test.singleton".into(), 1)));
+    assert_eq!(turn(&kind, &env("b", "y")), turn(&kind, &env("a", "x")), "one per kind");
     let by_group = KindSpec { singleton: false, singleton_key: Some("group".into()), ..kind.clone() };
-    assert_eq!(singleton_key(&by_group, &env("a", "x")), singleton_key(&by_group, &env("a", "x")));
-    assert_ne!(singleton_key(&by_group, &env("a", "x")), singleton_key(&by_group, &env("a", "y")));
+    assert_eq!(turn(&by_group, &env("a", "x")), turn(&by_group, &env("a", "x")));
+    assert_ne!(turn(&by_group, &env("a", "x")), turn(&by_group, &env("a", "y")));
     assert_ne!(
-        singleton_key(&by_group, &env("a", "x")),
-        singleton_key(&by_group, &env("b", "x")),
+        turn(&by_group, &env("a", "x")),
+        turn(&by_group, &env("b", "x")),
         "clients' values are their own"
     );
+    let four = KindSpec { singleton: false, max_running: Some(4), ..kind.clone() };
+    assert_eq!(turn(&four, &env("a", "x")), Some(("test.singleton".into(), 4)));
     let plain = KindSpec { singleton: false, ..kind };
-    assert_eq!(singleton_key(&plain, &env("a", "x")), None);
+    assert_eq!(turn(&plain, &env("a", "x")), None);
 }
 
 #[tokio::test]

@@ -84,7 +84,7 @@ impl Job<'_> {
 
     /// A singleton job (one at a time per turn) takes a lease with its turn.
     fn is_singleton(&self) -> bool {
-        self.spec.singleton || self.spec.singleton_key.is_some()
+        self.spec.running_limit().is_some()
     }
 
     async fn handle(&self, replay: Option<Grant>) {

@@ -77,3 +77,51 @@ async fn a_second_copy_of_a_running_singleton_job_never_runs_beside_it() {
     assert_eq!(runs, 1, "the job ran {runs} times");
     sys.stop().await;
 }
+
+/// `max_running = 4` holds across worker processes: 200 jobs on 3 workers that could run 12 at
+/// once (prefetch 4 each) never have more than 4 running by their own start and end times, and
+/// do reach 4; each runs once, on its first attempt.
+async fn at_most_four_run_at_once_on_three_workers(postgres: bool) {
+    let sys = TestSystem::start_with(Options {
+        testing: true,
+        worker_binary: Some(env!("CARGO_BIN_EXE_e2e-worker")),
+        workers: 3,
+        postgres,
+        ..Options::default()
+    })
+    .await;
+    let mut conn = sys.connect().await;
+    let mut ids = Vec::new();
+    for _ in 0..200 {
+        let r = conn.submit(&json!({"kind": "test.limited", "payload": {"ms": 60}}), None).await.unwrap();
+        assert_eq!(r.status, 202, "{}", r.text());
+        ids.push(r.json()["id"].as_str().unwrap().to_owned());
+    }
+    let mut spans = Vec::new();
+    for id in &ids {
+        let s = wait_final(&mut conn, id, Duration::from_secs(60)).await;
+        assert_eq!(s["status"], "succeeded", "{s}");
+        assert_eq!(s["result"]["attempt"], 1, "waiting used up an attempt: {s}");
+        spans.push((s["result"]["started_at_ms"].as_i64().unwrap(), s["result"]["ended_at_ms"].as_i64().unwrap()));
+    }
+    // Ends before starts at the same millisecond: a turn passes when its job ends.
+    let mut edges: Vec<(i64, i32)> = spans.iter().flat_map(|&(s, e)| [(s, 1), (e, -1)]).collect();
+    edges.sort_unstable();
+    let (mut running, mut most) = (0, 0);
+    for (_, step) in edges {
+        running += step;
+        most = most.max(running);
+    }
+    assert_eq!(most, 4, "at most 4 may run at once, and 4 did");
+    sys.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn max_running_holds_across_three_workers() {
+    at_most_four_run_at_once_on_three_workers(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn max_running_holds_across_three_workers_on_postgres() {
+    at_most_four_run_at_once_on_three_workers(true).await;
+}
