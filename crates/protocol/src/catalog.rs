@@ -151,6 +151,34 @@ impl QueueClass {
 }
 
 /// How many jobs of a kind may run at once, across all workers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StartRate {
+    /// Per value of this payload field (the client's own), or for the whole kind.
+    pub per_key: Option<String>,
+    /// Microseconds between starts.
+    pub interval_us: i64,
+    /// Starts let through at once after a quiet while.
+    pub burst: u32,
+}
+
+/// `"N/s"`, `"N/min"`, `"N/h"` (N > 0): microseconds between starts.
+fn parse_rate(text: &str) -> Result<i64, String> {
+    let bad = || format!("rate {text:?}: say N/s, N/min or N/h with N above 0");
+    let (n, per) = text.split_once('/').ok_or_else(bad)?;
+    let n: f64 = n.trim().parse().map_err(|_| bad())?;
+    let per_us = match per.trim() {
+        "s" => 1e6,
+        "min" => 60e6,
+        "h" => 3600e6,
+        _ => return Err(bad()),
+    };
+    if !(n > 0.0 && n.is_finite()) {
+        return Err(bad());
+    }
+    Ok(((per_us / n).round() as i64).max(1))
+}
+
+/// How many jobs of a kind may run at once, across all workers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RunningLimit {
     /// This many of the kind.
@@ -205,6 +233,17 @@ pub struct KindSpec {
     /// At most this many jobs per value of `limit_key` run at once, across all workers.
     #[serde(default)]
     pub max_running_per_key: Option<u32>,
+    /// At most this many jobs of the kind start per second, minute or hour, across all workers
+    /// (`"100/s"`, `"20/min"`, `"500/h"`); the others are held (`throttled`) and start in
+    /// arrival order, each at its reserved time.
+    #[serde(default)]
+    pub rate: Option<String>,
+    /// The same rate for each value of `limit_key` on its own.
+    #[serde(default)]
+    pub rate_per_key: Option<String>,
+    /// Starts a rate lets through at once after a quiet while (default 1).
+    #[serde(default)]
+    pub burst: Option<u32>,
     /// Longest delay a client may ask for (`not_before` / `delay_s`), in seconds; 0: none.
     #[serde(default = "default_max_delay")]
     pub max_delay_s: u64,
@@ -225,8 +264,11 @@ impl KindSpec {
     /// Its limit on jobs running at once, if it has one (`singleton`, `singleton_key`,
     /// `max_running`, `limit_key` with `max_running_per_key`).
     pub fn running_limit(&self) -> Option<RunningLimit> {
-        if let Some(field) = self.singleton_key.as_ref().or(self.limit_key.as_ref()) {
-            return Some(RunningLimit::PerKey { field: field.clone(), max: self.max_running_per_key.unwrap_or(1) });
+        if let Some(field) = &self.singleton_key {
+            return Some(RunningLimit::PerKey { field: field.clone(), max: 1 });
+        }
+        if let (Some(field), Some(max)) = (&self.limit_key, self.max_running_per_key) {
+            return Some(RunningLimit::PerKey { field: field.clone(), max });
         }
         if self.singleton {
             return Some(RunningLimit::Kind(1));
@@ -234,16 +276,47 @@ impl KindSpec {
         self.max_running.map(RunningLimit::Kind)
     }
 
+    /// Its limit on starts per unit of time, if it has one (`rate`, or `rate_per_key` with
+    /// `limit_key`).
+    pub fn start_rate(&self) -> Option<StartRate> {
+        let (text, per_key) = match (&self.rate, &self.rate_per_key) {
+            (Some(r), _) => (r, None),
+            (None, Some(r)) => (r, self.limit_key.clone()),
+            (None, None) => return None,
+        };
+        let interval_us = parse_rate(text).ok()?;
+        Some(StartRate { per_key, interval_us, burst: self.burst.unwrap_or(1) })
+    }
+
     /// One limit at a time, and none of 0.
     fn check_limit(&self) -> Result<(), String> {
+        for rate in [&self.rate, &self.rate_per_key].into_iter().flatten() {
+            parse_rate(rate)?;
+        }
+        if self.rate.is_some() && self.rate_per_key.is_some() {
+            return Err("one rate: the kind's (rate) or per key (rate_per_key), not both".into());
+        }
+        if self.rate_per_key.is_some() && self.limit_key.is_none() {
+            return Err("rate_per_key needs limit_key".into());
+        }
+        if self.limit_key.is_some() && self.max_running_per_key.is_none() && self.rate_per_key.is_none() {
+            return Err("limit_key limits nothing without max_running_per_key or rate_per_key".into());
+        }
+        if self.burst == Some(0)
+            || (self.burst.is_some() && self.rate.is_none() && self.rate_per_key.is_none())
+        {
+            return Err("burst is 1 or more, with a rate".into());
+        }
         let kind_wide = self.singleton || self.max_running.is_some();
-        let per_key = self.singleton_key.is_some() || self.limit_key.is_some();
+        let per_key = self.singleton_key.is_some() || self.max_running_per_key.is_some();
         if kind_wide && per_key {
             return Err("one limit on running jobs: the kind's (singleton, max_running) or per key \
                         (singleton_key, limit_key), not both"
                 .into());
         }
-        if (self.singleton && self.max_running.is_some()) || (self.singleton_key.is_some() && self.limit_key.is_some()) {
+        if (self.singleton && self.max_running.is_some())
+            || (self.singleton_key.is_some() && self.limit_key.is_some())
+        {
             return Err("singleton and singleton_key are max_running = 1 and limit_key: say it once".into());
         }
         if self.max_running_per_key.is_some() && self.limit_key.is_none() {
@@ -510,6 +583,9 @@ mod tests {
             max_running: None,
             limit_key: None,
             max_running_per_key: None,
+            rate: None,
+            rate_per_key: None,
+            burst: None,
             retain_s: None,
             testing: false,
             exec: None,
@@ -602,8 +678,21 @@ mod tests {
         let three = k(|k| (k.limit_key, k.max_running_per_key) = (Some("f".into()), Some(3)));
         assert_eq!(three.running_limit(), Some(RunningLimit::PerKey { field: "f".into(), max: 3 }));
         assert_eq!(kind("a", "batch").running_limit(), None);
+        let rated = k(|k| (k.rate, k.burst) = (Some("20/s".into()), Some(3)));
+        assert_eq!(rated.start_rate(), Some(StartRate { per_key: None, interval_us: 50_000, burst: 3 }));
+        let hourly = k(|k| (k.limit_key, k.rate_per_key) = (Some("f".into()), Some("7200/h".into())));
+        assert_eq!(
+            hourly.start_rate(),
+            Some(StartRate { per_key: Some("f".into()), interval_us: 500_000, burst: 1 })
+        );
+        assert_eq!(hourly.running_limit(), None, "a limit_key for the rate only");
         for bad in [
-            k(|k| (k.max_running, k.limit_key) = (Some(2), Some("f".into()))),
+            k(|k| k.rate = Some("20/day".into())),
+            k(|k| k.rate = Some("0/s".into())),
+            k(|k| k.rate_per_key = Some("1/s".into())),
+            k(|k| k.limit_key = Some("f".into())),
+            k(|k| k.burst = Some(2)),
+            k(|k| (k.max_running, k.limit_key, k.max_running_per_key) = (Some(2), Some("f".into()), Some(1))),
             k(|k| (k.singleton, k.max_running) = (true, Some(2))),
             k(|k| k.max_running_per_key = Some(2)),
             k(|k| k.max_running = Some(0)),

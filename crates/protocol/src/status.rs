@@ -18,6 +18,8 @@ pub enum JobState {
     WaitingForTurn,
     /// Accepted and held: an operator paused its kind or queue class (`gatehouse pause`).
     Paused,
+    /// Held until its reserved start: its kind's start rate was used up.
+    Throttled,
     Retrying,
     Succeeded,
     Failed,
@@ -41,6 +43,7 @@ impl JobState {
             Self::WaitingForSequence => "waiting_for_sequence",
             Self::WaitingForTurn => "waiting_for_turn",
             Self::Paused => "paused",
+            Self::Throttled => "throttled",
             Self::Retrying => "retrying",
             Self::Succeeded => "succeeded",
             Self::Failed => "failed",
@@ -60,6 +63,7 @@ impl JobState {
             Self::WaitingForSequence,
             Self::WaitingForTurn,
             Self::Paused,
+            Self::Throttled,
             Self::Retrying,
             Self::Succeeded,
             Self::Failed,

@@ -367,6 +367,10 @@ const MIGRATIONS: &[&str] = &[
     INSERT INTO turns (key, job_id) SELECT key, job_id FROM singleton_turns;
     DROP TABLE singleton_turns;
     ",
+    // 25: start rates: each rated key's theoretical next start (GCRA), in microseconds.
+    r"
+    CREATE TABLE rates (key TEXT PRIMARY KEY, tat_us INTEGER NOT NULL);
+    ",
 ];
 
 /// After this migration (1-based) the error texts of earlier releases are sealed.

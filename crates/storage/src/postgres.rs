@@ -175,6 +175,10 @@ const SCHEMA: &[&str] = &[
     INSERT INTO turns (key, job_id) SELECT key, job_id FROM singleton_turns;
     DROP TABLE singleton_turns;
 ",
+    r"
+    -- 8: start rates: each rated key's theoretical next start (GCRA), in microseconds.
+    CREATE TABLE rates (key TEXT PRIMARY KEY, tat_us BIGINT NOT NULL);
+",
 ];
 
 /// After this step (1-based) the error texts of earlier releases are sealed.

@@ -181,6 +181,33 @@ impl Tx<'_> {
     }
 }
 
+// Start rates.
+impl Tx<'_> {
+    /// Reserves the next start of rated `key` (one every `interval_us`, up to `burst` at once
+    /// after a quiet while: the generic cell rate algorithm) for a job arriving at `now_us`;
+    /// answers when it may start (`now_us` or later). One statement; the reservations of
+    /// concurrent workers queue on the key's row.
+    pub fn reserve_start(
+        &self,
+        key: &str,
+        now_us: i64,
+        interval_us: i64,
+        burst: u32,
+    ) -> Result<i64, StorageError> {
+        let tat: i64 = self.must(
+            "INSERT INTO rates (key, tat_us) VALUES (?1, ?2 + ?3)
+             ON CONFLICT(key) DO UPDATE SET
+                 tat_us = (CASE WHEN rates.tat_us > ?2 THEN rates.tat_us ELSE ?2 END) + ?3
+             RETURNING tat_us",
+            params![key, now_us, interval_us],
+            |r| r.get(0),
+        )?;
+        // The start this reservation is for, less the burst's tolerance.
+        let tolerance = interval_us.saturating_mul(i64::from(burst.max(1)) - 1);
+        Ok((tat - interval_us - tolerance).max(now_us))
+    }
+}
+
 // Turns: the jobs that hold each limited key's turns (up to its running limit, see
 // `KindSpec::running_limit`), and the jobs waiting for one, in arrival order.
 impl Tx<'_> {
@@ -193,7 +220,13 @@ impl Tx<'_> {
     /// Takes a turn of `key` for job `id` if fewer than `limit` are held (or it holds one
     /// already); otherwise queues the job's message behind the others waiting and answers
     /// `false`.
-    pub fn take_turn(&self, key: &str, id: &JobId, envelope: &[u8], limit: u32) -> Result<bool, StorageError> {
+    pub fn take_turn(
+        &self,
+        key: &str,
+        id: &JobId,
+        envelope: &[u8],
+        limit: u32,
+    ) -> Result<bool, StorageError> {
         self.lock(&format!("turn {key}"))?;
         let (held, mine): (i64, i64) = self.must(
             "SELECT COUNT(*), COALESCE(SUM(CASE WHEN job_id = ?2 THEN 1 ELSE 0 END), 0) FROM turns WHERE key = ?1",
@@ -245,7 +278,10 @@ impl Tx<'_> {
                     )?;
                 }
                 None => {
-                    self.write("DELETE FROM turns WHERE key = ?1 AND job_id = ?2", params![&key, id.as_str()])?;
+                    self.write(
+                        "DELETE FROM turns WHERE key = ?1 AND job_id = ?2",
+                        params![&key, id.as_str()],
+                    )?;
                 }
             }
         }
@@ -256,5 +292,36 @@ impl Tx<'_> {
     pub fn turn_taken(&self, id: &JobId) -> Result<(), StorageError> {
         self.write("DELETE FROM scheduled WHERE job_id = ?1", params![id.as_str()])?;
         self.write("DELETE FROM jobs WHERE id = ?1 AND state = 'waiting_for_turn'", params![id.as_str()])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::*;
+    use crate::Store;
+
+    /// A rate of one start per 100 ms with a burst of 3: after a quiet while three start at
+    /// once, then one per interval; later arrivals queue behind the reservations.
+    #[tokio::test]
+    async fn start_reservations_follow_the_rate_and_its_burst() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_sqlite(&dir.path().join("db.sqlite"), test_keyring(), &[]).unwrap();
+        let starts = store
+            .transact(|tx| {
+                let mut at = Vec::new();
+                for _ in 0..6 {
+                    at.push(tx.reserve_start("k", 1_000_000, 100_000, 3)?);
+                }
+                // Long after: the burst is back.
+                at.push(tx.reserve_start("k", 9_000_000, 100_000, 3)?);
+                at.push(tx.reserve_start("other", 1_000_000, 100_000, 1)?);
+                Ok::<_, crate::StorageError>(at)
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            starts,
+            [1_000_000, 1_000_000, 1_000_000, 1_100_000, 1_200_000, 1_300_000, 9_000_000, 1_000_000]
+        );
     }
 }

@@ -31,8 +31,8 @@ mod status;
 #[cfg(test)]
 mod tests;
 
-use gatehouse_protocol::clock::now_ms;
 use gatehouse_protocol::catalog::RunningLimit;
+use gatehouse_protocol::clock::now_ms;
 use gatehouse_protocol::{JobEnvelope, JobState, JobStatus, KindSpec};
 use gatehouse_storage::{StorageError, StoredJob, Tx};
 
@@ -233,13 +233,16 @@ fn lock(tx: &Tx<'_>, sequenced: bool, env: &JobEnvelope) -> Result<(), StorageEr
 fn turn(spec: &KindSpec, env: &JobEnvelope) -> Option<(String, u32)> {
     match spec.running_limit()? {
         RunningLimit::PerKey { field, max } => {
-            let value =
-                env.payload.get(&field).map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned));
-            let owned = gatehouse_protocol::submit::owned_key(&env.client, &value.unwrap_or_default());
-            Some((format!("{}\u{1f}{owned}", spec.name), max))
+            Some((format!("{}\u{1f}{}", spec.name, key_value(env, &field)), max))
         }
         RunningLimit::Kind(max) => Some((spec.name.clone(), max)),
     }
+}
+
+/// The client's own value of payload field `field` (a limit's key).
+fn key_value(env: &JobEnvelope, field: &str) -> String {
+    let value = env.payload.get(field).map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned));
+    gatehouse_protocol::submit::owned_key(&env.client, &value.unwrap_or_default())
 }
 
 fn status_of(tx: &Tx<'_>, job: StoredJob) -> Result<JobStatus, StorageError> {
@@ -247,10 +250,11 @@ fn status_of(tx: &Tx<'_>, job: StoredJob) -> Result<JobStatus, StorageError> {
         (JobState::WaitingForSequence, Some((key, _))) => Some(tx.next_expected(key)?),
         _ => None,
     };
-    let due = if job.state == JobState::Scheduled { tx.scheduled_due(&job.id)? } else { None };
+    let held = matches!(job.state, JobState::Scheduled | JobState::Throttled);
+    let due = if held { tx.scheduled_due(&job.id)? } else { None };
     let mut status = status_from(job);
     status.expected = expected;
-    if status.status == JobState::Scheduled {
+    if held {
         match due.filter(|at| *at > now_ms().unsigned_abs()) {
             Some(at) => status.not_before = Some(gatehouse_protocol::submit::format_rfc3339_ms(at)),
             // Its time came: on its way back to its queue.

@@ -6,8 +6,8 @@ use gatehouse_protocol::{Catalog, JobEnvelope, JobState, JobStatus, KindSpec};
 use gatehouse_storage::{Forget, Parked, Probe, StorageError, StoredJob, Tx};
 
 use super::{
-    ApplyError, Arrival, Cap, Dead, Run, Started, Step, Verdict, answer, answered, hold, lock, record,
-    turn,
+    ApplyError, Arrival, Cap, Dead, Run, Started, Step, Verdict, answer, answered, hold, key_value, lock,
+    record, turn,
 };
 use crate::handlers::{Kinds, Outcome};
 use crate::reasons::DeadReason;
@@ -100,6 +100,10 @@ fn prepare_probed(tx: &Tx<'_>, spec: &KindSpec, arrival: &Arrival) -> Result<(St
     {
         return Ok((Step::Decided(verdict), probe));
     }
+    let reserved = probe.job.as_ref().is_some_and(|j| j.state == JobState::Throttled);
+    if !reserved && let Some(verdict) = throttle(tx, spec, arrival)? {
+        return Ok((Step::Decided(verdict), probe));
+    }
     if let Some(verdict) = wait_for_turn(tx, spec, arrival)? {
         return Ok((Step::Decided(verdict), probe));
     }
@@ -127,6 +131,14 @@ fn known(
             tx.unschedule(&env.id)?;
             Ok(None)
         }
+        // A throttled job whose reserved start came (or a copy of it, early: it waits).
+        JobState::Throttled => match tx.scheduled_due(&env.id)? {
+            Some(at) if at > now_ms().unsigned_abs() && !cancelled => answered(tx, stored, target).map(Some),
+            _ => {
+                tx.unschedule(&env.id)?;
+                Ok(None)
+            }
+        },
         // A singleton job whose turn may have come (its message was sent back when it did).
         JobState::WaitingForTurn => {
             let key = turn(spec, env);
@@ -162,6 +174,29 @@ fn delay(tx: &Tx<'_>, arrival: &Arrival, at: u64) -> Result<Verdict, StorageErro
     let mut status = JobStatus::new(env.id.clone(), JobState::Scheduled);
     status.not_before = Some(gatehouse_protocol::submit::format_rfc3339_ms(at));
     Ok(Verdict::Answered(vec![answer(status, &arrival.target)]))
+}
+
+/// A kind with a start rate: its next start is reserved (in storage, so across workers); a job
+/// whose reserved start is later is held until then, unstarted (`throttled`), and comes back
+/// through the delayed-job sweeper. Jobs keep their arrival order: each reserves the next start.
+fn throttle(tx: &Tx<'_>, spec: &KindSpec, arrival: &Arrival) -> Result<Option<Verdict>, StorageError> {
+    let Some(rate) = spec.start_rate() else { return Ok(None) };
+    let env = &arrival.env;
+    let key = match &rate.per_key {
+        Some(field) => format!("{}\u{1f}{}", spec.name, key_value(env, field)),
+        None => spec.name.clone(),
+    };
+    let now_us = now_ms().saturating_mul(1000);
+    let start_us = tx.reserve_start(&key, now_us, rate.interval_us, rate.burst)?;
+    if start_us <= now_us {
+        return Ok(None);
+    }
+    let at = (start_us / 1000).unsigned_abs();
+    hold(tx, env, JobState::Throttled, None)?;
+    tx.schedule(&env.id, at, &arrival.raw)?;
+    let mut status = JobStatus::new(env.id.clone(), JobState::Throttled);
+    status.not_before = Some(gatehouse_protocol::submit::format_rfc3339_ms(at));
+    Ok(Some(Verdict::Answered(vec![answer(status, &arrival.target)])))
 }
 
 /// An operator paused its kind or queue class: held, unstarted, until `gatehouse resume`

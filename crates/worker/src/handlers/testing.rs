@@ -68,7 +68,7 @@ async fn singleton(job: JobContext, p: Sleep) -> Outcome {
     }))
 }
 
-/// Registers `test.long`, `test.sleep`, `test.singleton`, `test.limited`, `test.progress`, `test.fail`,
+/// Registers `test.long`, `test.sleep`, `test.singleton`, `test.limited`, `test.rated`, `test.progress`, `test.fail`,
 /// `test.panic` and `test.crash`.
 pub fn register(r: &mut Registry) {
     r.insert("test.long", external(long));
@@ -86,6 +86,8 @@ pub fn register(r: &mut Registry) {
     r.insert("test.singleton", external(singleton));
     // (`max_running = 4` in the catalog: its results say when each ran.)
     r.insert("test.limited", external(singleton));
+    // (`rate = "20/s"`.)
+    r.insert("test.rated", external(singleton));
     r.insert(
         "test.sleep",
         // A well-behaved long handler: it stops when its job is cancelled. Its result says when

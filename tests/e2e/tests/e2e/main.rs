@@ -25,6 +25,7 @@ mod metrics;
 mod pause;
 mod postgres;
 mod progress;
+mod rates;
 mod retention;
 mod sandbox;
 mod schedules;

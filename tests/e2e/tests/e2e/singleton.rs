@@ -102,7 +102,10 @@ async fn at_most_four_run_at_once_on_three_workers(postgres: bool) {
         let s = wait_final(&mut conn, id, Duration::from_secs(60)).await;
         assert_eq!(s["status"], "succeeded", "{s}");
         assert_eq!(s["result"]["attempt"], 1, "waiting used up an attempt: {s}");
-        spans.push((s["result"]["started_at_ms"].as_i64().unwrap(), s["result"]["ended_at_ms"].as_i64().unwrap()));
+        spans.push((
+            s["result"]["started_at_ms"].as_i64().unwrap(),
+            s["result"]["ended_at_ms"].as_i64().unwrap(),
+        ));
     }
     // Ends before starts at the same millisecond: a turn passes when its job ends.
     let mut edges: Vec<(i64, i32)> = spans.iter().flat_map(|&(s, e)| [(s, 1), (e, -1)]).collect();
