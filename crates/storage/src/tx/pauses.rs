@@ -83,14 +83,20 @@ impl Tx<'_> {
         .collect()
     }
 
-    /// Jobs held by pauses, by kind.
-    pub fn paused_by_kind(&self) -> Result<Vec<(String, u64)>, StorageError> {
+    /// Jobs held in storage, by kind and state: delayed (`scheduled`), `throttled`,
+    /// `waiting_for_turn` and `paused`.
+    pub fn held_by_kind(&self) -> Result<Vec<(String, String, u64)>, StorageError> {
         self.rows(
-            "SELECT j.kind, COUNT(*) FROM paused_jobs h JOIN jobs j ON j.id = h.job_id GROUP BY j.kind",
+            "SELECT j.kind, j.state, COUNT(*) FROM scheduled s JOIN jobs j ON j.id = s.job_id GROUP BY j.kind, j.state
+             UNION ALL
+             SELECT j.kind, 'waiting_for_turn', COUNT(*) FROM singleton_waiting w JOIN jobs j ON j.id = w.job_id
+             GROUP BY j.kind
+             UNION ALL
+             SELECT j.kind, 'paused', COUNT(*) FROM paused_jobs h JOIN jobs j ON j.id = h.job_id GROUP BY j.kind",
             params![],
         )?
         .iter()
-        .map(|r| Ok((r.get(0)?, r.get::<i64>(1)?.unsigned_abs())))
+        .map(|r| Ok((r.get(0)?, r.get(1)?, r.get::<i64>(2)?.unsigned_abs())))
         .collect()
     }
 }

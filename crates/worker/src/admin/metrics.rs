@@ -25,6 +25,12 @@ struct Kind {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Held {
+    kind: String,
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Checkpoint {
     /// `pass` (beside the writer) or `rewind` (holds the writer off, restarts the log).
     kind: String,
@@ -54,8 +60,8 @@ pub struct WorkerMetrics {
     dead_letters: Family<Reason, Counter>,
     parked: Gauge,
     scheduled: Gauge,
-    /// Jobs held by an operator's pause, by kind.
-    paused: Family<Kind, Gauge>,
+    /// Jobs held in storage, by kind and state.
+    held: Family<Held, Gauge>,
     /// When `parked` and `scheduled` were last counted, and the counts made (see
     /// [`WorkerMetrics::refresh_waiting`]).
     waiting_counted: tokio::sync::Mutex<Option<std::time::Instant>>,
@@ -88,7 +94,7 @@ impl Default for WorkerMetrics {
             dead_letters: Family::default(),
             parked: Gauge::default(),
             scheduled: Gauge::default(),
-            paused: Family::default(),
+            held: Family::default(),
             waiting_counted: tokio::sync::Mutex::new(None),
             waiting_counts: Counter::default(),
             connected: Gauge::default(),
@@ -125,9 +131,9 @@ impl WorkerMetrics {
         r.register("parked_jobs", "Jobs waiting for an earlier sequence number", self.parked.clone());
         r.register("scheduled_jobs", "Delayed jobs held until their time", self.scheduled.clone());
         r.register(
-            "paused_jobs",
-            "Jobs held because their kind or queue class is paused",
-            self.paused.clone(),
+            "held_jobs",
+            "Jobs held in storage, unstarted, by kind and state (scheduled, throttled, waiting_for_turn, paused)",
+            self.held.clone(),
         );
         r.register(
             "waiting_counts",
@@ -200,7 +206,7 @@ impl WorkerMetrics {
         self.activity.dead_lettered(event);
     }
 
-    /// Counts the parked, the held delayed and the paused jobs in storage for the gauges — at most once per
+    /// Counts the parked, the delayed and every held job in storage for the gauges — at most once per
     /// [`WAITING_EVERY`], whatever the rate of scrapes and dashboard polls (concurrent callers
     /// wait for one count), so that no HTTP client of the admin listener drives full counts.
     /// Answers the gauges (`None` for one that was never counted).
@@ -212,17 +218,17 @@ impl WorkerMetrics {
                     Ok::<_, gatehouse_storage::StorageError>((
                         tx.parked_count()?,
                         tx.scheduled_count()?,
-                        tx.paused_by_kind()?,
+                        tx.held_by_kind()?,
                     ))
                 })
                 .await;
             self.waiting_counts.inc();
-            if let Ok((parked, scheduled, paused)) = counts {
+            if let Ok((parked, scheduled, held)) = counts {
                 self.parked.set(i64::try_from(parked).unwrap_or(i64::MAX));
                 self.scheduled.set(i64::try_from(scheduled).unwrap_or(i64::MAX));
-                self.paused.clear();
-                for (kind, n) in paused {
-                    self.paused.get_or_create(&Kind { kind }).set(i64::try_from(n).unwrap_or(i64::MAX));
+                self.held.clear();
+                for (kind, state, n) in held {
+                    self.held.get_or_create(&Held { kind, state }).set(i64::try_from(n).unwrap_or(i64::MAX));
                 }
                 *counted = Some(std::time::Instant::now());
             }

@@ -73,10 +73,10 @@ async fn pause_and_resume(postgres: bool) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let (_, metrics) = management::call_at(admin, "GET", "/metrics", None).await;
-        if metrics.contains("paused_jobs{kind=\"ledger.apply\"} 30") {
+        if metrics.contains("held_jobs{kind=\"ledger.apply\",state=\"paused\"} 30") {
             break;
         }
-        assert!(Instant::now() < deadline, "no paused_jobs gauge of 30:\n{metrics}");
+        assert!(Instant::now() < deadline, "no held_jobs gauge of 30 paused:\n{metrics}");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 
