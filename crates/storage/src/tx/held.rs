@@ -69,13 +69,18 @@ impl Tx<'_> {
     }
 
     /// Forgets that `id` was held (its time came and it runs now): the held message and the
-    /// `scheduled` record.
+    /// `scheduled` or `throttled` record.
     pub fn unschedule(&self, id: &JobId) -> Result<(), StorageError> {
-        if let Some(job) = self.job(id)?.filter(|j| j.state == JobState::Scheduled) {
+        if let Some(job) =
+            self.job(id)?.filter(|j| matches!(j.state, JobState::Scheduled | JobState::Throttled))
+        {
             self.log_state(id, &job.client, JobState::Queued)?;
         }
         self.exec("DELETE FROM scheduled WHERE job_id = ?1", params![id.as_str()])?;
-        self.exec("DELETE FROM jobs WHERE id = ?1 AND state = 'scheduled'", params![id.as_str()])?;
+        self.exec(
+            "DELETE FROM jobs WHERE id = ?1 AND state IN ('scheduled', 'throttled')",
+            params![id.as_str()],
+        )?;
         Ok(())
     }
 
@@ -195,9 +200,10 @@ impl Tx<'_> {
         burst: u32,
     ) -> Result<i64, StorageError> {
         let tat: i64 = self.must(
-            "INSERT INTO rates (key, tat_us) VALUES (?1, ?2 + ?3)
+            "INSERT INTO rates (key, tat_us) VALUES (?1, CAST(?2 AS BIGINT) + CAST(?3 AS BIGINT))
              ON CONFLICT(key) DO UPDATE SET
-                 tat_us = (CASE WHEN rates.tat_us > ?2 THEN rates.tat_us ELSE ?2 END) + ?3
+                 tat_us = (CASE WHEN rates.tat_us > CAST(?2 AS BIGINT) THEN rates.tat_us ELSE CAST(?2 AS BIGINT) END)
+                     + CAST(?3 AS BIGINT)
              RETURNING tat_us",
             params![key, now_us, interval_us],
             |r| r.get(0),
