@@ -209,54 +209,9 @@ async fn main() -> ExitCode {
         Cmd::Status { id, endpoint, json, follow: true } => jobs::follow(&endpoint, &id, json).await,
         Cmd::Cancel { id, endpoint, json } => jobs::cancel(&endpoint, &id, json).await,
         Cmd::Dlq { command, broker } => run_dlq(command, &broker).await,
-        Cmd::Pause { command, args } => match command {
-            PauseCmd::List { json } => pauses::list(&args).await.map(|list| {
-                for p in &list {
-                    let since = gatehouse_protocol::submit::format_rfc3339_ms(p.since_ms.max(0) as u64);
-                    if json {
-                        println!(
-                            "{}",
-                            serde_json::json!({"target": p.target, "since": since, "held": p.held})
-                        );
-                    } else {
-                        println!("{}  since {since}  {} jobs held", p.target, p.held);
-                    }
-                }
-                true
-            }),
-            PauseCmd::Kind { name } => run_pause(&args, Target::Kind { name }).await,
-            PauseCmd::Queue { name } => run_pause(&args, Target::Queue { name }).await,
-        },
-        Cmd::Resume { target, args } => pauses::resume(&args, &target).await.map(|released| {
-            match released {
-                Some(n) => {
-                    println!("{} resumed: {n} held jobs go back to their queues", target_words(&target))
-                }
-                None => println!("{} was not paused", target_words(&target)),
-            }
-            true
-        }),
-        Cmd::Queues(QueuesCmd::Migrate { args, json }) => {
-            queues::migrate(&args, |line| eprintln!("{line}")).await.map(|moved| {
-                if json {
-                    println!("{}", serde_json::json!(moved));
-                } else {
-                    println!(
-                        "class {} is {} now: {} jobs and {} dead letters moved; deleted {}",
-                        args.class,
-                        args.to.name(),
-                        moved.jobs,
-                        moved.dead_letters,
-                        if moved.deleted.is_empty() {
-                            "nothing".to_owned()
-                        } else {
-                            moved.deleted.join(", ")
-                        }
-                    );
-                }
-                true
-            })
-        }
+        Cmd::Pause { command, args } => run_pause_cmd(command, &args).await,
+        Cmd::Resume { target, args } => run_resume(&args, &target).await,
+        Cmd::Queues(QueuesCmd::Migrate { args, json }) => run_migrate(&args, json).await,
         Cmd::Schedules { command: SchedulesCmd::List { args, json } } => {
             schedules::list(&args).await.map(|list| {
                 if json {
@@ -298,6 +253,49 @@ async fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+async fn run_pause_cmd(command: PauseCmd, args: &PauseArgs) -> anyhow::Result<bool> {
+    match command {
+        PauseCmd::List { json } => {
+            for p in pauses::list(args).await? {
+                let since = gatehouse_protocol::submit::format_rfc3339_ms(p.since_ms.max(0) as u64);
+                if json {
+                    println!("{}", serde_json::json!({"target": p.target, "since": since, "held": p.held}));
+                } else {
+                    println!("{}  since {since}  {} jobs held", p.target, p.held);
+                }
+            }
+            Ok(true)
+        }
+        PauseCmd::Kind { name } => run_pause(args, Target::Kind { name }).await,
+        PauseCmd::Queue { name } => run_pause(args, Target::Queue { name }).await,
+    }
+}
+
+async fn run_resume(args: &PauseArgs, target: &Target) -> anyhow::Result<bool> {
+    match pauses::resume(args, target).await? {
+        Some(n) => println!("{} resumed: {n} held jobs go back to their queues", target_words(target)),
+        None => println!("{} was not paused", target_words(target)),
+    }
+    Ok(true)
+}
+
+async fn run_migrate(args: &MigrateArgs, json: bool) -> anyhow::Result<bool> {
+    let moved = queues::migrate(args, |line| eprintln!("{line}")).await?;
+    if json {
+        println!("{}", serde_json::json!(moved));
+    } else {
+        let deleted = if moved.deleted.is_empty() { "nothing".to_owned() } else { moved.deleted.join(", ") };
+        println!(
+            "class {} is {} now: {} jobs and {} dead letters moved; deleted {deleted}",
+            args.class,
+            args.to.name(),
+            moved.jobs,
+            moved.dead_letters,
+        );
+    }
+    Ok(true)
 }
 
 async fn run_pause(args: &PauseArgs, target: Target) -> anyhow::Result<bool> {
