@@ -621,6 +621,29 @@ async fn delete_topology(prefix: &str, catalog: &Path) {
     let _ = conn.close(200, "done".into()).await;
 }
 
+/// Submits `job` `n` times, one after the other on `conn`; the job ids (each accepted with 202).
+pub async fn submit_in_turn(conn: &mut Connection, job: &Value, n: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    for _ in 0..n {
+        let r = conn.submit(job, None).await.expect("submit");
+        assert_eq!(r.status, 202, "{}", r.text());
+        ids.push(r.json()["id"].as_str().expect("an id").to_owned());
+    }
+    ids
+}
+
+/// Three worker processes (test kinds on) on SQLite or on PostgreSQL.
+pub async fn three_workers(postgres: bool, worker_binary: &'static str) -> TestSystem {
+    TestSystem::start_with(Options {
+        testing: true,
+        worker_binary: Some(worker_binary),
+        workers: 3,
+        postgres,
+        ..Options::default()
+    })
+    .await
+}
+
 /// Submits `job` `n` times at once, each on a connection of its own; the job ids (each
 /// accepted with 202).
 pub async fn submit_at_once(sys: &TestSystem, job: &Value, n: usize) -> Vec<String> {

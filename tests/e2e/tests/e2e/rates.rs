@@ -4,25 +4,15 @@
 
 use std::time::Duration;
 
-use gatehouse_e2e::{Options, TestSystem, report, wait_final};
+use gatehouse_e2e::{report, wait_final};
 use serde_json::json;
 
 async fn twenty_a_second_on_three_workers(postgres: bool) {
-    let sys = TestSystem::start_with(Options {
-        testing: true,
-        worker_binary: Some(env!("CARGO_BIN_EXE_e2e-worker")),
-        workers: 3,
-        postgres,
-        ..Options::default()
-    })
-    .await;
+    let sys = gatehouse_e2e::three_workers(postgres, env!("CARGO_BIN_EXE_e2e-worker")).await;
     let mut conn = sys.connect().await;
-    let mut ids = Vec::new();
-    for _ in 0..200 {
-        let r = conn.submit(&json!({"kind": "test.rated", "payload": {"ms": 10}}), None).await.unwrap();
-        assert_eq!(r.status, 202, "{}", r.text());
-        ids.push(r.json()["id"].as_str().unwrap().to_owned());
-    }
+    let ids =
+        gatehouse_e2e::submit_in_turn(&mut conn, &json!({"kind": "test.rated", "payload": {"ms": 10}}), 200)
+            .await;
     // The last ones wait seconds for their turn, and say until when.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let last = loop {

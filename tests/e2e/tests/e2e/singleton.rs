@@ -82,21 +82,14 @@ async fn a_second_copy_of_a_running_singleton_job_never_runs_beside_it() {
 /// once (prefetch 4 each) never have more than 4 running by their own start and end times, and
 /// do reach 4; each runs once, on its first attempt.
 async fn at_most_four_run_at_once_on_three_workers(postgres: bool) {
-    let sys = TestSystem::start_with(Options {
-        testing: true,
-        worker_binary: Some(env!("CARGO_BIN_EXE_e2e-worker")),
-        workers: 3,
-        postgres,
-        ..Options::default()
-    })
-    .await;
+    let sys = gatehouse_e2e::three_workers(postgres, env!("CARGO_BIN_EXE_e2e-worker")).await;
     let mut conn = sys.connect().await;
-    let mut ids = Vec::new();
-    for _ in 0..200 {
-        let r = conn.submit(&json!({"kind": "test.limited", "payload": {"ms": 60}}), None).await.unwrap();
-        assert_eq!(r.status, 202, "{}", r.text());
-        ids.push(r.json()["id"].as_str().unwrap().to_owned());
-    }
+    let ids = gatehouse_e2e::submit_in_turn(
+        &mut conn,
+        &json!({"kind": "test.limited", "payload": {"ms": 60}}),
+        200,
+    )
+    .await;
     let mut spans = Vec::new();
     for id in &ids {
         let s = wait_final(&mut conn, id, Duration::from_secs(60)).await;
