@@ -27,6 +27,11 @@ pub struct TelemetrySettings {
 /// The layer that sends spans, over subscriber `S`.
 pub type SpanLayer<S> = Box<dyn tracing_subscriber::Layer<S> + Send + Sync>;
 
+/// The target of the spans that exist only to be exported (a job's decision, run, settling,
+/// storage transactions; a request's validation, publish, wait): off unless export is on, so
+/// that they cost nothing then.
+pub const SPANS: &str = "gatehouse::spans";
+
 /// How soon finished spans are sent (the SDK's default is 5 s).
 const SEND_EVERY: Duration = Duration::from_secs(1);
 

@@ -166,7 +166,9 @@ pub const TLS_PORT: u16 = 5671;
 
 /// `rabbitmq.conf` of the private node: loopback only, plus a mutual-TLS listener.
 fn write_config(home: &Path) -> anyhow::Result<()> {
-    let tls = tls_dir(home);
+    // Absolute: the node reads them from its own working folder (its home), so a relative
+    // home (`gatehouse up`'s `.gatehouse/rabbitmq`) would name files that are not there.
+    let tls = tls_dir(&std::path::absolute(home)?);
     if !tls.join("ca.pem").exists() {
         crate::certs::write_dev(&tls)?;
     }
@@ -285,5 +287,22 @@ mod tests {
         assert_eq!(amqp_addr("amqp://127.0.0.1").unwrap().port(), 5672);
         assert_eq!(amqp_addr("amqps://u:p@127.0.0.1/vh").unwrap().port(), 5671);
         assert!(amqp_addr("nonsense").is_none());
+    }
+
+    /// `gatehouse up` names the node's home relatively (`.gatehouse/rabbitmq`), and the node
+    /// reads its configuration from inside that home: every file it names must be absolute.
+    #[test]
+    fn the_node_configuration_names_its_files_absolutely_for_a_relative_home() {
+        // (Under the workspace's target/, relative to this crate's folder where tests run.)
+        let home = Path::new("../../target/tmp-devenv-config/rabbitmq");
+        let _ = fs::remove_dir_all(home);
+        fs::create_dir_all(home).unwrap();
+        write_config(home).unwrap();
+        let conf = fs::read_to_string(home.join("rabbitmq.conf")).unwrap();
+        for line in conf.lines().filter(|l| l.contains("file = ")) {
+            let path = line.split(" = ").nth(1).unwrap();
+            assert!(Path::new(path).is_absolute() && Path::new(path).exists(), "{line}");
+        }
+        let _ = fs::remove_dir_all(home.parent().unwrap());
     }
 }

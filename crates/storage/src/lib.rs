@@ -221,7 +221,7 @@ fn transaction_span(name: &'static str) -> tracing::Span {
     if tracing::Span::current().is_none() {
         tracing::Span::none()
     } else {
-        tracing::info_span!("storage", op = name)
+        tracing::info_span!(target: "gatehouse::spans", "storage", op = name)
     }
 }
 

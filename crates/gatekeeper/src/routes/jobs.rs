@@ -82,7 +82,7 @@ async fn accept(
     trace: &Trace,
 ) -> Result<Response, Problem> {
     // Spans (OTLP): validate, publish, wait. Nothing below awaits until the publish.
-    let validating = tracing::info_span!("validate").entered();
+    let validating = tracing::info_span!(target: "gatehouse::spans", "validate").entered();
     if !is_json(headers) {
         return Err(Problem::unsupported_media_type());
     }
@@ -200,7 +200,7 @@ async fn accept(
     // `<class>.p<priority>`: the broker's bindings take it to its class's queue, or for quorum
     // lanes to the lane of its priority.
     publish(app, &app.catalog.publish_key(spec, priority.get()), &body, props, true)
-        .instrument(tracing::info_span!("publish"))
+        .instrument(tracing::info_span!(target: "gatehouse::spans", "publish"))
         .await?;
     tracing::debug!(job_id = %envelope.id, kind = %envelope.kind, priority = priority.get(), "job accepted");
 
@@ -210,7 +210,9 @@ async fn accept(
         last.not_before = Some(gatehouse_protocol::submit::format_rfc3339_ms(at));
     }
     if let (Some(w), Some(wait)) = (waiter.as_mut(), wait) {
-        last = await_outcome(w, wait, last).instrument(tracing::info_span!("wait")).await;
+        last = await_outcome(w, wait, last)
+            .instrument(tracing::info_span!(target: "gatehouse::spans", "wait"))
+            .await;
         if last.status.is_final() {
             return Ok((StatusCode::OK, Json(last)).into_response());
         }

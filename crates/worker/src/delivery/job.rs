@@ -104,7 +104,7 @@ impl Job<'_> {
                 .shared
                 .store
                 .transact(move |tx| decide::prepare(tx, &spec, &arrival))
-                .instrument(tracing::info_span!("decide"))
+                .instrument(tracing::info_span!(target: "gatehouse::spans", "decide"))
                 .await
         };
         match prepared {
@@ -140,7 +140,7 @@ impl Job<'_> {
                 .transact(move |tx| {
                     decide::decide_and_run(tx, &catalog, &kinds, &spec, &keys.sessions, &arrival)
                 })
-                .instrument(tracing::info_span!("decide and run"))
+                .instrument(tracing::info_span!(target: "gatehouse::spans", "decide and run"))
                 .await
         };
         shared.metrics.handler_took(&self.env.kind, started.elapsed());
@@ -186,7 +186,7 @@ impl Job<'_> {
             shared
                 .store
                 .transact(move |tx| decide::begin(tx, &spec, &env, &target))
-                .instrument(tracing::info_span!("begin attempt"))
+                .instrument(tracing::info_span!(target: "gatehouse::spans", "begin attempt"))
                 .await
         };
         let started = match begun {
@@ -208,7 +208,7 @@ impl Job<'_> {
                     holder: &holder,
                 },
             )
-            .instrument(tracing::info_span!("run", attempt));
+            .instrument(tracing::info_span!(target: "gatehouse::spans", "run", attempt));
             tokio::pin!(running);
             // A long job's delivery is acked after a while, its message held in storage
             // instead (see [`super::lease`]); if that hold cannot be kept, the handler stops

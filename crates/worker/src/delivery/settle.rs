@@ -78,7 +78,7 @@ pub async fn act(ctx: &Ctx, carried: &Carried<'_>, verdict: Verdict) {
             Verdict::DeadLetter(dead) => dead_letter(ctx, carried, dead).await,
         }
     };
-    settled.instrument(tracing::info_span!("settle")).await;
+    settled.instrument(tracing::info_span!(target: "gatehouse::spans", "settle")).await;
 }
 
 /// Sends the answers of a decided (or held) job, then acks.
