@@ -241,6 +241,8 @@ impl Topology {
     /// only to its queues now; answers those queues with the messages they still hold. Each
     /// is looked up on a channel of its own (a missing queue closes it).
     ///
+    /// (Also when its fair shards change: the queues of shards it no longer has.)
+    ///
     /// # Errors
     /// When the broker cannot be reached or refuses an unbind.
     pub async fn retire_other_queues(
@@ -248,15 +250,25 @@ impl Topology {
         conn: &lapin::Connection,
         class: &QueueClass,
     ) -> Result<Vec<(String, u32)>, lapin::Error> {
+        use futures_util::{StreamExt as _, TryStreamExt as _};
+        // Looked up many at a time: a class with fair shards has a few hundred routes it may
+        // have had, and nearly none of them exist.
+        let found: Vec<(String, Option<u32>)> = futures_util::stream::iter(class.other_routes())
+            .map(|route| async move {
+                let depth = self.depth(conn, &self.job_queue(&route)).await?;
+                Ok::<_, lapin::Error>((route, depth))
+            })
+            .buffer_unordered(32)
+            .try_collect()
+            .await?;
+        let mut found = found;
+        found.sort();
         let mut left = Vec::new();
-        for route in class.other_routes() {
+        for (route, messages) in found {
+            let Some(messages) = messages else { continue };
             let queue = self.job_queue(&route);
-            let Some(messages) = self.depth(conn, &queue).await? else { continue };
             let ch = conn.create_channel().await?;
-            let mut keys: Vec<String> = (0..=9).map(|p| class.publish_key(p)).collect();
-            keys.push(class.name.clone());
-            keys.push(route.clone());
-            for key in keys {
+            for key in class.retired_keys(&route) {
                 for exchange in [self.jobs_exchange(), self.requeue_exchange()] {
                     ch.queue_unbind(
                         queue.as_str().into(),

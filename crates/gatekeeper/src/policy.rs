@@ -24,7 +24,16 @@ struct ClientEntry {
     max_connections: usize,
     #[serde(default = "default_max_streams")]
     max_streams: usize,
+    #[serde(default = "default_share")]
+    share: u16,
 }
+
+fn default_share() -> u16 {
+    1
+}
+
+/// The largest `share` a client may have.
+pub const MAX_SHARE: u16 = 1000;
 
 fn default_max_connections() -> usize {
     DEFAULT_MAX_CONNECTIONS
@@ -62,6 +71,10 @@ pub struct ClientPolicy {
     pub max_connections: usize,
     /// Open event streams at most (past it, `429 too-many-streams`).
     pub max_streams: usize,
+    /// Its weight when clients take turns at the worker (1 to [`MAX_SHARE`]).
+    pub share: u16,
+    /// Its place in the policy file (from 0): which fair shard of a class its jobs go to.
+    pub place: usize,
 }
 
 impl ClientPolicy {
@@ -158,7 +171,13 @@ impl Policy {
         let file: PolicyFile =
             config::Config::builder().add_source(config::File::from(path)).build()?.try_deserialize()?;
         let mut clients = HashMap::new();
-        for c in file.client {
+        for (place, c) in file.client.into_iter().enumerate() {
+            if !(1..=MAX_SHARE).contains(&c.share) {
+                return Err(config::ConfigError::Message(format!(
+                    "policy: client {}: share is 1 to {MAX_SHARE}",
+                    c.identity
+                )));
+            }
             let burst = c.burst.or(c.rate_per_s).unwrap_or(1.0).max(1.0);
             let policy = ClientPolicy {
                 kinds: c.kinds,
@@ -169,6 +188,8 @@ impl Policy {
                 max_delay_s: c.max_delay_s,
                 max_connections: c.max_connections,
                 max_streams: c.max_streams,
+                share: c.share,
+                place,
             };
             if clients.insert(c.identity.clone(), policy).is_some() {
                 return Err(config::ConfigError::Message(format!(
@@ -243,6 +264,8 @@ mod tests {
             max_delay_s: None,
             max_connections: 1,
             max_streams: 1,
+            share: 1,
+            place: 0,
         };
         let limiter = RateLimiter::default();
         assert!(limiter.take("a", &p).is_ok() && limiter.take("a", &p).is_ok());
@@ -255,10 +278,30 @@ mod tests {
     }
 
     #[test]
-    fn shipped_policy_allows_dev_client_only() {
+    fn shipped_policy_allows_dev_client_everything_and_the_bench_client_the_vault() {
         let p =
             Policy::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/policy.toml")).unwrap();
         assert!(p.client("dev-client").unwrap().allows_kind("ledger.apply"));
+        let bench = p.client("bench-1").unwrap();
+        assert!(bench.allows_kind("vault.put") && !bench.allows_kind("ledger.apply"));
         assert!(p.client("stranger").is_none());
+    }
+
+    /// A client's fair shard comes from its place in the file; its share is 1 unless set, and
+    /// never 0.
+    #[test]
+    fn clients_have_their_place_in_the_file_and_a_share() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policy.toml");
+        let entry = |id: &str, extra: &str| {
+            format!("[[client]]\nidentity = \"{id}\"\nkinds = [\"*\"]\nmax_priority = 9\n{extra}\n")
+        };
+        std::fs::write(&path, entry("zed", "") + &entry("amy", "share = 3")).unwrap();
+        let p = Policy::load(&path).unwrap();
+        let (zed, amy) = (p.client("zed").unwrap(), p.client("amy").unwrap());
+        assert_eq!((zed.place, zed.share, amy.place, amy.share), (0, 1, 1, 3));
+        std::fs::write(&path, entry("zed", "share = 0")).unwrap();
+        let e = Policy::load(&path).unwrap_err().to_string();
+        assert!(e.contains("share is 1 to 1000"), "{e}");
     }
 }

@@ -31,6 +31,25 @@ pub struct QueueClass {
     /// deliveries that were only prefetched when a worker died never reach it.
     #[serde(default = "default_delivery_limit")]
     pub delivery_limit: u32,
+    /// Queues per route that clients are spread over, so that one client's backlog does not
+    /// hold up the others (1 to [`MAX_FAIR_SHARDS`], default 1): the gatekeeper publishes the
+    /// n-th client of its policy to shard n modulo this, and the worker takes turns between
+    /// clients over what it holds from all of them (`gatehouse_worker::delivery::turns`).
+    /// Shard 0 is the class's queue as without shards; shard k's are `<route>.s<k>`.
+    #[serde(default = "one")]
+    pub fair_shards: u8,
+}
+
+fn one() -> u8 {
+    1
+}
+
+/// Most fair shards a class may have.
+pub const MAX_FAIR_SHARDS: u8 = 16;
+
+/// `base`, with `.s<shard>` after it unless `shard` is 0.
+fn with_shard(base: String, shard: u8) -> String {
+    if shard == 0 { base } else { format!("{base}.s{shard}") }
 }
 
 fn default_delivery_limit() -> u32 {
@@ -70,17 +89,47 @@ impl QueueClass {
         lanes
     }
 
-    /// The routing key (and queue name suffix) of a job of this class at `priority`: the
-    /// class's name, or for quorum lanes `<name>.p<lane>`.
+    /// The route of a job of this class at `priority` in shard 0: the class's name, or for
+    /// quorum lanes `<name>.p<lane>`.
     pub fn route(&self, priority: u8) -> String {
-        match self.lanes().into_iter().find(|lane| *lane <= priority) {
-            Some(lane) => format!("{}.p{lane}", self.name),
-            None => self.name.clone(),
-        }
+        self.route_in(priority, 0)
     }
 
-    /// Every route of this class: its lanes' (highest first), or its name.
+    /// The routing key (and queue name suffix) of a job of this class at `priority` in fair
+    /// shard `shard` (taken modulo the class's shards): the route of shard 0, with `.s<shard>`
+    /// after it for the others.
+    pub fn route_in(&self, priority: u8, shard: u8) -> String {
+        let base = match self.lanes().into_iter().find(|lane| *lane <= priority) {
+            Some(lane) => format!("{}.p{lane}", self.name),
+            None => self.name.clone(),
+        };
+        with_shard(base, self.shard(shard))
+    }
+
+    /// Every route of this class: for each fair shard, its lanes' (highest first), or its name.
     pub fn routes(&self) -> Vec<String> {
+        let bases = self.base_routes();
+        (0..self.shards()).flat_map(|s| bases.iter().map(move |b| with_shard(b.clone(), s))).collect()
+    }
+
+    /// Whether the worker orders this class's deliveries itself (quorum lanes or fair shards:
+    /// several queues the broker orders nothing across) rather than in the broker's order.
+    pub fn takes_turns(&self) -> bool {
+        !self.lanes().is_empty() || self.shards() > 1
+    }
+
+    /// How many fair shards the class has (1 to [`MAX_FAIR_SHARDS`]).
+    pub fn shards(&self) -> u8 {
+        self.fair_shards.clamp(1, MAX_FAIR_SHARDS)
+    }
+
+    /// `shard` within the class's shards.
+    fn shard(&self, shard: u8) -> u8 {
+        shard % self.shards()
+    }
+
+    /// The routes of shard 0: the lanes', or the class's name.
+    fn base_routes(&self) -> Vec<String> {
         let lanes = self.lanes();
         if lanes.is_empty() {
             return vec![self.name.clone()];
@@ -92,26 +141,50 @@ impl QueueClass {
     /// `<name>.p<priority>` whatever the queue type, so that the broker's bindings alone say
     /// which queue (or lane) takes it, and a class moves between types without the gatekeeper.
     pub fn publish_key(&self, priority: u8) -> String {
-        format!("{}.p{}", self.name, priority.min(9))
+        self.publish_key_in(priority, 0)
+    }
+
+    /// The publish key of a job at `priority` in fair shard `shard`: `<name>.p<priority>`, with
+    /// `.s<shard>` after it for shards other than 0.
+    pub fn publish_key_in(&self, priority: u8, shard: u8) -> String {
+        with_shard(format!("{}.p{}", self.name, priority.min(9)), self.shard(shard))
     }
 
     /// The keys the queue of `route` is bound with, on the jobs and the requeue exchanges: the
-    /// publish keys of the priorities it takes, and for the class's lowest queue (its only
-    /// queue, or lane 0) the class's name too (what the route of a classic class was, kept
-    /// by retries and dead letters from before a move between types).
+    /// publish keys of the priorities (and shard) it takes, its route (what retries and
+    /// replays come back with), and for the class's lowest queue of shard 0 (its only queue,
+    /// or lane 0) the class's name too (what the route of a classic class was, kept by
+    /// retries and dead letters from before a move between types).
     pub fn keys(&self, route: &str) -> Vec<String> {
+        let Some((base, shard)) = self.split(route) else { return Vec::new() };
         let lanes = self.lanes();
         let (low, high) = if lanes.is_empty() {
             (0, 9)
         } else {
-            let Some(at) = lanes.iter().position(|l| format!("{}.p{l}", self.name) == route) else {
+            let Some(at) = lanes.iter().position(|l| format!("{}.p{l}", self.name) == base) else {
                 return Vec::new();
             };
             (lanes[at], if at == 0 { 9 } else { lanes[at - 1] - 1 })
         };
-        let mut keys: Vec<String> = (low..=high).map(|p| self.publish_key(p)).collect();
-        if low == 0 {
+        let mut keys: Vec<String> = (low..=high).map(|p| self.publish_key_in(p, shard)).collect();
+        if !keys.iter().any(|k| k == route) {
+            keys.push(route.to_owned());
+        }
+        if low == 0 && shard == 0 && !keys.contains(&self.name) {
             keys.push(self.name.clone());
+        }
+        keys
+    }
+
+    /// Every key a queue of `route` may have been bound with under any type, lanes or shards
+    /// of this class: what to take from a queue the class left behind.
+    pub fn retired_keys(&self, route: &str) -> Vec<String> {
+        let shard = self.former_shard(route);
+        let mut keys: Vec<String> =
+            (0..=9).map(|p| with_shard(format!("{}.p{p}", self.name), shard)).collect();
+        keys.push(self.name.clone());
+        if !keys.iter().any(|k| k == route) {
+            keys.push(route.to_owned());
         }
         keys
     }
@@ -119,25 +192,61 @@ impl QueueClass {
     /// The lowest priority the queue of `route` takes (0 for a classic class), if the route
     /// is this class's.
     pub fn floor(&self, route: &str) -> Option<u8> {
+        let (base, _) = self.split(route)?;
         let lanes = self.lanes();
         if lanes.is_empty() {
-            return (route == self.name).then_some(0);
+            return (base == self.name).then_some(0);
         }
-        lanes.into_iter().find(|l| format!("{}.p{l}", self.name) == route)
+        lanes.into_iter().find(|l| format!("{}.p{l}", self.name) == base)
     }
 
-    /// The queues (routes) this class may have left on the broker under another type or other
-    /// lanes, which its bindings must be taken from: for a quorum class the classic queue
-    /// and lanes it no longer has; for a classic class every lane a quorum class can have.
+    /// The fair shard of a route this class has or may have had (0 when it names none).
+    pub fn former_shard(&self, route: &str) -> u8 {
+        self.split_any(route).map_or(0, |(_, s)| s)
+    }
+
+    /// The fair shard a route of this class belongs to.
+    pub fn shard_of(&self, route: &str) -> Option<u8> {
+        self.split(route).map(|(_, s)| s)
+    }
+
+    /// `route` as (route of shard 0, shard), if it is one of this class's routes.
+    fn split<'r>(&self, route: &'r str) -> Option<(&'r str, u8)> {
+        let (base, shard) = self.split_any(route)?;
+        (shard < self.shards() && self.base_routes().iter().any(|b| b == base)).then_some((base, shard))
+    }
+
+    /// `route` as (route of shard 0, shard) for any type, lanes and shards this class could
+    /// have had.
+    fn split_any<'r>(&self, route: &'r str) -> Option<(&'r str, u8)> {
+        let sharded = route.rsplit_once(".s").and_then(|(base, digits)| {
+            let shard = digits.parse::<u8>().ok().filter(|s| (1..MAX_FAIR_SHARDS).contains(s))?;
+            (shard.to_string() == digits).then_some((base, shard))
+        });
+        let (base, shard) = sharded.unwrap_or((route, 0));
+        let rest = base.strip_prefix(self.name.as_str())?;
+        let lane_ok = rest.is_empty()
+            || rest.strip_prefix(".p").is_some_and(|p| p.len() == 1 && p.as_bytes()[0].is_ascii_digit());
+        lane_ok.then_some((base, shard))
+    }
+
+    /// The queues (routes) this class may have left on the broker under another type, other
+    /// lanes or more shards, which its bindings must be taken from: every route a class of
+    /// this name can have, but its own.
     pub fn other_routes(&self) -> Vec<String> {
         let own = self.routes();
-        let mut others = vec![self.name.clone()];
-        others.extend((0..=9).map(|p| format!("{}.p{p}", self.name)));
+        let mut bases = vec![self.name.clone()];
+        bases.extend((0..=9).map(|p| format!("{}.p{p}", self.name)));
+        let mut others: Vec<String> =
+            (0..MAX_FAIR_SHARDS).flat_map(|s| bases.iter().map(move |b| with_shard(b.clone(), s))).collect();
         others.retain(|r| !own.contains(r));
         others
     }
 
     fn check(&self) -> Result<(), String> {
+        if !(1..=MAX_FAIR_SHARDS).contains(&self.fair_shards) {
+            return Err(format!("queue {}: fair_shards is 1 to {MAX_FAIR_SHARDS}", self.name));
+        }
         match (self.queue_type, &self.lanes) {
             (QueueType::Classic, Some(_)) => {
                 Err(format!("queue {}: lanes are for type = \"quorum\"", self.name))
@@ -537,14 +646,20 @@ impl Catalog {
         self.queues.iter().find(|q| q.name == name)
     }
 
-    /// The route (routing key, queue suffix) of a job of `kind` at `priority`.
-    pub fn route(&self, kind: &KindSpec, priority: u8) -> String {
-        self.queue(&kind.queue).map_or_else(|| kind.queue.clone(), |q| q.route(priority))
+    /// The route of a job of `kind` at `priority` in fair shard `shard` of its class.
+    pub fn route_in(&self, kind: &KindSpec, priority: u8, shard: u8) -> String {
+        self.queue(&kind.queue).map_or_else(|| kind.queue.clone(), |q| q.route_in(priority, shard))
     }
 
-    /// The routing key the gatekeeper publishes a job of `kind` at `priority` with.
-    pub fn publish_key(&self, kind: &KindSpec, priority: u8) -> String {
-        self.queue(&kind.queue).map_or_else(|| kind.queue.clone(), |q| q.publish_key(priority))
+    /// The fair shard of `kind`'s class that the `n`-th client of the policy (from 0) takes.
+    pub fn shard_for(&self, kind: &KindSpec, n: usize) -> u8 {
+        self.queue(&kind.queue).map_or(0, |q| (n % usize::from(q.shards())) as u8)
+    }
+
+    /// The routing key the gatekeeper publishes a job of `kind` at `priority` in fair shard
+    /// `shard` with.
+    pub fn publish_key(&self, kind: &KindSpec, priority: u8, shard: u8) -> String {
+        self.queue(&kind.queue).map_or_else(|| kind.queue.clone(), |q| q.publish_key_in(priority, shard))
     }
 
     /// Whether a job of `kind` at `priority` may arrive from the queue of `route`: its own
@@ -599,6 +714,7 @@ mod tests {
             queue_type: QueueType::Classic,
             lanes: None,
             delivery_limit: 50,
+            fair_shards: 1,
         }
     }
 
@@ -628,24 +744,56 @@ mod tests {
     #[test]
     fn publish_keys_reach_the_queue_of_their_priority_under_either_type() {
         let quorum = QueueClass { queue_type: QueueType::Quorum, ..classic("batch") };
-        for class in [classic("batch"), quorum.clone(), QueueClass { lanes: Some(vec![0, 9, 3]), ..quorum }] {
-            for p in 0..=9 {
-                let key = class.publish_key(p);
+        let three = QueueClass { lanes: Some(vec![0, 9, 3]), ..quorum.clone() };
+        let classes = [classic("batch"), quorum, three];
+        let sharded = classes.clone().map(|c| QueueClass { fair_shards: 3, ..c });
+        for class in classes.iter().chain(&sharded) {
+            for (p, shard) in (0..=9).flat_map(|p| (0..class.shards()).map(move |s| (p, s))) {
+                let key = class.publish_key_in(p, shard);
                 let holders: Vec<String> =
                     class.routes().into_iter().filter(|r| class.keys(r).contains(&key)).collect();
-                assert_eq!(holders, [class.route(p)], "{class:?} p{p}");
-                assert_eq!(class.floor(&class.route(p)).map(|f| f <= p), Some(true));
+                assert_eq!(holders, [class.route_in(p, shard)], "{class:?} p{p} s{shard}");
+                assert_eq!(class.floor(&class.route_in(p, shard)).map(|f| f <= p), Some(true));
+                assert_eq!(class.shard_of(&class.route_in(p, shard)), Some(shard));
             }
+            // Retries and replays come back by route.
+            assert!(class.routes().iter().all(|r| class.keys(r).contains(r)));
             let lowest: Vec<String> =
                 class.routes().into_iter().filter(|r| class.keys(r).contains(&"batch".to_owned())).collect();
             assert_eq!(lowest, [class.route(0)]);
             let others = class.other_routes();
             assert!(
                 others.iter().all(|r| !class.routes().contains(r))
-                    && others.len() + class.routes().len() == 11
+                    && others.len() + class.routes().len() == 11 * usize::from(MAX_FAIR_SHARDS)
             );
             assert!(others.iter().all(|r| class.floor(r).is_none()), "{others:?}");
+            // A queue left behind is unbound from every key it can have had.
+            for r in &others {
+                assert!(class.retired_keys(r).contains(r), "{r}");
+            }
         }
+    }
+
+    /// Shard 0 is the class's queue as without shards; the others have their own, and a shard
+    /// number wraps around the class's shards.
+    #[test]
+    fn fair_shards_add_queues_beside_the_class_queue() {
+        let class = QueueClass { fair_shards: 3, ..classic("batch") };
+        assert_eq!(class.routes(), ["batch", "batch.s1", "batch.s2"]);
+        assert_eq!(
+            (class.route_in(5, 4), class.publish_key_in(5, 4)),
+            ("batch.s1".into(), "batch.p5.s1".into())
+        );
+        assert_eq!(class.publish_key_in(5, 3), "batch.p5");
+        let quorum = QueueClass { queue_type: QueueType::Quorum, fair_shards: 2, ..classic("batch") };
+        assert_eq!(
+            quorum.routes(),
+            ["batch.p7", "batch.p4", "batch.p0", "batch.p7.s1", "batch.p4.s1", "batch.p0.s1"]
+        );
+        assert_eq!(class.floor("batch.s01"), None, "not a route of the class");
+        assert_eq!(class.floor("batch.s3"), None, "a shard the class does not have");
+        assert!(QueueClass { fair_shards: 0, ..classic("batch") }.check().is_err());
+        assert!(QueueClass { fair_shards: MAX_FAIR_SHARDS + 1, ..classic("batch") }.check().is_err());
     }
 
     /// A job arrives from its class's queue, in its lane or a lower one.

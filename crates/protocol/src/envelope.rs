@@ -45,6 +45,13 @@ pub struct JobEnvelope {
     /// are its children in the trace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub span_id: Option<String>,
+    /// The fair shard of its class the gatekeeper published it to (its client's place in
+    /// the policy): where the worker sends it back to when it was held.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub shard: u8,
+    /// Its client's weight when clients take turns (the policy's `share`, default 1).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub share: u16,
 }
 
 /// A reply target: the gatekeeper instance's reply queue and the waiting request's
@@ -75,6 +82,24 @@ pub struct SealedJob {
     pub trace_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub span_id: Option<String>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub shard: u8,
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub share: u16,
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's signature
+fn is_zero(n: &u8) -> bool {
+    *n == 0
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's signature
+fn is_one(n: &u16) -> bool {
+    *n == 1
+}
+
+fn one() -> u16 {
+    1
 }
 
 fn job_aad(id: &JobId, kind: &str, client: &str) -> Vec<u8> {
@@ -100,6 +125,8 @@ impl JobEnvelope {
             reply: self.reply.clone(),
             trace_id: self.trace_id.clone(),
             span_id: self.span_id.clone(),
+            shard: self.shard,
+            share: self.share,
         })
     }
 }
@@ -124,6 +151,8 @@ impl SealedJob {
             reply: self.reply,
             trace_id: self.trace_id,
             span_id: self.span_id,
+            shard: self.shard,
+            share: self.share,
         })
     }
 
@@ -141,7 +170,27 @@ impl SealedJob {
             reply: self.reply.clone(),
             trace_id: self.trace_id.clone(),
             span_id: self.span_id.clone(),
+            shard: self.shard,
+            share: self.share,
         }
+    }
+}
+
+/// Whose a job's message is and its client's weight, read from the metadata alone (nothing is
+/// verified or opened): what the worker takes turns between clients by before it starts a job.
+/// A message that does not read so is nobody's in particular (and fails on its own later).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Turn {
+    pub client: String,
+    #[serde(default = "one")]
+    pub share: u16,
+}
+
+impl Turn {
+    /// The client and share of a job message; `None` when it is not one.
+    pub fn of(body: &[u8]) -> Option<Self> {
+        let vouched = Vouched::parse(body).ok()?;
+        serde_json::from_slice(vouched.message()).ok()
     }
 }
 
@@ -342,6 +391,8 @@ mod tests {
             reply: Some(ReplyTo { queue: "gatehouse.reply.a".into(), correlation_id: "c1".into() }),
             trace_id: None,
             span_id: None,
+            shard: 0,
+            share: 1,
         };
         let wire = serde_json::to_string(&env.seal(&session).unwrap()).unwrap();
         assert!(!wire.contains("MARKER"), "{wire}");

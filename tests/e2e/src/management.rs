@@ -30,6 +30,18 @@ pub async fn call_as(
     body: Option<Value>,
     authorization: Option<&str>,
 ) -> (u16, String) {
+    let headers: Vec<(&str, &str)> = authorization.map(|a| ("authorization", a)).into_iter().collect();
+    call_with(addr, method, path, body, &headers).await
+}
+
+/// The same with these headers besides `Host` and `Content-Type: application/json`.
+pub async fn call_with(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
     let tcp = tokio::net::TcpStream::connect(addr).await.expect("plain HTTP listener");
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.expect("http");
     tokio::spawn(conn);
@@ -38,8 +50,8 @@ pub async fn call_as(
         .uri(path)
         .header("host", addr.to_string())
         .header("content-type", "application/json");
-    if let Some(a) = authorization {
-        req = req.header("authorization", a);
+    for (name, value) in headers {
+        req = req.header(*name, *value);
     }
     let req =
         req.body(Full::new(Bytes::from(body.map(|b| b.to_string()).unwrap_or_default()))).expect("request");

@@ -7,6 +7,7 @@
 //! | `sync` | `vault.put` with `Prefer: wait`: gatekeeper → broker → worker → SQLite → reply | lapin RPC: confirmed persistent publish to a priority queue, consume, reply (in turns with ours, five slices each) |
 //! | `async` | submit only (answered after the confirm; a local worker paused meanwhile), then the drain rate until applied | lapin confirmed persistent publishes |
 //! | `priority` | preload a backlog of priority-0 jobs (a local worker paused meanwhile), then priority-9 probes at a fixed rate while it drains | – |
+//! | `fair` | the `priority` backlog loaded by one client, then another client (`bench-1`, listed in the policy) submits at the same priority 0 at a fixed rate while it drains: its latency | – |
 //! | `idle` | gatekeeper memory with many idle mTLS connections | – |
 
 mod baseline;
@@ -29,7 +30,7 @@ use stats::Samples;
 pub struct BenchArgs {
     #[command(flatten)]
     pub endpoint: Endpoint,
-    /// Scenarios to run (repeatable): sync, async, priority, idle.
+    /// Scenarios to run (repeatable): sync, async, priority, fair, idle, kinds.
     #[arg(long = "scenario", default_values = ["sync", "async", "priority", "idle"])]
     pub scenarios: Vec<String>,
     /// Concurrent clients (and baseline callers).
@@ -46,10 +47,11 @@ pub struct BenchArgs {
     /// fills (a full queue answers 503).
     #[arg(long, default_value_t = 50_000)]
     pub async_jobs: u64,
-    /// Low-priority jobs queued before the priority probes.
+    /// Low-priority jobs queued before the priority probes (and the other client's jobs of
+    /// `fair`).
     #[arg(long, default_value_t = 50_000)]
     pub backlog: usize,
-    /// Priority-9 probes per second.
+    /// Priority-9 probes per second (and the other client's jobs per second of `fair`).
     #[arg(long, default_value_t = 20)]
     pub probe_rate: u32,
     /// Idle connections for the `idle` scenario.
@@ -93,22 +95,20 @@ fn bench_clients(
     if args.clients <= 1 {
         return Ok(vec![client.clone()]);
     }
+    (1..=args.clients).map(|i| bench_client(args, i)).collect()
+}
+
+/// A client as `bench-<i>` (its certificate made from the dev CA beside `--cert` when missing).
+fn bench_client(args: &BenchArgs, i: usize) -> anyhow::Result<gatehouse_client::Client> {
     let dir = args.endpoint.cert.parent().unwrap_or(std::path::Path::new("."));
-    (1..=args.clients)
-        .map(|i| {
-            let name = format!("bench-{i}");
-            let (cert, key) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
-            if !cert.exists() {
-                gatehouse_devenv::certs::write_client(dir, &name)?;
-            }
-            let identity = gatehouse_client::Identity { cert, key };
-            let mut c = gatehouse_client::Client::new(&args.endpoint.url, &args.endpoint.ca, Some(identity))?;
-            if args.http2 {
-                c = c.http2();
-            }
-            Ok(c)
-        })
-        .collect()
+    let name = format!("bench-{i}");
+    let (cert, key) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
+    if !cert.exists() {
+        gatehouse_devenv::certs::write_client(dir, &name)?;
+    }
+    let identity = gatehouse_client::Identity { cert, key };
+    let c = gatehouse_client::Client::new(&args.endpoint.url, &args.endpoint.ca, Some(identity))?;
+    Ok(if args.http2 { c.http2() } else { c })
 }
 
 /// Slices of the sync and async scenarios and of their references, run in turns.
@@ -228,13 +228,35 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<Vec<Value>> {
                 let probes = progress(
                     "priority probes",
                     duration,
-                    scenarios::probes(&client, args.probe_rate, duration),
+                    scenarios::probes(&client, args.probe_rate, duration, 9),
                 )
                 .await?;
                 let mut r = row("priority", args, &probes);
                 r["backlog"] = json!(queued);
                 r["worker_paused_while_loading"] = json!(worker.is_some());
                 r["probe_rate_per_s"] = json!(args.probe_rate);
+                r
+            }
+            "fair" => {
+                // The same backlog as `priority`, loaded by this client; then another client
+                // (`bench-1`) submits at the same priority while it drains.
+                let other = bench_client(args, 1)?;
+                let worker = pause_local_worker(args);
+                let queued =
+                    progress("fair backlog", Duration::from_secs(3600), preload(&client, c, args.backlog))
+                        .await;
+                resume(&worker);
+                let queued = queued?;
+                let theirs = progress(
+                    "fair: another client",
+                    duration,
+                    scenarios::probes(&other, args.probe_rate, duration, 0),
+                )
+                .await?;
+                let mut r = row("fair", args, &theirs);
+                r["backlog"] = json!(queued);
+                r["worker_paused_while_loading"] = json!(worker.is_some());
+                r["other_client_rate_per_s"] = json!(args.probe_rate);
                 r
             }
             "idle" => {
@@ -252,7 +274,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<Vec<Value>> {
                     "gatekeeper_peak_rss_mib": rss.map(|r| round(r.1)),
                 })
             }
-            other => anyhow::bail!("unknown scenario {other:?} (sync, async, priority, idle, kinds)"),
+            other => anyhow::bail!("unknown scenario {other:?} (sync, async, priority, fair, idle, kinds)"),
         };
         print_report(&report, args.json);
         reports.push(report);

@@ -173,9 +173,10 @@ pub async fn drained(
     Ok(Instant::now())
 }
 
-/// Priority-9 probes at `rate` per second for `duration`, each waiting for its outcome;
-/// answers their latencies (the caller has preloaded a low-priority backlog).
-pub async fn probes(client: &Client, rate: u32, duration: Duration) -> anyhow::Result<Samples> {
+/// Probes at `priority` (9 for `priority`, 0 from another client for `fair`), `rate` per
+/// second for `duration`, each waiting for its outcome; answers their latencies (the caller
+/// has preloaded a priority-0 backlog).
+pub async fn probes(client: &Client, rate: u32, duration: Duration, priority: u8) -> anyhow::Result<Samples> {
     let conn = Arc::new(tokio::sync::Mutex::new(connections(client, 32).await?));
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate.max(1))));
     let start = Instant::now();
@@ -192,7 +193,7 @@ pub async fn probes(client: &Client, rate: u32, duration: Duration) -> anyhow::R
                 None => return Err(0),
             };
             let start = Instant::now();
-            let r = c.submit(&job(u64::MAX - i, 9), Some(30)).await;
+            let r = c.submit(&job(u64::MAX - i, priority), Some(30)).await;
             conn.lock().await.push(c);
             DONE.fetch_add(1, Ordering::Relaxed);
             match r {

@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use gatehouse_protocol::Catalog;
 use gatehouse_storage::{Pause, Store};
+use gatehouse_worker::admin::pauses as admin;
 use gatehouse_worker::settings::WorkerSettings;
 
 /// What is paused.
@@ -34,16 +35,11 @@ pub struct PauseArgs {
 impl Target {
     /// As stored: `kind:<name>` or `queue:<class>`, checked against the worker's catalog.
     fn stored(&self, catalog: &Catalog) -> anyhow::Result<String> {
-        match self {
-            Self::Kind { name } => {
-                anyhow::ensure!(catalog.kind(name).is_some(), "the catalog has no job kind {name:?}");
-                Ok(format!("kind:{name}"))
-            }
-            Self::Queue { name } => {
-                anyhow::ensure!(catalog.queue(name).is_some(), "the catalog has no queue class {name:?}");
-                Ok(format!("queue:{name}"))
-            }
-        }
+        let (what, name) = match self {
+            Self::Kind { name } => (admin::Target::Kind, name),
+            Self::Queue { name } => (admin::Target::Queue, name),
+        };
+        admin::target(catalog, what, name).map_err(anyhow::Error::msg)
     }
 }
 

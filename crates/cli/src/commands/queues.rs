@@ -188,10 +188,14 @@ impl Moving<'_> {
         // Through the requeue exchange (bound like the jobs exchange, and the worker's user
         // may publish to it).
         let jobs = self.t.requeue_exchange();
+        // Its jobs stay in their clients' fair shard (wrapped when the class has fewer now).
+        let route = queue.strip_prefix(&self.t.job_queue("")).unwrap_or(queue);
+        let shard = self.class.former_shard(route);
         let mut told = false;
         loop {
-            moved.jobs +=
-                self.move_all(queue, |priority| (jobs.clone(), self.class.publish_key(priority))).await?;
+            moved.jobs += self
+                .move_all(queue, |priority| (jobs.clone(), self.class.publish_key_in(priority, shard)))
+                .await?;
             let Some((messages, consumers)) = self.t.look_up(self.conn, queue).await? else { return Ok(()) };
             let quorum = self.class.queue_type == QueueType::Classic;
             if messages == 0 && consumers == 0 && self.delete_empty(queue, quorum).await? {

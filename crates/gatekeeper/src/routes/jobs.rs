@@ -183,6 +183,8 @@ async fn accept(
         }),
         trace_id: Some(trace.trace_id.clone()),
         span_id: Some(trace.span_id.clone()),
+        shard: app.catalog.shard_for(spec, policy.place),
+        share: policy.share,
     };
     // The payload leaves the gatekeeper sealed to the worker: the broker never sees it.
     let session = app.keys.session().map_err(|_| Problem::internal("no session with the worker"))?;
@@ -197,9 +199,9 @@ async fn accept(
     // the body; the worker labels a dead letter with the id (`message_id`) for `gatehouse dlq`.
     let props = BasicProperties::default().with_priority(priority.get());
     drop(validating);
-    // `<class>.p<priority>`: the broker's bindings take it to its class's queue, or for quorum
-    // lanes to the lane of its priority.
-    publish(app, &app.catalog.publish_key(spec, priority.get()), &body, props, true)
+    // `<class>.p<priority>[.s<shard>]`: the broker's bindings take it to its class's queue
+    // (of its client's fair shard), or for quorum lanes to the lane of its priority.
+    publish(app, &app.catalog.publish_key(spec, priority.get(), envelope.shard), &body, props, true)
         .instrument(tracing::info_span!(target: "gatehouse::spans", "publish"))
         .await?;
     tracing::debug!(job_id = %envelope.id, kind = %envelope.kind, priority = priority.get(), "job accepted");

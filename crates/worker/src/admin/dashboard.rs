@@ -1,7 +1,8 @@
-//! The operator dashboard on the admin listener: a read-only page (`/`, with its script and
-//! style from the same origin, no external assets) over one JSON document (`/dashboard.json`):
-//! queue depths, jobs decided by kind and outcome since the worker started, parked jobs, and
-//! the latest failures and dead letters with their reason.
+//! The operator dashboard on the admin listener: a page (`/`, with its script and style from
+//! the same origin, no external assets) over one JSON document (`/dashboard.json`): queue
+//! depths, jobs decided by kind and outcome since the worker started, parked jobs, what is
+//! paused, and the latest failures and dead letters with their reason. Read-only, but for the
+//! pause and resume buttons, which are there only behind the admin auth (`super::pauses`).
 //!
 //! Metadata only: job ids, kinds, queue classes, reasons and attempt counts. Never a payload,
 //! a result or an error text (a handler's error may quote the data it choked on).
@@ -27,12 +28,13 @@ use super::activity::Event;
 /// disconnected) to ask queue depths on.
 pub struct BrokerView {
     topology: Topology,
-    classes: Vec<String>,
+    /// Each class and its routes (its queue, lanes and fair shards).
+    classes: Vec<(String, Vec<String>)>,
     channel: tokio::sync::Mutex<Option<Channel>>,
 }
 
 impl BrokerView {
-    pub fn new(topology: Topology, classes: Vec<String>) -> Arc<Self> {
+    pub fn new(topology: Topology, classes: Vec<(String, Vec<String>)>) -> Arc<Self> {
         Arc::new(Self { topology, classes, channel: tokio::sync::Mutex::new(None) })
     }
 
@@ -41,29 +43,44 @@ impl BrokerView {
         *self.channel.lock().await = Some(channel);
     }
 
+    /// Each class's depth (summed over its queues: lanes and fair shards), and the dead
+    /// letters'.
     async fn depths(&self) -> Vec<QueueDepth> {
-        let mut queues: Vec<(String, Option<String>)> =
-            self.classes.iter().map(|c| (self.topology.job_queue(c), Some(c.clone()))).collect();
-        queues.push((self.topology.dead_queue(), None));
+        let mut queues: Vec<(String, Option<String>, Vec<String>)> = self
+            .classes
+            .iter()
+            .map(|(c, routes)| {
+                let names = routes.iter().map(|r| self.topology.job_queue(r)).collect();
+                (self.topology.job_queue(c), Some(c.clone()), names)
+            })
+            .collect();
+        queues.push((self.topology.dead_queue(), None, vec![self.topology.dead_queue()]));
         let mut channel = self.channel.lock().await;
         let mut out = Vec::with_capacity(queues.len());
-        for (name, class) in queues {
-            let mut depth = QueueDepth { name, class, messages: None, consumers: None };
-            if let Some(ch) = channel.as_ref() {
+        for (name, class, names) in queues {
+            let mut depth = QueueDepth { name, class, queues: names.len(), messages: None, consumers: None };
+            let mut sum = Some((0, 0));
+            for queue in &names {
+                let Some(ch) = channel.as_ref() else {
+                    sum = None;
+                    break;
+                };
                 let passive = QueueDeclareOptions { passive: true, ..Default::default() };
-                match ch.queue_declare(depth.name.as_str().into(), passive, FieldTable::default()).await {
+                match ch.queue_declare(queue.as_str().into(), passive, FieldTable::default()).await {
                     Ok(q) => {
-                        depth.messages = Some(q.message_count());
-                        depth.consumers = Some(q.consumer_count());
+                        // Every worker consumes each of them: the most any has.
+                        sum = sum.map(|(m, c)| (m + q.message_count(), c.max(q.consumer_count())));
                     }
                     // The channel is gone (connection lost, or the queue is): unknown until
                     // the next session.
                     Err(e) => {
-                        tracing::debug!(error = %e, queue = depth.name, "dashboard: no queue depth");
+                        tracing::debug!(error = %e, queue, "dashboard: no queue depth");
                         *channel = None;
+                        sum = None;
                     }
                 }
             }
+            (depth.messages, depth.consumers) = (sum.map(|s| s.0), sum.map(|s| s.1));
             out.push(depth);
         }
         out
@@ -75,8 +92,11 @@ struct QueueDepth {
     name: String,
     /// The queue class; none for the dead-letter queue.
     class: Option<String>,
+    /// How many broker queues it is (lanes, fair shards).
+    queues: usize,
     /// Unknown while the worker has no broker session.
     messages: Option<u32>,
+    /// The consumers of each of its queues (every worker consumes all of them).
     consumers: Option<u32>,
 }
 
@@ -97,11 +117,26 @@ struct Snapshot {
     /// Delayed jobs held until their time.
     scheduled: Option<u64>,
     recent: Vec<Event>,
+    /// Kinds and queue classes paused (`kind:<name>`, `queue:<class>`): since when, how many
+    /// jobs each holds; `None` when storage could not be read.
+    paused: Option<Vec<PausedView>>,
+    /// Whether the page may pause and resume (only behind the admin auth).
+    controls: bool,
+}
+
+#[derive(Serialize)]
+struct PausedView {
+    target: String,
+    since_ms: i64,
+    held: u64,
 }
 
 /// `GET /dashboard.json`.
 pub async fn snapshot(State(a): State<Admin>) -> impl IntoResponse {
     let queues = a.broker.depths().await;
+    let paused = a.store.read(|tx| tx.pauses()).await.ok().map(|ps| {
+        ps.into_iter().map(|p| PausedView { target: p.target, since_ms: p.since_ms, held: p.held }).collect()
+    });
     let (parked, scheduled) = a.metrics.refresh_waiting(&a.store).await;
     let (decided, recent) =
         a.metrics.activity.with(|i| (i.decided.clone(), i.recent.iter().cloned().collect()));
@@ -129,6 +164,8 @@ pub async fn snapshot(State(a): State<Admin>) -> impl IntoResponse {
         parked,
         scheduled,
         recent,
+        paused,
+        controls: a.credentials.is_some(),
     };
     ([(header::CACHE_CONTROL, "no-store")], axum::Json(body))
 }

@@ -8,6 +8,7 @@ pub mod activity;
 pub mod dashboard;
 pub mod health;
 pub mod metrics;
+pub mod pauses;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -17,7 +18,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use base64::Engine as _;
 use gatehouse_protocol::Catalog;
 use gatehouse_storage::Store;
@@ -50,6 +51,7 @@ pub fn router(admin: Admin) -> Router {
         .route("/dashboard.js", get(dashboard::script))
         .route("/dashboard.css", get(dashboard::style))
         .route("/dashboard.json", get(dashboard::snapshot))
+        .route("/pauses", post(pauses::change))
         .layer(middleware::from_fn(page_headers))
         .layer(middleware::from_fn_with_state(admin.clone(), basic_auth));
     Router::new()

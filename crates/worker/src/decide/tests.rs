@@ -36,6 +36,8 @@ fn ledger_job(n: u8, number: u64, amount: i64) -> JobEnvelope {
         reply: None,
         trace_id: None,
         span_id: None,
+        shard: 0,
+        share: 1,
     }
 }
 

@@ -33,10 +33,10 @@ mod checks;
 pub mod control;
 pub mod job;
 pub mod job_locks;
-pub mod lanes;
 pub mod lease;
 mod run;
 pub mod settle;
+pub mod turns;
 
 use std::sync::Arc;
 

@@ -527,6 +527,8 @@ mod tests {
             reply: None,
             trace_id: None,
             span_id: None,
+            shard: 0,
+            share: 1,
         };
         let Some(Outcome::Permanent(e)) = revalidate(&schemas, &env) else { panic!("accepted") };
         assert!(e.starts_with("invalid-payload") && !e.contains("MARKER") && !e.contains("12345"), "{e}");

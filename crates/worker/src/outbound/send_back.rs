@@ -24,7 +24,8 @@ impl Outbound {
                 return Ok(false);
             }
         };
-        let Some(route) = self.catalog.kind(&env.kind).map(|k| self.catalog.route(k, env.priority.get()))
+        let Some(route) =
+            self.catalog.kind(&env.kind).map(|k| self.catalog.route_in(k, env.priority.get(), env.shard))
         else {
             tracing::error!(job_id = %id, kind = %env.kind, "held job of a kind no longer in the catalog; left held");
             return Ok(false);

@@ -124,7 +124,7 @@ impl WorkerBuilder {
             None => Schedules::default(),
         };
         let credentials = settings.admin.credentials().map_err(|e| bad(&e))?.map(Arc::new);
-        let classes = catalog.queues().iter().map(|q| q.name.clone()).collect();
+        let classes = catalog.queues().iter().map(|q| (q.name.clone(), q.routes())).collect();
         let broker = BrokerView::new(settings.broker.topology(), classes);
         let (progress_tx, progress_rx) = progress::channel();
         let location = settings.storage.location().map_err(|e| bad(&e))?;

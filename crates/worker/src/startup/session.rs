@@ -1,5 +1,6 @@
-//! One broker connection and what hangs off it: the job and control consumers, the ordering
-//! of quorum lanes, the delivery tasks, and the sweepers that send on this connection.
+//! One broker connection and what hangs off it: the job and control consumers, the turns of
+//! held classes (quorum lanes, fair shards), the delivery tasks, and the sweepers that send on
+//! this connection.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,13 +13,14 @@ use gatehouse_broker::lapin::options::{
 };
 use gatehouse_broker::lapin::types::FieldTable;
 use gatehouse_broker::lapin::{Channel, Connection};
+use gatehouse_protocol::envelope::Turn;
 use tokio::sync::{mpsc, watch};
 use tokio::task::{Id, JoinSet};
 
 use crate::admin::dashboard::BrokerView;
 use crate::delivery::acks::Acks;
-use crate::delivery::lanes::Lanes;
 use crate::delivery::settle::JobChannel;
+use crate::delivery::turns::{From, Turns};
 use crate::delivery::{Ctx, Shared, control, job};
 use crate::outbound::Outbound;
 use crate::settings::WorkerSettings;
@@ -32,6 +34,8 @@ pub(super) struct Session {
     connection: Connection,
     /// The channel the job queues are consumed on (acked through `ctx.channel`).
     jobs: Channel,
+    /// The consumers' prefetch (`consumer.prefetch`): how many jobs of a class run at once.
+    prefetch: u16,
     ctx: Ctx,
 }
 
@@ -44,7 +48,7 @@ pub(super) enum Ended {
 /// Where a delivery came from.
 #[derive(Clone)]
 enum Source {
-    /// The job queue of this route (a class, or one of its lanes).
+    /// The job queue of this route (a class, one of its lanes or fair shards).
     Job(String),
     Control,
 }
@@ -52,9 +56,9 @@ enum Source {
 /// The deliveries a session has received and not finished.
 struct InFlight {
     tasks: JoinSet<()>,
-    /// The tasks that hold a slot of a quorum class, and its name (freed however they end).
-    lane_tasks: HashMap<Id, String>,
-    lanes: Lanes,
+    /// The tasks that hold a slot of a held class, and its name (freed however they end).
+    held_tasks: HashMap<Id, String>,
+    turns: Turns<Delivery>,
 }
 
 impl Session {
@@ -79,7 +83,7 @@ impl Session {
             Err(e) => return Err(anyhow::Error::from(e).context("declaring topology")),
         }
         let _ = setup.close(200, "topology declared".into()).await;
-        // Queues a class left behind under another type or other lanes get no new jobs.
+        // Queues a class left behind under another type, other lanes or shards get no new jobs.
         for class in shared.catalog.queues() {
             for (queue, held) in topology.retire_other_queues(&connection, class).await? {
                 if held > 0 {
@@ -101,7 +105,12 @@ impl Session {
             (shared.store.clone(), shared.catalog.clone(), shared.keys.clone(), shared.metrics.clone());
         let out = Arc::new(Outbound::open(&connection, store, catalog, keys, metrics, topology).await?);
         let channel = Arc::new(JobChannel::new(Acks::start(jobs.clone())));
-        Ok(Self { connection, jobs, ctx: Ctx { shared: shared.clone(), out, channel } })
+        Ok(Self {
+            connection,
+            jobs,
+            prefetch: settings.consumer.prefetch,
+            ctx: Ctx { shared: shared.clone(), out, channel },
+        })
     }
 
     /// Consumes until `stop` or the connection is lost; then gives back what did not start,
@@ -111,8 +120,7 @@ impl Session {
         settings: &WorkerSettings,
         mut stop: watch::Receiver<bool>,
     ) -> anyhow::Result<Ended> {
-        let prefetch = settings.consumer.prefetch;
-        self.jobs.basic_qos(prefetch, BasicQosOptions::default()).await?;
+        let prefetch = self.prefetch;
         let control = self.connection.create_channel().await?;
         control.basic_qos(32, BasicQosOptions::default()).await?;
         let (tx, mut rx) = mpsc::channel::<(Source, Delivery)>(64);
@@ -128,8 +136,8 @@ impl Session {
         let health = &self.ctx.shared.health;
         tokio::spawn(sweep::run(Gaps(out.clone()), health.clone(), sweeps.clone()));
         tokio::spawn(sweep::run(Held(out.clone()), health.clone(), sweeps));
-        let lanes = Lanes::new(&self.ctx.shared.catalog, usize::from(prefetch));
-        let mut flight = InFlight { tasks: JoinSet::new(), lane_tasks: HashMap::new(), lanes };
+        let turns = Turns::new(&self.ctx.shared.catalog, usize::from(prefetch));
+        let mut flight = InFlight { tasks: JoinSet::new(), held_tasks: HashMap::new(), turns };
         let mut refusals = self.ctx.shared.health.watch();
         refusals.mark_changed();
         let mut paused = false;
@@ -185,22 +193,30 @@ impl Session {
     ) -> anyhow::Result<Vec<(Channel, String)>> {
         let topology = &self.ctx.out.topology;
         let mut tags = Vec::new();
-        for route in self.ctx.shared.catalog.queues().iter().flat_map(|q| q.routes()) {
-            let tag = format!("worker.{route}");
-            start(&self.jobs, &topology.job_queue(&route), &tag, Source::Job(route.clone()), tx).await?;
-            tags.push((self.jobs.clone(), tag));
+        for class in self.ctx.shared.catalog.queues() {
+            // (The prefetch applies to the consumers started after it.) A class that takes
+            // turns runs at most `prefetch` jobs at once, and holds more of each queue than that,
+            // so that a client whose turn it is always has one at hand while its last ones are
+            // being acknowledged.
+            let prefetch = self.prefetch.saturating_mul(if class.takes_turns() { 2 } else { 1 });
+            self.jobs.basic_qos(prefetch, BasicQosOptions::default()).await?;
+            for route in class.routes() {
+                let tag = format!("worker.{route}");
+                start(&self.jobs, &topology.job_queue(&route), &tag, Source::Job(route.clone()), tx).await?;
+                tags.push((self.jobs.clone(), tag));
+            }
         }
         Ok(tags)
     }
 
     /// Storage refuses writes: no more jobs (status queries go on). The job consumers are
-    /// cancelled and what the lanes hold goes back to its queue; jobs that run now finish or
+    /// cancelled and what the turns hold goes back to its queue; jobs that run now finish or
     /// fail and go back themselves.
     async fn pause_jobs(&self, tags: &[(Channel, String)], flight: &mut InFlight) {
         for (channel, tag) in tags.iter().filter(|(_, tag)| tag != CONTROL_TAG) {
             let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
         }
-        for d in flight.lanes.drain() {
+        for d in flight.turns.drain() {
             self.give_back(&d).await;
         }
     }
@@ -211,11 +227,17 @@ impl Session {
         self.ctx.channel.given_back(d.delivery_tag);
     }
 
-    /// A delivery arrived: a quorum lane's is held for its class's next free slot; others start.
+    /// A delivery arrived: one of a held class (quorum lanes, fair shards) waits for its turn
+    /// at the class's next free slot; others start.
     fn arrived(&self, flight: &mut InFlight, source: Source, d: Delivery) {
         match source {
-            Source::Job(route) => match flight.lanes.class_of(&route) {
-                Some(class) => flight.lanes.hold(&class, route, d),
+            Source::Job(route) => match flight.turns.class_of(&route) {
+                Some(class) => {
+                    let turn = Turn::of(&d.data);
+                    let (client, share) = turn.map_or((String::new(), 1), |t| (t.client, t.share));
+                    let from = From { client, share, priority: d.properties.priority().unwrap_or(0) };
+                    flight.turns.hold(&class, route, from, d);
+                }
                 None => {
                     flight.tasks.spawn(job::handle_job(self.ctx.clone(), route, d));
                 }
@@ -240,7 +262,7 @@ impl Session {
         }
         rx.close();
         let requeue = BasicNackOptions { requeue: true, ..Default::default() };
-        for d in flight.lanes.drain() {
+        for d in flight.turns.drain() {
             let _ = d.acker.nack(requeue).await;
             self.ctx.channel.given_back(d.delivery_tag);
         }
@@ -275,16 +297,16 @@ impl InFlight {
                 e.id()
             }
         };
-        if let Some(class) = self.lane_tasks.remove(&id) {
-            self.lanes.finished(&class);
+        if let Some(class) = self.held_tasks.remove(&id) {
+            self.turns.finished(&class);
         }
     }
 
-    /// Starts what the lanes hold, highest priority first, as slots free up.
+    /// Starts what the turns hold, highest priority first, clients in turn, as slots free up.
     fn start_held(&mut self, ctx: &Ctx) {
-        while let Some((class, route, d)) = self.lanes.next_to_start() {
+        while let Some((class, route, d)) = self.turns.next_to_start() {
             let task = self.tasks.spawn(job::handle_job(ctx.clone(), route, d));
-            self.lane_tasks.insert(task.id(), class);
+            self.held_tasks.insert(task.id(), class);
         }
     }
 }

@@ -65,7 +65,7 @@ async fn timed_out(out: &Outbound, parked: &Parked) -> anyhow::Result<()> {
     let route = out
         .catalog
         .kind(&env.kind)
-        .map_or_else(|| "batch".to_owned(), |k| out.catalog.route(k, env.priority.get()));
+        .map_or_else(|| "batch".to_owned(), |k| out.catalog.route_in(k, env.priority.get(), env.shard));
     let error = format!(
         "number {} of {} waited past the gap timeout for its predecessor",
         parked.seq_number, parked.seq_key

@@ -153,6 +153,8 @@ impl Schedule {
             reply: None,
             trace_id: None,
             span_id: None,
+            shard: 0,
+            share: 1,
         }
     }
 }

@@ -9,7 +9,8 @@ async fn every_scenario_runs_and_reports() {
     // The shipped catalog plus the executable examples, for the `kinds` scenario.
     let sys = TestSystem::start_with(gatehouse_e2e::Options {
         catalog: Some(gatehouse_e2e::repo_root().join("examples/exec-kinds/jobs.toml")),
-        // The `kinds` scenario's client identities (their certificates the bench makes).
+        // The `kinds` and `fair` scenarios' client identities (their certificates the bench
+        // makes).
         extra_policy: "[[client]]\nidentity = \"bench-1\"\nkinds = [\"*\"]\nmax_priority = 9\n\n\
                        [[client]]\nidentity = \"bench-2\"\nkinds = [\"*\"]\nmax_priority = 9\n",
         ..Default::default()
@@ -17,7 +18,7 @@ async fn every_scenario_runs_and_reports() {
     .await;
     let args = BenchArgs {
         endpoint: sys.endpoint(),
-        scenarios: ["sync", "async", "priority", "idle", "kinds"].map(String::from).to_vec(),
+        scenarios: ["sync", "async", "priority", "fair", "idle", "kinds"].map(String::from).to_vec(),
         kinds: vec!["acme.upper-stream".into()],
         clients: 2,
         concurrency: 2,
@@ -36,7 +37,7 @@ async fn every_scenario_runs_and_reports() {
     };
     let reports = bench::run(&args).await.expect("bench runs");
     let by = |name: &str| reports.iter().find(|r| r["scenario"] == name).unwrap_or_else(|| panic!("{name}"));
-    for name in ["sync", "async", "priority"] {
+    for name in ["sync", "async", "priority", "fair"] {
         let r = by(name);
         assert!(r["requests"].as_u64().unwrap() > 0, "{r}");
         assert_eq!(r["errors"], 0, "{r}");
@@ -52,6 +53,7 @@ async fn every_scenario_runs_and_reports() {
     assert!(by("async")["drain_per_s"].as_f64().unwrap() > 0.0);
     assert_eq!(by("async")["requests"], 100, "the async phase stops at --async-jobs");
     assert_eq!(by("priority")["backlog"], 20);
+    assert_eq!(by("fair")["backlog"], 20);
     assert_eq!(by("idle")["idle_connections"], 10);
     let stream = by("acme.upper-stream");
     assert!(stream["requests"].as_u64().unwrap() > 0 && stream["errors"] == 0, "{stream}");

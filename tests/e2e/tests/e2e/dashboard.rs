@@ -76,6 +76,9 @@ async fn the_dashboard_shows_a_job_just_dead_lettered_and_no_console_errors() {
     assert!(dom.contains(&format!("<td>test.fail</td><td>batch</td>{}{}{}", n(0), n(0), n(1))), "{dom}");
     assert!(dom.contains(&format!("<td>vault.put</td><td>interactive</td>{}", n(1))), "{dom}");
     assert!(dom.contains("consuming"), "{dom}");
+    // Nothing paused; no pause buttons without the admin auth.
+    assert!(dom.contains("<td>running</td></tr>"), "{dom}");
+    assert!(!dom.contains("<button"), "{dom}");
     assert!(!dom.contains("PAYLOAD-MARKER-5150"), "a payload reached the dashboard");
     sys.stop().await;
 }
@@ -104,6 +107,59 @@ async fn basic_auth_guards_metrics_and_the_dashboard_but_not_the_probes() {
     for path in ["/healthz", "/readyz"] {
         assert_eq!(management::call_as(admin, "GET", path, None, None).await.0, 200, "{path}");
     }
+    sys.stop().await;
+}
+
+/// The dashboard pauses and resumes a kind only behind the admin auth, and only for requests
+/// from its own page: a paused kind's job waits (`paused`), and runs once resumed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_dashboard_pauses_and_resumes_only_behind_the_admin_auth() {
+    let open = TestSystem::start().await;
+    let change = json!({"action": "pause", "target": "kind", "name": "vault.put"});
+    let admin = open.worker_admin_addr.expect("in-process worker");
+    let (status, body) = management::call_as(admin, "POST", "/pauses", Some(change.clone()), None).await;
+    assert_eq!(status, 403, "no admin auth, no pausing: {body}");
+    let snap: serde_json::Value =
+        serde_json::from_str(&management::call_as(admin, "GET", "/dashboard.json", None, None).await.1)
+            .unwrap();
+    assert_eq!(snap["controls"], false, "{snap}");
+    open.stop().await;
+
+    let sys =
+        TestSystem::start_with(Options { worker_admin_password: Some("s3cret-admin"), ..Options::default() })
+            .await;
+    let admin = sys.worker_admin_addr.expect("in-process worker");
+    let good = format!("Basic {}", base64_of("ops:s3cret-admin"));
+    let auth = ("authorization", good.clone());
+    let post = |body: serde_json::Value, headers: Vec<(&'static str, String)>| async move {
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        management::call_with(admin, "POST", "/pauses", Some(body), &headers).await
+    };
+    assert_eq!(post(change.clone(), vec![]).await.0, 401, "without credentials");
+    let cross_site = post(change.clone(), vec![auth.clone(), ("sec-fetch-site", "cross-site".into())]).await;
+    assert_eq!(cross_site.0, 403, "a request another site's page made: {}", cross_site.1);
+    let unknown = json!({"action": "pause", "target": "kind", "name": "nope"});
+    assert_eq!(post(unknown, vec![auth.clone()]).await.0, 422);
+    let paused = post(change.clone(), vec![auth.clone(), ("sec-fetch-site", "same-origin".into())]).await;
+    assert_eq!(paused, (200, r#"{"changed":true}"#.to_owned()));
+
+    let mut conn = sys.connect().await;
+    let r = conn.submit(&json!({"kind": "vault.put", "payload": {"record": {"a": 1}}}), None).await.unwrap();
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while conn.status(&id).await.unwrap().json()["status"] != "paused" {
+        assert!(std::time::Instant::now() < deadline, "the job was not held");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let snap = management::call_as(admin, "GET", "/dashboard.json", None, Some(&good)).await.1;
+    let snap: serde_json::Value = serde_json::from_str(&snap).unwrap();
+    assert_eq!(snap["controls"], true, "{snap}");
+    assert_eq!(snap["paused"][0]["target"], "kind:vault.put", "{snap}");
+    assert_eq!(snap["paused"][0]["held"], 1, "{snap}");
+
+    let resume = json!({"action": "resume", "target": "kind", "name": "vault.put"});
+    assert_eq!(post(resume, vec![auth]).await, (200, r#"{"changed":true,"released":1}"#.to_owned()));
+    assert_eq!(wait_final(&mut conn, &id, Duration::from_secs(20)).await["status"], "succeeded");
     sys.stop().await;
 }
 

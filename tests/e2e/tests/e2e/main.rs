@@ -18,6 +18,7 @@ mod delays;
 mod deploy;
 mod events;
 mod exec;
+mod fair;
 mod fuzz;
 mod isolation;
 mod lanes;

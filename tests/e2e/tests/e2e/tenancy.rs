@@ -88,13 +88,14 @@ async fn a_captured_job_cannot_answer_another_clients_waiting_request() {
         c.submit(&json!({"kind": "vault.put", "payload": {"record": {"m": 1}}}), Some(12)).await.unwrap()
     });
 
-    // The attacker reads both from the queue and takes mallory's own job away, so that only
-    // the forgery could answer her.
+    // The attacker reads both from their queues (mallory, the policy's third client, queues in
+    // fair shard 2) and takes mallory's own job away, so that only the forgery could answer her.
     let queue = sys.topology().job_queue("interactive");
-    let msgs = queued(&queue, 2).await;
-    let (alice_msg, mallory_msg) =
-        if job_id_of(&msgs[0]) == alice_job { (&msgs[0], &msgs[1]) } else { (&msgs[1], &msgs[0]) };
-    assert_eq!(management::take(&queue, 2).await.len(), 2);
+    let mallory_queue = sys.topology().job_queue("interactive.s2");
+    let (alice_msg, mallory_msg) = (&queued(&queue, 1).await[0], &queued(&mallory_queue, 1).await[0]);
+    assert_eq!(job_id_of(alice_msg), alice_job);
+    assert_eq!(management::take(&queue, 1).await.len(), 1);
+    assert_eq!(management::take(&mallory_queue, 1).await.len(), 1);
     // Mallory's reply target: AMQP properties before the fix, inside the vouched body after.
     let props = &mallory_msg["properties"];
     let body: Value = serde_json::from_str(&body_of(mallory_msg)).unwrap();

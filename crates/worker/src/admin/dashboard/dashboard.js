@@ -17,6 +17,38 @@ function rate(now, before, dtS) {
   return ((now - before) / dtS).toFixed(1);
 }
 
+// Pause or resume a kind or queue class (POST /pauses; only behind the admin auth).
+async function change(action, target, name) {
+  const res = await fetch("/pauses", {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ action: action, target: target, name: name }),
+  });
+  const status = document.getElementById("status");
+  if (!res.ok) {
+    status.textContent = action + " " + name + " refused (HTTP " + res.status + ")";
+    status.className = "status down";
+  }
+  refresh();
+}
+
+// The state cell of a kind or queue class: "paused (n held)" or "running", with its button
+// when the page may change it.
+function pauseCell(row, snap, target, name) {
+  const paused = (snap.paused || []).find((p) => p.target === target + ":" + name);
+  const td = cell(row, snap.paused === null ? null : paused ? "paused (" + paused.held + " held)" : "running");
+  if (paused) td.className = "paused";
+  if (snap.controls && snap.paused !== null) {
+    const button = document.createElement("button");
+    const action = paused ? "resume" : "pause";
+    button.textContent = paused ? "Resume" : "Pause";
+    button.dataset.action = action;
+    button.dataset.target = target + ":" + name;
+    button.addEventListener("click", () => change(action, target, name));
+    td.appendChild(button);
+  }
+}
+
 function decidedOf(kind) {
   return Object.values(kind.decided).reduce((a, b) => a + b, 0);
 }
@@ -48,6 +80,7 @@ function render(snap) {
     cell(row, rate(q.messages, depthBefore[q.name], dtS), "n");
     cell(row, q.class && previous && dtS > 0 ? (decidedByQueue[q.class] / dtS).toFixed(1) : "–", "n");
     cell(row, q.consumers, "n");
+    if (q.class === null) cell(row, ""); else pauseCell(row, snap, "queue", q.class);
   }
   document.getElementById("parked").textContent = snap.parked === null ? "–" : String(snap.parked);
   document.getElementById("scheduled").textContent = snap.scheduled === null ? "–" : String(snap.scheduled);
@@ -63,6 +96,7 @@ function render(snap) {
     cell(row, k.decided.dead_lettered || 0, "n");
     const was = before[k.kind];
     cell(row, previous ? rate(decidedOf(k), was ? decidedOf(was) : 0, dtS) : "–", "n");
+    pauseCell(row, snap, "kind", k.kind);
   }
 
   const recent = document.querySelector("#recent tbody");
