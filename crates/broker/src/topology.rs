@@ -19,12 +19,15 @@
 //! `type = "quorum"` one replicated quorum queue per priority lane,
 //! `gatehouse.jobs.<class>.p<lane>`, routed by the gatekeeper from the job's priority (RabbitMQ
 //! 3.10 refuses `x-max-priority` on quorum queues; the worker orders across lanes, see
-//! `gatehouse_worker::dispatch`). The routing key of a class's queue (or lane) is its *route*:
+//! `gatehouse_worker::delivery::turns`). The routing key of a class's queue (or lane) is its *route*:
 //! the class name, or `<class>.p<lane>`; retries and replays use the route too. The gatekeeper
 //! publishes every job with `<class>.p<priority>` whatever the type: each queue is bound with
 //! the publish keys of the priorities it takes (and the lowest with the class name, the route
 //! of a classic class), so bindings alone route, and a class moves between types (`gatehouse
-//! queues migrate`) under a running gatekeeper.
+//! queues migrate`) under a running gatekeeper. A class with `fair_shards = N` has all of that
+//! N times: shard 0 as above, shard k's queues `<route>.s<k>` bound with `<class>.p<priority>.s<k>`;
+//! the gatekeeper publishes each client's jobs to its shard, and the worker takes turns between
+//! clients over what it holds of them all.
 //! A `prefix` (empty in production) lets tests share one broker without sharing queues.
 
 use lapin::Channel;

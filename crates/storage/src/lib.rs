@@ -32,7 +32,9 @@ use crate::checkpoint::Checkpoints;
 
 pub use family::{Family, SealedColumn};
 pub use postgres::PostgresConfig;
-pub use tx::{Attempts, Forget, Parked, Pause, Place, Probe, ScheduleState, StoredJob, Tx, sealed_aad};
+pub use tx::{
+    Attempts, Forget, Parked, Pause, Place, Probe, SENT_BACK, ScheduleState, StoredJob, Tx, sealed_aad,
+};
 
 /// A storage failure.
 #[derive(Debug, thiserror::Error)]

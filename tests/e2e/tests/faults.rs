@@ -561,3 +561,6 @@ mod full_disk;
 
 #[path = "faults/queue_move.rs"]
 mod queue_move;
+
+#[path = "faults/flow_control.rs"]
+mod flow_control;

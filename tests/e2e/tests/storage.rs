@@ -397,6 +397,37 @@ async fn each_held_message_is_claimed_by_one_sweep() {
     }
 }
 
+/// A turn's lease that ran out: the sweeper claims it and sends its message back, and the
+/// attempt that message comes back for takes the lease even before the sweeper has ended it
+/// (the message can be back first); the sweeper's end then leaves that attempt's lease alone.
+/// Before, the attempt was told another one held the turn, its delivery was acked, and the
+/// sweeper then deleted the lease: the job stayed `running` with its message nowhere.
+#[tokio::test]
+async fn a_lease_sent_back_goes_to_the_attempt_it_was_sent_for() {
+    for db in Db::both().await {
+        let store = db.open().await;
+        let now = gatehouse_protocol::clock::now_ms();
+        store
+            .transact(move |tx| tx.lease_turn(&id(500), b"message", now - 1, "dead attempt", now - 10))
+            .await
+            .unwrap();
+        let claimed = store.transact(move |tx| tx.claim_expired_leases(now, now + 60_000, 10)).await.unwrap();
+        assert_eq!(claimed.len(), 1, "{}", db.name());
+        // The message is back; its attempt arrives before the sweeper ends the lease.
+        let took = store
+            .transact(move |tx| tx.lease_turn(&id(500), b"message", now + 30_000, "new attempt", now))
+            .await;
+        assert!(took.unwrap(), "{}: the attempt the message was sent back for was turned away", db.name());
+        store.transact(|tx| tx.end_lease(&id(500), gatehouse_storage::SENT_BACK)).await.unwrap();
+        let holds = store.transact(|tx| tx.holds_lease(&id(500), "new attempt")).await.unwrap();
+        assert!(holds, "{}: the sweeper's end took the new attempt's lease", db.name());
+        // A running lease of another attempt still turns a second copy away.
+        let second =
+            store.transact(move |tx| tx.lease_turn(&id(500), b"message", now + 30_000, "copy", now)).await;
+        assert!(!second.unwrap(), "{}", db.name());
+    }
+}
+
 /// TLS to PostgreSQL: with the CA that signed the server's certificate the connection is
 /// encrypted (the server says so); a certificate from another CA is refused; a url that asks
 /// for TLS without a CA to check it is a settings error.

@@ -91,6 +91,9 @@ impl Tx<'_> {
     }
 }
 
+/// The holder of a lease whose message the sweeper is sending back.
+pub const SENT_BACK: &str = "sent back";
+
 // Leases: the messages of handed-off jobs, held for the attempt whose token they carry.
 impl Tx<'_> {
     /// Holds the message of running job `id` until `expires_at_ms` for `holder` (one attempt;
@@ -111,7 +114,9 @@ impl Tx<'_> {
     }
 
     /// Takes the lease of `id` for `holder` unless another holder's lease is still running at
-    /// `now_ms` (a singleton job's turn: one attempt at a time); `false` when it is.
+    /// `now_ms` (a singleton job's turn: one attempt at a time); `false` when it is. A lease the
+    /// sweeper claimed to send its message back ([`SENT_BACK`]) is taken: this is the attempt
+    /// that message is for.
     pub fn lease_turn(
         &self,
         id: &JobId,
@@ -124,8 +129,8 @@ impl Tx<'_> {
             "INSERT INTO leases (job_id, envelope, expires_at_ms, holder) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT(job_id) DO UPDATE SET envelope = excluded.envelope,
                  expires_at_ms = excluded.expires_at_ms, holder = excluded.holder
-             WHERE leases.expires_at_ms <= ?5 OR leases.holder = excluded.holder",
-            params![id.as_str(), envelope, expires_at_ms, holder, now_ms],
+             WHERE leases.expires_at_ms <= ?5 OR leases.holder = excluded.holder OR leases.holder = ?6",
+            params![id.as_str(), envelope, expires_at_ms, holder, now_ms, SENT_BACK],
         )?;
         Ok(n == 1)
     }
@@ -150,39 +155,36 @@ impl Tx<'_> {
         Ok(n == 1)
     }
 
-    /// Forgets the lease of `id`: `holder`'s (its attempt ended), or with `None` whoever's (it
-    /// ran out and was sent back).
-    pub fn end_lease(&self, id: &JobId, holder: Option<&str>) -> Result<(), StorageError> {
-        match holder {
-            Some(h) => {
-                self.exec("DELETE FROM leases WHERE job_id = ?1 AND holder = ?2", params![id.as_str(), h])?
-            }
-            None => self.exec("DELETE FROM leases WHERE job_id = ?1", params![id.as_str()])?,
-        };
+    /// Forgets `holder`'s lease of `id`: its attempt ended, or with [`SENT_BACK`], the message
+    /// of a lease that ran out is back in its queue (unless the attempt it is for took the lease
+    /// already).
+    pub fn end_lease(&self, id: &JobId, holder: &str) -> Result<(), StorageError> {
+        self.exec("DELETE FROM leases WHERE job_id = ?1 AND holder = ?2", params![id.as_str(), holder])?;
         Ok(())
     }
 
     /// Claims leases not renewed by `now_ms` (their worker died while running them), at most
     /// `limit`, for the caller to send their messages back: each lease is extended to
-    /// `claimed_until_ms`, so that no other worker's sweep sends them too.
+    /// `claimed_until_ms`, so that no other worker's sweep sends them too, and held by
+    /// [`SENT_BACK`], so that the attempt the message comes back for may take it (before the
+    /// caller ends it: the message may be back first).
     pub fn claim_expired_leases(
         &self,
         now_ms: i64,
         claimed_until_ms: i64,
         limit: u32,
     ) -> Result<Vec<(JobId, Vec<u8>)>, StorageError> {
-        self.claimed(
-            &format!(
-                "UPDATE leases SET expires_at_ms = ?2
-                 WHERE expires_at_ms <= ?1 AND job_id IN (
-                     SELECT job_id FROM leases WHERE expires_at_ms <= ?1 ORDER BY expires_at_ms LIMIT ?3{}
-                 ) RETURNING job_id, envelope",
-                self.skip_locked()
-            ),
-            now_ms,
-            claimed_until_ms,
-            limit,
-        )
+        let sql = format!(
+            "UPDATE leases SET expires_at_ms = ?2, holder = ?4
+             WHERE expires_at_ms <= ?1 AND job_id IN (
+                 SELECT job_id FROM leases WHERE expires_at_ms <= ?1 ORDER BY expires_at_ms LIMIT ?3{}
+             ) RETURNING job_id, envelope",
+            self.skip_locked()
+        );
+        self.rows(&sql, params![now_ms, claimed_until_ms, limit, SENT_BACK])?
+            .iter()
+            .map(|r| Ok((parse_id(&r.get::<String>(0)?)?, r.get(1)?)))
+            .collect()
     }
 }
 

@@ -15,6 +15,7 @@ mod schedules;
 mod sealing;
 mod sequences;
 
+pub use held::SENT_BACK;
 pub use pauses::Pause;
 pub use sealing::{Place, sealed_aad};
 

@@ -115,7 +115,7 @@ pub async fn hold(
 /// sends the message back.
 pub async fn ended(ctx: &Ctx, id: JobId, holder: String, how: Settle) {
     if let Settle::Ack = how
-        && let Err(e) = ctx.shared.store.transact(move |tx| tx.end_lease(&id, Some(&holder))).await
+        && let Err(e) = ctx.shared.store.transact(move |tx| tx.end_lease(&id, &holder)).await
     {
         // Harmless: when the lease runs out its message comes back, and the job id dedupes it.
         tracing::warn!(error = %e, "could not end a long job's lease");

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gatehouse_protocol::clock::now_ms;
+use gatehouse_storage::SENT_BACK;
 
 use super::{CLAIM_MS, Sweep};
 use crate::outbound::Outbound;
@@ -52,7 +53,7 @@ impl Sweep for Held {
             tracing::warn!(job_id = %id, "a long job's lease ran out (its worker stopped): back to its queue");
             out.send_back(&id, &envelope).await?;
             let ended = id.clone();
-            out.store.transact(move |tx| tx.end_lease(&ended, None)).await?;
+            out.store.transact(move |tx| tx.end_lease(&ended, SENT_BACK)).await?;
         }
         Ok(())
     }
