@@ -167,33 +167,64 @@ pub fn exec_catalog() -> PathBuf {
     repo_root().join("tests/e2e/fixtures/exec/jobs.toml")
 }
 
-/// The schemathesis CLI (an OpenAPI fuzzer, from PyPI), in a virtual environment under
-/// `.gatehouse/venv`, made on first use with `python3 -m venv` and pip.
+/// The tests' Python virtual environment, `.gatehouse/venv`, made on first use with `python3 -m
+/// venv`; answers its folder. Callers install into it under [`VENV`]'s lock.
+fn venv() -> PathBuf {
+    let venv = repo_root().join(".gatehouse/venv");
+    if !venv.join("bin/python").exists() {
+        let made = Command::new("python3").args(["-m", "venv"]).arg(&venv).status();
+        assert!(
+            made.is_ok_and(|s| s.success()),
+            "python3 -m venv {} failed: the Python tests need Python 3 with venv (Debian: apt-get install python3-venv)",
+            venv.display()
+        );
+    }
+    venv
+}
+
+/// One installation into the virtual environment at a time.
+static VENV: Mutex<()> = Mutex::new(());
+
+/// `pip install ARGS` into the virtual environment.
+fn pip_install(venv: &Path, args: &[&str]) {
+    let pip = Command::new(venv.join("bin/pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check"])
+        .args(args)
+        .stdout(std::io::stderr())
+        .status();
+    assert!(pip.is_ok_and(|s| s.success()), "pip install {args:?} failed");
+}
+
+/// The schemathesis CLI (an OpenAPI fuzzer, from PyPI), in the tests' virtual environment,
+/// installed on first use.
 pub fn schemathesis() -> PathBuf {
     const VERSION: &str = "4.32.5";
-    let venv = repo_root().join(".gatehouse/venv");
+    let _one = VENV.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let venv = venv();
     let cli = venv.join("bin/schemathesis");
-    static INSTALL: Mutex<()> = Mutex::new(());
-    let _one = INSTALL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let installed = Command::new(&cli)
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(VERSION));
     if !installed {
         eprintln!("schemathesis {VERSION} is not installed: installing it in {} (PyPI)", venv.display());
-        let made = Command::new("python3").args(["-m", "venv"]).arg(&venv).status();
-        assert!(
-            made.is_ok_and(|s| s.success()),
-            "python3 -m venv {} failed: the OpenAPI fuzz test needs Python 3 with venv (Debian: apt-get install python3-venv)",
-            venv.display()
-        );
-        let pip = Command::new(venv.join("bin/pip"))
-            .args(["install", "--quiet", "--disable-pip-version-check", &format!("schemathesis=={VERSION}")])
-            .stdout(std::io::stderr())
-            .status();
-        assert!(pip.is_ok_and(|s| s.success()), "pip install schemathesis=={VERSION} failed");
+        pip_install(&venv, &[&format!("schemathesis=={VERSION}")]);
     }
     cli
+}
+
+/// The Python of the tests' virtual environment with this checkout's `clients/python` installed
+/// in it (afresh: the tests run the code of the tree).
+pub fn python_with_client() -> PathBuf {
+    let _one = VENV.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let venv = venv();
+    // Built from a copy under target/: a build writes beside its sources, never in the tree.
+    let package = repo_root().join("target/python-client");
+    let _ = std::fs::remove_dir_all(&package);
+    let copied = Command::new("cp").arg("-r").arg(repo_root().join("clients/python")).arg(&package).status();
+    assert!(copied.is_ok_and(|s| s.success()), "copying clients/python to {}", package.display());
+    pip_install(&venv, &["--force-reinstall", "--no-deps", &package.to_string_lossy()]);
+    venv.join("bin/python")
 }
 
 /// Where the private test broker keeps its data and TLS material.

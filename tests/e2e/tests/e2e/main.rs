@@ -26,6 +26,7 @@ mod metrics;
 mod pause;
 mod postgres;
 mod progress;
+mod python_client;
 mod rates;
 mod retention;
 mod sandbox;
