@@ -216,49 +216,10 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<Vec<Value>> {
                 r["worker_paused_while_accepting"] = json!(worker.is_some());
                 r
             }
-            "priority" => {
-                let backlog_time = Duration::from_secs(3600);
-                // A local worker is paused while the backlog is loaded (SIGSTOP; it resumes with
-                // SIGCONT before the probes), so that the probes really meet the whole backlog.
-                let worker = pause_local_worker(args);
-                let queued =
-                    progress("priority backlog", backlog_time, preload(&client, c, args.backlog)).await;
-                resume(&worker);
-                let queued = queued?;
-                let probes = progress(
-                    "priority probes",
-                    duration,
-                    scenarios::probes(&client, args.probe_rate, duration, 9),
-                )
-                .await?;
-                let mut r = row("priority", args, &probes);
-                r["backlog"] = json!(queued);
-                r["worker_paused_while_loading"] = json!(worker.is_some());
-                r["probe_rate_per_s"] = json!(args.probe_rate);
-                r
-            }
-            "fair" => {
-                // The same backlog as `priority`, loaded by this client; then another client
-                // (`bench-1`) submits at the same priority while it drains.
-                let other = bench_client(args, 1)?;
-                let worker = pause_local_worker(args);
-                let queued =
-                    progress("fair backlog", Duration::from_secs(3600), preload(&client, c, args.backlog))
-                        .await;
-                resume(&worker);
-                let queued = queued?;
-                let theirs = progress(
-                    "fair: another client",
-                    duration,
-                    scenarios::probes(&other, args.probe_rate, duration, 0),
-                )
-                .await?;
-                let mut r = row("fair", args, &theirs);
-                r["backlog"] = json!(queued);
-                r["worker_paused_while_loading"] = json!(worker.is_some());
-                r["other_client_rate_per_s"] = json!(args.probe_rate);
-                r
-            }
+            "priority" => behind_backlog(args, &client, &client, 9, "priority").await?,
+            // The same backlog, loaded by this client; another client (`bench-1`) submits at the
+            // same priority while it drains.
+            "fair" => behind_backlog(args, &client, &bench_client(args, 1)?, 0, "fair").await?,
             "idle" => {
                 let (open, n) = progress("idle", Duration::from_secs(600), async {
                     Ok::<_, anyhow::Error>(scenarios::idle(&client, args.idle_connections).await)
@@ -280,6 +241,31 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<Vec<Value>> {
         reports.push(report);
     }
     Ok(reports)
+}
+
+/// A backlog of `--backlog` priority-0 jobs loaded by `client` (a local worker paused meanwhile,
+/// SIGSTOP, resumed with SIGCONT before the probes, so that they really meet the whole backlog),
+/// then `prober`'s jobs at `priority`, `--probe-rate` a second, while it drains: their latency.
+async fn behind_backlog(
+    args: &BenchArgs,
+    client: &gatehouse_client::Client,
+    prober: &gatehouse_client::Client,
+    priority: u8,
+    scenario: &str,
+) -> anyhow::Result<Value> {
+    let duration = Duration::from_secs(args.duration);
+    let worker = pause_local_worker(args);
+    let backlog = preload(client, args.concurrency, args.backlog);
+    let queued = progress(&format!("{scenario} backlog"), Duration::from_secs(3600), backlog).await;
+    resume(&worker);
+    let queued = queued?;
+    let probes = scenarios::probes(prober, args.probe_rate, duration, priority);
+    let probes = progress(&format!("{scenario} probes"), duration, probes).await?;
+    let mut r = row(scenario, args, &probes);
+    r["backlog"] = json!(queued);
+    r["worker_paused_while_loading"] = json!(worker.is_some());
+    r["probe_rate_per_s"] = json!(args.probe_rate);
+    Ok(r)
 }
 
 /// The async accept phase and its reference in [`SLICES`] turns, each a slice of the duration

@@ -186,14 +186,7 @@ async fn accept(
         shard: app.catalog.shard_for(spec, policy.place),
         share: policy.share,
     };
-    // The payload leaves the gatekeeper sealed to the worker: the broker never sees it.
-    let session = app.keys.session().map_err(|_| Problem::internal("no session with the worker"))?;
-    let body = envelope
-        .seal(&session)
-        .ok()
-        .and_then(|sealed| serde_json::to_vec(&sealed).ok())
-        .and_then(|sealed| Vouched::wrap(&session, &sealed).ok())
-        .ok_or_else(|| Problem::internal("the job could not be sealed"))?;
+    let body = seal(app, &envelope)?;
     // Only the property the broker needs: every extra property or header costs the broker a
     // measurable share of its throughput (see `Vouched`). The job id and reply target travel in
     // the body; the worker labels a dead letter with the id (`message_id`) for `gatehouse dlq`.
@@ -220,6 +213,18 @@ async fn accept(
         }
     }
     Ok(accepted(last))
+}
+
+/// The job as it travels: its payload sealed to the worker (the broker never sees it), the
+/// message vouched for in the gatekeeper's session.
+fn seal(app: &App, envelope: &JobEnvelope) -> Result<Vec<u8>, Problem> {
+    let session = app.keys.session().map_err(|_| Problem::internal("no session with the worker"))?;
+    envelope
+        .seal(&session)
+        .ok()
+        .and_then(|sealed| serde_json::to_vec(&sealed).ok())
+        .and_then(|sealed| Vouched::wrap(&session, &sealed).ok())
+        .ok_or_else(|| Problem::internal("the job could not be sealed"))
 }
 
 /// The client must have a policy, and a token of its rate; answers the policy in force.
