@@ -248,6 +248,7 @@ mod tests {
                 error: None,
                 reason: None,
                 sequence: None,
+                submitted_at_ms: None,
             };
             let store = store.clone();
             async move { store.transact(move |tx| tx.record_job(&job)).await.map(|()| id) }

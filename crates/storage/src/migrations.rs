@@ -371,6 +371,13 @@ const MIGRATIONS: &[&str] = &[
     r"
     CREATE TABLE rates (key TEXT PRIMARY KEY, tat_us INTEGER NOT NULL);
     ",
+    // 26: when each job was submitted, for a client's own job list (`Tx::list_jobs`), newest
+    // first; jobs from before know only their last change.
+    r"
+    ALTER TABLE jobs ADD COLUMN submitted_at_ms INTEGER;
+    UPDATE jobs SET submitted_at_ms = updated_at_ms;
+    CREATE INDEX jobs_by_client ON jobs(client, submitted_at_ms DESC, id DESC);
+    ",
 ];
 
 /// After this migration (1-based) the error texts of earlier releases are sealed.

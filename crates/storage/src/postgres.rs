@@ -179,6 +179,12 @@ const SCHEMA: &[&str] = &[
     -- 8: start rates: each rated key's theoretical next start (GCRA), in microseconds.
     CREATE TABLE rates (key TEXT PRIMARY KEY, tat_us BIGINT NOT NULL);
 ",
+    r"
+    -- 9: when each job was submitted, for a client's own job list, newest first.
+    ALTER TABLE jobs ADD COLUMN submitted_at_ms BIGINT;
+    UPDATE jobs SET submitted_at_ms = updated_at_ms;
+    CREATE INDEX jobs_by_client ON jobs(client, submitted_at_ms DESC, id DESC);
+",
 ];
 
 /// After this step (1-based) the error texts of earlier releases are sealed.

@@ -33,6 +33,7 @@ fn job(n: u64, state: JobState) -> StoredJob {
         error: None,
         reason: None,
         sequence: None,
+        submitted_at_ms: None,
     }
 }
 

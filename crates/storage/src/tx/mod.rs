@@ -16,6 +16,7 @@ mod sealing;
 mod sequences;
 
 pub use held::SENT_BACK;
+pub use jobs::{JobFilter, ListedJob};
 pub use pauses::Pause;
 pub use sealing::{Place, sealed_aad};
 
@@ -55,6 +56,9 @@ pub struct StoredJob {
     /// Why it was dead-lettered.
     pub reason: Option<String>,
     pub sequence: Option<(String, u64)>,
+    /// When the gatekeeper accepted it (unix ms), as the job's first record keeps it (later
+    /// records never change it); `None` when not known (read back, or from before).
+    pub submitted_at_ms: Option<i64>,
 }
 
 /// A job waiting for its predecessor in a sequence.

@@ -53,6 +53,7 @@ pub(super) fn job(n: u8, state: JobState, seq: Option<(&str, u64)>) -> StoredJob
         error: None,
         reason: None,
         sequence: seq.map(|(k, n)| (k.to_owned(), n)),
+        submitted_at_ms: None,
     }
 }
 

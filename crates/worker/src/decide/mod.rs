@@ -332,5 +332,6 @@ fn stored(
         error,
         reason: None,
         sequence,
+        submitted_at_ms: i64::try_from(env.submitted_at_ms).ok(),
     }
 }

@@ -287,6 +287,7 @@ pub fn plan(tx: &Tx<'_>, s: &Schedule, keys: &WorkerKeys, now: i64) -> Result<Pl
                 error: None,
                 reason: None,
                 sequence: None,
+                submitted_at_ms: i64::try_from(env.submitted_at_ms).ok(),
             })?;
             // Held like a delayed job that is due: the sweeper sends it to its queue.
             tx.schedule(&id, fire.max(0) as u64, &message)?;
