@@ -303,6 +303,10 @@ pub enum ControlRequest {
     /// Cancel `id` if `client` owns it and it has not ended; answered (to `reply`) with its
     /// status afterwards.
     Cancel { id: JobId, client: String, sent_at_ms: u64, reply: ReplyTo },
+    /// `client`'s jobs that `query` selects, answered (to `reply`) as the status of `id` — an id
+    /// the gatekeeper minted for this query alone, so that the answer is sealed and bound like a
+    /// status — with the page ([`crate::listing::JobPage`]) as its result.
+    List { id: JobId, client: String, query: crate::listing::JobQuery, sent_at_ms: u64, reply: ReplyTo },
     /// The state transitions of `id` after number `after` (and its status now), answered (to
     /// `reply`) only if `client` owns it; for the live event stream.
     Events {

@@ -13,6 +13,7 @@ pub mod hex;
 pub mod hosts;
 pub mod ids;
 pub mod keys;
+pub mod listing;
 pub mod pem;
 pub mod replay;
 pub mod schemas;

@@ -6,12 +6,13 @@ use std::time::Duration;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Extension, Path, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use gatehouse_broker::PublishError;
 use gatehouse_broker::lapin::BasicProperties;
 use gatehouse_broker::topology::CONTROL_ROUTING_KEY;
+use gatehouse_protocol::listing::{JobPage, JobQuery};
 use gatehouse_protocol::submit::RawSequence;
 use gatehouse_protocol::trace::Trace;
 use gatehouse_protocol::{
@@ -350,25 +351,43 @@ pub(crate) async fn ask_worker(
     let Some(id) = JobId::parse(id).ok().filter(|id| app.ids.is_owned_by(id, &client.0)) else {
         return Err(Problem::not_found().into_response());
     };
-    let mut waiter = match app.replies.register(&id, &client.0) {
+    let (id_, client_) = (id.clone(), client.0.clone());
+    let minted_at_ms = app.ids.minted_at_ms(&id, &client.0);
+    let answer = query_worker(app, client, &id, |reply, sent_at_ms| match ask {
+        Ask::Status => ControlRequest::Status { id: id_, client: client_, sent_at_ms, reply, minted_at_ms },
+        Ask::Cancel => ControlRequest::Cancel { id: id_, client: client_, sent_at_ms, reply },
+        Ask::Events { after, .. } => {
+            ControlRequest::Events { id: id_, client: client_, after, sent_at_ms, reply, minted_at_ms }
+        }
+    })
+    .await?;
+    match answer {
+        // The id is this client's (checked above) but the worker has not seen it yet.
+        s if s.status == JobState::NotFound && matches!(ask, Ask::Status | Ask::Events { .. }) => {
+            Ok(JobStatus::new(id, JobState::Queued))
+        }
+        s if s.status == JobState::NotFound => Err(Problem::not_found().into_response()),
+        s if s.status == JobState::Expired => Err(Problem::expired().into_response()),
+        s => Ok(s),
+    }
+}
+
+/// Sends the worker the control request `request` makes (given where to reply and the time)
+/// about `id`, and waits for its answer, bound to `id` and `client`.
+async fn query_worker(
+    app: &App,
+    client: &ClientIdentity,
+    id: &JobId,
+    request: impl FnOnce(ReplyTo, u64) -> ControlRequest,
+) -> Result<JobStatus, Response> {
+    let mut waiter = match app.replies.register(id, &client.0) {
         Ok(w) => w,
         Err(e) => return Err(Problem::broker_unavailable(e.to_string()).into_response()),
     };
     let sent_at_ms = gatehouse_protocol::clock::now_ms().unsigned_abs();
     let reply =
         ReplyTo { queue: app.replies.queue().to_owned(), correlation_id: waiter.correlation_id().to_owned() };
-    let (id_, client_) = (id.clone(), client.0.clone());
-    let query = match ask {
-        Ask::Status => {
-            let minted_at_ms = app.ids.minted_at_ms(&id, &client.0);
-            ControlRequest::Status { id: id_, client: client_, sent_at_ms, reply, minted_at_ms }
-        }
-        Ask::Cancel => ControlRequest::Cancel { id: id_, client: client_, sent_at_ms, reply },
-        Ask::Events { after, .. } => {
-            let minted_at_ms = app.ids.minted_at_ms(&id, &client.0);
-            ControlRequest::Events { id: id_, client: client_, after, sent_at_ms, reply, minted_at_ms }
-        }
-    };
+    let query = request(reply, sent_at_ms);
     let expiration = app.status_timeout.as_millis().to_string();
     let props = BasicProperties::default().with_expiration(expiration.as_str().into());
     let body = serde_json::to_vec(&query)
@@ -383,22 +402,52 @@ pub(crate) async fn ask_worker(
         return Err(problem.into_response());
     }
     let deadline = tokio::time::Instant::now() + app.status_timeout;
-    match waiter.next_until(deadline).await {
-        // The id is this client's (checked above) but the worker has not seen it yet.
-        Some(s) if s.status == JobState::NotFound && matches!(ask, Ask::Status | Ask::Events { .. }) => {
-            Ok(JobStatus::new(id, JobState::Queued))
-        }
-        Some(s) if s.status == JobState::NotFound => Err(Problem::not_found().into_response()),
-        Some(s) if s.status == JobState::Expired => Err(Problem::expired().into_response()),
-        Some(s) => Ok(s),
-        None => Err(Problem::new(
+    waiter.next_until(deadline).await.ok_or_else(|| {
+        Problem::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "worker-unavailable",
             "Service unavailable",
             "the worker did not answer in time",
         )
         .retry_after(1)
-        .into_response()),
+        .into_response()
+    })
+}
+
+/// `GET /v1/jobs?state=…&kind=…&submitted_after=…&limit=…&cursor=…`: the client's own jobs,
+/// newest first, one page (metadata only), answered by the worker from its storage. Jobs the
+/// worker has not seen yet (just submitted) are not listed yet.
+pub async fn list(
+    State(app): State<Arc<App>>,
+    Extension(client): Extension<ClientIdentity>,
+    Query(params): Query<Vec<(String, String)>>,
+) -> Response {
+    if let Err(problem) = authorize(&app, &client) {
+        app.metrics.rejected(problem.slug());
+        return problem.into_response();
+    }
+    let query = match JobQuery::from_params(params.iter().map(|(k, v)| (k.as_str(), v.as_str()))) {
+        Ok(q) => q,
+        Err(errors) => {
+            let errors = errors.into_iter().map(|(name, m)| field(&format!("/{name}"), m)).collect();
+            return Problem::validation("Invalid query", "invalid-query", errors).into_response();
+        }
+    };
+    // An id of the query's own: its answer is sealed to it and to this client.
+    let id = app.ids.mint(&client.0, None);
+    let client_ = client.0.clone();
+    let answer = query_worker(&app, &client, &id.clone(), |reply, sent_at_ms| ControlRequest::List {
+        id,
+        client: client_,
+        query,
+        sent_at_ms,
+        reply,
+    })
+    .await;
+    match answer.map(|s| s.result.map(serde_json::from_value::<JobPage>)) {
+        Ok(Some(Ok(page))) => Json(page).into_response(),
+        Ok(_) => Problem::internal("the worker's answer was not a list").into_response(),
+        Err(res) => res,
     }
 }
 

@@ -93,7 +93,7 @@ async fn observe(
 pub fn router(app: Arc<App>) -> Router {
     let limit = app.max_body_bytes;
     Router::new()
-        .route("/v1/jobs", post(jobs::submit))
+        .route("/v1/jobs", post(jobs::submit).get(jobs::list))
         .route("/v1/jobs/{id}", get(jobs::status).delete(jobs::cancel))
         .route("/v1/jobs/{id}/events", get(events::events))
         .route("/healthz", get(health::healthz))

@@ -1,12 +1,13 @@
-//! Status, events and cancellation queries from the gatekeeper (the control queue), answered
-//! from storage to the owner only.
+//! Status, events, job-list and cancellation queries from the gatekeeper (the control queue),
+//! answered from storage to the owner only.
 
 use std::time::Duration;
 
 use gatehouse_broker::lapin::message::Delivery;
 use gatehouse_protocol::clock::now_ms;
-use gatehouse_protocol::{ControlRequest, JobId, JobState, Vouched};
-use gatehouse_storage::StorageError;
+use gatehouse_protocol::listing::{Cursor, JobPage, JobQuery, JobSummary, MAX_LIMIT};
+use gatehouse_protocol::{ControlRequest, JobId, JobState, JobStatus, Vouched};
+use gatehouse_storage::{JobFilter, StorageError};
 
 use super::Ctx;
 use super::settle::settle_control;
@@ -44,9 +45,50 @@ pub async fn handle_control(ctx: Ctx, delivery: Delivery) {
             let target = ReplyTarget::new(Some(reply), &client, &vouched);
             answer_query(&ctx, &target, id, client, minted_at_ms, Some(after)).await;
         }
+        Some((ControlRequest::List { id, client, query, sent_at_ms, reply }, vouched))
+            if fresh(sent_at_ms) =>
+        {
+            let target = ReplyTarget::new(Some(reply), &client, &vouched);
+            list(&ctx, &target, id, client, query).await;
+        }
         _ => tracing::warn!("unsigned, stale or undecodable control message dropped"),
     }
     settle_control(&delivery).await;
+}
+
+/// A client's job list: one page, newest first, answered as the status of the query's own id
+/// (its result the page). Read beside the writer, like status queries.
+async fn list(ctx: &Ctx, target: &ReplyTarget, id: JobId, client: String, query: JobQuery) {
+    let limit = query.limit.clamp(1, MAX_LIMIT);
+    let filter = JobFilter {
+        state: query.state.map(|s| s.as_str().to_owned()),
+        kind: query.kind,
+        submitted_after_ms: query.submitted_after_ms.and_then(|ms| i64::try_from(ms).ok()),
+        after: query.cursor.map(|c| (c.submitted_at_ms, c.id)),
+        limit,
+    };
+    let listed = ctx.shared.store.read(move |tx| tx.list_jobs(&client, &filter)).await;
+    let rows = match listed {
+        Ok(rows) => rows,
+        Err(e) => return tracing::warn!(error = %e, "job list failed"),
+    };
+    let next_cursor = (rows.len() == limit as usize)
+        .then(|| {
+            rows.last().map(|j| Cursor { submitted_at_ms: j.submitted_at_ms, id: j.id.clone() }.encode())
+        })
+        .flatten();
+    let jobs = rows
+        .into_iter()
+        .filter_map(|j| {
+            let state = JobState::parse(&j.state)?;
+            let mut summary = JobSummary::new(j.id, j.kind, state, j.submitted_at_ms, j.updated_at_ms);
+            summary.attempts = j.attempts;
+            Some(summary)
+        })
+        .collect();
+    let mut status = JobStatus::new(id, JobState::Succeeded);
+    status.result = serde_json::to_value(JobPage { jobs, next_cursor }).ok();
+    ctx.out.reply(target, &status).await;
 }
 
 /// A client's cancellation: decided in storage; a job running here is told to stop.

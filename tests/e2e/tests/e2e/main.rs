@@ -31,6 +31,7 @@ mod rates;
 mod retention;
 mod sandbox;
 mod schedules;
+mod search;
 mod singleton;
 mod tenancy;
 mod tls;
