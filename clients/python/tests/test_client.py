@@ -71,6 +71,15 @@ class ClientTest(unittest.TestCase):
             self.gh.submit("vault.put", {"record": {}}, priority=12)
         self.assertEqual(priority.exception.type, "invalid-priority")
 
+    def test_jobs_are_listed_newest_first_page_by_page(self) -> None:
+        kind_marker = uuid.uuid4().hex
+        ids = [self.gh.submit("vault.put", {"record": {"m": kind_marker, "n": n}}, wait=10)["id"] for n in range(3)]
+        listed = [j["id"] for j in self.gh.iter_jobs(kind="vault.put", limit=2)]
+        self.assertEqual([i for i in listed if i in ids], ids[::-1])
+        with self.assertRaises(GatehouseError) as bad:
+            self.gh.list_jobs(state="nope")
+        self.assertEqual(bad.exception.type, "invalid-query")
+
     def test_another_clients_job_is_not_found(self) -> None:
         mine = self.gh.submit("vault.put", {"record": {"mine": 1}}, wait=10)
         with client("GATEHOUSE_OTHER_CERT", "GATEHOUSE_OTHER_KEY") as other:

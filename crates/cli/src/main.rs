@@ -84,9 +84,26 @@ enum Cmd {
         #[arg(long)]
         follow: bool,
     },
+    /// Your jobs.
+    #[command(subcommand)]
+    Jobs(JobsCmd),
     /// Cancel one of your jobs that has not ended.
     Cancel {
         id: String,
+        #[command(flatten)]
+        endpoint: Endpoint,
+        /// Print the response body as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum JobsCmd {
+    /// One page of your jobs, newest first (metadata only; results: `gatehouse status ID`).
+    List {
+        #[command(flatten)]
+        args: jobs::ListArgs,
         #[command(flatten)]
         endpoint: Endpoint,
         /// Print the response body as JSON.
@@ -208,6 +225,7 @@ async fn main() -> ExitCode {
         Cmd::Status { id, endpoint, json, follow: false } => jobs::status(&endpoint, &id, json).await,
         Cmd::Status { id, endpoint, json, follow: true } => jobs::follow(&endpoint, &id, json).await,
         Cmd::Cancel { id, endpoint, json } => jobs::cancel(&endpoint, &id, json).await,
+        Cmd::Jobs(JobsCmd::List { args, endpoint, json }) => jobs::list(&endpoint, &args, json).await,
         Cmd::Dlq { command, broker } => run_dlq(command, &broker).await,
         Cmd::Pause { command, args } => run_pause_cmd(command, &args).await,
         Cmd::Resume { target, args } => run_resume(&args, &target).await,

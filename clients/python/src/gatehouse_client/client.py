@@ -122,6 +122,31 @@ class Client:
         """The job's status (its result or error once it ended); ``404`` for another client's."""
         return self._call("GET", f"/v1/jobs/{_id(job_id)}").json()
 
+    def list_jobs(
+        self,
+        *,
+        state: Optional[str] = None,
+        kind: Optional[str] = None,
+        submitted_after: Optional[str] = None,
+        limit: Optional[int] = None,
+        cursor: Optional[str] = None,
+    ) -> Json:
+        """One page of your jobs, newest first, metadata only: ``{"jobs": [...],
+        "next_cursor": ...}`` (pass ``next_cursor`` as ``cursor`` for the next page)."""
+        params = {"state": state, "kind": kind, "submitted_after": submitted_after, "limit": limit, "cursor": cursor}
+        query = urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
+        return self._call("GET", "/v1/jobs" + (f"?{query}" if query else "")).json()
+
+    def iter_jobs(self, **filters: Any) -> Iterator[Json]:
+        """Every job :meth:`list_jobs` selects, page after page."""
+        cursor = None
+        while True:
+            page = self.list_jobs(cursor=cursor, **filters)
+            yield from page["jobs"]
+            cursor = page.get("next_cursor")
+            if not cursor:
+                return
+
     def cancel(self, job_id: str) -> Json:
         """Cancels the job unless it ended; answers its status afterwards."""
         return self._call("DELETE", f"/v1/jobs/{_id(job_id)}").json()

@@ -206,6 +206,75 @@ pub async fn cancel(endpoint: &Endpoint, id: &str, as_json: bool) -> anyhow::Res
     Ok(print(&res, as_json))
 }
 
+/// Options of `gatehouse jobs list`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ListArgs {
+    /// Only jobs in this state (succeeded, failed, waiting_for_turn, …).
+    #[arg(long)]
+    pub state: Option<String>,
+    /// Only jobs of this kind.
+    #[arg(long)]
+    pub kind: Option<String>,
+    /// Only jobs submitted after this RFC 3339 time.
+    #[arg(long)]
+    pub submitted_after: Option<String>,
+    /// Jobs per page (1 to 500).
+    #[arg(long, default_value_t = 50)]
+    pub limit: u32,
+    /// Where the previous page ended (the `next_cursor` it printed).
+    #[arg(long)]
+    pub cursor: Option<String>,
+}
+
+/// `gatehouse jobs list`: one page of your jobs, newest first (metadata only), and the cursor of
+/// the next. Returns whether the gatekeeper answered it.
+///
+/// # Errors
+/// When the gatekeeper cannot be reached.
+pub async fn list(endpoint: &Endpoint, args: &ListArgs, as_json: bool) -> anyhow::Result<bool> {
+    let limit = args.limit.to_string();
+    let params = [
+        ("state", args.state.as_deref()),
+        ("kind", args.kind.as_deref()),
+        ("submitted_after", args.submitted_after.as_deref()),
+        ("limit", Some(limit.as_str())),
+        ("cursor", args.cursor.as_deref()),
+    ];
+    let query: Vec<String> =
+        params.iter().filter_map(|(k, v)| v.map(|v| format!("{k}={}", percent_encoded(v)))).collect();
+    let mut conn = endpoint.client()?.connect().await?;
+    let path = format!("/v1/jobs?{}", query.join("&"));
+    let res = conn.request(gatehouse_client::Method::GET, &path, &[], Vec::new()).await?;
+    if as_json || !(200..300).contains(&res.status) {
+        return Ok(print(&res, as_json));
+    }
+    let page = res.json();
+    for job in page["jobs"].as_array().into_iter().flatten() {
+        let attempts = job["attempts"].as_u64().map(|n| format!("  attempts {n}")).unwrap_or_default();
+        println!(
+            "{}  {:<14} {:<22} submitted {}{attempts}",
+            job["id"].as_str().unwrap_or("?"),
+            job["kind"].as_str().unwrap_or("?"),
+            job["status"].as_str().unwrap_or("?"),
+            job["submitted_at"].as_str().unwrap_or("?"),
+        );
+    }
+    if let Some(next) = page["next_cursor"].as_str() {
+        println!("more: --cursor {next}");
+    }
+    Ok(true)
+}
+
+/// `s` for a URL's query: unreserved characters as they are, every other byte as `%XX`.
+fn percent_encoded(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 /// Prints an answer; `--json` prints the body alone. Returns whether it was a success.
 fn print(res: &Response, as_json: bool) -> bool {
     let ok = (200..300).contains(&res.status);
@@ -238,7 +307,14 @@ fn print(res: &Response, as_json: bool) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::Live;
+    use super::{Live, percent_encoded};
+
+    #[test]
+    fn query_values_are_percent_encoded() {
+        assert_eq!(percent_encoded("vault.put"), "vault.put");
+        assert_eq!(percent_encoded("2026-12-04T10:00:00+01:00"), "2026-12-04T10%3A00%3A00%2B01%3A00");
+        assert_eq!(percent_encoded("a b&c"), "a%20b%26c");
+    }
 
     #[test]
     fn progress_is_plain_lines_off_a_terminal_and_a_bar_on_one() {

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use gatehouse_cli::commands::jobs::{self, ListArgs};
 use gatehouse_client::Connection;
 use gatehouse_e2e::{OTHER_CLIENT, TestSystem};
 use hyper::Method;
@@ -88,6 +89,18 @@ async fn a_client_lists_its_own_jobs_newest_first_filtered_and_paged() {
     assert_eq!(ids(&other_page), [other_id]);
     let (_, nothing) = list(&mut theirs, "?kind=ledger.apply").await;
     assert!(ids(&nothing).is_empty(), "{nothing}");
+
+    // The CLI's `gatehouse jobs list` goes the same way.
+    let args = ListArgs {
+        state: None,
+        kind: Some("vault.put".into()),
+        submitted_after: None,
+        limit: 2,
+        cursor: None,
+    };
+    assert!(jobs::list(&sys.endpoint(), &args, true).await.unwrap());
+    let bad = ListArgs { state: Some("nope".into()), ..args };
+    assert!(!jobs::list(&sys.endpoint(), &bad, true).await.unwrap(), "a refused list is not a success");
 
     let (status, problem) = list(&mut mine, "?state=nope&limit=0&cursor=x&submitted_after=yesterday").await;
     assert_eq!(status, 422, "{problem}");
