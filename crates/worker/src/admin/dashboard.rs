@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::header;
 use axum::response::IntoResponse;
 use gatehouse_broker::Topology;
@@ -168,6 +168,53 @@ pub async fn snapshot(State(a): State<Admin>) -> impl IntoResponse {
         controls: a.credentials.is_some(),
     };
     ([(header::CACHE_CONTROL, "no-store")], axum::Json(body))
+}
+
+/// One job as the dashboard shows it: metadata only (never its result, error text or payload).
+#[derive(Serialize)]
+struct JobView {
+    id: String,
+    kind: String,
+    client: String,
+    status: String,
+    reason: Option<String>,
+    /// Its state transitions, in order (at most [`JOB_EVENTS`]).
+    events: Vec<gatehouse_protocol::JobEvent>,
+}
+
+/// The most state transitions a job's view lists.
+const JOB_EVENTS: u32 = 200;
+
+/// `GET /jobs/{id}`: a job's state and its transitions, for an id the page shows; `404` for one
+/// storage does not know (or no longer: pruned).
+pub async fn job(State(a): State<Admin>, Path(id): Path<String>) -> axum::response::Response {
+    use axum::http::StatusCode;
+    let Ok(id) = gatehouse_protocol::JobId::parse(&id) else {
+        return (StatusCode::NOT_FOUND, "no such job").into_response();
+    };
+    let read = a
+        .store
+        .read(move |tx| {
+            let Some(job) = tx.job(&id)? else { return Ok(None) };
+            let events = tx.job_events(&id, &job.client, 0, JOB_EVENTS)?;
+            Ok::<_, gatehouse_storage::StorageError>(Some(JobView {
+                id: id.as_str().to_owned(),
+                kind: job.kind,
+                client: job.client,
+                status: job.state.as_str().to_owned(),
+                reason: job.reason,
+                events,
+            }))
+        })
+        .await;
+    match read {
+        Ok(Some(view)) => ([(header::CACHE_CONTROL, "no-store")], axum::Json(view)).into_response(),
+        Ok(None) => (StatusCode::NOT_FOUND, "no such job").into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "dashboard: a job could not be read");
+            (StatusCode::SERVICE_UNAVAILABLE, "storage did not answer").into_response()
+        }
+    }
 }
 
 /// `GET /`: the page; it renders from `/dashboard.json` with `/dashboard.js`.

@@ -52,6 +52,7 @@ pub fn router(admin: Admin) -> Router {
         .route("/dashboard.css", get(dashboard::style))
         .route("/dashboard.json", get(dashboard::snapshot))
         .route("/pauses", post(pauses::change))
+        .route("/jobs/{id}", get(dashboard::job))
         .layer(middleware::from_fn(page_headers))
         .layer(middleware::from_fn_with_state(admin.clone(), basic_auth));
     Router::new()

@@ -80,6 +80,18 @@ async fn the_dashboard_shows_a_job_just_dead_lettered_and_no_console_errors() {
     assert!(dom.contains("<td>running</td></tr>"), "{dom}");
     assert!(!dom.contains("<button"), "{dom}");
     assert!(!dom.contains("PAYLOAD-MARKER-5150"), "a payload reached the dashboard");
+    // The job id links to its state and transitions (metadata only).
+    assert!(row.contains(&format!(r##"<a href="#job-{id}">{id}</a>"##)), "{row}");
+    let url = format!("http://{admin}/#job-{id}");
+    let (job_dom, console) = tokio::task::spawn_blocking(move || browse(&url)).await.unwrap();
+    assert!(console.is_empty(), "console messages: {console:#?}");
+    let title = format!("Job {id} · test.fail · dev-client · dead_lettered (max_attempts)");
+    assert!(job_dom.contains(&title), "{job_dom}");
+    for state in ["running", "retrying", "dead lettered"] {
+        assert!(job_dom.contains(&format!("<td>{state}</td>")), "no {state} transition:\n{job_dom}");
+    }
+    let (status, _) = management::call_at(admin, "GET", "/jobs/0123456789abcdef0123456789abcdef", None).await;
+    assert_eq!(status, 404);
     sys.stop().await;
 }
 

@@ -107,7 +107,7 @@ function render(snap) {
     cell(row, new Date(e.at_ms).toLocaleTimeString());
     cell(row, e.event.replace("_", " "));
     cell(row, e.reason);
-    cell(row, e.job_id, "id");
+    linkToJob(cell(row, "", "id"), e.job_id);
     cell(row, e.kind);
     cell(row, e.queue);
     cell(row, e.attempts, "n");
@@ -115,6 +115,44 @@ function render(snap) {
   document.getElementById("no-recent").hidden = snap.recent.length > 0;
   previous = snap;
 }
+
+// A job id as a link to its state and transitions (#job-<id>; metadata only).
+function linkToJob(td, id) {
+  if (!id) return;
+  const a = document.createElement("a");
+  a.href = "#job-" + id;
+  a.textContent = id;
+  td.appendChild(a);
+}
+
+// The job the address names (#job-<id>): its state and its transitions, from /jobs/<id>.
+async function showJob() {
+  const panel = document.getElementById("job");
+  const id = location.hash.startsWith("#job-") ? location.hash.slice(5) : "";
+  panel.hidden = !id;
+  if (!id) return;
+  const body = document.querySelector("#job-events tbody");
+  body.replaceChildren();
+  const title = document.getElementById("job-title");
+  try {
+    const res = await fetch("/jobs/" + encodeURIComponent(id), { cache: "no-store" });
+    if (!res.ok) throw new Error(res.status === 404 ? "not known (or pruned)" : "HTTP " + res.status);
+    const job = await res.json();
+    title.textContent = "Job " + job.id + " · " + job.kind + " · " + job.client + " · " + job.status +
+      (job.reason ? " (" + job.reason + ")" : "");
+    for (const e of job.events) {
+      const row = body.insertRow();
+      cell(row, e.seq, "n");
+      cell(row, e.status.replace(/_/g, " "));
+      cell(row, new Date(e.at_ms).toLocaleTimeString());
+    }
+  } catch (e) {
+    title.textContent = "Job " + id + ": " + e.message;
+  }
+}
+
+window.addEventListener("hashchange", showJob);
+showJob();
 
 async function refresh() {
   try {
