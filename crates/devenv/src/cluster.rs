@@ -274,18 +274,21 @@ impl Cluster {
         anyhow::bail!("no node lists queue {queue}")
     }
 
-    /// Waits until every node in `nodes` is an online member of quorum queue `queue` (vhost
-    /// `/`), as any answering node reports; `false` after `limit`.
-    pub fn wait_online(&self, queue: &str, nodes: &[usize], limit: Duration) -> bool {
+    /// Waits until every node in `nodes` is an online member of each quorum queue of `queues`
+    /// (vhost `/`), as any answering node reports; `false` after `limit`.
+    pub fn wait_online(&self, queues: &[String], nodes: &[usize], limit: Duration) -> bool {
         let deadline = Instant::now() + limit;
         loop {
             let online = (1..=self.nodes).find_map(|i| {
                 self.run(i, &["-q", "list_queues", "name", "online", "--no-table-headers"]).ok()
             });
-            let line = online
-                .as_deref()
-                .and_then(|o| o.lines().find(|l| l.split_whitespace().next() == Some(queue)));
-            if line.is_some_and(|l| nodes.iter().all(|n| l.contains(&self.name(*n)))) {
+            let caught_up = |queue: &String| {
+                let line = online
+                    .as_deref()
+                    .and_then(|o| o.lines().find(|l| l.split_whitespace().next() == Some(queue.as_str())));
+                line.is_some_and(|l| nodes.iter().all(|n| l.contains(&self.name(*n))))
+            };
+            if queues.iter().all(caught_up) {
                 return true;
             }
             if Instant::now() > deadline {

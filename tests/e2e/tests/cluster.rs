@@ -58,6 +58,12 @@ async fn depth_at(url: &str, queue: &str) -> u32 {
     n
 }
 
+/// Every job queue of the system's catalog (each lane of each fair shard).
+fn job_queues(sys: &TestSystem) -> Vec<String> {
+    let catalog = gatehouse_protocol::Catalog::load(sys.catalog_path()).expect("catalog");
+    catalog.queues().iter().flat_map(|q| q.routes()).map(|r| sys.topology().job_queue(&r)).collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn quorum_lanes_on_a_three_node_cluster_lose_nothing_when_nodes_go() {
     let _serial = SERIAL.lock().await;
@@ -70,6 +76,7 @@ async fn quorum_lanes_on_a_three_node_cluster_lose_nothing_when_nodes_go() {
     // Under the stream: stop the node that leads the ledger's lane, start it again, then kill
     // another node's VM outright. Two of three nodes keep the quorum throughout.
     let lane = sys.topology().job_queue("batch.p0");
+    let every_queue = job_queues(&sys);
     let faults = {
         let (cluster, lane) = (cluster.clone(), lane.clone());
         tokio::spawn(async move {
@@ -100,12 +107,13 @@ async fn quorum_lanes_on_a_three_node_cluster_lose_nothing_when_nodes_go() {
             .unwrap();
             let failover = stopped.elapsed();
             tokio::time::sleep(Duration::from_secs(2)).await;
-            // Back, and caught up (an online member of the lane again) before the next loss:
-            // two nodes lost at once would be no quorum, and the lanes would rightly stop.
-            let (c, l) = (cluster.clone(), lane.clone());
+            // Back, and caught up (an online member of every lane of every shard again) before
+            // the next loss: two nodes lost at once would be no quorum for a queue it has not
+            // caught up with, and that queue would rightly refuse publishes.
+            let c = cluster.clone();
             let caught_up = tokio::task::spawn_blocking(move || {
                 c.run(leader, &["start_app"]).unwrap();
-                c.wait_online(&l, &[1, 2, 3], Duration::from_secs(60))
+                c.wait_online(&every_queue, &[1, 2, 3], Duration::from_secs(90))
             })
             .await
             .unwrap();
@@ -202,7 +210,7 @@ async fn a_partitioned_cluster_node_loses_nothing_and_applies_nothing_twice_afte
     // After the heal, node 3 is an online member of the lane again.
     let lane = sys.topology().job_queue("batch.p0");
     let c = cluster.clone();
-    let healed = tokio::task::spawn_blocking(move || c.wait_online(&lane, &[3], Duration::from_secs(60)))
+    let healed = tokio::task::spawn_blocking(move || c.wait_online(&[lane], &[3], Duration::from_secs(60)))
         .await
         .unwrap();
     let mut model_ids = HashMap::new();
