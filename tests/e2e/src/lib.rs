@@ -96,7 +96,7 @@ pub struct Options {
     pub workers: usize,
     /// The gatekeeper's `max_stream_s` (300).
     pub max_stream_s: Option<u64>,
-    /// Every queue class of the catalog as quorum lanes (`type = "quorum"`).
+    /// Every queue class of the catalog as quorum lanes (`type = "quorum"`) of one fair shard.
     pub quorum: bool,
     /// The components' first broker URL answers nowhere; the real one is the second.
     pub dead_first_node: bool,
@@ -182,6 +182,10 @@ fn catalog_for(options: &Options, dir: &Path) -> PathBuf {
     let mut out = String::new();
     for line in text.lines() {
         if options.gap_timeout_s.is_some() && line.starts_with("gap_timeout_s") {
+            continue;
+        }
+        // As `gatehouse up --cluster` (`quorum_catalog`): quorum lanes of one fair shard.
+        if options.quorum && line.starts_with("fair_shards") {
             continue;
         }
         if options.quorum && line.starts_with("max_length") {
