@@ -90,13 +90,7 @@ pub fn ensure(url: &str, home: &Path) -> anyhow::Result<BrokerNode> {
         addr.ip().is_loopback() && addr.port() == 5672,
         "no broker answers at {addr}; start it, or point the settings at one"
     );
-    let script = match server_script() {
-        Some(script) => script,
-        None => {
-            install_rabbitmq(Host::this(), Path::new(APT_GET))?;
-            server_script().context("apt-get installed rabbitmq-server, but its script is not there")?
-        }
-    };
+    let script = installed_server()?;
     fs::write(home.join("enabled_plugins"), "[rabbitmq_management].\n")?;
     write_config(home)?;
     let log = fs::File::create(home.join("node.log"))?;
@@ -127,6 +121,27 @@ pub fn ensure(url: &str, home: &Path) -> anyhow::Result<BrokerNode> {
         std::thread::sleep(Duration::from_millis(250));
     }
     Ok(BrokerNode { started_here: true, ..node })
+}
+
+/// The `rabbitmq-server` script, installed first when it is missing (see [`install_rabbitmq`]).
+/// Processes that call it at once take turns (a lock file in the temporary directory): the
+/// first installs, the others find it installed.
+///
+/// # Errors
+/// When it is missing and cannot be installed.
+pub fn installed_server() -> anyhow::Result<PathBuf> {
+    if let Some(script) = server_script() {
+        return Ok(script);
+    }
+    let lock = fs::File::create(std::env::temp_dir().join("gatehouse-install-rabbitmq.lock"))?;
+    lock.lock()?;
+    match server_script() {
+        Some(script) => Ok(script),
+        None => {
+            install_rabbitmq(Host::this(), Path::new(APT_GET))?;
+            server_script().context("apt-get installed rabbitmq-server, but its script is not there")
+        }
+    }
 }
 
 /// Debian's RabbitMQ, as `gatehouse up` and the test harness install it when it is missing.

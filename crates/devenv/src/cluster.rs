@@ -97,7 +97,7 @@ impl Cluster {
 
     fn start_with(cluster: Self) -> anyhow::Result<Self> {
         let nodes = cluster.nodes;
-        anyhow::ensure!(script("rabbitmq-server").exists(), "rabbitmq-server is not installed");
+        crate::broker_node::installed_server()?;
         let base = cluster.base.clone();
         let base = base.as_path();
         for i in 1..=nodes {

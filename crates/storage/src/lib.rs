@@ -328,7 +328,13 @@ impl Location {
                     "storage url: a password must not be in the url (it would be logged): use [storage] password_file or WORKER__STORAGE__PASSWORD".into(),
                 ));
             }
-            return Ok(Self::Postgres(PostgresConfig { url: url.to_owned(), password, pool_size, tls_ca }));
+            return Ok(Self::Postgres(PostgresConfig {
+                url: url.to_owned(),
+                password,
+                pool_size,
+                writers: postgres::DEFAULT_WRITERS,
+                tls_ca,
+            }));
         }
         Err(StorageError::Config(format!(
             "storage url {url:?}: expected sqlite:<path> or postgres://user@host:port/db"
@@ -478,9 +484,12 @@ impl Store {
         };
     }
 
-    /// Runs `f` atomically on the storage thread: its writes are kept and committed when it
-    /// returns `Ok` (the answer comes only after the commit), and undone when it returns `Err`
-    /// or panics. Closures that arrive together share one commit (see [`serve`]).
+    /// Runs `f` atomically: its writes are kept and committed when it returns `Ok` (the answer
+    /// comes only after the commit), and undone when it returns `Err` or panics. Closures that
+    /// arrive together share one commit (on SQLite see [`serve`]; on PostgreSQL the `batch`
+    /// module of `postgres`). On PostgreSQL `f` may run twice — undone, then run again alone,
+    /// when a lock it needs was held by another worker — so it must do nothing but its
+    /// transaction's work; only its last run counts.
     ///
     /// # Errors
     /// What `f` returns, [`StorageError::Panicked`], or [`StorageError::Commit`] when the
@@ -489,7 +498,7 @@ impl Store {
     where
         R: Send + 'static,
         E: From<StorageError> + Send + 'static,
-        F: FnOnce(&mut Tx<'_>) -> Result<R, E> + Send + 'static,
+        F: Fn(&mut Tx<'_>) -> Result<R, E> + Send + 'static,
     {
         use tracing::Instrument as _;
         self.write(f).instrument(transaction_span("storage transaction")).await
@@ -499,11 +508,11 @@ impl Store {
     where
         R: Send + 'static,
         E: From<StorageError> + Send + 'static,
-        F: FnOnce(&mut Tx<'_>) -> Result<R, E> + Send + 'static,
+        F: Fn(&mut Tx<'_>) -> Result<R, E> + Send + 'static,
     {
         let work = match &self.backend {
             Backend::Sqlite { work, .. } => work,
-            Backend::Postgres(pg) => return pg.run(f).await,
+            Backend::Postgres(pg) => return pg.transact(f).await,
         };
         let (done, result) = oneshot::channel();
         let job: Work = Box::new(move |open| {

@@ -238,9 +238,14 @@ pub struct StorageSettings {
     /// …or this value, given through the environment (`WORKER__STORAGE__PASSWORD`). Never in
     /// the url, which is logged.
     pub password: Option<secrecy::SecretString>,
-    /// Most PostgreSQL connections this worker opens (each held only while a storage
-    /// transaction runs).
+    /// Most pooled PostgreSQL connections this worker opens for reads (status queries, event
+    /// streams, metrics; each held only while its transaction runs).
     pub pool_size: usize,
+    /// PostgreSQL connections that write, each running one batch of jobs at a time (every
+    /// job of a batch in one transaction, its statements one after another): 3 keeps two
+    /// cores busy beside a local server; raise it when the database is across a network,
+    /// where each statement waits a round trip.
+    pub writers: usize,
     /// The CA (PEM) that signed the PostgreSQL server's certificate: connections use TLS,
     /// the certificate checked against it and the url's host.
     pub tls_ca: Option<PathBuf>,
@@ -265,6 +270,7 @@ impl Default for StorageSettings {
             password_file: None,
             password: None,
             pool_size: 16,
+            writers: 3,
             tls_ca: None,
             tls: None,
         }
@@ -339,9 +345,15 @@ impl StorageSettings {
         if password.is_some() && url.starts_with("sqlite:") {
             return Err("[storage] has a password, but SQLite storage takes none".into());
         }
-        let location =
+        if !(1..=64).contains(&self.writers) {
+            return Err(format!("[storage] writers = {}: expected 1 to 64", self.writers));
+        }
+        let mut location =
             gatehouse_storage::Location::parse_with_tls(&url, password, self.pool_size, self.tls_ca.clone())
                 .map_err(|e| e.to_string())?;
+        if let gatehouse_storage::Location::Postgres(c) = &mut location {
+            c.writers = self.writers;
+        }
         if url.starts_with("postgres") {
             match (self.tls, &self.tls_ca) {
                 (Some(StorageTls::Off), Some(_)) => {

@@ -63,9 +63,20 @@ pub async fn fresh_database() -> (String, String) {
             }
         })
         .await;
-    let name = format!("t{:08x}{}", std::process::id(), random_hex(2));
-    admin.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create database");
-    (node.url(&name), password)
+    // Once seen failing on a server just started (the error was not kept): tried again,
+    // under a new name, and said on stderr.
+    for attempt in 1.. {
+        let name = format!("t{:08x}{}", std::process::id(), random_hex(2));
+        match admin.batch_execute(&format!("CREATE DATABASE {name}")).await {
+            Ok(()) => return (node.url(&name), password),
+            Err(e) if attempt < 5 => {
+                eprintln!("CREATE DATABASE {name} failed ({e:?}); trying again");
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("create database: {e:?}"),
+        }
+    }
+    unreachable!("the loop returns")
 }
 
 /// A plain connection to `url` (for set-up and the tests' own reading).

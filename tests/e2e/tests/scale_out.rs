@@ -213,6 +213,121 @@ async fn a_postgres_restart_under_load_loses_nothing() {
     sys.stop().await;
 }
 
+/// The longest any transaction of `db`'s database has been waiting for a lock right now
+/// (`pg_stat_activity`), in ms.
+async fn longest_lock_wait_ms(admin: &tokio_postgres::Client) -> f64 {
+    admin
+        .query_one(
+            "SELECT COALESCE(EXTRACT(EPOCH FROM max(clock_timestamp() - query_start)) * 1000, 0)::float8
+             FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            &[],
+        )
+        .await
+        .map(|r| r.get(0))
+        .unwrap_or(0.0)
+}
+
+/// Two workers whose batches contend for the same 20 sequence keys for 60 s
+/// (`GATEHOUSE_CONTEND_S`), one of them killed -9 five times: ledger jobs submitted in rounds
+/// (each round numbers 1.. further on every key, shuffled), applied once each and in order;
+/// PostgreSQL broke no deadlock (`pg_stat_database.deadlocks` of the database) and no
+/// transaction waited 2 s for a lock (`pg_stat_activity`, sampled every 50 ms).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_workers_batches_contending_for_20_keys_under_kill_9_never_deadlock() {
+    let _serial = SERIAL.lock().await;
+    let secs = env_size("GATEHOUSE_CONTEND_S", 60) as u64;
+    let (accounts, per_round) = (20, 10);
+    let sys = TestSystem::start_with(Options {
+        worker_binary: Some(env!("CARGO_BIN_EXE_e2e-worker")),
+        supervise_worker: true,
+        postgres: true,
+        workers: 2,
+        ..Options::default()
+    })
+    .await;
+    let gatehouse_storage::Location::Postgres(pg) = sys.storage() else { unreachable!() };
+    let admin = gatehouse_e2e::admin_connection(&pg.url, pg.password.as_deref().unwrap()).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut longest = 0f64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                longest = longest.max(longest_lock_wait_ms(&admin).await);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            (longest, admin)
+        })
+    };
+    let seed = 0xc0_47e5d_u64;
+    let killer = {
+        let (workers, stop) = (sys.worker_processes().to_vec(), stop.clone());
+        tokio::spawn(async move {
+            let mut rng = Rng(seed ^ 0xdead);
+            let mut kills = 0;
+            while kills < 5 && !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(secs * 1000 / 6)).await;
+                let victim = &workers[rng.below(workers.len() as u64) as usize];
+                victim.kill();
+                victim.start();
+                kills += 1;
+            }
+            kills
+        })
+    };
+    let mut rng = Rng(seed);
+    let (mut jobs, mut model_ids, mut unavailable) = (Vec::new(), HashMap::new(), 0);
+    let began = Instant::now();
+    let mut rounds = 0u64;
+    while began.elapsed() < Duration::from_secs(secs) {
+        let (round, order) = ledger_model(accounts * per_round, accounts, "ct", &mut rng);
+        let offset = jobs.len();
+        let bodies: Vec<Value> = order
+            .iter()
+            .map(|&i| LedgerJob { number: round[i].number + rounds * per_round as u64, ..round[i].clone() })
+            .map(|j| j.body())
+            .collect();
+        jobs.extend(round.iter().map(|j| LedgerJob { number: j.number + rounds * per_round as u64, ..j.clone() }));
+        let (ids, u) = submit_all(&sys, bodies, 8).await;
+        model_ids.extend(ids.into_iter().map(|(pos, id)| (offset + order[pos], id)));
+        unavailable += u;
+        rounds += 1;
+    }
+    let submitting = began.elapsed();
+    let per_account = rounds * per_round as u64;
+    let drained = wait_ledger(&sys, Duration::from_secs(180), |l| {
+        l.len() == accounts && l.values().all(|(_, s)| *s == per_account)
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let kills = killer.await.unwrap();
+    let (longest_wait_ms, admin) = sampler.await.unwrap();
+    // Statistics reach pg_stat_database within a second or so of a transaction's end.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let deadlocks: i64 = admin
+        .query_one("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let (applied, lost, duplicated, violations) = check_ledger(&sys, &jobs, &model_ids);
+    report(&format!(
+        "FAULT postgres 2 workers' batches on the same 20 keys for {:.0} s, kill -9 x{kills} (seed={seed:#x}): \
+         submitted={} accepted={} applied={applied} lost={lost} duplicated={duplicated} \
+         order_violations={violations} deadlocks={deadlocks} longest_lock_wait_ms={longest_wait_ms:.0} \
+         worker_starts={:?} 503s={unavailable}",
+        submitting.as_secs_f64(),
+        jobs.len(),
+        model_ids.len(),
+        starts(&sys),
+    ));
+    assert!(drained, "not everything was applied; first worker's log:\n{}", sys.worker_process().log());
+    assert_eq!((applied, lost, duplicated, violations), (jobs.len(), 0, 0, 0));
+    assert_eq!(deadlocks, 0, "PostgreSQL broke deadlocks");
+    assert!(longest_wait_ms < 2000.0, "a transaction waited {longest_wait_ms:.0} ms for a lock");
+    assert!(kills >= 5, "only {kills} kills happened during the load");
+    sys.stop().await;
+}
+
 /// Whether a TCP connection from test host namespace `ns` to `addr:port` opens (within 3 s).
 fn connects_from(ns: &str, addr: &str, port: u16) -> bool {
     std::process::Command::new("ip")

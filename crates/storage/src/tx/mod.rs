@@ -304,7 +304,10 @@ impl<'c> Tx<'c> {
 
     /// Serializes this transaction with every other that takes the lock `name`, until it ends:
     /// on PostgreSQL a transaction-scoped advisory lock (several workers share the database);
-    /// on SQLite nothing, as one writer at a time is all there is.
+    /// on SQLite nothing, as one writer at a time is all there is. In a transaction several
+    /// closures share, the lock is only tried: when another transaction holds it, the next
+    /// statement fails and the closure runs again alone, where it waits (see
+    /// [`crate::Store::transact`]).
     ///
     /// # Errors
     /// A storage failure.

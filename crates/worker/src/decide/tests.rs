@@ -74,7 +74,7 @@ async fn deliver(store: &Store, env: JobEnvelope) -> Vec<Answer> {
             let spec = catalog.kind(&env.kind).unwrap().clone();
             let target = ReplyTarget::default();
             let arrival =
-                Arrival { env, raw, target, replay: None, caps: ClientCaps::default(), turn_lease: None };
+                Arrival { env: env.clone(), raw: raw.clone(), target, replay: None, caps: ClientCaps::default(), turn_lease: None };
             match decide_and_run(tx, &catalog, &kinds(&catalog), &spec, &keys().sessions, &arrival)? {
                 Verdict::Answered(a) => Ok(a),
                 d => panic!("unexpected {d:?}"),
@@ -196,7 +196,7 @@ async fn attempts_are_counted_before_running_and_exhaust() {
     let step = |spec: KindSpec, env: JobEnvelope| {
         store.transact(move |tx| {
             let arrival = Arrival {
-                env,
+                env: env.clone(),
                 raw: b"{}".to_vec(),
                 target: ReplyTarget::default(),
                 replay: None,

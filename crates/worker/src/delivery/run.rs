@@ -139,7 +139,7 @@ async fn record(
                 return Ok(None);
             }
             let run = decide::Run { catalog: &catalog, kinds: &kinds, sessions: &keys.sessions };
-            run.record_outcome(tx, &env, outcome, &target).map(Some)
+            run.record_outcome(tx, &env, outcome.clone(), &target).map(Some)
         })
         .await
         .map_err(|e| Failure::Retry(format!("storage: {e}")))?

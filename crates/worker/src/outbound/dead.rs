@@ -102,7 +102,7 @@ impl Outbound {
                         return Ok(None);
                     }
                 }
-                decide::record_dead(tx, &job, dead.reason, dead.error).map(Some)
+                decide::record_dead(tx, &job, dead.reason, dead.error.clone()).map(Some)
             })
             .await;
         match recorded {

@@ -1,0 +1,283 @@
+//! Group commit on PostgreSQL: closures that arrive together share one transaction, each in a
+//! savepoint of its own, as on SQLite — one commit, one WAL flush, for a batch of jobs.
+//!
+//! Two workers' batches must never wait on each other in a cycle (batch 1 holds sequence key A
+//! and waits for B; batch 2 holds B and waits for A). So a shared transaction never waits for a
+//! lock: advisory locks are tried (`pg_try_advisory_xact_lock`), and a row lock is waited for
+//! at most `lock_timeout` (100 ms). A closure that meets a lock held elsewhere is undone (its
+//! savepoint rolled back, which also lets go of the locks it took) and runs again after the
+//! batch has committed, in a transaction of its own that waits for its locks in the usual
+//! order (sequence key, job, singleton key) while holding none of another job's. Closures are
+//! therefore `Fn`: one may run twice, and only its last run's writes are kept.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use gatehouse_protocol::crypto::Keyring;
+use tokio::runtime::Runtime;
+use tokio::sync::{mpsc, oneshot};
+
+use super::session::{Link, OwnConnection, Pending, Session};
+use crate::{Observer, StorageError, Tx, panic_message};
+
+/// Most closures in one shared transaction.
+const MAX_BATCH: usize = 32;
+
+/// How long a shared transaction waits for a row lock before the closure that needs it is
+/// undone and run alone.
+const SHARED_LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '100ms'";
+
+/// A closure waiting for its batch, and the way back to its caller.
+pub(super) trait Shared: Send {
+    /// Runs it (again, if it ran before); whether its writes are to be kept.
+    fn run(&mut self, tx: &mut Tx<'_>) -> bool;
+    /// Answers the caller: its last run's outcome, or `failed` (its transaction did not commit).
+    fn answer(self: Box<Self>, failed: Option<&StorageError>);
+}
+
+/// A [`crate::Store::transact`] call.
+pub(super) struct Call<R, E, F> {
+    f: F,
+    outcome: Option<Result<R, E>>,
+    done: oneshot::Sender<Result<R, E>>,
+}
+
+impl<R, E, F> Call<R, E, F> {
+    pub(super) fn new(f: F) -> (Self, oneshot::Receiver<Result<R, E>>) {
+        let (done, answer) = oneshot::channel();
+        (Self { f, outcome: None, done }, answer)
+    }
+}
+
+impl<R, E, F> Shared for Call<R, E, F>
+where
+    R: Send + 'static,
+    E: From<StorageError> + Send + 'static,
+    F: Fn(&mut Tx<'_>) -> Result<R, E> + Send + 'static,
+{
+    fn run(&mut self, tx: &mut Tx<'_>) -> bool {
+        let f = &self.f;
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(tx)))
+            .unwrap_or_else(|p| Err(StorageError::Panicked(panic_message(&*p)).into()));
+        let ok = outcome.is_ok();
+        self.outcome = Some(outcome);
+        ok
+    }
+
+    fn answer(self: Box<Self>, failed: Option<&StorageError>) {
+        let outcome = match (failed, self.outcome) {
+            (Some(e), None | Some(Ok(_))) => {
+                Err(StorageError::Commit { message: e.to_string(), refusal: e.refusal() }.into())
+            }
+            (_, Some(outcome)) => outcome,
+            (None, None) => Err(StorageError::Closed.into()),
+        };
+        let _ = self.done.send(outcome);
+    }
+}
+
+/// Where closures wait for a batch; runners take them.
+#[derive(Clone)]
+pub(super) struct Batcher {
+    queue: mpsc::Sender<Box<dyn Shared>>,
+}
+
+/// Opens a batch runner's own connection.
+#[derive(Clone)]
+pub(super) struct Connector {
+    pub(super) config: tokio_postgres::Config,
+    pub(super) tls: Option<rustls::ClientConfig>,
+}
+
+impl Connector {
+    /// A new connection, its I/O task spawned on the current (the runner's) runtime.
+    async fn connect(&self) -> Result<OwnConnection, StorageError> {
+        let client = match &self.tls {
+            Some(tls) => {
+                let tls = tokio_postgres_rustls::MakeRustlsConnect::new(tls.clone());
+                let (client, connection) = self.config.connect(tls).await?;
+                tokio::spawn(connection);
+                client
+            }
+            None => {
+                let (client, connection) = self.config.connect(tokio_postgres::NoTls).await?;
+                tokio::spawn(connection);
+                client
+            }
+        };
+        Ok(OwnConnection::new(client))
+    }
+}
+
+impl Batcher {
+    /// Starts `runners` runner threads, each taking every closure waiting (up to
+    /// [`MAX_BATCH`]) into one transaction on a connection of its own. They stop when the last
+    /// `Batcher` is dropped.
+    pub(super) fn start(
+        connector: &Connector,
+        keyring: &Arc<Keyring>,
+        observer: &Observer,
+        runners: usize,
+    ) -> Result<Self, StorageError> {
+        let (queue, rx) = mpsc::channel::<Box<dyn Shared>>(1024);
+        let rx = Arc::new(std::sync::Mutex::new(rx));
+        for i in 0..runners.max(1) {
+            let runner = Runner {
+                connector: connector.clone(),
+                keyring: keyring.clone(),
+                observer: observer.clone(),
+                connection: None,
+            };
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name(format!("gatehouse-pg-batch-{i}"))
+                .spawn(move || runner.serve(&rx))
+                .map_err(|e| StorageError::Corrupt(format!("cannot start a storage thread: {e}")))?;
+        }
+        Ok(Self { queue })
+    }
+
+    /// Queues `call` for the next batch.
+    pub(super) async fn send(&self, call: Box<dyn Shared>) -> Result<(), StorageError> {
+        self.queue.send(call).await.map_err(|_| StorageError::Closed)
+    }
+}
+
+/// A thread with a runtime and a connection of its own: each statement of a batch is written,
+/// and its answer read, on this thread (no hand-off to another thread and back per round
+/// trip, as a pooled connection's I/O task on the shared runtime would need).
+struct Runner {
+    connector: Connector,
+    keyring: Arc<Keyring>,
+    observer: Observer,
+    connection: Option<OwnConnection>,
+}
+
+type Queue = std::sync::Mutex<mpsc::Receiver<Box<dyn Shared>>>;
+
+impl Runner {
+    fn serve(mut self, rx: &Queue) {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+            return;
+        };
+        loop {
+            let batch = {
+                let Ok(mut rx) = rx.lock() else { return };
+                let Some(first) = rx.blocking_recv() else { return };
+                let mut batch = vec![first];
+                while batch.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(call) => batch.push(call),
+                        Err(_) => break,
+                    }
+                }
+                batch
+            };
+            if self.connection.as_ref().is_none_or(|c| c.client.is_closed()) {
+                match rt.block_on(self.connector.connect()) {
+                    Ok(c) => self.connection = Some(c),
+                    Err(e) => {
+                        self.connection = None;
+                        batch.into_iter().for_each(|call| call.answer(Some(&e)));
+                        continue;
+                    }
+                }
+            }
+            let Some(connection) = &self.connection else { continue };
+            // A panic outside the closures (theirs are caught) drops the batch's calls, whose
+            // callers hear `Closed`; the runner goes on.
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run(connection, &rt, batch)));
+            if !matches!(ran, Ok(true)) {
+                // Not known to be clean: not used again.
+                self.connection = None;
+            }
+        }
+    }
+
+    /// One batch: the shared transaction, then each closure that met a lock held elsewhere in
+    /// a transaction of its own. A batch of one is run alone at once. Whether the connection
+    /// is still clean.
+    fn run(&self, connection: &OwnConnection, rt: &Runtime, batch: Vec<Box<dyn Shared>>) -> bool {
+        let alone = if batch.len() == 1 { Some(batch) } else { self.shared(connection, rt, batch) };
+        let Some(alone) = alone else { return false };
+        let mut calls = alone.into_iter();
+        while let Some(mut call) = calls.next() {
+            let started = Instant::now();
+            let session = Session::new(Link::Own(connection, rt));
+            session.defer(Pending::Begin);
+            let ok = call.run(&mut Tx::postgres(&session, &self.keyring));
+            match session.end(ok) {
+                Ok(()) => {
+                    if ok && let Some(o) = self.observer.get() {
+                        o.committed(started.elapsed(), 1);
+                    }
+                    call.answer(None);
+                }
+                Err(e) => {
+                    call.answer(Some(&e));
+                    calls.for_each(|c| c.answer(Some(&e)));
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// Runs `batch` in one transaction; answers those it kept or that failed on their own,
+    /// and hands back those to run alone. `None` when the transaction failed (every call is
+    /// then answered with its failure, and the connection is not to be reused).
+    fn shared(
+        &self,
+        connection: &OwnConnection,
+        rt: &Runtime,
+        batch: Vec<Box<dyn Shared>>,
+    ) -> Option<Vec<Box<dyn Shared>>> {
+        let started = Instant::now();
+        let session = Session::new(Link::Own(connection, rt));
+        session.share();
+        session.defer(Pending::Begin);
+        session.defer(Pending::Plain(SHARED_LOCK_TIMEOUT));
+        let (mut done, mut alone) = (Vec::with_capacity(batch.len()), Vec::new());
+        let mut calls = batch.into_iter();
+        let mut broken = None;
+        for mut call in calls.by_ref() {
+            session.take_busy();
+            session.defer(Pending::Plain("SAVEPOINT job"));
+            let ok = call.run(&mut Tx::postgres(&session, &self.keyring));
+            let kept = ok && !session.take_busy() && session.batch("RELEASE SAVEPOINT job").is_ok();
+            if !kept {
+                // Undone: contended (run it alone), or failed on its own (answer its error).
+                let contended = ok || session.take_busy();
+                session.forget_pending();
+                if let Err(e) = session.batch("ROLLBACK TO SAVEPOINT job; RELEASE SAVEPOINT job") {
+                    broken = Some(e);
+                    alone.push(call);
+                    break;
+                }
+                if contended {
+                    alone.push(call);
+                    continue;
+                }
+            }
+            done.push(call);
+        }
+        let ended = match broken {
+            Some(e) => Err(e),
+            None => session.end(true),
+        };
+        match ended {
+            Ok(()) => {
+                if let Some(o) = self.observer.get() {
+                    o.committed(started.elapsed(), done.len());
+                }
+                done.into_iter().for_each(|call| call.answer(None));
+                Some(alone)
+            }
+            Err(e) => {
+                let _ = session.end(false);
+                done.into_iter().chain(alone).chain(calls).for_each(|call| call.answer(Some(&e)));
+                None
+            }
+        }
+    }
+}
