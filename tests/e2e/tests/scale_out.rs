@@ -287,7 +287,9 @@ async fn two_workers_batches_contending_for_20_keys_under_kill_9_never_deadlock(
             .map(|&i| LedgerJob { number: round[i].number + rounds * per_round as u64, ..round[i].clone() })
             .map(|j| j.body())
             .collect();
-        jobs.extend(round.iter().map(|j| LedgerJob { number: j.number + rounds * per_round as u64, ..j.clone() }));
+        jobs.extend(
+            round.iter().map(|j| LedgerJob { number: j.number + rounds * per_round as u64, ..j.clone() }),
+        );
         let (ids, u) = submit_all(&sys, bodies, 8).await;
         model_ids.extend(ids.into_iter().map(|(pos, id)| (offset + order[pos], id)));
         unavailable += u;

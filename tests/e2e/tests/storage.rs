@@ -313,7 +313,10 @@ async fn two_workers_batches_on_the_same_keys_share_commits_and_never_deadlock()
     }
     let counts: Vec<i64> = stores[0]
         .transact(|tx| {
-            tx.query("SELECT edits FROM notes ORDER BY id", params![])?.iter().map(|r| r.get::<i64>(0)).collect()
+            tx.query("SELECT edits FROM notes ORDER BY id", params![])?
+                .iter()
+                .map(|r| r.get::<i64>(0))
+                .collect()
         })
         .await
         .unwrap();

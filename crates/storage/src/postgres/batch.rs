@@ -186,7 +186,8 @@ impl Runner {
             let Some(connection) = &self.connection else { continue };
             // A panic outside the closures (theirs are caught) drops the batch's calls, whose
             // callers hear `Closed`; the runner goes on.
-            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run(connection, &rt, batch)));
+            let ran =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run(connection, &rt, batch)));
             if !matches!(ran, Ok(true)) {
                 // Not known to be clean: not used again.
                 self.connection = None;

@@ -17,8 +17,8 @@ mod batch;
 mod schema;
 mod session;
 
-pub(crate) use session::{Pending, Session};
 use session::Link;
+pub(crate) use session::{Pending, Session};
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -166,4 +166,3 @@ pub(super) const SCHEMA: &[&str] = &[
 
 /// After this step (1-based) the error texts of earlier releases are sealed.
 pub(super) const SEAL_ERRORS_AFTER: usize = 2;
-

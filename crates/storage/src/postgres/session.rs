@@ -210,8 +210,12 @@ impl<'c> Session<'c> {
             .into_iter()
             .map(|p| -> Sent<'_> {
                 match p {
-                    Pending::Begin => Box::pin(async move { client.batch_execute("BEGIN").await.map(|()| true) }),
-                    Pending::Plain(sql) => Box::pin(async move { client.batch_execute(sql).await.map(|()| true) }),
+                    Pending::Begin => {
+                        Box::pin(async move { client.batch_execute("BEGIN").await.map(|()| true) })
+                    }
+                    Pending::Plain(sql) => {
+                        Box::pin(async move { client.batch_execute(sql).await.map(|()| true) })
+                    }
                     Pending::Lock(name) => {
                         let lock = lock.clone();
                         Box::pin(async move {
@@ -338,4 +342,3 @@ fn pg_row(row: &tokio_postgres::Row) -> Result<Row, StorageError> {
     }
     Ok(Row(values))
 }
-

@@ -73,8 +73,14 @@ async fn deliver(store: &Store, env: JobEnvelope) -> Vec<Answer> {
         .transact(move |tx| -> Result<_, ApplyError> {
             let spec = catalog.kind(&env.kind).unwrap().clone();
             let target = ReplyTarget::default();
-            let arrival =
-                Arrival { env: env.clone(), raw: raw.clone(), target, replay: None, caps: ClientCaps::default(), turn_lease: None };
+            let arrival = Arrival {
+                env: env.clone(),
+                raw: raw.clone(),
+                target,
+                replay: None,
+                caps: ClientCaps::default(),
+                turn_lease: None,
+            };
             match decide_and_run(tx, &catalog, &kinds(&catalog), &spec, &keys().sessions, &arrival)? {
                 Verdict::Answered(a) => Ok(a),
                 d => panic!("unexpected {d:?}"),
