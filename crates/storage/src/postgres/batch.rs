@@ -20,7 +20,10 @@ use tokio::sync::{mpsc, oneshot};
 use super::session::{Link, OwnConnection, Pending, Session};
 use crate::{Observer, StorageError, Tx, panic_message};
 
-/// Most closures in one shared transaction.
+/// Most closures in one shared transaction. Under 64 on purpose: each closure's savepoint that
+/// writes is a subtransaction, and past 64 in one transaction PostgreSQL's per-backend cache of
+/// subtransaction ids overflows, which slows every snapshot on the server (`pg_subtrans`
+/// lookups).
 const MAX_BATCH: usize = 32;
 
 /// How long a shared transaction waits for a row lock before the closure that needs it is
