@@ -145,6 +145,11 @@ impl<'c> Session<'c> {
         self.pending.borrow_mut().clear();
     }
 
+    /// Sends what is deferred now (nothing else with it).
+    pub(super) fn flush(&self) -> Result<(), StorageError> {
+        self.with_pending(std::future::ready(Ok::<(), tokio_postgres::Error>(())))
+    }
+
     /// Commits (with the writes still deferred) or rolls back (dropping them); when not one
     /// statement was sent and none is to be written, there is no transaction to end.
     pub(super) fn end(&self, commit: bool) -> Result<(), StorageError> {
