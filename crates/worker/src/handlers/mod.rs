@@ -192,7 +192,10 @@ impl JobContext {
     }
 }
 
-/// A handler whose effect commits in the job's own storage transaction (exactly once).
+/// A handler whose effect commits in the job's own storage transaction (exactly once). Its
+/// code may run more than once for one effect — on PostgreSQL a transaction shared with other
+/// jobs is undone when one of them fails or meets another worker's lock, and it runs again —
+/// so it must do nothing outside `tx` (that is what an [`ExternalHandler`] is for).
 pub trait StorageHandler: Send + Sync + 'static {
     /// Runs the job inside `tx`. A storage error rolls everything back (the consumer decides
     /// whether to try again); every other ending is an [`Outcome`].
