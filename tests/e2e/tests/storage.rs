@@ -445,6 +445,13 @@ async fn pruning_and_events_work_on_both_backends() {
         assert!(gone.is_empty(), "{}", db.name());
         let kept = store.transact(|tx| tx.job_events(&id(200), "c", 0, 10)).await.unwrap();
         assert_eq!(kept.len(), 1, "{}", db.name());
+        // The log holds transitions (written with the record: on PostgreSQL in one statement):
+        // the same state again adds nothing, a new one adds one, numbered on.
+        store.transact(|tx| tx.record_job(&job(200, JobState::Running, None))).await.unwrap();
+        store.transact(|tx| tx.record_job(&job(200, JobState::Succeeded, None))).await.unwrap();
+        let log = store.transact(|tx| tx.job_events(&id(200), "c", 0, 10)).await.unwrap();
+        let log: Vec<(u64, JobState)> = log.iter().map(|e| (e.seq, e.status)).collect();
+        assert_eq!(log, [(1, JobState::Running), (2, JobState::Succeeded)], "{}", db.name());
     }
 }
 
