@@ -7,8 +7,9 @@
 //! checkpoints a little later, once per burst ([`PAUSE`]), `PASSIVE`: beside the writer,
 //! never blocking it. SQLite starts the log afresh only once every page in it has been copied
 //! back, which a writer that never pauses would not let happen; so once the log has reached
-//! [`REWIND_AT`] pages, one more checkpoint runs between two of the writer's transactions (it
-//! waits for its [`Checkpoints::turn`]), and the log is rewound.
+//! [`REWIND_AT`] pages (less on a nearly full disk, see [`rewind_at`]), one more checkpoint
+//! runs between two of the writer's transactions (it waits for its [`Checkpoints::turn`]), and
+//! the log is rewound.
 
 use std::fs::File;
 use std::path::Path;
@@ -39,19 +40,30 @@ pub(crate) struct Checkpoints {
     truncate: Truncate,
 }
 
-/// Asks for the log to be copied back whole and cut to nothing, between two transactions:
-/// after storage refused writes (a full disk), the log may have grown while no checkpoint
-/// could run, and a rewind alone keeps the file at its size.
+/// Copies the log back whole and cuts it to nothing, between two transactions: after
+/// storage refused writes (a full disk). The log may have grown while no checkpoint could run,
+/// and its file holds room that a small write fits in while the disk is still full; a rewind
+/// alone keeps the file at its size.
 #[derive(Clone)]
 pub(crate) struct Truncate {
-    wanted: Arc<std::sync::atomic::AtomicBool>,
-    committed: SyncSender<()>,
+    conn: Arc<Mutex<Connection>>,
+    turn: Arc<Turn>,
 }
 
 impl Truncate {
-    pub(crate) fn soon(&self) {
-        self.wanted.store(true, std::sync::atomic::Ordering::Relaxed);
-        let _ = self.committed.try_send(());
+    /// Blocks until the log is truncated, or answers why not: a reader holds it (busy: try
+    /// again later), or the copy failed (the disk is still full).
+    pub(crate) fn now(&self) -> Result<(), StorageError> {
+        let conn = lock(&self.conn);
+        let busy = self.turn.between_transactions(|| {
+            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get::<_, i64>(0))
+        })?;
+        if busy != 0 {
+            let busy = rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY);
+            return Err(rusqlite::Error::SqliteFailure(busy, Some("a reader holds the log".into())).into());
+        }
+        tracing::info!("log copied back and truncated after storage refused writes");
+        Ok(())
     }
 }
 
@@ -101,19 +113,21 @@ impl Checkpoints {
         conn.busy_timeout(Duration::from_secs(5))?;
         let db = File::open(path)
             .map_err(|e| StorageError::Corrupt(format!("cannot open {}: {e}", path.display())))?;
+        let truncating = Connection::open(path)?;
+        truncating.busy_timeout(Duration::from_secs(5))?;
         let (committed, rx) = sync_channel(1);
         let turn = Arc::new(Turn::default());
         let writer_turn = turn.clone();
-        let truncate = Truncate { wanted: Arc::default(), committed: committed.clone() };
-        let wanted = truncate.wanted.clone();
+        let truncate = Truncate { conn: Arc::new(Mutex::new(truncating)), turn: turn.clone() };
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_owned();
         thread::Builder::new()
             .name("gatehouse-checkpoint".into())
-            .spawn(move || run(&conn, &db, &rx, &writer_turn, &observer, &wanted))
+            .spawn(move || run(&conn, &db, &dir, &rx, &writer_turn, &observer))
             .map_err(|e| StorageError::Corrupt(format!("cannot start checkpoint thread: {e}")))?;
         Ok(Self { committed, turn, truncate })
     }
 
-    /// What asks for a truncating checkpoint.
+    /// What truncates the log.
     pub(crate) fn truncate(&self) -> Truncate {
         self.truncate.clone()
     }
@@ -135,10 +149,10 @@ impl Checkpoints {
 fn run(
     conn: &Connection,
     db: &File,
+    dir: &Path,
     committed: &Receiver<()>,
     turn: &Turn,
     observer: &crate::Observer,
-    truncate: &std::sync::atomic::AtomicBool,
 ) {
     let told = |started: Instant, rewind: bool| {
         if let Some(o) = observer.get() {
@@ -153,7 +167,7 @@ fn run(
         let started = Instant::now();
         let done = pass(conn, db).and_then(|log| {
             told(started, false);
-            if log < REWIND_AT {
+            if log < rewind_at(dir) {
                 return Ok(());
             }
             // Catch up beside the writer until little is left to copy ...
@@ -184,17 +198,18 @@ fn run(
             }
             Ok(()) => {}
         }
-        if truncate.swap(false, std::sync::atomic::Ordering::Relaxed) {
-            let cut = turn.between_transactions(|| {
-                conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get::<_, i64>(0))
-            });
-            match cut {
-                Ok(0) => tracing::info!("log copied back and truncated after storage refused writes"),
-                Ok(_) => tracing::debug!("log not truncated: a reader holds it; the next rewind will"),
-                Err(e) => tracing::warn!(error = %e, "truncating the log failed"),
-            }
-        }
     }
+}
+
+/// Log pages from which the log is rewound: [`REWIND_AT`], or a quarter of the room left on
+/// the database's file system when that is less. Rewinding keeps the log's file at its size
+/// and reuses it; on a nearly full disk a log that only grows would take the room the
+/// database file needs for the pages copied back, and then no checkpoint could ever succeed.
+fn rewind_at(dir: &Path) -> i64 {
+    rustix::fs::statvfs(dir).map_or(REWIND_AT, |fs| {
+        let free = fs.f_bavail.saturating_mul(fs.f_frsize) / 4 / 4096;
+        REWIND_AT.min(i64::try_from(free).unwrap_or(i64::MAX)).max(1)
+    })
 }
 
 /// A `PASSIVE` checkpoint beside the writer, then the database file synced; answers the pages

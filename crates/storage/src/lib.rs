@@ -544,13 +544,20 @@ impl Store {
         result.await.map_err(|_| StorageError::Closed)?
     }
 
-    /// Storage took a write again after refusing them: on SQLite the log, which may have grown
-    /// while no checkpoint could run, is copied back and cut to nothing, between two of the
-    /// writer's transactions.
-    pub fn after_refusal(&self) {
+    /// Whether storage takes writes again after refusing them: a write that needs room on disk
+    /// ([`Tx::probe_write`]). On SQLite the log is first copied back and cut to nothing,
+    /// between two of the writer's transactions: it may have grown while no checkpoint could
+    /// run, and a write fits in the room its file holds while the disk is still full (measured:
+    /// a probe taken, then the next jobs refused again, and the log grown over the room freed).
+    ///
+    /// # Errors
+    /// Why storage still refuses writes (or a reader held the log: try again).
+    pub async fn probe_writes(&self) -> Result<(), StorageError> {
         if let Backend::Sqlite { truncate, .. } = &self.backend {
-            truncate.soon();
+            let truncate = truncate.clone();
+            tokio::task::spawn_blocking(move || truncate.now()).await.map_err(|_| StorageError::Closed)??;
         }
+        self.transact(|tx| tx.probe_write()).await
     }
 
     /// Runs `f`, which only reads, in a read-only transaction beside the writer: it sees what

@@ -85,8 +85,8 @@ impl StorageHealth {
     }
 }
 
-/// While storage refuses writes, tries one ([`gatehouse_storage::Tx::probe_write`]) with
-/// backoff, until one is taken; for the worker's lifetime.
+/// While storage refuses writes, tries one ([`Store::probe_writes`]) with backoff, until one
+/// is taken; for the worker's lifetime.
 pub async fn probe(health: Arc<StorageHealth>, store: Store) {
     let mut changes = health.watch();
     loop {
@@ -96,13 +96,12 @@ pub async fn probe(health: Arc<StorageHealth>, store: Store) {
         let mut wait = FIRST_PROBE;
         loop {
             tokio::time::sleep(wait).await;
-            match store.transact(|tx| tx.probe_write()).await {
+            match store.probe_writes().await {
                 Ok(()) => break,
                 Err(e) => tracing::debug!(error = %e, "storage still refuses writes"),
             }
             wait = (wait * 2).min(MAX_PROBE);
         }
-        store.after_refusal();
         health.recovered();
     }
 }
