@@ -15,6 +15,8 @@
 //! # Ok(()) }
 //! ```
 
+mod sealing;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -31,6 +33,8 @@ use serde_json::Value;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
+pub use sealing::{Sealer, client_name};
+
 /// What went wrong talking to the gatekeeper.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -44,6 +48,10 @@ pub enum ClientError {
     Io(#[from] std::io::Error),
     #[error("HTTP: {0}")]
     Http(#[from] hyper::Error),
+    /// Sealing fields failed: the worker key set is not certified by the pinned operator key,
+    /// no key is valid now, or the job cannot be sealed.
+    #[error("sealing: {0}")]
+    Seal(String),
 }
 
 /// A client certificate and its key (PEM files).

@@ -29,6 +29,8 @@ fn forget_past_window(s: &mut VecDeque<Arc<Session>>, now: u64) {
 }
 
 pub struct GatekeeperKeys {
+    /// The certified key set served at `GET /v1/keys`, as the file holds it.
+    worker_key_set: Option<String>,
     signing: SigningKey,
     worker_sealing: [u8; 32],
     /// The current session (front) and the earlier ones still inside [`REPLY_WINDOW_MS`].
@@ -43,7 +45,26 @@ impl GatekeeperKeys {
         let signing = keys::signing_key(&s.signing_key)?;
         let session = Session::start(&signing, &worker_sealing, now_ms().unsigned_abs())
             .map_err(|e| KeyFileError::new(&s.worker_sealing_key, e))?;
-        Ok(Self { signing, worker_sealing, sessions: RwLock::new(VecDeque::from([Arc::new(session)])) })
+        let worker_key_set = match &s.worker_key_set {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| KeyFileError::new(path, e))?;
+                serde_json::from_str::<gatehouse_protocol::keyset::SignedKeySet>(&text)
+                    .map_err(|e| KeyFileError::new(path, format!("not a certified key set: {e}")))?;
+                Some(text)
+            }
+            None => None,
+        };
+        Ok(Self {
+            worker_key_set,
+            signing,
+            worker_sealing,
+            sessions: RwLock::new(VecDeque::from([Arc::new(session)])),
+        })
+    }
+
+    /// The certified worker key set, if one is configured.
+    pub fn worker_key_set(&self) -> Option<&str> {
+        self.worker_key_set.as_deref()
     }
 
     /// The session to send in now; a new one every [`SESSION_LIFETIME_MS`].
@@ -104,6 +125,7 @@ mod tests {
         let settings = KeySettings {
             signing_key: dir.join("gatekeeper-signing.key"),
             worker_sealing_key: dir.join("worker-sealing.pub"),
+            worker_key_set: Some(dir.join("worker-keys.json")),
         };
         GatekeeperKeys::load(&settings).unwrap()
     }

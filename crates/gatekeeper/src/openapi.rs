@@ -29,10 +29,29 @@ pub fn build(catalog: &Catalog) -> Result<String, String> {
             o.remove("$schema");
         }
         let mut required = vec!["kind", "payload"];
+        // Fields the client seals travel as sealed strings (and bind the idempotency key).
+        let sealed = gatehouse_protocol::fields::sealed_paths(&payload);
+        let mut variant = json!({"title": kind.name});
+        let payload = if sealed.is_empty() {
+            payload
+        } else {
+            required.push("idempotency_key");
+            variant["description"] = json!(format!(
+                "Fields {} are sealed by the client to a certified worker key (GET /v1/keys)",
+                sealed.join(", ")
+            ));
+            let mut view = gatehouse_protocol::fields::as_sent(&payload, &sealed);
+            for path in &sealed {
+                let in_schema: String = path.split('/').skip(1).map(|p| format!("/properties/{p}")).collect();
+                if let Some(field) = view.pointer_mut(&in_schema) {
+                    field["pattern"] = json!(r"^ghs1\.[0-9a-f]{16}\.[A-Za-z0-9_-]{43}\.[A-Za-z0-9_-]{16}\.[A-Za-z0-9_-]{22,}$");
+                }
+            }
+            view
+        };
         // The kind's schema, and the bounds the gatekeeper puts on every payload.
         let payload = json!({"allOf": [payload, {"$ref": "#/components/schemas/SanitizedValue"}]});
         let mut properties = json!({"kind": {"const": kind.name}, "payload": payload});
-        let mut variant = json!({"title": kind.name});
         // The longest delay the kind takes (a not_before time has the same bound, relative
         // to now, which JSON Schema cannot say).
         properties["delay_s"] = json!({"maximum": kind.max_delay_s});

@@ -57,6 +57,10 @@ pub struct KeySettings {
     /// The worker's X25519 public key; job payloads are sealed to it in short sessions, and
     /// the worker's replies come sealed under each session's reply key.
     pub worker_sealing_key: PathBuf,
+    /// The worker's public sealing keys as a set an operator certified (`gatehouse keys
+    /// certify`), served as is at `GET /v1/keys` for clients that seal fields themselves.
+    #[serde(default)]
+    pub worker_key_set: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

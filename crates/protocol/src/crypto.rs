@@ -23,12 +23,12 @@ use crate::hex;
 
 /// Binary values inside messages: base64url without padding (a third shorter than hex, and
 /// every byte of a message costs the broker).
-fn b64(bytes: &[u8]) -> String {
+pub(crate) fn b64(bytes: &[u8]) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
-fn unb64(text: &str) -> Option<Vec<u8>> {
+pub(crate) fn unb64(text: &str) -> Option<Vec<u8>> {
     use base64::Engine as _;
     base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(text).ok()
 }
@@ -54,7 +54,7 @@ pub enum CryptoError {
     Stale,
 }
 
-fn random<const N: usize>() -> Result<[u8; N], CryptoError> {
+pub(crate) fn random<const N: usize>() -> Result<[u8; N], CryptoError> {
     let mut b = [0u8; N];
     SystemRandom::new().fill(&mut b).map_err(|_| CryptoError::Random)?;
     Ok(b)
@@ -225,7 +225,7 @@ impl OpeningKey {
         Ok(seed)
     }
 
-    fn agree(&self, public: &[u8; 32]) -> [u8; 32] {
+    pub(crate) fn agree(&self, public: &[u8; 32]) -> [u8; 32] {
         self.secret.diffie_hellman(&x25519_dalek::PublicKey::from(*public)).to_bytes()
     }
 }

@@ -52,6 +52,10 @@ pub struct JobEnvelope {
     /// Its client's weight when clients take turns (the policy's `share`, default 1).
     #[serde(default = "one", skip_serializing_if = "is_one")]
     pub share: u16,
+    /// The client's idempotency key: fields the client sealed itself are bound to it
+    /// ([`crate::fields::FieldAad`]). Travels sealed, as the payload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
 }
 
 /// A reply target: the gatekeeper instance's reply queue and the waiting request's
@@ -86,6 +90,9 @@ pub struct SealedJob {
     pub shard: u8,
     #[serde(default = "one", skip_serializing_if = "is_one")]
     pub share: u16,
+    /// The idempotency key, sealed as the payload is (bound to the job's id, kind and client).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<Sealed>,
 }
 
 #[allow(clippy::trivially_copy_pass_by_ref)] // serde's signature
@@ -106,6 +113,10 @@ fn job_aad(id: &JobId, kind: &str, client: &str) -> Vec<u8> {
     [id.as_str(), kind, client].join("\0").into_bytes()
 }
 
+fn key_aad(id: &JobId, kind: &str, client: &str) -> Vec<u8> {
+    [id.as_str(), kind, client, "idempotency key"].join("\0").into_bytes()
+}
+
 impl JobEnvelope {
     /// Seals the payload to the worker in `session`.
     ///
@@ -120,6 +131,10 @@ impl JobEnvelope {
             priority: self.priority,
             sequence: self.sequence.clone(),
             payload: session.seal(&plain, &job_aad(&self.id, &self.kind, &self.client))?,
+            idempotency_key: match &self.idempotency_key {
+                Some(k) => Some(session.seal(k.as_bytes(), &key_aad(&self.id, &self.kind, &self.client))?),
+                None => None,
+            },
             submitted_at_ms: self.submitted_at_ms,
             not_before_ms: self.not_before_ms,
             reply: self.reply.clone(),
@@ -139,7 +154,15 @@ impl SealedJob {
     pub fn open(self, session: &Session) -> Result<JobEnvelope, CryptoError> {
         let plain = session.open(&self.payload, &job_aad(&self.id, &self.kind, &self.client))?;
         let payload = serde_json::from_slice(&plain).map_err(|_| CryptoError::Malformed)?;
+        let idempotency_key = match &self.idempotency_key {
+            Some(sealed) => {
+                let key = session.open(sealed, &key_aad(&self.id, &self.kind, &self.client))?;
+                Some(String::from_utf8(key).map_err(|_| CryptoError::Malformed)?)
+            }
+            None => None,
+        };
         Ok(JobEnvelope {
+            idempotency_key,
             id: self.id,
             kind: self.kind,
             client: self.client,
@@ -165,6 +188,7 @@ impl SealedJob {
             priority: self.priority,
             sequence: self.sequence.clone(),
             payload: Value::Null,
+            idempotency_key: None,
             submitted_at_ms: self.submitted_at_ms,
             not_before_ms: self.not_before_ms,
             reply: self.reply.clone(),
@@ -397,11 +421,13 @@ mod tests {
             span_id: None,
             shard: 0,
             share: 1,
+            idempotency_key: Some("order-KEYMARK".into()),
         };
         let wire = serde_json::to_string(&env.seal(&session).unwrap()).unwrap();
-        assert!(!wire.contains("MARKER"), "{wire}");
+        assert!(!wire.contains("MARKER") && !wire.contains("KEYMARK"), "{wire}");
         let sealed: SealedJob = serde_json::from_str(&wire).unwrap();
-        assert_eq!(sealed.clone().open(&opened).unwrap().payload, env.payload);
+        let back = sealed.clone().open(&opened).unwrap();
+        assert_eq!((back.payload, back.idempotency_key), (env.payload, env.idempotency_key));
         // The payload cannot be moved to another client's job.
         let mut moved = sealed;
         moved.client = "mallory".into();

@@ -6,6 +6,7 @@
 //! | `worker-sealing.key` / `.pub` | X25519 | worker / gatekeeper |
 //! | `operator-signing.key` / `.pub` | Ed25519 (PKCS#8 / raw public) | `gatehouse dlq replay` / worker |
 //! | `worker-data.keys` | AES-256 data keys (keyring) | worker |
+//! | `worker-keys.json` | the worker's public sealing keys, certified by the operator key | gatekeeper serves it; clients check it |
 
 use std::path::{Path, PathBuf};
 
@@ -92,6 +93,13 @@ pub fn write_dev(dir: &Path) -> Result<(), KeyFileError> {
         write_file(&dir.join("worker-sealing.key"), &hex::encode(&secret), true)?;
         write_file(&dir.join("worker-sealing.pub"), &hex::encode(&opening.public_key()), false)?;
     }
+    let set = dir.join("worker-keys.json");
+    if !set.exists() {
+        // A year from now; `gatehouse keys certify` makes the sets of a real deployment.
+        let now = u64::try_from(crate::clock::now_ms()).unwrap_or(0);
+        let year = 365 * 24 * 3600 * 1000;
+        certify_worker_keys(&dir.join("operator-signing.key"), &[dir.join("worker-sealing.pub")], now, now + year, &set)?;
+    }
     if dir.join("worker-data.keys").exists() {
         return Ok(());
     }
@@ -101,6 +109,30 @@ pub fn write_dev(dir: &Path) -> Result<(), KeyFileError> {
         &format!("# Data keys for encryption at rest: `<id> <hex>`; the last one is active.\n{ring}"),
         true,
     )
+}
+
+/// Certifies the worker public keys in `worker_keys` (hex files) for `not_before_ms` until
+/// `not_after_ms` with the operator key in `operator_key`, and writes the set to `out` (see
+/// [`crate::keyset`]).
+///
+/// # Errors
+/// When a key file is missing or malformed, or `out` cannot be written.
+pub fn certify_worker_keys(
+    operator_key: &Path,
+    worker_keys: &[PathBuf],
+    not_before_ms: u64,
+    not_after_ms: u64,
+    out: &Path,
+) -> Result<(), KeyFileError> {
+    use crate::keyset::{SignedKeySet, WorkerKey};
+    let signer = signing_key(operator_key)?;
+    let keys = worker_keys
+        .iter()
+        .map(|p| WorkerKey::new(&read_hex(p)?, not_before_ms, not_after_ms).map_err(|e| err(p, e)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let set = SignedKeySet::certify(&signer, &keys).map_err(|e| err(out, e))?;
+    let text = serde_json::to_string_pretty(&set).map_err(|e| err(out, e))?;
+    write_file(out, &text, false)
 }
 
 /// Writes `text` (plus a final newline) to `path`; a `secret` file is created with mode 0600

@@ -19,7 +19,16 @@ pub struct Violation {
 
 /// Compiled validators by kind.
 pub struct Schemas {
-    by_kind: HashMap<String, Validator>,
+    by_kind: HashMap<String, Compiled>,
+}
+
+struct Compiled {
+    /// The payload as a handler sees it (sealed fields opened).
+    full: Validator,
+    /// Where the kind's schema marks fields sealed ([`crate::fields`]), and the payload as it
+    /// travels (each such field a sealed string): what the gatekeeper checks.
+    sealed: Vec<String>,
+    as_sent: Option<Validator>,
 }
 
 /// A schema file that is missing, not JSON, or not a valid schema.
@@ -49,8 +58,15 @@ impl Schemas {
             };
             let text = std::fs::read_to_string(&kind.schema).map_err(|e| err(e.to_string()))?;
             let schema: Value = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
-            let validator = jsonschema::draft202012::new(&schema).map_err(|e| err(e.to_string()))?;
-            by_kind.insert(kind.name.clone(), validator);
+            let full = jsonschema::draft202012::new(&schema).map_err(|e| err(e.to_string()))?;
+            let sealed = crate::fields::sealed_paths(&schema);
+            let as_sent = if sealed.is_empty() {
+                None
+            } else {
+                let view = crate::fields::as_sent(&schema, &sealed);
+                Some(jsonschema::draft202012::new(&view).map_err(|e| err(e.to_string()))?)
+            };
+            by_kind.insert(kind.name.clone(), Compiled { full, sealed, as_sent });
         }
         Ok(Self { by_kind })
     }
@@ -58,9 +74,27 @@ impl Schemas {
     /// Validates `payload` against `kind`'s schema; errors point into the request body
     /// (`/payload/...`).
     pub fn validate(&self, kind: &str, payload: &Value) -> Result<(), Vec<Violation>> {
-        let Some(validator) = self.by_kind.get(kind) else {
+        let Some(compiled) = self.by_kind.get(kind) else {
             return Err(vec![Violation { path: "/kind".into(), message: "unknown kind".into() }]);
         };
+        Self::check(&compiled.full, payload)
+    }
+
+    /// Validates `payload` as it travels: each sealed field a string (checked to be a sealed
+    /// value apart, see [`crate::fields::well_formed`]), the rest against the kind's schema.
+    pub fn validate_as_sent(&self, kind: &str, payload: &Value) -> Result<(), Vec<Violation>> {
+        let Some(compiled) = self.by_kind.get(kind) else {
+            return Err(vec![Violation { path: "/kind".into(), message: "unknown kind".into() }]);
+        };
+        Self::check(compiled.as_sent.as_ref().unwrap_or(&compiled.full), payload)
+    }
+
+    /// The JSON pointers of `kind`'s sealed fields (none for an unknown kind).
+    pub fn sealed(&self, kind: &str) -> &[String] {
+        self.by_kind.get(kind).map_or(&[], |c| &c.sealed)
+    }
+
+    fn check(validator: &Validator, payload: &Value) -> Result<(), Vec<Violation>> {
         let errors: Vec<Violation> = validator
             .iter_errors(payload)
             .take(MAX_ERRORS)

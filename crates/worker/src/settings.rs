@@ -130,8 +130,12 @@ impl AdminSettings {
 #[derive(Debug, Clone, Deserialize)]
 pub struct KeySettings {
     /// The worker's X25519 secret; opens job payloads (and so the sessions whose reply keys
-    /// seal the worker's answers).
+    /// seal the worker's answers), and fields clients sealed themselves to its public key.
     pub sealing_key: PathBuf,
+    /// Earlier sealing keys still in the certified key set (a rotation's overlap): fields
+    /// sealed to them still open. Leave a key out once no certified set lists it.
+    #[serde(default)]
+    pub previous_sealing_keys: Vec<PathBuf>,
     /// Public keys of the gatekeeper(s); a job whose session none of them signed is
     /// dead-lettered unread. Several during a key rotation.
     pub gatekeeper_signing_keys: Vec<PathBuf>,

@@ -279,6 +279,7 @@ impl TestSystem {
             catalog: CatalogSettings { path: catalog.clone() },
             keys: WorkerKeySettings {
                 sealing_key: certs.path().join("worker-sealing.key"),
+                previous_sealing_keys: vec![],
                 gatekeeper_signing_keys: vec![certs.path().join("gatekeeper-signing.pub")],
                 operator_keys: vec![certs.path().join("operator-signing.pub")],
                 data_keyring: certs.path().join("worker-data.keys"),
@@ -394,6 +395,7 @@ impl TestSystem {
             keys: GatekeeperKeySettings {
                 signing_key: certs.path().join("gatekeeper-signing.key"),
                 worker_sealing_key: certs.path().join("worker-sealing.pub"),
+                worker_key_set: Some(certs.path().join("worker-keys.json")),
             },
         };
         let mut more_gatekeepers = Vec::new();

@@ -144,10 +144,6 @@ async fn accept(
     }
     sanitize::sanitize(&mut req.payload)
         .map_err(|errors| Problem::validation("Payload out of bounds", "payload-out-of-bounds", errors))?;
-    app.schemas.validate(&spec.name, &req.payload).map_err(|errors| {
-        let errors = errors.into_iter().map(|v| FieldError { path: v.path, message: v.message }).collect();
-        Problem::validation("Payload does not match the kind's schema", "schema-violation", errors)
-    })?;
     if let Some(k) = &req.idempotency_key
         && (k.is_empty() || k.chars().count() > 256)
     {
@@ -157,6 +153,11 @@ async fn accept(
             vec![field("/idempotency_key", "must be 1 to 256 characters")],
         ));
     }
+    check_sealed(app.schemas.sealed(&spec.name), &req.payload, req.idempotency_key.as_deref())?;
+    app.schemas.validate_as_sent(&spec.name, &req.payload).map_err(|errors| {
+        let errors = errors.into_iter().map(|v| FieldError { path: v.path, message: v.message }).collect();
+        Problem::validation("Payload does not match the kind's schema", "schema-violation", errors)
+    })?;
 
     // A delayed job is answered at once (`scheduled`): nobody waits days for a reply.
     let wait = wait.filter(|_| not_before_ms.is_none());
@@ -186,6 +187,7 @@ async fn accept(
         span_id: Some(trace.span_id.clone()),
         shard: app.catalog.shard_for(spec, policy.place),
         share: policy.share,
+        idempotency_key: req.idempotency_key,
     };
     let body = seal(app, &envelope)?;
     // Only the property the broker needs: every extra property or header costs the broker a
@@ -452,6 +454,37 @@ pub async fn list(
 }
 
 /// When a delayed job may run, within what its kind and the client's policy allow.
+/// Each field the kind's schema marks sealed, when present, must be a well-formed sealed value
+/// of bounded size (what is inside only the worker sees), and a job that carries one must have
+/// an idempotency key (the sealed values are bound to it).
+fn check_sealed(sealed: &[String], payload: &Value, idempotency_key: Option<&str>) -> Result<(), Problem> {
+    let mut carried = false;
+    for path in sealed {
+        match payload.pointer(path) {
+            None => {}
+            Some(Value::String(s)) if gatehouse_protocol::fields::well_formed(s) => carried = true,
+            Some(_) => {
+                return Err(Problem::validation(
+                    "A sealed field arrived in the clear",
+                    "field-must-be-sealed",
+                    vec![field(
+                        &format!("/payload{path}"),
+                        "must be sealed by the client to a certified worker key (GET /v1/keys)",
+                    )],
+                ));
+            }
+        }
+    }
+    if carried && idempotency_key.is_none() {
+        return Err(Problem::validation(
+            "Sealed fields need an idempotency key",
+            "idempotency-key-required",
+            vec![field("/idempotency_key", "sealed fields are bound to the job's idempotency key")],
+        ));
+    }
+    Ok(())
+}
+
 fn check_delay(
     spec: &KindSpec,
     policy: &crate::policy::ClientPolicy,

@@ -89,6 +89,24 @@ async fn observe(
     res
 }
 
+/// The worker's public sealing keys as the operator certified them: served as is (a
+/// gatekeeper cannot alter them unnoticed; clients check the operator's signature).
+async fn worker_keys(
+    axum::extract::State(app): axum::extract::State<Arc<App>>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    match app.keys.worker_key_set() {
+        Some(set) => ([(axum::http::header::CONTENT_TYPE, "application/json")], set.to_owned()).into_response(),
+        None => Problem::new(
+            axum::http::StatusCode::NOT_FOUND,
+            "no-key-set",
+            "No certified key set",
+            "this gatekeeper serves no certified worker key set ([keys] worker_key_set)",
+        )
+        .into_response(),
+    }
+}
+
 /// The API router. The client identity is inserted per connection by [`crate::server`].
 pub fn router(app: Arc<App>) -> Router {
     let limit = app.max_body_bytes;
@@ -96,6 +114,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/jobs", post(jobs::submit).get(jobs::list))
         .route("/v1/jobs/{id}", get(jobs::status).delete(jobs::cancel))
         .route("/v1/jobs/{id}/events", get(events::events))
+        .route("/v1/keys", get(worker_keys))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/openapi.json", get(openapi))

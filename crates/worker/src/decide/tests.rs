@@ -38,6 +38,7 @@ fn ledger_job(n: u8, number: u64, amount: i64) -> JobEnvelope {
         span_id: None,
         shard: 0,
         share: 1,
+        idempotency_key: None,
     }
 }
 

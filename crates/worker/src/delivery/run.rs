@@ -46,11 +46,10 @@ pub async fn run(ctx: &Ctx, attempt: Attempt<'_>) -> Result<Vec<Answer>, Failure
     let Attempt { spec, env, target, started, reservation, holder } = attempt;
     let shared = &ctx.shared;
     // The worker's own schema check first: an invalid payload is never run.
-    let checked = handlers::revalidate(&shared.kinds.schemas, env);
-    let handler = match (checked, shared.kinds.registry.get(&env.kind)) {
-        (Some(invalid), _) => return record(ctx, env, target, invalid, holder).await,
-        (None, Some(Handler::External(h))) => h.clone(),
-        (None, _) => {
+    let (payload, handler) = match (shared.kinds.payload(env), shared.kinds.registry.get(&env.kind)) {
+        (Err(refused), _) => return record(ctx, env, target, refused, holder).await,
+        (Ok(payload), Some(Handler::External(h))) => (payload, h.clone()),
+        (Ok(_), _) => {
             let missing = Outcome::Permanent(format!("{} has no external handler in this worker", env.kind));
             return record(ctx, env, target, missing, holder).await;
         }
@@ -73,7 +72,7 @@ pub async fn run(ctx: &Ctx, attempt: Attempt<'_>) -> Result<Vec<Answer>, Failure
     );
     // Its own task: a panic is caught there, and at the deadline (or a grace period after a
     // cancellation) the task (the handler's future) is dropped.
-    let task = tokio::spawn(handler.run(context, env.payload.clone()));
+    let task = tokio::spawn(handler.run(context, payload));
     // Given up (the lease lost, the worker stopping): the handler goes too.
     let abort = AbortOnDrop(task.abort_handle());
     let given_up = async {

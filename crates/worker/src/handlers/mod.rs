@@ -26,6 +26,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use gatehouse_protocol::fields::{FieldAad, FieldOpener};
 use gatehouse_protocol::schemas::Schemas;
 use gatehouse_protocol::{Catalog, JobEnvelope, JobId, Sequence};
 use gatehouse_storage::{Family, StorageError, Tx};
@@ -62,6 +63,7 @@ pub fn error_class(error: &str) -> &'static str {
         ("stored data", "storage"),
         ("handler stopped", "stopped"),
         ("invalid-payload", "invalid-payload"),
+        ("bad-seal", "bad-seal"),
         ("exit ", "exit-status"),
         ("killed by signal", "signal"),
         ("CPU time limit", "cpu-limit"),
@@ -316,10 +318,12 @@ pub struct Registry {
 pub struct Mismatch(String);
 
 impl Registry {
-    /// `vault.put`, `vault.get`, `vault.delete`, `ledger.apply`, `ledger.balance`.
+    /// `vault.put` (and `vault.put_sealed`, its record sealed by the client), `vault.get`,
+    /// `vault.delete`, `ledger.apply`, `ledger.balance`.
     pub fn builtins() -> Self {
         let mut r = Self::default();
         r.insert("vault.put", in_storage(vault::put));
+        r.insert("vault.put_sealed", in_storage(vault::put));
         r.insert("vault.get", in_storage(vault::get));
         r.insert("vault.delete", in_storage(vault::delete));
         r.insert("ledger.apply", in_storage(ledger::apply));
@@ -390,11 +394,12 @@ impl Registry {
     }
 }
 
-/// What running a kind needs: the handlers (checked against the catalog) and the catalog's
-/// compiled schemas.
+/// What running a kind needs: the handlers (checked against the catalog), the catalog's
+/// compiled schemas, and the keys that open fields clients sealed themselves.
 pub struct Kinds {
     pub registry: Registry,
     pub schemas: Schemas,
+    pub fields: FieldOpener,
 }
 
 impl Kinds {
@@ -410,17 +415,37 @@ impl Kinds {
         timeout: Duration,
         cancelled: Option<bool>,
     ) -> Result<Outcome, StorageError> {
-        run_in_storage(&self.registry, &self.schemas, tx, env, attempt, timeout, cancelled)
+        run_in_storage(self, tx, env, attempt, timeout, cancelled)
     }
-}
 
-/// Validates the payload against the kind's schema (the worker's own check); `Some` outcome
-/// when it fails. Only the failing paths are named, never values.
-pub fn revalidate(schemas: &Schemas, env: &JobEnvelope) -> Option<Outcome> {
-    schemas.validate(&env.kind, &env.payload).err().map(|violations| {
-        let paths: Vec<String> = violations.into_iter().map(|v| v.path).collect();
-        Outcome::Permanent(format!("invalid-payload at {}", paths.join(", ")))
-    })
+    /// The payload a handler is given: each field the client sealed opened, then validated
+    /// against the kind's schema (the worker's own check). A field that does not open (sealed
+    /// for another client, kind, field or job, to a key this worker does not hold, or sent in
+    /// the clear) ends the job `failed: bad-seal`, unrun; a payload that breaks the schema,
+    /// `failed: invalid-payload`. Only paths are named, never values.
+    ///
+    /// # Errors
+    /// That outcome.
+    pub fn payload(&self, env: &JobEnvelope) -> Result<Value, Outcome> {
+        let mut payload = env.payload.clone();
+        for path in self.schemas.sealed(&env.kind) {
+            let Some(field) = payload.pointer_mut(path) else { continue };
+            let Some(key) = env.idempotency_key.as_deref() else {
+                return Err(Outcome::Permanent(format!("bad-seal at /payload{path}: no idempotency key")));
+            };
+            let aad = FieldAad { client: &env.client, kind: &env.kind, path, idempotency_key: key };
+            let opened = match &*field {
+                Value::String(sealed) => self.fields.open(sealed, &aad),
+                _ => Err(gatehouse_protocol::crypto::CryptoError::Malformed),
+            };
+            *field = opened.map_err(|e| Outcome::Permanent(format!("bad-seal at /payload{path}: {e}")))?;
+        }
+        if let Err(violations) = self.schemas.validate(&env.kind, &payload) {
+            let paths: Vec<String> = violations.into_iter().map(|v| v.path).collect();
+            return Err(Outcome::Permanent(format!("invalid-payload at {}", paths.join(", "))));
+        }
+        Ok(payload)
+    }
 }
 
 /// Runs `env` with its storage handler inside `tx`, after the schema check. An attempt that
@@ -429,8 +454,7 @@ pub fn revalidate(schemas: &Schemas, env: &JobEnvelope) -> Option<Outcome> {
 /// # Errors
 /// Only storage failures.
 pub fn run_in_storage(
-    registry: &Registry,
-    schemas: &Schemas,
+    kinds: &Kinds,
     tx: &Tx<'_>,
     env: &JobEnvelope,
     attempt: u32,
@@ -442,14 +466,15 @@ pub fn run_in_storage(
     if cancelled.map_or_else(|| tx.is_cancelled(&env.id), Ok)? {
         return Ok(Outcome::Cancelled);
     }
-    if let Some(invalid) = revalidate(schemas, env) {
-        return Ok(invalid);
-    }
-    let Some(Handler::Storage(handler)) = registry.get(&env.kind) else {
+    let payload = match kinds.payload(env) {
+        Ok(payload) => payload,
+        Err(refused) => return Ok(refused),
+    };
+    let Some(Handler::Storage(handler)) = kinds.registry.get(&env.kind) else {
         return Ok(Outcome::Permanent(format!("{} has no storage handler in this worker", env.kind)));
     };
     let job = JobContext::new(env, attempt, timeout, None);
-    let outcome = handler.run(tx, &job, env.payload.clone())?;
+    let outcome = handler.run(tx, &job, payload)?;
     if Instant::now() > job.deadline {
         return Ok(Outcome::Retryable(format!("timed out after {} ms", timeout.as_millis())));
     }
@@ -517,7 +542,11 @@ mod tests {
 
     #[test]
     fn an_invalid_payload_is_refused_naming_paths_not_values() {
-        let schemas = Schemas::compile(&catalog()).unwrap();
+        let kinds = Kinds {
+            registry: Registry::default(),
+            schemas: Schemas::compile(&catalog()).unwrap(),
+            fields: FieldOpener::new(Vec::new()),
+        };
         let env = JobEnvelope {
             id: JobId::from_bytes([1; 16]),
             kind: "ledger.balance".into(),
@@ -532,8 +561,9 @@ mod tests {
             span_id: None,
             shard: 0,
             share: 1,
+            idempotency_key: None,
         };
-        let Some(Outcome::Permanent(e)) = revalidate(&schemas, &env) else { panic!("accepted") };
+        let Err(Outcome::Permanent(e)) = kinds.payload(&env) else { panic!("accepted") };
         assert!(e.starts_with("invalid-payload") && !e.contains("MARKER") && !e.contains("12345"), "{e}");
     }
 }

@@ -16,6 +16,7 @@ use gatehouse_broker::Backoff;
 use gatehouse_broker::backoff::is_unreachable;
 use gatehouse_broker::process::BadConfig;
 use gatehouse_protocol::Catalog;
+use gatehouse_protocol::keys;
 use gatehouse_protocol::schemas::Schemas;
 use gatehouse_storage::Store;
 use tokio::sync::{mpsc, watch};
@@ -206,7 +207,9 @@ fn kinds(settings: &WorkerSettings, catalog: &Catalog, mut registry: Registry) -
     }
     registry.check(catalog, testing).map_err(|e| bad(&e))?;
     let schemas = Schemas::compile(catalog).map_err(|e| bad(&e))?;
-    Ok(Kinds { registry, schemas })
+    let opening = std::iter::once(&settings.keys.sealing_key).chain(&settings.keys.previous_sealing_keys);
+    let keys = opening.map(|p| keys::opening_key(p)).collect::<Result<Vec<_>, _>>().map_err(|e| bad(&e))?;
+    Ok(Kinds { registry, schemas, fields: gatehouse_protocol::fields::FieldOpener::new(keys) })
 }
 
 impl Worker {

@@ -155,6 +155,7 @@ impl Schedule {
             span_id: None,
             shard: 0,
             share: 1,
+            idempotency_key: None,
         }
     }
 }
@@ -406,6 +407,7 @@ mod tests {
     fn keys_at(dir: &Path) -> WorkerKeys {
         WorkerKeys::load(&crate::settings::KeySettings {
             sealing_key: dir.join("worker-sealing.key"),
+            previous_sealing_keys: vec![],
             gatekeeper_signing_keys: vec![dir.join("gatekeeper-signing.pub")],
             operator_keys: vec![],
             data_keyring: dir.join("worker-data.keys"),
