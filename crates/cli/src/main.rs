@@ -27,6 +27,9 @@ enum Cmd {
     /// Development certificates.
     #[command(subcommand)]
     Certs(CertsCmd),
+    /// The worker's public sealing keys, certified by an operator key (operators, offline).
+    #[command(subcommand)]
+    Keys(KeysCmd),
     /// Submit a job.
     Submit {
         #[command(flatten)]
@@ -201,6 +204,28 @@ enum CertsCmd {
     },
 }
 
+#[derive(Subcommand)]
+enum KeysCmd {
+    /// Sign a set of worker public sealing keys with an operator key, for the gatekeeper to
+    /// serve at GET /v1/keys ([keys] worker_key_set). Rotation: certify the new key with the
+    /// old one before the old one expires (the worker opens both meanwhile: its
+    /// previous_sealing_keys); revocation: leave a key out of the next set.
+    Certify {
+        /// The operator's Ed25519 private key (PKCS#8, hex), e.g. certs/dev/operator-signing.key.
+        #[arg(long)]
+        operator_key: PathBuf,
+        /// A worker public sealing key file (hex); repeat for each key of the set.
+        #[arg(long = "worker-key", required = true)]
+        worker_keys: Vec<PathBuf>,
+        /// Days from now until the keys expire (clients seal to none of them after that).
+        #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u64).range(1..=3650))]
+        days: u64,
+        /// Where to write the set.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -209,7 +234,8 @@ async fn main() -> ExitCode {
         Cmd::Certs(CertsCmd::Dev { out, force }) => {
             if out.join("ca.pem").exists() && !force {
                 println!("{} already has certificates (use --force to replace them)", out.display());
-                Ok(true)
+                // Keys added since they were written (a certified worker key set, ...).
+                gatehouse_protocol::keys::write_dev(&out).map(|()| true).map_err(Into::into)
             } else {
                 certs::write_dev(&out).map(|()| {
                     println!("wrote dev certificates to {}", out.display());
@@ -221,6 +247,16 @@ async fn main() -> ExitCode {
             println!("wrote {0}/{name}.pem and {0}/{name}.key", out.display());
             true
         }),
+        Cmd::Keys(KeysCmd::Certify { operator_key, worker_keys, days, out }) => {
+            let now = u64::try_from(gatehouse_protocol::clock::now_ms()).unwrap_or(0);
+            let until = now + days * 24 * 3600 * 1000;
+            gatehouse_protocol::keys::certify_worker_keys(&operator_key, &worker_keys, now, until, &out)
+                .map(|()| {
+                    println!("certified {} key(s) for {days} days in {}", worker_keys.len(), out.display());
+                    true
+                })
+                .map_err(Into::into)
+        }
         Cmd::Submit { job, endpoint, json } => jobs::submit(&endpoint, &job, json).await,
         Cmd::Status { id, endpoint, json, follow: false } => jobs::status(&endpoint, &id, json).await,
         Cmd::Status { id, endpoint, json, follow: true } => jobs::follow(&endpoint, &id, json).await,

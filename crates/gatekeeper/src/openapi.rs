@@ -44,7 +44,9 @@ pub fn build(catalog: &Catalog) -> Result<String, String> {
             for path in &sealed {
                 let in_schema: String = path.split('/').skip(1).map(|p| format!("/properties/{p}")).collect();
                 if let Some(field) = view.pointer_mut(&in_schema) {
-                    field["pattern"] = json!(r"^ghs1\.[0-9a-f]{16}\.[A-Za-z0-9_-]{43}\.[A-Za-z0-9_-]{16}\.[A-Za-z0-9_-]{22,}$");
+                    field["pattern"] = json!(
+                        r"^ghs1\.[0-9a-f]{16}\.[A-Za-z0-9_-]{43}\.[A-Za-z0-9_-]{16}\.[A-Za-z0-9_-]{22,}$"
+                    );
                 }
             }
             view

@@ -46,7 +46,9 @@ pub struct FieldAad<'a> {
 
 impl FieldAad<'_> {
     fn bytes(&self) -> Vec<u8> {
-        ["gatehouse field v1", self.client, self.kind, self.path, self.idempotency_key].join("\0").into_bytes()
+        ["gatehouse field v1", self.client, self.kind, self.path, self.idempotency_key]
+            .join("\0")
+            .into_bytes()
     }
 }
 
@@ -130,10 +132,11 @@ pub fn seal(recipient: &[u8; 32], aad: &FieldAad<'_>, value: &Value) -> Result<S
         .as_ref()
         .try_into()
         .map_err(|_| CryptoError::BadKey("x25519"))?;
-    let key = agreement::agree_ephemeral(private, &agreement::UnparsedPublicKey::new(&X25519, recipient), |s| {
-        field_key(s, &epk, recipient)
-    })
-    .map_err(|_| CryptoError::BadKey("x25519 public key"))??;
+    let key =
+        agreement::agree_ephemeral(private, &agreement::UnparsedPublicKey::new(&X25519, recipient), |s| {
+            field_key(s, &epk, recipient)
+        })
+        .map_err(|_| CryptoError::BadKey("x25519 public key"))??;
     let nonce: [u8; 12] = random()?;
     let mut data = serde_json::to_vec(value).map_err(|_| CryptoError::Malformed)?;
     key.seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad.bytes()), &mut data)
@@ -219,7 +222,10 @@ mod tests {
         let last = altered.len() - 3;
         altered[last] = if altered[last] == b'A' { b'B' } else { b'A' };
         assert!(opener.open(std::str::from_utf8(&altered).unwrap(), &AAD).is_err());
-        assert!(matches!(FieldOpener::new(vec![worker()]).open(&sealed, &AAD), Err(CryptoError::UnknownKey(_))));
+        assert!(matches!(
+            FieldOpener::new(vec![worker()]).open(&sealed, &AAD),
+            Err(CryptoError::UnknownKey(_))
+        ));
         assert!(!well_formed("078-05-1120") && !well_formed("ghs1.a.b.c") && !well_formed(&"x".repeat(10)));
     }
 

@@ -98,7 +98,13 @@ pub fn write_dev(dir: &Path) -> Result<(), KeyFileError> {
         // A year from now; `gatehouse keys certify` makes the sets of a real deployment.
         let now = u64::try_from(crate::clock::now_ms()).unwrap_or(0);
         let year = 365 * 24 * 3600 * 1000;
-        certify_worker_keys(&dir.join("operator-signing.key"), &[dir.join("worker-sealing.pub")], now, now + year, &set)?;
+        certify_worker_keys(
+            &dir.join("operator-signing.key"),
+            &[dir.join("worker-sealing.pub")],
+            now,
+            now + year,
+            &set,
+        )?;
     }
     if dir.join("worker-data.keys").exists() {
         return Ok(());

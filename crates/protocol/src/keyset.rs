@@ -88,7 +88,11 @@ impl SignedKeySet {
     pub fn verify(&self, operator: &[u8]) -> Result<Vec<WorkerKey>, CryptoError> {
         let bytes = unb64(&self.set).ok_or(CryptoError::Malformed)?;
         let signature = unb64(&self.signature).ok_or(CryptoError::Malformed)?;
-        Verifier::new([operator.to_vec()])?.verify(&self.signed_by, &[DOMAIN, &bytes].concat(), &signature)?;
+        Verifier::new([operator.to_vec()])?.verify(
+            &self.signed_by,
+            &[DOMAIN, &bytes].concat(),
+            &signature,
+        )?;
         serde_json::from_slice(&bytes).map_err(|_| CryptoError::Malformed)
     }
 

@@ -13,7 +13,8 @@ use gatehouse_broker::lapin::types::FieldTable;
 use gatehouse_broker::lapin::{BasicProperties, Connection};
 use gatehouse_devenv::broker_node::amqp_addr;
 use gatehouse_e2e::{
-    Options, TestSystem, broker_ctl, broker_url, dead_letters, management, oracle, repo_root, wait_final,
+    Options, TestSystem, assert_problem, broker_ctl, broker_url, dead_letters, management, oracle, repo_root,
+    wait_final,
 };
 use gatehouse_protocol::{crypto, hex, keys};
 use serde_json::{Value, json};
@@ -345,4 +346,118 @@ async fn both_components_reach_the_broker_over_mutual_tls() {
         "broker TLS: both components over amqps with client certificates; no cert and foreign CA refused"
     );
     sys.stop().await;
+}
+
+/// A field the client seals itself (`vault.put_sealed`'s record, `"x-gatehouse-sealed"` in the
+/// shipped schema) reaches only the worker: what the gatekeeper receives holds it sealed to a
+/// worker key the operator certified, nothing in the clear reaches the gatekeeper's trace log
+/// or the database, the worker opens it and the same client reads the record back. Sent in
+/// the clear it is refused (`422 field-must-be-sealed`); copied into another client's job, or
+/// sealed for another kind, field or job, it does not open (`failed: bad-seal`, unrun). A key
+/// set the gatekeeper altered, or certified with a key of its own, is refused by the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_field_the_client_sealed_is_opened_only_by_the_worker() {
+    use gatehouse_client::{Sealer, client_name};
+    use gatehouse_protocol::fields::{self, FieldAad};
+    use gatehouse_protocol::keyset::SignedKeySet;
+
+    let logs = captured_logs();
+    let sys = TestSystem::start().await;
+    let marker = format!("SEALED-{}", hex::encode(&crypto::OpeningKey::generate().unwrap()[..8]));
+    let catalog = gatehouse_protocol::Catalog::load(sys.catalog_path()).unwrap();
+    let schema: Value = serde_json::from_str(
+        &std::fs::read_to_string(&catalog.kind("vault.put_sealed").unwrap().schema).unwrap(),
+    )
+    .unwrap();
+    let paths = fields::sealed_paths(&schema);
+    assert_eq!(paths, ["/record"], "the shipped catalog marks the record sealed");
+
+    let operator = keys::read_hex(&sys.certs.path().join("operator-signing.pub")).unwrap();
+    let me = client_name(&sys.certs.path().join("client.pem")).unwrap();
+    let mut conn = sys.connect().await;
+    let served = conn.worker_keys().await.unwrap();
+    let sealer = Sealer::new(&served, &operator, &me).unwrap();
+    let job = |record: Value| json!({"kind": "vault.put_sealed", "payload": {"record": record}});
+
+    // Sealed, stored and read back by the same client.
+    let mut body = job(json!({"ssn": marker}));
+    sealer.seal(&mut body, &paths).unwrap();
+    let sent = body.to_string();
+    assert!(!sent.contains(&marker), "the request the gatekeeper receives holds the field in the clear");
+    let res = conn.submit(&body, Some(10)).await.unwrap();
+    assert_eq!((res.status, res.json()["status"].clone()), (200, json!("succeeded")), "{}", res.text());
+    let token = res.json()["result"]["token"].as_str().unwrap().to_owned();
+    let got =
+        conn.submit(&json!({"kind": "vault.get", "payload": {"token": token}}), Some(10)).await.unwrap();
+    assert_eq!(got.json()["result"]["record"]["ssn"], marker, "{}", got.text());
+
+    // In the clear, or sealed without the idempotency key it is bound to: refused at the edge.
+    let plain = conn.submit(&job(json!({"ssn": "x"})), None).await.unwrap();
+    assert_problem(&plain, 422, "field-must-be-sealed");
+    let mut keyless = body.clone();
+    keyless.as_object_mut().unwrap().remove("idempotency_key");
+    assert_problem(&conn.submit(&keyless, None).await.unwrap(), 422, "idempotency-key-required");
+
+    // Moved: into another client's job, or sealed for another kind, field or job.
+    let key = body["idempotency_key"].as_str().unwrap().to_owned();
+    let (worker_key, _) =
+        served.current(&operator, u64::try_from(gatehouse_protocol::clock::now_ms()).unwrap()).unwrap();
+    let sealed_for = |aad: FieldAad<'_>| fields::seal(&worker_key, &aad, &json!({"ssn": marker})).unwrap();
+    let base = FieldAad { client: &me, kind: "vault.put_sealed", path: "/record", idempotency_key: &key };
+    let mut moved = Vec::new();
+    let mut other = sys.client_as(gatehouse_e2e::OTHER_CLIENT).connect().await.unwrap();
+    let res = other.submit(&body, Some(10)).await.unwrap();
+    moved.push(("another client's job", res.json()));
+    // Each in a job of its own (a fresh idempotency key: the same key would be the same job).
+    let original = body["payload"]["record"].clone();
+    for (n, (what, sealed)) in [
+        (
+            "another kind",
+            json!(sealed_for(FieldAad { kind: "vault.put", idempotency_key: "moved-1", ..base })),
+        ),
+        ("another field", json!(sealed_for(FieldAad { path: "/note", idempotency_key: "moved-2", ..base }))),
+        ("another job", original),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut copy = body.clone();
+        copy["payload"]["record"] = sealed;
+        copy["idempotency_key"] = json!(format!("moved-{}", n + 1));
+        let res = conn.submit(&copy, Some(10)).await.unwrap();
+        moved.push((what, res.json()));
+    }
+    for (what, answer) in &moved {
+        assert_eq!(answer["status"], "failed", "{what}: {answer}");
+        let error = answer["error"].as_str().unwrap_or_default();
+        assert!(error.starts_with("bad-seal at /payload/record"), "{what}: {answer}");
+        assert!(!error.contains(&marker), "{what}: {answer}");
+    }
+
+    // A gatekeeper that swaps in a key of its own: by altering the set, or certifying its own.
+    let mine = crypto::OpeningKey::from_bytes(&crypto::OpeningKey::generate().unwrap()).unwrap().public_key();
+    let now = u64::try_from(gatehouse_protocol::clock::now_ms()).unwrap();
+    let its_own = gatehouse_protocol::keyset::WorkerKey::new(&mine, 0, now + 3_600_000).unwrap();
+    let mut altered = served.clone();
+    use base64::Engine as _;
+    altered.set =
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(serde_json::to_vec(&[&its_own]).unwrap());
+    let gatekeeper_key = keys::signing_key(&sys.certs.path().join("gatekeeper-signing.key")).unwrap();
+    let recertified = SignedKeySet::certify(&gatekeeper_key, &[its_own]).unwrap();
+    for (what, set) in [("altered", &altered), ("certified by the gatekeeper's key", &recertified)] {
+        let refused = Sealer::new(set, &operator, &me).unwrap_err().to_string();
+        assert!(refused.contains("not one the operator certified"), "{what}: {refused}");
+    }
+
+    let log = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    assert!(!log.is_empty() && !log.contains(&marker), "the gatekeeper's trace log holds the sealed field");
+    let mut files = std::fs::read(sys.database()).unwrap();
+    files.extend(std::fs::read(sys.database().with_extension("sqlite-wal")).unwrap_or_default());
+    assert!(!String::from_utf8_lossy(&files).contains(&marker), "the database holds the field in the clear");
+    sys.stop().await;
+    println!(
+        "sealed fields: stored and read back; plaintext 422; moved to another client, kind, field, job: bad-seal x{}; \
+         altered and re-certified key sets refused",
+        moved.len()
+    );
 }

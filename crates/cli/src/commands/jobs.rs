@@ -57,6 +57,13 @@ pub struct SubmitArgs {
     /// Wait up to S seconds for the outcome.
     #[arg(long, value_name = "S")]
     pub wait: Option<u64>,
+    /// The job catalog: fields its schemas mark `x-gatehouse-sealed` are sealed here, before
+    /// the job leaves this machine.
+    #[arg(long, default_value = "config/jobs.toml")]
+    pub catalog: PathBuf,
+    /// The operator's public key (hex) that must have certified the worker key sealed to.
+    #[arg(long, default_value = "certs/dev/operator-signing.pub")]
+    pub operator_key: PathBuf,
 }
 
 /// Builds the request body of `submit`.
@@ -88,10 +95,27 @@ pub fn submit_body(args: &SubmitArgs) -> anyhow::Result<Value> {
 /// # Errors
 /// When the request cannot be built or sent.
 pub async fn submit(endpoint: &Endpoint, args: &SubmitArgs, as_json: bool) -> anyhow::Result<bool> {
-    let body = submit_body(args)?;
+    let mut body = submit_body(args)?;
     let mut conn = endpoint.client()?.connect().await?;
+    let sealed = sealed_fields(&args.catalog, &args.kind);
+    if !sealed.is_empty() {
+        let operator = gatehouse_protocol::keys::read_hex(&args.operator_key)?;
+        let client = gatehouse_client::client_name(&endpoint.cert)?;
+        conn.sealer(&operator, &client).await?.seal(&mut body, &sealed)?;
+    }
     let res = conn.submit(&body, args.wait).await?;
     Ok(print(&res, as_json))
+}
+
+/// The JSON pointers of `kind`'s sealed fields in `catalog`; none when the catalog or the kind
+/// cannot be read here (the gatekeeper then refuses a field that must be sealed).
+fn sealed_fields(catalog: &std::path::Path, kind: &str) -> Vec<String> {
+    let schema = gatehouse_protocol::Catalog::load(catalog)
+        .ok()
+        .and_then(|c| c.kind(kind).map(|k| k.schema.clone()))
+        .and_then(|path| std::fs::read_to_string(path).ok())
+        .and_then(|text| serde_json::from_str::<Value>(&text).ok());
+    schema.map(|s| gatehouse_protocol::fields::sealed_paths(&s)).unwrap_or_default()
 }
 
 /// `gatehouse status ID`. Returns whether the job was found.

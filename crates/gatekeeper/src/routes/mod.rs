@@ -91,12 +91,12 @@ async fn observe(
 
 /// The worker's public sealing keys as the operator certified them: served as is (a
 /// gatekeeper cannot alter them unnoticed; clients check the operator's signature).
-async fn worker_keys(
-    axum::extract::State(app): axum::extract::State<Arc<App>>,
-) -> axum::response::Response {
+async fn worker_keys(axum::extract::State(app): axum::extract::State<Arc<App>>) -> axum::response::Response {
     use axum::response::IntoResponse as _;
     match app.keys.worker_key_set() {
-        Some(set) => ([(axum::http::header::CONTENT_TYPE, "application/json")], set.to_owned()).into_response(),
+        Some(set) => {
+            ([(axum::http::header::CONTENT_TYPE, "application/json")], set.to_owned()).into_response()
+        }
         None => Problem::new(
             axum::http::StatusCode::NOT_FOUND,
             "no-key-set",

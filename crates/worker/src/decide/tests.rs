@@ -16,7 +16,11 @@ use crate::security::Sessions;
 fn kinds(catalog: &Catalog) -> Kinds {
     let mut registry = crate::handlers::Registry::builtins();
     crate::handlers::testing::register(&mut registry);
-    Kinds { registry, schemas: gatehouse_protocol::schemas::Schemas::compile(catalog).unwrap() }
+    Kinds {
+        registry,
+        schemas: gatehouse_protocol::schemas::Schemas::compile(catalog).unwrap(),
+        fields: gatehouse_protocol::fields::FieldOpener::new(Vec::new()),
+    }
 }
 
 fn catalog() -> Catalog {
