@@ -2,6 +2,7 @@
 sets GATEHOUSE_URL, GATEHOUSE_CA, GATEHOUSE_CERT, GATEHOUSE_KEY, and the other client's
 GATEHOUSE_OTHER_CERT / GATEHOUSE_OTHER_KEY)."""
 
+import json
 import os
 import unittest
 import uuid
@@ -88,6 +89,76 @@ class ClientTest(unittest.TestCase):
             self.assertEqual(theirs.exception.status, 404)
             with self.assertRaises(GatehouseError):
                 next(other.events(mine["id"]))
+
+
+
+class SealingTest(unittest.TestCase):
+    """Fields sealed here, to a worker key the pinned operator key certified."""
+
+    def setUp(self) -> None:
+        env = os.environ
+        self.gh = Client(
+            env["GATEHOUSE_URL"],
+            ca=env["GATEHOUSE_CA"],
+            cert=env["GATEHOUSE_CERT"],
+            key=env["GATEHOUSE_KEY"],
+            operator_key=env["GATEHOUSE_OPERATOR_KEY"],
+            catalog=env["GATEHOUSE_CATALOG"],
+        )
+
+    def tearDown(self) -> None:
+        self.gh.close()
+
+    def test_a_sealed_record_is_stored_and_read_back_and_never_sent_in_the_clear(self) -> None:
+        marker = f"ssn-{uuid.uuid4().hex}"
+        sent = []
+        call = self.gh._call
+
+        def spy(method, path, body=None, headers=None):  # type: ignore[no-untyped-def]
+            sent.append(json.dumps(body))
+            return call(method, path, body, headers)
+
+        self.gh._call = spy  # type: ignore[method-assign]
+        put = self.gh.submit("vault.put_sealed", {"record": {"ssn": marker}}, wait=10)
+        self.assertEqual(put["status"], "succeeded", put)
+        submitted = [b for b in sent if "vault.put_sealed" in b]
+        self.assertEqual(len(submitted), 1)
+        self.assertNotIn(marker, submitted[0])
+        self.assertIn('"record": "ghs1.', submitted[0])
+        got = self.gh.submit("vault.get", {"token": put["result"]["token"]}, wait=10)
+        self.assertEqual(got["result"]["record"], {"ssn": marker})
+
+    def test_a_field_that_must_be_sealed_is_refused_in_the_clear(self) -> None:
+        with client() as plain:
+            with self.assertRaises(GatehouseError) as refused:
+                plain.submit("vault.put_sealed", {"record": {"ssn": "x"}})
+        self.assertEqual((refused.exception.status, refused.exception.type), (422, "field-must-be-sealed"))
+        self.assertEqual(refused.exception.errors[0]["path"], "/payload/record")
+
+    def test_a_key_set_the_gatekeeper_swapped_is_refused(self) -> None:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+        from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+        from gatehouse_client import sealing
+
+        operator = sealing.read_operator_key(os.environ["GATEHOUSE_OPERATOR_KEY"])
+        served = self.gh.worker_keys()
+        sealing.certified_key(served, operator)  # the genuine set passes
+        raw = serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        mine = X25519PrivateKey.generate().public_key().public_bytes(*raw)
+        its_own = [{"id": sealing.key_id(mine), "public": sealing._b64(mine), "not_before_ms": 0, "not_after_ms": 2**53}]
+        signed = json.dumps(its_own).encode()
+        altered = dict(served, set=sealing._b64(signed))
+        rogue = Ed25519PrivateKey.generate()
+        recertified = {
+            "set": sealing._b64(signed),
+            "signed_by": sealing.key_id(rogue.public_key().public_bytes(*raw)),
+            "signature": sealing._b64(rogue.sign(b"gatehouse worker key set v1\0" + signed)),
+        }
+        for swapped in (altered, recertified, dict(recertified, signed_by=served["signed_by"])):
+            with self.assertRaises(sealing.SealingError):
+                sealing.certified_key(swapped, operator)
 
 
 if __name__ == "__main__":

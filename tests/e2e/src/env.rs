@@ -230,6 +230,15 @@ pub fn python_with_client() -> PathBuf {
     let _one = VENV.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let venv = venv();
     // Built from a copy under target/: a build writes beside its sources, never in the tree.
+    // Its one dependency (sealing), pinned, installed on first use.
+    const CRYPTOGRAPHY: &str = "50.0.2";
+    let has = Command::new(venv.join("bin/python"))
+        .args(["-c", "import cryptography; print(cryptography.__version__)"])
+        .output()
+        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).trim() == CRYPTOGRAPHY);
+    if !has {
+        pip_install(&venv, &[&format!("cryptography=={CRYPTOGRAPHY}")]);
+    }
     let package = repo_root().join("target/python-client");
     let _ = std::fs::remove_dir_all(&package);
     let copied = Command::new("cp").arg("-r").arg(repo_root().join("clients/python")).arg(&package).status();

@@ -1,4 +1,5 @@
-"""Client for the Gatehouse job API (mutual TLS, standard library only)."""
+"""Client for the Gatehouse job API (mutual TLS on the standard library; fields sealed to the
+worker with ``cryptography``)."""
 
 from .client import FINAL_STATES, Client, Event, GatehouseError
 

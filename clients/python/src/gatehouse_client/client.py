@@ -7,6 +7,7 @@ import json
 import ssl
 import time
 import urllib.parse
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
@@ -63,7 +64,20 @@ class Client:
     Holds one keep-alive connection; not for several threads at once.
     """
 
-    def __init__(self, url: str, *, ca: str, cert: str, key: str, timeout: float = 30.0):
+    def __init__(
+        self,
+        url: str,
+        *,
+        ca: str,
+        cert: str,
+        key: str,
+        timeout: float = 30.0,
+        operator_key: Optional[str] = None,
+        catalog: Optional[str] = None,
+    ):
+        """``operator_key``: the operator's public key file (hex) that must have certified the
+        worker key fields are sealed to; ``catalog``: the job catalog (``config/jobs.toml``)
+        whose schemas say which fields are sealed. Both only for kinds with sealed fields."""
         parsed = urllib.parse.urlsplit(url)
         if parsed.scheme != "https" or not parsed.hostname:
             raise ValueError(f"the gatekeeper's url must be https://host[:port], not {url!r}")
@@ -74,6 +88,10 @@ class Client:
         self._tls.minimum_version = ssl.TLSVersion.TLSv1_2
         self._tls.load_cert_chain(cert, key)
         self._conn: Optional[http.client.HTTPSConnection] = None
+        self._cert = cert
+        self._operator_key = operator_key
+        self._catalog = catalog
+        self._sealed_kinds: Optional[Dict[str, List[str]]] = None
 
     def __enter__(self) -> "Client":
         return self
@@ -99,9 +117,27 @@ class Client:
         not_before: Optional[str] = None,
         sequence: Optional[Tuple[str, int]] = None,
         idempotency_key: Optional[str] = None,
+        seal: Optional[List[str]] = None,
     ) -> Json:
         """Submits a job; answers its status: final when it ended within ``wait`` seconds
-        (``Prefer: wait``), else ``queued`` / ``scheduled`` with its ``status_url``."""
+        (``Prefer: wait``), else ``queued`` / ``scheduled`` with its ``status_url``.
+
+        Fields the kind's schema marks sealed (in ``catalog``), or the JSON pointers in
+        ``seal``, are sealed here to the certified worker key; such a job is bound to its
+        idempotency key, made up when none is given."""
+        paths = seal if seal is not None else self._sealed_fields(kind)
+        if paths:
+            from . import sealing
+
+            idempotency_key = idempotency_key or uuid.uuid4().hex
+            payload = sealing.seal_payload(
+                payload,
+                paths,
+                self._worker_key(),
+                client=sealing.client_name(self._cert),
+                kind=kind,
+                idempotency_key=idempotency_key,
+            )
         body: Json = {"kind": kind, "payload": payload}
         if priority is not None:
             body["priority"] = priority
@@ -117,6 +153,28 @@ class Client:
         if wait is not None:
             headers["Prefer"] = f"wait={max(0, int(round(wait)))}"
         return self._call("POST", "/v1/jobs", body, headers).json()
+
+    def worker_keys(self) -> Json:
+        """The worker key set as the gatekeeper serves it (``GET /v1/keys``), unchecked."""
+        return self._call("GET", "/v1/keys").json()
+
+    def _worker_key(self) -> bytes:
+        from . import sealing
+
+        if self._operator_key is None:
+            raise sealing.SealingError("sealing needs the operator's public key (operator_key=...)")
+        operator = sealing.read_operator_key(self._operator_key)
+        public, _ = sealing.certified_key(self.worker_keys(), operator)
+        return public
+
+    def _sealed_fields(self, kind: str) -> List[str]:
+        if self._catalog is None:
+            return []
+        if self._sealed_kinds is None:
+            from . import sealing
+
+            self._sealed_kinds = sealing.catalog_sealed_paths(self._catalog)
+        return self._sealed_kinds.get(kind, [])
 
     def status(self, job_id: str) -> Json:
         """The job's status (its result or error once it ended); ``404`` for another client's."""

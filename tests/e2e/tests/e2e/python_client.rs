@@ -23,10 +23,12 @@ async fn the_python_clients_tests_pass_against_a_running_system() {
         .env("GATEHOUSE_CERT", certs.join("client.pem"))
         .env("GATEHOUSE_KEY", certs.join("client.key"))
         .env("GATEHOUSE_OTHER_CERT", certs.join(format!("{OTHER_CLIENT}.pem")))
-        .env("GATEHOUSE_OTHER_KEY", certs.join(format!("{OTHER_CLIENT}.key")));
+        .env("GATEHOUSE_OTHER_KEY", certs.join(format!("{OTHER_CLIENT}.key")))
+        .env("GATEHOUSE_OPERATOR_KEY", certs.join("operator-signing.pub"))
+        .env("GATEHOUSE_CATALOG", sys.catalog_path());
     let out = tokio::task::spawn_blocking(move || run.output()).await.unwrap().expect("python runs");
     let report = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "the Python client's tests failed:\n{report}");
-    assert!(report.contains("Ran 7 tests"), "not every test ran:\n{report}");
+    assert!(report.contains("Ran 10 tests"), "not every test ran:\n{report}");
     sys.stop().await;
 }
