@@ -72,24 +72,47 @@ fn walk(schema: &Value, at: &str, found: &mut Vec<String>) {
     }
 }
 
-/// `schema` as the gatekeeper checks it: each sealed property a string (the sealed value),
-/// everything else as written.
+/// `schema` as the gatekeeper checks it (and the OpenAPI document shows it): each sealed
+/// property a string of the form of a sealed value ([`PATTERN`]), everything else as written.
 pub fn as_sent(schema: &Value, paths: &[String]) -> Value {
     let mut view = schema.clone();
     for path in paths {
         // `/a/b` in the payload is `/properties/a/properties/b` in the schema (still escaped).
         let in_schema: String = path.split('/').skip(1).map(|part| format!("/properties/{part}")).collect();
         if let Some(at) = view.pointer_mut(&in_schema) {
-            *at = serde_json::json!({"type": "string", "maxLength": MAX_SEALED_LEN});
+            *at = serde_json::json!({
+                "type": "string",
+                "maxLength": MAX_SEALED_LEN,
+                "pattern": PATTERN,
+                MARKER: true,
+                "description": "sealed by the client to a certified worker key (GET /v1/keys)",
+            });
         }
     }
     view
 }
 
-/// Whether `value` has the form of a sealed value (it may still fail to open).
+/// Whether `value` has the form of a sealed value (what the gatekeeper checks, and what the
+/// OpenAPI document's [`PATTERN`] says): the prefix, a 16-hex-digit key id, a 32-byte key, a
+/// 12-byte nonce and at least a tag's worth of ciphertext, in base64url, of bounded length.
+/// Whether it opens only the worker can tell.
 pub fn well_formed(value: &str) -> bool {
-    value.len() <= MAX_SEALED_LEN && Parts::parse(value).is_some()
+    let b64 = |s: &str| s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    let Some(rest) = value.strip_prefix(PREFIX).filter(|_| value.len() <= MAX_SEALED_LEN) else {
+        return false;
+    };
+    let parts: Vec<&str> = rest.split('.').collect();
+    let [kid, epk, nonce, ct] = parts[..] else { return false };
+    kid.len() == 16
+        && kid.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        && epk.len() == 43
+        && nonce.len() == 16
+        && ct.len() >= 22
+        && [epk, nonce, ct].into_iter().all(b64)
 }
+
+/// [`well_formed`] as a JSON Schema `pattern`.
+pub const PATTERN: &str = r"^ghs1\.[0-9a-f]{16}\.[A-Za-z0-9_-]{43}\.[A-Za-z0-9_-]{16}\.[A-Za-z0-9_-]{22,}$";
 
 struct Parts<'a> {
     kid: &'a str,
@@ -227,6 +250,10 @@ mod tests {
             Err(CryptoError::UnknownKey(_))
         ));
         assert!(!well_formed("078-05-1120") && !well_formed("ghs1.a.b.c") && !well_formed(&"x".repeat(10)));
+        // The form is checked, not whether it decodes: that fails at the worker.
+        let odd = format!("ghs1.{}.{}.{}.{}", "0".repeat(16), "D".repeat(43), "A".repeat(16), "D".repeat(22));
+        assert!(well_formed(&odd));
+        assert!(matches!(opener.open(&odd, &AAD), Err(CryptoError::Malformed | CryptoError::UnknownKey(_))));
     }
 
     #[test]
