@@ -226,6 +226,16 @@ enum KeysCmd {
     },
 }
 
+/// `gatehouse keys certify`.
+fn certify(command: KeysCmd) -> anyhow::Result<bool> {
+    let KeysCmd::Certify { operator_key, worker_keys, days, out } = command;
+    let now = u64::try_from(gatehouse_protocol::clock::now_ms()).unwrap_or(0);
+    let until = now + days * 24 * 3600 * 1000;
+    gatehouse_protocol::keys::certify_worker_keys(&operator_key, &worker_keys, now, until, &out)?;
+    println!("certified {} key(s) for {days} days in {}", worker_keys.len(), out.display());
+    Ok(true)
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -247,16 +257,7 @@ async fn main() -> ExitCode {
             println!("wrote {0}/{name}.pem and {0}/{name}.key", out.display());
             true
         }),
-        Cmd::Keys(KeysCmd::Certify { operator_key, worker_keys, days, out }) => {
-            let now = u64::try_from(gatehouse_protocol::clock::now_ms()).unwrap_or(0);
-            let until = now + days * 24 * 3600 * 1000;
-            gatehouse_protocol::keys::certify_worker_keys(&operator_key, &worker_keys, now, until, &out)
-                .map(|()| {
-                    println!("certified {} key(s) for {days} days in {}", worker_keys.len(), out.display());
-                    true
-                })
-                .map_err(Into::into)
-        }
+        Cmd::Keys(command) => certify(command),
         Cmd::Submit { job, endpoint, json } => jobs::submit(&endpoint, &job, json).await,
         Cmd::Status { id, endpoint, json, follow: false } => jobs::status(&endpoint, &id, json).await,
         Cmd::Status { id, endpoint, json, follow: true } => jobs::follow(&endpoint, &id, json).await,

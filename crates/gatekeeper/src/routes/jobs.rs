@@ -144,15 +144,6 @@ async fn accept(
     }
     sanitize::sanitize(&mut req.payload)
         .map_err(|errors| Problem::validation("Payload out of bounds", "payload-out-of-bounds", errors))?;
-    if let Some(k) = &req.idempotency_key
-        && (k.is_empty() || k.chars().count() > 256)
-    {
-        return Err(Problem::validation(
-            "Invalid idempotency key",
-            "invalid-idempotency-key",
-            vec![field("/idempotency_key", "must be 1 to 256 characters")],
-        ));
-    }
     check_sealed(app.schemas.sealed(&spec.name), &req.payload, req.idempotency_key.as_deref())?;
     app.schemas.validate_as_sent(&spec.name, &req.payload).map_err(|errors| {
         let errors = errors.into_iter().map(|v| FieldError { path: v.path, message: v.message }).collect();
@@ -457,7 +448,16 @@ pub async fn list(
 /// Each field the kind's schema marks sealed, when present, must be a well-formed sealed value
 /// of bounded size (what is inside only the worker sees), and a job that carries one must have
 /// an idempotency key (the sealed values are bound to it).
+///
+/// Checks the idempotency key's length first.
 fn check_sealed(sealed: &[String], payload: &Value, idempotency_key: Option<&str>) -> Result<(), Problem> {
+    if idempotency_key.is_some_and(|k| k.is_empty() || k.chars().count() > 256) {
+        return Err(Problem::validation(
+            "Invalid idempotency key",
+            "invalid-idempotency-key",
+            vec![field("/idempotency_key", "must be 1 to 256 characters")],
+        ));
+    }
     let mut carried = false;
     for path in sealed {
         match payload.pointer(path) {
