@@ -391,6 +391,27 @@ async fn a_field_the_client_sealed_is_opened_only_by_the_worker() {
         conn.submit(&json!({"kind": "vault.get", "payload": {"token": token}}), Some(10)).await.unwrap();
     assert_eq!(got.json()["result"]["record"]["ssn"], marker, "{}", got.text());
 
+    // `gatehouse submit` seals the catalog's sealed fields itself (the gatekeeper refuses them
+    // in the clear, below), and a value that opens but breaks the property's schema is refused
+    // by the worker, unrun.
+    let cli = gatehouse_cli::commands::jobs::SubmitArgs {
+        kind: "vault.put_sealed".into(),
+        data: json!({"record": {"ssn": marker}}).to_string(),
+        priority: None,
+        seq: None,
+        idempotency_key: None,
+        delay: None,
+        wait: Some(10),
+        catalog: sys.catalog_path().to_owned(),
+        operator_key: sys.certs.path().join("operator-signing.pub"),
+    };
+    assert!(gatehouse_cli::commands::jobs::submit(&sys.endpoint(), &cli, true).await.unwrap(), "gatehouse submit");
+    let mut not_a_record = job(json!("not a record"));
+    sealer.seal(&mut not_a_record, &paths).unwrap();
+    let res = conn.submit(&not_a_record, Some(10)).await.unwrap();
+    assert_eq!(res.json()["status"], "failed", "{}", res.text());
+    assert!(res.json()["error"].as_str().unwrap().starts_with("invalid-payload at /payload/record"), "{}", res.text());
+
     // In the clear, or sealed without the idempotency key it is bound to: refused at the edge.
     let plain = conn.submit(&job(json!({"ssn": "x"})), None).await.unwrap();
     assert_problem(&plain, 422, "field-must-be-sealed");
