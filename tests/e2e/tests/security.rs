@@ -405,12 +405,19 @@ async fn a_field_the_client_sealed_is_opened_only_by_the_worker() {
         catalog: sys.catalog_path().to_owned(),
         operator_key: sys.certs.path().join("operator-signing.pub"),
     };
-    assert!(gatehouse_cli::commands::jobs::submit(&sys.endpoint(), &cli, true).await.unwrap(), "gatehouse submit");
+    assert!(
+        gatehouse_cli::commands::jobs::submit(&sys.endpoint(), &cli, true).await.unwrap(),
+        "gatehouse submit"
+    );
     let mut not_a_record = job(json!("not a record"));
     sealer.seal(&mut not_a_record, &paths).unwrap();
     let res = conn.submit(&not_a_record, Some(10)).await.unwrap();
     assert_eq!(res.json()["status"], "failed", "{}", res.text());
-    assert!(res.json()["error"].as_str().unwrap().starts_with("invalid-payload at /payload/record"), "{}", res.text());
+    assert!(
+        res.json()["error"].as_str().unwrap().starts_with("invalid-payload at /payload/record"),
+        "{}",
+        res.text()
+    );
 
     // In the clear, or sealed without the idempotency key it is bound to: refused at the edge.
     let plain = conn.submit(&job(json!({"ssn": "x"})), None).await.unwrap();

@@ -310,6 +310,9 @@ where
 pub struct Registry {
     handlers: HashMap<String, Handler>,
     families: Vec<Family>,
+    /// Handlers that run their kind only where the catalog lists it (a built-in kind added
+    /// later, which catalogs written before need not list).
+    optional: Vec<String>,
 }
 
 /// A catalog and a set of handlers that do not match.
@@ -318,12 +321,13 @@ pub struct Registry {
 pub struct Mismatch(String);
 
 impl Registry {
-    /// `vault.put` (and `vault.put_sealed`, its record sealed by the client), `vault.get`,
-    /// `vault.delete`, `ledger.apply`, `ledger.balance`.
+    /// `vault.put`, `vault.get`, `vault.delete`, `ledger.apply`, `ledger.balance`; and where
+    /// the catalog lists it, `vault.put_sealed` (a `vault.put` whose record the client seals).
     pub fn builtins() -> Self {
         let mut r = Self::default();
         r.insert("vault.put", in_storage(vault::put));
         r.insert("vault.put_sealed", in_storage(vault::put));
+        r.optional.push("vault.put_sealed".into());
         r.insert("vault.get", in_storage(vault::get));
         r.insert("vault.delete", in_storage(vault::delete));
         r.insert("ledger.apply", in_storage(ledger::apply));
@@ -336,6 +340,7 @@ impl Registry {
     /// Adds every handler and family of `other` (replacing handlers of the same kind).
     pub fn extend(&mut self, other: Self) {
         self.handlers.extend(other.handlers);
+        self.optional.extend(other.optional);
         for f in other.families {
             self.add_family(f);
         }
@@ -376,14 +381,18 @@ impl Registry {
     /// The first mismatch, in one line.
     pub fn check(&self, catalog: &Catalog, testing: bool) -> Result<(), Mismatch> {
         let runs = |k: &&gatehouse_protocol::KindSpec| testing || !k.testing;
+        let unlisted_optional = |k: &&String| self.optional.contains(k) && catalog.kind(k).is_none();
         if let Some(k) = catalog.kinds().filter(runs).find(|k| !self.handlers.contains_key(&k.name)) {
             return Err(Mismatch(format!(
                 "the job catalog lists kind {} but this worker has no handler for it",
                 k.name
             )));
         }
-        let mut extra: Vec<&String> =
-            self.handlers.keys().filter(|k| catalog.kind(k).filter(runs).is_none()).collect();
+        let mut extra: Vec<&String> = self
+            .handlers
+            .keys()
+            .filter(|k| catalog.kind(k).filter(runs).is_none() && !unlisted_optional(k))
+            .collect();
         extra.sort();
         if let Some(k) = extra.first() {
             return Err(Mismatch(format!(
@@ -530,6 +539,21 @@ mod tests {
         let mut with_tests = Registry::builtins();
         testing::register(&mut with_tests);
         assert!(with_tests.check(&catalog, true).is_ok());
+        // A catalog written before vault.put_sealed existed need not list it.
+        let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config");
+        let text = std::fs::read_to_string(config.join("jobs.toml")).unwrap();
+        let (before, after) = text.split_once("name = \"vault.put_sealed\"").unwrap();
+        let older = format!(
+            "{}{}",
+            before.rsplit_once("[[kind]]").unwrap().0,
+            after.split_once("[[kind]]").map_or(String::new(), |(_, rest)| format!("[[kind]]{rest}"))
+        );
+        let dir = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(config.join("schemas"), dir.path().join("schemas")).unwrap();
+        std::fs::write(dir.path().join("jobs.toml"), older).unwrap();
+        let older = Catalog::load(&dir.path().join("jobs.toml")).unwrap();
+        assert!(older.kind("vault.put_sealed").is_none() && older.kind("vault.get").is_some());
+        assert!(Registry::builtins().check(&older, false).is_ok());
         // A handler the catalog does not list.
         let mut extra = Registry::builtins();
         extra.insert(

@@ -176,7 +176,15 @@ async fn the_openapi_document_matches_the_routes_and_their_statuses() {
     let paths: Vec<&str> = doc["paths"].as_object().unwrap().keys().map(String::as_str).collect();
     assert_eq!(
         paths,
-        ["/healthz", "/openapi.json", "/readyz", "/v1/jobs", "/v1/jobs/{id}", "/v1/jobs/{id}/events"]
+        [
+            "/healthz",
+            "/openapi.json",
+            "/readyz",
+            "/v1/jobs",
+            "/v1/jobs/{id}",
+            "/v1/jobs/{id}/events",
+            "/v1/keys"
+        ]
     );
     let documented = |path: &str, method: &str, status: u16| {
         doc["paths"][path][method]["responses"].get(status.to_string()).is_some()
@@ -203,6 +211,11 @@ async fn the_openapi_document_matches_the_routes_and_their_statuses() {
             conn.request(gatehouse_client::Method::POST, "/v1/jobs", &[], b"{}".to_vec()).await.unwrap(),
         ),
         ("/v1/jobs/{id}", "get", conn.status(&"0".repeat(32)).await.unwrap()),
+        (
+            "/v1/keys",
+            "get",
+            conn.request(gatehouse_client::Method::GET, "/v1/keys", &[], Vec::new()).await.unwrap(),
+        ),
         (
             "/healthz",
             "get",

@@ -238,7 +238,15 @@ async fn only_an_operator_signed_replay_reruns_a_dead_lettered_job() {
     // Only the worker's own dead letter of the job carries its verified id and dead count; the
     // refused copies (anyone's message_id) are not replayed.
     assert_eq!(replayed, std::slice::from_ref(&second), "replayed by verified id");
-    let s = wait_final(&mut conn, &second, Duration::from_secs(15)).await;
+    // Its status says dead_lettered (final) until the replayed copy has run: wait for that.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let s = loop {
+        let s = wait_final(&mut conn, &second, Duration::from_secs(15)).await;
+        if s["status"] != "dead_lettered" || std::time::Instant::now() > deadline {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(s["result"], json!({"account": "rp", "balance": 11, "sequence": 2}), "{s}");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(oracle::ledger(&sys.database(), &sys.keyring())["rp"], (11, 2), "applied more than once");
