@@ -231,6 +231,23 @@ impl Connection {
         self.request(Method::POST, "/v1/jobs", &headers, job.to_string().into_bytes()).await
     }
 
+    /// `POST /v1/batches`: `jobs` (submit bodies) accepted whole or refused whole.
+    ///
+    /// # Errors
+    /// When the request cannot be sent or the answer not read.
+    pub async fn submit_batch(&mut self, jobs: &[Value]) -> Result<Response, ClientError> {
+        let body = serde_json::json!({ "jobs": jobs }).to_string().into_bytes();
+        self.request(Method::POST, "/v1/batches", &[("content-type", "application/json")], body).await
+    }
+
+    /// `GET /v1/batches/{id}`.
+    ///
+    /// # Errors
+    /// When the request cannot be sent or the answer not read.
+    pub async fn batch(&mut self, id: &str) -> Result<Response, ClientError> {
+        self.request(Method::GET, &format!("/v1/batches/{id}"), &[], Vec::new()).await
+    }
+
     /// `GET /v1/jobs/{id}`.
     ///
     /// # Errors

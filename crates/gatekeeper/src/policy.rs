@@ -26,6 +26,12 @@ struct ClientEntry {
     max_streams: usize,
     #[serde(default = "default_share")]
     share: u16,
+    #[serde(default = "default_max_batch_jobs")]
+    max_batch_jobs: usize,
+}
+
+fn default_max_batch_jobs() -> usize {
+    gatehouse_protocol::batch::MAX_BATCH_JOBS
 }
 
 fn default_share() -> u16 {
@@ -73,6 +79,8 @@ pub struct ClientPolicy {
     pub max_streams: usize,
     /// Its weight when clients take turns at the worker (1 to [`MAX_SHARE`]).
     pub share: u16,
+    /// Most jobs of one batch (`POST /v1/batches`), 1 to [`gatehouse_protocol::batch::MAX_BATCH_JOBS`].
+    pub max_batch_jobs: usize,
     /// Its place in the policy file (from 0): which fair shard of a class its jobs go to.
     pub place: usize,
 }
@@ -178,6 +186,13 @@ impl Policy {
                     c.identity
                 )));
             }
+            let most = gatehouse_protocol::batch::MAX_BATCH_JOBS;
+            if !(1..=most).contains(&c.max_batch_jobs) {
+                return Err(config::ConfigError::Message(format!(
+                    "policy: client {}: max_batch_jobs is 1 to {most}",
+                    c.identity
+                )));
+            }
             let burst = c.burst.or(c.rate_per_s).unwrap_or(1.0).max(1.0);
             let policy = ClientPolicy {
                 kinds: c.kinds,
@@ -189,6 +204,7 @@ impl Policy {
                 max_connections: c.max_connections,
                 max_streams: c.max_streams,
                 share: c.share,
+                max_batch_jobs: c.max_batch_jobs,
                 place,
             };
             if clients.insert(c.identity.clone(), policy).is_some() {
@@ -265,6 +281,7 @@ mod tests {
             max_connections: 1,
             max_streams: 1,
             share: 1,
+            max_batch_jobs: 10,
             place: 0,
         };
         let limiter = RateLimiter::default();

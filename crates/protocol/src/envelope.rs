@@ -331,6 +331,9 @@ pub enum ControlRequest {
     /// the gatekeeper minted for this query alone, so that the answer is sealed and bound like a
     /// status — with the page ([`crate::listing::JobPage`]) as its result.
     List { id: JobId, client: String, query: crate::listing::JobQuery, sent_at_ms: u64, reply: ReplyTo },
+    /// Batch `id` ([`crate::batch::BatchSummary`] as the result of its status), answered (to
+    /// `reply`) only if `client` owns it.
+    Batch { id: JobId, client: String, sent_at_ms: u64, reply: ReplyTo },
     /// The state transitions of `id` after number `after` (and its status now), answered (to
     /// `reply`) only if `client` owns it; for the live event stream.
     Events {

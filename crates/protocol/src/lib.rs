@@ -5,6 +5,7 @@
 //! types with private fields (`JobId`, `Priority`, `Sequence`), so code behind the gatekeeper
 //! cannot hold an unchecked one.
 
+pub mod batch;
 pub mod catalog;
 pub mod clock;
 pub mod crypto;

@@ -378,6 +378,21 @@ const MIGRATIONS: &[&str] = &[
     UPDATE jobs SET submitted_at_ms = updated_at_ms;
     CREATE INDEX jobs_by_client ON jobs(client, submitted_at_ms DESC, id DESC);
     ",
+    // 27: batches (jobs accepted whole) and their jobs in submission order.
+    r"
+    CREATE TABLE batches (
+        id            TEXT PRIMARY KEY,
+        client        TEXT NOT NULL,
+        total         INTEGER NOT NULL,
+        created_at_ms INTEGER NOT NULL
+    );
+    CREATE TABLE batch_jobs (
+        batch_id TEXT NOT NULL,
+        position INTEGER NOT NULL,
+        job_id   TEXT NOT NULL,
+        PRIMARY KEY (batch_id, position)
+    );
+    ",
 ];
 
 /// After this migration (1-based) the error texts of earlier releases are sealed.

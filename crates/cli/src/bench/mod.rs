@@ -9,6 +9,7 @@
 //! | `priority` | preload a backlog of priority-0 jobs (a local worker paused meanwhile), then priority-9 probes at a fixed rate while it drains | – |
 //! | `fair` | the `priority` backlog loaded by one client, then another client (`bench-1`, listed in the policy) submits at the same priority 0 at a fixed rate while it drains: its latency | – |
 //! | `idle` | gatekeeper memory with many idle mTLS connections | – |
+//! | `batch` | 1,000 `vault.put` as one `POST /v1/batches` (a local worker paused meanwhile) | the same 1,000 as single submits on one connection, in turns |
 
 mod baseline;
 mod cpu;
@@ -30,7 +31,7 @@ use stats::Samples;
 pub struct BenchArgs {
     #[command(flatten)]
     pub endpoint: Endpoint,
-    /// Scenarios to run (repeatable): sync, async, priority, fair, idle, kinds.
+    /// Scenarios to run (repeatable): sync, async, priority, fair, idle, kinds, batch.
     #[arg(long = "scenario", default_values = ["sync", "async", "priority", "idle"])]
     pub scenarios: Vec<String>,
     /// Concurrent clients (and baseline callers).
@@ -235,12 +236,39 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<Vec<Value>> {
                     "gatekeeper_peak_rss_mib": rss.map(|r| round(r.1)),
                 })
             }
-            other => anyhow::bail!("unknown scenario {other:?} (sync, async, priority, fair, idle, kinds)"),
+            "batch" => batches(args, &client).await?,
+            other => {
+                anyhow::bail!("unknown scenario {other:?} (sync, async, priority, fair, idle, kinds, batch)")
+            }
         };
         print_report(&report, args.json);
         reports.push(report);
     }
     Ok(reports)
+}
+
+/// Jobs accepted per second as single submits on one connection and as batches of 1,000, five
+/// rounds each in turns, with a local worker paused meanwhile (it would compete for the cores).
+async fn batches(args: &BenchArgs, client: &gatehouse_client::Client) -> anyhow::Result<Value> {
+    const JOBS: usize = 1_000;
+    const ROUNDS: usize = 5;
+    let worker = pause_local_worker(args);
+    let measured =
+        progress("batch", Duration::from_secs(600), scenarios::singles_and_batches(client, JOBS, ROUNDS))
+            .await;
+    resume(&worker);
+    let (singles, batches) = measured?;
+    let rate = |d: &[Duration]| (JOBS * d.len()) as f64 / d.iter().sum::<Duration>().as_secs_f64();
+    let (single, batch) = (rate(&singles), rate(&batches));
+    Ok(json!({
+        "scenario": "batch",
+        "jobs_per_batch": JOBS,
+        "rounds": ROUNDS,
+        "single_submits_per_s": round(single),
+        "batch_jobs_per_s": round(batch),
+        "ratio": round(batch / single.max(f64::MIN_POSITIVE)),
+        "worker_paused_while_accepting": worker.is_some(),
+    }))
 }
 
 /// A backlog of `--backlog` priority-0 jobs loaded by `client` (a local worker paused meanwhile,
@@ -411,6 +439,13 @@ fn print_report(r: &Value, as_json: bool) {
             f("idle_connections"),
             f("gatekeeper_rss_mib"),
             f("gatekeeper_peak_rss_mib")
+        ),
+        Some("batch") => println!(
+            "batch     {} jobs per batch: {}/s as batches, {}/s as single submits on one connection: {}x",
+            f("jobs_per_batch"),
+            f("batch_jobs_per_s"),
+            f("single_submits_per_s"),
+            f("ratio")
         ),
         _ => {
             println!(

@@ -228,3 +228,30 @@ pub async fn idle(client: &Client, n: usize) -> (Vec<Connection>, usize) {
     let count = open.len();
     (open, count)
 }
+
+/// `rounds` times, in turns: `n` jobs submitted one request after another on one connection
+/// (each answered after the broker's confirm), then the same number as one batch
+/// (`POST /v1/batches`). Answers the durations of each: single requests, batches.
+pub async fn singles_and_batches(
+    client: &Client,
+    n: usize,
+    rounds: usize,
+) -> anyhow::Result<(Vec<Duration>, Vec<Duration>)> {
+    let mut conn = client.connect().await?;
+    let (mut singles, mut batches) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let base = (round as u64) << 32;
+        let started = Instant::now();
+        for i in 0..n as u64 {
+            let r = conn.submit(&job(base + i, 5), None).await?;
+            anyhow::ensure!(r.status == 202, "a single submit answered {}: {}", r.status, r.text());
+        }
+        singles.push(started.elapsed());
+        let jobs: Vec<Value> = (0..n as u64).map(|i| job(base + (1 << 31) + i, 5)).collect();
+        let started = Instant::now();
+        let r = conn.submit_batch(&jobs).await?;
+        anyhow::ensure!(r.status == 202, "the batch answered {}: {}", r.status, r.text());
+        batches.push(started.elapsed());
+    }
+    Ok((singles, batches))
+}

@@ -13,17 +13,16 @@ use gatehouse_broker::PublishError;
 use gatehouse_broker::lapin::BasicProperties;
 use gatehouse_broker::topology::CONTROL_ROUTING_KEY;
 use gatehouse_protocol::listing::{JobPage, JobQuery};
-use gatehouse_protocol::submit::RawSequence;
 use gatehouse_protocol::trace::Trace;
 use gatehouse_protocol::{
-    ControlRequest, JobEnvelope, JobId, JobState, JobStatus, KindSpec, Priority, ReplyTo, Sequence,
-    SubmitRequest, Vouched,
+    ControlRequest, JobEnvelope, JobId, JobState, JobStatus, ReplyTo, SubmitRequest, Vouched,
 };
-use serde_json::{Value, json};
+use serde_json::json;
 use tracing::Instrument as _;
 
 use super::App;
-use crate::problem::{FieldError, Problem};
+use super::checks::{check_job, field};
+use crate::problem::Problem;
 use crate::replies::Waiter;
 use crate::sanitize;
 use crate::tls::ClientIdentity;
@@ -95,91 +94,32 @@ async fn accept(
         }
     })?;
     let value = sanitize::parse(&body).map_err(|e| Problem::malformed_json(e.to_string()))?;
-    let mut req: SubmitRequest =
+    let req: SubmitRequest =
         serde_json::from_value(value).map_err(|e| Problem::invalid_envelope(e.to_string()))?;
 
-    let spec = app.catalog.kind(&req.kind).ok_or_else(|| {
-        Problem::validation(
-            "Unknown job kind",
-            "unknown-kind",
-            vec![field("/kind", format!("no job kind named {:?}", req.kind))],
-        )
-    })?;
     let policies = authorize(app, client)?;
     let policy = policies
         .client(&client.0)
         .ok_or_else(|| Problem::forbidden("unknown-client", "this client identity has no policy"))?;
-    if !policy.allows_kind(&spec.name) {
-        return Err(Problem::forbidden(
-            "kind-not-allowed",
-            format!("this client may not submit {}", spec.name),
-        ));
-    }
-    let priority = match req.priority {
-        None => spec.priority.min(policy.max_priority),
-        Some(p) => {
-            let in_range = u8::try_from(p).map_err(|_| "priority must be between 0 and 9");
-            let p = in_range.and_then(Priority::new).map_err(|m| {
-                Problem::validation("Invalid priority", "invalid-priority", vec![field("/priority", m)])
-            })?;
-            if p > policy.max_priority {
-                return Err(Problem::forbidden(
-                    "priority-above-ceiling",
-                    format!("this client's highest priority is {}", policy.max_priority.get()),
-                ));
-            }
-            p
-        }
-    };
-    let submitted_at_ms = gatehouse_protocol::clock::now_ms().unsigned_abs();
-    let not_before_ms = check_delay(spec, policy, &req, submitted_at_ms)?;
-    let sequence = check_sequence(spec, req.sequence, &req.payload)?;
-    if let Some(seq) = &sequence
-        && !policy.allows_sequence_key(seq.key())
-    {
-        return Err(Problem::forbidden(
-            "sequence-key-not-allowed",
-            "this client may not use that sequence key",
-        ));
-    }
-    sanitize::sanitize(&mut req.payload)
-        .map_err(|errors| Problem::validation("Payload out of bounds", "payload-out-of-bounds", errors))?;
-    check_sealed(app.schemas.sealed(&spec.name), &req.payload, req.idempotency_key.as_deref())?;
-    app.schemas.validate_as_sent(&spec.name, &req.payload).map_err(|errors| {
-        let errors = errors.into_iter().map(|v| FieldError { path: v.path, message: v.message }).collect();
-        Problem::validation("Payload does not match the kind's schema", "schema-violation", errors)
-    })?;
+    let (spec, mut envelope) = check_job(app, &client.0, policy, req, trace)?;
+    let (priority, not_before_ms) = (envelope.priority, envelope.not_before_ms);
 
     // A delayed job is answered at once (`scheduled`): nobody waits days for a reply.
     let wait = wait.filter(|_| not_before_ms.is_none());
 
-    let id = app.ids.mint(&client.0, req.idempotency_key.as_deref());
-    let mut waiter = match wait {
-        Some(_) => Some(
-            app.replies.register(&id, &client.0).map_err(|e| Problem::broker_unavailable(e.to_string()))?,
-        ),
-        None => None,
-    };
-    let envelope = JobEnvelope {
-        id,
-        kind: spec.name.clone(),
-        client: client.0.clone(),
-        priority,
-        sequence,
-        payload: req.payload,
-        submitted_at_ms,
-        not_before_ms,
+    let mut waiting = None;
+    if wait.is_some() {
+        let waiter = app
+            .replies
+            .register(&envelope.id, &client.0)
+            .map_err(|e| Problem::broker_unavailable(e.to_string()))?;
         // The reply target travels inside the vouched message, not as AMQP properties.
-        reply: waiter.as_ref().map(|w| ReplyTo {
+        envelope.reply = Some(ReplyTo {
             queue: app.replies.queue().to_owned(),
-            correlation_id: w.correlation_id().to_owned(),
-        }),
-        trace_id: Some(trace.trace_id.clone()),
-        span_id: Some(trace.span_id.clone()),
-        shard: app.catalog.shard_for(spec, policy.place),
-        share: policy.share,
-        idempotency_key: req.idempotency_key,
-    };
+            correlation_id: waiter.correlation_id().to_owned(),
+        });
+        waiting = Some(waiter);
+    }
     let body = seal(app, &envelope)?;
     // Only the property the broker needs: every extra property or header costs the broker a
     // measurable share of its throughput (see `Vouched`). The job id and reply target travel in
@@ -198,7 +138,7 @@ async fn accept(
         last.status = JobState::Scheduled;
         last.not_before = Some(gatehouse_protocol::submit::format_rfc3339_ms(at));
     }
-    if let (Some(w), Some(wait)) = (waiter.as_mut(), wait) {
+    if let (Some(w), Some(wait)) = (waiting.as_mut(), wait) {
         last = await_outcome(w, wait, last)
             .instrument(tracing::info_span!(target: "gatehouse::spans", "wait"))
             .await;
@@ -211,7 +151,7 @@ async fn accept(
 
 /// The job as it travels: its payload sealed to the worker (the broker never sees it), the
 /// message vouched for in the gatekeeper's session.
-fn seal(app: &App, envelope: &JobEnvelope) -> Result<Vec<u8>, Problem> {
+pub(crate) fn seal(app: &App, envelope: &JobEnvelope) -> Result<Vec<u8>, Problem> {
     let session = app.keys.session().map_err(|_| Problem::internal("no session with the worker"))?;
     envelope
         .seal(&session)
@@ -222,7 +162,7 @@ fn seal(app: &App, envelope: &JobEnvelope) -> Result<Vec<u8>, Problem> {
 }
 
 /// The client must have a policy, and a token of its rate; answers the policy in force.
-fn authorize(app: &App, client: &ClientIdentity) -> Result<Arc<crate::policy::Policy>, Problem> {
+pub(crate) fn authorize(app: &App, client: &ClientIdentity) -> Result<Arc<crate::policy::Policy>, Problem> {
     let policies = app.policy.current();
     let policy = policies
         .client(&client.0)
@@ -367,7 +307,7 @@ pub(crate) async fn ask_worker(
 
 /// Sends the worker the control request `request` makes (given where to reply and the time)
 /// about `id`, and waits for its answer, bound to `id` and `client`.
-async fn query_worker(
+pub(crate) async fn query_worker(
     app: &App,
     client: &ClientIdentity,
     id: &JobId,
@@ -444,105 +384,8 @@ pub async fn list(
     }
 }
 
-/// When a delayed job may run, within what its kind and the client's policy allow.
-/// Each field the kind's schema marks sealed, when present, must be a well-formed sealed value
-/// of bounded size (what is inside only the worker sees), and a job that carries one must have
-/// an idempotency key (the sealed values are bound to it).
-///
-/// Checks the idempotency key's length first.
-fn check_sealed(sealed: &[String], payload: &Value, idempotency_key: Option<&str>) -> Result<(), Problem> {
-    if idempotency_key.is_some_and(|k| k.is_empty() || k.chars().count() > 256) {
-        return Err(Problem::validation(
-            "Invalid idempotency key",
-            "invalid-idempotency-key",
-            vec![field("/idempotency_key", "must be 1 to 256 characters")],
-        ));
-    }
-    let mut carried = false;
-    for path in sealed {
-        match payload.pointer(path) {
-            None => {}
-            Some(Value::String(s)) if gatehouse_protocol::fields::well_formed(s) => carried = true,
-            Some(_) => {
-                return Err(Problem::validation(
-                    "A sealed field arrived in the clear",
-                    "field-must-be-sealed",
-                    vec![field(
-                        &format!("/payload{path}"),
-                        "must be sealed by the client to a certified worker key (GET /v1/keys)",
-                    )],
-                ));
-            }
-        }
-    }
-    if carried && idempotency_key.is_none() {
-        return Err(Problem::validation(
-            "Sealed fields need an idempotency key",
-            "idempotency-key-required",
-            vec![field("/idempotency_key", "sealed fields are bound to the job's idempotency key")],
-        ));
-    }
-    Ok(())
-}
-
-fn check_delay(
-    spec: &KindSpec,
-    policy: &crate::policy::ClientPolicy,
-    req: &SubmitRequest,
-    now_ms: u64,
-) -> Result<Option<u64>, Problem> {
-    let at = gatehouse_protocol::submit::not_before_ms(req, now_ms).map_err(|m| {
-        let path = if req.delay_s.is_some() && req.not_before.is_none() { "/delay_s" } else { "/not_before" };
-        Problem::validation("Invalid schedule", "invalid-schedule", vec![field(path, m)])
-    })?;
-    let Some(at) = at else { return Ok(None) };
-    if policy.max_delay_s == Some(0) {
-        return Err(Problem::forbidden("delay-not-allowed", "this client may not delay jobs"));
-    }
-    let limit = policy.max_delay_s.unwrap_or(u64::MAX).min(spec.max_delay_s);
-    let delay_s = (at - now_ms).div_ceil(1000);
-    if delay_s > limit {
-        let path = if req.delay_s.is_some() { "/delay_s" } else { "/not_before" };
-        let m = if limit == 0 {
-            format!("{} takes no delay", spec.name)
-        } else {
-            format!("at most {limit} seconds from now")
-        };
-        return Err(Problem::validation("Delay too long", "delay-too-long", vec![field(path, m)]));
-    }
-    Ok(Some(at))
-}
-
-/// Sequence rules: required for sequenced kinds, refused for others, and for kinds with a
-/// `sequence_key_field` the key must equal that payload field.
-fn check_sequence(
-    spec: &KindSpec,
-    raw: Option<RawSequence>,
-    payload: &Value,
-) -> Result<Option<Sequence>, Problem> {
-    let invalid =
-        |m: String| Problem::validation("Invalid sequence", "invalid-sequence", vec![field("/sequence", m)]);
-    match (spec.sequenced, raw) {
-        (false, None) => Ok(None),
-        (false, Some(_)) => Err(invalid(format!("{} is not sequenced; send no sequence", spec.name))),
-        (true, None) => Err(invalid(format!(
-            "{} is sequenced; send {{\"sequence\": {{\"key\", \"number\"}}}}",
-            spec.name
-        ))),
-        (true, Some(raw)) => {
-            let seq = Sequence::parse(raw).map_err(|m| invalid(m.to_owned()))?;
-            if let Some(f) = &spec.sequence_key_field
-                && payload.get(f).and_then(Value::as_str) != Some(seq.key())
-            {
-                return Err(invalid(format!("the sequence key must equal payload.{f}")));
-            }
-            Ok(Some(seq))
-        }
-    }
-}
-
 /// Publishes to the jobs exchange and waits for the confirm, within `publish_timeout`.
-async fn publish(
+pub(crate) async fn publish(
     app: &App,
     routing_key: &str,
     body: &[u8],
@@ -585,7 +428,7 @@ fn refused(e: PublishError) -> Problem {
     }
 }
 
-fn is_json(headers: &HeaderMap) -> bool {
+pub(crate) fn is_json(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -601,10 +444,6 @@ fn requested_wait(headers: &HeaderMap) -> Option<Duration> {
             .and_then(|n| n.trim().parse::<u64>().ok())
             .map(Duration::from_secs)
     })
-}
-
-fn field(path: &str, message: impl Into<String>) -> FieldError {
-    FieldError { path: path.into(), message: message.into() }
 }
 
 #[cfg(test)]

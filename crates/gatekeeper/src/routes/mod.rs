@@ -1,5 +1,7 @@
 //! HTTP routes. Every handler answers either its result or a [`Problem`].
 
+pub mod batches;
+mod checks;
 pub mod events;
 pub mod health;
 pub mod jobs;
@@ -114,6 +116,11 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/jobs", post(jobs::submit).get(jobs::list))
         .route("/v1/jobs/{id}", get(jobs::status).delete(jobs::cancel))
         .route("/v1/jobs/{id}/events", get(events::events))
+        .route(
+            "/v1/batches",
+            post(batches::submit).layer(DefaultBodyLimit::max(limit.saturating_mul(batches::BODY_FACTOR))),
+        )
+        .route("/v1/batches/{id}", get(batches::status))
         .route("/v1/keys", get(worker_keys))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))

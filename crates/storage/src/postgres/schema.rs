@@ -162,6 +162,21 @@ pub(super) const SCHEMA: &[&str] = &[
     UPDATE jobs SET submitted_at_ms = updated_at_ms;
     CREATE INDEX jobs_by_client ON jobs(client, submitted_at_ms DESC, id DESC);
 ",
+    r"
+    -- 10: batches (jobs accepted whole) and their jobs in submission order.
+    CREATE TABLE batches (
+        id            TEXT PRIMARY KEY,
+        client        TEXT NOT NULL,
+        total         BIGINT NOT NULL,
+        created_at_ms BIGINT NOT NULL
+    );
+    CREATE TABLE batch_jobs (
+        batch_id TEXT NOT NULL,
+        position BIGINT NOT NULL,
+        job_id   TEXT NOT NULL,
+        PRIMARY KEY (batch_id, position)
+    );
+",
 ];
 
 /// After this step (1-based) the error texts of earlier releases are sealed.

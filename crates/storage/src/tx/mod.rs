@@ -6,6 +6,7 @@
 //! `schedules`, `cancellation`, `retention`, `sealing` (at rest, rekeying).
 
 mod attempts;
+mod batches;
 mod cancellation;
 mod held;
 mod jobs;
@@ -15,6 +16,7 @@ mod schedules;
 mod sealing;
 mod sequences;
 
+pub use batches::BatchRecord;
 pub use held::SENT_BACK;
 pub use jobs::{JobFilter, ListedJob};
 pub use pauses::Pause;

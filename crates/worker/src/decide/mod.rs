@@ -16,6 +16,8 @@
 //! 3. [`after_failure`] — a failed attempt: retried after a backoff, or dead-lettered.
 //! 4. [`record_dead`] — a job that is dead-lettered, once the dead-letter queue confirmed it.
 //! 5. [`status_for`], [`cancel`] — what a client asks about its job.
+//! 6. [`hold_batch`], [`batch_status`] — a batch's jobs recorded and held together, and what
+//!    its client reads of it.
 //!
 //! Each ends in a [`Verdict`]: answered, retried, or dead-lettered with a [`DeadReason`].
 //!
@@ -25,6 +27,7 @@
 //! timeout. Priority cannot overtake a sequence: a priority-9 job for number 5 parks until 4
 //! applied.
 
+mod batch;
 mod prepare;
 mod record;
 mod status;
@@ -39,6 +42,7 @@ use gatehouse_storage::{StorageError, StoredJob, Tx};
 use crate::handlers::Outcome;
 use crate::reasons::DeadReason;
 use crate::security::ReplyTarget;
+pub use batch::{batch_status, hold_batch, jobs_of};
 pub use prepare::{begin, decide_and_run, prepare};
 pub use record::{Run, record_dead};
 pub use status::{cancel, status_for};

@@ -1,4 +1,4 @@
-//! Status, events, job-list and cancellation queries from the gatekeeper (the control queue),
+//! Status, events, job-list, batch and cancellation queries from the gatekeeper (the control queue),
 //! answered from storage to the owner only.
 
 use std::time::Duration;
@@ -51,6 +51,10 @@ pub async fn handle_control(ctx: Ctx, delivery: Delivery) {
             let target = ReplyTarget::new(Some(reply), &client, &vouched);
             list(&ctx, &target, id, client, query).await;
         }
+        Some((ControlRequest::Batch { id, client, sent_at_ms, reply }, vouched)) if fresh(sent_at_ms) => {
+            let target = ReplyTarget::new(Some(reply), &client, &vouched);
+            batch(&ctx, &target, id, client).await;
+        }
         _ => tracing::warn!("unsigned, stale or undecodable control message dropped"),
     }
     settle_control(&delivery).await;
@@ -89,6 +93,23 @@ async fn list(ctx: &Ctx, target: &ReplyTarget, id: JobId, client: String, query:
     let mut status = JobStatus::new(id, JobState::Succeeded);
     status.result = serde_json::to_value(JobPage { jobs, next_cursor }).ok();
     ctx.out.reply(target, &status).await;
+}
+
+/// A client's batch: answered as the status of its id, `succeeded` with the summary as its
+/// result, or `not_found` for anyone else's. Read beside the writer, like status queries.
+async fn batch(ctx: &Ctx, target: &ReplyTarget, id: JobId, client: String) {
+    let batch = id.clone();
+    match ctx.shared.store.read(move |tx| decide::batch_status(tx, &batch, &client)).await {
+        Ok(summary) => {
+            let mut status = JobStatus::new(id, JobState::NotFound);
+            if let Some(summary) = summary {
+                status.status = JobState::Succeeded;
+                status.result = serde_json::to_value(summary).ok();
+            }
+            ctx.out.reply(target, &status).await;
+        }
+        Err(e) => tracing::warn!(error = %e, "batch query failed"),
+    }
 }
 
 /// A client's cancellation: decided in storage; a job running here is told to stop.

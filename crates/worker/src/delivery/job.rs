@@ -16,17 +16,28 @@ use super::settle::{self, Carried, act, requeue_after_pause};
 use crate::decide::{self, ApplyError, Arrival, Dead, Step, TurnLease, Verdict};
 use crate::handlers::Handler;
 use crate::reasons::DeadReason;
-use crate::security::ReplyTarget;
+use crate::security::{Opened, ReplyTarget};
 
 /// Handles one job delivery from the queue of `route`, start to settle.
 pub async fn handle_job(ctx: Ctx, route: String, mut delivery: Delivery) {
     let data = std::mem::take(&mut delivery.data);
     // Nothing unsigned, forged, stale, misrouted or replayed without an operator's grant runs,
     // or even gets parsed beyond what checking needs.
-    let checked = ctx.shared.keys.open_job(&data).and_then(|(env, target)| {
-        let replay = check_delivery(&ctx.shared, &route, &delivery, &data, &env)?;
-        Ok((env, target, replay))
+    let checked = ctx.shared.keys.open(&data).and_then(|opened| match opened {
+        Opened::Job(env, target) => {
+            let replay = check_delivery(&ctx.shared, &route, &delivery, &data, &env)?;
+            Ok(Ok((env, target, replay)))
+        }
+        Opened::Batch(batch) => Ok(Err(batch)),
     });
+    let checked = match checked {
+        Ok(Err(batch)) => {
+            let carried = Carried { delivery: &delivery, data: &data, route: &route, job: None };
+            return super::batch::handle_batch(&ctx, &carried, batch).await;
+        }
+        Ok(Ok(job)) => Ok(job),
+        Err(reason) => Err(reason),
+    };
     let (env, target, replay) = match checked {
         Ok(checked) => checked,
         Err(reason) => {

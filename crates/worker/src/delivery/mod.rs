@@ -28,6 +28,7 @@
 //! delivery in a [`Ctx`].
 
 pub mod acks;
+mod batch;
 pub mod cancel;
 mod checks;
 pub mod control;

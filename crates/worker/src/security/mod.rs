@@ -1,6 +1,6 @@
 //! What the worker trusts and how it seals: it accepts only sessions signed by the
-//! gatekeeper's keys ([`Sessions`]), opens job payloads in them ([`WorkerKeys::open_job`],
-//! refusing with a [`DeadReason`]), seals replies under each session's reply key
+//! gatekeeper's keys ([`Sessions`]), opens job payloads and batches in them
+//! ([`WorkerKeys::open`], refusing with a [`DeadReason`]), seals replies under each session's reply key
 //! ([`reply::seal`]), checks operators' replay grants, and vouches for the jobs it makes itself.
 
 pub mod reply;
@@ -8,6 +8,7 @@ pub mod sessions;
 
 use std::time::Duration;
 
+use gatehouse_protocol::batch::BatchMessage;
 use gatehouse_protocol::clock::now_ms;
 use gatehouse_protocol::crypto::{CryptoError, Session, SigningKey, Verifier};
 use gatehouse_protocol::{JobEnvelope, SealedJob, Vouched, keys};
@@ -16,6 +17,14 @@ use crate::reasons::DeadReason;
 use crate::settings::KeySettings;
 pub use reply::ReplyTarget;
 pub use sessions::Sessions;
+
+/// What a message on a job queue holds, checked and opened.
+pub enum Opened {
+    Job(JobEnvelope, ReplyTarget),
+    /// Jobs accepted whole ([`gatehouse_protocol::batch`]): recorded and held in one
+    /// transaction, then each sent to its own queue.
+    Batch(BatchMessage),
+}
 
 /// Everything the worker needs to check and open what arrives and to seal what leaves.
 pub struct WorkerKeys {
@@ -107,33 +116,47 @@ impl WorkerKeys {
             && now.saturating_sub(sent_at_ms) <= max_age.as_millis() as u64
     }
 
-    /// Checks a job message and opens it: provenance (session and MAC), then metadata,
-    /// freshness, and the sealed payload. Answers the job and where its answer goes.
+    /// Checks a message from a job queue and opens it: provenance (session and MAC), then
+    /// metadata, freshness, and the sealed payload. Answers the job and where its answer goes,
+    /// or the batch.
     ///
     /// # Errors
     /// The reason to dead-letter it with: [`DeadReason::BadSignature`] (no session, one no
     /// trusted key signed, a MAC that does not check), [`DeadReason::UnsupportedVersion`],
     /// [`DeadReason::Undecodable`], [`DeadReason::Stale`] (older than `max_message_age_s`, or
     /// from the future), [`DeadReason::Unsealable`].
-    pub fn open_job(&self, body: &[u8]) -> Result<(JobEnvelope, ReplyTarget), DeadReason> {
+    pub fn open(&self, body: &[u8]) -> Result<Opened, DeadReason> {
         let vouched = Vouched::parse(body).map_err(|e| match e {
             CryptoError::Version(_) => DeadReason::UnsupportedVersion,
             _ => DeadReason::BadSignature,
         })?;
         let session =
             vouched.verify(|id, s| self.sessions.get(id, s)).map_err(|_| DeadReason::BadSignature)?;
+        // A batch's message starts with its id (serde writes fields in their order).
+        if vouched.message().starts_with(br#"{"batch":"#) {
+            let batch: BatchMessage =
+                serde_json::from_slice(vouched.message()).map_err(|_| DeadReason::Undecodable)?;
+            self.check_age(batch.submitted_at_ms, None)?;
+            return Ok(Opened::Batch(batch));
+        }
         let sealed: SealedJob =
             serde_json::from_slice(vouched.message()).map_err(|_| DeadReason::Undecodable)?;
-        // A delayed job's age counts from its time: it may wait longer than the limit.
-        let reference =
-            sealed.not_before_ms.map_or(sealed.submitted_at_ms, |at| at.max(sealed.submitted_at_ms));
+        self.check_age(sealed.submitted_at_ms, sealed.not_before_ms)?;
+        let env = sealed.open(&session).map_err(|_: CryptoError| DeadReason::Unsealable)?;
+        let target = ReplyTarget::of(&env, &vouched);
+        Ok(Opened::Job(env, target))
+    }
+
+    /// [`DeadReason::Stale`] for a message submitted longer than `max_message_age_s` ago (a
+    /// delayed job's age counts from its time: it may wait longer than the limit), or from the
+    /// future.
+    fn check_age(&self, submitted_at_ms: u64, not_before_ms: Option<u64>) -> Result<(), DeadReason> {
+        let reference = not_before_ms.map_or(submitted_at_ms, |at| at.max(submitted_at_ms));
         let now = now_ms().unsigned_abs();
-        let submitted_ok = sealed.submitted_at_ms <= now + MAX_CLOCK_SKEW.as_millis() as u64;
+        let submitted_ok = submitted_at_ms <= now + MAX_CLOCK_SKEW.as_millis() as u64;
         if !submitted_ok || now.saturating_sub(reference) > self.max_message_age.as_millis() as u64 {
             return Err(DeadReason::Stale);
         }
-        let env = sealed.open(&session).map_err(|_: CryptoError| DeadReason::Unsealable)?;
-        let target = ReplyTarget::of(&env, &vouched);
-        Ok((env, target))
+        Ok(())
     }
 }

@@ -156,6 +156,14 @@ pub async fn prune_once(
             break;
         }
     }
+    // Batches none of whose jobs is kept any more.
+    loop {
+        let batch = retention.batch;
+        let n = store.transact(move |tx| tx.prune_batches(batch)).await?;
+        if n < u64::from(batch) {
+            break;
+        }
+    }
     Ok(total)
 }
 

@@ -203,6 +203,12 @@ impl Schedules {
                     kind.name
                 )));
             }
+            if let Some(field) = schemas.sealed(&spec.kind).first() {
+                return Err(at(format!(
+                    "kind {} has a field its clients seal ({field}); a schedule's payload is in the clear",
+                    kind.name
+                )));
+            }
             if let Err(violations) = schemas.validate(&spec.kind, &spec.payload) {
                 let paths: Vec<String> = violations.into_iter().map(|v| v.path).collect();
                 return Err(at(format!(
@@ -492,6 +498,11 @@ mod tests {
             (format!("{good}{good}"), "named twice"),
             (good.replace("name = \"s\"", "name = \"a b\""), "a name is"),
             (good.replace("kind = \"test.sleep\"", "kind = \"ledger.apply\""), "sequenced"),
+            (
+                good.replace("kind = \"test.sleep\"", "kind = \"vault.put_sealed\"")
+                    .replace("{ ms = 1 }", "{ record = { a = 1 } }"),
+                "seal",
+            ),
             (good.replace("\"last\"", "\"sometimes\""), "sometimes"),
         ] {
             let e = schedules(dir.path(), &text).unwrap_err();

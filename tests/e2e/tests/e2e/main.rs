@@ -10,6 +10,7 @@
 mod abuse;
 mod api;
 mod bad_input;
+mod batches;
 mod bench;
 mod cancel;
 mod checkpoints;

@@ -1,0 +1,177 @@
+//! `POST /v1/batches`: up to the client's `max_batch_jobs` jobs, each checked exactly as
+//! `POST /v1/jobs` checks one (an idempotency key used twice is one job, listed twice, as two
+//! single submits with it would be), accepted whole — one message, which the worker records in one
+//! transaction — or refused whole, naming each refused job by its index. `GET
+//! /v1/batches/{id}`: the batch's jobs by state, and their ids, for its owner only.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Extension, Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use gatehouse_broker::lapin::BasicProperties;
+use gatehouse_protocol::batch::{BatchMessage, BatchSummary, BatchedJob};
+use gatehouse_protocol::trace::Trace;
+use gatehouse_protocol::{ControlRequest, JobId, JobState, SubmitRequest, Vouched};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::App;
+use super::checks::{check_job, field};
+use super::jobs::{authorize, is_json, publish, query_worker, seal};
+use crate::problem::{FieldError, Problem};
+use crate::sanitize;
+use crate::tls::ClientIdentity;
+
+/// A batch's body may be this many times a single job's (`server.max_body_bytes`).
+pub const BODY_FACTOR: usize = 32;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchRequest {
+    jobs: Vec<Value>,
+}
+
+/// `POST /v1/batches`.
+pub async fn submit(
+    State(app): State<Arc<App>>,
+    Extension(client): Extension<ClientIdentity>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    match accept(&app, &client, &headers, body).await {
+        Ok(res) => res,
+        Err(problem) => {
+            app.metrics.rejected(problem.slug());
+            tracing::info!(reason = problem.slug(), status = problem.status, "batch rejected");
+            problem.into_response()
+        }
+    }
+}
+
+async fn accept(
+    app: &App,
+    client: &ClientIdentity,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, Problem> {
+    if !is_json(headers) {
+        return Err(Problem::unsupported_media_type());
+    }
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            Problem::body_too_large(app.max_body_bytes.saturating_mul(BODY_FACTOR))
+        } else {
+            Problem::malformed_json(format!("cannot read the body: {e}"))
+        }
+    })?;
+    let value = sanitize::parse(&body).map_err(|e| Problem::malformed_json(e.to_string()))?;
+    let req: BatchRequest =
+        serde_json::from_value(value).map_err(|e| Problem::invalid_envelope(e.to_string()))?;
+    let policies = authorize(app, client)?;
+    let policy = policies
+        .client(&client.0)
+        .ok_or_else(|| Problem::forbidden("unknown-client", "this client identity has no policy"))?;
+    if req.jobs.is_empty() || req.jobs.len() > policy.max_batch_jobs {
+        let most = policy.max_batch_jobs;
+        return Err(Problem::validation(
+            "Batch size out of bounds",
+            "batch-size",
+            vec![field("/jobs", format!("a batch holds 1 to {most} jobs"))],
+        ));
+    }
+    let trace = Trace::fresh();
+    let (mut checked, mut refused) = (Vec::with_capacity(req.jobs.len()), Vec::new());
+    for (i, job) in req.jobs.into_iter().enumerate() {
+        let one = serde_json::from_value::<SubmitRequest>(job)
+            .map_err(|e| Problem::invalid_envelope(e.to_string()))
+            .and_then(|req| check_job(app, &client.0, policy, req, &trace));
+        match one {
+            Ok(job) => checked.push(job),
+            Err(problem) => refused.extend(at_index(i, &problem)),
+        }
+    }
+    if !refused.is_empty() {
+        return Err(Problem::validation("The batch is refused whole", "batch-refused", refused));
+    }
+    let mut jobs = Vec::with_capacity(checked.len());
+    for (_, envelope) in &checked {
+        let message = String::from_utf8(seal(app, envelope)?).map_err(|_| Problem::internal("not UTF-8"))?;
+        jobs.push(BatchedJob { id: envelope.id.clone(), message });
+    }
+    let ids: Vec<JobId> = jobs.iter().map(|j| j.id.clone()).collect();
+    let batch = BatchMessage {
+        batch: app.ids.mint(&client.0, None),
+        client: client.0.clone(),
+        share: policy.share,
+        submitted_at_ms: gatehouse_protocol::clock::now_ms().unsigned_abs(),
+        jobs,
+    };
+    let session = app.keys.session().map_err(|_| Problem::internal("no session with the worker"))?;
+    let body = serde_json::to_vec(&batch)
+        .ok()
+        .and_then(|m| Vouched::wrap(&session, &m).ok())
+        .ok_or_else(|| Problem::internal("the batch could not be sealed"))?;
+    // To the queue of its first job, at that job's priority; the worker sends each job on
+    // to its own.
+    let (spec, first) = &checked[0];
+    let props = BasicProperties::default().with_priority(first.priority.get());
+    publish(app, &app.catalog.publish_key(spec, first.priority.get(), first.shard), &body, props, true)
+        .await?;
+    tracing::info!(batch = %batch.batch, jobs = ids.len(), "batch accepted");
+    let id = batch.batch.as_str();
+    let answer = json!({"id": id, "status_url": format!("/v1/batches/{id}"), "jobs": ids});
+    Ok((StatusCode::ACCEPTED, Json(answer)).into_response())
+}
+
+/// A refused job's problem, its paths under `/jobs/<i>`.
+fn at_index(i: usize, problem: &Problem) -> Vec<FieldError> {
+    if problem.errors.is_empty() {
+        return vec![field(&format!("/jobs/{i}"), format!("{}: {}", problem.slug(), problem.detail))];
+    }
+    problem
+        .errors
+        .iter()
+        .map(|e| {
+            let path = e.path.strip_prefix('/').map_or(e.path.clone(), |rest| format!("/jobs/{i}/{rest}"));
+            field(&path, format!("{}: {}", problem.slug(), e.message))
+        })
+        .collect()
+}
+
+/// `GET /v1/batches/{id}`.
+pub async fn status(
+    State(app): State<Arc<App>>,
+    Extension(client): Extension<ClientIdentity>,
+    Path(id): Path<String>,
+) -> Response {
+    if let Err(problem) = authorize(&app, &client) {
+        app.metrics.rejected(problem.slug());
+        return problem.into_response();
+    }
+    let Some(id) = JobId::parse(&id).ok().filter(|id| app.ids.is_owned_by(id, &client.0)) else {
+        return Problem::not_found().into_response();
+    };
+    let client_ = client.0.clone();
+    let answer = query_worker(&app, &client, &id.clone(), |reply, sent_at_ms| ControlRequest::Batch {
+        id,
+        client: client_,
+        sent_at_ms,
+        reply,
+    })
+    .await;
+    match answer {
+        // The id is this client's (checked above) but the worker has not recorded it yet.
+        Ok(s) if s.status == JobState::NotFound => {
+            Json(json!({"id": s.id, "status": "queued"})).into_response()
+        }
+        Ok(s) => match s.result.map(serde_json::from_value::<BatchSummary>) {
+            Some(Ok(summary)) => Json(summary).into_response(),
+            _ => Problem::internal("the worker's answer was not a batch").into_response(),
+        },
+        Err(res) => res,
+    }
+}

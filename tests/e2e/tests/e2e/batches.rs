@@ -1,0 +1,110 @@
+//! Batches (`POST /v1/batches`, `GET /v1/batches/{id}`): accepted whole in one message, each
+//! job then run once, in its sequence's order; refused whole naming each refused job; read by
+//! their owner only.
+
+use std::time::{Duration, Instant};
+
+use gatehouse_client::Connection;
+use gatehouse_e2e::{OTHER_CLIENT, TestSystem, assert_problem, oracle, wait_final};
+use serde_json::{Value, json};
+
+/// Polls the batch until it is complete; answers its last summary.
+async fn wait_complete(conn: &mut Connection, id: &str, timeout: Duration) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let r = conn.batch(id).await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        let summary = r.json();
+        if summary["status"] == "complete" || Instant::now() > deadline {
+            return summary;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn ledger(account: &str, number: u64, amount: i64) -> Value {
+    json!({"kind": "ledger.apply", "payload": {"account": account, "amount": amount},
+        "sequence": {"key": account, "number": number}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_is_accepted_whole_and_each_job_runs_once_in_order() {
+    let sys = TestSystem::start().await;
+    let mut conn = sys.connect().await;
+    // Ten vault records and a ledger account's ten numbers, the numbers in reverse: the batch
+    // is accepted whole, and the sequence still applies 1, 2, ... 10.
+    let mut jobs: Vec<Value> =
+        (0..10).map(|n| json!({"kind": "vault.put", "payload": {"record": {"n": n}}})).collect();
+    jobs.extend((1..=10).rev().map(|n| ledger("b-1", n, i64::try_from(n).unwrap())));
+    let r = conn.submit_batch(&jobs).await.unwrap();
+    assert_eq!(r.status, 202, "{}", r.text());
+    let accepted = r.json();
+    let id = accepted["id"].as_str().unwrap().to_owned();
+    let ids: Vec<String> =
+        accepted["jobs"].as_array().unwrap().iter().map(|j| j.as_str().unwrap().to_owned()).collect();
+    assert_eq!(ids.len(), 20);
+
+    let summary = wait_complete(&mut conn, &id, Duration::from_secs(30)).await;
+    assert_eq!(summary["status"], "complete", "{summary}");
+    assert_eq!((summary["total"].as_u64(), summary["counts"].clone()), (Some(20), json!({"succeeded": 20})));
+    assert_eq!(summary["jobs"], json!(ids), "the ids, in the order submitted");
+    for job in &ids {
+        let s = wait_final(&mut conn, job, Duration::from_secs(5)).await;
+        assert_eq!(s["status"], "succeeded", "{s}");
+    }
+    let token = {
+        let s = wait_final(&mut conn, &ids[3], Duration::from_secs(5)).await;
+        s["result"]["token"].as_str().unwrap().to_owned()
+    };
+    let got =
+        conn.submit(&json!({"kind": "vault.get", "payload": {"token": token}}), Some(10)).await.unwrap();
+    assert_eq!(got.json()["result"]["record"], json!({"n": 3}));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        oracle::ledger(&sys.database(), &sys.keyring())["b-1"],
+        (55, 10),
+        "applied once each, in order"
+    );
+    // Another client does not see it; a made-up id is no batch.
+    let mut other = sys.client_as(OTHER_CLIENT).connect().await.unwrap();
+    assert_problem(&other.batch(&id).await.unwrap(), 404, "not-found");
+    assert_problem(&conn.batch(&"0".repeat(32)).await.unwrap(), 404, "not-found");
+    sys.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_with_a_bad_job_is_refused_whole_naming_each() {
+    let sys = TestSystem::start().await;
+    let mut conn = sys.connect().await;
+    let jobs = vec![
+        ledger("b-2", 1, 5),
+        ledger("b-2", 2, 5),
+        json!({"kind": "ledger.apply", "payload": {"account": "b-2", "amount": "five"}, "sequence": {"key": "b-2", "number": 3}}),
+        json!({"kind": "nope", "payload": {}}),
+        json!({"kind": "vault.put", "payload": {"record": {}}, "reply_to": "elsewhere"}),
+    ];
+    let r = conn.submit_batch(&jobs).await.unwrap();
+    let problem = assert_problem(&r, 422, "batch-refused");
+    let paths: Vec<&str> =
+        problem["errors"].as_array().unwrap().iter().map(|e| e["path"].as_str().unwrap()).collect();
+    assert_eq!(paths, ["/jobs/2/payload/amount", "/jobs/3/kind", "/jobs/4"], "{problem}");
+    // Nothing of it ran: the account's first two numbers were never applied.
+    let r = conn.submit(&ledger("b-2", 1, 1), Some(10)).await.unwrap();
+    assert_eq!(r.json()["result"]["balance"], 1, "{}", r.text());
+
+    assert_problem(&conn.submit_batch(&[]).await.unwrap(), 422, "batch-size");
+    let too_many: Vec<Value> =
+        (0..1001).map(|_| json!({"kind": "vault.put", "payload": {"record": {}}})).collect();
+    assert_problem(&conn.submit_batch(&too_many).await.unwrap(), 422, "batch-size");
+    // One idempotency key twice is one job, as two single submits with it would be.
+    let twice = json!({"kind": "vault.put", "payload": {"record": {}}, "idempotency_key": "b-twice"});
+    let r = conn.submit_batch(&[twice.clone(), twice]).await.unwrap();
+    assert_eq!(r.status, 202, "{}", r.text());
+    assert_eq!(r.json()["jobs"][0], r.json()["jobs"][1]);
+    let summary = wait_complete(&mut conn, r.json()["id"].as_str().unwrap(), Duration::from_secs(30)).await;
+    assert_eq!(
+        (summary["status"].as_str(), summary["counts"].clone()),
+        (Some("complete"), json!({"succeeded": 2}))
+    );
+    sys.stop().await;
+}
