@@ -58,6 +58,9 @@ pub struct BenchArgs {
     /// Idle connections for the `idle` scenario.
     #[arg(long, default_value_t = 1000)]
     pub idle_connections: usize,
+    /// Jobs of each batch of the `batch` scenario (and single submits it compares them with).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub batch_jobs: u64,
     /// Broker for the raw-lapin reference (admin URL; it declares and deletes
     /// `gatehouse.bench.baseline`).
     #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
@@ -247,22 +250,23 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<Vec<Value>> {
     Ok(reports)
 }
 
-/// Jobs accepted per second as single submits on one connection and as batches of 1,000, five
-/// rounds each in turns, with a local worker paused meanwhile (it would compete for the cores).
+/// Jobs accepted per second as single submits on one connection and as batches of
+/// `--batch-jobs`, five rounds each in turns, with a local worker paused meanwhile (it would
+/// compete for the cores).
 async fn batches(args: &BenchArgs, client: &gatehouse_client::Client) -> anyhow::Result<Value> {
-    const JOBS: usize = 1_000;
     const ROUNDS: usize = 5;
+    let jobs = usize::try_from(args.batch_jobs).unwrap_or(1);
     let worker = pause_local_worker(args);
     let measured =
-        progress("batch", Duration::from_secs(600), scenarios::singles_and_batches(client, JOBS, ROUNDS))
+        progress("batch", Duration::from_secs(600), scenarios::singles_and_batches(client, jobs, ROUNDS))
             .await;
     resume(&worker);
     let (singles, batches) = measured?;
-    let rate = |d: &[Duration]| (JOBS * d.len()) as f64 / d.iter().sum::<Duration>().as_secs_f64();
+    let rate = |d: &[Duration]| (jobs * d.len()) as f64 / d.iter().sum::<Duration>().as_secs_f64();
     let (single, batch) = (rate(&singles), rate(&batches));
     Ok(json!({
         "scenario": "batch",
-        "jobs_per_batch": JOBS,
+        "jobs_per_batch": jobs,
         "rounds": ROUNDS,
         "single_submits_per_s": round(single),
         "batch_jobs_per_s": round(batch),

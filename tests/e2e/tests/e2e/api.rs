@@ -180,6 +180,8 @@ async fn the_openapi_document_matches_the_routes_and_their_statuses() {
             "/healthz",
             "/openapi.json",
             "/readyz",
+            "/v1/batches",
+            "/v1/batches/{id}",
             "/v1/jobs",
             "/v1/jobs/{id}",
             "/v1/jobs/{id}/events",

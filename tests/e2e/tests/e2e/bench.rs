@@ -18,7 +18,7 @@ async fn every_scenario_runs_and_reports() {
     .await;
     let args = BenchArgs {
         endpoint: sys.endpoint(),
-        scenarios: ["sync", "async", "priority", "fair", "idle", "kinds"].map(String::from).to_vec(),
+        scenarios: ["sync", "async", "priority", "fair", "idle", "kinds", "batch"].map(String::from).to_vec(),
         kinds: vec!["acme.upper-stream".into()],
         clients: 2,
         concurrency: 2,
@@ -28,6 +28,7 @@ async fn every_scenario_runs_and_reports() {
         backlog: 20,
         probe_rate: 10,
         idle_connections: 10,
+        batch_jobs: 20,
         broker: broker_url(),
         // A `worker` process on this machine is not ours to pause.
         no_pause: true,
@@ -55,6 +56,12 @@ async fn every_scenario_runs_and_reports() {
     assert_eq!(by("priority")["backlog"], 20);
     assert_eq!(by("fair")["backlog"], 20);
     assert_eq!(by("idle")["idle_connections"], 10);
+    let batch = by("batch");
+    assert_eq!((batch["jobs_per_batch"].as_u64(), batch["rounds"].as_u64()), (Some(20), Some(5)), "{batch}");
+    assert!(
+        batch["batch_jobs_per_s"].as_f64().unwrap() > 0.0 && batch["ratio"].as_f64().unwrap() > 0.0,
+        "{batch}"
+    );
     let stream = by("acme.upper-stream");
     assert!(stream["requests"].as_u64().unwrap() > 0 && stream["errors"] == 0, "{stream}");
     assert!(stream["ratio_to_vault_put"].as_f64().unwrap() > 0.0, "{stream}");
