@@ -61,8 +61,9 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<()> {
     if !args.certs.join("ca.pem").exists() {
         certs::write_dev(&args.certs)?;
         println!("wrote dev certificates and keys to {}", args.certs.display());
-    } else if !args.certs.join("operator-signing.pub").exists()
-        || !args.certs.join("worker-data.keys").exists()
+    } else if ["operator-signing.pub", "worker-data.keys", "worker-keys.json"]
+        .iter()
+        .any(|f| !args.certs.join(f).exists())
     {
         // Certificates from an earlier release: add the keys it did not have (keeping the rest).
         gatehouse_protocol::keys::write_dev(&args.certs)?;

@@ -37,16 +37,40 @@ impl Sweep for Held {
 
     async fn run_once(&mut self) -> anyhow::Result<()> {
         let out = &self.0;
-        let now = now_ms();
-        let due =
-            out.store.transact(move |tx| tx.claim_due_scheduled(now, now + CLAIM_MS, SWEEP_BATCH)).await?;
-        for (id, envelope) in due {
-            if out.send_back(&id, &envelope).await? {
-                let released = id.clone();
-                out.store.transact(move |tx| tx.mark_released(&released)).await?;
-                tracing::debug!(job_id = %id, "delayed job due: back to its queue");
+        // Pass after pass while they come full (a batch's jobs, a backlog of delayed ones).
+        loop {
+            let now = now_ms();
+            let due = out
+                .store
+                .transact(move |tx| tx.claim_due_scheduled(now, now + CLAIM_MS, SWEEP_BATCH))
+                .await?;
+            let full = due.len() == SWEEP_BATCH as usize;
+            // Sent at once, each confirmed; released together.
+            let sent =
+                futures_util::future::join_all(due.iter().map(|(id, envelope)| out.send_back(id, envelope)))
+                    .await;
+            let mut released = Vec::with_capacity(due.len());
+            let mut failed = None;
+            for ((id, _), sent) in due.iter().zip(sent) {
+                match sent {
+                    Ok(true) => released.push(id.clone()),
+                    Ok(false) => {}
+                    Err(e) => failed = Some(e),
+                }
+            }
+            let n = released.len();
+            out.store.transact(move |tx| released.iter().try_for_each(|id| tx.mark_released(id))).await?;
+            if n > 0 {
+                tracing::debug!(jobs = n, "held jobs due: back to their queues");
+            }
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            if !full {
+                break;
             }
         }
+        let now = now_ms();
         let expired =
             out.store.transact(move |tx| tx.claim_expired_leases(now, now + CLAIM_MS, SWEEP_BATCH)).await?;
         for (id, envelope) in expired {
