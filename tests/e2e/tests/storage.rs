@@ -455,6 +455,59 @@ async fn pruning_and_events_work_on_both_backends() {
     }
 }
 
+/// A batch is recorded once, read by its owner only (jobs in order, counted by state, pruned
+/// ones as `expired`), and forgotten once retention pruned every one of its jobs.
+#[tokio::test]
+async fn batches_are_recorded_once_read_by_their_owner_and_pruned_with_their_jobs_on_both_backends() {
+    for db in Db::both().await {
+        let store = db.open().await;
+        let (batch, jobs) = (id(900), vec![id(903), id(901), id(902)]);
+        let (b, j) = (batch.clone(), jobs.clone());
+        let recorded = store
+            .transact(move |tx| {
+                tx.record_job(&job(901, JobState::Succeeded, None))?;
+                tx.record_job(&job(902, JobState::Queued, None))?;
+                tx.record_job(&job(903, JobState::Failed, None))?;
+                Ok::<_, StorageError>((tx.record_batch(&b, "c", &j)?, tx.record_batch(&b, "c", &j)?))
+            })
+            .await
+            .unwrap();
+        assert_eq!(recorded, (true, false), "{}: recorded once", db.name());
+        let b = batch.clone();
+        let read = store
+            .transact(move |tx| Ok::<_, StorageError>((tx.batch_of(&b, "c")?, tx.batch_of(&b, "other")?)))
+            .await
+            .unwrap();
+        let (mine, theirs) = read;
+        let mine = mine.unwrap_or_else(|| panic!("{}: the owner reads it", db.name()));
+        assert!(theirs.is_none(), "{}: nobody else does", db.name());
+        assert_eq!(mine.jobs, jobs, "{}: in order", db.name());
+        let counts: Vec<(&str, usize)> = mine.counts.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        assert_eq!(counts, [("failed", 1), ("queued", 1), ("succeeded", 1)], "{}", db.name());
+        assert!(!mine.complete, "{}: one is queued", db.name());
+
+        let now = gatehouse_protocol::clock::now_ms() + 1;
+        store.transact(move |tx| tx.prune_decided("ledger.apply", now, 100)).await.unwrap();
+        assert_eq!(
+            store.transact(|tx| tx.prune_batches(10)).await.unwrap(),
+            0,
+            "{}: a job is left",
+            db.name()
+        );
+        let b = batch.clone();
+        let left = store.transact(move |tx| tx.batch_of(&b, "c")).await.unwrap().unwrap();
+        assert_eq!(left.counts.get("expired"), Some(&2), "{}", db.name());
+        store.transact(|tx| tx.record_job(&job(902, JobState::Succeeded, None))).await.unwrap();
+        let later = gatehouse_protocol::clock::now_ms() + 1;
+        store.transact(move |tx| tx.prune_decided("ledger.apply", later, 100)).await.unwrap();
+        assert_eq!(store.transact(|tx| tx.prune_batches(10)).await.unwrap(), 1, "{}", db.name());
+        let b = batch.clone();
+        assert!(store.transact(move |tx| tx.batch_of(&b, "c")).await.unwrap().is_none(), "{}", db.name());
+        let rows = db.raw("SELECT CAST(COUNT(*) AS TEXT) FROM batch_jobs").await;
+        assert_eq!(rows.as_deref(), Some("0"), "{}: its jobs' rows went with it", db.name());
+    }
+}
+
 #[tokio::test]
 async fn bad_storage_urls_are_clear_errors() {
     let e = Location::parse("postgres://u:hunter2@127.0.0.1/db", None, 4).unwrap_err().to_string();
