@@ -108,3 +108,30 @@ async fn a_batch_with_a_bad_job_is_refused_whole_naming_each() {
     );
     sys.stop().await;
 }
+
+/// On PostgreSQL with three workers: the batch is recorded once, and every job of it runs once,
+/// the sequence in order, whichever worker sends or runs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_runs_once_across_three_workers_on_postgres() {
+    let sys = gatehouse_e2e::three_workers(true, env!("CARGO_BIN_EXE_e2e-worker")).await;
+    let mut conn = sys.connect().await;
+    let mut jobs: Vec<Value> =
+        (0..100).map(|n| json!({"kind": "vault.put", "payload": {"record": {"n": n}}})).collect();
+    jobs.extend((1..=100).rev().map(|n| ledger("b-pg", n, 1)));
+    let r = conn.submit_batch(&jobs).await.unwrap();
+    assert_eq!(r.status, 202, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    let summary = wait_complete(&mut conn, &id, Duration::from_secs(60)).await;
+    assert_eq!(
+        (summary["status"].as_str(), summary["counts"].clone()),
+        (Some("complete"), json!({"succeeded": 200})),
+        "{summary}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        oracle::ledger(&sys.storage(), &sys.keyring())["b-pg"],
+        (100, 100),
+        "applied once each, in order"
+    );
+    sys.stop().await;
+}
