@@ -5,6 +5,8 @@
 //! carries every job's message in one vouched [`BatchMessage`] to the queue of the first job.
 //! The worker records the batch and holds each job's message in storage in one transaction
 //! (so all or none), acks, and sends each job to its own queue, where it runs like any job.
+//! A batch's `on_complete` job is kept with it and runs once every job is decided, given the
+//! batch's [`BatchSummary`].
 
 use std::collections::BTreeMap;
 
@@ -27,6 +29,10 @@ pub struct BatchMessage {
     pub share: u16,
     pub submitted_at_ms: u64,
     pub jobs: Vec<BatchedJob>,
+    /// The job that runs once every job of the batch is decided (its envelope `completes`
+    /// the batch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_complete: Option<BatchedJob>,
 }
 
 fn one() -> u16 {

@@ -56,6 +56,10 @@ pub struct JobEnvelope {
     /// ([`crate::fields::FieldAad`]). Travels sealed, as the payload.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
+    /// The batch whose `on_complete` job this is: it runs once every job of the batch is
+    /// decided, and its handler is given the batch's summary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completes: Option<JobId>,
 }
 
 /// A reply target: the gatekeeper instance's reply queue and the waiting request's
@@ -93,6 +97,8 @@ pub struct SealedJob {
     /// The idempotency key, sealed as the payload is (bound to the job's id, kind and client).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<Sealed>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completes: Option<JobId>,
 }
 
 #[allow(clippy::trivially_copy_pass_by_ref)] // serde's signature
@@ -135,6 +141,7 @@ impl JobEnvelope {
                 Some(k) => Some(session.seal(k.as_bytes(), &key_aad(&self.id, &self.kind, &self.client))?),
                 None => None,
             },
+            completes: self.completes.clone(),
             submitted_at_ms: self.submitted_at_ms,
             not_before_ms: self.not_before_ms,
             reply: self.reply.clone(),
@@ -163,6 +170,7 @@ impl SealedJob {
         };
         Ok(JobEnvelope {
             idempotency_key,
+            completes: self.completes,
             id: self.id,
             kind: self.kind,
             client: self.client,
@@ -189,6 +197,7 @@ impl SealedJob {
             sequence: self.sequence.clone(),
             payload: Value::Null,
             idempotency_key: None,
+            completes: self.completes.clone(),
             submitted_at_ms: self.submitted_at_ms,
             not_before_ms: self.not_before_ms,
             reply: self.reply.clone(),
@@ -425,6 +434,7 @@ mod tests {
             shard: 0,
             share: 1,
             idempotency_key: Some("order-KEYMARK".into()),
+            completes: None,
         };
         let wire = serde_json::to_string(&env.seal(&session).unwrap()).unwrap();
         assert!(!wire.contains("MARKER") && !wire.contains("KEYMARK"), "{wire}");

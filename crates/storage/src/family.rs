@@ -41,6 +41,8 @@ pub(crate) const PROGRESS: SealedColumn =
     SealedColumn { table: "progress", key: "job_id", owner: "client", column: "value" };
 pub(crate) const CHECKPOINTS: SealedColumn =
     SealedColumn { table: "checkpoints", key: "job_id", owner: "client", column: "value" };
+pub(crate) const ON_COMPLETE: SealedColumn =
+    SealedColumn { table: "batches", key: "id", owner: "client", column: "on_complete" };
 
 /// Brings every family's tables up to date and records its sealed columns, in `tx` (the
 /// caller's transaction holds the write lock: workers that start together take turns, and each
@@ -88,7 +90,7 @@ pub(crate) fn migrate(tx: &Tx<'_>, families: &[Family]) -> Result<(), StorageErr
 pub(crate) fn sealed_columns(tx: &Tx<'_>) -> Result<Vec<(String, String, String, String)>, StorageError> {
     let own =
         |c: SealedColumn| (c.table.to_owned(), c.key.to_owned(), c.owner.to_owned(), c.column.to_owned());
-    let mut out = vec![own(JOB_RESULTS), own(PROGRESS), own(CHECKPOINTS)];
+    let mut out = vec![own(JOB_RESULTS), own(PROGRESS), own(CHECKPOINTS), own(ON_COMPLETE)];
     for r in
         tx.rows("SELECT tbl, key_col, owner_expr, col FROM sealed_columns ORDER BY tbl, col", params![])?
     {

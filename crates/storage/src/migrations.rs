@@ -384,7 +384,12 @@ const MIGRATIONS: &[&str] = &[
         id            TEXT PRIMARY KEY,
         client        TEXT NOT NULL,
         total         INTEGER NOT NULL,
-        created_at_ms INTEGER NOT NULL
+        created_at_ms INTEGER NOT NULL,
+        -- The job that runs once every job is decided (its envelope, sealed at rest), and when
+        -- it was sent.
+        on_complete_id  TEXT,
+        on_complete     TEXT,
+        completed_at_ms INTEGER
     );
     CREATE TABLE batch_jobs (
         batch_id TEXT NOT NULL,

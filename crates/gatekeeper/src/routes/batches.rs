@@ -33,6 +33,8 @@ pub const BODY_FACTOR: usize = 32;
 #[serde(deny_unknown_fields)]
 struct BatchRequest {
     jobs: Vec<Value>,
+    #[serde(default)]
+    on_complete: Option<Value>,
 }
 
 /// `POST /v1/batches`.
@@ -94,6 +96,17 @@ async fn accept(
             Err(problem) => refused.extend(at_index(i, &problem)),
         }
     }
+    let batch_id = app.ids.mint(&client.0, None);
+    let on_complete = match req.on_complete {
+        None => None,
+        Some(body) => match completion(app, &client.0, policy, body, &trace, &batch_id) {
+            Ok(envelope) => Some(envelope),
+            Err(errors) => {
+                refused.extend(errors);
+                None
+            }
+        },
+    };
     if !refused.is_empty() {
         return Err(Problem::validation("The batch is refused whole", "batch-refused", refused));
     }
@@ -103,12 +116,22 @@ async fn accept(
         jobs.push(BatchedJob { id: envelope.id.clone(), message });
     }
     let ids: Vec<JobId> = jobs.iter().map(|j| j.id.clone()).collect();
+    let on_complete = match &on_complete {
+        Some(envelope) => {
+            let message =
+                String::from_utf8(seal(app, envelope)?).map_err(|_| Problem::internal("not UTF-8"))?;
+            Some(BatchedJob { id: envelope.id.clone(), message })
+        }
+        None => None,
+    };
+    let on_complete_id = on_complete.as_ref().map(|j| j.id.clone());
     let batch = BatchMessage {
-        batch: app.ids.mint(&client.0, None),
+        batch: batch_id,
         client: client.0.clone(),
         share: policy.share,
         submitted_at_ms: gatehouse_protocol::clock::now_ms().unsigned_abs(),
         jobs,
+        on_complete,
     };
     let session = app.keys.session().map_err(|_| Problem::internal("no session with the worker"))?;
     let body = serde_json::to_vec(&batch)
@@ -123,8 +146,43 @@ async fn accept(
         .await?;
     tracing::info!(batch = %batch.batch, jobs = ids.len(), "batch accepted");
     let id = batch.batch.as_str();
-    let answer = json!({"id": id, "status_url": format!("/v1/batches/{id}"), "jobs": ids});
+    let mut answer = json!({"id": id, "status_url": format!("/v1/batches/{id}"), "jobs": ids});
+    if let Some(job) = on_complete_id {
+        answer["on_complete"] = json!(job);
+    }
     Ok((StatusCode::ACCEPTED, Json(answer)).into_response())
+}
+
+/// The batch's `on_complete` job, checked like a job (it runs once the batch is complete, and
+/// then as any job: not before its `not_before`, in its sequence's order); errors under
+/// `/on_complete`.
+fn completion(
+    app: &App,
+    client: &str,
+    policy: &crate::policy::ClientPolicy,
+    body: Value,
+    trace: &Trace,
+    batch: &JobId,
+) -> Result<gatehouse_protocol::JobEnvelope, Vec<FieldError>> {
+    let under = |problem: &Problem| {
+        problem
+            .errors
+            .iter()
+            .map(|e| field(&format!("/on_complete{}", e.path), format!("{}: {}", problem.slug(), e.message)))
+            .collect::<Vec<_>>()
+    };
+    let req = serde_json::from_value::<SubmitRequest>(body)
+        .map_err(|e| vec![field("/on_complete", format!("invalid-envelope: {e}"))])?;
+    let (_, mut envelope) = check_job(app, client, policy, req, trace).map_err(|p| {
+        let errors = under(&p);
+        if errors.is_empty() {
+            vec![field("/on_complete", format!("{}: {}", p.slug(), p.detail))]
+        } else {
+            errors
+        }
+    })?;
+    envelope.completes = Some(batch.clone());
+    Ok(envelope)
 }
 
 /// A refused job's problem, its paths under `/jobs/<i>`.

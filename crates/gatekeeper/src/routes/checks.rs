@@ -88,6 +88,7 @@ pub(crate) fn check_job<'a>(
         shard: app.catalog.shard_for(spec, policy.place),
         share: policy.share,
         idempotency_key: req.idempotency_key,
+        completes: None,
     };
     Ok((spec, envelope))
 }

@@ -168,7 +168,12 @@ pub(super) const SCHEMA: &[&str] = &[
         id            TEXT PRIMARY KEY,
         client        TEXT NOT NULL,
         total         BIGINT NOT NULL,
-        created_at_ms BIGINT NOT NULL
+        created_at_ms BIGINT NOT NULL,
+        -- The job that runs once every job is decided (its envelope, sealed at rest), and when
+        -- it was sent.
+        on_complete_id  TEXT,
+        on_complete     TEXT,
+        completed_at_ms BIGINT
     );
     CREATE TABLE batch_jobs (
         batch_id TEXT NOT NULL,

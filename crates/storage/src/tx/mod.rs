@@ -16,7 +16,6 @@ mod schedules;
 mod sealing;
 mod sequences;
 
-pub use batches::BatchRecord;
 pub use held::SENT_BACK;
 pub use jobs::{JobFilter, ListedJob};
 pub use pauses::Pause;

@@ -4,6 +4,7 @@
 use gatehouse_protocol::batch::{BatchMessage, BatchSummary};
 use gatehouse_protocol::clock::now_ms;
 use gatehouse_protocol::{JobEnvelope, JobId, JobState, SealedJob, Vouched};
+use gatehouse_storage::StoredJob;
 use gatehouse_storage::{StorageError, Tx};
 
 use super::hold;
@@ -31,9 +32,15 @@ pub fn jobs_of(batch: &BatchMessage) -> Option<Vec<JobEnvelope>> {
 ///
 /// # Errors
 /// A storage failure: nothing of the batch is kept.
-pub fn hold_batch(tx: &Tx<'_>, batch: &BatchMessage, jobs: &[JobEnvelope]) -> Result<usize, StorageError> {
+pub fn hold_batch(
+    tx: &Tx<'_>,
+    batch: &BatchMessage,
+    jobs: &[JobEnvelope],
+    on_complete: Option<&JobEnvelope>,
+) -> Result<usize, StorageError> {
     let ids: Vec<JobId> = jobs.iter().map(|env| env.id.clone()).collect();
-    if !tx.record_batch(&batch.batch, &batch.client, &ids)? {
+    let kept = on_complete.map(|env| (env.id.clone(), serde_json::to_value(env).unwrap_or_default()));
+    if !tx.record_batch(&batch.batch, &batch.client, &ids, kept.as_ref().map(|(id, env)| (id, env)))? {
         return Ok(0);
     }
     let now = now_ms().unsigned_abs();
@@ -54,11 +61,47 @@ pub fn hold_batch(tx: &Tx<'_>, batch: &BatchMessage, jobs: &[JobEnvelope]) -> Re
 /// # Errors
 /// A storage failure.
 pub fn batch_status(tx: &Tx<'_>, id: &JobId, client: &str) -> Result<Option<BatchSummary>, StorageError> {
-    Ok(tx.batch_of(id, client)?.map(|record| BatchSummary {
-        id: id.clone(),
-        status: if record.complete { "complete" } else { "running" }.to_owned(),
-        total: record.jobs.len(),
-        counts: record.counts,
-        jobs: record.jobs,
-    }))
+    tx.batch_of(id, client)
+}
+
+/// The `on_complete` jobs of batches whose jobs are all decided (at most `limit`): each made
+/// again as a job of the worker's own (vouched with its key, `make`, so that its age counts
+/// from now, however long the batch took), recorded `scheduled` and held for the sweep to send
+/// to its queue — once: the batch is marked sent in the same transaction. Answers how many.
+///
+/// # Errors
+/// A storage failure.
+pub fn complete_batches(
+    tx: &Tx<'_>,
+    limit: u32,
+    make: &dyn Fn(&JobEnvelope) -> Option<Vec<u8>>,
+) -> Result<usize, StorageError> {
+    let mut sent = 0;
+    for (summary, stored) in tx.complete_batches(limit)? {
+        let Ok(mut env) = serde_json::from_value::<JobEnvelope>(stored) else {
+            tracing::error!(batch = %summary.id, "a batch's on_complete job does not read; it does not run");
+            continue;
+        };
+        env.submitted_at_ms = now_ms().unsigned_abs();
+        let Some(message) = make(&env) else { continue };
+        if tx.job(&env.id)?.is_some() {
+            continue;
+        }
+        tx.record_job(&StoredJob {
+            id: env.id.clone(),
+            client: env.client.clone(),
+            kind: env.kind.clone(),
+            state: JobState::Scheduled,
+            result: None,
+            error: None,
+            reason: None,
+            sequence: None,
+            submitted_at_ms: i64::try_from(env.submitted_at_ms).ok(),
+        })?;
+        let due = env.not_before_ms.map_or(env.submitted_at_ms, |at| at.max(env.submitted_at_ms));
+        tx.schedule(&env.id, due, &message)?;
+        tracing::info!(batch = %summary.id, job_id = %env.id, "batch complete: its on_complete job goes to its queue");
+        sent += 1;
+    }
+    Ok(sent)
 }

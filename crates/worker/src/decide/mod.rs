@@ -42,7 +42,7 @@ use gatehouse_storage::{StorageError, StoredJob, Tx};
 use crate::handlers::Outcome;
 use crate::reasons::DeadReason;
 use crate::security::ReplyTarget;
-pub use batch::{batch_status, hold_batch, jobs_of};
+pub use batch::{batch_status, complete_batches, hold_batch, jobs_of};
 pub use prepare::{begin, decide_and_run, prepare};
 pub use record::{Run, record_dead};
 pub use status::{cancel, status_for};

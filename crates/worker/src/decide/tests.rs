@@ -43,6 +43,7 @@ fn ledger_job(n: u8, number: u64, amount: i64) -> JobEnvelope {
         shard: 0,
         share: 1,
         idempotency_key: None,
+        completes: None,
     }
 }
 

@@ -8,6 +8,7 @@ use super::Ctx;
 use super::settle::{Carried, act, finish, requeue_after_pause};
 use crate::decide::{self, Dead, Verdict};
 use crate::reasons::DeadReason;
+use crate::security::Opened;
 
 /// Handles one batch delivery (its message checked already), start to settle.
 pub async fn handle_batch(ctx: &Ctx, carried: &Carried<'_>, batch: BatchMessage) {
@@ -16,8 +17,30 @@ pub async fn handle_batch(ctx: &Ctx, carried: &Carried<'_>, batch: BatchMessage)
         let dead = Dead::unrecorded(DeadReason::Undecodable, None);
         return act(ctx, carried, Verdict::DeadLetter(dead)).await;
     };
+    // Its on_complete job is opened now (while its session is fresh) and kept with the batch.
+    let on_complete = match &batch.on_complete {
+        None => None,
+        Some(job) => match ctx.shared.keys.open(job.message.as_bytes()) {
+            Ok(Opened::Job(env, _))
+                if env.id == job.id
+                    && env.client == batch.client
+                    && env.completes.as_ref() == Some(&batch.batch) =>
+            {
+                Some(env)
+            }
+            _ => {
+                tracing::warn!(batch = %batch.batch, "the batch's on_complete job does not open: the batch is refused whole");
+                let dead = Dead::unrecorded(DeadReason::Undecodable, None);
+                return act(ctx, carried, Verdict::DeadLetter(dead)).await;
+            }
+        },
+    };
     let (id, count) = (batch.batch.clone(), jobs.len());
-    let held = ctx.shared.store.transact(move |tx| decide::hold_batch(tx, &batch, &jobs)).await;
+    let held = ctx
+        .shared
+        .store
+        .transact(move |tx| decide::hold_batch(tx, &batch, &jobs, on_complete.as_ref()))
+        .await;
     match held {
         Ok(held) => {
             tracing::info!(batch = %id, jobs = count, held, "batch recorded; its jobs go to their queues");

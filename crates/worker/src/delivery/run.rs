@@ -72,6 +72,15 @@ pub async fn run(ctx: &Ctx, attempt: Attempt<'_>) -> Result<Vec<Answer>, Failure
     );
     // Its own task: a panic is caught there, and at the deadline (or a grace period after a
     // cancellation) the task (the handler's future) is dropped.
+    // A batch's on_complete job is given the batch.
+    let context = match env.completes.clone() {
+        Some(batch) => {
+            let client = env.client.clone();
+            let summary = shared.store.read(move |tx| tx.batch_of(&batch, &client)).await;
+            context.with_batch(summary.unwrap_or_default())
+        }
+        None => context,
+    };
     let task = tokio::spawn(handler.run(context, payload));
     // Given up (the lease lost, the worker stopping): the handler goes too.
     let abort = AbortOnDrop(task.abort_handle());

@@ -26,6 +26,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use gatehouse_protocol::batch::BatchSummary;
 use gatehouse_protocol::fields::{FieldAad, FieldOpener};
 use gatehouse_protocol::schemas::Schemas;
 use gatehouse_protocol::{Catalog, JobEnvelope, JobId, Sequence};
@@ -98,6 +99,7 @@ pub struct JobContext {
     checkpoint: Option<Value>,
     store: Option<gatehouse_storage::Store>,
     reservation: Option<Arc<Reservation>>,
+    batch: Option<BatchSummary>,
 }
 
 impl JobContext {
@@ -115,7 +117,20 @@ impl JobContext {
             checkpoint: None,
             store: None,
             reservation: None,
+            batch: None,
         }
+    }
+
+    /// For a batch's `on_complete` job: the batch, every job of it decided (its jobs by state,
+    /// their ids in order). `None` for any other job.
+    pub fn batch(&self) -> Option<&BatchSummary> {
+        self.batch.as_ref()
+    }
+
+    /// Gives an `on_complete` job its batch's summary.
+    pub fn with_batch(mut self, batch: Option<BatchSummary>) -> Self {
+        self.batch = batch;
+        self
     }
 
     /// What the handler's [`ExternalHandler::reserve`] took for this attempt, if it took
@@ -482,7 +497,11 @@ pub fn run_in_storage(
     let Some(Handler::Storage(handler)) = kinds.registry.get(&env.kind) else {
         return Ok(Outcome::Permanent(format!("{} has no storage handler in this worker", env.kind)));
     };
-    let job = JobContext::new(env, attempt, timeout, None);
+    let batch = match &env.completes {
+        Some(batch) => tx.batch_of(batch, &env.client)?,
+        None => None,
+    };
+    let job = JobContext::new(env, attempt, timeout, None).with_batch(batch);
     let outcome = handler.run(tx, &job, payload)?;
     if Instant::now() > job.deadline {
         return Ok(Outcome::Retryable(format!("timed out after {} ms", timeout.as_millis())));
@@ -586,6 +605,7 @@ mod tests {
             shard: 0,
             share: 1,
             idempotency_key: None,
+            completes: None,
         };
         let Err(Outcome::Permanent(e)) = kinds.payload(&env) else { panic!("accepted") };
         assert!(e.starts_with("invalid-payload") && !e.contains("MARKER") && !e.contains("12345"), "{e}");

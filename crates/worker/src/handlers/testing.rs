@@ -95,8 +95,10 @@ pub fn register(r: &mut Registry) {
         external(|mut job: JobContext, p: Sleep| async move {
             let started = gatehouse_protocol::clock::now_ms();
             tokio::select! {
+                // (As a batch's on_complete job, the batch it was given too.)
                 () = tokio::time::sleep(Duration::from_millis(p.ms)) => Outcome::Success(json!({
                     "slept_ms": p.ms, "started_at_ms": started, "ended_at_ms": gatehouse_protocol::clock::now_ms(),
+                    "batch": job.batch(),
                 })),
                 () = job.cancelled() => Outcome::Cancelled,
             }

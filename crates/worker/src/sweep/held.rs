@@ -8,6 +8,8 @@
 //!   needs no broker plugin.
 //! - **Long jobs whose lease ran out** (their worker stopped renewing it, see
 //!   `delivery::lease`): the next attempt starts from the job's last checkpoint.
+//! - **Batches' jobs** (held together when the batch arrives) and a batch's `on_complete` job
+//!   (held once every job of the batch is decided).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,6 +39,14 @@ impl Sweep for Held {
 
     async fn run_once(&mut self) -> anyhow::Result<()> {
         let out = &self.0;
+        // Batches whose jobs are all decided: their on_complete jobs are held, due now.
+        let keys = out.keys.clone();
+        out.store
+            .transact(move |tx| {
+                let make = |env: &gatehouse_protocol::JobEnvelope| keys.own_job(env).ok();
+                crate::decide::complete_batches(tx, SWEEP_BATCH, &make)
+            })
+            .await?;
         // Pass after pass while they come full (a batch's jobs, a backlog of delayed ones).
         loop {
             let now = now_ms();

@@ -156,6 +156,7 @@ impl Schedule {
             shard: 0,
             share: 1,
             idempotency_key: None,
+            completes: None,
         }
     }
 }

@@ -135,3 +135,56 @@ async fn a_batch_runs_once_across_three_workers_on_postgres() {
     );
     sys.stop().await;
 }
+
+/// A batch's `on_complete` job runs once, after every job of the batch is decided, and is given
+/// the batch (its jobs by state, their ids in order).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_complete_runs_once_after_every_job_with_the_batch() {
+    let sys = TestSystem::start_with(gatehouse_e2e::Options { testing: true, ..Default::default() }).await;
+    let mut conn = sys.connect().await;
+    let sleep = |ms: u64| json!({"kind": "test.sleep", "payload": {"ms": ms}});
+    let mut jobs: Vec<Value> = (0..4).map(|n| sleep(100 + 50 * n)).collect();
+    // One that fails for good.
+    jobs.push(json!({"kind": "vault.get", "payload": {"token": format!("tok_{}", "0".repeat(32))}}));
+    let body = json!({"jobs": jobs, "on_complete": sleep(1)}).to_string().into_bytes();
+    let r = conn
+        .request(hyper::Method::POST, "/v1/batches", &[("content-type", "application/json")], body)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 202, "{}", r.text());
+    let accepted = r.json();
+    let on_complete = accepted["on_complete"].as_str().unwrap().to_owned();
+    let ids = accepted["jobs"].clone();
+    let done = wait_final(&mut conn, &on_complete, Duration::from_secs(30)).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let given = &done["result"]["batch"];
+    assert_eq!((given["status"].as_str(), given["jobs"].clone()), (Some("complete"), ids.clone()), "{done}");
+    assert_eq!(given["counts"], json!({"failed": 1, "succeeded": 4}), "{done}");
+    let started = done["result"]["started_at_ms"].as_i64().unwrap();
+    for id in ids.as_array().unwrap().iter().take(4) {
+        let s = wait_final(&mut conn, id.as_str().unwrap(), Duration::from_secs(5)).await;
+        assert!(
+            s["result"]["ended_at_ms"].as_i64().unwrap() <= started,
+            "ran before a job of the batch ended: {s}"
+        );
+    }
+    // Once: the batch is marked when its on_complete job is held.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let again = wait_final(&mut conn, &on_complete, Duration::from_secs(5)).await;
+    assert_eq!(again["result"]["started_at_ms"], done["result"]["started_at_ms"]);
+
+    // It is checked like any job: one the client may not submit refuses the batch.
+    let body = json!({"jobs": [sleep(1)], "on_complete": {"kind": "nope", "payload": {}}});
+    let r = conn
+        .request(
+            hyper::Method::POST,
+            "/v1/batches",
+            &[("content-type", "application/json")],
+            body.to_string().into_bytes(),
+        )
+        .await
+        .unwrap();
+    let problem = assert_problem(&r, 422, "batch-refused");
+    assert_eq!(problem["errors"][0]["path"], "/on_complete/kind", "{problem}");
+    sys.stop().await;
+}

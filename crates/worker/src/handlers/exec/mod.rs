@@ -15,7 +15,8 @@
 //! `read_only` paths and a private memory folder, under resource limits (CPU seconds, address
 //! space, open files, processes through `prlimit`; disk through the folder's size; stderr
 //! through [`stderr`]), with an environment of `PATH`, `LANG` and `GATEHOUSE_JOB_ID`,
-//! `GATEHOUSE_KIND`, `GATEHOUSE_CLIENT`, `GATEHOUSE_ATTEMPT` only. Its whole process tree ends
+//! `GATEHOUSE_KIND`, `GATEHOUSE_CLIENT`, `GATEHOUSE_ATTEMPT` only (and `GATEHOUSE_CHECKPOINT`,
+//! `GATEHOUSE_BATCH` naming files in its input folder when it has them). Its whole process tree ends
 //! with the attempt and with the worker. Its stderr stays out of the worker's log unless the
 //! kind sets `log_stderr`.
 
@@ -37,6 +38,8 @@ use super::{ExternalHandler, HandlerFuture, JobContext, Outcome, Reservation, Re
 pub const EXIT_RETRY: i32 = 75;
 /// The file in a oneshot executable's input folder that holds the checkpoint it resumes from.
 const CHECKPOINT_FILE: &str = "checkpoint.json";
+/// For a batch's `on_complete` job: the batch's summary (`GATEHOUSE_BATCH` names it).
+const BATCH_FILE: &str = "batch.json";
 
 /// An executable kind, checked at start-up.
 pub struct Exec {
@@ -103,6 +106,11 @@ impl Exec {
             std::fs::write(&path, serde_json::to_vec(checkpoint).map_err(std::io::Error::other)?)?;
             let seen = self.sandbox.input_path(input, CHECKPOINT_FILE);
             env.push(("GATEHOUSE_CHECKPOINT", seen.display().to_string()));
+        }
+        if let Some(batch) = job.batch() {
+            let path = input.join(BATCH_FILE);
+            std::fs::write(&path, serde_json::to_vec(batch).map_err(std::io::Error::other)?)?;
+            env.push(("GATEHOUSE_BATCH", self.sandbox.input_path(input, BATCH_FILE).display().to_string()));
         }
         Ok(env)
     }
