@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use gatehouse_broker::lapin::BasicProperties;
 use gatehouse_protocol::batch::{BatchMessage, BatchSummary, BatchedJob};
 use gatehouse_protocol::trace::Trace;
-use gatehouse_protocol::{ControlRequest, JobId, JobState, SubmitRequest, Vouched};
+use gatehouse_protocol::{ControlRequest, JobEnvelope, JobId, JobState, KindSpec, SubmitRequest, Vouched};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -25,6 +25,9 @@ use super::jobs::{authorize, is_json, publish, query_worker, seal};
 use crate::problem::{FieldError, Problem};
 use crate::sanitize;
 use crate::tls::ClientIdentity;
+
+/// A job of the batch, checked: its kind and the job as it will travel.
+type Checked<'a> = (&'a KindSpec, JobEnvelope);
 
 /// A batch's body may be this many times a single job's (`server.max_body_bytes`).
 pub const BODY_FACTOR: usize = 32;
@@ -85,54 +88,11 @@ async fn accept(
             vec![field("/jobs", format!("a batch holds 1 to {most} jobs"))],
         ));
     }
-    let trace = Trace::fresh();
-    let (mut checked, mut refused) = (Vec::with_capacity(req.jobs.len()), Vec::new());
-    for (i, job) in req.jobs.into_iter().enumerate() {
-        let one = serde_json::from_value::<SubmitRequest>(job)
-            .map_err(|e| Problem::invalid_envelope(e.to_string()))
-            .and_then(|req| check_job(app, &client.0, policy, req, &trace));
-        match one {
-            Ok(job) => checked.push(job),
-            Err(problem) => refused.extend(at_index(i, &problem)),
-        }
-    }
     let batch_id = app.ids.mint(&client.0, None);
-    let on_complete = match req.on_complete {
-        None => None,
-        Some(body) => match completion(app, &client.0, policy, body, &trace, &batch_id) {
-            Ok(envelope) => Some(envelope),
-            Err(errors) => {
-                refused.extend(errors);
-                None
-            }
-        },
-    };
-    if !refused.is_empty() {
-        return Err(Problem::validation("The batch is refused whole", "batch-refused", refused));
-    }
-    let mut jobs = Vec::with_capacity(checked.len());
-    for (_, envelope) in &checked {
-        let message = String::from_utf8(seal(app, envelope)?).map_err(|_| Problem::internal("not UTF-8"))?;
-        jobs.push(BatchedJob { id: envelope.id.clone(), message });
-    }
-    let ids: Vec<JobId> = jobs.iter().map(|j| j.id.clone()).collect();
-    let on_complete = match &on_complete {
-        Some(envelope) => {
-            let message =
-                String::from_utf8(seal(app, envelope)?).map_err(|_| Problem::internal("not UTF-8"))?;
-            Some(BatchedJob { id: envelope.id.clone(), message })
-        }
-        None => None,
-    };
-    let on_complete_id = on_complete.as_ref().map(|j| j.id.clone());
-    let batch = BatchMessage {
-        batch: batch_id,
-        client: client.0.clone(),
-        share: policy.share,
-        submitted_at_ms: gatehouse_protocol::clock::now_ms().unsigned_abs(),
-        jobs,
-        on_complete,
-    };
+    let (checked, on_complete) = check_all(app, &client.0, policy, req, &batch_id)?;
+    let batch = message(app, &client.0, policy.share, batch_id, &checked, on_complete.as_ref())?;
+    let ids: Vec<JobId> = batch.jobs.iter().map(|j| j.id.clone()).collect();
+    let on_complete_id = batch.on_complete.as_ref().map(|j| j.id.clone());
     let session = app.keys.session().map_err(|_| Problem::internal("no session with the worker"))?;
     let body = serde_json::to_vec(&batch)
         .ok()
@@ -153,6 +113,65 @@ async fn accept(
     Ok((StatusCode::ACCEPTED, Json(answer)).into_response())
 }
 
+/// Each job of `req` checked as `POST /v1/jobs` checks one, and its `on_complete`: all of them,
+/// or every problem found, each under its index.
+fn check_all<'a>(
+    app: &'a App,
+    client: &str,
+    policy: &crate::policy::ClientPolicy,
+    req: BatchRequest,
+    batch_id: &JobId,
+) -> Result<(Vec<Checked<'a>>, Option<JobEnvelope>), Problem> {
+    let trace = Trace::fresh();
+    let (mut checked, mut refused) = (Vec::with_capacity(req.jobs.len()), Vec::new());
+    for (i, job) in req.jobs.into_iter().enumerate() {
+        let one = serde_json::from_value::<SubmitRequest>(job)
+            .map_err(|e| Problem::invalid_envelope(e.to_string()))
+            .and_then(|req| check_job(app, client, policy, req, &trace));
+        match one {
+            Ok(job) => checked.push(job),
+            Err(problem) => refused.extend(at_index(i, &problem)),
+        }
+    }
+    let on_complete = match req.on_complete {
+        None => None,
+        Some(body) => match completion(app, client, policy, body, &trace, batch_id) {
+            Ok(envelope) => Some(envelope),
+            Err(errors) => {
+                refused.extend(errors);
+                None
+            }
+        },
+    };
+    if !refused.is_empty() {
+        return Err(Problem::validation("The batch is refused whole", "batch-refused", refused));
+    }
+    Ok((checked, on_complete))
+}
+
+/// The batch as it travels: each job's own vouched message, and its on_complete job's.
+fn message(
+    app: &App,
+    client: &str,
+    share: u16,
+    batch: JobId,
+    checked: &[Checked<'_>],
+    on_complete: Option<&JobEnvelope>,
+) -> Result<BatchMessage, Problem> {
+    let one = |envelope: &JobEnvelope| -> Result<BatchedJob, Problem> {
+        let message = String::from_utf8(seal(app, envelope)?).map_err(|_| Problem::internal("not UTF-8"))?;
+        Ok(BatchedJob { id: envelope.id.clone(), message })
+    };
+    Ok(BatchMessage {
+        batch,
+        client: client.to_owned(),
+        share,
+        submitted_at_ms: gatehouse_protocol::clock::now_ms().unsigned_abs(),
+        jobs: checked.iter().map(|(_, envelope)| one(envelope)).collect::<Result<_, _>>()?,
+        on_complete: on_complete.map(one).transpose()?,
+    })
+}
+
 /// The batch's `on_complete` job, checked like a job (it runs once the batch is complete, and
 /// then as any job: not before its `not_before`, in its sequence's order); errors under
 /// `/on_complete`.
@@ -163,7 +182,7 @@ fn completion(
     body: Value,
     trace: &Trace,
     batch: &JobId,
-) -> Result<gatehouse_protocol::JobEnvelope, Vec<FieldError>> {
+) -> Result<JobEnvelope, Vec<FieldError>> {
     let under = |problem: &Problem| {
         problem
             .errors

@@ -18,7 +18,9 @@ use crate::settings::KeySettings;
 pub use reply::ReplyTarget;
 pub use sessions::Sessions;
 
-/// What a message on a job queue holds, checked and opened.
+/// What a message on a job queue holds, checked and opened. (Returned once per delivery and
+/// taken apart at once: boxing the job, the common case, would cost an allocation per job.)
+#[allow(clippy::large_enum_variant)]
 pub enum Opened {
     Job(JobEnvelope, ReplyTarget),
     /// Jobs accepted whole ([`gatehouse_protocol::batch`]): recorded and held in one
