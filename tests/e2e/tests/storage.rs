@@ -508,6 +508,20 @@ async fn batches_are_recorded_once_read_by_their_owner_and_pruned_with_their_job
         assert!(store.transact(move |tx| tx.batch_of(&b, "c")).await.unwrap().is_none(), "{}", db.name());
         let rows = db.raw("SELECT CAST(COUNT(*) AS TEXT) FROM batch_jobs").await;
         assert_eq!(rows.as_deref(), Some("0"), "{}: its jobs' rows went with it", db.name());
+        // A batch's jobs are recorded only if new: a job recorded meanwhile keeps its state.
+        store.transact(|tx| tx.record_job(&job(950, JobState::Succeeded, None))).await.unwrap();
+        let held = store
+            .transact(|tx| {
+                Ok::<_, StorageError>((
+                    tx.record_new_job(&job(950, JobState::Scheduled, None))?,
+                    tx.record_new_job(&job(951, JobState::Scheduled, None))?,
+                ))
+            })
+            .await
+            .unwrap();
+        assert_eq!(held, (false, true), "{}", db.name());
+        let kept = store.transact(|tx| tx.job(&id(950))).await.unwrap().unwrap();
+        assert_eq!(kept.state, JobState::Succeeded, "{}: not reset to scheduled", db.name());
     }
 }
 

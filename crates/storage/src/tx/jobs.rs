@@ -142,6 +142,29 @@ impl Tx<'_> {
         Ok(())
     }
 
+    /// Records `job` (held: no outcome, no sequence) only if storage does not know it — one that
+    /// another transaction records at the same moment is waited for and left as it is — and
+    /// logs its state; answers whether it did.
+    pub fn record_new_job(&self, job: &StoredJob) -> Result<bool, StorageError> {
+        let now = now_ms();
+        let new = self.exec(
+            "INSERT INTO jobs (id, client, kind, state, updated_at_ms, submitted_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT(id) DO NOTHING",
+            params![
+                job.id.as_str(),
+                job.client,
+                job.kind,
+                job.state.as_str(),
+                now,
+                job.submitted_at_ms.unwrap_or(now)
+            ],
+        )?;
+        if new == 1 {
+            self.log_state(&job.id, &job.client, job.state)?;
+        }
+        Ok(new == 1)
+    }
+
     /// Job `id` was decided (any final state): what only an undecided job has goes — its
     /// attempts, progress report and checkpoint, its client's cancellation mark, its singleton
     /// turn (the next job in line gets it), and its schedule's claim on it. Called in the

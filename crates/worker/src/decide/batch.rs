@@ -7,7 +7,7 @@ use gatehouse_protocol::{JobEnvelope, JobId, JobState, SealedJob, Vouched};
 use gatehouse_storage::StoredJob;
 use gatehouse_storage::{StorageError, Tx};
 
-use super::hold;
+use super::stored;
 
 /// The metadata of each job of `batch` (nothing opened), checked to belong to it: a job
 /// message that does not read, names another id or another client makes the whole batch
@@ -46,10 +46,11 @@ pub fn hold_batch(
     let now = now_ms().unsigned_abs();
     let mut held = 0;
     for (env, job) in jobs.iter().zip(&batch.jobs) {
-        if tx.job(&env.id)?.is_some() {
+        // Recorded only if new: a job of the same idempotency key submitted alone at this very
+        // moment is left as its own transaction recorded it.
+        if !tx.record_new_job(&stored(env, JobState::Scheduled, None, None, None))? {
             continue;
         }
-        hold(tx, env, JobState::Scheduled, None)?;
         tx.schedule(&env.id, env.not_before_ms.unwrap_or(now), job.message.as_bytes())?;
         held += 1;
     }
