@@ -81,6 +81,25 @@ class ClientTest(unittest.TestCase):
             self.gh.list_jobs(state="nope")
         self.assertEqual(bad.exception.type, "invalid-query")
 
+    def test_a_batch_is_accepted_whole_or_refused_whole(self) -> None:
+        account = f"pyb-{uuid.uuid4().hex[:12]}"
+        jobs = [
+            {"kind": "ledger.apply", "payload": {"account": account, "amount": n}, "sequence": {"key": account, "number": n}}
+            for n in (3, 2, 1)
+        ]
+        accepted = self.gh.submit_batch(jobs, on_complete={"kind": "vault.put", "payload": {"record": {"done": True}}})
+        self.assertEqual(len(accepted["jobs"]), 3)
+        done = self.gh.wait(accepted["on_complete"], timeout=20)
+        self.assertEqual(done["status"], "succeeded", done)
+        summary = self.gh.batch(accepted["id"])
+        self.assertEqual((summary["status"], summary["counts"], summary["jobs"]), ("complete", {"succeeded": 3}, accepted["jobs"]))
+        balance = self.gh.submit("ledger.balance", {"account": account}, wait=10)
+        self.assertEqual(balance["result"]["balance"], 6, balance)
+        with self.assertRaises(GatehouseError) as refused:
+            self.gh.submit_batch([{"kind": "vault.put", "payload": {"record": {}}}, {"kind": "nope", "payload": {}}])
+        self.assertEqual((refused.exception.status, refused.exception.type), (422, "batch-refused"))
+        self.assertEqual(refused.exception.errors[0]["path"], "/jobs/1/kind")
+
     def test_another_clients_job_is_not_found(self) -> None:
         mine = self.gh.submit("vault.put", {"record": {"mine": 1}}, wait=10)
         with client("GATEHOUSE_OTHER_CERT", "GATEHOUSE_OTHER_KEY") as other:

@@ -154,6 +154,39 @@ class Client:
             headers["Prefer"] = f"wait={max(0, int(round(wait)))}"
         return self._call("POST", "/v1/jobs", body, headers).json()
 
+    def submit_batch(self, jobs: List[Json], *, on_complete: Optional[Json] = None) -> Json:
+        """Submits jobs (submit bodies: ``{"kind", "payload", ...}``) accepted whole or refused
+        whole (``GatehouseError`` ``batch-refused``, each refused job under ``/jobs/<i>``);
+        answers ``{"id", "jobs": [ids in order], "status_url"}``. ``on_complete`` runs once every
+        job is decided. Fields the catalog marks sealed are sealed as :meth:`submit` seals them."""
+        sealed = [self._sealed_body(job) for job in jobs]
+        body: Json = {"jobs": sealed}
+        if on_complete is not None:
+            body["on_complete"] = self._sealed_body(on_complete)
+        return self._call("POST", "/v1/batches", body).json()
+
+    def batch(self, batch_id: str) -> Json:
+        """A batch of yours: ``status`` (queued, running, complete), ``counts`` by state, ``jobs``."""
+        return self._call("GET", f"/v1/batches/{_id(batch_id)}").json()
+
+    def _sealed_body(self, job: Json) -> Json:
+        paths = self._sealed_fields(str(job.get("kind", "")))
+        if not paths:
+            return job
+        from . import sealing
+
+        out = dict(job)
+        out["idempotency_key"] = out.get("idempotency_key") or uuid.uuid4().hex
+        out["payload"] = sealing.seal_payload(
+            job.get("payload"),
+            paths,
+            self._worker_key(),
+            client=sealing.client_name(self._cert),
+            kind=str(job["kind"]),
+            idempotency_key=out["idempotency_key"],
+        )
+        return out
+
     def worker_keys(self) -> Json:
         """The worker key set as the gatekeeper serves it (``GET /v1/keys``), unchecked."""
         return self._call("GET", "/v1/keys").json()

@@ -29,6 +29,6 @@ async fn the_python_clients_tests_pass_against_a_running_system() {
     let out = tokio::task::spawn_blocking(move || run.output()).await.unwrap().expect("python runs");
     let report = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "the Python client's tests failed:\n{report}");
-    assert!(report.contains("Ran 10 tests"), "not every test ran:\n{report}");
+    assert!(report.contains("Ran 11 tests"), "not every test ran:\n{report}");
     sys.stop().await;
 }
