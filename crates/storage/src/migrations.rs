@@ -397,6 +397,8 @@ const MIGRATIONS: &[&str] = &[
         job_id   TEXT NOT NULL,
         PRIMARY KEY (batch_id, position)
     );
+    -- What the sweep looks for every pass: batches whose on_complete job was not sent yet.
+    CREATE INDEX batches_pending ON batches(id) WHERE completed_at_ms IS NULL AND on_complete IS NOT NULL;
     ",
 ];
 

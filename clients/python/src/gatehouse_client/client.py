@@ -125,20 +125,9 @@ class Client:
         Fields the kind's schema marks sealed (in ``catalog``), or the JSON pointers in
         ``seal``, are sealed here to the certified worker key; such a job is bound to its
         idempotency key, made up when none is given."""
-        paths = seal if seal is not None else self._sealed_fields(kind)
-        if paths:
-            from . import sealing
-
-            idempotency_key = idempotency_key or uuid.uuid4().hex
-            payload = sealing.seal_payload(
-                payload,
-                paths,
-                self._worker_key(),
-                client=sealing.client_name(self._cert),
-                kind=kind,
-                idempotency_key=idempotency_key,
-            )
         body: Json = {"kind": kind, "payload": payload}
+        if idempotency_key is not None:
+            body["idempotency_key"] = idempotency_key
         if priority is not None:
             body["priority"] = priority
         if delay_s is not None:
@@ -147,8 +136,7 @@ class Client:
             body["not_before"] = not_before
         if sequence is not None:
             body["sequence"] = {"key": sequence[0], "number": sequence[1]}
-        if idempotency_key is not None:
-            body["idempotency_key"] = idempotency_key
+        body = self._sealed_body(body, seal)
         headers = {}
         if wait is not None:
             headers["Prefer"] = f"wait={max(0, int(round(wait)))}"
@@ -169,8 +157,11 @@ class Client:
         """A batch of yours: ``status`` (queued, running, complete), ``counts`` by state, ``jobs``."""
         return self._call("GET", f"/v1/batches/{_id(batch_id)}").json()
 
-    def _sealed_body(self, job: Json) -> Json:
-        paths = self._sealed_fields(str(job.get("kind", "")))
+    def _sealed_body(self, job: Json, paths: Optional[List[str]] = None) -> Json:
+        """``job`` with the fields at ``paths`` (by default those its kind's schema marks sealed)
+        sealed to the certified worker key, bound to its idempotency key (one made up if none)."""
+        if paths is None:
+            paths = self._sealed_fields(str(job.get("kind", "")))
         if not paths:
             return job
         from . import sealing

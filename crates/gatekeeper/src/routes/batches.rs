@@ -20,10 +20,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::App;
-use super::checks::{check_job, field};
-use super::jobs::{authorize, is_json, publish, query_worker, seal};
+use super::checks::{check_job, field, json_body};
+use super::jobs::{authorize, publish, query_worker, seal};
 use crate::problem::{FieldError, Problem};
-use crate::sanitize;
 use crate::tls::ClientIdentity;
 
 /// A job of the batch, checked: its kind and the job as it will travel.
@@ -63,19 +62,7 @@ async fn accept(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Problem> {
-    if !is_json(headers) {
-        return Err(Problem::unsupported_media_type());
-    }
-    let body = body.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            Problem::body_too_large(app.max_body_bytes.saturating_mul(BODY_FACTOR))
-        } else {
-            Problem::malformed_json(format!("cannot read the body: {e}"))
-        }
-    })?;
-    let value = sanitize::parse(&body).map_err(|e| Problem::malformed_json(e.to_string()))?;
-    let req: BatchRequest =
-        serde_json::from_value(value).map_err(|e| Problem::invalid_envelope(e.to_string()))?;
+    let req: BatchRequest = json_body(headers, body, app.max_body_bytes.saturating_mul(BODY_FACTOR))?;
     let policies = authorize(app, client)?;
     let policy = policies
         .client(&client.0)

@@ -12,6 +12,30 @@ use crate::policy::ClientPolicy;
 use crate::problem::{FieldError, Problem};
 use crate::sanitize;
 
+/// A request body of type `T`: `application/json`, at most `limit` bytes, sanitized JSON (see
+/// [`sanitize::parse`]), no field the type does not name.
+///
+/// # Errors
+/// `415`, `413`, `400 malformed-json` or `400 invalid-envelope`.
+pub(crate) fn json_body<T: serde::de::DeserializeOwned>(
+    headers: &axum::http::HeaderMap,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+    limit: usize,
+) -> Result<T, Problem> {
+    if !super::jobs::is_json(headers) {
+        return Err(Problem::unsupported_media_type());
+    }
+    let body = body.map_err(|e| {
+        if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+            Problem::body_too_large(limit)
+        } else {
+            Problem::malformed_json(format!("cannot read the body: {e}"))
+        }
+    })?;
+    let value = sanitize::parse(&body).map_err(|e| Problem::malformed_json(e.to_string()))?;
+    serde_json::from_value(value).map_err(|e| Problem::invalid_envelope(e.to_string()))
+}
+
 /// Checks `req` of `client` under its `policy`; answers its kind and the job as it will
 /// travel.
 ///

@@ -21,10 +21,9 @@ use serde_json::json;
 use tracing::Instrument as _;
 
 use super::App;
-use super::checks::{check_job, field};
+use super::checks::{check_job, field, json_body};
 use crate::problem::Problem;
 use crate::replies::Waiter;
-use crate::sanitize;
 use crate::tls::ClientIdentity;
 
 /// `POST /v1/jobs`: check, publish with confirm, and optionally wait for the outcome.
@@ -83,19 +82,7 @@ async fn accept(
 ) -> Result<Response, Problem> {
     // Spans (OTLP): validate, publish, wait. Nothing below awaits until the publish.
     let validating = tracing::info_span!(target: "gatehouse::spans", "validate").entered();
-    if !is_json(headers) {
-        return Err(Problem::unsupported_media_type());
-    }
-    let body = body.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            Problem::body_too_large(app.max_body_bytes)
-        } else {
-            Problem::malformed_json(format!("cannot read the body: {e}"))
-        }
-    })?;
-    let value = sanitize::parse(&body).map_err(|e| Problem::malformed_json(e.to_string()))?;
-    let req: SubmitRequest =
-        serde_json::from_value(value).map_err(|e| Problem::invalid_envelope(e.to_string()))?;
+    let req: SubmitRequest = json_body(headers, body, app.max_body_bytes)?;
 
     let policies = authorize(app, client)?;
     let policy = policies

@@ -4,7 +4,6 @@
 use gatehouse_protocol::batch::{BatchMessage, BatchSummary};
 use gatehouse_protocol::clock::now_ms;
 use gatehouse_protocol::{JobEnvelope, JobId, JobState, SealedJob, Vouched};
-use gatehouse_storage::StoredJob;
 use gatehouse_storage::{StorageError, Tx};
 
 use super::stored;
@@ -78,27 +77,16 @@ pub fn complete_batches(
     make: &dyn Fn(&JobEnvelope) -> Option<Vec<u8>>,
 ) -> Result<usize, StorageError> {
     let mut sent = 0;
-    for (summary, stored) in tx.complete_batches(limit)? {
-        let Ok(mut env) = serde_json::from_value::<JobEnvelope>(stored) else {
+    for (summary, kept) in tx.complete_batches(limit)? {
+        let Ok(mut env) = serde_json::from_value::<JobEnvelope>(kept) else {
             tracing::error!(batch = %summary.id, "a batch's on_complete job does not read; it does not run");
             continue;
         };
         env.submitted_at_ms = now_ms().unsigned_abs();
         let Some(message) = make(&env) else { continue };
-        if tx.job(&env.id)?.is_some() {
+        if !tx.record_new_job(&stored(&env, JobState::Scheduled, None, None, None))? {
             continue;
         }
-        tx.record_job(&StoredJob {
-            id: env.id.clone(),
-            client: env.client.clone(),
-            kind: env.kind.clone(),
-            state: JobState::Scheduled,
-            result: None,
-            error: None,
-            reason: None,
-            sequence: None,
-            submitted_at_ms: i64::try_from(env.submitted_at_ms).ok(),
-        })?;
         let due = env.not_before_ms.map_or(env.submitted_at_ms, |at| at.max(env.submitted_at_ms));
         tx.schedule(&env.id, due, &message)?;
         tracing::info!(batch = %summary.id, job_id = %env.id, "batch complete: its on_complete job goes to its queue");
