@@ -248,6 +248,38 @@ impl Connection {
         self.request(Method::GET, &format!("/v1/batches/{id}"), &[], Vec::new()).await
     }
 
+    /// `POST /v1/workflows` with `steps` (each a job body with `name` and `after`, the names of
+    /// the steps it waits for).
+    ///
+    /// # Errors
+    /// When the request cannot be sent or the answer not read.
+    pub async fn submit_workflow(&mut self, steps: &[Value]) -> Result<Response, ClientError> {
+        let body = serde_json::json!({ "steps": steps }).to_string().into_bytes();
+        self.request(Method::POST, "/v1/workflows", &[("content-type", "application/json")], body).await
+    }
+
+    /// `GET /v1/workflows/{id}`.
+    ///
+    /// # Errors
+    /// When the request cannot be sent or the answer not read.
+    pub async fn workflow(&mut self, id: &str) -> Result<Response, ClientError> {
+        self.request(Method::GET, &format!("/v1/workflows/{id}"), &[], Vec::new()).await
+    }
+
+    /// `GET /v1/workflows/{id}/events`: each step's transitions as they happen, from after the
+    /// event `last_event_id` names when given. Any answer but `200` comes back whole as the
+    /// `Err` of the inner result.
+    ///
+    /// # Errors
+    /// When the request cannot be sent.
+    pub async fn workflow_events(
+        &mut self,
+        id: &str,
+        last_event_id: Option<&str>,
+    ) -> Result<Result<EventStream, Response>, ClientError> {
+        self.stream(&format!("/v1/workflows/{id}/events"), last_event_id).await
+    }
+
     /// `GET /v1/jobs/{id}`.
     ///
     /// # Errors
@@ -268,11 +300,20 @@ impl Connection {
         last_event_id: Option<u64>,
     ) -> Result<Result<EventStream, Response>, ClientError> {
         let last = last_event_id.map(|n| n.to_string());
+        self.stream(&format!("/v1/jobs/{id}/events"), last.as_deref()).await
+    }
+
+    /// An event stream at `path`, from after `last_event_id`.
+    async fn stream(
+        &mut self,
+        path: &str,
+        last_event_id: Option<&str>,
+    ) -> Result<Result<EventStream, Response>, ClientError> {
         let mut headers = vec![("accept", "text/event-stream")];
-        if let Some(n) = &last {
-            headers.push(("last-event-id", n.as_str()));
+        if let Some(last) = last_event_id {
+            headers.push(("last-event-id", last));
         }
-        let res = self.send_raw(Method::GET, &format!("/v1/jobs/{id}/events"), &headers, empty()).await?;
+        let res = self.send_raw(Method::GET, path, &headers, empty()).await?;
         if res.status() != hyper::StatusCode::OK {
             return Ok(Err(Response::read(res).await?));
         }

@@ -28,10 +28,16 @@ struct ClientEntry {
     share: u16,
     #[serde(default = "default_max_batch_jobs")]
     max_batch_jobs: usize,
+    #[serde(default = "default_max_workflow_steps")]
+    max_workflow_steps: usize,
 }
 
 fn default_max_batch_jobs() -> usize {
     gatehouse_protocol::batch::MAX_BATCH_JOBS
+}
+
+fn default_max_workflow_steps() -> usize {
+    gatehouse_protocol::batch::MAX_WORKFLOW_STEPS
 }
 
 fn default_share() -> u16 {
@@ -81,6 +87,9 @@ pub struct ClientPolicy {
     pub share: u16,
     /// Most jobs of one batch (`POST /v1/batches`), 1 to [`gatehouse_protocol::batch::MAX_BATCH_JOBS`].
     pub max_batch_jobs: usize,
+    /// Most steps of one workflow (`POST /v1/workflows`), 1 to
+    /// [`gatehouse_protocol::batch::MAX_WORKFLOW_STEPS`].
+    pub max_workflow_steps: usize,
     /// Its place in the policy file (from 0): which fair shard of a class its jobs go to.
     pub place: usize,
 }
@@ -193,6 +202,13 @@ impl Policy {
                     c.identity
                 )));
             }
+            let most = gatehouse_protocol::batch::MAX_WORKFLOW_STEPS;
+            if !(1..=most).contains(&c.max_workflow_steps) {
+                return Err(config::ConfigError::Message(format!(
+                    "policy: client {}: max_workflow_steps is 1 to {most}",
+                    c.identity
+                )));
+            }
             let burst = c.burst.or(c.rate_per_s).unwrap_or(1.0).max(1.0);
             let policy = ClientPolicy {
                 kinds: c.kinds,
@@ -205,6 +221,7 @@ impl Policy {
                 max_streams: c.max_streams,
                 share: c.share,
                 max_batch_jobs: c.max_batch_jobs,
+                max_workflow_steps: c.max_workflow_steps,
                 place,
             };
             if clients.insert(c.identity.clone(), policy).is_some() {
@@ -282,6 +299,7 @@ mod tests {
             max_streams: 1,
             share: 1,
             max_batch_jobs: 10,
+            max_workflow_steps: 10,
             place: 0,
         };
         let limiter = RateLimiter::default();

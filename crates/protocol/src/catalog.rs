@@ -361,6 +361,11 @@ pub struct KindSpec {
     /// worker's `keys.max_message_age_s` (the worker refuses to start otherwise).
     #[serde(default)]
     pub retain_s: Option<u64>,
+    /// Its handler is given the results of the jobs it waited for (`after`): Rust handlers
+    /// through `JobContext::parents`, executables through the file `GATEHOUSE_PARENTS` names,
+    /// stream mode in the job line. They never leave the worker.
+    #[serde(default)]
+    pub parent_results: bool,
     /// Exists only when the worker runs with `testing.enabled`.
     #[serde(default)]
     pub testing: bool,

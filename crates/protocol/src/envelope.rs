@@ -60,6 +60,13 @@ pub struct JobEnvelope {
     /// decided, and its handler is given the batch's summary.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completes: Option<JobId>,
+    /// The jobs (of the same client) it waits for: it runs once every one is decided, or ends
+    /// `cancelled` (`parent-failed`) when one did not succeed, unless `on_parent_failure` says
+    /// `run`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<JobId>,
+    #[serde(default, skip_serializing_if = "ParentFailure::is_cancel")]
+    pub on_parent_failure: ParentFailure,
 }
 
 /// A reply target: the gatekeeper instance's reply queue and the waiting request's
@@ -99,6 +106,28 @@ pub struct SealedJob {
     pub idempotency_key: Option<Sealed>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completes: Option<JobId>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<JobId>,
+    #[serde(default, skip_serializing_if = "ParentFailure::is_cancel")]
+    pub on_parent_failure: ParentFailure,
+}
+
+/// What becomes of a job one of whose parents (`after`) did not succeed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ParentFailure {
+    /// It ends `cancelled` (reason `parent-failed`), and so do the jobs waiting for it.
+    #[default]
+    Cancel,
+    /// It runs all the same (its handler sees how each parent ended).
+    Run,
+}
+
+impl ParentFailure {
+    #[allow(clippy::trivially_copy_pass_by_ref)] // serde's signature
+    fn is_cancel(&self) -> bool {
+        *self == Self::Cancel
+    }
 }
 
 #[allow(clippy::trivially_copy_pass_by_ref)] // serde's signature
@@ -142,6 +171,8 @@ impl JobEnvelope {
                 None => None,
             },
             completes: self.completes.clone(),
+            after: self.after.clone(),
+            on_parent_failure: self.on_parent_failure,
             submitted_at_ms: self.submitted_at_ms,
             not_before_ms: self.not_before_ms,
             reply: self.reply.clone(),
@@ -171,6 +202,8 @@ impl SealedJob {
         Ok(JobEnvelope {
             idempotency_key,
             completes: self.completes,
+            after: self.after,
+            on_parent_failure: self.on_parent_failure,
             id: self.id,
             kind: self.kind,
             client: self.client,
@@ -198,6 +231,8 @@ impl SealedJob {
             payload: Value::Null,
             idempotency_key: None,
             completes: self.completes.clone(),
+            after: self.after.clone(),
+            on_parent_failure: self.on_parent_failure,
             submitted_at_ms: self.submitted_at_ms,
             not_before_ms: self.not_before_ms,
             reply: self.reply.clone(),
@@ -342,7 +377,16 @@ pub enum ControlRequest {
     List { id: JobId, client: String, query: crate::listing::JobQuery, sent_at_ms: u64, reply: ReplyTo },
     /// Batch `id` ([`crate::batch::BatchSummary`] as the result of its status), answered (to
     /// `reply`) only if `client` owns it.
-    Batch { id: JobId, client: String, sent_at_ms: u64, reply: ReplyTo },
+    Batch {
+        id: JobId,
+        client: String,
+        sent_at_ms: u64,
+        reply: ReplyTo,
+        /// A workflow's event stream: per step, in order, the last transition it has seen; the
+        /// answer then carries the transitions after those.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        events_after: Option<Vec<u64>>,
+    },
     /// The state transitions of `id` after number `after` (and its status now), answered (to
     /// `reply`) only if `client` owns it; for the live event stream.
     Events {

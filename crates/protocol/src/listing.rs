@@ -20,6 +20,12 @@ pub struct JobQuery {
     pub kind: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub submitted_after_ms: Option<u64>,
+    /// Only the jobs of this batch of the client's (its id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<String>,
+    /// Only the steps of this workflow of the client's (its id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow: Option<String>,
     /// Where the previous page ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cursor: Option<Cursor>,
@@ -115,12 +121,20 @@ impl JobQuery {
                     Ok(n) if (1..=MAX_LIMIT).contains(&n) => q.limit = n,
                     _ => errors.push(("limit", format!("must be 1 to {MAX_LIMIT}"))),
                 },
+                "batch" | "workflow" if crate::JobId::parse(value).is_err() => {
+                    errors.push((if name == "batch" { "batch" } else { "workflow" }, "is not an id".into()));
+                }
+                "batch" => q.batch = Some(value.to_owned()),
+                "workflow" => q.workflow = Some(value.to_owned()),
                 "cursor" => match Cursor::decode(value) {
                     Some(c) => q.cursor = Some(c),
                     None => errors.push(("cursor", "is not a cursor of this list".into())),
                 },
                 _ => {}
             }
+        }
+        if q.batch.is_some() && q.workflow.is_some() {
+            errors.push(("workflow", "ask for a batch or a workflow, not both".into()));
         }
         if errors.is_empty() { Ok(q) } else { Err(errors) }
     }

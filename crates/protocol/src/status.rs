@@ -20,6 +20,8 @@ pub enum JobState {
     Paused,
     /// Held until its reserved start: its kind's start rate was used up.
     Throttled,
+    /// Held until every job it names in `after` is decided.
+    WaitingForParents,
     Retrying,
     Succeeded,
     Failed,
@@ -44,6 +46,7 @@ impl JobState {
             Self::WaitingForTurn => "waiting_for_turn",
             Self::Paused => "paused",
             Self::Throttled => "throttled",
+            Self::WaitingForParents => "waiting_for_parents",
             Self::Retrying => "retrying",
             Self::Succeeded => "succeeded",
             Self::Failed => "failed",
@@ -64,6 +67,7 @@ impl JobState {
             Self::WaitingForTurn,
             Self::Paused,
             Self::Throttled,
+            Self::WaitingForParents,
             Self::Retrying,
             Self::Succeeded,
             Self::Failed,

@@ -27,6 +27,12 @@ pub struct SubmitRequest {
     /// Run it this many seconds from now, not before. Not with `not_before`.
     #[serde(default, deserialize_with = "present_integral_u64")]
     pub delay_s: Option<u64>,
+    /// Ids of this client's jobs to wait for (in a workflow's step: names of its steps).
+    #[serde(default, deserialize_with = "present")]
+    pub after: Option<Vec<String>>,
+    /// What to do when a parent did not succeed (default `cancel`).
+    #[serde(default, deserialize_with = "present")]
+    pub on_parent_failure: Option<crate::envelope::ParentFailure>,
 }
 
 fn present_integral_u64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {

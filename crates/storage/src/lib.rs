@@ -33,7 +33,7 @@ use crate::checkpoint::Checkpoints;
 pub use family::{Family, SealedColumn};
 pub use postgres::PostgresConfig;
 pub use tx::{
-    Attempts, Forget, JobFilter, ListedJob, Parked, Pause, Place, Probe, SENT_BACK, ScheduleState, StoredJob,
+    Attempts, Forget, JobFilter, ListedJob, Member, Parked, Pause, Place, Probe, SENT_BACK, ScheduleState, StoredJob,
     Tx, sealed_aad,
 };
 

@@ -400,6 +400,30 @@ const MIGRATIONS: &[&str] = &[
     -- What the sweep looks for every pass: batches whose on_complete job was not sent yet.
     CREATE INDEX batches_pending ON batches(id) WHERE completed_at_ms IS NULL AND on_complete IS NOT NULL;
     ",
+    // 28: workflows (batches of named steps) and jobs that wait for others.
+    r"
+    ALTER TABLE batches ADD COLUMN workflow INTEGER NOT NULL DEFAULT 0;
+    -- A workflow step's name, and the names of the steps it waits for (comma-separated).
+    ALTER TABLE batch_jobs ADD COLUMN step TEXT;
+    ALTER TABLE batch_jobs ADD COLUMN after_steps TEXT;
+    -- The parents of each job held `waiting_for_parents`; they go when it stops waiting.
+    CREATE TABLE job_parents (
+        job_id    TEXT NOT NULL,
+        parent_id TEXT NOT NULL,
+        PRIMARY KEY (job_id, parent_id)
+    );
+    CREATE INDEX jobs_waiting_for_parents ON jobs(id) WHERE state = 'waiting_for_parents';
+    CREATE TRIGGER job_parents_released AFTER UPDATE OF state ON jobs
+        WHEN OLD.state = 'waiting_for_parents' AND NEW.state <> 'waiting_for_parents'
+    BEGIN
+        DELETE FROM job_parents WHERE job_id = OLD.id;
+    END;
+    CREATE TRIGGER job_parents_pruned AFTER DELETE ON jobs
+        WHEN OLD.state = 'waiting_for_parents'
+    BEGIN
+        DELETE FROM job_parents WHERE job_id = OLD.id;
+    END;
+    ",
 ];
 
 /// After this migration (1-based) the error texts of earlier releases are sealed.

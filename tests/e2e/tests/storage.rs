@@ -689,7 +689,7 @@ async fn a_clients_jobs_are_listed_newest_first_from_the_index() {
         let recent =
             list(JobFilter { submitted_after_ms: Some(1_007), limit: 100, ..JobFilter::default() }).await;
         assert_eq!(recent.len(), 4, "{}", db.name());
-        let plan = store.read(|tx| tx.list_jobs_plan()).await.unwrap();
+        let plan = store.read(|tx| tx.list_jobs_plan(false)).await.unwrap();
         println!("{}: list_jobs plan:\n{plan}", db.name());
         assert!(plan.contains("jobs_by_client"), "{}: not from the index:\n{plan}", db.name());
         assert!(

@@ -80,17 +80,7 @@ async fn accept(
     let batch = message(app, &client.0, policy.share, batch_id, &checked, on_complete.as_ref())?;
     let ids: Vec<JobId> = batch.jobs.iter().map(|j| j.id.clone()).collect();
     let on_complete_id = batch.on_complete.as_ref().map(|j| j.id.clone());
-    let session = app.keys.session().map_err(|_| Problem::internal("no session with the worker"))?;
-    let body = serde_json::to_vec(&batch)
-        .ok()
-        .and_then(|m| Vouched::wrap(&session, &m).ok())
-        .ok_or_else(|| Problem::internal("the batch could not be sealed"))?;
-    // To the queue of its first job, at that job's priority; the worker sends each job on
-    // to its own.
-    let (spec, first) = &checked[0];
-    let props = BasicProperties::default().with_priority(first.priority.get());
-    publish(app, &app.catalog.publish_key(spec, first.priority.get(), first.shard), &body, props, true)
-        .await?;
+    publish_group(app, &checked[0], &batch).await?;
     tracing::info!(batch = %batch.batch, jobs = ids.len(), "batch accepted");
     let id = batch.batch.as_str();
     let mut answer = json!({"id": id, "status_url": format!("/v1/batches/{id}"), "jobs": ids});
@@ -117,7 +107,7 @@ fn check_all<'a>(
             .and_then(|req| check_job(app, client, policy, req, &trace));
         match one {
             Ok(job) => checked.push(job),
-            Err(problem) => refused.extend(at_index(i, &problem)),
+            Err(problem) => refused.extend(at_index("/jobs", i, &problem)),
         }
     }
     let on_complete = match req.on_complete {
@@ -145,18 +135,41 @@ fn message(
     checked: &[Checked<'_>],
     on_complete: Option<&JobEnvelope>,
 ) -> Result<BatchMessage, Problem> {
-    let one = |envelope: &JobEnvelope| -> Result<BatchedJob, Problem> {
-        let message = String::from_utf8(seal(app, envelope)?).map_err(|_| Problem::internal("not UTF-8"))?;
-        Ok(BatchedJob { id: envelope.id.clone(), message })
-    };
-    Ok(BatchMessage {
+    let mut message = BatchMessage {
         batch,
         client: client.to_owned(),
         share,
         submitted_at_ms: gatehouse_protocol::clock::now_ms().unsigned_abs(),
-        jobs: checked.iter().map(|(_, envelope)| one(envelope)).collect::<Result<_, _>>()?,
-        on_complete: on_complete.map(one).transpose()?,
-    })
+        jobs: checked.iter().map(|(_, envelope)| batched(app, envelope)).collect::<Result<_, _>>()?,
+        on_complete: None,
+        workflow: false,
+    };
+    message.on_complete = on_complete.map(|envelope| batched(app, envelope)).transpose()?;
+    Ok(message)
+}
+
+/// One job of a batch or workflow as it travels: its own vouched message.
+pub(super) fn batched(app: &App, envelope: &JobEnvelope) -> Result<BatchedJob, Problem> {
+    let message = String::from_utf8(seal(app, envelope)?).map_err(|_| Problem::internal("not UTF-8"))?;
+    Ok(BatchedJob { id: envelope.id.clone(), message, step: None, after: Vec::new() })
+}
+
+/// Publishes `batch` (a batch or workflow, whose first job is `first`) vouched for, as one
+/// message, to the queue of its first job at that job's priority; the worker sends each job on
+/// to its own.
+pub(super) async fn publish_group(
+    app: &App,
+    first: &(&KindSpec, JobEnvelope),
+    batch: &BatchMessage,
+) -> Result<(), Problem> {
+    let session = app.keys.session().map_err(|_| Problem::internal("no session with the worker"))?;
+    let body = serde_json::to_vec(batch)
+        .ok()
+        .and_then(|m| Vouched::wrap(&session, &m).ok())
+        .ok_or_else(|| Problem::internal("the batch could not be sealed"))?;
+    let (spec, job) = first;
+    let props = BasicProperties::default().with_priority(job.priority.get());
+    publish(app, &app.catalog.publish_key(spec, job.priority.get(), job.shard), &body, props, true).await
 }
 
 /// The batch's `on_complete` job, checked like a job (it runs once the batch is complete, and
@@ -191,16 +204,16 @@ fn completion(
     Ok(envelope)
 }
 
-/// A refused job's problem, its paths under `/jobs/<i>`.
-fn at_index(i: usize, problem: &Problem) -> Vec<FieldError> {
+/// A refused job's problem, its paths under `<list>/<i>` (`/jobs/3`, `/steps/0`).
+pub(super) fn at_index(list: &str, i: usize, problem: &Problem) -> Vec<FieldError> {
     if problem.errors.is_empty() {
-        return vec![field(&format!("/jobs/{i}"), format!("{}: {}", problem.slug(), problem.detail))];
+        return vec![field(&format!("{list}/{i}"), format!("{}: {}", problem.slug(), problem.detail))];
     }
     problem
         .errors
         .iter()
         .map(|e| {
-            let path = e.path.strip_prefix('/').map_or(e.path.clone(), |rest| format!("/jobs/{i}/{rest}"));
+            let path = e.path.strip_prefix('/').map_or(e.path.clone(), |rest| format!("{list}/{i}/{rest}"));
             field(&path, format!("{}: {}", problem.slug(), e.message))
         })
         .collect()
@@ -212,30 +225,51 @@ pub async fn status(
     Extension(client): Extension<ClientIdentity>,
     Path(id): Path<String>,
 ) -> Response {
-    if let Err(problem) = authorize(&app, &client) {
+    group_status(&app, &client, &id, false).await
+}
+
+/// The status of batch (or, `workflow`, workflow) `id`, for its owner only.
+pub(super) async fn group_status(app: &App, client: &ClientIdentity, id: &str, workflow: bool) -> Response {
+    if let Err(problem) = authorize(app, client) {
         app.metrics.rejected(problem.slug());
         return problem.into_response();
     }
-    let Some(id) = JobId::parse(&id).ok().filter(|id| app.ids.is_owned_by(id, &client.0)) else {
+    let Some(id) = JobId::parse(id).ok().filter(|id| app.ids.is_owned_by(id, &client.0)) else {
         return Problem::not_found().into_response();
     };
+    match read_group(app, client, &id, None).await {
+        // The id is this client's (checked above) but the worker has not recorded it yet.
+        Ok(None) => Json(json!({"id": id, "status": "queued"})).into_response(),
+        // A batch's id is not a workflow's, nor the other way round.
+        Ok(Some(summary)) if summary.steps.is_empty() == workflow => Problem::not_found().into_response(),
+        Ok(Some(summary)) => Json(summary).into_response(),
+        Err(res) => res,
+    }
+}
+
+/// What the worker holds of batch or workflow `id` (checked to be the client's); `None` while
+/// it has not recorded it. With `events_after`, a workflow's steps' transitions after those.
+pub(super) async fn read_group(
+    app: &App,
+    client: &ClientIdentity,
+    id: &JobId,
+    events_after: Option<Vec<u64>>,
+) -> Result<Option<BatchSummary>, Response> {
     let client_ = client.0.clone();
-    let answer = query_worker(&app, &client, &id.clone(), |reply, sent_at_ms| ControlRequest::Batch {
-        id,
+    let group = id.clone();
+    let answer = query_worker(app, client, id, |reply, sent_at_ms| ControlRequest::Batch {
+        id: group,
         client: client_,
         sent_at_ms,
         reply,
+        events_after,
     })
-    .await;
-    match answer {
-        // The id is this client's (checked above) but the worker has not recorded it yet.
-        Ok(s) if s.status == JobState::NotFound => {
-            Json(json!({"id": s.id, "status": "queued"})).into_response()
-        }
-        Ok(s) => match s.result.map(serde_json::from_value::<BatchSummary>) {
-            Some(Ok(summary)) => Json(summary).into_response(),
-            _ => Problem::internal("the worker's answer was not a batch").into_response(),
-        },
-        Err(res) => res,
+    .await?;
+    if answer.status == JobState::NotFound {
+        return Ok(None);
+    }
+    match answer.result.map(serde_json::from_value::<BatchSummary>) {
+        Some(Ok(summary)) => Ok(Some(summary)),
+        _ => Err(Problem::internal("the worker's answer was not a batch").into_response()),
     }
 }

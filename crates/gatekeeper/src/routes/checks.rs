@@ -1,10 +1,11 @@
-//! The checks of one submitted job, shared by `POST /v1/jobs` and `POST /v1/batches`: kind,
-//! policy, priority, delay, sequence, sanitizing, sealed fields and schema. What passes is the
-//! job as it will travel (its id minted), without a reply target.
+//! The checks of one submitted job, shared by `POST /v1/jobs`, `POST /v1/batches` and `POST
+//! /v1/workflows`: kind, policy, priority, delay, sequence, parents, sanitizing, sealed fields
+//! and schema. What passes is the job as it will travel (its id minted), without a reply
+//! target.
 
 use gatehouse_protocol::submit::RawSequence;
 use gatehouse_protocol::trace::Trace;
-use gatehouse_protocol::{JobEnvelope, KindSpec, Priority, Sequence, SubmitRequest};
+use gatehouse_protocol::{JobEnvelope, JobId, KindSpec, Priority, Sequence, SubmitRequest};
 use serde_json::Value;
 
 use super::App;
@@ -80,6 +81,7 @@ pub(crate) fn check_job<'a>(
     let submitted_at_ms = gatehouse_protocol::clock::now_ms().unsigned_abs();
     let not_before_ms = check_delay(spec, policy, &req, submitted_at_ms)?;
     let sequence = check_sequence(spec, req.sequence, &req.payload)?;
+    let after = check_after(app, client, spec, req.after.take().unwrap_or_default())?;
     if let Some(seq) = &sequence
         && !policy.allows_sequence_key(seq.key())
     {
@@ -113,8 +115,40 @@ pub(crate) fn check_job<'a>(
         share: policy.share,
         idempotency_key: req.idempotency_key,
         completes: None,
+        after,
+        on_parent_failure: req.on_parent_failure.unwrap_or_default(),
     };
     Ok((spec, envelope))
+}
+
+/// The jobs a job waits for: ids of the client's own jobs (another client's, or one that is no
+/// job id, is `404`, as a status read of it would be), at most
+/// [`gatehouse_protocol::batch::MAX_WORKFLOW_STEPS`], none twice; not for a sequenced kind (its
+/// sequence orders its jobs).
+///
+/// # Errors
+/// `404`, or `422 invalid-after`.
+fn check_after(app: &App, client: &str, spec: &KindSpec, after: Vec<String>) -> Result<Vec<JobId>, Problem> {
+    let refused = |m: String| Problem::validation("Invalid parents", "invalid-after", vec![field("/after", m)]);
+    if after.is_empty() {
+        return Ok(Vec::new());
+    }
+    if spec.sequenced {
+        return Err(refused(format!("{} is sequenced: its sequence orders its jobs, not after", spec.name)));
+    }
+    let most = gatehouse_protocol::batch::MAX_WORKFLOW_STEPS;
+    if after.len() > most {
+        return Err(refused(format!("a job waits for at most {most} others")));
+    }
+    let mut ids: Vec<JobId> = Vec::with_capacity(after.len());
+    for id in &after {
+        let id = JobId::parse(id).ok().filter(|id| app.ids.is_owned_by(id, client)).ok_or_else(Problem::not_found)?;
+        if ids.contains(&id) {
+            return Err(refused(format!("{id} is named twice")));
+        }
+        ids.push(id);
+    }
+    Ok(ids)
 }
 
 /// When a delayed job may run, within what its kind and the client's policy allow.

@@ -5,6 +5,7 @@ mod checks;
 pub mod events;
 pub mod health;
 pub mod jobs;
+pub mod workflows;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -121,6 +122,12 @@ pub fn router(app: Arc<App>) -> Router {
             post(batches::submit).layer(DefaultBodyLimit::max(limit.saturating_mul(batches::BODY_FACTOR))),
         )
         .route("/v1/batches/{id}", get(batches::status))
+        .route(
+            "/v1/workflows",
+            post(workflows::submit).layer(DefaultBodyLimit::max(limit.saturating_mul(batches::BODY_FACTOR))),
+        )
+        .route("/v1/workflows/{id}", get(workflows::status))
+        .route("/v1/workflows/{id}/events", get(workflows::events))
         .route("/v1/keys", get(worker_keys))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))

@@ -184,6 +184,29 @@ pub(super) const SCHEMA: &[&str] = &[
     -- What the sweep looks for every pass: batches whose on_complete job was not sent yet.
     CREATE INDEX batches_pending ON batches(id) WHERE completed_at_ms IS NULL AND on_complete IS NOT NULL;
 ",
+    r"
+    -- 11: workflows (batches of named steps) and jobs that wait for others.
+    ALTER TABLE batches ADD COLUMN workflow BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE batch_jobs ADD COLUMN step TEXT;
+    ALTER TABLE batch_jobs ADD COLUMN after_steps TEXT;
+    CREATE TABLE job_parents (
+        job_id    TEXT NOT NULL,
+        parent_id TEXT NOT NULL,
+        PRIMARY KEY (job_id, parent_id)
+    );
+    CREATE INDEX jobs_waiting_for_parents ON jobs(id) WHERE state = 'waiting_for_parents';
+    CREATE FUNCTION gatehouse_job_parents_gone() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        DELETE FROM job_parents WHERE job_id = OLD.id;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER job_parents_released AFTER UPDATE OF state ON jobs FOR EACH ROW
+        WHEN (OLD.state = 'waiting_for_parents' AND NEW.state <> 'waiting_for_parents')
+        EXECUTE FUNCTION gatehouse_job_parents_gone();
+    CREATE TRIGGER job_parents_pruned AFTER DELETE ON jobs FOR EACH ROW
+        WHEN (OLD.state = 'waiting_for_parents')
+        EXECUTE FUNCTION gatehouse_job_parents_gone();
+",
 ];
 
 /// After this step (1-based) the error texts of earlier releases are sealed.

@@ -363,6 +363,8 @@ pub struct JobFilter {
     pub submitted_after_ms: Option<i64>,
     /// Only jobs listed after this one (the last of the previous page): (submitted_at_ms, id).
     pub after: Option<(i64, String)>,
+    /// Only the jobs of this batch (`false`) or workflow (`true`) of the client's.
+    pub group: Option<(String, bool)>,
     pub limit: u32,
 }
 
@@ -390,22 +392,43 @@ const LIST_JOBS: &str = "SELECT j.id, j.kind, j.state, j.submitted_at_ms, j.upda
      ORDER BY j.submitted_at_ms DESC, j.id DESC
      LIMIT ?7";
 
+/// [`LIST_JOBS`] within one batch or workflow (`?8`, `?9`: whether a workflow): from its
+/// members (at most 1,000), never the client's whole list.
+const LIST_GROUP_JOBS: &str = "SELECT j.id, j.kind, j.state, j.submitted_at_ms, j.updated_at_ms, a.count
+     FROM batches g JOIN batch_jobs b ON b.batch_id = g.id JOIN jobs j ON j.id = b.job_id
+     LEFT JOIN attempts a ON a.job_id = j.id
+     WHERE g.id = ?8 AND g.client = ?1 AND g.workflow = ?9 AND j.client = ?1
+       AND (CAST(?2 AS TEXT) IS NULL OR j.state = ?2)
+       AND (CAST(?3 AS TEXT) IS NULL OR j.kind = ?3)
+       AND j.submitted_at_ms > ?4
+       AND (j.submitted_at_ms < ?5 OR (j.submitted_at_ms = ?5 AND j.id < ?6))
+     ORDER BY j.submitted_at_ms DESC, j.id DESC
+     LIMIT ?7";
+
 impl Tx<'_> {
     /// `client`'s jobs that `filter` selects, newest first (by submission, then id).
     pub fn list_jobs(&self, client: &str, filter: &JobFilter) -> Result<Vec<ListedJob>, StorageError> {
         let (before_ms, before_id) = filter.after.clone().unwrap_or((i64::MAX, String::new()));
-        self.rows(
-            LIST_JOBS,
-            params![
-                client,
-                filter.state,
-                filter.kind,
-                filter.submitted_after_ms.unwrap_or(-1),
-                before_ms,
-                before_id,
-                i64::from(filter.limit)
-            ],
-        )?
+        let (state, kind, since, limit) =
+            (&filter.state, &filter.kind, filter.submitted_after_ms.unwrap_or(-1), i64::from(filter.limit));
+        let rows = match &filter.group {
+            Some((group, workflow)) => self.rows(
+                LIST_GROUP_JOBS,
+                params![
+                    client,
+                    state,
+                    kind,
+                    since,
+                    before_ms,
+                    before_id,
+                    limit,
+                    group.as_str(),
+                    i64::from(*workflow)
+                ],
+            )?,
+            None => self.rows(LIST_JOBS, params![client, state, kind, since, before_ms, before_id, limit])?,
+        };
+        rows
         .iter()
         .map(|r| {
             Ok(ListedJob {
@@ -422,12 +445,21 @@ impl Tx<'_> {
 
     /// How the backend runs [`Tx::list_jobs`] (`EXPLAIN QUERY PLAN` / `EXPLAIN`), one line per
     /// step: for operators and the tests that show it uses the index.
-    pub fn list_jobs_plan(&self) -> Result<String, StorageError> {
+    /// `group`: the plan of a list within one batch or workflow.
+    pub fn list_jobs_plan(&self, group: bool) -> Result<String, StorageError> {
         let (explain, column) = if self.is_postgres() { ("EXPLAIN ", 0) } else { ("EXPLAIN QUERY PLAN ", 3) };
-        let rows = self.rows(
-            &format!("{explain}{LIST_JOBS}"),
-            params!["c", None::<String>, None::<String>, -1i64, i64::MAX, "", 50i64],
-        )?;
+        let none = None::<String>;
+        let rows = if group {
+            self.rows(
+                &format!("{explain}{LIST_GROUP_JOBS}"),
+                params!["c", none, none, -1i64, i64::MAX, "", 50i64, "b", 0i64],
+            )?
+        } else {
+            self.rows(
+                &format!("{explain}{LIST_JOBS}"),
+                params!["c", none, none, -1i64, i64::MAX, "", 50i64],
+            )?
+        };
         rows.iter().map(|r| r.get::<String>(column)).collect::<Result<Vec<_>, _>>().map(|l| l.join("\n"))
     }
 }

@@ -3,19 +3,22 @@
 //! tables that belong together holds their operations and their tests: `jobs` (and the event
 //! log), `attempts` (progress, checkpoints), `sequences` (and parked jobs), `held` (delayed
 //! jobs, leases, singleton turns), `pauses` (paused kinds and classes, and their held jobs),
-//! `schedules`, `cancellation`, `retention`, `sealing` (at rest, rekeying).
+//! `schedules`, `cancellation`, `retention`, `sealing` (at rest, rekeying), `batches` (and
+//! workflows), `parents` (jobs waiting for others).
 
 mod attempts;
 mod batches;
 mod cancellation;
 mod held;
 mod jobs;
+mod parents;
 mod pauses;
 mod retention;
 mod schedules;
 mod sealing;
 mod sequences;
 
+pub use batches::Member;
 pub use held::SENT_BACK;
 pub use jobs::{JobFilter, ListedJob};
 pub use pauses::Pause;

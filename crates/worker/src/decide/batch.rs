@@ -4,7 +4,7 @@
 use gatehouse_protocol::batch::{BatchMessage, BatchSummary};
 use gatehouse_protocol::clock::now_ms;
 use gatehouse_protocol::{JobEnvelope, JobId, JobState, SealedJob, Vouched};
-use gatehouse_storage::{StorageError, Tx};
+use gatehouse_storage::{Member, StorageError, Tx};
 
 use super::stored;
 
@@ -37,9 +37,14 @@ pub fn hold_batch(
     jobs: &[JobEnvelope],
     on_complete: Option<&JobEnvelope>,
 ) -> Result<usize, StorageError> {
-    let ids: Vec<JobId> = jobs.iter().map(|env| env.id.clone()).collect();
+    let members: Vec<Member> = batch
+        .jobs
+        .iter()
+        .map(|job| Member { id: job.id.clone(), step: job.step.clone(), after: job.after.clone() })
+        .collect();
     let kept = on_complete.map(|env| (env.id.clone(), serde_json::to_value(env).unwrap_or_default()));
-    if !tx.record_batch(&batch.batch, &batch.client, &ids, kept.as_ref().map(|(id, env)| (id, env)))? {
+    let on_complete = kept.as_ref().map(|(id, env)| (id, env));
+    if !tx.record_batch(&batch.batch, &batch.client, batch.workflow, &members, on_complete)? {
         return Ok(0);
     }
     let now = now_ms().unsigned_abs();
@@ -56,12 +61,18 @@ pub fn hold_batch(
     Ok(held)
 }
 
-/// Batch `id` as its owner `client` reads it; `None` for anyone else's (or an unknown one).
+/// Batch (or workflow) `id` as its owner `client` reads it, with `events_after` its steps'
+/// transitions after those; `None` for anyone else's (or an unknown one).
 ///
 /// # Errors
 /// A storage failure.
-pub fn batch_status(tx: &Tx<'_>, id: &JobId, client: &str) -> Result<Option<BatchSummary>, StorageError> {
-    tx.batch_of(id, client)
+pub fn batch_status(
+    tx: &Tx<'_>,
+    id: &JobId,
+    client: &str,
+    events_after: Option<&[u64]>,
+) -> Result<Option<BatchSummary>, StorageError> {
+    tx.batch_of(id, client, events_after)
 }
 
 /// The `on_complete` jobs of batches whose jobs are all decided (at most `limit`): each made

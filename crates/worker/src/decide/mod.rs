@@ -16,8 +16,10 @@
 //! 3. [`after_failure`] — a failed attempt: retried after a backoff, or dead-lettered.
 //! 4. [`record_dead`] — a job that is dead-lettered, once the dead-letter queue confirmed it.
 //! 5. [`status_for`], [`cancel`] — what a client asks about its job.
-//! 6. [`hold_batch`], [`batch_status`] — a batch's jobs recorded and held together, and what
-//!    its client reads of it.
+//! 6. [`hold_batch`], [`batch_status`] — a batch's (or workflow's) jobs recorded and held
+//!    together, and what its client reads of it.
+//! 7. `parents` — a job that waits for others (`after`) is held until they are decided, then
+//!    runs or ends `cancelled` (`parent-failed`).
 //!
 //! Each ends in a [`Verdict`]: answered, retried, or dead-lettered with a [`DeadReason`].
 //!
@@ -28,6 +30,7 @@
 //! applied.
 
 mod batch;
+mod parents;
 mod prepare;
 mod record;
 mod status;
@@ -43,6 +46,7 @@ use crate::handlers::Outcome;
 use crate::reasons::DeadReason;
 use crate::security::ReplyTarget;
 pub use batch::{batch_status, complete_batches, hold_batch, jobs_of};
+pub use parents::PARENT_FAILED;
 pub use prepare::{begin, decide_and_run, prepare};
 pub use record::{Run, record_dead};
 pub use status::{cancel, status_for};

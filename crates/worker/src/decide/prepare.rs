@@ -89,6 +89,10 @@ fn prepare_probed(tx: &Tx<'_>, spec: &KindSpec, arrival: &Arrival) -> Result<(St
     if let Some(verdict) = decided {
         return Ok((Step::Decided(verdict), probe));
     }
+    let state = probe.job.as_ref().map(|j| j.state);
+    if let Some(verdict) = super::parents::after_parents(tx, arrival, state, probe.cancelled)? {
+        return Ok((Step::Decided(verdict), probe));
+    }
     // (A cancelled job goes on, to be decided cancelled.)
     if let Some(target) = probe.paused.clone()
         && !probe.cancelled
@@ -139,6 +143,9 @@ fn known(
                 Ok(None)
             }
         },
+        // Its parents may be decided now (its message was sent back when they were): see
+        // `after_parents`, next.
+        JobState::WaitingForParents => Ok(None),
         // A singleton job whose turn may have come (its message was sent back when it did).
         JobState::WaitingForTurn => {
             let key = turn(spec, env);

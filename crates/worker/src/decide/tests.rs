@@ -20,6 +20,7 @@ fn kinds(catalog: &Catalog) -> Kinds {
         registry,
         schemas: gatehouse_protocol::schemas::Schemas::compile(catalog).unwrap(),
         fields: gatehouse_protocol::fields::FieldOpener::new(Vec::new()),
+        parent_results: catalog.kinds().filter(|k| k.parent_results).map(|k| k.name.clone()).collect(),
     }
 }
 

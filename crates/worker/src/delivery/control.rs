@@ -51,9 +51,9 @@ pub async fn handle_control(ctx: Ctx, delivery: Delivery) {
             let target = ReplyTarget::new(Some(reply), &client, &vouched);
             list(&ctx, &target, id, client, query).await;
         }
-        Some((ControlRequest::Batch { id, client, sent_at_ms, reply }, vouched)) if fresh(sent_at_ms) => {
+        Some((ControlRequest::Batch { id, client, sent_at_ms, reply, events_after }, vouched)) if fresh(sent_at_ms) => {
             let target = ReplyTarget::new(Some(reply), &client, &vouched);
-            batch(&ctx, &target, id, client).await;
+            batch(&ctx, &target, id, client, events_after).await;
         }
         _ => tracing::warn!("unsigned, stale or undecodable control message dropped"),
     }
@@ -69,6 +69,11 @@ async fn list(ctx: &Ctx, target: &ReplyTarget, id: JobId, client: String, query:
         kind: query.kind,
         submitted_after_ms: query.submitted_after_ms.and_then(|ms| i64::try_from(ms).ok()),
         after: query.cursor.map(|c| (c.submitted_at_ms, c.id)),
+        group: match (query.batch, query.workflow) {
+            (Some(batch), _) => Some((batch, false)),
+            (None, Some(workflow)) => Some((workflow, true)),
+            (None, None) => None,
+        },
         limit,
     };
     let listed = ctx.shared.store.read(move |tx| tx.list_jobs(&client, &filter)).await;
@@ -97,9 +102,10 @@ async fn list(ctx: &Ctx, target: &ReplyTarget, id: JobId, client: String, query:
 
 /// A client's batch: answered as the status of its id, `succeeded` with the summary as its
 /// result, or `not_found` for anyone else's. Read beside the writer, like status queries.
-async fn batch(ctx: &Ctx, target: &ReplyTarget, id: JobId, client: String) {
+async fn batch(ctx: &Ctx, target: &ReplyTarget, id: JobId, client: String, events_after: Option<Vec<u64>>) {
     let batch = id.clone();
-    match ctx.shared.store.read(move |tx| decide::batch_status(tx, &batch, &client)).await {
+    let read = move |tx: &mut gatehouse_storage::Tx<'_>| decide::batch_status(tx, &batch, &client, events_after.as_deref());
+    match ctx.shared.store.read(read).await {
         Ok(summary) => {
             let mut status = JobStatus::new(id, JobState::NotFound);
             if let Some(summary) = summary {

@@ -76,10 +76,20 @@ pub async fn run(ctx: &Ctx, attempt: Attempt<'_>) -> Result<Vec<Answer>, Failure
     let context = match env.completes.clone() {
         Some(batch) => {
             let client = env.client.clone();
-            let summary = shared.store.read(move |tx| tx.batch_of(&batch, &client)).await;
+            let summary = shared.store.read(move |tx| tx.batch_of(&batch, &client, None)).await;
             context.with_batch(summary.unwrap_or_default())
         }
         None => context,
+    };
+    // A kind that declares `parent_results` is given how the jobs it waited for ended.
+    let context = if env.after.is_empty() {
+        context
+    } else {
+        let (kinds, job) = (shared.kinds.clone(), env.clone());
+        match shared.store.read(move |tx| kinds.parents(tx, &job)).await {
+            Ok(parents) => context.with_parents(parents),
+            Err(e) => return Err(Failure::Retry(format!("storage: the parents' results could not be read: {e}"))),
+        }
     };
     let task = tokio::spawn(handler.run(context, payload));
     // Given up (the lease lost, the worker stopping): the handler goes too.

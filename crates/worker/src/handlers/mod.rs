@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use gatehouse_protocol::batch::BatchSummary;
 use gatehouse_protocol::fields::{FieldAad, FieldOpener};
 use gatehouse_protocol::schemas::Schemas;
-use gatehouse_protocol::{Catalog, JobEnvelope, JobId, Sequence};
+use gatehouse_protocol::{Catalog, JobEnvelope, JobId, JobState, JobStatus, Sequence};
 use gatehouse_storage::{Family, StorageError, Tx};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -100,6 +100,7 @@ pub struct JobContext {
     store: Option<gatehouse_storage::Store>,
     reservation: Option<Arc<Reservation>>,
     batch: Option<BatchSummary>,
+    parents: Option<Vec<JobStatus>>,
 }
 
 impl JobContext {
@@ -118,7 +119,20 @@ impl JobContext {
             store: None,
             reservation: None,
             batch: None,
+            parents: None,
         }
+    }
+
+    /// For a job of a kind that declares `parent_results`: how each job it waited for
+    /// (`after`) ended, in the order named — state, and result or error. `None` for any other.
+    pub fn parents(&self) -> Option<&[JobStatus]> {
+        self.parents.as_deref()
+    }
+
+    /// Gives a job its parents' outcomes.
+    pub fn with_parents(mut self, parents: Option<Vec<JobStatus>>) -> Self {
+        self.parents = parents;
+        self
     }
 
     /// For a batch's `on_complete` job: the batch, every job of it decided (its jobs by state,
@@ -424,6 +438,9 @@ pub struct Kinds {
     pub registry: Registry,
     pub schemas: Schemas,
     pub fields: FieldOpener,
+    /// The kinds that declare `parent_results`: their handlers are given the outcomes of the
+    /// jobs they waited for.
+    pub parent_results: std::collections::BTreeSet<String>,
 }
 
 impl Kinds {
@@ -440,6 +457,29 @@ impl Kinds {
         cancelled: Option<bool>,
     ) -> Result<Outcome, StorageError> {
         run_in_storage(self, tx, env, attempt, timeout, cancelled)
+    }
+
+    /// For a job of a kind that declares `parent_results`: how each job it waited for (`after`)
+    /// ended, its result or error included (read from storage; they never leave the worker).
+    ///
+    /// # Errors
+    /// A storage failure.
+    pub fn parents(&self, tx: &Tx<'_>, env: &JobEnvelope) -> Result<Option<Vec<JobStatus>>, StorageError> {
+        if env.after.is_empty() || !self.parent_results.contains(&env.kind) {
+            return Ok(None);
+        }
+        let parents = tx.parents(&env.after, &env.client)?;
+        let statuses = env.after.iter().zip(parents).map(|(id, job)| match job {
+            Some(job) => {
+                let mut status = JobStatus::new(id.clone(), job.state);
+                status.result = job.result;
+                status.error = job.error;
+                status.reason = job.reason;
+                status
+            }
+            None => JobStatus::new(id.clone(), JobState::Expired),
+        });
+        Ok(Some(statuses.collect()))
     }
 
     /// The payload a handler is given: each field the client sealed opened, then validated
@@ -498,10 +538,11 @@ pub fn run_in_storage(
         return Ok(Outcome::Permanent(format!("{} has no storage handler in this worker", env.kind)));
     };
     let batch = match &env.completes {
-        Some(batch) => tx.batch_of(batch, &env.client)?,
+        Some(batch) => tx.batch_of(batch, &env.client, None)?,
         None => None,
     };
-    let job = JobContext::new(env, attempt, timeout, None).with_batch(batch);
+    let parents = kinds.parents(tx, env)?;
+    let job = JobContext::new(env, attempt, timeout, None).with_batch(batch).with_parents(parents);
     let outcome = handler.run(tx, &job, payload)?;
     if Instant::now() > job.deadline {
         return Ok(Outcome::Retryable(format!("timed out after {} ms", timeout.as_millis())));
@@ -589,6 +630,7 @@ mod tests {
             registry: Registry::default(),
             schemas: Schemas::compile(&catalog()).unwrap(),
             fields: FieldOpener::new(Vec::new()),
+            parent_results: Default::default(),
         };
         let env = JobEnvelope {
             id: JobId::from_bytes([1; 16]),

@@ -98,7 +98,7 @@ pub fn register(r: &mut Registry) {
                 // (As a batch's on_complete job, the batch it was given too.)
                 () = tokio::time::sleep(Duration::from_millis(p.ms)) => Outcome::Success(json!({
                     "slept_ms": p.ms, "started_at_ms": started, "ended_at_ms": gatehouse_protocol::clock::now_ms(),
-                    "batch": job.batch(),
+                    "batch": job.batch(), "parents": job.parents(),
                 })),
                 () = job.cancelled() => Outcome::Cancelled,
             }

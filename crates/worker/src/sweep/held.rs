@@ -10,6 +10,10 @@
 //!   `delivery::lease`): the next attempt starts from the job's last checkpoint.
 //! - **Batches' jobs** (held together when the batch arrives) and a batch's `on_complete` job
 //!   (held once every job of the batch is decided).
+//! - **Jobs waiting for parents** (`after`, a workflow's steps): made due once every parent is
+//!   decided, here, whichever worker decided them; the job's own delivery then decides whether
+//!   it runs (`decide::parents`), so a fan-in child is released and run once however its
+//!   parents' outcomes raced.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,6 +51,9 @@ impl Sweep for Held {
                 crate::decide::complete_batches(tx, SWEEP_BATCH, &make)
             })
             .await?;
+        // Jobs whose parents are all decided: due now.
+        let now = now_ms();
+        out.store.transact(move |tx| tx.release_children(now, SWEEP_BATCH)).await?;
         // Pass after pass while they come full (a batch's jobs, a backlog of delayed ones).
         loop {
             let now = now_ms();

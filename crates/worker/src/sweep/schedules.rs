@@ -157,6 +157,8 @@ impl Schedule {
             share: 1,
             idempotency_key: None,
             completes: None,
+            after: Vec::new(),
+            on_parent_failure: gatehouse_protocol::envelope::ParentFailure::Cancel,
         }
     }
 }

@@ -16,7 +16,7 @@
 //! space, open files, processes through `prlimit`; disk through the folder's size; stderr
 //! through [`stderr`]), with an environment of `PATH`, `LANG` and `GATEHOUSE_JOB_ID`,
 //! `GATEHOUSE_KIND`, `GATEHOUSE_CLIENT`, `GATEHOUSE_ATTEMPT` only (and `GATEHOUSE_CHECKPOINT`,
-//! `GATEHOUSE_BATCH` naming files in its input folder when it has them). Its whole process tree ends
+//! `GATEHOUSE_BATCH`, `GATEHOUSE_PARENTS` naming files in its input folder when it has them). Its whole process tree ends
 //! with the attempt and with the worker. Its stderr stays out of the worker's log unless the
 //! kind sets `log_stderr`.
 
@@ -40,6 +40,9 @@ pub const EXIT_RETRY: i32 = 75;
 const CHECKPOINT_FILE: &str = "checkpoint.json";
 /// For a batch's `on_complete` job: the batch's summary (`GATEHOUSE_BATCH` names it).
 const BATCH_FILE: &str = "batch.json";
+/// For a job of a kind that declares `parent_results`: how each job it waited for ended, a
+/// JSON array of statuses (`GATEHOUSE_PARENTS` names it).
+const PARENTS_FILE: &str = "parents.json";
 
 /// An executable kind, checked at start-up.
 pub struct Exec {
@@ -111,6 +114,11 @@ impl Exec {
             let path = input.join(BATCH_FILE);
             std::fs::write(&path, serde_json::to_vec(batch).map_err(std::io::Error::other)?)?;
             env.push(("GATEHOUSE_BATCH", self.sandbox.input_path(input, BATCH_FILE).display().to_string()));
+        }
+        if let Some(parents) = job.parents() {
+            let path = input.join(PARENTS_FILE);
+            std::fs::write(&path, serde_json::to_vec(parents).map_err(std::io::Error::other)?)?;
+            env.push(("GATEHOUSE_PARENTS", self.sandbox.input_path(input, PARENTS_FILE).display().to_string()));
         }
         Ok(env)
     }

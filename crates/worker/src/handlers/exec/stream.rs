@@ -1,7 +1,8 @@
 //! Stream mode: long-lived children, one JSON line per job each way.
 //!
 //! A job goes to an idle child **of its own client** (or a new one) as one line
-//! `{"id", "kind", "client", "attempt", "checkpoint", "payload"}`; the child answers one line
+//! `{"id", "kind", "client", "attempt", "checkpoint", "payload"}` (and `"parents"`, for a kind
+//! that declares `parent_results`); the child answers one line
 //! `{"id", "result"}` or `{"id", "error", "retryable"}`, after any number of
 //! `{"id", "progress": {...}}` / `{"id", "checkpoint"}` lines. A child that dies, answers out
 //! of protocol, or hangs past the deadline is killed and replaced; its job's attempt counts
@@ -232,10 +233,13 @@ impl Exec {
             Ok(c) => c,
             Err(e) => return Outcome::Retryable(format!("could not start {}: {e}", self.kind)),
         };
-        let line = serde_json::json!({
+        let mut line = serde_json::json!({
             "id": job.id, "kind": job.kind, "client": job.client, "attempt": job.attempt,
             "checkpoint": job.checkpoint(), "payload": payload,
         });
+        if let Some(parents) = job.parents() {
+            line["parents"] = serde_json::json!(parents);
+        }
         let max = self.spec.max_output_bytes;
         let mut cancel = job.clone();
         let mut checkpoints = Checkpoints::default();
