@@ -455,6 +455,61 @@ async fn pruning_and_events_work_on_both_backends() {
     }
 }
 
+fn members(jobs: &[JobId]) -> Vec<gatehouse_storage::Member> {
+    jobs.iter().map(|id| gatehouse_storage::Member { id: id.clone(), step: None, after: Vec::new() }).collect()
+}
+
+/// A job waiting for two parents is released (made due) only once both are decided, and only
+/// parents of its own client count; its parents' rows go when it stops waiting. A workflow's
+/// steps are listed from its members (an index, no scan of the client's jobs).
+#[tokio::test]
+async fn a_child_is_released_once_every_parent_is_decided_on_both_backends() {
+    for db in Db::both().await {
+        let store = db.open().await;
+        // 1003 waits for 1001 and 1002; 1005 for those and for 1004, another client's job.
+        let (child, foreign) = (id(1003), id(1005));
+        let parents = vec![id(1001), id(1002)];
+        let (c, f, ps) = (child.clone(), foreign.clone(), parents.clone());
+        store
+            .transact(move |tx| {
+                tx.record_job(&job(1001, JobState::Succeeded, None))?;
+                tx.record_job(&job(1002, JobState::Running, None))?;
+                let mut theirs = job(1004, JobState::Succeeded, None);
+                theirs.client = "other".into();
+                tx.record_job(&theirs)?;
+                tx.record_job(&job(1003, JobState::WaitingForParents, None))?;
+                tx.record_job(&job(1005, JobState::WaitingForParents, None))?;
+                tx.wait_for_parents(&c, &ps, b"message")?;
+                tx.wait_for_parents(&f, &[ps[0].clone(), ps[1].clone(), id(1004)], b"message")
+            })
+            .await
+            .unwrap();
+        let now = gatehouse_protocol::clock::now_ms();
+        let release = move |tx: &mut gatehouse_storage::Tx<'_>| tx.release_children(now, 10);
+        assert_eq!(store.transact(release).await.unwrap(), 0, "{}: a parent runs still", db.name());
+        store.transact(|tx| tx.record_job(&job(1002, JobState::Failed, None))).await.unwrap();
+        assert_eq!(store.transact(release).await.unwrap(), 1, "{}: both decided (not the foreign one)", db.name());
+        assert_eq!(store.transact(release).await.unwrap(), 0, "{}: released once", db.name());
+        let due = store.transact(move |tx| tx.claim_due_scheduled(now, now + 1000, 10)).await.unwrap();
+        let due: Vec<JobId> = due.into_iter().map(|(id, _)| id).collect();
+        assert_eq!(due, [child.clone()], "{}", db.name());
+        let states = store.transact(move |tx| tx.parents(&[id(1001), id(1002), id(1004)], "c")).await.unwrap();
+        let states: Vec<Option<JobState>> = states.into_iter().map(|j| j.map(|j| j.state)).collect();
+        assert_eq!(states, [Some(JobState::Succeeded), Some(JobState::Failed), None], "{}", db.name());
+        let c = child.clone();
+        store.transact(move |tx| tx.stop_waiting_for_parents(&c)).await.unwrap();
+        let rows = db.raw("SELECT CAST(COUNT(*) AS TEXT) FROM job_parents").await;
+        assert_eq!(rows.as_deref(), Some("3"), "{}: the released child's parents' rows went", db.name());
+        let plan = store.read(|tx| tx.list_jobs_plan(true)).await.unwrap();
+        println!("{}: list within a workflow:\n{plan}", db.name());
+        assert!(
+            !plan.contains("SCAN j\n") && !plan.contains("Seq Scan on jobs") && !plan.contains("SCAN b\n"),
+            "{}: a table scan:\n{plan}",
+            db.name()
+        );
+    }
+}
+
 /// A batch is recorded once, read by its owner only (jobs in order, counted by state, pruned
 /// ones as `expired`), and forgotten once retention pruned every one of its jobs.
 #[tokio::test]
@@ -462,15 +517,15 @@ async fn batches_are_recorded_once_read_by_their_owner_and_pruned_with_their_job
     for db in Db::both().await {
         let store = db.open().await;
         let (batch, jobs) = (id(900), vec![id(903), id(901), id(902)]);
-        let (b, j) = (batch.clone(), jobs.clone());
+        let (b, j) = (batch.clone(), members(&jobs));
         let recorded = store
             .transact(move |tx| {
                 tx.record_job(&job(901, JobState::Succeeded, None))?;
                 tx.record_job(&job(902, JobState::Queued, None))?;
                 tx.record_job(&job(903, JobState::Failed, None))?;
                 Ok::<_, StorageError>((
-                    tx.record_batch(&b, "c", &j, None)?,
-                    tx.record_batch(&b, "c", &j, None)?,
+                    tx.record_batch(&b, "c", false, &j, None)?,
+                    tx.record_batch(&b, "c", false, &j, None)?,
                 ))
             })
             .await
@@ -478,7 +533,7 @@ async fn batches_are_recorded_once_read_by_their_owner_and_pruned_with_their_job
         assert_eq!(recorded, (true, false), "{}: recorded once", db.name());
         let b = batch.clone();
         let read = store
-            .transact(move |tx| Ok::<_, StorageError>((tx.batch_of(&b, "c")?, tx.batch_of(&b, "other")?)))
+            .transact(move |tx| Ok::<_, StorageError>((tx.batch_of(&b, "c", None)?, tx.batch_of(&b, "other", None)?)))
             .await
             .unwrap();
         let (mine, theirs) = read;
@@ -498,14 +553,14 @@ async fn batches_are_recorded_once_read_by_their_owner_and_pruned_with_their_job
             db.name()
         );
         let b = batch.clone();
-        let left = store.transact(move |tx| tx.batch_of(&b, "c")).await.unwrap().unwrap();
+        let left = store.transact(move |tx| tx.batch_of(&b, "c", None)).await.unwrap().unwrap();
         assert_eq!(left.counts.get("expired"), Some(&2), "{}", db.name());
         store.transact(|tx| tx.record_job(&job(902, JobState::Succeeded, None))).await.unwrap();
         let later = gatehouse_protocol::clock::now_ms() + 1;
         store.transact(move |tx| tx.prune_decided("ledger.apply", later, 100)).await.unwrap();
         assert_eq!(store.transact(|tx| tx.prune_batches(10)).await.unwrap(), 1, "{}", db.name());
         let b = batch.clone();
-        assert!(store.transact(move |tx| tx.batch_of(&b, "c")).await.unwrap().is_none(), "{}", db.name());
+        assert!(store.transact(move |tx| tx.batch_of(&b, "c", None)).await.unwrap().is_none(), "{}", db.name());
         let rows = db.raw("SELECT CAST(COUNT(*) AS TEXT) FROM batch_jobs").await;
         assert_eq!(rows.as_deref(), Some("0"), "{}: its jobs' rows went with it", db.name());
         // A batch's jobs are recorded only if new: a job recorded meanwhile keeps its state.

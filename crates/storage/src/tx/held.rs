@@ -54,10 +54,15 @@ impl Tx<'_> {
             .collect()
     }
 
-    /// Records that the delayed job's message went back to its queue (sent again only if this
-    /// is never recorded: a crash in between sends it twice, and the job id dedupes).
-    pub fn mark_released(&self, id: &JobId) -> Result<(), StorageError> {
-        self.exec("UPDATE scheduled SET released = 1 WHERE job_id = ?1", params![id.as_str()])?;
+    /// Records that the delayed job's message, claimed until `claimed_until_ms`, went back to
+    /// its queue (sent again only if this is never recorded: a crash in between sends it twice,
+    /// and the job id dedupes). Only that claim's row: the message may be back, and held anew
+    /// (a job now waiting for its parents), before this is recorded.
+    pub fn mark_released(&self, id: &JobId, claimed_until_ms: i64) -> Result<(), StorageError> {
+        self.exec(
+            "UPDATE scheduled SET released = 1 WHERE job_id = ?1 AND claimed_until_ms = ?2",
+            params![id.as_str(), claimed_until_ms],
+        )?;
         Ok(())
     }
 

@@ -25,7 +25,8 @@ impl Tx<'_> {
         }
         self.exec(
             "INSERT INTO scheduled (job_id, due_ms, envelope) VALUES (?1, ?2, ?3)
-             ON CONFLICT (job_id) DO NOTHING",
+             ON CONFLICT (job_id) DO UPDATE SET due_ms = excluded.due_ms, envelope = excluded.envelope,
+                 released = 0, claimed_until_ms = 0",
             params![id.as_str(), NOT_YET, envelope],
         )?;
         Ok(())
@@ -37,7 +38,7 @@ impl Tx<'_> {
     pub fn release_children(&self, now_ms: i64, limit: u32) -> Result<usize, StorageError> {
         self.exec(
             &format!(
-                "UPDATE scheduled SET due_ms = ?1 WHERE due_ms = ?2 AND job_id IN (
+                "UPDATE scheduled SET due_ms = ?1, released = 0, claimed_until_ms = 0 WHERE due_ms = ?2 AND job_id IN (
                      SELECT j.id FROM jobs j WHERE j.state = 'waiting_for_parents' AND NOT EXISTS (
                          SELECT 1 FROM job_parents p LEFT JOIN jobs pj ON pj.id = p.parent_id AND pj.client = j.client
                          WHERE p.job_id = j.id AND (pj.id IS NULL OR NOT (pj.{DECIDED})))

@@ -57,9 +57,10 @@ impl Sweep for Held {
         // Pass after pass while they come full (a batch's jobs, a backlog of delayed ones).
         loop {
             let now = now_ms();
+            let claimed_until = now + CLAIM_MS;
             let due = out
                 .store
-                .transact(move |tx| tx.claim_due_scheduled(now, now + CLAIM_MS, SWEEP_BATCH))
+                .transact(move |tx| tx.claim_due_scheduled(now, claimed_until, SWEEP_BATCH))
                 .await?;
             let full = due.len() == SWEEP_BATCH as usize;
             // Sent at once, each confirmed; released together.
@@ -76,7 +77,10 @@ impl Sweep for Held {
                 }
             }
             let n = released.len();
-            out.store.transact(move |tx| released.iter().try_for_each(|id| tx.mark_released(id))).await?;
+            let release = move |tx: &mut gatehouse_storage::Tx<'_>| {
+                released.iter().try_for_each(|id| tx.mark_released(id, claimed_until))
+            };
+            out.store.transact(release).await?;
             if n > 0 {
                 tracing::debug!(jobs = n, "held jobs due: back to their queues");
             }

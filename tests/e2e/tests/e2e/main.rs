@@ -37,3 +37,4 @@ mod singleton;
 mod tenancy;
 mod tls;
 mod up;
+mod workflows;
