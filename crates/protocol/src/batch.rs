@@ -106,7 +106,8 @@ pub const MAX_WORKFLOW_STEPS: usize = 100;
 
 /// Whether `name` may name a workflow step: 1 to 64 ASCII letters, digits, `_` or `-`.
 pub fn is_step_name(name: &str) -> bool {
-    (1..=64).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    (1..=64).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// The steps in an order where each comes after those it waits for (indexes into `after`,

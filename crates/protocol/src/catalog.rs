@@ -707,6 +707,7 @@ mod tests {
             rate_per_key: None,
             burst: None,
             retain_s: None,
+            parent_results: false,
             testing: false,
             exec: None,
         }

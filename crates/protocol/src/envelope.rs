@@ -479,12 +479,19 @@ mod tests {
             share: 1,
             idempotency_key: Some("order-KEYMARK".into()),
             completes: None,
+            after: vec![JobId::from_bytes([2; 16])],
+            on_parent_failure: ParentFailure::Run,
         };
         let wire = serde_json::to_string(&env.seal(&session).unwrap()).unwrap();
         assert!(!wire.contains("MARKER") && !wire.contains("KEYMARK"), "{wire}");
         let sealed: SealedJob = serde_json::from_str(&wire).unwrap();
         let back = sealed.clone().open(&opened).unwrap();
         assert_eq!((back.payload, back.idempotency_key), (env.payload, env.idempotency_key));
+        assert_eq!(
+            (back.after, back.on_parent_failure),
+            (env.after, ParentFailure::Run),
+            "its parents travel"
+        );
         // The payload cannot be moved to another client's job.
         let mut moved = sealed;
         moved.client = "mallory".into();

@@ -33,8 +33,8 @@ use crate::checkpoint::Checkpoints;
 pub use family::{Family, SealedColumn};
 pub use postgres::PostgresConfig;
 pub use tx::{
-    Attempts, Forget, JobFilter, ListedJob, Member, Parked, Pause, Place, Probe, SENT_BACK, ScheduleState, StoredJob,
-    Tx, sealed_aad,
+    Attempts, Forget, JobFilter, ListedJob, Member, Parked, Pause, Place, Probe, SENT_BACK, ScheduleState,
+    StoredJob, Tx, sealed_aad,
 };
 
 /// A storage failure.

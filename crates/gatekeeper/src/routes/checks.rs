@@ -129,7 +129,8 @@ pub(crate) fn check_job<'a>(
 /// # Errors
 /// `404`, or `422 invalid-after`.
 fn check_after(app: &App, client: &str, spec: &KindSpec, after: Vec<String>) -> Result<Vec<JobId>, Problem> {
-    let refused = |m: String| Problem::validation("Invalid parents", "invalid-after", vec![field("/after", m)]);
+    let refused =
+        |m: String| Problem::validation("Invalid parents", "invalid-after", vec![field("/after", m)]);
     if after.is_empty() {
         return Ok(Vec::new());
     }
@@ -142,7 +143,10 @@ fn check_after(app: &App, client: &str, spec: &KindSpec, after: Vec<String>) -> 
     }
     let mut ids: Vec<JobId> = Vec::with_capacity(after.len());
     for id in &after {
-        let id = JobId::parse(id).ok().filter(|id| app.ids.is_owned_by(id, client)).ok_or_else(Problem::not_found)?;
+        let id = JobId::parse(id)
+            .ok()
+            .filter(|id| app.ids.is_owned_by(id, client))
+            .ok_or_else(Problem::not_found)?;
         if ids.contains(&id) {
             return Err(refused(format!("{id} is named twice")));
         }

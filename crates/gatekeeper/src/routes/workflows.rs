@@ -126,7 +126,10 @@ fn check_steps<'a>(
     for (i, body) in bodies.into_iter().enumerate() {
         match one_step(app, client, policy, body, &trace) {
             Ok(step) if places.contains_key(&step.name) => {
-                refused.push(field(&format!("/steps/{i}/name"), format!("{:?} names another step too", step.name)));
+                refused.push(field(
+                    &format!("/steps/{i}/name"),
+                    format!("{:?} names another step too", step.name),
+                ));
             }
             Ok(step) => {
                 places.insert(step.name.clone(), i);
@@ -147,8 +150,12 @@ fn check_steps<'a>(
         for name in &step.after {
             match places.get(name) {
                 Some(&p) if !mine.contains(&p) => mine.push(p),
-                Some(_) => refused.push(field(&format!("/steps/{i}/after"), format!("{name:?} is named twice"))),
-                None => refused.push(field(&format!("/steps/{i}/after"), format!("no step is named {name:?}"))),
+                Some(_) => {
+                    refused.push(field(&format!("/steps/{i}/after"), format!("{name:?} is named twice")))
+                }
+                None => {
+                    refused.push(field(&format!("/steps/{i}/after"), format!("no step is named {name:?}")))
+                }
             }
         }
         parents.push(mine);
@@ -186,7 +193,8 @@ fn one_step<'a>(
     let after = match body.remove("after") {
         None => Vec::new(),
         Some(Value::Array(names)) => {
-            let names: Option<Vec<String>> = names.into_iter().map(|n| n.as_str().map(str::to_owned)).collect();
+            let names: Option<Vec<String>> =
+                names.into_iter().map(|n| n.as_str().map(str::to_owned)).collect();
             names.ok_or_else(|| vec![field("/after", "names of steps (strings)")])?
         }
         Some(_) => return Err(vec![field("/after", "names of steps (strings)")]),
@@ -196,7 +204,10 @@ fn one_step<'a>(
         .and_then(|req| check_job(app, client, policy, req, trace))
         .map_err(|problem| relative(&problem))?;
     if !after.is_empty() && job.0.sequenced {
-        return Err(vec![field("/after", format!("{} is sequenced: its sequence orders its jobs", job.0.name))]);
+        return Err(vec![field(
+            "/after",
+            format!("{} is sequenced: its sequence orders its jobs", job.0.name),
+        )]);
     }
     Ok(Step { name, after, job })
 }
@@ -277,7 +288,8 @@ pub async fn events(
 
 /// A `Last-Event-ID` of this stream: each step's last transition told, dot-separated.
 fn parse_seen(s: &str) -> Option<Vec<u64>> {
-    let seen: Option<Vec<u64>> = s.trim().split('.').map(|n| n.parse::<u64>().ok().filter(|n| i64::try_from(*n).is_ok())).collect();
+    let seen: Option<Vec<u64>> =
+        s.trim().split('.').map(|n| n.parse::<u64>().ok().filter(|n| i64::try_from(*n).is_ok())).collect();
     seen.filter(|seen| seen.len() <= gatehouse_protocol::batch::MAX_WORKFLOW_STEPS)
 }
 

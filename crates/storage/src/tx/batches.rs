@@ -113,7 +113,12 @@ impl Tx<'_> {
 
     /// The transitions of each of `jobs` after the one `after` gives for it (0 for none), oldest
     /// first.
-    fn step_events(&self, jobs: &[JobId], client: &str, after: &[u64]) -> Result<Vec<StepEvent>, StorageError> {
+    fn step_events(
+        &self,
+        jobs: &[JobId],
+        client: &str,
+        after: &[u64],
+    ) -> Result<Vec<StepEvent>, StorageError> {
         let mut events = Vec::new();
         for (position, job) in jobs.iter().enumerate() {
             let from = after.get(position).copied().unwrap_or(0);
@@ -149,7 +154,9 @@ impl Tx<'_> {
                 params![id.as_str(), now_ms()],
             )?;
             let batch = parse_id(&id)?;
-            let Some(summary) = self.batch_of(&batch, &client, None)?.filter(|_| taken == 1) else { continue };
+            let Some(summary) = self.batch_of(&batch, &client, None)?.filter(|_| taken == 1) else {
+                continue;
+            };
             let at = Place { table: "batches", column: "on_complete", row: &id, owner: &client };
             if let Some(envelope) = self.unseal(stored, &at)? {
                 out.push((summary, envelope));

@@ -428,19 +428,18 @@ impl Tx<'_> {
             )?,
             None => self.rows(LIST_JOBS, params![client, state, kind, since, before_ms, before_id, limit])?,
         };
-        rows
-        .iter()
-        .map(|r| {
-            Ok(ListedJob {
-                id: r.get(0)?,
-                kind: r.get(1)?,
-                state: r.get(2)?,
-                submitted_at_ms: r.get(3)?,
-                updated_at_ms: r.get(4)?,
-                attempts: r.get::<Option<i64>>(5)?.map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
+        rows.iter()
+            .map(|r| {
+                Ok(ListedJob {
+                    id: r.get(0)?,
+                    kind: r.get(1)?,
+                    state: r.get(2)?,
+                    submitted_at_ms: r.get(3)?,
+                    updated_at_ms: r.get(4)?,
+                    attempts: r.get::<Option<i64>>(5)?.map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
+                })
             })
-        })
-        .collect()
+            .collect()
     }
 
     /// How the backend runs [`Tx::list_jobs`] (`EXPLAIN QUERY PLAN` / `EXPLAIN`), one line per
@@ -455,10 +454,7 @@ impl Tx<'_> {
                 params!["c", none, none, -1i64, i64::MAX, "", 50i64, "b", 0i64],
             )?
         } else {
-            self.rows(
-                &format!("{explain}{LIST_JOBS}"),
-                params!["c", none, none, -1i64, i64::MAX, "", 50i64],
-            )?
+            self.rows(&format!("{explain}{LIST_JOBS}"), params!["c", none, none, -1i64, i64::MAX, "", 50i64])?
         };
         rows.iter().map(|r| r.get::<String>(column)).collect::<Result<Vec<_>, _>>().map(|l| l.join("\n"))
     }

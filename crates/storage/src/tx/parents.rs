@@ -16,7 +16,12 @@ impl Tx<'_> {
 
     /// Holds the message of job `id` (recorded `waiting_for_parents` by the caller) until every
     /// one of `parents` is decided.
-    pub fn wait_for_parents(&self, id: &JobId, parents: &[JobId], envelope: &[u8]) -> Result<(), StorageError> {
+    pub fn wait_for_parents(
+        &self,
+        id: &JobId,
+        parents: &[JobId],
+        envelope: &[u8],
+    ) -> Result<(), StorageError> {
         for parent in parents {
             self.write(
                 "INSERT INTO job_parents (job_id, parent_id) VALUES (?1, ?2) ON CONFLICT DO NOTHING",

@@ -45,6 +45,8 @@ fn ledger_job(n: u8, number: u64, amount: i64) -> JobEnvelope {
         share: 1,
         idempotency_key: None,
         completes: None,
+        after: Vec::new(),
+        on_parent_failure: gatehouse_protocol::envelope::ParentFailure::Cancel,
     }
 }
 
@@ -268,4 +270,41 @@ fn a_failed_attempt_is_retried_with_doubling_backoff_then_dead_lettered() {
     spec.max_attempts = 30;
     let Verdict::Retry { delay_ms, .. } = after_failure(&spec, 29, "boom".into()) else { panic!() };
     assert_eq!(delay_ms, MAX_RETRY_DELAY_MS, "capped");
+}
+
+#[tokio::test]
+async fn a_job_waits_for_its_parents_then_runs_or_ends_cancelled_when_one_failed() {
+    use gatehouse_protocol::envelope::ParentFailure;
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir);
+    let parent = ledger_job(40, 1, 0);
+    let child = |n: u8, on_parent_failure: ParentFailure| JobEnvelope {
+        id: JobId::from_bytes([n; 16]),
+        kind: "vault.put".into(),
+        sequence: None,
+        payload: json!({"record": {"n": n}}),
+        after: vec![parent.id.clone()],
+        on_parent_failure,
+        ..ledger_job(n, 1, 0)
+    };
+    // The parent is not stored yet (still in its queue): the child waits, and again on a
+    // redelivery, held once.
+    assert_eq!(
+        states(&deliver(&store, child(41, ParentFailure::Cancel)).await),
+        [JobState::WaitingForParents]
+    );
+    assert_eq!(
+        states(&deliver(&store, child(41, ParentFailure::Cancel)).await),
+        [JobState::WaitingForParents]
+    );
+    let held = store.read(|tx| tx.scheduled_count()).await.unwrap();
+    assert_eq!(held, 1, "its message is held once");
+    // The parent failed: the child ends cancelled, unrun; one that asked to run anyway runs.
+    let failed = super::stored(&parent, JobState::Failed, None, Some("no".into()), None);
+    store.transact(move |tx| tx.record_job(&failed)).await.unwrap();
+    let cancelled = deliver(&store, child(41, ParentFailure::Cancel)).await;
+    assert_eq!(states(&cancelled), [JobState::Cancelled]);
+    assert_eq!(cancelled[0].status.reason.as_deref(), Some(super::PARENT_FAILED));
+    assert_eq!(store.read(|tx| tx.scheduled_count()).await.unwrap(), 0, "no longer held");
+    assert_eq!(states(&deliver(&store, child(42, ParentFailure::Run)).await), [JobState::Succeeded]);
 }

@@ -51,7 +51,9 @@ pub async fn handle_control(ctx: Ctx, delivery: Delivery) {
             let target = ReplyTarget::new(Some(reply), &client, &vouched);
             list(&ctx, &target, id, client, query).await;
         }
-        Some((ControlRequest::Batch { id, client, sent_at_ms, reply, events_after }, vouched)) if fresh(sent_at_ms) => {
+        Some((ControlRequest::Batch { id, client, sent_at_ms, reply, events_after }, vouched))
+            if fresh(sent_at_ms) =>
+        {
             let target = ReplyTarget::new(Some(reply), &client, &vouched);
             batch(&ctx, &target, id, client, events_after).await;
         }
@@ -104,7 +106,9 @@ async fn list(ctx: &Ctx, target: &ReplyTarget, id: JobId, client: String, query:
 /// result, or `not_found` for anyone else's. Read beside the writer, like status queries.
 async fn batch(ctx: &Ctx, target: &ReplyTarget, id: JobId, client: String, events_after: Option<Vec<u64>>) {
     let batch = id.clone();
-    let read = move |tx: &mut gatehouse_storage::Tx<'_>| decide::batch_status(tx, &batch, &client, events_after.as_deref());
+    let read = move |tx: &mut gatehouse_storage::Tx<'_>| {
+        decide::batch_status(tx, &batch, &client, events_after.as_deref())
+    };
     match ctx.shared.store.read(read).await {
         Ok(summary) => {
             let mut status = JobStatus::new(id, JobState::NotFound);

@@ -88,7 +88,9 @@ pub async fn run(ctx: &Ctx, attempt: Attempt<'_>) -> Result<Vec<Answer>, Failure
         let (kinds, job) = (shared.kinds.clone(), env.clone());
         match shared.store.read(move |tx| kinds.parents(tx, &job)).await {
             Ok(parents) => context.with_parents(parents),
-            Err(e) => return Err(Failure::Retry(format!("storage: the parents' results could not be read: {e}"))),
+            Err(e) => {
+                return Err(Failure::Retry(format!("storage: the parents' results could not be read: {e}")));
+            }
         }
     };
     let task = tokio::spawn(handler.run(context, payload));

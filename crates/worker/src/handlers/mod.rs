@@ -648,6 +648,8 @@ mod tests {
             share: 1,
             idempotency_key: None,
             completes: None,
+            after: Vec::new(),
+            on_parent_failure: gatehouse_protocol::envelope::ParentFailure::Cancel,
         };
         let Err(Outcome::Permanent(e)) = kinds.payload(&env) else { panic!("accepted") };
         assert!(e.starts_with("invalid-payload") && !e.contains("MARKER") && !e.contains("12345"), "{e}");

@@ -210,7 +210,12 @@ fn kinds(settings: &WorkerSettings, catalog: &Catalog, mut registry: Registry) -
     let opening = std::iter::once(&settings.keys.sealing_key).chain(&settings.keys.previous_sealing_keys);
     let keys = opening.map(|p| keys::opening_key(p)).collect::<Result<Vec<_>, _>>().map_err(|e| bad(&e))?;
     let parent_results = catalog.kinds().filter(|k| k.parent_results).map(|k| k.name.clone()).collect();
-    Ok(Kinds { registry, schemas, fields: gatehouse_protocol::fields::FieldOpener::new(keys), parent_results })
+    Ok(Kinds {
+        registry,
+        schemas,
+        fields: gatehouse_protocol::fields::FieldOpener::new(keys),
+        parent_results,
+    })
 }
 
 impl Worker {

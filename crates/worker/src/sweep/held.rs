@@ -58,10 +58,8 @@ impl Sweep for Held {
         loop {
             let now = now_ms();
             let claimed_until = now + CLAIM_MS;
-            let due = out
-                .store
-                .transact(move |tx| tx.claim_due_scheduled(now, claimed_until, SWEEP_BATCH))
-                .await?;
+            let due =
+                out.store.transact(move |tx| tx.claim_due_scheduled(now, claimed_until, SWEEP_BATCH)).await?;
             let full = due.len() == SWEEP_BATCH as usize;
             // Sent at once, each confirmed; released together.
             let sent =

@@ -120,7 +120,8 @@ async fn a_workflow_runs_each_step_once_after_its_parents_given_their_results() 
 
     // Its steps are listed by workflow (and are no batch's); a stream resumed from its last
     // event has only the end to tell.
-    let r = conn.request(hyper::Method::GET, &format!("/v1/jobs?workflow={id}"), &[], Vec::new()).await.unwrap();
+    let r =
+        conn.request(hyper::Method::GET, &format!("/v1/jobs?workflow={id}"), &[], Vec::new()).await.unwrap();
     let listed = r.json()["jobs"].as_array().unwrap().len();
     assert_eq!(listed, 8, "{}", r.text());
     let r = conn.request(hyper::Method::GET, &format!("/v1/jobs?batch={id}"), &[], Vec::new()).await.unwrap();
@@ -155,9 +156,17 @@ async fn a_failed_parent_cancels_its_children_and_theirs_unless_they_run_anyway(
     let grandchild = id_of(child(&cancelled, false)).await;
     let anyway = id_of(child(&parent, true)).await;
     let s = wait_final(&mut conn, &cancelled, Duration::from_secs(30)).await;
-    assert_eq!((s["status"].as_str(), s["reason"].as_str()), (Some("cancelled"), Some("parent-failed")), "{s}");
+    assert_eq!(
+        (s["status"].as_str(), s["reason"].as_str()),
+        (Some("cancelled"), Some("parent-failed")),
+        "{s}"
+    );
     let s = wait_final(&mut conn, &grandchild, Duration::from_secs(10)).await;
-    assert_eq!((s["status"].as_str(), s["reason"].as_str()), (Some("cancelled"), Some("parent-failed")), "{s}");
+    assert_eq!(
+        (s["status"].as_str(), s["reason"].as_str()),
+        (Some("cancelled"), Some("parent-failed")),
+        "{s}"
+    );
     let s = wait_final(&mut conn, &anyway, Duration::from_secs(10)).await;
     assert_eq!(s["status"], "succeeded", "{s}");
     assert_eq!(s["result"]["parents"][0]["status"], "dead_lettered", "{s}");
@@ -171,8 +180,10 @@ async fn a_failed_parent_cancels_its_children_and_theirs_unless_they_run_anyway(
     let workflow = r.json()["id"].as_str().unwrap().to_owned();
     wait_complete(&mut conn, &workflow, Duration::from_secs(10)).await;
     assert_problem(&other.workflow(&workflow).await.unwrap(), 404, "not-found");
-    let listed =
-        other.request(hyper::Method::GET, &format!("/v1/jobs?workflow={workflow}"), &[], Vec::new()).await.unwrap();
+    let listed = other
+        .request(hyper::Method::GET, &format!("/v1/jobs?workflow={workflow}"), &[], Vec::new())
+        .await
+        .unwrap();
     assert_eq!(listed.json()["jobs"], json!([]), "{}", listed.text());
     assert!(matches!(other.workflow_events(&workflow, None).await.unwrap(), Err(r) if r.status == 404));
     // A workflow is no batch, nor a batch a workflow.
@@ -191,7 +202,8 @@ async fn a_workflow_is_refused_whole_naming_each_step() {
     let cycle = [step("a", &["c"], 1), step("b", &["a"], 1), step("c", &["b"], 1), step("d", &[], 1)];
     let paths = refused(&conn.submit_workflow(&cycle).await.unwrap());
     assert!(paths.len() == 1 && paths[0].starts_with("/steps/") && paths[0].ends_with("/after"), "{paths:?}");
-    let unknown = [step("a", &["nope"], 1), step("a", &[], 1), json!({"name": "b", "kind": "nope", "payload": {}})];
+    let unknown =
+        [step("a", &["nope"], 1), step("a", &[], 1), json!({"name": "b", "kind": "nope", "payload": {}})];
     assert_eq!(refused(&conn.submit_workflow(&unknown).await.unwrap()), ["/steps/1/name", "/steps/2/kind"]);
     let unknown = [step("a", &["nope"], 1)];
     assert_eq!(refused(&conn.submit_workflow(&unknown).await.unwrap()), ["/steps/0/after"]);
@@ -226,9 +238,7 @@ async fn a_workflow_is_refused_whole_naming_each_step() {
 async fn workflows_lose_nothing_and_keep_their_order_under_kill_9_on_postgres() {
     let sys = gatehouse_e2e::three_workers(true, env!("CARGO_BIN_EXE_e2e-worker")).await;
     let mut conn = sys.connect().await;
-    let put = |name: &str, after: &[&str]| {
-        json!({"name": name, "after": after, "kind": "vault.put", "payload": {"record": {"step": name}}})
-    };
+    let put = |name: &str, after: &[&str]| json!({"name": name, "after": after, "kind": "vault.put", "payload": {"record": {"step": name}}});
     let workflow = vec![
         put("extract", &[]),
         put("a", &["extract"]),
@@ -265,16 +275,26 @@ async fn workflows_lose_nothing_and_keep_their_order_under_kill_9_on_postgres() 
         for child in ["a", "b", "c", "merge"] {
             let parents: &[&str] = if child == "merge" { &["a", "b", "c"] } else { &["extract"] };
             for parent in parents {
-                assert!(decided[&step_id(child)] >= decided[&step_id(parent)], "{child} decided before {parent}");
+                assert!(
+                    decided[&step_id(child)] >= decided[&step_id(parent)],
+                    "{child} decided before {parent}"
+                );
             }
         }
         let merge = wait_final(&mut conn, &step_id("merge"), Duration::from_secs(5)).await;
         let started = merge["result"]["started_at_ms"].as_u64().unwrap();
         for parent in ["a", "b", "c"] {
-            assert!(started >= decided[&step_id(parent)], "merge started before {parent} was decided: {merge}");
+            assert!(
+                started >= decided[&step_id(parent)],
+                "merge started before {parent} was decided: {merge}"
+            );
         }
-        let given: Vec<&str> =
-            merge["result"]["parents"].as_array().unwrap().iter().map(|p| p["status"].as_str().unwrap()).collect();
+        let given: Vec<&str> = merge["result"]["parents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["status"].as_str().unwrap())
+            .collect();
         assert_eq!(given, ["succeeded"; 3], "{merge}");
     }
     // Each vault.put step applied once: 4 records per workflow, no more.

@@ -118,7 +118,10 @@ impl Exec {
         if let Some(parents) = job.parents() {
             let path = input.join(PARENTS_FILE);
             std::fs::write(&path, serde_json::to_vec(parents).map_err(std::io::Error::other)?)?;
-            env.push(("GATEHOUSE_PARENTS", self.sandbox.input_path(input, PARENTS_FILE).display().to_string()));
+            env.push((
+                "GATEHOUSE_PARENTS",
+                self.sandbox.input_path(input, PARENTS_FILE).display().to_string(),
+            ));
         }
         Ok(env)
     }
