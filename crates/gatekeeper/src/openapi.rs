@@ -69,6 +69,18 @@ pub fn build(catalog: &Catalog) -> Result<String, String> {
     submit["properties"]["kind"] =
         json!({"type": "string", "enum": names, "description": "A kind of the job catalog"});
     submit["oneOf"] = Value::Array(variants);
+    // A workflow's step: a job body with its name, and `after` naming steps instead of jobs.
+    let mut step = submit.clone();
+    step["properties"]["name"] = json!({"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"});
+    step["properties"]["after"] = json!({
+        "type": "array", "maxItems": 100, "uniqueItems": true,
+        "items": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+        "description": "Names of the steps this one waits for (not for sequenced kinds)",
+    });
+    if let Some(required) = step["required"].as_array_mut() {
+        required.push(json!("name"));
+    }
+    doc["components"]["schemas"]["WorkflowStep"] = step;
     // From an accepted or answered job to its status.
     let link = json!({
         "GetJob": {"operationId": "getJob", "parameters": {"id": "$response.body#/id"}},
@@ -111,5 +123,8 @@ mod tests {
             doc["paths"]["/v1/jobs"]["post"]["responses"]["202"]["links"]["GetJob"]["operationId"],
             "getJob"
         );
+        let step = &doc["components"]["schemas"]["WorkflowStep"];
+        assert_eq!(step["oneOf"], submit["oneOf"], "a step is any job");
+        assert!(step["required"].as_array().unwrap().contains(&json!("name")), "{step}");
     }
 }

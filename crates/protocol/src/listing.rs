@@ -111,7 +111,8 @@ impl JobQuery {
                     Some(s) => q.state = Some(s),
                     None => errors.push(("state", format!("no job state is called {value:?}"))),
                 },
-                "kind" if !value.is_empty() && value.len() <= 128 => q.kind = Some(value.to_owned()),
+                // Characters, as the document's maxLength counts them (not bytes).
+                "kind" if (1..=128).contains(&value.chars().count()) => q.kind = Some(value.to_owned()),
                 "kind" => errors.push(("kind", "must be 1 to 128 characters".into())),
                 "submitted_after" => match parse_rfc3339_ms(value) {
                     Some(ms) => q.submitted_after_ms = Some(ms),
@@ -133,9 +134,6 @@ impl JobQuery {
                 _ => {}
             }
         }
-        if q.batch.is_some() && q.workflow.is_some() {
-            errors.push(("workflow", "ask for a batch or a workflow, not both".into()));
-        }
         if errors.is_empty() { Ok(q) } else { Err(errors) }
     }
 }
@@ -149,6 +147,11 @@ mod tests {
         let q = JobQuery::from_params([("state", "failed"), ("kind", "vault.put"), ("limit", "7")]).unwrap();
         assert_eq!((q.state, q.kind.as_deref(), q.limit), (Some(JobState::Failed), Some("vault.put"), 7));
         assert_eq!(JobQuery::from_params([]).unwrap().limit, DEFAULT_LIMIT);
+        let wide = "é".repeat(128);
+        assert_eq!(
+            JobQuery::from_params([("kind", wide.as_str())]).unwrap().kind.as_deref(),
+            Some(wide.as_str())
+        );
         let bad = JobQuery::from_params([
             ("state", "nope"),
             ("limit", "501"),

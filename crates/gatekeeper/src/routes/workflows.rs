@@ -270,9 +270,10 @@ pub async fn events(
         )
         .into_response();
     };
+    // (Not recorded yet — it was just submitted: the stream waits for it.)
     let first = match read_group(&app, &client, &id, Some(seen.clone())).await {
-        Ok(Some(summary)) if !summary.steps.is_empty() => summary,
-        Ok(_) => return Problem::not_found().into_response(),
+        Ok(Some(summary)) if summary.steps.is_empty() => return Problem::not_found().into_response(),
+        Ok(summary) => summary,
         Err(res) => return res,
     };
     let (tx, rx) = mpsc::channel::<Event>(64);
@@ -300,30 +301,16 @@ async fn follow(
     client: ClientIdentity,
     id: JobId,
     mut seen: Vec<u64>,
-    mut summary: BatchSummary,
+    mut summary: Option<BatchSummary>,
     tx: mpsc::Sender<Event>,
 ) {
-    seen.resize(summary.steps.len(), 0);
     let ends = tokio::time::Instant::now() + app.max_stream;
     loop {
-        for e in summary.events.take().unwrap_or_default() {
-            let Some(step) = summary.steps.get(e.position) else { continue };
-            seen[e.position] = seen[e.position].max(e.seq);
-            let data = json!({
-                "step": step.name,
-                "id": step.id,
-                "status": e.status,
-                "at": gatehouse_protocol::submit::format_rfc3339_ms(e.at_ms),
-            });
-            let event_id = seen.iter().map(u64::to_string).collect::<Vec<_>>().join(".");
-            if tx.send(Event::default().event("step").id(event_id).data(data.to_string())).await.is_err() {
+        if let Some(summary) = &mut summary {
+            seen.resize(summary.steps.len(), 0);
+            if !tell(summary, &mut seen, &tx).await {
                 return;
             }
-        }
-        if summary.status == "complete" {
-            let data = serde_json::to_string(&summary).unwrap_or_default();
-            let _ = tx.send(Event::default().event("workflow").data(data)).await;
-            return;
         }
         tokio::select! {
             () = tokio::time::sleep(POLL) => {}
@@ -333,12 +320,37 @@ async fn follow(
             return;
         }
         summary = match read_group(&app, &client, &id, Some(seen.clone())).await {
-            Ok(Some(summary)) => summary,
-            _ => {
+            Ok(summary) => summary,
+            Err(_) => {
                 let _ =
                     tx.send(Event::default().event("error").data(r#"{"error":"worker-unavailable"}"#)).await;
                 return;
             }
         };
     }
+}
+
+/// Sends the transitions `summary` carries (and the whole status once it is complete); `false`
+/// when the stream is over (complete, or the client went).
+async fn tell(summary: &mut BatchSummary, seen: &mut [u64], tx: &mpsc::Sender<Event>) -> bool {
+    for e in summary.events.take().unwrap_or_default() {
+        let Some(step) = summary.steps.get(e.position) else { continue };
+        seen[e.position] = seen[e.position].max(e.seq);
+        let data = json!({
+            "step": step.name,
+            "id": step.id,
+            "status": e.status,
+            "at": gatehouse_protocol::submit::format_rfc3339_ms(e.at_ms),
+        });
+        let event_id = seen.iter().map(u64::to_string).collect::<Vec<_>>().join(".");
+        if tx.send(Event::default().event("step").id(event_id).data(data.to_string())).await.is_err() {
+            return false;
+        }
+    }
+    if summary.status == "complete" {
+        let data = serde_json::to_string(&summary).unwrap_or_default();
+        let _ = tx.send(Event::default().event("workflow").data(data)).await;
+        return false;
+    }
+    true
 }

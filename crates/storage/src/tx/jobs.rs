@@ -363,8 +363,10 @@ pub struct JobFilter {
     pub submitted_after_ms: Option<i64>,
     /// Only jobs listed after this one (the last of the previous page): (submitted_at_ms, id).
     pub after: Option<(i64, String)>,
-    /// Only the jobs of this batch (`false`) or workflow (`true`) of the client's.
-    pub group: Option<(String, bool)>,
+    /// Only the jobs of this batch of the client's.
+    pub batch: Option<String>,
+    /// Only the steps of this workflow of the client's.
+    pub workflow: Option<String>,
     pub limit: u32,
 }
 
@@ -392,12 +394,16 @@ const LIST_JOBS: &str = "SELECT j.id, j.kind, j.state, j.submitted_at_ms, j.upda
      ORDER BY j.submitted_at_ms DESC, j.id DESC
      LIMIT ?7";
 
-/// [`LIST_JOBS`] within one batch or workflow (`?8`, `?9`: whether a workflow): from its
-/// members (at most 1,000), never the client's whole list.
+/// [`LIST_JOBS`] within one batch or workflow (`?8`, `?9`: whether a workflow), and with
+/// `?10` only those that are steps of that workflow too: from the group's members (at most
+/// 1,000), never the client's whole list.
 const LIST_GROUP_JOBS: &str = "SELECT j.id, j.kind, j.state, j.submitted_at_ms, j.updated_at_ms, a.count
      FROM batches g JOIN batch_jobs b ON b.batch_id = g.id JOIN jobs j ON j.id = b.job_id
      LEFT JOIN attempts a ON a.job_id = j.id
      WHERE g.id = ?8 AND g.client = ?1 AND g.workflow = ?9 AND j.client = ?1
+       AND (CAST(?10 AS TEXT) IS NULL OR EXISTS (
+           SELECT 1 FROM batches wg JOIN batch_jobs w ON w.batch_id = wg.id
+           WHERE wg.id = ?10 AND wg.client = ?1 AND wg.workflow = 1 AND w.job_id = j.id))
        AND (CAST(?2 AS TEXT) IS NULL OR j.state = ?2)
        AND (CAST(?3 AS TEXT) IS NULL OR j.kind = ?3)
        AND j.submitted_at_ms > ?4
@@ -411,20 +417,17 @@ impl Tx<'_> {
         let (before_ms, before_id) = filter.after.clone().unwrap_or((i64::MAX, String::new()));
         let (state, kind, since, limit) =
             (&filter.state, &filter.kind, filter.submitted_after_ms.unwrap_or(-1), i64::from(filter.limit));
-        let rows = match &filter.group {
-            Some((group, workflow)) => self.rows(
+        // Driven by the batch when there is one (then only its jobs that are the workflow's
+        // steps too), else by the workflow.
+        let group = match (&filter.batch, &filter.workflow) {
+            (Some(batch), also) => Some((batch.as_str(), 0i64, also.as_deref())),
+            (None, Some(workflow)) => Some((workflow.as_str(), 1, None)),
+            (None, None) => None,
+        };
+        let rows = match group {
+            Some((group, workflow, also)) => self.rows(
                 LIST_GROUP_JOBS,
-                params![
-                    client,
-                    state,
-                    kind,
-                    since,
-                    before_ms,
-                    before_id,
-                    limit,
-                    group.as_str(),
-                    i64::from(*workflow)
-                ],
+                params![client, state, kind, since, before_ms, before_id, limit, group, workflow, also],
             )?,
             None => self.rows(LIST_JOBS, params![client, state, kind, since, before_ms, before_id, limit])?,
         };
@@ -451,7 +454,7 @@ impl Tx<'_> {
         let rows = if group {
             self.rows(
                 &format!("{explain}{LIST_GROUP_JOBS}"),
-                params!["c", none, none, -1i64, i64::MAX, "", 50i64, "b", 0i64],
+                params!["c", none, none, -1i64, i64::MAX, "", 50i64, "b", 0i64, none],
             )?
         } else {
             self.rows(&format!("{explain}{LIST_JOBS}"), params!["c", none, none, -1i64, i64::MAX, "", 50i64])?

@@ -71,11 +71,8 @@ async fn list(ctx: &Ctx, target: &ReplyTarget, id: JobId, client: String, query:
         kind: query.kind,
         submitted_after_ms: query.submitted_after_ms.and_then(|ms| i64::try_from(ms).ok()),
         after: query.cursor.map(|c| (c.submitted_at_ms, c.id)),
-        group: match (query.batch, query.workflow) {
-            (Some(batch), _) => Some((batch, false)),
-            (None, Some(workflow)) => Some((workflow, true)),
-            (None, None) => None,
-        },
+        batch: query.batch,
+        workflow: query.workflow,
         limit,
     };
     let listed = ctx.shared.store.read(move |tx| tx.list_jobs(&client, &filter)).await;

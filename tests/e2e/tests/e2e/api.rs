@@ -185,7 +185,10 @@ async fn the_openapi_document_matches_the_routes_and_their_statuses() {
             "/v1/jobs",
             "/v1/jobs/{id}",
             "/v1/jobs/{id}/events",
-            "/v1/keys"
+            "/v1/keys",
+            "/v1/workflows",
+            "/v1/workflows/{id}",
+            "/v1/workflows/{id}/events"
         ]
     );
     let documented = |path: &str, method: &str, status: u16| {
@@ -193,7 +196,7 @@ async fn the_openapi_document_matches_the_routes_and_their_statuses() {
     };
 
     // Every status the submit route gives (the bad-input corpus covers the rest) is documented.
-    for s in [200, 202, 400, 403, 413, 415, 422, 429, 503] {
+    for s in [200, 202, 400, 403, 404, 413, 415, 422, 429, 503] {
         assert!(documented("/v1/jobs", "post", s), "POST /v1/jobs {s} is not documented");
     }
     let good = json!({"kind": "vault.put", "payload": {"record": {"a": "b"}}});
