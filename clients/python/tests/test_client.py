@@ -100,6 +100,23 @@ class ClientTest(unittest.TestCase):
         self.assertEqual((refused.exception.status, refused.exception.type), (422, "batch-refused"))
         self.assertEqual(refused.exception.errors[0]["path"], "/jobs/1/kind")
 
+    def test_a_workflow_runs_each_step_after_its_parents(self) -> None:
+        sleep = lambda name, after, ms: {"name": name, "after": after, "kind": "test.sleep", "payload": {"ms": ms}}
+        accepted = self.gh.submit_workflow(
+            [sleep("extract", [], 50), sleep("a", ["extract"], 20), sleep("b", ["extract"], 10), sleep("merge", ["a", "b"], 1)]
+        )
+        merge = self.gh.wait(accepted["steps"]["merge"], timeout=20)
+        self.assertEqual(merge["status"], "succeeded", merge)
+        given = [(p["id"], p["result"]["slept_ms"]) for p in merge["result"]["parents"]]
+        self.assertEqual(given, [(accepted["steps"]["a"], 20), (accepted["steps"]["b"], 10)])
+        status = self.gh.workflow(accepted["id"])
+        self.assertEqual((status["status"], status["counts"]), ("complete", {"succeeded": 4}), status)
+        listed = self.gh.list_jobs(workflow=accepted["id"])
+        self.assertEqual(sorted(j["id"] for j in listed["jobs"]), sorted(accepted["steps"].values()))
+        with self.assertRaises(GatehouseError) as refused:
+            self.gh.submit_workflow([sleep("a", ["b"], 1), sleep("b", ["a"], 1)])
+        self.assertEqual((refused.exception.status, refused.exception.type), (422, "workflow-refused"))
+
     def test_another_clients_job_is_not_found(self) -> None:
         mine = self.gh.submit("vault.put", {"record": {"mine": 1}}, wait=10)
         with client("GATEHOUSE_OTHER_CERT", "GATEHOUSE_OTHER_KEY") as other:

@@ -157,6 +157,25 @@ class Client:
         """A batch of yours: ``status`` (queued, running, complete), ``counts`` by state, ``jobs``."""
         return self._call("GET", f"/v1/batches/{_id(batch_id)}").json()
 
+    def submit_workflow(self, steps: List[Json]) -> Json:
+        """Submits named steps (submit bodies with ``"name"`` and ``"after"``: the names of the
+        steps each waits for), accepted whole or refused whole (``GatehouseError``
+        ``workflow-refused``, each problem under ``/steps/<i>``); answers ``{"id", "steps": {name:
+        job id}, "status_url", "events_url"}``. A step runs once every step it names is decided;
+        one whose parent did not succeed ends ``cancelled`` (``parent-failed``) unless it says
+        ``"on_parent_failure": "run"``. Sealed fields are sealed as :meth:`submit` seals them."""
+        sealed = []
+        for step in steps:
+            meta = {k: step[k] for k in ("name", "after") if k in step}
+            body = self._sealed_body({k: v for k, v in step.items() if k not in meta})
+            sealed.append({**meta, **body})
+        return self._call("POST", "/v1/workflows", {"steps": sealed}).json()
+
+    def workflow(self, workflow_id: str) -> Json:
+        """A workflow of yours: ``status`` (queued, running, complete), ``counts`` by state, and
+        ``steps`` (each ``name``, ``id``, ``state``, ``after``)."""
+        return self._call("GET", f"/v1/workflows/{_id(workflow_id)}").json()
+
     def _sealed_body(self, job: Json, paths: Optional[List[str]] = None) -> Json:
         """``job`` with the fields at ``paths`` (by default those its kind's schema marks sealed)
         sealed to the certified worker key, bound to its idempotency key (one made up if none)."""
@@ -210,12 +229,23 @@ class Client:
         state: Optional[str] = None,
         kind: Optional[str] = None,
         submitted_after: Optional[str] = None,
+        batch: Optional[str] = None,
+        workflow: Optional[str] = None,
         limit: Optional[int] = None,
         cursor: Optional[str] = None,
     ) -> Json:
-        """One page of your jobs, newest first, metadata only: ``{"jobs": [...],
-        "next_cursor": ...}`` (pass ``next_cursor`` as ``cursor`` for the next page)."""
-        params = {"state": state, "kind": kind, "submitted_after": submitted_after, "limit": limit, "cursor": cursor}
+        """One page of your jobs (of one batch or workflow, if given), newest first, metadata
+        only: ``{"jobs": [...], "next_cursor": ...}`` (pass ``next_cursor`` as ``cursor`` for the
+        next page)."""
+        params = {
+            "state": state,
+            "kind": kind,
+            "submitted_after": submitted_after,
+            "batch": batch,
+            "workflow": workflow,
+            "limit": limit,
+            "cursor": cursor,
+        }
         query = urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
         return self._call("GET", "/v1/jobs" + (f"?{query}" if query else "")).json()
 

@@ -242,6 +242,12 @@ pub struct ListArgs {
     /// Only jobs submitted after this RFC 3339 time.
     #[arg(long)]
     pub submitted_after: Option<String>,
+    /// Only the jobs of this batch (its id).
+    #[arg(long)]
+    pub batch: Option<String>,
+    /// Only the steps of this workflow (its id).
+    #[arg(long)]
+    pub workflow: Option<String>,
     /// Jobs per page (1 to 500).
     #[arg(long, default_value_t = 50)]
     pub limit: u32,
@@ -261,6 +267,8 @@ pub async fn list(endpoint: &Endpoint, args: &ListArgs, as_json: bool) -> anyhow
         ("state", args.state.as_deref()),
         ("kind", args.kind.as_deref()),
         ("submitted_after", args.submitted_after.as_deref()),
+        ("batch", args.batch.as_deref()),
+        ("workflow", args.workflow.as_deref()),
         ("limit", Some(limit.as_str())),
         ("cursor", args.cursor.as_deref()),
     ];

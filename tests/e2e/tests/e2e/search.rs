@@ -95,6 +95,8 @@ async fn a_client_lists_its_own_jobs_newest_first_filtered_and_paged() {
         state: None,
         kind: Some("vault.put".into()),
         submitted_after: None,
+        batch: None,
+        workflow: None,
         limit: 2,
         cursor: None,
     };
