@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use gatehouse_protocol::{JobEnvelope, KindSpec};
-use gatehouse_storage::panic_message;
+use gatehouse_storage::{StorageError, panic_message};
 
 use super::Ctx;
 use super::lease::Holder;
@@ -40,6 +40,30 @@ pub struct Attempt<'a> {
     pub holder: &'a Holder,
 }
 
+/// `context` with what the job is given from storage: an on_complete job its batch, a job of a
+/// kind that declares `parent_results` how the jobs it waited for ended.
+async fn given(
+    shared: &super::Shared,
+    env: &JobEnvelope,
+    context: handlers::JobContext,
+) -> Result<handlers::JobContext, StorageError> {
+    if env.completes.is_none() && env.after.is_empty() {
+        return Ok(context);
+    }
+    let (kinds, job) = (shared.kinds.clone(), env.clone());
+    let (batch, parents) = shared
+        .store
+        .read(move |tx| {
+            let batch = match &job.completes {
+                Some(batch) => tx.batch_of(batch, &job.client, None)?,
+                None => None,
+            };
+            Ok::<_, StorageError>((batch, kinds.parents(tx, &job)?))
+        })
+        .await?;
+    Ok(context.with_batch(batch).with_parents(parents))
+}
+
 /// Runs an external handler (outside storage) with its timeout, then records its outcome,
 /// fenced by `holder`'s lease once the job was handed off.
 pub async fn run(ctx: &Ctx, attempt: Attempt<'_>) -> Result<Vec<Answer>, Failure> {
@@ -72,25 +96,10 @@ pub async fn run(ctx: &Ctx, attempt: Attempt<'_>) -> Result<Vec<Answer>, Failure
     );
     // Its own task: a panic is caught there, and at the deadline (or a grace period after a
     // cancellation) the task (the handler's future) is dropped.
-    // A batch's on_complete job is given the batch.
-    let context = match env.completes.clone() {
-        Some(batch) => {
-            let client = env.client.clone();
-            let summary = shared.store.read(move |tx| tx.batch_of(&batch, &client, None)).await;
-            context.with_batch(summary.unwrap_or_default())
-        }
-        None => context,
-    };
-    // A kind that declares `parent_results` is given how the jobs it waited for ended.
-    let context = if env.after.is_empty() {
-        context
-    } else {
-        let (kinds, job) = (shared.kinds.clone(), env.clone());
-        match shared.store.read(move |tx| kinds.parents(tx, &job)).await {
-            Ok(parents) => context.with_parents(parents),
-            Err(e) => {
-                return Err(Failure::Retry(format!("storage: the parents' results could not be read: {e}")));
-            }
+    let context = match given(shared, env, context).await {
+        Ok(context) => context,
+        Err(e) => {
+            return Err(Failure::Retry(format!("storage: what the job is given could not be read: {e}")));
         }
     };
     let task = tokio::spawn(handler.run(context, payload));

@@ -171,6 +171,22 @@ async fn a_failed_parent_cancels_its_children_and_theirs_unless_they_run_anyway(
     assert_eq!(s["status"], "succeeded", "{s}");
     assert_eq!(s["result"]["parents"][0]["status"], "dead_lettered", "{s}");
     assert_eq!(wait_final(&mut conn, &parent, Duration::from_secs(1)).await["status"], "dead_lettered");
+    // A waiting job its client cancels ends cancelled at once, without waiting for its parent.
+    let slow = conn.submit(&json!({"kind": "test.sleep", "payload": {"ms": 20_000}}), None).await.unwrap();
+    let slow = slow.json()["id"].as_str().unwrap().to_owned();
+    let r = conn.submit(&child(&slow, false), None).await.unwrap();
+    let waiting = r.json()["id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while conn.status(&waiting).await.unwrap().json()["status"] != "waiting_for_parents" {
+        assert!(Instant::now() < deadline, "never waited");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r =
+        conn.request(hyper::Method::DELETE, &format!("/v1/jobs/{waiting}"), &[], Vec::new()).await.unwrap();
+    assert_eq!(r.json()["status"], "cancelled", "{}", r.text());
+    let s = wait_final(&mut conn, &waiting, Duration::from_secs(5)).await;
+    assert_eq!((s["status"].as_str(), s["reason"].as_str()), (Some("cancelled"), None), "{s}");
+    conn.request(hyper::Method::DELETE, &format!("/v1/jobs/{slow}"), &[], Vec::new()).await.unwrap();
 
     // Tenancy: another client may not wait for this client's job, nor read its workflow.
     let mut other = sys.client_as(OTHER_CLIENT).connect().await.unwrap();

@@ -233,13 +233,7 @@ impl Exec {
             Ok(c) => c,
             Err(e) => return Outcome::Retryable(format!("could not start {}: {e}", self.kind)),
         };
-        let mut line = serde_json::json!({
-            "id": job.id, "kind": job.kind, "client": job.client, "attempt": job.attempt,
-            "checkpoint": job.checkpoint(), "payload": payload,
-        });
-        if let Some(parents) = job.parents() {
-            line["parents"] = serde_json::json!(parents);
-        }
+        let line = job_line(&job, payload);
         let max = self.spec.max_output_bytes;
         let mut cancel = job.clone();
         let mut checkpoints = Checkpoints::default();
@@ -325,4 +319,16 @@ impl Exec {
         });
         Ok(StreamChild { _child: child, stdin, stdout: tokio::io::BufReader::new(stdout), tree, _dir: dir })
     }
+}
+
+/// The line a stream child is given for `job`.
+fn job_line(job: &JobContext, payload: Value) -> Value {
+    let mut line = serde_json::json!({
+        "id": job.id, "kind": job.kind, "client": job.client, "attempt": job.attempt,
+        "checkpoint": job.checkpoint(), "payload": payload,
+    });
+    if let Some(parents) = job.parents() {
+        line["parents"] = serde_json::json!(parents);
+    }
+    line
 }
