@@ -395,12 +395,15 @@ const LIST_JOBS: &str = "SELECT j.id, j.kind, j.state, j.submitted_at_ms, j.upda
      LIMIT ?7";
 
 /// [`LIST_JOBS`] within one batch or workflow (`?8`, `?9`: whether a workflow), and with
-/// `?10` only those that are steps of that workflow too: from the group's members (at most
-/// 1,000), never the client's whole list.
+/// `?10` only those that are steps of that workflow too. Driven by the group's members (at most
+/// 1,000 by construction): the `LIMIT` in the subquery keeps both planners from flattening it
+/// into a walk of the client's whole job list, so each member is looked up by its id.
 const LIST_GROUP_JOBS: &str = "SELECT j.id, j.kind, j.state, j.submitted_at_ms, j.updated_at_ms, a.count
-     FROM batches g JOIN batch_jobs b ON b.batch_id = g.id JOIN jobs j ON j.id = b.job_id
+     FROM (SELECT b.job_id FROM batches g JOIN batch_jobs b ON b.batch_id = g.id
+           WHERE g.id = ?8 AND g.client = ?1 AND g.workflow = ?9 LIMIT 1000) m
+     JOIN jobs j ON j.id = m.job_id
      LEFT JOIN attempts a ON a.job_id = j.id
-     WHERE g.id = ?8 AND g.client = ?1 AND g.workflow = ?9 AND j.client = ?1
+     WHERE j.client = ?1
        AND (CAST(?10 AS TEXT) IS NULL OR EXISTS (
            SELECT 1 FROM batches wg JOIN batch_jobs w ON w.batch_id = wg.id
            WHERE wg.id = ?10 AND wg.client = ?1 AND wg.workflow = 1 AND w.job_id = j.id))
