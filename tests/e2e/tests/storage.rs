@@ -518,7 +518,9 @@ async fn a_child_is_released_once_every_parent_is_decided_on_both_backends() {
         let plan = store.read(|tx| tx.list_jobs_plan(true)).await.unwrap();
         println!("{}: list within a batch or workflow:\n{plan}", db.name());
         assert!(
-            !plan.contains("jobs_by_client") && !plan.contains("Seq Scan on jobs") && !plan.contains("SCAN j"),
+            !plan.contains("jobs_by_client")
+                && !plan.contains("Seq Scan on jobs")
+                && !plan.contains("SCAN j"),
             "{}: walks the client's jobs:\n{plan}",
             db.name()
         );
@@ -598,6 +600,29 @@ async fn batches_are_recorded_once_read_by_their_owner_and_pruned_with_their_job
         assert_eq!(held, (false, true), "{}", db.name());
         let kept = store.transact(|tx| tx.job(&id(950))).await.unwrap().unwrap();
         assert_eq!(kept.state, JobState::Succeeded, "{}: not reset to scheduled", db.name());
+
+        // A job that runs now (its hold's record gone, its outcome not yet recorded) is neither
+        // decided nor expired: the batch's on_complete waits for it. (It ran early before.)
+        let (b, j) = (id(960), members(&[id(961), id(962)]));
+        let on_complete = (id(963), serde_json::json!({"kind": "vault.put"}));
+        store
+            .transact(move |tx| {
+                tx.record_job(&job(961, JobState::Succeeded, None))?;
+                tx.record_batch(&b, "c", false, &j, Some((&on_complete.0, &on_complete.1)))?;
+                tx.log_state(&id(962), "c", JobState::Scheduled)?;
+                tx.log_state(&id(962), "c", JobState::Queued)
+            })
+            .await
+            .unwrap();
+        let due = store.transact(|tx| tx.complete_batches(10)).await.unwrap();
+        assert!(due.is_empty(), "{}: complete while a job runs", db.name());
+        let b = id(960);
+        let running = store.transact(move |tx| tx.batch_of(&b, "c", None)).await.unwrap().unwrap();
+        let counts: Vec<(&str, usize)> = running.counts.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        assert_eq!(counts, [("queued", 1), ("succeeded", 1)], "{}", db.name());
+        store.transact(|tx| tx.record_job(&job(962, JobState::Failed, None))).await.unwrap();
+        let due = store.transact(|tx| tx.complete_batches(10)).await.unwrap();
+        assert_eq!(due.len(), 1, "{}: complete once every job is decided", db.name());
     }
 }
 

@@ -15,6 +15,12 @@ pub struct Member {
     pub after: Vec<String>,
 }
 
+/// A member's state (`j` its record, `b` its `batch_jobs` row). A job that runs now has no
+/// record (its hold's record went when it started; its outcome brings the next): its last
+/// logged transition says where it is. A job with neither was pruned by retention: `expired`.
+const STATE_OF_MEMBER: &str = "COALESCE(j.state,
+    (SELECT e.state FROM job_events e WHERE e.job_id = b.job_id ORDER BY e.seq DESC LIMIT 1), 'expired')";
+
 /// Most transitions one answer to a workflow's event stream carries.
 const STEP_EVENTS_PER_ANSWER: u32 = 1_000;
 
@@ -65,7 +71,8 @@ impl Tx<'_> {
     }
 
     /// Batch (or workflow) `id`, if `client` owns it: its jobs in submission order, and how
-    /// many are in each state (one already pruned counts as `expired`); `complete` once every
+    /// many are in each state (one already pruned counts as `expired`, one running between
+    /// records as its last logged state); `complete` once every
     /// one is decided. A workflow's steps come with their names; with `events_after` (per step,
     /// the last transition seen) the transitions after those too.
     pub fn batch_of(
@@ -81,15 +88,17 @@ impl Tx<'_> {
         )?;
         let Some(workflow) = owned else { return Ok(None) };
         let rows = self.rows(
-            "SELECT b.job_id, j.state, b.step, b.after_steps FROM batch_jobs b LEFT JOIN jobs j ON j.id = b.job_id
-             WHERE b.batch_id = ?1 ORDER BY b.position",
+            &format!(
+                "SELECT b.job_id, {STATE_OF_MEMBER}, b.step, b.after_steps FROM batch_jobs b LEFT JOIN jobs j ON j.id = b.job_id
+                 WHERE b.batch_id = ?1 ORDER BY b.position"
+            ),
             params![id.as_str()],
         )?;
         let (mut jobs, mut counts, mut complete) = (Vec::with_capacity(rows.len()), BTreeMap::new(), true);
         let mut steps = Vec::new();
         for row in &rows {
             let job = parse_id(&row.get::<String>(0)?)?;
-            let state = row.get::<Option<String>>(1)?.unwrap_or_else(|| "expired".to_owned());
+            let state: String = row.get(1)?;
             complete &= JobState::parse(&state).is_none_or(|s| s.is_final());
             *counts.entry(state.clone()).or_default() += 1;
             if workflow != 0 {
@@ -131,16 +140,19 @@ impl Tx<'_> {
         Ok(events)
     }
 
-    /// Batches whose jobs are all decided and whose `on_complete` job was not sent yet (at most
-    /// `limit`): each marked sent in this transaction (another worker's sweep finds it sent),
+    /// Batches whose jobs are all decided (or pruned; a job running between its records, which
+    /// has logged transitions but no record, is not) and whose `on_complete` job was not sent
+    /// yet (at most `limit`): each marked sent in this transaction (another worker's sweep finds it sent),
     /// answered with its client, summary and `on_complete` envelope.
     pub fn complete_batches(&self, limit: u32) -> Result<Vec<(BatchSummary, Value)>, StorageError> {
         let due = self.rows(
             &format!(
                 "SELECT b.id, b.client, b.on_complete FROM batches b
                  WHERE b.completed_at_ms IS NULL AND b.on_complete IS NOT NULL AND NOT EXISTS (
-                     SELECT 1 FROM batch_jobs bj JOIN jobs j ON j.id = bj.job_id
-                     WHERE bj.batch_id = b.id AND NOT (j.{DECIDED}))
+                     SELECT 1 FROM batch_jobs bj LEFT JOIN jobs j ON j.id = bj.job_id
+                     WHERE bj.batch_id = b.id AND CASE WHEN j.id IS NULL
+                         THEN EXISTS (SELECT 1 FROM job_events e WHERE e.job_id = bj.job_id)
+                         ELSE NOT (j.{DECIDED}) END)
                  LIMIT ?1"
             ),
             params![limit],

@@ -53,6 +53,18 @@ impl Tx<'_> {
         )
     }
 
+    /// Whether anything waits for jobs to be decided: a job for its parents, or a batch's
+    /// `on_complete` job for the batch (both found through partial indexes).
+    pub fn waiting_for_decisions(&self) -> Result<bool, StorageError> {
+        let one = self.one(
+            "SELECT 1 WHERE EXISTS (SELECT 1 FROM jobs WHERE state = 'waiting_for_parents')
+                 OR EXISTS (SELECT 1 FROM batches WHERE completed_at_ms IS NULL AND on_complete IS NOT NULL)",
+            params![],
+            |_| Ok(()),
+        )?;
+        Ok(one.is_some())
+    }
+
     /// Job `id` waits for its parents no longer (it runs, or is decided, now): its held message
     /// and its `waiting_for_parents` record (and its parents with it) are forgotten.
     pub fn stop_waiting_for_parents(&self, id: &JobId) -> Result<(), StorageError> {

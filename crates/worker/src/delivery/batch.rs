@@ -36,6 +36,8 @@ pub async fn handle_batch(ctx: &Ctx, carried: &Carried<'_>, batch: BatchMessage)
         },
     };
     let (id, count) = (batch.batch.clone(), jobs.len());
+    // Its on_complete job, or its steps, wait for jobs to be decided.
+    let carried_waits = on_complete.is_some() || batch.workflow;
     let held = ctx
         .shared
         .store
@@ -44,6 +46,10 @@ pub async fn handle_batch(ctx: &Ctx, carried: &Carried<'_>, batch: BatchMessage)
     match held {
         Ok(held) => {
             tracing::info!(batch = %id, jobs = count, held, "batch recorded; its jobs go to their queues");
+            if carried_waits {
+                ctx.out.held.waiting(true);
+            }
+            ctx.out.held.now();
             finish(ctx, carried.delivery, "", &[]).await;
         }
         Err(e) => {

@@ -87,6 +87,9 @@ pub async fn finish(ctx: &Ctx, delivery: &Delivery, kind: &str, answers: &[Answe
         // Counted once decided; parked, scheduled and waiting jobs are counted when they are.
         if a.status.status.is_final() {
             ctx.shared.metrics.decided(kind, a.status.status.as_str(), a.status.id.as_str());
+            ctx.out.held.decided();
+        } else if a.status.status == gatehouse_protocol::JobState::WaitingForParents {
+            ctx.out.held.waiting(true);
         }
         tracing::debug!(job_id = %a.status.id, status = a.status.status.as_str(), "job decided");
         ctx.out.reply(&a.target, &a.status).await;
@@ -124,8 +127,14 @@ async fn dead_letter(ctx: &Ctx, carried: &Carried<'_>, dead: Dead) {
         job: carried.job.filter(|_| dead.record),
         parked: None,
     };
+    let recorded = dead.record;
     match ctx.out.dead_letter(letter, dead).await {
-        Ok(()) => settle(ctx, carried.delivery, Settle::Ack).await,
+        Ok(()) => {
+            if recorded {
+                ctx.out.held.decided();
+            }
+            settle(ctx, carried.delivery, Settle::Ack).await;
+        }
         Err(e) => {
             // Quiet while storage refuses writes: that was said once.
             if ctx.shared.health.refusing().is_none() {

@@ -36,6 +36,61 @@ pub struct Outbound {
     replies: Channel,
     /// Retry queues declared on this connection.
     retry_queues: Mutex<HashSet<String>>,
+    /// Wakes this connection's held-messages sweep before its next pass is due.
+    pub held: HeldWake,
+}
+
+/// What makes the held-messages sweep run at once rather than at its next tick: a batch or
+/// workflow just held (its jobs are due now), or a job decided while jobs wait for parents or
+/// batches for their `on_complete` (they may be due). Wakes coalesce: one pass serves all
+/// that came before it.
+#[derive(Default)]
+pub struct HeldWake {
+    notify: tokio::sync::Notify,
+    /// When something that waits for jobs to be decided was last held here (unix ms; 0: storage
+    /// holds nothing that does). Only then does a decided job wake the sweep.
+    waiting_since: std::sync::atomic::AtomicI64,
+}
+
+/// How long after something that waits was held the sweep keeps being woken by decided jobs,
+/// even if storage showed nothing waiting: a workflow's steps are held waiting a moment after
+/// the workflow is.
+const WAITING_GRACE_MS: i64 = 2_000;
+
+impl HeldWake {
+    /// Messages were just held, due now.
+    pub fn now(&self) {
+        self.notify.notify_one();
+    }
+
+    /// A job was decided (its children, or its batch's on_complete job, may be due now).
+    pub fn decided(&self) {
+        if self.may_wait() {
+            self.notify.notify_one();
+        }
+    }
+
+    /// Something that waits for jobs to be decided was held (`true`), or storage holds nothing
+    /// that does (`false`: heeded only past [`WAITING_GRACE_MS`] after the last `true`).
+    pub fn waiting(&self, waiting: bool) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = gatehouse_protocol::clock::now_ms();
+        if waiting {
+            self.waiting_since.store(now.max(1), Relaxed);
+        } else if now - self.waiting_since.load(Relaxed) > WAITING_GRACE_MS {
+            self.waiting_since.store(0, Relaxed);
+        }
+    }
+
+    /// Whether anything may wait for jobs to be decided.
+    pub fn may_wait(&self) -> bool {
+        self.waiting_since.load(std::sync::atomic::Ordering::Relaxed) != 0
+    }
+
+    /// Until woken.
+    pub async fn woken(&self) {
+        self.notify.notified().await;
+    }
 }
 
 impl Outbound {
@@ -60,6 +115,7 @@ impl Outbound {
             publisher: Publisher::open(connection).await?,
             replies: connection.create_channel().await?,
             retry_queues: Mutex::default(),
+            held: HeldWake::default(),
         })
     }
 }

@@ -41,6 +41,14 @@ impl Sweep for Held {
         SWEEP_EVERY
     }
 
+    /// Its tick, or sooner when a batch was held or a parent decided here (`HeldWake`).
+    async fn until_next(&self) {
+        tokio::select! {
+            () = tokio::time::sleep(SWEEP_EVERY) => {}
+            () = self.0.held.woken() => {}
+        }
+    }
+
     async fn run_once(&mut self) -> anyhow::Result<()> {
         let out = &self.0;
         // Batches whose jobs are all decided: their on_complete jobs are held, due now.
@@ -51,9 +59,20 @@ impl Sweep for Held {
                 crate::decide::complete_batches(tx, SWEEP_BATCH, &make)
             })
             .await?;
-        // Jobs whose parents are all decided: due now.
+        // Jobs whose parents are all decided: due now. (While nothing waits for decisions, a
+        // decided job does not wake this sweep.)
         let now = now_ms();
-        out.store.transact(move |tx| tx.release_children(now, SWEEP_BATCH)).await?;
+        let look = out.held.may_wait();
+        let waiting = out
+            .store
+            .transact(move |tx| {
+                tx.release_children(now, SWEEP_BATCH)?;
+                if look { tx.waiting_for_decisions() } else { Ok(false) }
+            })
+            .await?;
+        if look && !waiting {
+            out.held.waiting(false);
+        }
         // Pass after pass while they come full (a batch's jobs, a backlog of delayed ones).
         loop {
             let now = now_ms();

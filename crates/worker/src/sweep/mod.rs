@@ -37,6 +37,12 @@ pub trait Sweep: Send {
     /// How long to wait before the next pass.
     fn pause(&self) -> Duration;
 
+    /// Waits until the next pass is due: [`Sweep::pause`], unless the sweep can be woken
+    /// earlier.
+    fn until_next(&self) -> impl Future<Output = ()> + Send {
+        tokio::time::sleep(self.pause())
+    }
+
     /// One pass. An error is logged and the next pass tries again.
     fn run_once(&mut self) -> impl Future<Output = anyhow::Result<()>> + Send;
 }
@@ -46,7 +52,7 @@ pub trait Sweep: Send {
 pub async fn run(mut sweep: impl Sweep, health: Arc<StorageHealth>, mut stop: watch::Receiver<bool>) {
     loop {
         tokio::select! {
-            () = tokio::time::sleep(sweep.pause()) => {}
+            () = sweep.until_next() => {}
             _ = stop.wait_for(|s| *s) => return,
         }
         if health.refusing().is_some() {
