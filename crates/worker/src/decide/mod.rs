@@ -147,7 +147,7 @@ impl Cap {
     pub fn holding(self) -> &'static str {
         match self {
             Self::Parked => "jobs waiting for earlier sequence numbers",
-            Self::Delayed => "delayed jobs",
+            Self::Delayed => "delayed jobs (or jobs waiting for their parents)",
             Self::Waiting => "jobs waiting for a singleton turn",
         }
     }

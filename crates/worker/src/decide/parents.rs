@@ -1,13 +1,14 @@
 //! A job that waits for others (`after`): held `waiting_for_parents` until every parent is
 //! decided, then run — or ended `cancelled` (`parent-failed`) when a parent did not succeed,
 //! unless it asked to run all the same (`on_parent_failure = "run"`). Its own children then
-//! see it cancelled, and end so in their turn.
+//! see it cancelled, and end so in their turn. Waiting jobs count against the client's cap of
+//! delayed (held) jobs: past it, a job is dead-lettered, replayable, as a delayed one is.
 
 use gatehouse_protocol::envelope::ParentFailure;
 use gatehouse_protocol::{JobState, JobStatus};
 use gatehouse_storage::{StorageError, Tx};
 
-use super::{Arrival, Verdict, answer, hold, stored};
+use super::{Arrival, Cap, Verdict, answer, hold, stored};
 
 /// Why a job ended without running: a parent did not succeed.
 pub const PARENT_FAILED: &str = "parent-failed";
@@ -34,6 +35,10 @@ pub fn after_parents(
     let pending = parents.iter().any(|p| p.as_ref().is_none_or(|job| !job.state.is_final()));
     if pending && !cancelled {
         if !was_waiting {
+            // Held like a delayed job, under the same cap of what one client may hold.
+            if tx.delayed_count_of(&env.client)? >= arrival.caps.delayed {
+                return Ok(Some(Cap::Delayed.verdict(&env.client, &arrival.caps)));
+            }
             hold(tx, env, JobState::WaitingForParents, None)?;
             tx.wait_for_parents(&env.id, &env.after, &arrival.raw)?;
         }

@@ -308,3 +308,48 @@ async fn a_job_waits_for_its_parents_then_runs_or_ends_cancelled_when_one_failed
     assert_eq!(store.read(|tx| tx.scheduled_count()).await.unwrap(), 0, "no longer held");
     assert_eq!(states(&deliver(&store, child(42, ParentFailure::Run)).await), [JobState::Succeeded]);
 }
+
+#[tokio::test]
+async fn jobs_waiting_for_parents_count_against_the_clients_cap_of_held_jobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir);
+    let catalog = catalog();
+    let session = &keys().session;
+    let child = |n: u8| JobEnvelope {
+        id: JobId::from_bytes([n; 16]),
+        kind: "vault.put".into(),
+        sequence: None,
+        payload: json!({"record": {}}),
+        after: vec![JobId::from_bytes([50; 16])],
+        ..ledger_job(n, 1, 0)
+    };
+    let mut verdicts = Vec::new();
+    for n in [51, 52] {
+        let env = child(n);
+        let raw = Vouched::wrap(session, &serde_json::to_vec(&env.seal(session).unwrap()).unwrap()).unwrap();
+        let catalog = catalog.clone();
+        let verdict = store
+            .transact(move |tx| -> Result<_, ApplyError> {
+                let spec = catalog.kind(&env.kind).unwrap().clone();
+                let caps = ClientCaps { delayed: 1, ..ClientCaps::default() };
+                let arrival = Arrival {
+                    env: env.clone(),
+                    raw: raw.clone(),
+                    target: ReplyTarget::default(),
+                    replay: None,
+                    caps,
+                    turn_lease: None,
+                };
+                decide_and_run(tx, &catalog, &kinds(&catalog), &spec, &keys().sessions, &arrival)
+            })
+            .await
+            .unwrap();
+        verdicts.push(verdict);
+    }
+    assert!(matches!(&verdicts[0], Verdict::Answered(a) if states(a) == [JobState::WaitingForParents]));
+    assert!(
+        matches!(&verdicts[1], Verdict::DeadLetter(d) if d.reason == DeadReason::DelayedLimit && d.record),
+        "{:?}",
+        verdicts[1]
+    );
+}
