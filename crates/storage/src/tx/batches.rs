@@ -153,7 +153,9 @@ impl Tx<'_> {
                      WHERE bj.batch_id = b.id AND CASE WHEN j.id IS NULL
                          THEN EXISTS (SELECT 1 FROM job_events e WHERE e.job_id = bj.job_id)
                          ELSE NOT (j.{DECIDED}) END)
-                 LIMIT ?1"
+                 ORDER BY b.id LIMIT ?1{}",
+                // (Another worker's sweep completing a batch: skipped, never waited for.)
+                self.skip_locked()
             ),
             params![limit],
         )?;

@@ -39,15 +39,19 @@ impl Tx<'_> {
 
     /// Makes due now (at most `limit` of) the held messages of jobs waiting for parents that
     /// are all decided, for the sweep to send back to their queues; answers how many. A parent
-    /// storage does not know (not recorded yet) keeps its children waiting.
+    /// storage does not know (not recorded yet) keeps its children waiting. On PostgreSQL the
+    /// rows another worker's sweep (or a delivery) holds are skipped, never waited for: two
+    /// sweeps releasing one fan-out's children at once deadlocked otherwise.
     pub fn release_children(&self, now_ms: i64, limit: u32) -> Result<usize, StorageError> {
+        let skip = if self.is_postgres() { " FOR UPDATE OF s SKIP LOCKED" } else { "" };
         self.exec(
             &format!(
                 "UPDATE scheduled SET due_ms = ?1, released = 0, claimed_until_ms = 0 WHERE due_ms = ?2 AND job_id IN (
-                     SELECT j.id FROM jobs j WHERE j.state = 'waiting_for_parents' AND NOT EXISTS (
+                     SELECT s.job_id FROM scheduled s JOIN jobs j ON j.id = s.job_id
+                     WHERE s.due_ms = ?2 AND j.state = 'waiting_for_parents' AND NOT EXISTS (
                          SELECT 1 FROM job_parents p LEFT JOIN jobs pj ON pj.id = p.parent_id AND pj.client = j.client
                          WHERE p.job_id = j.id AND (pj.id IS NULL OR NOT (pj.{DECIDED})))
-                     LIMIT ?3)"
+                     ORDER BY s.job_id LIMIT ?3{skip})"
             ),
             params![now_ms, NOT_YET, limit],
         )
