@@ -318,3 +318,33 @@ async fn workflows_lose_nothing_and_keep_their_order_under_kill_9_on_postgres() 
     assert!(decided.len() >= 5 * 12);
     sys.stop().await;
 }
+
+/// Three workers on PostgreSQL releasing wide fan-outs at once: every sweep skips the rows
+/// another holds, so none deadlocks (two sweeps releasing one fan-out's children in different
+/// orders did: `deadlock detected` in the log, the pass lost), and every workflow completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn wide_fan_outs_release_without_deadlocks_across_three_workers_on_postgres() {
+    let sys = gatehouse_e2e::three_workers(true, env!("CARGO_BIN_EXE_e2e-worker")).await;
+    let mut conn = sys.connect().await;
+    let put = |name: String, after: Vec<String>| json!({"name": name, "after": after, "kind": "vault.put", "payload": {"record": {}}});
+    let middle: Vec<String> = (0..98).map(|i| format!("m{i}")).collect();
+    let mut steps = vec![put("root".into(), vec![])];
+    steps.extend(middle.iter().map(|m| put(m.clone(), vec!["root".into()])));
+    steps.push(put("merge".into(), middle.clone()));
+    let mut ids = Vec::new();
+    // (Before the fix, one run in three of this saw a deadlock.)
+    for _ in 0..12 {
+        let r = conn.submit_workflow(&steps).await.unwrap();
+        assert_eq!(r.status, 202, "{}", r.text());
+        ids.push(r.json()["id"].as_str().unwrap().to_owned());
+    }
+    for id in &ids {
+        let summary = wait_complete(&mut conn, id, Duration::from_secs(60)).await;
+        assert_eq!(summary["counts"], json!({"succeeded": 100}), "{summary}");
+    }
+    for worker in sys.worker_processes() {
+        let log = worker.log();
+        assert!(!log.contains("deadlock detected"), "a sweep deadlocked:\n{log}");
+    }
+    sys.stop().await;
+}
