@@ -91,14 +91,13 @@ pub struct StepState {
     pub after: Vec<String>,
 }
 
-/// One state transition of a workflow's step (`seq` numbers the step's own transitions).
+/// One state transition of a workflow's step (its `seq` numbers the step's own transitions).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StepEvent {
     /// The step's place in the workflow (0-based).
     pub position: usize,
-    pub seq: u64,
-    pub status: crate::JobState,
-    pub at_ms: u64,
+    #[serde(flatten)]
+    pub event: crate::JobEvent,
 }
 
 /// Most steps of one workflow, unless the client's policy says fewer (`max_workflow_steps`).

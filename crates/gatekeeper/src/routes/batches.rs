@@ -20,7 +20,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::App;
-use super::checks::{check_job, field, json_body};
+use super::checks::{answered, check_count, check_job, field, json_body, policy_of};
 use super::jobs::{authorize, publish, query_worker, seal};
 use crate::problem::{FieldError, Problem};
 use crate::tls::ClientIdentity;
@@ -46,14 +46,7 @@ pub async fn submit(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    match accept(&app, &client, &headers, body).await {
-        Ok(res) => res,
-        Err(problem) => {
-            app.metrics.rejected(problem.slug());
-            tracing::info!(reason = problem.slug(), status = problem.status, "batch rejected");
-            problem.into_response()
-        }
-    }
+    answered(&app, "batch", accept(&app, &client, &headers, body).await)
 }
 
 async fn accept(
@@ -64,17 +57,8 @@ async fn accept(
 ) -> Result<Response, Problem> {
     let req: BatchRequest = json_body(headers, body, app.max_body_bytes.saturating_mul(BODY_FACTOR))?;
     let policies = authorize(app, client)?;
-    let policy = policies
-        .client(&client.0)
-        .ok_or_else(|| Problem::forbidden("unknown-client", "this client identity has no policy"))?;
-    if req.jobs.is_empty() || req.jobs.len() > policy.max_batch_jobs {
-        let most = policy.max_batch_jobs;
-        return Err(Problem::validation(
-            "Batch size out of bounds",
-            "batch-size",
-            vec![field("/jobs", format!("a batch holds 1 to {most} jobs"))],
-        ));
-    }
+    let policy = policy_of(&policies, &client.0)?;
+    check_count(req.jobs.len(), policy.max_batch_jobs, "batch", "jobs")?;
     let batch_id = app.ids.mint(&client.0, None);
     let (checked, on_complete) = check_all(app, &client.0, policy, req, &batch_id)?;
     let batch = message(app, &client.0, policy.share, batch_id, &checked, on_complete.as_ref())?;
@@ -230,12 +214,9 @@ pub async fn status(
 
 /// The status of batch (or, `workflow`, workflow) `id`, for its owner only.
 pub(super) async fn group_status(app: &App, client: &ClientIdentity, id: &str, workflow: bool) -> Response {
-    if let Err(problem) = authorize(app, client) {
-        app.metrics.rejected(problem.slug());
-        return problem.into_response();
-    }
-    let Some(id) = JobId::parse(id).ok().filter(|id| app.ids.is_owned_by(id, &client.0)) else {
-        return Problem::not_found().into_response();
+    let id = match owned_group(app, client, id) {
+        Ok(id) => id,
+        Err(problem) => return problem.into_response(),
     };
     match read_group(app, client, &id, None).await {
         // The id is this client's (checked above) but the worker has not recorded it yet.
@@ -245,6 +226,16 @@ pub(super) async fn group_status(app: &App, client: &ClientIdentity, id: &str, w
         Ok(Some(summary)) => Json(summary).into_response(),
         Err(res) => res,
     }
+}
+
+/// `id` as the id of one of `client`'s batches or workflows, the request authorized (its rate
+/// taken); `404` for an id that is not one.
+pub(super) fn owned_group(app: &App, client: &ClientIdentity, id: &str) -> Result<JobId, Problem> {
+    if let Err(problem) = authorize(app, client) {
+        app.metrics.rejected(problem.slug());
+        return Err(problem);
+    }
+    JobId::parse(id).ok().filter(|id| app.ids.is_owned_by(id, &client.0)).ok_or_else(Problem::not_found)
 }
 
 /// What the worker holds of batch or workflow `id` (checked to be the client's); `None` while

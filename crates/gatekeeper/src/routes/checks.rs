@@ -37,6 +37,50 @@ pub(crate) fn json_body<T: serde::de::DeserializeOwned>(
     serde_json::from_value(value).map_err(|e| Problem::invalid_envelope(e.to_string()))
 }
 
+/// A submit route's response: `accepted`, or its problem, counted and logged as `what` rejected.
+pub(crate) fn answered(
+    app: &App,
+    what: &str,
+    accepted: Result<axum::response::Response, Problem>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match accepted {
+        Ok(res) => res,
+        Err(problem) => {
+            app.metrics.rejected(problem.slug());
+            tracing::info!(reason = problem.slug(), status = problem.status, "{what} rejected");
+            problem.into_response()
+        }
+    }
+}
+
+/// The policy of `client` in `policies` (`403 unknown-client` when it has none).
+pub(crate) fn policy_of<'a>(
+    policies: &'a crate::policy::Policy,
+    client: &str,
+) -> Result<&'a ClientPolicy, Problem> {
+    policies
+        .client(client)
+        .ok_or_else(|| Problem::forbidden("unknown-client", "this client identity has no policy"))
+}
+
+/// A `group` (batch, workflow) of `n` `items` at `/items`: 1 to `most` of them, or `422
+/// <group>-size`.
+pub(crate) fn check_count(n: usize, most: usize, group: &str, items: &str) -> Result<(), Problem> {
+    if (1..=most).contains(&n) {
+        return Ok(());
+    }
+    let (slug, title) = match group {
+        "batch" => ("batch-size", "Batch size out of bounds"),
+        _ => ("workflow-size", "Workflow size out of bounds"),
+    };
+    Err(Problem::validation(
+        title,
+        slug,
+        vec![field(&format!("/{items}"), format!("a {group} holds 1 to {most} {items}"))],
+    ))
+}
+
 /// Checks `req` of `client` under its `policy`; answers its kind and the job as it will
 /// travel.
 ///

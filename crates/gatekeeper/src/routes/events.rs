@@ -27,6 +27,7 @@ use tokio::sync::mpsc;
 use super::App;
 use super::jobs::{Ask, ask_worker};
 use crate::problem::Problem;
+use crate::tally::Place;
 use crate::tls::ClientIdentity;
 
 /// How often an open stream asks the worker for news.
@@ -44,29 +45,13 @@ pub async fn events(
         Some(Ok(Ok(n))) if i64::try_from(n).is_ok() => n,
         // Our event ids are numbers: anything else was not one of them.
         Some(_) => {
-            return Problem::new(
-                axum::http::StatusCode::BAD_REQUEST,
-                "invalid-last-event-id",
-                "Invalid Last-Event-ID",
-                "Last-Event-ID must be the number of an event of this stream",
-            )
-            .into_response();
+            return invalid_last_event_id("Last-Event-ID must be the number of an event of this stream");
         }
     };
     // A listed client's place among its open streams (an unlisted one is refused below).
-    let max = app.policy.current().client(&client.0).map(|p| p.max_streams);
-    let place = match max.map(|max| app.streams.enter(&client.0, max)) {
-        Some(None) => {
-            return Problem::new(
-                axum::http::StatusCode::TOO_MANY_REQUESTS,
-                "too-many-streams",
-                "Too many open event streams",
-                "this client holds the most open event streams its policy allows; close one first",
-            )
-            .into_response();
-        }
-        Some(Some(place)) => Some(place),
-        None => None,
+    let place = match enter_stream(&app, &client) {
+        Ok(place) => place,
+        Err(problem) => return problem.into_response(),
     };
     // The first query answers what a status query would (404, 429, 503) before any streaming.
     let first = match ask_worker(&app, &client, &id, Ask::Events { after, counted: true }).await {
@@ -78,6 +63,39 @@ pub async fn events(
         follow(app, client, id, after, first, tx).await;
         drop(place);
     });
+    sse(rx)
+}
+
+/// `400 invalid-last-event-id`, saying what this stream's ids are.
+pub(super) fn invalid_last_event_id(detail: &str) -> Response {
+    Problem::new(
+        axum::http::StatusCode::BAD_REQUEST,
+        "invalid-last-event-id",
+        "Invalid Last-Event-ID",
+        detail,
+    )
+    .into_response()
+}
+
+/// The client's place among its open event streams (held while the stream lasts; `None` for a
+/// client the policy does not list, which the stream's first query refuses); `429
+/// too-many-streams` past its policy's `max_streams`.
+pub(super) fn enter_stream(app: &App, client: &ClientIdentity) -> Result<Option<Place>, Problem> {
+    let max = app.policy.current().client(&client.0).map(|p| p.max_streams);
+    match max.map(|max| app.streams.enter(&client.0, max)) {
+        Some(None) => Err(Problem::new(
+            axum::http::StatusCode::TOO_MANY_REQUESTS,
+            "too-many-streams",
+            "Too many open event streams",
+            "this client holds the most open event streams its policy allows; close one first",
+        )),
+        Some(Some(place)) => Ok(Some(place)),
+        None => Ok(None),
+    }
+}
+
+/// The Server-Sent Events response of the events sent into `rx`'s sender.
+pub(super) fn sse(rx: mpsc::Receiver<Event>) -> Response {
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|e| (Ok::<_, Infallible>(e), rx))
     });

@@ -7,7 +7,6 @@
 //! /v1/workflows/{id}/events`: each step's transitions as they happen.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::Json;
@@ -15,7 +14,7 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use gatehouse_protocol::batch::{BatchMessage, BatchSummary, in_dependency_order, is_step_name};
 use gatehouse_protocol::trace::Trace;
@@ -25,9 +24,9 @@ use serde_json::{Map, Value, json};
 use tokio::sync::mpsc;
 
 use super::App;
-use super::batches::{BODY_FACTOR, batched, group_status, publish_group, read_group};
-use super::checks::{check_job, field, json_body};
-use super::events::POLL;
+use super::batches::{BODY_FACTOR, batched, group_status, owned_group, publish_group, read_group};
+use super::checks::{answered, check_count, check_job, field, json_body, policy_of};
+use super::events::{POLL, enter_stream, invalid_last_event_id, sse};
 use super::jobs::authorize;
 use crate::policy::ClientPolicy;
 use crate::problem::{FieldError, Problem};
@@ -53,14 +52,7 @@ pub async fn submit(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    match accept(&app, &client, &headers, body).await {
-        Ok(res) => res,
-        Err(problem) => {
-            app.metrics.rejected(problem.slug());
-            tracing::info!(reason = problem.slug(), status = problem.status, "workflow rejected");
-            problem.into_response()
-        }
-    }
+    answered(&app, "workflow", accept(&app, &client, &headers, body).await)
 }
 
 async fn accept(
@@ -71,17 +63,8 @@ async fn accept(
 ) -> Result<Response, Problem> {
     let req: WorkflowRequest = json_body(headers, body, app.max_body_bytes.saturating_mul(BODY_FACTOR))?;
     let policies = authorize(app, client)?;
-    let policy = policies
-        .client(&client.0)
-        .ok_or_else(|| Problem::forbidden("unknown-client", "this client identity has no policy"))?;
-    if req.steps.is_empty() || req.steps.len() > policy.max_workflow_steps {
-        let most = policy.max_workflow_steps;
-        return Err(Problem::validation(
-            "Workflow size out of bounds",
-            "workflow-size",
-            vec![field("/steps", format!("a workflow holds 1 to {most} steps"))],
-        ));
-    }
+    let policy = policy_of(&policies, &client.0)?;
+    check_count(req.steps.len(), policy.max_workflow_steps, "workflow", "steps")?;
     let steps = check_steps(app, &client.0, policy, req.steps)?;
     let id = app.ids.mint(&client.0, None);
     let mut message = BatchMessage {
@@ -240,35 +223,18 @@ pub async fn events(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(problem) = authorize(&app, &client) {
-        app.metrics.rejected(problem.slug());
-        return problem.into_response();
-    }
-    let Some(id) = JobId::parse(&id).ok().filter(|id| app.ids.is_owned_by(id, &client.0)) else {
-        return Problem::not_found().into_response();
+    let id = match owned_group(&app, &client, &id) {
+        Ok(id) => id,
+        Err(problem) => return problem.into_response(),
     };
     let seen = match headers.get("last-event-id").map(|v| v.to_str().map(parse_seen)) {
         None => Vec::new(),
         Some(Ok(Some(seen))) => seen,
-        Some(_) => {
-            return Problem::new(
-                StatusCode::BAD_REQUEST,
-                "invalid-last-event-id",
-                "Invalid Last-Event-ID",
-                "Last-Event-ID must be the id of an event of this stream",
-            )
-            .into_response();
-        }
+        Some(_) => return invalid_last_event_id("Last-Event-ID must be the id of an event of this stream"),
     };
-    let max = app.policy.current().client(&client.0).map(|p| p.max_streams);
-    let Some(Some(place)) = max.map(|max| app.streams.enter(&client.0, max)) else {
-        return Problem::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too-many-streams",
-            "Too many open event streams",
-            "this client holds the most open event streams its policy allows; close one first",
-        )
-        .into_response();
+    let place = match enter_stream(&app, &client) {
+        Ok(place) => place,
+        Err(problem) => return problem.into_response(),
     };
     // (Not recorded yet — it was just submitted: the stream waits for it.)
     let first = match read_group(&app, &client, &id, Some(seen.clone())).await {
@@ -281,10 +247,7 @@ pub async fn events(
         follow(app, client, id, seen, first, tx).await;
         drop(place);
     });
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|e| (Ok::<_, Infallible>(e), rx))
-    });
-    Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
+    sse(rx)
 }
 
 /// A `Last-Event-ID` of this stream: each step's last transition told, dot-separated.
@@ -335,12 +298,12 @@ async fn follow(
 async fn tell(summary: &mut BatchSummary, seen: &mut [u64], tx: &mpsc::Sender<Event>) -> bool {
     for e in summary.events.take().unwrap_or_default() {
         let Some(step) = summary.steps.get(e.position) else { continue };
-        seen[e.position] = seen[e.position].max(e.seq);
+        seen[e.position] = seen[e.position].max(e.event.seq);
         let data = json!({
             "step": step.name,
             "id": step.id,
-            "status": e.status,
-            "at": gatehouse_protocol::submit::format_rfc3339_ms(e.at_ms),
+            "status": e.event.status,
+            "at": gatehouse_protocol::submit::format_rfc3339_ms(e.event.at_ms),
         });
         let event_id = seen.iter().map(u64::to_string).collect::<Vec<_>>().join(".");
         if tx.send(Event::default().event("step").id(event_id).data(data.to_string())).await.is_err() {

@@ -131,11 +131,10 @@ impl Tx<'_> {
         let mut events = Vec::new();
         for (position, job) in jobs.iter().enumerate() {
             let from = after.get(position).copied().unwrap_or(0);
-            for e in self.job_events(job, client, from, STEP_EVENTS_PER_ANSWER)? {
-                events.push(StepEvent { position, seq: e.seq, status: e.status, at_ms: e.at_ms });
-            }
+            let mine = self.job_events(job, client, from, STEP_EVENTS_PER_ANSWER)?;
+            events.extend(mine.into_iter().map(|event| StepEvent { position, event }));
         }
-        events.sort_by_key(|e| (e.at_ms, e.position, e.seq));
+        events.sort_by_key(|e| (e.event.at_ms, e.position, e.event.seq));
         events.truncate(STEP_EVENTS_PER_ANSWER as usize);
         Ok(events)
     }
