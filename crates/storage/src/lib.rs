@@ -31,7 +31,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::checkpoint::Checkpoints;
 
 pub use family::{Family, SealedColumn};
-pub use postgres::PostgresConfig;
+pub use postgres::{JobProbe, PostgresConfig};
 pub use tx::{
     Attempts, Forget, JobFilter, ListedJob, Member, Parked, Pause, Place, Probe, SENT_BACK, ScheduleState,
     StoredJob, Tx, sealed_aad,
@@ -501,10 +501,29 @@ impl Store {
         F: Fn(&mut Tx<'_>) -> Result<R, E> + Send + 'static,
     {
         use tracing::Instrument as _;
-        self.write(f).instrument(transaction_span("storage transaction")).await
+        self.write(None, f).instrument(transaction_span("storage transaction")).await
     }
 
-    async fn write<R, E, F>(&self, f: F) -> Result<R, E>
+    /// [`Store::transact`] for a closure whose first statements lock job `probe.id`
+    /// ([`Tx::lock_job`]) and probe it ([`Tx::probe_paused`] with `probe.pauses`), as the
+    /// decision about a delivery does. On PostgreSQL a batch takes those locks and reads those
+    /// probes for all its closures at once, in one round trip, before they run; a closure
+    /// whose job another worker has locked runs alone afterwards. A closure that does
+    /// otherwise is still correct: what was read ahead is only served while it is true.
+    ///
+    /// # Errors
+    /// As [`Store::transact`].
+    pub async fn transact_on<R, E, F>(&self, probe: JobProbe, f: F) -> Result<R, E>
+    where
+        R: Send + 'static,
+        E: From<StorageError> + Send + 'static,
+        F: Fn(&mut Tx<'_>) -> Result<R, E> + Send + 'static,
+    {
+        use tracing::Instrument as _;
+        self.write(Some(probe), f).instrument(transaction_span("storage transaction")).await
+    }
+
+    async fn write<R, E, F>(&self, probe: Option<JobProbe>, f: F) -> Result<R, E>
     where
         R: Send + 'static,
         E: From<StorageError> + Send + 'static,
@@ -512,7 +531,7 @@ impl Store {
     {
         let work = match &self.backend {
             Backend::Sqlite { work, .. } => work,
-            Backend::Postgres(pg) => return pg.transact(f).await,
+            Backend::Postgres(pg) => return pg.transact(probe, f).await,
         };
         let (done, result) = oneshot::channel();
         let job: Work = Box::new(move |open| {

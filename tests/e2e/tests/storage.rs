@@ -394,6 +394,163 @@ async fn two_workers_batches_on_the_same_keys_share_commits_and_never_deadlock()
     assert_eq!(deadlocks, 0);
 }
 
+/// A batch's read stage on PostgreSQL (`postgres::ahead`): the batch locks and probes every
+/// job of its closures in one round trip before they run. A probe read ahead must never be
+/// served once it may be stale. With one writer kept busy, 46 closures queue and share one
+/// transaction: (1) a closure that cancels a job, then one that decides it: the second sees the
+/// cancellation (another closure locked the job first: the probe read ahead is stale); (2) two
+/// deliveries of one fresh job: the first applies it, the second finds it applied (a probe is
+/// served once); (3) a job whose lock another worker holds while it records the job: its
+/// delivery waits, alone, and finds the record (a probe taken without the lock is never
+/// served), while the rest of the batch commits without waiting for it; (4) a closure that
+/// writes its job's record before probing it sees its own write. On SQLite the same
+/// closures give the same answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_probe_read_ahead_for_a_batch_is_never_served_stale_on_both_backends() {
+    use gatehouse_storage::JobProbe;
+    use std::time::Instant;
+    /// A closure's job, what it decided (applied; cancelled seen) and when it was answered.
+    type Answer = std::pin::Pin<Box<dyn std::future::Future<Output = (u32, bool, bool, Instant)> + Send>>;
+    let probe_of = |n: u32| JobProbe { id: id(n), pauses: [String::new(), String::new()] };
+    /// Decides job `n` as a delivery does: applied (recorded) when nothing is stored of it.
+    fn deliver(tx: &Tx<'_>, n: u32) -> Result<(bool, bool), StorageError> {
+        tx.lock_job(&id(n))?;
+        let probe = tx.probe_paused(&id(n), ["", ""])?;
+        let apply = probe.is_fresh();
+        if apply {
+            tx.record_job(&job(n, JobState::Succeeded, None))?;
+        }
+        Ok((apply, probe.cancelled))
+    }
+    for mut db in Db::both().await {
+        if let Location::Postgres(c) = &mut db.location {
+            c.writers = 1;
+        }
+        let store = db.open().await;
+        let commits = Arc::new(Commits::default());
+        store.observe(commits.clone());
+        // (3) Another worker holds job 900's lock and records it, committing 800 ms later.
+        let other = db.open().await;
+        let held = db.pg.is_some().then(|| {
+            tokio::spawn(async move {
+                other
+                    .transact(|tx| {
+                        tx.lock_job(&id(900))?;
+                        tx.probe(&id(900))?; // sent with the lock: held from here on
+                        tx.record_job(&job(900, JobState::Succeeded, None))?;
+                        std::thread::sleep(Duration::from_millis(800));
+                        Ok::<_, StorageError>(())
+                    })
+                    .await
+                    .unwrap();
+                Instant::now()
+            })
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The writer is busy for 300 ms: everything below queues for one batch.
+        let started = Arc::new(tokio::sync::Notify::new());
+        let (s, signal) = (store.clone(), started.clone());
+        let busy = tokio::spawn(async move {
+            s.transact(move |_| {
+                signal.notify_one();
+                std::thread::sleep(Duration::from_millis(300));
+                Ok::<_, StorageError>(())
+            })
+            .await
+            .unwrap();
+            Instant::now()
+        });
+        started.notified().await;
+        let mut calls: Vec<Answer> = vec![Box::pin(async move { (0, false, false, busy.await.unwrap()) })];
+        for n in 1..=10 {
+            let (s1, s2) = (store.clone(), store.clone());
+            calls.push(Box::pin(async move {
+                s1.transact(move |tx| {
+                    tx.lock_job(&id(n))?;
+                    tx.mark_cancelled(&id(n), "c")
+                })
+                .await
+                .unwrap();
+                (n, false, true, Instant::now())
+            }));
+            calls.push(Box::pin(async move {
+                let (applied, cancelled) =
+                    s2.transact_on(probe_of(n), move |tx| deliver(tx, n)).await.unwrap();
+                (n, applied, cancelled, Instant::now())
+            }));
+        }
+        for n in 101..=110 {
+            for _ in 0..2 {
+                let s = store.clone();
+                calls.push(Box::pin(async move {
+                    let (applied, cancelled) =
+                        s.transact_on(probe_of(n), move |tx| deliver(tx, n)).await.unwrap();
+                    (n, applied, cancelled, Instant::now())
+                }));
+            }
+        }
+        // (4) A closure that writes its job's record before probing it sees its own write.
+        for n in 201..=205 {
+            let s = store.clone();
+            calls.push(Box::pin(async move {
+                let own = s
+                    .transact_on(probe_of(n), move |tx| {
+                        tx.lock_job(&id(n))?;
+                        tx.record_job(&job(n, JobState::Cancelled, None))?;
+                        Ok::<_, StorageError>(tx.probe_paused(&id(n), ["", ""])?.job.map(|j| j.state))
+                    })
+                    .await
+                    .unwrap();
+                (n, false, own == Some(JobState::Cancelled), Instant::now())
+            }));
+        }
+        let s = store.clone();
+        calls.push(Box::pin(async move {
+            let (applied, cancelled) =
+                s.transact_on(probe_of(900), move |tx| deliver(tx, 900)).await.unwrap();
+            (900, applied, cancelled, Instant::now())
+        }));
+        // Each polled once, in order: they queue in this order.
+        for call in &mut calls {
+            let _ = futures_util::poll!(call.as_mut());
+        }
+        let answers = futures_util::future::join_all(calls).await;
+        let name = db.name();
+        for pair in answers[1..21].chunks(2) {
+            let (n, _, cancelled, _) = pair[1];
+            assert!(
+                cancelled,
+                "{name}: the delivery of job {n} did not see its cancellation in the same batch"
+            );
+        }
+        for pair in answers[21..41].chunks(2) {
+            let (n, first, _, _) = pair[0];
+            assert!(
+                first && !pair[1].1,
+                "{name}: job {n} applied {} times",
+                u8::from(first) + u8::from(pair[1].1)
+            );
+        }
+        for &(n, _, own, _) in &answers[41..46] {
+            assert!(own, "{name}: job {n}'s closure did not see its own record");
+        }
+        let largest = commits.largest.load(std::sync::atomic::Ordering::Relaxed);
+        if let Some(held) = held {
+            let released = held.await.unwrap();
+            let (_, applied, _, at) = answers[46];
+            assert!(
+                !applied,
+                "job 900 was applied beside the other worker's record of it: a probe read without its lock"
+            );
+            assert!(at >= released, "job 900 was decided before the other worker released it");
+            let rest = answers[1..46].iter().map(|a| a.3).max().unwrap();
+            assert!(rest < released, "the batch waited for the lock of one of its jobs");
+            assert!(largest >= 30, "{name}: the queued closures did not share a batch (largest {largest})");
+        }
+        eprintln!("{name}: largest commit {largest} closures");
+    }
+}
+
 #[tokio::test]
 async fn workers_starting_together_migrate_a_new_database_once() {
     let db = Db::postgres().await;

@@ -22,6 +22,7 @@ use gatehouse_protocol::crypto::Keyring;
 use tokio::runtime::Runtime;
 use tokio::sync::{mpsc, oneshot};
 
+use super::JobProbe;
 use super::session::{Link, OwnConnection, Pending, Session};
 use crate::{Observer, StorageError, Tx, panic_message};
 
@@ -34,9 +35,9 @@ const MAX_BATCH: usize = 32;
 /// How long a writer puts each closure of its batches in a savepoint after a batch was undone.
 const CAREFUL_FOR: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// How long a shared transaction waits for a row lock before the closure that needs it is
-/// undone and run alone.
-const SHARED_LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '100ms'";
+/// A shared transaction's start, in one message: it waits for a row lock 100 ms at most before
+/// the closure that needs it is undone and run alone.
+const SHARED_BEGIN: &str = "BEGIN; SET LOCAL lock_timeout = '100ms'";
 
 /// A closure waiting for its batch, and the way back to its caller.
 pub(super) trait Shared: Send {
@@ -44,19 +45,22 @@ pub(super) trait Shared: Send {
     fn run(&mut self, tx: &mut Tx<'_>) -> bool;
     /// Answers the caller: its last run's outcome, or `failed` (its transaction did not commit).
     fn answer(self: Box<Self>, failed: Option<&StorageError>);
+    /// What it does first, to be read ahead (see [`super::ahead`]).
+    fn probe(&self) -> Option<&JobProbe>;
 }
 
 /// A [`crate::Store::transact`] call.
 pub(super) struct Call<R, E, F> {
     f: F,
+    probe: Option<JobProbe>,
     outcome: Option<Result<R, E>>,
     done: oneshot::Sender<Result<R, E>>,
 }
 
 impl<R, E, F> Call<R, E, F> {
-    pub(super) fn new(f: F) -> (Self, oneshot::Receiver<Result<R, E>>) {
+    pub(super) fn new(probe: Option<JobProbe>, f: F) -> (Self, oneshot::Receiver<Result<R, E>>) {
         let (done, answer) = oneshot::channel();
-        (Self { f, outcome: None, done }, answer)
+        (Self { f, probe, outcome: None, done }, answer)
     }
 }
 
@@ -84,6 +88,10 @@ where
             (None, None) => Err(StorageError::Closed.into()),
         };
         let _ = self.done.send(outcome);
+    }
+
+    fn probe(&self) -> Option<&JobProbe> {
+        self.probe.as_ref()
     }
 }
 
@@ -249,7 +257,7 @@ impl Runner {
         &self,
         connection: &OwnConnection,
         rt: &Runtime,
-        mut batch: Vec<Box<dyn Shared>>,
+        batch: Vec<Box<dyn Shared>>,
     ) -> Option<Vec<Box<dyn Shared>>> {
         if self.careful_until.get().is_some_and(|until| Instant::now() < until) {
             return self.careful(connection, rt, batch);
@@ -257,10 +265,14 @@ impl Runner {
         let started = Instant::now();
         let session = Session::new(Link::Own(connection, rt));
         session.share();
-        session.defer(Pending::Begin);
-        session.defer(Pending::Plain(SHARED_LOCK_TIMEOUT));
+        session.defer(Pending::Plain(SHARED_BEGIN));
+        let (mut batch, mut alone) = match read_ahead(&session, batch) {
+            Ok(split) => split,
+            Err((e, batch)) => return fail(&session, &e, batch),
+        };
         let mut failed = None;
         for (i, call) in batch.iter_mut().enumerate() {
+            session.next_closure();
             session.take_busy();
             let ok = call.run(&mut Tx::postgres(&session, &self.keyring));
             if !ok || session.take_busy() {
@@ -270,17 +282,18 @@ impl Runner {
         }
         // The last closure's writes go before COMMIT, so that an error in them is a closure's
         // (undone and run again), not the commit's.
-        if failed.is_none() && session.flush().is_err() {
+        if failed.is_none() && !batch.is_empty() && session.flush().is_err() {
             failed = Some(batch.len() - 1);
         }
         if let Some(i) = failed {
             session.forget_pending();
             if let Err(e) = session.end(false) {
-                batch.into_iter().for_each(|call| call.answer(Some(&e)));
+                batch.into_iter().chain(alone).for_each(|call| call.answer(Some(&e)));
                 return None;
             }
             self.careful_until.set(Some(Instant::now() + CAREFUL_FOR));
             let suspect = batch.remove(i);
+            batch.append(&mut alone);
             let mut alone = if batch.is_empty() { Vec::new() } else { self.careful(connection, rt, batch)? };
             alone.push(suspect);
             return Some(alone);
@@ -291,13 +304,9 @@ impl Runner {
                     o.committed(started.elapsed(), batch.len());
                 }
                 batch.into_iter().for_each(|call| call.answer(None));
-                Some(Vec::new())
+                Some(alone)
             }
-            Err(e) => {
-                let _ = session.end(false);
-                batch.into_iter().for_each(|call| call.answer(Some(&e)));
-                None
-            }
+            Err(e) => fail(&session, &e, batch.into_iter().chain(alone).collect()),
         }
     }
 
@@ -314,12 +323,16 @@ impl Runner {
         let started = Instant::now();
         let session = Session::new(Link::Own(connection, rt));
         session.share();
-        session.defer(Pending::Begin);
-        session.defer(Pending::Plain(SHARED_LOCK_TIMEOUT));
-        let (mut done, mut alone) = (Vec::with_capacity(batch.len()), Vec::new());
+        session.defer(Pending::Plain(SHARED_BEGIN));
+        let (batch, mut alone) = match read_ahead(&session, batch) {
+            Ok(split) => split,
+            Err((e, batch)) => return fail(&session, &e, batch),
+        };
+        let mut done = Vec::with_capacity(batch.len());
         let mut calls = batch.into_iter();
         let mut broken = None;
         for mut call in calls.by_ref() {
+            session.next_closure();
             session.take_busy();
             session.defer(Pending::Plain("SAVEPOINT job"));
             let ok = call.run(&mut Tx::postgres(&session, &self.keyring));
@@ -352,11 +365,40 @@ impl Runner {
                 done.into_iter().for_each(|call| call.answer(None));
                 Some(alone)
             }
-            Err(e) => {
-                let _ = session.end(false);
-                done.into_iter().chain(alone).chain(calls).for_each(|call| call.answer(Some(&e)));
-                None
-            }
+            Err(e) => fail(&session, &e, done.into_iter().chain(alone).chain(calls).collect()),
         }
     }
+}
+
+/// The batch's read stage (see [`super::ahead`]): the calls to run in the shared transaction,
+/// and those whose job another transaction has locked, to run alone after it. On a failure,
+/// the calls back with it.
+#[allow(clippy::type_complexity)]
+fn read_ahead(
+    session: &Session<'_>,
+    batch: Vec<Box<dyn Shared>>,
+) -> Result<(Vec<Box<dyn Shared>>, Vec<Box<dyn Shared>>), (StorageError, Vec<Box<dyn Shared>>)> {
+    let probes: Vec<(usize, &JobProbe)> =
+        batch.iter().enumerate().filter_map(|(i, call)| call.probe().map(|p| (i, p))).collect();
+    let busy = match session.read_ahead(&probes.iter().map(|(_, p)| *p).collect::<Vec<_>>()) {
+        Ok(busy) => busy.into_iter().map(|j| probes[j].0).collect::<std::collections::HashSet<_>>(),
+        Err(e) => return Err((e, batch)),
+    };
+    let (mut shared, mut alone) = (Vec::with_capacity(batch.len()), Vec::new());
+    for (i, call) in batch.into_iter().enumerate() {
+        if busy.contains(&i) { alone.push(call) } else { shared.push(call) }
+    }
+    Ok((shared, alone))
+}
+
+/// Rolls the shared transaction back and answers every call with `e`; `None`: the connection
+/// is not to be reused.
+fn fail(
+    session: &Session<'_>,
+    e: &StorageError,
+    calls: Vec<Box<dyn Shared>>,
+) -> Option<Vec<Box<dyn Shared>>> {
+    let _ = session.end(false);
+    calls.into_iter().for_each(|call| call.answer(Some(e)));
+    None
 }

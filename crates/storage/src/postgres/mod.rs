@@ -13,12 +13,15 @@
 //! constraints (a job id, a sequence number, an attempt row are each one row). A shared
 //! transaction only tries its locks, so batches never wait on each other in a cycle.
 
+mod ahead;
 mod batch;
 mod schema;
 mod session;
 
+pub use ahead::JobProbe;
 use session::Link;
-pub(crate) use session::{Pending, Session};
+use session::Pending;
+pub(crate) use session::Session;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -122,13 +125,14 @@ impl PgStore {
     }
 
     /// Runs `f` in the next batch's transaction (see [`batch`]); answers once it committed.
-    pub(crate) async fn transact<R, E, F>(&self, f: F) -> Result<R, E>
+    /// `probe`: what `f` does first, read ahead with the batch's other closures' (see [`ahead`]).
+    pub(crate) async fn transact<R, E, F>(&self, probe: Option<JobProbe>, f: F) -> Result<R, E>
     where
         R: Send + 'static,
         E: From<StorageError> + Send + 'static,
         F: Fn(&mut Tx<'_>) -> Result<R, E> + Send + 'static,
     {
-        let (call, answer) = Call::new(f);
+        let (call, answer) = Call::new(probe, f);
         self.batches.send(Box::new(call)).await?;
         answer.await.map_err(|_| StorageError::Closed)?
     }

@@ -25,7 +25,7 @@ use crate::sql::{Params, Row, SqlValue, numbered_dollars};
 /// marks the closure [`Session::take_busy`]: it is undone and runs again in a transaction of
 /// its own, where it waits.
 pub(crate) struct Session<'c> {
-    link: Link<'c>,
+    pub(super) link: Link<'c>,
     pending: RefCell<Vec<Pending>>,
     /// Whether any statement was sent.
     sent: Cell<bool>,
@@ -33,6 +33,10 @@ pub(crate) struct Session<'c> {
     shared: Cell<bool>,
     /// A lock this closure needs is held by another transaction (or a lock wait timed out).
     busy: Cell<bool>,
+    /// What the batch read ahead for its closures (see [`super::ahead`]).
+    pub(super) ahead: RefCell<super::ahead::Ahead>,
+    /// The closure running now (its place in the batch), and how many statements it issued.
+    pub(super) closure: Cell<(usize, usize)>,
 }
 
 /// The connection a session runs on: one of the pool's (reads, migrations), or a batch
@@ -46,14 +50,14 @@ pub(crate) enum Link<'c> {
 }
 
 impl Link<'_> {
-    fn client(&self) -> &tokio_postgres::Client {
+    pub(super) fn client(&self) -> &tokio_postgres::Client {
         match self {
             Link::Pooled(c, _) => c,
             Link::Own(c, _) => &c.client,
         }
     }
 
-    fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+    pub(super) fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
         match self {
             Link::Pooled(_, handle) => handle.block_on(f),
             Link::Own(_, rt) => rt.block_on(f),
@@ -61,7 +65,7 @@ impl Link<'_> {
     }
 
     /// `sql` prepared, once per connection.
-    async fn prepare_cached(&self, sql: &str) -> Result<Statement, tokio_postgres::Error> {
+    pub(super) async fn prepare_cached(&self, sql: &str) -> Result<Statement, tokio_postgres::Error> {
         match self {
             Link::Pooled(c, _) => c.prepare_cached(sql).await,
             Link::Own(c, _) => {
@@ -122,6 +126,27 @@ impl<'c> Session<'c> {
             sent: Cell::default(),
             shared: Cell::default(),
             busy: Cell::default(),
+            ahead: RefCell::default(),
+            closure: Cell::default(),
+        }
+    }
+
+    /// The next closure of the batch runs from now on.
+    pub(super) fn next_closure(&self) {
+        let (i, _) = self.closure.get();
+        self.closure.set((i + 1, 0));
+    }
+
+    /// Counts a statement of the running closure (a read-ahead probe serves only its first).
+    fn count_statement(&self) {
+        let (i, n) = self.closure.get();
+        self.closure.set((i, n + 1));
+    }
+
+    /// Takes lock `name` with the next statement, unless the batch's read stage holds it.
+    pub(crate) fn lock(&self, name: &str) {
+        if !self.locked_ahead(name) {
+            self.defer(Pending::Lock(name.to_owned()));
         }
     }
 
@@ -166,7 +191,7 @@ impl<'c> Session<'c> {
     }
 
     /// Runs `main` after the deferred statements, pipelined: their requests go first, in order.
-    fn with_pending<T>(
+    pub(super) fn with_pending<T>(
         &self,
         main: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
     ) -> Result<T, StorageError> {
@@ -247,6 +272,7 @@ impl<'c> Session<'c> {
     }
 
     pub(crate) fn exec(&self, sql: &str, params: Params<'_>) -> Result<usize, StorageError> {
+        self.count_statement();
         let statement = self.statement(sql)?;
         let values: Vec<SqlValue> = params.iter().map(|p| p.to_sql()).collect();
         let args: Vec<PgValue<'_>> = values.iter().map(PgValue).collect();
@@ -256,12 +282,14 @@ impl<'c> Session<'c> {
 
     /// Sends a write with the next statement (at the latest, `COMMIT`).
     pub(crate) fn write(&self, sql: &str, params: Params<'_>) -> Result<(), StorageError> {
+        self.count_statement();
         let statement = self.statement(sql)?;
         self.defer(Pending::Write(statement, params.iter().map(|p| p.to_sql()).collect()));
         Ok(())
     }
 
     pub(crate) fn rows(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>, StorageError> {
+        self.count_statement();
         let statement = self.statement(sql)?;
         let values: Vec<SqlValue> = params.iter().map(|p| p.to_sql()).collect();
         let args: Vec<PgValue<'_>> = values.iter().map(PgValue).collect();
@@ -270,6 +298,7 @@ impl<'c> Session<'c> {
     }
 
     pub(crate) fn batch(&self, sql: &str) -> Result<(), StorageError> {
+        self.count_statement();
         self.with_pending(self.link.client().batch_execute(sql))
     }
 }
@@ -322,7 +351,7 @@ impl tokio_postgres::types::ToSql for PgValue<'_> {
     to_sql_checked!();
 }
 
-fn pg_row(row: &tokio_postgres::Row) -> Result<Row, StorageError> {
+pub(super) fn pg_row(row: &tokio_postgres::Row) -> Result<Row, StorageError> {
     let mut values = Vec::with_capacity(row.len());
     for (i, column) in row.columns().iter().enumerate() {
         let value = match *column.type_() {

@@ -23,6 +23,33 @@ fn job_columns(r: &Row, first: usize) -> Result<Option<JobColumns>, StorageError
     )))
 }
 
+/// The probe of [`Tx::probe_paused`] for each row of `source`, which has columns `id` (a job
+/// id) and `p1`, `p2` (pause targets): the job's record, its attempts, whether it was
+/// cancelled, the pause in force; then `id`, `p1`, `p2` (rows of a set come in any order).
+/// One text for one job and for a batch's jobs read ahead (`postgres::ahead`), where `lateral`
+/// looks each job up on its own (PostgreSQL only): a join of a set that the planner may hash,
+/// scanning the whole table, once a plan made while the table was small is reused.
+pub(crate) fn probe_sql(source: &str, lateral: bool) -> String {
+    let (jobs, attempts) = if lateral {
+        (
+            "LATERAL (SELECT * FROM jobs WHERE id = k.id LIMIT 1) j ON TRUE",
+            "LATERAL (SELECT * FROM attempts WHERE job_id = k.id LIMIT 1) a ON TRUE",
+        )
+    } else {
+        ("jobs j ON j.id = k.id", "attempts a ON a.job_id = k.id")
+    };
+    format!(
+        "SELECT j.client, j.kind, j.state, j.result, j.error, j.seq_key, j.seq_number, j.reason,
+                a.client, a.count, a.last_error, a.running,
+                (SELECT COUNT(*) FROM cancelled c WHERE c.job_id = k.id),
+                (SELECT MIN(p.target) FROM pauses p WHERE p.target IN (k.p1, k.p2)),
+                k.id, k.p1, k.p2
+             FROM {source}
+             LEFT JOIN {jobs}
+             LEFT JOIN {attempts}"
+    )
+}
+
 impl Tx<'_> {
     /// The job with this id, whoever owns it.
     pub fn job(&self, id: &JobId) -> Result<Option<StoredJob>, StorageError> {
@@ -44,30 +71,35 @@ impl Tx<'_> {
     /// [`Tx::probe`], answering too which of `pauses` (a kind's and a queue class's pause
     /// target, see [`Tx::pause`]) is in force, in the same statement.
     pub fn probe_paused(&self, id: &JobId, pauses: [&str; 2]) -> Result<Probe, StorageError> {
-        let row = self.must(
-            "SELECT j.client, j.kind, j.state, j.result, j.error, j.seq_key, j.seq_number, j.reason,
-                    a.client, a.count, a.last_error, a.running,
-                    (SELECT COUNT(*) FROM cancelled c WHERE c.job_id = k.id),
-                    (SELECT MIN(p.target) FROM pauses p WHERE p.target IN (?2, ?3))
-                 FROM (SELECT CAST(?1 AS TEXT) AS id) k
-                 LEFT JOIN jobs j ON j.id = k.id
-                 LEFT JOIN attempts a ON a.job_id = k.id",
-            params![id.as_str(), pauses[0], pauses[1]],
-            |r| {
-                let attempts = match r.get::<Option<String>>(8)? {
-                    Some(client) => Some(Attempts {
-                        client,
-                        count: u32::try_from(r.get::<i64>(9)?).unwrap_or(u32::MAX),
-                        last_error: r.get(10)?,
-                        running: r.get::<i64>(11)? != 0,
-                    }),
-                    None => None,
-                };
-                Ok((job_columns(r, 0)?, attempts, r.get::<i64>(12)? > 0, r.get::<Option<String>>(13)?))
-            },
-        )?;
-        let (job, attempts, cancelled, paused) = row;
-        let job = job.map(|cols| self.stored_job(id, cols)).transpose()?;
+        let ahead = match &self.conn {
+            Conn::Postgres(s) => s.probe_read_ahead(id.as_str(), pauses),
+            Conn::Sqlite(_) => None,
+        };
+        let row = match ahead {
+            Some(row) => row,
+            None => self
+                .rows(
+                    &probe_sql(
+                        "(SELECT CAST(?1 AS TEXT) AS id, CAST(?2 AS TEXT) AS p1, CAST(?3 AS TEXT) AS p2) k",
+                        false,
+                    ),
+                    params![id.as_str(), pauses[0], pauses[1]],
+                )?
+                .into_iter()
+                .next()
+                .ok_or_else(|| StorageError::Corrupt("no row answered the probe".into()))?,
+        };
+        let attempts = match row.get::<Option<String>>(8)? {
+            Some(client) => Some(Attempts {
+                client,
+                count: u32::try_from(row.get::<i64>(9)?).unwrap_or(u32::MAX),
+                last_error: row.get(10)?,
+                running: row.get::<i64>(11)? != 0,
+            }),
+            None => None,
+        };
+        let (cancelled, paused) = (row.get::<i64>(12)? > 0, row.get::<Option<String>>(13)?);
+        let job = job_columns(&row, 0)?.map(|cols| self.stored_job(id, cols)).transpose()?;
         let attempts = attempts.map(|a| self.opened_attempts(id, a)).transpose()?;
         Ok(Probe { job, attempts, cancelled, paused })
     }

@@ -20,6 +20,7 @@ mod sequences;
 
 pub use batches::Member;
 pub use held::SENT_BACK;
+pub(crate) use jobs::probe_sql;
 pub use jobs::{JobFilter, ListedJob};
 pub use pauses::Pause;
 pub use sealing::{Place, sealed_aad};
@@ -248,10 +249,15 @@ impl<'c> Tx<'c> {
         }
     }
 
-    /// A write whose answer (how many rows) nothing reads: on PostgreSQL it is sent with the
-    /// next statement, pipelined (at the latest with `COMMIT`), which runs it first; an error
-    /// it meets fails that statement, so the transaction all the same.
-    pub(crate) fn write(&self, sql: &str, params: Params<'_>) -> Result<(), StorageError> {
+    /// A write whose answer (how many rows) nothing reads — also a handler family's (see
+    /// [`Tx::execute`]): on PostgreSQL it is sent with the next statement, pipelined (at the
+    /// latest with `COMMIT`), which runs it first; an error it meets fails that statement, so
+    /// the transaction all the same. A job whose statements are all writes after its probe
+    /// waits for no round trip of its own in a batch (see [`crate::Store::transact_on`]).
+    ///
+    /// # Errors
+    /// What sealing or the database answers (on PostgreSQL, a later statement's error).
+    pub fn write(&self, sql: &str, params: Params<'_>) -> Result<(), StorageError> {
         match &self.conn {
             Conn::Sqlite(_) => self.exec(sql, params).map(drop),
             Conn::Postgres(s) => s.write(sql, params),
@@ -318,7 +324,7 @@ impl<'c> Tx<'c> {
     pub fn lock(&self, name: &str) -> Result<(), StorageError> {
         if let Conn::Postgres(s) = &self.conn {
             // Taken with the next statement, before it runs (see `postgres::Session`).
-            s.defer(crate::postgres::Pending::Lock(name.to_owned()));
+            s.lock(name);
         }
         Ok(())
     }

@@ -47,7 +47,7 @@ use crate::reasons::DeadReason;
 use crate::security::ReplyTarget;
 pub use batch::{batch_status, complete_batches, hold_batch, jobs_of};
 pub use parents::PARENT_FAILED;
-pub use prepare::{begin, decide_and_run, prepare};
+pub use prepare::{begin, decide_and_run, prepare, probe_of};
 pub use record::{Run, record_dead};
 pub use status::{cancel, status_for};
 

@@ -3,7 +3,7 @@
 
 use gatehouse_protocol::clock::now_ms;
 use gatehouse_protocol::{Catalog, JobEnvelope, JobState, JobStatus, KindSpec};
-use gatehouse_storage::{Forget, Parked, Probe, StorageError, StoredJob, Tx};
+use gatehouse_storage::{Forget, JobProbe, Parked, Probe, StorageError, StoredJob, Tx};
 
 use super::{
     ApplyError, Arrival, Cap, Dead, Run, Started, Step, Verdict, answer, answered, hold, key_value, lock,
@@ -77,7 +77,7 @@ fn prepare_probed(tx: &Tx<'_>, spec: &KindSpec, arrival: &Arrival) -> Result<(St
         return Ok((Step::Decided(refused), Probe::default()));
     }
     let due = env.not_before_ms.filter(|at| *at > now_ms().unsigned_abs());
-    let pauses = [format!("kind:{}", spec.name), format!("queue:{}", spec.queue)];
+    let JobProbe { pauses, .. } = probe_of(spec, env);
     let probe = tx.probe_paused(&env.id, [&pauses[0], &pauses[1]])?;
     let decided = match &probe.job {
         Some(stored) => known(tx, spec, arrival, stored.clone(), due, probe.cancelled)?,
@@ -116,6 +116,13 @@ fn prepare_probed(tx: &Tx<'_>, spec: &KindSpec, arrival: &Arrival) -> Result<(St
         before => Step::Run { suspect: before.as_ref().is_some_and(|a| a.running) },
     };
     Ok((step, probe))
+}
+
+/// What deciding about a delivery of `env` does first: lock the job and probe it with its
+/// kind's and queue class's pause targets (for [`gatehouse_storage::Store::transact_on`], which
+/// reads it ahead on PostgreSQL).
+pub fn probe_of(spec: &KindSpec, env: &JobEnvelope) -> JobProbe {
+    JobProbe { id: env.id.clone(), pauses: [format!("kind:{}", spec.name), format!("queue:{}", spec.queue)] }
 }
 
 /// A job storage knows already. `None`: it goes on (a delayed job whose time came, a singleton

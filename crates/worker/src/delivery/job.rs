@@ -114,7 +114,9 @@ impl Job<'_> {
             self.ctx
                 .shared
                 .store
-                .transact(move |tx| decide::prepare(tx, &spec, &arrival))
+                .transact_on(decide::probe_of(&spec, self.env), move |tx| {
+                    decide::prepare(tx, &spec, &arrival)
+                })
                 .instrument(tracing::info_span!(target: "gatehouse::spans", "decide"))
                 .await
         };
@@ -148,7 +150,7 @@ impl Job<'_> {
             );
             shared
                 .store
-                .transact(move |tx| {
+                .transact_on(decide::probe_of(&spec, self.env), move |tx| {
                     decide::decide_and_run(tx, &catalog, &kinds, &spec, &keys.sessions, &arrival)
                 })
                 .instrument(tracing::info_span!(target: "gatehouse::spans", "decide and run"))

@@ -70,7 +70,7 @@ pub fn store(tx: &Tx<'_>, owner: &str, record: &Value) -> Result<String, Storage
         .fill(&mut raw[6..])
         .map_err(|_| StorageError::Corrupt("no system randomness".into()))?;
     let token = format!("tok_{}", gatehouse_protocol::JobId::from_bytes(raw));
-    tx.execute(
+    tx.write(
         "INSERT INTO vault (token, owner, record, created_at_ms) VALUES (?1, ?2, ?3, ?4)",
         params![token, owner, tx.seal(record, &place(&token, owner))?, now_ms()],
     )?;
