@@ -268,7 +268,8 @@ impl gatehouse_storage::StorageObserver for Commits {
     fn checkpointed(&self, _took: Duration, _rewind: bool) {}
 }
 
-/// 300 closures at once, every 7th failing and every 11th panicking after its write: each
+/// 300 closures at once, every 7th failing and every 11th panicking after its write, every 13th
+/// with a write the database refuses (sent later on PostgreSQL, perhaps with COMMIT): each
 /// caller hears its own outcome, and exactly the writes of those that succeeded are kept, while
 /// commits are shared (on PostgreSQL a failure undoes the batch, which then runs again with a
 /// savepoint per closure).
@@ -278,6 +279,7 @@ async fn in_a_shared_commit_a_failing_closure_undoes_only_itself_on_both_backend
         let store = db.open().await;
         let commits = Arc::new(Commits::default());
         store.observe(commits.clone());
+        store.transact(|tx| put_note(tx, "taken", "c", &json!("first"))).await.unwrap();
         let tasks: Vec<_> = (0..300)
             .map(|i: i64| {
                 let store = store.clone();
@@ -285,6 +287,14 @@ async fn in_a_shared_commit_a_failing_closure_undoes_only_itself_on_both_backend
                     store
                         .transact(move |tx| {
                             put_note(tx, &format!("n{i}"), "c", &json!(i))?;
+                            if i % 13 == 8 && i % 7 != 3 && i % 11 != 5 {
+                                // Refused, on PostgreSQL only when sent (with a later statement
+                                // or with COMMIT): a note with this id exists.
+                                tx.write(
+                                    "INSERT INTO notes (id, owner, body) VALUES (?1, ?2, ?3)",
+                                    params!["taken", "c", "x"],
+                                )?;
+                            }
                             if i % 7 == 3 {
                                 return Err(StorageError::Corrupt(format!("refused {i}")));
                             }
@@ -295,14 +305,18 @@ async fn in_a_shared_commit_a_failing_closure_undoes_only_itself_on_both_backend
                 })
             })
             .collect();
-        let mut kept = Vec::new();
+        let mut kept = vec!["taken".to_owned()];
         for (i, t) in tasks.into_iter().enumerate() {
             let i = i as i64;
+            let refused = i % 13 == 8 && i % 7 != 3 && i % 11 != 5;
             match t.await.unwrap() {
                 Ok(n) => {
                     assert_eq!(n, i);
-                    assert!(i % 7 != 3 && i % 11 != 5, "{}: closure {i} succeeded", db.name());
+                    assert!(i % 7 != 3 && i % 11 != 5 && !refused, "{}: closure {i} succeeded", db.name());
                     kept.push(format!("n{i}"));
+                }
+                Err(e) if refused => {
+                    assert!(e.to_string().contains("duplicate") || e.to_string().contains("UNIQUE"), "{e}")
                 }
                 Err(StorageError::Corrupt(m)) => assert_eq!((i % 7, m), (3, format!("refused {i}"))),
                 Err(StorageError::Panicked(m)) => assert!(i % 11 == 5 && m.contains("panics"), "{m}"),
@@ -394,6 +408,77 @@ async fn two_workers_batches_on_the_same_keys_share_commits_and_never_deadlock()
     assert_eq!(deadlocks, 0);
 }
 
+/// Keeps a store's writer busy for 300 ms, from when this returns: closures sent meanwhile
+/// queue, to be taken together (one batch with one writer). Answers when it was done.
+async fn hold_writer(store: &Store) -> tokio::task::JoinHandle<std::time::Instant> {
+    let started = Arc::new(tokio::sync::Notify::new());
+    let (s, signal) = (store.clone(), started.clone());
+    let busy = tokio::spawn(async move {
+        s.transact(move |_| {
+            signal.notify_one();
+            std::thread::sleep(Duration::from_millis(300));
+            Ok::<_, StorageError>(())
+        })
+        .await
+        .unwrap();
+        std::time::Instant::now()
+    });
+    started.notified().await;
+    busy
+}
+
+/// A batch whose closures only write: on PostgreSQL every write goes with COMMIT, and one the
+/// database refuses fails the commit. That is the refusing closure's failure alone: the batch
+/// runs again with a savepoint each, the others' writes are kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_refused_at_commit_fails_only_its_closure_on_both_backends() {
+    for mut db in Db::both().await {
+        if let Location::Postgres(c) = &mut db.location {
+            c.writers = 1;
+        }
+        let store = db.open().await;
+        store.transact(|tx| put_note(tx, "taken", "c", &json!("first"))).await.unwrap();
+        let busy = hold_writer(&store).await;
+        let mut calls: Vec<_> = (0..5)
+            .map(|i| {
+                let store = store.clone();
+                Box::pin(async move {
+                    store
+                        .transact(move |tx| {
+                            let id = if i == 3 { "taken".to_owned() } else { format!("w{i}") };
+                            let body = tx.seal(&json!(i), &note_at(&id, "c"))?;
+                            tx.write(
+                                "INSERT INTO notes (id, owner, body) VALUES (?1, ?2, ?3)",
+                                params![id, "c", body],
+                            )
+                        })
+                        .await
+                })
+            })
+            .collect();
+        for call in &mut calls {
+            let _ = futures_util::poll!(call.as_mut());
+        }
+        let answers = futures_util::future::join_all(calls).await;
+        busy.await.unwrap();
+        for (i, answer) in answers.iter().enumerate() {
+            match answer {
+                Err(e) if i == 3 => {
+                    assert!(e.to_string().contains("duplicate") || e.to_string().contains("UNIQUE"), "{e}")
+                }
+                Ok(()) if i != 3 => {}
+                other => panic!("{}: closure {i}: {other:?}", db.name()),
+            }
+        }
+        let mut ids: Vec<String> = store
+            .transact(|tx| tx.query("SELECT id FROM notes", params![])?.iter().map(|r| r.get(0)).collect())
+            .await
+            .unwrap();
+        ids.sort();
+        assert_eq!(ids, ["taken", "w0", "w1", "w2", "w4"], "{}", db.name());
+    }
+}
+
 /// A batch's read stage on PostgreSQL (`postgres::ahead`): the batch locks and probes every
 /// job of its closures in one round trip before they run. A probe read ahead must never be
 /// served once it may be stale. With one writer kept busy, 46 closures queue and share one
@@ -448,19 +533,7 @@ async fn a_probe_read_ahead_for_a_batch_is_never_served_stale_on_both_backends()
         });
         tokio::time::sleep(Duration::from_millis(200)).await;
         // The writer is busy for 300 ms: everything below queues for one batch.
-        let started = Arc::new(tokio::sync::Notify::new());
-        let (s, signal) = (store.clone(), started.clone());
-        let busy = tokio::spawn(async move {
-            s.transact(move |_| {
-                signal.notify_one();
-                std::thread::sleep(Duration::from_millis(300));
-                Ok::<_, StorageError>(())
-            })
-            .await
-            .unwrap();
-            Instant::now()
-        });
-        started.notified().await;
+        let busy = hold_writer(&store).await;
         let mut calls: Vec<Answer> = vec![Box::pin(async move { (0, false, false, busy.await.unwrap()) })];
         for n in 1..=10 {
             let (s1, s2) = (store.clone(), store.clone());

@@ -236,6 +236,9 @@ impl Runner {
                     }
                     call.answer(None);
                 }
+                // Its writes sent with COMMIT were refused: its own failure; the connection is
+                // idle, the next goes on.
+                Err(e) if refused_in_transaction(&e) => call.answer(Some(&e)),
                 Err(e) => {
                     call.answer(Some(&e));
                     calls.for_each(|c| c.answer(Some(&e)));
@@ -280,9 +283,10 @@ impl Runner {
                 break;
             }
         }
-        // The last closure's writes go before COMMIT, so that an error in them is a closure's
-        // (undone and run again), not the commit's.
-        if failed.is_none() && !batch.is_empty() && session.flush().is_err() {
+        // The last writes go with COMMIT (one round trip fewer), unless a lock is to be tried
+        // with them: a lock not had fails no statement, and COMMIT would keep writes made
+        // without it. So those go first, and an error in them is the last closure's.
+        if failed.is_none() && !batch.is_empty() && session.has_pending_lock() && session.flush().is_err() {
             failed = Some(batch.len() - 1);
         }
         if let Some(i) = failed {
@@ -305,6 +309,14 @@ impl Runner {
                 }
                 batch.into_iter().for_each(|call| call.answer(None));
                 Some(alone)
+            }
+            // The server refused a write that went with COMMIT (or the commit): the transaction
+            // is rolled back and the connection idle. Whose write it was shows when the batch
+            // runs again with a savepoint each (each closure's writes are sent on their own).
+            Err(e) if refused_in_transaction(&e) => {
+                self.careful_until.set(Some(Instant::now() + CAREFUL_FOR));
+                batch.append(&mut alone);
+                self.careful(connection, rt, batch)
             }
             Err(e) => fail(&session, &e, batch.into_iter().chain(alone).collect()),
         }
@@ -389,6 +401,13 @@ fn read_ahead(
         if busy.contains(&i) { alone.push(call) } else { shared.push(call) }
     }
     Ok((shared, alone))
+}
+
+/// Whether the server answered `e` about this transaction's statements (a constraint, bad
+/// data), rather than about storage as a whole (full, read-only, unreachable: see
+/// [`StorageError::refusal`]).
+fn refused_in_transaction(e: &StorageError) -> bool {
+    matches!(e, StorageError::Postgres { code: Some(_), .. }) && e.refusal().is_none()
 }
 
 /// Rolls the shared transaction back and answers every call with `e`; `None`: the connection

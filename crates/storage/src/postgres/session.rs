@@ -165,6 +165,11 @@ impl<'c> Session<'c> {
         self.pending.borrow_mut().push(p);
     }
 
+    /// Whether a lock waits to be taken with the next statement.
+    pub(super) fn has_pending_lock(&self) -> bool {
+        self.pending.borrow().iter().any(|p| matches!(p, Pending::Lock(_)))
+    }
+
     /// Drops what is deferred (an undone closure's writes).
     pub(super) fn forget_pending(&self) {
         self.pending.borrow_mut().clear();
