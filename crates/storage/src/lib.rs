@@ -31,7 +31,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::checkpoint::Checkpoints;
 
 pub use family::{Family, SealedColumn};
-pub use postgres::{JobProbe, PostgresConfig};
+pub use postgres::{DEFAULT_WRITERS, JobProbe, PostgresConfig};
 pub use tx::{
     Attempts, Forget, JobFilter, ListedJob, Member, Parked, Pause, Place, Probe, SENT_BACK, ScheduleState,
     StoredJob, Tx, sealed_aad,

@@ -274,7 +274,7 @@ impl Default for StorageSettings {
             password_file: None,
             password: None,
             pool_size: 16,
-            writers: 3,
+            writers: gatehouse_storage::DEFAULT_WRITERS,
             tls_ca: None,
             tls: None,
         }
