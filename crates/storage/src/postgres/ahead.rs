@@ -33,7 +33,7 @@ pub struct JobProbe {
 impl JobProbe {
     /// The job's lock (as [`crate::Tx::lock_job`] names it).
     fn lock(&self) -> String {
-        format!("job {}", self.id)
+        crate::tx::job_lock(self.id.as_str())
     }
 }
 
@@ -126,7 +126,7 @@ impl Session<'_> {
         let mut ahead = self.ahead.borrow_mut();
         let (read_for, row) = ahead.probes.remove(id)?;
         // Another closure that locked the job first may have changed its rows.
-        let locked_first = ahead.lockers.get(&format!("job {id}")) == Some(&closure);
+        let locked_first = ahead.lockers.get(&crate::tx::job_lock(id)) == Some(&closure);
         (locked_first && statements == 0 && read_for[0] == pauses[0] && read_for[1] == pauses[1])
             .then_some(row)
     }

@@ -127,6 +127,11 @@ impl Probe {
 /// index (the query must say it the same way for the index to serve it).
 const DECIDED: &str = "state IN ('succeeded', 'failed', 'dead_lettered', 'cancelled')";
 
+/// The name of job `id`'s lock ([`Tx::lock_job`]; the batch read stage takes the same).
+pub(crate) fn job_lock(id: &str) -> String {
+    format!("job {id}")
+}
+
 fn to_i64(n: u64) -> Result<i64, StorageError> {
     i64::try_from(n).map_err(|_| StorageError::Corrupt(format!("number {n} out of range")))
 }
@@ -215,7 +220,7 @@ impl<'c> Tx<'c> {
     /// # Errors
     /// A storage failure.
     pub fn lock_job(&self, id: &JobId) -> Result<(), StorageError> {
-        self.lock(&format!("job {id}"))
+        self.lock(&job_lock(id.as_str()))
     }
 
     /// Serializes this transaction with every other about sequence key `key` (see

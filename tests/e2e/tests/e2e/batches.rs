@@ -8,11 +8,22 @@ use gatehouse_client::Connection;
 use gatehouse_e2e::{OTHER_CLIENT, TestSystem, assert_problem, oracle, wait_final};
 use serde_json::{Value, json};
 
-/// Polls the batch until it is complete; answers its last summary.
-async fn wait_complete(conn: &mut Connection, id: &str, timeout: Duration) -> Value {
+/// A group of jobs the gatekeeper answers for: a batch or a workflow.
+#[derive(Clone, Copy)]
+pub(super) enum Group {
+    Batch,
+    Workflow,
+}
+
+/// Polls the batch or workflow until it is complete; answers its last summary.
+pub(super) async fn wait_complete(conn: &mut Connection, group: Group, id: &str, timeout: Duration) -> Value {
     let deadline = Instant::now() + timeout;
     loop {
-        let r = conn.batch(id).await.unwrap();
+        let r = match group {
+            Group::Batch => conn.batch(id).await,
+            Group::Workflow => conn.workflow(id).await,
+        }
+        .unwrap();
         assert_eq!(r.status, 200, "{}", r.text());
         let summary = r.json();
         if summary["status"] == "complete" || Instant::now() > deadline {
@@ -44,7 +55,7 @@ async fn a_batch_is_accepted_whole_and_each_job_runs_once_in_order() {
         accepted["jobs"].as_array().unwrap().iter().map(|j| j.as_str().unwrap().to_owned()).collect();
     assert_eq!(ids.len(), 20);
 
-    let summary = wait_complete(&mut conn, &id, Duration::from_secs(30)).await;
+    let summary = wait_complete(&mut conn, Group::Batch, &id, Duration::from_secs(30)).await;
     assert_eq!(summary["status"], "complete", "{summary}");
     assert_eq!((summary["total"].as_u64(), summary["counts"].clone()), (Some(20), json!({"succeeded": 20})));
     assert_eq!(summary["jobs"], json!(ids), "the ids, in the order submitted");
@@ -101,7 +112,9 @@ async fn a_batch_with_a_bad_job_is_refused_whole_naming_each() {
     let r = conn.submit_batch(&[twice.clone(), twice]).await.unwrap();
     assert_eq!(r.status, 202, "{}", r.text());
     assert_eq!(r.json()["jobs"][0], r.json()["jobs"][1]);
-    let summary = wait_complete(&mut conn, r.json()["id"].as_str().unwrap(), Duration::from_secs(30)).await;
+    let summary =
+        wait_complete(&mut conn, Group::Batch, r.json()["id"].as_str().unwrap(), Duration::from_secs(30))
+            .await;
     assert_eq!(
         (summary["status"].as_str(), summary["counts"].clone()),
         (Some("complete"), json!({"succeeded": 2}))
@@ -121,7 +134,7 @@ async fn a_batch_runs_once_across_three_workers_on_postgres() {
     let r = conn.submit_batch(&jobs).await.unwrap();
     assert_eq!(r.status, 202, "{}", r.text());
     let id = r.json()["id"].as_str().unwrap().to_owned();
-    let summary = wait_complete(&mut conn, &id, Duration::from_secs(60)).await;
+    let summary = wait_complete(&mut conn, Group::Batch, &id, Duration::from_secs(60)).await;
     assert_eq!(
         (summary["status"].as_str(), summary["counts"].clone()),
         (Some("complete"), json!({"succeeded": 200})),

@@ -6,23 +6,10 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use gatehouse_client::Connection;
 use gatehouse_e2e::{OTHER_CLIENT, Options, TestSystem, assert_problem, oracle, wait_final};
 use serde_json::{Value, json};
 
-/// Polls the workflow until it is complete; answers its last status.
-async fn wait_complete(conn: &mut Connection, id: &str, timeout: Duration) -> Value {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let r = conn.workflow(id).await.unwrap();
-        assert_eq!(r.status, 200, "{}", r.text());
-        let summary = r.json();
-        if summary["status"] == "complete" || Instant::now() > deadline {
-            return summary;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
+use super::batches::{Group, wait_complete};
 
 fn step(name: &str, after: &[&str], ms: u64) -> Value {
     json!({"name": name, "after": after, "kind": "test.sleep", "payload": {"ms": ms}})
@@ -84,7 +71,7 @@ async fn a_workflow_runs_each_step_once_after_its_parents_given_their_results() 
     }
     assert_eq!(seen.len(), 8, "{seen:?}");
     assert!(seen["merge"].contains(&"waiting_for_parents".to_owned()), "{:?}", seen["merge"]);
-    let status = wait_complete(&mut conn, &id, Duration::from_secs(5)).await;
+    let status = wait_complete(&mut conn, Group::Workflow, &id, Duration::from_secs(5)).await;
     let merge_after: Vec<&str> =
         status["steps"].as_array().unwrap().iter().find(|s| s["name"] == "merge").unwrap()["after"]
             .as_array()
@@ -194,7 +181,7 @@ async fn a_failed_parent_cancels_its_children_and_theirs_unless_they_run_anyway(
     assert_problem(&r, 404, "not-found");
     let r = conn.submit_workflow(&[step("only", &[], 1)]).await.unwrap();
     let workflow = r.json()["id"].as_str().unwrap().to_owned();
-    wait_complete(&mut conn, &workflow, Duration::from_secs(10)).await;
+    wait_complete(&mut conn, Group::Workflow, &workflow, Duration::from_secs(10)).await;
     assert_problem(&other.workflow(&workflow).await.unwrap(), 404, "not-found");
     let listed = other
         .request(hyper::Method::GET, &format!("/v1/jobs?workflow={workflow}"), &[], Vec::new())
@@ -284,7 +271,7 @@ async fn workflows_lose_nothing_and_keep_their_order_under_kill_9_on_postgres() 
     let mut decided = decided;
     for accepted in &workflows {
         let id = accepted["id"].as_str().unwrap();
-        let summary = wait_complete(&mut conn, id, Duration::from_secs(120)).await;
+        let summary = wait_complete(&mut conn, Group::Workflow, id, Duration::from_secs(120)).await;
         assert_eq!(summary["counts"], json!({"succeeded": 5}), "{summary}");
         decided = oracle::decided_at(&sys.storage());
         let step_id = |name: &str| accepted["steps"][name].as_str().unwrap().to_owned();
@@ -339,7 +326,7 @@ async fn wide_fan_outs_release_without_deadlocks_across_three_workers_on_postgre
         ids.push(r.json()["id"].as_str().unwrap().to_owned());
     }
     for id in &ids {
-        let summary = wait_complete(&mut conn, id, Duration::from_secs(60)).await;
+        let summary = wait_complete(&mut conn, Group::Workflow, id, Duration::from_secs(60)).await;
         assert_eq!(summary["counts"], json!({"succeeded": 100}), "{summary}");
     }
     for worker in sys.worker_processes() {
