@@ -115,7 +115,10 @@ impl Session<'_> {
     pub(super) fn locked_ahead(&self, name: &str) -> bool {
         let (closure, _) = self.closure.get();
         let mut ahead = self.ahead.borrow_mut();
-        ahead.lockers.entry(name.to_owned()).or_insert(closure);
+        // Who locked first matters only while a probe read ahead waits to be served.
+        if !ahead.probes.is_empty() {
+            ahead.lockers.entry(name.to_owned()).or_insert(closure);
+        }
         ahead.held.contains(name)
     }
 
