@@ -82,6 +82,36 @@ impl StorageError {
         }
     }
 
+    /// Whether the database refused the transaction's own statements for what they hold — a
+    /// constraint they break, a value it cannot take — rather than failing to run them: the
+    /// same statements would be refused again. A delivery counts the attempt (the job is
+    /// dead-lettered after its attempts, not requeued forever); a statement the database does
+    /// not know or may not run (a handler's bug, a grant missing) is not counted, since it
+    /// would refuse every job alike.
+    pub fn is_refused_statement(&self) -> bool {
+        use rusqlite::ErrorCode as C;
+        match self {
+            Self::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => {
+                matches!(e.code, C::ConstraintViolation | C::TooBig | C::TypeMismatch)
+            }
+            // Classes 22 (data exception) and 23 (integrity constraint violation).
+            Self::Postgres { code: Some(c), .. } => c.starts_with("22") || c.starts_with("23"),
+            _ => false,
+        }
+    }
+
+    /// How a closure is answered when its transaction failed at commit with `self`: the
+    /// statement refusal itself when it is one (on PostgreSQL a deferred write is refused at
+    /// commit), otherwise [`StorageError::Commit`].
+    pub(crate) fn at_commit(&self) -> StorageError {
+        match self {
+            Self::Postgres { code, message } if self.is_refused_statement() => {
+                Self::Postgres { code: code.clone(), message: message.clone() }
+            }
+            _ => Self::Commit { message: self.to_string(), refusal: self.refusal() },
+        }
+    }
+
     /// Why storage refuses writes, when this error says it does — the disk is full, the
     /// database is read-only, I/O fails, the server cannot be reached — as a few plain words;
     /// `None` for an error of one transaction (a conflict, bad data, a bug). A worker stops

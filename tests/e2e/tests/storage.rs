@@ -866,6 +866,28 @@ async fn batches_are_recorded_once_read_by_their_owner_and_pruned_with_their_job
     }
 }
 
+/// A statement refused for what it holds is told apart from trouble with storage (the worker
+/// counts the job's attempt for the one, waits for storage for the other), and its error never
+/// quotes the value: PostgreSQL's message for a data exception does (`invalid input syntax for
+/// type integer: "…"`), and errors reach logs and job records.
+#[tokio::test]
+async fn a_refused_statement_is_the_transactions_own_and_never_quotes_its_values_on_both_backends() {
+    for db in Db::both().await {
+        let store = db.open().await;
+        store.transact(|tx| put_note(tx, "taken", "c", &json!("first"))).await.unwrap();
+        let taken = store.transact(|tx| put_note(tx, "taken", "c", &json!("again"))).await.unwrap_err();
+        assert!(taken.is_refused_statement() && taken.refusal().is_none(), "{}: {taken:?}", db.name());
+        if db.pg.is_some() {
+            let bad = store
+                .transact(|tx| tx.query("SELECT CAST(CAST(?1 AS TEXT) AS INTEGER)", params!["secret-71"]).map(|_| ()))
+                .await
+                .unwrap_err();
+            assert!(bad.is_refused_statement(), "{bad:?}");
+            assert!(!format!("{bad:?} {bad}").contains("secret-71"), "the value reached the error: {bad:?}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn bad_storage_urls_are_clear_errors() {
     let e = Location::parse("postgres://u:hunter2@127.0.0.1/db", None, 4).unwrap_err().to_string();

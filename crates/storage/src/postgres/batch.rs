@@ -81,9 +81,7 @@ where
 
     fn answer(self: Box<Self>, failed: Option<&StorageError>) {
         let outcome = match (failed, self.outcome) {
-            (Some(e), None | Some(Ok(_))) => {
-                Err(StorageError::Commit { message: e.to_string(), refusal: e.refusal() }.into())
-            }
+            (Some(e), None | Some(Ok(_))) => Err(e.at_commit().into()),
             (_, Some(outcome)) => outcome,
             (None, None) => Err(StorageError::Closed.into()),
         };

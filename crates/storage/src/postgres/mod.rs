@@ -167,9 +167,7 @@ impl PgStore {
                 // Not known to be clean: this connection is not used again.
                 drop(deadpool_postgres::Object::take(client));
                 return match outcome {
-                    Ok(_) => {
-                        Err(StorageError::Commit { message: e.to_string(), refusal: e.refusal() }.into())
-                    }
+                    Ok(_) => Err(e.at_commit().into()),
                     failed => failed,
                 };
             }
@@ -272,8 +270,15 @@ impl From<PoolError> for StorageError {
 impl From<tokio_postgres::Error> for StorageError {
     fn from(e: tokio_postgres::Error) -> Self {
         let code = e.code().map(|c| c.code().to_owned());
-        // The server's own message when there is one (never a parameter's value).
-        let message = e.as_db_error().map_or_else(|| with_causes(&e), |d| d.message().to_owned());
+        // The server's own message when there is one, never a parameter's value: a data
+        // exception's message may quote the value (`invalid input syntax for type …: "…"`).
+        let message = match e.as_db_error() {
+            Some(_) if code.as_deref().is_some_and(|c| c.starts_with("22")) => {
+                "a value was refused".to_owned()
+            }
+            Some(d) => d.message().to_owned(),
+            None => with_causes(&e),
+        };
         StorageError::Postgres { code, message }
     }
 }
