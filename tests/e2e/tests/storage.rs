@@ -869,7 +869,8 @@ async fn batches_are_recorded_once_read_by_their_owner_and_pruned_with_their_job
 /// A statement refused for what it holds is told apart from trouble with storage (the worker
 /// counts the job's attempt for the one, waits for storage for the other), and its error never
 /// quotes the value: PostgreSQL's message for a data exception does (`invalid input syntax for
-/// type integer: "…"`), and errors reach logs and job records.
+/// type integer: "…"`), and errors reach logs and job records. On PostgreSQL the same holds for
+/// a parameter the driver refuses before sending it (it used to read as a lost connection).
 #[tokio::test]
 async fn a_refused_statement_is_the_transactions_own_and_never_quotes_its_values_on_both_backends() {
     for db in Db::both().await {
@@ -879,11 +880,31 @@ async fn a_refused_statement_is_the_transactions_own_and_never_quotes_its_values
         assert!(taken.is_refused_statement() && taken.refusal().is_none(), "{}: {taken:?}", db.name());
         if db.pg.is_some() {
             let bad = store
-                .transact(|tx| tx.query("SELECT CAST(CAST(?1 AS TEXT) AS INTEGER)", params!["secret-71"]).map(|_| ()))
+                .transact(|tx| {
+                    tx.query("SELECT CAST(CAST(?1 AS TEXT) AS INTEGER)", params!["secret-71"]).map(|_| ())
+                })
                 .await
                 .unwrap_err();
             assert!(bad.is_refused_statement(), "{bad:?}");
             assert!(!format!("{bad:?} {bad}").contains("secret-71"), "the value reached the error: {bad:?}");
+            // A parameter the driver cannot send as the type the server inferred: a number out
+            // of the column's range is the value's fault (counted); a value of the wrong kind
+            // is the statement's (not counted, since it fails every job alike). Neither is
+            // storage out of reach.
+            let big = store
+                .transact(|tx| {
+                    tx.query("SELECT CAST(?1 AS INTEGER)", params![71_000_000_000_i64]).map(|_| ())
+                })
+                .await
+                .unwrap_err();
+            assert!(big.is_refused_statement() && big.refusal().is_none(), "{big:?}");
+            assert!(!format!("{big:?}").contains("71000000000"), "the value reached the error: {big:?}");
+            let kind = store.transact(|tx| {
+                put_note(tx, "n", "c", &json!(1))
+                    .and_then(|_| tx.execute("UPDATE notes SET body = ?1 WHERE id = 'n'", params![7_i64]))
+            });
+            let kind = kind.await.unwrap_err();
+            assert!(!kind.is_refused_statement() && kind.refusal().is_none(), "{kind:?}");
         }
     }
 }

@@ -269,7 +269,11 @@ impl From<PoolError> for StorageError {
 
 impl From<tokio_postgres::Error> for StorageError {
     fn from(e: tokio_postgres::Error) -> Self {
-        let code = e.code().map(|c| c.code().to_owned());
+        // A parameter refused before it was sent is told as the server tells the same mistake
+        // (not as a lost connection, which would pause the worker).
+        let refused = std::iter::successors(std::error::Error::source(&e), |c| c.source())
+            .find_map(|c| c.downcast_ref::<session::ParamRefused>());
+        let code = e.code().map(|c| c.code().to_owned()).or_else(|| refused.map(|r| r.code.to_owned()));
         // The server's own message when there is one, never a parameter's value: a data
         // exception's message may quote the value (`invalid input syntax for type …: "…"`).
         let message = match e.as_db_error() {

@@ -312,6 +312,24 @@ fn pg_refs<'a>(args: &'a [PgValue<'_>]) -> Vec<&'a (dyn tokio_postgres::types::T
     args.iter().map(|a| a as &(dyn tokio_postgres::types::ToSql + Sync)).collect()
 }
 
+/// Why a parameter could not be sent as the type PostgreSQL inferred for its place, with the
+/// SQLSTATE the server gives the same mistake: `42804` (datatype mismatch: the statement's
+/// author passed the wrong kind of value) or `22003` (a number out of the column's range: the
+/// value itself). Never the value.
+#[derive(Debug)]
+pub(super) struct ParamRefused {
+    pub(super) code: &'static str,
+    text: String,
+}
+
+impl std::fmt::Display for ParamRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl std::error::Error for ParamRefused {}
+
 /// A parameter, sent as the type PostgreSQL inferred for its place.
 #[derive(Debug)]
 struct PgValue<'a>(&'a SqlValue);
@@ -323,14 +341,19 @@ impl tokio_postgres::types::ToSql for PgValue<'_> {
         out: &mut BytesMut,
     ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
         let mismatch = |what: &str| -> Box<dyn std::error::Error + Sync + Send> {
-            format!("{what} given for a parameter of type {ty}").into()
+            Box::new(ParamRefused {
+                code: "42804",
+                text: format!("{what} given for a parameter of type {ty}"),
+            })
         };
+        let out_of_range =
+            |_| ParamRefused { code: "22003", text: format!("an integer out of range for {ty}") };
         match self.0 {
             SqlValue::Null => Ok(IsNull::Yes),
             SqlValue::Int(i) => match *ty {
                 Type::INT8 => i.to_sql(ty, out),
-                Type::INT4 => i32::try_from(*i)?.to_sql(ty, out),
-                Type::INT2 => i16::try_from(*i)?.to_sql(ty, out),
+                Type::INT4 => i32::try_from(*i).map_err(out_of_range)?.to_sql(ty, out),
+                Type::INT2 => i16::try_from(*i).map_err(out_of_range)?.to_sql(ty, out),
                 Type::BOOL => (*i != 0).to_sql(ty, out),
                 Type::FLOAT8 => (*i as f64).to_sql(ty, out),
                 _ => Err(mismatch("an integer")),
