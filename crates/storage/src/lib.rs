@@ -82,20 +82,23 @@ impl StorageError {
         }
     }
 
-    /// Whether the database refused the transaction's own statements for what they hold — a
-    /// constraint they break, a value it cannot take — rather than failing to run them: the
-    /// same statements would be refused again. A delivery counts the attempt (the job is
-    /// dead-lettered after its attempts, not requeued forever); a statement the database does
-    /// not know or may not run (a handler's bug, a grant missing) is not counted, since it
-    /// would refuse every job alike.
+    /// Whether the database refused the transaction's own statements — a constraint they
+    /// break, a value it cannot take, a table or column it does not know — rather than failing
+    /// to run them: the same statements would be refused again. A delivery counts the attempt
+    /// (the job is dead-lettered after its attempts, never requeued forever). A permission
+    /// refused (`42501`) is not counted: that is the database's grants, not the job.
     pub fn is_refused_statement(&self) -> bool {
         use rusqlite::ErrorCode as C;
         match self {
+            // `Unknown` is SQLITE_ERROR: a statement it cannot run (no such table, bad SQL).
             Self::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => {
-                matches!(e.code, C::ConstraintViolation | C::TooBig | C::TypeMismatch)
+                matches!(e.code, C::ConstraintViolation | C::TooBig | C::TypeMismatch | C::Unknown)
             }
-            // Classes 22 (data exception) and 23 (integrity constraint violation).
-            Self::Postgres { code: Some(c), .. } => c.starts_with("22") || c.starts_with("23"),
+            // Classes 22 (data exception), 23 (integrity constraint violation) and 42 (syntax
+            // error or access rule violation).
+            Self::Postgres { code: Some(c), .. } => {
+                ["22", "23", "42"].iter().any(|class| c.starts_with(class)) && c != "42501"
+            }
             _ => false,
         }
     }

@@ -878,6 +878,10 @@ async fn a_refused_statement_is_the_transactions_own_and_never_quotes_its_values
         store.transact(|tx| put_note(tx, "taken", "c", &json!("first"))).await.unwrap();
         let taken = store.transact(|tx| put_note(tx, "taken", "c", &json!("again"))).await.unwrap_err();
         assert!(taken.is_refused_statement() && taken.refusal().is_none(), "{}: {taken:?}", db.name());
+        // A statement the database cannot run (a table it does not know): refused alike.
+        let unknown =
+            store.transact(|tx| tx.execute("DELETE FROM no_such_table", params![])).await.unwrap_err();
+        assert!(unknown.is_refused_statement() && unknown.refusal().is_none(), "{}: {unknown:?}", db.name());
         if db.pg.is_some() {
             let bad = store
                 .transact(|tx| {
@@ -887,10 +891,9 @@ async fn a_refused_statement_is_the_transactions_own_and_never_quotes_its_values
                 .unwrap_err();
             assert!(bad.is_refused_statement(), "{bad:?}");
             assert!(!format!("{bad:?} {bad}").contains("secret-71"), "the value reached the error: {bad:?}");
-            // A parameter the driver cannot send as the type the server inferred: a number out
-            // of the column's range is the value's fault (counted); a value of the wrong kind
-            // is the statement's (not counted, since it fails every job alike). Neither is
-            // storage out of reach.
+            // A parameter the driver cannot send as the type the server inferred (a number out
+            // of the column's range, a value of the wrong kind) is refused like the server
+            // refuses the same mistake: not storage out of reach.
             let big = store
                 .transact(|tx| {
                     tx.query("SELECT CAST(?1 AS INTEGER)", params![71_000_000_000_i64]).map(|_| ())
@@ -904,7 +907,7 @@ async fn a_refused_statement_is_the_transactions_own_and_never_quotes_its_values
                     .and_then(|_| tx.execute("UPDATE notes SET body = ?1 WHERE id = 'n'", params![7_i64]))
             });
             let kind = kind.await.unwrap_err();
-            assert!(!kind.is_refused_statement() && kind.refusal().is_none(), "{kind:?}");
+            assert!(kind.is_refused_statement() && kind.refusal().is_none(), "{kind:?}");
         }
     }
 }

@@ -313,9 +313,8 @@ fn pg_refs<'a>(args: &'a [PgValue<'_>]) -> Vec<&'a (dyn tokio_postgres::types::T
 }
 
 /// Why a parameter could not be sent as the type PostgreSQL inferred for its place, with the
-/// SQLSTATE the server gives the same mistake: `42804` (datatype mismatch: the statement's
-/// author passed the wrong kind of value) or `22003` (a number out of the column's range: the
-/// value itself). Never the value.
+/// SQLSTATE the server gives the same mistake: `42804` (datatype mismatch: a value of the
+/// wrong kind) or `22003` (a number out of the column's range). Never the value.
 #[derive(Debug)]
 pub(super) struct ParamRefused {
     pub(super) code: &'static str,

@@ -167,9 +167,10 @@ impl Job<'_> {
                 tracing::warn!(error = %e, "stored data the job needs cannot be read");
                 format!("stored data cannot be read: {e}")
             }
-            // The database refuses what the handler writes (a constraint it breaks, a value it
-            // cannot take) and would refuse it again: count the attempt, as for a handler's
-            // retryable error (backoff, then the dead-letter queue).
+            // The database refuses the job's statements (a constraint they break, a value or a
+            // table it does not take) and would refuse them again: count the attempt, as for a
+            // handler's retryable error (backoff, then the dead-letter queue: a job that keeps
+            // failing never blocks its queue).
             Err(ApplyError::Storage(e)) if e.is_refused_statement() => {
                 tracing::warn!(error = %e, "storage refused the job's statements");
                 format!("storage refused the job's statements: {e}")
